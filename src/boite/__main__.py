@@ -1,0 +1,5 @@
+import sys
+
+from boite.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Port-I/O and MMIO buses: an address range maps to the device that answers it."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+
+class BusDevice(Protocol):
+    """What a bus calls. `offset` is relative to the start of the registered range."""
+
+    def bus_read(self, offset: int, size: int) -> int: ...
+
+    def bus_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class Bus:
+    """Non-overlapping ranges of a port or physical address space.
+
+    Unclaimed reads return all ones (as an open PC bus does) and unclaimed writes are
+    dropped; `unclaimed` counts them so tests and logs can see a guest probing.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, BusDevice]] = []
+        self.unclaimed = 0
+
+    def register(self, base: int, length: int, device: BusDevice) -> None:
+        if length <= 0:
+            raise ValueError(f"{self.name}: empty range at {base:#x}")
+        i = bisect.bisect_right(self._starts, base)
+        if i > 0:
+            pb, pl, pd = self._entries[i - 1]
+            if pb + pl > base:
+                raise ValueError(f"{self.name}: {base:#x}+{length:#x} overlaps {pd!r} at {pb:#x}")
+        if i < len(self._entries) and base + length > self._entries[i][0]:
+            raise ValueError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._entries[i][2]!r}")
+        self._starts.insert(i, base)
+        self._entries.insert(i, (base, length, device))
+
+    def unregister(self, base: int) -> None:
+        i = bisect.bisect_left(self._starts, base)
+        if i < len(self._starts) and self._starts[i] == base:
+            del self._starts[i]
+            del self._entries[i]
+
+    def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            base, length, dev = self._entries[i]
+            if addr < base + length:
+                return base, dev
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            self.unclaimed += 1
+            return (1 << (8 * size)) - 1
+        base, dev = hit
+        return dev.bus_read(addr - base, size) & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            self.unclaimed += 1
+            return
+        base, dev = hit
+        dev.bus_write(addr - base, size, value & ((1 << (8 * size)) - 1))
+
+    def devices(self) -> list[tuple[int, int, BusDevice]]:
+        return list(self._entries)

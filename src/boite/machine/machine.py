@@ -1,0 +1,65 @@
+"""The machine: guest RAM, the two buses, IRQ lines and the devices on them.
+
+A Machine knows nothing of the accelerator that will run it. Boot loaders put the
+initial CPU state in `boot_state`; the accelerator loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from boite.accel.cpustate import CpuState
+from boite.machine.bus import Bus
+from boite.machine.device import Device
+from boite.machine.irq import IrqRouter
+from boite.machine.memory import GuestMemory
+
+E820_RAM = 1
+E820_RESERVED = 2
+
+
+@dataclass
+class E820Entry:
+    addr: int
+    size: int
+    type: int
+
+
+@dataclass
+class Machine:
+    memory: GuestMemory
+    num_vcpus: int = 1
+    pio: Bus = field(default_factory=lambda: Bus("pio"))
+    mmio: Bus = field(default_factory=lambda: Bus("mmio"))
+    irqs: IrqRouter = field(default_factory=IrqRouter)
+    devices: dict[str, Device] = field(default_factory=dict)
+    boot_state: list[CpuState] = field(default_factory=list)
+    e820: list[E820Entry] = field(default_factory=list)
+    # Set by a power-off path / debug-exit device; the run loop stops when it is not None.
+    exit_status: int | None = None
+    reset_requested: bool = False
+
+    def add_device(self, name: str, device: Device) -> Device:
+        if name in self.devices:
+            raise ValueError(f"device name {name!r} is already used")
+        self.devices[name] = device
+        return device
+
+    def request_poweroff(self, status: int = 0) -> None:
+        if self.exit_status is None:
+            self.exit_status = status
+
+    def request_reset(self) -> None:
+        self.reset_requested = True
+
+    def save_device_state(self) -> dict[str, Any]:
+        return {name: dev.save_state() for name, dev in self.devices.items()}
+
+    def load_device_state(self, state: dict[str, Any]) -> None:
+        for name, dev_state in state.items():
+            self.devices[name].load_state(dev_state)
+
+    def reset_devices(self) -> None:
+        for dev in self.devices.values():
+            dev.reset()
