@@ -214,11 +214,12 @@ class VmdkDisk(BlockImage):
         return lambda rel, mv: self._below(start + rel, mv)
 
     def read_into(self, offset: int, buf) -> None:
-        mv = memoryview(buf).cast("B")
+        mv = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
         if len(self.extents) == 1:
-            self.extents[0].read_into(offset, mv, self._fallback(0))
+            self.extents[0].read_into(offset, mv, self._below if self.parent is not None else None)
             return
         pos = 0
         i = bisect_right(self.starts, offset) - 1
@@ -254,12 +255,14 @@ class VmdkDisk(BlockImage):
             write_descriptor_file(self.path, self.descriptor)
 
     def write(self, offset: int, data) -> None:
-        mv = memoryview(data).cast("B")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
-        self._before_write()
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
+        if not self._cid_bumped or self.read_only:
+            self._before_write()
         if len(self.extents) == 1:
-            self.extents[0].write(offset, mv, self._fallback(0))
+            self.extents[0].write(offset, mv, self._below if self.parent is not None else None)
             return
         pos = 0
         i = bisect_right(self.starts, offset) - 1
