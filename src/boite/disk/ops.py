@@ -21,7 +21,14 @@ from boite.disk.descriptor import (
 )
 from boite.disk.hostfile import is_zero
 from boite.disk.raw import RawImage
-from boite.disk.sparse import DEFAULT_GRAIN, MAGIC, SparseExtent, check_sparse, create_sparse
+from boite.disk.sparse import (
+    DEFAULT_GRAIN,
+    MAGIC,
+    SparseExtent,
+    check_sparse,
+    create_sparse,
+    grow_sparse,
+)
 from boite.disk.stream import StreamWriter
 from boite.disk.vmdk import MAX_CHAIN, VmdkDisk, read_descriptor, write_descriptor_file
 from boite.errors import DiskError, DiskFormatError
@@ -703,6 +710,13 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
             {k: v for k, v in geometry_ddb(sectors, _adapter(desc)).items() if "geometry" in k}
         )
         write_descriptor_file(p, desc)
+        return
+    if desc.create_type == "monolithicSparse" and desc.extents:
+        # in place: no data moves, whatever the disk holds
+        desc.extents[0].sectors = sectors
+        geo = geometry_ddb(sectors, _adapter(desc))
+        desc.ddb.update({k: v for k, v in geo.items() if "geometry" in k})
+        grow_sparse(p, sectors, desc.render().encode())
         return
     _rebuild(p, sectors * SECTOR, drop_zero=False, progress=progress)
 

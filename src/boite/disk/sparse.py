@@ -719,3 +719,63 @@ def create_sparse(
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def grow_sparse(path, capacity_sectors: int, descriptor: bytes | None = None) -> None:
+    """Grow a (non-stream) sparse extent in place: tables for the new range are appended
+    and preallocated as at creation; the GD moves to the end of the file when it outgrows
+    its sectors. The header, which makes the new size visible, is written last."""
+    ext = SparseExtent(path, read_only=False)
+    try:
+        h = ext.header
+        if capacity_sectors <= h.capacity:
+            return
+        from boite.disk.descriptor import MAX_CAPACITY_SECTORS
+
+        if capacity_sectors > MAX_CAPACITY_SECTORS:
+            raise DiskError(
+                f"{path}: {capacity_sectors} sectors is more than {MAX_CAPACITY_SECTORS}"
+            )
+        grains = -(-capacity_sectors // h.grain_size)
+        gd_entries = -(-grains // h.num_gtes)
+        old_n = ext.gd_entries
+        old_sectors = -(-old_n * 4 // SECTOR)
+        new_sectors = -(-gd_entries * 4 // SECTOR)
+        span = ext.gt_sectors * SECTOR
+        eof = ext.eof
+        tables = [ext.gd] + ([ext.rgd] if ext.rgd is not None else [])
+        grown = []
+        for table in tables:
+            t = array("I", table)
+            t.extend([0] * (gd_entries - old_n))
+            for i in range(old_n, gd_entries):
+                if t[i] == 0:
+                    t[i] = eof // SECTOR
+                    eof += span
+            grown.append(t)
+        relocate = new_sectors > old_sectors
+        offsets = [h.gd_offset] + ([h.rgd_offset] if ext.rgd is not None else [])
+        if relocate:
+            offsets = []
+            for _ in grown:
+                offsets.append(eof // SECTOR)
+                eof += new_sectors * SECTOR
+        os.ftruncate(ext.fd, eof)  # the new tables read as zeroes: every grain unallocated
+        for t, off in zip(grown, offsets, strict=True):
+            if relocate:
+                pwrite_full(ext.fd, t, off * SECTOR)
+            else:
+                pwrite_full(ext.fd, memoryview(t)[old_n:], off * SECTOR + 4 * old_n)
+        os.fsync(ext.fd)
+        h.capacity = capacity_sectors
+        if relocate:
+            h.gd_offset = offsets[0]
+            if ext.rgd is not None:
+                h.rgd_offset = offsets[1]
+        pwrite_full(ext.fd, h.pack(), 0)
+        os.fsync(ext.fd)
+        if descriptor is not None and h.desc_offset:
+            ext.write_descriptor(descriptor)
+            os.fsync(ext.fd)
+    finally:
+        ext.close()
