@@ -251,3 +251,16 @@ def test_grow_thin_in_place_without_moving_data(tmp_path, new_size):
             text=True,
         )
         assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_convert_raw_with_small_holes_to_stream(tmp_path):
+    raw = tmp_path / "holes.img"
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+        for off in (0, 8192, 20480, 65536 + 4096, 3 * MiB + 12288):
+            f.seek(off)
+            f.write(b"d" * 4096)
+    out = tmp_path / "s.vmdk"
+    convert_disk(raw, out, "stream")
+    assert read_all(out) == raw.read_bytes()
+    qemu_check(out)

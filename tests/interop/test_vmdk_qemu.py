@@ -184,6 +184,8 @@ def test_qemu_created_stream_optimized_written_by_qemu_io(tmp_path):
         assert d.read(0, MiB) == pattern(0x11, MiB)
         assert d.read(MiB, 3 * MiB) == bytes(3 * MiB)
         assert d.read(4 * MiB, 65536) == pattern(0x22, 65536)
-        assert d.read(40 * MiB - 512, 131072 + 1024) == bytes(512) + pattern(0x33, 131072) + bytes(512)
+        assert d.read(40 * MiB - 512, 131072 + 1024) == bytes(512) + pattern(0x33, 131072) + bytes(
+            512
+        )
     with pytest.raises(DiskError, match="read-only"):
         open_disk(path)

@@ -468,9 +468,10 @@ def _copy(
     total = sum(n for _, n in ranges)
     done = 0
     buf = bytearray(COPY_CHUNK)
+    copied_to = 0  # ranges may share a grain (4 KiB holes in a raw file): copy each once
     for off, n in ranges:
         end = off + n
-        pos = off - off % grain
+        pos = max(off - off % grain, copied_to)
         while pos < end:
             m = min(COPY_CHUNK, src.size - pos, -(-(end - pos) // grain) * grain)
             mv = memoryview(buf)[:m]
@@ -488,6 +489,7 @@ def _copy(
                 sink(pos + run, mv[run:m])
             done += max(0, min(pos + m, end) - max(pos, off))
             pos += m
+            copied_to = pos
             if progress:
                 progress(min(done, total), total)
 
