@@ -241,6 +241,21 @@ def test_grow_thin_in_place_without_moving_data(tmp_path, new_size):
         assert d.read(new_size - 4096, 4096) == b"t" * 4096
         assert d.read(0, 3 * MiB) == model
     assert check_disk(path).ok and check_disk(path).leaked_bytes == 0
+    import pyvmdk
+    from dissect.hypervisor.disk.vmdk import VMDK
+
+    h = pyvmdk.handle()
+    h.open(str(path))
+    h.open_extent_data_files()
+    try:
+        assert h.get_media_size() == new_size
+        assert h.read_buffer_at_offset(4096, new_size - 4096) == b"t" * 4096
+        assert h.read_buffer_at_offset(3 * MiB, 0) == model
+    finally:
+        h.close()
+    v = VMDK(path)
+    v.seek(5 * MiB)
+    assert v.read(70000) == b"m" * 70000
     qemu_check(path)
     if have_qemu:
         out = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
