@@ -194,7 +194,7 @@ def set_cid(path, cid: int | None = None) -> int:
     """Set (or randomise) a disk's CID; returns it."""
     p = Path(path).resolve()
     desc, embedded = read_descriptor(p)
-    desc.cid = new_cid(desc.cid) if cid is None else cid
+    desc.set_cid(new_cid(desc.cid) if cid is None else cid)
     _store_descriptor(p, desc, embedded)
     return desc.cid
 

@@ -290,8 +290,9 @@ class SparseExtent:
         if len(gt) != self.ngte:
             raise _bad(self.path, sector * SECTOR, f"grain table {gi} is truncated")
         self._check_gt(gi, gt, sector)
-        self._gts[gi] = gt
-        return gt
+        # a reader and a writer may load the same table at once: the first stored copy wins,
+        # so no entry set on it is lost
+        return self._gts.setdefault(gi, gt)
 
     def _check_gt(self, gi: int, gt: array, sector: int) -> None:
         lo = self.min_grain_sector
