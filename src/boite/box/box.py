@@ -36,7 +36,7 @@ from boite.box.lock import (
 from boite.box.log import VmwareLog
 from boite.box.nvram import Nvram
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, BoxError, ConfigError
+from boite.errors import BoiteError, BoxError, ConfigError, LimitError
 
 DEFAULT_MEMSIZE_MB = 256
 DEFAULT_CPUS = 1
@@ -126,11 +126,15 @@ class Box:
             VmxDict.new().save(staging / f"{name}.vmsd")
             Nvram().save(staging / f"{name}.nvram")
             if disk_size is not None:
-                _create_disk(staging / f"{name}.vmdk", disk_size, disk_type)
+                _create_disk(staging / f"{name}.vmdk", disk_size, disk_type, disk_bus)
             fsync_dir(staging)
             if target.exists():
                 raise BoxError(f"{target} appeared while the box was being made; not replacing")
-            os.rename(staging, target)
+            try:
+                os.rename(staging, target)
+            except OSError as exc:
+                # Another `create` of the same name won the race (ENOTEMPTY/EEXIST).
+                raise BoxError(f"{target} already exists; choose another name") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -228,8 +232,21 @@ class Box:
         return problems
 
     def require_within_limits(self) -> None:
-        """Raise LimitError listing every hardware limit the box breaks (for `start`)."""
+        """Raise LimitError listing every hardware limit the `.vmx` breaks."""
         require_within_limits(self.config)
+
+    def ensure_startable(self) -> None:
+        """What `start` calls: raise one error listing every problem `check()` finds
+        (LimitError when a hardware limit is among them)."""
+        problems = self.check()
+        if not problems:
+            return
+        lines = "\n  ".join(str(p) for p in problems)
+        message = f"{self.vmx_path}: cannot start, {len(problems)} problem(s):\n  {lines}"
+        limit_keys = {p.key for p in check_limits(self.config)}
+        if any(p.key in limit_keys or p.limit == "8 TiB" for p in problems):
+            raise LimitError(message)
+        raise ConfigError(message)
 
     # -- running -------------------------------------------------------------------------
 
@@ -246,16 +263,20 @@ class Box:
             )
         self.log.info(f"Lock {self._lock.path.name} taken by pid {holder.pid} on {holder.host}.")
         if register:
-            register_running(
-                RunningBox(
-                    vmx=holder.vmx,
-                    name=self.config.display_name,
-                    pid=holder.pid,
-                    host=holder.host,
-                    started=holder.started,
-                    nonce=holder.nonce,
+            try:
+                register_running(
+                    RunningBox(
+                        vmx=holder.vmx,
+                        name=self.config.display_name,
+                        pid=holder.pid,
+                        host=holder.host,
+                        started=holder.started,
+                        nonce=holder.nonce,
+                    )
                 )
-            )
+            except BaseException:
+                self._lock.release()  # never leave a lock behind for a box that did not start
+                raise
         return HeldLock(self)
 
     def release_lock(self) -> None:
@@ -439,7 +460,7 @@ def default_vmx(
     return vmx
 
 
-def _create_disk(path: Path, capacity: int, disk_type: str) -> None:
+def _create_disk(path: Path, capacity: int, disk_type: str, bus: str = "scsi") -> None:
     try:
         from boite.disk import create_disk  # the disk layer (issue 3)
     except ImportError:
@@ -447,7 +468,8 @@ def _create_disk(path: Path, capacity: int, disk_type: str) -> None:
             "this boite's disk layer cannot create VMDKs yet (boite.disk.create_disk is "
             "missing); create the box with a disk size of 0 to make it without a disk"
         ) from None
-    create_disk(str(path), capacity, disk_type)
+    # ddb.adapterType: "ide" for IDE disks, VMware writes "lsilogic" for the others.
+    create_disk(str(path), capacity, disk_type, adapter="ide" if bus == "ide" else "lsilogic")
 
 
 def disk_capacity(path: Path) -> int:
