@@ -286,3 +286,16 @@ def test_a_huge_file_is_not_read_as_a_vmx(tmp_path):
         f.truncate(64 << 20)
     with pytest.raises(ConfigError, match="not a VMware dictionary file"):
         VmxDict.load(path)
+
+
+def test_info_shows_a_box_with_unreadable_values_and_check_names_them(tmp_path, boite_cli):
+    box = Box.create(tmp_path / "vm", disk_size=None)
+    box.vmx["memsize"] = "lots"
+    box.vmx["firmware"] = "coreboot"
+    box.save()
+    info = json.loads(boite_cli("info", box.dir, "--json", check=True).stdout)
+    assert info["memsize"] is None and info["firmware"] is None
+    assert len(info["problems"]) == 2
+    assert "memsize" in boite_cli("info", box.dir, check=True).stdout
+    out = boite_cli("check", box.dir)
+    assert out.returncode == 1 and "'lots'" in out.stdout and "coreboot" in out.stdout

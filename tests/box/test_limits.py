@@ -171,3 +171,20 @@ def test_unreadable_values_are_problems_not_crashes():
     problems = check_limits(config(memsize="lots", numvcpus="two"))
     assert {"memsize", "numvcpus"} <= {p.key for p in problems}
     assert any("'lots'" in p.message for p in problems)
+
+
+def test_values_outside_their_choices_are_problems():
+    c = config(
+        firmware="coreboot",
+        monitor__virtual_exec="quantum",
+        uuid__bios="not a uuid",
+        log__keepOld="-1",
+    )
+    problems = check_limits(c)
+    assert {p.key for p in problems} == {
+        "firmware",
+        "monitor.virtual_exec",
+        "uuid.bios",
+        "log.keepOld",
+    }
+    assert any("hardware, software, automatic" in p.message for p in problems)

@@ -12,12 +12,15 @@ NAME/
 from __future__ import annotations
 
 import os
+import platform
 import re
 import secrets
 import shutil
+import socket
 import struct
 from pathlib import Path
 
+from boite import __version__
 from boite.box.atomic import fsync_dir
 from boite.box.config import BoxConfig, format_vmware_uuid, generated_mac
 from boite.box.limits import (
@@ -171,9 +174,16 @@ class Box:
 
     @property
     def log(self) -> VmwareLog:
-        """This power-on's `vmware.log`; the first access rotates the old logs."""
+        """This power-on's `vmware.log`; the first access rotates the old logs, so take
+        the lock (`acquire_lock`) before the first log line of a start."""
         if self._log is None:
             self._log = VmwareLog.open(self.dir, self.config.log_keep_old)
+            # VMware opens each log with who wrote it; so does boite.
+            self._log.info(
+                f"Log for boite {__version__} pid={os.getpid()} host={socket.gethostname()} "
+                f"python={platform.python_version()}"
+            )
+            self._log.info(f"Configuration file: {self.vmx_path.resolve()}")
         return self._log
 
     def disk_path(self, file_name: str) -> Path | str:
