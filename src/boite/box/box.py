@@ -38,6 +38,7 @@ from boite.box.lock import (
 )
 from boite.box.log import VmwareLog
 from boite.box.nvram import Nvram
+from boite.box.sizes import parse_size
 from boite.box.vmxdict import VmxDict
 from boite.errors import BoiteError, BoxError, ConfigError, LimitError
 
@@ -79,7 +80,7 @@ class Box:
         name_or_path: str | Path,
         memsize_mb: int = DEFAULT_MEMSIZE_MB,
         cpus: int = DEFAULT_CPUS,
-        disk_size: int | None = DEFAULT_DISK_BYTES,
+        disk_size: int | str | None = DEFAULT_DISK_BYTES,
         disk_type: str = DEFAULT_DISK_TYPE,
         guest_os: str = DEFAULT_GUEST_OS,
         *,
@@ -88,7 +89,8 @@ class Box:
         """Make a new box directory, all at once: built in a hidden directory beside the
         target and renamed into place, so a failed create leaves nothing behind.
 
-        `disk_size=None` (or 0) makes a box without a disk (boot from a kernel or CD).
+        `disk_size` is bytes or a size like "1G"; None (or 0) makes a box without a disk
+        (boot from a kernel or CD).
         """
         target = Path(name_or_path)
         if target.suffix.lower() == ".vmx":
@@ -109,6 +111,8 @@ class Box:
         if not parent.is_dir():
             raise BoxError(f"{parent} is not a directory; cannot create {name} there")
 
+        if isinstance(disk_size, str):
+            disk_size = parse_size(disk_size)
         disk_size = disk_size or None
         uuid_bios = secrets.token_bytes(16)
         vmx = default_vmx(name, memsize_mb, cpus, guest_os, uuid_bios, disk_bus, disk_size)
