@@ -230,13 +230,12 @@ class Box:
                     )
                 )
                 continue
-            if isinstance(where, Path):
-                try:
-                    capacities[slot.key] = disk_capacity(where)
-                except BoiteError as exc:
-                    problems.append(
-                        Problem(f"{slot.key}.fileName", slot.file_name, "a readable disk", str(exc))
-                    )
+            try:
+                capacities[slot.key] = disk_capacity(where)
+            except BoiteError as exc:
+                problems.append(
+                    Problem(f"{slot.key}.fileName", slot.file_name, "a readable disk", str(exc))
+                )
         problems[:0] = check_limits(self.config, capacities)
         if self.nvram_path.exists():
             try:
@@ -349,7 +348,7 @@ class Box:
             where = self.disk_path(disk["file_name"]) if disk["file_name"] else None
             disk["path"] = str(where) if where is not None else None
             disk["capacity"] = None
-            if isinstance(where, Path) and where.exists():
+            if isinstance(where, str) or (where is not None and where.exists()):
                 try:
                     disk["capacity"] = disk_capacity(where)
                 except BoiteError:
@@ -486,9 +485,21 @@ def _create_disk(path: Path, capacity: int, disk_type: str, bus: str = "scsi") -
     create_disk(str(path), capacity, disk_type, adapter="ide" if bus == "ide" else "lsilogic")
 
 
-def disk_capacity(path: Path) -> int:
+# How long `check` and `info` wait for a remote disk's server.
+REMOTE_DISK_TIMEOUT = 5.0
+
+
+def disk_capacity(path: Path | str) -> int:
     """A disk's size in bytes, through the disk layer (which checks the file); a checkout
-    without it reads the VMDK header or descriptor (enough for the 8 TiB limit)."""
+    without it reads the VMDK header or descriptor (enough for the 8 TiB limit). A URL
+    disk (`nbd://...`) is asked over the network, with a short timeout."""
+    if isinstance(path, str):
+        if not path.startswith(("nbd://", "nbd+unix://")):
+            raise BoxError(f"{path}: boite reaches remote disks only over NBD (nbd://HOST/EXPORT)")
+        from boite.disk.nbd import open_nbd
+
+        with open_nbd(path, read_only=True, timeout=REMOTE_DISK_TIMEOUT) as image:
+            return image.size
     try:
         from boite.disk import open_disk  # type: ignore[attr-defined]
     except ImportError:
