@@ -428,8 +428,8 @@ def test_truncated_and_corrupted_handshakes_are_disk_errors():
 
     good = valid_go_stream()
     rng = random.Random(1234)
-    streams = [good[:cut] for cut in range(0, len(good), 3)]
-    for _ in range(25):
+    streams = [good[:cut] for cut in range(0, len(good), 4)]
+    for _ in range(15):
         corrupt = bytearray(good)
         for _ in range(rng.randint(1, 4)):
             corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
