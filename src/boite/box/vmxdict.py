@@ -248,6 +248,15 @@ class VmxDict(MutableMapping[str, str]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self._find(key))
 
+    def duplicates(self) -> dict[str, int]:
+        """Keys set on more than one line (as spelled last), with their line counts."""
+        counts: dict[str, list] = {}
+        for line in self._lines:
+            if line.key is not None:
+                entry = counts.setdefault(line.key.casefold(), [line.key, 0])
+                entry[0], entry[1] = line.key, entry[1] + 1
+        return {spelled: n for spelled, n in counts.values() if n > 1}
+
     def spelling(self, key: str) -> str | None:
         """The key as the file spells it, or None when absent."""
         found = self._find(key)
