@@ -129,6 +129,8 @@ class Cpu:
         self.translate_blocks = translate
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
+        self.stop = False  # set by I/O side effects and pause(): leave run() at a boundary
+        self.intr = True  # hint: the interrupt controller may have a request (see irq_check)
         # Software TLB: linear page -> physical page base, for pages of the first RAM region.
         self.rtlb: dict[int, int] = {}
         self.wtlb: dict[int, int] = {}
@@ -969,7 +971,7 @@ class Cpu:
         decoder = self.decoder
         irq_check = self.irq_check
         while self.icount < limit:
-            if self.fl & IF and not self.inhibit_irq:
+            if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
                     self.halted = False
@@ -1008,6 +1010,6 @@ class Cpu:
                 break
             except CpuStop:
                 break
-            if should_stop is not None and should_stop():
+            if self.stop or (should_stop is not None and should_stop()):
                 break
         return self.icount - start
