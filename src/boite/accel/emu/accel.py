@@ -163,7 +163,6 @@ class EmuAccelerator(Accelerator):
                 self.timers.append(dev)
         pic = self.pic
         if pic is not None:
-
             hooked = getattr(self, "_intr_hooked", False)
 
             def irq_check() -> int | None:
