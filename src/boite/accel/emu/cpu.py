@@ -749,8 +749,12 @@ class Cpu:
         self.set_flags(fl, mask)
 
     # ------------------------------------------------------------------ interrupts
-    def interrupt(self, vec: int, error: int | None, software: bool, next_eip: int) -> None:
-        """Deliver vector `vec`; `next_eip` is the EIP pushed (faults: the instruction)."""
+    def interrupt(
+        self, vec: int, error: int | None, software: bool, next_eip: int, rf: bool = False
+    ) -> None:
+        """Deliver vector `vec`; `next_eip` is the EIP pushed (faults: the instruction).
+        `rf`: a fault pushes EFLAGS with RF set, so the restarted instruction's own
+        instruction breakpoint does not hit again."""
         flags = self.get_flags()
         if not self.cr0 & 1:
             if vec * 4 + 3 > self.idt_limit:
@@ -792,6 +796,7 @@ class Cpu:
             raise CpuFault(GP, (tsel & 0xFFFC) + ext)
         if not attr & 0x80:
             raise CpuFault(NP, (tsel & 0xFFFC) + ext)
+        pushed_flags = flags | RF if rf else flags
         old_cs, old_ss, old_esp, old_cpl = self.sel[CS], self.sel[SS], self.r[4], self.cpl
         old_ss_state = (self.sel[SS], self.sbase[SS], self.slimit[SS], self.sattr[SS])
         if not attr & 4 and dpl < self.cpl:
@@ -802,7 +807,7 @@ class Cpu:
                 self.tlb_switch()
                 self.push(old_ss, gsize)
                 self.push(old_esp, gsize)
-                self.push(flags, gsize)
+                self.push(pushed_flags, gsize)
                 self.push(old_cs, gsize)
                 self.push(next_eip, gsize)
                 if error is not None:
@@ -816,7 +821,7 @@ class Cpu:
             self.load_cs(tsel, base, limit, attr, dpl)
         else:
             try:
-                self.push(flags, gsize)
+                self.push(pushed_flags, gsize)
                 self.push(old_cs, gsize)
                 self.push(next_eip, gsize)
                 if error is not None:
@@ -839,7 +844,7 @@ class Cpu:
         elif error is None:
             error = 0
         try:
-            self.interrupt(vec, error, False, self.eip)
+            self.interrupt(vec, error, False, self.eip, vec not in (DB, BP, OF_VEC))
         except CpuFault as second:
             v2 = second.vector
             if vec == DF_VEC:
@@ -848,7 +853,7 @@ class Cpu:
                 vec == PF_VEC and (v2 in CONTRIBUTORY or v2 == PF_VEC)
             ):
                 try:
-                    self.interrupt(DF_VEC, 0 if self.cr0 & 1 else None, False, self.eip)
+                    self.interrupt(DF_VEC, 0 if self.cr0 & 1 else None, False, self.eip, True)
                 except CpuFault:
                     raise TripleFault() from None
             else:

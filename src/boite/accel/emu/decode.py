@@ -2209,16 +2209,25 @@ class Decoder:
         gr, sr = self.reg_get(reg, size), self.reg_set(reg, size)
         rmw = self.rm_rmw(mod, rm, ea, size)
 
+        gm = self.reg_get(rm, size) if mod == 3 else None
+        sm = self.reg_set(rm, size) if mod == 3 else None
+
         def xadd() -> None:
             src = gr()
-            old = [0]
+            if mod == 3:
+                old = gm()
+                res = add(old, src)
+                sr(old)
+                sm(res)  # the destination is written last (XADD r, r with r == r)
+            else:
+                old = [0]
 
-            def f(d: int) -> int:
-                old[0] = d
-                return add(d, src)
+                def f(d: int) -> int:
+                    old[0] = d
+                    return add(d, src)
 
-            rmw(f)
-            sr(old[0])
+                rmw(f)
+                sr(old[0])
             c.eip = nxt
 
         return xadd
