@@ -33,7 +33,7 @@ IDT = 0x3000
 HANDLERS = 0x180000  # vector v halts at HANDLERS + 16 * v
 STACK = boot.STACK_TOP
 
-O, S, Z, A, P, C = 0x800, 0x80, 0x40, 0x10, 0x4, 0x1
+O, S, Z, A, P, C = 0x800, 0x80, 0x40, 0x10, 0x4, 0x1  # noqa: E741
 ARITH = O | S | Z | A | P | C
 
 R32 = ["eax", "ecx", "edx", "ebx", "ebp", "esi", "edi"]
