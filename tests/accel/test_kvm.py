@@ -315,3 +315,30 @@ def test_string_io_moves_every_element():
         (4, (6 << 16) | 5),
         (4, (8 << 16) | 7),
     ]
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_dead_halt_under_the_in_kernel_apic_ends_the_run(vcpus):
+    """cli; hlt on every vCPU sleeps inside KVM; the halt probe must notice."""
+    run = run_guest(
+        "halt_irqchip32", "flat32", lambda: KvmAccelerator(irqchip=True, ap_start="entry"),
+        vcpus=vcpus,
+    )  # fmt: skip
+    assert run.result.reason is StopReason.HALTED, run.result
+    assert run.output == b"h"
+
+
+def test_an_idle_guest_with_interrupts_on_is_not_taken_for_dead():
+    """spin32 never halts: several probe rounds pass, then only a pause stops it."""
+    machine, _, _ = build_guest_machine("spin32", "flat32")
+    accel = KvmAccelerator(irqchip=True)
+    accel.create(machine)
+    try:
+        timer = threading.Timer(1.3, accel.pause)
+        timer.start()
+        result = accel.run()
+        timer.join()
+    finally:
+        accel.close()
+    assert result.reason is StopReason.PAUSED
+    assert accel._probe_generation >= 2
