@@ -50,7 +50,7 @@ MARKER_FOOTER = 3
 DEFAULT_GRAIN = 128  # sectors (64 KiB)
 GTES_PER_GT = 512
 MAX_GRAIN = 8192  # sectors (4 MiB); VMware uses 128, anything huge is hostile
-MAX_GD_ENTRIES = 1 << 24  # 64 MiB of GD: far beyond 62 TiB with 64 KiB grains
+MAX_GD_ENTRIES = 1 << 22  # 16 MiB of GD: 128 TiB with 64 KiB grains, past VMware's 62 TiB
 
 # Fallback for ranges this extent does not hold: fill the view for the extent-relative offset.
 Fallback = Callable[[int, memoryview], None] | None
