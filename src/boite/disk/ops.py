@@ -620,7 +620,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
                         if n > 0:
                             t.write(o, bytes(n))
         # extents first, the descriptor (or the monolithic file) last
-        old_files = set(_disk_files(path))
+        old_files = set(disk_files(path))
         for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
             os.replace(f, path.parent / f.name)
             old_files.discard(path.parent / f.name)
@@ -635,12 +635,17 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _disk_files(path: Path) -> list[Path]:
+def disk_files(path) -> list[Path]:
+    """A VMDK's own files: the descriptor (or monolithic file) and its extent files."""
+    path = Path(path)
     desc, embedded = read_descriptor(path)
     out = [path]
     if not embedded:
         out += [extent_path(path, e.filename) for e in desc.extents if e.filename]
     return out
+
+
+VmdkFiles = disk_files  # the name the snapshot code first used
 
 
 class _OwnLayer(BlockImage):
