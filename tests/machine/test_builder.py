@@ -7,7 +7,7 @@ import json
 import pytest
 
 from boite.errors import ConfigError
-from boite.machine.builder import build_machine, pc_e820
+from boite.machine.builder import build_machine, machine_from_box, pc_e820
 from boite.machine.devices.uart import ConsoleBackend
 from boite.machine.machine import E820_RAM, E820_RESERVED
 
@@ -146,3 +146,54 @@ def test_bad_configs():
         build_machine(8, serial_backends={5: ConsoleBackend()})
     with pytest.raises(ConfigError, match="without a kernel"):
         build_machine(8, initrd="/x")
+
+
+def test_machine_from_box(tmp_path, multiboot_kernels):
+    from boite.box.box import Box
+    from boite.box.nvram import Nvram
+
+    box = Box.create(tmp_path / "mb", memsize_mb=32, cpus=2, disk_size=None)
+    vmx = box.config.vmx
+    vmx["serial1.present"] = "TRUE"
+    vmx["serial1.fileType"] = "file"
+    vmx["serial1.fileName"] = "com2.log"
+    vmx["boite.kernel"] = str(multiboot_kernels["aout"])
+    vmx["boite.cmdline"] = "from=box"
+    box.save()
+    box = Box.open(tmp_path / "mb")
+    con = ConsoleBackend()
+    m = build_machine(box=box, console=con)
+    assert m.num_vcpus == 2 and m.memory.size == 32 << 20
+    com1 = m.devices["com1"].backend
+    assert con in com1.backends  # the console, teed with the default box's serial0.log
+    m.pio.write(0x3F8, 1, ord("!"))
+    assert con.buffered() == b"!"
+    con.send(b"i")
+    assert m.pio.read(0x3F8, 1) == ord("i")
+    com1.close()
+    assert (box.dir / "serial0.log").read_bytes() == b"!"
+    for b in b"two":
+        m.pio.write(0x2F8, 1, b)
+    m.devices["com2"].backend.close()
+    assert (box.dir / "com2.log").read_bytes() == b"two"
+    cmd = m.memory.read_u32(0x9000 + 16)
+    assert m.memory.read(cmd, 200).split(b"\0")[0].decode().endswith(" from=box")
+    # a guest write to CMOS RAM lands in the box's .nvram
+    m.pio.write(0x70, 1, 0x50)
+    m.pio.write(0x71, 1, 0xAB)
+    assert Nvram.load(box.nvram_path).cmos[0x50] == 0xAB
+    m.memory.close()
+    m2 = machine_from_box(Box.open(tmp_path / "mb"))
+    m2.pio.write(0x70, 1, 0x50)
+    assert m2.pio.read(0x71, 1) == 0xAB  # back from the .nvram at the next power-on
+    m2.memory.close()
+
+
+def test_box_serial_types_checked(tmp_path):
+    from boite.box.box import Box
+
+    box = Box.create(tmp_path / "s", memsize_mb=16, disk_size=None)
+    box.config.vmx["serial0.present"] = "TRUE"
+    box.config.vmx["serial0.fileType"] = "network"
+    with pytest.raises(ConfigError, match="serial0.fileType = 'network'"):
+        machine_from_box(box)

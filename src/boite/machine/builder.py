@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from boite.errors import ConfigError
@@ -40,7 +41,14 @@ from boite.machine.devices.poweroff import (
     ResetControl,
 )
 from boite.machine.devices.rtc import CmosRtc
-from boite.machine.devices.uart import COM_PORTS, SerialBackend, Uart16550
+from boite.machine.devices.uart import (
+    COM_PORTS,
+    FileBackend,
+    PipeBackend,
+    SerialBackend,
+    TeeBackend,
+    Uart16550,
+)
 from boite.machine.loader import load_kernel
 from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, Machine
 from boite.machine.memory import GuestMemory
@@ -100,13 +108,16 @@ def _serial_map(
 
 
 def build_machine(
-    memsize_mb: int,
+    memsize_mb: int | None = None,
     num_vcpus: int = 1,
     serial_backends: Sequence[SerialBackend | None] | Mapping[int, SerialBackend] | None = None,
     kernel: str | os.PathLike[str] | None = None,
     initrd: str | os.PathLike[str] | None = None,
     cmdline: str = "",
     *,
+    console: SerialBackend | None = None,
+    cpus: int | None = None,
+    box: Any = None,
     protocol: str = "auto",
     emulated_irqchip: bool = True,
     cmos_bytes: bytes | None = None,
@@ -115,6 +126,24 @@ def build_machine(
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
 ) -> Machine:
+    """A PC with `memsize_mb` MiB of RAM and `num_vcpus` vCPUs (`cpus` is the same).
+
+    `serial_backends` gives COM1..COM4 (a sequence from COM1, or {port number: backend});
+    `console` is COM1's backend when `serial_backends` does not name COM1. With `box`
+    (a boite.box.Box) everything comes from the box instead: see `machine_from_box`.
+    """
+    if box is not None:
+        return machine_from_box(
+            box, console=console, emulated_irqchip=emulated_irqchip, clock_ns=clock_ns,
+            extra_devices=extra_devices,
+        )  # fmt: skip
+    if cpus is not None:
+        num_vcpus = cpus
+    if memsize_mb is None:
+        raise ConfigError("build_machine: memsize_mb (or box) is required")
+    serials = _serial_map(serial_backends)
+    if console is not None:
+        serials.setdefault(1, console)
     if memsize_mb < MIN_MEMSIZE_MB:
         raise ConfigError(f"memsize {memsize_mb} MB: boite needs at least {MIN_MEMSIZE_MB} MB")
     if num_vcpus < 1:
@@ -126,7 +155,7 @@ def build_machine(
     machine.e820 = pc_e820(ram)
     try:
         _add_platform(
-            machine, ram, _serial_map(serial_backends), emulated_irqchip, cmos_bytes,
+            machine, ram, serials, emulated_irqchip, cmos_bytes,
             persist_cmos, rtc_base_time, clock_ns,
         )  # fmt: skip
         fragments = [cmdline] if cmdline else []
@@ -198,3 +227,85 @@ def _add_platform(
         ioapic.set_irq(2 if gsi == 0 else (0 if gsi == 2 else gsi), level)
 
     irqs.attach(route)
+
+
+def serial_backend_for(
+    file_type: str | None, file_name: str | None, base_dir: Path, where: str
+) -> SerialBackend | None:
+    """A `.vmx` serial port's backend: fileType "file" or "pipe"; None for the console."""
+    kind = (file_type or "").lower()
+    if kind in ("", "console"):
+        return None
+    if kind not in ("file", "pipe"):
+        raise ConfigError(
+            f'{where}.fileType = {file_type!r}: boite supports "file" and "pipe" (and the '
+            f"attachable console on COM1)"
+        )
+    if not file_name:
+        raise ConfigError(f"{where}.fileName is missing for fileType {file_type!r}")
+    path = Path(file_name)
+    if not path.is_absolute():
+        path = base_dir / path
+    return FileBackend(path) if kind == "file" else PipeBackend(path)
+
+
+def machine_from_box(
+    box: Any,
+    *,
+    console: SerialBackend | None = None,
+    emulated_irqchip: bool = True,
+    clock_ns: Callable[[], int] = time.monotonic_ns,
+    extra_devices: Sequence[ExtraDevice] = (),
+) -> Machine:
+    """Build the machine a box describes (a boite.box.Box): `memsize`, `numvcpus`,
+    `serialN.fileType`/`fileName` (COM1 is also the attachable `console` when one is
+    given: a serial0 file or pipe then gets the same output), the CMOS bytes of `NAME.nvram` (saved back whenever the guest changes
+    them), and `boite.kernel` / `boite.initrd` / `boite.cmdline` (relative to the box)."""
+    config = box.config
+    serials: dict[int, SerialBackend] = {}
+    opened: list[SerialBackend] = []
+    try:
+        for port in config.serials:
+            if not port.present:
+                continue
+            if not 0 <= port.index <= 3:
+                raise ConfigError(f"{config.source}: serial{port.index}: boite has serial0-3")
+            backend = serial_backend_for(
+                port.file_type, port.file_name, box.dir, f"{config.source}: serial{port.index}"
+            )
+            if backend is not None:
+                opened.append(backend)
+                serials[port.index + 1] = backend
+    except BaseException:
+        for b in opened:
+            b.close()
+        raise
+    if console is not None:
+        # COM1 is the console; a serial0 file or pipe still gets everything it prints.
+        serials[1] = TeeBackend(serials[1], console) if 1 in serials else console
+
+    nvram = box.nvram
+
+    def persist(cmos: bytes) -> None:
+        nvram.cmos[: len(cmos)] = cmos
+        nvram.save(box.nvram_path)
+
+    def box_path(key: str) -> str | None:
+        value = config.get_str(key)
+        if not value:
+            return None
+        path = Path(value)
+        return str(path if path.is_absolute() else box.dir / path)
+
+    try:
+        return build_machine(
+            config.memsize, config.numvcpus, serials,
+            kernel=box_path("boite.kernel"), initrd=box_path("boite.initrd"),
+            cmdline=config.get_str("boite.cmdline") or "",
+            emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
+            persist_cmos=persist, clock_ns=clock_ns, extra_devices=extra_devices,
+        )  # fmt: skip
+    except BaseException:
+        for b in opened:
+            b.close()
+        raise
