@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from boite.accel.base import RunResult
 from boite.accel.cpustate import CpuState
+from boite.machine.devices import IsaDebugExit, SerialBackend, Uart16550
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot
@@ -22,36 +23,17 @@ MODES: dict[str, tuple[int, Callable[[GuestMemory, int], CpuState]]] = {
 MMIO_TEST_BASE = 0xD000_0000
 
 
-class ComPort:
-    """COM1 as the guests use it (polled THR/RBR/LSR): output collected, input queued."""
+class CollectedOutput(SerialBackend):
+    """COM1's host side for tests: everything the guest sends, kept in order."""
 
-    def __init__(self, data: bytes = b"") -> None:
+    def __init__(self) -> None:
         self.output = bytearray()
-        self.input = bytearray(data)
 
-    def bus_read(self, offset: int, size: int) -> int:
-        if offset == 5:  # LSR: transmitter always empty; data ready while input waits
-            return 0x60 | (1 if self.input else 0)
-        if offset == 0 and self.input:
-            return self.input.pop(0)
-        return 0
+    def write(self, data: bytes) -> None:
+        self.output += data
 
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0:
-            self.output.append(value)
-
-
-class DebugExit:
-    """QEMU's isa-debug-exit: status (value << 1) | 1."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-
-    def bus_read(self, offset: int, size: int) -> int:
-        return 0
-
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.machine.request_poweroff((value << 1) | 1)
+    def send(self, data: bytes) -> None:
+        self._feed(data)
 
 
 class TimesThreePlusOne:
@@ -88,14 +70,17 @@ def build_guest_machine(
     input: bytes = b"",
     memsize: int = 16 << 20,
     **defines: int,
-) -> tuple[Machine, ComPort, TimesThreePlusOne]:
+) -> tuple[Machine, CollectedOutput, TimesThreePlusOne]:
     """A machine with COM1, debug-exit and the MMIO test device, the guest loaded."""
     load_addr, make_state = MODES[mode]
     memory = GuestMemory.with_ram(memsize)
     machine = Machine(memory, num_vcpus=vcpus)
-    com1 = ComPort(input)
-    machine.pio.register(0x3F8, 8, com1)
-    machine.pio.register(0xF4, 1, DebugExit(machine))
+    com1 = CollectedOutput()
+    uart = machine.add_device("com1", Uart16550(machine.irqs.line(4), com1))
+    machine.pio.register(0x3F8, 8, uart)
+    machine.pio.register(0xF4, 1, machine.add_device("debug-exit", IsaDebugExit(machine)))
+    if input:
+        com1.send(input)
     dev = TimesThreePlusOne()
     machine.mmio.register(MMIO_TEST_BASE, 0x1000, dev)
     memory.write(load_addr, assemble(name, **defines).read_bytes())

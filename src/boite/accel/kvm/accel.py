@@ -64,6 +64,11 @@ def _install_kick_handler() -> bool:
     return True
 
 
+# Importing usually happens on the main thread: install the handler then, so VMs run
+# from worker threads (tests, the control socket) can still be kicked.
+_install_kick_handler()
+
+
 def kvm_usable(path: str = "/dev/kvm") -> bool:
     """Whether a VM can be created here (for `--accel auto`)."""
     try:
