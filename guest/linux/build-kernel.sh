@@ -23,6 +23,16 @@ esac
 step() { echo "BOITE-STEP $*"; }
 
 tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -n1 || true)
+# A tree extracted from an older linux-source-6.1 is replaced when the package updates.
+stamp() { stat -c '%n %s %Y' "$tarball"; }
+if [ -n "$tarball" ] && [ -f "$src/Makefile" ]; then
+  if [ ! -f "$src/.boite-tarball" ]; then
+    stamp > "$src/.boite-tarball"
+  elif [ "$(cat "$src/.boite-tarball")" != "$(stamp)" ]; then
+    step "linux-source-6.1 was updated: extracting it again"
+    rm -rf "$src"
+  fi
+fi
 if [ ! -f "$src/Makefile" ]; then
   if [ -z "$tarball" ]; then
     step "installing linux-source-6.1"
@@ -35,10 +45,17 @@ if [ ! -f "$src/Makefile" ]; then
   rm -rf "$src.part"
   mkdir -p "$src.part"
   tar -xaf "$tarball" -C "$src.part" --strip-components=1
+  stamp > "$src.part/.boite-tarball"
   mv "$src.part" "$src"
 fi
 
+# Objects compiled from another source tree are not reused (tar keeps the tarball's
+# mtimes, so make alone would not notice).
+if [ -f "$build/.boite-source" ] && ! cmp -s "$build/.boite-source" "$src/.boite-tarball"; then
+  rm -rf "$build"
+fi
 mkdir -p "$build" "$dest"
+[ -f "$src/.boite-tarball" ] && cp "$src/.boite-tarball" "$build/.boite-source"
 mk() { nice make -s -C "$src" O="$build" ARCH="$arch" "$@"; }
 
 step "configuring (tinyconfig + common.config + $arch.config)"

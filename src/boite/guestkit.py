@@ -117,7 +117,7 @@ class Artifact:
     name: str
     label: str
     inputs: tuple[str, ...]
-    tools: tuple[tuple[str, str], ...]  # (program, Debian package)
+    tools: tuple[tuple[str, str], ...]  # (program or /absolute/file, Debian package)
     files: tuple[str, ...]
 
 
@@ -159,7 +159,8 @@ ARTIFACTS: dict[str, Artifact] = {
             "linux-x86_64",
             "guest kernel (x86_64)",
             ("linux/common.config", "linux/x86_64.config", "linux/build-kernel.sh"),
-            _KERNEL_TOOLS + (("pkg-config", "pkg-config"),),
+            # objtool (x86_64 only) is built against libelf.
+            _KERNEL_TOOLS + (("/usr/include/gelf.h", "libelf-dev"),),
             ("bzImage", "vmlinux", "config", "kernel.release"),
         ),
         Artifact(
@@ -301,7 +302,11 @@ def ensure_kit(
 
 
 def _check_tools(art: Artifact) -> None:
-    missing = [(prog, pkg) for prog, pkg in art.tools if shutil.which(prog) is None]
+    missing = [
+        (prog, pkg)
+        for prog, pkg in art.tools
+        if not (Path(prog).is_file() if prog.startswith("/") else shutil.which(prog))
+    ]
     if missing:
         progs = ", ".join(p for p, _ in missing)
         pkgs = " ".join(sorted({p for _, p in missing}))

@@ -13,6 +13,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -295,18 +296,55 @@ def test_i386_kernel_boots_runs_and_powers_off(kit: guestkit.Kit, cpu: str) -> N
         assert "no387" not in out  # sanity: the FPU was removed by CPUID, not by us
 
 
+def _converse(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float = 240):
+    """Run QEMU; each time the console shows the next expected text, type its answer.
+    Returns (exit status, console output)."""
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed (Debian package qemu-system-x86)")
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    watchdog = threading.Timer(timeout, proc.kill)  # a hung guest fails, not hangs, the run
+    watchdog.start()
+    assert proc.stdout is not None and proc.stdin is not None
+    seen = b""
+    pos = 0  # the next expected text must appear after the last one matched
+    pending = list(script)
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            seen += chunk
+            while pending and (at := seen.find(pending[0][0], pos)) >= 0:
+                expected, answer = pending.pop(0)
+                pos = at + len(expected)
+                proc.stdin.write(answer)
+                proc.stdin.flush()
+        status = proc.wait(timeout=30)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    return status, seen.decode(errors="replace")
+
+
 @pytest.mark.slow
 def test_busybox_shell_on_the_console(kit: guestkit.Kit) -> None:
     assert kit.i386_bzimage and kit.initrd_i386
-    # The shell reads what we type; busybox poweroff signals init (SIGUSR2): a soft stop.
-    typed = b"echo shell-$((6*7))\nmount | grep -c devtmpfs\npoweroff\n"
-    proc, out = _boot(
-        "qemu-system-i386", kit.i386_bzimage, kit.initrd_i386, "boite.shell=1", input=typed
+    argv = ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-kernel", str(kit.i386_bzimage),
+            "-initrd", str(kit.initrd_i386),
+            "-append", f"console=ttyS0 boite.shell=1 boite.exitport={EXIT_PORT:#x}",
+            "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=1",
+            "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]  # fmt: skip
+    # busybox's poweroff signals init (SIGUSR2): a soft stop, as from a person.
+    status, out = _converse(
+        argv,
+        [
+            (b"BOITE-READY", b""),
+            (b"# ", b"echo shell-$((6*7))\n"),
+            (b"shell-42", b"grep -c devtmpfs /proc/mounts\n"),
+            (b"# ", b"poweroff\n"),
+        ],
     )
-    assert "BOITE-READY" in out, out[-3000:]
-    assert "shell-42" in out
+    assert "shell-42" in out, out[-3000:]
+    assert re.search(r"^1\r?$", out, re.M), "devtmpfs mounted once on /dev"
     assert _markers(out)["BOITE-POWEROFF"] == "status=0 reason=stop-request", out[-2000:]
-    assert proc.returncode == 1
+    assert status == 1
 
 
 @pytest.fixture(scope="session")
@@ -363,3 +401,45 @@ def test_debian_kernel_boots_to_init(kit_debian: guestkit.Kit) -> None:
     release = (k.debian_vmlinuz.parent / "kernel.release").read_text().strip()
     assert re.fullmatch(r"6\.1\.0-\d+-amd64", release)
     assert "CONFIG_VIRTIO_MMIO=m" in k.debian_config.read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_soft_stop_through_the_control_line(kit: guestkit.Kit, tmp_path: Path) -> None:
+    """`boite.ctl=/dev/ttyS1` with nothing to run: init waits until "poweroff" arrives on
+    COM2, then stops cleanly (what `boite stop BOX soft` sends)."""
+    assert kit.i386_bzimage and kit.initrd_i386
+    if shutil.which("qemu-system-i386") is None:
+        pytest.skip("qemu-system-i386 is not installed (Debian package qemu-system-x86)")
+    fifo = tmp_path / "ctl"
+    os.mkfifo(f"{fifo}.in")
+    os.mkfifo(f"{fifo}.out")
+    argv = ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-kernel", str(kit.i386_bzimage),
+            "-initrd", str(kit.initrd_i386),
+            "-append", f"console=ttyS0 boite.ctl=/dev/ttyS1 boite.exitport={EXIT_PORT:#x}",
+            "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=1",
+            "-display", "none", "-monitor", "none", "-no-reboot",
+            "-serial", "stdio", "-chardev", f"pipe,id=ctl,path={fifo}", "-serial", "chardev:ctl"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    watchdog = threading.Timer(240, proc.kill)  # a hung guest fails the test, not the run
+    watchdog.start()
+    # QEMU opens both ends of the pipe; keep ours open so it never sees EOF.
+    ctl_out = os.open(f"{fifo}.out", os.O_RDONLY | os.O_NONBLOCK)
+    ctl_in = open(f"{fifo}.in", "wb", buffering=0)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if raw.startswith(b"BOITE-READY"):
+                ctl_in.write(b"poweroff\n")
+        status = proc.wait(timeout=240)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        ctl_in.close()
+        os.close(ctl_out)
+    out = "".join(lines)
+    marks = _markers(out)
+    assert marks.get("BOITE-STOP") == "reason=ctl", out[-2000:]
+    assert marks["BOITE-POWEROFF"] == "status=0 reason=stop-request"
+    assert status == 1
