@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from boite.accel.base import RunResult
 from boite.accel.cpustate import CpuState
 from boite.machine.devices import IsaDebugExit, SerialBackend, Uart16550
+from boite.machine.irq import IrqLine
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot
@@ -34,6 +35,24 @@ class CollectedOutput(SerialBackend):
 
     def send(self, data: bytes) -> None:
         self._feed(data)
+
+
+class ComPort(Uart16550):
+    """COM1 for tests that wire their own machine: the real 16550, its output collected
+    in `output`, `data` waiting as input (its IRQ line goes nowhere)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._collected = CollectedOutput()
+        super().__init__(IrqLine(4), self._collected)
+        if data:
+            self._collected.send(data)
+
+    @property
+    def output(self) -> bytearray:
+        return self._collected.output
+
+
+DebugExit = IsaDebugExit  # the name other tests import
 
 
 class TimesThreePlusOne:
