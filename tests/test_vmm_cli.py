@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import requires_kvm
+from conftest import requires_kvm, requires_real_vtx
 from guests.build import assemble
 
 pytestmark = [requires_kvm]
@@ -32,6 +32,34 @@ def test_boot_with_stdin_from_devnull_returns_the_debug_exit_status():
     proc = boite("boot", assemble("mb_echo"), "--accel", "kvm", "--memsize", "16")
     assert proc.returncode == (0x2B << 1) | 1, proc.stderr
     assert proc.stdout == b"multiboot: hello\nmultiboot: bye\n"
+
+
+@pytest.mark.parametrize("accel", ["emu", "auto"])
+def test_boot_under_the_other_accelerator_choices(accel):
+    if accel == "emu":
+        pytest.importorskip("boite.accel.emu", reason="needs the emulator (branch emu)")
+    proc = boite("boot", assemble("mb_echo"), "--accel", accel, "--memsize", "16", input=b"x\n")
+    assert proc.returncode == (0x2B << 1) | 1, proc.stderr
+    assert proc.stdout == b"multiboot: hello\nx\nmultiboot: bye\n"
+
+
+def test_paging_guest_under_the_emulator():
+    """Where kvm_pvm cannot go (the guest turning on paging), the emulator runs it."""
+    pytest.importorskip("boite.accel.emu", reason="needs the emulator (branch emu)")
+    proc = boite("boot", assemble("paging32"), "--accel", "emu", "--memsize", "16")
+    assert proc.returncode == (0x26 << 1) | 1, proc.stderr
+    assert proc.stdout == b"paging: alias ok\n"
+
+
+@requires_real_vtx
+@pytest.mark.parametrize(
+    "guest, status, line",
+    [("pit32", 0x25, b"pit: 10 ticks\n"), ("paging32", 0x26, b"paging: alias ok\n")],
+)
+def test_interrupt_and_paging_guests_boot_under_kvm(guest, status, line):
+    proc = boite("boot", assemble(guest), "--accel", "kvm", "--memsize", "16")
+    assert proc.returncode == (status << 1) | 1, proc.stderr
+    assert proc.stdout == line
 
 
 def test_boot_with_stdin_closed():

@@ -22,6 +22,7 @@ MODES: dict[str, tuple[int, Callable[[GuestMemory, int], CpuState]]] = {
 }
 
 MMIO_TEST_BASE = 0xD000_0000
+MULTIBOOT_MAGIC = (0x1BADB002).to_bytes(4, "little")
 
 
 class CollectedOutput(SerialBackend):
@@ -102,8 +103,12 @@ def build_guest_machine(
         com1.send(input)
     dev = TimesThreePlusOne()
     machine.mmio.register(MMIO_TEST_BASE, 0x1000, dev)
-    memory.write(load_addr, assemble(name, **defines).read_bytes())
-    machine.boot_state = [make_state(memory, load_addr)]
+    image = assemble(name, **defines).read_bytes()
+    memory.write(load_addr, image)
+    state = make_state(memory, load_addr)
+    if image[:4] == MULTIBOOT_MAGIC and mode == "flat32":
+        state.rip = int.from_bytes(image[28:32], "little")  # a.out kludge entry_addr
+    machine.boot_state = [state]
     return machine, com1, dev
 
 
