@@ -107,13 +107,18 @@ def test_boot_errors_are_clear(tmp_path):
     assert b"junk.bin" in proc.stderr
 
 
-@pytest.fixture
-def spin_box(tmp_path):
+def _make_box(tmp_path, name: str, guest: str):
     from boite.box.box import Box
 
-    box = Box.create(tmp_path / "spinbox", memsize_mb=16, disk_size=None)
-    box.vmx["boite.kernel"] = str(assemble("mb_spin"))
+    box = Box.create(tmp_path / name, memsize_mb=16, disk_size=None)
+    box.vmx["boite.kernel"] = str(assemble(guest))
     box.save()
+    return box
+
+
+@pytest.fixture
+def spin_box(tmp_path):
+    box = _make_box(tmp_path, "spinbox", "mb_spin")
     yield box.dir
     # never leave a VMM behind, whatever the test did
     subprocess.run(
@@ -184,3 +189,26 @@ def test_start_without_a_kernel_is_a_clear_error(tmp_path):
     box = Box.create(tmp_path / "nokernel", memsize_mb=16, disk_size=None)
     proc = boite("start", box.dir, "--accel", "kvm")
     assert proc.returncode == 1 and b"boite.kernel" in proc.stderr
+
+
+def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
+    """`boite start` in the foreground (console on stdio); `boite stop BOX soft` from
+    another process presses Ctrl-Alt-Del; the guest powers off by itself, status 0."""
+    box = _make_box(tmp_path, "cadbox", "mb_cad")
+    vmm = subprocess.Popen(
+        [sys.executable, "-m", "boite", "start", str(box.dir), "--accel", "kvm"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert _wait_for(lambda: (box.dir / "cadbox.ctl").exists())
+        stop = boite("stop", box.dir, "soft", "--timeout", "60")
+        assert stop.returncode == 0, stop.stderr
+        out, err = vmm.communicate(timeout=60)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+    assert vmm.returncode == 0, err
+    assert out == b"waiting for ctrl-alt-del\nctrl-alt-del: powering off\n"
+    text = (box.dir / "vmware.log").read_text()
+    assert "Guest powered off, exit status 0." in text
+    assert "Powered off (hard stop)." not in text
