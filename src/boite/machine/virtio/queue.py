@@ -197,8 +197,23 @@ class VirtQueue:
             self.memory.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
         return chain
 
-    def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
-        return _DESC.unpack(self.memory.view(table + DESC_SIZE * i, DESC_SIZE))
+    def _ram_view(self, addr: int, length: int) -> memoryview:
+        """GuestMemory.view without the per-call lookups (regions are fixed once running)."""
+        for gpa, end, view in self._regions():
+            if gpa <= addr < end:
+                if length < 0 or addr + length > end:
+                    break
+                return view[addr - gpa : addr - gpa + length]
+        raise VirtQueueError(
+            f"virtqueue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
+        )
+
+    def _regions(self) -> list[tuple[int, int, memoryview]]:
+        if self._region_cache is None or len(self._region_cache) != len(self.memory.regions):
+            self._region_cache = [(r.gpa, r.gpa + r.size, r.view) for r in self.memory.regions]
+        return self._region_cache
+
+    _region_cache: list[tuple[int, int, memoryview]] | None = None
 
     def _walk(self, head: int) -> DescChain:
         if head >= self.size:
@@ -206,7 +221,9 @@ class VirtQueue:
                 f"virtqueue {self.index}: head index {head} >= queue size {self.size}"
             )
         chain = DescChain(head)
-        table, count, i = self.desc_addr, self.size, head
+        count, i = self.size, head
+        table = self._ram_view(self.desc_addr, DESC_SIZE * count)
+        unpack = _DESC.unpack_from
         in_indirect = False
         seen = 0
         while True:
@@ -216,7 +233,7 @@ class VirtQueue:
                     f"virtqueue {self.index}: chain from head {head} is longer than {count} "
                     "descriptors (a loop?)"
                 )
-            addr, length, flags, nxt = self._read_desc(table, i)
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise VirtQueueError(
@@ -241,7 +258,7 @@ class VirtQueue:
                         f"virtqueue {self.index}: indirect table {addr:#x}+{length:#x} is "
                         "misaligned or outside guest RAM"
                     )
-                table, count, i = addr, length // DESC_SIZE, 0
+                table, count, i = self._ram_view(addr, length), length // DESC_SIZE, 0
                 in_indirect = True
                 seen = 0
                 continue
@@ -259,10 +276,7 @@ class VirtQueue:
             raise VirtQueueError(
                 f"virtqueue {self.index}: buffer length {length:#x} exceeds {MAX_BUFFER_LEN:#x}"
             )
-        try:
-            view = self.memory.view(addr, length)
-        except GuestError as e:
-            raise VirtQueueError(f"virtqueue {self.index}: buffer {e}") from None
+        view = self._ram_view(addr, length)
         if flags & VIRTQ_DESC_F_WRITE:
             chain.writable.append(view)
         else:
