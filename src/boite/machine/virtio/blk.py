@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
+from boite.disk.raw import RawImage
 from boite.errors import BoiteError
 from boite.machine.virtio.mmio import VIRTIO_ID_BLOCK, VirtioBackend, bit
 from boite.machine.virtio.queue import VirtQueue, VirtQueueError, gather, split_views
@@ -228,9 +229,18 @@ class VirtioBlk(VirtioBackend):
             offset += n
             length -= n
 
-    def _read(self, offset: int, views: list[memoryview]) -> None:
+    def _raw_read_fd(self) -> int | None:
+        """A file whose byte N is the disk's byte N, when the image has one."""
         fd = getattr(self.image, "raw_fd", None)
-        if isinstance(fd, int) and views:
+        if isinstance(fd, int):
+            return fd
+        if isinstance(self.image, RawImage) and self.image.fd >= 0:
+            return self.image.fd
+        return None
+
+    def _read(self, offset: int, views: list[memoryview]) -> None:
+        fd = self._raw_read_fd()
+        if fd is not None and views:
             _vector_io(os.preadv, fd, views, offset)
             return
         for v in views:
@@ -238,6 +248,8 @@ class VirtioBlk(VirtioBackend):
             offset += len(v)
 
     def _write(self, offset: int, views: list[memoryview]) -> None:
+        # Writes go through the image unless it hands out its file (raw_fd): a RawImage
+        # must see them to know flush() has work to do. Either way, no copy.
         fd = getattr(self.image, "raw_fd", None)
         if isinstance(fd, int) and views:
             _vector_io(os.pwritev, fd, views, offset)
