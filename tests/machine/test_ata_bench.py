@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 def test_devices_benchmark_small_run() -> None:
     res = subprocess.run(
-        [sys.executable, str(BENCH / "devices.py"), "--mib", "1"],
+        [sys.executable, str(BENCH / "devices.py"), "--mib", "1", "--harness", "device"],
         capture_output=True,
         text=True,
         timeout=300,
