@@ -1,4 +1,4 @@
-"""Bare-metal guests with minimal virtio-blk and ATA drivers, under KVM on this machine.
+"""Bare-metal guests with minimal virtio-blk and ATA drivers, under KVM and the emulator.
 
 Each guest (tests/guests/vblk32.asm, ata32.asm) reads sectors 0-7 of a VMDK, writes their
 bitwise NOT to sectors 64-71, flushes, reads them back and compares; the host then checks
@@ -25,6 +25,12 @@ def _kvm():
     return KvmAccelerator(irqchip=False, ap_start="entry")
 
 
+def _emu():
+    from boite.accel.emu import EmuAccelerator
+
+    return EmuAccelerator()
+
+
 def _pattern() -> bytes:
     return b"".join(i.to_bytes(4, "little") * 128 for i in range(SIZE // 512))
 
@@ -43,13 +49,16 @@ def vmdk(tmp_path: Path) -> tuple[Path, Path]:
     return vmdk, raw
 
 
-@requires_kvm
+ACCELS = [pytest.param(_kvm, id="kvm", marks=requires_kvm), pytest.param(_emu, id="emu")]
+
+
+@pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize("kind", ["virtio", "ata"])
-def test_bare_metal_driver_under_kvm(vmdk: tuple[Path, Path], kind: str) -> None:
+def test_bare_metal_driver(vmdk: tuple[Path, Path], kind: str, accel) -> None:
     from guests.diskguest import run
 
     path, raw = vmdk
-    result = run(kind, str(path), _kvm)
+    result = run(kind, str(path), accel)
     assert result.result.reason == StopReason.SHUTDOWN, (result.result, result.output)
     assert result.result.exit_status == (0x21 << 1) | 1, (result.result, result.output)
     assert b"read, wrote, flushed, read back" in result.output
