@@ -147,13 +147,22 @@ def test_check_lists_missing_disks_and_damaged_nvram(tmp_path):
     assert keys == ["sata0:0.fileName", "nvram"]
 
 
-def test_check_reads_the_capacity_of_a_huge_sparse_vmdk_header(tmp_path):
+def test_check_finds_a_disk_past_8_tib(tmp_path):
     box = Box.create(tmp_path / "vm", disk_size=None)
-    # A hosted sparse extent header (KDMV) claiming 9 TiB, as a hostile or foreign file may.
-    header = bytearray(512)
-    header[0:4] = b"KDMV"
-    header[12:20] = ((9 << 40) // 512).to_bytes(8, "little")
-    (box.dir / "huge.vmdk").write_bytes(bytes(header))
+    # A monolithicFlat VMDK of 9 TiB (a sparse host file), as another tool may have made.
+    sectors = (9 << 40) // 512
+    flat = box.dir / "huge-flat.vmdk"
+    try:
+        with open(flat, "wb") as f:
+            f.truncate(sectors * 512)
+    except OSError as exc:
+        pytest.skip(f"this filesystem cannot hold a 9 TiB sparse file: {exc}")
+    (box.dir / "huge.vmdk").write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\n# Extent description\n'
+        f'RW {sectors} FLAT "huge-flat.vmdk" 0\n\n# The Disk Data Base\n#DDB\n\n'
+        'ddb.virtualHWVersion = "21"\nddb.adapterType = "lsilogic"\n'
+    )
     box.vmx["scsi0.present"] = "TRUE"
     box.vmx["scsi0:0.present"] = "TRUE"
     box.vmx["scsi0:0.fileName"] = "huge.vmdk"

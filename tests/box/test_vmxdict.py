@@ -12,7 +12,7 @@ from boite.box.vmxdict import VmxDict, escape_value, unescape_value
 from boite.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Values: any text a person could store, without lone surrogates (not text in any file).
 values = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
