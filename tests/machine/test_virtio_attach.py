@@ -9,6 +9,7 @@ from test_virtio_blk import RawFileImage, make_pattern
 
 from boite.box.config import BoxConfig
 from boite.box.vmxdict import VmxDict
+from boite.disk import create_disk
 from boite.errors import ConfigError
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
@@ -128,3 +129,39 @@ def test_attach_builds_working_devices(tmp_path: Path) -> None:
         out.close()
         for w in wires:
             w.close()
+
+
+def test_box_devices_hook_in_build_machine(tmp_path: Path) -> None:
+    from boite.machine.builder import build_machine
+    from boite.machine.virtio.attach import BoxDevices
+
+    text = VMX.replace("/abs/other.vmdk", str(tmp_path / "other.vmdk"))
+    text = text.replace('ethernet0.present = "TRUE"', 'ethernet0.present = "FALSE"')
+    for name in ("box.vmdk", "data.vmdk", "legacy.vmdk", "other.vmdk"):
+        create_disk(tmp_path / name, 4 << 20, "thin")
+    devices = BoxDevices(config(text), tmp_path)  # boite.disk.open_disk: real VMDKs
+    seen: list[str] = []
+
+    def spy(machine) -> str:
+        # A later hook sees what ours put in (and could read the fragments it returned).
+        seen.extend(sorted(machine.devices))
+        return ""
+
+    machine = build_machine(32, extra_devices=[devices, spy])
+    try:
+        assert devices.attached is not None
+        assert devices.attached.cmdline == [
+            "virtio_mmio.device=4K@0xd0000000:5",
+            "virtio_mmio.device=4K@0xd0001000:6",
+            "virtio_mmio.device=4K@0xd0002000:7",
+        ]
+        assert {"ata0", "ata1", "virtio-blk-scsi0:0", "virtio-blk-sata0:1", "virtio-rng"} <= set(
+            seen
+        )
+        # The ATA channel answers next to the platform devices the builder put in.
+        machine.pio.write(0x1F6, 1, 0xA0)
+        assert machine.pio.read(0x1F7, 1) == 0x50
+        assert machine.mmio.read(0xD000_0000, 4) == 0x74726976
+    finally:
+        devices.close()
+        machine.memory.close()

@@ -228,3 +228,37 @@ def attach_devices(
         out.close()
         raise
     return out
+
+
+class BoxDevices:
+    """A box's disks and NICs as one `extra_devices` hook for machine.builder.
+
+    >>> devices = BoxDevices(box.config, box.dir, open_disk=boite.disk.open_disk)
+    >>> machine = build_machine(box=box, extra_devices=[devices])
+    >>> devices.start()   # RX threads; devices.close() at power-off
+
+    Called by the builder with the machine, it attaches everything and returns the kernel
+    command line fragment that announces the virtio devices.
+    """
+
+    def __init__(self, config: _Config, box_dir: Path, **options: Any) -> None:
+        self.plan = plan_devices(config, Path(box_dir))
+        self.options = options
+        if "open_disk" not in options:
+            from boite.disk import open_disk
+
+            self.options["open_disk"] = open_disk
+        self.attached: AttachedDevices | None = None
+
+    def __call__(self, machine: Any) -> str | None:
+        self.attached = attach_devices(machine, self.plan, **self.options)
+        return " ".join(self.attached.cmdline) or None
+
+    def start(self) -> None:
+        if self.attached is not None:
+            self.attached.start()
+
+    def close(self) -> None:
+        if self.attached is not None:
+            self.attached.close()
+            self.attached = None
