@@ -165,3 +165,26 @@ def test_box_devices_hook_in_build_machine(tmp_path: Path) -> None:
     finally:
         devices.close()
         machine.memory.close()
+
+
+def test_disk_files_for_boite_boot(tmp_path: Path) -> None:
+    from boite.machine.virtio.attach import DiskFiles, plan_disk_files
+
+    plan = plan_disk_files(["a.vmdk", "ide:b.vmdk", "virtio:c.img", "ata:d.vmdk"])
+    assert [(d.key, d.device, str(d.path)) for d in plan.disks] == [
+        ("vda", "virtio-blk", "a.vmdk"),
+        ("ide0:0", "ata", "b.vmdk"),
+        ("vdb", "virtio-blk", "c.img"),
+        ("ide0:1", "ata", "d.vmdk"),
+    ]
+    with pytest.raises(ConfigError, match="four slots"):
+        plan_disk_files([f"ide:{i}" for i in range(5)])
+    for name in ("a.vmdk", "b.vmdk"):
+        create_disk(tmp_path / name, 1 << 20, "thin")
+    hook = DiskFiles([str(tmp_path / "a.vmdk"), f"ide:{tmp_path / 'b.vmdk'}"], with_rng=False)
+    machine = Machine(GuestMemory.with_ram(16 << 20))
+    try:
+        assert hook(machine) == "virtio_mmio.device=4K@0xd0000000:5"
+        assert "ata0" in machine.devices
+    finally:
+        hook.close()

@@ -262,3 +262,36 @@ class BoxDevices:
         if self.attached is not None:
             self.attached.close()
             self.attached = None
+
+
+def plan_disk_files(specs: Sequence[str]) -> DevicePlan:
+    """Disks named on a command line (`boite boot --disk`): `FILE` is virtio-blk (vda,
+    vdb, ...), `ide:FILE` is ATA (primary master, primary slave, secondary master, ...)."""
+    plan = DevicePlan()
+    vd = ide = 0
+    for spec in specs:
+        kind, sep, rest = spec.partition(":")
+        if sep and kind in ("ide", "ata"):
+            if ide >= 4:
+                raise ConfigError(f"--disk {spec}: the ATA controller has four slots")
+            channel, unit = divmod(ide, 2)
+            plan.disks.append(DiskPlan(f"ide{channel}:{unit}", "ata", Path(rest), channel, unit))
+            ide += 1
+        else:
+            path = rest if sep and kind in ("virtio", "vd") else spec
+            plan.disks.append(DiskPlan(f"vd{chr(ord('a') + vd)}", "virtio-blk", Path(path)))
+            vd += 1
+    return plan
+
+
+class DiskFiles(BoxDevices):
+    """`extra_devices` hook for disks given as files (`boite boot --disk FILE`)."""
+
+    def __init__(self, specs: Sequence[str], **options: Any) -> None:
+        self.plan = plan_disk_files(specs)
+        self.options = options
+        if "open_disk" not in options:
+            from boite.disk import open_disk
+
+            self.options["open_disk"] = open_disk
+        self.attached = None
