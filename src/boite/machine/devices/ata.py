@@ -211,6 +211,12 @@ class AtaChannel(Device):
         pio.register(self.cmd_base, 8, self)
         pio.register(self.ctl_port, 1, self.control)
 
+    def close(self) -> None:
+        """Power-off: flush and close the drives' images (safe twice)."""
+        for d in self.drives:
+            if d is not None:
+                d.image.close()
+
     # --- Device ---------------------------------------------------------------------
     def reset(self) -> None:
         self.devctl = 0

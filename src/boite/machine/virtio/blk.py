@@ -117,6 +117,10 @@ class VirtioBlk(VirtioBackend):
             1,  # write_zeroes_may_unmap
         )
 
+    def close(self) -> None:
+        """The device owns its image once attached: flush and close it (safe twice)."""
+        self.image.close()
+
     def save_state(self) -> dict[str, Any]:
         return {"requests": self.requests}
 

@@ -199,6 +199,12 @@ class VirtioMmio(Device):
             q.event_idx = False
             q.indirect = False
 
+    def close(self) -> None:
+        """Power-off: the backend lets go of its host resources (disk, TAP, threads)."""
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
     def cmdline(self, irq: int | None = None) -> str:
         return mmio_cmdline(MMIO_SIZE, self.base, self.irq.gsi if irq is None else irq)
 

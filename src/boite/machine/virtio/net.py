@@ -169,6 +169,8 @@ class VirtioNet(VirtioBackend):
         return True
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
@@ -216,8 +218,11 @@ class VirtioNet(VirtioBackend):
 
     def close(self) -> None:
         self.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        close_tap = getattr(self.tap, "close", None)
+        if callable(close_tap):
+            close_tap()
+        # Once only: a second close must not hit descriptors reused by someone else.
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
