@@ -188,3 +188,39 @@ def test_disk_files_for_boite_boot(tmp_path: Path) -> None:
         assert "ata0" in machine.devices
     finally:
         hook.close()
+
+
+def test_virtio_console_as_the_box_console() -> None:
+    from boite.machine.devices import ConsoleBackend
+    from boite.machine.virtio import mmio as r
+    from boite.machine.virtio.attach import DevicePlan
+    from boite.machine.virtio.guestdriver import ALL_RING_FEATURES, Buffer, VirtioMmioDriver
+
+    console = ConsoleBackend()
+    machine = Machine(GuestMemory.with_ram(16 << 20))
+    out = attach_devices(
+        machine, DevicePlan(), open_disk=RawFileImage, console=console, with_console=True
+    )
+    try:
+        assert out.cmdline == [
+            "virtio_mmio.device=4K@0xd0000000:5",
+            "virtio_mmio.device=4K@0xd0001000:6",
+        ]
+        drv = VirtioMmioDriver(
+            machine.mmio, 0xD000_0000, machine.memory, GuestAllocator(0x10000, 0x80000)
+        )
+        drv.init(ALL_RING_FEATURES | 0xFFFFFFFF, expect_id=r.VIRTIO_ID_CONSOLE)
+        rxq, txq = drv.queues
+        machine.memory.write(0x100000, b"login: ")
+        txq.add([Buffer(0x100000, 7)])
+        txq.kick()
+        assert console.buffered() == b"login: "  # nobody attached yet: kept for later
+        got: list[bytes] = []
+        console.attach(got.append)
+        assert got == [b"login: "]
+        rxq.add([Buffer(0x200000, 64, writable=True)])
+        rxq.kick()
+        console.send(b"root\n")  # typed at the attached console
+        assert rxq.reap()[0][1] == 5 and machine.memory.read(0x200000, 5) == b"root\n"
+    finally:
+        out.close()

@@ -160,7 +160,7 @@ def attach_devices(
     *,
     open_disk: Callable[[str], BlockImage],
     open_tap: Callable[[str], Any] | None = None,
-    console: Callable[[bytes], None] | None = None,
+    console: Any = None,
     with_console: bool = False,
     with_rng: bool = True,
     base: int = VIRTIO_MMIO_BASE,
@@ -169,8 +169,11 @@ def attach_devices(
     """Create the planned devices on `machine` (a boite.machine.machine.Machine).
 
     `open_disk(path)` opens a disk chain (boite.disk.open_disk); `open_tap(name)` opens the
-    host side of a NIC (default: a TapDevice). Virtio devices take consecutive 4 KiB
-    windows from `base` and the next free IRQ of `irqs`.
+    host side of a NIC (default: a TapDevice). `with_console` adds virtio-console (hvc0)
+    writing to `console`: a callable taking bytes, or a SerialBackend such as the box's
+    ConsoleBackend, which then also feeds its input to hvc0 (the guest needs
+    `console=hvc0`). Virtio devices take consecutive 4 KiB windows from `base` and the
+    next free IRQ of `irqs`.
     """
     out = AttachedDevices()
     slots = iter(enumerate(irqs))
@@ -220,7 +223,13 @@ def attach_devices(
                 add_virtio(f"virtio-net-{n.key}", net)
                 out.nets.append(net)
         if with_console:
-            out.console = VirtioConsole(console)
+            if console is not None and hasattr(console, "connect"):
+                # A SerialBackend (the box's ConsoleBackend): hvc0 becomes the console,
+                # its output to the backend and the backend's input to hvc0.
+                out.console = VirtioConsole(console.write)
+                console.connect(out.console.feed)
+            else:
+                out.console = VirtioConsole(console)
             add_virtio("virtio-console", out.console)
         if with_rng:
             add_virtio("virtio-rng", VirtioRng())
