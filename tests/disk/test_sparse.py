@@ -1,0 +1,84 @@
+"""monolithicSparse: create, write, read back, reopen, and what qemu-img thinks of it."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from boite.disk import check_disk, create_disk, disk_info, open_disk
+
+from disktools import qemu_img, requires_qemu_img
+
+MiB = 1 << 20
+
+
+def test_write_read_reopen_across_grains(tmp_path):
+    path = tmp_path / "a.vmdk"
+    create_disk(path, 64 * MiB)
+    model = bytearray(64 * MiB)
+    rng = random.Random(1)
+    with open_disk(path) as d:
+        for _ in range(200):
+            off = rng.randrange(0, 64 * MiB - 300_000)
+            n = rng.randrange(1, 300_000)
+            data = rng.randbytes(n)
+            d.write(off, data)
+            model[off : off + n] = data
+        assert d.read(0, 64 * MiB) == model
+    with open_disk(path, read_only=True) as d:
+        assert d.size == 64 * MiB
+        assert d.read(0, 64 * MiB) == model
+    assert check_disk(path).ok
+
+
+def test_cid_changes_on_first_write_only(tmp_path):
+    path = tmp_path / "a.vmdk"
+    create_disk(path, MiB)
+    cid0 = disk_info(path).cid
+    with open_disk(path) as d:
+        d.read(0, 512)
+    assert disk_info(path).cid == cid0  # opening and reading is not a change
+    with open_disk(path) as d:
+        d.write(0, b"a" * 512)
+        cid1 = disk_info(path).cid
+        d.write(512, b"b" * 512)
+    assert cid1 != cid0 and disk_info(path).cid == cid1
+
+
+def test_unclean_flag_while_open_for_write(tmp_path):
+    path = tmp_path / "a.vmdk"
+    create_disk(path, MiB)
+    d = open_disk(path)
+    assert disk_info(path).unclean
+    d.close()
+    assert not disk_info(path).unclean
+
+
+def test_two_terabyte_thin_disk_opens_without_reading_tables(tmp_path):
+    path = tmp_path / "big.vmdk"
+    create_disk(path, 2 << 40)
+    assert os.stat(path).st_blocks * 512 < 4 * MiB  # tables are preallocated as holes
+    with open_disk(path) as d:
+        d.write((2 << 40) - 4096, b"z" * 4096)
+        assert d.read((2 << 40) - 4096, 4096) == b"z" * 4096
+        assert len(d.extents[0]._gts) == 1  # only the table touched was loaded
+
+
+@requires_qemu_img
+def test_qemu_img_checks_and_compares(tmp_path):
+    path = tmp_path / "a.vmdk"
+    ref = tmp_path / "ref.raw"
+    create_disk(path, 16 * MiB)
+    model = bytearray(16 * MiB)
+    rng = random.Random(2)
+    with open_disk(path) as d:
+        for _ in range(50):
+            off = rng.randrange(0, 16 * MiB - 70000)
+            data = rng.randbytes(rng.randrange(1, 70000))
+            d.write(off, data)
+            model[off : off + len(data)] = data
+    ref.write_bytes(model)
+    out = qemu_img("check", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = qemu_img("compare", "-f", "vmdk", "-F", "raw", path, ref)
+    assert out.returncode == 0, out.stdout + out.stderr
