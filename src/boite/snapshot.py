@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,12 +44,19 @@ _SNAP_KEY = re.compile(r"snapshot(\d+)\.(.+)", re.I)
 _DISK_KEY = re.compile(r"disk(\d+)\.(filename|node)", re.I)
 _CHILD_NAME = re.compile(r"^(?P<stem>.*?)(?:-(?P<n>\d{6}))?\.vmdk$", re.I)
 
-# Test hook: the kill tests set this to slow operations down between steps so that a
-# SIGKILL lands between them; it never changes what is written.
+# Test hooks for the kill tests (tests/snapshot/test_kill.py), read once at import: a delay
+# between steps widens the windows a random SIGKILL can land in, and KILL_AT_STEP makes the
+# process kill itself at one step boundary. Neither changes what is written.
 _STEP_DELAY = float(os.environ.get("BOITE_SNAPSHOT_STEP_DELAY", "0") or 0)
+_KILL_AT_STEP = int(os.environ.get("BOITE_SNAPSHOT_KILL_AT_STEP", "0") or 0)
+_steps_done = 0
 
 
 def _step() -> None:
+    global _steps_done
+    _steps_done += 1
+    if _steps_done == _KILL_AT_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
     if _STEP_DELAY:
         time.sleep(_STEP_DELAY)
 
@@ -446,6 +454,10 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
 
 def recover(box: Box) -> str | None:
     """Finish or undo an operation a crash interrupted; say which, or None if none was."""
+    # A crash inside an atomic write leaves its temporary file; the real file is intact.
+    for name in (journal_path(box).name, box.vmx_path.name, box.vmsd_path.name):
+        for tmp in box.dir.glob(f".{name}.tmp-*"):
+            tmp.unlink(missing_ok=True)
     record = _read_journal(box)
     if record is None:
         return None
