@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import random
 
-from boite.disk import check_disk, create_disk, disk_info, open_disk
-
 from disktools import qemu_img, requires_qemu_img
+
+from boite.disk import check_disk, create_disk, disk_info, open_disk
 
 MiB = 1 << 20
 

@@ -451,18 +451,15 @@ def _create_disk(path: Path, capacity: int, disk_type: str) -> None:
 
 
 def disk_capacity(path: Path) -> int:
-    """A disk's size in bytes, through the disk layer when it can open the file; else read
-    from the VMDK header or descriptor (enough to check the 8 TiB limit)."""
+    """A disk's size in bytes, through the disk layer (which checks the file); a checkout
+    without it reads the VMDK header or descriptor (enough for the 8 TiB limit)."""
     try:
         from boite.disk import open_disk  # type: ignore[attr-defined]
     except ImportError:
         open_disk = None
     if open_disk is not None:
-        try:
-            with open_disk(str(path), read_only=True) as image:
-                return int(image.size)
-        except TypeError:
-            pass  # a different signature: fall back to reading the header below
+        with open_disk(str(path), read_only=True) as image:
+            return int(image.size)
     try:
         with open(path, "rb") as f:
             head = f.read(65536)

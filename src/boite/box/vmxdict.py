@@ -47,13 +47,19 @@ _ENCODING_LINE = re.compile(
 def escape_value(value: str, encoding: str = DEFAULT_ENCODING) -> str:
     """Write `value` the way VMware quotes it (without the surrounding quotes).
 
-    Control characters, `"` and `|` are written as `|XX` of their encoded bytes, so the
+    Control characters, line separators, `"` and `|` are written as `|XX` of their encoded bytes, so the
     result is one printable line that no reader can mistake for the end of the value.
     """
     out: list[str] = []
     for ch in value:
         code = ord(ch)
-        if ch in '"|' or code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+        if (
+            ch in '"|'
+            or code < 0x20
+            or 0x7F <= code <= 0x9F  # DEL and the C1 controls (NEL breaks lines)
+            or code in (0x2028, 0x2029)  # Unicode line and paragraph separators
+            or 0xD800 <= code <= 0xDFFF  # bytes the file's encoding could not decode
+        ):
             raw = ch.encode(encoding, "surrogateescape")
             out.append("".join(f"|{b:02X}" for b in raw))
         else:

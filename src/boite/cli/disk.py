@@ -5,7 +5,6 @@ Paths come last, as with qemu-img. A `.vmdk` name means VMDK, anything else a ra
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re

@@ -1,0 +1,78 @@
+"""Random interleaved writes, reads, discards, flushes and reopens match a bytearray model,
+on a thin disk and on the top of a 3-deep snapshot chain."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from boite.disk import check_disk, create_child, create_disk, open_disk
+
+SIZE = 2 * 1024 * 1024 + 3 * 512  # 32 grains and a partial one
+EXAMPLES = int(os.environ.get("BOITE_HYPOTHESIS_EXAMPLES", "40"))
+
+offsets = st.one_of(
+    st.integers(0, SIZE - 1),
+    st.sampled_from([0, 65536 - 512, 65536, 131072 - 1, SIZE - 512, SIZE - 1]),
+)
+op = st.tuples(
+    st.sampled_from(["write", "write", "read", "discard", "flush", "reopen"]),
+    offsets,
+    st.integers(1, 200_000),
+    st.integers(0, 255),
+)
+
+
+def run_ops(path: Path, model: bytearray, ops) -> None:
+    d = open_disk(path)
+    try:
+        for kind, off, n, byte in ops:
+            n = min(n, SIZE - off)
+            if kind == "write":
+                data = bytes([byte]) * n if byte % 3 else os.urandom(n)
+                d.write(off, data)
+                model[off : off + n] = data
+            elif kind == "read":
+                assert d.read(off, n) == model[off : off + n]
+            elif kind == "discard":
+                d.discard(off, n)
+                model[off : off + n] = bytes(n)
+            elif kind == "flush":
+                d.flush()
+            else:
+                d.close()
+                d = open_disk(path)
+        assert d.read(0, SIZE) == model
+    finally:
+        d.close()
+    with open_disk(path, read_only=True) as d:
+        assert d.read(0, SIZE) == model
+    report = check_disk(path)
+    assert report.ok and report.leaked_bytes == 0, report
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op, max_size=40))
+def test_thin_disk_matches_model(ops):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.vmdk"
+        create_disk(path, SIZE)
+        run_ops(path, bytearray(SIZE), ops)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op, max_size=25), st.lists(op, max_size=25), st.lists(op, max_size=40))
+def test_three_deep_chain_matches_model(base_ops, mid_ops, top_ops):
+    with tempfile.TemporaryDirectory() as tmp:
+        base, mid, top = (Path(tmp) / n for n in ("vm.vmdk", "vm-000001.vmdk", "vm-000002.vmdk"))
+        model = bytearray(SIZE)
+        create_disk(base, SIZE)
+        run_ops(base, model, base_ops)
+        create_child(base, mid)
+        run_ops(mid, model, mid_ops)
+        create_child(mid, top)
+        run_ops(top, model, top_ops)
