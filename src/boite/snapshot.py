@@ -1076,3 +1076,158 @@ def check_snapshot_tree(box: Box) -> list[Problem]:
             )
         )
     return problems
+
+
+# -- a running box: what the VMM calls ---------------------------------------------------
+#
+# Devices that hold a disk take part through two optional methods: `flush_disk()` (make
+# every acknowledged write durable before the links are frozen) and, with `disk_node` set
+# to the .vmx slot ("scsi0:0"), `reopen_disk(path)` (continue on the new delta link).
+
+
+def _wait_paused(vmm: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while vmm.state.value != "paused":
+        if vmm.state.value in ("stopped", "stopping") or time.monotonic() > deadline:
+            raise SnapshotError(f"{vmm.name}: the VMM did not pause ({vmm.state.value})")
+        time.sleep(0.002)
+
+
+class _Paused:
+    """Pause a running VMM for the duration of a `with` block (no-op if already paused)."""
+
+    def __init__(self, vmm: Any) -> None:
+        self.vmm = vmm
+        self.was_running = False
+
+    def __enter__(self) -> _Paused:
+        if self.vmm.state.value == "running":
+            self.vmm.pause()
+            self.was_running = True
+        _wait_paused(self.vmm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was_running:
+            self.vmm.resume()
+
+
+def capture_machine(vmm: Any) -> MachineState:
+    """The state of a paused VMM's machine: vCPUs, devices, and (by reference) its RAM."""
+    machine = vmm.machine
+    if machine is None:
+        raise SnapshotError(f"{vmm.name}: no machine is powered on")
+    return MachineState(
+        cpu_states=vmm.accel.save_cpu_state(),
+        memory=machine.memory,
+        device_state=machine.save_device_state(),
+        meta={"accelerator": vmm.accel.name, "vcpus": machine.num_vcpus},
+    )
+
+
+def _disk_devices(machine: Any) -> list[Any]:
+    return [d for d in machine.devices.values() if getattr(d, "disk_node", None)]
+
+
+def snapshot_running(
+    vmm: Any, box: Box, name: str, description: str = "", memory: bool = True
+) -> Snapshot:
+    """Snapshot a running box from inside its VMM: pause, flush the disks, save vCPUs,
+    devices and RAM (with `memory`), freeze the disks, move the devices onto the new
+    links, resume."""
+    with _Paused(vmm):
+        disks = _disk_devices(vmm.machine)
+        for dev in disks:
+            if not callable(getattr(dev, "reopen_disk", None)):
+                raise SnapshotError(
+                    f"{box.vmx_path}: the device for {dev.disk_node} cannot move to a new "
+                    "delta disk while running; stop the box to snapshot it"
+                )
+        for dev in vmm.machine.devices.values():
+            flush = getattr(dev, "flush_disk", None)
+            if callable(flush):
+                flush()
+        state = capture_machine(vmm) if memory else None
+        snap = take_snapshot(box, name, description, machine=state, lock_held=True)
+        for dev in disks:
+            dev.reopen_disk(str(box.disk_path(box.vmx[f"{dev.disk_node}.fileName"])))
+        return snap
+
+
+def suspend_running(vmm: Any, box: Box) -> Path:
+    """Write NAME.vmss + NAME.vmem from a running box's VMM, then power it off."""
+    with _Paused(vmm) as paused:
+        for dev in vmm.machine.devices.values():
+            flush = getattr(dev, "flush_disk", None)
+            if callable(flush):
+                flush()
+        path = write_suspend_state(box, capture_machine(vmm))
+        paused.was_running = False  # it powers off instead of resuming
+    vmm.stop(soft=False)
+    return path
+
+
+def restore_machine(machine: Any, accel: Any, path: Path) -> None:
+    """Put a checkpoint into a machine whose accelerator was just created: RAM, device
+    state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
+    from boite.box.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(path, memory=machine.memory)
+    missing = sorted(set(saved.device_state) - set(machine.devices))
+    if missing:
+        raise SnapshotError(
+            f"{path}: saved state for device(s) {', '.join(missing)} which this machine "
+            "does not have (was the .vmx changed?)"
+        )
+    machine.load_device_state(saved.device_state)
+    if len(saved.cpu_states) != machine.num_vcpus:
+        raise SnapshotError(
+            f"{path}: {len(saved.cpu_states)} vCPUs saved, the machine has {machine.num_vcpus}"
+        )
+    accel.load_cpu_state([s.to_dict() for s in saved.cpu_states])
+
+
+def resuming_accelerator(
+    factory: Callable[[], Any], path: Path, on_restored: Callable[[], None] | None = None
+) -> Callable[[], Any]:
+    """An accelerator factory for `Vmm` whose first machine starts from a checkpoint
+    instead of its boot state; later ones (a guest reset) boot normally."""
+    pending = [True]
+
+    def make() -> Any:
+        accel = factory()
+        if not pending[0]:
+            return accel
+        pending[0] = False
+        create = accel.create
+
+        def create_and_restore(machine: Any, config: Any = None) -> None:
+            create(machine, config)
+            restore_machine(machine, accel, path)
+            if on_restored is not None:
+                on_restored()
+
+        accel.create = create_and_restore  # this one instance resumes; its class is untouched
+        return accel
+
+    return make
+
+
+def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The control socket's snapshot commands, for the VMM's ControlServer to delegate to:
+    {"cmd": "snapshot", "name", "description", "memory"} and {"cmd": "suspend"}. Returns
+    None for any other command."""
+    cmd = request.get("cmd")
+    if cmd == "snapshot":
+        snap = snapshot_running(
+            vmm,
+            box,
+            str(request.get("name", "")),
+            str(request.get("description", "")),
+            memory=bool(request.get("memory", True)),
+        )
+        return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+    if cmd == "suspend":
+        path = suspend_running(vmm, box)
+        return {"ok": True, "file": path.name}
+    return None

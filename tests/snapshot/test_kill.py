@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from snaptools import digest, write_disk
+from snaptools import box_fixture, digest, write_disk  # noqa: F401 - the `box` fixture
 
 from boite.box import Box
 from boite.snapshot import check_snapshot_tree, load_tree, recover, revert_snapshot, take_snapshot
@@ -110,7 +110,8 @@ def test_kill_anywhere(template: Path, tmp_path: Path, op: str) -> None:
         if got == before:
             seen["before"] += 1
         else:
-            assert got == after, f"{d}: neither before nor after"
+            diff = {k: (got[k], before[k]) for k in got if got[k] != before[k]}
+            assert got == after, f"{d}: neither before nor after; differs from before in {diff}"
             seen["after"] += 1
         shutil.rmtree(d.parent)
 

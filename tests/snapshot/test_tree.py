@@ -7,7 +7,7 @@ import random
 import subprocess
 
 import pytest
-from snaptools import digest, disk_bytes, write_disk
+from snaptools import box_fixture, digest, disk_bytes, write_disk  # noqa: F401 - the `box` fixture
 
 from boite.box import Box
 from boite.box.vmxdict import VmxDict

@@ -1,0 +1,190 @@
+"""Memory snapshots and suspend of a running bare-metal guest, under KVM and the emulator.
+
+The guest (tests/guests/count32.asm) counts in EBX and writes every value to port 0x510.
+A snapshot taken mid-count, reverted to and started again, must carry on from exactly the
+saved value; so must a suspended box on its next start. A state saved under one
+accelerator resumes under the other.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from boite.box import Box
+from boite.box.checkpoint import read_checkpoint
+from boite.snapshot import (
+    check_snapshot_tree,
+    resume_state,
+    resumed,
+    resuming_accelerator,
+    revert_snapshot,
+    snapshot_running,
+    suspend_running,
+)
+from boite.vmm import Vmm
+from conftest import kvm_available
+from guests.runner import build_guest_machine
+
+
+class CounterPort:
+    """Port 0x510: records the count; asks the VMM to pause once it reaches `pause_at`."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.vmm: Vmm | None = None
+        self.pause_at: int | None = None
+
+    def bus_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def bus_write(self, offset: int, size: int, value: int) -> None:
+        self.values.append(value)
+        if value == self.pause_at and self.vmm is not None:
+            self.vmm.pause()
+
+
+def accelerator(name: str):
+    if name == "kvm":
+        if not kvm_available():
+            pytest.skip("needs /dev/kvm (not present)")
+        from boite.accel.kvm import KvmAccelerator
+
+        return lambda: KvmAccelerator(irqchip=False)
+    from boite.accel.emu import EmuAccelerator
+
+    return EmuAccelerator
+
+
+def counting_vmm(limit: int, accel_factory, port: CounterPort) -> Vmm:
+    def build():
+        machine, _com1, _ = build_guest_machine("count32", "flat32", LIMIT=limit)
+        machine.pio.register(0x510, 4, port)
+        return machine
+
+    vmm = Vmm(build, accel_factory, name="counter")
+    port.vmm = vmm
+    return vmm
+
+
+def start(vmm: Vmm) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["status"] = vmm.run()
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
+def finish(t: threading.Thread, out: dict) -> int:
+    t.join(120)
+    assert not t.is_alive(), "the guest did not finish"
+    if "error" in out:
+        raise out["error"]
+    return out["status"]
+
+
+def wait_paused(vmm: Vmm) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while vmm.state.value != "paused":
+        assert time.monotonic() < deadline, f"never paused: {vmm.state.value}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def diskless_box(tmp_path) -> Box:
+    return Box.create(tmp_path / "counter", disk_size=0)
+
+
+EXIT = (0x28 << 1) | 1
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("kvm", "kvm"), ("emu", "emu"), ("kvm", "emu"), ("emu", "kvm")],
+)
+def test_revert_to_memory_snapshot_keeps_counting(diskless_box: Box, first, second) -> None:
+    box = diskless_box
+    pause_at = 700
+    limit = pause_at + 1500
+    port = CounterPort()
+    port.pause_at = pause_at
+    vmm = counting_vmm(limit, accelerator(first), port)
+    t, out = start(vmm)
+    wait_paused(vmm)
+    snap = snapshot_running(vmm, box, "mid-count", memory=True)
+    vmm.resume()
+    assert finish(t, out) == EXIT
+    assert port.values == list(range(1, limit + 1))
+
+    vmsn = box.dir / snap.filename
+    saved = read_checkpoint(vmsn)
+    assert saved.cpu_states[0].gpr["rbx"] == pause_at
+    assert saved.meta["accelerator"] == first
+    saved.memory.close()
+    assert check_snapshot_tree(box) == []
+
+    revert_snapshot(box, "mid-count")
+    state = resume_state(box)
+    assert state == vmsn
+    port2 = CounterPort()
+    restored: list[bool] = []
+    vmm2 = counting_vmm(
+        limit,
+        resuming_accelerator(accelerator(second), state, lambda: restored.append(True)),
+        port2,
+    )
+    assert vmm2.run() == EXIT
+    assert restored == [True]
+    assert port2.values == list(range(pause_at + 1, limit + 1))
+    resumed(Box.open(box.dir))
+    box = Box.open(box.dir)
+    assert "checkpoint.vmState" not in box.vmx
+    assert vmsn.exists()  # a snapshot's state stays for the next revert
+
+
+@pytest.mark.parametrize("accel", ["kvm", "emu"])
+def test_suspend_then_start_resumes_and_removes_the_state(diskless_box: Box, accel) -> None:
+    box = diskless_box
+    pause_at, limit = 500, 1800
+    port = CounterPort()
+    port.pause_at = pause_at
+    vmm = counting_vmm(limit, accelerator(accel), port)
+    t, out = start(vmm)
+    wait_paused(vmm)
+    path = suspend_running(vmm, box)
+    assert finish(t, out) == 0  # powered off, not finished
+    assert port.values == list(range(1, pause_at + 1))
+    assert path == box.dir / "counter.vmss"
+    assert (box.dir / "counter.vmem").exists()
+    box = Box.open(box.dir)
+    assert box.vmx["checkpoint.vmState"] == "counter.vmss"
+    assert check_snapshot_tree(box) == []
+
+    # volatility3's stacker pairs the .vmem with the .vmss: RAM as the guest left it.
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical, vmware
+
+    ctx = contexts.Context()
+    ctx.config["layers.f.location"] = Path(box.dir / "counter.vmem").as_uri()
+    ctx.layers.add_layer(physical.FileLayer(ctx, "layers.f", "f"))
+    layer = vmware.VmwareStacker.stack(ctx, "f")
+    code = layer.read(0x100000, 16)
+    assert code.startswith(b"\x31\xdb")  # xor ebx, ebx: the guest's first instruction
+
+    port2 = CounterPort()
+    vmm2 = counting_vmm(limit, resuming_accelerator(accelerator(accel), resume_state(box)), port2)
+    assert vmm2.run() == EXIT
+    assert port2.values == list(range(pause_at + 1, limit + 1))
+    resumed(box)
+    assert not (box.dir / "counter.vmss").exists() and not (box.dir / "counter.vmem").exists()
+    assert "checkpoint.vmState" not in Box.open(box.dir).vmx
