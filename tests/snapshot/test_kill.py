@@ -48,7 +48,13 @@ def fingerprint(box_dir: Path) -> dict:
             n: digest(box.disk_path(box.vmx[f"{n}.fileName"])) for n in ("scsi0:0", "sata0:1")
         },
         "vmx": {k: box.vmx[k] for k in box.vmx if not k.lower().startswith("checkpoint")},
-        "files": sorted(p.name for p in box_dir.iterdir() if not p.name.endswith((".lck", ".log"))),
+        # The box lock's own files (NAME.vmx.lck and the per-process file it links from,
+        # which a SIGKILL can leave behind) and logs are not the snapshot's business.
+        "files": sorted(
+            p.name
+            for p in box_dir.iterdir()
+            if ".lck" not in p.name and not p.name.endswith(".log")
+        ),
         "problems": [str(p) for p in check_snapshot_tree(box)],
     }
 
