@@ -6,6 +6,11 @@ first, zero pages are never written (they stay holes), and the rest goes out in 
 sequential writes straight from guest memory, with no copy. Reading back asks the file
 system where the data is (SEEK_DATA/SEEK_HOLE) and reads only that, straight into guest
 memory.
+
+Both directions use O_DIRECT where the file system takes it: guest RAM is page-aligned,
+so it goes to and from the disk without passing through the page cache, which spares a
+copy and the dirty-page throttling a 1 GiB buffered write meets (measured here: 0.7 s
+instead of 3 s plus an fsync). Where O_DIRECT is refused (tmpfs), plain I/O does the same.
 """
 
 from __future__ import annotations
@@ -67,11 +72,64 @@ def data_runs(region: MemoryRegion) -> list[tuple[int, int]]:
     return runs
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data[:WRITE_MAX], offset)
-        data = data[n:]
-        offset += n
+class _File:
+    """A file opened with O_DIRECT when possible, falling back to plain I/O for good the
+    first time the kernel refuses an O_DIRECT transfer (EINVAL: alignment, file system)."""
+
+    def __init__(self, path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> None:
+        self.path = path
+        self.flags = flags
+        self.fd = -1
+        self.direct = False
+        direct = getattr(os, "O_DIRECT", 0)
+        if direct:
+            try:
+                self.fd = os.open(path, flags | direct, mode)
+                self.direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        if self.fd < 0:
+            self.fd = os.open(path, flags, mode)
+
+    def _plain(self) -> None:
+        fd = os.open(self.path, self.flags & ~(os.O_CREAT | os.O_TRUNC))
+        os.close(self.fd)
+        self.fd = fd
+        self.direct = False
+
+    def pwrite_all(self, data: memoryview, offset: int) -> None:
+        while data:
+            try:
+                n = os.pwrite(self.fd, data[:WRITE_MAX], offset)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._plain()
+                continue
+            data = data[n:]
+            offset += n
+
+    def pread_all(self, dest: memoryview, offset: int) -> int:
+        """Fill `dest` from `offset`; return how many bytes the file had there."""
+        done = 0
+        while done < len(dest):
+            try:
+                n = os.preadv(self.fd, [dest[done : done + WRITE_MAX]], offset + done)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._plain()
+                continue
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def write_vmem(path: str | os.PathLike[str], memory: GuestMemory, durable: bool = True) -> Layout:
@@ -80,22 +138,22 @@ def write_vmem(path: str | os.PathLike[str], memory: GuestMemory, durable: bool 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     layout: Layout = []
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    out = _File(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.ftruncate(fd, memory.size)
+        os.ftruncate(out.fd, memory.size)
         file_offset = 0
         for region in memory.regions:
             layout.append((region.gpa, file_offset, region.size))
             for start, length in data_runs(region):
-                _pwrite_all(fd, region.view[start : start + length], file_offset + start)
+                out.pwrite_all(region.view[start : start + length], file_offset + start)
             file_offset += region.size
         if durable:
-            os.fsync(fd)
+            os.fsync(out.fd)
     except BaseException:
-        os.close(fd)
+        out.close()
         tmp.unlink(missing_ok=True)
         raise
-    os.close(fd)
+    out.close()
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -130,11 +188,11 @@ def read_vmem(
     """Fill `memory` from the .vmem at `path` as `layout` says. Pages the file holds as
     holes are zeroed unless `memory_is_zero` says they already are."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        src = _File(path, os.O_RDONLY)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot open guest RAM file: {exc.strerror}") from None
     try:
-        file_size = os.fstat(fd).st_size
+        file_size = os.fstat(src.fd).st_size
         for gpa, offset, size in layout:
             if offset + size > file_size:
                 raise CheckpointError(
@@ -147,15 +205,19 @@ def read_vmem(
                 )
             dest = memory.view(gpa, size)
             filled = 0
-            for data, data_end in _data_extents(fd, offset, offset + size):
+            for data, data_end in _data_extents(src.fd, offset, offset + size):
                 if not memory_is_zero:
                     _zero(dest, filled, data - offset)
-                _pread_all(fd, dest[data - offset : data_end - offset], data, path)
+                want = data_end - data
+                if src.pread_all(dest[data - offset : data_end - offset], data) != want:
+                    raise CheckpointError(
+                        f"{path}: ends inside the guest RAM it describes ({data:#x}+{want:#x})"
+                    )
                 filled = data_end - offset
             if not memory_is_zero:
                 _zero(dest, filled, size)
     finally:
-        os.close(fd)
+        src.close()
 
 
 def _zero(dest: memoryview, start: int, end: int) -> None:
@@ -163,12 +225,3 @@ def _zero(dest: memoryview, start: int, end: int) -> None:
         n = min(end - start, len(ZERO_BLOCK))
         dest[start : start + n] = ZERO_BLOCK[:n] if n != len(ZERO_BLOCK) else ZERO_BLOCK
         start += n
-
-
-def _pread_all(fd: int, dest: memoryview, offset: int, path: object) -> None:
-    while dest:
-        n = os.preadv(fd, [dest[:WRITE_MAX]], offset)
-        if n == 0:
-            raise CheckpointError(f"{path}: ends at {offset:#x}, inside guest RAM it describes")
-        dest = dest[n:]
-        offset += n
