@@ -187,3 +187,34 @@ def test_magic_is_written_little_endian(tmp_path) -> None:
     write_checkpoint(tmp_path / "m.vmsn", tmp_path / "m.vmem", [], GuestMemory.with_ram(MiB), {})
     assert (tmp_path / "m.vmsn").read_bytes()[:4] == b"\xd2\xbe\xd2\xbe"
     assert int.from_bytes(b"\xd2\xbe\xd2\xbe", "little") == MAGIC
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm (tmpfs)")
+def test_vmem_on_tmpfs(tmp_path) -> None:
+    """tmpfs may refuse O_DIRECT; the same files come out through plain I/O."""
+    import tempfile
+
+    mem = patterned_memory()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        write_checkpoint(f"{d}/t.vmsn", f"{d}/t.vmem", [CpuState()], mem, {})
+        saved = read_checkpoint(f"{d}/t.vmsn")
+        for r in mem.regions:
+            assert saved.memory.read(r.gpa, r.size) == mem.read(r.gpa, r.size)
+        saved.memory.close()
+
+
+def test_plain_io_fallback_when_direct_is_refused(tmp_path) -> None:
+    """An O_DIRECT transfer the kernel refuses (EINVAL) is retried as plain I/O."""
+    from boite.box.vmem import _File
+
+    f = _File(tmp_path / "x", os.O_RDWR | os.O_CREAT)
+    try:
+        unaligned = memoryview(bytearray(b"abc" * 1000))[1:]  # not block-aligned anywhere
+        f.pwrite_all(unaligned, 3)
+        assert (tmp_path / "x").read_bytes()[3:] == bytes(unaligned)
+        buf = bytearray(len(unaligned))
+        assert f.pread_all(memoryview(buf), 3) == len(unaligned)
+        assert bytes(buf) == bytes(unaligned)
+        assert not f.direct
+    finally:
+        f.close()
