@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -164,11 +165,11 @@ HAND = [
 ]  # fmt: skip
 
 
-def _assemble(snips: list[Snippet], tmp_path) -> bytes:
+def _assemble(snips: list[Snippet], tmp_path, slot: int = SLOT) -> bytes:
     lines = ["bits 32", f"org {CODE:#x}"]
     for i, s in enumerate(snips):
-        lines += [f"align {SLOT}, db 0xcc", f"s{i}:", f"    {s.asm}", "    hlt"]
-        lines += [f"times ({SLOT} - ($ - s{i})) db 0xcc"]
+        lines += [f"align {slot}, db 0xcc", f"s{i}:", f"    {s.asm}", "    hlt"]
+        lines += [f"times ({slot} - ($ - s{i})) db 0xcc"]
     src = tmp_path / "snips.asm"
     out = tmp_path / "snips.bin"
     src.write_text("\n".join(lines) + "\n")
@@ -270,3 +271,66 @@ def test_more_seeds(tmp_path, seed):
     snips = random_snippets(40, seed)
     image = _assemble(snips, tmp_path)
     assert not (bad := _compare(image, snips, seed)), "\n".join(bad[:20])
+
+
+def _hot_templates() -> list[str]:
+    """Register-only forms with no undefined flags: safe to chain and loop."""
+    skip = ("push", "pop", "enter", "leave", "rep", "movs", "lods", "cmps", "scas", "stos",
+            "xlat", "div", "{m}", "lahf", "sahf")  # fmt: skip
+    return [t for t, und in TEMPLATES if und == 0 and not any(w in t for w in skip)]
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_hot_loops_through_the_block_compiler_match_the_real_cpu(tmp_path, seed):
+    """Random register-only instructions in a loop of 24 passes: the blocks get hot and
+    are compiled (jit.py); KVM, the translator and the interpreter must end equal."""
+    rnd = random.Random(seed)
+    tpls = _hot_templates()
+    body = "\n    ".join(_fill(rnd.choice(tpls), rnd) for _ in range(40))
+    asm = (
+        f"mov dword [{DATA + 0x7F0:#x}], 24\n"
+        f"top{seed}:\n    {body}\n"
+        f"    dec dword [{DATA + 0x7F0:#x}]\n    jnz top{seed}"
+    )
+    snip = Snippet(asm, 0, _random_regs(rnd), 2)
+    image = _assemble([snip], tmp_path, slot=4096)
+    k = _run(KvmAccelerator(irqchip=False, ap_start="entry"), _machine(image, snip, 0, seed))
+    assert k is not None
+    for translate in (True, False):
+        e = _run(EmuAccelerator(translate=translate), _machine(image, snip, 0, seed))
+        assert e is not None
+        assert {r: v & 0xFFFFFFFF for r, v in e[0]["gpr"].items()} == {
+            r: v & 0xFFFFFFFF for r, v in k[0]["gpr"].items()
+        }, (translate, asm)
+        assert e[0]["rflags"] & 0xED5 == k[0]["rflags"] & 0xED5
+        assert e[1] == k[1]
+
+
+def test_compute_loop_checksum_matches_the_real_cpu(tmp_path):
+    """The benchmark's loop (integer, memory, string, calls) under KVM and both paths."""
+    from boite.machine.devices import IsaDebugExit, Uart16550
+    from guests.runner import CollectedOutput
+
+    src = Path(__file__).parent / "emu_guests" / "compute32.asm"
+    out = tmp_path / "compute32.bin"
+    subprocess.run(["nasm", "-f", "bin", "-DITER=40", "-o", str(out), str(src)], check=True)
+    results = []
+    for factory in (lambda: KvmAccelerator(irqchip=False, ap_start="entry"),
+                    lambda: EmuAccelerator(translate=True),
+                    lambda: EmuAccelerator(translate=False)):  # fmt: skip
+        mem = GuestMemory.with_ram(4 << 20)
+        m = Machine(mem)
+        com = CollectedOutput()
+        m.pio.register(0x3F8, 8, Uart16550(m.irqs.line(4), com))
+        m.pio.register(0xF4, 1, IsaDebugExit(m))
+        mem.write(CODE, out.read_bytes())
+        m.boot_state = [boot.flat32(mem, CODE)]
+        acc = factory()
+        acc.create(m)
+        try:
+            res = acc.run()
+        finally:
+            acc.close()
+        assert res.exit_status == (0x31 << 1) | 1, res
+        results.append((bytes(com.output), mem.read(CODE, 0x2000)))
+    assert results[0] == results[1] == results[2]

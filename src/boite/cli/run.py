@@ -55,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "mode", nargs="?", choices=("soft", "hard"), default="soft",
         help="soft: ask the guest (Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
     )  # fmt: skip
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S",
+        help="soft stop: seconds the guest gets before the plug is pulled (default 30)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
@@ -140,7 +144,9 @@ def _machine_builder():
     return build_machine
 
 
-def _vmm_for(build: Callable[[], Any], accel: str, console: Any, log, name: str):
+def _vmm_for(make_machine: Callable[[bool], Any], accel: str, console: Any, log, name: str):
+    """A Vmm whose machine matches its accelerator: KVM brings the in-kernel PIC, IOAPIC
+    and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`)."""
     from boite.vmm import Vmm, accelerator_for
 
     first = accelerator_for(accel, log=log)
@@ -154,7 +160,20 @@ def _vmm_for(build: Callable[[], Any], accel: str, console: Any, log, name: str)
             return first
         return kind()
 
-    return Vmm(build, factory, console=console, log=log, name=name)
+    emulated_irqchip = first.name != "kvm"
+    return Vmm(lambda: make_machine(emulated_irqchip), factory, console=console, log=log, name=name)
+
+
+def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
+    """Input typed before the UART exists would be lost: attach once the machine is up."""
+    started = [False]
+
+    def hook(machine) -> None:
+        if not started[0]:
+            started[0] = True
+            stdio.start()
+
+    vmm.on_power_on = hook
 
 
 def _install_stop_signals(vmm) -> None:
@@ -172,25 +191,29 @@ def cmd_boot(args: argparse.Namespace) -> int:
     kernel = Path(args.kernel)
     if not kernel.is_file():
         raise BoxError(f"kernel {kernel}: no such file")
+    if args.initrd is not None and not Path(args.initrd).is_file():
+        raise BoxError(f"initrd {args.initrd}: no such file")
     if args.memsize < 1 or args.cpus < 1:
         raise BoxError("--memsize and --cpus must be positive")
+    if args.disk:
+        raise BoxError("--disk needs the virtio/ATA disk devices, not in this build yet")
     build_machine = _machine_builder()
     console = ConsoleBackend()
 
-    def build():
+    def make_machine(emulated_irqchip: bool):
         return build_machine(
-            memsize_mb=args.memsize, cpus=args.cpus, kernel=str(kernel), initrd=args.initrd,
-            cmdline=args.append, disks=list(args.disk), console=console,
+            args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
+            emulated_irqchip=emulated_irqchip,
         )  # fmt: skip
 
     def log(message: str) -> None:
         if os.environ.get("BOITE_VERBOSE"):
             print(f"boite: {message}", file=sys.stderr, flush=True)
 
-    vmm = _vmm_for(build, args.accel, console, log, kernel.name)
+    vmm = _vmm_for(make_machine, args.accel, console, log, kernel.name)
     stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=False))
     _install_stop_signals(vmm)
-    stdio.start()
+    _attach_stdio_on_power_on(vmm, stdio)
     try:
         return vmm.run()
     finally:
@@ -201,6 +224,17 @@ def _open_box(path: str):
     from boite.box.box import Box
 
     return Box.open(path)
+
+
+def _box_file(box, key: str) -> str | None:
+    value = box.config.get_str(key)
+    if not value:
+        return None
+    path = Path(value)
+    path = path if path.is_absolute() else box.dir / path
+    if not path.is_file():
+        raise BoxError(f"{box.vmx_path}: {key} = {value!r}: no such file ({path})")
+    return str(path)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -224,10 +258,28 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
         log = box.log.info
         accel_name = accel or box.config.virtual_exec
 
-        def build():
-            return build_machine(box=box, console=console)
+        kernel = _box_file(box, "boite.kernel")
+        if kernel is None:
+            raise BoxError(
+                f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
+                '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
+            )
+        initrd = _box_file(box, "boite.initrd")
+        cmdline = box.config.get_str("boite.cmdline") or ""
+        nvram = box.nvram
 
-        vmm = _vmm_for(build, accel_name, console, log, box.name)
+        def persist_cmos(data: bytes) -> None:
+            nvram.cmos[: len(data)] = data
+            nvram.save(box.nvram_path)
+
+        def make_machine(emulated_irqchip: bool):
+            return build_machine(
+                box.config.memsize, box.config.numvcpus, {1: console}, kernel, initrd,
+                cmdline, emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
+                persist_cmos=persist_cmos,
+            )  # fmt: skip
+
+        vmm = _vmm_for(make_machine, accel_name, console, log, box.name)
         path = control_socket_path(box.dir, box.name)
         server = ControlServer(vmm, path)
         server.start()
@@ -236,7 +288,7 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
         stdio = None
         if attach_stdio:
             stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=True))
-            stdio.start()
+            _attach_stdio_on_power_on(vmm, stdio)
         if ready is not None:
             ready()
         try:
@@ -291,8 +343,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     holder = box.lock_holder
     if holder is None:
         raise BoxError(f"{box.name} is not running")
-    control_request(control_socket_path(box.dir, box.name), {"cmd": "stop", "mode": args.mode})
-    deadline = time.time() + (SOFT_STOP_GRACE_S if args.mode == "soft" else 0) + 15
+    grace = SOFT_STOP_GRACE_S if args.timeout is None else max(0.0, args.timeout)
+    request = {"cmd": "stop", "mode": args.mode, "grace_s": grace}
+    control_request(control_socket_path(box.dir, box.name), request)
+    deadline = time.time() + (grace if args.mode == "soft" else 0) + 15
     while time.time() < deadline:
         if box.lock_holder is None:
             print(f"{box.name} stopped ({args.mode}).")

@@ -50,6 +50,8 @@ DE, DB, NMI, BP, OF_VEC, BR, UD, NM, DF_VEC, TS, NP, SS_VEC, GP, PF_VEC = (
 CONTRIBUTORY = frozenset((DE, TS, NP, SS_VEC, GP))
 HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 
+HOT_BLOCK = 4  # executions before a block is compiled to one Python function
+
 MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
     0x10, 0x1B, 0x174, 0x175, 0x176,
 )  # fmt: skip
@@ -127,6 +129,7 @@ class Cpu:
         self.tsc_offset = 0
         self.icount = 0
         self.translate_blocks = translate
+        self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
         self.stop = False  # set by I/O side effects and pause(): leave run() at a boundary
@@ -952,6 +955,10 @@ class Cpu:
         self.tlb_switch()
         self.flush_blocks()
 
+    def mode(self) -> int:
+        """What a translated block depends on besides its address: code size and CPL."""
+        return self.cpl | (4 if self.cs32 else 0)
+
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:
         """Decode and execute one instruction (the reference interpreter path)."""
@@ -991,23 +998,30 @@ class Cpu:
             try:
                 if translate:
                     eip = self.eip
-                    lin = (self.sbase[CS] + eip) & M32
+                    csb = self.sbase[CS]
+                    lin = (csb + eip) & M32
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
                     b = blocks.get(pa)
-                    if b is None or b[0] != (eip, self.sbase[CS], self.cs32, self.cpl):
+                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode():
                         b = decoder.translate_block(pa, eip)
-                    for fn in b[1]:
-                        fn()
-                        n += 1
-                    self.icount += n
+                    f = b.fn
+                    if f is not None:
+                        self.icount += f()
+                    else:
+                        b.hits += 1
+                        if b.hits >= HOT_BLOCK and b.cacheable and self.compile_blocks:
+                            decoder.compile(b)
+                        for fn in b.fns:
+                            fn()
+                            n += 1
+                        self.icount += n
                 else:
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
                     self.icount += 1
             except CpuFault as f:
-                if translate:
-                    self.icount += n
+                self.icount += n
                 self.exception(f.vector, f.error)
             except CpuHalt:
                 self.icount += 1

@@ -90,6 +90,23 @@ def _sx(v: int, size: int) -> int:
     return v - (s << 1) if v & s else v
 
 
+class Block:
+    """A decoded basic block: its closures, and once hot, one compiled function."""
+
+    __slots__ = ("eip", "csb", "mode", "fns", "pa", "info", "hits", "fn", "cacheable")
+
+    def __init__(self, eip: int, csb: int, mode: int, fns: tuple, pa: int, info: list) -> None:
+        self.eip = eip
+        self.csb = csb
+        self.mode = mode
+        self.fns = fns
+        self.pa = pa
+        self.info = info
+        self.hits = 0
+        self.fn: Callable[[], int] | None = None
+        self.cacheable = True
+
+
 class Decoder:
     def __init__(self, cpu: Cpu) -> None:
         self.c = cpu
@@ -159,24 +176,26 @@ class Decoder:
         fn, n, _ = self.decode(eip)
         return fn, n
 
-    def translate_block(self, pa: int, eip: int) -> tuple:
+    def translate_block(self, pa: int, eip: int) -> Block:
         """Decode a basic block at EIP (physical address pa) and cache it."""
         c = self.c
         fns: list[Fn] = []
+        info: list[tuple[int, int]] = []
         page_end = (pa | 0xFFF) + 1
         cur = eip
         cur_pa = pa
         while True:
             fn, n, end = self.decode(cur)
             fns.append(fn)
+            info.append((cur, n))
             cur = (cur + n) & (M32 if c.cs32 else M16)
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
-        key = (eip, c.sbase[CS], c.cs32, c.cpl)
-        block = (key, tuple(fns))
+        block = Block(eip, c.sbase[CS], c.mode(), tuple(fns), pa, info)
         if cur_pa > page_end:
-            return block  # an instruction straddles a page: run it, don't cache it
+            block.cacheable = False  # an instruction straddles a page: run it, don't cache
+            return block
         c.blocks[pa] = block
         ppage = pa >> 12
         lst = c.code_pages.get(ppage)
@@ -188,6 +207,19 @@ class Decoder:
         else:
             lst.append(pa)
         return block
+
+    def compile(self, block: Block) -> None:
+        """Hot block: build its Python function (jit.compile_block)."""
+        from boite.accel.emu.jit import compile_block
+
+        c = self.c
+        insns = []
+        off = block.pa
+        for fn, (eip, n) in zip(block.fns, block.info, strict=True):
+            raw = bytes(c.ram[off : off + n]) if off + n <= c.ram_size else b""
+            insns.append((fn, eip, n, raw))
+            off += n
+        block.fn = compile_block(c, insns)
 
     # ---------------------------------------------------------------- operands
     def modrm(self, x: Ctx) -> tuple[int, int, int, Callable[[], int] | None]:
