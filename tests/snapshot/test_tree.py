@@ -289,3 +289,26 @@ def test_qemu_and_libvmdk_agree_on_every_link(box: Box, tmp_path) -> None:
         assert handles[0].read_buffer(4096) == disk_bytes(path)[:4096]
         for h in handles:
             h.close()
+
+
+def test_check_finds_what_is_broken(box: Box) -> None:
+    from boite.disk import set_cid
+    from boite.snapshot import journal_path
+
+    write_disk(box, 0, b"A" * 512)
+    take_snapshot(box, "a")
+    take_snapshot(box, "b")
+    assert check_snapshot_tree(box) == []
+    (box.dir / "vm-Snapshot1.vmsn").unlink()
+    set_cid(box.dir / "vm-000001.vmdk", 0x12345678)  # b's frozen link: its child mismatches
+    box.vmx["sata0:1.fileName"] = "data-000001.vmdk"  # writes into b's frozen link
+    box.vmx.save(box.vmx_path)
+    journal_path(box).write_text('{"op": "snapshot", "phase": "prepare", "created": []}')
+    found = "\n".join(str(p) for p in check_snapshot_tree(Box.open(box.dir)))
+    assert "vm-Snapshot1.vmsn does not exist" in found
+    assert "parentCID" in found and "vm-000002.vmdk" in found
+    assert "which snapshot #2 froze" in found
+    assert "interrupted" in found
+    box.vmsd_path.write_text('snapshot.current = "x"\n')
+    found = "\n".join(str(p) for p in check_snapshot_tree(Box.open(box.dir)))
+    assert "expected a whole number" in found

@@ -68,9 +68,12 @@ def _running_control(box: Box) -> str | None:
 
 
 def _vmm_request(control: str, request: dict) -> dict:
+    from pathlib import Path
+
     from boite.vmm import control_request  # the VMM's side of the control socket
 
-    return control_request(control, request)
+    # Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.
+    return control_request(Path(control), request, timeout=600)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
