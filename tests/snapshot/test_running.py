@@ -188,3 +188,78 @@ def test_suspend_then_start_resumes_and_removes_the_state(diskless_box: Box, acc
     resumed(box)
     assert not (box.dir / "counter.vmss").exists() and not (box.dir / "counter.vmem").exists()
     assert "checkpoint.vmState" not in Box.open(box.dir).vmx
+
+
+class SnapshotControl:
+    """The VMM's control socket with the snapshot commands delegated to boite.snapshot,
+    as `boite start` wires it: `boite snapshot` / `boite suspend` reach a running box."""
+
+    def __init__(self, vmm: Vmm, box: Box) -> None:
+        from boite.snapshot import handle_control_request
+        from boite.vmm import ControlServer, control_socket_path
+
+        class Server(ControlServer):
+            def _handle(self, cmd, request):
+                reply = handle_control_request(vmm, box, request)
+                return reply if reply is not None else super()._handle(cmd, request)
+
+        self.path = control_socket_path(box.dir, box.name)
+        self.server = Server(vmm, self.path)
+
+    def __enter__(self) -> SnapshotControl:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def test_cli_snapshot_and_suspend_of_a_running_box(diskless_box: Box, boite_cli) -> None:
+    if not kvm_available():
+        pytest.skip("needs /dev/kvm (not present)")
+    box = diskless_box
+    port = CounterPort()
+    port.pause_at = 300
+    vmm = counting_vmm(1_000_000_000, accelerator("kvm"), port)
+    with box.acquire_lock(), SnapshotControl(vmm, box) as control:
+        box.set_control_socket(str(control.path))
+        t, out = start(vmm)
+        wait_paused(vmm)
+        vmm.resume()
+        r = boite_cli("snapshot", box.dir, "live", "--description", "counting", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json_loads(r.stdout)["uid"] == 1
+        r = boite_cli("revert", box.dir, "live")
+        assert r.returncode == 1 and "stop the box" in r.stderr
+        r = boite_cli("suspend", box.dir)
+        assert r.returncode == 0 and "counter.vmss" in r.stdout, r.stderr
+        assert finish(t, out) == 0
+    counted = port.values[-1]
+    saved = read_checkpoint(box.dir / "counter.vmss")
+    # Paused after its last OUT, or between that INC and the OUT that would follow.
+    assert saved.cpu_states[0].gpr["rbx"] in (counted, counted + 1)
+    saved.memory.close()
+    # The next start resumes the count exactly where it stopped.
+    port2 = CounterPort()
+    port2.pause_at = counted + 50
+    vmm2 = counting_vmm(
+        1_000_000_000, resuming_accelerator(accelerator("kvm"), resume_state(box)), port2
+    )
+    t, out = start(vmm2)
+    wait_paused(vmm2)
+    vmm2.stop()
+    assert finish(t, out) == 0
+    assert port2.values == list(range(counted + 1, counted + 51))
+    snap = read_checkpoint(box.dir / "counter-Snapshot1.vmsn")
+    assert 300 <= snap.cpu_states[0].gpr["rbx"] < counted
+    snap.memory.close()
+    r = boite_cli("snapshots", box.dir, "--json")
+    data = json_loads(r.stdout)
+    assert data["suspended"] == "counter.vmss" and data["snapshots"][0]["memory"]
+    assert check_snapshot_tree(Box.open(box.dir)) == []
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)
