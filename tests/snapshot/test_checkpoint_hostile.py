@@ -179,3 +179,10 @@ def test_mutated_files_parse_or_fail_typed(valid_bytes: bytes, data) -> None:
         Checkpoint.parse(bytes(raw[:cut]), "fuzz.vmsn")
     except CheckpointError:
         pass
+
+
+def test_huge_region_is_refused_before_allocating(tmp_path) -> None:
+    ckpt, _ = valid_files(tmp_path)
+    rewrite(tmp_path, ckpt, "memory", "regionSize", 0, int=0xFFFF_FFFF)  # 16 TiB of RAM
+    with pytest.raises(CheckpointError, match="describes 0xfffffffff000 bytes of .vmem"):
+        read_checkpoint(tmp_path / "v.vmsn")

@@ -634,6 +634,19 @@ def read_checkpoint(
         path_vmem = Path(path_vmsn).with_suffix(".vmem")
     created = memory is None
     if memory is None:
+        # Allocate only what the .vmem really holds: a hostile .vmsn can name terabytes.
+        try:
+            vmem_size = os.stat(path_vmem).st_size
+        except OSError as exc:
+            raise CheckpointError(
+                f"{path_vmem}: cannot open guest RAM file: {exc.strerror}"
+            ) from None
+        end = max(offset + size for _, offset, size in layout)
+        if end > vmem_size:
+            raise CheckpointError(
+                f"{source}: group 'memory' describes {end:#x} bytes of .vmem, "
+                f"{path_vmem} has {vmem_size:#x}"
+            )
         memory = GuestMemory()
         try:
             for gpa, _, size in layout:
