@@ -142,6 +142,17 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
                 raise DiskFormatError(
                     f"{path}: extent at offset {here} has {sectors_i} sectors, more than {MAX_CAPACITY_SECTORS}"
                 )
+            if name is not None and (
+                not name or os.path.isabs(name) or ".." in re.split(r"[/\\]", name) or ":" in name
+            ):
+                raise DiskFormatError(
+                    f"{path}: extent file name {name!r} at offset {here} is not a plain name next to "
+                    "the descriptor (absolute, or going up with '..')"
+                )
+            if int(off or 0) > MAX_CAPACITY_SECTORS:
+                raise DiskFormatError(
+                    f"{path}: extent at offset {here} starts at sector {off}, too far"
+                )
             desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0)))
             continue
         m = _KV_RE.match(line)

@@ -108,6 +108,8 @@ def create_disk(
     if path.exists() and not overwrite:
         raise DiskError(f"{path}: already exists; refusing to overwrite a disk")
     sectors = _sectors(capacity_bytes)
+    if disk_type == "raw" and is_vmdk_name(path):
+        raise DiskError(f"{path}: a .vmdk name means VMDK; pick another name for a raw image")
     if disk_type == "raw" or not is_vmdk_name(path):
         with open(path, "wb") as f:
             f.truncate(sectors * SECTOR)
@@ -236,6 +238,9 @@ class DiskInfo:
 
 
 def disk_info(path) -> DiskInfo:
+    if str(path).startswith("nbd://"):
+        with open_disk(path, read_only=True) as img:
+            return DiskInfo(str(path), "nbd", "nbd", img.size, img.size)
     p = Path(path)
     if not p.exists():
         raise DiskError(f"{p}: no such disk")
@@ -606,7 +611,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
                         if n > 0:
                             t.write(o, bytes(n))
         # extents first, the descriptor (or the monolithic file) last
-        old_files = set(VmdkFiles(path))
+        old_files = set(_disk_files(path))
         for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
             os.replace(f, path.parent / f.name)
             old_files.discard(path.parent / f.name)
@@ -621,7 +626,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def VmdkFiles(path: Path) -> list[Path]:  # noqa: N802 - reads like a type in the callers
+def _disk_files(path: Path) -> list[Path]:
     desc, embedded = read_descriptor(path)
     out = [path]
     if not embedded:
