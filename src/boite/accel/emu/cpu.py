@@ -128,6 +128,7 @@ class Cpu:
         self.tsc_hz = tsc_hz
         self.tsc_offset = 0
         self.icount = 0
+        self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
@@ -986,6 +987,7 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
+                    self.irq_count += 1
                     self.halted = False
                     try:
                         self.interrupt(vec, None, False, self.eip)

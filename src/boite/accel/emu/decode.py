@@ -86,7 +86,7 @@ def _sx8(v: int) -> int:
 
 
 def _sx(v: int, size: int) -> int:
-    s = SIGN[size]
+    s = 1 << (size * 8 - 1)
     return v - (s << 1) if v & s else v
 
 
