@@ -1080,9 +1080,9 @@ def check_snapshot_tree(box: Box) -> list[Problem]:
 
 # -- a running box: what the VMM calls ---------------------------------------------------
 #
-# Devices that hold a disk take part through two optional methods: `flush_disk()` (make
-# every acknowledged write durable before the links are frozen) and, with `disk_node` set
-# to the .vmx slot ("scsi0:0"), `reopen_disk(path)` (continue on the new delta link).
+# Disks are found where the machine's devices keep them: an `image` (a BlockImage) on a
+# device, on a virtio transport's `backend`, or on an ATA channel's `drives`. A snapshot
+# flushes each, freezes its link, and swaps in the new delta link (the guest is paused).
 
 
 def _wait_paused(vmm: Any, timeout: float = 10.0) -> None:
@@ -1125,8 +1125,22 @@ def capture_machine(vmm: Any) -> MachineState:
     )
 
 
-def _disk_devices(machine: Any) -> list[Any]:
-    return [d for d in machine.devices.values() if getattr(d, "disk_node", None)]
+def disk_holders(machine: Any) -> list[Any]:
+    """Every object among the machine's devices that holds a disk as `.image`."""
+    from boite.disk.base import BlockImage
+
+    holders: list[Any] = []
+    for dev in machine.devices.values():
+        for obj in (dev, getattr(dev, "backend", None), *(getattr(dev, "drives", None) or ())):
+            image = getattr(obj, "image", None) if obj is not None else None
+            if isinstance(image, BlockImage) and all(obj is not h for h in holders):
+                holders.append(obj)
+    return holders
+
+
+def _flush_disks(machine: Any) -> None:
+    for holder in disk_holders(machine):
+        holder.image.flush()
 
 
 def snapshot_running(
@@ -1135,32 +1149,32 @@ def snapshot_running(
     """Snapshot a running box from inside its VMM: pause, flush the disks, save vCPUs,
     devices and RAM (with `memory`), freeze the disks, move the devices onto the new
     links, resume."""
+    from boite.disk import open_disk
+
     with _Paused(vmm):
-        disks = _disk_devices(vmm.machine)
-        for dev in disks:
-            if not callable(getattr(dev, "reopen_disk", None)):
-                raise SnapshotError(
-                    f"{box.vmx_path}: the device for {dev.disk_node} cannot move to a new "
-                    "delta disk while running; stop the box to snapshot it"
-                )
-        for dev in vmm.machine.devices.values():
-            flush = getattr(dev, "flush_disk", None)
-            if callable(flush):
-                flush()
+        nodes = {
+            os.path.realpath(box.disk_path(f)): node
+            for node, f in snapshot_disks(box.config, str(box.vmx_path))
+        }
+        moving = []
+        for holder in disk_holders(vmm.machine):
+            path = getattr(holder.image, "path", None)
+            if path is not None and os.path.realpath(path) in nodes:
+                moving.append((holder, nodes[os.path.realpath(path)]))
+        _flush_disks(vmm.machine)
         state = capture_machine(vmm) if memory else None
         snap = take_snapshot(box, name, description, machine=state, lock_held=True)
-        for dev in disks:
-            dev.reopen_disk(str(box.disk_path(box.vmx[f"{dev.disk_node}.fileName"])))
+        for holder, node in moving:
+            old = holder.image
+            holder.image = open_disk(str(box.disk_path(box.vmx[f"{node}.fileName"])))
+            old.close()
         return snap
 
 
 def suspend_running(vmm: Any, box: Box) -> Path:
     """Write NAME.vmss + NAME.vmem from a running box's VMM, then power it off."""
     with _Paused(vmm) as paused:
-        for dev in vmm.machine.devices.values():
-            flush = getattr(dev, "flush_disk", None)
-            if callable(flush):
-                flush()
+        _flush_disks(vmm.machine)
         path = write_suspend_state(box, capture_machine(vmm))
         paused.was_running = False  # it powers off instead of resuming
     vmm.stop(soft=False)

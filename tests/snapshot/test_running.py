@@ -263,3 +263,43 @@ def json_loads(text: str):
     import json
 
     return json.loads(text)
+
+
+def test_running_snapshot_moves_a_virtio_disk_onto_its_new_link(tmp_path) -> None:
+    """Writes after a live snapshot land in the new delta; the frozen link keeps the old
+    data (the device is switched while the guest is paused)."""
+    from boite.disk import open_disk
+    from boite.machine.virtio.blk import VirtioBlk
+    from boite.machine.virtio.mmio import VirtioMmio
+
+    box = Box.create(tmp_path / "withdisk", disk_size=4 << 20)
+    port = CounterPort()
+    port.pause_at = 200
+    blk: list[VirtioBlk] = []
+
+    def build():
+        machine, _com1, _ = build_guest_machine("count32", "flat32", LIMIT=1_000_000_000)
+        machine.pio.register(0x510, 4, port)
+        backend = VirtioBlk(open_disk(box.disk_path(box.vmx["scsi0:0.fileName"])))
+        dev = VirtioMmio(backend, machine.memory, machine.irqs.line(5), base=0xD000_2000)
+        machine.mmio.register(0xD000_2000, 0x1000, dev)
+        machine.add_device("virtio-blk-scsi0:0", dev)
+        blk.append(backend)
+        return machine
+
+    vmm = Vmm(build, accelerator("kvm" if kvm_available() else "emu"), name="disk")
+    port.vmm = vmm
+    t, out = start(vmm)
+    wait_paused(vmm)
+    blk[0].image.write(0, b"A" * 512)  # what the guest wrote before the snapshot
+    snapshot_running(vmm, box, "live", memory=True)
+    assert blk[0].image.path == str((box.dir / "withdisk-000001.vmdk").resolve())
+    blk[0].image.write(0, b"B" * 512)  # and after it
+    blk[0].image.flush()
+    vmm.stop()
+    finish(t, out)
+    with open_disk(box.dir / "withdisk.vmdk", read_only=True) as frozen:
+        assert frozen.read(0, 512) == b"A" * 512
+    with open_disk(box.dir / "withdisk-000001.vmdk", read_only=True) as current:
+        assert current.read(0, 512) == b"B" * 512
+    assert check_snapshot_tree(Box.open(box.dir)) == []
