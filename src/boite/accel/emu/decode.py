@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 Fn = Callable[[], None]
 MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000}
+SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000, 8: 1 << 63}  # 8: IDIV r/m32 dividend EDX:EAX
 MAX_BLOCK = 48
 
 # Opcodes after which a block ends (control flow, mode or interrupt-state changes).
