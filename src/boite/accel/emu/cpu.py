@@ -635,6 +635,8 @@ class Cpu:
                 self.load_cs(tsel, tbase, tlimit, tattr, self.cpl)
             self.eip = teip
             return
+        if typ not in (0x01, 0x05, 0x09):  # only an available TSS or a task gate switches
+            raise CpuFault(GP, sel & 0xFFFC)
         raise GuestError(
             f"far {'call' if call else 'jump'} to selector {sel:#x} of descriptor type "
             f"{typ & 0xF:#x}: task switches are not emulated"
