@@ -129,6 +129,7 @@ class Cpu:
         self.tsc_offset = 0
         self.icount = 0
         self.translate_blocks = translate
+        self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
