@@ -999,7 +999,13 @@ class Cpu:
                 break
             n = 0
             try:
-                if translate:
+                if self.fl & TF:  # single-step: one instruction, then the #DB trap
+                    fn, _ = decoder.decode_one(self.eip)
+                    fn()
+                    self.icount += 1
+                    self.dr[6] |= 0x4000  # BS
+                    self.exception(DB, None)
+                elif translate:
                     eip = self.eip
                     csb = self.sbase[CS]
                     lin = (csb + eip) & M32
