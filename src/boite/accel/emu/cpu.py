@@ -994,17 +994,22 @@ class Cpu:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
+            shadow = self.inhibit_irq
             self.inhibit_irq = False
             if self.halted:
                 break
             n = 0
             try:
-                if self.fl & TF:  # single-step: one instruction, then the #DB trap
+                tf = self.fl & TF
+                if tf or shadow:
+                    # Single-step, or the one instruction of an STI/MOV SS shadow: run it
+                    # alone so that an interrupt is taken right after it, not a block later.
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
                     self.icount += 1
-                    self.dr[6] |= 0x4000  # BS
-                    self.exception(DB, None)
+                    if tf:  # the #DB trap after the instruction
+                        self.dr[6] |= 0x4000  # BS
+                        self.exception(DB, None)
                 elif translate:
                     eip = self.eip
                     csb = self.sbase[CS]
