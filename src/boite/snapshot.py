@@ -936,6 +936,8 @@ def render_tree(data: dict[str, Any]) -> str:
     walk(data["snapshots"], "")
     if not data["snapshots"]:
         lines.append("(no snapshots)")
+    if data.get("suspended"):
+        lines.append(f"(the next start resumes from {data['suspended']})")
     return "\n".join(lines)
 
 

@@ -256,6 +256,7 @@ def test_cli_snapshot_and_suspend_of_a_running_box(diskless_box: Box, boite_cli)
     r = boite_cli("snapshots", box.dir, "--json")
     data = json_loads(r.stdout)
     assert data["suspended"] == "counter.vmss" and data["snapshots"][0]["memory"]
+    assert "the next start resumes from counter.vmss" in boite_cli("snapshots", box.dir).stdout
     assert check_snapshot_tree(Box.open(box.dir)) == []
 
 
