@@ -439,8 +439,9 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
         _step()
     write_atomic(box.vmx_path, base64.b64decode(record["new"]["vmx"]))
     _step()
-    write_atomic(box.vmsd_path, base64.b64decode(record["new"]["vmsd"]))
-    _step()
+    if record["new"].get("vmsd") is not None:  # None: the operation leaves the tree alone
+        write_atomic(box.vmsd_path, base64.b64decode(record["new"]["vmsd"]))
+        _step()
     for name in record.get("delete", []):
         target = box.dir / name
         files = _link_files(target) if target.suffix == ".vmdk" and target.exists() else [target]
@@ -491,13 +492,16 @@ class _Operation:
     def commit(
         self,
         vmx: VmxDict,
-        tree: SnapshotTree,
+        tree: SnapshotTree | None,
         delete: list[str] | None = None,
         consolidate: list[dict[str, Any]] | None = None,
     ) -> None:
         self.record.update(
             phase="commit",
-            new={"vmx": _b64(vmx.to_bytes()), "vmsd": _b64(tree.to_vmsd().to_bytes())},
+            new={
+                "vmx": _b64(vmx.to_bytes()),
+                "vmsd": _b64(tree.to_vmsd().to_bytes()) if tree is not None else None,
+            },
             delete=list(delete or []),
             consolidate=list(consolidate or []),
         )
@@ -834,20 +838,27 @@ def suspend_paths(box: Box) -> tuple[Path, Path]:
     return box.dir / f"{box.name}.vmss", box.dir / f"{box.name}.vmem"
 
 
-def write_suspend_state(box: Box, machine: MachineState) -> Path:
+def write_suspend_state(box: Box, machine: MachineState, *, lock_held: bool = True) -> Path:
     """Save a paused machine as NAME.vmss + NAME.vmem and point the .vmx at it (the VMM then
-    powers off). The .vmx names the state only once both files are complete."""
+    powers off); journaled like every snapshot operation, so a crash leaves either no
+    suspend state or a complete one the .vmx names."""
     from boite.box.checkpoint import write_checkpoint
 
     vmss, vmem = suspend_paths(box)
-    write_checkpoint(vmss, vmem, machine.cpu_states, machine.memory, machine.device_state,
-                     meta=machine.meta)  # fmt: skip
-    vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
-    vmx["checkpoint.vmState"] = vmss.name
-    if "checkpoint.vmState.readOnly" in vmx:
-        del vmx["checkpoint.vmState.readOnly"]
-    write_atomic(box.vmx_path, vmx.to_bytes())
-    _reload(box)
+    with _Locked(box, lock_held):
+        recover(box)
+        op = _Operation(box, "suspend", [vmss.name, vmem.name])
+        try:
+            write_checkpoint(vmss, vmem, machine.cpu_states, machine.memory,
+                             machine.device_state, meta=machine.meta)  # fmt: skip
+            _step()
+            vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
+            _drop_suspend_keys(vmx)
+            vmx["checkpoint.vmState"] = vmss.name
+        except BaseException:
+            op.abort()
+            raise
+        op.commit(vmx, None)
     return vmss
 
 
@@ -866,21 +877,18 @@ def resume_state(box: Box) -> Path | None:
     return path
 
 
-def resumed(box: Box) -> None:
+def resumed(box: Box, *, lock_held: bool = True) -> None:
     """The VMM resumed from `resume_state`: a suspend state is used up (removed, as VMware
     does); a snapshot's state stays for the next revert."""
     state = box.vmx.get("checkpoint.vmState", "")
     if not state:
         return
     read_only = box.vmx.get("checkpoint.vmState.readOnly", "").upper() == "TRUE"
-    vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
-    _drop_suspend_keys(vmx)
-    write_atomic(box.vmx_path, vmx.to_bytes())
-    if not read_only:
-        for f in (state, str(Path(state).with_suffix(".vmem"))):
-            (box.dir / f).unlink(missing_ok=True)
-        fsync_dir(box.dir)
-    _reload(box)
+    with _Locked(box, lock_held):
+        vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
+        _drop_suspend_keys(vmx)
+        delete = [] if read_only else [state, str(Path(state).with_suffix(".vmem"))]
+        _Operation(box, "resume", []).commit(vmx, None, delete=delete)
 
 
 # -- looking at the tree ---------------------------------------------------------------------
