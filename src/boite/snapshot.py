@@ -1255,3 +1255,16 @@ def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[
         path = suspend_running(vmm, box)
         return {"ok": True, "file": path.name}
     return None
+
+
+def control_server(vmm: Any, box: Box, path: Path, log: Callable[[str], None] | None = None) -> Any:
+    """The VMM's ControlServer, also serving `snapshot` and `suspend` for this box: what
+    `boite start` runs so that `boite snapshot` / `boite suspend` reach a running box."""
+    from boite.vmm import ControlServer
+
+    class SnapshotControlServer(ControlServer):
+        def _handle(self, cmd: Any, request: dict[str, Any]) -> dict[str, Any]:
+            reply = handle_control_request(self.vmm, box, request)
+            return reply if reply is not None else super()._handle(cmd, request)
+
+    return SnapshotControlServer(vmm, path, log)

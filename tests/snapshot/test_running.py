@@ -191,20 +191,14 @@ def test_suspend_then_start_resumes_and_removes_the_state(diskless_box: Box, acc
 
 
 class SnapshotControl:
-    """The VMM's control socket with the snapshot commands delegated to boite.snapshot,
-    as `boite start` wires it: `boite snapshot` / `boite suspend` reach a running box."""
+    """The control socket `boite start` runs (snapshot.control_server), for a test VMM."""
 
     def __init__(self, vmm: Vmm, box: Box) -> None:
-        from boite.snapshot import handle_control_request
-        from boite.vmm import ControlServer, control_socket_path
-
-        class Server(ControlServer):
-            def _handle(self, cmd, request):
-                reply = handle_control_request(vmm, box, request)
-                return reply if reply is not None else super()._handle(cmd, request)
+        from boite.snapshot import control_server
+        from boite.vmm import control_socket_path
 
         self.path = control_socket_path(box.dir, box.name)
-        self.server = Server(vmm, self.path)
+        self.server = control_server(vmm, box, self.path)
 
     def __enter__(self) -> SnapshotControl:
         self.server.start()
