@@ -483,6 +483,8 @@ class SparseExtent:
 
     def discard(self, off: int, length: int, fallback: Fallback) -> None:
         """Make [off, off+length) read as zeroes, freeing host space of whole grains."""
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
         gs = self.grain_bytes
         end = off + length
         pos = off
