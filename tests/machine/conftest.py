@@ -61,7 +61,21 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
          str(pvh), str(pvh_obj)],
         check=True,
     )  # fmt: skip
-    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh}
+    fwcfg = out / "fwcfg-probe.bin"
+    subprocess.run(
+        [
+            "nasm",
+            "-f",
+            "bin",
+            "-i",
+            f"{GUESTS}/",
+            str(GUESTS / "fwcfg_probe.asm"),
+            "-o",
+            str(fwcfg),
+        ],
+        check=True,
+    )
+    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg}
 
 
 def _debian_kernel_package() -> str | None:
