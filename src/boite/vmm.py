@@ -87,6 +87,7 @@ class Vmm:
         log: LogFn | None = None,
         console: Any = None,
         name: str = "vm",
+        on_power_on: Callable[[Machine], None] | None = None,
     ) -> None:
         self._build = build
         self._accel_factory = (
@@ -96,6 +97,8 @@ class Vmm:
         self.log: LogFn = log or (lambda message: None)
         self.console = console
         self.name = name
+        # Called after each power-on, once the machine (and its console's UART) exist.
+        self.on_power_on = on_power_on
         self.machine: Machine | None = None
         self.state = VmState.CREATED
         self.exit_status: int | None = None
@@ -116,6 +119,8 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        if self.on_power_on is not None:
+            self.on_power_on(self.machine)
 
     def _power_off_hardware(self) -> None:
         with contextlib.suppress(Exception):
@@ -270,7 +275,7 @@ class ControlServer:
     """JSON lines on a unix socket: one request per line, one reply per line.
 
     {"cmd": "status"}                    -> {"ok": true, "status": {...}}
-    {"cmd": "stop", "mode": "soft"|"hard"} -> {"ok": true}
+    {"cmd": "stop", "mode": "soft"|"hard", "grace_s": 30} -> {"ok": true}
     {"cmd": "pause"} / {"cmd": "resume"}  -> {"ok": true}
     {"cmd": "console"}                   -> {"ok": true}, then the connection carries the
                                             raw COM1 byte stream both ways until closed
@@ -354,8 +359,11 @@ class ControlServer:
             mode = request.get("mode", "soft")
             if mode not in ("soft", "hard"):
                 raise ValueError(f"stop mode {mode!r}: expected soft or hard")
+            grace = request.get("grace_s", SOFT_STOP_GRACE_S)
+            if not isinstance(grace, int | float) or grace < 0:
+                raise ValueError(f"grace_s {grace!r}: expected a number of seconds >= 0")
             self.log(f"Stop ({mode}) requested through the control socket.")
-            vmm.stop(soft=mode == "soft")
+            vmm.stop(soft=mode == "soft", grace_s=float(grace))
             return {"ok": True}
         if cmd == "pause":
             vmm.pause()

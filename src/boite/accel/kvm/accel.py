@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
+HALT_PROBE_S = 0.5  # how often a VM with the in-kernel APIC is checked for a dead halt
+RFLAGS_IF = 1 << 9
+
 # The signal that kicks a vCPU thread out of KVM_RUN (pause, stop, another vCPU failed).
 KICK_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
 
@@ -93,6 +96,9 @@ class _VcpuRunner:
         self.kick_lock = threading.Lock()
         self.halted = False  # stopped at HLT with no in-kernel APIC to wake it
         self.exits = 0
+        # The halt probe: the last probe generation this vCPU answered, and its answer.
+        self.probe_seen = 0
+        self.dead_halt = False
 
 
 class KvmAccelerator(Accelerator):
@@ -128,6 +134,7 @@ class KvmAccelerator(Accelerator):
         self._device_lock: threading.Lock | None = None
         self._running = False
         self._can_signal = False
+        self._probe_generation = 0
         self.exits = 0
 
     # --- setup ---------------------------------------------------------------------
@@ -216,20 +223,29 @@ class KvmAccelerator(Accelerator):
             return RunResult(StopReason.HALTED, detail="every vCPU is halted")
         for r in self.runners:
             r.vcpu.run.immediate_exit = 0
+        # The first runnable vCPU runs on the calling thread (KVM_RUN from the thread that
+        # owns the process's signal handling is measurably cheaper here), others get their own.
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(r,), name=f"kvm-vcpu{r.vcpu.index}",
                              daemon=True)
-            for r in runnable
+            for r in runnable[1:]
         ]  # fmt: skip
+        if self.irqchip and self._can_signal:
+            # With the in-kernel APIC, HLT never reaches us: watch for a machine whose
+            # every vCPU halted with interrupts off (Linux's halt without ACPI).
+            threads.append(threading.Thread(target=self._halt_watch, args=(runnable,),
+                                            name="kvm-halt-watch", daemon=True))  # fmt: skip
         self._running = True
         try:
             for t in threads:
                 t.start()
+            self._vcpu_thread(runnable[0])
             # Wait in slices so the main thread still sees SIGINT and friends.
             while not self._done.wait(0.25):
                 pass
         finally:
             self._stop_all()
+            self._done.set()  # also ends the halt watch when we leave by an exception
             for t in threads:
                 t.join()
             self._running = False
@@ -250,6 +266,31 @@ class KvmAccelerator(Accelerator):
                 self._result = result
         self._stop_all()
         self._done.set()
+
+    def _halt_watch(self, runnable: list[_VcpuRunner]) -> None:
+        """Every HALT_PROBE_S, kick each vCPU (signal only: a probe must never look like
+        a stop); each answers from its own thread whether it sits in HLT with IF=0."""
+        while not self._done.wait(HALT_PROBE_S):
+            self._probe_generation += 1
+            generation = self._probe_generation
+            for r in runnable:
+                with r.kick_lock:
+                    if r.thread_id is not None:
+                        signal.pthread_kill(r.thread_id, KICK_SIGNAL)
+            if self._done.wait(0.05):
+                return
+            if all(r.probe_seen == generation and r.dead_halt for r in runnable):
+                self._finish(
+                    RunResult(StopReason.HALTED, detail="every vCPU halted with interrupts off")
+                )
+                return
+
+    @staticmethod
+    def _halted_for_good(vcpu: KvmVcpu) -> bool:
+        mp = vcpu.get_mp_state()
+        if mp in (abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED):
+            return True  # an AP nobody started
+        return mp == abi.KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
 
     def _stop_all(self) -> None:
         self._stopping = True
@@ -288,6 +329,8 @@ class KvmAccelerator(Accelerator):
         lock = self._device_lock
         b = memoryview(vcpu.run_mmap)
         h, w, q = b.cast("H"), b.cast("I"), b.cast("Q")
+        # Data of an I/O exit by access size: the view of that width and the offset shift.
+        views, shifts = (None, b, h, None, w), (0, 0, 1, 0, 2)
         # kvm_run offsets (checked against the kernel headers in the ABI test).
         EXIT_REASON = abi.RUN_OFF_EXIT_REASON // 4
         X = abi.RUN_OFF_EXIT  # start of the exit union: io / mmio
@@ -308,7 +351,11 @@ class KvmAccelerator(Accelerator):
                 try:
                     run_ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
-                    continue  # kicked (the check above decides) or a stray signal
+                    # Kicked: a stop (checked at the top), a halt probe, or a stray signal.
+                    if self._probe_generation != runner.probe_seen and not self._stopping:
+                        runner.dead_halt = self._halted_for_good(vcpu)
+                        runner.probe_seen = self._probe_generation
+                    continue
                 except BlockingIOError:
                     continue  # an AP left its wait-for-SIPI state: KVM wants a re-run
                 exits += 1
@@ -321,26 +368,20 @@ class KvmAccelerator(Accelerator):
                     if lock is not None:
                         lock.acquire()
                     try:
+                        view, shift = views[size], shifts[size]
                         if b[IO_DIR]:  # out
-                            for i in range(count):
-                                at = off + i * size
-                                if size == 1:
-                                    pio_write(port, 1, b[at])
-                                elif size == 2:
-                                    pio_write(port, 2, h[at >> 1])
-                                else:
-                                    pio_write(port, 4, w[at >> 2])
+                            if count == 1:
+                                pio_write(port, size, view[off >> shift])
+                            else:  # string I/O (rep outs): count values back to back
+                                for i in range(count):
+                                    pio_write(port, size, view[(off >> shift) + i])
                             if machine.exit_status is not None or machine.reset_requested:
                                 return self._machine_stop()
+                        elif count == 1:
+                            view[off >> shift] = pio_read(port, size)
                         else:
                             for i in range(count):
-                                at = off + i * size
-                                if size == 1:
-                                    b[at] = pio_read(port, 1)
-                                elif size == 2:
-                                    h[at >> 1] = pio_read(port, 2)
-                                else:
-                                    w[at >> 2] = pio_read(port, 4)
+                                view[(off >> shift) + i] = pio_read(port, size)
                     finally:
                         if lock is not None:
                             lock.release()
