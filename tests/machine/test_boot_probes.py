@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import AccelError
 from boite.machine.builder import build_machine

@@ -1,4 +1,8 @@
-"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached."""
+"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached.
+
+Test modules import the fixtures (`from machine_kernels import *`): a
+tests/machine/conftest.py would shadow tests/conftest.py for `from conftest import ...`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+__all__ = ["debian_bzimage", "debian_vmlinux", "multiboot_kernels"]
 
 GUESTS = Path(__file__).parent / "guests"
 KERNEL_CACHE = Path(
