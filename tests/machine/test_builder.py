@@ -182,6 +182,7 @@ def test_machine_from_box(tmp_path, multiboot_kernels):
     # a guest write to CMOS RAM lands in the box's .nvram
     m.pio.write(0x70, 1, 0x50)
     m.pio.write(0x71, 1, 0xAB)
+    m.devices["rtc"].close()  # what the VMM does at power-off: pending changes are saved
     assert Nvram.load(box.nvram_path).cmos[0x50] == 0xAB
     m.memory.close()
     m2 = machine_from_box(Box.open(tmp_path / "mb"))

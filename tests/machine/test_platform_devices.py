@@ -201,3 +201,10 @@ def test_fw_cfg_items_and_rewind():
     assert fw.bus_read(1, 1) == 0  # second byte of NB_CPUS
     fw.bus_write(0, 2, 0x1234)
     assert fw.bus_read(1, 4) == 0  # unknown item
+
+
+def test_i8042_replies_are_bounded():
+    dev, _, _ = kbc()
+    for _ in range(10_000):
+        dev.bus_write(4, 1, 0x20)  # read command byte, never read back
+    assert len(dev.out) <= 256

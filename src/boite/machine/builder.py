@@ -56,6 +56,7 @@ from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, Machine
 from boite.machine.memory import GuestMemory
 
 MIN_MEMSIZE_MB = 4
+NVRAM_SAVE_DELAY_S = 0.5  # a box's .nvram is rewritten at most this often
 PCI_HOLE_START = 0xC000_0000
 EBDA_START = 0x9FC00
 HIGH_MEMORY = 0x100000
@@ -124,6 +125,7 @@ def build_machine(
     emulated_irqchip: bool = True,
     cmos_bytes: bytes | None = None,
     persist_cmos: Callable[[bytes], None] | None = None,
+    persist_delay: float = 0.0,
     rtc_base_time: float | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
@@ -158,7 +160,7 @@ def build_machine(
     try:
         _add_platform(
             machine, ram, serials, emulated_irqchip, cmos_bytes,
-            persist_cmos, rtc_base_time, clock_ns,
+            persist_cmos, persist_delay, rtc_base_time, clock_ns,
         )  # fmt: skip
         fragments = [cmdline] if cmdline else []
         for hook in extra_devices:
@@ -184,6 +186,7 @@ def _add_platform(
     emulated_irqchip: bool,
     cmos_bytes: bytes | None,
     persist_cmos: Callable[[bytes], None] | None,
+    persist_delay: float,
     rtc_base_time: float | None,
     clock_ns: Callable[[], int],
 ) -> None:
@@ -197,7 +200,7 @@ def _add_platform(
         machine, "rtc",
         CmosRtc(
             irqs.line(8), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
-            base_time=rtc_base_time, clock_ns=clock_ns,
+            persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
             below_4g_ram=min(ram, PCI_HOLE_START),
         ),
     )  # fmt: skip
@@ -307,7 +310,8 @@ def machine_from_box(
             kernel=box_path("boite.kernel"), initrd=box_path("boite.initrd"),
             cmdline=config.get_str("boite.cmdline") or "",
             emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
-            persist_cmos=persist, clock_ns=clock_ns, extra_devices=extra_devices,
+            persist_cmos=persist, persist_delay=NVRAM_SAVE_DELAY_S, clock_ns=clock_ns,
+            extra_devices=extra_devices,
         )  # fmt: skip
     except BaseException:
         for b in opened:
