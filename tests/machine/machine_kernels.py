@@ -81,7 +81,12 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
         ],
         check=True,
     )
-    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg}
+    cmos = out / "cmos-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "cmos_probe.asm"), "-o", str(cmos)],
+        check=True,
+    )
+    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg, "cmos": cmos}
 
 
 def _debian_kernel_package() -> str | None:

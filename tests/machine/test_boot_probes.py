@@ -4,8 +4,10 @@ over COM1 and exits through isa-debug-exit, so the loaders are checked from insi
 
 from __future__ import annotations
 
+import calendar
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,30 @@ def test_fw_cfg_matches_qemu(multiboot_kernels, tmp_path, accel):
         assert ours[key] == theirs[key], key
     assert ours["nb_cpus"] == "00000002" and ours["ram_size"] == f"{64 << 20:08x}"
     assert ours["id"] == "00000001"  # QEMU says 3: boite has no fw_cfg DMA interface
+
+
+def _cmos_time(f: dict[str, str]) -> int:
+    """Unix time from the probe's BCD date/time registers (24-hour mode, as firmware sets)."""
+    bcd = {k: int(v, 16) for k, v in f.items()}
+    dec = {k: (v >> 4) * 10 + (v & 0xF) for k, v in bcd.items()}
+    year = dec["cmos32"] * 100 + dec["cmos09"]
+    return calendar.timegm((year, dec["cmos08"], dec["cmos07"], dec["cmos04"], dec["cmos02"], 0))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("accel", accelerators())
+def test_cmos_matches_qemu(multiboot_kernels, tmp_path, accel):
+    """Status registers, the BIOS memory size bytes and the clock read as under QEMU."""
+    kernel = multiboot_kernels["cmos"]
+    before = time.time()
+    status, out = run_boite(accel, kernel, None)
+    assert status == PROBE_EXIT, out
+    qstatus, qout = run_qemu(kernel, None, tmp_path)
+    assert qstatus == PROBE_EXIT, qout
+    ours, theirs = fields(out), fields(qout)
+    for key in ("cmos0a", "cmos0b", "cmos0d", "cmos15", "cmos16", "cmos17", "cmos18",
+                "cmos30", "cmos31", "cmos34", "cmos35", "cmos5b", "cmos5c", "cmos5d"):  # fmt: skip
+        assert ours[key] == theirs[key], key
+    # both clocks are the host's UTC time (to the minute the probe read it)
+    for f in (ours, theirs):
+        assert before - 120 <= _cmos_time(f) <= time.time() + 60
