@@ -86,7 +86,14 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
         ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "cmos_probe.asm"), "-o", str(cmos)],
         check=True,
     )
-    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg, "cmos": cmos}
+    kernels = {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg, "cmos": cmos}
+    uart = out / "uart-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "uart_probe.asm"), "-o", str(uart)],
+        check=True,
+    )
+    kernels["uart"] = uart
+    return kernels
 
 
 def _debian_kernel_package() -> str | None:
