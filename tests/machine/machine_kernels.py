@@ -93,6 +93,13 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
         check=True,
     )
     kernels["uart"] = uart
+    pic_pit = out / "pic-pit-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "pic_pit_probe.asm"), "-o",
+         str(pic_pit)],
+        check=True,
+    )  # fmt: skip
+    kernels["pic_pit"] = pic_pit
     return kernels
 
 
