@@ -147,6 +147,8 @@ def test_bad_configs():
         build_machine(8, serial_backends={5: ConsoleBackend()})
     with pytest.raises(ConfigError, match="without a kernel"):
         build_machine(8, initrd="/x")
+    with pytest.raises(ConfigError, match="cannot map"):
+        build_machine(1 << 40)  # an exabyte of RAM
 
 
 def test_machine_from_box(tmp_path, multiboot_kernels):

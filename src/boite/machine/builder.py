@@ -155,7 +155,11 @@ def build_machine(
     if initrd is not None and kernel is None:
         raise ConfigError("an initrd was given without a kernel")
     ram = memsize_mb << 20
-    machine = Machine(GuestMemory.with_ram(ram, hole_start=PCI_HOLE_START), num_vcpus=num_vcpus)
+    try:
+        memory = GuestMemory.with_ram(ram, hole_start=PCI_HOLE_START)
+    except (OSError, OverflowError) as e:
+        raise ConfigError(f"memsize {memsize_mb} MB: the host cannot map that much: {e}") from e
+    machine = Machine(memory, num_vcpus=num_vcpus)
     machine.e820 = pc_e820(ram)
     try:
         _add_platform(
