@@ -37,6 +37,9 @@ def test_zero_and_offset_flat_extents(tmp_path):
             d.write(MiB, b"z" * 512)  # ZERO extents have no storage
         with pytest.raises(DiskError):
             d.write(3 * MiB, b"r" * 512)  # RDONLY extent
+        with pytest.raises(DiskError):
+            d.discard(3 * MiB, 4096)
+        d.discard(MiB, 4096)  # a ZERO extent already reads as zeroes
     assert (tmp_path / "d-flat.vmdk").read_bytes()[4096 + 512 : 4096 + 1024] == b"w" * 512
     info = disk_info(path)
     assert [e["type"] for e in info.extents] == ["FLAT", "ZERO", "FLAT"]

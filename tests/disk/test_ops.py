@@ -223,3 +223,59 @@ def test_unclean_disk_opens_after_check_and_refuses_when_broken(tmp_path):
     assert check_disk(path, repair=True).ok
     with open_disk(path) as d4:
         assert d4.read(0, 512) == b"u" * 512
+
+
+@pytest.mark.parametrize("new_size", [40 * MiB, 9 * 1024 * MiB], ids=["same-gd-sector", "gd-moves"])
+def test_grow_thin_in_place_without_moving_data(tmp_path, new_size):
+    path = tmp_path / "g.vmdk"
+    create_disk(path, 3 * MiB)
+    model = fill(path, 3 * MiB, 8)
+    before = os.stat(path).st_ino
+    grow_disk(path, new_size)
+    assert os.stat(path).st_ino == before  # same file: grown in place, nothing copied
+    with open_disk(path) as d:
+        assert d.size == new_size and d.read(0, 3 * MiB) == model
+        d.write(new_size - 4096, b"t" * 4096)
+        d.write(5 * MiB, b"m" * 70000)
+    with open_disk(path, read_only=True) as d:
+        assert d.read(new_size - 4096, 4096) == b"t" * 4096
+        assert d.read(0, 3 * MiB) == model
+    assert check_disk(path).ok and check_disk(path).leaked_bytes == 0
+    import pyvmdk
+    from dissect.hypervisor.disk.vmdk import VMDK
+
+    h = pyvmdk.handle()
+    h.open(str(path))
+    h.open_extent_data_files()
+    try:
+        assert h.get_media_size() == new_size
+        assert h.read_buffer_at_offset(4096, new_size - 4096) == b"t" * 4096
+        assert h.read_buffer_at_offset(3 * MiB, 0) == model
+    finally:
+        h.close()
+    v = VMDK(path)
+    v.seek(5 * MiB)
+    assert v.read(70000) == b"m" * 70000
+    qemu_check(path)
+    if have_qemu:
+        out = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+        assert f"({new_size} bytes)" in out.stdout
+        out = subprocess.run(
+            ["qemu-io", "-f", "vmdk", "-c", f"read -P 0x74 {new_size - 4096} 4096", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_convert_raw_with_small_holes_to_stream(tmp_path):
+    raw = tmp_path / "holes.img"
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+        for off in (0, 8192, 20480, 65536 + 4096, 3 * MiB + 12288):
+            f.seek(off)
+            f.write(b"d" * 4096)
+    out = tmp_path / "s.vmdk"
+    convert_disk(raw, out, "stream")
+    assert read_all(out) == raw.read_bytes()
+    qemu_check(out)

@@ -115,3 +115,16 @@ def test_concurrent_writers_and_readers(tmp_path):
     with open_disk(path, read_only=True) as d:
         assert d.read(0, 16 * MiB) == model
     assert check_disk(path).ok
+
+
+def test_long_content_id_follows_the_cid(tmp_path):
+    from boite.disk.descriptor import Descriptor
+
+    path = tmp_path / "v.vmdk"
+    d0 = Descriptor(cid=0x11223344, ddb={"ddb.longContentID": "0" * 24 + "11223344"})
+    create_disk(path, MiB, descriptor=d0)
+    with open_disk(path) as d:
+        d.write(0, b"x" * 512)
+        cid = d.descriptor.cid
+        assert d.descriptor.ddb["ddb.longContentID"].endswith(f"{cid:08x}")
+    assert disk_info(path).cid == cid != 0x11223344

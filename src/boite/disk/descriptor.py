@@ -73,6 +73,12 @@ class Descriptor:
     def has_parent(self) -> bool:
         return self.parent_cid != NO_PARENT_CID or bool(self.parent_hint)
 
+    def set_cid(self, cid: int) -> None:
+        self.cid = cid
+        # VMware's 128-bit content ID ends with the CID; keep the two in step
+        if "ddb.longContentID" in self.ddb:
+            self.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
+
     def render(self) -> str:
         lines = [
             "# Disk DescriptorFile",

@@ -246,7 +246,7 @@ class VmdkDisk(BlockImage):
 
     def set_cid(self, cid: int) -> None:
         """Give the disk a new content ID (children that name the old one stop opening)."""
-        self.descriptor.cid = cid
+        self.descriptor.set_cid(cid)
         self._save_descriptor()
 
     def _save_descriptor(self) -> None:
