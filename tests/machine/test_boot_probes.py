@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import AccelError
 from boite.machine.builder import build_machine
@@ -27,7 +28,9 @@ def accelerators() -> list:
     ]
 
 
-def run_boite(accel: str, kernel: Path, initrd: Path, protocol: str = "auto") -> tuple[int, str]:
+def run_boite(
+    accel: str, kernel: Path, initrd: Path | None, protocol: str = "auto", vcpus: int = 1
+) -> tuple[int, str]:
     from boite.vmm import Vmm, accelerator_for
 
     try:
@@ -40,7 +43,7 @@ def run_boite(accel: str, kernel: Path, initrd: Path, protocol: str = "auto") ->
 
     def build():
         return build_machine(
-            64, serial_backends=[console], kernel=kernel, initrd=initrd, cmdline=CMDLINE,
+            64, vcpus, serial_backends=[console], kernel=kernel, initrd=initrd, cmdline=CMDLINE,
             protocol=protocol, emulated_irqchip=accel != "kvm",
         )  # fmt: skip
 
@@ -48,14 +51,17 @@ def run_boite(accel: str, kernel: Path, initrd: Path, protocol: str = "auto") ->
     return status, console.buffered().decode()
 
 
-def run_qemu(kernel: Path, initrd: Path, tmp_path: Path) -> tuple[int, str]:
+def run_qemu(
+    kernel: Path, initrd: Path | None, tmp_path: Path, extra: tuple[str, ...] = ()
+) -> tuple[int, str]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     serial = tmp_path / "qemu-serial.txt"
     r = subprocess.run(
-        ["qemu-system-x86_64", "-kernel", str(kernel), "-append", CMDLINE, "-initrd", str(initrd),
+        ["qemu-system-x86_64", "-kernel", str(kernel), "-append", CMDLINE,
+         *(["-initrd", str(initrd)] if initrd else []),
          "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-m", "64", "-no-reboot",
-         "-display", "none", "-monitor", "none", "-serial", f"file:{serial}"],
+         "-display", "none", "-monitor", "none", "-serial", f"file:{serial}", *extra],
         capture_output=True, timeout=120,
     )  # fmt: skip
     return r.returncode, serial.read_text()
@@ -114,3 +120,19 @@ def test_multiboot_matches_qemu(multiboot_kernels, initrd, tmp_path, accel):
     for key in ("flags", "mem_lower", "cmdline", "mods", "mod0", "mod0cmd", "mod0align", "bss"):
         assert ours[key] == theirs[key], key
     assert (ours["loader"], theirs["loader"]) == ("boite", "qemu")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("accel", accelerators())
+def test_fw_cfg_matches_qemu(multiboot_kernels, tmp_path, accel):
+    """kvm-unit-tests learn the CPU count and RAM size from fw_cfg."""
+    kernel = multiboot_kernels["fwcfg"]
+    status, out = run_boite(accel, kernel, None, vcpus=2)
+    assert status == PROBE_EXIT, out
+    qstatus, qout = run_qemu(kernel, None, tmp_path, ("-smp", "2"))
+    assert qstatus == PROBE_EXIT, qout
+    ours, theirs = fields(out), fields(qout)
+    for key in ("signature", "nb_cpus", "max_cpus", "ram_size"):
+        assert ours[key] == theirs[key], key
+    assert ours["nb_cpus"] == "00000002" and ours["ram_size"] == f"{64 << 20:08x}"
+    assert ours["id"] == "00000001"  # QEMU says 3: boite has no fw_cfg DMA interface

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import ConfigError
 from boite.machine.builder import build_machine, machine_from_box, pc_e820

@@ -9,6 +9,7 @@ Port map (everything on `machine.pio` unless said otherwise):
   0x070-0x071  CMOS RTC         0x0f4-0x0f7  isa-debug-exit
   0x3f8/0x2f8/0x3e8/0x2e8 (+8)  COM1-COM4 (IRQ 4/3/4/3)
   0x505-0x508  boite power-off port        0xcf9 reset control register
+  0x510-0x511  QEMU fw_cfg (legacy items: CPU count, RAM size; for x86 test kernels)
   0xfec00000 (mmio, 4 KiB)      IOAPIC
 
 With `emulated_irqchip=False` (KVM's in-kernel irqchip and PIT) the PIC, PIT, port B and
@@ -30,6 +31,7 @@ from typing import Any
 from boite.errors import ConfigError
 from boite.machine.device import Device
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
+from boite.machine.devices.fwcfg import FW_CFG_PORT, FwCfg
 from boite.machine.devices.i8042 import I8042, SystemControlPortA
 from boite.machine.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from boite.machine.devices.pic import ELCR_PORT, MASTER_PORT, SLAVE_PORT, DualPic
@@ -208,6 +210,8 @@ def _add_platform(
     pio.register(DEBUG_EXIT_PORT, 4, _add(machine, "debug-exit", IsaDebugExit(machine, 4)))
     pio.register(POWEROFF_PORT, 4, _add(machine, "poweroff", PowerOffPort(machine)))
     pio.register(RESET_CONTROL_PORT, 1, _add(machine, "reset-control", ResetControl(machine)))
+    fw_cfg = FwCfg(ram, machine.num_vcpus)
+    pio.register(FW_CFG_PORT, 2, _add(machine, "fw_cfg", fw_cfg))
 
     if not emulated_irqchip:
         return
