@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import struct
 import tempfile
@@ -69,6 +70,11 @@ def exercise(path: Path) -> None:
                     d.flush()
         except (DiskFormatError, DiskError) as exc:
             assert str(path) in str(exc) or path.name in str(exc), exc
+            if isinstance(exc, DiskFormatError):
+                # where in the file: a byte offset, or the descriptor key at fault
+                assert re.search(
+                    r"offset \d+|parentFileNameHint|parentCID|extent file name", str(exc)
+                ), exc
 
 
 def copy_of(good: Path, tmp: Path) -> Path:

@@ -49,7 +49,9 @@ def read_descriptor(path) -> tuple[Descriptor, bool]:
             d = parse_descriptor(raw, path, ext.header.desc_offset * SECTOR)
             return d, True
         if head[:4] == b"COWD":
-            raise DiskFormatError(f"{path}: ESX 'COWD' sparse extents are not supported")
+            raise DiskFormatError(
+                f"{path}: magic at offset 0 is 'COWD' (ESX sparse extent): not supported"
+            )
         size = os.fstat(fd).st_size
         if size > MAX_DESCRIPTOR_BYTES:
             raise DiskFormatError(
@@ -109,10 +111,12 @@ class VmdkDisk(BlockImage):
         self._wlock = threading.Lock()
         if self.path in _chain:
             raise DiskFormatError(
-                f"{path}: parent chain loops back to {self.path} ({' -> '.join(_chain)})"
+                f"{path}: parentFileNameHint chain loops back to {self.path} ({' -> '.join(_chain)})"
             )
         if len(_chain) >= MAX_CHAIN:
-            raise DiskFormatError(f"{path}: parent chain is deeper than {MAX_CHAIN} disks")
+            raise DiskFormatError(
+                f"{path}: parentFileNameHint chain is deeper than {MAX_CHAIN} disks"
+            )
         self.descriptor, self.embedded = read_descriptor(self.path)
         try:
             self._open_extents()
@@ -151,13 +155,14 @@ class VmdkDisk(BlockImage):
                         ext.close()
                         raise DiskFormatError(
                             f"{self.path}: extent {line.filename!r} holds {ext.size // SECTOR} sectors, "
-                            f"descriptor says {line.sectors}"
+                            f"descriptor says {line.sectors} (line at offset {line.where})"
                         )
                 elif line.kind in ("FLAT", "VMFS"):
                     ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro)
                 else:
                     raise DiskFormatError(
-                        f"{self.path}: extent type {line.kind} is not supported (ESX-only)"
+                        f"{self.path}: extent type {line.kind} at offset {line.where} is not "
+                        "supported (ESX-only)"
                     )
             self.extents.append(ext)
             self.starts.append(pos)
@@ -185,8 +190,8 @@ class VmdkDisk(BlockImage):
                     report = check_sparse(ext.path)
                     if report.errors:
                         raise DiskFormatError(
-                            f"{ext.path}: was not closed cleanly and is inconsistent "
-                            f"({report.errors[0]}); run 'boite disk check --repair'"
+                            f"{ext.path}: was not closed cleanly (uncleanShutdown at offset 72) and "
+                            f"is inconsistent ({report.errors[0]}); run 'boite disk check --repair'"
                         )
                 ext.set_unclean(True)
 
