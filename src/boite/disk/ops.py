@@ -821,7 +821,11 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
             raise DiskError(f"{child}: has no parent to merge")
         parent = c.parent
         grand = parent.parent.path if parent.parent is not None else None
-        ranges = [(o, n) for o, n, _ in parent.own_ranges()]
+        # what the parent holds minus what the child already covers
+        gaps = [(o, o + n) for o, n, _ in parent.own_ranges()]
+        for o, n, _ in c.own_ranges():
+            _, gaps = _subtract(gaps, o, n)
+        ranges = [(a, b - a) for a, b in sorted(gaps)]
         total = sum(n for _, n in ranges)
         done = 0
         for off, n in ranges:
@@ -830,8 +834,8 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
                 m = min(COPY_CHUNK, off + n - pos, c.size - pos)
                 if m <= 0:
                     break
-                # the child's view here is the parent's data wherever the child has none;
-                # writing it back makes the child hold it (identical bytes elsewhere)
+                # the child's view here is the parent's data (the child has none);
+                # writing it back makes the child hold it
                 c.write(pos, c.read(pos, m))
                 pos += m
                 done += m
