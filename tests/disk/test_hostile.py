@@ -262,3 +262,17 @@ def test_corrupt_stream_grain(tmp_path, good_disk):
     with pytest.raises(DiskFormatError, match="s.vmdk.*offset"):
         with open_disk(s, read_only=True) as d:
             d.read(0, d.size)
+
+
+def test_fifo_and_device_extents_do_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "x-flat.vmdk")
+    p = descriptor_disk(tmp_path, 'RW 2048 FLAT "x-flat.vmdk" 0')
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(p)
+    assert not check_disk(p).ok  # check reports it, never blocks
+    os.mkfifo(tmp_path / "fifo.img")
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(tmp_path / "fifo.img")
+    os.mkfifo(tmp_path / "fifo.vmdk")
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(tmp_path / "fifo.vmdk")

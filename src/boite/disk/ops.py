@@ -19,7 +19,7 @@ from boite.disk.descriptor import (
     new_cid,
     parent_path,
 )
-from boite.disk.hostfile import is_zero
+from boite.disk.hostfile import is_zero, open_image_file
 from boite.disk.raw import RawImage
 from boite.disk.sparse import (
     DEFAULT_GRAIN,
@@ -55,10 +55,13 @@ def _looks_vmdk(path) -> bool:
     if is_vmdk_name(path):
         return True
     try:
-        with open(path, "rb") as f:
-            return int.from_bytes(f.read(4).ljust(4, b"\0"), "little") == MAGIC
-    except OSError:
+        fd = open_image_file(path, False)
+    except (OSError, DiskError, DiskFormatError):
         return False
+    try:
+        return int.from_bytes(os.pread(fd, 4, 0).ljust(4, b"\0"), "little") == MAGIC
+    finally:
+        os.close(fd)
 
 
 def open_disk(path_or_url, read_only: bool = False) -> BlockImage:
@@ -355,8 +358,11 @@ def check_disk(path, repair: bool = False) -> CheckReport:
                 files.append(f)
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                report.unclean |= bool(fh.read(73)[72:73] == b"\x01")
+            fd = open_image_file(f, False)
+            try:
+                report.unclean |= os.pread(fd, 1, 72) == b"\x01"
+            finally:
+                os.close(fd)
             res = check_sparse(f, repair=repair)
         except DiskFormatError as exc:
             report.errors.append(str(exc))

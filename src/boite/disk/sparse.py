@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from boite.disk.base import SECTOR
-from boite.disk.hostfile import pread_full, pwrite_full, pwritev_full, zero_range
+from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
 from boite.errors import DiskError, DiskFormatError
 
 MAGIC = 0x564D444B  # "KDMV" on disk
@@ -176,10 +176,7 @@ class SparseExtent:
     def __init__(self, path, read_only: bool = True) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise DiskError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self.fd = open_image_file(self.path, not read_only)
         try:
             self._load()
         except BaseException:
@@ -610,7 +607,7 @@ class ExtentProblems:
 def check_sparse(path, repair: bool = False) -> ExtentProblems:
     """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
     out = ExtentProblems()
-    fd = os.open(os.fspath(path), os.O_RDWR if repair else os.O_RDONLY)
+    fd = open_image_file(os.fspath(path), repair)
     try:
         size = os.fstat(fd).st_size
         h = SparseHeader.unpack(os.pread(fd, SECTOR, 0), path)

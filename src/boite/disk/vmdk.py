@@ -17,6 +17,7 @@ from boite.disk.descriptor import (
     parent_path,
     parse_descriptor,
 )
+from boite.disk.hostfile import open_image_file
 from boite.disk.raw import FlatExtent, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
@@ -27,10 +28,7 @@ MAX_CHAIN = 64  # deeper chains are hostile or broken; VMware stops far earlier
 def read_descriptor(path) -> tuple[Descriptor, bool]:
     """The descriptor of a .vmdk (embedded or a text file) and whether it is embedded."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise DiskError(f"{path}: cannot open: {exc.strerror}") from None
+    fd = open_image_file(path, False)
     try:
         head = os.pread(fd, SECTOR, 0)
         if len(head) >= 4 and int.from_bytes(head[:4], "little") == MAGIC:
