@@ -173,10 +173,11 @@ def validate_header(h: SparseHeader, path, file_size: int, where: int = 0) -> No
 class SparseExtent:
     """One KDMV file. Offsets in methods are bytes relative to the extent."""
 
-    def __init__(self, path, read_only: bool = True) -> None:
+    def __init__(self, path, read_only: bool = True, *, fd: int | None = None) -> None:
+        """Open `path` (or use a duplicate of an already open `fd` for it)."""
         self.path = os.fspath(path)
         self.read_only = read_only
-        self.fd = open_image_file(self.path, not read_only)
+        self.fd = open_image_file(self.path, not read_only) if fd is None else os.dup(fd)
         try:
             self._load()
         except BaseException:

@@ -32,13 +32,11 @@ def read_descriptor(path) -> tuple[Descriptor, bool]:
     try:
         head = os.pread(fd, SECTOR, 0)
         if len(head) >= 4 and int.from_bytes(head[:4], "little") == MAGIC:
-            ext = SparseExtent.__new__(SparseExtent)
-            ext.path, ext.read_only, ext.fd = path, True, os.dup(fd)
+            ext = SparseExtent(path, read_only=True, fd=fd)
             try:
-                ext._load()
                 raw = ext.descriptor_bytes()
             finally:
-                os.close(ext.fd)
+                ext.close()
             if raw is None:
                 # a bare sparse extent: describe it as the monolithic disk it is
                 d = Descriptor(create_type="monolithicSparse", cid=0xFFFFFFFE)
