@@ -199,5 +199,6 @@ def test_speaker_port_and_state_round_trip():
     other.load_state(state)
     assert read_count(other, 0) == read_count(pit, 0)
     assert other.save_state() == pit.save_state()
-    pit.reset()
-    assert pit.next_deadline_ns() is None
+    pit.reset()  # back to the firmware state: mode 3, count 65536, running
+    assert pit.channels[0].mode == 3
+    assert pit.next_deadline_ns() == clock.ns + ticks_to_ns(0x10000)

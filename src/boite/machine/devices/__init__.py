@@ -19,6 +19,7 @@ from boite.machine.devices.uart import (
     NullBackend,
     PipeBackend,
     SerialBackend,
+    TeeBackend,
     Uart16550,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "ResetControl",
     "SerialBackend",
     "SystemControlPortA",
+    "TeeBackend",
     "Uart16550",
 ]

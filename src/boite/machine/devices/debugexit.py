@@ -1,8 +1,10 @@
 """QEMU's `isa-debug-exit` device: a write of v to its port ends the VM with exit status
 (v << 1) | 1, so a test kernel's status can never be mistaken for a clean 0.
 
-Same defaults as QEMU (iobase 0xf4, iosize 1); any access size up to `iosize` bytes is
-accepted and the value is what was written, masked to the access size. Reads return 0.
+boite puts it where kvm-unit-tests and most x86 test kernels expect it, QEMU's
+`-device isa-debug-exit,iobase=0xf4,iosize=4` (QEMU's own default port is 0x501). Any
+access size up to `iosize` bytes is accepted and the value is what was written, masked
+to the access size. Reads return 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ DEBUG_EXIT_PORT = 0xF4
 class IsaDebugExit(Device):
     name = "isa-debug-exit"
 
-    def __init__(self, machine: Machine, iosize: int = 1) -> None:
+    def __init__(self, machine: Machine, iosize: int = 4) -> None:
         if iosize not in (1, 2, 4):
             raise ValueError(f"isa-debug-exit iosize {iosize}: expected 1, 2 or 4")
         self.machine = machine

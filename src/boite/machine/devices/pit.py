@@ -142,8 +142,17 @@ class Pit8254(Device):
 
     def reset(self) -> None:
         with self._lock:
-            self.channels = [PitChannel() for _ in range(3)]
+            # As firmware leaves it (and QEMU resets it): every counter in mode 3 with the
+            # maximum count, running; channel 0 thus ticks IRQ 0 at 18.2 Hz.
+            now = self.clock_ns()
+            self.channels = [
+                PitChannel(mode=3, armed=True, load_ns=now, count_written=True, null_count=False)
+                for _ in range(3)
+            ]
             self.channels[2].gate = False  # port 0x61 bit 0 starts clear
+            self.channels[0].last_out = self.channels[0].out(now)
+            if self.irq is not None:
+                self.irq.set(self.channels[0].last_out)
             self.speaker_enabled = False
             self.port61_bits = 0  # bits 2-3 of port 0x61 (parity/IOCHK enables) as written
             self._last_advance: int | None = None

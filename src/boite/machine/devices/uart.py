@@ -280,6 +280,27 @@ class ConsoleBackend(SerialBackend):
             feed(data)
 
 
+class TeeBackend(SerialBackend):
+    """Several backends on one port: output goes to each, input comes from any (a box's
+    serial0 log file and the attachable console together)."""
+
+    def __init__(self, *backends: SerialBackend) -> None:
+        self.backends = backends
+
+    def connect(self, feed: Callable[[bytes], None]) -> None:
+        super().connect(feed)
+        for b in self.backends:
+            b.connect(feed)
+
+    def write(self, data: bytes) -> None:
+        for b in self.backends:
+            b.write(data)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+
+
 # --------------------------------------------------------------------------- the UART
 
 
