@@ -31,9 +31,11 @@ def run_boite(accel: str, kernel: Path, initrd: Path, protocol: str = "auto") ->
     from boite.vmm import Vmm, accelerator_for
 
     try:
-        accelerator_for(accel)
+        accel_obj = accelerator_for(accel)
     except AccelError as e:
         pytest.skip(f"accelerator {accel} is not in this build: {e}")
+    if protocol == "linux64" and not getattr(accel_obj, "supports_long_mode", accel == "kvm"):
+        pytest.skip(f"the {accel} accelerator does not run 64-bit code (no supports_long_mode)")
     console = ConsoleBackend()
 
     def build():
@@ -70,6 +72,7 @@ def initrd(tmp_path) -> Path:
     return p
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("accel", accelerators())
 @pytest.mark.parametrize("entry", ["linux32", "linux64"])
 def test_bzimage_entries_seen_from_the_guest(multiboot_kernels, initrd, accel, entry):
@@ -84,6 +87,7 @@ def test_bzimage_entries_seen_from_the_guest(multiboot_kernels, initrd, accel, e
     assert f["e820"] == "00000003"
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("accel", accelerators())
 def test_pvh_matches_qemu(multiboot_kernels, initrd, tmp_path, accel):
     kernel = multiboot_kernels["pvh"]
@@ -98,6 +102,7 @@ def test_pvh_matches_qemu(multiboot_kernels, initrd, tmp_path, accel):
     assert ours["memmap"].split()[0] == theirs["memmap"].split()[0] == "00000000+0009fc00:1"
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("accel", accelerators())
 def test_multiboot_matches_qemu(multiboot_kernels, initrd, tmp_path, accel):
     kernel = multiboot_kernels["aout"]

@@ -126,6 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def print_info(info: dict) -> None:
+    # An unreadable value is None in the data; `check` (and the problems below) say why.
+    info = {k: ("?" if v is None else v) for k, v in info.items()}
     rows = [
         ("box", info["vmx"]),
         ("name", info["displayName"]),
@@ -135,7 +137,7 @@ def print_info(info: dict) -> None:
         ("firmware", info["firmware"]),
         ("execution", info["virtual_exec"]),
         ("uuid.bios", info["uuid.bios"]),
-        ("boot order", ", ".join(info["boot_order"] or [])),
+        ("boot order", ", ".join(info["boot_order"]) if info["boot_order"] != "?" else "?"),
     ]
     for disk in info["disks"]:
         size = format_size(disk["capacity"]) if disk["capacity"] is not None else "?"
@@ -154,7 +156,7 @@ def print_info(info: dict) -> None:
     rows.append(("usb", ", ".join(usb) or "none"))
     running = info["running"]
     rows.append(
-        ("running", "no" if running is None else f"pid {running['pid']} on {running['host']}")
+        ("running", "no" if running == "?" else f"pid {running['pid']} on {running['host']}")
     )
     problems = info["problems"]
     rows.append(("problems", str(len(problems)) if problems else "none"))

@@ -128,7 +128,9 @@ class Cpu:
         self.tsc_hz = tsc_hz
         self.tsc_offset = 0
         self.icount = 0
+        self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
+        self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
@@ -635,6 +637,8 @@ class Cpu:
                 self.load_cs(tsel, tbase, tlimit, tattr, self.cpl)
             self.eip = teip
             return
+        if typ not in (0x01, 0x05, 0x09):  # only an available TSS or a task gate switches
+            raise CpuFault(GP, sel & 0xFFFC)
         raise GuestError(
             f"far {'call' if call else 'jump'} to selector {sel:#x} of descriptor type "
             f"{typ & 0xF:#x}: task switches are not emulated"
@@ -986,17 +990,29 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
+                    self.irq_count += 1
                     self.halted = False
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
+            shadow = self.inhibit_irq
             self.inhibit_irq = False
             if self.halted:
                 break
             n = 0
             try:
-                if translate:
+                tf = self.fl & TF
+                if tf or shadow:
+                    # Single-step, or the one instruction of an STI/MOV SS shadow: run it
+                    # alone so that an interrupt is taken right after it, not a block later.
+                    fn, _ = decoder.decode_one(self.eip)
+                    fn()
+                    self.icount += 1
+                    if tf:  # the #DB trap after the instruction
+                        self.dr[6] |= 0x4000  # BS
+                        self.exception(DB, None)
+                elif translate:
                     eip = self.eip
                     csb = self.sbase[CS]
                     lin = (csb + eip) & M32
