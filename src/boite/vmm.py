@@ -119,6 +119,7 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        self.state = VmState.RUNNING
         if self.on_power_on is not None:
             self.on_power_on(self.machine)
 
@@ -139,10 +140,9 @@ class Vmm:
         Returns the exit status: the guest's debug-exit status, 0 after a clean power-off."""
         if self.state is not VmState.CREATED:
             raise BoxError(f"{self.name} has already run; make a new Vmm")
-        self._power_on()
         self.started_at = time.time()
-        self.state = VmState.RUNNING
         try:
+            self._power_on()
             return self._loop()
         finally:
             self.state = VmState.STOPPED

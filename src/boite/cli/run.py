@@ -169,16 +169,25 @@ def _vmm_for(
     return Vmm(lambda: make_machine(emulated_irqchip), factory, console=console, log=log, name=name)
 
 
-def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
-    """Input typed before the UART exists would be lost: attach once the machine is up."""
-    started = [False]
+def _once_powered_on(vmm, action: Callable[[], None]) -> None:
+    """Run `action` after the first power-on (the machine and its UART exist then), after
+    whatever hook is already there."""
+    previous = vmm.on_power_on
+    done = [False]
 
     def hook(machine) -> None:
-        if not started[0]:
-            started[0] = True
-            stdio.start()
+        if previous is not None:
+            previous(machine)
+        if not done[0]:
+            done[0] = True
+            action()
 
     vmm.on_power_on = hook
+
+
+def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
+    """Input typed before the UART exists would be lost: attach once the machine is up."""
+    _once_powered_on(vmm, stdio.start)
 
 
 def _install_stop_signals(vmm) -> None:
@@ -289,7 +298,7 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=True))
             _attach_stdio_on_power_on(vmm, stdio)
         if ready is not None:
-            ready()
+            _once_powered_on(vmm, ready)  # `start --detach` returns once the guest runs
         try:
             status = vmm.run()
         except BoiteError as exc:
