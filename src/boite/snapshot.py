@@ -1191,12 +1191,36 @@ def suspend_running(vmm: Any, box: Box) -> Path:
     return path
 
 
+def unportable_state(states: list[Any], accel_name: str) -> list[str]:
+    """What of the saved vCPU state the accelerator `accel_name` cannot hold. KVM holds
+    everything the emulator saves. The emulator is a 32-bit CPU: no long mode, no upper
+    register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
+    VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
+    their own state)."""
+    if accel_name != "emu":
+        return []
+    problems = []
+    for n, st in enumerate(states):
+        if st.efer & (1 << 10):
+            problems.append(f"vCPU {n} is in 64-bit long mode (EFER.LMA)")
+        wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
+        if wide:
+            problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+    return problems
+
+
 def restore_machine(machine: Any, accel: Any, path: Path) -> None:
     """Put a checkpoint into a machine whose accelerator was just created: RAM, device
     state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
     from boite.box.checkpoint import read_checkpoint
 
     saved = read_checkpoint(path, memory=machine.memory)
+    unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
+    if unportable:
+        raise SnapshotError(
+            f"{path}: the {accel.name} accelerator cannot resume this state: "
+            f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
+        )
     missing = sorted(set(saved.device_state) - set(machine.devices))
     if missing:
         raise SnapshotError(

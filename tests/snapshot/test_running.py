@@ -298,3 +298,27 @@ def test_running_snapshot_moves_a_virtio_disk_onto_its_new_link(tmp_path) -> Non
     with open_disk(box.dir / "withdisk-000001.vmdk", read_only=True) as current:
         assert current.read(0, 512) == b"B" * 512
     assert check_snapshot_tree(Box.open(box.dir)) == []
+
+
+def test_the_emulator_refuses_a_64_bit_state(tmp_path) -> None:
+    from boite.accel.cpustate import CpuState
+    from boite.box.checkpoint import write_checkpoint
+    from boite.errors import SnapshotError
+    from boite.machine.memory import GuestMemory
+    from boite.snapshot import restore_machine, unportable_state
+
+    st = CpuState(efer=0x500)
+    st.gpr["r9"] = 1 << 40
+    assert unportable_state([st], "kvm") == []
+    assert unportable_state([st], "emu") == [
+        "vCPU 0 is in 64-bit long mode (EFER.LMA)",
+        "vCPU 0 has 64-bit values in r9",
+    ]
+    write_checkpoint(
+        tmp_path / "l.vmsn", tmp_path / "l.vmem", [st], GuestMemory.with_ram(1 << 20), {}
+    )
+    machine, _, _ = build_guest_machine("count32", "flat32", LIMIT=10)
+    accel = accelerator("emu")()
+    accel.create(machine)
+    with pytest.raises(SnapshotError, match="emu accelerator cannot resume this state"):
+        restore_machine(machine, accel, tmp_path / "l.vmsn")
