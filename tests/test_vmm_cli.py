@@ -237,3 +237,23 @@ def test_snapshot_and_suspend_through_the_control_socket(tmp_path):
         assert not list(box.dir.glob("*.vmss"))  # a suspend state is used up
     finally:
         boite("stop", box.dir, "hard")
+
+
+@pytest.mark.parametrize("sig, status", [(2, 130), (15, 0)], ids=["SIGINT", "SIGTERM"])
+def test_boot_stops_on_ctrl_c_and_sigterm(sig, status):
+    """A guest that never exits: Ctrl-C interrupts (status 130), SIGTERM is a hard stop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boite", "boot", str(assemble("mb_spin")), "--accel", "kvm",
+         "--memsize", "16"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"spinning\n"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == status, err
+    assert b"Traceback" not in err
