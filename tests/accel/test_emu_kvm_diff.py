@@ -308,7 +308,8 @@ def test_hot_loops_through_the_block_compiler_match_the_real_cpu(tmp_path, seed)
 
 def test_compute_loop_checksum_matches_the_real_cpu(tmp_path):
     """The benchmark's loop (integer, memory, string, calls) under KVM and both paths."""
-    from guests.runner import ComPort, DebugExit
+    from boite.machine.devices import IsaDebugExit, Uart16550
+    from guests.runner import CollectedOutput
 
     src = Path(__file__).parent / "emu_guests" / "compute32.asm"
     out = tmp_path / "compute32.bin"
@@ -319,9 +320,9 @@ def test_compute_loop_checksum_matches_the_real_cpu(tmp_path):
                     lambda: EmuAccelerator(translate=False)):  # fmt: skip
         mem = GuestMemory.with_ram(4 << 20)
         m = Machine(mem)
-        com = ComPort()
-        m.pio.register(0x3F8, 8, com)
-        m.pio.register(0xF4, 1, DebugExit(m))
+        com = CollectedOutput()
+        m.pio.register(0x3F8, 8, m.add_device("com1", Uart16550(m.irqs.line(4), com)))
+        m.pio.register(0xF4, 1, m.add_device("debug-exit", IsaDebugExit(m)))
         mem.write(CODE, out.read_bytes())
         m.boot_state = [boot.flat32(mem, CODE)]
         acc = factory()

@@ -130,6 +130,7 @@ class Cpu:
         self.icount = 0
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
+        self.mode_key = 0  # cpl | 4 * cs32, kept current by set_seg_raw and tlb_switch
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
@@ -242,6 +243,7 @@ class Cpu:
     def tlb_switch(self) -> None:
         """Select the TLB pair for the current privilege (user pages differ from supervisor)."""
         user = 1 if self.cpl == 3 else 0
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
         pair = self._tlbs.get(user)
         if pair is None:
             pair = self._tlbs[user] = ({}, {})
@@ -515,6 +517,7 @@ class Cpu:
         self.sattr[i] = attr
         if i == CS:
             self.cs32 = bool(attr & 0x4000)
+            self.mode_key = self.cpl | (4 if self.cs32 else 0)
         elif i == SS:
             self.ss32 = bool(attr & 0x4000)
 
@@ -960,6 +963,9 @@ class Cpu:
         """What a translated block depends on besides its address: code size and CPL."""
         return self.cpl | (4 if self.cs32 else 0)
 
+    def _update_mode(self) -> None:
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:
         """Decode and execute one instruction (the reference interpreter path)."""
@@ -1005,7 +1011,7 @@ class Cpu:
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
                     b = blocks.get(pa)
-                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode():
+                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode_key:
                         b = decoder.translate_block(pa, eip)
                     f = b.fn
                     if f is not None:

@@ -192,7 +192,7 @@ class Decoder:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
-        block = Block(eip, c.sbase[CS], c.mode(), tuple(fns), pa, info)
+        block = Block(eip, c.sbase[CS], c.mode_key, tuple(fns), pa, info)
         if cur_pa > page_end:
             block.cacheable = False  # an instruction straddles a page: run it, don't cache
             return block
@@ -1676,15 +1676,15 @@ class Decoder:
         cond_kind = kind in (0xA6, 0xAE)
         want = rep == 0xF3  # REPE: continue while equal
 
-        if kind == 0xA4 and size == 4:
-            fast = self._fast_movsd(am, src_seg)
+        if kind == 0xA4:
+            fast = self._fast_movs(am, src_seg, size)
         elif kind == 0xAA:
             fast = self._fast_stos(am, size)
         else:
             fast = None
 
         def string_rep() -> None:
-            if fast is not None and not c.fl & DF:
+            if fast is not None and (kind == 0xA4 or not c.fl & DF):
                 fast()
             while r[1] & am:
                 res = one()
@@ -1695,30 +1695,44 @@ class Decoder:
 
         return string_rep
 
-    def _fast_movsd(self, am: int, src_seg: int) -> Fn:
-        """REP MOVSD forward within RAM pages: copy page runs in one slice assignment."""
+    def _fast_movs(self, am: int, src_seg: int, size: int) -> Fn:
+        """REP MOVS within RAM pages, either direction: runs of elements copied with one
+        slice assignment each. A run never overlaps its own destination in the copy
+        direction, so the result equals the element-by-element copy."""
         c = self.c
         r = c.r
         sb = c.sbase
 
         def fast() -> None:
             ram = c.ram
+            back = bool(c.fl & DF)
+            step = -size if back else size
             while r[1] & am:
                 s = (sb[src_seg] + (r[6] & am)) & M32
                 d = (sb[ES] + (r[7] & am)) & M32
                 sp = c.rtlb.get(s >> 12)
                 dp = c.wtlb.get(d >> 12)
-                if sp is None or dp is None:
+                so, do = s & 0xFFF, d & 0xFFF
+                if sp is None or dp is None or so + size > 0x1000 or do + size > 0x1000:
                     return
-                n = min(r[1] & am, (0x1000 - (s & 0xFFF)) >> 2, (0x1000 - (d & 0xFFF)) >> 2)
-                if n <= 0:
-                    return
-                so, do = sp | (s & 0xFFF), dp | (d & 0xFFF)
-                if so < do < so + 4 * n:
-                    return  # overlapping forward copy: let the byte loop do it
-                ram[do : do + 4 * n] = ram[so : so + 4 * n]
-                r[6] = (r[6] & ~am & M32) | ((r[6] + 4 * n) & am)
-                r[7] = (r[7] & ~am & M32) | ((r[7] + 4 * n) & am)
+                if back:
+                    n = min(r[1] & am, so // size + 1, do // size + 1)
+                else:
+                    n = min(r[1] & am, (0x1000 - so) // size, (0x1000 - do) // size)
+                so |= sp
+                do |= dp
+                gap = (do - so) if not back else (so - do)
+                if 0 < gap < n * size:
+                    n = gap // size  # the destination runs into the source: shorter runs
+                    if n == 0:
+                        return
+                span = n * size
+                if back:
+                    ram[do - span + size : do + size] = ram[so - span + size : so + size]
+                else:
+                    ram[do : do + span] = ram[so : so + span]
+                r[6] = (r[6] & ~am & M32) | ((r[6] + step * n) & am)
+                r[7] = (r[7] & ~am & M32) | ((r[7] + step * n) & am)
                 r[1] = (r[1] & ~am & M32) | ((r[1] - n) & am)
 
         return fast
