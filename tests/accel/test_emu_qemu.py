@@ -15,9 +15,9 @@ import pytest
 from boite.accel.base import StopReason
 from boite.accel.cpustate import CpuState, DescriptorTable, Segment
 from boite.accel.emu import EmuAccelerator
+from boite.machine.devices import IsaDebugExit, Uart16550
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
-from boite.machine.devices import IsaDebugExit, Uart16550
 from guests.runner import CollectedOutput
 
 GUESTS = Path(__file__).parent / "emu_guests"
