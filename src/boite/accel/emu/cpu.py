@@ -983,30 +983,31 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
-        start = self.icount
-        limit = start + max_insns
+        if self.halted:
+            return 0
+        done = 0
         translate = self.translate_blocks
         blocks = self.blocks
         decoder = self.decoder
         irq_check = self.irq_check
-        while self.icount < limit:
+        sbase = self.sbase
+        compile_ok = self.compile_blocks
+        while done < max_insns:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
                     self.irq_count += 1
-                    self.halted = False
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
-            self.inhibit_irq = False
-            if self.halted:
-                break
+            if self.inhibit_irq:
+                self.inhibit_irq = False
             n = 0
             try:
                 if translate:
                     eip = self.eip
-                    csb = self.sbase[CS]
+                    csb = sbase[1]
                     lin = (csb + eip) & M32
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
@@ -1015,28 +1016,29 @@ class Cpu:
                         b = decoder.translate_block(pa, eip)
                     f = b.fn
                     if f is not None:
-                        self.icount += f()
+                        done += f()
                     else:
                         b.hits += 1
-                        if b.hits >= HOT_BLOCK and b.cacheable and self.compile_blocks:
+                        if b.hits >= HOT_BLOCK and b.cacheable and compile_ok:
                             decoder.compile(b)
                         for fn in b.fns:
                             fn()
                             n += 1
-                        self.icount += n
+                        done += n
                 else:
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
-                    self.icount += 1
+                    done += 1
             except CpuFault as f:
-                self.icount += n
+                done += n
                 self.exception(f.vector, f.error)
             except CpuHalt:
-                self.icount += 1
+                done += n + 1
                 self.halted = True
                 break
             except CpuStop:
                 break
             if self.stop or (should_stop is not None and should_stop()):
                 break
-        return self.icount - start
+        self.icount += done
+        return done
