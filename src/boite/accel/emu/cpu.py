@@ -454,6 +454,8 @@ class Cpu:
             r[4] = sp
         else:
             sp = (r[4] - size) & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)  # the word would run past the 64 KiB segment
             self.wr((self.sbase[SS] + sp) & M32, size, v)
             r[4] = (r[4] & 0xFFFF0000) | sp
 
@@ -465,6 +467,8 @@ class Cpu:
             r[4] = (sp + size) & M32
         else:
             sp = r[4] & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)
             v = self.rd((self.sbase[SS] + sp) & M32, size)
             r[4] = (r[4] & 0xFFFF0000) | ((sp + size) & M16)
         return v
@@ -472,6 +476,8 @@ class Cpu:
     def peek(self, offset: int, size: int) -> int:
         """Read the stack at ESP+offset without popping."""
         sp = (self.r[4] + offset) & (M32 if self.ss32 else M16)
+        if not self.ss32 and sp > 0x10000 - size:
+            raise CpuFault(SS_VEC, 0)
         return self.rd((self.sbase[SS] + sp) & M32, size)
 
     def sp_add(self, n: int) -> None:

@@ -1136,6 +1136,8 @@ class Decoder:
                 sp = r[5]
             else:
                 sp = r[5] & M16
+                if sp > 0x10000 - size:
+                    raise CpuFault(SS_VEC, 0)
             v = c.rd((c.sbase[SS] + sp) & M32, size)
             if c.ss32:
                 r[4] = (sp + size) & M32
@@ -1585,6 +1587,7 @@ class Decoder:
             if mod == 3:
                 return self._ud(x, b)
             rd = self.rdfn(size)
+            ea = self.sized_ea(ea, size + 2)
 
             def far_ind() -> None:
                 a = ea()
@@ -1619,8 +1622,19 @@ class Decoder:
         def adv(reg: int, delta: int) -> None:
             r[reg] = (r[reg] & ~am & M32) | ((r[reg] + delta) & am)
 
+        wrap_vec_src = SS_VEC if src_seg == SS else GP
+        check16 = am == M16 and size > 1
+        uses_src = kind in (0xA4, 0xA6, 0xAC, 0x6E)
+        uses_dst = kind in (0xA4, 0xA6, 0xAA, 0xAE, 0x6C)
+
         def one() -> bool:
             """One iteration; returns the REPE/REPNE condition value (ZF) for CMPS/SCAS."""
+            if check16:
+                # A word at offset 0xFFFF runs past the 64 KiB segment: #GP (#SS on SS).
+                if uses_src and (r[6] & am) > 0x10000 - size:
+                    raise CpuFault(wrap_vec_src, 0)
+                if uses_dst and (r[7] & am) > 0x10000 - size:
+                    raise CpuFault(GP, 0)
             step = -size if c.fl & DF else size
             if kind == 0xA4:  # MOVS
                 v = rd((sb[src_seg] + (r[6] & am)) & M32)
@@ -1871,6 +1885,8 @@ class Decoder:
                 f &= ~(CF | AF)
                 step = 6 if b == 0x27 else -6
                 if (old_al & 0xF) > 9 or af_in:
+                    if b == 0x2F and (old_al < 6 or old_cf):
+                        f |= CF  # DAS keeps the borrow of the low-digit step (SDM)
                     al = (al + step) & 0xFF
                     f |= AF
                 if old_al > 0x99 or old_cf:
@@ -1919,6 +1935,7 @@ class Decoder:
         s = self.reg_set(reg, size)
         rd = self.rdfn(size)
         x.end = True
+        ea = self.sized_ea(ea, size + 2)
 
         def les() -> None:
             a = ea()
