@@ -10,7 +10,7 @@
 %define BUF2    0x310000
 %define FLAGS   0x8d5               ; OF SF ZF AF PF CF
 
-; SUM addr, len: print a checksum (rotating add) of len bytes at addr
+; SUM addr, len: print a checksum (rotating add of dwords) of len bytes at addr
 %macro SUM 3
     push esi
     push ecx
@@ -46,7 +46,7 @@ main:
     add eax, 3
     mov [edi + ecx], al
     inc ecx
-    cmp ecx, 0x1000
+    cmp ecx, 0x800
     jne .pat
 
     PRINT `movs\n`
@@ -218,15 +218,13 @@ main:
     call nl
     ret
 
-checksum:                           ; ESI, ECX -> EAX
+checksum:                           ; ESI, ECX (a multiple of 4) -> EAX
     xor eax, eax
-    push edx
+    shr ecx, 2
 .c: rol eax, 5
-    movzx edx, byte [esi]
-    add eax, edx
-    inc esi
+    add eax, [esi]
+    add esi, 4
     loop .c
-    pop edx
     ret
 
 outs_msg: db "string out", 10
