@@ -222,7 +222,7 @@ class EmuAccelerator(Accelerator):
                     res = self._stop_reason()
                     if res is not None:
                         return res
-                    if not cpu.fl & IF and nearest is None:
+                    if not cpu.fl & IF:  # only an NMI could wake it, and none comes
                         return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
                     if cpu.fl & IF and self.pic is not None and self.pic.pending():
                         continue
