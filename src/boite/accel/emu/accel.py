@@ -182,12 +182,11 @@ class EmuAccelerator(Accelerator):
 
     # -- running -----------------------------------------------------------------------
     def _advance_timers(self) -> int | None:
-        """Advance timers to now; returns the nearest deadline (monotonic ns) or None."""
+        """Advance timers to now (each raises its IRQ for edges that passed); returns the
+        nearest next deadline (monotonic ns) or None."""
         nearest = None
         now = time.monotonic_ns()
         for t in self.timers:
-            # Every call: the PIT's deadline is always the next edge after the clock's now,
-            # so it never looks due; advance() itself finds the edges since its last call.
             t.advance(now)
             d = t.next_deadline_ns()
             if d is not None and (nearest is None or d < nearest):
