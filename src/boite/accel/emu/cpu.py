@@ -992,8 +992,8 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
-        if self.halted:
-            return 0
+        if self.halted and not (self.intr and self.fl & IF):
+            return 0  # asleep in HLT until an interrupt can be taken
         done = 0
         translate = self.translate_blocks
         blocks = self.blocks
@@ -1005,11 +1005,14 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
+                    self.halted = False
                     self.irq_count += 1
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
+                elif self.halted:
+                    break  # the request went away before INTA: keep sleeping
             shadow = self.inhibit_irq
             if shadow:
                 self.inhibit_irq = False
