@@ -17,7 +17,7 @@
 %define KSTK_B      0x1d0000
 %define USTK_A      0x1e0000
 %define USTK_B      0x1f0000
-%define MIN_SWITCHES 6
+%define MIN_SWITCHES 4
 
 main:
     ; page tables
@@ -107,10 +107,10 @@ finish:
     mov eax, esi
     call hex8
     mov eax, [checks + esi * 4]
-    cmp eax, 0x40                   ; at least 0x4000 / 0x100 system calls
+    cmp eax, 0x10                   ; at least 0x1000 / 0x100 system calls
     setae al
     movzx eax, al
-    SHOW " checks>=64", eax
+    SHOW " checks>=16", eax
     SHOW "bad", [bad + esi * 4]
     SHOW "done with", [result + esi * 4]
     call nl
@@ -121,7 +121,7 @@ finish:
     cmp eax, MIN_SWITCHES
     setae al
     movzx eax, al
-    SHOW "switches>=6", eax
+    SHOW "switches>=4", eax
     mov eax, [0x300000]             ; each task's counter, in its own frame
     cmp eax, [final + 0]
     sete al
@@ -207,7 +207,7 @@ task_body:
     mov eax, 1
     int 0x80
     pop edx
-    cmp ebx, 0x4000
+    cmp ebx, 0x1000
     jb .loop
     cmp dword [switches], MIN_SWITCHES
     jb .loop
