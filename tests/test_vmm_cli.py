@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import requires_kvm
+from conftest import requires_kvm, requires_real_vtx
 from guests.build import assemble
 
 pytestmark = [requires_kvm]
@@ -32,6 +32,34 @@ def test_boot_with_stdin_from_devnull_returns_the_debug_exit_status():
     proc = boite("boot", assemble("mb_echo"), "--accel", "kvm", "--memsize", "16")
     assert proc.returncode == (0x2B << 1) | 1, proc.stderr
     assert proc.stdout == b"multiboot: hello\nmultiboot: bye\n"
+
+
+@pytest.mark.parametrize("accel", ["emu", "auto"])
+def test_boot_under_the_other_accelerator_choices(accel):
+    if accel == "emu":
+        pytest.importorskip("boite.accel.emu", reason="needs the emulator (branch emu)")
+    proc = boite("boot", assemble("mb_echo"), "--accel", accel, "--memsize", "16", input=b"x\n")
+    assert proc.returncode == (0x2B << 1) | 1, proc.stderr
+    assert proc.stdout == b"multiboot: hello\nx\nmultiboot: bye\n"
+
+
+def test_paging_guest_under_the_emulator():
+    """Where kvm_pvm cannot go (the guest turning on paging), the emulator runs it."""
+    pytest.importorskip("boite.accel.emu", reason="needs the emulator (branch emu)")
+    proc = boite("boot", assemble("paging32"), "--accel", "emu", "--memsize", "16")
+    assert proc.returncode == (0x26 << 1) | 1, proc.stderr
+    assert proc.stdout == b"paging: alias ok\n"
+
+
+@requires_real_vtx
+@pytest.mark.parametrize(
+    "guest, status, line",
+    [("pit32", 0x25, b"pit: 10 ticks\n"), ("paging32", 0x26, b"paging: alias ok\n")],
+)
+def test_interrupt_and_paging_guests_boot_under_kvm(guest, status, line):
+    proc = boite("boot", assemble(guest), "--accel", "kvm", "--memsize", "16")
+    assert proc.returncode == (status << 1) | 1, proc.stderr
+    assert proc.stdout == line
 
 
 def test_boot_with_stdin_closed():
@@ -79,13 +107,18 @@ def test_boot_errors_are_clear(tmp_path):
     assert b"junk.bin" in proc.stderr
 
 
-@pytest.fixture
-def spin_box(tmp_path):
+def _make_box(tmp_path, name: str, guest: str):
     from boite.box.box import Box
 
-    box = Box.create(tmp_path / "spinbox", memsize_mb=16, disk_size=None)
-    box.vmx["boite.kernel"] = str(assemble("mb_spin"))
+    box = Box.create(tmp_path / name, memsize_mb=16, disk_size=None)
+    box.vmx["boite.kernel"] = str(assemble(guest))
     box.save()
+    return box
+
+
+@pytest.fixture
+def spin_box(tmp_path):
+    box = _make_box(tmp_path, "spinbox", "mb_spin")
     yield box.dir
     # never leave a VMM behind, whatever the test did
     subprocess.run(
@@ -156,3 +189,26 @@ def test_start_without_a_kernel_is_a_clear_error(tmp_path):
     box = Box.create(tmp_path / "nokernel", memsize_mb=16, disk_size=None)
     proc = boite("start", box.dir, "--accel", "kvm")
     assert proc.returncode == 1 and b"boite.kernel" in proc.stderr
+
+
+def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
+    """`boite start` in the foreground (console on stdio); `boite stop BOX soft` from
+    another process presses Ctrl-Alt-Del; the guest powers off by itself, status 0."""
+    box = _make_box(tmp_path, "cadbox", "mb_cad")
+    vmm = subprocess.Popen(
+        [sys.executable, "-m", "boite", "start", str(box.dir), "--accel", "kvm"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert _wait_for(lambda: (box.dir / "cadbox.ctl").exists())
+        stop = boite("stop", box.dir, "soft", "--timeout", "60")
+        assert stop.returncode == 0, stop.stderr
+        out, err = vmm.communicate(timeout=60)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+    assert vmm.returncode == 0, err
+    assert out == b"waiting for ctrl-alt-del\nctrl-alt-del: powering off\n"
+    text = (box.dir / "vmware.log").read_text()
+    assert "Guest powered off, exit status 0." in text
+    assert "Powered off (hard stop)." not in text

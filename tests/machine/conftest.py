@@ -18,7 +18,8 @@ KERNEL_CACHE = Path(
 
 @pytest.fixture(scope="session")
 def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
-    """The multiboot probe kernel as an a.out-kludge flat binary and as an i386 ELF."""
+    """The probe kernels of guests/: multiboot as an a.out-kludge flat binary ("aout") and
+    as an i386 ELF ("elf"), a stand-in bzImage ("linux") and a PVH ELF ("pvh")."""
     for tool in ("nasm", "ld"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (./dev setup installs nasm and binutils)")
@@ -34,7 +35,33 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
          "--build-id=none", "-o", str(elf), str(obj)],
         check=True,
     )  # fmt: skip
-    return {"aout": aout, "elf": elf}
+    linux = out / "linux-probe.bin"
+    subprocess.run(
+        [
+            "nasm",
+            "-f",
+            "bin",
+            "-i",
+            f"{GUESTS}/",
+            str(GUESTS / "linux_probe.asm"),
+            "-o",
+            str(linux),
+        ],
+        check=True,
+    )
+    pvh_obj = out / "pvh.o"
+    pvh = out / "pvh-probe.elf"
+    subprocess.run(
+        ["nasm", "-f", "elf32", "-i", f"{GUESTS}/", str(GUESTS / "pvh_probe.asm"), "-o",
+         str(pvh_obj)],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-T", str(GUESTS / "pvh_probe.ld"), "--build-id=none", "-o",
+         str(pvh), str(pvh_obj)],
+        check=True,
+    )  # fmt: skip
+    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh}
 
 
 def _debian_kernel_package() -> str | None:

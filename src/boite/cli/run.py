@@ -249,10 +249,10 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], None] | None = None):
+    from boite.machine.builder import machine_from_box
     from boite.machine.devices import ConsoleBackend
     from boite.vmm import ControlServer, control_socket_path
 
-    build_machine = _machine_builder()
     console = ConsoleBackend()
     with box.acquire_lock():
         log = box.log.info
@@ -264,20 +264,10 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
                 f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
                 '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
             )
-        initrd = _box_file(box, "boite.initrd")
-        cmdline = box.config.get_str("boite.cmdline") or ""
-        nvram = box.nvram
-
-        def persist_cmos(data: bytes) -> None:
-            nvram.cmos[: len(data)] = data
-            nvram.save(box.nvram_path)
+        _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
         def make_machine(emulated_irqchip: bool):
-            return build_machine(
-                box.config.memsize, box.config.numvcpus, {1: console}, kernel, initrd,
-                cmdline, emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
-                persist_cmos=persist_cmos,
-            )  # fmt: skip
+            return machine_from_box(box, console=console, emulated_irqchip=emulated_irqchip)
 
         vmm = _vmm_for(make_machine, accel_name, console, log, box.name)
         path = control_socket_path(box.dir, box.name)

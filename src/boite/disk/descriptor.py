@@ -73,6 +73,12 @@ class Descriptor:
     def has_parent(self) -> bool:
         return self.parent_cid != NO_PARENT_CID or bool(self.parent_hint)
 
+    def set_cid(self, cid: int) -> None:
+        self.cid = cid
+        # VMware's 128-bit content ID ends with the CID; keep the two in step
+        if "ddb.longContentID" in self.ddb:
+            self.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
+
     def render(self) -> str:
         lines = [
             "# Disk DescriptorFile",
@@ -141,6 +147,17 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
             if sectors_i > MAX_CAPACITY_SECTORS:
                 raise DiskFormatError(
                     f"{path}: extent at offset {here} has {sectors_i} sectors, more than {MAX_CAPACITY_SECTORS}"
+                )
+            if name is not None and (
+                not name or os.path.isabs(name) or ".." in re.split(r"[/\\]", name) or ":" in name
+            ):
+                raise DiskFormatError(
+                    f"{path}: extent file name {name!r} at offset {here} is not a plain name next to "
+                    "the descriptor (absolute, or going up with '..')"
+                )
+            if int(off or 0) > MAX_CAPACITY_SECTORS:
+                raise DiskFormatError(
+                    f"{path}: extent at offset {here} starts at sector {off}, too far"
                 )
             desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0)))
             continue

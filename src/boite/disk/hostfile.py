@@ -98,9 +98,13 @@ def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+_ZEROES = bytes(1 << 20)
+
+
 def is_zero(buf) -> bool:
+    """True when every byte is zero (memcmp speed; memoryview comparison is per item)."""
     mv = memoryview(buf).cast("B")
     n = len(mv)
-    if n == 0:
-        return True
-    return mv[0] == 0 and mv[: n - 1] == mv[1:]
+    if n <= len(_ZEROES):
+        return mv.tobytes() == (_ZEROES if n == len(_ZEROES) else _ZEROES[:n])
+    return all(is_zero(mv[i : i + len(_ZEROES)]) for i in range(0, n, len(_ZEROES)))

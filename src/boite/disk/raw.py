@@ -35,6 +35,8 @@ class FlatExtent:
         self._wrote = True
 
     def discard(self, off: int, length: int, fallback=None) -> None:
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
         zero_range(self.fd, self.file_offset + off, length)
         self._wrote = True
 

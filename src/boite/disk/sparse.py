@@ -50,7 +50,7 @@ MARKER_FOOTER = 3
 DEFAULT_GRAIN = 128  # sectors (64 KiB)
 GTES_PER_GT = 512
 MAX_GRAIN = 8192  # sectors (4 MiB); VMware uses 128, anything huge is hostile
-MAX_GD_ENTRIES = 1 << 24  # 64 MiB of GD: far beyond 62 TiB with 64 KiB grains
+MAX_GD_ENTRIES = 1 << 22  # 16 MiB of GD: 128 TiB with 64 KiB grains, past VMware's 62 TiB
 
 # Fallback for ranges this extent does not hold: fill the view for the extent-relative offset.
 Fallback = Callable[[int, memoryview], None] | None
@@ -290,8 +290,9 @@ class SparseExtent:
         if len(gt) != self.ngte:
             raise _bad(self.path, sector * SECTOR, f"grain table {gi} is truncated")
         self._check_gt(gi, gt, sector)
-        self._gts[gi] = gt
-        return gt
+        # a reader and a writer may load the same table at once: the first stored copy wins,
+        # so no entry set on it is lost
+        return self._gts.setdefault(gi, gt)
 
     def _check_gt(self, gi: int, gt: array, sector: int) -> None:
         lo = self.min_grain_sector
@@ -347,6 +348,17 @@ class SparseExtent:
     def read_into(self, off: int, mv: memoryview, fallback: Fallback) -> None:
         gs = self.grain_bytes
         n = len(mv)
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs and not self.compressed:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.preadv(self.fd, [mv], e * SECTOR + within) != n:
+                        pread_full(self.fd, mv, e * SECTOR + within)
+                    return
         pos = 0
         fd = self.fd
         while pos < n:
@@ -408,13 +420,24 @@ class SparseExtent:
     def write(self, off: int, data, fallback: Fallback) -> None:
         if self.read_only:
             raise DiskError(f"{self.path}: extent is open read-only")
-        mv = memoryview(data).cast("B")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         gs = self.grain_bytes
         n = len(mv)
+        self._wrote = True
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.pwrite(self.fd, mv, e * SECTOR + within) != n:
+                        pwrite_full(self.fd, mv, e * SECTOR + within)
+                    return
         pos = 0
         fd = self.fd
         new: list[tuple[int, object]] = []
-        self._wrote = True
         while pos < n:
             a = off + pos
             g = a // gs
@@ -460,6 +483,8 @@ class SparseExtent:
 
     def discard(self, off: int, length: int, fallback: Fallback) -> None:
         """Make [off, off+length) read as zeroes, freeing host space of whole grains."""
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
         gs = self.grain_bytes
         end = off + length
         pos = off
@@ -697,3 +722,63 @@ def create_sparse(
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def grow_sparse(path, capacity_sectors: int, descriptor: bytes | None = None) -> None:
+    """Grow a (non-stream) sparse extent in place: tables for the new range are appended
+    and preallocated as at creation; the GD moves to the end of the file when it outgrows
+    its sectors. The header, which makes the new size visible, is written last."""
+    ext = SparseExtent(path, read_only=False)
+    try:
+        h = ext.header
+        if capacity_sectors <= h.capacity:
+            return
+        from boite.disk.descriptor import MAX_CAPACITY_SECTORS
+
+        if capacity_sectors > MAX_CAPACITY_SECTORS:
+            raise DiskError(
+                f"{path}: {capacity_sectors} sectors is more than {MAX_CAPACITY_SECTORS}"
+            )
+        grains = -(-capacity_sectors // h.grain_size)
+        gd_entries = -(-grains // h.num_gtes)
+        old_n = ext.gd_entries
+        old_sectors = -(-old_n * 4 // SECTOR)
+        new_sectors = -(-gd_entries * 4 // SECTOR)
+        span = ext.gt_sectors * SECTOR
+        eof = ext.eof
+        tables = [ext.gd] + ([ext.rgd] if ext.rgd is not None else [])
+        grown = []
+        for table in tables:
+            t = array("I", table)
+            t.extend([0] * (gd_entries - old_n))
+            for i in range(old_n, gd_entries):
+                if t[i] == 0:
+                    t[i] = eof // SECTOR
+                    eof += span
+            grown.append(t)
+        relocate = new_sectors > old_sectors
+        offsets = [h.gd_offset] + ([h.rgd_offset] if ext.rgd is not None else [])
+        if relocate:
+            offsets = []
+            for _ in grown:
+                offsets.append(eof // SECTOR)
+                eof += new_sectors * SECTOR
+        os.ftruncate(ext.fd, eof)  # the new tables read as zeroes: every grain unallocated
+        for t, off in zip(grown, offsets, strict=True):
+            if relocate:
+                pwrite_full(ext.fd, t, off * SECTOR)
+            else:
+                pwrite_full(ext.fd, memoryview(t)[old_n:], off * SECTOR + 4 * old_n)
+        os.fsync(ext.fd)
+        h.capacity = capacity_sectors
+        if relocate:
+            h.gd_offset = offsets[0]
+            if ext.rgd is not None:
+                h.rgd_offset = offsets[1]
+        pwrite_full(ext.fd, h.pack(), 0)
+        os.fsync(ext.fd)
+        if descriptor is not None and h.desc_offset:
+            ext.write_descriptor(descriptor)
+            os.fsync(ext.fd)
+    finally:
+        ext.close()

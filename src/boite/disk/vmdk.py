@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_right
 from pathlib import Path
 
@@ -103,6 +104,9 @@ class VmdkDisk(BlockImage):
         self.parent: VmdkDisk | None = None
         self._cid_bumped = False
         self._closed = False
+        # writers (vCPU and I/O threads) serialise: allocation appends at a shared EOF.
+        # Readers need no lock: a grain's table entry is set only after its data is written.
+        self._wlock = threading.Lock()
         if self.path in _chain:
             raise DiskFormatError(
                 f"{path}: parent chain loops back to {self.path} ({' -> '.join(_chain)})"
@@ -214,11 +218,12 @@ class VmdkDisk(BlockImage):
         return lambda rel, mv: self._below(start + rel, mv)
 
     def read_into(self, offset: int, buf) -> None:
-        mv = memoryview(buf).cast("B")
+        mv = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
         if len(self.extents) == 1:
-            self.extents[0].read_into(offset, mv, self._fallback(0))
+            self.extents[0].read_into(offset, mv, self._below if self.parent is not None else None)
             return
         pos = 0
         i = bisect_right(self.starts, offset) - 1
@@ -241,7 +246,7 @@ class VmdkDisk(BlockImage):
 
     def set_cid(self, cid: int) -> None:
         """Give the disk a new content ID (children that name the old one stop opening)."""
-        self.descriptor.cid = cid
+        self.descriptor.set_cid(cid)
         self._save_descriptor()
 
     def _save_descriptor(self) -> None:
@@ -254,13 +259,20 @@ class VmdkDisk(BlockImage):
             write_descriptor_file(self.path, self.descriptor)
 
     def write(self, offset: int, data) -> None:
-        mv = memoryview(data).cast("B")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
-        self._before_write()
-        if len(self.extents) == 1:
-            self.extents[0].write(offset, mv, self._fallback(0))
-            return
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
+        with self._wlock:
+            if not self._cid_bumped or self.read_only:
+                self._before_write()
+            if len(self.extents) == 1:
+                self.extents[0].write(offset, mv, self._below if self.parent is not None else None)
+            else:
+                self._write_extents(offset, mv)
+
+    def _write_extents(self, offset: int, mv: memoryview) -> None:
+        n = len(mv)
         pos = 0
         i = bisect_right(self.starts, offset) - 1
         while pos < n:
@@ -274,7 +286,11 @@ class VmdkDisk(BlockImage):
 
     def discard(self, offset: int, length: int) -> None:
         self._bounds(offset, length)
-        self._before_write()
+        with self._wlock:
+            self._before_write()
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         pos = 0
         i = bisect_right(self.starts, offset) - 1
         while pos < length:
@@ -287,8 +303,9 @@ class VmdkDisk(BlockImage):
             i += 1
 
     def flush(self) -> None:
-        for ext in self.extents:
-            ext.flush()
+        with self._wlock:
+            for ext in self.extents:
+                ext.flush()
 
     def _release(self) -> None:
         for ext in self.extents:

@@ -14,9 +14,11 @@ every reset, as a BIOS would at POST.
 from __future__ import annotations
 
 import calendar
+import functools
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from boite.errors import ConfigError
 from boite.machine.device import Device
@@ -55,6 +57,20 @@ UIP_NS = 244_000  # UIP rises 244 us before each update
 CLOCK_REGS = frozenset(range(0, 10)) | {REG_A, REG_B, REG_C, REG_D, CENTURY}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """The vCPU threads reach the registers while a timer thread may call advance()."""
+
+    @functools.wraps(method)
+    def wrapper(self: CmosRtc, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
@@ -91,11 +107,13 @@ class CmosRtc(Device):
         self.wall_clock = wall_clock
         self.clock_ns = clock_ns
         self._initial = bytes(cmos_bytes[:CMOS_SIZE]) if cmos_bytes else bytes(CMOS_SIZE)
+        self._lock = threading.RLock()
         self._base_time = base_time
         self.reset()
 
     # -- state -------------------------------------------------------------------------
 
+    @_locked
     def reset(self) -> None:
         self.cmos = bytearray(self._initial)
         self.index = 0
@@ -130,6 +148,7 @@ class CmosRtc(Device):
         csum = sum(c[CHECKSUM_FIRST : CHECKSUM_LAST + 1])
         c[CHECKSUM_HI], c[CHECKSUM_HI + 1] = (csum >> 8) & 0xFF, csum & 0xFF
 
+    @_locked
     def save_state(self) -> dict[str, Any]:
         return {
             "cmos": bytes(self.cmos).hex(),
@@ -142,6 +161,7 @@ class CmosRtc(Device):
             "since_last_ns": self.clock_ns() - self._last_ns,
         }
 
+    @_locked
     def load_state(self, state: dict[str, Any]) -> None:
         self.cmos = bytearray(bytes.fromhex(state["cmos"]))
         if len(self.cmos) != CMOS_SIZE:
@@ -154,6 +174,7 @@ class CmosRtc(Device):
         self._last_gt = self.guest_time()
         self.irq.set(bool(self.cmos[REG_C] & C_IRQF))
 
+    @_locked
     def cmos_bytes(self) -> bytes:
         """The 128 bytes for the box's .nvram, clock registers as they read now."""
         self._refresh_clock_regs()
@@ -232,6 +253,7 @@ class CmosRtc(Device):
             rs += 7  # with a 32.768 kHz base, rates 1 and 2 repeat rates 8 and 9
         return NS * (1 << (rs - 1)) // 32768
 
+    @_locked
     def next_deadline_ns(self) -> int | None:
         """Monotonic time of the next event that sets a flag in register C."""
         b = self.cmos[REG_B]
@@ -244,6 +266,7 @@ class CmosRtc(Device):
             deadlines.append(self.clock_ns() + int((1.0 - frac) * NS))
         return min(deadlines) if deadlines else None
 
+    @_locked
     def advance(self, now_ns: int | None = None) -> None:
         """Set the register C flags for the events since the last call; raise IRQ 8."""
         now = self.clock_ns() if now_ns is None else now_ns
@@ -289,6 +312,7 @@ class CmosRtc(Device):
 
     # -- bus ---------------------------------------------------------------------------
 
+    @_locked
     def bus_read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF  # the index port is write-only
@@ -314,6 +338,7 @@ class CmosRtc(Device):
             return D_VRT
         return c[idx]
 
+    @_locked
     def bus_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         if offset == 0:
