@@ -221,7 +221,8 @@ class EmuAccelerator(Accelerator):
                     res = self._stop_reason()
                     if res is not None:
                         return res
-                    if not cpu.fl & IF:  # only an NMI could wake it, and none comes
+                    if not cpu.fl & IF:
+                        # Only NMI/INIT (not emulated) wake a CPU halted with IF=0.
                         return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
                     if cpu.fl & IF and self.pic is not None and self.pic.pending():
                         continue

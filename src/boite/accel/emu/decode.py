@@ -1719,9 +1719,12 @@ class Decoder:
             fast = None
 
         def string_rep() -> None:
-            if fast is not None and (kind == 0xA4 or not c.fl & DF):
-                fast()
+            use_fast = fast is not None and (kind == 0xA4 or not c.fl & DF)
             while r[1] & am:
+                if use_fast:
+                    fast()  # whole page runs; the slow step below fills the TLB for it
+                    if not r[1] & am:
+                        break
                 res = one()
                 r[1] = (r[1] & ~am & M32) | ((r[1] - 1) & am)
                 if cond_kind and res != want:

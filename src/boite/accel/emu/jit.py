@@ -14,6 +14,7 @@ of the instruction running, and the handler stores that instruction's address.
 from __future__ import annotations
 
 import os
+import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,27 @@ _KIND = {0: "add", 1: "logic", 4: "logic", 5: "sub", 6: "logic", 7: "sub"}
 
 def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _load32(dst: str, addr: str) -> list[str]:
+    """dst = the dword at linear addr, through the TLB inline (rd32 on a miss)."""
+    return [
+        f"_a = {addr}",
+        "_p = rt.get(_a >> 12)",
+        f"{dst} = U32(ram, _p | (_a & 0xFFF))[0] if _p is not None and (_a & 0xFFF) <= 0xFFC "
+        "else rd32(_a)",
+    ]
+
+
+def _store32(addr: str, val: str, addr_is_a: bool = False) -> list[str]:
+    lines = [] if addr_is_a else [f"_a = {addr}"]
+    return lines + [
+        "_p = wt.get(_a >> 12)",
+        "if _p is not None and (_a & 0xFFF) <= 0xFFC:",
+        f"    P32(ram, _p | (_a & 0xFFF), {val})",
+        "else:",
+        f"    wr32(_a, {val})",
+    ]
 
 
 def _rget(n: int, size: int) -> str:
@@ -195,8 +217,8 @@ class Emitter:
                 return [f"r[{d}] = r[{s}]"], False
             ea = _ea32(bs, mod, rm)
             if op == 0x89:
-                return [f"wr32({ea}, r[{reg}])"], True
-            return [f"r[{reg}] = rd32({ea})"], True
+                return _store32(ea, f"r[{reg}]"), True
+            return _load32(f"r[{reg}]", ea), True
         if op == 0xC7:
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
@@ -205,7 +227,7 @@ class Emitter:
             if mod == 3:
                 return [f"r[{rm}] = {bs.u32()}"], False
             ea = _ea32(bs, mod, rm)
-            return [f"wr32({ea}, {bs.u32()})"], True
+            return _store32(ea, str(bs.u32())), True
         if 0xB8 <= op <= 0xBF:
             return [f"r[{op & 7}] = {bs.u32()}"], False
         if op in (0xC1, 0xD1):
@@ -267,7 +289,7 @@ class Emitter:
             return [
                 "if c.ss32:",
                 f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                f"    wr32((sb[2] + {a}) & 0xFFFFFFFF, r[{n}])",
+                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", f"r[{n}]")),
                 f"    r[4] = {a}",
                 "else:",
                 f"    c.push(r[{n}], 4)",
@@ -276,7 +298,7 @@ class Emitter:
             n = op & 7
             return [
                 "if c.ss32:",
-                f"    {a} = rd32((sb[2] + r[4]) & 0xFFFFFFFF)",
+                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
                 "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
                 f"    r[{n}] = {a}",
                 "else:",
@@ -342,7 +364,7 @@ class Emitter:
             return [
                 "if c.ss32:",
                 f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                f"    wr32((sb[2] + {a}) & 0xFFFFFFFF, {nxt})",
+                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", str(nxt))),
                 f"    r[4] = {a}",
                 "else:",
                 f"    c.push({nxt}, 4)",
@@ -351,7 +373,7 @@ class Emitter:
         if op == 0xC3:
             return [
                 "if c.ss32:",
-                f"    {a} = rd32((sb[2] + r[4]) & 0xFFFFFFFF)",
+                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
                 "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
                 f"    c.eip = {a}",
                 "else:",
@@ -366,13 +388,20 @@ class Emitter:
         lines = []
         fault = False
         if dst[0] == "m":
-            lines.append(f"_a = {dst[1]}")
-            lines.append(f"{a} = {rd}(_a)")
+            if size == 4:
+                lines += _load32(a, dst[1])
+                lines.append("_d = _a")
+            else:
+                lines.append(f"_d = {dst[1]}")
+                lines.append(f"{a} = {rd}(_d)")
             fault = True
         else:
             lines.append(f"{a} = {_rget(dst[1], size)}")
         if src[0] == "m":
-            lines.append(f"{b} = {rd}({src[1]})")
+            if size == 4:
+                lines += _load32(b, src[1])
+            else:
+                lines.append(f"{b} = {rd}({src[1]})")
             fault = True
         elif src[0] == "r":
             lines.append(f"{b} = {_rget(src[1], size)}")
@@ -382,7 +411,11 @@ class Emitter:
         if not no_write:
             val = res if kind == "logic" else f"({res} & {mask})"
             if dst[0] == "m":
-                lines.append(f"{wr}(_a, {val})")
+                if size == 4:
+                    lines.append("_a = _d")
+                    lines += _store32("_a", val, addr_is_a=True)
+                else:
+                    lines.append(f"{wr}(_d, {val})")
             else:
                 lines.append(_rset(dst[1], size, val))
         if kind == "logic":
@@ -441,7 +474,8 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
         "rd32": cpu.rd32, "wr8": cpu.wr8, "wr32": cpu.wr32, "CpuFault": CpuFault,
-        "PAR": PARITY,
+        "PAR": PARITY, "ram": cpu.ram, "U32": struct.Struct("<I").unpack_from,
+        "P32": struct.Struct("<I").pack_into,
     }  # fmt: skip
     eips = []
     body: list[str] = []
@@ -475,7 +509,8 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
         nxt = (insns[-1][1] + insns[-1][2]) & (M if code32 else 0xFFFF)
         body.append(f"c.eip = {nxt}")
     ns["EIPS"] = tuple(eips)
-    src = ["def block():", "    _i = 0", "    try:"]
+    # The TLB dicts are per privilege level; no instruction inside a block changes CPL.
+    src = ["def block():", "    _i = 0", "    rt = c.rtlb", "    wt = c.wtlb", "    try:"]
     src += ["        " + ln for ln in body]
     src += [
         "    except CpuFault:",
