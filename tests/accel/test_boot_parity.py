@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,27 @@ def kvm_runs(images):
     return run
 
 
+MODES = ("translate", "interp")
+
+
+@pytest.fixture(scope="module")
+def emu_runs(images):
+    """Both emulator paths of a case at once (independent processes), cached."""
+    cache: dict[tuple, tuple[int, bytes, str]] = {}
+
+    def run(name: str, mode: str, *args: str, input: bytes = b"") -> tuple[int, bytes, str]:
+        key = (name, args, input)
+        if (key, mode) not in cache:
+            with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
+                results = pool.map(
+                    lambda m: boot(images[name], "emu", m, *args, input=input), MODES
+                )
+                cache.update({(key, m): r for m, r in zip(MODES, results, strict=True)})
+        return cache[key, mode]
+
+    return run
+
+
 # (kernel, extra boot arguments, stdin)
 CASES = [
     ("parity/handoff", ("--append", "parity check"), b""),
@@ -103,12 +125,12 @@ def _ids(case) -> str:
     return name + ("+stdin" if stdin else "")
 
 
-@pytest.mark.parametrize("mode", ["translate", "interp"], ids=["translated", "interpreted"])
+@pytest.mark.parametrize("mode", MODES, ids=["translated", "interpreted"])
 @pytest.mark.parametrize(("name", "args", "stdin"), CASES, ids=[_ids(c) for c in CASES])
-def test_emu_boot_matches_kvm(images, kvm_runs, name, args, stdin, mode):
+def test_emu_boot_matches_kvm(kvm_runs, emu_runs, name, args, stdin, mode):
     k_status, k_out, k_err = kvm_runs(name, *args, input=stdin)
     assert "error" not in k_err, k_err  # KVM itself must have run the kernel
-    e_status, e_out, e_err = boot(images[name], "emu", mode, *args, input=stdin)
+    e_status, e_out, e_err = emu_runs(name, mode, *args, input=stdin)
     assert "error" not in e_err, e_err
     assert e_out.decode(errors="replace") == k_out.decode(errors="replace")
     assert e_status == k_status

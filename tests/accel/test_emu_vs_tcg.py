@@ -10,7 +10,8 @@ model), then leaves through isa-debug-exit. It runs under QEMU TCG and under the
 with "done" and the kernel's own exit code (so a kernel that dies early fails too).
 
 Left out, because QEMU TCG itself departs from the hardware there (each noted in the
-kernel that would test it): data segment limit and access-right checks, CR0.PG without
+kernel that would test it): data and stack segment limit and access-right checks (those
+are compared against the real CPU through KVM in test_boot_parity.py), CR0.PG without
 PE, WRMSR to the TSC, and #GP on unknown MSRs.
 """
 
