@@ -1022,10 +1022,13 @@ class Cpu:
                 if tf or shadow:
                     # Single-step, or the one instruction of an STI/MOV SS shadow: run it
                     # alone so that an interrupt is taken right after it, not a block later.
+                    if_before = self.fl & IF
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
                     done += 1
-                    if tf:  # the #DB trap after the instruction
+                    # The #DB trap after the instruction, unless it was MOV/POP SS: their
+                    # shadow holds debug traps too (STI's, the one that set IF, does not).
+                    if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
                         self.dr[6] |= 0x4000  # BS
                         self.exception(DB, None)
                 elif translate:
