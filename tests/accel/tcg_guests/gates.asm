@@ -70,6 +70,25 @@ main:
     SHOW "dr6.bs", eax
     SHOW "fl", [db_fl]
     call nl
+    ; MOV SS holds the single-step trap back for one instruction: 4 traps, recorded
+    mov dword [hook + 1 * 4], db_steps
+    pushfd
+    or dword [esp], 0x100
+    popfd
+    mov ax, ss
+    mov ss, ax
+    mov eax, 3
+    mov eax, 4
+    nop
+    nop
+    mov esi, steps
+    mov ecx, 4
+.steps:
+    lodsd
+    sub eax, 0x100000
+    SHOW "step", eax
+    loop .steps
+    call nl
 
     PRINT `ring 3\n`
     mov ax, SEL_KDATA
@@ -151,6 +170,23 @@ db_hook:
     and eax, 0x3300
     mov [db_fl], eax
     and dword [esp + 16], ~0x100    ; TF off for the return
+    add esp, 8
+    iret
+
+db_steps:                           ; record EIP, keep TF for four traps
+    push eax
+    push ebx
+    mov ebx, [nsteps]
+    mov eax, [esp + 16]
+    mov [steps + ebx * 4], eax
+    inc ebx
+    mov [nsteps], ebx
+    cmp ebx, 4
+    jb .more
+    and dword [esp + 24], ~0x100
+.more:
+    pop ebx
+    pop eax
     add esp, 8
     iret
 
@@ -303,6 +339,8 @@ p_saved: dd 0
 p_cs: dd 0
 p_esp: dd 0
 db_eip: dd 0
+nsteps: dd 0
+steps: times 4 dd 0
 db_dr6: dd 0
 db_fl: dd 0
 u_fs: dd 0
