@@ -187,8 +187,6 @@ class EmuAccelerator(Accelerator):
         nearest = None
         now = time.monotonic_ns()
         for t in self.timers:
-            # Every call: the PIT's deadline is always the next edge after the clock's now,
-            # so it never looks due; advance() itself finds the edges since its last call.
             t.advance(now)
             d = t.next_deadline_ns()
             if d is not None and (nearest is None or d < nearest):

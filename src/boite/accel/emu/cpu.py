@@ -992,8 +992,8 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
-        if self.halted:
-            return 0
+        if self.halted and not (self.intr and self.fl & IF):
+            return 0  # asleep in HLT until an interrupt can be taken
         done = 0
         translate = self.translate_blocks
         blocks = self.blocks
@@ -1005,25 +1005,30 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
+                    self.halted = False
                     self.irq_count += 1
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
+                elif self.halted:
+                    break  # the request went away before INTA: keep sleeping
             shadow = self.inhibit_irq
-            self.inhibit_irq = False
-            if self.halted:
-                break
+            if shadow:
+                self.inhibit_irq = False
             n = 0
             try:
                 tf = self.fl & TF
                 if tf or shadow:
                     # Single-step, or the one instruction of an STI/MOV SS shadow: run it
                     # alone so that an interrupt is taken right after it, not a block later.
+                    if_before = self.fl & IF
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
-                    self.icount += 1
-                    if tf:  # the #DB trap after the instruction
+                    done += 1
+                    # The #DB trap after the instruction, unless it was MOV/POP SS: their
+                    # shadow holds debug traps too (STI's, the one that set IF, does not).
+                    if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
                         self.dr[6] |= 0x4000  # BS
                         self.exception(DB, None)
                 elif translate:
