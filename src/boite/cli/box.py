@@ -91,8 +91,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from boite.snapshot import check_snapshot_tree
+
     box = Box.open(args.box)
-    problems = box.check()
+    # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx).
+    problems = box.check() + check_snapshot_tree(box)
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
     elif problems:
