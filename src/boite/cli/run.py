@@ -209,16 +209,22 @@ def cmd_boot(args: argparse.Namespace) -> int:
         raise BoxError(f"initrd {args.initrd}: no such file")
     if args.memsize < 1 or args.cpus < 1:
         raise BoxError("--memsize and --cpus must be positive")
-    if args.disk:
-        raise BoxError("--disk needs the virtio/ATA disk devices, not in this build yet")
     build_machine = _machine_builder()
     console = ConsoleBackend()
+    attached: list[Any] = []  # the --disk devices of the current machine
 
     def make_machine(emulated_irqchip: bool):
-        return build_machine(
+        from boite.machine.virtio.attach import DiskFiles
+
+        _close_box_devices(attached)
+        disks = DiskFiles(args.disk)
+        attached.append(disks)
+        machine = build_machine(
             args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
-            emulated_irqchip=emulated_irqchip,
+            emulated_irqchip=emulated_irqchip, extra_devices=[disks],
         )  # fmt: skip
+        disks.start()
+        return machine
 
     def log(message: str) -> None:
         if os.environ.get("BOITE_VERBOSE"):
@@ -232,6 +238,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return vmm.run()
     finally:
         stdio.stop()
+        _close_box_devices(attached)
 
 
 def _open_box(path: str):
@@ -280,8 +287,18 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             )
         _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
+        attached: list[Any] = []  # the box's disks and NICs on the current machine
+
         def make_machine(emulated_irqchip: bool):
-            return machine_from_box(box, console=console, emulated_irqchip=emulated_irqchip)
+            # A guest reset rebuilds the machine: the old one's disks are closed first.
+            _close_box_devices(attached)
+            devices = _box_devices(box, log)
+            attached.append(devices)
+            machine = machine_from_box(
+                box, console=console, emulated_irqchip=emulated_irqchip, extra_devices=[devices]
+            )
+            devices.start()
+            return machine
 
         wrap, snapshot_handler = _snapshot_hooks(box, log)
         vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
@@ -308,8 +325,34 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             if stdio is not None:
                 stdio.stop()
             server.close()
+            _close_box_devices(attached)  # flushes every disk the guest wrote
         box.log.info(f"Power off complete, exit status {status}.")
         return status
+
+
+# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
+TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
+
+
+def _box_devices(box, log):
+    """The box's disks (virtio-blk for scsi/sata/nvme, ATA for ide) and NICs as the
+    builder's extra-device hook."""
+    from boite.machine.virtio.attach import BoxDevices
+
+    devices = BoxDevices(box.config, box.dir)
+    for nic in list(devices.plan.nics):
+        if nic.connection_type not in TAP_CONNECTIONS:
+            devices.plan.nics.remove(nic)
+            log(
+                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
+                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
+            )
+    return devices
+
+
+def _close_box_devices(attached: list[Any]) -> None:
+    while attached:
+        attached.pop().close()
 
 
 def _snapshot_hooks(box, log):
