@@ -24,6 +24,10 @@ from boite.guestkit import KitError, NewcArchive, parse_newc
 GUEST = Path(__file__).resolve().parents[2] / "guest"
 EXIT_PORT = 0xF4  # QEMU isa-debug-exit: exit status = 2 * value + 1
 
+# The first test to need the kit builds it (kernels: many minutes on 2 cores), inside its
+# own time; the suite-wide per-test limit is for tests, not for that one-time build.
+pytestmark = pytest.mark.timeout(3600)
+
 
 # --- fast checks, no kit needed -------------------------------------------------------
 

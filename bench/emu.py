@@ -1,0 +1,174 @@
+"""Benchmark: boite's x86 emulator (block translator and plain interpreter) against QEMU
+TCG on the same bare-metal compute loop (tests/accel/emu_guests/compute32.asm, a
+multiboot image), and (when the tiny Linux boots) seconds to its init marker.
+
+MIPS = guest instructions / wall seconds. The instruction count comes from the
+emulator's own counter (the program is deterministic, so QEMU runs the same count);
+QEMU's start-up is removed by timing a short and a long run and using the difference.
+
+Usage: python bench/emu.py [--iter N] [--profile]
+The last line printed is JSON: mips_translated, mips_interpreted, mips_qemu_tcg,
+linux_init_s, linux_init_s_qemu_tcg (null where not measurable yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from boite.accel.cpustate import CpuState, DescriptorTable, Segment  # noqa: E402
+from boite.accel.emu import EmuAccelerator  # noqa: E402
+from boite.machine.machine import Machine  # noqa: E402
+from boite.machine.memory import GuestMemory  # noqa: E402
+
+GUEST = REPO / "tests" / "accel" / "emu_guests" / "compute32.asm"
+LOAD = 0x100000
+GDT = 0x1000
+
+
+class Com1:
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def bus_read(self, offset: int, size: int) -> int:
+        return 0x60 if offset == 5 else 0
+
+    def bus_write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self.out.append(value)
+
+
+class DebugExit:
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def bus_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def bus_write(self, offset: int, size: int, value: int) -> None:
+        self.machine.request_poweroff((value << 1) | 1)
+
+
+def build(iters: int, out: Path) -> bytes:
+    subprocess.run(["nasm", "-f", "bin", f"-DITER={iters}", "-o", str(out), str(GUEST)], check=True)
+    return out.read_bytes()
+
+
+def multiboot_state(mem: GuestMemory, image: bytes) -> CpuState:
+    """What a multiboot loader hands over: flat 32-bit segments, EAX = magic."""
+    mem.write_u64(GDT + 8, 0x00CF9B000000FFFF)
+    mem.write_u64(GDT + 16, 0x00CF93000000FFFF)
+    off = image.index((0x1BADB002).to_bytes(4, "little"))
+    entry = int.from_bytes(image[off + 28 : off + 32], "little")
+    code = Segment(selector=0x08, base=0, limit=0xFFFFFFFF, type=0xB, db=1, g=1)
+    data = Segment(selector=0x10, base=0, limit=0xFFFFFFFF, type=0x3, db=1, g=1)
+    st = CpuState(rip=entry, cr0=0x11, gdt=DescriptorTable(GDT, 23))
+    st.segments = {"cs": code, **{n: data for n in ("ds", "es", "fs", "gs", "ss")}}
+    st.gpr["rax"] = 0x2BADB002
+    return st
+
+
+def run_emu(image: bytes, translate: bool, profile: bool = False) -> tuple[float, int, bytes]:
+    mem = GuestMemory.with_ram(16 << 20)
+    m = Machine(mem)
+    com = Com1()
+    m.pio.register(0x3F8, 8, com)
+    m.pio.register(0xF4, 1, DebugExit(m))
+    mem.write(LOAD, image)
+    m.boot_state = [multiboot_state(mem, image)]
+    acc = EmuAccelerator(translate=translate)
+    acc.create(m)
+    prof = cProfile.Profile() if profile else None
+    t = time.perf_counter()
+    if prof:
+        prof.enable()
+    res = acc.run()
+    if prof:
+        prof.disable()
+    dt = time.perf_counter() - t
+    assert acc.cpu is not None
+    n = acc.cpu.icount
+    if res.exit_status != (0x31 << 1) | 1:
+        raise SystemExit(f"emulator run failed: {res} output={bytes(com.out)!r}")
+    if prof:
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(14)
+    return dt, n, bytes(com.out)
+
+
+def run_qemu(path: Path) -> tuple[float, bytes]:
+    cmd = [
+        "qemu-system-i386", "-accel", "tcg", "-kernel", str(path), "-m", "64",
+        "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]  # fmt: skip
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, timeout=600)
+    dt = time.perf_counter() - t
+    if p.returncode != 0x31 * 2 + 1:
+        raise SystemExit(f"qemu run failed: rc={p.returncode} {p.stderr[-300:]!r}")
+    return dt, p.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iter", type=int, default=3000)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="boite-bench-emu-"))
+    try:
+        img = build(a.iter, tmp / "long.bin")
+        small = build(max(1, a.iter // 10), tmp / "short.bin")
+        t_tr, n, out_tr = run_emu(img, True, a.profile)
+        t_in, n_in, out_in = run_emu(small, False)
+        mips_tr = n / t_tr / 1e6
+        mips_in = n_in / t_in / 1e6
+        print(f"translated:  {n} insns in {t_tr:.2f}s = {mips_tr:.2f} MIPS", file=sys.stderr)
+        print(f"interpreted: {n_in} insns in {t_in:.2f}s = {mips_in:.2f} MIPS", file=sys.stderr)
+        mips_q = None
+        if shutil.which("qemu-system-i386"):
+            # The instruction count is linear in ITER: n = n0 + per_iter * ITER.
+            _, n_small, _ = run_emu(small, True)
+            per_iter = (n - n_small) / (a.iter - max(1, a.iter // 10))
+            q_iter = a.iter * 100
+            build(q_iter, tmp / "qlong.bin")
+            tq_long, out_q = run_qemu(tmp / "qlong.bin")
+            tq_short, out_qs = run_qemu(tmp / "short.bin")
+            if out_qs.strip() != run_emu(small, True)[2].strip():
+                raise SystemExit(f"checksums differ: qemu {out_qs!r}")
+            if tq_long > tq_short:
+                mips_q = per_iter * (q_iter - max(1, a.iter // 10)) / (tq_long - tq_short) / 1e6
+            print(
+                f"qemu tcg:    {tq_long:.2f}s for {q_iter} iterations, {tq_short:.2f}s short -> "
+                f"{mips_q and round(mips_q, 1)} MIPS ({per_iter:.0f} insns/iteration)",
+                file=sys.stderr,
+            )
+        print(
+            json.dumps(
+                {
+                    "mips_translated": round(mips_tr, 3),
+                    "mips_interpreted": round(mips_in, 3),
+                    "mips_qemu_tcg": mips_q and round(mips_q, 1),
+                    "linux_init_s": None,
+                    "linux_init_s_qemu_tcg": None,
+                }
+            )
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

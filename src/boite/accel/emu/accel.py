@@ -1,0 +1,284 @@
+"""EmuAccelerator: runs a Machine's CPU in software (boite.accel.emu.cpu.Cpu).
+
+Devices stay in the machine: port I/O goes to machine.pio, any physical address outside
+RAM to machine.mmio, interrupts come from the machine's interrupt controller (a device
+with `pending()` / `acknowledge() -> vector`, e.g. the 8259 pair), and timers (devices
+with `next_deadline_ns()` / `advance(now_ns)`, e.g. PIT and RTC) are advanced between
+blocks and while the CPU sleeps in HLT.
+
+`BOITE_EMU=interp` (or `EmuAccelerator(translate=False)`) selects the plain interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from boite.accel.base import Accelerator, RunResult, StopReason
+from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
+from boite.accel.emu.cpu import CS, DS, ES, FS, GS, IF, SS, Cpu, CpuFault, TripleFault
+from boite.errors import AccelError, GuestError
+
+# Emulator register order (EAX ECX EDX EBX ESP EBP ESI EDI) in CpuState names.
+_GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
+_SEG = {"es": ES, "cs": CS, "ss": SS, "ds": DS, "fs": FS, "gs": GS}
+CHUNK = 20_000  # instructions between timer checks
+
+
+def _attr_of(s: Segment) -> int:
+    return (
+        (s.type & 0xF)
+        | (s.s << 4)
+        | (s.dpl << 5)
+        | (s.present << 7)
+        | (s.avl << 12)
+        | (s.l << 13)
+        | (s.db << 14)
+        | (s.g << 15)
+    )
+
+
+def _segment_of(sel: int, base: int, limit: int, attr: int) -> Segment:
+    return Segment(
+        selector=sel,
+        base=base,
+        limit=limit,
+        type=attr & 0xF,
+        present=(attr >> 7) & 1,
+        dpl=(attr >> 5) & 3,
+        db=(attr >> 14) & 1,
+        s=(attr >> 4) & 1,
+        l=(attr >> 13) & 1,
+        g=(attr >> 15) & 1,
+        avl=(attr >> 12) & 1,
+        unusable=0 if attr & 0x80 else 1,
+    )
+
+
+def cpu_to_state(cpu: Cpu) -> CpuState:
+    st = CpuState()
+    st.gpr = dict.fromkeys(GPR_NAMES, 0)
+    for i, n in enumerate(_GPR):
+        st.gpr[n] = cpu.r[i]
+    st.rip = cpu.eip
+    st.rflags = cpu.get_flags()
+    st.segments = {
+        n: _segment_of(cpu.sel[i], cpu.sbase[i], cpu.slimit[i], cpu.sattr[i])
+        for n, i in _SEG.items()
+    }
+    st.segments["tr"] = Segment(
+        selector=cpu.tr_sel, base=cpu.tr_base, limit=cpu.tr_limit, type=cpu.tr_type, s=0
+    )
+    st.segments["ldt"] = Segment(
+        selector=cpu.ldt_sel, base=cpu.ldt_base, limit=cpu.ldt_limit, type=2, s=0
+    )
+    st.gdt = DescriptorTable(cpu.gdt_base, cpu.gdt_limit)
+    st.idt = DescriptorTable(cpu.idt_base, cpu.idt_limit)
+    st.cr0, st.cr2, st.cr3, st.cr4 = cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4
+    st.msrs = dict(cpu.msrs)
+    st.msrs[0x10] = cpu.rdtsc()
+    st.halted = cpu.halted
+    st.extra = {"emu": {"cpl": cpu.cpl, "dr": list(cpu.dr), "inhibit_irq": cpu.inhibit_irq}}
+    return st
+
+
+def state_to_cpu(st: CpuState, cpu: Cpu) -> None:
+    for i, n in enumerate(_GPR):
+        cpu.r[i] = st.gpr.get(n, 0) & 0xFFFFFFFF
+    cpu.eip = st.rip & 0xFFFFFFFF
+    cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4 = st.cr0 & 0xFFFFFFFF, st.cr2, st.cr3, st.cr4
+    for n, i in _SEG.items():
+        s = st.segments.get(n)
+        if s is None:
+            s = Segment(selector=0, base=0, limit=0xFFFF, type=0xB if n == "cs" else 3)
+        cpu.set_seg_raw(i, s.selector, s.base & 0xFFFFFFFF, s.limit, _attr_of(s))
+    tr = st.segments.get("tr")
+    if tr is not None:
+        cpu.tr_sel, cpu.tr_base, cpu.tr_limit, cpu.tr_type = tr.selector, tr.base, tr.limit, tr.type
+    ldt = st.segments.get("ldt")
+    if ldt is not None:
+        cpu.ldt_sel, cpu.ldt_base, cpu.ldt_limit = ldt.selector, ldt.base, ldt.limit
+    cpu.gdt_base, cpu.gdt_limit = st.gdt.base, st.gdt.limit
+    cpu.idt_base, cpu.idt_limit = st.idt.base, st.idt.limit
+    cpu.set_flags(st.rflags, 0x3F7FD7)
+    emu = st.extra.get("emu", {})
+    if "cpl" in emu:
+        cpu.cpl = emu["cpl"]
+    else:
+        cpu.cpl = (st.segments["cs"].selector & 3) if "cs" in st.segments and cpu.cr0 & 1 else 0
+    cpu.dr = list(emu.get("dr", cpu.dr))
+    cpu.inhibit_irq = bool(emu.get("inhibit_irq", False))
+    cpu.msrs = {k: v for k, v in st.msrs.items() if k != 0x10}
+    if 0x10 in st.msrs:
+        cpu.wrmsr(0x10, st.msrs[0x10])
+    cpu.halted = st.halted
+    cpu.paging_changed()
+    cpu.tlb_switch()
+    cpu.flush_blocks()
+
+
+class EmuAccelerator(Accelerator):
+    """Full emulation of one IA-32 vCPU (the machine's first; SMP is not emulated)."""
+
+    name = "emu"
+
+    def __init__(self, translate: bool | None = None) -> None:
+        if translate is None:
+            translate = os.environ.get("BOITE_EMU", "translate") != "interp"
+        self.translate = translate
+        self.machine: Any = None
+        self.cpu: Cpu | None = None
+        self._pause = threading.Event()
+        self._wake = threading.Event()
+        self.pic: Any = None
+        self.timers: list[Any] = []
+
+    # -- set-up ------------------------------------------------------------------------
+    def create(self, machine: Any, config: Any = None) -> None:
+        if machine.memory.region_at(0) is None:
+            raise AccelError("emu: the machine has no RAM at physical address 0")
+        self.machine = machine
+        cpu = Cpu(machine.memory, _StoppingBus(machine.pio, self), _StoppingBus(machine.mmio, self))
+        cpu.translate_blocks = self.translate
+        cpu.decoder.c = cpu
+        self.cpu = cpu
+        for dev in machine.devices.values():
+            if hasattr(dev, "pending") and hasattr(dev, "acknowledge") and self.pic is None:
+                self.pic = dev
+                prev = getattr(dev, "on_intr", None)
+
+                def on_intr(level: bool, prev=prev) -> None:
+                    if prev is not None:
+                        prev(level)
+                    if level and self.cpu is not None:
+                        self.cpu.intr = True
+                        self._wake.set()
+
+                if hasattr(dev, "on_intr"):
+                    dev.on_intr = on_intr
+                    self._intr_hooked = True
+            if hasattr(dev, "next_deadline_ns") and hasattr(dev, "advance"):
+                self.timers.append(dev)
+        pic = self.pic
+        if pic is not None:
+            hooked = getattr(self, "_intr_hooked", False)
+
+            def irq_check() -> int | None:
+                if pic.pending():
+                    return pic.acknowledge()
+                if hooked:
+                    cpu.intr = False  # until the controller raises INTR again
+                return None
+
+            cpu.irq_check = irq_check
+        else:
+            cpu.intr = False
+        if machine.boot_state:
+            state_to_cpu(machine.boot_state[0], cpu)
+        else:
+            cpu.reset()
+
+    # -- running -----------------------------------------------------------------------
+    def _advance_timers(self) -> int | None:
+        """Advance timers to now (each raises its IRQ for edges that passed); returns the
+        nearest next deadline (monotonic ns) or None."""
+        nearest = None
+        now = time.monotonic_ns()
+        for t in self.timers:
+            # Every call: the PIT's deadline is always the next edge after the clock's now,
+            # so it never looks due; advance() itself finds the edges since its last call.
+            t.advance(now)
+            d = t.next_deadline_ns()
+            if d is not None and (nearest is None or d < nearest):
+                nearest = d
+        return nearest
+
+    def _stop_reason(self) -> RunResult | None:
+        m = self.machine
+        if m.exit_status is not None:
+            return RunResult(StopReason.SHUTDOWN, m.exit_status)
+        if m.reset_requested:
+            return RunResult(StopReason.RESET)
+        if self._pause.is_set():
+            self._pause.clear()
+            return RunResult(StopReason.PAUSED)
+        return None
+
+    def run(self) -> RunResult:
+        cpu = self.cpu
+        if cpu is None:
+            raise AccelError("emu: run() before create()")
+        cpu.stop = False
+        try:
+            while True:
+                res = self._stop_reason()
+                if res is not None:
+                    return res
+                cpu.run(CHUNK)
+                cpu.stop = False
+                nearest = self._advance_timers()
+                if cpu.halted:
+                    res = self._stop_reason()
+                    if res is not None:
+                        return res
+                    if not cpu.fl & IF:
+                        # Only NMI/INIT (not emulated) wake a CPU halted with IF=0.
+                        return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
+                    if cpu.fl & IF and self.pic is not None and self.pic.pending():
+                        continue
+                    wait = 0.01
+                    if nearest is not None:
+                        wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
+                    self._wake.wait(wait)
+                    self._wake.clear()
+                    self._advance_timers()
+        except TripleFault:
+            self.machine.request_reset()
+            return RunResult(StopReason.RESET, detail="triple fault")
+        except GuestError as e:
+            return RunResult(StopReason.ERROR, detail=str(e))
+        except CpuFault as f:  # a fault escaped delivery: an emulator bug, reported
+            return RunResult(StopReason.ERROR, detail=f"unhandled fault {f.vector}")
+
+    def pause(self) -> None:
+        self._pause.set()
+        self._wake.set()
+        if self.cpu is not None:
+            self.cpu.stop = True
+
+    def save_cpu_state(self) -> list[dict[str, Any]]:
+        if self.cpu is None:
+            raise AccelError("emu: save_cpu_state() before create()")
+        return [cpu_to_state(self.cpu).to_dict()]
+
+    def load_cpu_state(self, state: list[dict[str, Any]]) -> None:
+        if self.cpu is None:
+            raise AccelError("emu: load_cpu_state() before create()")
+        if not state:
+            raise AccelError("emu: empty CPU state list")
+        state_to_cpu(CpuState.from_dict(state[0]), self.cpu)
+
+    def close(self) -> None:
+        self.cpu = None
+
+
+class _StoppingBus:
+    """A bus wrapper that makes the CPU leave its run loop after an access that powered
+    the machine off, asked for a reset, or raised an interrupt line."""
+
+    def __init__(self, bus: Any, accel: EmuAccelerator) -> None:
+        self.bus = bus
+        self.accel = accel
+
+    def read(self, addr: int, size: int) -> int:
+        return self.bus.read(addr, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self.bus.write(addr, size, value)
+        m = self.accel.machine
+        if m.exit_status is not None or m.reset_requested:
+            cpu = self.accel.cpu
+            if cpu is not None:
+                cpu.stop = True

@@ -1,0 +1,1065 @@
+"""The emulated x86 CPU: registers, lazy flags, MMU with a software TLB, segmentation,
+interrupt and exception delivery, and the run loops (plain interpreter and block cache).
+
+What CPUID reports (see `Cpu.cpuid`): vendor "GenuineIntel", family 6 model 1 (a
+Pentium-Pro-class IA-32 CPU) with TSC, CX8, CMOV, PSE, MSR, CPUID and *no* x87 FPU: the
+guest kit's i386 kernel is built for a 486SX with CONFIG_MATH_EMULATION, so Linux sets
+CR0.EM and the x87 escape opcodes trap with #NM into the kernel's own math emulator.
+With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FNSTSW
+leave memory alone, so the usual probe finds no FPU).
+
+Not emulated (each raises a GuestError or an architectural fault instead of guessing):
+hardware task switches (task gates, JMP/CALL to a TSS), virtual-8086 mode, the I/O
+permission bitmap (CPL > IOPL port access is #GP), debug registers' breakpoints, SMM.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from boite.errors import GuestError
+
+M8, M16, M32 = 0xFF, 0xFFFF, 0xFFFFFFFF
+
+# Segment register numbers, in the order the ModRM reg field names them.
+ES, CS, SS, DS, FS, GS = range(6)
+SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
+
+# EFLAGS bits.
+CF, PF, AF, ZF, SF, TF, IF, DF, OF = 1, 4, 0x10, 0x40, 0x80, 0x100, 0x200, 0x400, 0x800
+IOPL, NT, RF, VM, AC, ID = 0x3000, 0x4000, 0x10000, 0x20000, 0x40000, 0x200000
+ARITH = CF | PF | AF | ZF | SF | OF
+
+# Lazy flag operations: the flags of the last arithmetic result are computed on demand.
+OP_NONE, OP_ADD, OP_SUB, OP_LOGIC, OP_INC, OP_DEC = range(6)
+
+PARITY = bytes(4 if bin(i).count("1") % 2 == 0 else 0 for i in range(256))
+
+_u16 = struct.Struct("<H").unpack_from
+_u32 = struct.Struct("<I").unpack_from
+_p16 = struct.Struct("<H").pack_into
+_p32 = struct.Struct("<I").pack_into
+
+# Exception vectors.
+DE, DB, NMI, BP, OF_VEC, BR, UD, NM, DF_VEC, TS, NP, SS_VEC, GP, PF_VEC = (
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14,
+)  # fmt: skip
+CONTRIBUTORY = frozenset((DE, TS, NP, SS_VEC, GP))
+HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
+
+HOT_BLOCK = 4  # executions before a block is compiled to one Python function
+
+MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
+    0x10, 0x1B, 0x174, 0x175, 0x176,
+)  # fmt: skip
+KNOWN_MSRS = frozenset((MSR_TSC, MSR_APIC_BASE, 0x8B, 0x17, 0x2A))  # + writes kept in msrs
+
+
+class CpuFault(Exception):
+    """An architectural exception raised while executing an instruction."""
+
+    __slots__ = ("vector", "error")
+
+    def __init__(self, vector: int, error: int | None = None) -> None:
+        self.vector = vector
+        self.error = error
+
+
+class TripleFault(Exception):
+    pass
+
+
+class CpuHalt(Exception):
+    """HLT executed: the run loop waits for an interrupt."""
+
+
+class CpuStop(Exception):
+    """Leave the run loop at an instruction boundary (I/O asked for power-off, pause)."""
+
+
+class Cpu:
+    """One IA-32 vCPU. Memory is a GuestMemory; port I/O and MMIO go to the buses."""
+
+    def __init__(
+        self,
+        memory: Any,
+        pio: Any = None,
+        mmio: Any = None,
+        *,
+        translate: bool = True,
+        tsc_hz: int = 1_000_000_000,
+    ) -> None:
+        self.memory = memory
+        self.pio = pio
+        self.mmio = mmio
+        low = memory.region_at(0)
+        self.ram = low.mm if low is not None else bytearray(0)
+        self.ram_size = low.size if low is not None else 0
+        self.r = [0] * 8
+        self.eip = 0
+        self.sel = [0] * 6
+        self.sbase = [0] * 6
+        self.slimit = [M16] * 6
+        self.sattr = [0x93] * 6  # access byte | (flags nibble << 8): bit 14 = D/B, 15 = G
+        self.sattr[CS] = 0x9B
+        self.cs32 = False
+        self.ss32 = False
+        self.cpl = 0
+        self.fl = 0x2
+        self.lop = OP_NONE
+        self.la = self.lb = self.lres = 0
+        self.lmask = M32
+        self.lcf = 0
+        self.cr0 = 0x60000010
+        self.cr2 = 0
+        self.cr3 = 0
+        self.cr4 = 0
+        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]
+        self.gdt_base, self.gdt_limit = 0, M16
+        self.idt_base, self.idt_limit = 0, M16
+        self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
+        self.tr_sel, self.tr_base, self.tr_limit, self.tr_type = 0, 0, 0xFFFF, 0xB
+        self.msrs: dict[int, int] = {}
+        self.halted = False
+        self.inhibit_irq = False  # one-instruction shadow after STI / MOV SS
+        self.tsc_hz = tsc_hz
+        self.tsc_offset = 0
+        self.icount = 0
+        self.irq_count = 0  # external interrupts taken
+        self.translate_blocks = translate
+        self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
+        self.mode_key = 0  # cpl | 4 * cs32, kept current by set_seg_raw and tlb_switch
+        self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
+        self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
+        self.reset_requested = False
+        self.stop = False  # set by I/O side effects and pause(): leave run() at a boundary
+        self.intr = True  # hint: the interrupt controller may have a request (see irq_check)
+        # Software TLB: linear page -> physical page base, for pages of the first RAM region.
+        self.rtlb: dict[int, int] = {}
+        self.wtlb: dict[int, int] = {}
+        self._tlbs: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
+        self.paging = False
+        # Block cache: physical address -> (key, fns, count); code pages are write-guarded.
+        self.blocks: dict[int, Any] = {}
+        self.code_pages: dict[int, list[int]] = {}
+        from boite.accel.emu.decode import Decoder
+
+        self.decoder = Decoder(self)
+        self.tlb_switch()
+
+    # ------------------------------------------------------------------ flags
+    def get_cf(self) -> int:
+        op = self.lop
+        if op == OP_NONE:
+            return self.fl & 1
+        if op == OP_ADD:
+            return 1 if self.lres > self.lmask else 0
+        if op == OP_SUB:
+            return 1 if self.lres < 0 else 0
+        if op == OP_LOGIC:
+            return 0
+        return self.lcf
+
+    def get_flags(self) -> int:
+        op = self.lop
+        if op == OP_NONE:
+            return self.fl
+        m = self.lmask
+        res = self.lres
+        a = self.la
+        b = self.lb
+        f = self.fl & ~ARITH
+        rm = res & m
+        sign = (m + 1) >> 1
+        if rm == 0:
+            f |= ZF
+        if rm & sign:
+            f |= SF
+        f |= PARITY[rm & 0xFF]
+        if op == OP_ADD or op == OP_INC:
+            if op == OP_ADD:
+                if res > m:
+                    f |= CF
+            else:
+                f |= self.lcf
+            if (a ^ res) & (b ^ res) & sign:
+                f |= OF
+            f |= (a ^ b ^ res) & AF
+        elif op == OP_SUB or op == OP_DEC:
+            if op == OP_SUB:
+                if res < 0:
+                    f |= CF
+            else:
+                f |= self.lcf
+            if (a ^ b) & (a ^ res) & sign:
+                f |= OF
+            f |= (a ^ b ^ res) & AF
+        return f
+
+    def materialize(self) -> int:
+        f = self.get_flags()
+        self.fl = f
+        self.lop = OP_NONE
+        return f
+
+    def set_flags(self, value: int, mask: int = 0x3F7FD5) -> None:
+        """Write EFLAGS bits under `mask` (what the instruction may change)."""
+        f = self.get_flags()
+        self.fl = ((f & ~mask) | (value & mask)) | 2
+        self.lop = OP_NONE
+
+    def cond(self, cc: int) -> bool:
+        """Condition code cc (0..15) of Jcc/SETcc/CMOVcc."""
+        op = self.lop
+        k = cc >> 1
+        if op != OP_NONE and (k == 2 or k == 4):
+            rm = self.lres & self.lmask
+            v = (rm == 0) if k == 2 else bool(rm & ((self.lmask + 1) >> 1))
+        elif op != OP_NONE and k == 1:
+            v = bool(self.get_cf())
+        else:
+            f = self.get_flags()
+            if k == 0:
+                v = bool(f & OF)
+            elif k == 1:
+                v = bool(f & CF)
+            elif k == 2:
+                v = bool(f & ZF)
+            elif k == 3:
+                v = bool(f & (CF | ZF))
+            elif k == 4:
+                v = bool(f & SF)
+            elif k == 5:
+                v = bool(f & PF)
+            elif k == 6:
+                v = bool(f & SF) != bool(f & OF)
+            else:
+                v = bool(f & ZF) or (bool(f & SF) != bool(f & OF))
+        return v != bool(cc & 1)
+
+    # ------------------------------------------------------------------ memory
+    def tlb_switch(self) -> None:
+        """Select the TLB pair for the current privilege (user pages differ from supervisor)."""
+        user = 1 if self.cpl == 3 else 0
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+        pair = self._tlbs.get(user)
+        if pair is None:
+            pair = self._tlbs[user] = ({}, {})
+        self.rtlb, self.wtlb = pair
+
+    def tlb_flush(self, page: int | None = None) -> None:
+        for rt, wt in self._tlbs.values():
+            if page is None:
+                rt.clear()
+                wt.clear()
+            else:
+                rt.pop(page, None)
+                wt.pop(page, None)
+
+    def paging_changed(self) -> None:
+        self.paging = bool(self.cr0 & 0x80000000)
+        self.tlb_flush()
+
+    def translate(self, lin: int, write: bool, user: bool) -> int:
+        """Linear to physical, walking the 2-level page tables (PSE 4 MiB pages too)."""
+        if not self.paging:
+            return lin
+        ram = self.ram
+        pde_a = (self.cr3 & 0xFFFFF000) | ((lin >> 20) & 0xFFC)
+        pde = self.phys_read(pde_a, 4)
+        if not pde & 1:
+            self._page_fault(lin, 0, write, user)
+        if pde & 0x80 and self.cr4 & 0x10:
+            ok = self._page_perm(pde, pde, write, user)
+            if not ok:
+                self._page_fault(lin, 1, write, user)
+            new = pde | 0x20 | (0x40 if write else 0)
+            if new != pde:
+                self.phys_write(pde_a, 4, new)
+            return (pde & 0xFFC00000) | (lin & 0x3FFFFF)
+        pte_a = (pde & 0xFFFFF000) | ((lin >> 10) & 0xFFC)
+        pte = self.phys_read(pte_a, 4)
+        if not pte & 1:
+            self._page_fault(lin, 0, write, user)
+        if not self._page_perm(pde, pte, write, user):
+            self._page_fault(lin, 1, write, user)
+        if not pde & 0x20:
+            self.phys_write(pde_a, 4, pde | 0x20)
+        new = pte | 0x20 | (0x40 if write else 0)
+        if new != pte:
+            self.phys_write(pte_a, 4, new)
+        del ram
+        return (pte & 0xFFFFF000) | (lin & 0xFFF)
+
+    def _page_perm(self, pde: int, pte: int, write: bool, user: bool) -> bool:
+        if user:
+            if not (pde & pte & 4):
+                return False
+            if write and not (pde & pte & 2):
+                return False
+        elif write and self.cr0 & 0x10000 and not (pde & pte & 2):
+            return False
+        return True
+
+    def _page_fault(self, lin: int, present: int, write: bool, user: bool) -> None:
+        self.cr2 = lin
+        raise CpuFault(PF_VEC, present | (2 if write else 0) | (4 if user else 0))
+
+    def phys_read(self, pa: int, n: int) -> int:
+        if pa + n <= self.ram_size:
+            return int.from_bytes(self.ram[pa : pa + n], "little")
+        r = self.memory.region_at(pa)
+        if r is not None and pa + n <= r.end:
+            o = pa - r.gpa
+            return int.from_bytes(r.mm[o : o + n], "little")
+        if self.mmio is None:
+            return (1 << (8 * n)) - 1
+        return self.mmio.read(pa, n)
+
+    def phys_write(self, pa: int, n: int, v: int) -> None:
+        if pa + n <= self.ram_size:
+            self.ram[pa : pa + n] = v.to_bytes(n, "little")
+            cp = self.code_pages
+            if cp and (pa >> 12) in cp or ((pa + n - 1) >> 12) in cp:
+                self.invalidate_code(pa >> 12)
+                self.invalidate_code((pa + n - 1) >> 12)
+            return
+        r = self.memory.region_at(pa)
+        if r is not None and pa + n <= r.end:
+            o = pa - r.gpa
+            r.mm[o : o + n] = v.to_bytes(n, "little")
+            return
+        if self.mmio is not None:
+            self.mmio.write(pa, n, v)
+
+    def _fill(self, lin: int, write: bool) -> int:
+        """Translate for an access by the current CPL and fill the TLB when the page is RAM."""
+        pa = self.translate(lin, write, self.cpl == 3)
+        page = lin >> 12
+        ppage = pa & ~0xFFF
+        if ppage + 0x1000 <= self.ram_size:
+            self.rtlb[page] = ppage
+            if write and (pa >> 12) not in self.code_pages:
+                self.wtlb[page] = ppage
+        return pa
+
+    def rd_slow(self, lin: int, n: int) -> int:
+        if (lin & 0xFFF) + n > 0x1000:
+            v = 0
+            for i in range(n):
+                v |= self.rd_slow((lin + i) & M32, 1) << (8 * i)
+            return v
+        return self.phys_read(self._fill(lin, False), n)
+
+    def wr_slow(self, lin: int, n: int, v: int) -> None:
+        if (lin & 0xFFF) + n > 0x1000:
+            # Translate every page first so a fault leaves memory untouched.
+            pas = [self.translate((lin + i) & M32, True, self.cpl == 3) for i in range(n)]
+            for i, pa in enumerate(pas):
+                self.phys_write(pa, 1, (v >> (8 * i)) & 0xFF)
+            return
+        self.phys_write(self._fill(lin, True), n, v)
+
+    def rd8(self, lin: int) -> int:
+        p = self.rtlb.get(lin >> 12)
+        if p is not None:
+            return self.ram[p | (lin & 0xFFF)]
+        return self.rd_slow(lin, 1)
+
+    def rd16(self, lin: int) -> int:
+        p = self.rtlb.get(lin >> 12)
+        if p is not None and (lin & 0xFFF) != 0xFFF:
+            return _u16(self.ram, p | (lin & 0xFFF))[0]
+        return self.rd_slow(lin, 2)
+
+    def rd32(self, lin: int) -> int:
+        p = self.rtlb.get(lin >> 12)
+        if p is not None and (lin & 0xFFF) <= 0xFFC:
+            return _u32(self.ram, p | (lin & 0xFFF))[0]
+        return self.rd_slow(lin, 4)
+
+    def wr8(self, lin: int, v: int) -> None:
+        p = self.wtlb.get(lin >> 12)
+        if p is not None:
+            self.ram[p | (lin & 0xFFF)] = v
+        else:
+            self.wr_slow(lin, 1, v)
+
+    def wr16(self, lin: int, v: int) -> None:
+        p = self.wtlb.get(lin >> 12)
+        if p is not None and (lin & 0xFFF) != 0xFFF:
+            _p16(self.ram, p | (lin & 0xFFF), v)
+        else:
+            self.wr_slow(lin, 2, v)
+
+    def wr32(self, lin: int, v: int) -> None:
+        p = self.wtlb.get(lin >> 12)
+        if p is not None and (lin & 0xFFF) <= 0xFFC:
+            _p32(self.ram, p | (lin & 0xFFF), v)
+        else:
+            self.wr_slow(lin, 4, v)
+
+    def rd(self, lin: int, size: int) -> int:
+        if size == 4:
+            return self.rd32(lin)
+        if size == 2:
+            return self.rd16(lin)
+        return self.rd8(lin)
+
+    def wr(self, lin: int, size: int, v: int) -> None:
+        if size == 4:
+            self.wr32(lin, v)
+        elif size == 2:
+            self.wr16(lin, v)
+        else:
+            self.wr8(lin, v)
+
+    def check_writable(self, lin: int, n: int) -> None:
+        """Probe a write without doing it (for instructions that must not half-complete)."""
+        for a in {lin & ~0xFFF, (lin + n - 1) & ~0xFFF}:
+            if (a >> 12) not in self.wtlb:
+                self.translate(a & M32, True, self.cpl == 3)
+
+    # Supervisor accesses (descriptor tables, TSS): always with CPL 0 rights.
+    def sys_read(self, lin: int, n: int) -> int:
+        v = 0
+        for i in range(n):
+            v |= self.phys_read(self.translate((lin + i) & M32, False, False), 1) << (8 * i)
+        return v
+
+    def sys_write(self, lin: int, n: int, v: int) -> None:
+        for i in range(n):
+            self.phys_write(self.translate((lin + i) & M32, True, False), 1, (v >> 8 * i) & 0xFF)
+
+    # ------------------------------------------------------------------ code cache
+    def invalidate_code(self, ppage: int) -> None:
+        keys = self.code_pages.pop(ppage, None)
+        if keys:
+            blocks = self.blocks
+            for k in keys:
+                blocks.pop(k, None)
+
+    def flush_blocks(self) -> None:
+        self.blocks.clear()
+        self.code_pages.clear()
+
+    # ------------------------------------------------------------------ stack
+    def push(self, v: int, size: int) -> None:
+        r = self.r
+        if self.ss32:
+            sp = (r[4] - size) & M32
+            self.wr((self.sbase[SS] + sp) & M32, size, v)
+            r[4] = sp
+        else:
+            sp = (r[4] - size) & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)  # the word would run past the 64 KiB segment
+            self.wr((self.sbase[SS] + sp) & M32, size, v)
+            r[4] = (r[4] & 0xFFFF0000) | sp
+
+    def pop(self, size: int) -> int:
+        r = self.r
+        if self.ss32:
+            sp = r[4]
+            v = self.rd((self.sbase[SS] + sp) & M32, size)
+            r[4] = (sp + size) & M32
+        else:
+            sp = r[4] & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)
+            v = self.rd((self.sbase[SS] + sp) & M32, size)
+            r[4] = (r[4] & 0xFFFF0000) | ((sp + size) & M16)
+        return v
+
+    def peek(self, offset: int, size: int) -> int:
+        """Read the stack at ESP+offset without popping."""
+        sp = (self.r[4] + offset) & (M32 if self.ss32 else M16)
+        if not self.ss32 and sp > 0x10000 - size:
+            raise CpuFault(SS_VEC, 0)
+        return self.rd((self.sbase[SS] + sp) & M32, size)
+
+    def sp_add(self, n: int) -> None:
+        r = self.r
+        if self.ss32:
+            r[4] = (r[4] + n) & M32
+        else:
+            r[4] = (r[4] & 0xFFFF0000) | ((r[4] + n) & M16)
+
+    # ------------------------------------------------------------------ segments
+    @property
+    def protected(self) -> bool:
+        return bool(self.cr0 & 1)
+
+    def descriptor(self, sel: int, vec: int = GP) -> tuple[int, int]:
+        """The 8-byte descriptor a selector names, and its linear address."""
+        idx = sel & 0xFFF8
+        if sel & 4:
+            base, limit = self.ldt_base, self.ldt_limit
+            if not self.ldt_sel:
+                raise CpuFault(vec, sel & 0xFFFC)
+        else:
+            base, limit = self.gdt_base, self.gdt_limit
+        if idx + 7 > limit:
+            raise CpuFault(vec, sel & 0xFFFC)
+        addr = (base + idx) & M32
+        return self.sys_read(addr, 8), addr
+
+    @staticmethod
+    def desc_fields(d: int) -> tuple[int, int, int]:
+        """(base, byte-granular limit, attr) of a descriptor; attr = access | flags << 8."""
+        base = ((d >> 16) & 0xFFFFFF) | (((d >> 56) & 0xFF) << 24)
+        limit = (d & 0xFFFF) | (((d >> 48) & 0xF) << 16)
+        attr = ((d >> 40) & 0xFF) | (((d >> 52) & 0xF) << 12)
+        if attr & 0x8000:
+            limit = (limit << 12) | 0xFFF
+        return base, limit, attr
+
+    def set_seg_raw(self, i: int, sel: int, base: int, limit: int, attr: int) -> None:
+        self.sel[i] = sel
+        self.sbase[i] = base
+        self.slimit[i] = limit
+        self.sattr[i] = attr
+        if i == CS:
+            self.cs32 = bool(attr & 0x4000)
+            self.mode_key = self.cpl | (4 if self.cs32 else 0)
+        elif i == SS:
+            self.ss32 = bool(attr & 0x4000)
+
+    def load_seg(self, i: int, sel: int) -> None:
+        """MOV/POP/LxS to a segment register other than CS."""
+        sel &= 0xFFFF
+        if not self.cr0 & 1 or self.fl & VM:
+            self.sel[i] = sel
+            self.sbase[i] = sel << 4
+            if i == SS and not self.cr0 & 1:
+                pass
+            return
+        if sel & 0xFFFC == 0:
+            if i == SS:
+                raise CpuFault(GP, 0)
+            self.set_seg_raw(i, sel, 0, 0, 0)  # null: unusable until reloaded
+            return
+        d, addr = self.descriptor(sel)
+        base, limit, attr = self.desc_fields(d)
+        rpl = sel & 3
+        dpl = (attr >> 5) & 3
+        typ = attr & 0x1F
+        if i == SS:
+            if rpl != self.cpl or dpl != self.cpl or (typ & 0x1A) != 0x12:
+                raise CpuFault(GP, sel & 0xFFFC)
+            if not attr & 0x80:
+                raise CpuFault(SS_VEC, sel & 0xFFFC)
+        else:
+            if not typ & 0x10 or (typ & 0x1A) == 0x18:  # system, or execute-only code
+                raise CpuFault(GP, sel & 0xFFFC)
+            if (typ & 0x1C) != 0x1C and max(rpl, self.cpl) > dpl:  # not conforming code
+                raise CpuFault(GP, sel & 0xFFFC)
+            if not attr & 0x80:
+                raise CpuFault(NP, sel & 0xFFFC)
+        if not attr & 1:
+            self.sys_write(addr + 5, 1, (attr & 0xFF) | 1)
+            attr |= 1
+        self.set_seg_raw(i, sel, base, limit, attr)
+
+    def load_cs(self, sel: int, base: int, limit: int, attr: int, cpl: int) -> None:
+        self.set_seg_raw(CS, (sel & 0xFFFC) | cpl, base, limit, attr)
+        if cpl != self.cpl:
+            self.cpl = cpl
+            self.tlb_switch()
+
+    def real_cs(self, sel: int) -> None:
+        self.sel[CS] = sel & 0xFFFF
+        self.sbase[CS] = (sel & 0xFFFF) << 4
+        if not self.cr0 & 1:
+            self.cs32 = bool(self.sattr[CS] & 0x4000)
+
+    def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
+        """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""
+        if sel & 0xFFFC == 0:
+            raise CpuFault(GP, 0)
+        d, addr = self.descriptor(sel)
+        base, limit, attr = self.desc_fields(d)
+        return base, limit, attr, addr
+
+    def far_jump(self, sel: int, eip: int, call: bool, opsize: int, next_eip: int) -> None:
+        """JMP/CALL ptr16:16/32 (and through call gates)."""
+        if not self.cr0 & 1 or self.fl & VM:
+            if call:
+                self.push(self.sel[CS], opsize)
+                self.push(next_eip, opsize)
+            self.real_cs(sel)
+            self.eip = eip & (M32 if opsize == 4 else M16)
+            return
+        base, limit, attr, addr = self.code_descriptor(sel)
+        typ = attr & 0x1F
+        dpl = (attr >> 5) & 3
+        rpl = sel & 3
+        if typ & 0x18 == 0x18:  # code segment
+            if typ & 4:  # conforming
+                if dpl > self.cpl:
+                    raise CpuFault(GP, sel & 0xFFFC)
+            elif rpl > self.cpl or dpl != self.cpl:
+                raise CpuFault(GP, sel & 0xFFFC)
+            if not attr & 0x80:
+                raise CpuFault(NP, sel & 0xFFFC)
+            if call:
+                self.push(self.sel[CS], opsize)
+                self.push(next_eip, opsize)
+            self.load_cs(sel, base, limit, attr | 1, self.cpl)
+            self.eip = eip & (M32 if opsize == 4 else M16)
+            return
+        if typ in (0x04, 0x0C):  # 16/32-bit call gate
+            d, _ = self.descriptor(sel)
+            if dpl < self.cpl or dpl < rpl:
+                raise CpuFault(GP, sel & 0xFFFC)
+            if not attr & 0x80:
+                raise CpuFault(NP, sel & 0xFFFC)
+            gsize = 4 if typ == 0x0C else 2
+            tsel = (d >> 16) & 0xFFFF
+            teip = (d & 0xFFFF) | ((d >> 32) & 0xFFFF0000 if gsize == 4 else 0)
+            nparams = (d >> 32) & 0x1F
+            tbase, tlimit, tattr, _ = self.code_descriptor(tsel)
+            tdpl = (tattr >> 5) & 3
+            if tattr & 0x18 != 0x18 or tdpl > self.cpl:
+                raise CpuFault(GP, tsel & 0xFFFC)
+            if not tattr & 0x80:
+                raise CpuFault(NP, tsel & 0xFFFC)
+            if call and not tattr & 4 and tdpl < self.cpl:
+                old_ss, old_esp, old_cpl = self.sel[SS], self.r[4], self.cpl
+                params = [self.peek(i * gsize, gsize) for i in range(nparams)]
+                self.stack_switch(tdpl)
+                self.push(old_ss, gsize)
+                self.push(old_esp, gsize)
+                for p in reversed(params):
+                    self.push(p, gsize)
+                self.push(self.sel[CS], gsize)
+                self.push(next_eip, gsize)
+                del old_cpl
+                self.load_cs(tsel, tbase, tlimit, tattr, tdpl)
+            else:
+                if call:
+                    self.push(self.sel[CS], gsize)
+                    self.push(next_eip, gsize)
+                self.load_cs(tsel, tbase, tlimit, tattr, self.cpl)
+            self.eip = teip
+            return
+        if typ not in (0x01, 0x05, 0x09):  # only an available TSS or a task gate switches
+            raise CpuFault(GP, sel & 0xFFFC)
+        raise GuestError(
+            f"far {'call' if call else 'jump'} to selector {sel:#x} of descriptor type "
+            f"{typ & 0xF:#x}: task switches are not emulated"
+        )
+
+    def stack_switch(self, new_cpl: int) -> None:
+        """Load SS:ESP for `new_cpl` from the current 32-bit TSS (inner-level entry)."""
+        if self.tr_type & 8:
+            off = 4 + new_cpl * 8
+            esp = self.sys_read(self.tr_base + off, 4)
+            ss = self.sys_read(self.tr_base + off + 4, 2)
+        else:
+            off = 2 + new_cpl * 4
+            esp = self.sys_read(self.tr_base + off, 2)
+            ss = self.sys_read(self.tr_base + off + 2, 2)
+        if ss & 0xFFFC == 0:
+            raise CpuFault(TS, ss & 0xFFFC)
+        d, addr = self.descriptor(ss, TS)
+        base, limit, attr = self.desc_fields(d)
+        if (ss & 3) != new_cpl or ((attr >> 5) & 3) != new_cpl or (attr & 0x1A) != 0x12:
+            raise CpuFault(TS, ss & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(SS_VEC, ss & 0xFFFC)
+        self.set_seg_raw(SS, ss, base, limit, attr)
+        self.r[4] = esp
+
+    def far_return(self, opsize: int, imm: int) -> None:
+        """RETF [imm16]."""
+        if not self.cr0 & 1 or self.fl & VM:
+            eip = self.pop(opsize)
+            cs = self.pop(opsize)
+            self.sp_add(imm)
+            self.real_cs(cs)
+            self.eip = eip
+            return
+        eip = self.peek(0, opsize)
+        cs = self.peek(opsize, opsize) & 0xFFFF
+        rpl = cs & 3
+        if rpl < self.cpl:
+            raise CpuFault(GP, cs & 0xFFFC)
+        base, limit, attr, _ = self.code_descriptor(cs)
+        if attr & 0x18 != 0x18:
+            raise CpuFault(GP, cs & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(NP, cs & 0xFFFC)
+        if rpl == self.cpl:
+            self.sp_add(2 * opsize + imm)
+            self.load_cs(cs, base, limit, attr, self.cpl)
+            self.eip = eip
+            return
+        esp = self.peek(2 * opsize + imm, opsize)
+        ss = self.peek(3 * opsize + imm, opsize) & 0xFFFF
+        self.load_cs(cs, base, limit, attr, rpl)
+        self.load_seg(SS, ss)
+        self.r[4] = esp if opsize == 4 else (self.r[4] & 0xFFFF0000) | esp
+        self.sp_add(imm)
+        self.eip = eip
+        self._null_outer_segments()
+
+    def _null_outer_segments(self) -> None:
+        for i in (ES, DS, FS, GS):
+            attr = self.sattr[i]
+            dpl = (attr >> 5) & 3
+            if (attr & 0x1C) != 0x1C and dpl < self.cpl:  # data or non-conforming code
+                self.set_seg_raw(i, 0, 0, 0, 0)
+
+    def iret(self, opsize: int) -> None:
+        if not self.cr0 & 1:
+            eip = self.pop(opsize)
+            cs = self.pop(opsize)
+            fl = self.pop(opsize)
+            self.real_cs(cs)
+            self.eip = eip
+            if opsize == 2:
+                self.set_flags(fl, 0x7FD5)
+            else:
+                self.set_flags(fl, 0x257FD5)
+            return
+        if self.fl & NT:
+            raise GuestError("IRET with EFLAGS.NT set (task return) is not emulated")
+        eip = self.peek(0, opsize)
+        cs = self.peek(opsize, opsize) & 0xFFFF
+        fl = self.peek(2 * opsize, opsize)
+        if opsize == 4 and fl & VM and self.cpl == 0:
+            raise GuestError("IRET to virtual-8086 mode is not emulated")
+        rpl = cs & 3
+        if rpl < self.cpl:
+            raise CpuFault(GP, cs & 0xFFFC)
+        base, limit, attr, _ = self.code_descriptor(cs)
+        if attr & 0x18 != 0x18:
+            raise CpuFault(GP, cs & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(NP, cs & 0xFFFC)
+        old_cpl = self.cpl
+        mask = 0x257FD5 if opsize == 4 else 0x7FD5
+        if old_cpl > 0:
+            mask &= ~IOPL
+        if old_cpl > (self.fl >> 12) & 3:
+            mask &= ~IF
+        if rpl == old_cpl:
+            self.sp_add(3 * opsize)
+            self.load_cs(cs, base, limit, attr, rpl)
+        else:
+            esp = self.peek(3 * opsize, opsize)
+            ss = self.peek(4 * opsize, opsize) & 0xFFFF
+            self.load_cs(cs, base, limit, attr, rpl)
+            try:
+                self.load_seg(SS, ss)
+            except CpuFault:
+                self.load_cs(self.sel[CS], self.sbase[CS], self.slimit[CS], self.sattr[CS], old_cpl)
+                raise
+            self.r[4] = esp if opsize == 4 else (self.r[4] & 0xFFFF0000) | esp
+            self._null_outer_segments()
+        self.eip = eip
+        self.set_flags(fl, mask)
+
+    # ------------------------------------------------------------------ interrupts
+    def interrupt(
+        self, vec: int, error: int | None, software: bool, next_eip: int, rf: bool = False
+    ) -> None:
+        """Deliver vector `vec`; `next_eip` is the EIP pushed (faults: the instruction).
+        `rf`: a fault pushes EFLAGS with RF set, so the restarted instruction's own
+        instruction breakpoint does not hit again."""
+        flags = self.get_flags()
+        if not self.cr0 & 1:
+            if vec * 4 + 3 > self.idt_limit:
+                raise CpuFault(DF_VEC if vec == DF_VEC else GP, 0)
+            ent = self.rd32((self.idt_base + vec * 4) & M32)
+            self.push(flags & 0xFFFF, 2)
+            self.push(self.sel[CS], 2)
+            self.push(next_eip & 0xFFFF, 2)
+            self.fl = flags & ~(IF | TF | AC) | 2
+            self.lop = OP_NONE
+            self.real_cs(ent >> 16)
+            self.eip = ent & 0xFFFF
+            return
+        if flags & VM:
+            raise GuestError("interrupt in virtual-8086 mode is not emulated")
+        ext = 0 if software else 1
+        if vec * 8 + 7 > self.idt_limit:
+            raise CpuFault(GP, vec * 8 + 2 + ext)
+        gate = self.sys_read((self.idt_base + vec * 8) & M32, 8)
+        gattr = (gate >> 40) & 0xFF
+        gtype = gattr & 0x1F
+        if gtype not in (0x06, 0x07, 0x0E, 0x0F):
+            if gtype == 0x05:
+                raise GuestError(f"vector {vec} goes through a task gate: not emulated")
+            raise CpuFault(GP, vec * 8 + 2 + ext)
+        if software and ((gattr >> 5) & 3) < self.cpl:
+            raise CpuFault(GP, vec * 8 + 2)
+        if not gattr & 0x80:
+            raise CpuFault(NP, vec * 8 + 2 + ext)
+        gsize = 4 if gtype & 8 else 2
+        tsel = (gate >> 16) & 0xFFFF
+        teip = (gate & 0xFFFF) | (((gate >> 48) & 0xFFFF) << 16 if gsize == 4 else 0)
+        if tsel & 0xFFFC == 0:
+            raise CpuFault(GP, ext)
+        d, _ = self.descriptor(tsel)
+        base, limit, attr = self.desc_fields(d)
+        dpl = (attr >> 5) & 3
+        if attr & 0x18 != 0x18 or dpl > self.cpl:
+            raise CpuFault(GP, (tsel & 0xFFFC) + ext)
+        if not attr & 0x80:
+            raise CpuFault(NP, (tsel & 0xFFFC) + ext)
+        pushed_flags = flags | RF if rf else flags
+        old_cs, old_ss, old_esp, old_cpl = self.sel[CS], self.sel[SS], self.r[4], self.cpl
+        old_ss_state = (self.sel[SS], self.sbase[SS], self.slimit[SS], self.sattr[SS])
+        if not attr & 4 and dpl < self.cpl:
+            self.stack_switch(dpl)
+            try:
+                # The pushes happen with the new privilege (supervisor stack).
+                self.cpl = dpl
+                self.tlb_switch()
+                self.push(old_ss, gsize)
+                self.push(old_esp, gsize)
+                self.push(pushed_flags, gsize)
+                self.push(old_cs, gsize)
+                self.push(next_eip, gsize)
+                if error is not None:
+                    self.push(error, gsize)
+            except CpuFault:
+                self.cpl = old_cpl
+                self.tlb_switch()
+                self.set_seg_raw(SS, *old_ss_state)
+                self.r[4] = old_esp
+                raise
+            self.load_cs(tsel, base, limit, attr, dpl)
+        else:
+            try:
+                self.push(pushed_flags, gsize)
+                self.push(old_cs, gsize)
+                self.push(next_eip, gsize)
+                if error is not None:
+                    self.push(error, gsize)
+            except CpuFault:
+                self.r[4] = old_esp
+                raise
+            self.load_cs(tsel, base, limit, attr, self.cpl)
+        nf = flags & ~(TF | NT | RF | VM)
+        if not gtype & 1:
+            nf &= ~IF
+        self.fl = nf | 2
+        self.lop = OP_NONE
+        self.eip = teip
+
+    def exception(self, vec: int, error: int | None) -> None:
+        """Deliver a fault, escalating to #DF and to a triple fault (reset) like hardware."""
+        if vec not in HAS_ERROR_CODE or not self.cr0 & 1:
+            error = None
+        elif error is None:
+            error = 0
+        try:
+            self.interrupt(vec, error, False, self.eip, vec not in (DB, BP, OF_VEC))
+        except CpuFault as second:
+            v2 = second.vector
+            if vec == DF_VEC:
+                raise TripleFault() from None
+            if (vec in CONTRIBUTORY and v2 in CONTRIBUTORY) or (
+                vec == PF_VEC and (v2 in CONTRIBUTORY or v2 == PF_VEC)
+            ):
+                try:
+                    self.interrupt(DF_VEC, 0 if self.cr0 & 1 else None, False, self.eip, True)
+                except CpuFault:
+                    raise TripleFault() from None
+            else:
+                self.exception(v2, second.error)
+
+    # ------------------------------------------------------------------ port I/O
+    def io_check(self, port: int, size: int) -> None:
+        """IN/OUT/INS/OUTS above IOPL fault: the TSS I/O bitmap is not consulted."""
+        if self.cr0 & 1 and (self.cpl > (self.fl >> 12) & 3 or self.fl & VM):
+            raise CpuFault(GP, 0)
+
+    def port_in(self, port: int, size: int) -> int:
+        if self.pio is None:
+            return (1 << (8 * size)) - 1
+        return self.pio.read(port, size)
+
+    def port_out(self, port: int, size: int, value: int) -> None:
+        if self.pio is not None:
+            self.pio.write(port, size, value)
+
+    # ------------------------------------------------------------------ system
+    def cpuid(self) -> None:
+        r = self.r  # EAX=0 ECX=1 EDX=2 EBX=3
+        leaf = r[0]
+        if leaf == 0:
+            r[0], r[3], r[2], r[1] = 1, 0x756E6547, 0x49656E69, 0x6C65746E  # GenuineIntel
+        elif leaf == 1:
+            # Family 6 model 1 stepping 9. EDX: DE(2) PSE(3) TSC(4) MSR(5) CX8(8) CMOV(15);
+            # bit 0 (FPU) clear: no x87, the kernel's math emulator takes #NM.
+            r[0], r[3], r[1] = 0x619, 0, 0
+            r[2] = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 15)
+        else:
+            r[0] = r[1] = r[2] = r[3] = 0
+
+    def rdtsc(self) -> int:
+        return (time.monotonic_ns() * self.tsc_hz // 1_000_000_000 + self.tsc_offset) & (
+            (1 << 64) - 1
+        )
+
+    def rdmsr(self, idx: int) -> int:
+        if idx == MSR_TSC:
+            return self.rdtsc()
+        if idx == MSR_APIC_BASE:
+            raise CpuFault(GP, 0)  # no local APIC is reported in CPUID
+        if idx in self.msrs or idx in KNOWN_MSRS:
+            return self.msrs.get(idx, 0)
+        raise CpuFault(GP, 0)
+
+    def wrmsr(self, idx: int, v: int) -> None:
+        if idx == MSR_TSC:
+            self.tsc_offset = v - self.rdtsc() + self.tsc_offset
+            return
+        if idx in (MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, 0x8B, 0x17, 0x2A):
+            self.msrs[idx] = v
+            return
+        raise CpuFault(GP, 0)
+
+    def set_cr(self, n: int, v: int) -> None:
+        if n == 0:
+            if v & 0x80000000 and not v & 1:
+                raise CpuFault(GP, 0)
+            old = self.cr0
+            self.cr0 = v | 0x10
+            if (old ^ v) & 0x80010001:
+                self.paging_changed()
+                self.flush_blocks()
+        elif n == 2:
+            self.cr2 = v
+        elif n == 3:
+            self.cr3 = v
+            self.tlb_flush()
+        elif n == 4:
+            if v & ~0x1FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE
+                raise CpuFault(GP, 0)
+            if v & 0x20:
+                raise GuestError("CR4.PAE set: PAE paging is not emulated (CPUID says no PAE)")
+            self.cr4 = v
+            self.tlb_flush()
+        else:
+            raise CpuFault(UD, None)
+
+    def reset(self) -> None:
+        """Power-on state: real mode at F000:FFF0."""
+        self.r[:] = [0] * 8
+        self.r[2] = 0x600
+        for i in range(6):
+            self.set_seg_raw(i, 0, 0, M16, 0x93)
+        self.set_seg_raw(CS, 0xF000, 0xFFFF0000, M16, 0x9B)
+        self.eip = 0xFFF0
+        self.fl = 2
+        self.lop = OP_NONE
+        self.cr0, self.cr2, self.cr3, self.cr4 = 0x60000010, 0, 0, 0
+        self.cpl = 0
+        self.halted = False
+        self.paging_changed()
+        self.tlb_switch()
+        self.flush_blocks()
+
+    def mode(self) -> int:
+        """What a translated block depends on besides its address: code size and CPL."""
+        return self.cpl | (4 if self.cs32 else 0)
+
+    def _update_mode(self) -> None:
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+
+    # ------------------------------------------------------------------ run loop
+    def step(self) -> None:
+        """Decode and execute one instruction (the reference interpreter path)."""
+        try:
+            fn, _n = self.decoder.decode_one(self.eip)
+            fn()
+            self.icount += 1
+        except CpuFault as f:
+            self.exception(f.vector, f.error)
+
+    def run(self, max_insns: int, should_stop: Callable[[], bool] | None = None) -> int:
+        """Execute up to about `max_insns` instructions; returns how many ran.
+
+        Stops early on HLT (self.halted), when `should_stop()` is true at a block
+        boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
+        boundaries through `irq_check` when EFLAGS.IF is set.
+        """
+        if self.halted:
+            return 0
+        done = 0
+        translate = self.translate_blocks
+        blocks = self.blocks
+        decoder = self.decoder
+        irq_check = self.irq_check
+        sbase = self.sbase
+        compile_ok = self.compile_blocks
+        while done < max_insns:
+            if self.intr and self.fl & IF and not self.inhibit_irq:
+                vec = irq_check()
+                if vec is not None:
+                    self.irq_count += 1
+                    try:
+                        self.interrupt(vec, None, False, self.eip)
+                    except CpuFault as f:
+                        self.exception(f.vector, f.error)
+            shadow = self.inhibit_irq
+            self.inhibit_irq = False
+            if self.halted:
+                break
+            n = 0
+            try:
+                tf = self.fl & TF
+                if tf or shadow:
+                    # Single-step, or the one instruction of an STI/MOV SS shadow: run it
+                    # alone so that an interrupt is taken right after it, not a block later.
+                    fn, _ = decoder.decode_one(self.eip)
+                    fn()
+                    self.icount += 1
+                    if tf:  # the #DB trap after the instruction
+                        self.dr[6] |= 0x4000  # BS
+                        self.exception(DB, None)
+                elif translate:
+                    eip = self.eip
+                    csb = sbase[1]
+                    lin = (csb + eip) & M32
+                    p = self.rtlb.get(lin >> 12)
+                    pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
+                    b = blocks.get(pa)
+                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode_key:
+                        b = decoder.translate_block(pa, eip)
+                    f = b.fn
+                    if f is not None:
+                        done += f()
+                    else:
+                        b.hits += 1
+                        if b.hits >= HOT_BLOCK and b.cacheable and compile_ok:
+                            decoder.compile(b)
+                        for fn in b.fns:
+                            fn()
+                            n += 1
+                        done += n
+                else:
+                    fn, _ = decoder.decode_one(self.eip)
+                    fn()
+                    done += 1
+            except CpuFault as f:
+                done += n
+                self.exception(f.vector, f.error)
+            except CpuHalt:
+                done += n + 1
+                self.halted = True
+                break
+            except CpuStop:
+                break
+            if self.stop or (should_stop is not None and should_stop()):
+                break
+        self.icount += done
+        return done

@@ -1,0 +1,206 @@
+"""Verbs about boxes: create, info, check, list, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from boite.box import Box, list_running
+from boite.box.box import (
+    DEFAULT_CPUS,
+    DEFAULT_DISK_TYPE,
+    DEFAULT_GUEST_OS,
+    DEFAULT_MEMSIZE_MB,
+    DISK_TYPES,
+)
+from boite.box.sizes import format_size, parse_size
+
+DEMO_DIR = "boite-demo"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create", help="make a new box directory (NAME/NAME.vmx, .vmdk, ...)")
+    p.add_argument("name", metavar="NAME", help="the box directory to make")
+    p.add_argument("--memsize", type=int, default=DEFAULT_MEMSIZE_MB, metavar="MB")
+    p.add_argument("--cpus", type=int, default=DEFAULT_CPUS, metavar="N")
+    p.add_argument(
+        "--disk", default="1G", metavar="SIZE", help="disk capacity like 1G, 512M (0: no disk)"
+    )
+    p.add_argument("--disk-type", choices=DISK_TYPES, default=DEFAULT_DISK_TYPE)
+    p.add_argument("--guest-os", default=DEFAULT_GUEST_OS, metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the new box's info as JSON")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("info", help="show a box's configuration")
+    p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("check", help="list every hardware limit or file problem of a box")
+    p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("list", help="boxes running on this host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "demo",
+        help="build the guest kit, make (or reuse) the default box ./boite-demo and boot it",
+    )
+    p.add_argument(
+        "--accel", choices=("kvm", "emu", "auto"), default="auto",
+        help="how to run it (auto: KVM where it can boot Linux, else the emulator)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shell", action="store_true", help="leave a busybox shell on the console afterwards"
+    )
+    p.add_argument("--no-boot", action="store_true", help="only make the box and show it")
+    p.add_argument("--json", action="store_true", help="with --no-boot: the box's info as JSON")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    box = Box.create(
+        args.name,
+        memsize_mb=args.memsize,
+        cpus=args.cpus,
+        disk_size=parse_size(args.disk),
+        disk_type=args.disk_type,
+        guest_os=args.guest_os,
+    )
+    if args.json:
+        print(json.dumps(box.info(), indent=2))
+    else:
+        print(f"created {box.dir}/ ({box.vmx_path.name})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    box = Box.open(args.box)
+    info = box.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_info(info)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    box = Box.open(args.box)
+    problems = box.check()
+    if args.json:
+        print(json.dumps([vars(p) for p in problems], indent=2))
+    elif problems:
+        print(f"{box.vmx_path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
+        for p in problems:
+            print(f"  {p.key} = {p.value}\n      {p.message}\n      limit: {p.limit}")
+    else:
+        print(f"{box.vmx_path}: ok")
+    return 1 if problems else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    boxes = list_running()
+    if args.json:
+        print(json.dumps([vars(b) for b in boxes], indent=2))
+        return 0
+    if not boxes:
+        print("no box is running on this host")
+        return 0
+    print(f"{'NAME':20} {'PID':>8}  {'SINCE':19}  VMX")
+    for b in boxes:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.started))
+        print(f"{b.name:20} {b.pid:>8}  {since}  {b.vmx}")
+    return 0
+
+
+# What the demo guest does once its init is up: show it is a real Linux on boite's devices.
+DEMO_COMMAND = "uname -a; cat /proc/cpuinfo | head -8; cat /proc/meminfo | head -2; ls /dev"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from boite import guestkit
+    from boite.cli.kit import _progress_printer
+    from boite.cli.run import run_box
+
+    where = Path(DEMO_DIR)
+    if where.exists():
+        box = Box.open(where)
+        note = f"reusing {where}/"
+    else:
+        box = Box.create(where)
+        note = f"created {where}/"
+    print(f"boite: {note}", file=sys.stderr)
+    if args.no_boot:
+        info = box.info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print_info(info)
+        return 0
+
+    kit = guestkit.ensure_kit(("i386", "initrd"), progress=_progress_printer())
+    assert kit.i386_bzimage is not None and kit.initrd_i386 is not None
+    cmdline = f'console=ttyS0 boite.run="{DEMO_COMMAND}"'
+    if args.shell:
+        cmdline += " boite.shell=1"
+    # The kit lives in the cache, keyed by its inputs: point the box at this build of it.
+    wanted = {
+        "boite.kernel": str(kit.i386_bzimage),
+        "boite.initrd": str(kit.initrd_i386),
+        "boite.cmdline": cmdline,
+    }
+    if any(box.vmx.get(k) != v for k, v in wanted.items()):
+        for key, value in wanted.items():
+            box.vmx[key] = value
+        box.save()
+        box = Box.open(where)
+    print(f"boite: booting {where}/ (the guest's console follows)", file=sys.stderr)
+    return run_box(box, args.accel)
+
+
+def print_info(info: dict) -> None:
+    # An unreadable value is None in the data; `check` (and the problems below) say why.
+    info = {k: ("?" if v is None else v) for k, v in info.items()}
+    rows = [
+        ("box", info["vmx"]),
+        ("name", info["displayName"]),
+        ("guest OS", info["guestOS"]),
+        ("memory", f"{info['memsize']} MB"),
+        ("vCPUs", f"{info['numvcpus']} ({info['coresPerSocket']} per socket)"),
+        ("firmware", info["firmware"]),
+        ("execution", info["virtual_exec"]),
+        ("uuid.bios", info["uuid.bios"]),
+        ("boot order", ", ".join(info["boot_order"]) if info["boot_order"] != "?" else "?"),
+    ]
+    for disk in info["disks"]:
+        size = format_size(disk["capacity"]) if disk["capacity"] is not None else "?"
+        kind = disk["device_type"] or "disk"
+        rows.append((f"disk {disk['key']}", f"{disk['file_name']} ({kind}, {size})"))
+    for nic in info["nics"]:
+        rows.append(
+            (
+                f"nic ethernet{nic['index']}",
+                f"{nic['virtual_dev']} {nic['connection_type']} {nic['mac']}",
+            )
+        )
+    for serial in info["serials"]:
+        rows.append((f"serial{serial['index']}", f"{serial['file_type']} {serial['file_name']}"))
+    usb = [k for k, on in info["usb"].items() if on]
+    rows.append(("usb", ", ".join(usb) or "none"))
+    running = info["running"]
+    rows.append(
+        ("running", "no" if running == "?" else f"pid {running['pid']} on {running['host']}")
+    )
+    problems = info["problems"]
+    rows.append(("problems", str(len(problems)) if problems else "none"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for p in problems:
+        print(f"  ! {p}")

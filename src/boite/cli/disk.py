@@ -1,0 +1,198 @@
+"""`boite disk`: create, inspect, check, convert, grow, compact and map virtual disks.
+
+Paths come last, as with qemu-img. A `.vmdk` name means VMDK, anything else a raw image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from collections.abc import Iterator
+
+from boite.errors import DiskError
+
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTB]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise DiskError(f"size {text!r}: expected a number with an optional K, M, G or T suffix")
+    n = float(m.group(1)) * UNITS[m.group(2).upper()]
+    size = int(n)
+    if size % 512:
+        size += 512 - size % 512  # disks hold whole sectors
+    return size
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+@contextlib.contextmanager
+def progress_bar(what: str) -> Iterator:
+    """A rich progress bar on a terminal's stderr; nothing when stderr is a pipe or file."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def cmd_create(args) -> int:
+    from boite.disk import create_disk
+
+    create_disk(args.path, parse_size(args.size), args.type, adapter=args.adapter)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from boite.disk import disk_info
+
+    info = disk_info(args.path)
+    if args.json:
+        print(info.to_json())
+        return 0
+    print(f"image: {info.path}")
+    print(f"format: {info.format} ({info.type})")
+    print(f"virtual size: {human(info.capacity)} ({info.capacity} bytes)")
+    print(f"allocated: {human(info.allocated)} ({info.allocated} bytes)")
+    if info.cid is not None:
+        print(f"CID: {info.cid:08x}")
+    if info.parent_cid is not None:
+        print(f"parentCID: {info.parent_cid:08x}")
+    if len(info.chain) > 1:
+        print("chain:")
+        for depth, link in enumerate(info.chain):
+            print(f"  {'  ' * depth}{link['path']} (CID {link['cid']}, {link['type']})")
+    if not info.chain_ok:
+        print(f"chain BROKEN: {info.chain_error}")
+    if info.extents:
+        print("extents:")
+        for e in info.extents:
+            print(f"  {e['access']} {e['sectors']} {e['type']} {e.get('file', '')}")
+    if info.unclean:
+        print("unclean shutdown: yes (run 'boite disk check')")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from boite.disk import check_disk
+
+    report = check_disk(args.path, repair=args.repair)
+    if args.json:
+        print(report.to_json())
+    else:
+        for line in report.fixed:
+            print(f"fixed: {line}")
+        for line in report.warnings:
+            print(f"warning: {line}")
+        for line in report.errors:
+            print(f"ERROR: {line}")
+        print(
+            "No errors were found on the disk."
+            if report.ok
+            else f"{len(report.errors)} errors found."
+        )
+    return 0 if report.ok else 2
+
+
+def cmd_convert(args) -> int:
+    from boite.disk import convert_disk
+
+    with progress_bar("converting") as update:
+        convert_disk(args.src, args.dst, args.type, progress=update)
+    return 0
+
+
+def cmd_grow(args) -> int:
+    from boite.disk import grow_disk
+
+    with progress_bar("growing") as update:
+        grow_disk(args.path, parse_size(args.size), progress=update)
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from boite.disk import compact_disk
+
+    with progress_bar("compacting") as update:
+        compact_disk(args.path, progress=update)
+    return 0
+
+
+def cmd_map(args) -> int:
+    from boite.disk import map_disk
+
+    entries = map_disk(args.path)
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=2))
+        return 0
+    print(f"{'Offset':>16} {'Length':>16} {'Kind':<5} {'Depth':>5} File")
+    for e in entries:
+        print(f"{e.offset:#16x} {e.length:#16x} {e.kind:<5} {e.depth:>5} {e.file}")
+    return 0
+
+
+def register(subparsers) -> None:
+    disk = subparsers.add_parser("disk", help="create, inspect and convert virtual disks")
+    verbs = disk.add_subparsers(dest="disk_verb", metavar="ACTION")
+    verbs.required = True
+    types = ["thin", "flat", "split-thin", "split-flat", "stream", "raw"]
+
+    p = verbs.add_parser("create", help="create an empty disk")
+    p.add_argument("-s", "--size", required=True, help="capacity, e.g. 20G")
+    p.add_argument("-t", "--type", default="thin", choices=types)
+    p.add_argument("-a", "--adapter", default="lsilogic", choices=["ide", "buslogic", "lsilogic"])
+    p.add_argument("path")
+    p.set_defaults(func=cmd_create)
+
+    p = verbs.add_parser("info", help="type, size, allocation, CID chain, extents")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
+    p = verbs.add_parser("check", help="check a disk's metadata (and repair it)")
+    p.add_argument("--repair", "-r", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check)
+
+    p = verbs.add_parser("convert", help="copy a disk (chain flattened) into another type")
+    p.add_argument("-t", "--type", default=None, choices=types)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("grow", help="make a disk bigger")
+    p.add_argument("-s", "--size", required=True)
+    p.add_argument("path")
+    p.set_defaults(func=cmd_grow)
+
+    p = verbs.add_parser("compact", help="drop all-zero grains and defragment")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_compact)
+
+    p = verbs.add_parser("map", help="allocated ranges and which file holds them")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_map)

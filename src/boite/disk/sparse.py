@@ -1,0 +1,818 @@
+"""Hosted sparse extents (`KDMV`): monolithicSparse, split sparse extents, deltas, streamOptimized.
+
+Layout per VMware's "Virtual Disk Format 1.1": a 512-byte header, an optional embedded
+descriptor, a redundant and a primary grain directory (GD) whose entries point at grain
+tables (GT) of `numGTEsPerGT` 32-bit sector numbers, then grains. A GT entry of 0 means
+"not here" (fall through to the parent), 1 means "zero grain" when the zeroed-grain flag
+is set. streamOptimized extents hold zlib-compressed grains behind 12-byte markers and keep
+the GD at the end, found through the footer (a header copy) at end-of-file - 1024.
+
+Grain tables load lazily and stay cached, so opening a 2 TB disk reads only the GDs.
+Table updates are kept in memory and written at flush(), after the grain data is durable:
+grain data, fdatasync, primary GTs, redundant GTs, GD entries, fdatasync. A crash before a
+flush loses only unflushed writes (their grains are leaked space that `check --repair`
+trims); it never leaves a table entry pointing at data that was not written.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+from boite.disk.base import SECTOR
+from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
+from boite.errors import DiskError, DiskFormatError
+
+MAGIC = 0x564D444B  # "KDMV" on disk
+HEADER = struct.Struct("<IIIQQQQIQQQB4sH433x")
+assert HEADER.size == SECTOR
+UNCLEAN_OFFSET = 72  # byte offset of uncleanShutdown in the header
+
+FLAG_NL_DETECT = 1 << 0
+FLAG_RGD = 1 << 1
+FLAG_ZERO_GRAIN = 1 << 2
+FLAG_COMPRESSED = 1 << 16
+FLAG_MARKERS = 1 << 17
+KNOWN_FLAGS = FLAG_NL_DETECT | FLAG_RGD | FLAG_ZERO_GRAIN | FLAG_COMPRESSED | FLAG_MARKERS
+NL_CHARS = b"\n \r\n"
+GD_AT_END = 0xFFFFFFFFFFFFFFFF
+COMPRESS_DEFLATE = 1
+
+MARKER_EOS = 0
+MARKER_GT = 1
+MARKER_GD = 2
+MARKER_FOOTER = 3
+
+DEFAULT_GRAIN = 128  # sectors (64 KiB)
+GTES_PER_GT = 512
+MAX_GRAIN = 8192  # sectors (4 MiB); VMware uses 128, anything huge is hostile
+MAX_GD_ENTRIES = 1 << 22  # 16 MiB of GD: 128 TiB with 64 KiB grains, past VMware's 62 TiB
+
+# Fallback for ranges this extent does not hold: fill the view for the extent-relative offset.
+Fallback = Callable[[int, memoryview], None] | None
+
+
+@dataclass
+class SparseHeader:
+    version: int = 1
+    flags: int = FLAG_NL_DETECT | FLAG_RGD
+    capacity: int = 0  # sectors
+    grain_size: int = DEFAULT_GRAIN  # sectors
+    desc_offset: int = 0
+    desc_size: int = 0
+    num_gtes: int = GTES_PER_GT
+    rgd_offset: int = 0
+    gd_offset: int = 0
+    overhead: int = 0
+    unclean: int = 0
+    nl_chars: bytes = NL_CHARS
+    compress: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            MAGIC,
+            self.version,
+            self.flags,
+            self.capacity,
+            self.grain_size,
+            self.desc_offset,
+            self.desc_size,
+            self.num_gtes,
+            self.rgd_offset,
+            self.gd_offset,
+            self.overhead,
+            self.unclean,
+            self.nl_chars,
+            self.compress,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes, path, where: int = 0) -> SparseHeader:
+        if len(raw) < SECTOR:
+            raise DiskFormatError(
+                f"{path}: sparse header at offset {where} is truncated ({len(raw)} of 512 bytes)"
+            )
+        f = HEADER.unpack(raw[:SECTOR])
+        if f[0] != MAGIC:
+            raise DiskFormatError(
+                f"{path}: magic at offset {where} is {f[0]:#010x}, expected {MAGIC:#010x} (KDMV)"
+            )
+        return cls(*f[1:])
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & FLAG_COMPRESSED)
+
+
+def _bad(path, where: int, what: str) -> DiskFormatError:
+    return DiskFormatError(f"{path}: {what} (at offset {where})")
+
+
+def validate_header(h: SparseHeader, path, file_size: int, where: int = 0) -> None:
+    """Refuse any header field a hostile or damaged file could use against us."""
+    if h.version not in (1, 2, 3):
+        raise _bad(path, where + 4, f"header version is {h.version}, expected 1, 2 or 3")
+    if h.flags & ~KNOWN_FLAGS:
+        raise _bad(path, where + 8, f"header flags {h.flags:#x} have unknown bits")
+    if h.flags & FLAG_NL_DETECT and h.nl_chars != NL_CHARS:
+        raise _bad(
+            path,
+            where + 73,
+            f"newline check bytes are {h.nl_chars!r}, expected {NL_CHARS!r} (file was mangled as text?)",
+        )
+    gs = h.grain_size
+    if gs < 1 or gs > MAX_GRAIN or gs & (gs - 1):
+        raise _bad(
+            path, where + 20, f"grain size is {gs} sectors, expected a power of two 1..{MAX_GRAIN}"
+        )
+    if not 1 <= h.num_gtes <= 4096:
+        raise _bad(
+            path, where + 44, f"numGTEsPerGT is {h.num_gtes}, expected 1..4096 (512 by the spec)"
+        )
+    from boite.disk.descriptor import MAX_CAPACITY_SECTORS
+
+    if h.capacity > MAX_CAPACITY_SECTORS:
+        raise _bad(
+            path, where + 12, f"capacity is {h.capacity} sectors, more than {MAX_CAPACITY_SECTORS}"
+        )
+    grains = -(-h.capacity // gs)
+    gd_entries = -(-grains // h.num_gtes)
+    if gd_entries > MAX_GD_ENTRIES:
+        raise _bad(path, where + 12, f"capacity {h.capacity} needs {gd_entries} GD entries")
+    if h.compressed and h.compress != COMPRESS_DEFLATE:
+        raise _bad(path, where + 77, f"compressAlgorithm is {h.compress}, expected 1 (deflate)")
+    size_sectors = -(-file_size // SECTOR)
+    if h.desc_offset:
+        if h.desc_size > 2048 or h.desc_offset + h.desc_size > size_sectors:
+            raise _bad(
+                path,
+                where + 28,
+                f"descriptor at sector {h.desc_offset} size {h.desc_size} lies outside the file ({file_size} bytes)",
+            )
+    gd_sectors = -(-gd_entries * 4 // SECTOR)
+    for name, off, at in (
+        ("grain directory", h.gd_offset, 56),
+        ("redundant grain directory", h.rgd_offset, 48),
+    ):
+        if name.startswith("redundant") and not h.flags & FLAG_RGD:
+            continue
+        if off == GD_AT_END and h.compressed:
+            continue
+        if off < 1 or off + gd_sectors > size_sectors:
+            raise _bad(
+                path,
+                where + at,
+                f"{name} at sector {off} ({gd_sectors} sectors) lies outside the file ({file_size} bytes)",
+            )
+
+
+class SparseExtent:
+    """One KDMV file. Offsets in methods are bytes relative to the extent."""
+
+    def __init__(self, path, read_only: bool = True, *, fd: int | None = None) -> None:
+        """Open `path` (or use a duplicate of an already open `fd` for it)."""
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self.fd = open_image_file(self.path, not read_only) if fd is None else os.dup(fd)
+        try:
+            self._load()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _load(self) -> None:
+        size = os.fstat(self.fd).st_size
+        raw = os.pread(self.fd, SECTOR, 0)
+        h = SparseHeader.unpack(raw, self.path)
+        self.header = h
+        self.footer_offset: int | None = None
+        if h.gd_offset == GD_AT_END:
+            if not h.compressed:
+                raise _bad(
+                    self.path, 56, "GD offset says 'at end' but the extent is not stream-optimized"
+                )
+            if size < 3 * SECTOR:
+                raise _bad(self.path, 0, "stream-optimized file too short for a footer")
+            where = (size // SECTOR) * SECTOR - 2 * SECTOR
+            foot = SparseHeader.unpack(os.pread(self.fd, SECTOR, where), self.path, where)
+            validate_header(foot, self.path, size, where)
+            if foot.gd_offset == GD_AT_END:
+                raise _bad(self.path, where + 56, "footer GD offset is still 'at end'")
+            self.footer_offset = where
+            h = replace(foot, unclean=h.unclean)
+            self.header = h
+        validate_header(h, self.path, size)
+        if h.compressed and not self.read_only:
+            raise DiskError(
+                f"{self.path}: stream-optimized (compressed) disks are read-only; convert it to thin first"
+            )
+        self.grain_sectors = h.grain_size
+        self.grain_bytes = h.grain_size * SECTOR
+        self.size = h.capacity * SECTOR
+        self.ngte = h.num_gtes
+        self.grains = -(-h.capacity // h.grain_size)
+        self.gd_entries = -(-self.grains // self.ngte)
+        self.gt_bytes = self.ngte * 4
+        self.gt_sectors = -(-self.gt_bytes // SECTOR)
+        self.compressed = h.compressed
+        self.zero_grain = bool(h.flags & FLAG_ZERO_GRAIN)
+        self.has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset not in (0, GD_AT_END)
+        self.file_size = size
+        self.eof = -(-size // SECTOR) * SECTOR  # where the next grain goes
+        # Lowest sector a grain may live at: past header, descriptor and (for flat
+        # layouts) the preallocated tables, so a hostile entry cannot alias metadata.
+        desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+        self.min_grain_sector = max(1, desc_end, 0 if self.compressed else h.overhead)
+        self.gd = self._read_gd(h.gd_offset, 56)
+        self.rgd = self._read_gd(h.rgd_offset, 48) if self.has_rgd else None
+        self._gts: dict[int, array] = {}
+        self._rgts: dict[int, array] = {}
+        self._dirty: dict[int, list[int]] = {}
+        self._gd_dirty: set[int] = set()
+        self._wrote = False
+        self._zlib_cache: tuple[int, bytes] | None = None
+        max_sector = self.eof // SECTOR
+        for i, e in enumerate(self.gd):
+            if e and (e < desc_end or e + self.gt_sectors > max_sector):
+                raise _bad(
+                    self.path,
+                    h.gd_offset * SECTOR + 4 * i,
+                    f"grain directory entry {i} points to sector {e}, outside the file's table area "
+                    f"(sectors {desc_end}..{max_sector - self.gt_sectors})",
+                )
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def _read_gd(self, sector: int, at: int) -> array:
+        gd = array("I")
+        raw = os.pread(self.fd, self.gd_entries * 4, sector * SECTOR)
+        if len(raw) != self.gd_entries * 4:
+            raise _bad(self.path, at, f"grain directory at sector {sector} is truncated")
+        gd.frombytes(raw)
+        return gd
+
+    def descriptor_bytes(self) -> bytes | None:
+        h = self.header
+        if not h.desc_offset or not h.desc_size:
+            return None
+        return os.pread(self.fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
+
+    def write_descriptor(self, text: bytes) -> None:
+        h = self.header
+        room = h.desc_size * SECTOR
+        if len(text) > room:
+            raise DiskError(
+                f"{self.path}: descriptor of {len(text)} bytes does not fit the {room} bytes embedded space"
+            )
+        pwrite_full(self.fd, text + bytes(room - len(text)), h.desc_offset * SECTOR)
+
+    def set_unclean(self, flag: bool) -> None:
+        pwrite_full(self.fd, bytes([1 if flag else 0]), UNCLEAN_OFFSET)
+        os.fdatasync(self.fd)
+        self.header.unclean = int(flag)
+
+    def _gt(self, gi: int, raw: bytes | None = None) -> array | None:
+        gt = self._gts.get(gi)
+        if gt is not None:
+            return gt
+        sector = self.gd[gi]
+        if sector == 0:
+            return None
+        gt = array("I")
+        gt.frombytes(os.pread(self.fd, self.gt_bytes, sector * SECTOR) if raw is None else raw)
+        if len(gt) != self.ngte:
+            raise _bad(self.path, sector * SECTOR, f"grain table {gi} is truncated")
+        self._check_gt(gi, gt, sector)
+        # a reader and a writer may load the same table at once: the first stored copy wins,
+        # so no entry set on it is lost
+        return self._gts.setdefault(gi, gt)
+
+    def _check_gt(self, gi: int, gt: array, sector: int) -> None:
+        lo = self.min_grain_sector
+        hi = self.eof // SECTOR
+        if max(gt) < hi and not any(1 < e < lo for e in gt if e):
+            return
+        for j, e in enumerate(gt):
+            if e > 1 and not lo <= e < hi:
+                raise _bad(
+                    self.path,
+                    sector * SECTOR + 4 * j,
+                    f"grain table {gi} entry {j} points to sector {e}, outside the grain area "
+                    f"(sectors {lo}..{hi - 1})",
+                )
+
+    def entry(self, g: int) -> int:
+        gt = self._gts.get(g // self.ngte)
+        if gt is None:
+            gt = self._gt(g // self.ngte)
+            if gt is None:
+                return 0
+        return gt[g % self.ngte]
+
+    def _set_entry(self, g: int, value: int) -> None:
+        gi, j = divmod(g, self.ngte)
+        gt = self._gt(gi)
+        if gt is None:
+            gt = self._new_gt(gi)
+        gt[j] = value
+        d = self._dirty.get(gi)
+        if d is None:
+            self._dirty[gi] = [j, j + 1]
+        else:
+            if j < d[0]:
+                d[0] = j
+            if j + 1 > d[1]:
+                d[1] = j + 1
+
+    def _new_gt(self, gi: int) -> array:
+        """Give a GD slot that had no table a zeroed table (and its redundant copy) at EOF."""
+        span = self.gt_sectors * SECTOR
+        for gd in (self.gd, self.rgd) if self.rgd is not None else (self.gd,):
+            pwrite_full(self.fd, bytes(span), self.eof)
+            gd[gi] = self.eof // SECTOR
+            self.eof += span
+        self._gd_dirty.add(gi)
+        gt = array("I", bytes(self.gt_bytes))
+        self._gts[gi] = gt
+        return gt
+
+    # -- data path ------------------------------------------------------------------------
+
+    def read_into(self, off: int, mv: memoryview, fallback: Fallback) -> None:
+        gs = self.grain_bytes
+        n = len(mv)
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs and not self.compressed:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.preadv(self.fd, [mv], e * SECTOR + within) != n:
+                        pread_full(self.fd, mv, e * SECTOR + within)
+                    return
+        pos = 0
+        fd = self.fd
+        while pos < n:
+            a = off + pos
+            g = a // gs
+            within = a - g * gs
+            e = self.entry(g)
+            length = min(gs - within, n - pos)
+            if e > 1 and not self.compressed:
+                # extend over following grains that are contiguous in the file
+                host = e * SECTOR + within
+                while pos + length < n:
+                    e2 = self.entry(g + 1)
+                    if e2 != e + self.grain_sectors:
+                        break
+                    g += 1
+                    e = e2
+                    length += min(gs, n - pos - length)
+                pread_full(fd, mv[pos : pos + length], host)
+            elif e > 1:
+                grain = self._inflate(g, e)
+                mv[pos : pos + length] = grain[within : within + length]
+            elif e == 0 and fallback is not None:
+                # extend over following unallocated grains: one call to the parent
+                while pos + length < n and self.entry(g + 1) == 0:
+                    g += 1
+                    length += min(gs, n - pos - length)
+                fallback(a, mv[pos : pos + length])
+            else:
+                mv[pos : pos + length] = bytes(length)
+            pos += length
+
+    def _inflate(self, g: int, sector: int) -> bytes:
+        cached = self._zlib_cache
+        if cached is not None and cached[0] == g:
+            return cached[1]
+        where = sector * SECTOR
+        head = os.pread(self.fd, 12, where)
+        if len(head) != 12:
+            raise _bad(self.path, where, f"grain marker for grain {g} is past the end of the file")
+        lba, size = struct.unpack("<QI", head)
+        if lba != g * self.grain_sectors:
+            raise _bad(
+                self.path, where, f"grain marker says LBA {lba}, expected {g * self.grain_sectors}"
+            )
+        if size == 0 or size > 2 * self.grain_bytes + 4096 or where + 12 + size > self.file_size:
+            raise _bad(self.path, where + 8, f"compressed grain size {size} is impossible here")
+        data = os.pread(self.fd, size, where + 12)
+        try:
+            d = zlib.decompressobj()
+            grain = d.decompress(data, self.grain_bytes)
+        except zlib.error as exc:
+            raise _bad(self.path, where + 12, f"grain {g} does not inflate: {exc}") from None
+        if len(grain) < self.grain_bytes:
+            grain += bytes(self.grain_bytes - len(grain))
+        self._zlib_cache = (g, grain)
+        return grain
+
+    def write(self, off: int, data, fallback: Fallback) -> None:
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
+        gs = self.grain_bytes
+        n = len(mv)
+        self._wrote = True
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.pwrite(self.fd, mv, e * SECTOR + within) != n:
+                        pwrite_full(self.fd, mv, e * SECTOR + within)
+                    return
+        pos = 0
+        fd = self.fd
+        new: list[tuple[int, object]] = []
+        while pos < n:
+            a = off + pos
+            g = a // gs
+            within = a - g * gs
+            length = min(gs - within, n - pos)
+            e = self.entry(g)
+            if e > 1:
+                host = e * SECTOR + within
+                while pos + length < n:
+                    e2 = self.entry(g + 1)
+                    if e2 != e + self.grain_sectors:
+                        break
+                    g += 1
+                    e = e2
+                    length += min(gs, n - pos - length)
+                pwrite_full(fd, mv[pos : pos + length], host)
+            elif length == gs:
+                new.append((g, mv[pos : pos + length]))
+            else:
+                buf = bytearray(gs)
+                if e == 0 and fallback is not None:
+                    base = g * gs
+                    fallback(base, memoryview(buf)[: min(gs, self.size - base)])
+                buf[within : within + length] = mv[pos : pos + length]
+                new.append((g, buf))
+            pos += length
+        if new:
+            self._allocate(new)
+
+    def _allocate(self, grains: list[tuple[int, object]]) -> None:
+        for g, _ in grains:
+            gi = g // self.ngte
+            if self.gd[gi] == 0:
+                self._new_gt(gi)
+        host = self.eof
+        pwritev_full(self.fd, [b for _, b in grains], host)
+        sector = host // SECTOR
+        for i, (g, _) in enumerate(grains):
+            self._set_entry(g, sector + i * self.grain_sectors)
+        self.eof = host + len(grains) * self.grain_bytes
+        if self.eof > self.file_size:
+            self.file_size = self.eof
+
+    def discard(self, off: int, length: int, fallback: Fallback) -> None:
+        """Make [off, off+length) read as zeroes, freeing host space of whole grains."""
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
+        gs = self.grain_bytes
+        end = off + length
+        pos = off
+        while pos < end:
+            g = pos // gs
+            gstart = g * gs
+            gend = min(gstart + gs, self.size)
+            stop = min(end, gend)
+            e = self.entry(g)
+            if pos == gstart and stop == gend:
+                if e > 1:
+                    zero_range(self.fd, e * SECTOR, gs)
+                elif e == 0 and fallback is not None:
+                    if self.zero_grain:
+                        self._set_entry(g, 1)
+                    else:
+                        # a grain of zeroes that masks the parent: sparse space at EOF
+                        self._alloc_hole(g)
+            elif e > 1 or (e == 0 and fallback is not None):
+                self.write(pos, bytes(stop - pos), fallback)
+            pos = stop
+        self._wrote = True
+
+    def _alloc_hole(self, g: int) -> None:
+        gi = g // self.ngte
+        if self.gd[gi] == 0:
+            self._new_gt(gi)
+        host = self.eof
+        self.eof += self.grain_bytes
+        os.ftruncate(self.fd, self.eof)
+        self.file_size = max(self.file_size, self.eof)
+        self._set_entry(g, host // SECTOR)
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        if not self._dirty and not self._gd_dirty:
+            if self._wrote:
+                os.fdatasync(self.fd)
+                self._wrote = False
+            return
+        os.fdatasync(self.fd)  # grain data first: no table may point at unwritten data
+        tables = [(self.gd, self._gts)]
+        if self.rgd is not None:
+            tables.append((self.rgd, None))
+        for gd, _ in tables:
+            for gi, (lo, hi) in sorted(self._dirty.items()):
+                gt = self._gts[gi]
+                pwrite_full(self.fd, memoryview(gt)[lo:hi], gd[gi] * SECTOR + lo * 4)
+        if self._gd_dirty:
+            for gd, where in ((self.gd, self.header.gd_offset), (self.rgd, self.header.rgd_offset)):
+                if gd is None:
+                    continue
+                for gi in sorted(self._gd_dirty):
+                    pwrite_full(self.fd, memoryview(gd)[gi : gi + 1], where * SECTOR + 4 * gi)
+        os.fdatasync(self.fd)
+        self._dirty.clear()
+        self._gd_dirty.clear()
+        self._wrote = False
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.flush()
+            if not self.read_only and self.header.unclean:
+                self.set_unclean(False)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def allocated(self) -> Iterator[tuple[int, int]]:
+        """(grain index, GT entry) for every grain this extent holds (entries > 0)."""
+        tables = TableReader(self.fd, self.gt_bytes)
+        empty = bytes(self.gt_bytes)
+        for gi in range(self.gd_entries):
+            gt = self._gts.get(gi)
+            if gt is None:
+                if not self.gd[gi]:
+                    continue
+                raw = tables.get(self.gd[gi])
+                if raw == empty:
+                    continue  # the common case: a preallocated table nobody wrote to
+                gt = self._gt(gi, raw)
+            elif gt.tobytes() == empty:
+                continue
+            base = gi * self.ngte
+            for j, e in enumerate(gt):
+                if e and base + j < self.grains:
+                    yield base + j, e
+
+
+class TableReader:
+    """Grain tables through a 2 MiB window: preallocated tables lie back to back, so a
+    walk over all of them costs a few large reads instead of one small read per table."""
+
+    WINDOW = 2 << 20
+
+    def __init__(self, fd: int, gt_bytes: int) -> None:
+        self.fd = fd
+        self.n = gt_bytes
+        self.start = -1
+        self.buf = b""
+
+    def get(self, sector: int) -> bytes:
+        off = sector * SECTOR
+        if not (0 <= off - self.start and off + self.n <= self.start + len(self.buf)):
+            self.buf = os.pread(self.fd, max(self.WINDOW, self.n), off)
+            self.start = off
+        i = off - self.start
+        return self.buf[i : i + self.n]
+
+
+@dataclass
+class ExtentProblems:
+    errors: list[str] = field(default_factory=list)
+    leaked_bytes: int = 0
+    fixed: list[str] = field(default_factory=list)
+
+
+def check_sparse(path, repair: bool = False) -> ExtentProblems:
+    """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
+    out = ExtentProblems()
+    fd = open_image_file(os.fspath(path), repair)
+    try:
+        size = os.fstat(fd).st_size
+        h = SparseHeader.unpack(os.pread(fd, SECTOR, 0), path)
+        if h.gd_offset == GD_AT_END or h.compressed:
+            ext = SparseExtent(path, read_only=True)  # validates as far as a stream can be
+            try:
+                for _ in ext.allocated():
+                    pass
+            finally:
+                ext.close()
+            return out
+        validate_header(h, path, size)
+        grains = -(-h.capacity // h.grain_size)
+        gd_entries = -(-grains // h.num_gtes)
+        gt_bytes = h.num_gtes * 4
+        gt_sectors = -(-gt_bytes // SECTOR)
+        size_sectors = size // SECTOR
+        desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+        lo = max(1, desc_end, h.overhead)
+        gs = h.grain_size
+
+        def load_gd(sector: int) -> array:
+            gd = array("I")
+            gd.frombytes(os.pread(fd, gd_entries * 4, sector * SECTOR))
+            return gd
+
+        gd = load_gd(h.gd_offset)
+        has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset
+        rgd = load_gd(h.rgd_offset) if has_rgd else None
+        used: dict[int, int] = {}
+        meta_end = max(h.overhead, desc_end)
+        primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
+        empty = bytes(gt_bytes)
+        for name, table in (("GD", gd), ("redundant GD", rgd)):
+            if table is None:
+                continue
+            out.errors += [
+                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
+                for i, e in enumerate(table)
+                if e and (e < desc_end or e + gt_sectors > size_sectors)
+            ]
+        for i in range(0 if out.errors else gd_entries):
+            if rgd is not None and bool(gd[i]) != bool(rgd[i]):
+                out.errors.append(f"GD entry {i} and redundant GD entry {i} disagree")
+                continue
+            if not gd[i]:
+                continue
+            meta_end = max(meta_end, gd[i] + gt_sectors)
+            raw = primary.get(gd[i])
+            rraw = None
+            if rgd is not None:
+                rraw = redundant.get(rgd[i])
+                meta_end = max(meta_end, rgd[i] + gt_sectors)
+            if raw == empty and (rraw is None or rraw == empty):
+                continue  # an untouched preallocated table (and its copy)
+            gt = array("I")
+            gt.frombytes(raw)
+            changed = False
+            for j, e in enumerate(gt):
+                if e <= 1:
+                    continue
+                g = i * h.num_gtes + j
+                if e < lo or e >= size_sectors:
+                    out.errors.append(
+                        f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
+                        f"{lo}..{size_sectors - 1}"
+                    )
+                    if repair:
+                        gt[j] = 0
+                        changed = True
+                        out.fixed.append(f"dropped grain {g} entry pointing to sector {e}")
+                    continue
+                if e in used:
+                    out.errors.append(f"grains {used[e]} and {g} share sector {e}")
+                    continue
+                used[e] = g
+            if changed:
+                pwrite_full(fd, gt, gd[i] * SECTOR)
+            if rgd is not None:
+                rgt = array("I")
+                rgt.frombytes(rraw)
+                if rgt != gt:
+                    if changed or repair:
+                        pwrite_full(fd, gt, rgd[i] * SECTOR)
+                        out.fixed.append(f"redundant GT {i} rewritten from the primary")
+                    else:
+                        out.errors.append(f"redundant GT {i} differs from the primary GT")
+        if repair:
+            out.errors = [
+                e
+                for e in out.errors
+                if "outside the grain area" not in e and "redundant GT" not in e
+            ]
+        # every byte past the last grain and the last table is leaked space
+        data_end = max([e + gs for e in used] + [meta_end])
+        end = data_end * SECTOR
+        if size > end:
+            out.leaked_bytes = size - end
+            if repair and not out.errors:
+                os.ftruncate(fd, end)
+                out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
+                out.leaked_bytes = 0
+        if repair and h.unclean and not out.errors:
+            pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
+            out.fixed.append("cleared the uncleanShutdown flag")
+        if repair:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return out
+
+
+def create_sparse(
+    path,
+    capacity_sectors: int,
+    descriptor: bytes | None = None,
+    grain_size: int = DEFAULT_GRAIN,
+    *,
+    desc_sectors: int = 20,
+) -> None:
+    """Write an empty sparse extent with all grain tables preallocated (as qemu and VMware)."""
+    h = SparseHeader(capacity=capacity_sectors, grain_size=grain_size)
+    grains = -(-capacity_sectors // grain_size)
+    gt_count = -(-grains // GTES_PER_GT)
+    gt_sectors = GTES_PER_GT * 4 // SECTOR
+    gd_sectors = -(-gt_count * 4 // SECTOR)
+    if descriptor is not None:
+        h.desc_offset = 1
+        h.desc_size = max(desc_sectors, -(-len(descriptor) // SECTOR))
+    start = h.desc_offset + h.desc_size if descriptor is not None else 1
+    h.rgd_offset = start
+    h.gd_offset = start + gd_sectors + gt_sectors * gt_count
+    end = h.gd_offset + gd_sectors + gt_sectors * gt_count
+    h.overhead = -(-end // grain_size) * grain_size
+    rgd = array("I", (h.rgd_offset + gd_sectors + i * gt_sectors for i in range(gt_count)))
+    gd = array("I", (h.gd_offset + gd_sectors + i * gt_sectors for i in range(gt_count)))
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_full(fd, h.pack(), 0)
+        if descriptor is not None:
+            pwrite_full(fd, descriptor, SECTOR)
+        pwrite_full(fd, rgd, h.rgd_offset * SECTOR)
+        pwrite_full(fd, gd, h.gd_offset * SECTOR)
+        os.ftruncate(fd, h.overhead * SECTOR)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def grow_sparse(path, capacity_sectors: int, descriptor: bytes | None = None) -> None:
+    """Grow a (non-stream) sparse extent in place: tables for the new range are appended
+    and preallocated as at creation; the GD moves to the end of the file when it outgrows
+    its sectors. The header, which makes the new size visible, is written last."""
+    ext = SparseExtent(path, read_only=False)
+    try:
+        h = ext.header
+        if capacity_sectors <= h.capacity:
+            return
+        from boite.disk.descriptor import MAX_CAPACITY_SECTORS
+
+        if capacity_sectors > MAX_CAPACITY_SECTORS:
+            raise DiskError(
+                f"{path}: {capacity_sectors} sectors is more than {MAX_CAPACITY_SECTORS}"
+            )
+        grains = -(-capacity_sectors // h.grain_size)
+        gd_entries = -(-grains // h.num_gtes)
+        old_n = ext.gd_entries
+        old_sectors = -(-old_n * 4 // SECTOR)
+        new_sectors = -(-gd_entries * 4 // SECTOR)
+        span = ext.gt_sectors * SECTOR
+        eof = ext.eof
+        tables = [ext.gd] + ([ext.rgd] if ext.rgd is not None else [])
+        grown = []
+        for table in tables:
+            t = array("I", table)
+            t.extend([0] * (gd_entries - old_n))
+            for i in range(old_n, gd_entries):
+                if t[i] == 0:
+                    t[i] = eof // SECTOR
+                    eof += span
+            grown.append(t)
+        relocate = new_sectors > old_sectors
+        offsets = [h.gd_offset] + ([h.rgd_offset] if ext.rgd is not None else [])
+        if relocate:
+            offsets = []
+            for _ in grown:
+                offsets.append(eof // SECTOR)
+                eof += new_sectors * SECTOR
+        os.ftruncate(ext.fd, eof)  # the new tables read as zeroes: every grain unallocated
+        for t, off in zip(grown, offsets, strict=True):
+            if relocate:
+                pwrite_full(ext.fd, t, off * SECTOR)
+            else:
+                pwrite_full(ext.fd, memoryview(t)[old_n:], off * SECTOR + 4 * old_n)
+        os.fsync(ext.fd)
+        h.capacity = capacity_sectors
+        if relocate:
+            h.gd_offset = offsets[0]
+            if ext.rgd is not None:
+                h.rgd_offset = offsets[1]
+        pwrite_full(ext.fd, h.pack(), 0)
+        os.fsync(ext.fd)
+        if descriptor is not None and h.desc_offset:
+            ext.write_descriptor(descriptor)
+            os.fsync(ext.fd)
+    finally:
+        ext.close()
