@@ -131,3 +131,29 @@ def test_soft_stop_without_a_keyboard_falls_back_to_hard(tmp_path):
 def test_control_socket_of_a_box_that_is_not_running(tmp_path):
     with pytest.raises(BoxError, match="is the box running"):
         control_request(tmp_path / "nobox.ctl", {"cmd": "status"})
+
+
+def test_guest_reset_rebuilds_the_machine():
+    """0xcf9 resets: each one powers a fresh machine and accelerator on, and the guest
+    boots again from its kernel."""
+    from boite.machine.builder import build_machine
+    from guests.build import assemble
+    from guests.runner import CollectedOutput
+
+    console = CollectedOutput()
+    kernel = str(assemble("mb_reset"))
+    lines: list[str] = []
+    vmm = Vmm(
+        lambda: build_machine(16, 1, {1: console}, kernel, emulated_irqchip=False),
+        KvmAccelerator, log=lines.append,
+    )  # fmt: skip
+    t, result = _run_in_thread(vmm)
+    deadline = time.time() + 20
+    while vmm.resets < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    vmm.stop()
+    t.join(10)
+    assert result == {"status": 0}
+    assert vmm.resets >= 3
+    assert bytes(console.output).count(b"boot\n") >= 3
+    assert sum("Guest reset" in line for line in lines) == vmm.resets
