@@ -257,3 +257,29 @@ def test_boot_stops_on_ctrl_c_and_sigterm(sig, status):
             proc.kill()
     assert proc.returncode == status, err
     assert b"Traceback" not in err
+
+
+def test_console_types_into_the_guest_and_ctrl_bracket_detaches(tmp_path):
+    box = _make_box(tmp_path, "echobox", "mb_echoloop")
+    try:
+        assert boite("start", box.dir, "--detach", "--accel", "kvm").returncode == 0
+        console = subprocess.Popen(
+            [sys.executable, "-m", "boite", "console", str(box.dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert console.stdin is not None and console.stdout is not None
+        assert console.stdout.readline() == b"echo ready\n"  # replayed from the buffer
+        console.stdin.write(b"typed through the socket\n")
+        console.stdin.flush()
+        assert console.stdout.readline() == b"typed through the socket\n"
+        console.stdin.write(b"\x1d")  # Ctrl-]
+        console.stdin.flush()
+        _, err = console.communicate(timeout=30)
+        assert console.returncode == 0 and b"detached" in err
+        # the box keeps running after a detach
+        from boite.vmm import control_request
+
+        status = control_request(box.dir / "echobox.ctl", {"cmd": "status"})["status"]
+        assert status["state"] == "running"
+    finally:
+        boite("stop", box.dir, "hard")

@@ -63,6 +63,7 @@ def test_triple_fault_resets_the_machine(translate):
 def test_pio_loop_counts_the_same_in_both_paths():
     a = run_guest("pio_loop32", "flat32", emu(True))
     b = run_guest("pio_loop32", "flat32", emu(False))
+
     def iterations(out: bytes) -> list[bytes]:
         return [w for w in out.split() if w.startswith(b"iterations=")]
 
