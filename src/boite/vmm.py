@@ -54,6 +54,13 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
     if name in ("kvm", "auto"):
         from boite.accel.kvm import KvmAccelerator, kvm_usable
 
+        if name == "auto" and kvm_is_software_nested():
+            # kvm_pvm runs straight-line guest code but fails interrupt delivery and mode
+            # changes (Linux does not boot under it, with QEMU either): emulate instead.
+            if log:
+                log("KVM here is the kvm_pvm software module, which cannot boot an OS; "
+                    "using the emulator.")  # fmt: skip
+            return _emulator()
         if kvm_usable():
             return KvmAccelerator()
         if name == "kvm":
@@ -61,6 +68,11 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
         if log:
             log("KVM is not usable here; using the emulator.")
     return _emulator()
+
+
+def kvm_is_software_nested() -> bool:
+    """True on hosts whose /dev/kvm is the kvm_pvm module rather than VT-x/AMD-V."""
+    return os.path.exists("/sys/module/kvm_pvm")
 
 
 def _emulator() -> Accelerator:

@@ -321,8 +321,8 @@ def test_compute_loop_checksum_matches_the_real_cpu(tmp_path):
         mem = GuestMemory.with_ram(4 << 20)
         m = Machine(mem)
         com = CollectedOutput()
-        m.pio.register(0x3F8, 8, Uart16550(m.irqs.line(4), com))
-        m.pio.register(0xF4, 1, IsaDebugExit(m))
+        m.pio.register(0x3F8, 8, m.add_device("com1", Uart16550(m.irqs.line(4), com)))
+        m.pio.register(0xF4, 1, m.add_device("debug-exit", IsaDebugExit(m)))
         mem.write(CODE, out.read_bytes())
         m.boot_state = [boot.flat32(mem, CODE)]
         acc = factory()

@@ -15,9 +15,10 @@ import pytest
 from boite.accel.base import StopReason
 from boite.accel.cpustate import CpuState, DescriptorTable, Segment
 from boite.accel.emu import EmuAccelerator
+from boite.machine.devices import IsaDebugExit, Uart16550
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
-from guests.runner import ComPort, DebugExit
+from guests.runner import CollectedOutput
 
 GUESTS = Path(__file__).parent / "emu_guests"
 LOAD = 0x100000
@@ -54,9 +55,9 @@ def _multiboot_state(mem: GuestMemory, image: bytes) -> CpuState:
 def run_emu(image: bytes, translate: bool) -> tuple[int, bytes]:
     mem = GuestMemory.with_ram(16 << 20)
     m = Machine(mem)
-    com = ComPort()
-    m.pio.register(0x3F8, 8, com)
-    m.pio.register(0xF4, 1, DebugExit(m))
+    com = CollectedOutput()
+    m.pio.register(0x3F8, 8, m.add_device("com1", Uart16550(m.irqs.line(4), com)))
+    m.pio.register(0xF4, 1, m.add_device("debug-exit", IsaDebugExit(m)))
     mem.write(LOAD, image)
     m.boot_state = [_multiboot_state(mem, image)]
     acc = EmuAccelerator(translate=translate)

@@ -451,3 +451,9 @@ def cmd_console(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def run_box(box, accel: str | None = None) -> int:
+    """Start `box` in the foreground with its console on this terminal (for `boite demo`)."""
+    box.require_within_limits()
+    return _run_box(box, accel, attach_stdio=True)

@@ -1,8 +1,9 @@
 ; Faults and traps without paging: #DE (divide by zero, quotient overflow), #UD, #BP and
 ; INTO (traps: EIP after the instruction), BOUND, #GP with selector error codes (beyond
-; the GDT, wrong type, wrong privilege, null SS, read-only writes, segment limits),
-; #NP and #SS for not-present segments, #NP for a not-present IDT gate, #SS for the stack
-; limit, and that the faulting instruction left the registers as they were.
+; the GDT, wrong type, wrong privilege, null SS, far jump to data), #NM for x87
+; instructions with CR0.TS or EM (and WAIT with MP+TS), CLTS, #NP and #SS for
+; not-present segments, #NP for a not-present IDT gate, and that the faulting
+; instruction left the registers as they were.
 %define EXIT_CODE 0x41
 %include "lib.inc"
 
@@ -121,6 +122,36 @@ main:
     mov eax, cr0
     SHOW "cr0", eax
     call nl
+    PRINT `#NM\n`
+    mov eax, cr0
+    or eax, 8                       ; TS: the next x87 instruction faults
+    mov cr0, eax
+    RESUME .nm1
+    fninit
+.nm1:
+    RESUME .nm2
+    fld1
+.nm2:
+    or eax, 2                       ; MP too: WAIT faults as well
+    mov cr0, eax
+    RESUME .nm3
+    fwait
+.nm3:
+    clts
+    mov eax, cr0
+    and eax, 0xe
+    SHOW "cr0 after clts", eax
+    call nl
+    mov eax, cr0
+    and eax, ~0xe
+    or eax, 4                       ; EM: x87 instructions fault without TS
+    mov cr0, eax
+    RESUME .nm4
+    fninit
+.nm4:
+    and eax, ~4
+    mov cr0, eax
+
     PRINT `#NP #SS\n`
     mov [saved_ds], ds
     mov ax, SEL_NPDATA

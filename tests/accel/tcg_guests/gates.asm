@@ -1,7 +1,8 @@
 ; Interrupt and trap gates (IF cleared or kept, TF cleared), single-step #DB, ring 3
 ; entered by IRET (IOPL, data segments nulled), INT from ring 3 through a DPL 3 gate with
 ; the TSS stack switch (ESP0/SS0 used, the user SS:ESP saved), a DPL 0 gate from ring 3,
-; privileged instructions at CPL 3, POPF at CPL 3, a call gate with parameters copied to
+; privileged instructions at CPL 3, POPF at CPL 3, #TS for a bad TSS.SS0 (handled in a
+; conforming segment at CPL 3), a call gate with parameters copied to
 ; the inner stack and RETF imm back out, and a double fault from a not-present gate.
 %define EXIT_CODE 0x44
 %include "lib.inc"
@@ -18,6 +19,17 @@ main:
     and edx, 0xffff0000
     or edx, 0xec02
     mov [gdt + 0x34], edx
+    ; #TS handler in a conforming code segment (GDT 0x38)
+    mov dword [gdt + 0x38], 0x0000FFFF
+    mov dword [gdt + 0x3c], 0x00CF9E00
+    mov eax, ts_handler
+    mov edx, eax
+    and eax, 0xffff
+    or eax, 0x38 << 16
+    mov [idt + 10 * 8], eax
+    and edx, 0xffff0000
+    or edx, 0x8e00
+    mov [idt + 10 * 8 + 4], edx
     ; gates for the probes
     mov ecx, 0x40                   ; interrupt gate, DPL 0
     mov eax, stubs + 0x40 * 16
@@ -57,6 +69,25 @@ main:
     and eax, 0x4000
     SHOW "dr6.bs", eax
     SHOW "fl", [db_fl]
+    call nl
+    ; MOV SS holds the single-step trap back for one instruction: 4 traps, recorded
+    mov dword [hook + 1 * 4], db_steps
+    pushfd
+    or dword [esp], 0x100
+    popfd
+    mov ax, ss
+    mov ss, ax
+    mov eax, 3
+    mov eax, 4
+    nop
+    nop
+    mov esi, steps
+    mov ecx, 4
+.steps:
+    lodsd
+    sub eax, 0x100000
+    SHOW "step", eax
+    loop .steps
     call nl
 
     PRINT `ring 3\n`
@@ -142,6 +173,23 @@ db_hook:
     add esp, 8
     iret
 
+db_steps:                           ; record EIP, keep TF for four traps
+    push eax
+    push ebx
+    mov ebx, [nsteps]
+    mov eax, [esp + 16]
+    mov [steps + ebx * 4], eax
+    inc ebx
+    mov [nsteps], ebx
+    cmp ebx, 4
+    jb .more
+    and dword [esp + 24], ~0x100
+.more:
+    pop ebx
+    pop eax
+    add esp, 8
+    iret
+
 df_hook:
     mov eax, [esp + 4]
     mov [df_err], eax
@@ -151,6 +199,18 @@ df_hook:
     mov edx, 0x8e00
     call set_gate
     jmp main.after_df
+
+; #TS through a conforming segment: no stack switch, runs at the interrupted CPL
+ts_handler:
+    pop dword [ts_err]
+    mov eax, [esp]
+    sub eax, 0x100000
+    mov [ts_eip], eax
+    mov eax, [esp + 4]
+    mov [ts_cs], eax
+    mov dword [tss + 8], SEL_KDATA
+    add dword [esp], 2              ; skip the INT
+    iret
 
 ; ring 0 end of the call gate
 cg_target:
@@ -194,6 +254,14 @@ user:
     SHOW "user esp", eax
     mov eax, [KSTACK0 - 4]
     SHOW "user ss", eax
+    call nl
+    ; #TS: TSS.SS0 names a DPL 3 segment, so INT to ring 0 cannot switch stacks. The #TS
+    ; gate leads to a conforming segment: its handler runs at CPL 3 on this stack.
+    mov dword [tss + 8], SEL_UDATA
+    int 0x81                        ; #TS(0x20), EIP at the INT; the handler skips it
+    SHOW "ts err", [ts_err]
+    SHOW "ts cs", [ts_cs]
+    SHOW "ts eip", [ts_eip]
     call nl
     ; the call gate
     push dword 0x1111
@@ -271,6 +339,8 @@ p_saved: dd 0
 p_cs: dd 0
 p_esp: dd 0
 db_eip: dd 0
+nsteps: dd 0
+steps: times 4 dd 0
 db_dr6: dd 0
 db_fl: dd 0
 u_fs: dd 0
@@ -281,5 +351,8 @@ u_esp_after: dd 0
 u_popf: dd 0
 cg_rec: times 7 dd 0
 df_err: dd 0xffffffff
+ts_err: dd 0
+ts_cs: dd 0
+ts_eip: dd 0
 df_esp: dd 0
 END_IMAGE

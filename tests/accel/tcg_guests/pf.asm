@@ -84,11 +84,31 @@ main:
     SHOW "cr2", eax
     call nl
 
+    ; warm the TLB at ring 0 with every page ring 3 is about to try: supervisor pages,
+    ; and the read-only page written with WP=0, so the user checks cannot come from a
+    ; ring-0 translation
+    mov eax, [WIN + 0x2000]
+    mov eax, [0x400000]
+    mov eax, [WIN + 0x400000]
+    mov eax, cr0
+    and eax, ~0x10000
+    mov cr0, eax
+    mov dword [WIN + 0x1000], 0x1234
+    mov dword [0x800000], 0x5678
+    mov dword [WIN + 0x800000], 0x9abc
+    or eax, 0x10000
+    mov cr0, eax
     PRINT `ring 3\n`
     mov eax, user
     mov edx, 0x002
     call enter_user
     PRINT `back\n`
+    RESUME .k9
+    mov dword [WIN + 0x1000], 1     ; WP again at ring 0: 3
+.k9:
+    SHOW "ro", [WIN + 0x1000]
+    SHOW "pse ro", [0x800000]
+    call nl
     ret
 
 user:

@@ -1,7 +1,8 @@
 ; The CMOS RTC periodic interrupt through the cascaded slave 8259: register A rate,
 ; register B PIE, IRQ 8 latched in the slave's IRR and delivered at slave base + 0 once
 ; IF=1, ISR bits of both chips in the handler (slave IRQ 0, master IRQ 2), register C
-; flags (IRQF, PF) cleared by reading, EOI to slave then master, HLT woken tick by tick.
+; flags (IRQF, PF) cleared by reading, EOI to slave then master, HLT woken tick by tick,
+; and priority: with IRQ 0 and IRQ 8 both pending, IRQ 0 is delivered first.
 %define EXIT_CODE 0x46
 %include "lib.inc"
 
@@ -87,12 +88,67 @@ main:
     cmp dword [ticks], 4
     jb .ticks
     SHOW "ticks>=4", 1
+    call nl
+
+    ; priority: IRQ 0 (master) and IRQ 8 (slave, through IRQ 2) both pending with IF=0:
+    ; IRQ 0 comes first, IRQ 8 right after its handler's IRET
+    mov dword [hook + 0x20 * 4], irq0
+    mov al, 0x34                    ; PIT channel 0, mode 2, slowest rate
+    out 0x43, al
+    xor al, al
+    out 0x40, al
+    out 0x40, al
+    mov al, 0xfa                    ; master: IRQ 0 and the cascade
+    out 0x21, al
+.both:
+    mov al, 0x0a
+    out 0x20, al
+    in al, 0x20
+    mov bl, al
+    mov al, 0x0a
+    out 0xa0, al
+    in al, 0xa0
+    and al, 1
+    and bl, 1
+    and al, bl
+    jz .both
+    mov dword [order_n], 0
+    sti
+    nop
+    nop
+    nop
+    cli
+    SHOW "first", [order]
+    SHOW "second", [order + 4]
+    call nl
+    mov al, 0xff
+    out 0x21, al
     CMOS_READ 0x0b
     and al, ~0x40
     mov bl, al
     CMOS_WRITE 0x0b, bl
-    call nl
     ret
+
+record_order:                       ; EAX = vector
+    push ebx
+    mov ebx, [order_n]
+    cmp ebx, 2
+    jae .full
+    mov [order + ebx * 4], eax
+    inc dword [order_n]
+.full:
+    pop ebx
+    ret
+
+irq0:
+    push eax
+    mov eax, 0x20
+    call record_order
+    mov al, 0x20
+    out 0x20, al
+    pop eax
+    add esp, 8
+    iret
 
 isr_pair:                           ; EAX = master ISR << 8 | slave ISR
     mov al, 0x0b
@@ -106,6 +162,8 @@ isr_pair:                           ; EAX = master ISR << 8 | slave ISR
 
 irq8:
     push eax
+    mov eax, 0x28
+    call record_order
     cmp dword [ticks], 0
     jne .eoi
     mov eax, [esp + 4]
@@ -134,6 +192,8 @@ irq8:
 
 align 4
 ticks: dd 0
+order_n: dd 2
+order: dd 0, 0
 s_vec: dd 0
 s_isr: dd 0
 s_isr_eoi: dd 0

@@ -187,8 +187,6 @@ class EmuAccelerator(Accelerator):
         nearest = None
         now = time.monotonic_ns()
         for t in self.timers:
-            # Every call: the PIT's deadline is always the next edge after the clock's now,
-            # so it never looks due; advance() itself finds the edges since its last call.
             t.advance(now)
             d = t.next_deadline_ns()
             if d is not None and (nearest is None or d < nearest):
@@ -223,7 +221,8 @@ class EmuAccelerator(Accelerator):
                     res = self._stop_reason()
                     if res is not None:
                         return res
-                    if not cpu.fl & IF and nearest is None:
+                    if not cpu.fl & IF:
+                        # Only NMI/INIT (not emulated) wake a CPU halted with IF=0.
                         return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
                     if cpu.fl & IF and self.pic is not None and self.pic.pending():
                         continue

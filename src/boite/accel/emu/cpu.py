@@ -131,6 +131,7 @@ class Cpu:
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
         self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
+        self.mode_key = 0  # cpl | 4 * cs32, kept current by set_seg_raw and tlb_switch
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
@@ -243,6 +244,7 @@ class Cpu:
     def tlb_switch(self) -> None:
         """Select the TLB pair for the current privilege (user pages differ from supervisor)."""
         user = 1 if self.cpl == 3 else 0
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
         pair = self._tlbs.get(user)
         if pair is None:
             pair = self._tlbs[user] = ({}, {})
@@ -453,6 +455,8 @@ class Cpu:
             r[4] = sp
         else:
             sp = (r[4] - size) & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)  # the word would run past the 64 KiB segment
             self.wr((self.sbase[SS] + sp) & M32, size, v)
             r[4] = (r[4] & 0xFFFF0000) | sp
 
@@ -464,6 +468,8 @@ class Cpu:
             r[4] = (sp + size) & M32
         else:
             sp = r[4] & M16
+            if sp > 0x10000 - size:
+                raise CpuFault(SS_VEC, 0)
             v = self.rd((self.sbase[SS] + sp) & M32, size)
             r[4] = (r[4] & 0xFFFF0000) | ((sp + size) & M16)
         return v
@@ -471,6 +477,8 @@ class Cpu:
     def peek(self, offset: int, size: int) -> int:
         """Read the stack at ESP+offset without popping."""
         sp = (self.r[4] + offset) & (M32 if self.ss32 else M16)
+        if not self.ss32 and sp > 0x10000 - size:
+            raise CpuFault(SS_VEC, 0)
         return self.rd((self.sbase[SS] + sp) & M32, size)
 
     def sp_add(self, n: int) -> None:
@@ -516,6 +524,7 @@ class Cpu:
         self.sattr[i] = attr
         if i == CS:
             self.cs32 = bool(attr & 0x4000)
+            self.mode_key = self.cpl | (4 if self.cs32 else 0)
         elif i == SS:
             self.ss32 = bool(attr & 0x4000)
 
@@ -963,6 +972,9 @@ class Cpu:
         """What a translated block depends on besides its address: code size and CPL."""
         return self.cpl | (4 if self.cs32 else 0)
 
+    def _update_mode(self) -> None:
+        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:
         """Decode and execute one instruction (the reference interpreter path)."""
@@ -980,71 +992,79 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
-        start = self.icount
-        limit = start + max_insns
+        if self.halted and not (self.intr and self.fl & IF):
+            return 0  # asleep in HLT until an interrupt can be taken
+        done = 0
         translate = self.translate_blocks
         blocks = self.blocks
         decoder = self.decoder
         irq_check = self.irq_check
-        while self.icount < limit:
+        sbase = self.sbase
+        compile_ok = self.compile_blocks
+        while done < max_insns:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
-                    self.irq_count += 1
                     self.halted = False
+                    self.irq_count += 1
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
+                elif self.halted:
+                    break  # the request went away before INTA: keep sleeping
             shadow = self.inhibit_irq
-            self.inhibit_irq = False
-            if self.halted:
-                break
+            if shadow:
+                self.inhibit_irq = False
             n = 0
             try:
                 tf = self.fl & TF
                 if tf or shadow:
                     # Single-step, or the one instruction of an STI/MOV SS shadow: run it
                     # alone so that an interrupt is taken right after it, not a block later.
+                    if_before = self.fl & IF
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
-                    self.icount += 1
-                    if tf:  # the #DB trap after the instruction
+                    done += 1
+                    # The #DB trap after the instruction, unless it was MOV/POP SS: their
+                    # shadow holds debug traps too (STI's, the one that set IF, does not).
+                    if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
                         self.dr[6] |= 0x4000  # BS
                         self.exception(DB, None)
                 elif translate:
                     eip = self.eip
-                    csb = self.sbase[CS]
+                    csb = sbase[1]
                     lin = (csb + eip) & M32
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
                     b = blocks.get(pa)
-                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode():
+                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode_key:
                         b = decoder.translate_block(pa, eip)
                     f = b.fn
                     if f is not None:
-                        self.icount += f()
+                        done += f()
                     else:
                         b.hits += 1
-                        if b.hits >= HOT_BLOCK and b.cacheable and self.compile_blocks:
+                        if b.hits >= HOT_BLOCK and b.cacheable and compile_ok:
                             decoder.compile(b)
                         for fn in b.fns:
                             fn()
                             n += 1
-                        self.icount += n
+                        done += n
                 else:
                     fn, _ = decoder.decode_one(self.eip)
                     fn()
-                    self.icount += 1
+                    done += 1
             except CpuFault as f:
-                self.icount += n
+                done += n
                 self.exception(f.vector, f.error)
             except CpuHalt:
-                self.icount += 1
+                done += n + 1
                 self.halted = True
                 break
             except CpuStop:
                 break
             if self.stop or (should_stop is not None and should_stop()):
                 break
-        return self.icount - start
+        self.icount += done
+        return done

@@ -213,7 +213,7 @@ class Decoder:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
-        block = Block(eip, c.sbase[CS], c.mode(), tuple(fns), pa, info)
+        block = Block(eip, c.sbase[CS], c.mode_key, tuple(fns), pa, info)
         if cur_pa > page_end:
             block.cacheable = False  # an instruction straddles a page: run it, don't cache
             return block
@@ -1157,6 +1157,8 @@ class Decoder:
                 sp = r[5]
             else:
                 sp = r[5] & M16
+                if sp > 0x10000 - size:
+                    raise CpuFault(SS_VEC, 0)
             v = c.rd((c.sbase[SS] + sp) & M32, size)
             if c.ss32:
                 r[4] = (sp + size) & M32
@@ -1606,6 +1608,7 @@ class Decoder:
             if mod == 3:
                 return self._ud(x, b)
             rd = self.rdfn(size)
+            ea = self.sized_ea(ea, size + 2)
 
             def far_ind() -> None:
                 a = ea()
@@ -1640,8 +1643,19 @@ class Decoder:
         def adv(reg: int, delta: int) -> None:
             r[reg] = (r[reg] & ~am & M32) | ((r[reg] + delta) & am)
 
+        wrap_vec_src = SS_VEC if src_seg == SS else GP
+        check16 = am == M16 and size > 1
+        uses_src = kind in (0xA4, 0xA6, 0xAC, 0x6E)
+        uses_dst = kind in (0xA4, 0xA6, 0xAA, 0xAE, 0x6C)
+
         def one() -> bool:
             """One iteration; returns the REPE/REPNE condition value (ZF) for CMPS/SCAS."""
+            if check16:
+                # A word at offset 0xFFFF runs past the 64 KiB segment: #GP (#SS on SS).
+                if uses_src and (r[6] & am) > 0x10000 - size:
+                    raise CpuFault(wrap_vec_src, 0)
+                if uses_dst and (r[7] & am) > 0x10000 - size:
+                    raise CpuFault(GP, 0)
             step = -size if c.fl & DF else size
             if kind == 0xA4:  # MOVS
                 v = rd((sb[src_seg] + (r[6] & am)) & M32)
@@ -1697,17 +1711,20 @@ class Decoder:
         cond_kind = kind in (0xA6, 0xAE)
         want = rep == 0xF3  # REPE: continue while equal
 
-        if kind == 0xA4 and size == 4:
-            fast = self._fast_movsd(am, src_seg)
+        if kind == 0xA4:
+            fast = self._fast_movs(am, src_seg, size)
         elif kind == 0xAA:
             fast = self._fast_stos(am, size)
         else:
             fast = None
 
         def string_rep() -> None:
-            if fast is not None and not c.fl & DF:
-                fast()
+            use_fast = fast is not None and (kind == 0xA4 or not c.fl & DF)
             while r[1] & am:
+                if use_fast:
+                    fast()  # whole page runs; the slow step below fills the TLB for it
+                    if not r[1] & am:
+                        break
                 res = one()
                 r[1] = (r[1] & ~am & M32) | ((r[1] - 1) & am)
                 if cond_kind and res != want:
@@ -1716,30 +1733,44 @@ class Decoder:
 
         return string_rep
 
-    def _fast_movsd(self, am: int, src_seg: int) -> Fn:
-        """REP MOVSD forward within RAM pages: copy page runs in one slice assignment."""
+    def _fast_movs(self, am: int, src_seg: int, size: int) -> Fn:
+        """REP MOVS within RAM pages, either direction: runs of elements copied with one
+        slice assignment each. A run never overlaps its own destination in the copy
+        direction, so the result equals the element-by-element copy."""
         c = self.c
         r = c.r
         sb = c.sbase
 
         def fast() -> None:
             ram = c.ram
+            back = bool(c.fl & DF)
+            step = -size if back else size
             while r[1] & am:
                 s = (sb[src_seg] + (r[6] & am)) & M32
                 d = (sb[ES] + (r[7] & am)) & M32
                 sp = c.rtlb.get(s >> 12)
                 dp = c.wtlb.get(d >> 12)
-                if sp is None or dp is None:
+                so, do = s & 0xFFF, d & 0xFFF
+                if sp is None or dp is None or so + size > 0x1000 or do + size > 0x1000:
                     return
-                n = min(r[1] & am, (0x1000 - (s & 0xFFF)) >> 2, (0x1000 - (d & 0xFFF)) >> 2)
-                if n <= 0:
-                    return
-                so, do = sp | (s & 0xFFF), dp | (d & 0xFFF)
-                if so < do < so + 4 * n:
-                    return  # overlapping forward copy: let the byte loop do it
-                ram[do : do + 4 * n] = ram[so : so + 4 * n]
-                r[6] = (r[6] & ~am & M32) | ((r[6] + 4 * n) & am)
-                r[7] = (r[7] & ~am & M32) | ((r[7] + 4 * n) & am)
+                if back:
+                    n = min(r[1] & am, so // size + 1, do // size + 1)
+                else:
+                    n = min(r[1] & am, (0x1000 - so) // size, (0x1000 - do) // size)
+                so |= sp
+                do |= dp
+                gap = (do - so) if not back else (so - do)
+                if 0 < gap < n * size:
+                    n = gap // size  # the destination runs into the source: shorter runs
+                    if n == 0:
+                        return
+                span = n * size
+                if back:
+                    ram[do - span + size : do + size] = ram[so - span + size : so + size]
+                else:
+                    ram[do : do + span] = ram[so : so + span]
+                r[6] = (r[6] & ~am & M32) | ((r[6] + step * n) & am)
+                r[7] = (r[7] & ~am & M32) | ((r[7] + step * n) & am)
                 r[1] = (r[1] & ~am & M32) | ((r[1] - n) & am)
 
         return fast
@@ -1878,6 +1909,8 @@ class Decoder:
                 f &= ~(CF | AF)
                 step = 6 if b == 0x27 else -6
                 if (old_al & 0xF) > 9 or af_in:
+                    if b == 0x2F and (old_al < 6 or old_cf):
+                        f |= CF  # DAS keeps the borrow of the low-digit step (SDM)
                     al = (al + step) & 0xFF
                     f |= AF
                 if old_al > 0x99 or old_cf:
@@ -1926,6 +1959,7 @@ class Decoder:
         s = self.reg_set(reg, size)
         rd = self.rdfn(size)
         x.end = True
+        ea = self.sized_ea(ea, size + 2)
 
         def les() -> None:
             a = ea()

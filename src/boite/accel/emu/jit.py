@@ -14,6 +14,7 @@ of the instruction running, and the handler stores that instruction's address.
 from __future__ import annotations
 
 import os
+import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,43 @@ _KIND = {0: "add", 1: "logic", 4: "logic", 5: "sub", 6: "logic", 7: "sub"}
 
 def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _load32(dst: str, addr: str) -> list[str]:
+    """dst = the dword at linear addr, through the TLB inline (rd32 on a miss)."""
+    return [
+        f"_a = {addr}",
+        "_p = rt.get(_a >> 12)",
+        f"{dst} = U32(ram, _p | (_a & 0xFFF))[0] if _p is not None and (_a & 0xFFF) <= 0xFFC "
+        "else rd32(_a)",
+    ]
+
+
+def _store32(addr: str, val: str, addr_is_a: bool = False) -> list[str]:
+    lines = [] if addr_is_a else [f"_a = {addr}"]
+    return lines + [
+        "_p = wt.get(_a >> 12)",
+        "if _p is not None and (_a & 0xFFF) <= 0xFFC:",
+        f"    P32(ram, _p | (_a & 0xFFF), {val})",
+        "else:",
+        f"    wr32(_a, {val})",
+    ]
+
+
+def _rget(n: int, size: int) -> str:
+    if size == 4:
+        return f"r[{n}]"
+    if n < 4:
+        return f"(r[{n}] & 0xFF)"
+    return f"((r[{n - 4}] >> 8) & 0xFF)"
+
+
+def _rset(n: int, size: int, val: str) -> str:
+    if size == 4:
+        return f"r[{n}] = {val}"
+    if n < 4:
+        return f"r[{n}] = (r[{n}] & 0xFFFFFF00) | {val}"
+    return f"r[{n - 4}] = (r[{n - 4}] & 0xFFFF00FF) | ({val} << 8)"
 
 
 class _Bytes:
@@ -100,6 +138,64 @@ class Emitter:
             if op & 7 == 1:
                 return self._alu(kind, sym, alu == 7, other, ("r", reg), a, b, res)
             return self._alu(kind, sym, alu == 7, ("r", reg), other, a, b, res)
+        if op < 0x40 and op & 7 in (0, 2, 4) and (op >> 3) & 7 not in (2, 3):
+            alu = (op >> 3) & 7
+            sym, kind = _ALU[alu], _KIND[alu]
+            if op & 7 == 4:
+                return self._alu(kind, sym, alu == 7, ("r", 0), ("i", bs.u8()), a, b, res, 1)
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
+            if op & 7 == 0:
+                return self._alu(kind, sym, alu == 7, other, ("r", reg), a, b, res, 1)
+            return self._alu(kind, sym, alu == 7, ("r", reg), other, a, b, res, 1)
+        if op in (0x80, 0x82):
+            m = bs.u8()
+            mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
+            if alu in (2, 3):
+                return None
+            dst = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
+            imm = bs.u8()
+            return self._alu(_KIND[alu], _ALU[alu], alu == 7, dst, ("i", imm), a, b, res, 1)
+        if op == 0x84:
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
+            return self._alu("logic", "&", True, other, ("r", reg), a, b, res, 1)
+        if op in (0xA8, 0xA9):
+            size = 1 if op == 0xA8 else 4
+            imm = bs.u8() if size == 1 else bs.u32()
+            return self._alu("logic", "&", True, ("r", 0), ("i", imm), a, b, res, size)
+        if op in (0xF6, 0xF7):
+            m = bs.u8()
+            mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
+            if sub != 0:
+                return None
+            size = 1 if op == 0xF6 else 4
+            dst = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
+            imm = bs.u8() if size == 1 else bs.u32()
+            return self._alu("logic", "&", True, dst, ("i", imm), a, b, res, size)
+        if op in (0x88, 0x8A):
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            if mod == 3:
+                d, sr = (rm, reg) if op == 0x88 else (reg, rm)
+                return [f"{a} = {_rget(sr, 1)}", _rset(d, 1, a)], False
+            ea = _ea32(bs, mod, rm)
+            if op == 0x88:
+                return [f"wr8({ea}, {_rget(reg, 1)})"], True
+            return [f"{a} = rd8({ea})", _rset(reg, 1, a)], True
+        if op == 0xC6:
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            if reg:
+                return None
+            if mod == 3:
+                return [_rset(rm, 1, str(bs.u8()))], False
+            ea = _ea32(bs, mod, rm)
+            return [f"wr8({ea}, {bs.u8()})"], True
+        if 0xB0 <= op <= 0xB7:
+            return [_rset(op & 7, 1, str(bs.u8()))], False
         if op in (0x81, 0x83):
             m = bs.u8()
             mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
@@ -121,8 +217,8 @@ class Emitter:
                 return [f"r[{d}] = r[{s}]"], False
             ea = _ea32(bs, mod, rm)
             if op == 0x89:
-                return [f"wr32({ea}, r[{reg}])"], True
-            return [f"r[{reg}] = rd32({ea})"], True
+                return _store32(ea, f"r[{reg}]"), True
+            return _load32(f"r[{reg}]", ea), True
         if op == 0xC7:
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
@@ -131,7 +227,7 @@ class Emitter:
             if mod == 3:
                 return [f"r[{rm}] = {bs.u32()}"], False
             ea = _ea32(bs, mod, rm)
-            return [f"wr32({ea}, {bs.u32()})"], True
+            return _store32(ea, str(bs.u32())), True
         if 0xB8 <= op <= 0xBF:
             return [f"r[{op & 7}] = {bs.u32()}"], False
         if op in (0xC1, 0xD1):
@@ -171,15 +267,15 @@ class Emitter:
             n = op & 7
             dec = op >= 0x48
             cf = "c.get_cf()"
-            if self.flags is not None:
-                kind, fa, fb, fres = self.flags
+            if self.flags is not None and self.flags[4] == 4:
+                kind, fa, fb, fres, _ = self.flags
                 if kind == "sub":
                     cf = f"(1 if {fa} < {fb} else 0)"
                 elif kind == "add":
                     cf = f"(1 if {fres} > 0xFFFFFFFF else 0)"
                 elif kind == "logic":
                     cf = "0"
-            self.flags = ("dec" if dec else "inc", a, "1", res)
+            self.flags = ("dec" if dec else "inc", a, "1", res, 4)
             return [
                 f"c.lcf = {cf}",
                 f"{a} = r[{n}]",
@@ -193,7 +289,7 @@ class Emitter:
             return [
                 "if c.ss32:",
                 f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                f"    wr32((sb[2] + {a}) & 0xFFFFFFFF, r[{n}])",
+                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", f"r[{n}]")),
                 f"    r[4] = {a}",
                 "else:",
                 f"    c.push(r[{n}], 4)",
@@ -202,7 +298,7 @@ class Emitter:
             n = op & 7
             return [
                 "if c.ss32:",
-                f"    {a} = rd32((sb[2] + r[4]) & 0xFFFFFFFF)",
+                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
                 "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
                 f"    r[{n}] = {a}",
                 "else:",
@@ -239,6 +335,20 @@ class Emitter:
                         f"r[{reg}] = ({a} - 0x10000 if {a} & 0x8000 else {a}) & 0xFFFFFFFF",
                     ], mod != 3  # noqa: E501
                 return [f"r[{reg}] = {src}"], mod != 3
+            if 0x90 <= op2 <= 0x9F:
+                m = bs.u8()
+                mod, _, rm = m >> 6, (m >> 3) & 7, m & 7
+                val = f"(1 if {self._cond(op2 & 15)} else 0)"
+                if mod == 3:
+                    return [f"{a} = {val}", _rset(rm, 1, a)], False
+                return [f"wr8({_ea32(bs, mod, rm)}, {val})"], True
+            if 0x40 <= op2 <= 0x4F:
+                m = bs.u8()
+                mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+                src = f"r[{rm}]" if mod == 3 else f"rd32({_ea32(bs, mod, rm)})"
+                return [f"{a} = {src}", f"if {self._cond(op2 & 15)}:", f"    r[{reg}] = {a}"], (
+                    mod != 3
+                )
             if 0x80 <= op2 <= 0x8F:
                 d = _s32(bs.u32())
                 return self._jcc(op2 & 15, (nxt + d) & M, nxt), False
@@ -254,7 +364,7 @@ class Emitter:
             return [
                 "if c.ss32:",
                 f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                f"    wr32((sb[2] + {a}) & 0xFFFFFFFF, {nxt})",
+                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", str(nxt))),
                 f"    r[4] = {a}",
                 "else:",
                 f"    c.push({nxt}, 4)",
@@ -263,7 +373,7 @@ class Emitter:
         if op == 0xC3:
             return [
                 "if c.ss32:",
-                f"    {a} = rd32((sb[2] + r[4]) & 0xFFFFFFFF)",
+                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
                 "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
                 f"    c.eip = {a}",
                 "else:",
@@ -271,71 +381,91 @@ class Emitter:
             ], True
         return None
 
-    def _alu(self, kind, sym, no_write, dst, src, a, b, res):
+    def _alu(self, kind, sym, no_write, dst, src, a, b, res, size=4):
+        mask = 0xFF if size == 1 else 0xFFFFFFFF
+        rd = "rd8" if size == 1 else "rd32"
+        wr = "wr8" if size == 1 else "wr32"
         lines = []
         fault = False
         if dst[0] == "m":
-            lines.append(f"_a = {dst[1]}")
-            lines.append(f"{a} = rd32(_a)")
+            if size == 4:
+                lines += _load32(a, dst[1])
+                lines.append("_d = _a")
+            else:
+                lines.append(f"_d = {dst[1]}")
+                lines.append(f"{a} = {rd}(_d)")
             fault = True
         else:
-            lines.append(f"{a} = r[{dst[1]}]")
+            lines.append(f"{a} = {_rget(dst[1], size)}")
         if src[0] == "m":
-            lines.append(f"{b} = rd32({src[1]})")
+            if size == 4:
+                lines += _load32(b, src[1])
+            else:
+                lines.append(f"{b} = {rd}({src[1]})")
             fault = True
         elif src[0] == "r":
-            lines.append(f"{b} = r[{src[1]}]")
+            lines.append(f"{b} = {_rget(src[1], size)}")
         else:
             lines.append(f"{b} = {src[1]}")
         lines.append(f"{res} = {a} {sym} {b}")
         if not no_write:
-            val = res if kind == "logic" else f"{res} & 0xFFFFFFFF"
+            val = res if kind == "logic" else f"({res} & {mask})"
             if dst[0] == "m":
-                lines.append(f"wr32(_a, {val})")
+                if size == 4:
+                    lines.append("_a = _d")
+                    lines += _store32("_a", val, addr_is_a=True)
+                else:
+                    lines.append(f"{wr}(_d, {val})")
             else:
-                lines.append(f"r[{dst[1]}] = {val}")
+                lines.append(_rset(dst[1], size, val))
         if kind == "logic":
-            lines.append(f"c.lop = 3; c.lres = {res}; c.lmask = 0xFFFFFFFF")
+            lines.append(f"c.lop = 3; c.lres = {res}; c.lmask = {mask}")
         else:
             lines.append(
                 f"c.lop = {1 if kind == 'add' else 2}; c.la = {a}; c.lb = {b}; c.lres = {res}; "
-                "c.lmask = 0xFFFFFFFF"
+                f"c.lmask = {mask}"
             )
-        self.flags = (kind, a, b, res)
+        self.flags = (kind, a, b, res, size)
         return lines, fault
 
-    def _jcc(self, cc: int, tgt: int, nxt: int) -> list[str]:
+    def _cond(self, cc: int) -> str:
+        """Source for condition cc, from the flag-setting instruction's locals if known."""
         cond = None
         if self.flags is not None:
-            kind, a, b, res = self.flags
+            kind, a, b, res, size = self.flags
+            mask = 0xFF if size == 1 else 0xFFFFFFFF
+            sign = 0x80 if size == 1 else 0x80000000
             k = cc >> 1
             if k == 2:
-                cond = f"({res} & 0xFFFFFFFF) == 0"
+                cond = f"({res} & {mask}) == 0"
             elif k == 4:
-                cond = f"({res} & 0x80000000) != 0"
+                cond = f"({res} & {sign}) != 0"
             elif kind == "sub":
                 if k == 1:
                     cond = f"{a} < {b}"
                 elif k == 3:
                     cond = f"{a} <= {b}"
                 elif k == 6:
-                    cond = f"({a} ^ 0x80000000) < ({b} ^ 0x80000000)"
+                    cond = f"({a} ^ {sign}) < ({b} ^ {sign})"
                 elif k == 7:
-                    cond = f"({a} ^ 0x80000000) <= ({b} ^ 0x80000000)"
+                    cond = f"({a} ^ {sign}) <= ({b} ^ {sign})"
             elif kind == "logic":
                 if k == 1 or k == 0:
                     cond = "False"
                 elif k == 3:
                     cond = f"{res} == 0"
                 elif k == 6:
-                    cond = f"({res} & 0x80000000) != 0"
+                    cond = f"({res} & {sign}) != 0"
                 elif k == 7:
-                    cond = f"({res} & 0x80000000) != 0 or {res} == 0"
+                    cond = f"({res} & {sign}) != 0 or {res} == 0"
         if cond is None:
             cond = f"c.cond({cc & ~1})"
         if cc & 1:
             cond = f"not ({cond})"
-        return [f"c.eip = {tgt} if {cond} else {nxt}"]
+        return cond
+
+    def _jcc(self, cc: int, tgt: int, nxt: int) -> list[str]:
+        return [f"c.eip = {tgt} if {self._cond(cc)} else {nxt}"]
 
 
 def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
@@ -343,7 +473,9 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     em = Emitter()
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
-        "rd32": cpu.rd32, "wr32": cpu.wr32, "CpuFault": CpuFault, "PAR": PARITY,
+        "rd32": cpu.rd32, "wr8": cpu.wr8, "wr32": cpu.wr32, "CpuFault": CpuFault,
+        "PAR": PARITY, "ram": cpu.ram, "U32": struct.Struct("<I").unpack_from,
+        "P32": struct.Struct("<I").pack_into,
     }  # fmt: skip
     eips = []
     body: list[str] = []
@@ -377,12 +509,12 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
         nxt = (insns[-1][1] + insns[-1][2]) & (M if code32 else 0xFFFF)
         body.append(f"c.eip = {nxt}")
     ns["EIPS"] = tuple(eips)
-    src = ["def block():", "    _i = 0", "    try:"]
+    # The TLB dicts are per privilege level; no instruction inside a block changes CPL.
+    src = ["def block():", "    _i = 0", "    rt = c.rtlb", "    wt = c.wtlb", "    try:"]
     src += ["        " + ln for ln in body]
     src += [
         "    except CpuFault:",
         "        c.eip = EIPS[_i]",
-        "        c.icount += _i",
         "        raise",
         f"    return {len(insns)}",
     ]

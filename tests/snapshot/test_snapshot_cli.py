@@ -77,3 +77,19 @@ def test_interrupted_operation_is_finished_by_the_next_command(tmp_path, boite_c
     r = boite_cli("snapshots", box)
     assert r.returncode == 0 and "finished an interrupted test" in r.stdout
     assert "renamed" in r.stdout and not journal_path(b).exists()
+
+
+def test_boite_check_verifies_the_snapshot_tree(tmp_path, boite_cli) -> None:
+    box = tmp_path / "vm"
+    boite_cli("create", box, "--disk", "4M", check=True)
+    boite_cli("snapshot", box, "base", check=True)
+    r = boite_cli("check", box)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # A child that no longer chains to its parent's CID: `check` names it.
+    from boite.disk import set_cid
+
+    set_cid(box / "vm.vmdk")
+    r = boite_cli("check", box, "--json")
+    assert r.returncode == 1
+    problems = json.loads(r.stdout)
+    assert any("CID" in p["message"] or "cid" in p["message"].lower() for p in problems), problems
