@@ -283,3 +283,15 @@ def test_console_types_into_the_guest_and_ctrl_bracket_detaches(tmp_path):
         assert status["state"] == "running"
     finally:
         boite("stop", box.dir, "hard")
+
+
+def test_boot_disk_appears_as_virtio_blk_to_the_guest(tmp_path):
+    pytest.importorskip("boite.machine.virtio.attach", reason="needs the virtio part")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    guest = assemble("mb_virtio_probe")
+    proc = boite("boot", guest, "--accel", "kvm", "--memsize", "16", "--disk", disk)
+    assert proc.returncode == (0x2C << 1) | 1, proc.stderr
+    assert proc.stdout.startswith(b"virtio 0 id 2\n")  # virtio-blk in the first window
+    proc = boite("boot", guest, "--accel", "kvm", "--disk", tmp_path / "missing.raw")
+    assert proc.returncode == 1 and b"no such file" in proc.stderr

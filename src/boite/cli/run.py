@@ -190,6 +190,47 @@ def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
     _once_powered_on(vmm, stdio.start)
 
 
+class _DeviceHooks:
+    """Disks and NICs (the virtio part's `extra_devices` hook): a fresh hook for each
+    machine built (a guest reset rebuilds it), the previous one closed first."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self.current: Any = None
+
+    def fresh(self) -> list[Any]:
+        self.close()
+        self.current = self._make()
+        return [self.current] if self.current is not None else []
+
+    def start(self, machine: Any = None) -> None:
+        if self.current is not None and hasattr(self.current, "start"):
+            self.current.start()
+
+    def close(self) -> None:
+        if self.current is not None and hasattr(self.current, "close"):
+            self.current.close()
+        self.current = None
+
+
+def _disk_files_hook(specs: list[str]) -> Any:
+    if not specs:
+        return None
+    try:
+        from boite.machine.virtio.attach import DiskFiles
+    except ImportError:
+        raise BoxError("--disk needs the virtio/ATA devices, not in this build") from None
+    return DiskFiles(specs)
+
+
+def _box_devices_hook(box) -> Any:
+    try:
+        from boite.machine.virtio.attach import BoxDevices
+    except ImportError:
+        return None  # a build without virtio: the box runs without its disks and NICs
+    return BoxDevices(box.config, box.dir)
+
+
 def _install_stop_signals(vmm) -> None:
     def handler(signum, frame):
         vmm.stop(soft=False)
@@ -209,15 +250,21 @@ def cmd_boot(args: argparse.Namespace) -> int:
         raise BoxError(f"initrd {args.initrd}: no such file")
     if args.memsize < 1 or args.cpus < 1:
         raise BoxError("--memsize and --cpus must be positive")
-    if args.disk:
-        raise BoxError("--disk needs the virtio/ATA disk devices, not in this build yet")
+    for spec in args.disk:
+        path = (
+            spec.partition(":")[2] if spec.startswith(("ide:", "ata:", "virtio:", "vd:")) else spec
+        )
+        if "://" not in path and not Path(path).exists():
+            raise BoxError(f"--disk {spec}: no such file")
     build_machine = _machine_builder()
     console = ConsoleBackend()
+
+    devices = _DeviceHooks(lambda: _disk_files_hook(args.disk))
 
     def make_machine(emulated_irqchip: bool):
         return build_machine(
             args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
-            emulated_irqchip=emulated_irqchip,
+            emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
         )  # fmt: skip
 
     def log(message: str) -> None:
@@ -225,6 +272,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print(f"boite: {message}", file=sys.stderr, flush=True)
 
     vmm = _vmm_for(make_machine, args.accel, console, log, kernel.name)
+    vmm.on_power_on = devices.start
     stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=False))
     _install_stop_signals(vmm)
     _attach_stdio_on_power_on(vmm, stdio)
@@ -232,6 +280,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return vmm.run()
     finally:
         stdio.stop()
+        devices.close()
 
 
 def _open_box(path: str):
@@ -280,11 +329,17 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             )
         _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
+        devices = _DeviceHooks(lambda: _box_devices_hook(box))
+
         def make_machine(emulated_irqchip: bool):
-            return machine_from_box(box, console=console, emulated_irqchip=emulated_irqchip)
+            return machine_from_box(
+                box, console=console, emulated_irqchip=emulated_irqchip,
+                extra_devices=devices.fresh(),
+            )  # fmt: skip
 
         wrap, snapshot_handler = _snapshot_hooks(box, log)
         vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
+        vmm.on_power_on = devices.start  # first: the hooks below chain onto it
         handlers = []
         if snapshot_handler is not None:
             handlers.append(lambda request: snapshot_handler(vmm, box, request))
@@ -308,6 +363,7 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             if stdio is not None:
                 stdio.stop()
             server.close()
+            devices.close()
         box.log.info(f"Power off complete, exit status {status}.")
         return status
 
