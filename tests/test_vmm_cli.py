@@ -295,3 +295,35 @@ def test_boot_disk_appears_as_virtio_blk_to_the_guest(tmp_path):
     assert proc.stdout.startswith(b"virtio 0 id 2\n")  # virtio-blk in the first window
     proc = boite("boot", guest, "--accel", "kvm", "--disk", tmp_path / "missing.raw")
     assert proc.returncode == 1 and b"no such file" in proc.stderr
+
+
+def test_boot_on_a_terminal_is_raw_and_ctrl_bracket_ends_the_vm():
+    """On a TTY: keys go to the guest unprocessed, output lines still end in CR LF, the
+    detach key ends the VM, and the terminal's settings come back afterwards."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boite", "boot", str(assemble("mb_spin")), "--accel", "kvm",
+         "--memsize", "16"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        seen = b""
+        while b"spinning\r\n" not in seen:  # ONLCR kept: the guest's bare LF ends a line
+            chunk = os.read(master, 1024)
+            assert chunk, seen
+            seen += chunk
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO
+        os.write(master, b"\x1d")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert termios.tcgetattr(slave) == before
+    os.close(master)
+    os.close(slave)

@@ -95,7 +95,7 @@ class StdioConsole:
         with contextlib.suppress(OSError, termios.error):
             if os.isatty(0):
                 self._saved_tty = termios.tcgetattr(0)
-                tty.setraw(0)
+                _raw_keep_output(0)
         self.backend.attach(_write_all_stdout)
         self._thread = threading.Thread(target=self._pump_input, name="stdin", daemon=True)
         self._thread.start()
@@ -124,6 +124,15 @@ class StdioConsole:
             with contextlib.suppress(OSError, termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
             self._saved_tty = None
+
+
+def _raw_keep_output(fd: int) -> None:
+    """Raw input (every key to the guest), but output post-processing kept as QEMU's stdio
+    does, so a bare "\n" from a guest still starts a new line on the terminal."""
+    tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[1] |= termios.OPOST | termios.ONLCR
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def _write_all_stdout(data: bytes) -> None:
@@ -468,7 +477,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError, termios.error):
             if os.isatty(0):
                 saved = termios.tcgetattr(0)
-                tty.setraw(0)
+                _raw_keep_output(0)
         done = threading.Event()
 
         def pump_in() -> None:
