@@ -257,3 +257,73 @@ def test_boot_stops_on_ctrl_c_and_sigterm(sig, status):
             proc.kill()
     assert proc.returncode == status, err
     assert b"Traceback" not in err
+
+
+def test_console_types_into_the_guest_and_ctrl_bracket_detaches(tmp_path):
+    box = _make_box(tmp_path, "echobox", "mb_echoloop")
+    try:
+        assert boite("start", box.dir, "--detach", "--accel", "kvm").returncode == 0
+        console = subprocess.Popen(
+            [sys.executable, "-m", "boite", "console", str(box.dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert console.stdin is not None and console.stdout is not None
+        assert console.stdout.readline() == b"echo ready\n"  # replayed from the buffer
+        console.stdin.write(b"typed through the socket\n")
+        console.stdin.flush()
+        assert console.stdout.readline() == b"typed through the socket\n"
+        console.stdin.write(b"\x1d")  # Ctrl-]
+        console.stdin.flush()
+        _, err = console.communicate(timeout=30)
+        assert console.returncode == 0 and b"detached" in err
+        # the box keeps running after a detach
+        from boite.vmm import control_request
+
+        status = control_request(box.dir / "echobox.ctl", {"cmd": "status"})["status"]
+        assert status["state"] == "running"
+    finally:
+        boite("stop", box.dir, "hard")
+
+
+def test_boot_disk_appears_as_virtio_blk_to_the_guest(tmp_path):
+    pytest.importorskip("boite.machine.virtio.attach", reason="needs the virtio part")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    guest = assemble("mb_virtio_probe")
+    proc = boite("boot", guest, "--accel", "kvm", "--memsize", "16", "--disk", disk)
+    assert proc.returncode == (0x2C << 1) | 1, proc.stderr
+    assert proc.stdout.startswith(b"virtio 0 id 2\n")  # virtio-blk in the first window
+    proc = boite("boot", guest, "--accel", "kvm", "--disk", tmp_path / "missing.raw")
+    assert proc.returncode == 1 and b"no such file" in proc.stderr
+
+
+def test_boot_on_a_terminal_is_raw_and_ctrl_bracket_ends_the_vm():
+    """On a TTY: keys go to the guest unprocessed, output lines still end in CR LF, the
+    detach key ends the VM, and the terminal's settings come back afterwards."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boite", "boot", str(assemble("mb_spin")), "--accel", "kvm",
+         "--memsize", "16"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        seen = b""
+        while b"spinning\r\n" not in seen:  # ONLCR kept: the guest's bare LF ends a line
+            chunk = os.read(master, 1024)
+            assert chunk, seen
+            seen += chunk
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO
+        os.write(master, b"\x1d")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert termios.tcgetattr(slave) == before
+    os.close(master)
+    os.close(slave)

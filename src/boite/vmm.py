@@ -163,6 +163,10 @@ class Vmm:
 
     def _loop(self) -> int:
         while True:
+            if self._stop_requested:  # a stop that raced with a reset or a resume
+                self.log("Powered off (hard stop).")
+                self.exit_status = 0 if self.exit_status is None else self.exit_status
+                return self.exit_status
             result: RunResult = self.accel.run()
             reason = result.reason
             if reason is StopReason.PAUSED:

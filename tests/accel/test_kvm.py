@@ -342,3 +342,18 @@ def test_an_idle_guest_with_interrupts_on_is_not_taken_for_dead():
         accel.close()
     assert result.reason is StopReason.PAUSED
     assert accel._probe_generation >= 2
+
+
+def test_a_state_with_an_msr_kvm_refuses_still_loads_the_others():
+    machine, _, _ = build_guest_machine("spin32", "flat32")
+    accel = KvmAccelerator(irqchip=True)
+    accel.create(machine)
+    try:
+        state = CpuState.from_dict(accel.save_cpu_state()[0])
+        state.extra = {}  # as the emulator would hand it over
+        state.msrs = {0x12345678: 1, 0x174: 0x10, 0x176: 0xCAFE}  # bogus, SYSENTER_CS/EIP
+        accel.load_cpu_state([state.to_dict()])
+        back = CpuState.from_dict(accel.save_cpu_state()[0])
+    finally:
+        accel.close()
+    assert back.msrs[0x174] == 0x10 and back.msrs[0x176] == 0xCAFE

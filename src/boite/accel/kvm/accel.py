@@ -222,13 +222,18 @@ class KvmAccelerator(Accelerator):
         if self.vm is None or self.machine is None:
             raise AccelError("KvmAccelerator.run() before create()")
         self._can_signal = _install_kick_handler()
-        self._stopping = False
-        self._pause_requested = False
-        self._result = None
-        self._done.clear()
         runnable = [r for r in self.runners if not r.halted]
         if not runnable:
             return RunResult(StopReason.HALTED, detail="every vCPU is halted")
+        with self._result_lock:
+            if self._pause_requested and not self._running:
+                # pause() came while no run was in progress: honour it now.
+                self._pause_requested = False
+                return RunResult(StopReason.PAUSED)
+            self._stopping = False
+            self._result = None
+            self._done.clear()
+            self._running = True
         for r in self.runners:
             r.vcpu.run.immediate_exit = 0
         # Every vCPU gets its own thread; the calling thread only waits. Process-directed
@@ -244,7 +249,6 @@ class KvmAccelerator(Accelerator):
             # every vCPU halted with interrupts off (Linux's halt without ACPI).
             threads.append(threading.Thread(target=self._halt_watch, args=(runnable,),
                                             name="kvm-halt-watch", daemon=True))  # fmt: skip
-        self._running = True
         try:
             for t in threads:
                 t.start()
@@ -257,7 +261,8 @@ class KvmAccelerator(Accelerator):
             for t in threads:
                 if t.ident is not None:  # a signal can land before every thread started
                     t.join()
-            self._running = False
+            with self._result_lock:
+                self._running = False
         result = self._result
         if isinstance(result, BaseException):
             raise result
@@ -265,7 +270,10 @@ class KvmAccelerator(Accelerator):
         return result
 
     def pause(self) -> None:
-        self._pause_requested = True
+        with self._result_lock:
+            if not self._running:
+                self._pause_requested = True  # the next run() returns PAUSED at once
+                return
         self._finish(RunResult(StopReason.PAUSED))
 
     def _finish(self, result: RunResult | BaseException) -> None:
