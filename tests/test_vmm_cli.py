@@ -212,3 +212,48 @@ def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
     text = (box.dir / "vmware.log").read_text()
     assert "Guest powered off, exit status 0." in text
     assert "Powered off (hard stop)." not in text
+
+
+def test_snapshot_and_suspend_through_the_control_socket(tmp_path):
+    """The control socket hands snapshot/suspend to the snapshot part; a suspended box
+    resumes from its state at the next start."""
+    pytest.importorskip("boite.snapshot", reason="needs the snapshot part")
+    from boite.vmm import control_request
+
+    box = _make_box(tmp_path, "snapbox", "mb_spin")
+    ctl = box.dir / "snapbox.ctl"
+    try:
+        assert boite("start", box.dir, "--detach", "--accel", "kvm").returncode == 0
+        reply = control_request(ctl, {"cmd": "snapshot", "name": "first", "memory": True})
+        assert reply["ok"] and reply["name"] == "first"
+        assert control_request(ctl, {"cmd": "status"})["status"]["state"] == "running"
+        assert list(box.dir.glob("*.vmsn")), sorted(p.name for p in box.dir.iterdir())
+        assert control_request(ctl, {"cmd": "suspend"})["ok"]
+        assert _wait_for(lambda: not ctl.exists())
+        assert list(box.dir.glob("*.vmss"))
+        assert boite("start", box.dir, "--detach", "--accel", "kvm").returncode == 0
+        assert _wait_for(lambda: "Resuming from" in (box.dir / "vmware.log").read_text())
+        assert control_request(ctl, {"cmd": "status"})["status"]["state"] == "running"
+        assert not list(box.dir.glob("*.vmss"))  # a suspend state is used up
+    finally:
+        boite("stop", box.dir, "hard")
+
+
+@pytest.mark.parametrize("sig, status", [(2, 130), (15, 0)], ids=["SIGINT", "SIGTERM"])
+def test_boot_stops_on_ctrl_c_and_sigterm(sig, status):
+    """A guest that never exits: Ctrl-C interrupts (status 130), SIGTERM is a hard stop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boite", "boot", str(assemble("mb_spin")), "--accel", "kvm",
+         "--memsize", "16"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"spinning\n"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == status, err
+    assert b"Traceback" not in err

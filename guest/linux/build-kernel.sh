@@ -22,6 +22,10 @@ esac
 
 step() { echo "BOITE-STEP $*"; }
 
+# Both kernel builds share the source tree: one extracts it, the other waits.
+mkdir -p "$(dirname "$src")"
+exec 9>"$src.lock"
+flock 9
 tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -n1 || true)
 # A tree extracted from an older linux-source-6.1 is replaced when the package updates.
 stamp() { stat -c '%n %s %Y' "$tarball"; }
@@ -54,6 +58,7 @@ fi
 if [ -f "$build/.boite-source" ] && ! cmp -s "$build/.boite-source" "$src/.boite-tarball"; then
   rm -rf "$build"
 fi
+flock -u 9
 mkdir -p "$build" "$dest"
 [ -f "$src/.boite-tarball" ] && cp "$src/.boite-tarball" "$build/.boite-source"
 mk() { nice make -s -C "$src" O="$build" ARCH="$arch" "$@"; }

@@ -45,7 +45,8 @@ SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft sto
 The cache, under `$BOITE_CACHE/kit` (default `~/.cache/boite/kit`, or
 `$XDG_CACHE_HOME/boite/kit`):
 
-    lock                          flock(2) held by whoever builds
+    <artifact>.lock               flock(2) held by whoever builds that artifact
+    src/linux-source-6.1.lock     held while that tree is extracted
     src/linux-source-6.1/         the extracted kernel tree, shared by both kernel builds
     work/linux-<arch>/            make O= object dirs, kept so an edited config rebuilds little
     linux-i386-<hash>/            bzImage config kernel.release build.log manifest.json
@@ -293,11 +294,12 @@ def ensure_kit(
     for name in todo:
         _check_tools(ARTIFACTS[name])
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / "lock", progress):
-        todo = [n for n, d in (kit.dirs or {}).items() if not _complete(d)]
-        for index, name in enumerate(todo, 1):
-            assert kit.dirs is not None
-            _build(ARTIFACTS[name], kit.dirs[name], root, progress, index, len(todo))
+    assert kit.dirs is not None
+    for index, name in enumerate(todo, 1):
+        # One lock per artifact: two kernels build side by side, one kernel never twice.
+        with _locked(root / f"{name}.lock", ARTIFACTS[name], progress):
+            if not _complete(kit.dirs[name]):
+                _build(ARTIFACTS[name], kit.dirs[name], root, progress, index, len(todo))
     return kit
 
 
@@ -317,13 +319,13 @@ def _check_tools(art: Artifact) -> None:
 
 
 @contextmanager
-def _locked(path: Path, progress: Progress | None) -> Iterator[None]:
+def _locked(path: Path, art: Artifact, progress: Progress | None) -> Iterator[None]:
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if progress:
-                progress("waiting for another boite that is building the guest kit…")
+                progress(f"waiting for another boite that is building the {art.label}…")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

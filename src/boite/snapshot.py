@@ -439,8 +439,9 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
         _step()
     write_atomic(box.vmx_path, base64.b64decode(record["new"]["vmx"]))
     _step()
-    write_atomic(box.vmsd_path, base64.b64decode(record["new"]["vmsd"]))
-    _step()
+    if record["new"].get("vmsd") is not None:  # None: the operation leaves the tree alone
+        write_atomic(box.vmsd_path, base64.b64decode(record["new"]["vmsd"]))
+        _step()
     for name in record.get("delete", []):
         target = box.dir / name
         files = _link_files(target) if target.suffix == ".vmdk" and target.exists() else [target]
@@ -491,13 +492,16 @@ class _Operation:
     def commit(
         self,
         vmx: VmxDict,
-        tree: SnapshotTree,
+        tree: SnapshotTree | None,
         delete: list[str] | None = None,
         consolidate: list[dict[str, Any]] | None = None,
     ) -> None:
         self.record.update(
             phase="commit",
-            new={"vmx": _b64(vmx.to_bytes()), "vmsd": _b64(tree.to_vmsd().to_bytes())},
+            new={
+                "vmx": _b64(vmx.to_bytes()),
+                "vmsd": _b64(tree.to_vmsd().to_bytes()) if tree is not None else None,
+            },
             delete=list(delete or []),
             consolidate=list(consolidate or []),
         )
@@ -834,20 +838,27 @@ def suspend_paths(box: Box) -> tuple[Path, Path]:
     return box.dir / f"{box.name}.vmss", box.dir / f"{box.name}.vmem"
 
 
-def write_suspend_state(box: Box, machine: MachineState) -> Path:
+def write_suspend_state(box: Box, machine: MachineState, *, lock_held: bool = True) -> Path:
     """Save a paused machine as NAME.vmss + NAME.vmem and point the .vmx at it (the VMM then
-    powers off). The .vmx names the state only once both files are complete."""
+    powers off); journaled like every snapshot operation, so a crash leaves either no
+    suspend state or a complete one the .vmx names."""
     from boite.box.checkpoint import write_checkpoint
 
     vmss, vmem = suspend_paths(box)
-    write_checkpoint(vmss, vmem, machine.cpu_states, machine.memory, machine.device_state,
-                     meta=machine.meta)  # fmt: skip
-    vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
-    vmx["checkpoint.vmState"] = vmss.name
-    if "checkpoint.vmState.readOnly" in vmx:
-        del vmx["checkpoint.vmState.readOnly"]
-    write_atomic(box.vmx_path, vmx.to_bytes())
-    _reload(box)
+    with _Locked(box, lock_held):
+        recover(box)
+        op = _Operation(box, "suspend", [vmss.name, vmem.name])
+        try:
+            write_checkpoint(vmss, vmem, machine.cpu_states, machine.memory,
+                             machine.device_state, meta=machine.meta)  # fmt: skip
+            _step()
+            vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
+            _drop_suspend_keys(vmx)
+            vmx["checkpoint.vmState"] = vmss.name
+        except BaseException:
+            op.abort()
+            raise
+        op.commit(vmx, None)
     return vmss
 
 
@@ -866,21 +877,18 @@ def resume_state(box: Box) -> Path | None:
     return path
 
 
-def resumed(box: Box) -> None:
+def resumed(box: Box, *, lock_held: bool = True) -> None:
     """The VMM resumed from `resume_state`: a suspend state is used up (removed, as VMware
     does); a snapshot's state stays for the next revert."""
     state = box.vmx.get("checkpoint.vmState", "")
     if not state:
         return
     read_only = box.vmx.get("checkpoint.vmState.readOnly", "").upper() == "TRUE"
-    vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
-    _drop_suspend_keys(vmx)
-    write_atomic(box.vmx_path, vmx.to_bytes())
-    if not read_only:
-        for f in (state, str(Path(state).with_suffix(".vmem"))):
-            (box.dir / f).unlink(missing_ok=True)
-        fsync_dir(box.dir)
-    _reload(box)
+    with _Locked(box, lock_held):
+        vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
+        _drop_suspend_keys(vmx)
+        delete = [] if read_only else [state, str(Path(state).with_suffix(".vmem"))]
+        _Operation(box, "resume", []).commit(vmx, None, delete=delete)
 
 
 # -- looking at the tree ---------------------------------------------------------------------
@@ -936,6 +944,8 @@ def render_tree(data: dict[str, Any]) -> str:
     walk(data["snapshots"], "")
     if not data["snapshots"]:
         lines.append("(no snapshots)")
+    if data.get("suspended"):
+        lines.append(f"(the next start resumes from {data['suspended']})")
     return "\n".join(lines)
 
 
@@ -1181,12 +1191,36 @@ def suspend_running(vmm: Any, box: Box) -> Path:
     return path
 
 
+def unportable_state(states: list[Any], accel_name: str) -> list[str]:
+    """What of the saved vCPU state the accelerator `accel_name` cannot hold. KVM holds
+    everything the emulator saves. The emulator is a 32-bit CPU: no long mode, no upper
+    register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
+    VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
+    their own state)."""
+    if accel_name != "emu":
+        return []
+    problems = []
+    for n, st in enumerate(states):
+        if st.efer & (1 << 10):
+            problems.append(f"vCPU {n} is in 64-bit long mode (EFER.LMA)")
+        wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
+        if wide:
+            problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+    return problems
+
+
 def restore_machine(machine: Any, accel: Any, path: Path) -> None:
     """Put a checkpoint into a machine whose accelerator was just created: RAM, device
     state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
     from boite.box.checkpoint import read_checkpoint
 
     saved = read_checkpoint(path, memory=machine.memory)
+    unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
+    if unportable:
+        raise SnapshotError(
+            f"{path}: the {accel.name} accelerator cannot resume this state: "
+            f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
+        )
     missing = sorted(set(saved.device_state) - set(machine.devices))
     if missing:
         raise SnapshotError(
@@ -1245,3 +1279,16 @@ def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[
         path = suspend_running(vmm, box)
         return {"ok": True, "file": path.name}
     return None
+
+
+def control_server(vmm: Any, box: Box, path: Path, log: Callable[[str], None] | None = None) -> Any:
+    """The VMM's ControlServer, also serving `snapshot` and `suspend` for this box: what
+    `boite start` runs so that `boite snapshot` / `boite suspend` reach a running box."""
+    from boite.vmm import ControlServer
+
+    class SnapshotControlServer(ControlServer):
+        def _handle(self, cmd: Any, request: dict[str, Any]) -> dict[str, Any]:
+            reply = handle_control_request(self.vmm, box, request)
+            return reply if reply is not None else super()._handle(cmd, request)
+
+    return SnapshotControlServer(vmm, path, log)

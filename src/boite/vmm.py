@@ -54,6 +54,13 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
     if name in ("kvm", "auto"):
         from boite.accel.kvm import KvmAccelerator, kvm_usable
 
+        if name == "auto" and kvm_is_software_nested():
+            # kvm_pvm runs straight-line guest code but fails interrupt delivery and mode
+            # changes (Linux does not boot under it, with QEMU either): emulate instead.
+            if log:
+                log("KVM here is the kvm_pvm software module, which cannot boot an OS; "
+                    "using the emulator.")  # fmt: skip
+            return _emulator()
         if kvm_usable():
             return KvmAccelerator()
         if name == "kvm":
@@ -61,6 +68,11 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
         if log:
             log("KVM is not usable here; using the emulator.")
     return _emulator()
+
+
+def kvm_is_software_nested() -> bool:
+    """True on hosts whose /dev/kvm is the kvm_pvm module rather than VT-x/AMD-V."""
+    return os.path.exists("/sys/module/kvm_pvm")
 
 
 def _emulator() -> Accelerator:
@@ -119,6 +131,7 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        self.state = VmState.RUNNING
         if self.on_power_on is not None:
             self.on_power_on(self.machine)
 
@@ -139,10 +152,9 @@ class Vmm:
         Returns the exit status: the guest's debug-exit status, 0 after a clean power-off."""
         if self.state is not VmState.CREATED:
             raise BoxError(f"{self.name} has already run; make a new Vmm")
-        self._power_on()
         self.started_at = time.time()
-        self.state = VmState.RUNNING
         try:
+            self._power_on()
             return self._loop()
         finally:
             self.state = VmState.STOPPED
@@ -277,15 +289,25 @@ class ControlServer:
     {"cmd": "status"}                    -> {"ok": true, "status": {...}}
     {"cmd": "stop", "mode": "soft"|"hard", "grace_s": 30} -> {"ok": true}
     {"cmd": "pause"} / {"cmd": "resume"}  -> {"ok": true}
+    other commands (snapshot, suspend)     -> whichever handler knows them
     {"cmd": "console"}                   -> {"ok": true}, then the connection carries the
                                             raw COM1 byte stream both ways until closed
     Errors: {"ok": false, "error": "..."}.
     """
 
-    def __init__(self, vmm: Vmm, path: Path, log: LogFn | None = None) -> None:
+    def __init__(
+        self,
+        vmm: Vmm,
+        path: Path,
+        log: LogFn | None = None,
+        handlers: list[Callable[[dict[str, Any]], dict[str, Any] | None]] | None = None,
+    ) -> None:
         self.vmm = vmm
         self.path = path
         self.log = log or vmm.log
+        # Commands of other parts (snapshot, suspend): each handler returns a reply, or
+        # None for a command it does not know.
+        self.handlers = list(handlers or [])
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -342,6 +364,9 @@ class ControlServer:
                     reply = self._handle(cmd, request)
                 except (ValueError, BoiteError) as exc:
                     reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:  # a bug must not cost the box its control socket
+                    self.log(f"Control request {line[:200]!r} failed: {exc!r}")
+                    reply = {"ok": False, "error": f"internal error: {exc!r}"}
                 try:
                     self._reply(conn, reply)
                 except OSError:
@@ -371,6 +396,10 @@ class ControlServer:
         if cmd == "resume":
             vmm.resume()
             return {"ok": True}
+        for handler in self.handlers:
+            reply = handler(request)
+            if reply is not None:
+                return reply
         raise ValueError(f"unknown command {cmd!r}: expected status, stop, pause, resume, console")
 
     def _console(self, conn: socket.socket, reader: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import struct
 import tempfile
@@ -69,6 +70,11 @@ def exercise(path: Path) -> None:
                     d.flush()
         except (DiskFormatError, DiskError) as exc:
             assert str(path) in str(exc) or path.name in str(exc), exc
+            if isinstance(exc, DiskFormatError):
+                # where in the file: a byte offset, or the descriptor key at fault
+                assert re.search(
+                    r"offset \d+|parentFileNameHint|parentCID|extent file name", str(exc)
+                ), exc
 
 
 def copy_of(good: Path, tmp: Path) -> Path:
@@ -256,3 +262,17 @@ def test_corrupt_stream_grain(tmp_path, good_disk):
     with pytest.raises(DiskFormatError, match="s.vmdk.*offset"):
         with open_disk(s, read_only=True) as d:
             d.read(0, d.size)
+
+
+def test_fifo_and_device_extents_do_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "x-flat.vmdk")
+    p = descriptor_disk(tmp_path, 'RW 2048 FLAT "x-flat.vmdk" 0')
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(p)
+    assert not check_disk(p).ok  # check reports it, never blocks
+    os.mkfifo(tmp_path / "fifo.img")
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(tmp_path / "fifo.img")
+    os.mkfifo(tmp_path / "fifo.vmdk")
+    with pytest.raises(DiskFormatError, match="not a regular file"):
+        open_disk(tmp_path / "fifo.vmdk")

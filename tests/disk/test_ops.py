@@ -279,3 +279,28 @@ def test_convert_raw_with_small_holes_to_stream(tmp_path):
     convert_disk(raw, out, "stream")
     assert read_all(out) == raw.read_bytes()
     qemu_check(out)
+
+
+@pytest.mark.parametrize("disk_type", ["split-thin", "flat", "split-flat", "stream"])
+def test_compact_every_type(tmp_path, disk_type):
+    src = tmp_path / "src.vmdk"
+    create_disk(src, 6 * MiB)
+    model = fill(src, 6 * MiB, 9)
+    with open_disk(src) as d:
+        d.write(MiB, bytes(2 * MiB))
+        model[MiB : 3 * MiB] = bytes(2 * MiB)
+    path = tmp_path / "c.vmdk"
+    if disk_type == "stream":
+        convert_disk(src, path, "stream")
+    else:
+        create_disk(path, 6 * MiB, disk_type)
+        with open_disk(path) as d:
+            d.write(0, read_all(src))  # every grain allocated, zero ones included
+    cid = disk_info(path).cid
+    before = disk_info(path).allocated
+    compact_disk(path)
+    after = disk_info(path)
+    assert read_all(path) == model and after.cid == cid
+    assert after.allocated <= before and (disk_type == "stream" or after.allocated < before)
+    assert check_disk(path).ok
+    qemu_check(path)

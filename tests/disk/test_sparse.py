@@ -7,7 +7,7 @@ import random
 
 from disktools import qemu_img, requires_qemu_img
 
-from boite.disk import check_disk, create_disk, disk_info, open_disk
+from boite.disk import check_disk, create_disk, disk_info, map_disk, open_disk
 
 MiB = 1 << 20
 
@@ -62,6 +62,10 @@ def test_two_terabyte_thin_disk_opens_without_reading_tables(tmp_path):
         d.write((2 << 40) - 4096, b"z" * 4096)
         assert d.read((2 << 40) - 4096, 4096) == b"z" * 4096
         assert len(d.extents[0]._gts) == 1  # only the table touched was loaded
+    # walking all 65536 tables reads them in large windows and skips the untouched ones
+    assert disk_info(path).allocated == 65536
+    assert [(e.offset, e.length) for e in map_disk(path)] == [((2 << 40) - 65536, 65536)]
+    assert check_disk(path).ok
 
 
 @requires_qemu_img

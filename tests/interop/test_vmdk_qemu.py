@@ -6,7 +6,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from vmdkpeers import Reference, peer_reads, qemu_img, qemu_io, random_writes, requires_qemu
+from vmdkpeers import (
+    Reference,
+    peer_reads,
+    pyvmdk_open,
+    qemu_img,
+    qemu_io,
+    random_writes,
+    requires_qemu,
+)
 
 from boite.disk import convert_disk, create_child, create_disk, disk_info, open_disk
 from boite.errors import DiskError, DiskFormatError
@@ -172,6 +180,9 @@ def test_changed_parent_is_refused_naming_both_files(tmp_path):
     with pytest.raises(DiskFormatError) as err:
         open_disk(child)
     assert str(child) in str(err.value) and str(base) in str(err.value)
+    # libvmdk agrees: it refuses the stale link too
+    with pytest.raises(OSError, match="content identifier"):
+        pyvmdk_open(child, [base])
 
 
 def test_qemu_created_stream_optimized_written_by_qemu_io(tmp_path):

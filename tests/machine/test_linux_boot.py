@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.machine.builder import build_machine
 from boite.machine.loader import KernelFormatError, detect_protocol, parse_setup_header

@@ -7,6 +7,7 @@ import struct
 import subprocess
 
 import pytest
+from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.machine.builder import build_machine
 from boite.machine.loader import KernelFormatError, load_kernel

@@ -7,7 +7,6 @@ the VMDK with qemu-img compare against the expected raw image.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -15,13 +14,9 @@ import pytest
 
 from boite.accel.base import StopReason
 from boite.disk import open_disk
+from conftest import requires_kvm
 
 SIZE = 8 << 20
-
-# (tests/conftest.py has the same marker, but tests/machine/conftest.py shadows its name.)
-requires_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm (not present)"
-)
 
 
 def _kvm():

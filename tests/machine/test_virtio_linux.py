@@ -18,22 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires_real_vtx
+
 pytestmark = pytest.mark.slow
 
 
-def _real_vtx() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK) and not Path("/sys/module/kvm_pvm").exists()
-
-
 ACCELS = [
-    pytest.param(
-        "kvm",
-        marks=pytest.mark.skipif(
-            not _real_vtx(),
-            reason="needs KVM on real VT-x/AMD-V: /dev/kvm is missing or is the kvm_pvm "
-            "software module, where Linux boots end in emulation failures",
-        ),
-    ),
+    pytest.param("kvm", marks=requires_real_vtx),
     pytest.param(
         "emu",
         marks=pytest.mark.skipif(

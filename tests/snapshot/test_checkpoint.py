@@ -218,3 +218,31 @@ def test_plain_io_fallback_when_direct_is_refused(tmp_path) -> None:
         assert not f.direct
     finally:
         f.close()
+
+
+def test_device_state_keeps_its_types(tmp_path) -> None:
+    """What JSON has no form for comes back as it went in: bytes, tuples, number keys."""
+    state = {
+        "pic": {"irr": 0x21, "regs": {0: 1, 7: (2, 3)}, "pending": [(1, b"\x00")]},
+        "odd": {"$bytes": "not a tag here"},
+        "flags": {True: "x", None: 1.5},
+    }
+    mem = GuestMemory.with_ram(MiB)
+    write_checkpoint(tmp_path / "d.vmsn", tmp_path / "d.vmem", [CpuState()], mem, state)
+    assert read_checkpoint(tmp_path / "d.vmsn").device_state == state
+    with pytest.raises(CheckpointError, match="not plain data"):
+        write_checkpoint(tmp_path / "e.vmsn", tmp_path / "e.vmem", [], mem, {"x": object()})
+    assert not list(tmp_path.glob("*e.vm*"))  # refused before anything was written
+
+
+def test_a_pc_machine_device_state_round_trips(tmp_path) -> None:
+    builder = pytest.importorskip("boite.machine.builder")
+    machine = builder.build_machine(memsize_mb=16)
+    state = machine.save_device_state()
+    write_checkpoint(
+        tmp_path / "pc.vmsn", tmp_path / "pc.vmem", [CpuState()], machine.memory, state
+    )
+    saved = read_checkpoint(tmp_path / "pc.vmsn")
+    assert saved.device_state == state
+    builder.build_machine(memsize_mb=16).load_device_state(saved.device_state)
+    saved.memory.close()

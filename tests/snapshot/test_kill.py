@@ -158,3 +158,91 @@ def _run(d: Path, op: str, env: dict[str, str], kill_after: float | None):
             proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err.decode()
+
+
+LIVE = Path(__file__).resolve().parent / "livebox.py"
+
+
+def live_fingerprint(box_dir: Path) -> dict:
+    from boite.box.checkpoint import read_checkpoint
+
+    box = Box.open(box_dir)
+    recover(box)
+    box = Box.open(box_dir)
+    tree = load_tree(box)
+    state = box.vmx.get("checkpoint.vmState")
+    rbx = []
+    for name in [s.filename for s in tree.snapshots.values()] + ([state] if state else []):
+        saved = read_checkpoint(box_dir / name)  # complete and loadable, or not there
+        rbx.append(saved.cpu_states[0].gpr["rbx"])
+        saved.memory.close()
+    return {
+        "snapshots": sorted(s.display_name for s in tree.snapshots.values()),
+        "state": state,
+        "rbx": rbx,
+        "files": sorted(
+            p.name
+            for p in box_dir.iterdir()
+            if ".lck" not in p.name and not p.name.endswith(".log")
+        ),
+        "problems": [str(p) for p in check_snapshot_tree(box)],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["snapshot", "suspend"])
+def test_kill_a_live_memory_operation(tmp_path: Path, op: str) -> None:
+    """A memory snapshot or a suspend of a running guest, killed anywhere: afterwards
+    there is no trace of it, or a complete state that loads (the guest had counted to 300)."""
+    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "emu"
+    template = tmp_path / "template" / "live"
+    template.parent.mkdir()
+    Box.create(template, disk_size=0)
+    before = live_fingerprint(template)
+    deadline = time.monotonic() + BUDGET / 2  # each try boots a VM: fewer, costlier tries
+
+    def run(name: str, env: dict[str, str], kill_after: float | None) -> tuple[Path, int]:
+        d = tmp_path / name / "live"
+        shutil.copytree(template, d)
+        proc = subprocess.Popen(
+            [sys.executable, str(LIVE), str(d), op, accel],
+            env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        if kill_after is not None:
+            assert proc.stdout is not None
+            proc.stdout.readline()  # "paused": the operation starts now
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+        return d, proc.returncode
+
+    ref, rc = run("reference", {}, None)
+    after = live_fingerprint(ref)
+    assert rc == 0 and after != before and after["rbx"] == [300]
+    seen = {"before": 0, "after": 0}
+
+    def check(d: Path) -> None:
+        got = live_fingerprint(d)
+        if got == before:
+            seen["before"] += 1
+        else:
+            assert got == after, f"{d}: neither before nor after: {got}"
+            seen["after"] += 1
+        shutil.rmtree(d.parent)
+
+    step = 1
+    while True:
+        d, rc = run(f"step{step}", {"BOITE_SNAPSHOT_KILL_AT_STEP": str(step)}, None)
+        check(d)
+        if rc == 0:
+            break
+        step += 1
+    assert step > 2 and seen["before"] and seen["after"]
+    rng = random.Random(op)
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        d, _ = run(f"random{n}", {"BOITE_SNAPSHOT_STEP_DELAY": "0.02"}, rng.uniform(0, 0.3))
+        check(d)
+    print(f"live {op}: {step} step kills, {n} random kills, outcomes {seen}")

@@ -191,20 +191,14 @@ def test_suspend_then_start_resumes_and_removes_the_state(diskless_box: Box, acc
 
 
 class SnapshotControl:
-    """The VMM's control socket with the snapshot commands delegated to boite.snapshot,
-    as `boite start` wires it: `boite snapshot` / `boite suspend` reach a running box."""
+    """The control socket `boite start` runs (snapshot.control_server), for a test VMM."""
 
     def __init__(self, vmm: Vmm, box: Box) -> None:
-        from boite.snapshot import handle_control_request
-        from boite.vmm import ControlServer, control_socket_path
-
-        class Server(ControlServer):
-            def _handle(self, cmd, request):
-                reply = handle_control_request(vmm, box, request)
-                return reply if reply is not None else super()._handle(cmd, request)
+        from boite.snapshot import control_server
+        from boite.vmm import control_socket_path
 
         self.path = control_socket_path(box.dir, box.name)
-        self.server = Server(vmm, self.path)
+        self.server = control_server(vmm, box, self.path)
 
     def __enter__(self) -> SnapshotControl:
         self.server.start()
@@ -256,6 +250,7 @@ def test_cli_snapshot_and_suspend_of_a_running_box(diskless_box: Box, boite_cli)
     r = boite_cli("snapshots", box.dir, "--json")
     data = json_loads(r.stdout)
     assert data["suspended"] == "counter.vmss" and data["snapshots"][0]["memory"]
+    assert "the next start resumes from counter.vmss" in boite_cli("snapshots", box.dir).stdout
     assert check_snapshot_tree(Box.open(box.dir)) == []
 
 
@@ -303,3 +298,27 @@ def test_running_snapshot_moves_a_virtio_disk_onto_its_new_link(tmp_path) -> Non
     with open_disk(box.dir / "withdisk-000001.vmdk", read_only=True) as current:
         assert current.read(0, 512) == b"B" * 512
     assert check_snapshot_tree(Box.open(box.dir)) == []
+
+
+def test_the_emulator_refuses_a_64_bit_state(tmp_path) -> None:
+    from boite.accel.cpustate import CpuState
+    from boite.box.checkpoint import write_checkpoint
+    from boite.errors import SnapshotError
+    from boite.machine.memory import GuestMemory
+    from boite.snapshot import restore_machine, unportable_state
+
+    st = CpuState(efer=0x500)
+    st.gpr["r9"] = 1 << 40
+    assert unportable_state([st], "kvm") == []
+    assert unportable_state([st], "emu") == [
+        "vCPU 0 is in 64-bit long mode (EFER.LMA)",
+        "vCPU 0 has 64-bit values in r9",
+    ]
+    write_checkpoint(
+        tmp_path / "l.vmsn", tmp_path / "l.vmem", [st], GuestMemory.with_ram(1 << 20), {}
+    )
+    machine, _, _ = build_guest_machine("count32", "flat32", LIMIT=10)
+    accel = accelerator("emu")()
+    accel.create(machine)
+    with pytest.raises(SnapshotError, match="emu accelerator cannot resume this state"):
+        restore_machine(machine, accel, tmp_path / "l.vmsn")

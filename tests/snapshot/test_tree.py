@@ -7,6 +7,8 @@ import random
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from snaptools import box_fixture, digest, disk_bytes, write_disk  # noqa: F401 - the `box` fixture
 
 from boite.box import Box
@@ -312,3 +314,26 @@ def test_check_finds_what_is_broken(box: Box) -> None:
     box.vmsd_path.write_text('snapshot.current = "x"\n')
     found = "\n".join(str(p) for p in check_snapshot_tree(Box.open(box.dir)))
     assert "expected a whole number" in found
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mutated_vmsd_reads_or_fails_typed(data) -> None:
+    lines = VMWARE_VMSD.splitlines()
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(1, len(lines) - 1))
+        key, _, value = lines[i].partition(" = ")
+        choice = data.draw(st.integers(0, 3))
+        if choice == 0:
+            del lines[i]
+        elif choice == 1:
+            lines[i] = f'{key} = "{data.draw(st.sampled_from(["", "-1", "0", "99", "x", "3"]))}"'
+        elif choice == 2:
+            lines.insert(i, lines[data.draw(st.integers(1, len(lines) - 1))])
+        else:
+            lines[i] = f"snapshot{data.draw(st.integers(0, 3))}.{key.split('.', 1)[-1]} = {value}"
+    try:
+        tree = SnapshotTree.from_vmsd(VmxDict.parse("\n".join(lines) + "\n", "fuzz.vmsd"))
+    except ConfigError:
+        return
+    tree.to_vmsd()  # whatever reads also writes

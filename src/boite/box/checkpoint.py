@@ -494,23 +494,49 @@ def get_cpu_states(group: CheckpointGroup) -> list[CpuState]:
     return states
 
 
-# Device state is plain data; bytes (register files, CMOS) travel as {"$bytes": base64}.
-def _json_default(obj: Any) -> Any:
+# Device state is plain data, kept as JSON without loss: what JSON has no form for travels
+# tagged: bytes as {"$bytes": base64}, tuples as {"$tuple": [...]}, dicts whose keys are
+# not all strings (register files keyed by number) as {"$dict": [[key, value], ...]}.
+_TAGS = ("$bytes", "$tuple", "$dict")
+
+
+def _to_plain(obj: Any) -> Any:
     if isinstance(obj, bytes | bytearray | memoryview):
         return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_to_plain(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
     if isinstance(obj, set | frozenset):
-        return sorted(obj)
+        return [_to_plain(v) for v in sorted(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not (
+            len(obj) == 1 and next(iter(obj)) in _TAGS
+        ):
+            return {k: _to_plain(v) for k, v in obj.items()}
+        return {"$dict": [[_to_plain(k), _to_plain(v)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
     raise TypeError(f"device state holds a {type(obj).__name__}, which is not plain data")
 
 
 def _json_hook(d: dict[str, Any]) -> Any:
-    if len(d) == 1 and "$bytes" in d:
-        return base64.b64decode(d["$bytes"])
+    if len(d) == 1:
+        tag, value = next(iter(d.items()))
+        if tag == "$bytes":
+            return base64.b64decode(value)
+        if tag == "$tuple":
+            return tuple(value)
+        if tag == "$dict":
+            return {(tuple(k) if isinstance(k, list) else k): v for k, v in value}
     return d
 
 
 def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+    try:
+        return json.dumps(_to_plain(value), separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot save machine state: {exc}") from None
 
 
 def _json_load(data: bytes, where: str) -> Any:
@@ -548,21 +574,21 @@ def write_checkpoint(
     from boite.box.vmem import write_vmem
 
     states = [s if isinstance(s, CpuState) else CpuState.from_dict(s) for s in cpu_states]
-    layout = write_vmem(path_vmem, memory, durable=durable)
+    # Everything that can fail on the caller's data is built before a byte is written.
     ckpt = Checkpoint()
-    ckpt.group("cpu")
-    put_cpu_states(ckpt.groups["cpu"], states)
+    put_cpu_states(ckpt.group("cpu"), states)
     mem = ckpt.group("memory")
+    boite = ckpt.group("boite")
+    boite.put_int("formatVersion", BOITE_FORMAT_VERSION, 4)
+    boite.put_block("deviceState", _json_bytes(device_state))
+    boite.put_block("meta", _json_bytes(meta or {}))
+    layout = write_vmem(path_vmem, memory, durable=durable)
     # Region tags first: volatility3 walks this group and must meet them before any block.
     mem.put_int("regionsCount", len(layout), 4)
     for i, (gpa, file_offset, size) in enumerate(layout):
         mem.put_int("regionPageNum", file_offset // PAGE_SIZE, 4, i)
         mem.put_int("regionPPN", gpa // PAGE_SIZE, 4, i)
         mem.put_int("regionSize", size // PAGE_SIZE, 4, i)
-    boite = ckpt.group("boite")
-    boite.put_int("formatVersion", BOITE_FORMAT_VERSION, 4)
-    boite.put_block("deviceState", _json_bytes(device_state))
-    boite.put_block("meta", _json_bytes(meta or {}))
     ckpt.write(path_vmsn, durable=durable)
 
 

@@ -236,10 +236,12 @@ class VmxDict(MutableMapping[str, str]):
             del self._lines[i]
 
     def __iter__(self) -> Iterator[str]:
+        # First appearance fixes the order; the last line (the one that wins, as in
+        # VMware) gives the spelling, so iteration agrees with spelling() and [].
         seen: dict[str, str] = {}
         for line in self._lines:
             if line.key is not None and line.key.casefold() != ".encoding":
-                seen.setdefault(line.key.casefold(), line.key)
+                seen[line.key.casefold()] = line.key
         return iter(seen.values())
 
     def __len__(self) -> int:

@@ -144,7 +144,10 @@ def _machine_builder():
     return build_machine
 
 
-def _vmm_for(make_machine: Callable[[bool], Any], accel: str, console: Any, log, name: str):
+def _vmm_for(
+    make_machine: Callable[[bool], Any], accel: str, console: Any, log, name: str,
+    wrap_factory: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
+):  # fmt: skip
     """A Vmm whose machine matches its accelerator: KVM brings the in-kernel PIC, IOAPIC
     and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`)."""
     from boite.vmm import Vmm, accelerator_for
@@ -161,19 +164,30 @@ def _vmm_for(make_machine: Callable[[bool], Any], accel: str, console: Any, log,
         return kind()
 
     emulated_irqchip = first.name != "kvm"
+    if wrap_factory is not None:
+        factory = wrap_factory(factory)
     return Vmm(lambda: make_machine(emulated_irqchip), factory, console=console, log=log, name=name)
+
+
+def _once_powered_on(vmm, action: Callable[[], None]) -> None:
+    """Run `action` after the first power-on (the machine and its UART exist then), after
+    whatever hook is already there."""
+    previous = vmm.on_power_on
+    done = [False]
+
+    def hook(machine) -> None:
+        if previous is not None:
+            previous(machine)
+        if not done[0]:
+            done[0] = True
+            action()
+
+    vmm.on_power_on = hook
 
 
 def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
     """Input typed before the UART exists would be lost: attach once the machine is up."""
-    started = [False]
-
-    def hook(machine) -> None:
-        if not started[0]:
-            started[0] = True
-            stdio.start()
-
-    vmm.on_power_on = hook
+    _once_powered_on(vmm, stdio.start)
 
 
 def _install_stop_signals(vmm) -> None:
@@ -269,9 +283,13 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
         def make_machine(emulated_irqchip: bool):
             return machine_from_box(box, console=console, emulated_irqchip=emulated_irqchip)
 
-        vmm = _vmm_for(make_machine, accel_name, console, log, box.name)
+        wrap, snapshot_handler = _snapshot_hooks(box, log)
+        vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
+        handlers = []
+        if snapshot_handler is not None:
+            handlers.append(lambda request: snapshot_handler(vmm, box, request))
         path = control_socket_path(box.dir, box.name)
-        server = ControlServer(vmm, path)
+        server = ControlServer(vmm, path, handlers=handlers)
         server.start()
         box.set_control_socket(str(path))
         _install_stop_signals(vmm)
@@ -280,7 +298,7 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=True))
             _attach_stdio_on_power_on(vmm, stdio)
         if ready is not None:
-            ready()
+            _once_powered_on(vmm, ready)  # `start --detach` returns once the guest runs
         try:
             status = vmm.run()
         except BoiteError as exc:
@@ -292,6 +310,29 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             server.close()
         box.log.info(f"Power off complete, exit status {status}.")
         return status
+
+
+def _snapshot_hooks(box, log):
+    """Resume from a suspend state or a reverted memory snapshot, and the control socket's
+    snapshot/suspend commands, when this build has the snapshot part."""
+    try:
+        from boite.snapshot import (
+            handle_control_request,
+            resume_state,
+            resumed,
+            resuming_accelerator,
+        )
+    except ImportError:
+        return None, None
+    path = resume_state(box)
+    wrap = None
+    if path is not None:
+        log(f"Resuming from {path.name}.")
+
+        def wrap(factory):
+            return resuming_accelerator(factory, path, on_restored=lambda: resumed(box))
+
+    return wrap, handle_control_request
 
 
 def _start_detached(args: argparse.Namespace, box) -> int:
@@ -410,3 +451,9 @@ def cmd_console(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def run_box(box, accel: str | None = None) -> int:
+    """Start `box` in the foreground with its console on this terminal (for `boite demo`)."""
+    box.require_within_limits()
+    return _run_box(box, accel, attach_stdio=True)

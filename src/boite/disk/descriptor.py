@@ -45,6 +45,7 @@ class ExtentLine:
     kind: str
     filename: str | None = None
     offset: int = 0  # sectors into the file, for FLAT extents
+    where: int = field(default=0, compare=False)  # byte offset of the line, for errors
 
     def render(self) -> str:
         if self.kind == "ZERO":
@@ -159,7 +160,7 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
                 raise DiskFormatError(
                     f"{path}: extent at offset {here} starts at sector {off}, too far"
                 )
-            desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0)))
+            desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0), here))
             continue
         m = _KV_RE.match(line)
         if not m:
@@ -193,7 +194,8 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
         raise DiskFormatError(f"{path}: descriptor at offset {where} lists no extents")
     if desc.capacity_sectors > MAX_CAPACITY_SECTORS:
         raise DiskFormatError(
-            f"{path}: extents add up to {desc.capacity_sectors} sectors, more than {MAX_CAPACITY_SECTORS}"
+            f"{path}: extents in the descriptor at offset {where} add up to "
+            f"{desc.capacity_sectors} sectors, more than {MAX_CAPACITY_SECTORS}"
         )
     if desc.parent_cid != NO_PARENT_CID and not desc.parent_hint:
         raise DiskFormatError(f"{path}: parentCID={desc.parent_cid:08x} but no parentFileNameHint")

@@ -19,7 +19,7 @@ from boite.disk.descriptor import (
     new_cid,
     parent_path,
 )
-from boite.disk.hostfile import is_zero
+from boite.disk.hostfile import is_zero, open_image_file
 from boite.disk.raw import RawImage
 from boite.disk.sparse import (
     DEFAULT_GRAIN,
@@ -55,10 +55,13 @@ def _looks_vmdk(path) -> bool:
     if is_vmdk_name(path):
         return True
     try:
-        with open(path, "rb") as f:
-            return int.from_bytes(f.read(4).ljust(4, b"\0"), "little") == MAGIC
-    except OSError:
+        fd = open_image_file(path, False)
+    except (OSError, DiskError, DiskFormatError):
         return False
+    try:
+        return int.from_bytes(os.pread(fd, 4, 0).ljust(4, b"\0"), "little") == MAGIC
+    finally:
+        os.close(fd)
 
 
 def open_disk(path_or_url, read_only: bool = False) -> BlockImage:
@@ -355,8 +358,11 @@ def check_disk(path, repair: bool = False) -> CheckReport:
                 files.append(f)
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                report.unclean |= bool(fh.read(73)[72:73] == b"\x01")
+            fd = open_image_file(f, False)
+            try:
+                report.unclean |= os.pread(fd, 1, 72) == b"\x01"
+            finally:
+                os.close(fd)
             res = check_sparse(f, repair=repair)
         except DiskFormatError as exc:
             report.errors.append(str(exc))
@@ -821,7 +827,11 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
             raise DiskError(f"{child}: has no parent to merge")
         parent = c.parent
         grand = parent.parent.path if parent.parent is not None else None
-        ranges = [(o, n) for o, n, _ in parent.own_ranges()]
+        # what the parent holds minus what the child already covers
+        gaps = [(o, o + n) for o, n, _ in parent.own_ranges()]
+        for o, n, _ in c.own_ranges():
+            _, gaps = _subtract(gaps, o, n)
+        ranges = [(a, b - a) for a, b in sorted(gaps)]
         total = sum(n for _, n in ranges)
         done = 0
         for off, n in ranges:
@@ -830,8 +840,8 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
                 m = min(COPY_CHUNK, off + n - pos, c.size - pos)
                 if m <= 0:
                     break
-                # the child's view here is the parent's data wherever the child has none;
-                # writing it back makes the child hold it (identical bytes elsewhere)
+                # the child's view here is the parent's data (the child has none);
+                # writing it back makes the child hold it
                 c.write(pos, c.read(pos, m))
                 pos += m
                 done += m

@@ -17,6 +17,7 @@ from boite.disk.descriptor import (
     parent_path,
     parse_descriptor,
 )
+from boite.disk.hostfile import open_image_file
 from boite.disk.raw import FlatExtent, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
@@ -27,20 +28,15 @@ MAX_CHAIN = 64  # deeper chains are hostile or broken; VMware stops far earlier
 def read_descriptor(path) -> tuple[Descriptor, bool]:
     """The descriptor of a .vmdk (embedded or a text file) and whether it is embedded."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise DiskError(f"{path}: cannot open: {exc.strerror}") from None
+    fd = open_image_file(path, False)
     try:
         head = os.pread(fd, SECTOR, 0)
         if len(head) >= 4 and int.from_bytes(head[:4], "little") == MAGIC:
-            ext = SparseExtent.__new__(SparseExtent)
-            ext.path, ext.read_only, ext.fd = path, True, os.dup(fd)
+            ext = SparseExtent(path, read_only=True, fd=fd)
             try:
-                ext._load()
                 raw = ext.descriptor_bytes()
             finally:
-                os.close(ext.fd)
+                ext.close()
             if raw is None:
                 # a bare sparse extent: describe it as the monolithic disk it is
                 d = Descriptor(create_type="monolithicSparse", cid=0xFFFFFFFE)
@@ -49,7 +45,9 @@ def read_descriptor(path) -> tuple[Descriptor, bool]:
             d = parse_descriptor(raw, path, ext.header.desc_offset * SECTOR)
             return d, True
         if head[:4] == b"COWD":
-            raise DiskFormatError(f"{path}: ESX 'COWD' sparse extents are not supported")
+            raise DiskFormatError(
+                f"{path}: magic at offset 0 is 'COWD' (ESX sparse extent): not supported"
+            )
         size = os.fstat(fd).st_size
         if size > MAX_DESCRIPTOR_BYTES:
             raise DiskFormatError(
@@ -109,10 +107,12 @@ class VmdkDisk(BlockImage):
         self._wlock = threading.Lock()
         if self.path in _chain:
             raise DiskFormatError(
-                f"{path}: parent chain loops back to {self.path} ({' -> '.join(_chain)})"
+                f"{path}: parentFileNameHint chain loops back to {self.path} ({' -> '.join(_chain)})"
             )
         if len(_chain) >= MAX_CHAIN:
-            raise DiskFormatError(f"{path}: parent chain is deeper than {MAX_CHAIN} disks")
+            raise DiskFormatError(
+                f"{path}: parentFileNameHint chain is deeper than {MAX_CHAIN} disks"
+            )
         self.descriptor, self.embedded = read_descriptor(self.path)
         try:
             self._open_extents()
@@ -151,13 +151,14 @@ class VmdkDisk(BlockImage):
                         ext.close()
                         raise DiskFormatError(
                             f"{self.path}: extent {line.filename!r} holds {ext.size // SECTOR} sectors, "
-                            f"descriptor says {line.sectors}"
+                            f"descriptor says {line.sectors} (line at offset {line.where})"
                         )
                 elif line.kind in ("FLAT", "VMFS"):
                     ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro)
                 else:
                     raise DiskFormatError(
-                        f"{self.path}: extent type {line.kind} is not supported (ESX-only)"
+                        f"{self.path}: extent type {line.kind} at offset {line.where} is not "
+                        "supported (ESX-only)"
                     )
             self.extents.append(ext)
             self.starts.append(pos)
@@ -185,8 +186,8 @@ class VmdkDisk(BlockImage):
                     report = check_sparse(ext.path)
                     if report.errors:
                         raise DiskFormatError(
-                            f"{ext.path}: was not closed cleanly and is inconsistent "
-                            f"({report.errors[0]}); run 'boite disk check --repair'"
+                            f"{ext.path}: was not closed cleanly (uncleanShutdown at offset 72) and "
+                            f"is inconsistent ({report.errors[0]}); run 'boite disk check --repair'"
                         )
                 ext.set_unclean(True)
 

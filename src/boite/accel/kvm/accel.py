@@ -87,6 +87,14 @@ def kvm_usable(path: str = "/dev/kvm") -> bool:
         kvm.close()
 
 
+def _port_entry(bus: Any, port: int) -> tuple[Any, Any, int]:
+    hit = bus.find(port)
+    if hit is None:
+        return (None, None, 0)  # unclaimed: reads float high, writes vanish (as Bus does)
+    base, device = hit
+    return (device.bus_read, device.bus_write, port - base)
+
+
 class _VcpuRunner:
     """Per-vCPU bookkeeping shared between its thread and the threads that kick it."""
 
@@ -223,12 +231,13 @@ class KvmAccelerator(Accelerator):
             return RunResult(StopReason.HALTED, detail="every vCPU is halted")
         for r in self.runners:
             r.vcpu.run.immediate_exit = 0
-        # The first runnable vCPU runs on the calling thread (KVM_RUN from the thread that
-        # owns the process's signal handling is measurably cheaper here), others get their own.
+        # Every vCPU gets its own thread; the calling thread only waits. Process-directed
+        # signals (Ctrl-C, SIGTERM) then reach a thread that runs Python handlers promptly,
+        # instead of a main thread sitting inside KVM_RUN.
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(r,), name=f"kvm-vcpu{r.vcpu.index}",
                              daemon=True)
-            for r in runnable[1:]
+            for r in runnable
         ]  # fmt: skip
         if self.irqchip and self._can_signal:
             # With the in-kernel APIC, HLT never reaches us: watch for a machine whose
@@ -239,7 +248,6 @@ class KvmAccelerator(Accelerator):
         try:
             for t in threads:
                 t.start()
-            self._vcpu_thread(runnable[0])
             # Wait in slices so the main thread still sees SIGINT and friends.
             while not self._done.wait(0.25):
                 pass
@@ -324,7 +332,12 @@ class KvmAccelerator(Accelerator):
         fd = vcpu.fd
         run_ioctl = fcntl.ioctl
         KVM_RUN = abi.KVM_RUN
-        pio_read, pio_write = machine.pio.read, machine.pio.write
+        pio = machine.pio
+        # Port -> (bus_read, bus_write, offset in the device's range), refreshed whenever
+        # the bus changes: one dict lookup per exit instead of a bisect through the bus.
+        pio_cache: dict[int, tuple[Any, Any, int]] = {}
+        pio_version = pio.version
+        masks = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
         mmio_read, mmio_write = machine.mmio.read, machine.mmio.write
         lock = self._device_lock
         b = memoryview(vcpu.run_mmap)
@@ -369,19 +382,32 @@ class KvmAccelerator(Accelerator):
                         lock.acquire()
                     try:
                         view, shift = views[size], shifts[size]
+                        if pio.version != pio_version:
+                            pio_cache.clear()
+                            pio_version = pio.version
+                        port_entry = pio_cache.get(port)
+                        if port_entry is None:
+                            port_entry = pio_cache[port] = _port_entry(pio, port)
+                        dev_read, dev_write, port_off = port_entry
                         if b[IO_DIR]:  # out
-                            if count == 1:
-                                pio_write(port, size, view[off >> shift])
+                            if dev_write is None:
+                                pio.unclaimed += 1
+                            elif count == 1:
+                                dev_write(port_off, size, view[off >> shift])
                             else:  # string I/O (rep outs): count values back to back
                                 for i in range(count):
-                                    pio_write(port, size, view[(off >> shift) + i])
+                                    dev_write(port_off, size, view[(off >> shift) + i])
                             if machine.exit_status is not None or machine.reset_requested:
                                 return self._machine_stop()
+                        elif dev_read is None:
+                            pio.unclaimed += 1
+                            for i in range(count):
+                                view[(off >> shift) + i] = masks[size]
                         elif count == 1:
-                            view[off >> shift] = pio_read(port, size)
+                            view[off >> shift] = dev_read(port_off, size) & masks[size]
                         else:
                             for i in range(count):
-                                view[(off >> shift) + i] = pio_read(port, size)
+                                view[(off >> shift) + i] = dev_read(port_off, size) & masks[size]
                     finally:
                         if lock is not None:
                             lock.release()

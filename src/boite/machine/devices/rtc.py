@@ -6,8 +6,10 @@ monotonic clock: whoever runs the CPUs calls `advance()` when `next_deadline_ns(
 passed (reading register C advances too, so polling guests see the flags).
 
 The 128 CMOS bytes come in as `cmos_bytes` (the box's `.nvram`) and go out through
-`cmos_bytes()` and the `persist` callback, called after every guest write to a byte
-that is not a clock register. The memory size bytes are rewritten from the RAM size on
+`cmos_bytes()` and the `persist` callback, called when the guest has changed a byte that
+is not a clock register: at once, or with `persist_delay` at most once per that many
+seconds (a guest rewriting CMOS in a loop must not turn into a stream of fsyncs);
+`close()` writes what is still pending. The memory size bytes are rewritten from the RAM size on
 every reset, as a BIOS would at POST.
 """
 
@@ -89,6 +91,7 @@ class CmosRtc(Device):
         *,
         cmos_bytes: bytes | None = None,
         persist: Callable[[bytes], None] | None = None,
+        persist_delay: float = 0.0,
         base_time: float | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock_ns: Callable[[], int] = time.monotonic_ns,
@@ -104,6 +107,9 @@ class CmosRtc(Device):
         self.ram_size = ram_size
         self.below_4g_ram = min(ram_size, 0xC000_0000) if below_4g_ram is None else below_4g_ram
         self.persist = persist
+        self.persist_delay = persist_delay
+        self._dirty = False
+        self._persist_timer: threading.Timer | None = None
         self.wall_clock = wall_clock
         self.clock_ns = clock_ns
         self._initial = bytes(cmos_bytes[:CMOS_SIZE]) if cmos_bytes else bytes(CMOS_SIZE)
@@ -381,6 +387,31 @@ class CmosRtc(Device):
             return
         if idx in (REG_C, REG_D):
             return  # read-only
+        if c[idx] == value:
+            return
         c[idx] = value
-        if self.persist is not None:
-            self.persist(bytes(c))
+        if self.persist is None:
+            return
+        self._dirty = True
+        if self.persist_delay <= 0:
+            self.flush()
+        elif self._persist_timer is None:
+            self._persist_timer = threading.Timer(self.persist_delay, self.flush)
+            self._persist_timer.daemon = True
+            self._persist_timer.start()
+
+    def flush(self) -> None:
+        """Hand pending CMOS changes to `persist`."""
+        with self._lock:
+            self._persist_timer = None
+            if not self._dirty or self.persist is None:
+                return
+            self._dirty = False
+            data = bytes(self.cmos)
+        self.persist(data)
+
+    def close(self) -> None:
+        timer = self._persist_timer
+        if timer is not None:
+            timer.cancel()
+        self.flush()

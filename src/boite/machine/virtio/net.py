@@ -176,8 +176,12 @@ class VirtioNet(VirtioBackend):
         except BlockingIOError:
             pass
 
+    def activate(self, queues: list[VirtQueue], features: int) -> None:
+        # The driver is up: frames can flow. The RX thread lives until close().
+        self.start()
+
     def start(self) -> None:
-        """Run RX on a thread of its own (the VMM calls stop() at power-off)."""
+        """Run RX on a thread of its own (started by DRIVER_OK; close() stops it)."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._rx_loop, name="virtio-net-rx", daemon=True)

@@ -1,4 +1,8 @@
-"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached."""
+"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached.
+
+Test modules import the fixtures (`from machine_kernels import *`): a
+tests/machine/conftest.py would shadow tests/conftest.py for `from conftest import ...`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+__all__ = ["debian_bzimage", "debian_vmlinux", "multiboot_kernels"]
 
 GUESTS = Path(__file__).parent / "guests"
 KERNEL_CACHE = Path(
@@ -61,7 +67,40 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
          str(pvh), str(pvh_obj)],
         check=True,
     )  # fmt: skip
-    return {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh}
+    fwcfg = out / "fwcfg-probe.bin"
+    subprocess.run(
+        [
+            "nasm",
+            "-f",
+            "bin",
+            "-i",
+            f"{GUESTS}/",
+            str(GUESTS / "fwcfg_probe.asm"),
+            "-o",
+            str(fwcfg),
+        ],
+        check=True,
+    )
+    cmos = out / "cmos-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "cmos_probe.asm"), "-o", str(cmos)],
+        check=True,
+    )
+    kernels = {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg, "cmos": cmos}
+    uart = out / "uart-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "uart_probe.asm"), "-o", str(uart)],
+        check=True,
+    )
+    kernels["uart"] = uart
+    pic_pit = out / "pic-pit-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "pic_pit_probe.asm"), "-o",
+         str(pic_pit)],
+        check=True,
+    )  # fmt: skip
+    kernels["pic_pit"] = pic_pit
+    return kernels
 
 
 def _debian_kernel_package() -> str | None:
