@@ -989,8 +989,6 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
-        if self.halted:
-            return 0
         done = 0
         translate = self.translate_blocks
         blocks = self.blocks
@@ -1003,12 +1001,15 @@ class Cpu:
                 vec = irq_check()
                 if vec is not None:
                     self.irq_count += 1
+                    self.halted = False  # an interrupt ends HLT
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
             if self.inhibit_irq:
                 self.inhibit_irq = False
+            if self.halted:
+                break
             n = 0
             try:
                 if translate:
