@@ -54,6 +54,13 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
     if name in ("kvm", "auto"):
         from boite.accel.kvm import KvmAccelerator, kvm_usable
 
+        if name == "auto" and kvm_is_software_nested():
+            # kvm_pvm runs straight-line guest code but fails interrupt delivery and mode
+            # changes (Linux does not boot under it, with QEMU either): emulate instead.
+            if log:
+                log("KVM here is the kvm_pvm software module, which cannot boot an OS; "
+                    "using the emulator.")  # fmt: skip
+            return _emulator()
         if kvm_usable():
             return KvmAccelerator()
         if name == "kvm":
@@ -61,6 +68,11 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
         if log:
             log("KVM is not usable here; using the emulator.")
     return _emulator()
+
+
+def kvm_is_software_nested() -> bool:
+    """True on hosts whose /dev/kvm is the kvm_pvm module rather than VT-x/AMD-V."""
+    return os.path.exists("/sys/module/kvm_pvm")
 
 
 def _emulator() -> Accelerator:
@@ -87,6 +99,7 @@ class Vmm:
         log: LogFn | None = None,
         console: Any = None,
         name: str = "vm",
+        on_power_on: Callable[[Machine], None] | None = None,
     ) -> None:
         self._build = build
         self._accel_factory = (
@@ -96,6 +109,8 @@ class Vmm:
         self.log: LogFn = log or (lambda message: None)
         self.console = console
         self.name = name
+        # Called after each power-on, once the machine (and its console's UART) exist.
+        self.on_power_on = on_power_on
         self.machine: Machine | None = None
         self.state = VmState.CREATED
         self.exit_status: int | None = None
@@ -116,6 +131,9 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        self.state = VmState.RUNNING
+        if self.on_power_on is not None:
+            self.on_power_on(self.machine)
 
     def _power_off_hardware(self) -> None:
         with contextlib.suppress(Exception):
@@ -134,10 +152,9 @@ class Vmm:
         Returns the exit status: the guest's debug-exit status, 0 after a clean power-off."""
         if self.state is not VmState.CREATED:
             raise BoxError(f"{self.name} has already run; make a new Vmm")
-        self._power_on()
         self.started_at = time.time()
-        self.state = VmState.RUNNING
         try:
+            self._power_on()
             return self._loop()
         finally:
             self.state = VmState.STOPPED
@@ -146,6 +163,10 @@ class Vmm:
 
     def _loop(self) -> int:
         while True:
+            if self._stop_requested:  # a stop that raced with a reset or a resume
+                self.log("Powered off (hard stop).")
+                self.exit_status = 0 if self.exit_status is None else self.exit_status
+                return self.exit_status
             result: RunResult = self.accel.run()
             reason = result.reason
             if reason is StopReason.PAUSED:
@@ -270,17 +291,27 @@ class ControlServer:
     """JSON lines on a unix socket: one request per line, one reply per line.
 
     {"cmd": "status"}                    -> {"ok": true, "status": {...}}
-    {"cmd": "stop", "mode": "soft"|"hard"} -> {"ok": true}
+    {"cmd": "stop", "mode": "soft"|"hard", "grace_s": 30} -> {"ok": true}
     {"cmd": "pause"} / {"cmd": "resume"}  -> {"ok": true}
+    other commands (snapshot, suspend)     -> whichever handler knows them
     {"cmd": "console"}                   -> {"ok": true}, then the connection carries the
                                             raw COM1 byte stream both ways until closed
     Errors: {"ok": false, "error": "..."}.
     """
 
-    def __init__(self, vmm: Vmm, path: Path, log: LogFn | None = None) -> None:
+    def __init__(
+        self,
+        vmm: Vmm,
+        path: Path,
+        log: LogFn | None = None,
+        handlers: list[Callable[[dict[str, Any]], dict[str, Any] | None]] | None = None,
+    ) -> None:
         self.vmm = vmm
         self.path = path
         self.log = log or vmm.log
+        # Commands of other parts (snapshot, suspend): each handler returns a reply, or
+        # None for a command it does not know.
+        self.handlers = list(handlers or [])
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -337,6 +368,9 @@ class ControlServer:
                     reply = self._handle(cmd, request)
                 except (ValueError, BoiteError) as exc:
                     reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:  # a bug must not cost the box its control socket
+                    self.log(f"Control request {line[:200]!r} failed: {exc!r}")
+                    reply = {"ok": False, "error": f"internal error: {exc!r}"}
                 try:
                     self._reply(conn, reply)
                 except OSError:
@@ -354,8 +388,11 @@ class ControlServer:
             mode = request.get("mode", "soft")
             if mode not in ("soft", "hard"):
                 raise ValueError(f"stop mode {mode!r}: expected soft or hard")
+            grace = request.get("grace_s", SOFT_STOP_GRACE_S)
+            if not isinstance(grace, int | float) or grace < 0:
+                raise ValueError(f"grace_s {grace!r}: expected a number of seconds >= 0")
             self.log(f"Stop ({mode}) requested through the control socket.")
-            vmm.stop(soft=mode == "soft")
+            vmm.stop(soft=mode == "soft", grace_s=float(grace))
             return {"ok": True}
         if cmd == "pause":
             vmm.pause()
@@ -363,6 +400,10 @@ class ControlServer:
         if cmd == "resume":
             vmm.resume()
             return {"ok": True}
+        for handler in self.handlers:
+            reply = handler(request)
+            if reply is not None:
+                return reply
         raise ValueError(f"unknown command {cmd!r}: expected status, stop, pause, resume, console")
 
     def _console(self, conn: socket.socket, reader: Any) -> None:

@@ -46,8 +46,12 @@ def test_pit_interrupts_wake_hlt(translate):
     at 1 kHz, sleeps in HLT and counts 10 ticks (the same program KVM's irqchip runs)."""
     out = CollectedOutput()
     m = build_machine(16, 1, console=out)
-    m.memory.write(LOAD, assemble("pit32").read_bytes())
-    m.boot_state = [boot.flat32(m.memory, LOAD)]
+    image = assemble("pit32").read_bytes()
+    m.memory.write(LOAD, image)
+    # Enter at the multiboot header's entry with boot.flat32's GDT (selector 0x08 = code,
+    # which the program's IDT gates name, as QEMU's multiboot GDT has it).
+    off = image.index((0x1BADB002).to_bytes(4, "little"))
+    m.boot_state = [boot.flat32(m.memory, int.from_bytes(image[off + 28 : off + 32], "little"))]
     acc = EmuAccelerator(translate=translate)
     acc.create(m)
     t = time.monotonic()

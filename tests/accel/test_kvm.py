@@ -279,3 +279,81 @@ def test_too_many_vcpus_is_a_clear_error():
     machine, _, _ = build_guest_machine("spin32", "flat32", vcpus=100000)
     with pytest.raises(AccelError, match="vCPUs requested"):
         KvmAccelerator().create(machine)
+
+
+class WordCounter:
+    """Port 0x520 reads 1, 2, 3, ... (16-bit); port 0x524 records what is written."""
+
+    def __init__(self) -> None:
+        self.next = 1
+        self.written: list[tuple[int, int]] = []
+
+    def bus_read(self, offset: int, size: int) -> int:
+        value, self.next = self.next, self.next + 1
+        return value
+
+    def bus_write(self, offset: int, size: int, value: int) -> None:
+        self.written.append((size, value))
+
+
+def test_string_io_moves_every_element():
+    machine, com1, _ = build_guest_machine("strio32", "flat32")
+    ports = WordCounter()
+    machine.pio.register(0x520, 8, ports)
+    accel = KvmAccelerator(irqchip=False)
+    accel.create(machine)
+    try:
+        result = accel.run()
+    finally:
+        accel.close()
+    assert result.exit_status == (0x2A << 1) | 1, result.detail
+    assert bytes(com1.output) == b"string io ok\n"
+    assert ports.next == 9  # eight word reads
+    assert ports.written == [
+        (4, (2 << 16) | 1),
+        (4, (4 << 16) | 3),
+        (4, (6 << 16) | 5),
+        (4, (8 << 16) | 7),
+    ]
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_dead_halt_under_the_in_kernel_apic_ends_the_run(vcpus):
+    """cli; hlt on every vCPU sleeps inside KVM; the halt probe must notice."""
+    run = run_guest(
+        "halt_irqchip32", "flat32", lambda: KvmAccelerator(irqchip=True, ap_start="entry"),
+        vcpus=vcpus,
+    )  # fmt: skip
+    assert run.result.reason is StopReason.HALTED, run.result
+    assert run.output == b"h"
+
+
+def test_an_idle_guest_with_interrupts_on_is_not_taken_for_dead():
+    """spin32 never halts: several probe rounds pass, then only a pause stops it."""
+    machine, _, _ = build_guest_machine("spin32", "flat32")
+    accel = KvmAccelerator(irqchip=True)
+    accel.create(machine)
+    try:
+        timer = threading.Timer(1.3, accel.pause)
+        timer.start()
+        result = accel.run()
+        timer.join()
+    finally:
+        accel.close()
+    assert result.reason is StopReason.PAUSED
+    assert accel._probe_generation >= 2
+
+
+def test_a_state_with_an_msr_kvm_refuses_still_loads_the_others():
+    machine, _, _ = build_guest_machine("spin32", "flat32")
+    accel = KvmAccelerator(irqchip=True)
+    accel.create(machine)
+    try:
+        state = CpuState.from_dict(accel.save_cpu_state()[0])
+        state.extra = {}  # as the emulator would hand it over
+        state.msrs = {0x12345678: 1, 0x174: 0x10, 0x176: 0xCAFE}  # bogus, SYSENTER_CS/EIP
+        accel.load_cpu_state([state.to_dict()])
+        back = CpuState.from_dict(accel.save_cpu_state()[0])
+    finally:
+        accel.close()
+    assert back.msrs[0x174] == 0x10 and back.msrs[0x176] == 0xCAFE

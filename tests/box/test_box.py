@@ -83,7 +83,7 @@ def test_create_refuses_a_box_past_the_limits_and_leaves_nothing(tmp_path, kwarg
 
 
 def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
-    def disk_fails(path, capacity, disk_type):
+    def disk_fails(path, capacity, disk_type, bus):
         path.write_bytes(b"half a disk")
         raise OSError(28, "No space left on device")
 
@@ -249,15 +249,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, boite_cli):
 
 
 def test_cli_demo_creates_then_reuses(tmp_path, boite_cli):
-    if create_disk is None:
-        out = boite_cli("demo", cwd=tmp_path)
-        assert out.returncode != 0 and "disk layer" in out.stderr
-        assert not (tmp_path / "boite-demo").exists()
-        return
-    first = boite_cli("demo", "--json", cwd=tmp_path, check=True)
+    # --no-boot: the box alone (tests/guest/test_demo.py boots it).
+    first = boite_cli("demo", "--no-boot", "--json", cwd=tmp_path, check=True)
     info = json.loads(first.stdout)
     assert info["memsize"] == 256 and info["disks"][0]["capacity"] == 1 << 30
-    second = boite_cli("demo", cwd=tmp_path, check=True)
+    second = boite_cli("demo", "--no-boot", cwd=tmp_path, check=True)
     assert "reusing" in second.stderr and info["uuid.bios"] in second.stdout
 
 
@@ -266,3 +262,36 @@ def test_vmsd_is_a_dictionary_file(tmp_path):
     box.vmsd["snapshot.lastUID"] = "1"
     box.save()
     assert VmxDict.load(box.vmsd_path)["snapshot.lastuid"] == "1"
+
+
+def test_ensure_startable_lists_every_problem(tmp_path):
+    box = Box.create(tmp_path / "vm", disk_size=None)
+    box.ensure_startable()
+    box.vmx["numvcpus"] = "40"
+    box.vmx["ide0:0.present"] = "TRUE"
+    box.vmx["ide0:0.fileName"] = "missing.vmdk"
+    box.save()
+    with pytest.raises(LimitError) as err:
+        Box.open(box.dir).ensure_startable()
+    assert "numvcpus" in str(err.value) and "missing.vmdk" in str(err.value)
+
+
+def test_a_huge_file_is_not_read_as_a_vmx(tmp_path):
+    path = tmp_path / "huge.vmx"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    with pytest.raises(ConfigError, match="not a VMware dictionary file"):
+        VmxDict.load(path)
+
+
+def test_info_shows_a_box_with_unreadable_values_and_check_names_them(tmp_path, boite_cli):
+    box = Box.create(tmp_path / "vm", disk_size=None)
+    box.vmx["memsize"] = "lots"
+    box.vmx["firmware"] = "coreboot"
+    box.save()
+    info = json.loads(boite_cli("info", box.dir, "--json", check=True).stdout)
+    assert info["memsize"] is None and info["firmware"] is None
+    assert len(info["problems"]) == 2
+    assert "memsize" in boite_cli("info", box.dir, check=True).stdout
+    out = boite_cli("check", box.dir)
+    assert out.returncode == 1 and "'lots'" in out.stdout and "coreboot" in out.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from boite.box.config import BoxConfig
@@ -171,3 +173,39 @@ def test_unreadable_values_are_problems_not_crashes():
     problems = check_limits(config(memsize="lots", numvcpus="two"))
     assert {"memsize", "numvcpus"} <= {p.key for p in problems}
     assert any("'lots'" in p.message for p in problems)
+
+
+def test_values_outside_their_choices_are_problems():
+    c = config(
+        firmware="coreboot",
+        monitor__virtual_exec="quantum",
+        uuid__bios="not a uuid",
+        log__keepOld="-1",
+    )
+    problems = check_limits(c)
+    assert {p.key for p in problems} == {
+        "firmware",
+        "monitor.virtual_exec",
+        "uuid.bios",
+        "log.keepOld",
+    }
+    assert any("hardware, software, automatic" in p.message for p in problems)
+
+
+def test_fifty_lines_of_the_same_usb_key_are_named():
+    c = config()
+    c.vmx["usb.present"] = "TRUE"
+    text = c.vmx.to_bytes() + b'usb.present = "TRUE"\n' * 49
+    c = BoxConfig(VmxDict.parse(text, "fifty.vmx"))
+    problems = check_limits(c)
+    assert [(p.key, p.value) for p in problems] == [("usb.present", "50 lines")]
+    assert "one USB 1.1 (UHCI) controller" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parent / "data").glob("*.vmx")),
+    ids=lambda p: p.name,
+)
+def test_realistic_vmware_files_are_within_the_limits(path):
+    assert check_limits(BoxConfig(VmxDict.load(path))) == []

@@ -107,3 +107,32 @@ def test_smaller_keep_old_removes_the_extra_old_logs(tmp_path):
         VmwareLog.open(tmp_path, 3).close()
     VmwareLog.open(tmp_path, 1).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vmware-0.log", "vmware.log"]
+
+
+def test_huge_keep_old_and_gaps(tmp_path):
+    (tmp_path / "vmware-0.log").write_text("zero")
+    (tmp_path / "vmware-5.log").write_text("five")
+    (tmp_path / "vmware.log").write_text("current")
+    (tmp_path / "vmware-x.log").write_text("not ours")
+    VmwareLog.open(tmp_path, 10**9).close()
+    assert (tmp_path / "vmware-0.log").read_text() == "current"
+    assert (tmp_path / "vmware-1.log").read_text() == "zero"
+    assert (tmp_path / "vmware-6.log").read_text() == "five"
+    assert (tmp_path / "vmware-x.log").read_text() == "not ours"
+
+
+@given(
+    st.sampled_from([128, 256]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    st.lists(st.sampled_from(["hdd", "cdrom", "net", "floppy"]), unique=True),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+)
+@settings(max_examples=100, deadline=None)
+def test_nvram_round_trip_property(cmos, order, note):
+    nv = Nvram(cmos)
+    nv.boot_order = order
+    nv.settings["boite.note"] = note
+    again = Nvram.from_bytes(nv.to_bytes())
+    assert bytes(again.cmos) == cmos
+    assert again.boot_order == order
+    assert again.settings["boite.note"] == note
+    assert again.to_bytes() == nv.to_bytes()

@@ -200,3 +200,13 @@ def test_realistic_vmx_files_round_trip(path):
         (a, b) for a, b in zip(data.splitlines(), d.to_bytes().splitlines(), strict=True) if a != b
     ]
     assert len(changed) == 1 and changed[0][1].startswith(b"memsize")
+
+
+@given(st.binary(max_size=300))
+@FAST
+def test_any_bytes_parse_or_give_config_error(data):
+    try:
+        d = VmxDict.parse(data)
+    except ConfigError:
+        return
+    assert d.to_bytes() == data

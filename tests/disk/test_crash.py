@@ -111,7 +111,7 @@ def run_round(path, model: bytearray, seed: int, status, rng: random.Random) -> 
 
 
 @pytest.mark.parametrize("chain", [False, True], ids=["thin", "child"])
-def test_sigkill_at_random_moments(tmp_path, chain):
+def test_sigkill_at_random_moments(tmp_path, chain, boite_cli):
     rng = random.Random(1234 + chain)
     base = tmp_path / "vm.vmdk"
     create_disk(base, SIZE)
@@ -128,3 +128,9 @@ def test_sigkill_at_random_moments(tmp_path, chain):
         create_child(base, path)
     for i in range(ROUNDS // 2):
         run_round(path, model, rng.randrange(1 << 30), tmp_path / f"status{i}", rng)
+    # one last kill, then the command a person would run
+    run_round(path, model, rng.randrange(1 << 30), tmp_path / "last", random.Random(0))
+    out = boite_cli("disk", "check", "--repair", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = boite_cli("disk", "check", "--json", path)
+    assert out.returncode == 0 and '"ok": true' in out.stdout, out.stdout

@@ -1,16 +1,19 @@
-; 32-bit paging turned on by the guest (flat 32-bit, 1 MiB): identity-maps the first
-; 4 MiB with 4 KiB pages and maps the virtual page 0x40000000 onto the physical page of
+; A multiboot kernel. 32-bit paging turned on by the guest (flat 32-bit, 1 MiB):
+; identity-maps the first 4 MiB with 4 KiB pages and maps the virtual page 0x40000000 onto the physical page of
 ; `shared`. A value written through the alias must appear at the physical address.
 ; Prints "paging: alias ok" and exits with (0x26 << 1) | 1, or exits with 0x7f.
 bits 32
 org 0x100000
 %include "com1.inc"
+%include "multiboot.inc"
+MULTIBOOT_HEADER
 
 %define PD  0x300000
 %define PT0 0x301000
 %define PT1 0x302000
 
 start:
+    mov esp, 0x80000
     ; page table 0: identity for 0..4 MiB
     mov edi, PT0
     mov eax, 0x003                  ; present | writable
@@ -51,3 +54,4 @@ DEFINE_PUTS
 msg: db "paging: alias ok", 10, 0
 align 4096
 shared: dd 0
+image_end:

@@ -1,10 +1,12 @@
-; PIT timer interrupts handled by the guest's own IDT (flat 32-bit, 1 MiB; needs the
+; A multiboot kernel. PIT timer interrupts handled by the guest's own IDT (flat 32-bit, 1 MiB; needs the
 ; in-kernel PIC and PIT). The 8259 PIC is remapped to vectors 0x20-0x2f, PIT channel 0
 ; programmed at 1 kHz (mode 2); the handler counts ticks and sends EOI. After 10 ticks
 ; the guest prints "pit: 10 ticks" and exits with (0x25 << 1) | 1.
 bits 32
 org 0x100000
 %include "com1.inc"
+%include "multiboot.inc"
+MULTIBOOT_HEADER
 
 start:
     mov esp, 0x80000
@@ -71,3 +73,4 @@ idt_desc:
     dd idt
 align 8
 idt: times 256 * 8 db 0
+image_end:

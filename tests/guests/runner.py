@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from boite.accel.base import RunResult
 from boite.accel.cpustate import CpuState
 from boite.machine.devices import IsaDebugExit, SerialBackend, Uart16550
+from boite.machine.irq import IrqLine
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot
@@ -21,6 +22,7 @@ MODES: dict[str, tuple[int, Callable[[GuestMemory, int], CpuState]]] = {
 }
 
 MMIO_TEST_BASE = 0xD000_0000
+MULTIBOOT_MAGIC = (0x1BADB002).to_bytes(4, "little")
 
 
 class CollectedOutput(SerialBackend):
@@ -34,6 +36,24 @@ class CollectedOutput(SerialBackend):
 
     def send(self, data: bytes) -> None:
         self._feed(data)
+
+
+class ComPort(Uart16550):
+    """COM1 for tests that wire their own machine: the real 16550, its output collected
+    in `output`, `data` waiting as input (its IRQ line goes nowhere)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._collected = CollectedOutput()
+        super().__init__(IrqLine(4), self._collected)
+        if data:
+            self._collected.send(data)
+
+    @property
+    def output(self) -> bytearray:
+        return self._collected.output
+
+
+DebugExit = IsaDebugExit  # the name other tests import
 
 
 class TimesThreePlusOne:
@@ -83,8 +103,12 @@ def build_guest_machine(
         com1.send(input)
     dev = TimesThreePlusOne()
     machine.mmio.register(MMIO_TEST_BASE, 0x1000, dev)
-    memory.write(load_addr, assemble(name, **defines).read_bytes())
-    machine.boot_state = [make_state(memory, load_addr)]
+    image = assemble(name, **defines).read_bytes()
+    memory.write(load_addr, image)
+    state = make_state(memory, load_addr)
+    if image[:4] == MULTIBOOT_MAGIC and mode == "flat32":
+        state.rip = int.from_bytes(image[28:32], "little")  # a.out kludge entry_addr
+    machine.boot_state = [state]
     return machine, com1, dev
 
 

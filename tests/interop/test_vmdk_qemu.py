@@ -6,10 +6,18 @@ from __future__ import annotations
 import random
 
 import pytest
-from vmdkpeers import Reference, peer_reads, qemu_img, qemu_io, random_writes, requires_qemu
+from vmdkpeers import (
+    Reference,
+    peer_reads,
+    pyvmdk_open,
+    qemu_img,
+    qemu_io,
+    random_writes,
+    requires_qemu,
+)
 
 from boite.disk import convert_disk, create_child, create_disk, disk_info, open_disk
-from boite.errors import DiskFormatError
+from boite.errors import DiskError, DiskFormatError
 
 pytestmark = requires_qemu
 
@@ -172,3 +180,23 @@ def test_changed_parent_is_refused_naming_both_files(tmp_path):
     with pytest.raises(DiskFormatError) as err:
         open_disk(child)
     assert str(child) in str(err.value) and str(base) in str(err.value)
+    # libvmdk agrees: it refuses the stale link too
+    with pytest.raises(OSError, match="content identifier"):
+        pyvmdk_open(child, [base])
+
+
+def test_qemu_created_stream_optimized_written_by_qemu_io(tmp_path):
+    path = tmp_path / "so.vmdk"
+    out = qemu_img("create", "-f", "vmdk", "-o", "subformat=streamOptimized", path, "64M")
+    assert out.returncode == 0, out.stderr
+    # qemu appends whole compressed grains only
+    qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 4M 64k", "write -P 0x33 40M 128k")
+    with open_disk(path, read_only=True) as d:
+        assert d.read(0, MiB) == pattern(0x11, MiB)
+        assert d.read(MiB, 3 * MiB) == bytes(3 * MiB)
+        assert d.read(4 * MiB, 65536) == pattern(0x22, 65536)
+        assert d.read(40 * MiB - 512, 131072 + 1024) == bytes(512) + pattern(0x33, 131072) + bytes(
+            512
+        )
+    with pytest.raises(DiskError, match="read-only"):
+        open_disk(path)

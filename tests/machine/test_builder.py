@@ -11,6 +11,8 @@ from boite.machine.builder import build_machine, machine_from_box, pc_e820
 from boite.machine.devices.uart import ConsoleBackend
 from boite.machine.machine import E820_RAM, E820_RESERVED
 
+from .machine_kernels import *  # noqa: F403 - the fixtures
+
 
 def test_e820_has_the_pc_holes():
     assert [(e.addr, e.size, e.type) for e in pc_e820(64 << 20)] == [
@@ -146,6 +148,8 @@ def test_bad_configs():
         build_machine(8, serial_backends={5: ConsoleBackend()})
     with pytest.raises(ConfigError, match="without a kernel"):
         build_machine(8, initrd="/x")
+    with pytest.raises(ConfigError, match="cannot map"):
+        build_machine(1 << 40)  # an exabyte of RAM
 
 
 def test_machine_from_box(tmp_path, multiboot_kernels):
@@ -181,6 +185,7 @@ def test_machine_from_box(tmp_path, multiboot_kernels):
     # a guest write to CMOS RAM lands in the box's .nvram
     m.pio.write(0x70, 1, 0x50)
     m.pio.write(0x71, 1, 0xAB)
+    m.devices["rtc"].close()  # what the VMM does at power-off: pending changes are saved
     assert Nvram.load(box.nvram_path).cmos[0x50] == 0xAB
     m.memory.close()
     m2 = machine_from_box(Box.open(tmp_path / "mb"))

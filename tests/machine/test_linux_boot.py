@@ -12,6 +12,8 @@ from boite.machine.loader import KernelFormatError, detect_protocol, parse_setup
 from boite.machine.loader.bootstate import CMDLINE_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR
 from boite.machine.machine import Machine
 
+from .machine_kernels import *  # noqa: F403 - the fixtures
+
 CMDLINE = "console=ttyS0 root=/dev/vda ro quiet"
 
 

@@ -13,6 +13,8 @@ from boite.machine.loader import KernelFormatError, load_kernel
 from boite.machine.loader.multiboot import MBI_ADDR, MMAP_ADDR, find_header
 from boite.machine.machine import Machine
 
+from .machine_kernels import *  # noqa: F403 - the fixtures
+
 
 def cstr(m: Machine, addr: int) -> str:
     out = bytearray()
@@ -173,3 +175,28 @@ def test_elf64_multiboot_is_refused(multiboot_kernels, tmp_path):
     m = build_machine(8)
     with pytest.raises(KernelFormatError, match="32-bit"):
         load_kernel(m, k, protocol="multiboot")
+
+
+def test_several_modules_as_qemu_takes_them(multiboot_kernels, tmp_path):
+    from boite.machine.loader import multiboot_modules
+
+    a, b = tmp_path / "a.bin", tmp_path / "b,c.bin"
+    a.write_bytes(b"AAAA")
+    b.write_bytes(b"B" * 5000)
+    mods = multiboot_modules(f"{a} x=1 y, {str(b).replace(',', ',,')}")
+    assert [(m.path, m.cmdline) for m in mods] == [(str(a), f"{a} x=1 y"), (str(b), str(b))]
+    m = build_machine(
+        16, kernel=multiboot_kernels["elf"], initrd=f"{a} x=1 y,{str(b).replace(',', ',,')}"
+    )
+    info = MBI_ADDR
+    assert m.memory.read_u32(info + 20) == 2
+    entries = m.memory.read_u32(info + 24)
+    got = []
+    for i in range(2):
+        start, end, cmd = struct.unpack("<III", m.memory.read(entries + 16 * i, 12))
+        assert start % 4096 == 0
+        got.append((m.memory.read(start, end - start), cstr(m, cmd)))
+    assert got == [(b"AAAA", f"{a} x=1 y"), (b"B" * 5000, str(b))]
+    with pytest.raises(KernelFormatError, match="empty item"):
+        multiboot_modules("a,,,")
+    m.memory.close()

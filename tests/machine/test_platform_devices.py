@@ -179,3 +179,32 @@ def test_ioapic_level_remote_irr_and_eoi():
     other = IoApic()
     other.load_state(state)
     assert other.save_state() == state
+
+
+def test_fw_cfg_items_and_rewind():
+    from boite.machine.devices.fwcfg import FwCfg
+
+    fw = FwCfg(ram_size=96 << 20, num_cpus=3)
+    fw.bus_write(0, 2, 0x0000)
+    assert bytes(fw.bus_read(1, 1) for _ in range(6)) == b"QEMU\0\0"  # zeros past the end
+    fw.bus_write(0, 2, 0x0003)
+    assert fw.bus_read(1, 4) == 96 << 20 and fw.bus_read(1, 4) == 0
+    fw.bus_write(0, 2, 0x0005)
+    first = fw.bus_read(1, 1)
+    state = fw.save_state()
+    fw.bus_write(0, 2, 0x0005)  # selecting rewinds
+    assert fw.bus_read(1, 2) == 3 and first == 3
+    fw.bus_write(1, 1, 0xAA)  # data writes are ignored
+    fw.bus_write(0, 2, 0x0019)
+    assert fw.bus_read(1, 4) == 0  # empty file directory
+    fw.load_state(state)
+    assert fw.bus_read(1, 1) == 0  # second byte of NB_CPUS
+    fw.bus_write(0, 2, 0x1234)
+    assert fw.bus_read(1, 4) == 0  # unknown item
+
+
+def test_i8042_replies_are_bounded():
+    dev, _, _ = kbc()
+    for _ in range(10_000):
+        dev.bus_write(4, 1, 0x20)  # read command byte, never read back
+    assert len(dev.out) <= 256

@@ -165,3 +165,33 @@ def test_nvram_load_persist_and_state():
     assert rd(other, 0x41) == 0x12
     with pytest.raises(ConfigError, match="expected 128"):
         make(cmos_bytes=b"\0" * 100)
+
+
+def test_persist_only_changes_and_batches_with_a_delay():
+    saved: list[bytes] = []
+    rtc, _, _ = make(persist=saved.append)
+    wr(rtc, 0x40, 0x00)  # unchanged: nothing to save
+    assert saved == []
+    wr(rtc, 0x40, 0x01)
+    assert len(saved) == 1
+    batched: list[bytes] = []
+    slow, _, _ = make(persist=batched.append, persist_delay=3600)
+    for v in range(1, 200):
+        wr(slow, 0x41, v)  # a guest hammering CMOS
+    assert batched == []  # the first save waits for the delay
+    slow.close()  # power-off writes what is pending, once
+    assert len(batched) == 1 and batched[0][0x41] == 199
+    slow.close()
+    assert len(batched) == 1
+
+
+def test_rtc_state_round_trip_keeps_clock_and_flags():
+    rtc, c, line = make()
+    wr(rtc, 0x0B, 0x42)
+    c.advance(0.01)
+    rtc.advance()
+    state = rtc.save_state()
+    other, _, oline = make()
+    other.load_state(state)
+    assert oline.level and other.save_state()["cmos"] == state["cmos"]
+    assert abs(other.guest_time() - rtc.guest_time()) < 1

@@ -12,12 +12,15 @@ NAME/
 from __future__ import annotations
 
 import os
+import platform
 import re
 import secrets
 import shutil
+import socket
 import struct
 from pathlib import Path
 
+from boite import __version__
 from boite.box.atomic import fsync_dir
 from boite.box.config import BoxConfig, format_vmware_uuid, generated_mac
 from boite.box.limits import (
@@ -35,8 +38,9 @@ from boite.box.lock import (
 )
 from boite.box.log import VmwareLog
 from boite.box.nvram import Nvram
+from boite.box.sizes import parse_size
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, BoxError, ConfigError
+from boite.errors import BoiteError, BoxError, ConfigError, LimitError
 
 DEFAULT_MEMSIZE_MB = 256
 DEFAULT_CPUS = 1
@@ -76,7 +80,7 @@ class Box:
         name_or_path: str | Path,
         memsize_mb: int = DEFAULT_MEMSIZE_MB,
         cpus: int = DEFAULT_CPUS,
-        disk_size: int | None = DEFAULT_DISK_BYTES,
+        disk_size: int | str | None = DEFAULT_DISK_BYTES,
         disk_type: str = DEFAULT_DISK_TYPE,
         guest_os: str = DEFAULT_GUEST_OS,
         *,
@@ -85,7 +89,8 @@ class Box:
         """Make a new box directory, all at once: built in a hidden directory beside the
         target and renamed into place, so a failed create leaves nothing behind.
 
-        `disk_size=None` (or 0) makes a box without a disk (boot from a kernel or CD).
+        `disk_size` is bytes or a size like "1G"; None (or 0) makes a box without a disk
+        (boot from a kernel or CD).
         """
         target = Path(name_or_path)
         if target.suffix.lower() == ".vmx":
@@ -106,6 +111,8 @@ class Box:
         if not parent.is_dir():
             raise BoxError(f"{parent} is not a directory; cannot create {name} there")
 
+        if isinstance(disk_size, str):
+            disk_size = parse_size(disk_size)
         disk_size = disk_size or None
         uuid_bios = secrets.token_bytes(16)
         vmx = default_vmx(name, memsize_mb, cpus, guest_os, uuid_bios, disk_bus, disk_size)
@@ -126,11 +133,15 @@ class Box:
             VmxDict.new().save(staging / f"{name}.vmsd")
             Nvram().save(staging / f"{name}.nvram")
             if disk_size is not None:
-                _create_disk(staging / f"{name}.vmdk", disk_size, disk_type)
+                _create_disk(staging / f"{name}.vmdk", disk_size, disk_type, disk_bus)
             fsync_dir(staging)
             if target.exists():
                 raise BoxError(f"{target} appeared while the box was being made; not replacing")
-            os.rename(staging, target)
+            try:
+                os.rename(staging, target)
+            except OSError as exc:
+                # Another `create` of the same name won the race (ENOTEMPTY/EEXIST).
+                raise BoxError(f"{target} already exists; choose another name") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -167,9 +178,16 @@ class Box:
 
     @property
     def log(self) -> VmwareLog:
-        """This power-on's `vmware.log`; the first access rotates the old logs."""
+        """This power-on's `vmware.log`; the first access rotates the old logs, so take
+        the lock (`acquire_lock`) before the first log line of a start."""
         if self._log is None:
             self._log = VmwareLog.open(self.dir, self.config.log_keep_old)
+            # VMware opens each log with who wrote it; so does boite.
+            self._log.info(
+                f"Log for boite {__version__} pid={os.getpid()} host={socket.gethostname()} "
+                f"python={platform.python_version()}"
+            )
+            self._log.info(f"Configuration file: {self.vmx_path.resolve()}")
         return self._log
 
     def disk_path(self, file_name: str) -> Path | str:
@@ -212,13 +230,12 @@ class Box:
                     )
                 )
                 continue
-            if isinstance(where, Path):
-                try:
-                    capacities[slot.key] = disk_capacity(where)
-                except BoiteError as exc:
-                    problems.append(
-                        Problem(f"{slot.key}.fileName", slot.file_name, "a readable disk", str(exc))
-                    )
+            try:
+                capacities[slot.key] = disk_capacity(where)
+            except BoiteError as exc:
+                problems.append(
+                    Problem(f"{slot.key}.fileName", slot.file_name, "a readable disk", str(exc))
+                )
         problems[:0] = check_limits(self.config, capacities)
         if self.nvram_path.exists():
             try:
@@ -228,8 +245,21 @@ class Box:
         return problems
 
     def require_within_limits(self) -> None:
-        """Raise LimitError listing every hardware limit the box breaks (for `start`)."""
+        """Raise LimitError listing every hardware limit the `.vmx` breaks."""
         require_within_limits(self.config)
+
+    def ensure_startable(self) -> None:
+        """What `start` calls: raise one error listing every problem `check()` finds
+        (LimitError when a hardware limit is among them)."""
+        problems = self.check()
+        if not problems:
+            return
+        lines = "\n  ".join(str(p) for p in problems)
+        message = f"{self.vmx_path}: cannot start, {len(problems)} problem(s):\n  {lines}"
+        limit_keys = {p.key for p in check_limits(self.config)}
+        if any(p.key in limit_keys or p.limit == "8 TiB" for p in problems):
+            raise LimitError(message)
+        raise ConfigError(message)
 
     # -- running -------------------------------------------------------------------------
 
@@ -246,16 +276,20 @@ class Box:
             )
         self.log.info(f"Lock {self._lock.path.name} taken by pid {holder.pid} on {holder.host}.")
         if register:
-            register_running(
-                RunningBox(
-                    vmx=holder.vmx,
-                    name=self.config.display_name,
-                    pid=holder.pid,
-                    host=holder.host,
-                    started=holder.started,
-                    nonce=holder.nonce,
+            try:
+                register_running(
+                    RunningBox(
+                        vmx=holder.vmx,
+                        name=self.config.display_name,
+                        pid=holder.pid,
+                        host=holder.host,
+                        started=holder.started,
+                        nonce=holder.nonce,
+                    )
                 )
-            )
+            except BaseException:
+                self._lock.release()  # never leave a lock behind for a box that did not start
+                raise
         return HeldLock(self)
 
     def release_lock(self) -> None:
@@ -314,7 +348,7 @@ class Box:
             where = self.disk_path(disk["file_name"]) if disk["file_name"] else None
             disk["path"] = str(where) if where is not None else None
             disk["capacity"] = None
-            if isinstance(where, Path) and where.exists():
+            if isinstance(where, str) or (where is not None and where.exists()):
                 try:
                     disk["capacity"] = disk_capacity(where)
                 except BoiteError:
@@ -439,7 +473,7 @@ def default_vmx(
     return vmx
 
 
-def _create_disk(path: Path, capacity: int, disk_type: str) -> None:
+def _create_disk(path: Path, capacity: int, disk_type: str, bus: str = "scsi") -> None:
     try:
         from boite.disk import create_disk  # the disk layer (issue 3)
     except ImportError:
@@ -447,12 +481,25 @@ def _create_disk(path: Path, capacity: int, disk_type: str) -> None:
             "this boite's disk layer cannot create VMDKs yet (boite.disk.create_disk is "
             "missing); create the box with a disk size of 0 to make it without a disk"
         ) from None
-    create_disk(str(path), capacity, disk_type)
+    # ddb.adapterType: "ide" for IDE disks, VMware writes "lsilogic" for the others.
+    create_disk(str(path), capacity, disk_type, adapter="ide" if bus == "ide" else "lsilogic")
 
 
-def disk_capacity(path: Path) -> int:
+# How long `check` and `info` wait for a remote disk's server.
+REMOTE_DISK_TIMEOUT = 5.0
+
+
+def disk_capacity(path: Path | str) -> int:
     """A disk's size in bytes, through the disk layer (which checks the file); a checkout
-    without it reads the VMDK header or descriptor (enough for the 8 TiB limit)."""
+    without it reads the VMDK header or descriptor (enough for the 8 TiB limit). A URL
+    disk (`nbd://...`) is asked over the network, with a short timeout."""
+    if isinstance(path, str):
+        if not path.startswith(("nbd://", "nbd+unix://")):
+            raise BoxError(f"{path}: boite reaches remote disks only over NBD (nbd://HOST/EXPORT)")
+        from boite.disk.nbd import open_nbd
+
+        with open_nbd(path, read_only=True, timeout=REMOTE_DISK_TIMEOUT) as image:
+            return image.size
     try:
         from boite.disk import open_disk  # type: ignore[attr-defined]
     except ImportError:

@@ -323,24 +323,36 @@ class BoxConfig:
         )
 
     def summary(self) -> dict[str, object]:
-        """Everything above as plain data (for `boite info --json`)."""
-        ub = self.uuid_bios
-        ul = self.uuid_location
+        """Everything above as plain data (for `boite info --json`). An unreadable value
+        shows as None; `check` says what is wrong with it."""
+
+        def field(read):
+            try:
+                return read()
+            except ConfigError:
+                return None
+
+        ub = field(lambda: self.uuid_bios)
+        ul = field(lambda: self.uuid_location)
         return {
             "displayName": self.display_name,
             "guestOS": self.guest_os,
-            "memsize": self.memsize,
-            "numvcpus": self.numvcpus,
-            "coresPerSocket": self.cores_per_socket,
-            "firmware": self.firmware,
+            "memsize": field(lambda: self.memsize),
+            "numvcpus": field(lambda: self.numvcpus),
+            "coresPerSocket": field(lambda: self.cores_per_socket),
+            "firmware": field(lambda: self.firmware),
             "nvram": self.nvram,
-            "virtual_exec": self.virtual_exec,
+            "virtual_exec": field(lambda: self.virtual_exec),
             "uuid.bios": format_vmware_uuid(ub) if ub else None,
             "uuid.location": format_vmware_uuid(ul) if ul else None,
-            "disks": [asdict(d) | {"key": d.key} for d in self.disk_slots() if d.present],
-            "nics": [asdict(n) | {"mac": n.mac} for n in self.nics if n.present],
-            "serials": [asdict(s) for s in self.serials if s.present],
-            "usb": asdict(self.usb),
+            "disks": field(
+                lambda: [asdict(d) | {"key": d.key} for d in self.disk_slots() if d.present]
+            )
+            or [],
+            "nics": field(lambda: [asdict(n) | {"mac": n.mac} for n in self.nics if n.present])
+            or [],
+            "serials": field(lambda: [asdict(s) for s in self.serials if s.present]) or [],
+            "usb": field(lambda: asdict(self.usb)) or {},
         }
 
 

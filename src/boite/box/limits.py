@@ -71,7 +71,7 @@ def check_limits(
     """Every way `config` breaks a hardware maximum. `disk_capacities` maps a disk slot key
     (`scsi0:0`) to its size in bytes, when the caller could open the disks."""
     problems: list[Problem] = []
-    for check in (_cpus, _memory, _disk_buses, _nics, _usb, _ports):
+    for check in (_cpus, _memory, _disk_buses, _nics, _usb, _ports, _readable, _repeated):
         _collect(problems, check, config)
     for key, size in (disk_capacities or {}).items():
         problems += check_disk_size(key, size)
@@ -294,6 +294,47 @@ def _usb(config: BoxConfig) -> list[Problem]:
                     "and usb_xhci.present (USB 3.x). Keep one and remove the others.",
                 )
             )
+    return out
+
+
+def _readable(config: BoxConfig) -> list[Problem]:
+    """Keys with a fixed set of values or a format: each unreadable one is a problem."""
+    out: list[Problem] = []
+    readers: dict[str, Callable[[], object]] = {
+        "firmware": lambda: config.firmware,
+        "monitor.virtual_exec": lambda: config.virtual_exec,
+        "uuid.bios": lambda: config.uuid_bios,
+        "uuid.location": lambda: config.uuid_location,
+        "log.keepOld": lambda: config.log_keep_old,
+    }
+    for key, read in readers.items():
+        try:
+            read()
+        except ConfigError as exc:
+            out.append(Problem(key, str(config.vmx.get(key)), "a valid value", str(exc)))
+    return out
+
+
+def _repeated(config: BoxConfig) -> list[Problem]:
+    """A key on several lines: VMware uses the last one, which is rarely what was meant
+    (fifty `usb.present` lines are still one controller)."""
+    out: list[Problem] = []
+    for key, count in config.vmx.duplicates().items():
+        m = _USB_KEY.fullmatch(key)
+        hint = (
+            f"; a virtual machine has one {USB_KINDS[m.group(1).lower()]} controller however "
+            "often it is switched on"
+            if m
+            else ""
+        )
+        out.append(
+            Problem(
+                key,
+                f"{count} lines",
+                "one line",
+                f"{key} is set on {count} lines and only the last one counts{hint}",
+            )
+        )
     return out
 
 

@@ -163,10 +163,18 @@ class BoxLock:
 
     def _link_create(self, me: LockHolder) -> bool:
         tmp = self.path.with_name(f"{self.path.name}.{me.host}.{me.pid}.{me.nonce}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise LockError(
+                f"{self.path}: cannot write in the box directory to lock it: {exc.strerror}"
+            ) from exc
         try:
             os.write(fd, me.to_bytes())
             os.fsync(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LockError(f"{self.path}: cannot write the lock record: {exc.strerror}") from exc
         finally:
             os.close(fd)
         try:

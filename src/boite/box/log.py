@@ -24,6 +24,7 @@ LINE = re.compile(
     r"(?P<group>\S+) (?P<message>.*)$"
 )
 LOG_NAME = "vmware.log"
+_OLD_LOG = re.compile(r"vmware-(\d{1,9})\.log")
 
 
 def timestamp(when: float | None = None) -> str:
@@ -33,24 +34,26 @@ def timestamp(when: float | None = None) -> str:
 
 
 def rotate(directory: str | Path, keep_old: int = 3) -> None:
-    """Shift `vmware.log` into `vmware-0.log` and the older ones up, keeping `keep_old`."""
+    """Shift `vmware.log` into `vmware-0.log` and the older ones up, keeping `keep_old`.
+
+    Works from the files that exist (oldest first), so a huge `log.keepOld` costs nothing
+    and logs left by a larger `keepOld` before are removed.
+    """
     directory = Path(directory)
-
-    def old(i: int) -> Path:
-        return directory / f"vmware-{i}.log"
-
-    # Remove what falls off the end (also leftovers from a larger keepOld before).
-    i = keep_old
-    while old(i).exists() or i == keep_old:
-        old(i).unlink(missing_ok=True)
-        i += 1
-    for i in range(keep_old - 1, 0, -1):
-        if old(i - 1).exists():
-            os.replace(old(i - 1), old(i))
+    existing = sorted(
+        (int(m.group(1)) for p in directory.iterdir() if (m := _OLD_LOG.fullmatch(p.name))),
+        reverse=True,
+    )
+    for n in existing:
+        old = directory / f"vmware-{n}.log"
+        if n + 1 >= keep_old:
+            old.unlink(missing_ok=True)
+        else:
+            os.replace(old, directory / f"vmware-{n + 1}.log")
     current = directory / LOG_NAME
     if current.exists():
         if keep_old > 0:
-            os.replace(current, old(0))
+            os.replace(current, directory / "vmware-0.log")
         else:
             current.unlink()
 

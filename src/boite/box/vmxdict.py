@@ -29,6 +29,8 @@ from boite.box.atomic import write_atomic
 from boite.errors import ConfigError
 
 DEFAULT_ENCODING = "UTF-8"
+# A real .vmx is a few KiB; anything this big is not one (and must not fill memory).
+MAX_FILE_BYTES = 16 << 20
 
 # A key is a run of anything that cannot start a value or a comment.
 _KEY = r"[^\s=\"#|]+"
@@ -121,9 +123,14 @@ class VmxDict(MutableMapping[str, str]):
     def load(cls, path: str | Path) -> VmxDict:
         path = Path(path)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a VMware dictionary file"
+            )
         return cls.parse(data, source=str(path))
 
     @classmethod
@@ -229,10 +236,12 @@ class VmxDict(MutableMapping[str, str]):
             del self._lines[i]
 
     def __iter__(self) -> Iterator[str]:
+        # First appearance fixes the order; the last line (the one that wins, as in
+        # VMware) gives the spelling, so iteration agrees with spelling() and [].
         seen: dict[str, str] = {}
         for line in self._lines:
             if line.key is not None and line.key.casefold() != ".encoding":
-                seen.setdefault(line.key.casefold(), line.key)
+                seen[line.key.casefold()] = line.key
         return iter(seen.values())
 
     def __len__(self) -> int:
@@ -240,6 +249,15 @@ class VmxDict(MutableMapping[str, str]):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self._find(key))
+
+    def duplicates(self) -> dict[str, int]:
+        """Keys set on more than one line (as spelled last), with their line counts."""
+        counts: dict[str, list] = {}
+        for line in self._lines:
+            if line.key is not None:
+                entry = counts.setdefault(line.key.casefold(), [line.key, 0])
+                entry[0], entry[1] = line.key, entry[1] + 1
+        return {spelled: n for spelled, n in counts.values() if n > 1}
 
     def spelling(self, key: str) -> str | None:
         """The key as the file spells it, or None when absent."""

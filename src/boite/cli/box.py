@@ -48,8 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="make (or reuse) the default box ./boite-demo and show it")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "demo",
+        help="build the guest kit, make (or reuse) the default box ./boite-demo and boot it",
+    )
+    p.add_argument(
+        "--accel", choices=("kvm", "emu", "auto"), default="auto",
+        help="how to run it (auto: KVM where it can boot Linux, else the emulator)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shell", action="store_true", help="leave a busybox shell on the console afterwards"
+    )
+    p.add_argument("--no-boot", action="store_true", help="only make the box and show it")
+    p.add_argument("--json", action="store_true", help="with --no-boot: the box's info as JSON")
     p.set_defaults(func=cmd_demo)
 
 
@@ -80,8 +91,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from boite.snapshot import check_snapshot_tree
+
     box = Box.open(args.box)
-    problems = box.check()
+    # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx).
+    problems = box.check() + check_snapshot_tree(box)
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
     elif problems:
@@ -108,7 +122,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the demo guest does once its init is up: show it is a real Linux on boite's devices.
+DEMO_COMMAND = "uname -a; cat /proc/cpuinfo | head -8; cat /proc/meminfo | head -2; ls /dev"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from boite import guestkit
+    from boite.cli.kit import _progress_printer
+    from boite.cli.run import run_box
+
     where = Path(DEMO_DIR)
     if where.exists():
         box = Box.open(where)
@@ -116,16 +138,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         box = Box.create(where)
         note = f"created {where}/"
-    print(note, file=sys.stderr)
-    info = box.info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print_info(info)
-    return 0
+    print(f"boite: {note}", file=sys.stderr)
+    if args.no_boot:
+        info = box.info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print_info(info)
+        return 0
+
+    kit = guestkit.ensure_kit(("i386", "initrd"), progress=_progress_printer())
+    assert kit.i386_bzimage is not None and kit.initrd_i386 is not None
+    cmdline = f'console=ttyS0 boite.run="{DEMO_COMMAND}"'
+    if args.shell:
+        cmdline += " boite.shell=1"
+    # The kit lives in the cache, keyed by its inputs: point the box at this build of it.
+    wanted = {
+        "boite.kernel": str(kit.i386_bzimage),
+        "boite.initrd": str(kit.initrd_i386),
+        "boite.cmdline": cmdline,
+    }
+    if any(box.vmx.get(k) != v for k, v in wanted.items()):
+        for key, value in wanted.items():
+            box.vmx[key] = value
+        box.save()
+        box = Box.open(where)
+    print(f"boite: booting {where}/ (the guest's console follows)", file=sys.stderr)
+    return run_box(box, args.accel)
 
 
 def print_info(info: dict) -> None:
+    # An unreadable value is None in the data; `check` (and the problems below) say why.
+    info = {k: ("?" if v is None else v) for k, v in info.items()}
     rows = [
         ("box", info["vmx"]),
         ("name", info["displayName"]),
@@ -135,7 +179,7 @@ def print_info(info: dict) -> None:
         ("firmware", info["firmware"]),
         ("execution", info["virtual_exec"]),
         ("uuid.bios", info["uuid.bios"]),
-        ("boot order", ", ".join(info["boot_order"] or [])),
+        ("boot order", ", ".join(info["boot_order"]) if info["boot_order"] != "?" else "?"),
     ]
     for disk in info["disks"]:
         size = format_size(disk["capacity"]) if disk["capacity"] is not None else "?"
@@ -154,7 +198,7 @@ def print_info(info: dict) -> None:
     rows.append(("usb", ", ".join(usb) or "none"))
     running = info["running"]
     rows.append(
-        ("running", "no" if running is None else f"pid {running['pid']} on {running['host']}")
+        ("running", "no" if running == "?" else f"pid {running['pid']} on {running['host']}")
     )
     problems = info["problems"]
     rows.append(("problems", str(len(problems)) if problems else "none"))

@@ -45,6 +45,7 @@ class ExtentLine:
     kind: str
     filename: str | None = None
     offset: int = 0  # sectors into the file, for FLAT extents
+    where: int = field(default=0, compare=False)  # byte offset of the line, for errors
 
     def render(self) -> str:
         if self.kind == "ZERO":
@@ -72,6 +73,12 @@ class Descriptor:
     @property
     def has_parent(self) -> bool:
         return self.parent_cid != NO_PARENT_CID or bool(self.parent_hint)
+
+    def set_cid(self, cid: int) -> None:
+        self.cid = cid
+        # VMware's 128-bit content ID ends with the CID; keep the two in step
+        if "ddb.longContentID" in self.ddb:
+            self.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
 
     def render(self) -> str:
         lines = [
@@ -142,7 +149,18 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
                 raise DiskFormatError(
                     f"{path}: extent at offset {here} has {sectors_i} sectors, more than {MAX_CAPACITY_SECTORS}"
                 )
-            desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0)))
+            if name is not None and (
+                not name or os.path.isabs(name) or ".." in re.split(r"[/\\]", name) or ":" in name
+            ):
+                raise DiskFormatError(
+                    f"{path}: extent file name {name!r} at offset {here} is not a plain name next to "
+                    "the descriptor (absolute, or going up with '..')"
+                )
+            if int(off or 0) > MAX_CAPACITY_SECTORS:
+                raise DiskFormatError(
+                    f"{path}: extent at offset {here} starts at sector {off}, too far"
+                )
+            desc.extents.append(ExtentLine(access, sectors_i, kind, name, int(off or 0), here))
             continue
         m = _KV_RE.match(line)
         if not m:
@@ -176,7 +194,8 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
         raise DiskFormatError(f"{path}: descriptor at offset {where} lists no extents")
     if desc.capacity_sectors > MAX_CAPACITY_SECTORS:
         raise DiskFormatError(
-            f"{path}: extents add up to {desc.capacity_sectors} sectors, more than {MAX_CAPACITY_SECTORS}"
+            f"{path}: extents in the descriptor at offset {where} add up to "
+            f"{desc.capacity_sectors} sectors, more than {MAX_CAPACITY_SECTORS}"
         )
     if desc.parent_cid != NO_PARENT_CID and not desc.parent_hint:
         raise DiskFormatError(f"{path}: parentCID={desc.parent_cid:08x} but no parentFileNameHint")

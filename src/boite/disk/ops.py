@@ -19,9 +19,16 @@ from boite.disk.descriptor import (
     new_cid,
     parent_path,
 )
-from boite.disk.hostfile import is_zero
+from boite.disk.hostfile import is_zero, open_image_file
 from boite.disk.raw import RawImage
-from boite.disk.sparse import DEFAULT_GRAIN, MAGIC, SparseExtent, check_sparse, create_sparse
+from boite.disk.sparse import (
+    DEFAULT_GRAIN,
+    MAGIC,
+    SparseExtent,
+    check_sparse,
+    create_sparse,
+    grow_sparse,
+)
 from boite.disk.stream import StreamWriter
 from boite.disk.vmdk import MAX_CHAIN, VmdkDisk, read_descriptor, write_descriptor_file
 from boite.errors import DiskError, DiskFormatError
@@ -48,10 +55,13 @@ def _looks_vmdk(path) -> bool:
     if is_vmdk_name(path):
         return True
     try:
-        with open(path, "rb") as f:
-            return int.from_bytes(f.read(4).ljust(4, b"\0"), "little") == MAGIC
-    except OSError:
+        fd = open_image_file(path, False)
+    except (OSError, DiskError, DiskFormatError):
         return False
+    try:
+        return int.from_bytes(os.pread(fd, 4, 0).ljust(4, b"\0"), "little") == MAGIC
+    finally:
+        os.close(fd)
 
 
 def open_disk(path_or_url, read_only: bool = False) -> BlockImage:
@@ -108,6 +118,8 @@ def create_disk(
     if path.exists() and not overwrite:
         raise DiskError(f"{path}: already exists; refusing to overwrite a disk")
     sectors = _sectors(capacity_bytes)
+    if disk_type == "raw" and is_vmdk_name(path):
+        raise DiskError(f"{path}: a .vmdk name means VMDK; pick another name for a raw image")
     if disk_type == "raw" or not is_vmdk_name(path):
         with open(path, "wb") as f:
             f.truncate(sectors * SECTOR)
@@ -185,7 +197,7 @@ def set_cid(path, cid: int | None = None) -> int:
     """Set (or randomise) a disk's CID; returns it."""
     p = Path(path).resolve()
     desc, embedded = read_descriptor(p)
-    desc.cid = new_cid(desc.cid) if cid is None else cid
+    desc.set_cid(new_cid(desc.cid) if cid is None else cid)
     _store_descriptor(p, desc, embedded)
     return desc.cid
 
@@ -236,6 +248,9 @@ class DiskInfo:
 
 
 def disk_info(path) -> DiskInfo:
+    if str(path).startswith("nbd://"):
+        with open_disk(path, read_only=True) as img:
+            return DiskInfo(str(path), "nbd", "nbd", img.size, img.size)
     p = Path(path)
     if not p.exists():
         raise DiskError(f"{p}: no such disk")
@@ -343,8 +358,11 @@ def check_disk(path, repair: bool = False) -> CheckReport:
                 files.append(f)
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                report.unclean |= bool(fh.read(73)[72:73] == b"\x01")
+            fd = open_image_file(f, False)
+            try:
+                report.unclean |= os.pread(fd, 1, 72) == b"\x01"
+            finally:
+                os.close(fd)
             res = check_sparse(f, repair=repair)
         except DiskFormatError as exc:
             report.errors.append(str(exc))
@@ -456,9 +474,10 @@ def _copy(
     total = sum(n for _, n in ranges)
     done = 0
     buf = bytearray(COPY_CHUNK)
+    copied_to = 0  # ranges may share a grain (4 KiB holes in a raw file): copy each once
     for off, n in ranges:
         end = off + n
-        pos = off - off % grain
+        pos = max(off - off % grain, copied_to)
         while pos < end:
             m = min(COPY_CHUNK, src.size - pos, -(-(end - pos) // grain) * grain)
             mv = memoryview(buf)[:m]
@@ -476,6 +495,7 @@ def _copy(
                 sink(pos + run, mv[run:m])
             done += max(0, min(pos + m, end) - max(pos, off))
             pos += m
+            copied_to = pos
             if progress:
                 progress(min(done, total), total)
 
@@ -606,7 +626,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
                         if n > 0:
                             t.write(o, bytes(n))
         # extents first, the descriptor (or the monolithic file) last
-        old_files = set(VmdkFiles(path))
+        old_files = set(disk_files(path))
         for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
             os.replace(f, path.parent / f.name)
             old_files.discard(path.parent / f.name)
@@ -621,12 +641,17 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def VmdkFiles(path: Path) -> list[Path]:  # noqa: N802 - reads like a type in the callers
+def disk_files(path) -> list[Path]:
+    """A VMDK's own files: the descriptor (or monolithic file) and its extent files."""
+    path = Path(path)
     desc, embedded = read_descriptor(path)
     out = [path]
     if not embedded:
         out += [extent_path(path, e.filename) for e in desc.extents if e.filename]
     return out
+
+
+VmdkFiles = disk_files  # the name the snapshot code first used
 
 
 class _OwnLayer(BlockImage):
@@ -698,6 +723,13 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
             {k: v for k, v in geometry_ddb(sectors, _adapter(desc)).items() if "geometry" in k}
         )
         write_descriptor_file(p, desc)
+        return
+    if desc.create_type == "monolithicSparse" and desc.extents:
+        # in place: no data moves, whatever the disk holds
+        desc.extents[0].sectors = sectors
+        geo = geometry_ddb(sectors, _adapter(desc))
+        desc.ddb.update({k: v for k, v in geo.items() if "geometry" in k})
+        grow_sparse(p, sectors, desc.render().encode())
         return
     _rebuild(p, sectors * SECTOR, drop_zero=False, progress=progress)
 
@@ -795,7 +827,11 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
             raise DiskError(f"{child}: has no parent to merge")
         parent = c.parent
         grand = parent.parent.path if parent.parent is not None else None
-        ranges = [(o, n) for o, n, _ in parent.own_ranges()]
+        # what the parent holds minus what the child already covers
+        gaps = [(o, o + n) for o, n, _ in parent.own_ranges()]
+        for o, n, _ in c.own_ranges():
+            _, gaps = _subtract(gaps, o, n)
+        ranges = [(a, b - a) for a, b in sorted(gaps)]
         total = sum(n for _, n in ranges)
         done = 0
         for off, n in ranges:
@@ -804,8 +840,8 @@ def merge_parent_into_child(child_path, progress: Progress = None) -> None:
                 m = min(COPY_CHUNK, off + n - pos, c.size - pos)
                 if m <= 0:
                     break
-                # the child's view here is the parent's data wherever the child has none;
-                # writing it back makes the child hold it (identical bytes elsewhere)
+                # the child's view here is the parent's data (the child has none);
+                # writing it back makes the child hold it
                 c.write(pos, c.read(pos, m))
                 pos += m
                 done += m

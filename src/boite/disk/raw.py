@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from boite.disk.base import BlockImage
-from boite.disk.hostfile import data_ranges, pread_full, pwrite_full, zero_range
+from boite.disk.hostfile import data_ranges, open_image_file, pread_full, pwrite_full, zero_range
 from boite.errors import DiskError
 
 
@@ -19,10 +19,7 @@ class FlatExtent:
         self.size = size
         self.file_offset = file_offset
         self.read_only = read_only
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise DiskError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self.fd = open_image_file(self.path, not read_only)
         self._wrote = False
 
     def read_into(self, off: int, mv: memoryview, fallback=None) -> None:
@@ -35,6 +32,8 @@ class FlatExtent:
         self._wrote = True
 
     def discard(self, off: int, length: int, fallback=None) -> None:
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
         zero_range(self.fd, self.file_offset + off, length)
         self._wrote = True
 
@@ -91,10 +90,7 @@ class RawImage(BlockImage):
     def __init__(self, path, read_only: bool = False) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise DiskError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self.fd = open_image_file(self.path, not read_only)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self._wrote = False
 

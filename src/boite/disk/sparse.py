@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from boite.disk.base import SECTOR
-from boite.disk.hostfile import pread_full, pwrite_full, pwritev_full, zero_range
+from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
 from boite.errors import DiskError, DiskFormatError
 
 MAGIC = 0x564D444B  # "KDMV" on disk
@@ -50,7 +50,7 @@ MARKER_FOOTER = 3
 DEFAULT_GRAIN = 128  # sectors (64 KiB)
 GTES_PER_GT = 512
 MAX_GRAIN = 8192  # sectors (4 MiB); VMware uses 128, anything huge is hostile
-MAX_GD_ENTRIES = 1 << 24  # 64 MiB of GD: far beyond 62 TiB with 64 KiB grains
+MAX_GD_ENTRIES = 1 << 22  # 16 MiB of GD: 128 TiB with 64 KiB grains, past VMware's 62 TiB
 
 # Fallback for ranges this extent does not hold: fill the view for the extent-relative offset.
 Fallback = Callable[[int, memoryview], None] | None
@@ -173,13 +173,11 @@ def validate_header(h: SparseHeader, path, file_size: int, where: int = 0) -> No
 class SparseExtent:
     """One KDMV file. Offsets in methods are bytes relative to the extent."""
 
-    def __init__(self, path, read_only: bool = True) -> None:
+    def __init__(self, path, read_only: bool = True, *, fd: int | None = None) -> None:
+        """Open `path` (or use a duplicate of an already open `fd` for it)."""
         self.path = os.fspath(path)
         self.read_only = read_only
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise DiskError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self.fd = open_image_file(self.path, not read_only) if fd is None else os.dup(fd)
         try:
             self._load()
         except BaseException:
@@ -278,7 +276,7 @@ class SparseExtent:
         os.fdatasync(self.fd)
         self.header.unclean = int(flag)
 
-    def _gt(self, gi: int) -> array | None:
+    def _gt(self, gi: int, raw: bytes | None = None) -> array | None:
         gt = self._gts.get(gi)
         if gt is not None:
             return gt
@@ -286,12 +284,13 @@ class SparseExtent:
         if sector == 0:
             return None
         gt = array("I")
-        gt.frombytes(os.pread(self.fd, self.gt_bytes, sector * SECTOR))
+        gt.frombytes(os.pread(self.fd, self.gt_bytes, sector * SECTOR) if raw is None else raw)
         if len(gt) != self.ngte:
             raise _bad(self.path, sector * SECTOR, f"grain table {gi} is truncated")
         self._check_gt(gi, gt, sector)
-        self._gts[gi] = gt
-        return gt
+        # a reader and a writer may load the same table at once: the first stored copy wins,
+        # so no entry set on it is lost
+        return self._gts.setdefault(gi, gt)
 
     def _check_gt(self, gi: int, gt: array, sector: int) -> None:
         lo = self.min_grain_sector
@@ -347,6 +346,17 @@ class SparseExtent:
     def read_into(self, off: int, mv: memoryview, fallback: Fallback) -> None:
         gs = self.grain_bytes
         n = len(mv)
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs and not self.compressed:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.preadv(self.fd, [mv], e * SECTOR + within) != n:
+                        pread_full(self.fd, mv, e * SECTOR + within)
+                    return
         pos = 0
         fd = self.fd
         while pos < n:
@@ -408,13 +418,24 @@ class SparseExtent:
     def write(self, off: int, data, fallback: Fallback) -> None:
         if self.read_only:
             raise DiskError(f"{self.path}: extent is open read-only")
-        mv = memoryview(data).cast("B")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         gs = self.grain_bytes
         n = len(mv)
+        self._wrote = True
+        # fast path: inside one allocated grain whose table is cached (4 KiB guest I/O)
+        g = off // gs
+        within = off - g * gs
+        if within + n <= gs:
+            gt = self._gts.get(g // self.ngte)
+            if gt is not None:
+                e = gt[g % self.ngte]
+                if e > 1:
+                    if os.pwrite(self.fd, mv, e * SECTOR + within) != n:
+                        pwrite_full(self.fd, mv, e * SECTOR + within)
+                    return
         pos = 0
         fd = self.fd
         new: list[tuple[int, object]] = []
-        self._wrote = True
         while pos < n:
             a = off + pos
             g = a // gs
@@ -460,6 +481,8 @@ class SparseExtent:
 
     def discard(self, off: int, length: int, fallback: Fallback) -> None:
         """Make [off, off+length) read as zeroes, freeing host space of whole grains."""
+        if self.read_only:
+            raise DiskError(f"{self.path}: extent is open read-only")
         gs = self.grain_bytes
         end = off + length
         pos = off
@@ -535,14 +558,44 @@ class SparseExtent:
 
     def allocated(self) -> Iterator[tuple[int, int]]:
         """(grain index, GT entry) for every grain this extent holds (entries > 0)."""
+        tables = TableReader(self.fd, self.gt_bytes)
+        empty = bytes(self.gt_bytes)
         for gi in range(self.gd_entries):
-            gt = self._gt(gi)
-            if gt is None or not any(gt):
+            gt = self._gts.get(gi)
+            if gt is None:
+                if not self.gd[gi]:
+                    continue
+                raw = tables.get(self.gd[gi])
+                if raw == empty:
+                    continue  # the common case: a preallocated table nobody wrote to
+                gt = self._gt(gi, raw)
+            elif gt.tobytes() == empty:
                 continue
             base = gi * self.ngte
             for j, e in enumerate(gt):
                 if e and base + j < self.grains:
                     yield base + j, e
+
+
+class TableReader:
+    """Grain tables through a 2 MiB window: preallocated tables lie back to back, so a
+    walk over all of them costs a few large reads instead of one small read per table."""
+
+    WINDOW = 2 << 20
+
+    def __init__(self, fd: int, gt_bytes: int) -> None:
+        self.fd = fd
+        self.n = gt_bytes
+        self.start = -1
+        self.buf = b""
+
+    def get(self, sector: int) -> bytes:
+        off = sector * SECTOR
+        if not (0 <= off - self.start and off + self.n <= self.start + len(self.buf)):
+            self.buf = os.pread(self.fd, max(self.WINDOW, self.n), off)
+            self.start = off
+        i = off - self.start
+        return self.buf[i : i + self.n]
 
 
 @dataclass
@@ -555,7 +608,7 @@ class ExtentProblems:
 def check_sparse(path, repair: bool = False) -> ExtentProblems:
     """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
     out = ExtentProblems()
-    fd = os.open(os.fspath(path), os.O_RDWR if repair else os.O_RDONLY)
+    fd = open_image_file(os.fspath(path), repair)
     try:
         size = os.fstat(fd).st_size
         h = SparseHeader.unpack(os.pread(fd, SECTOR, 0), path)
@@ -587,25 +640,32 @@ def check_sparse(path, repair: bool = False) -> ExtentProblems:
         rgd = load_gd(h.rgd_offset) if has_rgd else None
         used: dict[int, int] = {}
         meta_end = max(h.overhead, desc_end)
-        for i in range(gd_entries):
-            for name, table in (("GD", gd), ("redundant GD", rgd)):
-                if table is None:
-                    continue
-                e = table[i]
-                if e and (e < desc_end or e + gt_sectors > size_sectors):
-                    out.errors.append(
-                        f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
-                    )
-            if out.errors:
+        primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
+        empty = bytes(gt_bytes)
+        for name, table in (("GD", gd), ("redundant GD", rgd)):
+            if table is None:
                 continue
+            out.errors += [
+                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
+                for i, e in enumerate(table)
+                if e and (e < desc_end or e + gt_sectors > size_sectors)
+            ]
+        for i in range(0 if out.errors else gd_entries):
             if rgd is not None and bool(gd[i]) != bool(rgd[i]):
                 out.errors.append(f"GD entry {i} and redundant GD entry {i} disagree")
                 continue
             if not gd[i]:
                 continue
             meta_end = max(meta_end, gd[i] + gt_sectors)
+            raw = primary.get(gd[i])
+            rraw = None
+            if rgd is not None:
+                rraw = redundant.get(rgd[i])
+                meta_end = max(meta_end, rgd[i] + gt_sectors)
+            if raw == empty and (rraw is None or rraw == empty):
+                continue  # an untouched preallocated table (and its copy)
             gt = array("I")
-            gt.frombytes(os.pread(fd, gt_bytes, gd[i] * SECTOR))
+            gt.frombytes(raw)
             changed = False
             for j, e in enumerate(gt):
                 if e <= 1:
@@ -629,8 +689,7 @@ def check_sparse(path, repair: bool = False) -> ExtentProblems:
                 pwrite_full(fd, gt, gd[i] * SECTOR)
             if rgd is not None:
                 rgt = array("I")
-                rgt.frombytes(os.pread(fd, gt_bytes, rgd[i] * SECTOR))
-                meta_end = max(meta_end, rgd[i] + gt_sectors)
+                rgt.frombytes(rraw)
                 if rgt != gt:
                     if changed or repair:
                         pwrite_full(fd, gt, rgd[i] * SECTOR)
@@ -697,3 +756,63 @@ def create_sparse(
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def grow_sparse(path, capacity_sectors: int, descriptor: bytes | None = None) -> None:
+    """Grow a (non-stream) sparse extent in place: tables for the new range are appended
+    and preallocated as at creation; the GD moves to the end of the file when it outgrows
+    its sectors. The header, which makes the new size visible, is written last."""
+    ext = SparseExtent(path, read_only=False)
+    try:
+        h = ext.header
+        if capacity_sectors <= h.capacity:
+            return
+        from boite.disk.descriptor import MAX_CAPACITY_SECTORS
+
+        if capacity_sectors > MAX_CAPACITY_SECTORS:
+            raise DiskError(
+                f"{path}: {capacity_sectors} sectors is more than {MAX_CAPACITY_SECTORS}"
+            )
+        grains = -(-capacity_sectors // h.grain_size)
+        gd_entries = -(-grains // h.num_gtes)
+        old_n = ext.gd_entries
+        old_sectors = -(-old_n * 4 // SECTOR)
+        new_sectors = -(-gd_entries * 4 // SECTOR)
+        span = ext.gt_sectors * SECTOR
+        eof = ext.eof
+        tables = [ext.gd] + ([ext.rgd] if ext.rgd is not None else [])
+        grown = []
+        for table in tables:
+            t = array("I", table)
+            t.extend([0] * (gd_entries - old_n))
+            for i in range(old_n, gd_entries):
+                if t[i] == 0:
+                    t[i] = eof // SECTOR
+                    eof += span
+            grown.append(t)
+        relocate = new_sectors > old_sectors
+        offsets = [h.gd_offset] + ([h.rgd_offset] if ext.rgd is not None else [])
+        if relocate:
+            offsets = []
+            for _ in grown:
+                offsets.append(eof // SECTOR)
+                eof += new_sectors * SECTOR
+        os.ftruncate(ext.fd, eof)  # the new tables read as zeroes: every grain unallocated
+        for t, off in zip(grown, offsets, strict=True):
+            if relocate:
+                pwrite_full(ext.fd, t, off * SECTOR)
+            else:
+                pwrite_full(ext.fd, memoryview(t)[old_n:], off * SECTOR + 4 * old_n)
+        os.fsync(ext.fd)
+        h.capacity = capacity_sectors
+        if relocate:
+            h.gd_offset = offsets[0]
+            if ext.rgd is not None:
+                h.rgd_offset = offsets[1]
+        pwrite_full(ext.fd, h.pack(), 0)
+        os.fsync(ext.fd)
+        if descriptor is not None and h.desc_offset:
+            ext.write_descriptor(descriptor)
+            os.fsync(ext.fd)
+    finally:
+        ext.close()

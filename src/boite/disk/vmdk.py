@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_right
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from boite.disk.descriptor import (
     parent_path,
     parse_descriptor,
 )
+from boite.disk.hostfile import open_image_file
 from boite.disk.raw import FlatExtent, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
@@ -26,20 +28,15 @@ MAX_CHAIN = 64  # deeper chains are hostile or broken; VMware stops far earlier
 def read_descriptor(path) -> tuple[Descriptor, bool]:
     """The descriptor of a .vmdk (embedded or a text file) and whether it is embedded."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise DiskError(f"{path}: cannot open: {exc.strerror}") from None
+    fd = open_image_file(path, False)
     try:
         head = os.pread(fd, SECTOR, 0)
         if len(head) >= 4 and int.from_bytes(head[:4], "little") == MAGIC:
-            ext = SparseExtent.__new__(SparseExtent)
-            ext.path, ext.read_only, ext.fd = path, True, os.dup(fd)
+            ext = SparseExtent(path, read_only=True, fd=fd)
             try:
-                ext._load()
                 raw = ext.descriptor_bytes()
             finally:
-                os.close(ext.fd)
+                ext.close()
             if raw is None:
                 # a bare sparse extent: describe it as the monolithic disk it is
                 d = Descriptor(create_type="monolithicSparse", cid=0xFFFFFFFE)
@@ -48,7 +45,9 @@ def read_descriptor(path) -> tuple[Descriptor, bool]:
             d = parse_descriptor(raw, path, ext.header.desc_offset * SECTOR)
             return d, True
         if head[:4] == b"COWD":
-            raise DiskFormatError(f"{path}: ESX 'COWD' sparse extents are not supported")
+            raise DiskFormatError(
+                f"{path}: magic at offset 0 is 'COWD' (ESX sparse extent): not supported"
+            )
         size = os.fstat(fd).st_size
         if size > MAX_DESCRIPTOR_BYTES:
             raise DiskFormatError(
@@ -103,12 +102,17 @@ class VmdkDisk(BlockImage):
         self.parent: VmdkDisk | None = None
         self._cid_bumped = False
         self._closed = False
+        # writers (vCPU and I/O threads) serialise: allocation appends at a shared EOF.
+        # Readers need no lock: a grain's table entry is set only after its data is written.
+        self._wlock = threading.Lock()
         if self.path in _chain:
             raise DiskFormatError(
-                f"{path}: parent chain loops back to {self.path} ({' -> '.join(_chain)})"
+                f"{path}: parentFileNameHint chain loops back to {self.path} ({' -> '.join(_chain)})"
             )
         if len(_chain) >= MAX_CHAIN:
-            raise DiskFormatError(f"{path}: parent chain is deeper than {MAX_CHAIN} disks")
+            raise DiskFormatError(
+                f"{path}: parentFileNameHint chain is deeper than {MAX_CHAIN} disks"
+            )
         self.descriptor, self.embedded = read_descriptor(self.path)
         try:
             self._open_extents()
@@ -147,13 +151,14 @@ class VmdkDisk(BlockImage):
                         ext.close()
                         raise DiskFormatError(
                             f"{self.path}: extent {line.filename!r} holds {ext.size // SECTOR} sectors, "
-                            f"descriptor says {line.sectors}"
+                            f"descriptor says {line.sectors} (line at offset {line.where})"
                         )
                 elif line.kind in ("FLAT", "VMFS"):
                     ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro)
                 else:
                     raise DiskFormatError(
-                        f"{self.path}: extent type {line.kind} is not supported (ESX-only)"
+                        f"{self.path}: extent type {line.kind} at offset {line.where} is not "
+                        "supported (ESX-only)"
                     )
             self.extents.append(ext)
             self.starts.append(pos)
@@ -181,8 +186,8 @@ class VmdkDisk(BlockImage):
                     report = check_sparse(ext.path)
                     if report.errors:
                         raise DiskFormatError(
-                            f"{ext.path}: was not closed cleanly and is inconsistent "
-                            f"({report.errors[0]}); run 'boite disk check --repair'"
+                            f"{ext.path}: was not closed cleanly (uncleanShutdown at offset 72) and "
+                            f"is inconsistent ({report.errors[0]}); run 'boite disk check --repair'"
                         )
                 ext.set_unclean(True)
 
@@ -214,11 +219,12 @@ class VmdkDisk(BlockImage):
         return lambda rel, mv: self._below(start + rel, mv)
 
     def read_into(self, offset: int, buf) -> None:
-        mv = memoryview(buf).cast("B")
+        mv = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
         if len(self.extents) == 1:
-            self.extents[0].read_into(offset, mv, self._fallback(0))
+            self.extents[0].read_into(offset, mv, self._below if self.parent is not None else None)
             return
         pos = 0
         i = bisect_right(self.starts, offset) - 1
@@ -241,7 +247,7 @@ class VmdkDisk(BlockImage):
 
     def set_cid(self, cid: int) -> None:
         """Give the disk a new content ID (children that name the old one stop opening)."""
-        self.descriptor.cid = cid
+        self.descriptor.set_cid(cid)
         self._save_descriptor()
 
     def _save_descriptor(self) -> None:
@@ -254,13 +260,20 @@ class VmdkDisk(BlockImage):
             write_descriptor_file(self.path, self.descriptor)
 
     def write(self, offset: int, data) -> None:
-        mv = memoryview(data).cast("B")
+        mv = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         n = len(mv)
-        self._bounds(offset, n)
-        self._before_write()
-        if len(self.extents) == 1:
-            self.extents[0].write(offset, mv, self._fallback(0))
-            return
+        if offset < 0 or offset + n > self.size:
+            self._bounds(offset, n)
+        with self._wlock:
+            if not self._cid_bumped or self.read_only:
+                self._before_write()
+            if len(self.extents) == 1:
+                self.extents[0].write(offset, mv, self._below if self.parent is not None else None)
+            else:
+                self._write_extents(offset, mv)
+
+    def _write_extents(self, offset: int, mv: memoryview) -> None:
+        n = len(mv)
         pos = 0
         i = bisect_right(self.starts, offset) - 1
         while pos < n:
@@ -274,7 +287,11 @@ class VmdkDisk(BlockImage):
 
     def discard(self, offset: int, length: int) -> None:
         self._bounds(offset, length)
-        self._before_write()
+        with self._wlock:
+            self._before_write()
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         pos = 0
         i = bisect_right(self.starts, offset) - 1
         while pos < length:
@@ -287,8 +304,9 @@ class VmdkDisk(BlockImage):
             i += 1
 
     def flush(self) -> None:
-        for ext in self.extents:
-            ext.flush()
+        with self._wlock:
+            for ext in self.extents:
+                ext.flush()
 
     def _release(self) -> None:
         for ext in self.extents:

@@ -9,6 +9,7 @@ Port map (everything on `machine.pio` unless said otherwise):
   0x070-0x071  CMOS RTC         0x0f4-0x0f7  isa-debug-exit
   0x3f8/0x2f8/0x3e8/0x2e8 (+8)  COM1-COM4 (IRQ 4/3/4/3)
   0x505-0x508  boite power-off port        0xcf9 reset control register
+  0x510-0x511  QEMU fw_cfg (legacy items: CPU count, RAM size; for x86 test kernels)
   0xfec00000 (mmio, 4 KiB)      IOAPIC
 
 With `emulated_irqchip=False` (KVM's in-kernel irqchip and PIT) the PIC, PIT, port B and
@@ -30,6 +31,7 @@ from typing import Any
 from boite.errors import ConfigError
 from boite.machine.device import Device
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
+from boite.machine.devices.fwcfg import FW_CFG_PORT, FwCfg
 from boite.machine.devices.i8042 import I8042, SystemControlPortA
 from boite.machine.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from boite.machine.devices.pic import ELCR_PORT, MASTER_PORT, SLAVE_PORT, DualPic
@@ -54,6 +56,7 @@ from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, Machine
 from boite.machine.memory import GuestMemory
 
 MIN_MEMSIZE_MB = 4
+NVRAM_SAVE_DELAY_S = 0.5  # a box's .nvram is rewritten at most this often
 PCI_HOLE_START = 0xC000_0000
 EBDA_START = 0x9FC00
 HIGH_MEMORY = 0x100000
@@ -122,6 +125,7 @@ def build_machine(
     emulated_irqchip: bool = True,
     cmos_bytes: bytes | None = None,
     persist_cmos: Callable[[bytes], None] | None = None,
+    persist_delay: float = 0.0,
     rtc_base_time: float | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
@@ -151,12 +155,16 @@ def build_machine(
     if initrd is not None and kernel is None:
         raise ConfigError("an initrd was given without a kernel")
     ram = memsize_mb << 20
-    machine = Machine(GuestMemory.with_ram(ram, hole_start=PCI_HOLE_START), num_vcpus=num_vcpus)
+    try:
+        memory = GuestMemory.with_ram(ram, hole_start=PCI_HOLE_START)
+    except (OSError, OverflowError) as e:
+        raise ConfigError(f"memsize {memsize_mb} MB: the host cannot map that much: {e}") from e
+    machine = Machine(memory, num_vcpus=num_vcpus)
     machine.e820 = pc_e820(ram)
     try:
         _add_platform(
             machine, ram, serials, emulated_irqchip, cmos_bytes,
-            persist_cmos, rtc_base_time, clock_ns,
+            persist_cmos, persist_delay, rtc_base_time, clock_ns,
         )  # fmt: skip
         fragments = [cmdline] if cmdline else []
         for hook in extra_devices:
@@ -182,6 +190,7 @@ def _add_platform(
     emulated_irqchip: bool,
     cmos_bytes: bytes | None,
     persist_cmos: Callable[[bytes], None] | None,
+    persist_delay: float,
     rtc_base_time: float | None,
     clock_ns: Callable[[], int],
 ) -> None:
@@ -195,7 +204,7 @@ def _add_platform(
         machine, "rtc",
         CmosRtc(
             irqs.line(8), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
-            base_time=rtc_base_time, clock_ns=clock_ns,
+            persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
             below_4g_ram=min(ram, PCI_HOLE_START),
         ),
     )  # fmt: skip
@@ -208,6 +217,8 @@ def _add_platform(
     pio.register(DEBUG_EXIT_PORT, 4, _add(machine, "debug-exit", IsaDebugExit(machine, 4)))
     pio.register(POWEROFF_PORT, 4, _add(machine, "poweroff", PowerOffPort(machine)))
     pio.register(RESET_CONTROL_PORT, 1, _add(machine, "reset-control", ResetControl(machine)))
+    fw_cfg = FwCfg(ram, machine.num_vcpus)
+    pio.register(FW_CFG_PORT, 2, _add(machine, "fw_cfg", fw_cfg))
 
     if not emulated_irqchip:
         return
@@ -303,7 +314,8 @@ def machine_from_box(
             kernel=box_path("boite.kernel"), initrd=box_path("boite.initrd"),
             cmdline=config.get_str("boite.cmdline") or "",
             emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
-            persist_cmos=persist, clock_ns=clock_ns, extra_devices=extra_devices,
+            persist_cmos=persist, persist_delay=NVRAM_SAVE_DELAY_S, clock_ns=clock_ns,
+            extra_devices=extra_devices,
         )  # fmt: skip
     except BaseException:
         for b in opened:

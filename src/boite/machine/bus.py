@@ -26,6 +26,8 @@ class Bus:
         self._starts: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []
         self.unclaimed = 0
+        # Bumped on every (un)register, so callers may cache lookups (the KVM exit path).
+        self.version = 0
 
     def register(self, base: int, length: int, device: BusDevice) -> None:
         if length <= 0:
@@ -39,12 +41,14 @@ class Bus:
             raise ValueError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._entries[i][2]!r}")
         self._starts.insert(i, base)
         self._entries.insert(i, (base, length, device))
+        self.version += 1
 
     def unregister(self, base: int) -> None:
         i = bisect.bisect_left(self._starts, base)
         if i < len(self._starts) and self._starts[i] == base:
             del self._starts[i]
             del self._entries[i]
+            self.version += 1
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         i = bisect.bisect_right(self._starts, addr) - 1

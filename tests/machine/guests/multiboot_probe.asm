@@ -62,6 +62,7 @@ _start:
           mov ecx, [ebx + 4]
           sub ecx, esi
           call putn                     ; the module's bytes
+          call newline
           mov esi, s_modcmd
           call puts
           mov esi, [ebx + 8]

@@ -130,6 +130,7 @@ class Cpu:
         self.icount = 0
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
+        self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
         self.mode_key = 0  # cpl | 4 * cs32, kept current by set_seg_raw and tlb_switch
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
@@ -645,6 +646,8 @@ class Cpu:
                 self.load_cs(tsel, tbase, tlimit, tattr, self.cpl)
             self.eip = teip
             return
+        if typ not in (0x01, 0x05, 0x09):  # only an available TSS or a task gate switches
+            raise CpuFault(GP, sel & 0xFFFC)
         raise GuestError(
             f"far {'call' if call else 'jump'} to selector {sel:#x} of descriptor type "
             f"{typ & 0xF:#x}: task switches are not emulated"
@@ -989,6 +992,8 @@ class Cpu:
         boundary, or on CpuStop raised by an I/O handler. Interrupts are taken at block
         boundaries through `irq_check` when EFLAGS.IF is set.
         """
+        if self.halted and not (self.intr and self.fl & IF):
+            return 0  # asleep in HLT until an interrupt can be taken
         done = 0
         translate = self.translate_blocks
         blocks = self.blocks
@@ -1000,19 +1005,35 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
-                    self.irq_count += 1
                     self.halted = False  # an interrupt ends HLT
+                    self.irq_count += 1
                     try:
                         self.interrupt(vec, None, False, self.eip)
                     except CpuFault as f:
                         self.exception(f.vector, f.error)
-            if self.inhibit_irq:
+                elif self.halted:
+                    break  # the request went away before INTA: keep sleeping
+            shadow = self.inhibit_irq
+            if shadow:
                 self.inhibit_irq = False
             if self.halted:
                 break
             n = 0
             try:
-                if translate:
+                tf = self.fl & TF
+                if tf or shadow:
+                    # Single-step, or the one instruction of an STI/MOV SS shadow: run it
+                    # alone so that an interrupt is taken right after it, not a block later.
+                    if_before = self.fl & IF
+                    fn, _ = decoder.decode_one(self.eip)
+                    fn()
+                    done += 1
+                    # The #DB trap after the instruction, unless it was MOV/POP SS: their
+                    # shadow holds debug traps too (STI's, the one that set IF, does not).
+                    if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
+                        self.dr[6] |= 0x4000  # BS
+                        self.exception(DB, None)
+                elif translate:
                     eip = self.eip
                     csb = sbase[1]
                     lin = (csb + eip) & M32

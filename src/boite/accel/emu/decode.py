@@ -56,10 +56,18 @@ if TYPE_CHECKING:
 
 Fn = Callable[[], None]
 MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000}
+SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000, 8: 1 << 63}  # 8: IDIV r/m32 dividend EDX:EAX
 MAX_BLOCK = 48
 
 # Opcodes after which a block ends (control flow, mode or interrupt-state changes).
+# Opcodes that take LOCK (with a memory operand), as a mask of the ModRM reg fields allowed.
+_ALL = 0xFF
+_LOCK_1B = {b: _ALL for b in (0x00, 0x01, 0x08, 0x09, 0x10, 0x11, 0x18, 0x19, 0x20, 0x21,
+                              0x28, 0x29, 0x30, 0x31, 0x86, 0x87)}  # fmt: skip
+_LOCK_1B.update({0x80: 0x7F, 0x81: 0x7F, 0x83: 0x7F, 0xF6: 0x0C, 0xF7: 0x0C, 0xFE: 0x03,
+                 0xFF: 0x03})  # fmt: skip
+_LOCK_0F = {0xAB: _ALL, 0xB3: _ALL, 0xBB: _ALL, 0xBA: 0xE0, 0xB0: _ALL, 0xB1: _ALL,
+            0xC0: _ALL, 0xC1: _ALL, 0xC7: 0x02}  # fmt: skip
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 
 
@@ -155,7 +163,12 @@ class Decoder:
                     break
             if b == 0x0F:
                 b2 = self.u8(x)
-                fn = self.ops0f[b2](x, b2)
+                if x.lock and c.lock_ud and not self._lockable(x, _LOCK_0F.get(b2)):
+                    fn = self._ud(x, b2)
+                else:
+                    fn = self.ops0f[b2](x, b2)
+            elif x.lock and c.lock_ud and not self._lockable(x, _LOCK_1B.get(b)):
+                fn = self._ud(x, b)
             else:
                 fn = self.ops[b](x, b)
         except CpuFault as f:
@@ -171,6 +184,14 @@ class Decoder:
 
             return fault, x.pos - eip, True
         return fn, x.pos - eip, x.end
+
+    def _lockable(self, x: Ctx, regs: int | None) -> bool:
+        """LOCK is legal only on a read-modify-write form with a memory destination;
+        `regs` is the set of ModRM reg fields (bit mask) that allow it."""
+        if regs is None:
+            return False
+        modrm = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+        return modrm < 0xC0 and bool(regs >> ((modrm >> 3) & 7) & 1)
 
     def decode_one(self, eip: int) -> tuple[Fn, int]:
         fn, n, _ = self.decode(eip)

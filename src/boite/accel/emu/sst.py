@@ -74,6 +74,7 @@ class SstRunner:
     def __init__(self, translate: bool = False) -> None:
         self.mem = GuestMemory.with_ram(16 << 20)
         self.cpu = Cpu(self.mem, None, None, translate=translate)
+        self.cpu.lock_ud = False  # a 286 runs LOCK with any instruction, the data has them
         self.ram = self.mem.regions[0].mm
 
     def run_case(self, t: dict[str, Any], undefined: int = 0) -> str | None:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
+HALT_PROBE_S = 0.5  # how often a VM with the in-kernel APIC is checked for a dead halt
+RFLAGS_IF = 1 << 9
+
 # The signal that kicks a vCPU thread out of KVM_RUN (pause, stop, another vCPU failed).
 KICK_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
 
@@ -84,6 +87,14 @@ def kvm_usable(path: str = "/dev/kvm") -> bool:
         kvm.close()
 
 
+def _port_entry(bus: Any, port: int) -> tuple[Any, Any, int]:
+    hit = bus.find(port)
+    if hit is None:
+        return (None, None, 0)  # unclaimed: reads float high, writes vanish (as Bus does)
+    base, device = hit
+    return (device.bus_read, device.bus_write, port - base)
+
+
 class _VcpuRunner:
     """Per-vCPU bookkeeping shared between its thread and the threads that kick it."""
 
@@ -93,6 +104,9 @@ class _VcpuRunner:
         self.kick_lock = threading.Lock()
         self.halted = False  # stopped at HLT with no in-kernel APIC to wake it
         self.exits = 0
+        # The halt probe: the last probe generation this vCPU answered, and its answer.
+        self.probe_seen = 0
+        self.dead_halt = False
 
 
 class KvmAccelerator(Accelerator):
@@ -128,6 +142,7 @@ class KvmAccelerator(Accelerator):
         self._device_lock: threading.Lock | None = None
         self._running = False
         self._can_signal = False
+        self._probe_generation = 0
         self.exits = 0
 
     # --- setup ---------------------------------------------------------------------
@@ -207,21 +222,33 @@ class KvmAccelerator(Accelerator):
         if self.vm is None or self.machine is None:
             raise AccelError("KvmAccelerator.run() before create()")
         self._can_signal = _install_kick_handler()
-        self._stopping = False
-        self._pause_requested = False
-        self._result = None
-        self._done.clear()
         runnable = [r for r in self.runners if not r.halted]
         if not runnable:
             return RunResult(StopReason.HALTED, detail="every vCPU is halted")
+        with self._result_lock:
+            if self._pause_requested and not self._running:
+                # pause() came while no run was in progress: honour it now.
+                self._pause_requested = False
+                return RunResult(StopReason.PAUSED)
+            self._stopping = False
+            self._result = None
+            self._done.clear()
+            self._running = True
         for r in self.runners:
             r.vcpu.run.immediate_exit = 0
+        # Every vCPU gets its own thread; the calling thread only waits. Process-directed
+        # signals (Ctrl-C, SIGTERM) then reach a thread that runs Python handlers promptly,
+        # instead of a main thread sitting inside KVM_RUN.
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(r,), name=f"kvm-vcpu{r.vcpu.index}",
                              daemon=True)
             for r in runnable
         ]  # fmt: skip
-        self._running = True
+        if self.irqchip and self._can_signal:
+            # With the in-kernel APIC, HLT never reaches us: watch for a machine whose
+            # every vCPU halted with interrupts off (Linux's halt without ACPI).
+            threads.append(threading.Thread(target=self._halt_watch, args=(runnable,),
+                                            name="kvm-halt-watch", daemon=True))  # fmt: skip
         try:
             for t in threads:
                 t.start()
@@ -230,9 +257,12 @@ class KvmAccelerator(Accelerator):
                 pass
         finally:
             self._stop_all()
+            self._done.set()  # also ends the halt watch when we leave by an exception
             for t in threads:
-                t.join()
-            self._running = False
+                if t.ident is not None:  # a signal can land before every thread started
+                    t.join()
+            with self._result_lock:
+                self._running = False
         result = self._result
         if isinstance(result, BaseException):
             raise result
@@ -240,7 +270,10 @@ class KvmAccelerator(Accelerator):
         return result
 
     def pause(self) -> None:
-        self._pause_requested = True
+        with self._result_lock:
+            if not self._running:
+                self._pause_requested = True  # the next run() returns PAUSED at once
+                return
         self._finish(RunResult(StopReason.PAUSED))
 
     def _finish(self, result: RunResult | BaseException) -> None:
@@ -250,6 +283,31 @@ class KvmAccelerator(Accelerator):
                 self._result = result
         self._stop_all()
         self._done.set()
+
+    def _halt_watch(self, runnable: list[_VcpuRunner]) -> None:
+        """Every HALT_PROBE_S, kick each vCPU (signal only: a probe must never look like
+        a stop); each answers from its own thread whether it sits in HLT with IF=0."""
+        while not self._done.wait(HALT_PROBE_S):
+            self._probe_generation += 1
+            generation = self._probe_generation
+            for r in runnable:
+                with r.kick_lock:
+                    if r.thread_id is not None:
+                        signal.pthread_kill(r.thread_id, KICK_SIGNAL)
+            if self._done.wait(0.05):
+                return
+            if all(r.probe_seen == generation and r.dead_halt for r in runnable):
+                self._finish(
+                    RunResult(StopReason.HALTED, detail="every vCPU halted with interrupts off")
+                )
+                return
+
+    @staticmethod
+    def _halted_for_good(vcpu: KvmVcpu) -> bool:
+        mp = vcpu.get_mp_state()
+        if mp in (abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED):
+            return True  # an AP nobody started
+        return mp == abi.KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
 
     def _stop_all(self) -> None:
         self._stopping = True
@@ -283,11 +341,18 @@ class KvmAccelerator(Accelerator):
         fd = vcpu.fd
         run_ioctl = fcntl.ioctl
         KVM_RUN = abi.KVM_RUN
-        pio_read, pio_write = machine.pio.read, machine.pio.write
+        pio = machine.pio
+        # Port -> (bus_read, bus_write, offset in the device's range), refreshed whenever
+        # the bus changes: one dict lookup per exit instead of a bisect through the bus.
+        pio_cache: dict[int, tuple[Any, Any, int]] = {}
+        pio_version = pio.version
+        masks = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
         mmio_read, mmio_write = machine.mmio.read, machine.mmio.write
         lock = self._device_lock
         b = memoryview(vcpu.run_mmap)
         h, w, q = b.cast("H"), b.cast("I"), b.cast("Q")
+        # Data of an I/O exit by access size: the view of that width and the offset shift.
+        views, shifts = (None, b, h, None, w), (0, 0, 1, 0, 2)
         # kvm_run offsets (checked against the kernel headers in the ABI test).
         EXIT_REASON = abi.RUN_OFF_EXIT_REASON // 4
         X = abi.RUN_OFF_EXIT  # start of the exit union: io / mmio
@@ -308,7 +373,11 @@ class KvmAccelerator(Accelerator):
                 try:
                     run_ioctl(fd, KVM_RUN, 0)
                 except InterruptedError:
-                    continue  # kicked (the check above decides) or a stray signal
+                    # Kicked: a stop (checked at the top), a halt probe, or a stray signal.
+                    if self._probe_generation != runner.probe_seen and not self._stopping:
+                        runner.dead_halt = self._halted_for_good(vcpu)
+                        runner.probe_seen = self._probe_generation
+                    continue
                 except BlockingIOError:
                     continue  # an AP left its wait-for-SIPI state: KVM wants a re-run
                 exits += 1
@@ -321,26 +390,33 @@ class KvmAccelerator(Accelerator):
                     if lock is not None:
                         lock.acquire()
                     try:
+                        view, shift = views[size], shifts[size]
+                        if pio.version != pio_version:
+                            pio_cache.clear()
+                            pio_version = pio.version
+                        port_entry = pio_cache.get(port)
+                        if port_entry is None:
+                            port_entry = pio_cache[port] = _port_entry(pio, port)
+                        dev_read, dev_write, port_off = port_entry
                         if b[IO_DIR]:  # out
-                            for i in range(count):
-                                at = off + i * size
-                                if size == 1:
-                                    pio_write(port, 1, b[at])
-                                elif size == 2:
-                                    pio_write(port, 2, h[at >> 1])
-                                else:
-                                    pio_write(port, 4, w[at >> 2])
+                            if dev_write is None:
+                                pio.unclaimed += 1
+                            elif count == 1:
+                                dev_write(port_off, size, view[off >> shift])
+                            else:  # string I/O (rep outs): count values back to back
+                                for i in range(count):
+                                    dev_write(port_off, size, view[(off >> shift) + i])
                             if machine.exit_status is not None or machine.reset_requested:
                                 return self._machine_stop()
+                        elif dev_read is None:
+                            pio.unclaimed += 1
+                            for i in range(count):
+                                view[(off >> shift) + i] = masks[size]
+                        elif count == 1:
+                            view[off >> shift] = dev_read(port_off, size) & masks[size]
                         else:
                             for i in range(count):
-                                at = off + i * size
-                                if size == 1:
-                                    b[at] = pio_read(port, 1)
-                                elif size == 2:
-                                    h[at >> 1] = pio_read(port, 2)
-                                else:
-                                    w[at >> 2] = pio_read(port, 4)
+                                view[(off >> shift) + i] = dev_read(port_off, size) & masks[size]
                     finally:
                         if lock is not None:
                             lock.release()

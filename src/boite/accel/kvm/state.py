@@ -135,7 +135,11 @@ def write_state(vcpu: KvmVcpu, state: CpuState, lapic: bool) -> None:
         ev.interrupt.injected, ev.interrupt.nr = 1, state.pending_interrupt
         vcpu.set_vcpu_events(ev)
     if state.msrs:
-        vcpu.set_msrs(state.msrs)
+        # KVM_SET_MSRS stops at the first MSR it refuses; a state from elsewhere (the
+        # emulator, another host) may carry one, so load them one by one and skip those.
+        if vcpu.set_msrs(state.msrs) < len(state.msrs):
+            for index, value in state.msrs.items():
+                vcpu.set_msrs({index: value})
     if lapic:
         mp = state.extra.get("kvm_mp_state")
         if mp is None:

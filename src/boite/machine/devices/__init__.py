@@ -7,6 +7,7 @@ builder's business.
 """
 
 from boite.machine.devices.debugexit import IsaDebugExit
+from boite.machine.devices.fwcfg import FwCfg
 from boite.machine.devices.i8042 import I8042, SystemControlPortA
 from boite.machine.devices.ioapic import IoApic
 from boite.machine.devices.pic import DualPic
@@ -28,6 +29,7 @@ __all__ = [
     "ConsoleBackend",
     "DualPic",
     "FileBackend",
+    "FwCfg",
     "I8042",
     "IoApic",
     "IsaDebugExit",

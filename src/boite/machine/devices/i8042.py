@@ -129,7 +129,9 @@ class I8042(Device):
         self.kbd_irq.set(self.obf_byte is not None and bool(self.ctr & CTR_KBD_INT))
 
     def _reply(self, *data: int) -> None:
-        self.out.extend(data)
+        # A guest that issues commands without reading the answers must not grow this.
+        room = QUEUE_LIMIT - len(self.out)
+        self.out.extend(data[: max(room, 0)])
 
     def _kbd_reply(self, *data: int) -> None:
         self.kbd.extend(data)

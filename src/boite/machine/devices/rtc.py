@@ -6,17 +6,21 @@ monotonic clock: whoever runs the CPUs calls `advance()` when `next_deadline_ns(
 passed (reading register C advances too, so polling guests see the flags).
 
 The 128 CMOS bytes come in as `cmos_bytes` (the box's `.nvram`) and go out through
-`cmos_bytes()` and the `persist` callback, called after every guest write to a byte
-that is not a clock register. The memory size bytes are rewritten from the RAM size on
+`cmos_bytes()` and the `persist` callback, called when the guest has changed a byte that
+is not a clock register: at once, or with `persist_delay` at most once per that many
+seconds (a guest rewriting CMOS in a loop must not turn into a stream of fsyncs);
+`close()` writes what is still pending. The memory size bytes are rewritten from the RAM size on
 every reset, as a BIOS would at POST.
 """
 
 from __future__ import annotations
 
 import calendar
+import functools
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from boite.errors import ConfigError
 from boite.machine.device import Device
@@ -55,6 +59,20 @@ UIP_NS = 244_000  # UIP rises 244 us before each update
 CLOCK_REGS = frozenset(range(0, 10)) | {REG_A, REG_B, REG_C, REG_D, CENTURY}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """The vCPU threads reach the registers while a timer thread may call advance()."""
+
+    @functools.wraps(method)
+    def wrapper(self: CmosRtc, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
@@ -73,6 +91,7 @@ class CmosRtc(Device):
         *,
         cmos_bytes: bytes | None = None,
         persist: Callable[[bytes], None] | None = None,
+        persist_delay: float = 0.0,
         base_time: float | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock_ns: Callable[[], int] = time.monotonic_ns,
@@ -88,14 +107,19 @@ class CmosRtc(Device):
         self.ram_size = ram_size
         self.below_4g_ram = min(ram_size, 0xC000_0000) if below_4g_ram is None else below_4g_ram
         self.persist = persist
+        self.persist_delay = persist_delay
+        self._dirty = False
+        self._persist_timer: threading.Timer | None = None
         self.wall_clock = wall_clock
         self.clock_ns = clock_ns
         self._initial = bytes(cmos_bytes[:CMOS_SIZE]) if cmos_bytes else bytes(CMOS_SIZE)
+        self._lock = threading.RLock()
         self._base_time = base_time
         self.reset()
 
     # -- state -------------------------------------------------------------------------
 
+    @_locked
     def reset(self) -> None:
         self.cmos = bytearray(self._initial)
         self.index = 0
@@ -130,6 +154,7 @@ class CmosRtc(Device):
         csum = sum(c[CHECKSUM_FIRST : CHECKSUM_LAST + 1])
         c[CHECKSUM_HI], c[CHECKSUM_HI + 1] = (csum >> 8) & 0xFF, csum & 0xFF
 
+    @_locked
     def save_state(self) -> dict[str, Any]:
         return {
             "cmos": bytes(self.cmos).hex(),
@@ -142,6 +167,7 @@ class CmosRtc(Device):
             "since_last_ns": self.clock_ns() - self._last_ns,
         }
 
+    @_locked
     def load_state(self, state: dict[str, Any]) -> None:
         self.cmos = bytearray(bytes.fromhex(state["cmos"]))
         if len(self.cmos) != CMOS_SIZE:
@@ -154,6 +180,7 @@ class CmosRtc(Device):
         self._last_gt = self.guest_time()
         self.irq.set(bool(self.cmos[REG_C] & C_IRQF))
 
+    @_locked
     def cmos_bytes(self) -> bytes:
         """The 128 bytes for the box's .nvram, clock registers as they read now."""
         self._refresh_clock_regs()
@@ -232,6 +259,7 @@ class CmosRtc(Device):
             rs += 7  # with a 32.768 kHz base, rates 1 and 2 repeat rates 8 and 9
         return NS * (1 << (rs - 1)) // 32768
 
+    @_locked
     def next_deadline_ns(self) -> int | None:
         """Monotonic time of the next event that sets a flag in register C."""
         b = self.cmos[REG_B]
@@ -244,6 +272,7 @@ class CmosRtc(Device):
             deadlines.append(self.clock_ns() + int((1.0 - frac) * NS))
         return min(deadlines) if deadlines else None
 
+    @_locked
     def advance(self, now_ns: int | None = None) -> None:
         """Set the register C flags for the events since the last call; raise IRQ 8."""
         now = self.clock_ns() if now_ns is None else now_ns
@@ -289,6 +318,7 @@ class CmosRtc(Device):
 
     # -- bus ---------------------------------------------------------------------------
 
+    @_locked
     def bus_read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF  # the index port is write-only
@@ -314,6 +344,7 @@ class CmosRtc(Device):
             return D_VRT
         return c[idx]
 
+    @_locked
     def bus_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         if offset == 0:
@@ -356,6 +387,31 @@ class CmosRtc(Device):
             return
         if idx in (REG_C, REG_D):
             return  # read-only
+        if c[idx] == value:
+            return
         c[idx] = value
-        if self.persist is not None:
-            self.persist(bytes(c))
+        if self.persist is None:
+            return
+        self._dirty = True
+        if self.persist_delay <= 0:
+            self.flush()
+        elif self._persist_timer is None:
+            self._persist_timer = threading.Timer(self.persist_delay, self.flush)
+            self._persist_timer.daemon = True
+            self._persist_timer.start()
+
+    def flush(self) -> None:
+        """Hand pending CMOS changes to `persist`."""
+        with self._lock:
+            self._persist_timer = None
+            if not self._dirty or self.persist is None:
+                return
+            self._dirty = False
+            data = bytes(self.cmos)
+        self.persist(data)
+
+    def close(self) -> None:
+        timer = self._persist_timer
+        if timer is not None:
+            timer.cancel()
+        self.flush()

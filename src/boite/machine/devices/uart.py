@@ -320,10 +320,10 @@ class Uart16550(Device):
 
     def reset(self) -> None:
         with self._lock:
-            self.dll = 0x0C  # 9600 baud from a 1.8432 MHz clock, as firmware leaves it
+            self.dll = 0x0C  # the divisor is not reset (datasheet): 9600 baud, as QEMU has it
             self.dlm = 0
             self.ier = 0
-            self.lcr = 0x03
+            self.lcr = 0
             self.mcr = 0
             self.lsr = LSR_THRE | LSR_TEMT
             self.msr = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is always there
@@ -483,8 +483,8 @@ class Uart16550(Device):
             return self.mcr
         if reg == LSR:
             value = self.lsr
-            if self.fifo_enabled and self.lsr & LSR_ERRORS:
-                value |= LSR_RXFIFO_ERR
+            if self.fifo_enabled and self.lsr & (LSR_PE | LSR_FE | LSR_BI):
+                value |= LSR_RXFIFO_ERR  # parity/framing/break in the FIFO; not overrun
             self.lsr &= ~LSR_ERRORS  # error bits clear on read
             self._update_irq()
             return value

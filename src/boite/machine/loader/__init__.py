@@ -30,6 +30,7 @@ __all__ = [
     "load_linux",
     "load_multiboot",
     "load_pvh",
+    "multiboot_modules",
     "parse_setup_header",
 ]
 
@@ -56,6 +57,31 @@ def detect_protocol(data: bytes, path: str) -> str:
     )
 
 
+def multiboot_modules(spec: str) -> list[MultibootModule]:
+    """QEMU's `-initrd` for multiboot: comma-separated modules, each "FILE [ARGS]" (the whole
+    item is the module's command line; ",," is a literal comma)."""
+    items, cur, i = [], "", 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1 : i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += spec[i]
+        i += 1
+    items.append(cur)
+    modules = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            raise KernelFormatError(f"multiboot module list {spec!r} has an empty item")
+        modules.append(MultibootModule(item.split(" ", 1)[0], item))
+    return modules
+
+
 def load_kernel(
     machine: Machine,
     kernel: str | os.PathLike[str],
@@ -71,7 +97,7 @@ def load_kernel(
     data = _read(kernel, "kernel")
     proto = detect_protocol(data, path) if protocol == "auto" else protocol
     if proto == "multiboot":
-        modules = [MultibootModule(str(initrd), str(initrd))] if initrd is not None else []
+        modules = multiboot_modules(str(initrd)) if initrd is not None else []
         state = load_multiboot(machine, path, data, cmdline, modules)
     else:
         initrd_data = _read(initrd, "initrd") if initrd is not None else None

@@ -191,9 +191,10 @@ def load_linux(
     pm = data[hdr.setup_size :]
     write_guest(machine, KERNEL_LOAD_ADDR, pm, "the protected-mode kernel", kernel_path)
     # Where the kernel will be once it decompressed itself: from 1 MiB, or from
-    # pref_address (LOAD_PHYSICAL_ADDR) when it relocates; the initrd must stay clear.
+    # pref_address (LOAD_PHYSICAL_ADDR, where the decompressor writes); the initrd must
+    # stay clear of both.
     kernel_end = KERNEL_LOAD_ADDR + max(len(pm), hdr.init_size)
-    if hdr.relocatable and hdr.pref_address:
+    if hdr.pref_address:
         kernel_end = max(kernel_end, hdr.pref_address + hdr.init_size)
 
     raw_cmdline = cmdline.encode()

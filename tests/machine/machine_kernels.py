@@ -1,4 +1,9 @@
-"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached."""
+"""Fixtures for the machine tests: guest kernels built here, real Linux kernels cached.
+
+Test modules import the fixtures (`from .machine_kernels import *`); tests/machine is a
+package, so `from conftest import ...` still means tests/conftest.py and basenames such
+as test_hostile.py may repeat across test directories.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+__all__ = ["debian_bzimage", "debian_vmlinux", "multiboot_kernels"]
+
 GUESTS = Path(__file__).parent / "guests"
 KERNEL_CACHE = Path(
     os.environ.get("BOITE_TEST_KERNELS", Path.home() / ".cache" / "boite" / "test-kernels")
@@ -18,7 +25,8 @@ KERNEL_CACHE = Path(
 
 @pytest.fixture(scope="session")
 def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
-    """The multiboot probe kernel as an a.out-kludge flat binary and as an i386 ELF."""
+    """The probe kernels of guests/: multiboot as an a.out-kludge flat binary ("aout") and
+    as an i386 ELF ("elf"), a stand-in bzImage ("linux") and a PVH ELF ("pvh")."""
     for tool in ("nasm", "ld"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (./dev setup installs nasm and binutils)")
@@ -34,7 +42,66 @@ def multiboot_kernels(tmp_path_factory) -> dict[str, Path]:
          "--build-id=none", "-o", str(elf), str(obj)],
         check=True,
     )  # fmt: skip
-    return {"aout": aout, "elf": elf}
+    linux = out / "linux-probe.bin"
+    subprocess.run(
+        [
+            "nasm",
+            "-f",
+            "bin",
+            "-i",
+            f"{GUESTS}/",
+            str(GUESTS / "linux_probe.asm"),
+            "-o",
+            str(linux),
+        ],
+        check=True,
+    )
+    pvh_obj = out / "pvh.o"
+    pvh = out / "pvh-probe.elf"
+    subprocess.run(
+        ["nasm", "-f", "elf32", "-i", f"{GUESTS}/", str(GUESTS / "pvh_probe.asm"), "-o",
+         str(pvh_obj)],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-T", str(GUESTS / "pvh_probe.ld"), "--build-id=none", "-o",
+         str(pvh), str(pvh_obj)],
+        check=True,
+    )  # fmt: skip
+    fwcfg = out / "fwcfg-probe.bin"
+    subprocess.run(
+        [
+            "nasm",
+            "-f",
+            "bin",
+            "-i",
+            f"{GUESTS}/",
+            str(GUESTS / "fwcfg_probe.asm"),
+            "-o",
+            str(fwcfg),
+        ],
+        check=True,
+    )
+    cmos = out / "cmos-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "cmos_probe.asm"), "-o", str(cmos)],
+        check=True,
+    )
+    kernels = {"aout": aout, "elf": elf, "linux": linux, "pvh": pvh, "fwcfg": fwcfg, "cmos": cmos}
+    uart = out / "uart-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "uart_probe.asm"), "-o", str(uart)],
+        check=True,
+    )
+    kernels["uart"] = uart
+    pic_pit = out / "pic-pit-probe.bin"
+    subprocess.run(
+        ["nasm", "-f", "bin", "-i", f"{GUESTS}/", str(GUESTS / "pic_pit_probe.asm"), "-o",
+         str(pic_pit)],
+        check=True,
+    )  # fmt: skip
+    kernels["pic_pit"] = pic_pit
+    return kernels
 
 
 def _debian_kernel_package() -> str | None:

@@ -1,0 +1,311 @@
+"""From a box's .vmx to devices: which disk becomes virtio-blk, which becomes ATA, which NIC
+becomes virtio-net, and the kernel parameters that announce them.
+
+`scsiN:M`, `sataN:M` and `nvmeN:M` disks are para-virtual (virtio-blk): the guest needs a
+virtio driver, which is the point. `ideN:M` disks are the fully emulated ATA controller,
+channel N (0 primary, 1 secondary), unit M (0 master, 1 slave). `ethernetN` becomes
+virtio-net on a TAP named by `ethernetN.vnet` (or one the kernel names), with the box's
+MAC. The builder calls `plan_devices()` then `attach_devices()` through its extra-device
+hook; the returned strings go on the kernel command line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from boite.disk.base import BlockImage
+from boite.errors import ConfigError
+from boite.machine.devices.ata import AtaController, AtaDrive
+from boite.machine.virtio.blk import VirtioBlk
+from boite.machine.virtio.console import VirtioConsole
+from boite.machine.virtio.mmio import MMIO_SIZE, VirtioBackend, VirtioMmio
+from boite.machine.virtio.net import VirtioNet, parse_mac
+from boite.machine.virtio.rng import VirtioRng
+
+log = logging.getLogger("boite.virtio")
+
+VIRTIO_MMIO_BASE = 0xD000_0000
+# ISA IRQs nobody else uses on our PC (0 timer, 1 kbd, 3/4 COM, 8 RTC, 12 mouse, 14/15 IDE),
+# then IOAPIC pins 16-23 (present under KVM's irqchip and the emulated IOAPIC).
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, *range(16, 24))
+PARA_VIRTUAL_BUSES = ("scsi", "sata", "nvme")
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    key: str  # "scsi0:0"
+    device: str  # "virtio-blk" or "ata"
+    path: Path | str  # a file, or a URL such as nbd://HOST:PORT/EXPORT
+    channel: int = 0  # ATA only
+    unit: int = 0  # ATA only
+
+
+@dataclass(frozen=True)
+class NicPlan:
+    key: str  # "ethernet0"
+    mac: str
+    connection_type: str
+    tap_name: str
+
+
+@dataclass
+class DevicePlan:
+    disks: list[DiskPlan] = field(default_factory=list)
+    nics: list[NicPlan] = field(default_factory=list)
+
+
+class _Disk(Protocol):
+    bus: str
+    controller: int
+    unit: int
+    file_name: str | None
+
+
+class _Nic(Protocol):
+    index: int
+    present: bool
+    connection_type: str | None
+
+    @property
+    def mac(self) -> str | None: ...
+
+
+class _Config(Protocol):
+    """What we read of boite.box.BoxConfig."""
+
+    source: str
+
+    @property
+    def disks(self) -> Sequence[_Disk]: ...
+
+    @property
+    def nics(self) -> Sequence[_Nic]: ...
+
+    def get_str(self, key: str, default: str | None = None) -> str | None: ...
+
+
+def plan_devices(config: _Config, box_dir: Path) -> DevicePlan:
+    """Decide the device for every present disk and NIC of the box (no files opened)."""
+    plan = DevicePlan()
+    seen_ata: set[tuple[int, int]] = set()
+    for d in config.disks:
+        key = f"{d.bus}{d.controller}:{d.unit}"
+        if not d.file_name:
+            continue
+        path: Path | str
+        if "://" in d.file_name:  # remote storage (nbd://...) is opened by its URL
+            path = d.file_name
+        else:
+            path = Path(d.file_name)
+            if not path.is_absolute():
+                path = box_dir / path
+        if d.bus == "ide":
+            if d.controller > 1 or d.unit > 1:
+                raise ConfigError(
+                    f"{config.source}: {key}: an IDE disk must be on ide0/ide1, unit 0 or 1 "
+                    f"(found controller {d.controller}, unit {d.unit})"
+                )
+            seen_ata.add((d.controller, d.unit))
+            plan.disks.append(DiskPlan(key, "ata", path, d.controller, d.unit))
+        elif d.bus in PARA_VIRTUAL_BUSES:
+            plan.disks.append(DiskPlan(key, "virtio-blk", path))
+        else:
+            raise ConfigError(f"{config.source}: {key}: unknown disk bus {d.bus!r}")
+    for n in config.nics:
+        if not n.present:
+            continue
+        key = f"ethernet{n.index}"
+        mac = n.mac
+        if not mac:
+            raise ConfigError(
+                f"{config.source}: {key} has no MAC address (generatedAddress or address)"
+            )
+        parse_mac(mac)
+        tap = config.get_str(f"{key}.vnet") or ""
+        plan.nics.append(NicPlan(key, mac.lower(), (n.connection_type or "bridged").lower(), tap))
+    return plan
+
+
+@dataclass
+class AttachedDevices:
+    """What attach_devices() put in the machine, for the VMM to start and close."""
+
+    cmdline: list[str] = field(default_factory=list)
+    virtio: list[VirtioMmio] = field(default_factory=list)
+    ata: AtaController | None = None
+    images: list[BlockImage] = field(default_factory=list)
+    nets: list[VirtioNet] = field(default_factory=list)
+    console: VirtioConsole | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        for net in self.nets:
+            net.start()
+
+    def close(self) -> None:
+        for net in self.nets:
+            net.close()
+        for close in reversed(self.closers):
+            try:
+                close()
+            except OSError as e:
+                log.warning("closing a device: %s", e)
+        for image in self.images:
+            image.close()
+
+
+def attach_devices(
+    machine: Any,
+    plan: DevicePlan,
+    *,
+    open_disk: Callable[[str], BlockImage],
+    open_tap: Callable[[str], Any] | None = None,
+    console: Any = None,
+    with_console: bool = False,
+    with_rng: bool = True,
+    base: int = VIRTIO_MMIO_BASE,
+    irqs: Sequence[int] = VIRTIO_IRQS,
+) -> AttachedDevices:
+    """Create the planned devices on `machine` (a boite.machine.machine.Machine).
+
+    `open_disk(path)` opens a disk chain (boite.disk.open_disk); `open_tap(name)` opens the
+    host side of a NIC (default: a TapDevice). `with_console` adds virtio-console (hvc0)
+    writing to `console`: a callable taking bytes, or a SerialBackend such as the box's
+    ConsoleBackend, which then also feeds its input to hvc0 (the guest needs
+    `console=hvc0`). Virtio devices take consecutive 4 KiB windows from `base` and the
+    next free IRQ of `irqs`.
+    """
+    out = AttachedDevices()
+    slots = iter(enumerate(irqs))
+
+    def add_virtio(name: str, backend: VirtioBackend) -> VirtioMmio:
+        try:
+            i, gsi = next(slots)
+        except StopIteration:
+            raise ConfigError(
+                f"too many virtio devices: {len(irqs)} interrupt lines for virtio"
+            ) from None
+        addr = base + i * MMIO_SIZE
+        dev = VirtioMmio(backend, machine.memory, machine.irqs.line(gsi), base=addr, name=name)
+        machine.mmio.register(addr, MMIO_SIZE, dev)
+        machine.add_device(name, dev)
+        out.virtio.append(dev)
+        out.cmdline.append(dev.cmdline())
+        return dev
+
+    try:
+        ata_drives: dict[tuple[int, int], AtaDrive] = {}
+        for d in plan.disks:
+            image = open_disk(str(d.path))
+            out.images.append(image)
+            serial = d.key.replace(":", "-").upper()
+            if d.device == "ata":
+                ata_drives[(d.channel, d.unit)] = AtaDrive(image, serial=f"BOITE-{serial}")
+            else:
+                add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"))
+        if ata_drives:
+            ctl = AtaController(machine.irqs.line, ata_drives)
+            ctl.register(machine.pio)
+            for i, ch in enumerate(ctl.channels):
+                if ch is not None:
+                    machine.add_device(f"ata{i}", ch)
+            out.ata = ctl
+        if plan.nics:
+            if open_tap is None:
+                from boite.machine.virtio.tap import TapDevice
+
+                open_tap = TapDevice
+            for n in plan.nics:
+                tap = open_tap(n.tap_name)
+                if hasattr(tap, "close"):
+                    out.closers.append(tap.close)
+                net = VirtioNet(tap, n.mac)
+                add_virtio(f"virtio-net-{n.key}", net)
+                out.nets.append(net)
+        if with_console:
+            if console is not None and hasattr(console, "connect"):
+                # A SerialBackend (the box's ConsoleBackend): hvc0 becomes the console,
+                # its output to the backend and the backend's input to hvc0.
+                out.console = VirtioConsole(console.write)
+                console.connect(out.console.feed)
+            else:
+                out.console = VirtioConsole(console)
+            add_virtio("virtio-console", out.console)
+        if with_rng:
+            add_virtio("virtio-rng", VirtioRng())
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+class BoxDevices:
+    """A box's disks and NICs as one `extra_devices` hook for machine.builder.
+
+    >>> devices = BoxDevices(box.config, box.dir, open_disk=boite.disk.open_disk)
+    >>> machine = build_machine(box=box, extra_devices=[devices])
+    >>> devices.start()   # RX threads; devices.close() at power-off
+
+    Called by the builder with the machine, it attaches everything and returns the kernel
+    command line fragment that announces the virtio devices.
+    """
+
+    def __init__(self, config: _Config, box_dir: Path, **options: Any) -> None:
+        self.plan = plan_devices(config, Path(box_dir))
+        self.options = options
+        if "open_disk" not in options:
+            from boite.disk import open_disk
+
+            self.options["open_disk"] = open_disk
+        self.attached: AttachedDevices | None = None
+
+    def __call__(self, machine: Any) -> str | None:
+        self.attached = attach_devices(machine, self.plan, **self.options)
+        return " ".join(self.attached.cmdline) or None
+
+    def start(self) -> None:
+        if self.attached is not None:
+            self.attached.start()
+
+    def close(self) -> None:
+        if self.attached is not None:
+            self.attached.close()
+            self.attached = None
+
+
+def plan_disk_files(specs: Sequence[str]) -> DevicePlan:
+    """Disks named on a command line (`boite boot --disk`): `FILE` is virtio-blk (vda,
+    vdb, ...), `ide:FILE` is ATA (primary master, primary slave, secondary master, ...)."""
+    plan = DevicePlan()
+    vd = ide = 0
+    for spec in specs:
+        kind, sep, rest = spec.partition(":")
+        if sep and kind in ("ide", "ata"):
+            if ide >= 4:
+                raise ConfigError(f"--disk {spec}: the ATA controller has four slots")
+            channel, unit = divmod(ide, 2)
+            plan.disks.append(DiskPlan(f"ide{channel}:{unit}", "ata", Path(rest), channel, unit))
+            ide += 1
+        else:
+            path = rest if sep and kind in ("virtio", "vd") else spec
+            where = path if "://" in path else Path(path)  # URLs (nbd://) stay as given
+            plan.disks.append(DiskPlan(f"vd{chr(ord('a') + vd)}", "virtio-blk", where))
+            vd += 1
+    return plan
+
+
+class DiskFiles(BoxDevices):
+    """`extra_devices` hook for disks given as files (`boite boot --disk FILE`)."""
+
+    def __init__(self, specs: Sequence[str], **options: Any) -> None:
+        self.plan = plan_disk_files(specs)
+        self.options = options
+        if "open_disk" not in options:
+            from boite.disk import open_disk
+
+            self.options["open_disk"] = open_disk
+        self.attached = None

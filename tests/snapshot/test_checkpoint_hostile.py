@@ -1,0 +1,188 @@
+"""Hostile checkpoint files: every malformation is a CheckpointError naming where it is."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from boite.accel.cpustate import CpuState
+from boite.box.checkpoint import (
+    GROUP_DESC,
+    HEADER,
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
+from boite.machine.memory import GuestMemory
+
+MiB = 1 << 20
+
+
+def header(ngroups: int, magic: int = 0xBED2BED2) -> bytes:
+    return HEADER.pack(magic, 0, ngroups)
+
+
+def one_group(stream: bytes, name: bytes = b"g", size: int | None = None) -> bytes:
+    offset = HEADER.size + GROUP_DESC.size
+    return header(1) + GROUP_DESC.pack(name, offset, len(stream) if size is None else size) + stream
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "too short"),
+        (b"\xd2\xbe\xd2", "too short"),
+        (header(0, magic=0x12345678), "magic 0x12345678"),
+        (header(1000), "1000 groups"),
+        (header(1) + GROUP_DESC.pack(b"g", 10**12, 4), "outside the file"),
+        (header(1) + GROUP_DESC.pack(b"g", 0, 4), "outside the file"),  # points at the header
+        (one_group(b"\x00\x00", size=1 << 40), "outside the file"),
+        (one_group(b"\x00\x00", name=b""), "empty name"),
+        (one_group(b"\x00\x00", name=b"\xff\xfe"), "not ASCII"),
+        (one_group(b"\x04\x01a\x01\x02"), "value of 4 bytes runs past"),
+        (one_group(b"\x04\x01a\x01\x02\x03\x04"), "without the null tag"),
+        (one_group(b"\x08\x01a\x01\x02\x03\x00\x00"), "runs past"),  # 8-byte value, 5 there
+        (one_group(b"\x04\x00\x01\x02\x03\x04\x00\x00"), "no name"),
+        (one_group(b"\x00\x10abc\x00\x00"), "header runs past"),
+        (one_group(b"\xc4\x01a\x01\x00\x00\x00\x00\x00"), "header runs past"),  # 3 indices
+        (one_group(b"\x3f\x01b" + struct.pack("<QQH", 1 << 62, 1, 0) + b"\x00\x00"), "block b"),
+        (one_group(b"\x3f\x01b" + struct.pack("<QQH", 1, 1, 0xFFFF) + b"x\x00\x00"), "padding"),
+        (one_group(b"\x3f\x01b" + struct.pack("<Q", 1)), "sizes run past"),
+        (one_group(b"\x01\x01a\x01\x01\x01a\x02\x00\x00"), "appears twice"),
+        (one_group(b"\x01\x01\xe9\x01\x00\x00"), "tag name is not ASCII"),
+    ],
+)
+def test_malformed_container(data: bytes, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoint.parse(data, "x.vmsn")
+
+
+def test_duplicate_group() -> None:
+    offset = HEADER.size + 2 * GROUP_DESC.size
+    data = header(2) + GROUP_DESC.pack(b"g", offset, 2) * 2 + b"\x00\x00"
+    with pytest.raises(CheckpointError, match="group 'g' appears twice"):
+        Checkpoint.parse(data)
+
+
+def valid_files(tmp_path) -> tuple[Checkpoint, GuestMemory]:
+    mem = GuestMemory.with_ram(MiB)
+    mem.write(0, b"boot")
+    write_checkpoint(tmp_path / "v.vmsn", tmp_path / "v.vmem", [CpuState()], mem, {"d": 1})
+    return Checkpoint.read(tmp_path / "v.vmsn"), mem
+
+
+def rewrite(tmp_path, ckpt: Checkpoint, group: str, name: str, *indices: int, **change) -> None:
+    """Replace one tag's value (or drop it) and write the file back."""
+    g = ckpt.groups[group]
+    tags = [t for t in g.tags if not (t.name == name and t.indices == indices)]
+    g.tags.clear()
+    g._index.clear()
+    for t in tags:
+        g.add(t)
+    if "int" in change:
+        g.put_int(name, change["int"], 4, *indices)
+    if "block" in change:
+        g.put_block(name, change["block"], *indices)
+    ckpt.write(tmp_path / "v.vmsn")
+
+
+@pytest.mark.parametrize(
+    ("group", "name", "indices", "change", "match"),
+    [
+        ("memory", "regionsCount", (), {"int": 0}, "regionsCount is 0"),
+        ("memory", "regionsCount", (), {"int": 1 << 20}, "regionsCount is 1048576"),
+        ("memory", "regionsCount", (), {}, "no tag regionsCount"),
+        ("memory", "regionsCount", (), {"int": 2}, "no tag regionPPN\\[1\\]"),
+        ("memory", "regionSize", (0,), {"int": 0}, "regionSize\\[0\\] is 0"),
+        ("memory", "regionSize", (0,), {"int": 1 << 30}, "the file has"),
+        ("memory", "regionPageNum", (0,), {"int": 0xFFFFFFFF}, "the file has"),
+        ("memory", "regionPPN", (0,), {"int": 0xFFFFFF}, "does not fit"),
+        ("cpu", "cpu:numVCPUs", (), {"int": 2}, "no tag rax\\[1\\]"),
+        ("cpu", "cpu:numVCPUs", (), {"int": 0xFFFFFFFF}, "at most 4096"),
+        ("cpu", "rip", (0,), {"block": b"12345678"}, "is a block"),
+        ("cpu", "boite:extra", (0,), {"block": b"{not json"}, "not valid JSON"),
+        ("boite", "deviceState", (), {"block": b"\xff\xfe"}, "not valid JSON"),
+        ("boite", "deviceState", (), {"block": json.dumps([1]).encode()}, "not a dictionary"),
+        ("boite", "formatVersion", (), {"int": 99}, "formatVersion 99"),
+    ],
+)
+def test_malformed_machine_state(tmp_path, group, name, indices, change, match) -> None:
+    ckpt, mem = valid_files(tmp_path)
+    rewrite(tmp_path, ckpt, group, name, *indices, **change)
+    target = GuestMemory.with_ram(MiB)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(tmp_path / "v.vmsn", tmp_path / "v.vmem", memory=target)
+
+
+def test_overlapping_regions(tmp_path) -> None:
+    ckpt, _ = valid_files(tmp_path)
+    mem = ckpt.groups["memory"]
+    mem.tags.clear()
+    mem._index.clear()
+    mem.put_int("regionsCount", 2, 4)
+    for i in range(2):
+        mem.put_int("regionPageNum", i * 16, 4, i)
+        mem.put_int("regionPPN", i * 16, 4, i)
+        mem.put_int("regionSize", 32, 4, i)
+    ckpt.write(tmp_path / "v.vmsn")
+    with pytest.raises(CheckpointError, match="overlap in guest-physical space at 0x10000"):
+        read_checkpoint(tmp_path / "v.vmsn")
+
+
+def test_compressed_block_is_refused_by_name(tmp_path) -> None:
+    ckpt, _ = valid_files(tmp_path)
+    g = ckpt.groups["cpu"]
+    data = ckpt.to_bytes()
+    # Turn the deviceState block into a compressed one (value size 62) in place.
+    raw = bytearray(data)
+    at = raw.index(b"\x3f\x0bdeviceState")
+    raw[at] = 0x3E
+    (tmp_path / "v.vmsn").write_bytes(raw)
+    assert g.get("rip", 0) is not None
+    with pytest.raises(CheckpointError, match="compressed block"):
+        read_checkpoint(tmp_path / "v.vmsn")
+
+
+def test_missing_files(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "none.vmsn")
+    valid_files(tmp_path)
+    (tmp_path / "v.vmem").unlink()
+    with pytest.raises(CheckpointError, match="cannot open guest RAM file"):
+        read_checkpoint(tmp_path / "v.vmsn")
+    (tmp_path / "empty.vmsn").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        read_checkpoint(tmp_path / "empty.vmsn")
+
+
+@pytest.fixture(scope="module")
+def valid_bytes(tmp_path_factory) -> bytes:
+    d = tmp_path_factory.mktemp("valid")
+    valid_files(d)
+    return (d / "v.vmsn").read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_files_parse_or_fail_typed(valid_bytes: bytes, data) -> None:
+    raw = bytearray(valid_bytes)
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    try:
+        Checkpoint.parse(bytes(raw[:cut]), "fuzz.vmsn")
+    except CheckpointError:
+        pass
+
+
+def test_huge_region_is_refused_before_allocating(tmp_path) -> None:
+    ckpt, _ = valid_files(tmp_path)
+    rewrite(tmp_path, ckpt, "memory", "regionSize", 0, int=0xFFFF_FFFF)  # 16 TiB of RAM
+    with pytest.raises(CheckpointError, match="describes 0xffffffff000 bytes of .vmem"):
+        read_checkpoint(tmp_path / "v.vmsn")
