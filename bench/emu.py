@@ -121,20 +121,83 @@ def run_qemu(path: Path) -> tuple[float, bytes]:
     return dt, p.stdout
 
 
+READY = b"BOITE-READY"
+LINUX_CMDLINE = 'console=ttyS0 quiet boite.run="uname -a"'
+
+
+def linux_emu(kernel: Path, initrd: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds from start to the guest init's BOITE-READY line."""
+    from boite.machine.builder import build_machine
+    from boite.machine.devices.uart import SerialBackend
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    seen: list[tuple[float, float]] = []
+
+    class Console(SerialBackend):
+        buf = b""
+
+        def write(self, data: bytes) -> None:
+            self.buf = (self.buf + data)[-256:]
+            if not seen and READY in self.buf:
+                seen.append((time.perf_counter() - t0, time.process_time() - c0))
+                acc.pause()
+
+    m = build_machine(64, 1, kernel=kernel, initrd=initrd, cmdline=LINUX_CMDLINE,
+                      console=Console())  # fmt: skip
+    acc = EmuAccelerator()
+    acc.create(m)
+    res = acc.run()
+    if not seen:
+        raise SystemExit(f"Linux did not reach {READY!r} under the emulator: {res}")
+    return seen[0]
+
+
+def linux_qemu(kernel: Path, initrd: Path) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        ["qemu-system-i386", "-accel", "tcg", "-kernel", str(kernel), "-initrd", str(initrd),
+         "-append", LINUX_CMDLINE, "-m", "64", "-display", "none", "-serial", "stdio",
+         "-monitor", "none", "-no-reboot"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None
+    try:
+        for line in p.stdout:
+            if READY in line:
+                return time.perf_counter() - t0
+    finally:
+        p.kill()
+        p.wait()
+    raise SystemExit("Linux did not reach BOITE-READY under QEMU TCG")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iter", type=int, default=3000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--linux",
+        nargs=2,
+        type=Path,
+        metavar=("BZIMAGE", "INITRD"),
+        help="also time the guest kit's i386 Linux to its init marker",
+    )
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="boite-bench-emu-"))
     try:
         img = build(a.iter, tmp / "long.bin")
         small = build(max(1, a.iter // 10), tmp / "short.bin")
+        c0 = time.process_time()
         t_tr, n, out_tr = run_emu(img, True, a.profile)
+        cpu_tr = time.process_time() - c0
         t_in, n_in, out_in = run_emu(small, False)
         mips_tr = n / t_tr / 1e6
         mips_in = n_in / t_in / 1e6
-        print(f"translated:  {n} insns in {t_tr:.2f}s = {mips_tr:.2f} MIPS", file=sys.stderr)
+        print(
+            f"translated:  {n} insns in {t_tr:.2f}s = {mips_tr:.2f} MIPS "
+            f"({n / cpu_tr / 1e6:.2f} MIPS per CPU second)",
+            file=sys.stderr,
+        )
         print(f"interpreted: {n_in} insns in {t_in:.2f}s = {mips_in:.2f} MIPS", file=sys.stderr)
         mips_q = None
         if shutil.which("qemu-system-i386"):
@@ -154,14 +217,22 @@ def main() -> int:
                 f"{mips_q and round(mips_q, 1)} MIPS ({per_iter:.0f} insns/iteration)",
                 file=sys.stderr,
             )
+        linux_s = linux_q = None
+        if a.linux:
+            linux_s, linux_cpu = linux_emu(*a.linux)
+            print(f"linux:       init marker after {linux_s:.1f}s ({linux_cpu:.1f} CPU s)",
+                  file=sys.stderr)  # fmt: skip
+            if shutil.which("qemu-system-i386"):
+                linux_q = linux_qemu(*a.linux)
+                print(f"qemu linux:  init marker after {linux_q:.1f}s", file=sys.stderr)
         print(
             json.dumps(
                 {
                     "mips_translated": round(mips_tr, 3),
                     "mips_interpreted": round(mips_in, 3),
                     "mips_qemu_tcg": mips_q and round(mips_q, 1),
-                    "linux_init_s": None,
-                    "linux_init_s_qemu_tcg": None,
+                    "linux_init_s": linux_s and round(linux_s, 1),
+                    "linux_init_s_qemu_tcg": linux_q and round(linux_q, 1),
                 }
             )
         )

@@ -1005,7 +1005,7 @@ class Cpu:
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
-                    self.halted = False
+                    self.halted = False  # an interrupt ends HLT
                     self.irq_count += 1
                     try:
                         self.interrupt(vec, None, False, self.eip)
@@ -1016,6 +1016,8 @@ class Cpu:
             shadow = self.inhibit_irq
             if shadow:
                 self.inhibit_irq = False
+            if self.halted:
+                break
             n = 0
             try:
                 tf = self.fl & TF
