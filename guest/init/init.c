@@ -6,9 +6,9 @@
  *
  * What it does, in order:
  *   1. mounts /proc, /sys, /dev (devtmpfs) and a tmpfs on /tmp;
- *   2. prints "BOITE-READY uptime=<seconds>" on the console;
- *   3. reads boite.* parameters from /proc/cmdline (the kernel hands dotted parameters
- *      to nobody, so they reach init only this way):
+ *   2. reads boite.* parameters from /proc/cmdline (the kernel hands dotted parameters
+ *      to nobody, so they reach init only this way), opens the control line if any,
+ *      and prints "BOITE-READY uptime=<seconds>" on the console;
  *        boite.run=CMD        run CMD with /bin/sh -c, then print "BOITE-EXIT status=N"
  *                             (N = exit code, or 128 + signal number);
  *                             quote it on the command line: boite.run="echo hi; ls /"
@@ -17,6 +17,7 @@
  *                             status, else 0) to I/O port PORT (isa-debug-exit style)
  *        boite.ctl=DEVICE     a control line (e.g. /dev/ttyS1 or /dev/hvc1): the line
  *                             "poweroff" asks for a soft stop
+ *   3. runs what the parameters ask for;
  *   4. powers off cleanly: SIGTERM (then SIGKILL) to every process, sync,
  *      "BOITE-POWEROFF status=N reason=R", reboot(RB_POWER_OFF).
  * SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (the kernel's Ctrl-Alt-Del, which init
@@ -47,6 +48,10 @@
 
 static volatile sig_atomic_t stop_signal;
 static char cmdline[CMDLINE_MAX];
+/* Self-pipe: a signal handler writes a byte, so the wait loop's poll() wakes up even if
+ * the signal came between its checks and the poll call. (Plain poll, not ppoll: the
+ * tiny i386 kernel's glibc path for ppoll was seen not to wake on signals.) */
+static int wake_pipe[2] = {-1, -1};
 
 /* Write a whole line to the console, unbuffered: markers must not sit in a buffer
  * when the machine powers off. */
@@ -72,8 +77,23 @@ static void say(const char *fmt, ...)
     }
 }
 
-static void on_stop(int sig) { stop_signal = sig; }
-static void on_child(int sig) { (void)sig; }
+static void wake(void)
+{
+    int saved = errno;
+    if (wake_pipe[1] >= 0)
+        (void)!write(wake_pipe[1], "", 1);
+    errno = saved;
+}
+static void on_stop(int sig)
+{
+    stop_signal = sig;
+    wake();
+}
+static void on_child(int sig)
+{
+    (void)sig;
+    wake();
+}
 
 static void mount_one(const char *src, const char *dir, const char *type, unsigned long flags)
 {
@@ -200,7 +220,7 @@ static pid_t spawn(const char *tty, char *const argv[])
 
 /* Wait for PID while honouring stop requests and the control line. Returns its
  * wait status, or -1 if a stop was requested first. */
-static int wait_for(pid_t pid, int ctl_fd, const sigset_t *open_mask)
+static int wait_for(pid_t pid, int ctl_fd)
 {
     char line[128];
     size_t line_len = 0;
@@ -214,9 +234,21 @@ static int wait_for(pid_t pid, int ctl_fd, const sigset_t *open_mask)
             return 0;
         if (stop_signal)
             return -1;
-        struct pollfd pfd = {.fd = ctl_fd, .events = POLLIN};
-        int n = ppoll(&pfd, ctl_fd >= 0 ? 1 : 0, NULL, open_mask);
-        if (n > 0 && (pfd.revents & POLLIN)) {
+        struct pollfd pfds[2] = {{.fd = wake_pipe[0], .events = POLLIN},
+                                 {.fd = ctl_fd, .events = POLLIN}};
+        int n = poll(pfds, ctl_fd >= 0 ? 2 : 1, -1);
+        if (n < 0 && errno != EINTR) {
+            say("BOITE-WARN poll: %s", strerror(errno));
+            sleep(1);
+            continue;
+        }
+        if (n > 0 && (pfds[0].revents & POLLIN)) {
+            char drain[64];
+            while (read(wake_pipe[0], drain, sizeof drain) > 0)
+                ;
+        }
+        struct pollfd pfd = pfds[1];
+        if (n > 0 && ctl_fd >= 0 && (pfd.revents & POLLIN)) {
             char c;
             while (read(ctl_fd, &c, 1) == 1) {
                 if (c == '\n' || c == '\r') {
@@ -230,7 +262,7 @@ static int wait_for(pid_t pid, int ctl_fd, const sigset_t *open_mask)
                     line[line_len++] = c;
                 }
             }
-        } else if (n > 0 && (pfd.revents & (POLLHUP | POLLERR | POLLNVAL))) {
+        } else if (n > 0 && ctl_fd >= 0 && (pfd.revents & (POLLHUP | POLLERR | POLLNVAL))) {
             ctl_fd = -1; /* the line went away: keep serving signals */
         }
     }
@@ -284,28 +316,19 @@ int main(void)
     mount_one("devtmpfs", "/dev", "devtmpfs", MS_NOSUID);
     mount_one("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV);
 
-    /* Stop requests are blocked except while waiting in ppoll, so none is lost between
-     * a check and the wait. */
+    if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        say("BOITE-WARN pipe: %s", strerror(errno));
     struct sigaction sa = {0};
     sa.sa_handler = on_stop;
+    sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     int stops[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGPWR};
-    sigset_t blocked, open_mask;
-    sigemptyset(&blocked);
-    for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++) {
+    for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++)
         sigaction(stops[i], &sa, NULL);
-        sigaddset(&blocked, stops[i]);
-    }
     sa.sa_handler = on_child;
-    sa.sa_flags = SA_NOCLDSTOP;
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
     sigaction(SIGCHLD, &sa, NULL);
-    sigaddset(&blocked, SIGCHLD);
-    sigprocmask(SIG_BLOCK, &blocked, &open_mask);
     reboot(RB_DISABLE_CAD); /* Ctrl-Alt-Del becomes SIGINT to us */
-
-    char up[64];
-    uptime(up, sizeof up);
-    say("BOITE-READY uptime=%s", up);
 
     read_file("/proc/cmdline", cmdline, sizeof cmdline);
     char run[CMDLINE_MAX], shell[16], port[32], ctl[128], tty[80];
@@ -328,11 +351,17 @@ int main(void)
     }
     console_tty(tty, sizeof tty);
 
+    /* Ready means ready for requests too: the control line is open (bytes that reach a
+     * serial port before anyone opens it are dropped by the UART driver). */
+    char up[64];
+    uptime(up, sizeof up);
+    say("BOITE-READY uptime=%s", up);
+
     int status = 0;
     if (have_run) {
         char *argv[] = {"/bin/sh", "-c", run, NULL};
         pid_t pid = spawn(NULL, argv);
-        int ws = pid > 0 ? wait_for(pid, ctl_fd, &open_mask) : (127 << 8);
+        int ws = pid > 0 ? wait_for(pid, ctl_fd) : (127 << 8);
         if (ws == -1)
             power_off(0, "stop-request", exitport);
         status = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
@@ -341,7 +370,7 @@ int main(void)
     if (have_shell) {
         char *argv[] = {"/bin/sh", NULL};
         pid_t pid = spawn(tty, argv);
-        if (pid > 0 && wait_for(pid, ctl_fd, &open_mask) == -1)
+        if (pid > 0 && wait_for(pid, ctl_fd) == -1)
             power_off(status, "stop-request", exitport);
         power_off(status, "shell-exit", exitport);
     }
@@ -349,7 +378,7 @@ int main(void)
         /* Nothing asked for: a boot test. Wait for a stop request only if a control
          * line was given, so `boite stop` has something to stop. */
         if (ctl_fd >= 0)
-            wait_for(0, ctl_fd, &open_mask);
+            wait_for(0, ctl_fd);
     }
     power_off(status, stop_signal ? "stop-request" : "done", exitport);
 }

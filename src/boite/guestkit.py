@@ -25,7 +25,7 @@ interrupts off unless `boite.exitport=` names an exit port (below).
 The guest init's console protocol (other tests look for these lines; keep
 guest/init/init.c in step):
 
-    BOITE-READY uptime=<seconds>          init runs; /proc /sys /dev mounted
+    BOITE-READY uptime=<seconds>          init runs: /proc /sys /dev mounted, boite.ctl open
     BOITE-EXIT status=<N>                 boite.run's command ended (128+signal if killed)
     BOITE-STOP reason=ctl                 "poweroff" arrived on the boite.ctl line
     BOITE-POWEROFF status=<N> reason=<R>  processes stopped, synced, powering off now;

@@ -113,14 +113,11 @@ def test_missing_tool_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_kit_path(boite_cli, tmp_path: Path) -> None:
+def test_cli_kit_path(boite_cli, monkeypatch, tmp_path: Path) -> None:
     env_cache = tmp_path / "c"
-    os.environ["BOITE_CACHE"] = str(env_cache)
-    try:
-        plain = boite_cli("kit", "path")
-        data = boite_cli("kit", "path", "i386", "--json")
-    finally:
-        del os.environ["BOITE_CACHE"]
+    monkeypatch.setenv("BOITE_CACHE", str(env_cache))  # the subprocess inherits it
+    plain = boite_cli("kit", "path")
+    data = boite_cli("kit", "path", "i386", "--json")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.strip() == str(env_cache / "kit")
     info = json.loads(data.stdout)
@@ -243,6 +240,16 @@ def test_ensure_kit_twice_builds_nothing(kit: guestkit.Kit) -> None:
     again = guestkit.ensure_kit(["i386"], progress=lines.append)
     assert again == kit
     assert lines == []
+
+
+def test_cli_kit_build_json_names_the_cached_files(kit: guestkit.Kit, boite_cli) -> None:
+    proc = boite_cli("kit", "build", "i386", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["i386_bzimage"] == str(kit.i386_bzimage)
+    assert data["initrd_i386"] == str(kit.initrd_i386)
+    assert data["x86_64_bzimage"] is None
+    assert proc.stderr == ""  # cached: nothing built, no progress lines
 
 
 # --- boots under QEMU TCG (the real proof) ---------------------------------------------

@@ -1,7 +1,8 @@
 """Fixtures for the machine tests: guest kernels built here, real Linux kernels cached.
 
-Test modules import the fixtures (`from machine_kernels import *`): a
-tests/machine/conftest.py would shadow tests/conftest.py for `from conftest import ...`.
+Test modules import the fixtures (`from .machine_kernels import *`); tests/machine is a
+package, so `from conftest import ...` still means tests/conftest.py and basenames such
+as test_hostile.py may repeat across test directories.
 """
 
 from __future__ import annotations

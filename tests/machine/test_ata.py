@@ -7,13 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_virtio_blk import IrqRecorder, RawFileImage, make_pattern
 
 from boite.machine.bus import Bus
 from boite.machine.devices import ata
 from boite.machine.devices.ata import AtaChannel, AtaController, AtaDrive
 from boite.machine.irq import IrqLine, IrqRouter
-
-from .test_virtio_blk import IrqRecorder, RawFileImage, make_pattern
 
 
 class AtaPio:

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import AccelError
 from boite.machine.builder import build_machine
 from boite.machine.devices.uart import ConsoleBackend
 from conftest import kvm_available
+
+from .machine_kernels import *  # noqa: F403 - the fixtures
 
 PROBE_EXIT = (0x21 << 1) | 1
 CMDLINE = "console=ttyS0 x=1"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import ConfigError
 from boite.machine.builder import build_machine, machine_from_box, pc_e820
 from boite.machine.devices.uart import ConsoleBackend
 from boite.machine.machine import E820_RAM, E820_RESERVED
+
+from .machine_kernels import *  # noqa: F403 - the fixtures
 
 
 def test_e820_has_the_pc_holes():

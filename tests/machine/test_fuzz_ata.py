@@ -8,13 +8,14 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ata import AtaPio
-from test_virtio_blk import RawFileImage, make_pattern
 
 from boite.machine.bus import Bus
 from boite.machine.devices import ata
 from boite.machine.devices.ata import AtaChannel, AtaDrive
 from boite.machine.irq import IrqLine
+
+from .test_ata import AtaPio
+from .test_virtio_blk import RawFileImage, make_pattern
 
 PORTS = [0x1F0 + i for i in range(8)] + [0x3F6]
 COMMANDS = sorted(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.machine.builder import build_machine
 from boite.machine.loader import KernelFormatError, detect_protocol, parse_setup_header
 from boite.machine.loader.bootstate import CMDLINE_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR
 from boite.machine.machine import Machine
+
+from .machine_kernels import *  # noqa: F403 - the fixtures
 
 CMDLINE = "console=ttyS0 root=/dev/vda ro quiet"
 

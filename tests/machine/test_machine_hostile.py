@@ -8,12 +8,13 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.errors import ConfigError
 from boite.machine.builder import build_machine
 from boite.machine.devices.uart import ConsoleBackend
 from boite.machine.loader import load_kernel
+
+from .machine_kernels import *  # noqa: F403 - the fixtures
 
 PORTS = [
     *range(0x20, 0x22), *range(0x40, 0x44), 0x60, 0x61, 0x64, 0x70, 0x71, 0x92,

@@ -7,12 +7,13 @@ import struct
 import subprocess
 
 import pytest
-from machine_kernels import *  # noqa: F403 - the fixtures
 
 from boite.machine.builder import build_machine
 from boite.machine.loader import KernelFormatError, load_kernel
 from boite.machine.loader.multiboot import MBI_ADDR, MMAP_ADDR, find_header
 from boite.machine.machine import Machine
+
+from .machine_kernels import *  # noqa: F403 - the fixtures
 
 
 def cstr(m: Machine, addr: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_virtio_blk import RawFileImage, make_pattern
 
 from boite.box.config import BoxConfig
 from boite.box.vmxdict import VmxDict
@@ -16,8 +17,6 @@ from boite.machine.virtio.attach import attach_devices, plan_devices
 from boite.machine.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
 from boite.machine.virtio.fuzz import SocketWire
 from boite.machine.virtio.guestdriver import BlkDriver, GuestAllocator
-
-from .test_virtio_blk import RawFileImage, make_pattern
 
 VMX = """\
 .encoding = "UTF-8"

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from test_virtio_blk import DATA, BlkRig, RawFileImage, make_pattern
 
 from boite.machine.irq import IrqLine
 from boite.machine.virtio import mmio as r
@@ -17,8 +18,6 @@ from boite.machine.virtio.queue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-
-from .test_virtio_blk import DATA, BlkRig, RawFileImage, make_pattern
 
 RO, W, N, IND = 0, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
 

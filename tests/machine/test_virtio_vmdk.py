@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_ata import AtaPio
+from test_virtio_blk import DATA, BlkRig, make_pattern
 
 from boite.disk import create_disk, open_disk
 from boite.machine.bus import Bus
@@ -17,9 +19,6 @@ from boite.machine.virtio.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
-
-from .test_ata import AtaPio
-from .test_virtio_blk import DATA, BlkRig, make_pattern
 
 SIZE = 16 << 20
 

@@ -259,7 +259,8 @@ class KvmAccelerator(Accelerator):
             self._stop_all()
             self._done.set()  # also ends the halt watch when we leave by an exception
             for t in threads:
-                t.join()
+                if t.ident is not None:  # a signal can land before every thread started
+                    t.join()
             with self._result_lock:
                 self._running = False
         result = self._result

@@ -39,7 +39,7 @@ PARA_VIRTUAL_BUSES = ("scsi", "sata", "nvme")
 class DiskPlan:
     key: str  # "scsi0:0"
     device: str  # "virtio-blk" or "ata"
-    path: Path
+    path: Path | str  # a file, or a URL such as nbd://HOST:PORT/EXPORT
     channel: int = 0  # ATA only
     unit: int = 0  # ATA only
 
@@ -96,9 +96,13 @@ def plan_devices(config: _Config, box_dir: Path) -> DevicePlan:
         key = f"{d.bus}{d.controller}:{d.unit}"
         if not d.file_name:
             continue
-        path = Path(d.file_name)
-        if not path.is_absolute():
-            path = box_dir / path
+        path: Path | str
+        if "://" in d.file_name:  # remote storage (nbd://...) is opened by its URL
+            path = d.file_name
+        else:
+            path = Path(d.file_name)
+            if not path.is_absolute():
+                path = box_dir / path
         if d.bus == "ide":
             if d.controller > 1 or d.unit > 1:
                 raise ConfigError(
@@ -288,7 +292,8 @@ def plan_disk_files(specs: Sequence[str]) -> DevicePlan:
             ide += 1
         else:
             path = rest if sep and kind in ("virtio", "vd") else spec
-            plan.disks.append(DiskPlan(f"vd{chr(ord('a') + vd)}", "virtio-blk", Path(path)))
+            where = path if "://" in path else Path(path)  # URLs (nbd://) stay as given
+            plan.disks.append(DiskPlan(f"vd{chr(ord('a') + vd)}", "virtio-blk", where))
             vd += 1
     return plan
 
