@@ -199,6 +199,57 @@ def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
     _once_powered_on(vmm, stdio.start)
 
 
+class _DeviceHooks:
+    """Disks and NICs (the virtio part's `extra_devices` hook): a fresh hook for each
+    machine built (a guest reset rebuilds it), the previous one closed first."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self.current: Any = None
+
+    def fresh(self) -> list[Any]:
+        self.close()
+        self.current = self._make()
+        return [self.current] if self.current is not None else []
+
+    def start(self, machine: Any = None) -> None:
+        if self.current is not None and hasattr(self.current, "start"):
+            self.current.start()
+
+    def close(self) -> None:
+        if self.current is not None and hasattr(self.current, "close"):
+            self.current.close()
+        self.current = None
+
+
+def _disk_files_hook(specs: list[str]) -> Any:
+    if not specs:
+        return None
+    try:
+        from boite.machine.virtio.attach import DiskFiles
+    except ImportError:
+        raise BoxError("--disk needs the virtio/ATA devices, not in this build") from None
+    return DiskFiles(specs)
+
+
+# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
+TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
+
+
+def _box_devices_hook(box) -> Any:
+    from boite.machine.virtio.attach import BoxDevices
+
+    devices = BoxDevices(box.config, box.dir)
+    for nic in list(devices.plan.nics):
+        if nic.connection_type not in TAP_CONNECTIONS:
+            devices.plan.nics.remove(nic)
+            box.log.info(
+                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
+                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
+            )
+    return devices
+
+
 def _install_stop_signals(vmm) -> None:
     def handler(signum, frame):
         vmm.stop(soft=False)
@@ -226,26 +277,21 @@ def cmd_boot(args: argparse.Namespace) -> int:
             raise BoxError(f"--disk {spec}: no such file")
     build_machine = _machine_builder()
     console = ConsoleBackend()
-    attached: list[Any] = []  # the --disk devices of the current machine
+
+    devices = _DeviceHooks(lambda: _disk_files_hook(args.disk))
 
     def make_machine(emulated_irqchip: bool):
-        from boite.machine.virtio.attach import DiskFiles
-
-        _close_box_devices(attached)
-        disks = DiskFiles(args.disk)
-        attached.append(disks)
-        machine = build_machine(
+        return build_machine(
             args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
-            emulated_irqchip=emulated_irqchip, extra_devices=[disks],
+            emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
         )  # fmt: skip
-        disks.start()
-        return machine
 
     def log(message: str) -> None:
         if os.environ.get("BOITE_VERBOSE"):
             print(f"boite: {message}", file=sys.stderr, flush=True)
 
     vmm = _vmm_for(make_machine, args.accel, console, log, kernel.name)
+    vmm.on_power_on = devices.start
     stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=False))
     _install_stop_signals(vmm)
     _attach_stdio_on_power_on(vmm, stdio)
@@ -253,7 +299,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return vmm.run()
     finally:
         stdio.stop()
-        _close_box_devices(attached)
+        devices.close()
 
 
 def _open_box(path: str):
@@ -302,21 +348,17 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             )
         _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
-        attached: list[Any] = []  # the box's disks and NICs on the current machine
+        devices = _DeviceHooks(lambda: _box_devices_hook(box))
 
         def make_machine(emulated_irqchip: bool):
-            # A guest reset rebuilds the machine: the old one's disks are closed first.
-            _close_box_devices(attached)
-            devices = _box_devices(box, log)
-            attached.append(devices)
-            machine = machine_from_box(
-                box, console=console, emulated_irqchip=emulated_irqchip, extra_devices=[devices]
-            )
-            devices.start()
-            return machine
+            return machine_from_box(
+                box, console=console, emulated_irqchip=emulated_irqchip,
+                extra_devices=devices.fresh(),
+            )  # fmt: skip
 
         wrap, snapshot_handler = _snapshot_hooks(box, log)
         vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
+        vmm.on_power_on = devices.start  # first: the hooks below chain onto it
         handlers = []
         if snapshot_handler is not None:
             handlers.append(lambda request: snapshot_handler(vmm, box, request))
@@ -340,34 +382,9 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
             if stdio is not None:
                 stdio.stop()
             server.close()
-            _close_box_devices(attached)  # flushes every disk the guest wrote
+            devices.close()
         box.log.info(f"Power off complete, exit status {status}.")
         return status
-
-
-# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
-TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
-
-
-def _box_devices(box, log):
-    """The box's disks (virtio-blk for scsi/sata/nvme, ATA for ide) and NICs as the
-    builder's extra-device hook."""
-    from boite.machine.virtio.attach import BoxDevices
-
-    devices = BoxDevices(box.config, box.dir)
-    for nic in list(devices.plan.nics):
-        if nic.connection_type not in TAP_CONNECTIONS:
-            devices.plan.nics.remove(nic)
-            log(
-                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
-                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
-            )
-    return devices
-
-
-def _close_box_devices(attached: list[Any]) -> None:
-    while attached:
-        attached.pop().close()
 
 
 def _snapshot_hooks(box, log):

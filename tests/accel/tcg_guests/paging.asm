@@ -106,6 +106,25 @@ main:
     SHOW "pde2", eax
     call nl
 
+    ; CR4.PSE off: the same PDE's PS bit is ignored, so it names a page table (at 4 MiB)
+    mov dword [0x400000], FRAME_A | 3   ; its PTE 0 (through the identity map)
+    mov dword [FRAME_A + 0x10], 0x0f0f0f0f
+    mov eax, cr4
+    and eax, ~0x10
+    mov cr4, eax
+    mov eax, cr3
+    mov cr3, eax
+    mov eax, [0x400010]
+    SHOW "pse off", eax
+    mov eax, cr4
+    or eax, 0x10
+    mov cr4, eax
+    mov eax, cr3
+    mov cr3, eax
+    mov eax, [0x400010]
+    SHOW "pse on", eax
+    call nl
+
     PRINT `WP\n`
     mov dword [WIN + 0x3000], 0x77  ; WP=0: ring 0 writes a read-only page
     mov eax, [FRAME_C]

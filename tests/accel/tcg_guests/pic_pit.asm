@@ -1,7 +1,8 @@
 ; The 8259 PIC pair and the 8254 PIT: initialisation (ICW1-4, IMR read back), PIT mode and
 ; read-back status, IRQ0 latched in IRR while IF=0 or masked, delivered one instruction
 ; after STI (the interrupt shadow) at vector base + 0, ISR set in the handler and cleared
-; by EOI, HLT woken by the timer tick after tick, and nothing delivered while masked.
+; by EOI, HLT woken by the timer tick after tick, nothing delivered while masked, and
+; channel 2 in mode 0 seen through port 0x61 (gate, OUT2).
 ; Only what does not depend on timing is printed.
 %define EXIT_CODE 0x45
 %include "lib.inc"
@@ -118,6 +119,32 @@ main:
     out 0x21, al
     call read_isr
     SHOW "isr", eax
+    call nl
+
+    ; channel 2 through port 0x61, as Linux calibrates the TSC: gate on, speaker off,
+    ; mode 0: OUT2 (port 0x61 bit 5) low once the count is written, high at terminal count
+    in al, 0x61
+    and al, 0xfc
+    or al, 1
+    out 0x61, al
+    mov al, 0xb0                    ; channel 2, lo/hi, mode 0
+    out 0x43, al
+    xor al, al
+    out 0x42, al
+    mov al, 0x10                    ; 0x1000 ticks, about 3.4 ms
+    out 0x42, al
+    in al, 0x61
+    and eax, 0x23
+    SHOW "port61", eax
+.out2:
+    in al, 0x61
+    test al, 0x20
+    jz .out2
+    and eax, 0x23
+    SHOW "port61", eax
+    in al, 0x61
+    and al, 0xfc                    ; gate off again
+    out 0x61, al
     call nl
     ret
 
