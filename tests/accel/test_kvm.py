@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -199,6 +200,7 @@ def test_pause_and_resume_a_guest_that_never_exits():
     machine, _, _ = build_guest_machine("spin32", "flat32")
     accel = KvmAccelerator(irqchip=True)
     accel.create(machine)
+    counters = []
     try:
         for _ in range(3):
             timer = threading.Timer(0.2, accel.pause)
@@ -206,10 +208,11 @@ def test_pause_and_resume_a_guest_that_never_exits():
             result = accel.run()
             timer.join()
             assert result.reason is StopReason.PAUSED
-            counter = CpuState.from_dict(accel.save_cpu_state()[0]).gpr["rax"]
-            assert counter > 0  # the guest really ran between pauses
+            counters.append(CpuState.from_dict(accel.save_cpu_state()[0]).gpr["rax"])
     finally:
         accel.close()
+    # the guest's counter only moves forward: each run resumed where the last one paused
+    assert counters == sorted(counters) and counters[-1] > 0
 
 
 def test_state_calls_are_refused_while_running():
@@ -219,6 +222,8 @@ def test_state_calls_are_refused_while_running():
     errors = []
 
     def try_save():
+        while not accel._running:  # wait until the run is really in progress
+            time.sleep(0.01)
         try:
             accel.save_cpu_state()
         except Exception as exc:
@@ -329,19 +334,27 @@ def test_dead_halt_under_the_in_kernel_apic_ends_the_run(vcpus):
 
 
 def test_an_idle_guest_with_interrupts_on_is_not_taken_for_dead():
-    """spin32 never halts: several probe rounds pass, then only a pause stops it."""
+    """spin32 never halts: the guest keeps running through several halt probes, and
+    only a pause stops it."""
     machine, _, _ = build_guest_machine("spin32", "flat32")
     accel = KvmAccelerator(irqchip=True)
     accel.create(machine)
+
+    def pause_after_three_probes() -> None:
+        deadline = time.monotonic() + 60
+        while accel._probe_generation < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        accel.pause()
+
     try:
-        timer = threading.Timer(1.3, accel.pause)
-        timer.start()
+        watcher = threading.Thread(target=pause_after_three_probes)
+        watcher.start()
         result = accel.run()
-        timer.join()
+        watcher.join()
     finally:
         accel.close()
     assert result.reason is StopReason.PAUSED
-    assert accel._probe_generation >= 2
+    assert accel._probe_generation >= 3
 
 
 def test_a_state_with_an_msr_kvm_refuses_still_loads_the_others():

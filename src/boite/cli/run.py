@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _accel_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--accel", choices=("kvm", "emu", "auto"), default=default,
-        help="kvm (hardware), emu (full emulation) or auto (KVM when it works here)"
+        help="kvm (hardware), emu (full emulation) or auto (KVM on real VT-x/AMD-V, else emu)"
         + ("" if default else "; default: the box's monitor.virtual_exec"),
     )  # fmt: skip
 
