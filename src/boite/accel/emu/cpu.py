@@ -9,8 +9,8 @@ With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FN
 leave memory alone, so the usual probe finds no FPU).
 
 Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-hardware task switches (task gates, JMP/CALL to a TSS), virtual-8086 mode, the I/O
-permission bitmap (CPL > IOPL port access is #GP), debug registers' breakpoints, SMM.
+hardware task switches (task gates, JMP/CALL to a TSS), virtual-8086 mode,
+debug registers' breakpoints, SMM.
 """
 
 from __future__ import annotations
@@ -877,8 +877,18 @@ class Cpu:
 
     # ------------------------------------------------------------------ port I/O
     def io_check(self, port: int, size: int) -> None:
-        """IN/OUT/INS/OUTS above IOPL fault: the TSS I/O bitmap is not consulted."""
-        if self.cr0 & 1 and (self.cpl > (self.fl >> 12) & 3 or self.fl & VM):
+        """IN/OUT/INS/OUTS above IOPL (or in virtual-8086 mode) are allowed only where the
+        32-bit TSS's I/O permission bitmap has a 0 bit for every byte of the access
+        (Linux's ioperm() uses it); anything else, or a bitmap past the TSS limit, is #GP(0)."""
+        if not self.cr0 & 1 or (self.cpl <= (self.fl >> 12) & 3 and not self.fl & VM):
+            return
+        if self.tr_type & 0xF not in (0x9, 0xB) or self.tr_limit < 0x67:
+            raise CpuFault(GP, 0)  # no TSS, or a 16-bit one: it has no bitmap
+        offset = self.sys_read(self.tr_base + 0x66, 2) + (port >> 3)
+        if offset + 1 > self.tr_limit:
+            raise CpuFault(GP, 0)
+        bits = self.sys_read(self.tr_base + offset, 2)
+        if bits & (((1 << size) - 1) << (port & 7)):
             raise CpuFault(GP, 0)
 
     def port_in(self, port: int, size: int) -> int:
