@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from boite.machine.bus import Bus
@@ -46,6 +46,8 @@ access = st.one_of(
     database=None,
 )
 @given(st.lists(access, max_size=60))
+# Select the absent slave, then assert SRST: the channel must still show BSY in reset.
+@example(ops=[("w", 0x1F6, 1, 0x10), ("w", 0x3F6, 1, 0x04)])
 def test_random_port_traffic(tmp_path: Path, ops) -> None:
     disk = tmp_path / "fuzz-ata.raw"
     if not disk.exists():

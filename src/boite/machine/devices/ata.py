@@ -313,11 +313,13 @@ class AtaChannel(Device):
         self._raise_irq()
 
     def alt_status(self) -> int:
+        # While SRST is asserted every device on the channel resets: device 0 shows BSY
+        # whichever device the host had selected (the reset clears the selection too).
+        if self.in_reset and any(self.drives):
+            return ST_BSY
         d = self._drive()
         if d is None:
             return 0 if any(self.drives) else 0xFF
-        if self.in_reset:
-            return ST_BSY
         return d.status
 
     def write_control(self, value: int) -> None:
