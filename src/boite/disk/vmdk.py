@@ -226,6 +226,13 @@ class VmdkDisk(BlockImage):
         if len(self.extents) == 1:
             self.extents[0].read_into(offset, mv, self._below if self.parent is not None else None)
             return
+        for ext, start, rel, pos, length in self._extent_spans(offset, n):
+            ext.read_into(rel, mv[pos : pos + length], self._fallback(start))
+
+    def _extent_spans(self, offset: int, n: int):
+        """For a request of `n` bytes at `offset` that crosses extents: each extent it
+        touches, that extent's start, the offset inside it, the position in the request
+        and the length there."""
         pos = 0
         i = bisect_right(self.starts, offset) - 1
         while pos < n:
@@ -233,7 +240,7 @@ class VmdkDisk(BlockImage):
             ext = self.extents[i]
             rel = offset + pos - start
             length = min(n - pos, ext.size - rel)
-            ext.read_into(rel, mv[pos : pos + length], self._fallback(start))
+            yield ext, start, rel, pos, length
             pos += length
             i += 1
 
@@ -273,17 +280,8 @@ class VmdkDisk(BlockImage):
                 self._write_extents(offset, mv)
 
     def _write_extents(self, offset: int, mv: memoryview) -> None:
-        n = len(mv)
-        pos = 0
-        i = bisect_right(self.starts, offset) - 1
-        while pos < n:
-            start = self.starts[i]
-            ext = self.extents[i]
-            rel = offset + pos - start
-            length = min(n - pos, ext.size - rel)
+        for ext, start, rel, pos, length in self._extent_spans(offset, len(mv)):
             ext.write(rel, mv[pos : pos + length], self._fallback(start))
-            pos += length
-            i += 1
 
     def discard(self, offset: int, length: int) -> None:
         self._bounds(offset, length)
@@ -292,16 +290,8 @@ class VmdkDisk(BlockImage):
             self._discard(offset, length)
 
     def _discard(self, offset: int, length: int) -> None:
-        pos = 0
-        i = bisect_right(self.starts, offset) - 1
-        while pos < length:
-            start = self.starts[i]
-            ext = self.extents[i]
-            rel = offset + pos - start
-            n = min(length - pos, ext.size - rel)
+        for ext, start, rel, _, n in self._extent_spans(offset, length):
             ext.discard(rel, n, self._fallback(start))
-            pos += n
-            i += 1
 
     def flush(self) -> None:
         with self._wlock:
