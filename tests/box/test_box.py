@@ -295,3 +295,26 @@ def test_info_shows_a_box_with_unreadable_values_and_check_names_them(tmp_path, 
     assert "memsize" in boite_cli("info", box.dir, check=True).stdout
     out = boite_cli("check", box.dir)
     assert out.returncode == 1 and "'lots'" in out.stdout and "coreboot" in out.stdout
+
+
+def test_cli_create_with_a_kernel_to_boot(tmp_path, boite_cli):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"\0" * 1024)
+    r = boite_cli(
+        "create",
+        tmp_path / "k",
+        "--disk",
+        "0",
+        "--kernel",
+        kernel,
+        "--append",
+        'console=ttyS0 x="y"',
+    )
+    assert r.returncode == 0, r.stderr
+    box = Box.open(tmp_path / "k")
+    assert box.vmx["boite.kernel"] == str(kernel)
+    assert box.vmx["boite.cmdline"] == 'console=ttyS0 x="y"'
+    assert b"|22y|22" in (tmp_path / "k" / "k.vmx").read_bytes()  # VMware's escape for '"'
+    r = boite_cli("create", tmp_path / "nok", "--kernel", tmp_path / "missing")
+    assert r.returncode != 0 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nok").exists()

@@ -17,6 +17,7 @@ from boite.box.box import (
     DISK_TYPES,
 )
 from boite.box.sizes import format_size, parse_size
+from boite.errors import BoxError
 
 DEMO_DIR = "boite-demo"
 
@@ -31,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--disk-type", choices=DISK_TYPES, default=DEFAULT_DISK_TYPE)
     p.add_argument("--guest-os", default=DEFAULT_GUEST_OS, metavar="ID")
+    p.add_argument("--kernel", metavar="FILE", help="kernel the box boots (boite.kernel)")
+    p.add_argument("--initrd", metavar="FILE", help="its initial ramdisk (boite.initrd)")
+    p.add_argument("--append", metavar="CMDLINE", help="its command line (boite.cmdline)")
     p.add_argument("--json", action="store_true", help="print the new box's info as JSON")
     p.set_defaults(func=cmd_create)
 
@@ -65,6 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    # Direct kernel boot settings, checked before anything is made.
+    boot: dict[str, str] = {}
+    for key, value in (("boite.kernel", args.kernel), ("boite.initrd", args.initrd)):
+        if value is not None:
+            path = Path(value).resolve()
+            if not path.is_file():
+                raise BoxError(f"--{key.split('.')[1]} {value}: no such file")
+            boot[key] = str(path)
+    if args.append is not None:
+        boot["boite.cmdline"] = args.append
     box = Box.create(
         args.name,
         memsize_mb=args.memsize,
@@ -73,6 +87,10 @@ def cmd_create(args: argparse.Namespace) -> int:
         disk_type=args.disk_type,
         guest_os=args.guest_os,
     )
+    if boot:
+        for key, value in boot.items():
+            box.vmx[key] = value
+        box.save()
     if args.json:
         print(json.dumps(box.info(), indent=2))
     else:
