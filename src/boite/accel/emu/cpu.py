@@ -145,6 +145,10 @@ class Cpu:
         # Block cache: physical address -> (key, fns, count); code pages are write-guarded.
         self.blocks: dict[int, Any] = {}
         self.code_pages: dict[int, list[int]] = {}
+        # Compiled blocks by EIP, one map per (mode_key, CS base); emptied whenever a
+        # block or a TLB entry goes away, so a hit needs no further check.
+        self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
+        self.hot_block = HOT_BLOCK
         from boite.accel.emu.decode import Decoder
 
         self.decoder = Decoder(self)
@@ -251,6 +255,8 @@ class Cpu:
         self.rtlb, self.wtlb = pair
 
     def tlb_flush(self, page: int | None = None) -> None:
+        for fast in self._fast.values():
+            fast.clear()
         for rt, wt in self._tlbs.values():
             if page is None:
                 rt.clear()
@@ -438,11 +444,15 @@ class Cpu:
     def invalidate_code(self, ppage: int) -> None:
         keys = self.code_pages.pop(ppage, None)
         if keys:
+            for fast in self._fast.values():
+                fast.clear()
             blocks = self.blocks
             for k in keys:
                 blocks.pop(k, None)
 
     def flush_blocks(self) -> None:
+        for fast in self._fast.values():
+            fast.clear()
         self.blocks.clear()
         self.code_pages.clear()
 
@@ -1011,7 +1021,33 @@ class Cpu:
         irq_check = self.irq_check
         sbase = self.sbase
         compile_ok = self.compile_blocks
+        hot = self.hot_block
+        fmaps = self._fast
+        fmode = fcsb = -1
+        fast: dict[int, Callable[[], int]] = {}
         while done < max_insns:
+            if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
+                # Fast path: a compiled block for this EIP in this mode.
+                mk = self.mode_key
+                csb = sbase[1]
+                if mk != fmode or csb != fcsb:
+                    fmode, fcsb = mk, csb
+                    fast = fmaps.get((mk, csb)) or fmaps.setdefault((mk, csb), {})
+                f = fast.get(self.eip)
+                if f is not None:
+                    try:
+                        done += f()
+                    except CpuFault as e:
+                        self.exception(e.vector, e.error)
+                    except CpuHalt:
+                        done += 1
+                        self.halted = True
+                        break
+                    except CpuStop:
+                        break
+                    if self.stop or (should_stop is not None and should_stop()):
+                        break
+                    continue
             if self.intr and self.fl & IF and not self.inhibit_irq:
                 vec = irq_check()
                 if vec is not None:
@@ -1054,10 +1090,14 @@ class Cpu:
                         b = decoder.translate_block(pa, eip)
                     f = b.fn
                     if f is not None:
+                        if b.cacheable:
+                            mk = self.mode_key
+                            fm = fmaps.get((mk, csb)) or fmaps.setdefault((mk, csb), {})
+                            fm[eip] = f
                         done += f()
                     else:
                         b.hits += 1
-                        if b.hits >= HOT_BLOCK and b.cacheable and compile_ok:
+                        if b.hits >= hot and b.cacheable and compile_ok:
                             decoder.compile(b)
                         for fn in b.fns:
                             fn()

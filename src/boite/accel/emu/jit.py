@@ -1,14 +1,26 @@
 """Block compiler: a hot basic block becomes one Python function built from source.
 
-The common 32-bit forms (MOV, ALU, TEST, INC/DEC, PUSH/POP, LEA, MOVZX/MOVSX, Jcc,
-JMP, CALL, RET) are re-decoded here from the instruction bytes and emitted inline,
-with the condition of a block-ending Jcc computed straight from the operands of the
-instruction that set the flags when that instruction is in the same block. Everything
-else calls the instruction's closure from decode.py. Lazy-flag state is always written
-to the CPU object, so closures and inline code can be mixed freely.
+The common 32-bit-code forms (MOV, ALU with ADC/SBB, TEST, NOT/NEG, INC/DEC, shifts by
+an immediate, IMUL, PUSH/POP, LEA, MOVZX/MOVSX, XCHG, CMOVcc/SETcc, Jcc, JMP, CALL, RET,
+LEAVE, LOOP), with 8/16/32-bit operands and segment overrides, are re-decoded here from
+the instruction bytes and emitted inline. Everything else calls the instruction's
+closure from decode.py.
 
-A fault inside the block leaves EIP at the faulting instruction: `_i` holds the index
-of the instruction running, and the handler stores that instruction's address.
+Inside a block the guest's registers live in Python locals (e0..e7; segment bases in
+g0..g5) and the lazy-flag state stays in the locals of the instruction that set it:
+nothing is stored on the CPU object until the block ends, a closure runs, or a fault
+leaves the block. A condition (Jcc, SETcc, ADC's carry) is computed straight from the
+setter's operands. Closures see an exact CPU: dirty registers and the live flag state
+are written back before each call and the locals reloaded after it.
+
+A fault inside the block leaves EIP at the faulting instruction: `_i` holds the index of
+the instruction running, and the handler writes back the registers, the flag state live
+at that instruction (table LIVE), and that instruction's address. Inline code does all
+of an instruction's memory accesses before it changes a register, so a faulting
+instruction leaves no trace.
+
+A block whose last jump leads back to its own first instruction loops inside its
+function (up to LOOP_LIMIT instructions per call) without returning to the dispatcher.
 """
 
 from __future__ import annotations
@@ -25,49 +37,20 @@ if TYPE_CHECKING:
 
 M = 0xFFFFFFFF
 _DEBUG = os.environ.get("BOITE_EMU_JIT_DEBUG") == "1"
-_ALU = {0: "+", 1: "|", 4: "&", 5: "-", 6: "^", 7: "-"}
-_KIND = {0: "add", 1: "logic", 4: "logic", 5: "sub", 6: "logic", 7: "sub"}
+LOOP_LIMIT = 512  # guest instructions one call of a self-looping block may run
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000}
+_SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}
+# ALU group: symbol, lazy kind. ADC (2) and SBB (3) add the carry in.
+_ALU = {0: ("+", "add"), 1: ("|", "logic"), 2: ("+", "add"), 3: ("-", "sbb"),
+        4: ("&", "logic"), 5: ("-", "sub"), 6: ("^", "logic"), 7: ("-", "sub")}  # fmt: skip
+_LOP = {"add": 1, "sub": 2, "sbb": 2, "logic": 3, "inc": 4, "dec": 5}
+_RELOAD = "\x00reload"  # placeholder: reload the locals after a closure call
+_SYNC = "\x00sync"  # placeholder: write back the dirty registers before a closure call
 
 
 def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
-
-
-def _load32(dst: str, addr: str) -> list[str]:
-    """dst = the dword at linear addr, through the TLB inline (rd32 on a miss)."""
-    return [
-        f"_a = {addr}",
-        "_p = rt.get(_a >> 12)",
-        f"{dst} = U32(ram, _p | (_a & 0xFFF))[0] if _p is not None and (_a & 0xFFF) <= 0xFFC "
-        "else rd32(_a)",
-    ]
-
-
-def _store32(addr: str, val: str, addr_is_a: bool = False) -> list[str]:
-    lines = [] if addr_is_a else [f"_a = {addr}"]
-    return lines + [
-        "_p = wt.get(_a >> 12)",
-        "if _p is not None and (_a & 0xFFF) <= 0xFFC:",
-        f"    P32(ram, _p | (_a & 0xFFF), {val})",
-        "else:",
-        f"    wr32(_a, {val})",
-    ]
-
-
-def _rget(n: int, size: int) -> str:
-    if size == 4:
-        return f"r[{n}]"
-    if n < 4:
-        return f"(r[{n}] & 0xFF)"
-    return f"((r[{n - 4}] >> 8) & 0xFF)"
-
-
-def _rset(n: int, size: int, val: str) -> str:
-    if size == 4:
-        return f"r[{n}] = {val}"
-    if n < 4:
-        return f"r[{n}] = (r[{n}] & 0xFFFFFF00) | {val}"
-    return f"r[{n - 4}] = (r[{n - 4}] & 0xFFFF00FF) | ({val} << 8)"
 
 
 class _Bytes:
@@ -84,388 +67,625 @@ class _Bytes:
         v = self.u8()
         return v - 256 if v & 0x80 else v
 
+    def u16(self) -> int:
+        v = int.from_bytes(self.d[self.p : self.p + 2], "little")
+        if self.p + 2 > len(self.d):
+            raise IndexError
+        self.p += 2
+        return v
+
     def u32(self) -> int:
         v = int.from_bytes(self.d[self.p : self.p + 4], "little")
+        if self.p + 4 > len(self.d):
+            raise IndexError
         self.p += 4
         return v
 
+    def imm(self, size: int) -> int:
+        return self.u8() if size == 1 else self.u16() if size == 2 else self.u32()
 
-def _ea32(bs: _Bytes, mod: int, rm: int) -> str:
-    """Source for the linear address of a 32-bit ModRM memory operand (no prefixes)."""
-    base, idx, sh = rm, -1, 0
-    if rm == 4:
-        sib = bs.u8()
-        sh, idx, base = sib >> 6, (sib >> 3) & 7, sib & 7
-        if idx == 4:
-            idx = -1
-    if base == 5 and mod == 0:
-        base = -1
-        d = bs.u32()
-    else:
-        d = 0 if mod == 0 else bs.s8() if mod == 1 else _s32(bs.u32())
-    seg = SS if base in (4, 5) else DS
-    parts = [f"sb[{seg}]"]
-    if base >= 0:
-        parts.append(f"r[{base}]")
-    if idx >= 0:
-        parts.append(f"(r[{idx}] << {sh})" if sh else f"r[{idx}]")
-    if d:
-        parts.append(str(d))
-    return "((" + " + ".join(parts) + ") & 0xFFFFFFFF)"
+
+class Setter:
+    """The flag state of an inline instruction, held in its locals."""
+
+    __slots__ = ("kind", "a", "b", "res", "size", "cf", "idx")
+
+    def __init__(self, kind: str, a: str, b: str, res: str, size: int, cf: str, idx: int):
+        self.kind = kind  # add sub sbb logic inc dec eager
+        self.a, self.b, self.res = a, b, res  # eager: res holds the arithmetic EFLAGS bits
+        self.size = size
+        self.cf = cf  # inc/dec: the local holding the carry they keep
+        self.idx = idx
+
+    def sync(self) -> str:
+        """Source storing this state into the CPU's lazy flags."""
+        if self.kind == "eager":
+            return f"c.fl = (c.fl & -2262) | {self.res}; c.lop = 0"  # -2262 == ~0x8D5
+        m = _MASK[self.size]
+        lop = _LOP[self.kind]
+        if self.kind == "logic":
+            return f"c.lop = 3; c.lres = {self.res}; c.lmask = {m}"
+        s = f"c.lop = {lop}; c.la = {self.a}; c.lb = {self.b}; c.lres = {self.res}; c.lmask = {m}"
+        if self.kind in ("inc", "dec"):
+            s += f"; c.lcf = {self.cf}"
+        return s
+
+    def flag(self, name: str) -> str:
+        """A truth-valued expression for one arithmetic flag."""
+        k, a, b, res = self.kind, self.a, self.b, self.res
+        m, sign = _MASK[self.size], _SIGN[self.size]
+        if k == "eager":
+            return f"({res} & {dict(cf=1, pf=4, zf=0x40, sf=0x80, of=0x800)[name]})"
+        if name == "pf":
+            return f"PAR[{res} & 255]"
+        if name == "zf":
+            return f"{res} == 0" if k == "logic" else f"({res} & {m}) == 0"
+        if name == "sf":
+            return f"({res} & {sign})"
+        if k == "logic":
+            return "0"
+        if name == "cf":
+            if k == "add":
+                return f"{res} > {m}"
+            if k in ("sub", "sbb"):
+                return f"{res} < 0"
+            return self.cf
+        # OF
+        if k == "add":
+            return f"(({a} ^ {res}) & ({b} ^ {res}) & {sign})"
+        if k in ("sub", "sbb"):
+            return f"(({a} ^ {b}) & ({a} ^ {res}) & {sign})"
+        if k == "inc":
+            return f"({res} & {m}) == {sign}"
+        return f"({res} & {m}) == {sign - 1}"
 
 
 class Emitter:
-    """Turns (bytes, eip, next eip) of one instruction into inline source, or None."""
+    """Turns one instruction's bytes into inline source, or None (use the closure)."""
 
     def __init__(self) -> None:
         self.k = 0
-        self.flags: tuple[str, str, str, str] | None = None  # (kind, a, b, res) locals
+        self.live: Setter | None = None
+        self.refs: set[str] = set()  # locals this instruction uses (e0..e7, g0..g5, s32)
+        self.dirty: set[int] = set()  # registers written since the last write-back
+        self.written: set[int] = set()  # registers written anywhere in the block
+        self.c_flag_read = False  # read the CPU's flags while no inline setter was live
+        self.setters: list[Setter] = []
 
-    def emit(self, raw: bytes, eip: int, nxt: int) -> tuple[list[str], bool] | None:
+    # -- registers and operands ------------------------------------------------------
+    def get(self, n: int, size: int) -> str:
+        if size == 1 and n >= 4:
+            self.refs.add(f"e{n - 4}")
+            return f"((e{n - 4} >> 8) & 255)"
+        self.refs.add(f"e{n}")
+        if size == 4:
+            return f"e{n}"
+        return f"(e{n} & {_MASK[size]})"
+
+    def put(self, n: int, size: int, val: str) -> str:
+        if size == 1 and n >= 4:
+            n -= 4
+            self._wrote(n)
+            return f"e{n} = (e{n} & 0xFFFF00FF) | (({val}) << 8)"
+        self._wrote(n)
+        if size == 4:
+            return f"e{n} = {val}"
+        if size == 2:
+            return f"e{n} = (e{n} & 0xFFFF0000) | ({val})"
+        return f"e{n} = (e{n} & 0xFFFFFF00) | ({val})"
+
+    def _wrote(self, n: int) -> None:
+        self.refs.add(f"e{n}")
+        self.dirty.add(n)
+        self.written.add(n)
+
+    def seg(self, s: int) -> str:
+        self.refs.add(f"g{s}")
+        return f"g{s}"
+
+    def ea(self, bs: _Bytes, mod: int, rm: int, over: int | None, lea: bool = False) -> str:
+        """Source for the linear address of a 32-bit ModRM memory operand (for LEA, the
+        offset alone)."""
+        base, idx, sh = rm, -1, 0
+        if rm == 4:
+            sib = bs.u8()
+            sh, idx, base = sib >> 6, (sib >> 3) & 7, sib & 7
+            if idx == 4:
+                idx = -1
+        if base == 5 and mod == 0:
+            base = -1
+            d = bs.u32()
+        else:
+            d = 0 if mod == 0 else bs.s8() if mod == 1 else _s32(bs.u32())
+        s = over if over is not None else SS if base in (4, 5) else DS
+        parts = [] if lea else [self.seg(s)]
+        if base >= 0:
+            parts.append(self.get(base, 4))
+        if idx >= 0:
+            r = self.get(idx, 4)
+            parts.append(f"({r} << {sh})" if sh else r)
+        if d or not parts:
+            parts.append(str(d))
+        return "((" + " + ".join(parts) + ") & 0xFFFFFFFF)"
+
+    def operand(self, bs: _Bytes, mod: int, rm: int, over: int | None) -> tuple[str, Any]:
+        return ("r", rm) if mod == 3 else ("m", self.ea(bs, mod, rm, over))
+
+    # -- memory ----------------------------------------------------------------------
+    @staticmethod
+    def load(dst: str, addr: str, size: int) -> list[str]:
+        """dst = guest memory at linear addr, through the TLB inline (rdN on a miss)."""
+        at = "_p | (_a & 4095)"
+        fast = {1: f"ram[{at}]", 2: f"U16(ram, {at})[0]", 4: f"U32(ram, {at})[0]"}[size]
+        guard = "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
+        return [
+            f"_a = {addr}",
+            "_p = rt.get(_a >> 12)",
+            f"{dst} = {fast} if _p is not None{guard} else rd{8 * size}(_a)",
+        ]
+
+    @staticmethod
+    def store(val: str, size: int, addr: str | None = None) -> list[str]:
+        """Guest memory at linear addr (or the _a of a preceding load) = val."""
+        at = "_p | (_a & 4095)"
+        fast = {1: f"ram[{at}] = {val}", 2: f"P16(ram, {at}, {val})", 4: f"P32(ram, {at}, {val})"}
+        guard = "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
+        return ([] if addr is None else [f"_a = {addr}"]) + [
+            "_p = wt.get(_a >> 12)",
+            f"if _p is not None{guard}:",
+            f"    {fast[size]}",
+            "else:",
+            f"    wr{8 * size}(_a, {val})",
+        ]
+
+    def push(self, val: str) -> list[str]:
+        """PUSH of a dword: memory first, then ESP (a 16-bit stack goes through c.push)."""
+        t = f"t{self.k}"
+        self.refs.update(("s32", "e4", "g2"))
+        self._wrote(4)
+        return [
+            "if s32:",
+            f"    {t} = (e4 - 4) & 0xFFFFFFFF",
+            *("    " + ln for ln in self.store(val, 4, f"(g2 + {t}) & 0xFFFFFFFF")),
+            f"    e4 = {t}",
+            "else:",
+            f"    r[4] = e4; c.push({val}, 4); e4 = r[4]",
+        ]
+
+    def pop(self, dst: str) -> list[str]:
+        """dst = POP dword; the caller stores dst where it goes, after ESP moved."""
+        self.refs.update(("s32", "e4", "g2"))
+        self._wrote(4)
+        return [
+            "if s32:",
+            *("    " + ln for ln in self.load(dst, "(g2 + e4) & 0xFFFFFFFF", 4)),
+            "    e4 = (e4 + 4) & 0xFFFFFFFF",
+            "else:",
+            f"    r[4] = e4; {dst} = c.pop(4); e4 = r[4]",
+        ]
+
+    # -- flags -----------------------------------------------------------------------
+    def carry(self) -> str:
+        """Source for CF as 0/1 from the live state."""
+        if self.live is None:
+            self.c_flag_read = True
+            return "c.get_cf()"
+        if self.live.kind == "logic":
+            return "0"
+        return f"(1 if {self.live.flag('cf')} else 0)"
+
+    def cond(self, cc: int) -> str:
+        """Source for condition cc (0..15), from the live setter's locals if there is one."""
+        s = self.live
+        if s is None:
+            self.c_flag_read = True
+            return f"c.cond({cc})"
+        k = cc >> 1
+        cond = None
+        if s.kind == "sub":
+            sign = _SIGN[s.size]
+            if k == 1:
+                cond = f"{s.a} < {s.b}"
+            elif k == 3:
+                cond = f"{s.a} <= {s.b}"
+            elif k == 6:
+                cond = f"({s.a} ^ {sign}) < ({s.b} ^ {sign})"
+            elif k == 7:
+                cond = f"({s.a} ^ {sign}) <= ({s.b} ^ {sign})"
+        elif s.kind == "logic":
+            if k in (0, 1):
+                cond = "False"
+            elif k == 3:
+                cond = f"{s.res} == 0"
+            elif k == 6:
+                cond = f"({s.res} & {_SIGN[s.size]})"
+            elif k == 7:
+                cond = f"({s.res} & {_SIGN[s.size]}) or {s.res} == 0"
+        if cond is None:
+            fl = s.flag
+            if k == 0:
+                cond = fl("of")
+            elif k == 1:
+                cond = fl("cf")
+            elif k == 2:
+                cond = fl("zf")
+            elif k == 3:
+                cond = f"({fl('cf')}) or ({fl('zf')})"
+            elif k == 4:
+                cond = fl("sf")
+            elif k == 5:
+                cond = fl("pf")
+            elif k == 6:
+                cond = f"(not {fl('sf')}) != (not {fl('of')})"
+            else:
+                cond = f"({fl('zf')}) or (not {fl('sf')}) != (not {fl('of')})"
+        return f"(not ({cond}))" if cc & 1 else f"({cond})"
+
+    def set_flags(self, kind: str, a: str, b: str, res: str, size: int, cf: str = "") -> None:
+        s = Setter(kind, a, b, res, size, cf, len(self.setters))
+        self.setters.append(s)
+        self.live = s
+
+    # -- instructions ----------------------------------------------------------------
+    def emit(self, raw: bytes, nxt: int) -> tuple[list[str], bool] | None:
         """Returns (lines, may_fault) or None when the instruction is not inlined."""
-        k = self.k
         bs = _Bytes(raw)
-        op = bs.u8()
-        a, b, res = f"a{k}", f"b{k}", f"x{k}"
-        if op < 0x40 and op & 7 in (1, 3, 5) and (op >> 3) & 7 not in (2, 3):
+        over = None
+        size = 4
+        while True:
+            op = bs.u8()
+            if op in _SEG_PREFIX:
+                over = _SEG_PREFIX[op]
+            elif op == 0x66:
+                size = 2
+            elif op in (0x67, 0xF0, 0xF2, 0xF3):
+                return None
+            else:
+                break
+        a = f"a{self.k}"
+        if op < 0x40 and op & 7 < 6 and op not in (0x26, 0x2E, 0x36, 0x3E):
             alu = (op >> 3) & 7
-            sym, kind = _ALU[alu], _KIND[alu]
-            if op & 7 == 5:
-                return self._alu(kind, sym, alu == 7, ("r", 0), ("i", bs.u32()), a, b, res)
+            form = op & 7
+            sz = 1 if form in (0, 2, 4) else size
+            if form >= 4:
+                return self._alu(alu, ("r", 0), ("i", bs.imm(sz)), sz)
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            if op & 7 == 1:
-                return self._alu(kind, sym, alu == 7, other, ("r", reg), a, b, res)
-            return self._alu(kind, sym, alu == 7, ("r", reg), other, a, b, res)
-        if op < 0x40 and op & 7 in (0, 2, 4) and (op >> 3) & 7 not in (2, 3):
-            alu = (op >> 3) & 7
-            sym, kind = _ALU[alu], _KIND[alu]
-            if op & 7 == 4:
-                return self._alu(kind, sym, alu == 7, ("r", 0), ("i", bs.u8()), a, b, res, 1)
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            if op & 7 == 0:
-                return self._alu(kind, sym, alu == 7, other, ("r", reg), a, b, res, 1)
-            return self._alu(kind, sym, alu == 7, ("r", reg), other, a, b, res, 1)
-        if op in (0x80, 0x82):
+            other = self.operand(bs, mod, rm, over)
+            if form < 2:
+                return self._alu(alu, other, ("r", reg), sz)
+            return self._alu(alu, ("r", reg), other, sz)
+        if 0x80 <= op <= 0x83:
             m = bs.u8()
             mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
-            if alu in (2, 3):
-                return None
-            dst = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            imm = bs.u8()
-            return self._alu(_KIND[alu], _ALU[alu], alu == 7, dst, ("i", imm), a, b, res, 1)
-        if op == 0x84:
+            sz = 1 if op in (0x80, 0x82) else size
+            dst = self.operand(bs, mod, rm, over)
+            if op == 0x83:
+                imm = bs.s8() & _MASK[sz]
+            else:
+                imm = bs.imm(sz)
+            return self._alu(alu, dst, ("i", imm), sz)
+        if op in (0x84, 0x85):
+            sz = 1 if op == 0x84 else size
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            return self._alu("logic", "&", True, other, ("r", reg), a, b, res, 1)
+            return self._alu(4, self.operand(bs, mod, rm, over), ("r", reg), sz, test=True)
         if op in (0xA8, 0xA9):
-            size = 1 if op == 0xA8 else 4
-            imm = bs.u8() if size == 1 else bs.u32()
-            return self._alu("logic", "&", True, ("r", 0), ("i", imm), a, b, res, size)
+            sz = 1 if op == 0xA8 else size
+            return self._alu(4, ("r", 0), ("i", bs.imm(sz)), sz, test=True)
         if op in (0xF6, 0xF7):
+            sz = 1 if op == 0xF6 else size
             m = bs.u8()
             mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
-            if sub != 0:
-                return None
-            size = 1 if op == 0xF6 else 4
-            dst = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            imm = bs.u8() if size == 1 else bs.u32()
-            return self._alu("logic", "&", True, dst, ("i", imm), a, b, res, size)
-        if op in (0x88, 0x8A):
+            dst = self.operand(bs, mod, rm, over)
+            if sub in (0, 1):
+                return self._alu(4, dst, ("i", bs.imm(sz)), sz, test=True)
+            if sub in (2, 3):
+                return self._notneg(sub == 3, dst, sz)
+            return None
+        if op in (0x88, 0x89, 0x8A, 0x8B):
+            sz = 1 if op in (0x88, 0x8A) else size
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
             if mod == 3:
-                d, sr = (rm, reg) if op == 0x88 else (reg, rm)
-                return [f"{a} = {_rget(sr, 1)}", _rset(d, 1, a)], False
-            ea = _ea32(bs, mod, rm)
-            if op == 0x88:
-                return [f"wr8({ea}, {_rget(reg, 1)})"], True
-            return [f"{a} = rd8({ea})", _rset(reg, 1, a)], True
-        if op == 0xC6:
+                d, s = (rm, reg) if op in (0x88, 0x89) else (reg, rm)
+                return [self.put(d, sz, self.get(s, sz))], False
+            ea = self.ea(bs, mod, rm, over)
+            if op in (0x88, 0x89):
+                return self.store(self.get(reg, sz), sz, ea), True
+            return [*self.load(a, ea, sz), self.put(reg, sz, a)], True
+        if op in (0xC6, 0xC7):
+            sz = 1 if op == 0xC6 else size
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
             if reg:
                 return None
             if mod == 3:
-                return [_rset(rm, 1, str(bs.u8()))], False
-            ea = _ea32(bs, mod, rm)
-            return [f"wr8({ea}, {bs.u8()})"], True
-        if 0xB0 <= op <= 0xB7:
-            return [_rset(op & 7, 1, str(bs.u8()))], False
-        if op in (0x81, 0x83):
-            m = bs.u8()
-            mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
-            if alu in (2, 3):
-                return None
-            dst = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            imm = bs.u32() if op == 0x81 else bs.s8() & M
-            return self._alu(_KIND[alu], _ALU[alu], alu == 7, dst, ("i", imm), a, b, res)
-        if op == 0x85:
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            other = ("r", rm) if mod == 3 else ("m", _ea32(bs, mod, rm))
-            return self._alu("logic", "&", True, other, ("r", reg), a, b, res)
-        if op in (0x89, 0x8B):
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if mod == 3:
-                d, s = (rm, reg) if op == 0x89 else (reg, rm)
-                return [f"r[{d}] = r[{s}]"], False
-            ea = _ea32(bs, mod, rm)
-            if op == 0x89:
-                return _store32(ea, f"r[{reg}]"), True
-            return _load32(f"r[{reg}]", ea), True
-        if op == 0xC7:
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if reg:
-                return None
-            if mod == 3:
-                return [f"r[{rm}] = {bs.u32()}"], False
-            ea = _ea32(bs, mod, rm)
-            return _store32(ea, str(bs.u32())), True
-        if 0xB8 <= op <= 0xBF:
-            return [f"r[{op & 7}] = {bs.u32()}"], False
-        if op in (0xC1, 0xD1):
-            m = bs.u8()
-            mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
-            cnt = (bs.u8() if op == 0xC1 else 1) & 31
-            if mod != 3 or sop not in (4, 5, 7) or cnt == 0:
-                return None
-            self.flags = None
-            lines = [f"{a} = r[{rm}]"]
-            if sop == 4:
-                lines += [
-                    f"{res} = ({a} << {cnt}) & 0xFFFFFFFF",
-                    f"{b} = ({a} >> {32 - cnt}) & 1",
-                    f"_o = (({res} >> 31) ^ {b}) << 11",
-                ]
-            elif sop == 5:
-                lines += [
-                    f"{res} = {a} >> {cnt}",
-                    f"{b} = ({a} >> {cnt - 1}) & 1",
-                    f"_o = ({a} >> 20) & 0x800",
-                ]
-            else:
-                lines += [
-                    f"{res} = ((({a} ^ 0x80000000) - 0x80000000) >> {cnt}) & 0xFFFFFFFF",
-                    f"{b} = ((({a} ^ 0x80000000) - 0x80000000) >> {cnt - 1}) & 1",
-                    "_o = 0",
-                ]
-            lines += [
-                f"r[{rm}] = {res}",
-                f"c.fl = (c.fl & ~0x8D5) | {b} | _o | PAR[{res} & 0xFF] | "
-                f"(0x40 if {res} == 0 else 0) | (({res} >> 24) & 0x80)",
-                "c.lop = 0",
-            ]
-            return lines, False
-        if 0x40 <= op <= 0x4F:
-            n = op & 7
-            dec = op >= 0x48
-            cf = "c.get_cf()"
-            if self.flags is not None and self.flags[4] == 4:
-                kind, fa, fb, fres, _ = self.flags
-                if kind == "sub":
-                    cf = f"(1 if {fa} < {fb} else 0)"
-                elif kind == "add":
-                    cf = f"(1 if {fres} > 0xFFFFFFFF else 0)"
-                elif kind == "logic":
-                    cf = "0"
-            self.flags = ("dec" if dec else "inc", a, "1", res, 4)
-            return [
-                f"c.lcf = {cf}",
-                f"{a} = r[{n}]",
-                f"{res} = {a} {'-' if dec else '+'} 1",
-                f"r[{n}] = {res} & 0xFFFFFFFF",
-                f"c.lop = {5 if dec else 4}; c.la = {a}; c.lb = 1; c.lres = {res}; "
-                "c.lmask = 0xFFFFFFFF",
-            ], False
-        if 0x50 <= op <= 0x57:
-            n = op & 7
-            return [
-                "if c.ss32:",
-                f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", f"r[{n}]")),
-                f"    r[4] = {a}",
-                "else:",
-                f"    c.push(r[{n}], 4)",
-            ], True
-        if 0x58 <= op <= 0x5F:
-            n = op & 7
-            return [
-                "if c.ss32:",
-                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
-                "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
-                f"    r[{n}] = {a}",
-                "else:",
-                f"    r[{n}] = c.pop(4)",
-            ], True
+                return [self.put(rm, sz, str(bs.imm(sz)))], False
+            ea = self.ea(bs, mod, rm, over)
+            return self.store(str(bs.imm(sz)), sz, ea), True
+        if 0xB0 <= op <= 0xBF:
+            sz = 1 if op < 0xB8 else size
+            return [self.put(op & 7, sz, str(bs.imm(sz)))], False
+        if 0xA0 <= op <= 0xA3:
+            sz = 1 if op in (0xA0, 0xA2) else size
+            ea = f"(({self.seg(over if over is not None else DS)} + {bs.u32()}) & 0xFFFFFFFF)"
+            if op <= 0xA1:
+                return [*self.load(a, ea, sz), self.put(0, sz, a)], True
+            return self.store(self.get(0, sz), sz, ea), True
         if op == 0x8D:
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
             if mod == 3:
                 return None
-            ea = _ea32(bs, mod, rm)
-            seg = SS if "sb[2]" in ea else DS
-            return [f"r[{reg}] = ({ea} - sb[{seg}]) & 0xFFFFFFFF"], False
-        if op == 0x0F:
-            op2 = bs.u8()
-            if op2 in (0xB6, 0xB7, 0xBE, 0xBF):
-                m = bs.u8()
-                mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-                if mod == 3:
-                    if op2 in (0xB6, 0xBE):
-                        src = f"(r[{rm}] & 0xFF)" if rm < 4 else f"((r[{rm - 4}] >> 8) & 0xFF)"
-                    else:
-                        src = f"(r[{rm}] & 0xFFFF)"
-                else:
-                    src = f"rd{8 if op2 in (0xB6, 0xBE) else 16}({_ea32(bs, mod, rm)})"
-                if op2 == 0xBE:
-                    return [
-                        f"{a} = {src}",
-                        f"r[{reg}] = ({a} - 0x100 if {a} & 0x80 else {a}) & 0xFFFFFFFF",
-                    ], mod != 3  # noqa: E501
-                if op2 == 0xBF:
-                    return [
-                        f"{a} = {src}",
-                        f"r[{reg}] = ({a} - 0x10000 if {a} & 0x8000 else {a}) & 0xFFFFFFFF",
-                    ], mod != 3  # noqa: E501
-                return [f"r[{reg}] = {src}"], mod != 3
-            if 0x90 <= op2 <= 0x9F:
-                m = bs.u8()
-                mod, _, rm = m >> 6, (m >> 3) & 7, m & 7
-                val = f"(1 if {self._cond(op2 & 15)} else 0)"
-                if mod == 3:
-                    return [f"{a} = {val}", _rset(rm, 1, a)], False
-                return [f"wr8({_ea32(bs, mod, rm)}, {val})"], True
-            if 0x40 <= op2 <= 0x4F:
-                m = bs.u8()
-                mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-                src = f"r[{rm}]" if mod == 3 else f"rd32({_ea32(bs, mod, rm)})"
-                return [f"{a} = {src}", f"if {self._cond(op2 & 15)}:", f"    r[{reg}] = {a}"], (
-                    mod != 3
-                )
-            if 0x80 <= op2 <= 0x8F:
-                d = _s32(bs.u32())
-                return self._jcc(op2 & 15, (nxt + d) & M, nxt), False
+            off = self.ea(bs, mod, rm, None, lea=True)
+            return [self.put(reg, size, off if size == 4 else f"{off} & 65535")], False
+        if 0x40 <= op <= 0x4F:
+            return self._incdec(op >= 0x48, ("r", op & 7), size)
+        if op in (0xFE, 0xFF):
+            m = bs.u8()
+            mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
+            sz = 1 if op == 0xFE else size
+            if sub in (0, 1):
+                return self._incdec(sub == 1, self.operand(bs, mod, rm, over), sz)
+            if op == 0xFE or size != 4:
+                return None
+            src = self.operand(bs, mod, rm, over)
+            if sub in (2, 4, 6):
+                lines, fault = self._value(a, src, 4)
+                if sub == 6:
+                    return lines + self.push(a), True
+                if sub == 2:
+                    lines += self.push(str(nxt))
+                return lines + [f"c.eip = {a}"], True
             return None
-        if 0x70 <= op <= 0x7F:
+        if 0x50 <= op <= 0x57 and size == 4:
+            return self.push(self.get(op & 7, 4)), True
+        if 0x58 <= op <= 0x5F and size == 4:
+            return [*self.pop(a), self.put(op & 7, 4, a)], True
+        if op in (0x68, 0x6A) and size == 4:
+            imm = bs.u32() if op == 0x68 else bs.s8() & M
+            return self.push(str(imm)), True
+        if op == 0xC9 and size == 4:
+            # LEAVE: ESP = EBP, then POP EBP; the load comes first so a fault changes nothing.
+            self.refs.update(("s32", "e4", "e5", "g2"))
+            self._wrote(4)
+            self._wrote(5)
+            return [
+                "if s32:",
+                *("    " + ln for ln in self.load(a, "(g2 + e5) & 0xFFFFFFFF", 4)),
+                "    e4 = (e5 + 4) & 0xFFFFFFFF",
+                f"    e5 = {a}",
+                "else:",
+                "    r[4] = e5; e5 = c.pop(4); e4 = r[4]",
+            ], True
+        if op in (0x86, 0x87):
+            sz = 1 if op == 0x86 else size
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            if mod == 3:
+                return [
+                    f"{a} = {self.get(rm, sz)}",
+                    self.put(rm, sz, self.get(reg, sz)),
+                    self.put(reg, sz, a),
+                ], False
+            ea = self.ea(bs, mod, rm, over)
+            return [
+                *self.load(a, ea, sz),
+                *self.store(self.get(reg, sz), sz),
+                self.put(reg, sz, a),
+            ], True
+        if 0x91 <= op <= 0x97 and size == 4:
+            n = op & 7
+            return [f"{a} = {self.get(0, 4)}", self.put(0, 4, self.get(n, 4)), self.put(n, 4, a)], (
+                False
+            )
+        if op == 0x90:
+            return [], False
+        if op == 0x99 and size == 4:
+            return [self.put(2, 4, f"0xFFFFFFFF if {self.get(0, 4)} & 0x80000000 else 0")], False
+        if op == 0x98 and size == 4:
+            return [
+                f"{a} = {self.get(0, 2)}",
+                self.put(0, 4, f"{a} | 0xFFFF0000 if {a} & 0x8000 else {a}"),
+            ], False  # noqa: E501
+        if op in (0xC0, 0xC1, 0xD0, 0xD1):
+            sz = 1 if op in (0xC0, 0xD0) else size
+            m = bs.u8()
+            mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
+            dst = self.operand(bs, mod, rm, over)
+            cnt = (bs.u8() if op in (0xC0, 0xC1) else 1) & 31
+            if sop not in (4, 5, 6, 7) or cnt == 0 or cnt > sz * 8:
+                return None
+            return self._shift(sop, dst, cnt, sz)
+        if op in (0x69, 0x6B):
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            src = self.operand(bs, mod, rm, over)
+            imm = bs.imm(size) if op == 0x69 else bs.s8()
+            if op == 0x69:
+                imm = imm - (1 << (8 * size)) if imm & _SIGN[size] else imm
+            return self._imul(reg, src, str(imm), size)
+        if op == 0x0F:
+            return self._emit0f(bs, bs.u8(), over, size, nxt, a)
+        if 0x70 <= op <= 0x7F and size == 4:
             d = bs.s8()
-            return self._jcc(op & 15, (nxt + d) & M, nxt), False
+            return [f"c.eip = {(nxt + d) & M} if {self.cond(op & 15)} else {nxt}"], False
         if op in (0xEB, 0xE9):
+            if size != 4:
+                return None
             d = bs.s8() if op == 0xEB else _s32(bs.u32())
             return [f"c.eip = {(nxt + d) & M}"], False
-        if op == 0xE8:
+        if op == 0xE2 and size == 4:
+            d = bs.s8()
+            self._wrote(1)
+            return [
+                "e1 = (e1 - 1) & 0xFFFFFFFF",
+                f"c.eip = {(nxt + d) & M} if e1 else {nxt}",
+            ], False
+        if op == 0xE8 and size == 4:
             d = _s32(bs.u32())
-            return [
-                "if c.ss32:",
-                f"    {a} = (r[4] - 4) & 0xFFFFFFFF",
-                *("    " + ln for ln in _store32(f"(sb[2] + {a}) & 0xFFFFFFFF", str(nxt))),
-                f"    r[4] = {a}",
-                "else:",
-                f"    c.push({nxt}, 4)",
-                f"c.eip = {(nxt + d) & M}",
-            ], True
-        if op == 0xC3:
-            return [
-                "if c.ss32:",
-                *("    " + ln for ln in _load32(a, "(sb[2] + r[4]) & 0xFFFFFFFF")),
-                "    r[4] = (r[4] + 4) & 0xFFFFFFFF",
-                f"    c.eip = {a}",
-                "else:",
-                "    c.eip = c.pop(4)",
-            ], True
+            return [*self.push(str(nxt)), f"c.eip = {(nxt + d) & M}"], True
+        if op in (0xC3, 0xC2) and size == 4:
+            lines = self.pop(a)
+            if op == 0xC2:
+                imm = bs.u16()
+                lines += [
+                    f"e4 = (e4 + {imm}) & 0xFFFFFFFF if s32 else (e4 & 0xFFFF0000) | ((e4 + {imm}) & 0xFFFF)"
+                ]  # noqa: E501
+            return [*lines, f"c.eip = {a}"], True
         return None
 
-    def _alu(self, kind, sym, no_write, dst, src, a, b, res, size=4):
-        mask = 0xFF if size == 1 else 0xFFFFFFFF
-        rd = "rd8" if size == 1 else "rd32"
-        wr = "wr8" if size == 1 else "wr32"
-        lines = []
-        fault = False
-        if dst[0] == "m":
-            if size == 4:
-                lines += _load32(a, dst[1])
-                lines.append("_d = _a")
+    def _emit0f(self, bs: _Bytes, op2: int, over, size: int, nxt: int, a: str):
+        if op2 in (0xB6, 0xB7, 0xBE, 0xBF):
+            ssz = 1 if op2 in (0xB6, 0xBE) else 2
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            src = self.operand(bs, mod, rm, over)
+            lines, fault = self._value(a, src, ssz)
+            if op2 in (0xBE, 0xBF):
+                sign = _SIGN[ssz]
+                val = f"({a} - {sign << 1} if {a} & {sign} else {a}) & {_MASK[size]}"
             else:
-                lines.append(f"_d = {dst[1]}")
-                lines.append(f"{a} = {rd}(_d)")
-            fault = True
+                val = a
+            return [*lines, self.put(reg, size, val)], fault
+        if 0x90 <= op2 <= 0x9F:
+            m = bs.u8()
+            mod, _, rm = m >> 6, (m >> 3) & 7, m & 7
+            val = f"(1 if {self.cond(op2 & 15)} else 0)"
+            dst = self.operand(bs, mod, rm, over)
+            if dst[0] == "r":
+                return [self.put(rm, 1, val)], False
+            return self.store(val, 1, dst[1]), True
+        if 0x40 <= op2 <= 0x4F:
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            lines, fault = self._value(a, self.operand(bs, mod, rm, over), size)
+            return [*lines, f"if {self.cond(op2 & 15)}:", "    " + self.put(reg, size, a)], fault
+        if 0x80 <= op2 <= 0x8F and size == 4:
+            d = _s32(bs.u32())
+            return [f"c.eip = {(nxt + d) & M} if {self.cond(op2 & 15)} else {nxt}"], False
+        if 0xC8 <= op2 <= 0xCF and size == 4:
+            n = op2 & 7
+            v = self.get(n, 4)
+            return [self.put(n, 4, f"int.from_bytes({v}.to_bytes(4, 'little'), 'big')")], False
+        if op2 == 0xAF:
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            return self._imul(reg, self.operand(bs, mod, rm, over), None, size)
+        return None
+
+    def _value(self, dst: str, src: tuple[str, Any], size: int) -> tuple[list[str], bool]:
+        if src[0] == "r":
+            return [f"{dst} = {self.get(src[1], size)}"], False
+        if src[0] == "i":
+            return [f"{dst} = {src[1]}"], False
+        return self.load(dst, src[1], size), True
+
+    def _alu(self, alu: int, dst, src, size: int, test: bool = False):
+        sym, kind = _ALU[alu]
+        k = self.k
+        a, b, x = f"a{k}", f"b{k}", f"x{k}"
+        m = _MASK[size]
+        lines, fault = self._value(a, dst, size)
+        more, f2 = self._value(b, src, size)
+        lines += more
+        fault = fault or f2
+        if alu in (2, 3):
+            lines.append(f"{x} = {a} {sym} {b} {sym} {self.carry()}")
+        elif alu == 6 and dst == src:
+            lines.append(f"{x} = 0")  # XOR r,r
         else:
-            lines.append(f"{a} = {_rget(dst[1], size)}")
-        if src[0] == "m":
-            if size == 4:
-                lines += _load32(b, src[1])
-            else:
-                lines.append(f"{b} = {rd}({src[1]})")
-            fault = True
-        elif src[0] == "r":
-            lines.append(f"{b} = {_rget(src[1], size)}")
-        else:
-            lines.append(f"{b} = {src[1]}")
-        lines.append(f"{res} = {a} {sym} {b}")
-        if not no_write:
-            val = res if kind == "logic" else f"({res} & {mask})"
+            lines.append(f"{x} = {a} {sym} {b}")
+        if alu != 7 and not test:
+            val = x if kind == "logic" else f"({x} & {m})"
             if dst[0] == "m":
-                if size == 4:
-                    lines.append("_a = _d")
-                    lines += _store32("_a", val, addr_is_a=True)
-                else:
-                    lines.append(f"{wr}(_d, {val})")
+                lines += self.store(val, size)  # _a still holds the operand's address
             else:
-                lines.append(_rset(dst[1], size, val))
-        if kind == "logic":
-            lines.append(f"c.lop = 3; c.lres = {res}; c.lmask = {mask}")
-        else:
-            lines.append(
-                f"c.lop = {1 if kind == 'add' else 2}; c.la = {a}; c.lb = {b}; c.lres = {res}; "
-                f"c.lmask = {mask}"
-            )
-        self.flags = (kind, a, b, res, size)
+                lines.append(self.put(dst[1], size, val))
+        self.set_flags(kind, a, b, x, size)
         return lines, fault
 
-    def _cond(self, cc: int) -> str:
-        """Source for condition cc, from the flag-setting instruction's locals if known."""
-        cond = None
-        if self.flags is not None:
-            kind, a, b, res, size = self.flags
-            mask = 0xFF if size == 1 else 0xFFFFFFFF
-            sign = 0x80 if size == 1 else 0x80000000
-            k = cc >> 1
-            if k == 2:
-                cond = f"({res} & {mask}) == 0"
-            elif k == 4:
-                cond = f"({res} & {sign}) != 0"
-            elif kind == "sub":
-                if k == 1:
-                    cond = f"{a} < {b}"
-                elif k == 3:
-                    cond = f"{a} <= {b}"
-                elif k == 6:
-                    cond = f"({a} ^ {sign}) < ({b} ^ {sign})"
-                elif k == 7:
-                    cond = f"({a} ^ {sign}) <= ({b} ^ {sign})"
-            elif kind == "logic":
-                if k == 1 or k == 0:
-                    cond = "False"
-                elif k == 3:
-                    cond = f"{res} == 0"
-                elif k == 6:
-                    cond = f"({res} & {sign}) != 0"
-                elif k == 7:
-                    cond = f"({res} & {sign}) != 0 or {res} == 0"
-        if cond is None:
-            cond = f"c.cond({cc & ~1})"
-        if cc & 1:
-            cond = f"not ({cond})"
-        return cond
+    def _notneg(self, neg: bool, dst, size: int):
+        k = self.k
+        a, x = f"a{k}", f"x{k}"
+        m = _MASK[size]
+        lines, fault = self._value(a, dst, size)
+        val = f"(-{a}) & {m}" if neg else f"{a} ^ {m}"
+        if neg:
+            lines.append(f"{x} = -{a}")
+            val = f"{x} & {m}"
+        if dst[0] == "m":
+            lines += self.store(val, size)
+        else:
+            lines.append(self.put(dst[1], size, val))
+        if neg:
+            self.set_flags("sub", "0", a, x, size)
+        return lines, fault
 
-    def _jcc(self, cc: int, tgt: int, nxt: int) -> list[str]:
-        return [f"c.eip = {tgt} if {self._cond(cc)} else {nxt}"]
+    def _incdec(self, dec: bool, dst, size: int):
+        k = self.k
+        a, x, cf = f"a{k}", f"x{k}", f"cf{k}"
+        m = _MASK[size]
+        lines = [f"{cf} = {self.carry()}"]
+        more, fault = self._value(a, dst, size)
+        lines += more
+        lines.append(f"{x} = {a} {'-' if dec else '+'} 1")
+        if dst[0] == "m":
+            lines += self.store(f"{x} & {m}", size)
+        else:
+            lines.append(self.put(dst[1], size, f"{x} & {m}"))
+        self.set_flags("dec" if dec else "inc", a, "1", x, size, cf)
+        return lines, fault
+
+    def _shift(self, sop: int, dst, cnt: int, size: int):
+        k = self.k
+        a, x, f = f"a{k}", f"x{k}", f"q{k}"
+        m, sign, bits = _MASK[size], _SIGN[size], size * 8
+        lines, fault = self._value(a, dst, size)
+        if sop in (4, 6):
+            cfx = f"({a} >> {bits - cnt}) & 1"
+            lines.append(f"{x} = ({a} << {cnt}) & {m}")
+            ofx = f"(2048 if (({x} >> {bits - 1}) ^ {cfx}) & 1 else 0)"
+        elif sop == 5:
+            cfx = f"({a} >> {cnt - 1}) & 1"
+            lines.append(f"{x} = {a} >> {cnt}")
+            ofx = f"(2048 if {a} & {sign} else 0)"
+        else:
+            sv = f"(({a} ^ {sign}) - {sign})"
+            cfx = f"({sv} >> {cnt - 1}) & 1"
+            lines.append(f"{x} = ({sv} >> {cnt}) & {m}")
+            ofx = "0"
+        lines.append(
+            f"{f} = {cfx} | {ofx} | PAR[{x} & 255] | (64 if {x} == 0 else 0) | "
+            f"(128 if {x} & {sign} else 0)"
+        )
+        if dst[0] == "m":
+            lines += self.store(x, size)
+        else:
+            lines.append(self.put(dst[1], size, x))
+        self.set_flags("eager", "", "", f, size)
+        return lines, fault
+
+    def _imul(self, reg: int, src, imm: str | None, size: int):
+        k = self.k
+        a, b, x, f = f"a{k}", f"b{k}", f"x{k}", f"q{k}"
+        m, sign = _MASK[size], _SIGN[size]
+        lines, fault = self._value(a, src, size)
+        if imm is None:
+            lines.append(f"{b} = {self.get(reg, size)}")
+            bv = f"(({b} ^ {sign}) - {sign})"
+        else:
+            bv = imm
+        lines += [
+            f"{x} = (({a} ^ {sign}) - {sign}) * {bv}",
+            f"{a} = {x} & {m}",
+            f"{f} = (0 if (({a} ^ {sign}) - {sign}) == {x} else 2049) | PAR[{a} & 255] | "
+            f"(64 if {a} == 0 else 0) | (128 if {a} & {sign} else 0)",
+            self.put(reg, size, a),
+        ]
+        self.set_flags("eager", "", "", f, size)
+        return lines, fault
 
 
 def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
@@ -473,51 +693,139 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     em = Emitter()
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
-        "rd32": cpu.rd32, "wr8": cpu.wr8, "wr32": cpu.wr32, "CpuFault": CpuFault,
-        "PAR": PARITY, "ram": cpu.ram, "U32": struct.Struct("<I").unpack_from,
-        "P32": struct.Struct("<I").pack_into,
+        "rd32": cpu.rd32, "wr8": cpu.wr8, "wr16": cpu.wr16, "wr32": cpu.wr32,
+        "CpuFault": CpuFault, "PAR": PARITY, "ram": cpu.ram,
+        "U16": struct.Struct("<H").unpack_from, "P16": struct.Struct("<H").pack_into,
+        "U32": struct.Struct("<I").unpack_from, "P32": struct.Struct("<I").pack_into,
     }  # fmt: skip
-    eips = []
-    body: list[str] = []
     code32 = cpu.cs32
+    start = insns[0][1]
+    # Per instruction: its lines and the locals it uses (for the reloads after closures).
+    chunks: list[tuple[list[str], set[str]]] = []
+    live_at: list[int] = []  # index of the setter live when instruction k starts, or -1
     last_jump = False
+    loop_cond: str | None = None
+    first_def = -1  # the first instruction that defines the flags (a setter or a closure)
     for k, (fn, eip, n, raw) in enumerate(insns):
+        if first_def < 0 and k and (em.setters or chunks[-1][0][-1:] == [_RELOAD]):
+            first_def = k - 1
         em.k = k
-        eips.append(eip)
+        em.refs = set()
+        live_at.append(em.live.idx if em.live is not None else -1)
         nxt = (eip + n) & (M if code32 else 0xFFFF)
         out = None
-        if code32 and raw and raw[0] not in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67):
+        if code32 and raw:
+            saved = (em.live, set(em.dirty), set(em.written), em.c_flag_read, len(em.setters))
             try:
-                out = em.emit(raw, eip, nxt)
+                out = em.emit(raw, nxt)
             except IndexError:
                 out = None
+            if out is None:  # undo what a half-emitted instruction recorded
+                em.live, em.dirty, em.written, em.c_flag_read = saved[:4]
+                del em.setters[saved[4] :]
+                em.refs = set()
         if out is None:
             ns[f"f{k}"] = fn
-            body.append(f"_i = {k}")
-            body.append(f"f{k}()")
-            em.flags = None
+            lines = [_SYNC + ",".join(map(str, sorted(em.dirty)))]
+            em.dirty = set()
+            if em.live is not None:
+                lines.append(em.live.sync())
+                em.live = None
+            else:
+                em.c_flag_read = True
+            lines += [f"_i = {k}", f"f{k}()", _RELOAD]
+            chunks.append((lines, set()))
             last_jump = True  # the closure stored EIP itself
-        else:
-            lines, may_fault = out
-            if may_fault:
-                body.append(f"_i = {k}")
-            body.extend(lines)
-            last_jump = any("c.eip =" in ln for ln in lines)
-            if any("c.cond" in ln for ln in lines):
-                em.flags = None
+            continue
+        lines, may_fault = out
+        if may_fault:
+            lines = [f"_i = {k}", *lines]
+        last_jump = any("c.eip =" in ln for ln in lines)
+        if last_jump and k == len(insns) - 1:
+            jl = lines[-1]
+            if jl.startswith(f"c.eip = {start} if ") and jl.endswith(f" else {nxt}"):
+                loop_cond = jl[len(f"c.eip = {start} if ") : -len(f" else {nxt}")]
+                lines = lines[:-1]
+            elif jl == f"c.eip = {start}":
+                loop_cond = "True"
+                lines = lines[:-1]
+        chunks.append((lines, em.refs))
+
     if not last_jump:
         nxt = (insns[-1][1] + insns[-1][2]) & (M if code32 else 0xFFFF)
-        body.append(f"c.eip = {nxt}")
-    ns["EIPS"] = tuple(eips)
-    # The TLB dicts are per privilege level; no instruction inside a block changes CPL.
-    src = ["def block():", "    _i = 0", "    rt = c.rtlb", "    wt = c.wtlb", "    try:"]
-    src += ["        " + ln for ln in body]
-    src += [
-        "    except CpuFault:",
-        "        c.eip = EIPS[_i]",
-        "        raise",
-        f"    return {len(insns)}",
-    ]
+        chunks.append(([f"c.eip = {nxt}"], set()))
+
+    all_refs: set[str] = set().union(*(r for _, r in chunks))
+    written = sorted(em.written)
+
+    def load(names: set[str]) -> list[str]:
+        out = []
+        for nm in sorted(names):
+            if nm[0] == "e":
+                out.append(f"{nm} = r[{nm[1:]}]")
+            elif nm[0] == "g":
+                out.append(f"{nm} = sb[{nm[1:]}]")
+            else:
+                out.append("s32 = c.ss32")
+        return out
+
+    body: list[str] = []
+    for i, (lines, _) in enumerate(chunks):
+        for ln in lines:
+            if ln.startswith(_SYNC):
+                # In a loop, a register written further on is dirty from the last pass.
+                regs = {int(v) for v in ln[len(_SYNC) :].split(",") if v}
+                if loop_cond is not None:
+                    regs |= set(written)
+                body += [f"r[{w}] = e{w}" for w in sorted(regs)]
+            elif ln == _RELOAD:
+                if i == len(chunks) - 1 and loop_cond is None:
+                    continue  # nothing runs after the last closure but the return
+                later: set[str] = set().union(*(r for _, r in chunks[i + 1 :]))
+                if loop_cond is not None:
+                    later |= all_refs
+                body += load(later | {f"e{w}" for w in written})
+            else:
+                body.append(ln)
+
+    n_insns = len(insns)
+    end_sync = [f"r[{i}] = e{i}" for i in sorted(em.dirty)]
+    if em.live is not None:
+        end_sync.append(em.live.sync())
+    # The fault handler: registers, then the flags live at the faulting instruction.
+    handler = [f"r[{i}] = e{i}" for i in written]
+    used = sorted({s for s in live_at if s >= 0} | ({em.live.idx} if em.live else set()))
+    if used:
+        ns["LIVE"] = tuple(live_at)
+        handler.append("_s = LIVE[_i]")
+        if loop_cond is not None and em.live is not None:
+            # Before the first flag definition of a pass, the previous pass's state is live.
+            last = first_def if first_def >= 0 else n_insns
+            handler.append(f"if _s < 0 and _n and _i <= {last}: _s = {em.live.idx}")
+        for j, s in enumerate(used):
+            handler.append(f"{'if' if j == 0 else 'elif'} _s == {s}: {em.setters[s].sync()}")
+    ns["EIPS"] = tuple(i[1] for i in insns)
+    handler += ["c.eip = EIPS[_i]", "raise"]
+
+    src = ["def block():", "    rt = c.rtlb", "    wt = c.wtlb", "    _i = 0"]
+    src += ["    " + ln for ln in load(all_refs)]
+    if loop_cond is None:
+        src += ["    try:"] + ["        " + ln for ln in body]
+        src += ["    except CpuFault:"] + ["        " + ln for ln in handler]
+        src += ["    " + ln for ln in end_sync] + [f"    return {n_insns}"]
+    else:
+        # The flags of the previous pass must be in the CPU when the body reads them there.
+        back_sync = em.live.sync() if em.c_flag_read and em.live is not None else None
+        src += ["    _n = 0", "    try:", "        while True:"]
+        src += ["            " + ln for ln in body]
+        src += [f"            _t = {loop_cond}", f"            _n += {n_insns}"]
+        src += [f"            if not _t or _n >= {LOOP_LIMIT}:", "                break"]
+        if back_sync:
+            src.append("            " + back_sync)
+        src += ["    except CpuFault:"] + ["        " + ln for ln in handler]
+        nxt = (insns[-1][1] + insns[-1][2]) & M
+        src += ["    " + ln for ln in end_sync]
+        src += [f"    c.eip = {start} if _t else {nxt}", "    return _n"]
     text = "\n".join(src)
     if _DEBUG:
         print(text, file=sys.stderr)
