@@ -42,7 +42,7 @@ def _nasm(src: Path, out_dir: Path) -> Path:
 
 def boot(image: Path, accel: str, mode: str = "translate", *args: str, input: bytes = b""):
     """(exit status, stdout, stderr) of `boite boot --accel ACCEL IMAGE`."""
-    env = dict(os.environ, BOITE_EMU=mode)
+    env = dict(os.environ, BOITE_EMU=mode, BOITE_EMU_HOT="2")  # every block compiled
     p = subprocess.run(
         [sys.executable, "-m", "boite", "boot", "--accel", accel, "--memsize", str(MEMSIZE_MB),
          *args, str(image)],

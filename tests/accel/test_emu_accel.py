@@ -52,7 +52,7 @@ def test_pit_interrupts_wake_hlt(translate):
     # which the program's IDT gates name, as QEMU's multiboot GDT has it).
     off = image.index((0x1BADB002).to_bytes(4, "little"))
     m.boot_state = [boot.flat32(m.memory, int.from_bytes(image[off + 28 : off + 32], "little"))]
-    acc = EmuAccelerator(translate=translate)
+    acc = EmuAccelerator(translate=translate, hot_block=2)
     acc.create(m)
     t = time.monotonic()
     res = acc.run()

@@ -13,7 +13,7 @@ MODES = pytest.mark.parametrize("translate", [True, False], ids=["translated", "
 
 
 def emu(translate: bool):
-    return lambda: EmuAccelerator(translate=translate)
+    return lambda: EmuAccelerator(translate=translate, hot_block=2)
 
 
 @MODES

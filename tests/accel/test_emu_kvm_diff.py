@@ -297,7 +297,7 @@ def test_hot_loops_through_the_block_compiler_match_the_real_cpu(tmp_path, seed)
     k = _run(KvmAccelerator(irqchip=False, ap_start="entry"), _machine(image, snip, 0, seed))
     assert k is not None
     for translate in (True, False):
-        e = _run(EmuAccelerator(translate=translate), _machine(image, snip, 0, seed))
+        e = _run(EmuAccelerator(translate=translate, hot_block=2), _machine(image, snip, 0, seed))
         assert e is not None
         assert {r: v & 0xFFFFFFFF for r, v in e[0]["gpr"].items()} == {
             r: v & 0xFFFFFFFF for r, v in k[0]["gpr"].items()
@@ -316,7 +316,7 @@ def test_compute_loop_checksum_matches_the_real_cpu(tmp_path):
     subprocess.run(["nasm", "-f", "bin", "-DITER=40", "-o", str(out), str(src)], check=True)
     results = []
     for factory in (lambda: KvmAccelerator(irqchip=False, ap_start="entry"),
-                    lambda: EmuAccelerator(translate=True),
+                    lambda: EmuAccelerator(translate=True, hot_block=2),
                     lambda: EmuAccelerator(translate=False)):  # fmt: skip
         mem = GuestMemory.with_ram(4 << 20)
         m = Machine(mem)

@@ -31,7 +31,7 @@ KERNEL = (
 INITRD = (
     Path(os.environ["BOITE_EMU_INITRD"])
     if "BOITE_EMU_INITRD" in os.environ
-    else _kit_file("initrd-i386-*", "initrd.cpio.lz4")
+    else _kit_file("initrd-i386-*", "initrd.cpio")
 )
 
 pytestmark = [

@@ -60,7 +60,7 @@ def run_emu(image: bytes, translate: bool) -> tuple[int, bytes]:
     m.pio.register(0xF4, 1, m.add_device("debug-exit", IsaDebugExit(m)))
     mem.write(LOAD, image)
     m.boot_state = [_multiboot_state(mem, image)]
-    acc = EmuAccelerator(translate=translate)
+    acc = EmuAccelerator(translate=translate, hot_block=2)
     acc.create(m)
     res = acc.run()
     assert res.reason is StopReason.SHUTDOWN, res

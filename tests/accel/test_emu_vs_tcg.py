@@ -81,7 +81,7 @@ def qemu_runs(built) -> dict[str, tuple[int, bytes]]:
 
 
 def boite_boot_emu(image: Path, mode: str) -> tuple[int, bytes, bytes]:
-    env = dict(os.environ, BOITE_EMU=mode)
+    env = dict(os.environ, BOITE_EMU=mode, BOITE_EMU_HOT="2")  # every block compiled
     p = subprocess.run(
         [sys.executable, "-m", "boite", "boot", "--accel", "emu", "--memsize", str(MEMSIZE_MB),
          str(image)],

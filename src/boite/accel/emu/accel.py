@@ -18,7 +18,19 @@ from typing import Any
 
 from boite.accel.base import Accelerator, RunResult, StopReason
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
-from boite.accel.emu.cpu import CS, DS, ES, FS, GS, IF, SS, Cpu, CpuFault, TripleFault
+from boite.accel.emu.cpu import (
+    CS,
+    DS,
+    ES,
+    FS,
+    GS,
+    HOT_BLOCK,
+    IF,
+    SS,
+    Cpu,
+    CpuFault,
+    TripleFault,
+)
 from boite.errors import AccelError, GuestError
 
 # Emulator register order (EAX ECX EDX EBX ESP EBP ESI EDI) in CpuState names.
@@ -124,10 +136,16 @@ class EmuAccelerator(Accelerator):
 
     name = "emu"
 
-    def __init__(self, translate: bool | None = None) -> None:
+    def __init__(self, translate: bool | None = None, hot_block: int | None = None) -> None:
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
         self.translate = translate
+        # Runs of a block before it is compiled; tests set it low to put all code through
+        # the block compiler (BOITE_EMU_HOT reaches `boite` subprocesses too).
+        if hot_block is None:
+            env = os.environ.get("BOITE_EMU_HOT", "")
+            hot_block = int(env) if env.isdigit() and int(env) > 0 else HOT_BLOCK
+        self.hot_block = hot_block
         self.machine: Any = None
         self.cpu: Cpu | None = None
         self._pause = threading.Event()
@@ -142,6 +160,7 @@ class EmuAccelerator(Accelerator):
         self.machine = machine
         cpu = Cpu(machine.memory, _StoppingBus(machine.pio, self), _StoppingBus(machine.mmio, self))
         cpu.translate_blocks = self.translate
+        cpu.hot_block = self.hot_block
         cpu.decoder.c = cpu
         self.cpu = cpu
         for dev in machine.devices.values():
