@@ -486,17 +486,13 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
         eips.append(eip)
         nxt = (eip + n) & (M if code32 else 0xFFFF)
         out = None
-        # mode_key & 8 (SEGCHK): ES/SS/DS need segment checks, which only the closures make.
-        if (
-            code32
-            and not cpu.mode_key & 8
-            and raw
-            and raw[0] not in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67)
-        ):
+        if code32 and raw and raw[0] not in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67):
             try:
                 out = em.emit(raw, eip, nxt)
             except IndexError:
                 out = None
+        if cpu.mode_key & 8:  # SEGCHK: ES/SS/DS need segment checks; only closures make them
+            out = None
         if out is None:
             ns[f"f{k}"] = fn
             body.append(f"_i = {k}")
