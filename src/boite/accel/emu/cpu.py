@@ -482,9 +482,11 @@ class Cpu:
             sp = (r[4] - size) & M32
             self.wr(self.stack_lin(sp, size, True), size, v)
             r[4] = sp
-        else:
+        else:  # 16-bit SP (real mode): the check inline, it is hot there
             sp = (r[4] - size) & M16
-            self.wr(self.stack_lin(sp, size, True), size, v)
+            if sp < self.slo[SS] or sp + size - 1 > self.swhi[SS]:
+                raise CpuFault(SS_VEC, 0)
+            self.wr((self.sbase[SS] + sp) & M32, size, v)
             r[4] = (r[4] & 0xFFFF0000) | sp
 
     def pop(self, size: int) -> int:
@@ -499,7 +501,9 @@ class Cpu:
             r[4] = (sp + size) & M32
         else:
             sp = r[4] & M16
-            v = self.rd(self.stack_lin(sp, size, False), size)
+            if sp < self.slo[SS] or sp + size - 1 > self.srhi[SS]:
+                raise CpuFault(SS_VEC, 0)
+            v = self.rd((self.sbase[SS] + sp) & M32, size)
             r[4] = (r[4] & 0xFFFF0000) | ((sp + size) & M16)
         return v
 

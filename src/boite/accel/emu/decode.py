@@ -1719,15 +1719,15 @@ class Decoder:
         chk_src = uses_src and self.seg_checked(src_seg)
         chk_dst = uses_dst and self.seg_checked(ES)
         chk = chk_src or chk_dst
-        src_lin = self.lin_fn(src_seg, size, False)
-        dst_lin = self.lin_fn(ES, size, dst_write)
+        src_lin = self.lin_fn(src_seg, size, False) if chk_src else None
+        dst_lin = self.lin_fn(ES, size, dst_write) if chk_dst else None
 
         def one() -> bool:
             """One iteration; returns the REPE/REPNE condition value (ZF) for CMPS/SCAS."""
             if chk:
-                if chk_src:
+                if src_lin is not None:
                     src_lin(r[6] & am)
-                if chk_dst:
+                if dst_lin is not None:
                     dst_lin(r[7] & am)
             step = -size if c.fl & DF else size
             if kind == 0xA4:  # MOVS
@@ -1969,7 +1969,9 @@ class Decoder:
         sb = c.sbase
         seg = x.seg if x.seg is not None else DS
         am = M32 if x.ad32 else M16
-        if self.seg_checked(seg):
+        if b != 0xD7:
+            xlat_lin = None
+        elif self.seg_checked(seg):
             xlat_lin = self.lin_fn(seg, 1, False)
         else:
             xlat_lin = lambda o: (sb[seg] + o) & M32  # noqa: E731
