@@ -897,19 +897,26 @@ class Decoder:
     def _lea(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 4 if x.op32 else 2
-        x.seg = CS  # any segment: LEA subtracts the base again below
-        save = c.sbase[CS]
+        x.seg = DS  # any segment: LEA subtracts the base again below (no access, no check)
         mod, reg, rm, ea = self.modrm(x)
         nxt = self.nxt(x)
         if mod == 3:
             return self._ud(x, b)
         sb = c.sbase
-        del save
         s = self.reg_set(reg, size)
         m = MASK[size]
+        so = getattr(ea, "segoff", None)
+        if so is not None:  # the offset closure of the checked decode: use it directly
+            off = so[0]
+
+            def lea_off() -> None:
+                s(off() & m)
+                c.eip = nxt
+
+            return lea_off
 
         def lea() -> None:
-            s((ea() - sb[CS]) & m)
+            s((ea() - sb[DS]) & m)
             c.eip = nxt
 
         return lea
