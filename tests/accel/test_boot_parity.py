@@ -100,18 +100,7 @@ CASES = [
     ("parity/handoff", ("--append", "parity check"), b""),
     ("parity/compute", (), b""),
     ("parity/faults", (), b""),
-    pytest.param(
-        "parity/segchecks",
-        (),
-        b"",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="the emulator checks segments when they are loaded, not on each access: "
-            "writes through a read-only data segment, accesses past a data segment's limit "
-            "(or at/below an expand-down limit) and accesses through a null selector do not "
-            "raise #GP(0)",
-        ),
-    ),
+    ("parity/segchecks", (), b""),
     ("guests/mb_echo", (), b""),
     ("guests/mb_echo", (), b"typed into COM1\n"),
     ("guests/mb_poweroff", (), b""),

@@ -158,7 +158,14 @@ start:
     mov eax, [0x40000000]
 .after_pf4:
 
-    ; --- ring 3: IRET into user code
+    ; --- ring 3: IRET into user code. DS/ES/FS/GS get the user data segment first: IRET
+    ; to ring 3 nulls the DPL 0 ones, and accesses through a null selector are #GP(0) on
+    ; a real CPU (QEMU TCG does not check; the handlers below use DS as they find it).
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+    mov fs, ax
+    mov gs, ax
     push 0x23                 ; ss
     push USTACK               ; esp
     push 0x002                ; eflags: IF off (the firmware's PIT must not interrupt)

@@ -60,6 +60,19 @@ MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
 )  # fmt: skip
 KNOWN_MSRS = frozenset((MSR_TSC, MSR_APIC_BASE, 0x8B, 0x17, 0x2A))  # + writes kept in msrs
 
+# Segment checks on access (Intel SDM vol. 3, 5.3 and 5.4). Each segment register has an
+# offset range [slo, srhi] for reads and [slo, swhi] for writes, computed whenever its
+# hidden cache changes; an access of n bytes at offset o is good when o >= slo and
+# o + n - 1 <= the high end. An unreadable/unwritable/null segment has a high end of -1.
+# A 4 GiB expand-up segment gets SEG_BIG, so offsets that wrap past 4 GiB do not fault.
+SEG_BIG = 1 << 33
+# mode_key bit: ES, SS or DS is not flat (4 GiB, expand-up, present, writable data), so
+# decode.py emits closures that check every access through them and the block compiler
+# inlines nothing. Accesses through CS, FS and GS (prefixed) are always checked at run time.
+SEGCHK = 8
+_FLAT_SEGS_MASK = (1 << ES) | (1 << SS) | (1 << DS)
+_OVERRIDE_SEGS_MASK = (1 << CS) | (1 << FS) | (1 << GS)
+
 
 class CpuFault(Exception):
     """An architectural exception raised while executing an instruction."""
@@ -134,7 +147,13 @@ class Cpu:
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
         self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
-        self.mode_key = 0  # cpl | 4 * cs32, kept current by set_seg_raw and tlb_switch
+        self.mode_key = 0  # cpl | 4 * cs32 | SEGCHK, kept current by set_seg_raw and tlb_switch
+        self.slo = [0] * 6  # per-access segment check ranges (see SEG_BIG)
+        self.srhi = [M16] * 6
+        self.swhi = [M16] * 6
+        self.seg_nonflat = 0  # bit i: segment register i needs per-access checks
+        self.seg_key = 0  # SEGCHK when ES, SS or DS is not flat
+        self.stack_fast = False  # SS is 32-bit and flat: push/pop need no limit check
         self.compile_blocks = translate  # hot blocks become Python functions (jit.py)
         self.irq_check: Callable[[], int | None] = lambda: None  # returns a vector or None
         self.reset_requested = False
@@ -155,6 +174,7 @@ class Cpu:
         from boite.accel.emu.decode import Decoder
 
         self.decoder = Decoder(self)
+        self.seg_checks_all()
         self.tlb_switch()
 
     # ------------------------------------------------------------------ flags
@@ -251,7 +271,7 @@ class Cpu:
     def tlb_switch(self) -> None:
         """Select the TLB pair for the current privilege (user pages differ from supervisor)."""
         user = 1 if self.cpl == 3 else 0
-        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+        self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
         pair = self._tlbs.get(user)
         if pair is None:
             pair = self._tlbs[user] = ({}, {})
@@ -460,28 +480,42 @@ class Cpu:
         self.code_pages.clear()
 
     # ------------------------------------------------------------------ stack
+    def stack_lin(self, sp: int, size: int, write: bool) -> int:
+        """Linear address of `size` bytes at SS:sp, after the SS limit and rights check."""
+        if sp < self.slo[SS] or sp + size - 1 > (self.swhi if write else self.srhi)[SS]:
+            raise CpuFault(SS_VEC, 0)
+        return (self.sbase[SS] + sp) & M32
+
     def push(self, v: int, size: int) -> None:
         r = self.r
-        if self.ss32:
+        if self.stack_fast:
             sp = (r[4] - size) & M32
             self.wr((self.sbase[SS] + sp) & M32, size, v)
             r[4] = sp
-        else:
+        elif self.ss32:
+            sp = (r[4] - size) & M32
+            self.wr(self.stack_lin(sp, size, True), size, v)
+            r[4] = sp
+        else:  # 16-bit SP (real mode): the check inline, it is hot there
             sp = (r[4] - size) & M16
-            if sp > 0x10000 - size:
-                raise CpuFault(SS_VEC, 0)  # the word would run past the 64 KiB segment
+            if sp < self.slo[SS] or sp + size - 1 > self.swhi[SS]:
+                raise CpuFault(SS_VEC, 0)
             self.wr((self.sbase[SS] + sp) & M32, size, v)
             r[4] = (r[4] & 0xFFFF0000) | sp
 
     def pop(self, size: int) -> int:
         r = self.r
-        if self.ss32:
+        if self.stack_fast:
             sp = r[4]
             v = self.rd((self.sbase[SS] + sp) & M32, size)
             r[4] = (sp + size) & M32
+        elif self.ss32:
+            sp = r[4]
+            v = self.rd(self.stack_lin(sp, size, False), size)
+            r[4] = (sp + size) & M32
         else:
             sp = r[4] & M16
-            if sp > 0x10000 - size:
+            if sp < self.slo[SS] or sp + size - 1 > self.srhi[SS]:
                 raise CpuFault(SS_VEC, 0)
             v = self.rd((self.sbase[SS] + sp) & M32, size)
             r[4] = (r[4] & 0xFFFF0000) | ((sp + size) & M16)
@@ -490,9 +524,9 @@ class Cpu:
     def peek(self, offset: int, size: int) -> int:
         """Read the stack at ESP+offset without popping."""
         sp = (self.r[4] + offset) & (M32 if self.ss32 else M16)
-        if not self.ss32 and sp > 0x10000 - size:
-            raise CpuFault(SS_VEC, 0)
-        return self.rd((self.sbase[SS] + sp) & M32, size)
+        if self.stack_fast:
+            return self.rd((self.sbase[SS] + sp) & M32, size)
+        return self.rd(self.stack_lin(sp, size, False), size)
 
     def sp_add(self, n: int) -> None:
         r = self.r
@@ -537,18 +571,63 @@ class Cpu:
         self.sattr[i] = attr
         if i == CS:
             self.cs32 = bool(attr & 0x4000)
-            self.mode_key = self.cpl | (4 if self.cs32 else 0)
         elif i == SS:
             self.ss32 = bool(attr & 0x4000)
+        self.seg_check_update(i)
+
+    def seg_check_update(self, i: int) -> None:
+        """Recompute segment i's access-check ranges (after its hidden cache or CR0.PE
+        changed), whether it is flat, and mode_key."""
+        attr = self.sattr[i]
+        limit = self.slimit[i]
+        big = SEG_BIG if limit >= M32 else limit
+        lo = 0
+        if not self.cr0 & 1:
+            # Real mode: only the cached limit counts (0xFFFF, or 4 GiB in "unreal
+            # mode"); no type checks, CS is writable.
+            rhi = whi = big
+        elif not attr & 0x80:  # null selector (or unusable cache): every access is #GP(0)
+            rhi = whi = -1
+        elif attr & 8:  # code: never writable; readable when R
+            rhi = big if attr & 2 else -1
+            whi = -1
+        elif attr & 4:  # expand-down data: limit+1 up to 64 KiB or 4 GiB (D/B)
+            lo = limit + 1
+            rhi = M32 if attr & 0x4000 else M16
+            whi = rhi if attr & 2 else -1
+        else:
+            rhi = big
+            whi = big if attr & 2 else -1
+        self.slo[i] = lo
+        self.srhi[i] = rhi
+        self.swhi[i] = whi
+        if lo == 0 and whi == SEG_BIG:
+            self.seg_nonflat &= ~(1 << i)
+        else:
+            self.seg_nonflat |= 1 << i
+        # The flatness of CS, FS and GS is part of the key too: compiled blocks inline
+        # accesses through those overrides only while the segment is flat.
+        self.seg_key = (SEGCHK if self.seg_nonflat & _FLAT_SEGS_MASK else 0) | (
+            (self.seg_nonflat & _OVERRIDE_SEGS_MASK) << 4
+        )
+        self.stack_fast = self.ss32 and not self.seg_nonflat & (1 << SS)
+        self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
+
+    def seg_checks_all(self) -> None:
+        for i in range(6):
+            self.seg_check_update(i)
 
     def load_seg(self, i: int, sel: int) -> None:
         """MOV/POP/LxS to a segment register other than CS."""
         sel &= 0xFFFF
         if not self.cr0 & 1 or self.fl & VM:
+            if not self.sattr[i] & 0x80:
+                # A cache left unusable by a protected-mode null load becomes a normal
+                # 64 KiB read/write segment (real-mode selectors are never null).
+                self.set_seg_raw(i, sel, sel << 4, M16, 0x93)
+                return
             self.sel[i] = sel
             self.sbase[i] = sel << 4
-            if i == SS and not self.cr0 & 1:
-                pass
             return
         if sel & 0xFFFC == 0:
             if i == SS:
@@ -956,6 +1035,8 @@ class Cpu:
                 raise CpuFault(GP, 0)
             old = self.cr0
             self.cr0 = v | 0x10
+            if (old ^ v) & 1:
+                self.seg_checks_all()  # real mode checks limits only, protected mode rights too
             if (old ^ v) & 0x80010001:
                 self.paging_changed()
                 self.flush_blocks()
@@ -986,17 +1067,19 @@ class Cpu:
         self.lop = OP_NONE
         self.cr0, self.cr2, self.cr3, self.cr4 = 0x60000010, 0, 0, 0
         self.cpl = 0
+        self.seg_checks_all()
         self.halted = False
         self.paging_changed()
         self.tlb_switch()
         self.flush_blocks()
 
     def mode(self) -> int:
-        """What a translated block depends on besides its address: code size and CPL."""
-        return self.cpl | (4 if self.cs32 else 0)
+        """What a translated block depends on besides its address: code size, CPL and
+        whether ES/SS/DS accesses need segment checks."""
+        return self.cpl | (4 if self.cs32 else 0) | self.seg_key
 
     def _update_mode(self) -> None:
-        self.mode_key = self.cpl | (4 if self.cs32 else 0)
+        self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
 
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:

@@ -42,6 +42,7 @@ from boite.accel.emu.cpu import (
     OP_SUB,
     PARITY,
     PF,
+    SEGCHK,
     SF,
     SS,
     SS_VEC,
@@ -69,6 +70,10 @@ _LOCK_1B.update({0x80: 0x7F, 0x81: 0x7F, 0x83: 0x7F, 0xF6: 0x0C, 0xF7: 0x0C, 0xF
 _LOCK_0F = {0xAB: _ALL, 0xB3: _ALL, 0xBB: _ALL, 0xBA: 0xE0, 0xB0: _ALL, 0xB1: _ALL,
             0xC0: _ALL, 0xC1: _ALL, 0xC7: 0x02}  # fmt: skip
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
+# Segments whose accesses are checked whatever the mode: CS (never writable in protected
+# mode) and FS/GS (often null or small, e.g. a null FS in Linux user space); they are only
+# reached through a prefix, so checking them costs nothing to unprefixed code.
+_ALWAYS_CHECKED = (CS, FS, GS)
 
 
 class Ctx:
@@ -252,6 +257,7 @@ class Decoder:
         c = self.c
         r = c.r
         sb = c.sbase
+        checked = bool(c.mode_key & SEGCHK)
         if not x.ad32:
             if mod == 0 and rm == 6:
                 d = self.u16(x)
@@ -269,7 +275,8 @@ class Decoder:
             else:
                 off = lambda: (r[base] + r[idx] + d) & M16  # noqa: E731
             ea = lambda: (sb[s] + off()) & M32  # noqa: E731
-            ea.off16 = (off, s)  # type: ignore[attr-defined]
+            if checked or s in _ALWAYS_CHECKED:
+                ea.segoff = (off, s)  # type: ignore[attr-defined]
             return mod, reg, rm, ea
         base = rm
         idx = -1
@@ -286,6 +293,20 @@ class Decoder:
             d = 0 if mod == 0 else _sx8(self.u8(x)) if mod == 1 else self.u32(x)
         seg = SS if base in (4, 5) else DS
         s = x.seg if x.seg is not None else seg
+        if checked or s in _ALWAYS_CHECKED:
+            # The offset on its own, for the segment check (see ea_for).
+            if base < 0 and idx < 0:
+                d &= M32
+                off = lambda: d  # noqa: E731
+            elif idx < 0:
+                off = lambda: (r[base] + d) & M32  # noqa: E731
+            elif base < 0:
+                off = lambda: ((r[idx] << sh) + d) & M32  # noqa: E731
+            else:
+                off = lambda: (r[base] + (r[idx] << sh) + d) & M32  # noqa: E731
+            ea = lambda: (sb[s] + off()) & M32  # noqa: E731
+            ea.segoff = (off, s)  # type: ignore[attr-defined]
+            return mod, reg, rm, ea
         if base < 0 and idx < 0:
             d &= M32
             return mod, reg, rm, lambda: (sb[s] + d) & M32
@@ -340,19 +361,46 @@ class Decoder:
 
         return s1h
 
-    def sized_ea(self, ea, size: int):
-        """A 16-bit address whose operand runs past offset 0xFFFF faults (#GP, #SS on SS)."""
-        o16 = getattr(ea, "off16", None)
-        if o16 is None or size == 1:
-            return ea
-        off, s = o16
-        sb = self.c.sbase
+    def seg_checked(self, s: int) -> bool:
+        """Whether the closure being decoded must check accesses through segment s."""
+        return s in _ALWAYS_CHECKED or bool(self.c.mode_key & SEGCHK)
+
+    def lin_fn(self, s: int, size: int, write: bool) -> Callable[[int], int]:
+        """offset -> linear address of a `size`-byte access through segment s, raising
+        #GP(0) (#SS(0) for SS) when it is outside the limit, through a null selector, a
+        write to a read-only or code segment, or a read of an execute-only one."""
+        c = self.c
+        sb = c.sbase
+        lo = c.slo
+        hi = c.swhi if write else c.srhi
+        n = size - 1
         vec = SS_VEC if s == SS else GP
-        lim = 0x10000 - size
+
+        def lin(o: int) -> int:
+            if o < lo[s] or o + n > hi[s]:
+                raise CpuFault(vec, 0)
+            return (sb[s] + o) & M32
+
+        return lin
+
+    def ea_for(self, ea, size: int, write: bool):
+        """The ModRM address closure for a `size`-byte read or write: unchanged when its
+        segment needs no checks, else one that checks limit and rights first (a
+        read-modify-write asks for `write`, which implies readable for data)."""
+        so = getattr(ea, "segoff", None)
+        if so is None:
+            return ea
+        off, s = so
+        c = self.c
+        sb = c.sbase
+        lo = c.slo
+        hi = c.swhi if write else c.srhi
+        n = size - 1
+        vec = SS_VEC if s == SS else GP
 
         def ea_checked() -> int:
             o = off()
-            if o > lim:
+            if o < lo[s] or o + n > hi[s]:
                 raise CpuFault(vec, 0)
             return (sb[s] + o) & M32
 
@@ -361,14 +409,14 @@ class Decoder:
     def rm_get(self, mod: int, rm: int, ea, size: int) -> Callable[[], int]:
         if mod == 3:
             return self.reg_get(rm, size)
-        ea = self.sized_ea(ea, size)
+        ea = self.ea_for(ea, size, False)
         rd = self.rdfn(size)
         return lambda: rd(ea())
 
     def rm_set(self, mod: int, rm: int, ea, size: int) -> Callable[[int], None]:
         if mod == 3:
             return self.reg_set(rm, size)
-        ea = self.sized_ea(ea, size)
+        ea = self.ea_for(ea, size, True)
         wr = self.wrfn(size)
         return lambda v: wr(ea(), v)
 
@@ -382,7 +430,7 @@ class Decoder:
                 s(f(g()))
 
             return rmw_reg
-        ea = self.sized_ea(ea, size)
+        ea = self.ea_for(ea, size, True)
         rd = self.rdfn(size)
         wr = self.wrfn(size)
 
@@ -732,6 +780,7 @@ class Decoder:
             g = self.reg_get(reg, size)
             if mod != 3:
                 wr = self.wrfn(size)
+                ea = self.ea_for(ea, size, True)
 
                 def mov_mr() -> None:
                     wr(ea(), g())
@@ -748,6 +797,7 @@ class Decoder:
         g = self.rm_get(mod, rm, ea, size)
         if size == 4:
             rd = c.rd32
+            ea = self.ea_for(ea, 4, False)
 
             def mov_rm4() -> None:
                 r[reg] = rd(ea())
@@ -807,6 +857,25 @@ class Decoder:
         nxt = self.nxt(x)
         s = x.seg if x.seg is not None else DS
         sb = c.sbase
+        if self.seg_checked(s):
+            lin = self.lin_fn(s, size, b > 0xA1)
+            if b <= 0xA1:
+                rd = self.rdfn(size)
+                st = self.reg_set(0, size)
+
+                def mov_a_m_chk() -> None:
+                    st(rd(lin(off)))
+                    c.eip = nxt
+
+                return mov_a_m_chk
+            wr = self.wrfn(size)
+            g = self.reg_get(0, size)
+
+            def mov_m_a_chk() -> None:
+                wr(lin(off), g())
+                c.eip = nxt
+
+            return mov_m_a_chk
         if b <= 0xA1:
             rd = self.rdfn(size)
             st = self.reg_set(0, size)
@@ -828,19 +897,26 @@ class Decoder:
     def _lea(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 4 if x.op32 else 2
-        x.seg = CS  # any segment: LEA subtracts the base again below
-        save = c.sbase[CS]
+        x.seg = DS  # any segment: LEA subtracts the base again below (no access, no check)
         mod, reg, rm, ea = self.modrm(x)
         nxt = self.nxt(x)
         if mod == 3:
             return self._ud(x, b)
         sb = c.sbase
-        del save
         s = self.reg_set(reg, size)
         m = MASK[size]
+        so = getattr(ea, "segoff", None)
+        if so is not None:  # the offset closure of the checked decode: use it directly
+            off = so[0]
+
+            def lea_off() -> None:
+                s(off() & m)
+                c.eip = nxt
+
+            return lea_off
 
         def lea() -> None:
-            s((ea() - sb[CS]) & m)
+            s((ea() - sb[DS]) & m)
             c.eip = nxt
 
         return lea
@@ -864,6 +940,7 @@ class Decoder:
 
             return xchg_rr
         rd, wr = self.rdfn(size), self.wrfn(size)
+        ea = self.ea_for(ea, size, True)
 
         def xchg_m() -> None:
             a = ea()
@@ -932,7 +1009,7 @@ class Decoder:
             wr = c.wr32
 
             def push4() -> None:
-                if c.ss32:
+                if c.stack_fast:
                     sp = (r[4] - 4) & M32
                     wr((sb[2] + sp) & M32, r[n])
                     r[4] = sp
@@ -961,7 +1038,7 @@ class Decoder:
             rd = c.rd32
 
             def pop4() -> None:
-                if c.ss32:
+                if c.stack_fast:
                     sp = r[4]
                     v = rd((sb[2] + sp) & M32)
                     r[4] = (sp + 4) & M32
@@ -1001,7 +1078,7 @@ class Decoder:
             if size == 4 and c.ss32:
                 # A 32-bit push of a segment register writes only the low word.
                 sp = (c.r[4] - 4) & M32
-                c.wr16((c.sbase[SS] + sp) & M32, c.sel[seg])
+                c.wr16(c.stack_lin(sp, 4, True), c.sel[seg])
                 c.r[4] = sp
             else:
                 c.push(c.sel[seg], size)
@@ -1042,6 +1119,7 @@ class Decoder:
 
             return pop_r
         wr = self.wrfn(size)
+        ea = self.ea_for(ea, size, True)
 
         def pop_m() -> None:
             v = c.peek(0, size)
@@ -1130,10 +1208,12 @@ class Decoder:
                 frame = r[4] & (M32 if c.ss32 else M16)
                 for _i in range(1, level):
                     bp = (bp - size) & (M32 if c.ss32 else M16)
-                    c.push(c.rd((c.sbase[SS] + bp) & M32, size), size)
+                    c.push(c.rd(c.stack_lin(bp, size, False), size), size)
                 if level > 0:
                     c.push(frame, size)
-                c.check_writable((c.sbase[SS] + ((r[4] - alloc) & M32)) & M32, 1)
+                # The new ESP must be inside SS (#SS) and its page writable (#PF).
+                nsp = (r[4] - alloc) & (M32 if c.ss32 else M16)
+                c.check_writable(c.stack_lin(nsp, 1, True), 1)
             except CpuFault:
                 r[4] = old_sp
                 raise
@@ -1153,13 +1233,8 @@ class Decoder:
         nxt = self.nxt(x)
 
         def leave() -> None:
-            if c.ss32:
-                sp = r[5]
-            else:
-                sp = r[5] & M16
-                if sp > 0x10000 - size:
-                    raise CpuFault(SS_VEC, 0)
-            v = c.rd((c.sbase[SS] + sp) & M32, size)
+            sp = r[5] if c.ss32 else r[5] & M16
+            v = c.rd(c.stack_lin(sp, size, False), size)
             if c.ss32:
                 r[4] = (sp + size) & M32
             else:
@@ -1608,7 +1683,7 @@ class Decoder:
             if mod == 3:
                 return self._ud(x, b)
             rd = self.rdfn(size)
-            ea = self.sized_ea(ea, size + 2)
+            ea = self.ea_for(ea, size + 2, False)
 
             def far_ind() -> None:
                 a = ea()
@@ -1643,19 +1718,24 @@ class Decoder:
         def adv(reg: int, delta: int) -> None:
             r[reg] = (r[reg] & ~am & M32) | ((r[reg] + delta) & am)
 
-        wrap_vec_src = SS_VEC if src_seg == SS else GP
-        check16 = am == M16 and size > 1
         uses_src = kind in (0xA4, 0xA6, 0xAC, 0x6E)
         uses_dst = kind in (0xA4, 0xA6, 0xAA, 0xAE, 0x6C)
+        dst_write = kind in (0xA4, 0xAA, 0x6C)
+        # Segment checks: DS:(E)SI (or the override) for the source, ES:(E)DI (never
+        # overridden) for the destination; both before anything is read or written.
+        chk_src = uses_src and self.seg_checked(src_seg)
+        chk_dst = uses_dst and self.seg_checked(ES)
+        chk = chk_src or chk_dst
+        src_lin = self.lin_fn(src_seg, size, False) if chk_src else None
+        dst_lin = self.lin_fn(ES, size, dst_write) if chk_dst else None
 
         def one() -> bool:
             """One iteration; returns the REPE/REPNE condition value (ZF) for CMPS/SCAS."""
-            if check16:
-                # A word at offset 0xFFFF runs past the 64 KiB segment: #GP (#SS on SS).
-                if uses_src and (r[6] & am) > 0x10000 - size:
-                    raise CpuFault(wrap_vec_src, 0)
-                if uses_dst and (r[7] & am) > 0x10000 - size:
-                    raise CpuFault(GP, 0)
+            if chk:
+                if src_lin is not None:
+                    src_lin(r[6] & am)
+                if dst_lin is not None:
+                    dst_lin(r[7] & am)
             step = -size if c.fl & DF else size
             if kind == 0xA4:  # MOVS
                 v = rd((sb[src_seg] + (r[6] & am)) & M32)
@@ -1712,9 +1792,9 @@ class Decoder:
         want = rep == 0xF3  # REPE: continue while equal
 
         if kind == 0xA4:
-            fast = self._fast_movs(am, src_seg, size)
+            fast = self._fast_movs(am, src_seg, size, chk_src, chk_dst)
         elif kind == 0xAA:
-            fast = self._fast_stos(am, size)
+            fast = self._fast_stos(am, size, chk_dst)
         else:
             fast = None
 
@@ -1733,13 +1813,39 @@ class Decoder:
 
         return string_rep
 
-    def _fast_movs(self, am: int, src_seg: int, size: int) -> Fn:
+    def _room(self, s: int, size: int, am: int, write: bool, chk: bool):
+        """f(offset, backwards) -> how many `size`-byte elements from offset on, in the
+        copy direction, stay inside segment s (and do not wrap a 16-bit offset), for the
+        fast REP paths; 0 sends the element to the checked one-at-a-time step. None when
+        neither bound applies."""
+        if not chk and am == M32:
+            return None
+        c = self.c
+        lo_l = c.slo
+        hi_l = (c.swhi if write else c.srhi) if chk else None
+        n = size - 1
+
+        def room(o: int, back: bool) -> int:
+            lo = lo_l[s] if chk else 0
+            hi = min(hi_l[s], am) if hi_l is not None else am
+            if o < lo or o + n > hi:
+                return 0
+            return (o - lo) // size + 1 if back else (hi - n - o) // size + 1
+
+        return room
+
+    def _fast_movs(
+        self, am: int, src_seg: int, size: int, chk_src: bool = False, chk_dst: bool = False
+    ) -> Fn:
         """REP MOVS within RAM pages, either direction: runs of elements copied with one
         slice assignment each. A run never overlaps its own destination in the copy
-        direction, so the result equals the element-by-element copy."""
+        direction, so the result equals the element-by-element copy. Runs stop at segment
+        limits; the element there takes the checked step (and its fault)."""
         c = self.c
         r = c.r
         sb = c.sbase
+        src_room = self._room(src_seg, size, am, False, chk_src)
+        dst_room = self._room(ES, size, am, True, chk_dst)
 
         def fast() -> None:
             ram = c.ram
@@ -1757,6 +1863,12 @@ class Decoder:
                     n = min(r[1] & am, so // size + 1, do // size + 1)
                 else:
                     n = min(r[1] & am, (0x1000 - so) // size, (0x1000 - do) // size)
+                if src_room is not None:
+                    n = min(n, src_room(r[6] & am, back))
+                if dst_room is not None:
+                    n = min(n, dst_room(r[7] & am, back))
+                if n <= 0:
+                    return
                 so |= sp
                 do |= dp
                 gap = (do - so) if not back else (so - do)
@@ -1775,10 +1887,12 @@ class Decoder:
 
         return fast
 
-    def _fast_stos(self, am: int, size: int) -> Fn:
+    def _fast_stos(self, am: int, size: int, chk_dst: bool = False) -> Fn:
+        """REP STOS forwards within RAM pages, a run per page (stopping at ES's limit)."""
         c = self.c
         r = c.r
         sb = c.sbase
+        dst_room = self._room(ES, size, am, True, chk_dst)
 
         def fast() -> None:
             ram = c.ram
@@ -1788,6 +1902,8 @@ class Decoder:
                 if dp is None:
                     return
                 n = min(r[1] & am, (0x1000 - (d & 0xFFF)) // size)
+                if dst_room is not None:
+                    n = min(n, dst_room(r[7] & am, False))
                 if n <= 0:
                     return
                 do = dp | (d & 0xFFF)
@@ -1860,6 +1976,12 @@ class Decoder:
         sb = c.sbase
         seg = x.seg if x.seg is not None else DS
         am = M32 if x.ad32 else M16
+        if b != 0xD7:
+            xlat_lin = None
+        elif self.seg_checked(seg):
+            xlat_lin = self.lin_fn(seg, 1, False)
+        else:
+            xlat_lin = lambda o: (sb[seg] + o) & M32  # noqa: E731
 
         def misc() -> None:
             if b == 0x98:
@@ -1878,8 +2000,7 @@ class Decoder:
                 f = c.get_flags()
                 r[0] = (r[0] & 0xFFFF00FF) | ((f & 0xD7 | 2) << 8)
             elif b == 0xD7:
-                a = (sb[seg] + ((r[3] + (r[0] & 0xFF)) & am)) & M32
-                r[0] = (r[0] & 0xFFFFFF00) | c.rd8(a)
+                r[0] = (r[0] & 0xFFFFFF00) | c.rd8(xlat_lin((r[3] + (r[0] & 0xFF)) & am))
             elif b == 0xD6:
                 r[0] = (r[0] & 0xFFFFFF00) | (0xFF if c.get_cf() else 0)
             elif b == 0x9B:
@@ -1959,7 +2080,7 @@ class Decoder:
         s = self.reg_set(reg, size)
         rd = self.rdfn(size)
         x.end = True
-        ea = self.sized_ea(ea, size + 2)
+        ea = self.ea_for(ea, size + 2, False)
 
         def les() -> None:
             a = ea()
@@ -2010,6 +2131,7 @@ class Decoder:
             return self._ud(x, b)
         g = self.reg_get(reg, size)
         rd = self.rdfn(size)
+        ea = self.ea_for(ea, 2 * size, False)
 
         def bound() -> None:
             a = ea()
@@ -2155,6 +2277,15 @@ class Decoder:
         rd, wr = self.rdfn(size), self.wrfn(size)
         gr = self.reg_get(rm, size) if mod == 3 else None
         sr = self.reg_set(rm, size) if mod == 3 else None
+        so = getattr(ea, "segoff", None) if mod != 3 else None
+        if so is not None:
+            # The bit offset moves the operand: check the offset it lands on.
+            boff, bseg = so
+            blin = self.lin_fn(bseg, size, op != 0)
+            am = M32 if x.ad32 else M16
+            ea_at = lambda off: blin((boff() + off) & am)  # noqa: E731
+        else:
+            ea_at = lambda off: (ea() + off) & M32  # noqa: E731
 
         def bt() -> None:
             if gb is None:
@@ -2172,7 +2303,7 @@ class Decoder:
             if mod == 3:
                 v = gr()
             else:
-                a = (ea() + off) & M32
+                a = ea_at(off)
                 v = rd(a)
             bit = (v >> n) & 1
             if op:
@@ -2265,6 +2396,8 @@ class Decoder:
         cmpf = self.alu_fn(7, size)
         gm = self.reg_get(rm, size) if mod == 3 else None
         sm = self.reg_set(rm, size) if mod == 3 else None
+        if mod != 3:
+            ea = self.ea_for(ea, size, True)  # the destination is always written
 
         def cmpxchg() -> None:
             if mod == 3:
@@ -2326,6 +2459,8 @@ class Decoder:
         nxt = self.nxt(x)
         if reg != 1 or mod == 3:
             return self._ud(x, b)
+
+        ea = self.ea_for(ea, 8, True)
 
         def cmpxchg8b() -> None:
             a = ea()
@@ -2487,10 +2622,11 @@ class Decoder:
             return self._ud(x, b)
         s = self.rm_set(mod, rm, ea, 2) if op == 4 else None
         g = self.rm_get(mod, rm, ea, 2) if op == 6 else None
+        ea6 = self.ea_for(ea, 6, op in (0, 1)) if op < 4 else None  # the 6-byte operand
 
         def grp7() -> None:
             if op in (0, 1):
-                a = ea()
+                a = ea6()
                 base, limit = (c.gdt_base, c.gdt_limit) if op == 0 else (c.idt_base, c.idt_limit)
                 c.check_writable(a, 6)
                 c.wr16(a, limit)
@@ -2498,7 +2634,7 @@ class Decoder:
             elif op in (2, 3):
                 if c.cpl:
                     raise CpuFault(GP, 0)
-                a = ea()
+                a = ea6()
                 limit = c.rd16(a)
                 base = c.rd32((a + 2) & M32)
                 if not op32:

@@ -30,7 +30,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from boite.accel.emu.cpu import DS, PARITY, SS, CpuFault
+from boite.accel.emu.cpu import DS, PARITY, SEGCHK, SS, CpuFault
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
@@ -143,8 +143,9 @@ class Setter:
 class Emitter:
     """Turns one instruction's bytes into inline source, or None (use the closure)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seg_nonflat: int = 0) -> None:
         self.k = 0
+        self.seg_nonflat = seg_nonflat  # CS/FS/GS overrides through these stay closures
         self.live: Setter | None = None
         self.refs: set[str] = set()  # locals this instruction uses (e0..e7, g0..g5, s32)
         self.dirty: set[int] = set()  # registers written since the last write-back
@@ -336,6 +337,8 @@ class Emitter:
             op = bs.u8()
             if op in _SEG_PREFIX:
                 over = _SEG_PREFIX[op]
+                if self.seg_nonflat >> over & 1:
+                    return None  # checked on each access by the closure (mode_key has it)
             elif op == 0x66:
                 size = 2
             elif op in (0x67, 0xF0, 0xF2, 0xF3):
@@ -690,7 +693,7 @@ class Emitter:
 
 def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     """insns: (closure, eip, length, raw bytes) of each instruction of the block."""
-    em = Emitter()
+    em = Emitter(cpu.seg_nonflat)
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
         "rd32": cpu.rd32, "wr8": cpu.wr8, "wr16": cpu.wr16, "wr32": cpu.wr32,
@@ -714,7 +717,7 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
         live_at.append(em.live.idx if em.live is not None else -1)
         nxt = (eip + n) & (M if code32 else 0xFFFF)
         out = None
-        if code32 and raw:
+        if code32 and raw and not cpu.mode_key & SEGCHK:
             saved = (em.live, set(em.dirty), set(em.written), em.c_flag_read, len(em.setters))
             try:
                 out = em.emit(raw, nxt)
@@ -766,7 +769,7 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
             elif nm[0] == "g":
                 out.append(f"{nm} = sb[{nm[1:]}]")
             else:
-                out.append("s32 = c.ss32")
+                out.append("s32 = c.stack_fast")
         return out
 
     body: list[str] = []
