@@ -63,6 +63,8 @@ TEMPLATES = [
     "cmov{cc} {r}, {m}", "cmov{cc} {w}, {w2}", "set{cc} {b}", "set{cc} byte {m}", "bswap {r}",
     "cdq", "cwde", "nop", "push {r}\n    pop {r2}", "push dword {m}\n    pop {r}",
     "push {i32}\n    pop dword {m}", "push {i8s}\n    pop {r}",
+    "shr word {m}, cl", "sar {b}, cl", "rol word {m}, {cnt}", "ror {b}, {cnt}",
+    "imul {r}", "mul dword {m}", "imul dword {m}", "btr {r}, {r2}", "btc {w}, {cnt}",
     "bt {r}, {cnt}", "bts dword {m}, {cnt}", "bsf {r}, {r2}", "xadd {r}, {r2}",
     "cmpxchg {m}, {r2}", "shld {r}, {r2}, {cnt}", "clc", "stc", "cmc", "lahf", "sahf",
     "pushf\n    pop {r}", "j{cc} short $+2",

@@ -278,6 +278,8 @@ class EmuAccelerator(Accelerator):
         state_to_cpu(CpuState.from_dict(state[0]), self.cpu)
 
     def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()
         self.cpu = None
 
 

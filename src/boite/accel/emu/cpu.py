@@ -72,6 +72,7 @@ SEG_BIG = 1 << 33
 SEGCHK = 8
 _FLAT_SEGS_MASK = (1 << ES) | (1 << SS) | (1 << DS)
 _OVERRIDE_SEGS_MASK = (1 << CS) | (1 << FS) | (1 << GS)
+STACK16 = 64  # mode_key bit: SS is a 16-bit stack segment
 
 
 class CpuFault(Exception):
@@ -114,6 +115,11 @@ class Cpu:
         low = memory.region_at(0)
         self.ram = low.mm if low is not None else bytearray(0)
         self.ram_size = low.size if low is not None else 0
+        # Word and dword views of the first RAM region: compiled blocks index them for
+        # aligned accesses (cheaper than struct calls). close() releases them.
+        whole = self.ram_size & ~3
+        self.ram16 = memoryview(self.ram)[:whole].cast("H")
+        self.ram32 = memoryview(self.ram)[:whole].cast("I")
         self.r = [0] * 8
         self.eip = 0
         self.sel = [0] * 6
@@ -176,6 +182,12 @@ class Cpu:
         self.decoder = Decoder(self)
         self.seg_checks_all()
         self.tlb_switch()
+
+    def close(self) -> None:
+        """Let go of the RAM views (the mmap cannot close while they exist)."""
+        self.flush_blocks()
+        self.ram16.release()
+        self.ram32.release()
 
     # ------------------------------------------------------------------ flags
     def get_cf(self) -> int:
@@ -607,8 +619,11 @@ class Cpu:
             self.seg_nonflat |= 1 << i
         # The flatness of CS, FS and GS is part of the key too: compiled blocks inline
         # accesses through those overrides only while the segment is flat.
-        self.seg_key = (SEGCHK if self.seg_nonflat & _FLAT_SEGS_MASK else 0) | (
-            (self.seg_nonflat & _OVERRIDE_SEGS_MASK) << 4
+        # And so is a 16-bit SS: compiled blocks push and pop inline only on a 32-bit one.
+        self.seg_key = (
+            (SEGCHK if self.seg_nonflat & _FLAT_SEGS_MASK else 0)
+            | ((self.seg_nonflat & _OVERRIDE_SEGS_MASK) << 4)
+            | (0 if self.ss32 else STACK16)
         )
         self.stack_fast = self.ss32 and not self.seg_nonflat & (1 << SS)
         self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key

@@ -26,11 +26,10 @@ function (up to LOOP_LIMIT instructions per call) without returning to the dispa
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from boite.accel.emu.cpu import DS, PARITY, SEGCHK, SS, CpuFault
+from boite.accel.emu.cpu import DS, PARITY, SEGCHK, SS, STACK16, CpuFault
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
@@ -88,34 +87,45 @@ class _Bytes:
 class Setter:
     """The flag state of an inline instruction, held in its locals."""
 
-    __slots__ = ("kind", "a", "b", "res", "size", "cf", "idx")
+    __slots__ = ("kind", "a", "b", "res", "size", "cf", "idx", "base", "pmask")
 
     def __init__(self, kind: str, a: str, b: str, res: str, size: int, cf: str, idx: int):
-        self.kind = kind  # add sub sbb logic inc dec eager
-        self.a, self.b, self.res = a, b, res  # eager: res holds the arithmetic EFLAGS bits
+        self.kind = kind  # add sub sbb logic inc dec eager part
+        self.a, self.b, self.res = a, b, res  # eager/part: res holds EFLAGS bits
         self.size = size
-        self.cf = cf  # inc/dec: the local holding the carry they keep
+        self.cf = cf  # inc/dec: source for the carry they keep (evaluated lazily)
         self.idx = idx
+        self.base: Setter | None = None  # part: the state whose other flags stay
+        self.pmask = 0  # part: the flag bits this instruction replaces
 
     def sync(self) -> str:
         """Source storing this state into the CPU's lazy flags."""
         if self.kind == "eager":
             return f"c.fl = (c.fl & -2262) | {self.res}; c.lop = 0"  # -2262 == ~0x8D5
+        if self.kind == "part":
+            pre = self.base.sync() + "; " if self.base is not None else ""
+            return f"{pre}c.fl = (c.get_flags() & {~self.pmask}) | {self.res}; c.lop = 0"
         m = _MASK[self.size]
         lop = _LOP[self.kind]
         if self.kind == "logic":
             return f"c.lop = 3; c.lres = {self.res}; c.lmask = {m}"
         s = f"c.lop = {lop}; c.la = {self.a}; c.lb = {self.b}; c.lres = {self.res}; c.lmask = {m}"
         if self.kind in ("inc", "dec"):
-            s += f"; c.lcf = {self.cf}"
+            # The kept carry first: it may read the CPU's state this overwrites.
+            s = f"c.lcf = {self.cf}; " + s
         return s
 
     def flag(self, name: str) -> str:
         """A truth-valued expression for one arithmetic flag."""
         k, a, b, res = self.kind, self.a, self.b, self.res
         m, sign = _MASK[self.size], _SIGN[self.size]
-        if k == "eager":
-            return f"({res} & {dict(cf=1, pf=4, zf=0x40, sf=0x80, of=0x800)[name]})"
+        bit = dict(cf=1, pf=4, zf=0x40, sf=0x80, of=0x800)[name]
+        if k == "eager" or (k == "part" and self.pmask & bit):
+            return f"({res} & {bit})"
+        if k == "part":
+            if self.base is not None:
+                return self.base.flag(name)
+            return f"(c.get_flags() & {bit})"
         if name == "pf":
             return f"PAR[{res} & 255]"
         if name == "zf":
@@ -143,11 +153,12 @@ class Setter:
 class Emitter:
     """Turns one instruction's bytes into inline source, or None (use the closure)."""
 
-    def __init__(self, seg_nonflat: int = 0) -> None:
+    def __init__(self, seg_nonflat: int = 0, stack32: bool = True) -> None:
         self.k = 0
         self.seg_nonflat = seg_nonflat  # CS/FS/GS overrides through these stay closures
+        self.stack32 = stack32  # SS is 32-bit (part of mode_key): stack forms inline
         self.live: Setter | None = None
-        self.refs: set[str] = set()  # locals this instruction uses (e0..e7, g0..g5, s32)
+        self.refs: set[str] = set()  # locals this instruction uses (e0..e7, g0..g5)
         self.dirty: set[int] = set()  # registers written since the last write-back
         self.written: set[int] = set()  # registers written anywhere in the block
         self.c_flag_read = False  # read the CPU's flags while no inline setter was live
@@ -215,55 +226,49 @@ class Emitter:
     # -- memory ----------------------------------------------------------------------
     @staticmethod
     def load(dst: str, addr: str, size: int) -> list[str]:
-        """dst = guest memory at linear addr, through the TLB inline (rdN on a miss)."""
-        at = "_p | (_a & 4095)"
-        fast = {1: f"ram[{at}]", 2: f"U16(ram, {at})[0]", 4: f"U32(ram, {at})[0]"}[size]
-        guard = "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
-        return [
-            f"_a = {addr}",
-            "_p = rt.get(_a >> 12)",
-            f"{dst} = {fast} if _p is not None{guard} else rd{8 * size}(_a)",
+        """dst = guest memory at linear addr, through the TLB inline (rdN on a miss or an
+        unaligned word)."""
+        lines = [f"_a = {addr}", "_p = rt.get(_a >> 12)"]
+        if size == 1:
+            return lines + [f"{dst} = ram[_p | (_a & 4095)] if _p is not None else rd8(_a)"]
+        sh = size >> 1
+        return lines + [
+            f"{dst} = M{8 * size}[(_p | (_a & 4095)) >> {sh}] if _p is not None and not _a & "
+            f"{size - 1} else rd{8 * size}(_a)"
         ]
 
     @staticmethod
     def store(val: str, size: int, addr: str | None = None) -> list[str]:
         """Guest memory at linear addr (or the _a of a preceding load) = val."""
-        at = "_p | (_a & 4095)"
-        fast = {1: f"ram[{at}] = {val}", 2: f"P16(ram, {at}, {val})", 4: f"P32(ram, {at}, {val})"}
-        guard = "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
-        return ([] if addr is None else [f"_a = {addr}"]) + [
-            "_p = wt.get(_a >> 12)",
+        lines = ([] if addr is None else [f"_a = {addr}"]) + ["_p = wt.get(_a >> 12)"]
+        if size == 1:
+            fast, guard = f"ram[_p | (_a & 4095)] = {val}", ""
+        else:
+            fast = f"M{8 * size}[(_p | (_a & 4095)) >> {size >> 1}] = {val}"
+            guard = f" and not _a & {size - 1}"
+        return lines + [
             f"if _p is not None{guard}:",
-            f"    {fast[size]}",
+            f"    {fast}",
             "else:",
             f"    wr{8 * size}(_a, {val})",
         ]
 
     def push(self, val: str) -> list[str]:
-        """PUSH of a dword: memory first, then ESP (a 16-bit stack goes through c.push)."""
+        """PUSH of a dword on a 32-bit stack: memory first, then ESP."""
         t = f"t{self.k}"
-        self.refs.update(("s32", "e4", "g2"))
+        self.refs.update(("e4", "g2"))
         self._wrote(4)
         return [
-            "if s32:",
-            f"    {t} = (e4 - 4) & 0xFFFFFFFF",
-            *("    " + ln for ln in self.store(val, 4, f"(g2 + {t}) & 0xFFFFFFFF")),
-            f"    e4 = {t}",
-            "else:",
-            f"    r[4] = e4; c.push({val}, 4); e4 = r[4]",
+            f"{t} = (e4 - 4) & 0xFFFFFFFF",
+            *self.store(val, 4, f"(g2 + {t}) & 0xFFFFFFFF"),
+            f"e4 = {t}",
         ]
 
     def pop(self, dst: str) -> list[str]:
         """dst = POP dword; the caller stores dst where it goes, after ESP moved."""
-        self.refs.update(("s32", "e4", "g2"))
+        self.refs.update(("e4", "g2"))
         self._wrote(4)
-        return [
-            "if s32:",
-            *("    " + ln for ln in self.load(dst, "(g2 + e4) & 0xFFFFFFFF", 4)),
-            "    e4 = (e4 + 4) & 0xFFFFFFFF",
-            "else:",
-            f"    r[4] = e4; {dst} = c.pop(4); e4 = r[4]",
-        ]
+        return [*self.load(dst, "(g2 + e4) & 0xFFFFFFFF", 4), "e4 = (e4 + 4) & 0xFFFFFFFF"]
 
     # -- flags -----------------------------------------------------------------------
     def carry(self) -> str:
@@ -327,6 +332,25 @@ class Emitter:
         self.setters.append(s)
         self.live = s
 
+    def set_part(self, q: str, pmask: int, size: int) -> None:
+        """Flags where only `pmask` bits change (held in local q); the rest stay."""
+        base = self.live
+        if base is None:
+            self.c_flag_read = True
+        self.set_flags("part", "", "", q, size)
+        assert self.live is not None
+        self.live.base = base
+        self.live.pmask = pmask
+
+    def to_cpu(self) -> list[str]:
+        """Store the live flag state into the CPU now (before code that works on it there)."""
+        if self.live is None:
+            self.c_flag_read = True
+            return []
+        line = self.live.sync()
+        self.live = None
+        return [line]
+
     # -- instructions ----------------------------------------------------------------
     def emit(self, raw: bytes, nxt: int) -> tuple[list[str], bool] | None:
         """Returns (lines, may_fault) or None when the instruction is not inlined."""
@@ -346,6 +370,10 @@ class Emitter:
             else:
                 break
         a = f"a{self.k}"
+        if not self.stack32 and (
+            0x50 <= op <= 0x5F or op in (0x68, 0x6A, 0xC9, 0xE8, 0xC2, 0xC3, 0xFF)
+        ):
+            return None  # a 16-bit SS: c.push/c.pop in the closure
         if op < 0x40 and op & 7 < 6 and op not in (0x26, 0x2E, 0x36, 0x3E):
             alu = (op >> 3) & 7
             form = op & 7
@@ -385,6 +413,8 @@ class Emitter:
                 return self._alu(4, dst, ("i", bs.imm(sz)), sz, test=True)
             if sub in (2, 3):
                 return self._notneg(sub == 3, dst, sz)
+            if sub in (4, 5) and sz == 4:
+                return self._mul(sub == 5, dst)
             return None
         if op in (0x88, 0x89, 0x8A, 0x8B):
             sz = 1 if op in (0x88, 0x8A) else size
@@ -451,16 +481,13 @@ class Emitter:
             return self.push(str(imm)), True
         if op == 0xC9 and size == 4:
             # LEAVE: ESP = EBP, then POP EBP; the load comes first so a fault changes nothing.
-            self.refs.update(("s32", "e4", "e5", "g2"))
+            self.refs.update(("e4", "e5", "g2"))
             self._wrote(4)
             self._wrote(5)
             return [
-                "if s32:",
-                *("    " + ln for ln in self.load(a, "(g2 + e5) & 0xFFFFFFFF", 4)),
-                "    e4 = (e5 + 4) & 0xFFFFFFFF",
-                f"    e5 = {a}",
-                "else:",
-                "    r[4] = e5; e5 = c.pop(4); e4 = r[4]",
+                *self.load(a, "(g2 + e5) & 0xFFFFFFFF", 4),
+                "e4 = (e5 + 4) & 0xFFFFFFFF",
+                f"e5 = {a}",
             ], True
         if op in (0x86, 0x87):
             sz = 1 if op == 0x86 else size
@@ -498,9 +525,20 @@ class Emitter:
             mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
             dst = self.operand(bs, mod, rm, over)
             cnt = (bs.u8() if op in (0xC0, 0xC1) else 1) & 31
-            if sop not in (4, 5, 6, 7) or cnt == 0 or cnt > sz * 8:
+            if cnt == 0:
+                return None
+            if sop in (0, 1):
+                return self._rotate(sop, dst, cnt, sz)
+            if sop not in (4, 5, 6, 7) or cnt > sz * 8:
                 return None
             return self._shift(sop, dst, cnt, sz)
+        if op in (0xD2, 0xD3):
+            sz = 1 if op == 0xD2 else size
+            m = bs.u8()
+            mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
+            if sop not in (4, 5, 6, 7):
+                return None
+            return self._shift_cl(sop, self.operand(bs, mod, rm, over), sz)
         if op in (0x69, 0x6B):
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
@@ -533,9 +571,7 @@ class Emitter:
             lines = self.pop(a)
             if op == 0xC2:
                 imm = bs.u16()
-                lines += [
-                    f"e4 = (e4 + {imm}) & 0xFFFFFFFF if s32 else (e4 & 0xFFFF0000) | ((e4 + {imm}) & 0xFFFF)"
-                ]  # noqa: E501
+                lines.append(f"e4 = (e4 + {imm}) & 0xFFFFFFFF")
             return [*lines, f"c.eip = {a}"], True
         return None
 
@@ -576,6 +612,18 @@ class Emitter:
             m = bs.u8()
             mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
             return self._imul(reg, self.operand(bs, mod, rm, over), None, size)
+        if op2 == 0xBA or (op2 in (0xA3, 0xAB, 0xB3, 0xBB)):
+            m = bs.u8()
+            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+            if op2 == 0xBA:
+                if reg < 4:
+                    return None
+                dst = self.operand(bs, mod, rm, over)
+                return self._bt(reg - 4, dst, str(bs.u8() & (size * 8 - 1)), size)
+            if mod != 3:
+                return None  # a register bit offset addresses a bit string in memory
+            bop = {0xA3: 0, 0xAB: 1, 0xB3: 2, 0xBB: 3}[op2]
+            return self._bt(bop, ("r", rm), f"({self.get(reg, size)} & {size * 8 - 1})", size)
         return None
 
     def _value(self, dst: str, src: tuple[str, Any], size: int) -> tuple[list[str], bool]:
@@ -591,9 +639,12 @@ class Emitter:
         a, b, x = f"a{k}", f"b{k}", f"x{k}"
         m = _MASK[size]
         lines, fault = self._value(a, dst, size)
-        more, f2 = self._value(b, src, size)
-        lines += more
-        fault = fault or f2
+        if src[0] == "i":
+            b = str(src[1])  # a literal: no local needed
+        else:
+            more, f2 = self._value(b, src, size)
+            lines += more
+            fault = fault or f2
         if alu in (2, 3):
             lines.append(f"{x} = {a} {sym} {b} {sym} {self.carry()}")
         elif alu == 6 and dst == src:
@@ -628,11 +679,10 @@ class Emitter:
 
     def _incdec(self, dec: bool, dst, size: int):
         k = self.k
-        a, x, cf = f"a{k}", f"x{k}", f"cf{k}"
+        a, x = f"a{k}", f"x{k}"
         m = _MASK[size]
-        lines = [f"{cf} = {self.carry()}"]
-        more, fault = self._value(a, dst, size)
-        lines += more
+        cf = self.carry()  # evaluated where used: its inputs stay as they are
+        lines, fault = self._value(a, dst, size)
         lines.append(f"{x} = {a} {'-' if dec else '+'} 1")
         if dst[0] == "m":
             lines += self.store(f"{x} & {m}", size)
@@ -670,6 +720,102 @@ class Emitter:
         self.set_flags("eager", "", "", f, size)
         return lines, fault
 
+    def _rotate(self, sop: int, dst, cnt: int, size: int):
+        """ROL/ROR by an immediate: CF and OF change, the other flags stay."""
+        k = self.k
+        a, x, q = f"a{k}", f"x{k}", f"q{k}"
+        m, bits = _MASK[size], size * 8
+        n = cnt % bits
+        lines, fault = self._value(a, dst, size)
+        if sop == 0:
+            lines.append(f"{x} = (({a} << {n}) | ({a} >> {bits - n})) & {m}" if n else f"{x} = {a}")
+            lines.append(f"{q} = ({x} & 1) | ((({x} >> {bits - 1}) ^ {x}) & 1) << 11")
+        else:
+            lines.append(f"{x} = (({a} >> {n}) | ({a} << {bits - n})) & {m}" if n else f"{x} = {a}")
+            lines.append(
+                f"{q} = ({x} >> {bits - 1}) | ((({x} >> {bits - 1}) ^ ({x} >> {bits - 2})) & 1) << 11"
+            )
+        if dst[0] == "m":
+            lines += self.store(x, size)
+        else:
+            lines.append(self.put(dst[1], size, x))
+        self.set_part(q, 0x801, size)
+        return lines, fault
+
+    def _bt(self, bop: int, dst, bit: str, size: int):
+        """BT/BTS/BTR/BTC with the bit number in `bit`: CF = the bit, other flags stay."""
+        k = self.k
+        a, n, q = f"a{k}", f"n{k}", f"q{k}"
+        lines, fault = self._value(a, dst, size)
+        lines += [f"{n} = {bit}", f"{q} = ({a} >> {n}) & 1"]
+        if bop:
+            val = {1: f"{a} | (1 << {n})", 2: f"{a} & ~(1 << {n})", 3: f"{a} ^ (1 << {n})"}[bop]
+            if dst[0] == "m":
+                lines += self.store(f"({val})", size)
+            else:
+                lines.append(self.put(dst[1], size, f"({val})"))
+        self.set_part(q, 1, size)
+        return lines, fault
+
+    def _shift_cl(self, sop: int, dst, size: int):
+        """SHL/SHR/SAR by CL: a count of 0 leaves the flags, so they go to the CPU."""
+        k = self.k
+        a, x, q, n = f"a{k}", f"x{k}", f"q{k}", f"n{k}"
+        m, sign, bits = _MASK[size], _SIGN[size], size * 8
+        lines = self.to_cpu()
+        more, fault = self._value(a, dst, size)
+        lines += more
+        lines += [f"{n} = {self.get(1, 1)} & 31", f"{x} = {a}", f"if {n}:"]
+        if sop in (4, 6):
+            body = [
+                f"{x} = {a} << {n}",
+                f"{q} = ({x} >> {bits}) & 1",
+                f"{x} &= {m}",
+                f"{q} |= 2048 if (({x} >> {bits - 1}) ^ {q}) & 1 else 0",
+            ]
+        elif sop == 5:
+            body = [
+                f"{x} = {a} >> {n}",
+                f"{q} = (({a} >> ({n} - 1)) & 1) | (2048 if {a} & {sign} else 0)",
+            ]
+        else:
+            sv = f"(({a} ^ {sign}) - {sign})"
+            body = [f"{x} = ({sv} >> {n}) & {m}", f"{q} = ({sv} >> ({n} - 1)) & 1"]
+        body.append(
+            f"c.fl = (c.fl & -2262) | {q} | PAR[{x} & 255] | (64 if {x} == 0 else 0) | "
+            f"(128 if {x} & {sign} else 0); c.lop = 0"
+        )
+        lines += ["    " + ln for ln in body]
+        if dst[0] == "m":
+            lines += self.store(x, size)
+        else:
+            lines.append(self.put(dst[1], size, x))
+        return lines, fault
+
+    def _mul(self, signed: bool, src):
+        """MUL/IMUL r/m32: EDX:EAX = EAX * r/m32."""
+        k = self.k
+        a, x, q = f"a{k}", f"x{k}", f"q{k}"
+        lines, fault = self._value(a, src, 4)
+        eax = self.get(0, 4)
+        if signed:
+            lines += [
+                f"{x} = (({eax} ^ 0x80000000) - 0x80000000) * (({a} ^ 0x80000000) - 0x80000000)",
+                self.put(0, 4, f"{x} & 0xFFFFFFFF"),
+                self.put(2, 4, f"({x} >> 32) & 0xFFFFFFFF"),
+                f"{q} = (0 if ((e0 ^ 0x80000000) - 0x80000000) == {x} else 2049)",
+            ]
+        else:
+            lines += [
+                f"{x} = {eax} * {a}",
+                self.put(0, 4, f"{x} & 0xFFFFFFFF"),
+                self.put(2, 4, f"{x} >> 32"),
+                f"{q} = (2049 if e2 else 0)",
+            ]
+        lines[-1] += " | PAR[e0 & 255] | (64 if e0 == 0 else 0) | (128 if e0 & 0x80000000 else 0)"
+        self.set_flags("eager", "", "", q, 4)
+        return lines, fault
+
     def _imul(self, reg: int, src, imm: str | None, size: int):
         k = self.k
         a, b, x, f = f"a{k}", f"b{k}", f"x{k}", f"q{k}"
@@ -693,13 +839,12 @@ class Emitter:
 
 def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     """insns: (closure, eip, length, raw bytes) of each instruction of the block."""
-    em = Emitter(cpu.seg_nonflat)
+    em = Emitter(cpu.seg_nonflat, not cpu.mode_key & STACK16)
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
         "rd32": cpu.rd32, "wr8": cpu.wr8, "wr16": cpu.wr16, "wr32": cpu.wr32,
         "CpuFault": CpuFault, "PAR": PARITY, "ram": cpu.ram,
-        "U16": struct.Struct("<H").unpack_from, "P16": struct.Struct("<H").pack_into,
-        "U32": struct.Struct("<I").unpack_from, "P32": struct.Struct("<I").pack_into,
+        "M16": cpu.ram16, "M32": cpu.ram32,
     }  # fmt: skip
     code32 = cpu.cs32
     start = insns[0][1]
@@ -762,15 +907,12 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     written = sorted(em.written)
 
     def load(names: set[str]) -> list[str]:
-        out = []
-        for nm in sorted(names):
-            if nm[0] == "e":
-                out.append(f"{nm} = r[{nm[1:]}]")
-            elif nm[0] == "g":
-                out.append(f"{nm} = sb[{nm[1:]}]")
-            else:
-                out.append("s32 = c.stack_fast")
-        return out
+        regs = sorted(nm for nm in names if nm[0] == "e")
+        if len(regs) >= 3:  # one unpack beats three subscripts
+            out = ["e0, e1, e2, e3, e4, e5, e6, e7 = r"]
+        else:
+            out = [f"{nm} = r[{nm[1:]}]" for nm in regs]
+        return out + [f"{nm} = sb[{nm[1:]}]" for nm in sorted(names) if nm[0] == "g"]
 
     body: list[str] = []
     for i, (lines, _) in enumerate(chunks):
@@ -810,9 +952,17 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     ns["EIPS"] = tuple(i[1] for i in insns)
     handler += ["c.eip = EIPS[_i]", "raise"]
 
-    src = ["def block():", "    rt = c.rtlb", "    wt = c.wtlb", "    _i = 0"]
+    src = ["def block():"]
+    text = "\n".join(body)
+    if "rt.get" in text:
+        src.append("    rt = c.rtlb")
+    if "wt.get" in text:
+        src.append("    wt = c.wtlb")
     src += ["    " + ln for ln in load(all_refs)]
-    if loop_cond is None:
+    may_fault = "_i = " in text
+    if loop_cond is None and not may_fault:
+        src += ["    " + ln for ln in body + end_sync] + [f"    return {n_insns}"]
+    elif loop_cond is None:
         src += ["    try:"] + ["        " + ln for ln in body]
         src += ["    except CpuFault:"] + ["        " + ln for ln in handler]
         src += ["    " + ln for ln in end_sync] + [f"    return {n_insns}"]
