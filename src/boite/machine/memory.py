@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from boite.errors import GuestError
@@ -25,10 +26,18 @@ class GuestMemory:
 
     Any access that is not wholly inside one region raises GuestError: a guest can name
     any address, and the host must never touch outside what it gave the guest.
+
+    Write observers hear of every write that does not come from a vCPU (device DMA, the
+    VMM), as `(gpa, length)`, possibly on a device thread: an emulator that caches
+    translated code must drop what such a write replaced. `write` and `write_uN` report
+    themselves; whoever writes through a `view` calls `note_dma_write` once the data is
+    in (VirtQueue.push does, for a chain's device-writable buffers).
     """
 
     def __init__(self) -> None:
         self.regions: list[MemoryRegion] = []
+        # Replaced, never mutated, so a device thread can iterate it while another adds.
+        self.write_observers: tuple[Callable[[int, int], None], ...] = ()
 
     @classmethod
     def with_ram(
@@ -53,6 +62,18 @@ class GuestMemory:
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
+
+    def add_write_observer(self, fn: Callable[[int, int], None]) -> None:
+        """Call `fn(gpa, length)` after each write to guest RAM by anything but a vCPU."""
+        self.write_observers = (*self.write_observers, fn)
+
+    def remove_write_observer(self, fn: Callable[[int, int], None]) -> None:
+        self.write_observers = tuple(f for f in self.write_observers if f != fn)
+
+    def note_dma_write(self, gpa: int, length: int) -> None:
+        """Bytes gpa..gpa+length were written behind the vCPUs' backs (a device, the VMM)."""
+        for fn in self.write_observers:
+            fn(gpa, length)
 
     @property
     def size(self) -> int:
@@ -80,6 +101,8 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+        if self.write_observers:
+            self.note_dma_write(gpa, len(data))
 
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]
@@ -95,15 +118,23 @@ class GuestMemory:
 
     def write_u8(self, gpa: int, value: int) -> None:
         self.view(gpa, 1)[0] = value & 0xFF
+        if self.write_observers:
+            self.note_dma_write(gpa, 1)
 
     def write_u16(self, gpa: int, value: int) -> None:
         self.view(gpa, 2)[:] = (value & 0xFFFF).to_bytes(2, "little")
+        if self.write_observers:
+            self.note_dma_write(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         self.view(gpa, 4)[:] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
+        if self.write_observers:
+            self.note_dma_write(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.view(gpa, 8)[:] = (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        if self.write_observers:
+            self.note_dma_write(gpa, 8)
 
     def close(self) -> None:
         for r in self.regions:

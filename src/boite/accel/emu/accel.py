@@ -194,6 +194,14 @@ class EmuAccelerator(Accelerator):
             cpu.irq_check = irq_check
         else:
             cpu.intr = False
+
+            def no_irq() -> None:
+                cpu.intr = False  # set only by note_dma_write: back to the fast path
+                return None
+
+            cpu.irq_check = no_irq
+        # Device DMA into guest RAM must drop the translations of the code it replaced.
+        machine.memory.add_write_observer(cpu.note_dma_write)
         if machine.boot_state:
             state_to_cpu(machine.boot_state[0], cpu)
         else:
@@ -279,6 +287,8 @@ class EmuAccelerator(Accelerator):
 
     def close(self) -> None:
         if self.cpu is not None:
+            if self.machine is not None:
+                self.machine.memory.remove_write_observer(self.cpu.note_dma_write)
             self.cpu.close()
         self.cpu = None
 

@@ -177,6 +177,8 @@ class Cpu:
         # block or a TLB entry goes away, so a hit needs no further check.
         self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
         self.hot_block = HOT_BLOCK
+        # (gpa, length) written by devices, for run() to drain (see note_dma_write).
+        self.dma_writes: list[tuple[int, int]] = []
         from boite.accel.emu.decode import Decoder
 
         self.decoder = Decoder(self)
@@ -490,6 +492,32 @@ class Cpu:
             fast.clear()
         self.blocks.clear()
         self.code_pages.clear()
+
+    def note_dma_write(self, gpa: int, length: int) -> None:
+        """GuestMemory write observer: a device (maybe on its own thread, e.g. TAP RX)
+        wrote guest RAM. The block cache belongs to the vCPU thread, so the write is only
+        queued (list.append is atomic) and `intr` makes run() leave its fast path: it
+        drains the queue at the next block boundary, before another block runs."""
+        self.dma_writes.append((gpa, length))
+        self.intr = True
+
+    def drain_dma_writes(self) -> None:
+        """Drop the translated code of every page a device wrote (vCPU thread only)."""
+        pending = self.dma_writes
+        cp = self.code_pages
+        while pending:
+            gpa, length = pending.pop()
+            if not cp or length <= 0:
+                continue
+            first, last = gpa >> 12, (gpa + length - 1) >> 12
+            # Most device writes land on pages without code: one membership test a page,
+            # or one pass over the code pages when a (hostile) buffer is bigger than that.
+            if last - first < len(cp):
+                hit = [p for p in range(first, last + 1) if p in cp]
+            else:
+                hit = [p for p in cp if first <= p <= last]
+            for p in hit:
+                self.invalidate_code(p)
 
     # ------------------------------------------------------------------ stack
     def stack_lin(self, sp: int, size: int, write: bool) -> int:
@@ -1160,6 +1188,8 @@ class Cpu:
                         self.exception(f.vector, f.error)
                 elif self.halted:
                     break  # the request went away before INTA: keep sleeping
+            if self.dma_writes:  # after irq_check, which may clear intr: see note_dma_write
+                self.drain_dma_writes()
             shadow = self.inhibit_irq
             if shadow:
                 self.inhibit_irq = False

@@ -42,12 +42,14 @@ class VirtQueueError(GuestError):
 class DescChain:
     """One request: the device-readable buffers, then the device-writable ones.
 
-    `readable` and `writable` are memoryviews straight into guest RAM, in chain order.
+    `readable` and `writable` are memoryviews straight into guest RAM, in chain order;
+    `writable_ranges` are the writable buffers as (guest physical address, length).
     """
 
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    writable_ranges: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def readable_len(self) -> int:
@@ -123,6 +125,9 @@ class VirtQueue:
         # The used index at our last interrupt decision (for EVENT_IDX suppression).
         self.signalled_used = 0
         self.signalled_valid = False
+        # Device-writable ranges of the chains popped and not pushed yet, by head: push()
+        # reports them to the memory's write observers (see GuestMemory.note_dma_write).
+        self._inflight: dict[int, list[tuple[int, int]]] = {}
 
     # --- state as plain data -------------------------------------------------------
     def save_state(self) -> dict[str, int | bool]:
@@ -191,6 +196,8 @@ class VirtQueue:
         slot = self.last_avail_idx % self.size
         head = self.memory.read_u16(self.avail_addr + 4 + 2 * slot)
         chain = self._walk(head)
+        if chain.writable_ranges:
+            self._inflight[head] = chain.writable_ranges
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             # avail_event: ask to be notified once the driver makes the next one available.
@@ -280,6 +287,7 @@ class VirtQueue:
         view = self._ram_view(addr, length)
         if flags & VIRTQ_DESC_F_WRITE:
             chain.writable.append(view)
+            chain.writable_ranges.append((addr, length))
         else:
             if chain.writable:
                 raise VirtQueueError(
@@ -290,13 +298,25 @@ class VirtQueue:
 
     # --- the used side -------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
-        """Return a chain to the driver with `written` bytes filled in."""
+        """Return a chain to the driver with `written` bytes filled in.
+
+        The chain's whole device-writable part is reported to the memory's write observers
+        (the device may have written any of it, whatever `written` says), before the used
+        index that lets the driver look at the data, or run it.
+        """
+        mem = self.memory
+        ranges = self._inflight.pop(head, None)
         slot = self.used_idx % self.size
-        self.memory.view(self.used_addr + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(head, written)
+        mem.view(self.used_addr + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if mem.write_observers:
+            if ranges:
+                for gpa, length in ranges:
+                    mem.note_dma_write(gpa, length)
+            mem.note_dma_write(self.used_addr, 4 + 8 * (slot + 1))  # flags, idx .. element
         # The element must be visible before the index that publishes it; CPython's
         # stores to the mmap happen in program order.
-        self.memory.write_u16(self.used_addr + 2, self.used_idx)
+        mem.view(self.used_addr + 2, 2)[:] = self.used_idx.to_bytes(2, "little")
 
     def needs_interrupt(self) -> bool:
         """Whether the driver asked to hear about the used entries pushed since last time."""
