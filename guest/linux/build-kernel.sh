@@ -4,7 +4,7 @@
 # ARCH is i386 or x86_64. SRC_DIR is an extracted linux-source tree (made here from
 # /usr/src/linux-source-6.1.tar.xz if missing). BUILD_DIR holds the objects (O=, reused
 # between builds so a config change rebuilds little). DEST_DIR receives bzImage,
-# vmlinux (x86_64, for PVH entry), config and kernel.release.
+# vmlinux (for a PVH entry), config and kernel.release.
 # BOITE_JOBS sets make's -j (default 2: the CI and dev machines have 2 cores).
 set -euo pipefail
 
@@ -95,8 +95,7 @@ mk -j"$jobs" bzImage
 cp "$build/arch/x86/boot/bzImage" "$dest/bzImage"
 cp "$build/.config" "$dest/config"
 mk -s kernelrelease > "$dest/kernel.release"
-if [ "$arch" = x86_64 ]; then
-  cp "$build/vmlinux" "$dest/vmlinux"
-  strip --strip-debug "$dest/vmlinux" 2>/dev/null || true
-fi
+# vmlinux: the ELF with the PVH entry note, for a direct boot without the decompressor.
+cp "$build/vmlinux" "$dest/vmlinux"
+strip --strip-debug "$dest/vmlinux" 2>/dev/null || true
 step "done"

@@ -61,7 +61,7 @@ The cache, under `$BOITE_CACHE/kit` (default `~/.cache/boite/kit`, or
     src/linux-source-6.1.lock     held while that tree is extracted
     src/linux-source-6.1/         the extracted kernel tree, shared by both kernel builds
     work/linux-<arch>/            make O= object dirs, kept so an edited config rebuilds little
-    linux-i386-<hash>/            bzImage config kernel.release build.log manifest.json
+    linux-i386-<hash>/            bzImage vmlinux config kernel.release build.log manifest.json
     linux-x86_64-<hash>/          bzImage vmlinux config kernel.release build.log manifest.json
     initrd-i386-<hash>/           initrd.cpio init busybox build.log manifest.json
     debian-amd64-<hash>/          vmlinuz config kernel.release package build.log manifest.json
@@ -167,7 +167,7 @@ ARTIFACTS: dict[str, Artifact] = {
             "guest kernel (i386)",
             ("linux/common.config", "linux/i386.config", "linux/build-kernel.sh"),
             _KERNEL_TOOLS,
-            ("bzImage", "config", "kernel.release"),
+            ("bzImage", "vmlinux", "config", "kernel.release"),
         ),
         Artifact(
             "linux-x86_64",
@@ -206,6 +206,7 @@ class Kit:
     init_i386: Path | None = None
     busybox_i386: Path | None = None
     i386_bzimage: Path | None = None
+    i386_vmlinux: Path | None = None
     i386_config: Path | None = None
     x86_64_bzimage: Path | None = None
     x86_64_vmlinux: Path | None = None
@@ -274,6 +275,7 @@ def kit_paths(which: Iterable[str] = ALL_PARTS, root: Path | None = None) -> Kit
         init_i386=f("initrd-i386", "init"),
         busybox_i386=f("initrd-i386", "busybox"),
         i386_bzimage=f("linux-i386", "bzImage"),
+        i386_vmlinux=f("linux-i386", "vmlinux"),
         i386_config=f("linux-i386", "config"),
         x86_64_bzimage=f("linux-x86_64", "bzImage"),
         x86_64_vmlinux=f("linux-x86_64", "vmlinux"),

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 def test_busybox_shell_on_the_console_under_the_emulator(tmp_path):
     kit = guestkit.ensure_kit(("i386", "initrd"))
     box = Box.create(tmp_path / "sh", disk_size=None)
-    box.vmx["boite.kernel"] = str(kit.i386_bzimage)
+    box.vmx["boite.kernel"] = str(kit.i386_vmlinux)  # PVH entry, no decompressor
     box.vmx["boite.initrd"] = str(kit.initrd_i386)
     box.vmx["boite.cmdline"] = "console=ttyS0 quiet boite.shell=1"
     box.save()

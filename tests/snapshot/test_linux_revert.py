@@ -59,7 +59,7 @@ class Console:
 def test_the_shell_resumes_after_a_revert_to_a_memory_snapshot(tmp_path):
     kit = guestkit.ensure_kit(("i386", "initrd"))
     box = Box.create(tmp_path / "sh", disk_size=None)
-    box.vmx["boite.kernel"] = str(kit.i386_bzimage)
+    box.vmx["boite.kernel"] = str(kit.i386_vmlinux)  # PVH entry, no decompressor
     box.vmx["boite.initrd"] = str(kit.initrd_i386)
     box.vmx["boite.cmdline"] = "console=ttyS0 quiet boite.shell=1"
     box.save()

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boite.disk.base import SECTOR, BlockImage
 from boite.disk.descriptor import (
@@ -44,7 +45,10 @@ CREATE_TYPE_OF = {
 TYPE_OF_CREATE = {v: k for k, v in CREATE_TYPE_OF.items()}
 SPLIT_SECTORS = 4192256  # VMware's 2 GB extent: 2047 MiB
 COPY_CHUNK = 1 << 20
-Progress = Callable[[int, int], None] | None
+if TYPE_CHECKING:
+    from typing import TypeAlias  # 3.10+; PyPy 3.9 runs the emulator
+
+Progress: TypeAlias = "Callable[[int, int], None] | None"
 
 
 def is_vmdk_name(path) -> bool:

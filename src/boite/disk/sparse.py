@@ -22,6 +22,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from boite.disk.base import SECTOR
 from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
@@ -53,7 +54,10 @@ MAX_GRAIN = 8192  # sectors (4 MiB); VMware uses 128, anything huge is hostile
 MAX_GD_ENTRIES = 1 << 22  # 16 MiB of GD: 128 TiB with 64 KiB grains, past VMware's 62 TiB
 
 # Fallback for ranges this extent does not hold: fill the view for the extent-relative offset.
-Fallback = Callable[[int, memoryview], None] | None
+if TYPE_CHECKING:
+    from typing import TypeAlias  # 3.10+; PyPy 3.9 runs the emulator
+
+Fallback: TypeAlias = "Callable[[int, memoryview], None] | None"
 
 
 @dataclass

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boite.errors import ConfigError
 from boite.machine.device import Device
@@ -61,7 +61,10 @@ PCI_HOLE_START = 0xC000_0000
 EBDA_START = 0x9FC00
 HIGH_MEMORY = 0x100000
 
-ExtraDevice = Callable[[Machine], str | None]
+if TYPE_CHECKING:
+    from typing import TypeAlias  # 3.10+; PyPy 3.9 runs the emulator
+
+ExtraDevice: TypeAlias = "Callable[[Machine], str | None]"
 
 
 class PortAlias:

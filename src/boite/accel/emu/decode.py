@@ -12,11 +12,13 @@ architectural state it cannot leave half-done, so a fault restarts at the instru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from boite.accel.emu.cpu import (
     AF,
+    ARITH,
     BR,
     CF,
     CS,
@@ -2457,6 +2459,18 @@ class Decoder:
         r = c.r
         mod, reg, rm, ea = self.modrm(x)
         nxt = self.nxt(x)
+        if reg == 6 and mod == 3:
+            # RDRAND r16/r32: the host's entropy; CF=1 (a value is always ready), the
+            # other arithmetic flags clear.
+            size = 4 if x.op32 else 2
+            put = self.reg_set(rm, size)
+
+            def rdrand() -> None:
+                put(int.from_bytes(os.urandom(size), "little"))
+                c.set_flags(CF, ARITH)
+                c.eip = nxt
+
+            return rdrand
         if reg != 1 or mod == 3:
             return self._ud(x, b)
 

@@ -1,10 +1,10 @@
 """Block compiler: a hot basic block becomes one Python function built from source.
 
-The common 32-bit-code forms (MOV, ALU with ADC/SBB, TEST, NOT/NEG, INC/DEC, shifts by
-an immediate, IMUL, PUSH/POP, LEA, MOVZX/MOVSX, XCHG, CMOVcc/SETcc, Jcc, JMP, CALL, RET,
-LEAVE, LOOP), with 8/16/32-bit operands and segment overrides, are re-decoded here from
-the instruction bytes and emitted inline. Everything else calls the instruction's
-closure from decode.py.
+The common 32-bit-code forms (MOV, ALU with ADC/SBB, TEST, NOT/NEG, INC/DEC, SHL/SHR/SAR
+by an immediate or CL, ROL/ROR, BT/BTS/BTR/BTC, MUL/IMUL, PUSH/POP, LEA, MOVZX/MOVSX,
+XCHG, BSWAP, CMOVcc/SETcc, Jcc, JMP, CALL, RET, LEAVE, LOOP), with 8/16/32-bit operands
+and segment overrides, are re-decoded here from the instruction bytes and emitted
+inline. Everything else calls the instruction's closure from decode.py.
 
 Inside a block the guest's registers live in Python locals (e0..e7; segment bases in
 g0..g5) and the lazy-flag state stays in the locals of the instruction that set it:
