@@ -6,7 +6,9 @@ MIPS = guest instructions / wall seconds. The instruction count comes from the
 emulator's own counter (the program is deterministic, so QEMU runs the same count);
 QEMU's start-up is removed by timing a short and a long run and using the difference.
 
-Usage: python bench/emu.py [--iter N] [--profile]
+Usage: python bench/emu.py [--iter N] [--profile] [--linux KERNEL INITRD]
+(KERNEL: the kit's i386 vmlinux, booted through its PVH entry, or its bzImage; both boite
+and QEMU boot the same files.) It also runs under PyPy (`pypy3 bench/emu.py ...`).
 The last line printed is JSON: mips_translated, mips_interpreted, mips_qemu_tcg,
 linux_init_s, linux_init_s_qemu_tcg (null where not measurable yet).
 """
@@ -125,7 +127,7 @@ READY = b"BOITE-READY"
 LINUX_CMDLINE = 'console=ttyS0 quiet boite.run="uname -a"'
 
 
-def linux_emu(kernel: Path, initrd: Path) -> tuple[float, float]:
+def linux_emu(kernel: Path, initrd: Path) -> tuple[float, float]:  # vmlinux or bzImage
     """(wall, CPU) seconds from start to the guest init's BOITE-READY line."""
     from boite.machine.builder import build_machine
     from boite.machine.devices.uart import SerialBackend
@@ -179,7 +181,7 @@ def main() -> int:
         "--linux",
         nargs=2,
         type=Path,
-        metavar=("BZIMAGE", "INITRD"),
+        metavar=("KERNEL", "INITRD"),
         help="also time the guest kit's i386 Linux to its init marker",
     )
     a = ap.parse_args()

@@ -8,10 +8,11 @@ What is in it (sources in `guest/`):
   initramfs boots under all three kernels (x86_64 ones through IA32 emulation).
   Uncompressed on purpose: in the emulator, the kernel's LZ4 decompressor spent about 19 M
   guest instructions (some 40% of the boot) on it, where copying 2.7 MB is a few REP MOVS.
-- `i386_bzimage`: a tiny i386 Linux from Debian's linux-source-6.1 (`make tinyconfig` +
-  guest/linux/common.config + guest/linux/i386.config), LZ4-compressed; what the emulator
-  boots. Minimum CPU 486SX with math emulation: it needs CPUID and the 486 instructions,
-  but no x87 FPU, TSC, CX8 or CMOV (it uses them when CPUID reports them). Debian's i386
+- `i386_bzimage` / `i386_vmlinux`: a tiny i386 Linux from Debian's linux-source-6.1 (`make
+  tinyconfig` + guest/linux/common.config + guest/linux/i386.config), LZ4-compressed, and
+  the same kernel as an ELF with a PVH entry note; the emulator boots the vmlinux (the
+  demo does), which skips the decompressor. Minimum CPU 486SX with math emulation: it
+  needs CPUID and the 486 instructions, but no x87 FPU, TSC, CX8 or CMOV (it uses them when CPUID reports them). Debian's i386
   userland (busybox, glibc in init) is built for i686 and uses CMOV.
   What the i386 kernel asks of a CPU and machine (for the emulator): 486 instructions
   (BSWAP, CMPXCHG, XADD, INVLPG), CPUID (probed by toggling EFLAGS.ID), 2-level paging
