@@ -66,22 +66,19 @@ class _Bytes:
         v = self.u8()
         return v - 256 if v & 0x80 else v
 
-    def u16(self) -> int:
-        v = int.from_bytes(self.d[self.p : self.p + 2], "little")
-        if self.p + 2 > len(self.d):
+    def imm(self, size: int) -> int:
+        """A little-endian immediate of `size` bytes (IndexError past the end)."""
+        if self.p + size > len(self.d):
             raise IndexError
-        self.p += 2
+        v = int.from_bytes(self.d[self.p : self.p + size], "little")
+        self.p += size
         return v
+
+    def u16(self) -> int:
+        return self.imm(2)
 
     def u32(self) -> int:
-        v = int.from_bytes(self.d[self.p : self.p + 4], "little")
-        if self.p + 4 > len(self.d):
-            raise IndexError
-        self.p += 4
-        return v
-
-    def imm(self, size: int) -> int:
-        return self.u8() if size == 1 else self.u16() if size == 2 else self.u32()
+        return self.imm(4)
 
 
 class Setter:

@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import signal
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from boite.accel.base import Accelerator, RunResult, StopReason
@@ -252,9 +253,11 @@ class KvmAccelerator(Accelerator):
         try:
             for t in threads:
                 t.start()
-            # Wait in slices so the main thread still sees SIGINT and friends.
-            while not self._done.wait(0.25):
-                pass
+            # Poll with sleep, not Event.wait: a Ctrl-C that lands inside Event.wait can
+            # leave its Condition's lock held, and _done.set() below then deadlocks (seen
+            # under load in test_boot_stops_on_ctrl_c_and_sigterm).
+            while not self._done.is_set():
+                time.sleep(0.01)
         finally:
             self._stop_all()
             self._done.set()  # also ends the halt watch when we leave by an exception
