@@ -263,7 +263,12 @@ class KvmAccelerator(Accelerator):
             self._done.set()  # also ends the halt watch when we leave by an exception
             for t in threads:
                 if t.ident is not None:  # a signal can land before every thread started
-                    t.join()
+                    # Kick again until it leaves: a kick that lands just before the thread
+                    # re-enters KVM_RUN can be lost (seen under load with a spinning guest).
+                    t.join(0.1)
+                    while t.is_alive():
+                        self._stop_all()
+                        t.join(0.1)
             with self._result_lock:
                 self._running = False
         result = self._result
