@@ -4,6 +4,7 @@ real KVM, multiboot guests from tests/guests."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -242,10 +243,13 @@ def test_snapshot_and_suspend_through_the_control_socket(tmp_path):
 @pytest.mark.parametrize("sig, status", [(2, 130), (15, 0)], ids=["SIGINT", "SIGTERM"])
 def test_boot_stops_on_ctrl_c_and_sigterm(sig, status):
     """A guest that never exits: Ctrl-C interrupts (status 130), SIGTERM is a hard stop."""
+    # A shell that starts a job in the background ignores SIGINT for it, and an ignored
+    # signal is inherited: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(
         [sys.executable, "-m", "boite", "boot", str(assemble("mb_spin")), "--accel", "kvm",
          "--memsize", "16"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert proc.stdout is not None

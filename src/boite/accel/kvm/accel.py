@@ -12,7 +12,6 @@ import ctypes
 import fcntl
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from boite.accel.base import Accelerator, RunResult, StopReason
@@ -253,22 +252,15 @@ class KvmAccelerator(Accelerator):
         try:
             for t in threads:
                 t.start()
-            # Poll with sleep, not Event.wait: a Ctrl-C that lands inside Event.wait can
-            # leave its Condition's lock held, and _done.set() below then deadlocks (seen
-            # under load in test_boot_stops_on_ctrl_c_and_sigterm).
-            while not self._done.is_set():
-                time.sleep(0.01)
+            # Wait in slices so the main thread still sees SIGINT and friends.
+            while not self._done.wait(0.25):
+                pass
         finally:
             self._stop_all()
             self._done.set()  # also ends the halt watch when we leave by an exception
             for t in threads:
                 if t.ident is not None:  # a signal can land before every thread started
-                    # Kick again until it leaves: a kick that lands just before the thread
-                    # re-enters KVM_RUN can be lost (seen under load with a spinning guest).
-                    t.join(0.1)
-                    while t.is_alive():
-                        self._stop_all()
-                        t.join(0.1)
+                    t.join()
             with self._result_lock:
                 self._running = False
         result = self._result
