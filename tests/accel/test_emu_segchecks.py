@@ -103,16 +103,17 @@ def _protected_cpu(image: bytes, translate: bool) -> Cpu:
     return cpu
 
 
-def _run(cpu: Cpu) -> int:
-    """Run to a HLT; the vector whose handler halted, or NO_FAULT."""
+def _run(cpu: Cpu, handlers: int = HANDLERS) -> int:
+    """Run to a HLT; the vector whose handler (16 bytes each from `handlers`) halted, or
+    NO_FAULT."""
     for _ in range(200):
         cpu.run(1000)
         if cpu.halted:
             break
     assert cpu.halted
     at = cpu.eip - 1
-    if HANDLERS <= at < HANDLERS + 16 * 32:
-        return (at - HANDLERS) // 16
+    if handlers <= at < handlers + 16 * 32:
+        return (at - handlers) // 16
     return NO_FAULT
 
 
@@ -320,16 +321,6 @@ def _real_cpu(image: bytes, translate: bool) -> Cpu:
     return cpu
 
 
-def _run_real(cpu: Cpu) -> int:
-    for _ in range(200):
-        cpu.run(1000)
-        if cpu.halted:
-            break
-    assert cpu.halted
-    at = cpu.eip - 1
-    return (at - 0x9000) // 16 if 0x9000 <= at < 0x9000 + 16 * 32 else NO_FAULT
-
-
 REAL = [
     ("byte-ok", "    mov bx, 0xffff\naccess:\n    mov al, [bx]", NO_FAULT),
     ("word-wraps", "    mov bx, 0xffff\naccess:\n    mov ax, [bx]", GP),
@@ -362,7 +353,7 @@ REAL = [
 @pytest.mark.parametrize(("name", "body", "want"), REAL, ids=[r[0] for r in REAL])
 def test_real_mode_rule(tmp_path, name: str, body: str, want: int, translate: bool) -> None:
     cpu = _real_cpu(_nasm(_real_source(body), tmp_path, name), translate)
-    vec = _run_real(cpu)
+    vec = _run(cpu, 0x9000)  # the real-mode IVT's handlers
     assert vec == want
     if want != NO_FAULT:
         # Real mode pushes FLAGS, CS, IP (no error code): IP is the access instruction.
