@@ -157,7 +157,7 @@ class Cpu:
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate
         self.lock_ud = True  # LOCK on a non-RMW form is #UD (386+); a 286 model takes it
-        self.mode_key = 0  # cpl | 4 * cs32 | SEGCHK, kept current by set_seg_raw and tlb_switch
+        self.mode_key = 0  # see _update_mode; kept current by set_seg_raw and tlb_switch
         self.slo = [0] * 6  # per-access segment check ranges (see SEG_BIG)
         self.srhi = [M16] * 6
         self.swhi = [M16] * 6
@@ -289,7 +289,7 @@ class Cpu:
     def tlb_switch(self) -> None:
         """Select the TLB pair for the current privilege (user pages differ from supervisor)."""
         user = 1 if self.cpl == 3 else 0
-        self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
+        self._update_mode()
         pair = self._tlbs.get(user)
         if pair is None:
             pair = self._tlbs[user] = ({}, {})
@@ -658,7 +658,7 @@ class Cpu:
             | (0 if self.ss32 else STACK16)
         )
         self.stack_fast = self.ss32 and not self.seg_nonflat & (1 << SS)
-        self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
+        self._update_mode()
 
     def seg_checks_all(self) -> None:
         for i in range(6):
@@ -1122,12 +1122,9 @@ class Cpu:
         self.tlb_switch()
         self.flush_blocks()
 
-    def mode(self) -> int:
-        """What a translated block depends on besides its address: code size, CPL and
-        whether ES/SS/DS accesses need segment checks."""
-        return self.cpl | (4 if self.cs32 else 0) | self.seg_key
-
     def _update_mode(self) -> None:
+        """mode_key: what a translated block depends on besides its address: CPL, code
+        size and seg_key (SEGCHK, CS/FS/GS flatness, STACK16)."""
         self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
 
     # ------------------------------------------------------------------ run loop
