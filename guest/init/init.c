@@ -41,6 +41,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -268,6 +269,25 @@ static int wait_for(pid_t pid, int ctl_fd)
     }
 }
 
+static void on_alarm(int sig)
+{
+    (void)sig;
+}
+
+/* Wait until the console has sent what we wrote: the UART driver transmits from a
+ * buffer on interrupts, and an exit-port write ends the VM at once, losing the tail
+ * (seen on a loaded host). Bounded, so a stuck line cannot stop the power-off. */
+static void drain_console(void)
+{
+    struct sigaction sa = {0};
+    sa.sa_handler = on_alarm; /* no SA_RESTART: the alarm breaks tcdrain with EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    alarm(3);
+    tcdrain(STDOUT_FILENO);
+    alarm(0);
+}
+
 static void power_off(int status, const char *reason, unsigned exitport)
 {
     kill(-1, SIGTERM);
@@ -286,15 +306,19 @@ static void power_off(int status, const char *reason, unsigned exitport)
         ;
     sync();
     say("BOITE-POWEROFF status=%d reason=%s", status, reason);
+    drain_console();
     if (exitport) {
         if (ioperm(exitport, 1, 1) == 0)
             outb((unsigned char)status, exitport);
-        else
+        else {
             say("BOITE-WARN ioperm 0x%x: %s", exitport, strerror(errno));
+            drain_console();
+        }
     }
     reboot(RB_POWER_OFF);
     /* Without a power-off method the kernel halts instead and does not return here. */
     say("BOITE-ERROR reboot(RB_POWER_OFF): %s", strerror(errno));
+    drain_console();
     for (;;)
         pause();
 }
