@@ -108,17 +108,22 @@ def test_emulated_guest_paused_and_finished_under_kvm(tmp_path):
     KVM (the real CPU), which finishes the loop with the right result."""
     from boite.accel.kvm import KvmAccelerator
 
-    body = "mov ecx, 3000000\nxor eax, eax\ntop: add eax, ecx\n dec ecx\n jnz top\n hlt"
+    n = 3_000_000  # kvm_pvm runs it in seconds; the emulator needs far more than a poll
+    body = f"mov ecx, {n}\nxor eax, eax\ntop: add eax, ecx\n dec ecx\n jnz top\n hlt"
     m = _flat_machine(_asm(tmp_path, body))
     emu = EmuAccelerator()
     emu.create(m)
     th = threading.Thread(target=emu.run)
     th.start()
-    time.sleep(0.5)
+    # Pause once the loop has visibly started (ECX moved), not after a fixed sleep: a
+    # fast emulator once finished the whole loop within a 0.5 s sleep.
+    deadline = time.monotonic() + 60
+    while emu.cpu.r[1] in (0, n) and th.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
     emu.pause()
     th.join(30)
     state = emu.save_cpu_state()
-    assert 0 < state[0]["gpr"]["rcx"] < 3000000, "pause landed inside the loop"
+    assert 0 < state[0]["gpr"]["rcx"] < n, "pause landed inside the loop"
     k_mem = GuestMemory.with_ram(4 << 20)
     k_mem.write(0, m.memory.read(0, 4 << 20))
     km = Machine(k_mem)
@@ -130,5 +135,5 @@ def test_emulated_guest_paused_and_finished_under_kvm(tmp_path):
         final = kvm.save_cpu_state()[0]["gpr"]
     finally:
         kvm.close()
-    assert final["rax"] & 0xFFFFFFFF == (3000000 * 3000001 // 2) & 0xFFFFFFFF
+    assert final["rax"] & 0xFFFFFFFF == (n * (n + 1) // 2) & 0xFFFFFFFF
     assert final["rcx"] == 0
