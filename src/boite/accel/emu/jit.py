@@ -88,7 +88,8 @@ class Setter:
 
     def __init__(self, kind: str, a: str, b: str, res: str, size: int, cf: str, idx: int):
         self.kind = kind  # add sub sbb logic inc dec eager part
-        self.a, self.b, self.res = a, b, res  # eager/part: res holds EFLAGS bits
+        # eager: res is an expression of EFLAGS bits; part: a local holding them
+        self.a, self.b, self.res = a, b, res
         self.size = size
         self.cf = cf  # inc/dec: source for the carry they keep (evaluated lazily)
         self.idx = idx
@@ -690,7 +691,7 @@ class Emitter:
 
     def _shift(self, sop: int, dst, cnt: int, size: int):
         k = self.k
-        a, x, f = f"a{k}", f"x{k}", f"q{k}"
+        a, x = f"a{k}", f"x{k}"
         m, sign, bits = _MASK[size], _SIGN[size], size * 8
         lines, fault = self._value(a, dst, size)
         if sop in (4, 6):
@@ -706,9 +707,11 @@ class Emitter:
             cfx = f"({sv} >> {cnt - 1}) & 1"
             lines.append(f"{x} = ({sv} >> {cnt}) & {m}")
             ofx = "0"
-        lines.append(
-            f"{f} = {cfx} | {ofx} | PAR[{x} & 255] | (64 if {x} == 0 else 0) | "
-            f"(128 if {x} & {sign} else 0)"
+        # Deferred: evaluated only where the flags are read or stored (from a and x,
+        # which no other instruction assigns), so shifts whose flags die cost nothing.
+        f = (
+            f"({cfx} | {ofx} | PAR[{x} & 255] | (64 if {x} == 0 else 0) | "
+            f"(128 if {x} & {sign} else 0))"
         )
         if dst[0] == "m":
             lines += self.store(x, size)
@@ -792,30 +795,35 @@ class Emitter:
     def _mul(self, signed: bool, src):
         """MUL/IMUL r/m32: EDX:EAX = EAX * r/m32."""
         k = self.k
-        a, x, q = f"a{k}", f"x{k}", f"q{k}"
+        a, x = f"a{k}", f"x{k}"
         lines, fault = self._value(a, src, 4)
         eax = self.get(0, 4)
+        # The flags come from the product x alone (deferred, like a shift's): x & M is
+        # the new EAX in two's complement even when x is negative.
         if signed:
             lines += [
                 f"{x} = (({eax} ^ 0x80000000) - 0x80000000) * (({a} ^ 0x80000000) - 0x80000000)",
                 self.put(0, 4, f"{x} & 0xFFFFFFFF"),
                 self.put(2, 4, f"({x} >> 32) & 0xFFFFFFFF"),
-                f"{q} = (0 if ((e0 ^ 0x80000000) - 0x80000000) == {x} else 2049)",
             ]
+            q = f"((0 if ((({x} & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000) == {x} else 2049)"
         else:
             lines += [
                 f"{x} = {eax} * {a}",
                 self.put(0, 4, f"{x} & 0xFFFFFFFF"),
                 self.put(2, 4, f"{x} >> 32"),
-                f"{q} = (2049 if e2 else 0)",
             ]
-        lines[-1] += " | PAR[e0 & 255] | (64 if e0 == 0 else 0) | (128 if e0 & 0x80000000 else 0)"
+            q = f"((2049 if {x} >> 32 else 0)"
+        q += (
+            f" | PAR[{x} & 255] | (64 if ({x} & 0xFFFFFFFF) == 0 else 0)"
+            f" | (128 if {x} & 0x80000000 else 0))"
+        )
         self.set_flags("eager", "", "", q, 4)
         return lines, fault
 
     def _imul(self, reg: int, src, imm: str | None, size: int):
         k = self.k
-        a, b, x, f = f"a{k}", f"b{k}", f"x{k}", f"q{k}"
+        a, b, x = f"a{k}", f"b{k}", f"x{k}"
         m, sign = _MASK[size], _SIGN[size]
         lines, fault = self._value(a, src, size)
         if imm is None:
@@ -826,10 +834,12 @@ class Emitter:
         lines += [
             f"{x} = (({a} ^ {sign}) - {sign}) * {bv}",
             f"{a} = {x} & {m}",
-            f"{f} = (0 if (({a} ^ {sign}) - {sign}) == {x} else 2049) | PAR[{a} & 255] | "
-            f"(64 if {a} == 0 else 0) | (128 if {a} & {sign} else 0)",
             self.put(reg, size, a),
         ]
+        f = (
+            f"((0 if (({a} ^ {sign}) - {sign}) == {x} else 2049) | PAR[{a} & 255] | "
+            f"(64 if {a} == 0 else 0) | (128 if {a} & {sign} else 0))"
+        )
         self.set_flags("eager", "", "", f, size)
         return lines, fault
 
