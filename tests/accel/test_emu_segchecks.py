@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,6 +282,51 @@ def test_flat_segments_keep_the_fast_mode() -> None:
     assert not cpu.mode_key & SEGCHK
     cpu.load_seg(3, 0)  # a null DS does
     assert cpu.mode_key & SEGCHK
+
+
+def test_gs_flatness_keys_only_the_blocks_that_name_gs(tmp_path) -> None:
+    """Loops compiled while GS is flat: after GS gets a 4 KiB limit, the one that reads
+    through GS must fault (its inlined access assumed a flat GS), the one that never
+    names GS keeps its compiled block (Linux runs its kernel under every process's GS)."""
+    src = f"""bits 32
+org {CODE:#x}
+    mov esi, 2
+again:
+    mov ebx, 0x2000
+    mov ecx, 8
+plain:
+    add eax, [ebx]
+    dec ecx
+    jnz plain
+    mov ecx, 8
+via_gs:
+    add eax, [gs:ebx]
+    dec ecx
+    jnz via_gs
+    mov ax, 0x20
+    mov gs, ax
+    dec esi
+    jnz again
+    hlt
+"""
+    image = _nasm(src, tmp_path, "gskey")
+    plain = CODE + image.index(b"\x03\x03\x49")  # add eax, [ebx]; dec ecx
+    cpu = _protected_cpu(image, True)
+    seen: dict[int, Any] = {}
+
+    def translate_block(pa: int, eip: int, real=cpu.decoder.translate_block):
+        b = real(pa, eip)
+        if eip in seen:
+            seen[eip] = None  # translated twice
+        else:
+            seen.setdefault(eip, b)
+        return b
+
+    cpu.decoder.translate_block = translate_block  # type: ignore[method-assign]
+    assert _run(cpu) == GP
+    assert cpu.sel[5] == 0x20 and cpu.r[6] == 1  # in the second pass, through GS
+    assert seen[plain] is not None, "the loop without GS was translated again"
+    assert seen[plain].fn is not None  # and it ran compiled
 
 
 # ------------------------------------------------------------------ real mode

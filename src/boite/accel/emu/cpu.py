@@ -79,6 +79,12 @@ _OVERRIDE_SEGS_MASK = (1 << CS) | (1 << FS) | (1 << GS)
 STACK16 = 64  # mode_key bit: SS is a 16-bit stack segment
 
 
+def override_flat_bits(segs: int) -> int:
+    """The mode_key bits that say "not flat" for the override segments (CS, FS, GS)
+    among `segs` (bit i = segment i): what inlined overrides depend on."""
+    return (segs & _OVERRIDE_SEGS_MASK) << 4
+
+
 class CpuFault(Exception):
     """An architectural exception raised while executing an instruction."""
 
@@ -654,7 +660,7 @@ class Cpu:
         # And so is a 16-bit SS: compiled blocks push and pop inline only on a 32-bit one.
         self.seg_key = (
             (SEGCHK if self.seg_nonflat & _FLAT_SEGS_MASK else 0)
-            | ((self.seg_nonflat & _OVERRIDE_SEGS_MASK) << 4)
+            | override_flat_bits(self.seg_nonflat)
             | (0 if self.ss32 else STACK16)
         )
         self.stack_fast = self.ss32 and not self.seg_nonflat & (1 << SS)
@@ -1220,7 +1226,12 @@ class Cpu:
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
                     b = blocks.get(pa)
-                    if b is None or b.eip != eip or b.csb != csb or b.mode != self.mode_key:
+                    if (
+                        b is None
+                        or b.eip != eip
+                        or b.csb != csb
+                        or b.mode != self.mode_key & b.mask
+                    ):
                         b = decoder.translate_block(pa, eip)
                     f = b.fn
                     if f is not None:

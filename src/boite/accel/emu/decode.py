@@ -52,6 +52,7 @@ from boite.accel.emu.cpu import (
     ZF,
     CpuFault,
     CpuHalt,
+    override_flat_bits,
 )
 
 if TYPE_CHECKING:
@@ -108,12 +109,18 @@ def _sx(v: int, size: int) -> int:
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
-    __slots__ = ("eip", "csb", "mode", "fns", "pa", "info", "hits", "fn", "cacheable")
+    __slots__ = ("eip", "csb", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable")
 
-    def __init__(self, eip: int, csb: int, mode: int, fns: tuple, pa: int, info: list) -> None:
+    def __init__(
+        self, eip: int, csb: int, mode: int, fns: tuple, pa: int, info: list, mask: int = -1
+    ) -> None:
         self.eip = eip
         self.csb = csb
-        self.mode = mode
+        # The block is valid wherever mode_key & mask == mode: the flatness bits of the
+        # override segments it never names are masked out (the kernel runs the same code
+        # under each process's GS, and would otherwise keep re-translating it).
+        self.mask = mask
+        self.mode = mode & mask
         self.fns = fns
         self.pa = pa
         self.info = info
@@ -127,6 +134,7 @@ class Decoder:
         self.c = cpu
         self.ops: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
         self.ops0f: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
+        self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
         self._install()
 
     # ---------------------------------------------------------------- fetch
@@ -158,6 +166,7 @@ class Decoder:
                 b = self.u8(x)
                 if b in _SEG_PREFIX:
                     x.seg = _SEG_PREFIX[b]
+                    self.seg_overrides |= 1 << x.seg
                 elif b == 0x66:
                     x.op32 = not c.cs32
                 elif b == 0x67:
@@ -212,6 +221,7 @@ class Decoder:
         page_end = (pa | 0xFFF) + 1
         cur = eip
         cur_pa = pa
+        self.seg_overrides = 0
         while True:
             fn, n, end = self.decode(cur)
             fns.append(fn)
@@ -220,7 +230,8 @@ class Decoder:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
-        block = Block(eip, c.sbase[CS], c.mode_key, tuple(fns), pa, info)
+        unused = override_flat_bits(~self.seg_overrides)
+        block = Block(eip, c.sbase[CS], c.mode_key, tuple(fns), pa, info, ~unused)
         if cur_pa > page_end:
             block.cacheable = False  # an instruction straddles a page: run it, don't cache
             return block
