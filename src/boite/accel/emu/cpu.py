@@ -53,11 +53,13 @@ HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 
 # Executions before a block is compiled to one Python function. compile() costs about
 # 0.5 ms a block, as much as running a typical block through its closures a few hundred
-# times: booting the tiny Linux was fastest between 128 and 256.
+# times: booting the tiny Linux was fastest between 128 and 256 with the first block
+# compiler, and is 2-7% faster at 100 than at 200 since its flags are deferred (six
+# interleaved boots).
 # PyPy's tracing JIT does better on the shared closures than on thousands of generated
 # functions (tiny Linux to init: 21.6 s with closures only, 47.8 s compiling at 200), so
 # there blocks are never compiled.
-HOT_BLOCK = 200 if sys.implementation.name != "pypy" else 1 << 62
+HOT_BLOCK = 100 if sys.implementation.name != "pypy" else 1 << 62
 
 MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
     0x10, 0x1B, 0x174, 0x175, 0x176,
