@@ -36,6 +36,8 @@ DESC = {
     0x38: 0x0000970000000FFF,  # expand-down 16-bit (B=0), limit 0xfff: 0x1000..0xffff
     0x40: 0x00CF99000000FFFF,  # flat 32-bit code, execute-only
     0x48: 0x000F93000000FFFF,  # 16-bit data, byte-granular limit 0xfffff (for unreal mode)
+    0x50: 0x00409B100100000F,  # 32-bit code at CODE + 0x100, limit 0xf
+    0x58: 0x00409B100100FFFF,  # the same code, limit 0xffff
 }
 
 
@@ -92,7 +94,7 @@ def _protected_cpu(image: bytes, translate: bool) -> Cpu:
     mem.write(CODE, image)
     cpu = Cpu(mem, translate=translate)
     cpu.hot_block = 2  # the loops get compiled after two runs
-    cpu.gdt_base, cpu.gdt_limit = GDT, 0x4F
+    cpu.gdt_base, cpu.gdt_limit = GDT, 0x5F
     cpu.idt_base, cpu.idt_limit = IDT, 32 * 8 - 1
     cpu.set_cr(0, 0x11)
     cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
@@ -327,6 +329,39 @@ via_gs:
     assert cpu.sel[5] == 0x20 and cpu.r[6] == 1  # in the second pass, through GS
     assert seen[plain] is not None, "the loop without GS was translated again"
     assert seen[plain].fn is not None  # and it ran compiled
+
+
+@pytest.mark.parametrize("translate", [False, True], ids=["interpreted", "translated"])
+def test_fetch_past_the_cs_limit(tmp_path, translate: bool) -> None:
+    """Instruction fetch is checked against the CS limit: the instruction whose last byte
+    lies past it is #GP(0), the ones before it ran. The same code reached first through
+    a CS with a larger limit (same base) must not be reused from the block cache."""
+    src = f"""bits 32
+org {CODE:#x}
+    call 0x58:0
+    cmp edx, 4
+    jne fail
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    jmp 0x50:0
+fail:
+    hlt
+times 0x100 - ($ - $$) db 0x90
+    mov eax, 1        ; offsets 0..4
+    mov ebx, 2        ; 5..9
+    mov ecx, 3        ; 10..14
+    mov edx, 4        ; 15..19: past the limit 0xf
+    retf
+"""
+    cpu = _protected_cpu(_nasm(src, tmp_path, "cslimit"), translate)
+    cpu.hot_block = 1
+    assert _run(cpu) == GP
+    esp = cpu.r[4]
+    assert _rd32(cpu, esp) == 0  # error code
+    assert _rd32(cpu, esp + 4) == 15 and _rd32(cpu, esp + 8) & 0xFFFF == 0x50
+    assert cpu.r[0:4] == [1, 3, 0, 2]  # EAX, ECX, EDX, EBX: the MOV to EDX did not run
 
 
 # ------------------------------------------------------------------ real mode

@@ -137,6 +137,9 @@ class Cpu:
         self.sel = [0] * 6
         self.sbase = [0] * 6
         self.slimit = [M16] * 6
+        # CS base, plus its limit where the limit is below what EIP can reach: the key
+        # translated code is filed under, since the decoder checks fetches against it.
+        self.cs_key = 0
         self.sattr = [0x93] * 6  # access byte | (flags nibble << 8): bit 14 = D/B, 15 = G
         self.sattr[CS] = 0x9B
         self.cs32 = False
@@ -623,6 +626,7 @@ class Cpu:
         self.sattr[i] = attr
         if i == CS:
             self.cs32 = bool(attr & 0x4000)
+            self.update_cs_key()
         elif i == SS:
             self.ss32 = bool(attr & 0x4000)
         self.seg_check_update(i)
@@ -722,6 +726,12 @@ class Cpu:
         self.sbase[CS] = (sel & 0xFFFF) << 4
         if not self.cr0 & 1:
             self.cs32 = bool(self.sattr[CS] & 0x4000)
+        self.update_cs_key()
+
+    def update_cs_key(self) -> None:
+        limit = self.slimit[CS]
+        reach = M32 if self.cs32 else M16
+        self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
 
     def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
         """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""
@@ -1163,16 +1173,16 @@ class Cpu:
         compile_ok = self.compile_blocks
         hot = self.hot_block
         fmaps = self._fast
-        fmode = fcsb = -1
+        fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         while done < max_insns:
             if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
                 # Fast path: a compiled block for this EIP in this mode.
                 mk = self.mode_key
-                csb = sbase[1]
-                if mk != fmode or csb != fcsb:
-                    fmode, fcsb = mk, csb
-                    fast = fmaps.get((mk, csb)) or fmaps.setdefault((mk, csb), {})
+                csk = self.cs_key
+                if mk != fmode or csk != fcsk:
+                    fmode, fcsk = mk, csk
+                    fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
                 f = fast.get(self.eip)
                 if f is not None:
                     try:
@@ -1223,15 +1233,15 @@ class Cpu:
                         self.exception(DB, None)
                 elif translate:
                     eip = self.eip
-                    csb = sbase[1]
-                    lin = (csb + eip) & M32
+                    csk = self.cs_key
+                    lin = (sbase[1] + eip) & M32
                     p = self.rtlb.get(lin >> 12)
                     pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
                     b = blocks.get(pa)
                     if (
                         b is None
                         or b.eip != eip
-                        or b.csb != csb
+                        or b.csk != csk
                         or b.mode != self.mode_key & b.mask
                     ):
                         b = decoder.translate_block(pa, eip)
@@ -1239,7 +1249,7 @@ class Cpu:
                     if f is not None:
                         if b.cacheable:
                             mk = self.mode_key
-                            fm = fmaps.get((mk, csb)) or fmaps.setdefault((mk, csb), {})
+                            fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
                             fm[eip] = f
                         done += f()
                     else:

@@ -82,12 +82,15 @@ _ALWAYS_CHECKED = (CS, FS, GS)
 class Ctx:
     """Decoding state of one instruction."""
 
-    __slots__ = ("start", "pos", "csb", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask")
+    __slots__ = (
+        "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask"
+    )  # fmt: skip
 
-    def __init__(self, start: int, csb: int, code32: bool) -> None:
+    def __init__(self, start: int, csb: int, code32: bool, cslim: int) -> None:
         self.start = start
         self.pos = start
         self.csb = csb
+        self.cslim = cslim
         self.op32 = code32
         self.ad32 = code32
         self.seg: int | None = None
@@ -109,13 +112,13 @@ def _sx(v: int, size: int) -> int:
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
-    __slots__ = ("eip", "csb", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable")
+    __slots__ = ("eip", "csk", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable")
 
     def __init__(
-        self, eip: int, csb: int, mode: int, fns: tuple, pa: int, info: list, mask: int = -1
+        self, eip: int, csk: int, mode: int, fns: tuple, pa: int, info: list, mask: int = -1
     ) -> None:
         self.eip = eip
-        self.csb = csb
+        self.csk = csk  # Cpu.cs_key: CS base (and limit, where it can be reached)
         # The block is valid wherever mode_key & mask == mode: the flatness bits of the
         # override segments it never names are masked out (the kernel runs the same code
         # under each process's GS, and would otherwise keep re-translating it).
@@ -139,7 +142,9 @@ class Decoder:
 
     # ---------------------------------------------------------------- fetch
     def u8(self, x: Ctx) -> int:
-        if x.pos - x.start >= 15:
+        # Longer than 15 bytes, or a byte past the CS limit: #GP(0) (a near branch beyond
+        # the limit faults here, at the target, where the CPU faults on the branch).
+        if x.pos - x.start >= 15 or (x.pos & x.eipmask) > x.cslim:
             raise CpuFault(GP, 0)
         v = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
         x.pos += 1
@@ -160,7 +165,7 @@ class Decoder:
     # ---------------------------------------------------------------- decode
     def decode(self, eip: int) -> tuple[Fn, int, bool]:
         c = self.c
-        x = Ctx(eip, c.sbase[CS], c.cs32)
+        x = Ctx(eip, c.sbase[CS], c.cs32, c.slimit[CS])
         try:
             while True:
                 b = self.u8(x)
@@ -231,7 +236,7 @@ class Decoder:
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
         unused = override_flat_bits(~self.seg_overrides)
-        block = Block(eip, c.sbase[CS], c.mode_key, tuple(fns), pa, info, ~unused)
+        block = Block(eip, c.cs_key, c.mode_key, tuple(fns), pa, info, ~unused)
         if cur_pa > page_end:
             block.cacheable = False  # an instruction straddles a page: run it, don't cache
             return block

@@ -95,6 +95,7 @@ class SstRunner:
         for n, i in SEGS.items():
             cpu.sel[i] = regs[n]
             cpu.sbase[i] = regs[n] << 4
+        cpu.update_cs_key()
         cpu.eip = regs["ip"]
         cpu.fl = regs["flags"] | 2
         cpu.idt_base, cpu.idt_limit = 0, 0x3FF
