@@ -18,7 +18,9 @@ import subprocess
 import pytest
 
 from boite.accel.base import StopReason
+from boite.accel.cpustate import Segment
 from boite.accel.emu import EmuAccelerator
+from boite.accel.emu.cpu import SEGCHK
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot
@@ -114,7 +116,7 @@ def _program(rnd: random.Random, n: int, fault: str | None) -> str:
     )
 
 
-def _machine(image: bytes, seed: int, paging: bool) -> Machine:
+def _machine(image: bytes, seed: int, paging: bool, checked: bool = False) -> Machine:
     mem = GuestMemory.with_ram(4 << 20)
     m = Machine(mem)
     mem.write(CODE, image)
@@ -129,6 +131,10 @@ def _machine(image: bytes, seed: int, paging: bool) -> Machine:
         mem.write_u64(IDT + 8 * v, (h & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((h >> 16) << 48))
     st = boot.flat32(mem, CODE)
     st.idt.base, st.idt.limit = IDT, 32 * 8 - 1
+    if checked:
+        # ES (which the bodies never use) limited to 16 MiB: SEGCHK mode, where blocks
+        # are compiled from closures only, side exits included.
+        st.segments["es"] = Segment(selector=0x10, base=0, limit=0xFFFFFF, type=0x3, db=1)
     if paging:  # identity map of the first 4 MiB but HOLE
         mem.write_u32(PD, PT | 3)
         for i in range(1024):
@@ -142,8 +148,10 @@ def _machine(image: bytes, seed: int, paging: bool) -> Machine:
     return m
 
 
-def _run(image: bytes, seed: int, paging: bool, translate: bool, hot: int) -> tuple:
-    m = _machine(image, seed, paging)
+def _run(
+    image: bytes, seed: int, paging: bool, translate: bool, hot: int, checked: bool = False
+) -> tuple:
+    m = _machine(image, seed, paging, checked)
     acc = EmuAccelerator(translate=translate, hot_block=hot)
     acc.create(m)
     try:
@@ -151,6 +159,7 @@ def _run(image: bytes, seed: int, paging: bool, translate: bool, hot: int) -> tu
         assert res.reason is StopReason.HALTED, res
         st = acc.save_cpu_state()[0]
         compiled = sum(1 for b in acc.cpu.blocks.values() if b.fn is not None)
+        assert bool(acc.cpu.mode_key & SEGCHK) is checked
     finally:
         acc.close()
     regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
@@ -158,7 +167,7 @@ def _run(image: bytes, seed: int, paging: bool, translate: bool, hot: int) -> tu
     return state, m.memory.read(DATA, 0x2000), m.memory.read(boot.STACK_TOP - 64, 64), compiled
 
 
-def _check(tmp_path, seed: int, n: int, fault: str | None) -> None:
+def _check(tmp_path, seed: int, n: int, fault: str | None, checked: bool = False) -> None:
     rnd = random.Random(seed)
     src = _program(rnd, n, fault)
     (tmp_path / "p.asm").write_text(src)
@@ -166,9 +175,9 @@ def _check(tmp_path, seed: int, n: int, fault: str | None) -> None:
                    check=True)  # fmt: skip
     image = (tmp_path / "p.bin").read_bytes()
     paging = fault == "pf" or seed % 2 == 0
-    ref = _run(image, seed, paging, False, 1)
+    ref = _run(image, seed, paging, False, 1, checked)
     for hot in (1, 5):
-        got = _run(image, seed, paging, True, hot)
+        got = _run(image, seed, paging, True, hot, checked)
         assert got[3] > 0, "nothing was compiled"
         what = ("registers, EIP, flags, CR2", "data", "stack")
         for i in range(3):
@@ -182,6 +191,11 @@ def _check(tmp_path, seed: int, n: int, fault: str | None) -> None:
 @pytest.mark.parametrize("seed", range(24))
 def test_hot_random_loops_match_the_interpreter(tmp_path, seed):
     _check(tmp_path, seed, 30, None)
+
+
+@pytest.mark.parametrize("seed", range(300, 308))
+def test_hot_random_loops_with_checked_segments(tmp_path, seed):
+    _check(tmp_path, seed, 30, None, checked=True)
 
 
 @pytest.mark.parametrize("seed", range(100, 112))

@@ -109,6 +109,15 @@ def _sx(v: int, size: int) -> int:
     return v - (s << 1) if v & s else v
 
 
+def _jcc_target(raw: bytes, nxt: int) -> int | None:
+    """The target of a 32-bit code Jcc rel8/rel32 given its bytes, else None."""
+    if len(raw) == 2 and 0x70 <= raw[0] <= 0x7F:
+        return (nxt + _sx8(raw[1])) & M32
+    if len(raw) == 6 and raw[0] == 0x0F and 0x80 <= raw[1] <= 0x8F:
+        return (nxt + int.from_bytes(raw[2:], "little", signed=True)) & M32
+    return None
+
+
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
@@ -263,7 +272,56 @@ class Decoder:
             raw = bytes(c.ram[off : off + n]) if off + n <= c.ram_size else b""
             insns.append((fn, eip, n, raw))
             off += n
-        block.fn = compile_block(c, insns)
+        exits = self._superblock(block, insns, off) if c.cs32 else frozenset()
+        block.fn = compile_block(c, insns, exits)
+
+    def _superblock(self, block: Block, insns: list, off: int) -> frozenset[int]:
+        """Grow a block that ends in a conditional branch by its fall-through, on the same
+        page, up to MAX_BLOCK instructions: one call instead of several dispatches where
+        a branch is mostly not taken. A branch back to the block's start stays the end
+        (the compiler turns that into a loop). Returns the indices of the branches now
+        inside, for their side exits."""
+        c = self.c
+        exits: list[int] = []
+        page_end = (block.pa | 0xFFF) + 1
+        self.seg_overrides = 0
+        while len(insns) < MAX_BLOCK and off <= c.ram_size:
+            _, eip, n, raw = insns[-1]
+            nxt = (eip + n) & M32
+            target = _jcc_target(raw, nxt)
+            if target is None or target == block.eip:
+                break
+            # Only where the fall-through has run about as often (grown blindly, the
+            # kernel's boot got slower: longer compiles for code that rarely runs).
+            after = c.blocks.get(off)
+            if (
+                after is None
+                or after.eip != nxt
+                or (after.fn is None and after.hits < block.hits // 2)
+            ):
+                break
+            exits.append(len(insns) - 1)
+            while len(insns) < MAX_BLOCK:
+                try:
+                    fn, n, end = self.decode(nxt)
+                except CpuFault:
+                    break
+                if off + n > min(page_end, c.ram_size):
+                    break
+                insns.append((fn, nxt, n, bytes(c.ram[off : off + n])))
+                off += n
+                nxt = (nxt + n) & M32
+                if end:
+                    break
+            if len(insns) - 1 == exits[-1]:  # nothing followed: no side exit after all
+                exits.pop()
+                break
+            if not insns[-1][3] or _jcc_target(insns[-1][3], nxt) is None:
+                break
+        # The block now also depends on the overrides its new instructions name.
+        block.mask |= override_flat_bits(self.seg_overrides)
+        block.mode = c.mode_key & block.mask
+        return frozenset(exits)
 
     # ---------------------------------------------------------------- operands
     def modrm(self, x: Ctx) -> tuple[int, int, int, Callable[[], int] | None]:

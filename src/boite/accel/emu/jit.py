@@ -46,6 +46,7 @@ _ALU = {0: ("+", "add"), 1: ("|", "logic"), 2: ("+", "add"), 3: ("-", "sbb"),
 _LOP = {"add": 1, "sub": 2, "sbb": 2, "logic": 3, "inc": 4, "dec": 5}
 _RELOAD = "\x00reload"  # placeholder: reload the locals after a closure call
 _SYNC = "\x00sync"  # placeholder: write back the dirty registers before a closure call
+_EXIT = "\x00exit"  # placeholder: return from a side exit, after N instructions
 
 
 def _s32(v: int) -> int:
@@ -844,8 +845,12 @@ class Emitter:
         return lines, fault
 
 
-def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
-    """insns: (closure, eip, length, raw bytes) of each instruction of the block."""
+def compile_block(
+    cpu: Cpu, insns: list[tuple[Any, int, int, bytes]], exits: frozenset[int] = frozenset()
+) -> Any:
+    """insns: (closure, eip, length, raw bytes) of each instruction of the block.
+    exits: indices of conditional branches inside it (a superblock goes on past them to
+    their fall-through): a taken one leaves the function there (a side exit)."""
     em = Emitter(cpu.seg_nonflat, not cpu.mode_key & STACK16)
     ns: dict[str, Any] = {
         "c": cpu, "r": cpu.r, "sb": cpu.sbase, "rd8": cpu.rd8, "rd16": cpu.rd16,
@@ -888,13 +893,31 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
                 em.live = None
             else:
                 em.c_flag_read = True
-            lines += [f"_i = {k}", f"f{k}()", _RELOAD]
+            lines += [f"_i = {k}", f"f{k}()"]
+            if k in exits:  # the closure branched: its state is all in the CPU
+                lines += [f"if c.eip != {nxt}:", f"    {_EXIT}{k + 1}"]
+            lines.append(_RELOAD)
             chunks.append((lines, set()))
             last_jump = True  # the closure stored EIP itself
             continue
         lines, may_fault = out
         if may_fault:
             lines = [f"_i = {k}", *lines]
+        if k in exits:
+            jl = lines[-1]
+            head, sep, tail = jl.partition(" if ")
+            if not (head.startswith("c.eip = ") and sep and tail.endswith(f" else {nxt}")):
+                raise AssertionError(f"side exit at {eip:#x}: not a conditional branch: {jl}")
+            # Taken: write back what is dirty (registers, the live flags) and leave.
+            lines[-1] = f"if {tail[: -len(f' else {nxt}')]}:"
+            lines.append(f"    {_SYNC}" + ",".join(map(str, sorted(em.dirty))))
+            if em.live is not None:
+                lines.append(f"    {em.live.sync()}")
+            else:
+                em.c_flag_read = True  # a loop must keep the CPU's flags current
+            lines += [f"    {head}", f"    {_EXIT}{k + 1}"]
+            chunks.append((lines, em.refs))
+            continue
         last_jump = any("c.eip =" in ln for ln in lines)
         if last_jump and k == len(insns) - 1:
             jl = lines[-1]
@@ -924,12 +947,17 @@ def compile_block(cpu: Cpu, insns: list[tuple[Any, int, int, bytes]]) -> Any:
     body: list[str] = []
     for i, (lines, _) in enumerate(chunks):
         for ln in lines:
-            if ln.startswith(_SYNC):
+            code = ln.lstrip()
+            ind = ln[: len(ln) - len(code)]
+            if code.startswith(_SYNC):
                 # In a loop, a register written further on is dirty from the last pass.
-                regs = {int(v) for v in ln[len(_SYNC) :].split(",") if v}
+                regs = {int(v) for v in code[len(_SYNC) :].split(",") if v}
                 if loop_cond is not None:
                     regs |= set(written)
-                body += [f"r[{w}] = e{w}" for w in sorted(regs)]
+                body += [f"{ind}r[{w}] = e{w}" for w in sorted(regs)]
+            elif code.startswith(_EXIT):
+                ran = code[len(_EXIT) :]
+                body.append(f"{ind}return _n + {ran}" if loop_cond is not None else f"{ind}return {ran}")
             elif ln == _RELOAD:
                 if i == len(chunks) - 1 and loop_cond is None:
                     continue  # nothing runs after the last closure but the return
