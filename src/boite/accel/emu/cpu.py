@@ -1175,105 +1175,107 @@ class Cpu:
         fmaps = self._fast
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
-        while done < max_insns:
-            if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
-                # Fast path: a compiled block for this EIP in this mode.
-                mk = self.mode_key
-                csk = self.cs_key
-                if mk != fmode or csk != fcsk:
-                    fmode, fcsk = mk, csk
-                    fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                f = fast.get(self.eip)
-                if f is not None:
-                    try:
-                        done += f()
-                    except CpuFault as e:
-                        self.exception(e.vector, e.error)
-                    except CpuHalt:
-                        done += 1
-                        self.halted = True
-                        break
-                    except CpuStop:
-                        break
-                    if self.stop or (should_stop is not None and should_stop()):
-                        break
-                    continue
-            if self.intr and self.fl & IF and not self.inhibit_irq:
-                vec = irq_check()
-                if vec is not None:
-                    self.halted = False  # an interrupt ends HLT
-                    self.irq_count += 1
-                    try:
-                        self.interrupt(vec, None, False, self.eip)
-                    except CpuFault as f:
-                        self.exception(f.vector, f.error)
-                elif self.halted:
-                    break  # the request went away before INTA: keep sleeping
-            if self.dma_writes:  # after irq_check, which may clear intr: see note_dma_write
-                self.drain_dma_writes()
-            shadow = self.inhibit_irq
-            if shadow:
-                self.inhibit_irq = False
-            if self.halted:
-                break
-            n = 0
-            try:
-                tf = self.fl & TF
-                if tf or shadow:
-                    # Single-step, or the one instruction of an STI/MOV SS shadow: run it
-                    # alone so that an interrupt is taken right after it, not a block later.
-                    if_before = self.fl & IF
-                    fn, _ = decoder.decode_one(self.eip)
-                    fn()
-                    done += 1
-                    # The #DB trap after the instruction, unless it was MOV/POP SS: their
-                    # shadow holds debug traps too (STI's, the one that set IF, does not).
-                    if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
-                        self.dr[6] |= 0x4000  # BS
-                        self.exception(DB, None)
-                elif translate:
-                    eip = self.eip
+        try:
+            while done < max_insns:
+                if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
+                    # Fast path: a compiled block for this EIP in this mode.
+                    mk = self.mode_key
                     csk = self.cs_key
-                    lin = (sbase[1] + eip) & M32
-                    p = self.rtlb.get(lin >> 12)
-                    pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
-                    b = blocks.get(pa)
-                    if (
-                        b is None
-                        or b.eip != eip
-                        or b.csk != csk
-                        or b.mode != self.mode_key & b.mask
-                    ):
-                        b = decoder.translate_block(pa, eip)
-                    f = b.fn
+                    if mk != fmode or csk != fcsk:
+                        fmode, fcsk = mk, csk
+                        fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
+                    f = fast.get(self.eip)
                     if f is not None:
-                        if b.cacheable:
-                            mk = self.mode_key
-                            fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                            fm[eip] = f
-                        done += f()
+                        try:
+                            done += f()
+                        except CpuFault as e:
+                            self.exception(e.vector, e.error)
+                        except CpuHalt:
+                            done += 1
+                            self.halted = True
+                            break
+                        except CpuStop:
+                            break
+                        if self.stop or (should_stop is not None and should_stop()):
+                            break
+                        continue
+                if self.intr and self.fl & IF and not self.inhibit_irq:
+                    vec = irq_check()
+                    if vec is not None:
+                        self.halted = False  # an interrupt ends HLT
+                        self.irq_count += 1
+                        try:
+                            self.interrupt(vec, None, False, self.eip)
+                        except CpuFault as f:
+                            self.exception(f.vector, f.error)
+                    elif self.halted:
+                        break  # the request went away before INTA: keep sleeping
+                if self.dma_writes:  # after irq_check, which may clear intr: see note_dma_write
+                    self.drain_dma_writes()
+                shadow = self.inhibit_irq
+                if shadow:
+                    self.inhibit_irq = False
+                if self.halted:
+                    break
+                n = 0
+                try:
+                    tf = self.fl & TF
+                    if tf or shadow:
+                        # Single-step, or the one instruction of an STI/MOV SS shadow: run it
+                        # alone so that an interrupt is taken right after it, not a block later.
+                        if_before = self.fl & IF
+                        fn, _ = decoder.decode_one(self.eip)
+                        fn()
+                        done += 1
+                        # The #DB trap after the instruction, unless it was MOV/POP SS: their
+                        # shadow holds debug traps too (STI's, the one that set IF, does not).
+                        if tf and not (self.inhibit_irq and (if_before or not self.fl & IF)):
+                            self.dr[6] |= 0x4000  # BS
+                            self.exception(DB, None)
+                    elif translate:
+                        eip = self.eip
+                        csk = self.cs_key
+                        lin = (sbase[1] + eip) & M32
+                        p = self.rtlb.get(lin >> 12)
+                        pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
+                        b = blocks.get(pa)
+                        if (
+                            b is None
+                            or b.eip != eip
+                            or b.csk != csk
+                            or b.mode != self.mode_key & b.mask
+                        ):
+                            b = decoder.translate_block(pa, eip)
+                        f = b.fn
+                        if f is not None:
+                            if b.cacheable:
+                                mk = self.mode_key
+                                fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
+                                fm[eip] = f
+                            done += f()
+                        else:
+                            b.hits += 1
+                            if b.hits >= hot and b.cacheable and compile_ok:
+                                decoder.compile(b)
+                            for fn in b.fns:
+                                fn()
+                                n += 1
+                            done += n
                     else:
-                        b.hits += 1
-                        if b.hits >= hot and b.cacheable and compile_ok:
-                            decoder.compile(b)
-                        for fn in b.fns:
-                            fn()
-                            n += 1
-                        done += n
-                else:
-                    fn, _ = decoder.decode_one(self.eip)
-                    fn()
-                    done += 1
-            except CpuFault as f:
-                done += n
-                self.exception(f.vector, f.error)
-            except CpuHalt:
-                done += n + 1
-                self.halted = True
-                break
-            except CpuStop:
-                break
-            if self.stop or (should_stop is not None and should_stop()):
-                break
-        self.icount += done
+                        fn, _ = decoder.decode_one(self.eip)
+                        fn()
+                        done += 1
+                except CpuFault as f:
+                    done += n
+                    self.exception(f.vector, f.error)
+                except CpuHalt:
+                    done += n + 1
+                    self.halted = True
+                    break
+                except CpuStop:
+                    break
+                if self.stop or (should_stop is not None and should_stop()):
+                    break
+        finally:
+            self.icount += done  # also when a guest error ends the run
         return done
