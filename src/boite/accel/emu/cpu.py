@@ -1155,6 +1155,28 @@ class Cpu:
         except CpuFault as f:
             self.exception(f.vector, f.error)
 
+    def _block_boundary(self, irq_check: Callable[[], int | None]) -> bool:
+        """Between blocks, off the fast path: take a pending interrupt, drop the code that
+        device DMA replaced, end an STI/MOV SS shadow. Returns whether the next
+        instruction is the one in the shadow."""
+        if self.intr and self.fl & IF and not self.inhibit_irq:
+            vec = irq_check()
+            if vec is not None:
+                self.halted = False  # an interrupt ends HLT
+                self.irq_count += 1
+                try:
+                    self.interrupt(vec, None, False, self.eip)
+                except CpuFault as f:
+                    self.exception(f.vector, f.error)
+            elif self.halted:
+                return False  # the request went away before INTA: keep sleeping
+        if self.dma_writes:  # after irq_check, which may clear intr: see note_dma_write
+            self.drain_dma_writes()
+        shadow = self.inhibit_irq
+        if shadow:
+            self.inhibit_irq = False
+        return shadow
+
     def run(self, max_insns: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Execute up to about `max_insns` instructions; returns how many ran.
 
@@ -1177,6 +1199,8 @@ class Cpu:
         fast: dict[int, Callable[[], int]] = {}
         try:
             while done < max_insns:
+                f = None
+                shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
                     # Fast path: a compiled block for this EIP in this mode.
                     mk = self.mode_key
@@ -1185,42 +1209,15 @@ class Cpu:
                         fmode, fcsk = mk, csk
                         fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
                     f = fast.get(self.eip)
-                    if f is not None:
-                        try:
-                            done += f()
-                        except CpuFault as e:
-                            self.exception(e.vector, e.error)
-                        except CpuHalt:
-                            done += 1
-                            self.halted = True
-                            break
-                        except CpuStop:
-                            break
-                        if self.stop or (should_stop is not None and should_stop()):
-                            break
-                        continue
-                if self.intr and self.fl & IF and not self.inhibit_irq:
-                    vec = irq_check()
-                    if vec is not None:
-                        self.halted = False  # an interrupt ends HLT
-                        self.irq_count += 1
-                        try:
-                            self.interrupt(vec, None, False, self.eip)
-                        except CpuFault as f:
-                            self.exception(f.vector, f.error)
-                    elif self.halted:
-                        break  # the request went away before INTA: keep sleeping
-                if self.dma_writes:  # after irq_check, which may clear intr: see note_dma_write
-                    self.drain_dma_writes()
-                shadow = self.inhibit_irq
-                if shadow:
-                    self.inhibit_irq = False
-                if self.halted:
-                    break
                 n = 0
+                if f is None:
+                    shadow = self._block_boundary(irq_check)
+                    if self.halted:
+                        break
                 try:
-                    tf = self.fl & TF
-                    if tf or shadow:
+                    if f is not None:
+                        done += f()
+                    elif (tf := self.fl & TF) or shadow:
                         # Single-step, or the one instruction of an STI/MOV SS shadow: run it
                         # alone so that an interrupt is taken right after it, not a block later.
                         if_before = self.fl & IF
@@ -1265,9 +1262,9 @@ class Cpu:
                         fn, _ = decoder.decode_one(self.eip)
                         fn()
                         done += 1
-                except CpuFault as f:
+                except CpuFault as e:
                     done += n
-                    self.exception(f.vector, f.error)
+                    self.exception(e.vector, e.error)
                 except CpuHalt:
                     done += n + 1
                     self.halted = True
