@@ -8,9 +8,13 @@ CR0.EM and the x87 escape opcodes trap with #NM into the kernel's own math emula
 With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FNSTSW
 leave memory alone, so the usual probe finds no FPU).
 
+Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exceptions
+to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
+PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap).
+
 Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-hardware task switches (task gates, JMP/CALL to a TSS), virtual-8086 mode,
-debug registers' breakpoints, SMM.
+hardware task switches (task gates, JMP/CALL to a TSS, and so entering virtual-8086 mode
+through one), debug registers' breakpoints, SMM.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ SEGCHK = 8
 _FLAT_SEGS_MASK = (1 << ES) | (1 << SS) | (1 << DS)
 _OVERRIDE_SEGS_MASK = (1 << CS) | (1 << FS) | (1 << GS)
 STACK16 = 64  # mode_key bit: SS is a 16-bit stack segment
+# Virtual-8086 mode segments: present, DPL 3, read/write data (as VMX loads them), with
+# real-mode bases and 64 KiB limits.
+VM86_SEG_ATTR = 0xF3
 
 
 def override_flat_bits(segs: int) -> int:
@@ -872,6 +879,19 @@ class Cpu:
                 self.set_seg_raw(i, 0, 0, 0, 0)
 
     def iret(self, opsize: int) -> None:
+        if self.fl & VM:
+            # In virtual-8086 mode IRET is IOPL-sensitive (no VME), and with IOPL 3 pops
+            # like real mode but leaves IOPL and VM alone.
+            if (self.fl >> 12) & 3 < 3:
+                raise CpuFault(GP, 0)
+            eip = self.peek(0, opsize)
+            cs = self.peek(opsize, opsize) & 0xFFFF
+            fl = self.peek(2 * opsize, opsize)
+            self.sp_add(3 * opsize)
+            self.real_cs(cs)
+            self.eip = eip & M16
+            self.set_flags(fl, (0x257FD5 if opsize == 4 else 0x7FD5) & ~IOPL)
+            return
         if not self.cr0 & 1:
             eip = self.pop(opsize)
             cs = self.pop(opsize)
@@ -889,7 +909,8 @@ class Cpu:
         cs = self.peek(opsize, opsize) & 0xFFFF
         fl = self.peek(2 * opsize, opsize)
         if opsize == 4 and fl & VM and self.cpl == 0:
-            raise GuestError("IRET to virtual-8086 mode is not emulated")
+            self._iret_to_vm86(eip, cs, fl)
+            return
         rpl = cs & 3
         if rpl < self.cpl:
             raise CpuFault(GP, cs & 0xFFFC)
@@ -921,6 +942,20 @@ class Cpu:
         self.eip = eip
         self.set_flags(fl, mask)
 
+    def _iret_to_vm86(self, eip: int, cs: int, fl: int) -> None:
+        """IRET at CPL 0 with VM set in the popped EFLAGS: the frame goes on with ESP, SS,
+        ES, DS, FS, GS (dwords); every segment becomes a real-mode style one at CPL 3."""
+        esp = self.peek(12, 4)
+        sels = [self.peek(off, 4) & 0xFFFF for off in (16, 20, 24, 28, 32)]  # SS ES DS FS GS
+        self.set_flags(fl, 0x3F7FD5)
+        for i, sel in zip((SS, ES, DS, FS, GS), sels, strict=True):
+            self.set_seg_raw(i, sel, sel << 4, M16, VM86_SEG_ATTR)
+        self.r[4] = esp
+        self.set_seg_raw(CS, cs, cs << 4, M16, VM86_SEG_ATTR)  # the selector as it is
+        self.cpl = 3
+        self.tlb_switch()
+        self.eip = eip & M16
+
     # ------------------------------------------------------------------ interrupts
     def interrupt(
         self, vec: int, error: int | None, software: bool, next_eip: int, rf: bool = False
@@ -941,8 +976,7 @@ class Cpu:
             self.real_cs(ent >> 16)
             self.eip = ent & 0xFFFF
             return
-        if flags & VM:
-            raise GuestError("interrupt in virtual-8086 mode is not emulated")
+        vm86 = flags & VM
         ext = 0 if software else 1
         if vec * 8 + 7 > self.idt_limit:
             raise CpuFault(GP, vec * 8 + 2 + ext)
@@ -965,7 +999,8 @@ class Cpu:
         d, _ = self.descriptor(tsel)
         base, limit, attr = self.desc_fields(d)
         dpl = (attr >> 5) & 3
-        if attr & 0x18 != 0x18 or dpl > self.cpl:
+        if attr & 0x18 != 0x18 or dpl > self.cpl or (vm86 and (dpl or attr & 4)):
+            # From virtual-8086 mode only to a ring-0 non-conforming handler.
             raise CpuFault(GP, (tsel & 0xFFFC) + ext)
         if not attr & 0x80:
             raise CpuFault(NP, (tsel & 0xFFFC) + ext)
@@ -978,6 +1013,9 @@ class Cpu:
                 # The pushes happen with the new privilege (supervisor stack).
                 self.cpl = dpl
                 self.tlb_switch()
+                if vm86:  # the real-mode style data selectors go first
+                    for i in (GS, FS, DS, ES):
+                        self.push(self.sel[i], gsize)
                 self.push(old_ss, gsize)
                 self.push(old_esp, gsize)
                 self.push(pushed_flags, gsize)
@@ -992,6 +1030,9 @@ class Cpu:
                 self.r[4] = old_esp
                 raise
             self.load_cs(tsel, base, limit, attr, dpl)
+            if vm86:  # the handler starts with null data segments
+                for i in (ES, DS, FS, GS):
+                    self.set_seg_raw(i, 0, 0, 0, 0)
         else:
             try:
                 self.push(pushed_flags, gsize)

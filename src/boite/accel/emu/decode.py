@@ -49,6 +49,7 @@ from boite.accel.emu.cpu import (
     SS,
     SS_VEC,
     UD,
+    VM,
     ZF,
     CpuFault,
     CpuHalt,
@@ -1249,6 +1250,8 @@ class Decoder:
 
             def pushf() -> None:
                 f = c.get_flags()
+                if f & VM and (f >> 12) & 3 < 3:
+                    raise CpuFault(GP, 0)  # IOPL-sensitive in virtual-8086 mode
                 c.push(f & 0xFCFFFF if size == 4 else f & 0xFFFF, size)
                 c.eip = nxt
 
@@ -1256,6 +1259,8 @@ class Decoder:
         x.end = True
 
         def popf() -> None:
+            if c.fl & VM and (c.fl >> 12) & 3 < 3:
+                raise CpuFault(GP, 0)
             v = c.pop(size)
             mask = 0x247FD5 if size == 4 else 0x7FD5
             if c.cr0 & 1:
@@ -1457,7 +1462,8 @@ class Decoder:
             if b == 0xCE and not c.get_flags() & OF:
                 c.eip = nxt
                 return
-            if c.cr0 & 1 and c.fl & 0x20000:
+            # INT n (not INT3/INTO/INT1) is IOPL-sensitive in virtual-8086 mode.
+            if c.fl & VM and b == 0xCD and (c.fl >> 12) & 3 < 3:
                 raise CpuFault(GP, 0)
             c.interrupt(vec, None, b != 0xF1, nxt)
 
@@ -2284,6 +2290,8 @@ class Decoder:
         g = self.reg_get(reg, 2)
 
         def arpl() -> None:
+            if c.fl & VM:
+                raise CpuFault(UD)  # protected mode only, and virtual-8086 mode is not
             src = g()
             zf = [0]
 
@@ -2645,7 +2653,7 @@ class Decoder:
         s = self.rm_set(mod, rm, ea, 4 if (x.op32 and mod == 3) else 2)
 
         def grp6() -> None:
-            if not c.cr0 & 1:
+            if not c.cr0 & 1 or c.fl & VM:
                 raise CpuFault(UD)
             if op == 0:
                 s(c.ldt_sel)
@@ -2756,7 +2764,7 @@ class Decoder:
         s = self.reg_set(reg, size)
 
         def larlsl() -> None:
-            if not c.cr0 & 1:
+            if not c.cr0 & 1 or c.fl & VM:
                 raise CpuFault(UD)
             sel = g()
             ok = False

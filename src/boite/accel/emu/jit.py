@@ -957,7 +957,9 @@ def compile_block(
                 body += [f"{ind}r[{w}] = e{w}" for w in sorted(regs)]
             elif code.startswith(_EXIT):
                 ran = code[len(_EXIT) :]
-                body.append(f"{ind}return _n + {ran}" if loop_cond is not None else f"{ind}return {ran}")
+                body.append(
+                    f"{ind}return _n + {ran}" if loop_cond is not None else f"{ind}return {ran}"
+                )
             elif ln == _RELOAD:
                 if i == len(chunks) - 1 and loop_cond is None:
                     continue  # nothing runs after the last closure but the return
