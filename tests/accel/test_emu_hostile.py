@@ -62,5 +62,5 @@ def test_random_code_never_crashes_the_emulator(seed: int, mode: str, translate:
         acc.close()
     assert ran > 0, res
     if res.reason is StopReason.ERROR:
-        # Only guest states the emulator declines, named as such (task switches).
+        # Only guest states the emulator declines, named as such (PAE paging).
         assert "not emulated" in (res.detail or ""), res.detail

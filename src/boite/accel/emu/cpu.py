@@ -13,8 +13,8 @@ to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI
 PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap).
 
 Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-hardware task switches (task gates, JMP/CALL to a TSS, and so entering virtual-8086 mode
-through one), debug registers' breakpoints, SMM.
+debug registers' breakpoints, SMM. Hardware task switches (far JMP/CALL to a TSS or a
+task gate, interrupts through a task gate, IRET with NT) are emulated.
 """
 
 from __future__ import annotations
@@ -812,10 +812,14 @@ class Cpu:
             return
         if typ not in (0x01, 0x05, 0x09):  # only an available TSS or a task gate switches
             raise CpuFault(GP, sel & 0xFFFC)
-        raise GuestError(
-            f"far {'call' if call else 'jump'} to selector {sel:#x} of descriptor type "
-            f"{typ & 0xF:#x}: task switches are not emulated"
-        )
+        if dpl < self.cpl or dpl < rpl:
+            raise CpuFault(GP, sel & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(NP, sel & 0xFFFC)
+        if typ == 0x05:  # task gate: the TSS selector is in it
+            d, _ = self.descriptor(sel)
+            sel = (d >> 16) & 0xFFFF
+        self.task_switch(sel, "call" if call else "jmp", next_eip)
 
     def stack_switch(self, new_cpl: int) -> None:
         """Load SS:ESP for `new_cpl` from the current 32-bit TSS (inner-level entry)."""
@@ -878,7 +882,7 @@ class Cpu:
             if (attr & 0x1C) != 0x1C and dpl < self.cpl:  # data or non-conforming code
                 self.set_seg_raw(i, 0, 0, 0, 0)
 
-    def iret(self, opsize: int) -> None:
+    def iret(self, opsize: int, next_eip: int = 0) -> None:
         if self.fl & VM:
             # In virtual-8086 mode IRET is IOPL-sensitive (no VME), and with IOPL 3 pops
             # like real mode but leaves IOPL and VM alone.
@@ -903,8 +907,9 @@ class Cpu:
             else:
                 self.set_flags(fl, 0x257FD5)
             return
-        if self.fl & NT:
-            raise GuestError("IRET with EFLAGS.NT set (task return) is not emulated")
+        if self.fl & NT:  # return to the task that called this one (the back link)
+            self.task_switch(self.sys_read(self.tr_base, 2), "iret", next_eip)
+            return
         eip = self.peek(0, opsize)
         cs = self.peek(opsize, opsize) & 0xFFFF
         fl = self.peek(2 * opsize, opsize)
@@ -956,6 +961,111 @@ class Cpu:
         self.tlb_switch()
         self.eip = eip & M16
 
+    def task_switch(self, sel: int, reason: str, next_eip: int, error: int | None = None) -> None:
+        """Hardware task switch (SDM vol. 3, 7.3) to the TSS `sel`, for a far JMP or CALL
+        (to a TSS or a task gate), an interrupt through a task gate, or an IRET with NT
+        (reason "jmp", "call", "int", "iret"). The outgoing state goes into the current
+        TSS, the incoming one is read whole before anything changes."""
+        iret = reason == "iret"
+        vec = TS if iret else GP
+        if sel & 4 or sel & 0xFFFC == 0:
+            raise CpuFault(vec, sel & 0xFFFC)
+        d, addr = self.descriptor(sel, vec)
+        base, limit, attr = self.desc_fields(d)
+        typ = attr & 0x1F
+        if typ not in ((0x0B, 0x03) if iret else (0x09, 0x01)):
+            raise CpuFault(vec, sel & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(NP, sel & 0xFFFC)
+        big = bool(typ & 8)
+        if limit < (0x67 if big else 0x2B):
+            raise CpuFault(TS, sel & 0xFFFC)
+        # The incoming state, whole, before anything is written.
+        rd = self.sys_read
+        if big:
+            cr3 = rd(base + 0x1C, 4)
+            eip, fl = rd(base + 0x20, 4), rd(base + 0x24, 4)
+            regs = [rd(base + 0x28 + 4 * i, 4) for i in range(8)]
+            sels = [rd(base + 0x48 + 4 * i, 2) for i in range(6)]
+            ldt = rd(base + 0x60, 2)
+        else:
+            cr3 = None
+            eip, fl = rd(base + 0x0E, 2), rd(base + 0x10, 2)
+            # Upper register halves are not in a 16-bit TSS: they stay as they are.
+            regs = [(self.r[i] & 0xFFFF0000) | rd(base + 0x12 + 2 * i, 2) for i in range(8)]
+            sels = [rd(base + 0x22 + 2 * i, 2) for i in range(4)] + [0, 0]
+            ldt = rd(base + 0x2A, 2)
+        # The outgoing state into the current TSS.
+        old_sel, old_base = self.tr_sel, self.tr_base
+        flags = self.get_flags() & ~(NT if iret else 0)
+        wr = self.sys_write
+        if self.tr_type & 8:
+            wr(old_base + 0x20, 4, next_eip)
+            wr(old_base + 0x24, 4, flags)
+            for i in range(8):
+                wr(old_base + 0x28 + 4 * i, 4, self.r[i])
+            for i in range(6):
+                wr(old_base + 0x48 + 4 * i, 2, self.sel[i])
+        else:
+            wr(old_base + 0x0E, 2, next_eip)
+            wr(old_base + 0x10, 2, flags)
+            for i in range(8):
+                wr(old_base + 0x12 + 2 * i, 2, self.r[i])
+            for i in range(4):
+                wr(old_base + 0x22 + 2 * i, 2, self.sel[i])
+        # Busy bits and the back link.
+        if reason in ("jmp", "iret") and old_sel & 0xFFFC:
+            old_addr = (self.gdt_base + (old_sel & 0xFFF8) + 5) & M32
+            wr(old_addr, 1, rd(old_addr, 1) & ~2)
+        if not iret:
+            wr(addr + 5, 1, rd(addr + 5, 1) | 2)
+        if reason in ("call", "int"):
+            fl |= NT
+            wr(base, 2, old_sel)
+        self.tr_sel, self.tr_base, self.tr_limit, self.tr_type = sel, base, limit, (typ | 2) & 0xF
+        self.cr0 |= 8  # TS: the FPU state belongs to the task that ran before
+        if cr3 is not None and self.cr0 & 0x80000000:
+            self.set_cr(3, cr3)
+        self.r[:] = [v & M32 for v in regs]
+        self.set_flags(fl, 0x3F7FD5)
+        self.eip = eip
+        # Faults from here on belong to the new task (#TS for its selectors).
+        if ldt & 0xFFFC == 0:
+            self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
+        else:
+            if ldt & 4:
+                raise CpuFault(TS, ldt & 0xFFFC)
+            ld, _ = self.descriptor(ldt, TS)
+            lbase, llimit, lattr = self.desc_fields(ld)
+            if lattr & 0x1F != 0x02:
+                raise CpuFault(TS, ldt & 0xFFFC)
+            if not lattr & 0x80:
+                raise CpuFault(NP, ldt & 0xFFFC)
+            self.ldt_sel, self.ldt_base, self.ldt_limit = ldt, lbase, llimit
+        if fl & VM:  # a virtual-8086 task
+            for i in range(6):
+                self.set_seg_raw(i, sels[i], sels[i] << 4, M16, VM86_SEG_ATTR)
+            self.cpl = 3
+            self.tlb_switch()
+            self.eip &= M16
+            return
+        cs = sels[CS]
+        if cs & 0xFFFC == 0:
+            raise CpuFault(TS, 0)
+        cbase, climit, cattr, _ = self.code_descriptor(cs)
+        if cattr & 0x18 != 0x18 or (not cattr & 4 and (cattr >> 5) & 3 != cs & 3):
+            raise CpuFault(TS, cs & 0xFFFC)
+        if not cattr & 0x80:
+            raise CpuFault(NP, cs & 0xFFFC)
+        self.load_cs(cs, cbase, climit, cattr, cs & 3)
+        for i in (SS, DS, ES, FS, GS):
+            try:
+                self.load_seg(i, sels[i])
+            except CpuFault as f:
+                raise CpuFault(TS if f.vector == GP else f.vector, f.error) from None
+        if error is not None:  # an exception's error code goes on the new task's stack
+            self.push(error, 4 if big else 2)
+
     # ------------------------------------------------------------------ interrupts
     def interrupt(
         self, vec: int, error: int | None, software: bool, next_eip: int, rf: bool = False
@@ -983,9 +1093,14 @@ class Cpu:
         gate = self.sys_read((self.idt_base + vec * 8) & M32, 8)
         gattr = (gate >> 40) & 0xFF
         gtype = gattr & 0x1F
+        if gtype == 0x05:  # task gate
+            if software and ((gattr >> 5) & 3) < self.cpl:
+                raise CpuFault(GP, vec * 8 + 2)
+            if not gattr & 0x80:
+                raise CpuFault(NP, vec * 8 + 2 + ext)
+            self.task_switch((gate >> 16) & 0xFFFF, "int", next_eip, error)
+            return
         if gtype not in (0x06, 0x07, 0x0E, 0x0F):
-            if gtype == 0x05:
-                raise GuestError(f"vector {vec} goes through a task gate: not emulated")
             raise CpuFault(GP, vec * 8 + 2 + ext)
         if software and ((gattr >> 5) & 3) < self.cpl:
             raise CpuFault(GP, vec * 8 + 2)

@@ -1472,10 +1472,11 @@ class Decoder:
     def _iret(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 4 if x.op32 else 2
+        nxt = self.nxt(x)
         x.end = True
 
         def iret() -> None:
-            c.iret(size)
+            c.iret(size, nxt)
 
         return iret
 
