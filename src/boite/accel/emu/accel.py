@@ -121,6 +121,7 @@ def state_to_cpu(st: CpuState, cpu: Cpu) -> None:
     else:
         cpu.cpl = (st.segments["cs"].selector & 3) if "cs" in st.segments and cpu.cr0 & 1 else 0
     cpu.dr = list(emu.get("dr", cpu.dr))
+    cpu.debug_setup()
     cpu.inhibit_irq = bool(emu.get("inhibit_irq", False))
     cpu.msrs = {k: v for k, v in st.msrs.items() if k != 0x10}
     if 0x10 in st.msrs:

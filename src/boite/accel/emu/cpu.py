@@ -13,7 +13,7 @@ to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI
 PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap).
 
 Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-debug registers' breakpoints, SMM. Hardware task switches (far JMP/CALL to a TSS or a
+I/O breakpoints (DR7 R/W 10), SMM. Hardware task switches (far JMP/CALL to a TSS or a
 task gate, interrupts through a task gate, IRET with NT) are emulated.
 """
 
@@ -162,6 +162,13 @@ class Cpu:
         self.cr3 = 0
         self.cr4 = 0
         self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]
+        # Enabled DR7 breakpoints: (n, linear address) to execute, (n, start, size, rw) on
+        # data. With any, run() takes one instruction at a time and checks them.
+        self.bp_exec: list[tuple[int, int]] = []
+        self.bp_data: list[tuple[int, int, int, int]] = []
+        self.watch_pages: frozenset[int] = frozenset()  # kept out of the TLB
+        self.debug_on = False
+        self.dbg_hits = 0  # data breakpoints hit by the instruction running
         self.gdt_base, self.gdt_limit = 0, M16
         self.idt_base, self.idt_limit = 0, M16
         self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
@@ -405,13 +412,15 @@ class Cpu:
         pa = self.translate(lin, write, self.cpl == 3)
         page = lin >> 12
         ppage = pa & ~0xFFF
-        if ppage + 0x1000 <= self.ram_size:
+        if ppage + 0x1000 <= self.ram_size and page not in self.watch_pages:
             self.rtlb[page] = ppage
             if write and (pa >> 12) not in self.code_pages:
                 self.wtlb[page] = ppage
         return pa
 
     def rd_slow(self, lin: int, n: int) -> int:
+        if self.bp_data:
+            self._watch(lin, n, False)
         if (lin & 0xFFF) + n > 0x1000:
             v = 0
             for i in range(n):
@@ -420,6 +429,8 @@ class Cpu:
         return self.phys_read(self._fill(lin, False), n)
 
     def wr_slow(self, lin: int, n: int, v: int) -> None:
+        if self.bp_data:
+            self._watch(lin, n, True)
         if (lin & 0xFFF) + n > 0x1000:
             # Translate every page first so a fault leaves memory untouched.
             pas = [self.translate((lin + i) & M32, True, self.cpl == 3) for i in range(n)]
@@ -498,6 +509,75 @@ class Cpu:
     def sys_write(self, lin: int, n: int, v: int) -> None:
         for i in range(n):
             self.phys_write(self.translate((lin + i) & M32, True, False), 1, (v >> 8 * i) & 0xFF)
+
+    # ------------------------------------------------------------------ debug registers
+    def set_dr(self, n: int, v: int) -> None:
+        """MOV to DRn (DR4/DR5 are DR6/DR7 while CR4.DE is clear)."""
+        if n in (4, 5):
+            if self.cr4 & 8:
+                raise CpuFault(UD)
+            n += 2
+        if n == 6:
+            v = (v & 0xE00F) | 0xFFFF0FF0
+        elif n == 7:
+            v = (v & 0xFFFF23FF) | 0x400
+        self.dr[n] = v & M32
+        if n != 6:
+            self.debug_setup()
+
+    def get_dr(self, n: int) -> int:
+        if n in (4, 5):
+            if self.cr4 & 8:
+                raise CpuFault(UD)
+            n += 2
+        return self.dr[n]
+
+    def debug_setup(self) -> None:
+        """Recompute the enabled breakpoints from DR0-DR3 and DR7. I/O breakpoints (R/W
+        10, with CR4.DE) are not emulated."""
+        dr7 = self.dr[7]
+        self.bp_exec, self.bp_data = [], []
+        for i in range(4):
+            if not (dr7 >> (2 * i)) & 3:
+                continue
+            rw = (dr7 >> (16 + 4 * i)) & 3
+            size = (1, 2, 8, 4)[(dr7 >> (18 + 4 * i)) & 3]
+            if rw == 0:
+                self.bp_exec.append((i, self.dr[i] & M32))
+            elif rw != 2:
+                self.bp_data.append((i, self.dr[i] & M32 & ~(size - 1), size, rw))
+        self.watch_pages = frozenset(
+            p for _, a, size, _ in self.bp_data for p in (a >> 12, (a + size - 1) >> 12)
+        )
+        on = bool(self.bp_exec or self.bp_data)
+        if on != self.debug_on:
+            self.debug_on = on
+            self.stop = True  # run() picks its path (translated or one at a time) anew
+        self.tlb_flush()  # watched pages leave the TLB, so their accesses are seen
+
+    def _watch(self, lin: int, n: int, write: bool) -> None:
+        for i, a, size, rw in self.bp_data:
+            if (write or rw == 3) and lin < a + size and a < lin + n:
+                self.dbg_hits |= 1 << i
+
+    def _debug_step(self, fn: Callable[[], None]) -> None:
+        """Run one instruction under the breakpoints: an execute breakpoint on its first
+        byte is a fault before it (unless EFLAGS.RF), data breakpoints a trap after it."""
+        rf = self.fl & RF
+        if not rf:
+            lin = (self.sbase[CS] + self.eip) & M32
+            hits = sum(1 << i for i, a in self.bp_exec if a == lin)
+            if hits:
+                self.dr[6] = (self.dr[6] & ~0xF) | hits
+                raise CpuFault(DB)
+        self.dbg_hits = 0
+        fn()
+        if rf and self.fl & RF:
+            self.fl &= ~RF  # RF lasts one instruction
+        if self.dbg_hits:
+            self.dr[6] = (self.dr[6] & ~0xF) | self.dbg_hits
+            self.dbg_hits = 0
+            self.exception(DB, None)  # a trap: EIP is already past the instruction
 
     # ------------------------------------------------------------------ code cache
     def invalidate_code(self, ppage: int) -> None:
@@ -1343,7 +1423,7 @@ class Cpu:
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
         done = 0
-        translate = self.translate_blocks
+        translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
         decoder = self.decoder
         irq_check = self.irq_check
@@ -1378,7 +1458,10 @@ class Cpu:
                         # alone so that an interrupt is taken right after it, not a block later.
                         if_before = self.fl & IF
                         fn, _ = decoder.decode_one(self.eip)
-                        fn()
+                        if self.debug_on:
+                            self._debug_step(fn)
+                        else:
+                            fn()
                         done += 1
                         # The #DB trap after the instruction, unless it was MOV/POP SS: their
                         # shadow holds debug traps too (STI's, the one that set IF, does not).
@@ -1416,7 +1499,10 @@ class Cpu:
                             done += n
                     else:
                         fn, _ = decoder.decode_one(self.eip)
-                        fn()
+                        if self.debug_on:
+                            self._debug_step(fn)
+                        else:
+                            fn()
                         done += 1
                 except CpuFault as e:
                     done += n

@@ -2611,9 +2611,9 @@ class Decoder:
                 elif b == 0x22:
                     c.set_cr(reg, r[rm])
                 elif b == 0x21:
-                    r[rm] = c.dr[reg]
+                    r[rm] = c.get_dr(reg)
                 else:
-                    c.dr[reg] = r[rm]
+                    c.set_dr(reg, r[rm])
                 c.eip = nxt
 
             return movcr
