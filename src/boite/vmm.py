@@ -131,6 +131,12 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        runs = getattr(self.accel, "max_vcpus", None)
+        if runs is not None and self.machine.num_vcpus > runs:
+            self.log(
+                f"The {self.accel.name} accelerator runs {runs} vCPU(s): the other "
+                f"{self.machine.num_vcpus - runs} stay parked, as before a start-up IPI."
+            )
         self.state = VmState.RUNNING
         if self.on_power_on is not None:
             self.on_power_on(self.machine)

@@ -58,9 +58,9 @@ def accelerator(name: str):
     return EmuAccelerator
 
 
-def counting_vmm(limit: int, accel_factory, port: CounterPort) -> Vmm:
+def counting_vmm(limit: int, accel_factory, port: CounterPort, vcpus: int = 1) -> Vmm:
     def build():
-        machine, _com1, _ = build_guest_machine("count32", "flat32", LIMIT=limit)
+        machine, _com1, _ = build_guest_machine("count32", "flat32", vcpus=vcpus, LIMIT=limit)
         machine.pio.register(0x510, 4, port)
         return machine
 
@@ -322,3 +322,45 @@ def test_the_emulator_refuses_a_64_bit_state(tmp_path) -> None:
     accel.create(machine)
     with pytest.raises(SnapshotError, match="emu accelerator cannot resume this state"):
         restore_machine(machine, accel, tmp_path / "l.vmsn")
+
+
+def test_emulated_two_vcpu_box_snapshots_and_reverts(diskless_box: Box) -> None:
+    """The emulator runs vCPU 0 of a 2-vCPU machine: its snapshot holds both vCPUs (the
+    second parked, waiting for INIT/SIPI as KVM would see it), and reverts."""
+    from boite.accel.emu import EmuAccelerator
+    from boite.errors import AccelError
+
+    box = diskless_box
+    port = CounterPort()
+    port.pause_at = 300
+    vmm = counting_vmm(900, EmuAccelerator, port, vcpus=2)
+    logged: list[str] = []
+    vmm.log = logged.append  # type: ignore[method-assign]
+    t, out = start(vmm)
+    wait_paused(vmm)
+    assert any("runs 1 vCPU(s): the other 1 stay parked" in line for line in logged), logged
+    snap = snapshot_running(vmm, box, "two", memory=True)
+    vmm.resume()
+    assert finish(t, out) == EXIT
+    saved = read_checkpoint(box.dir / snap.filename)
+    assert len(saved.cpu_states) == 2
+    assert saved.cpu_states[1].extra["kvm_mp_state"] == 1  # KVM_MP_STATE_UNINITIALIZED
+    saved.memory.close()
+
+    revert_snapshot(box, "two")
+    port2 = CounterPort()
+    vmm2 = counting_vmm(
+        900, resuming_accelerator(EmuAccelerator, resume_state(box)), port2, vcpus=2
+    )
+    assert vmm2.run() == EXIT
+    assert port2.values == list(range(301, 901))
+
+    # A state where vCPU 1 was running (KVM_MP_STATE_RUNNABLE) cannot go on here.
+    machine, _, _ = build_guest_machine("count32", "flat32", vcpus=2, LIMIT=10)
+    acc = EmuAccelerator()
+    acc.create(machine)
+    states = acc.save_cpu_state()
+    states[1]["extra"] = {"kvm_mp_state": 0}
+    with pytest.raises(AccelError, match="vCPU 1 was running"):
+        acc.load_cpu_state(states)
+    acc.close()

@@ -137,6 +137,8 @@ class EmuAccelerator(Accelerator):
 
     name = "emu"
 
+    max_vcpus = 1  # vCPU 0 runs; the others of a bigger machine stay parked
+
     def __init__(self, translate: bool | None = None, hot_block: int | None = None) -> None:
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
@@ -275,15 +277,29 @@ class EmuAccelerator(Accelerator):
             self.cpu.stop = True
 
     def save_cpu_state(self) -> list[dict[str, Any]]:
+        """One state per vCPU of the machine: the emulated CPU's, then the parked ones
+        (marked waiting for INIT/SIPI, which is how KVM takes them up)."""
         if self.cpu is None:
             raise AccelError("emu: save_cpu_state() before create()")
-        return [cpu_to_state(self.cpu).to_dict()]
+        states = [cpu_to_state(self.cpu).to_dict()]
+        vcpus = self.machine.num_vcpus if self.machine is not None else 1
+        return states + [_parked_vcpu_state().to_dict() for _ in range(vcpus - 1)]
 
     def load_cpu_state(self, state: list[dict[str, Any]]) -> None:
         if self.cpu is None:
             raise AccelError("emu: load_cpu_state() before create()")
         if not state:
             raise AccelError("emu: empty CPU state list")
+        for n, other in enumerate(state[1:], 1):
+            extra = other.get("extra") or {}
+            parked = extra.get("emu", {}).get("parked") or extra.get("kvm_mp_state") in (
+                KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED,
+            )  # fmt: skip
+            if not parked:
+                raise AccelError(
+                    f"emu: vCPU {n} was running in this state, and the emulator runs only "
+                    "vCPU 0 (resume it with the KVM accelerator)"
+                )
         state_to_cpu(CpuState.from_dict(state[0]), self.cpu)
 
     def close(self) -> None:
@@ -292,6 +308,21 @@ class EmuAccelerator(Accelerator):
                 self.machine.memory.remove_write_observer(self.cpu.note_dma_write)
             self.cpu.close()
         self.cpu = None
+
+
+# KVM's mp_state values for a vCPU that waits for INIT / for its start-up IPI.
+KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED = 1, 2
+
+
+def _parked_vcpu_state() -> CpuState:
+    """An application processor that was never started: the power-on register state,
+    waiting for INIT and a start-up IPI."""
+    st = CpuState(apic_base=0xFEE00800)  # not the bootstrap processor
+    st.segments = {name: Segment() for name in ("ds", "es", "fs", "gs", "ss")}
+    st.segments["cs"] = Segment(selector=0xF000, base=0xFFFF0000, type=0xB)
+    st.gpr["rdx"] = 0x600
+    st.extra = {"emu": {"parked": True}, "kvm_mp_state": KVM_MP_STATE_UNINITIALIZED}
+    return st
 
 
 class _StoppingBus:
