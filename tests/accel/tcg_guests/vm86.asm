@@ -17,6 +17,13 @@
 %define IOPL3_STEP  8               ; the exit after which the handler raises IOPL to 3
 %define FLAGS_SHOWN 0x23ec5         ; VM IOPL DF IF OF SF ZF PF CF (not RF, AF)
 
+; SHOW16 "label", word: the word zero-extended (a pushed selector's upper half is not
+; defined; VM86 registers are 16-bit).
+%macro SHOW16 2
+    movzx eax, word %2
+    SHOW %1, eax
+%endmacro
+
 main:
     pushad
     mov [main_esp], esp
@@ -93,32 +100,22 @@ v86_exit:
     SHOW "v", [ebp + 32]
     SHOW "err", [ebp + 36]
     SHOW "ip", [ebp + 40]
-    movzx eax, word [ebp + 44]
-    SHOW "cs", eax
+    SHOW16 "cs", [ebp + 44]
     mov eax, [ebp + 48]
     and eax, FLAGS_SHOWN
     SHOW "fl", eax
     SHOW "sp", [ebp + 52]
-    movzx eax, word [ebp + 56]
-    SHOW "ss", eax
-    movzx eax, word [ebp + 60]
-    SHOW "es", eax
-    movzx eax, word [ebp + 64]
-    SHOW "ds", eax
-    movzx eax, word [ebp + 68]
-    SHOW "fs", eax
-    movzx eax, word [ebp + 72]
-    SHOW "gs", eax
+    SHOW16 "ss", [ebp + 56]
+    SHOW16 "es", [ebp + 60]
+    SHOW16 "ds", [ebp + 64]
+    SHOW16 "fs", [ebp + 68]
+    SHOW16 "gs", [ebp + 72]
     SHOW "nullsegs", [nulls]
     call nl
-    movzx eax, word [ebp + 28]
-    SHOW "  ax", eax
-    movzx eax, word [ebp + 16]
-    SHOW "bx", eax
-    movzx eax, word [ebp + 24]
-    SHOW "cx", eax
-    movzx eax, word [ebp + 20]
-    SHOW "dx", eax
+    SHOW16 "  ax", [ebp + 28]
+    SHOW16 "bx", [ebp + 16]
+    SHOW16 "cx", [ebp + 24]
+    SHOW16 "dx", [ebp + 20]
     call nl
     mov eax, [step]
     inc dword [step]

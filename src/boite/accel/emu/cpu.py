@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from boite.errors import GuestError
 
@@ -86,6 +86,23 @@ STACK16 = 64  # mode_key bit: SS is a 16-bit stack segment
 # Virtual-8086 mode segments: present, DPL 3, read/write data (as VMX loads them), with
 # real-mode bases and 64 KiB limits.
 VM86_SEG_ATTR = 0xF3
+
+
+class _TssLayout(NamedTuple):
+    """Where a TSS keeps a task's state: offsets of EIP, EFLAGS, the eight registers and
+    the segment selectors (each `size` bytes apart), and the LDT selector."""
+
+    eip: int
+    flags: int
+    regs: int
+    sels: int
+    nsels: int
+    ldt: int
+    size: int
+
+
+_TSS32 = _TssLayout(eip=0x20, flags=0x24, regs=0x28, sels=0x48, nsels=6, ldt=0x60, size=4)
+_TSS16 = _TssLayout(eip=0x0E, flags=0x10, regs=0x12, sels=0x22, nsels=4, ldt=0x2A, size=2)
 
 
 def override_flat_bits(segs: int) -> int:
@@ -559,6 +576,14 @@ class Cpu:
         for i, a, size, rw in self.bp_data:
             if (write or rw == 3) and lin < a + size and a < lin + n:
                 self.dbg_hits |= 1 << i
+
+    def _one_instruction(self) -> None:
+        """Decode and run the instruction at EIP (under the breakpoints, if any)."""
+        fn, _ = self.decoder.decode_one(self.eip)
+        if self.debug_on:
+            self._debug_step(fn)
+        else:
+            fn()
 
     def _debug_step(self, fn: Callable[[], None]) -> None:
         """Run one instruction under the breakpoints: an execute breakpoint on its first
@@ -1041,6 +1066,22 @@ class Cpu:
         self.tlb_switch()
         self.eip = eip & M16
 
+    def load_ldt(self, sel: int, vec: int = GP) -> None:
+        """LLDT, or a new task's LDT (faults then are #TS): a GDT selector of an LDT
+        descriptor, or null for none."""
+        if sel & 0xFFFC == 0:
+            self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
+            return
+        if sel & 4:
+            raise CpuFault(vec, sel & 0xFFFC)
+        d, _ = self.descriptor(sel, vec)
+        base, limit, attr = self.desc_fields(d)
+        if attr & 0x1F != 0x02:
+            raise CpuFault(vec, sel & 0xFFFC)
+        if not attr & 0x80:
+            raise CpuFault(NP, sel & 0xFFFC)
+        self.ldt_sel, self.ldt_base, self.ldt_limit = sel, base, limit
+
     def task_switch(self, sel: int, reason: str, next_eip: int, error: int | None = None) -> None:
         """Hardware task switch (SDM vol. 3, 7.3) to the TSS `sel`, for a far JMP or CALL
         (to a TSS or a task gate), an interrupt through a task gate, or an IRET with NT
@@ -1061,38 +1102,26 @@ class Cpu:
         if limit < (0x67 if big else 0x2B):
             raise CpuFault(TS, sel & 0xFFFC)
         # The incoming state, whole, before anything is written.
-        rd = self.sys_read
-        if big:
-            cr3 = rd(base + 0x1C, 4)
-            eip, fl = rd(base + 0x20, 4), rd(base + 0x24, 4)
-            regs = [rd(base + 0x28 + 4 * i, 4) for i in range(8)]
-            sels = [rd(base + 0x48 + 4 * i, 2) for i in range(6)]
-            ldt = rd(base + 0x60, 2)
-        else:
-            cr3 = None
-            eip, fl = rd(base + 0x0E, 2), rd(base + 0x10, 2)
-            # Upper register halves are not in a 16-bit TSS: they stay as they are.
-            regs = [(self.r[i] & 0xFFFF0000) | rd(base + 0x12 + 2 * i, 2) for i in range(8)]
-            sels = [rd(base + 0x22 + 2 * i, 2) for i in range(4)] + [0, 0]
-            ldt = rd(base + 0x2A, 2)
+        rd, wr = self.sys_read, self.sys_write
+        new = _TSS32 if big else _TSS16
+        n = new.size
+        cr3 = rd(base + 0x1C, 4) if big else None
+        eip, fl = rd(base + new.eip, n), rd(base + new.flags, n)
+        # A 16-bit TSS has no upper register halves: they stay as they are.
+        keep = 0 if big else 0xFFFF0000
+        regs = [(self.r[i] & keep) | rd(base + new.regs + n * i, n) for i in range(8)]
+        sels = [rd(base + new.sels + n * i, 2) for i in range(new.nsels)] + [0] * (6 - new.nsels)
+        ldt = rd(base + new.ldt, 2)
         # The outgoing state into the current TSS.
         old_sel, old_base = self.tr_sel, self.tr_base
-        flags = self.get_flags() & ~(NT if iret else 0)
-        wr = self.sys_write
-        if self.tr_type & 8:
-            wr(old_base + 0x20, 4, next_eip)
-            wr(old_base + 0x24, 4, flags)
-            for i in range(8):
-                wr(old_base + 0x28 + 4 * i, 4, self.r[i])
-            for i in range(6):
-                wr(old_base + 0x48 + 4 * i, 2, self.sel[i])
-        else:
-            wr(old_base + 0x0E, 2, next_eip)
-            wr(old_base + 0x10, 2, flags)
-            for i in range(8):
-                wr(old_base + 0x12 + 2 * i, 2, self.r[i])
-            for i in range(4):
-                wr(old_base + 0x22 + 2 * i, 2, self.sel[i])
+        old = _TSS32 if self.tr_type & 8 else _TSS16
+        n = old.size
+        wr(old_base + old.eip, n, next_eip)
+        wr(old_base + old.flags, n, self.get_flags() & ~(NT if iret else 0))
+        for i in range(8):
+            wr(old_base + old.regs + n * i, n, self.r[i])
+        for i in range(old.nsels):
+            wr(old_base + old.sels + n * i, 2, self.sel[i])
         # Busy bits and the back link.
         if reason in ("jmp", "iret") and old_sel & 0xFFFC:
             old_addr = (self.gdt_base + (old_sel & 0xFFF8) + 5) & M32
@@ -1110,18 +1139,7 @@ class Cpu:
         self.set_flags(fl, 0x3F7FD5)
         self.eip = eip
         # Faults from here on belong to the new task (#TS for its selectors).
-        if ldt & 0xFFFC == 0:
-            self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
-        else:
-            if ldt & 4:
-                raise CpuFault(TS, ldt & 0xFFFC)
-            ld, _ = self.descriptor(ldt, TS)
-            lbase, llimit, lattr = self.desc_fields(ld)
-            if lattr & 0x1F != 0x02:
-                raise CpuFault(TS, ldt & 0xFFFC)
-            if not lattr & 0x80:
-                raise CpuFault(NP, ldt & 0xFFFC)
-            self.ldt_sel, self.ldt_base, self.ldt_limit = ldt, lbase, llimit
+        self.load_ldt(ldt, TS)
         if fl & VM:  # a virtual-8086 task
             for i in range(6):
                 self.set_seg_raw(i, sels[i], sels[i] << 4, M16, VM86_SEG_ATTR)
@@ -1457,11 +1475,7 @@ class Cpu:
                         # Single-step, or the one instruction of an STI/MOV SS shadow: run it
                         # alone so that an interrupt is taken right after it, not a block later.
                         if_before = self.fl & IF
-                        fn, _ = decoder.decode_one(self.eip)
-                        if self.debug_on:
-                            self._debug_step(fn)
-                        else:
-                            fn()
+                        self._one_instruction()
                         done += 1
                         # The #DB trap after the instruction, unless it was MOV/POP SS: their
                         # shadow holds debug traps too (STI's, the one that set IF, does not).
@@ -1498,11 +1512,7 @@ class Cpu:
                                 n += 1
                             done += n
                     else:
-                        fn, _ = decoder.decode_one(self.eip)
-                        if self.debug_on:
-                            self._debug_step(fn)
-                        else:
-                            fn()
+                        self._one_instruction()
                         done += 1
                 except CpuFault as e:
                     done += n

@@ -2665,16 +2665,7 @@ class Decoder:
                     raise CpuFault(GP, 0)
                 sel = g()
                 if op == 2:
-                    if sel & 0xFFFC == 0:
-                        c.ldt_sel, c.ldt_base, c.ldt_limit = 0, 0, 0
-                    else:
-                        d, _ = c.descriptor(sel & ~4)
-                        base, limit, attr = c.desc_fields(d)
-                        if attr & 0x1F != 0x02:
-                            raise CpuFault(GP, sel & 0xFFFC)
-                        if not attr & 0x80:
-                            raise CpuFault(NP, sel & 0xFFFC)
-                        c.ldt_sel, c.ldt_base, c.ldt_limit = sel, base, limit
+                    c.load_ldt(sel)
                 else:
                     if sel & 0xFFFC == 0 or sel & 4:
                         raise CpuFault(GP, sel & 0xFFFC)
