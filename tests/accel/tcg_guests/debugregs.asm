@@ -2,7 +2,8 @@
 ; EIP at it, and the handler resumes with RF set so the instruction then runs; a write
 ; watch on a dword (DR1) traps after the writing instruction, not after a read; a
 ; read/write watch (DR2, 2 bytes) traps after a read that overlaps it; a breakpoint
-; disabled in DR7 stays quiet. The #DB handler prints DR6's B0-B3 and the pushed EIP.
+; disabled in DR7 stays quiet; with CR4.DE, an I/O breakpoint (DR3) traps after an OUT or
+; IN that touches its port. The #DB handler prints DR6's B0-B3 and the pushed EIP.
 %define EXIT_CODE 0x52
 %include "lib.inc"
 
@@ -39,6 +40,24 @@ bp_here:
     mov eax, [var2]                 ; overlaps bytes 2-3: #DB after it
     SHOW "eax", eax
     call nl
+
+    PRINT `io\n`
+    mov eax, cr4
+    or eax, 8                       ; DE: R/W 10 means I/O
+    mov cr4, eax
+    mov eax, 0x3000                 ; a port no device claims
+    mov dr3, eax
+    mov eax, (1 << 6) | (2 << 28)   ; L3, I/O, 1 byte
+    mov dr7, eax
+    mov dx, 0x3001
+    out dx, al                      ; quiet
+    mov dx, 0x3000
+    out dx, al                      ; #DB after it
+    mov dx, 0x2fff
+    in ax, dx                       ; a word over 0x2fff-0x3000: #DB after it
+    mov eax, cr4
+    and eax, ~8
+    mov cr4, eax
 
     PRINT `disabled\n`
     xor eax, eax

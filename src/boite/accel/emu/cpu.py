@@ -13,7 +13,7 @@ to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI
 PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap).
 
 Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-I/O breakpoints (DR7 R/W 10), SMM. Hardware task switches (far JMP/CALL to a TSS or a
+SMM. Hardware task switches (far JMP/CALL to a TSS or a
 task gate, interrupts through a task gate, IRET with NT) are emulated.
 """
 
@@ -183,6 +183,7 @@ class Cpu:
         # data. With any, run() takes one instruction at a time and checks them.
         self.bp_exec: list[tuple[int, int]] = []
         self.bp_data: list[tuple[int, int, int, int]] = []
+        self.bp_io: list[tuple[int, int, int]] = []  # (n, port, size), with CR4.DE
         self.watch_pages: frozenset[int] = frozenset()  # kept out of the TLB
         self.debug_on = False
         self.dbg_hits = 0  # data breakpoints hit by the instruction running
@@ -550,10 +551,10 @@ class Cpu:
         return self.dr[n]
 
     def debug_setup(self) -> None:
-        """Recompute the enabled breakpoints from DR0-DR3 and DR7. I/O breakpoints (R/W
-        10, with CR4.DE) are not emulated."""
+        """Recompute the enabled breakpoints from DR0-DR3 and DR7 (R/W 10 is an I/O
+        breakpoint with CR4.DE, and undefined without: ignored then)."""
         dr7 = self.dr[7]
-        self.bp_exec, self.bp_data = [], []
+        self.bp_exec, self.bp_data, self.bp_io = [], [], []
         for i in range(4):
             if not (dr7 >> (2 * i)) & 3:
                 continue
@@ -563,14 +564,21 @@ class Cpu:
                 self.bp_exec.append((i, self.dr[i] & M32))
             elif rw != 2:
                 self.bp_data.append((i, self.dr[i] & M32 & ~(size - 1), size, rw))
+            elif self.cr4 & 8:
+                self.bp_io.append((i, self.dr[i] & M16 & ~(size - 1), size))
         self.watch_pages = frozenset(
             p for _, a, size, _ in self.bp_data for p in (a >> 12, (a + size - 1) >> 12)
         )
-        on = bool(self.bp_exec or self.bp_data)
+        on = bool(self.bp_exec or self.bp_data or self.bp_io)
         if on != self.debug_on:
             self.debug_on = on
             self.stop = True  # run() picks its path (translated or one at a time) anew
         self.tlb_flush()  # watched pages leave the TLB, so their accesses are seen
+
+    def _watch_io(self, port: int, n: int) -> None:
+        for i, p, size in self.bp_io:
+            if port < p + size and p < port + n:
+                self.dbg_hits |= 1 << i
 
     def _watch(self, lin: int, n: int, write: bool) -> None:
         for i, a, size, rw in self.bp_data:
@@ -1303,11 +1311,15 @@ class Cpu:
             raise CpuFault(GP, 0)
 
     def port_in(self, port: int, size: int) -> int:
+        if self.bp_io:
+            self._watch_io(port, size)
         if self.pio is None:
             return (1 << (8 * size)) - 1
         return self.pio.read(port, size)
 
     def port_out(self, port: int, size: int, value: int) -> None:
+        if self.bp_io:
+            self._watch_io(port, size)
         if self.pio is not None:
             self.pio.write(port, size, value)
 
@@ -1371,8 +1383,11 @@ class Cpu:
                 raise CpuFault(GP, 0)
             if v & 0x20:
                 raise GuestError("CR4.PAE set: PAE paging is not emulated (CPUID says no PAE)")
+            de_changed = (self.cr4 ^ v) & 8
             self.cr4 = v
             self.tlb_flush()
+            if de_changed:
+                self.debug_setup()  # DE turns DR7's R/W 10 into I/O breakpoints
         else:
             raise CpuFault(UD, None)
 
