@@ -277,50 +277,37 @@ class Decoder:
         block.fn = compile_block(c, insns, exits)
 
     def _superblock(self, block: Block, insns: list, off: int) -> frozenset[int]:
-        """Grow a block that ends in a conditional branch by its fall-through, on the same
-        page, up to MAX_BLOCK instructions: one call instead of several dispatches where
-        a branch is mostly not taken. A branch back to the block's start stays the end
-        (the compiler turns that into a loop). Returns the indices of the branches now
-        inside, for their side exits."""
+        """Grow a block that ends in a conditional branch by the cached block of its
+        fall-through (same page, same mode), when that has run about as often, up to
+        MAX_BLOCK instructions: one call instead of several dispatches where a branch is
+        mostly not taken (grown blindly, the kernel's boot got slower: longer compiles for
+        code that rarely runs). A branch back to the block's start stays the end (the
+        compiler turns that into a loop). Returns the indices of the branches now inside,
+        for their side exits."""
         c = self.c
         exits: list[int] = []
         page_end = (block.pa | 0xFFF) + 1
-        self.seg_overrides = 0
-        while len(insns) < MAX_BLOCK and off <= c.ram_size:
+        while off < page_end:
             _, eip, n, raw = insns[-1]
             nxt = (eip + n) & M32
             target = _jcc_target(raw, nxt)
-            if target is None or target == block.eip:
-                break
-            # Only where the fall-through has run about as often (grown blindly, the
-            # kernel's boot got slower: longer compiles for code that rarely runs).
             after = c.blocks.get(off)
             if (
-                after is None
+                target is None
+                or target == block.eip
+                or after is None
                 or after.eip != nxt
+                or after.csk != block.csk
+                or after.mode != c.mode_key & after.mask
                 or (after.fn is None and after.hits < block.hits // 2)
+                or len(insns) + len(after.fns) > MAX_BLOCK
             ):
                 break
             exits.append(len(insns) - 1)
-            while len(insns) < MAX_BLOCK:
-                try:
-                    fn, n, end = self.decode(nxt)
-                except CpuFault:
-                    break
-                if off + n > min(page_end, c.ram_size):
-                    break
-                insns.append((fn, nxt, n, bytes(c.ram[off : off + n])))
-                off += n
-                nxt = (nxt + n) & M32
-                if end:
-                    break
-            if len(insns) - 1 == exits[-1]:  # nothing followed: no side exit after all
-                exits.pop()
-                break
-            if not insns[-1][3] or _jcc_target(insns[-1][3], nxt) is None:
-                break
-        # The block now also depends on the overrides its new instructions name.
-        block.mask |= override_flat_bits(self.seg_overrides)
+            for fn, (a_eip, a_n) in zip(after.fns, after.info, strict=True):
+                insns.append((fn, a_eip, a_n, bytes(c.ram[off : off + a_n])))
+                off += a_n
+            block.mask |= after.mask  # it now names the override segments of both
         block.mode = c.mode_key & block.mask
         return frozenset(exits)
 
