@@ -995,7 +995,7 @@ class Cpu:
             if (attr & 0x1C) != 0x1C and dpl < self.cpl:  # data or non-conforming code
                 self.set_seg_raw(i, 0, 0, 0, 0)
 
-    def iret(self, opsize: int, next_eip: int = 0) -> None:
+    def iret(self, opsize: int, next_eip: int) -> None:
         if self.fl & VM:
             # In virtual-8086 mode IRET is IOPL-sensitive (no VME), and with IOPL 3 pops
             # like real mode but leaves IOPL and VM alone.
