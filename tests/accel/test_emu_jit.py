@@ -206,3 +206,28 @@ def test_page_fault_inside_a_compiled_block(tmp_path, seed):
 @pytest.mark.parametrize("seed", range(200, 208))
 def test_divide_error_inside_a_compiled_block(tmp_path, seed):
     _check(tmp_path, seed, 20, "de")
+
+
+def test_side_exit_after_a_branch_of_another_shape() -> None:
+    """A side exit whose branch does not compile to `c.eip = T if cond else N` (here an
+    unconditional JMP, which the superblock builder never picks) leaves by comparing EIP."""
+    from boite.accel.emu.cpu import Cpu
+    from boite.accel.emu.jit import compile_block
+
+    mem = GuestMemory.with_ram(1 << 20)
+    code = bytes([0xEB, 0x02, 0x40, 0x40, 0x43])  # jmp +2; inc eax; inc eax; inc ebx
+    mem.write(0x1000, code)
+    cpu = Cpu(mem)
+    cpu.set_cr(0, 0x11)
+    cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
+    for i in (0, 2, 3, 4, 5):
+        cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
+    cpu.tlb_switch()
+    cpu.eip = 0x1000
+    fns = [cpu.decoder.decode(0x1000 + off)[0] for off in (0, 2, 3)]
+    insns = [(fns[0], 0x1000, 2, code[0:2]), (fns[1], 0x1002, 1, code[2:3]),
+             (fns[2], 0x1003, 1, code[3:4])]  # fmt: skip
+    block = compile_block(cpu, insns, frozenset({0}))
+    assert block() == 1  # left after the JMP, before the INCs it jumped over
+    assert cpu.eip == 0x1004 and cpu.r[0] == 0
+    cpu.close()

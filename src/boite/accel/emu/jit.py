@@ -906,16 +906,18 @@ def compile_block(
         if k in exits:
             jl = lines[-1]
             head, sep, tail = jl.partition(" if ")
-            if not (head.startswith("c.eip = ") and sep and tail.endswith(f" else {nxt}")):
-                raise AssertionError(f"side exit at {eip:#x}: not a conditional branch: {jl}")
+            if head.startswith("c.eip = ") and sep and tail.endswith(f" else {nxt}"):
+                lines[-1] = f"if {tail[: -len(f' else {nxt}')]}:"
+            else:  # another shape of branch: it stored EIP, compare that
+                head = ""
+                lines.append(f"if c.eip != {nxt}:")
             # Taken: write back what is dirty (registers, the live flags) and leave.
-            lines[-1] = f"if {tail[: -len(f' else {nxt}')]}:"
             lines.append(f"    {_SYNC}" + ",".join(map(str, sorted(em.dirty))))
             if em.live is not None:
                 lines.append(f"    {em.live.sync()}")
             else:
                 em.c_flag_read = True  # a loop must keep the CPU's flags current
-            lines += [f"    {head}", f"    {_EXIT}{k + 1}"]
+            lines += ([f"    {head}"] if head else []) + [f"    {_EXIT}{k + 1}"]
             chunks.append((lines, em.refs))
             continue
         last_jump = any("c.eip =" in ln for ln in lines)
