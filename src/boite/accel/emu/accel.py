@@ -31,6 +31,7 @@ from boite.accel.emu.cpu import (
     CpuFault,
     TripleFault,
 )
+from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 
 # Emulator register order (EAX ECX EDX EBX ESP EBP ESI EDI) in CpuState names.
@@ -308,10 +309,6 @@ class EmuAccelerator(Accelerator):
                 self.machine.memory.remove_write_observer(self.cpu.note_dma_write)
             self.cpu.close()
         self.cpu = None
-
-
-# KVM's mp_state values for a vCPU that waits for INIT / for its start-up IPI.
-KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED = 1, 2
 
 
 def _parked_vcpu_state() -> CpuState:

@@ -12,9 +12,10 @@ Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exce
 to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
 PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap).
 
-Not emulated (each raises a GuestError or an architectural fault instead of guessing):
-SMM. Hardware task switches (far JMP/CALL to a TSS or a
-task gate, interrupts through a task gate, IRET with NT) are emulated.
+Hardware task switches (far JMP/CALL to a TSS or a task gate, interrupts through a task
+gate, IRET with NT) and the DR7 breakpoints (execute, data, and I/O with CR4.DE) are
+emulated. Not emulated: PAE paging (CR4.PAE raises a GuestError; CPUID does not report
+PAE) and SMM.
 """
 
 from __future__ import annotations
