@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import termios
 import threading
-import time
 import tty
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from boite.errors import BoiteError, BoxError
+from boite.errors import BoxError
 
 DETACH_KEY = 0x1D  # Ctrl-]
 DETACH_NAME = "Ctrl-]"
@@ -142,333 +139,59 @@ def _write_all_stdout(data: bytes) -> None:
         view = view[n:]
 
 
-# --- building the VM -----------------------------------------------------------------
-def _machine_builder():
-    try:
-        from boite.machine.builder import build_machine
-    except ImportError as exc:
-        raise BoiteError(
-            f"this build of boite has no machine builder (boite.machine.builder): {exc}"
-        ) from None
-    return build_machine
+# --- the verbs: parse, call boite.launch, print ------------------------------------------
+def _stdio_client(stop_on_detach: bool):
+    """The console on this terminal; the detach key stops the VM (soft for a box)."""
 
+    def make(console, vmm) -> StdioConsole:
+        return StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=stop_on_detach))
 
-def _vmm_for(
-    make_machine: Callable[[bool], Any], accel: str, console: Any, log, name: str,
-    wrap_factory: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
-):  # fmt: skip
-    """A Vmm whose machine matches its accelerator: KVM brings the in-kernel PIC, IOAPIC
-    and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`)."""
-    from boite.vmm import Vmm, accelerator_for
-
-    first = accelerator_for(accel, log=log)
-    kind = type(first)
-    used = [False]
-
-    def factory():
-        # The first accelerator is the probed one; a guest reset gets a fresh one.
-        if not used[0]:
-            used[0] = True
-            return first
-        return kind()
-
-    emulated_irqchip = first.name != "kvm"
-    if wrap_factory is not None:
-        factory = wrap_factory(factory)
-    return Vmm(lambda: make_machine(emulated_irqchip), factory, console=console, log=log, name=name)
-
-
-def _once_powered_on(vmm, action: Callable[[], None]) -> None:
-    """Run `action` after the first power-on (the machine and its UART exist then), after
-    whatever hook is already there."""
-    previous = vmm.on_power_on
-    done = [False]
-
-    def hook(machine) -> None:
-        if previous is not None:
-            previous(machine)
-        if not done[0]:
-            done[0] = True
-            action()
-
-    vmm.on_power_on = hook
-
-
-def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
-    """Input typed before the UART exists would be lost: attach once the machine is up."""
-    _once_powered_on(vmm, stdio.start)
-
-
-class _DeviceHooks:
-    """Disks and NICs (the virtio part's `extra_devices` hook): a fresh hook for each
-    machine built (a guest reset rebuilds it), the previous one closed first."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make = make
-        self.current: Any = None
-
-    def fresh(self) -> list[Any]:
-        self.close()
-        self.current = self._make()
-        return [self.current] if self.current is not None else []
-
-    def start(self, machine: Any = None) -> None:
-        if self.current is not None and hasattr(self.current, "start"):
-            self.current.start()
-
-    def close(self) -> None:
-        if self.current is not None and hasattr(self.current, "close"):
-            self.current.close()
-        self.current = None
-
-
-def _disk_files_hook(specs: list[str]) -> Any:
-    if not specs:
-        return None
-    try:
-        from boite.machine.virtio.attach import DiskFiles
-    except ImportError:
-        raise BoxError("--disk needs the virtio/ATA devices, not in this build") from None
-    return DiskFiles(specs)
-
-
-# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
-TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
-
-
-def _box_devices_hook(box) -> Any:
-    from boite.machine.virtio.attach import BoxDevices
-
-    devices = BoxDevices(box.config, box.dir)
-    for nic in list(devices.plan.nics):
-        if nic.connection_type not in TAP_CONNECTIONS:
-            devices.plan.nics.remove(nic)
-            box.log.info(
-                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
-                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
-            )
-    return devices
-
-
-def _install_stop_signals(vmm) -> None:
-    def handler(signum, frame):
-        vmm.stop(soft=False)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, handler)
+    return make
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from boite.machine.devices import ConsoleBackend
-
-    kernel = Path(args.kernel)
-    if not kernel.is_file():
-        raise BoxError(f"kernel {kernel}: no such file")
-    if args.initrd is not None and not Path(args.initrd).is_file():
-        raise BoxError(f"initrd {args.initrd}: no such file")
-    if args.memsize < 1 or args.cpus < 1:
-        raise BoxError("--memsize and --cpus must be positive")
-    for spec in args.disk:
-        path = (
-            spec.partition(":")[2] if spec.startswith(("ide:", "ata:", "virtio:", "vd:")) else spec
-        )
-        if "://" not in path and not Path(path).exists():
-            raise BoxError(f"--disk {spec}: no such file")
-    build_machine = _machine_builder()
-    console = ConsoleBackend()
-
-    devices = _DeviceHooks(lambda: _disk_files_hook(args.disk))
-
-    def make_machine(emulated_irqchip: bool):
-        return build_machine(
-            args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
-            emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
-        )  # fmt: skip
+    from boite import launch
 
     def log(message: str) -> None:
         if os.environ.get("BOITE_VERBOSE"):
             print(f"boite: {message}", file=sys.stderr, flush=True)
 
-    vmm = _vmm_for(make_machine, args.accel, console, log, kernel.name)
-    vmm.on_power_on = devices.start
-    stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=False))
-    _install_stop_signals(vmm)
-    _attach_stdio_on_power_on(vmm, stdio)
-    try:
-        return vmm.run()
-    finally:
-        stdio.stop()
-        devices.close()
-
-
-def _open_box(path: str):
-    from boite.box.box import Box
-
-    return Box.open(path)
-
-
-def _box_file(box, key: str) -> str | None:
-    value = box.config.get_str(key)
-    if not value:
-        return None
-    path = Path(value)
-    path = path if path.is_absolute() else box.dir / path
-    if not path.is_file():
-        raise BoxError(f"{box.vmx_path}: {key} = {value!r}: no such file ({path})")
-    return str(path)
+    spec = launch.BootSpec(
+        kernel=args.kernel, initrd=args.initrd, append=args.append,
+        memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
+    )  # fmt: skip
+    return launch.boot_kernel(spec, console_client=_stdio_client(False), log=log)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    box = _open_box(args.box)
+    from boite import launch
+
+    box = launch.open_box(args.box)
     box.require_within_limits()
-    holder = box.lock_holder
-    if holder is not None and not holder.is_dead_here():
-        raise BoxError(f"{box.name} is already running ({holder.describe()})")
+    launch.require_stopped(box)
     if args.detach:
-        return _start_detached(args, box)
-    return _run_box(box, args.accel, attach_stdio=True)
-
-
-def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], None] | None = None):
-    from boite.machine.builder import machine_from_box
-    from boite.machine.devices import ConsoleBackend
-    from boite.vmm import ControlServer, control_socket_path
-
-    console = ConsoleBackend()
-    with box.acquire_lock():
-        log = box.log.info
-        accel_name = accel or box.config.virtual_exec
-
-        kernel = _box_file(box, "boite.kernel")
-        if kernel is None:
-            raise BoxError(
-                f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
-                '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
-            )
-        _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
-
-        devices = _DeviceHooks(lambda: _box_devices_hook(box))
-
-        def make_machine(emulated_irqchip: bool):
-            return machine_from_box(
-                box, console=console, emulated_irqchip=emulated_irqchip,
-                extra_devices=devices.fresh(),
-            )  # fmt: skip
-
-        wrap, snapshot_handler = _snapshot_hooks(box, log)
-        vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
-        vmm.on_power_on = devices.start  # first: the hooks below chain onto it
-        handlers = []
-        if snapshot_handler is not None:
-            handlers.append(lambda request: snapshot_handler(vmm, box, request))
-        path = control_socket_path(box.dir, box.name)
-        server = ControlServer(vmm, path, handlers=handlers)
-        server.start()
-        box.set_control_socket(str(path))
-        _install_stop_signals(vmm)
-        stdio = None
-        if attach_stdio:
-            stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=True))
-            _attach_stdio_on_power_on(vmm, stdio)
-        if ready is not None:
-            _once_powered_on(vmm, ready)  # `start --detach` returns once the guest runs
-        try:
-            status = vmm.run()
-        except BoiteError as exc:
-            box.log.error(str(exc))
-            raise
-        finally:
-            if stdio is not None:
-                stdio.stop()
-            server.close()
-            devices.close()
-        box.log.info(f"Power off complete, exit status {status}.")
-        return status
-
-
-def _snapshot_hooks(box, log):
-    """Resume from a suspend state or a reverted memory snapshot, and the control socket's
-    snapshot/suspend commands, when this build has the snapshot part."""
-    try:
-        from boite.snapshot import (
-            handle_control_request,
-            resume_state,
-            resumed,
-            resuming_accelerator,
-        )
-    except ImportError:
-        return None, None
-    path = resume_state(box)
-    wrap = None
-    if path is not None:
-        log(f"Resuming from {path.name}.")
-
-        def wrap(factory):
-            return resuming_accelerator(factory, path, on_restored=lambda: resumed(box))
-
-    return wrap, handle_control_request
-
-
-def _start_detached(args: argparse.Namespace, box) -> int:
-    """Fork a VMM that outlives this command; return once its control socket is up."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the VMM
-        os.close(rfd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        status = 1
-
-        def ready() -> None:
-            os.write(wfd, b"ok\n")
-
-        try:
-            status = _run_box(_open_box(str(box.vmx_path)), args.accel, False, ready)
-        except BaseException as exc:  # report to the parent if it still listens
-            with contextlib.suppress(OSError):
-                os.write(wfd, f"error {exc}\n".encode())
-        finally:
-            os._exit(status & 0xFF)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
-    if line == "ok":
+        pid = launch.start(box, args.accel)
         print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
         return 0
-    os.waitpid(pid, 0)
-    raise BoxError(f"{box.name} did not start: {line[6:] if line.startswith('error ') else line}")
+    return run_box(box, args.accel)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from boite.vmm import SOFT_STOP_GRACE_S, control_request, control_socket_path
+    from boite import launch
 
-    box = _open_box(args.box)
-    holder = box.lock_holder
-    if holder is None:
-        raise BoxError(f"{box.name} is not running")
-    grace = SOFT_STOP_GRACE_S if args.timeout is None else max(0.0, args.timeout)
-    request = {"cmd": "stop", "mode": args.mode, "grace_s": grace}
-    control_request(control_socket_path(box.dir, box.name), request)
-    deadline = time.time() + (grace if args.mode == "soft" else 0) + 15
-    while time.time() < deadline:
-        if box.lock_holder is None:
-            print(f"{box.name} stopped ({args.mode}).")
-            return 0
-        time.sleep(0.05)
-    raise BoxError(
-        f"{box.name} still holds its lock after the {args.mode} stop ({holder.describe()})"
-    )
+    box = launch.open_box(args.box)
+    mode = launch.stop(box, args.mode, args.timeout)
+    print(f"{box.name} stopped ({mode}).")
+    return 0
 
 
 def cmd_console(args: argparse.Namespace) -> int:
     import json
 
+    from boite.launch import open_box
     from boite.vmm import connect_control, control_socket_path
 
-    box = _open_box(args.box)
+    box = open_box(args.box)
     sock = connect_control(control_socket_path(box.dir, box.name), timeout=10)
     with sock:
         sock.sendall(json.dumps({"cmd": "console"}).encode() + b"\n")
@@ -530,5 +253,6 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def run_box(box, accel: str | None = None) -> int:
     """Start `box` in the foreground with its console on this terminal (for `boite demo`)."""
-    box.require_within_limits()
-    return _run_box(box, accel, attach_stdio=True)
+    from boite import launch
+
+    return launch.run_box(box, accel, console_client=_stdio_client(True))

@@ -7,6 +7,7 @@ import json
 
 from boite.box import Box
 from boite.errors import BoxError
+from boite.launch import live_holder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,67 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_suspend)
 
 
-def _live_holder(box: Box):
-    """Who runs the box, or None; a lock left by a killed process does not count."""
-    holder = box.lock_holder
-    if holder is None or holder.is_dead_here():
-        return None
-    return holder
-
-
-def _running_control(box: Box) -> str | None:
-    """The control socket of the VMM running this box, or None when it is not running."""
-    from boite.box import list_running
-
-    holder = _live_holder(box)
-    if holder is None:
-        return None
-    for running in list_running():
-        if running.pid == holder.pid and getattr(running, "control", None):
-            return running.control
-    raise BoxError(
-        f"{box.vmx_path}: the box is running (pid {holder.pid} on {holder.host}) but its VMM "
-        "has no control socket this command can reach"
-    )
-
-
-def _vmm_request(control: str, request: dict) -> dict:
-    from pathlib import Path
-
-    from boite.vmm import control_request  # the VMM's side of the control socket
-
-    # Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.
-    return control_request(Path(control), request, timeout=600)
-
-
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from boite.snapshot import take_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is not None:
-        reply = _vmm_request(
-            control,
-            {
-                "cmd": "snapshot",
-                "name": args.name,
-                "description": args.description,
-                "memory": args.memory is not False,
-            },
-        )
-        uid, name = reply.get("uid"), args.name
-    else:
-        if args.memory:
-            raise BoxError(
-                f"{box.vmx_path}: --memory needs a running box (this one is powered off); "
-                "start it first, or take a disk snapshot without --memory"
-            )
-        snap = take_snapshot(box, args.name, args.description)
-        uid, name = snap.uid, snap.display_name
+    taken = launch.snapshot(Box.open(args.box), args.name, args.description, args.memory)
     if args.json:
-        print(json.dumps({"uid": uid, "name": name}))
+        print(json.dumps({"uid": taken.uid, "name": taken.name}))
     else:
-        print(f"snapshot {name!r} (#{uid}) taken")
+        print(f"snapshot {taken.name!r} (#{taken.uid}) taken")
     return 0
 
 
@@ -111,7 +59,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     from boite.snapshot import recover, render_tree, tree_as_dict
 
     box = Box.open(args.box)
-    if _live_holder(box) is None:
+    if live_holder(box) is None:
         note = recover(box)
         if note and not args.json:
             print(f"note: {note}")
@@ -127,7 +75,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
     from boite.snapshot import revert_snapshot
 
     box = Box.open(args.box)
-    if _live_holder(box) is not None:
+    if live_holder(box) is not None:
         raise BoxError(f"{box.vmx_path}: stop the box before reverting it (it is running)")
     snap = revert_snapshot(box, args.name)
     print(f"reverted to {snap.display_name!r} (#{snap.uid})")
@@ -138,7 +86,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from boite.snapshot import delete_snapshot
 
     box = Box.open(args.box)
-    if _live_holder(box) is not None:
+    if live_holder(box) is not None:
         raise BoxError(f"{box.vmx_path}: stop the box before deleting a snapshot (it is running)")
     snap = delete_snapshot(box, args.name)
     print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
@@ -146,10 +94,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is None:
-        raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
-    reply = _vmm_request(control, {"cmd": "suspend"})
-    print(f"suspended to {reply.get('file', box.name + '.vmss')}")
+    from boite import launch
+
+    print(f"suspended to {launch.suspend(Box.open(args.box))}")
     return 0
