@@ -10,11 +10,12 @@
  * IA32 emulation, x86_64 Linux). The guest kit's init starts it; in your own guest run it
  * as root at boot (a systemd unit or rc.local line is in docs/tools-protocol.md).
  *
- *   boite-tools [-d DEVICE | -f FD] [-p POWEROFF-CMD] [-r REBOOT-CMD] [-1]
+ *   boite-tools [-d DEVICE | -f FD] [-p POWEROFF-CMD] [-r REBOOT-CMD] [-1] [-q]
  *     -d DEVICE   the port's device (default: found by the port's name)
  *     -f FD       an already open descriptor (tests run the agent on a socketpair)
  *     -p / -r     shell commands for power off / reboot (default: poweroff / reboot)
  *     -1          serve once: exit when the channel breaks instead of reopening it
+ *     -q          quiet: a machine without the tools port is not an error (exit 0)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -680,6 +681,36 @@ static int find_port(char *out, size_t size)
 }
 
 static int serve_once;
+
+/* A virtio console device offering MULTIPORT (feature bit 1) exists. */
+static int multiport_present(void)
+{
+    DIR *d = opendir("/sys/bus/virtio/devices");
+    struct dirent *e;
+    int found = 0;
+    while (d && !found && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || strlen(e->d_name) > 200)
+            continue;
+        char path[512], buf[128] = "";
+        snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/device", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        int is_console = fgets(buf, sizeof buf, f) && strtol(buf, NULL, 0) == 3;
+        fclose(f);
+        if (!is_console)
+            continue;
+        snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/features", e->d_name);
+        f = fopen(path, "r");
+        if (f) {
+            found = fgets(buf, sizeof buf, f) && buf[0] && buf[1] == '1';
+            fclose(f);
+        }
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
 static char **saved_argv;
 
 static void die_channel(const char *why)
@@ -711,16 +742,17 @@ int main(int argc, char **argv)
 {
     saved_argv = argv;
     const char *device = NULL;
-    int fd = -1, opt;
-    while ((opt = getopt(argc, argv, "d:f:p:r:1")) != -1) {
+    int fd = -1, opt, quiet = 0;
+    while ((opt = getopt(argc, argv, "d:f:p:r:1q")) != -1) {
         switch (opt) {
+        case 'q': quiet = 1; break;
         case 'd': device = optarg; break;
         case 'f': fd = atoi(optarg); break;
         case 'p': poweroff_cmd = optarg; break;
         case 'r': reboot_cmd = optarg; break;
         case '1': serve_once = 1; break;
         default:
-            fprintf(stderr, "usage: %s [-d DEVICE | -f FD] [-p POWEROFF-CMD] [-r REBOOT-CMD] [-1]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-d DEVICE | -f FD] [-p POWEROFF-CMD] [-r REBOOT-CMD] [-1] [-q]\n", argv[0]);
             return 2;
         }
     }
@@ -731,12 +763,16 @@ int main(int argc, char **argv)
     } else {
         char found[256];
         if (!device) {
-            /* The port is there from boot on; a few tries cover a slow sysfs. */
-            for (int i = 0; i < 10 && !find_port(found, sizeof found); i++)
-                sleep(1);
+            /* Linux adds the port a moment after the device (a control message exchange):
+             * wait a little for it, but only where a multiport console device exists. */
+            for (int i = 0; i < 50 && !find_port(found, sizeof found) && multiport_present(); i++) {
+                struct timespec ts = {0, 100 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
             if (!find_port(found, sizeof found)) {
-                fprintf(stderr, "boite-tools: no virtio port named %s (is this a boite box?)\n", PORT_NAME);
-                return 1;
+                if (!quiet)
+                    fprintf(stderr, "boite-tools: no virtio port named %s (is this a boite box?)\n", PORT_NAME);
+                return quiet ? 0 : 1;
             }
             device = found;
         }

@@ -52,8 +52,13 @@ Kernel parameters init reads from /proc/cmdline:
     boite.exitport=PORT  write the status byte to I/O port PORT before powering off
                          (QEMU: -device isa-debug-exit,iobase=PORT exits with 2*N+1)
     boite.ctl=DEVICE     a control line (/dev/ttyS1, /dev/hvc1): "poweroff" = soft stop
+    boite.tools=0        do not start the guest tools agent (/sbin/boite-tools)
 
-SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too.
+SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too;
+SIGQUIT is a soft reboot (the same steps, then reboot(RB_AUTOBOOT)). init starts the guest
+tools agent when the machine has the tools port, and then stays up (serving it) after
+boite.run's command instead of powering off, unless boite.run was given without
+boite.shell and the tools were not found.
 
 The cache, under `$BOITE_CACHE/kit` (default `~/.cache/boite/kit`, or
 `$XDG_CACHE_HOME/boite/kit`):
@@ -153,14 +158,14 @@ ARTIFACTS: dict[str, Artifact] = {
     for a in (
         Artifact(
             "initrd-i386",
-            "guest initramfs (i386 init + busybox)",
-            ("init/init.c", "busybox/fetch-busybox.sh"),
+            "guest initramfs (i386 init + busybox + guest tools)",
+            ("init/init.c", "tools/boite-tools.c", "busybox/fetch-busybox.sh"),
             (
                 ("gcc", "gcc-multilib"),
                 ("apt-get", "apt"),
                 ("dpkg-deb", "dpkg"),
             ),
-            ("initrd.cpio", "init", "busybox"),
+            ("initrd.cpio", "init", "busybox", "boite-tools"),
             "2: uncompressed",
         ),
         Artifact(
@@ -205,6 +210,7 @@ class Kit:
     root: Path
     initrd_i386: Path | None = None
     init_i386: Path | None = None
+    tools_i386: Path | None = None  # the guest tools agent, for users' own guests too
     busybox_i386: Path | None = None
     i386_bzimage: Path | None = None
     i386_vmlinux: Path | None = None
@@ -274,6 +280,7 @@ def kit_paths(which: Iterable[str] = ALL_PARTS, root: Path | None = None) -> Kit
         root=root,
         initrd_i386=f("initrd-i386", "initrd.cpio"),
         init_i386=f("initrd-i386", "init"),
+        tools_i386=f("initrd-i386", "boite-tools"),
         busybox_i386=f("initrd-i386", "busybox"),
         i386_bzimage=f("linux-i386", "bzImage"),
         i386_vmlinux=f("linux-i386", "vmlinux"),
@@ -472,6 +479,12 @@ def _build_initrd(guest: Path, part: Path, log: Path, say: Callable[[str], None]
          str(guest / "init" / "init.c")],
         log, say, art,
     )  # fmt: skip
+    say("compiling the guest tools agent (gcc -static -m32 -Os)")
+    _run_logged(
+        ["gcc", "-static", "-m32", "-Os", "-s", "-Wall", "-o", str(part / "boite-tools"),
+         str(guest / "tools" / "boite-tools.c")],
+        log, say, art,
+    )  # fmt: skip
     say("fetching busybox-static:i386")
     _run_logged(
         ["bash", str(guest / "busybox" / "fetch-busybox.sh"), str(part / "busybox")],
@@ -490,6 +503,7 @@ def _build_initrd(guest: Path, part: Path, log: Path, say: Callable[[str], None]
         cpio.add(path, stat.S_IFREG | 0o644, data)
     cpio.add("init", stat.S_IFREG | 0o755, (part / "init").read_bytes())
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, (part / "busybox").read_bytes())
+    cpio.add("sbin/boite-tools", stat.S_IFREG | 0o755, (part / "boite-tools").read_bytes())
     for applet in applets:
         if applet in ("bin/busybox", "init"):
             continue

@@ -137,10 +137,10 @@ def _disk_files_hook(specs: list[str]) -> Any:
     return DiskFiles(specs)
 
 
-def _box_devices_hook(box) -> Any:
+def _box_devices_hook(box, tools: Any = None) -> Any:
     from boite.machine.virtio.attach import BoxDevices
 
-    devices = BoxDevices(box.config, box.dir)
+    devices = BoxDevices(box.config, box.dir, ports=[tools] if tools is not None else [])
     for nic in list(devices.plan.nics):
         if nic.connection_type not in TAP_CONNECTIONS:
             devices.plan.nics.remove(nic)
@@ -259,6 +259,7 @@ def run_box(
     served); the guest's exit status. `ready` is called once the guest runs."""
     from boite.machine.builder import machine_from_box
     from boite.machine.devices import ConsoleBackend
+    from boite.tools.host import tools_socket_path
     from boite.vmm import ControlServer, control_socket_path
 
     box = open_box(box)
@@ -276,7 +277,8 @@ def run_box(
             )
         box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
-        devices = DeviceHooks(lambda: _box_devices_hook(box))
+        tools = _guest_tools(box, log)
+        devices = DeviceHooks(lambda: _box_devices_hook(box, tools))
 
         def make_machine(emulated_irqchip: bool):
             return machine_from_box(
@@ -290,6 +292,11 @@ def run_box(
         handlers = []
         if snapshot_handler is not None:
             handlers.append(lambda request: snapshot_handler(vmm, box, request))
+        if tools is not None:
+            vmm.guest_tools = tools  # the first way of a soft stop or reset
+            handlers.append(lambda request: _tools_request(tools, request))
+            tools.serve(tools_socket_path(box.dir, box.name))
+            tools.start()
         path = control_socket_path(box.dir, box.name)
         server = ControlServer(vmm, path, handlers=handlers)
         server.start()
@@ -310,8 +317,34 @@ def run_box(
                 client.stop()
             server.close()
             devices.close()
+            if tools is not None:
+                tools.close()
         box.log.info(f"Power off complete, exit status {status}.")
         return status
+
+
+def _guest_tools(box, log: LogFn):
+    """The VMM's end of the guest tools channel, unless the box says
+    `boite.tools = "FALSE"` (VMware's tools.* keys concern its own tools)."""
+    from boite.tools.host import ToolsHost
+
+    if not box.config.get_bool("boite.tools", True):
+        return None
+    return ToolsHost(log=log)
+
+
+def _tools_request(tools, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "tools"} -> the tools' status; "tools-info" -> the
+    guest's addresses; "tools-resync" -> set the guest clock again."""
+    cmd = request.get("cmd")
+    if cmd == "tools":
+        return {"ok": True, "tools": tools.status()}
+    if cmd == "tools-info":
+        return {"ok": True, "info": tools.info()}
+    if cmd == "tools-resync":
+        tools.resync()
+        return {"ok": True}
+    return None
 
 
 def _snapshot_hooks(box, log):
@@ -496,3 +529,67 @@ def suspend(box: Any) -> str:
         raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
     reply = control_request(control, {"cmd": "suspend"}, timeout=SAVE_TIMEOUT_S)
     return str(reply.get("file", box.name + ".vmss"))
+
+
+# --- the guest tools -------------------------------------------------------------------
+TOOLS_WAIT_S = 60.0
+
+
+def tools_client(box: Any, wait_s: float = TOOLS_WAIT_S):
+    """A ToolsClient of the running box, once its guest tools have said hello (a box
+    that is still booting gets `wait_s` seconds)."""
+    from boite.tools.client import ToolsClient
+    from boite.tools.host import tools_socket_path
+
+    box = open_box(box)
+    if running_control(box) is None:
+        raise BoxError(f"{box.name} is not running")
+    client = ToolsClient(tools_socket_path(box.dir, box.name))
+    try:
+        client.wait_ready(wait_s)
+    except BoiteError:
+        client.close()
+        raise
+    return client
+
+
+def exec(
+    box: Any,
+    argv: list[str],
+    *,
+    stdin: Any = None,
+    stdout: Callable[[bytes], Any] | None = None,
+    stderr: Callable[[bytes], Any] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    wait_s: float = TOOLS_WAIT_S,
+) -> int:
+    """Run `argv` in the running box's guest through its tools; its exit status."""
+    with tools_client(box, wait_s) as client:
+        return client.exec(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
+
+
+def copy_to_guest(box: Any, local: str | Path, remote: str, wait_s: float = TOOLS_WAIT_S) -> int:
+    with tools_client(box, wait_s) as client:
+        return client.put(local, remote)
+
+
+def copy_from_guest(box: Any, remote: str, local: str | Path, wait_s: float = TOOLS_WAIT_S) -> int:
+    with tools_client(box, wait_s) as client:
+        return client.get(remote, local)
+
+
+def guest_addresses(box: Any, wait_s: float = TOOLS_WAIT_S) -> list[dict[str, str]]:
+    """The guest's IPv4 addresses (loopback left out), as the tools report them."""
+    with tools_client(box, wait_s) as client:
+        ips = client.info()["ips"]
+    return [ip for ip in ips if not ip["address"].startswith("127.")]
+
+
+def tools_status(box: Any) -> dict[str, Any] | None:
+    """The guest tools' status in the running box (running, agent, last_seen_s), None
+    when the box is off or has no tools."""
+    try:
+        return request(box, {"cmd": "tools"})["tools"]
+    except BoxError:
+        return None

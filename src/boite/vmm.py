@@ -122,6 +122,9 @@ class Vmm:
         self._stop_requested = False
         self._soft_deadline: float | None = None
         self._watchdog: threading.Timer | None = None
+        # The guest tools' host end (boite.tools.ToolsHost), when the box has them: the
+        # first way of a soft stop, before the keyboard.
+        self.guest_tools: Any = None
 
     # --- lifecycle -----------------------------------------------------------------
     def _power_on(self) -> None:
@@ -235,6 +238,17 @@ class Vmm:
         kit's init powers off on it) and pull the plug if the guest is not off in time."""
         if self.state in (VmState.STOPPED, VmState.STOPPING):
             return
+        tools = self.guest_tools
+        if soft and self.state is VmState.RUNNING and tools is not None and tools.running:
+            if tools.power():
+                self.log(
+                    f"Soft stop: the guest tools power the guest off; hard stop in {grace_s:g} s."
+                )
+                self._soft_deadline = time.time() + grace_s
+                self._watchdog = threading.Timer(grace_s, self.stop, kwargs={"soft": False})
+                self._watchdog.daemon = True
+                self._watchdog.start()
+                return
         keyboard = self._keyboard()
         if soft and keyboard is not None and self.state is VmState.RUNNING:
             self.log(f"Soft stop: Ctrl-Alt-Del sent to the guest; hard stop in {grace_s:g} s.")

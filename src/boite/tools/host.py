@@ -145,6 +145,7 @@ class ToolsHost:
         self._server: socket.socket | None = None
         self.socket_path: Path | None = None
         self._clients: set[_Client] = set()
+        self._taken: int | None = None
 
     # --- the port (PortUser) ---------------------------------------------------------
     def connect(self, port: Any) -> None:
@@ -242,6 +243,14 @@ class ToolsHost:
         port = self.port
         return port is not None and port.send(data, timeout)
 
+    def _note_progress(self) -> None:
+        """The guest taking what we send counts as an answer (a long copy into the guest
+        has the agent reading, not writing)."""
+        taken = getattr(self.port, "bytes_in", None)
+        if taken is not None and taken != self._taken:
+            self._taken = taken
+            self.last_seen = time.monotonic()
+
     # --- state ------------------------------------------------------------------------
     @property
     def running(self) -> bool:
@@ -331,6 +340,7 @@ class ToolsHost:
             with self._lock:
                 if not self.guest_open or self.agent is None:
                     continue
+                self._note_progress()
                 stale = self.last_seen is None or time.monotonic() - self.last_seen > DEAD_AFTER_S
                 if stale and self.answering:
                     self.answering = False

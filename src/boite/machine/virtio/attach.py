@@ -167,6 +167,7 @@ def attach_devices(
     console: Any = None,
     with_console: bool = False,
     with_rng: bool = True,
+    ports: Sequence[Any] = (),
     base: int = VIRTIO_MMIO_BASE,
     irqs: Sequence[int] = VIRTIO_IRQS,
 ) -> AttachedDevices:
@@ -176,7 +177,8 @@ def attach_devices(
     host side of a NIC (default: a TapDevice). `with_console` adds virtio-console (hvc0)
     writing to `console`: a callable taking bytes, or a SerialBackend such as the box's
     ConsoleBackend, which then also feeds its input to hvc0 (the guest needs
-    `console=hvc0`). Virtio devices take consecutive 4 KiB windows from `base` and the
+    `console=hvc0`). `ports` are the host users of named virtio-console ports (the guest
+    tools' ToolsHost), all on one multiport device. Virtio devices take consecutive 4 KiB windows from `base` and the
     next free IRQ of `irqs`.
     """
     out = AttachedDevices()
@@ -237,6 +239,10 @@ def attach_devices(
             add_virtio("virtio-console", out.console)
         if with_rng:
             add_virtio("virtio-rng", VirtioRng())
+        if ports:
+            from boite.machine.virtio.ports import VirtioPorts
+
+            add_virtio("virtio-ports", VirtioPorts(list(ports)))
     except BaseException:
         out.close()
         raise

@@ -42,7 +42,7 @@ PORT_NAME = 7
 CONTROL = struct.Struct("<IHH")  # id, event, value
 CONTROL_RX, CONTROL_TX = 2, 3
 # Bytes the host may have waiting for a port before send() waits for the guest to read.
-SEND_WINDOW = 1 << 20
+SEND_WINDOW = 256 << 10
 MAX_PORTS = 31
 
 
@@ -77,32 +77,28 @@ class SerialPort:
         return 0 if self.index == 0 else 2 * self.index + 2
 
     def send(self, data: bytes, timeout: float | None = None) -> bool:
-        """Queue `data` for the guest (any thread). Waits while SEND_WINDOW bytes are
-        unread; False when `timeout` passed first or the port is not open in the guest
-        (Linux drops what reaches a port nobody has open)."""
+        """Queue `data` for the guest (any thread), whole: it waits until the unread bytes
+        leave room for all of it, so concurrent senders never interleave. False when
+        `timeout` passed first or the port is not open in the guest (Linux drops what
+        reaches a port nobody has open)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        view = memoryview(data)
-        while view:
+        while True:
             if not self.guest_open:
                 return False
             t = self.device.transport
             if t is None:
                 return False
             with t.lock:
-                room = SEND_WINDOW - len(self.pending)
-                if room > 0:
-                    take = min(room, len(view))
-                    self.pending += view[:take]
-                    view = view[take:]
+                if not self.pending or len(self.pending) + len(data) <= SEND_WINDOW:
+                    self.pending += data
                     if t.status & STATUS_DRIVER_OK and not t.broken:
                         t.run_backend(self.device.fill_rx, self)
-                    continue
+                    return True
                 self._room.clear()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
             self._room.wait(0.2 if left is None else min(left, 0.2))
-        return True
 
 
 class VirtioPorts(VirtioBackend):
@@ -230,7 +226,7 @@ class VirtioPorts(VirtioBackend):
             done = True
         if done:
             self.signal(queue)
-        if len(port.pending) < SEND_WINDOW:
+        if done:
             port._room.set()
 
     def activate(self, queues: list[VirtQueue], features: int) -> None:
