@@ -17,6 +17,10 @@
  *                             status, else 0) to I/O port PORT (isa-debug-exit style)
  *        boite.ctl=DEVICE     a control line (e.g. /dev/ttyS1 or /dev/hvc1): the line
  *                             "poweroff" asks for a soft stop
+ *        boite.net=0          do not bring up eth0 with DHCP (busybox udhcpc, its
+ *                             script /usr/share/udhcpc/default.script)
+ *        boite.ip=A/P,GW,DNS  give eth0 this address instead (what boite's NAT hands
+ *                             out by DHCP; the tiny kernel has no AF_PACKET for udhcpc)
  *        boite.tools=0        do not start the guest tools agent /sbin/boite-tools
  *                             (it leaves quietly on a machine without the tools port;
  *                             with nothing else asked for, init serves until stopped)
@@ -389,6 +393,35 @@ int main(void)
     char up[64];
     uptime(up, sizeof up);
     say("BOITE-READY uptime=%s", up);
+
+    /* The first NIC: boite.ip= (what boite's NAT would lease), else DHCP in the
+     * background. */
+    char net[16], ipconf[128];
+    if (!(param("boite.net", net, sizeof net) && strcmp(net, "0") == 0) &&
+        access("/sys/class/net/eth0", F_OK) == 0) {
+        static char script[512];
+        if (param("boite.ip", ipconf, sizeof ipconf) && ipconf[0] &&
+            strspn(ipconf, "0123456789./,") == strlen(ipconf)) {
+            char *gw = strchr(ipconf, ','), *dns = NULL;
+            if (gw) {
+                *gw++ = 0;
+                dns = strchr(gw, ',');
+                if (dns)
+                    *dns++ = 0;
+            }
+            snprintf(script, sizeof script,
+                     "ip link set lo up; ip link set eth0 up; ip addr add %s dev eth0; "
+                     "%s%s%s echo nameserver %s > /etc/resolv.conf",
+                     ipconf, gw && *gw ? "ip route add default via " : "", gw ? gw : "",
+                     gw && *gw ? ";" : "", dns && *dns ? dns : "127.0.0.1");
+        } else {
+            snprintf(script, sizeof script,
+                     "ip link set lo up; ip link set eth0 up; exec udhcpc -i eth0 -b -t 20 "
+                     "-s /usr/share/udhcpc/default.script >/dev/null 2>&1");
+        }
+        char *argv[] = {"/bin/sh", "-c", script, NULL};
+        spawn(NULL, argv);
+    }
 
     /* The guest tools agent: soft power off and reboot come back to us as signals. */
     pid_t tools_pid = -1;

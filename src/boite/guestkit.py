@@ -52,6 +52,7 @@ Kernel parameters init reads from /proc/cmdline:
     boite.exitport=PORT  write the status byte to I/O port PORT before powering off
                          (QEMU: -device isa-debug-exit,iobase=PORT exits with 2*N+1)
     boite.ctl=DEVICE     a control line (/dev/ttyS1, /dev/hvc1): "poweroff" = soft stop
+    boite.net=0          do not bring up eth0 by DHCP (udhcpc in the background)
     boite.tools=0        do not start the guest tools agent (/sbin/boite-tools)
 
 SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too;
@@ -159,7 +160,7 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact(
             "initrd-i386",
             "guest initramfs (i386 init + busybox + guest tools)",
-            ("init/init.c", "tools/boite-tools.c", "busybox/fetch-busybox.sh"),
+            ("init/init.c", "init/udhcpc.script", "tools/boite-tools.c", "busybox/fetch-busybox.sh"),
             (
                 ("gcc", "gcc-multilib"),
                 ("apt-get", "apt"),
@@ -452,7 +453,7 @@ def _build_env() -> dict[str, str]:
 # --- the initramfs ---------------------------------------------------------------------
 
 _DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
-         "etc", "mnt", "run")  # fmt: skip
+         "etc", "mnt", "run", "usr/share", "usr/share/udhcpc")  # fmt: skip
 # The kernel opens /dev/console for init before anyone can mount devtmpfs.
 _NODES = (("dev/console", stat.S_IFCHR | 0o600, 5, 1), ("dev/null", stat.S_IFCHR | 0o666, 1, 3))
 _FILES = {
@@ -501,6 +502,10 @@ def _build_initrd(guest: Path, part: Path, log: Path, say: Callable[[str], None]
         cpio.add(path, mode, rdev=(major, minor))
     for path, data in _FILES.items():
         cpio.add(path, stat.S_IFREG | 0o644, data)
+    cpio.add(
+        "usr/share/udhcpc/default.script", stat.S_IFREG | 0o755,
+        (guest / "init" / "udhcpc.script").read_bytes(),
+    )  # fmt: skip
     cpio.add("init", stat.S_IFREG | 0o755, (part / "init").read_bytes())
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, (part / "busybox").read_bytes())
     cpio.add("sbin/boite-tools", stat.S_IFREG | 0o755, (part / "boite-tools").read_bytes())

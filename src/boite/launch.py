@@ -29,9 +29,6 @@ from boite.errors import BoiteError, BoxError
 
 LogFn = Callable[[str], None]
 
-# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
-TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
-
 
 class ConsoleClient(Protocol):
     """Something joined to the guest's console once the machine is up (`start()`) and let
@@ -140,15 +137,28 @@ def _disk_files_hook(specs: list[str]) -> Any:
 def _box_devices_hook(box, tools: Any = None) -> Any:
     from boite.machine.virtio.attach import BoxDevices
 
-    devices = BoxDevices(box.config, box.dir, ports=[tools] if tools is not None else [])
-    for nic in list(devices.plan.nics):
-        if nic.connection_type not in TAP_CONNECTIONS:
-            devices.plan.nics.remove(nic)
-            box.log.info(
-                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
-                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
-            )
-    return devices
+    return BoxDevices(
+        box.config, box.dir, ports=[tools] if tools is not None else [], net_log=box.log.info
+    )
+
+
+def _nics_request(devices: DeviceHooks, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "nics"} -> each NIC's MAC and host side (TAP name, or
+    passt's pid and forwards)."""
+    if request.get("cmd") != "nics":
+        return None
+    attached = getattr(devices.current, "attached", None)
+    plans = getattr(getattr(devices.current, "plan", None), "nics", [])
+    nics = []
+    for plan, net in zip(plans, getattr(attached, "nets", []), strict=False):
+        backend = net.tap
+        nic: dict[str, Any] = {"key": plan.key, "mac": plan.mac, "connection": plan.connection_type}
+        if hasattr(backend, "forwards"):
+            nic.update(backend="passt", pid=backend.proc.pid, forwards=list(backend.forwards))
+        else:
+            nic.update(backend="tap", tap=getattr(backend, "name", None))
+        nics.append(nic)
+    return {"ok": True, "nics": nics}
 
 
 def install_stop_signals(vmm) -> None:
@@ -286,12 +296,14 @@ def run_box(
                 extra_devices=devices.fresh(),
             )  # fmt: skip
 
-        wrap, snapshot_handler = _snapshot_hooks(box, log)
+        wrap, snapshot_handler = _snapshot_hooks(box, log, tools)
         vmm = vmm_for(make_machine, accel_name, console, log, box.name, wrap)
         vmm.on_power_on = devices.start  # first: the hooks below chain onto it
         handlers = []
         if snapshot_handler is not None:
             handlers.append(lambda request: snapshot_handler(vmm, box, request))
+        handlers.append(lambda request: _reset_request(vmm, request))
+        handlers.append(lambda request: _nics_request(devices, request))
         if tools is not None:
             vmm.guest_tools = tools  # the first way of a soft stop or reset
             handlers.append(lambda request: _tools_request(tools, request))
@@ -333,6 +345,24 @@ def _guest_tools(box, log: LogFn):
     return ToolsHost(log=log)
 
 
+def _reset_request(vmm, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "reset", "mode": "soft"|"hard"} -> {"how": ...}: soft asks
+    the guest tools to reboot and falls back to a hard reset where they cannot."""
+    if request.get("cmd") != "reset":
+        return None
+    mode = request.get("mode", "soft")
+    if mode not in ("soft", "hard"):
+        raise BoxError(f"reset mode {mode!r}: expected soft or hard")
+    tools = vmm.guest_tools
+    if mode == "soft" and tools is not None and tools.running and tools.power(reboot=True):
+        vmm.log("Reset (soft): the guest tools reboot the guest.")
+        return {"ok": True, "how": "tools"}
+    if mode == "soft":
+        vmm.log("Reset (soft): no guest tools to ask; resetting hard.")
+    vmm.request_reset()
+    return {"ok": True, "how": "hard"}
+
+
 def _tools_request(tools, request: dict[str, Any]) -> dict[str, Any] | None:
     """Control socket: {"cmd": "tools"} -> the tools' status; "tools-info" -> the
     guest's addresses; "tools-resync" -> set the guest clock again."""
@@ -347,7 +377,7 @@ def _tools_request(tools, request: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _snapshot_hooks(box, log):
+def _snapshot_hooks(box, log, tools=None):
     """Resume from a suspend state or a reverted memory snapshot, and the control socket's
     snapshot/suspend commands, when this build has the snapshot part."""
     try:
@@ -365,7 +395,12 @@ def _snapshot_hooks(box, log):
         log(f"Resuming from {path.name}.")
 
         def wrap(factory):
-            return resuming_accelerator(factory, path, on_restored=lambda: resumed(box))
+            def restored() -> None:
+                resumed(box)
+                if tools is not None:  # the guest's clock stood still while saved
+                    tools.resync()
+
+            return resuming_accelerator(factory, path, on_restored=restored)
 
     return wrap, handle_control_request
 
@@ -472,12 +507,21 @@ def stop(box: Any, mode: str = "soft", timeout: float | None = None) -> str:
     raise BoxError(f"{box.name} still holds its lock after the {mode} stop ({holder.describe()})")
 
 
+def reset(box: Any, mode: str = "soft") -> str:
+    """Reset the running box: soft through the guest tools (a clean reboot), hard (or soft
+    without tools) by rebuilding the machine. Returns how: "tools" or "hard"."""
+    return str(request(box, {"cmd": "reset", "mode": mode})["how"])
+
+
 def pause(box: Any) -> None:
     request(box, {"cmd": "pause"})
 
 
 def resume(box: Any) -> None:
+    """Let a paused box run again; its guest tools then set the guest clock."""
     request(box, {"cmd": "resume"})
+    with contextlib.suppress(BoiteError):
+        request(box, {"cmd": "tools-resync"})
 
 
 # Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.

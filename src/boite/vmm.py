@@ -125,6 +125,7 @@ class Vmm:
         # The guest tools' host end (boite.tools.ToolsHost), when the box has them: the
         # first way of a soft stop, before the keyboard.
         self.guest_tools: Any = None
+        self._reset_requested = False
 
     # --- lifecycle -----------------------------------------------------------------
     def _power_on(self) -> None:
@@ -179,6 +180,12 @@ class Vmm:
             result: RunResult = self.accel.run()
             reason = result.reason
             if reason is StopReason.PAUSED:
+                if self._reset_requested and not self._stop_requested:
+                    self._reset_requested = False
+                    self.resets += 1
+                    self.log("Reset (hard) requested: the machine is rebuilt.")
+                    self._reset()
+                    continue
                 if self._stop_requested:
                     self.log("Powered off (hard stop).")
                     self.exit_status = 0 if self.exit_status is None else self.exit_status
@@ -225,6 +232,14 @@ class Vmm:
         if self.state is not VmState.RUNNING:
             raise BoxError(f"{self.name} is {self.state.value}, not running")
         self._pause_requested = True
+        self.accel.pause()
+
+    def request_reset(self) -> None:
+        """A hard reset from outside (`boite reset BOX hard`): the machine is rebuilt, as
+        after the guest's own reset."""
+        if self.state is not VmState.RUNNING:
+            raise BoxError(f"{self.name} is {self.state.value}, not running")
+        self._reset_requested = True
         self.accel.pause()
 
     def resume(self) -> None:

@@ -28,7 +28,7 @@ from boite.machine.virtio.guestdriver import (
 )
 from boite.machine.virtio.mmio import VirtioMmio
 from boite.machine.virtio.net import NET_HDR_LEN, VirtioNet, parse_mac
-from boite.machine.virtio.tap import TapDevice
+from boite.machine.netback.tap import TapDevice
 
 BASE = 0xD000_2000
 GUEST_MAC = "00:0c:29:ab:cd:ef"
