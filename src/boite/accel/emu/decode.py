@@ -156,7 +156,7 @@ class Decoder:
         # the limit faults here, at the target, where the CPU faults on the branch).
         if x.pos - x.start >= 15 or (x.pos & x.eipmask) > x.cslim:
             raise CpuFault(GP, 0)
-        v = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+        v = self.c.fetch8((x.csb + (x.pos & x.eipmask)) & M32)
         x.pos += 1
         return v
 
@@ -2606,6 +2606,11 @@ class Decoder:
             return movcr
         x.end = b != 0xA2 and b != 0x31
 
+        if b == 0x34 or b == 0x35:
+            if "sep" not in c.features:
+                return self._ud(x, b)
+            return c.sysenter if b == 0x34 else c.sysexit
+
         def sys() -> None:
             if b == 0xA2:
                 c.cpuid()
@@ -2855,7 +2860,7 @@ class Decoder:
         t[0x00] = self._grp6
         t[0x01] = self._grp7
         t[0x02] = t[0x03] = self._larlsl
-        for b in (0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x31, 0x32, 0xA2):
+        for b in (0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x31, 0x32, 0x34, 0x35, 0xA2):
             t[b] = self._sys0f
         for b in range(0x18, 0x20):
             t[b] = self._nop_rm
