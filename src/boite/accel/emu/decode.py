@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from boite.accel.emu.cpu import (
+from boite.accel.emu.arch import (
     AF,
     ARITH,
     BR,

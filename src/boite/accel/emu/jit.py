@@ -29,7 +29,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from boite.accel.emu.cpu import DS, PARITY, SEGCHK, SS, STACK16, CpuFault
+from boite.accel.emu.arch import DS, PARITY, SEGCHK, SS, STACK16, CpuFault
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
