@@ -33,6 +33,7 @@ from boite.accel.emu.arch import (
     IOPL,
     M16,
     M32,
+    MASK,
     NM,
     NP,
     OF,
@@ -44,8 +45,10 @@ from boite.accel.emu.arch import (
     OP_SUB,
     PARITY,
     PF,
+    SEG_PREFIX,
     SEGCHK,
     SF,
+    SIGN,
     SS,
     SS_VEC,
     UD,
@@ -55,25 +58,14 @@ from boite.accel.emu.arch import (
     CpuHalt,
     override_flat_bits,
 )
+from boite.accel.emu.optable import BY_OPCODE, Op, end_regs, lock_regs, lookup
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
 Fn = Callable[[], None]
-MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000, 8: 1 << 63}  # 8: IDIV r/m32 dividend EDX:EAX
 MAX_BLOCK = 48
 
-# Opcodes after which a block ends (control flow, mode or interrupt-state changes).
-# Opcodes that take LOCK (with a memory operand), as a mask of the ModRM reg fields allowed.
-_ALL = 0xFF
-_LOCK_1B = {b: _ALL for b in (0x00, 0x01, 0x08, 0x09, 0x10, 0x11, 0x18, 0x19, 0x20, 0x21,
-                              0x28, 0x29, 0x30, 0x31, 0x86, 0x87)}  # fmt: skip
-_LOCK_1B.update({0x80: 0x7F, 0x81: 0x7F, 0x83: 0x7F, 0xF6: 0x0C, 0xF7: 0x0C, 0xFE: 0x03,
-                 0xFF: 0x03})  # fmt: skip
-_LOCK_0F = {0xAB: _ALL, 0xB3: _ALL, 0xBB: _ALL, 0xBA: 0xE0, 0xB0: _ALL, 0xB1: _ALL,
-            0xC0: _ALL, 0xC1: _ALL, 0xC7: 0x02}  # fmt: skip
-_SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 # Segments whose accesses are checked whatever the mode: CS (never writable in protected
 # mode) and FS/GS (often null or small, e.g. a null FS in Linux user space); they are only
 # reached through a prefix, so checking them costs nothing to unprefixed code.
@@ -84,7 +76,8 @@ class Ctx:
     """Decoding state of one instruction."""
 
     __slots__ = (
-        "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask"
+        "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask",
+        "p66",
     )  # fmt: skip
 
     def __init__(self, start: int, csb: int, code32: bool, cslim: int) -> None:
@@ -99,6 +92,7 @@ class Ctx:
         self.lock = False
         self.end = False
         self.eipmask = M32 if code32 else M16
+        self.p66 = False  # an operand-size prefix was seen (an SSE mandatory prefix)
 
 
 def _sx8(v: int) -> int:
@@ -145,8 +139,14 @@ class Block:
 class Decoder:
     def __init__(self, cpu: Cpu) -> None:
         self.c = cpu
+        # Per map, from the opcode table: the method building each opcode's closure, the
+        # ModRM reg fields where it ends a block (0xFF: always) and where LOCK is legal.
         self.ops: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
         self.ops0f: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
+        self.ends = [0] * 256
+        self.ends0f = [0] * 256
+        self.locks: list[int | None] = [None] * 256
+        self.locks0f: list[int | None] = [None] * 256
         self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
         self._install()
 
@@ -179,11 +179,12 @@ class Decoder:
         try:
             while True:
                 b = self.u8(x)
-                if b in _SEG_PREFIX:
-                    x.seg = _SEG_PREFIX[b]
+                if b in SEG_PREFIX:
+                    x.seg = SEG_PREFIX[b]
                     self.seg_overrides |= 1 << x.seg
                 elif b == 0x66:
                     x.op32 = not c.cs32
+                    x.p66 = True
                 elif b == 0x67:
                     x.ad32 = not c.cs32
                 elif b == 0xF0:
@@ -193,15 +194,20 @@ class Decoder:
                 else:
                     break
             if b == 0x0F:
-                b2 = self.u8(x)
-                if x.lock and c.lock_ud and not self._lockable(x, _LOCK_0F.get(b2)):
-                    fn = self._ud(x, b2)
-                else:
-                    fn = self.ops0f[b2](x, b2)
-            elif x.lock and c.lock_ud and not self._lockable(x, _LOCK_1B.get(b)):
+                b = self.u8(x)
+                ops, ends, locks = self.ops0f, self.ends0f, self.locks0f
+            else:
+                ops, ends, locks = self.ops, self.ends, self.locks
+            if x.lock and c.lock_ud and not self._lockable(x, locks[b]):
                 fn = self._ud(x, b)
             else:
-                fn = self.ops[b](x, b)
+                mpos = x.pos
+                fn = ops[b](x, b)
+                e = ends[b]  # the table's block-end rule, by ModRM reg field
+                if e and (
+                    e == 0xFF or e >> ((c.rd8((x.csb + (mpos & x.eipmask)) & M32) >> 3) & 7) & 1
+                ):
+                    x.end = True
         except CpuFault as f:
             if x.pos == eip:
                 raise  # the first byte itself cannot be fetched: fault now
@@ -1155,7 +1161,6 @@ class Decoder:
         seg = {0x07: ES, 0x17: SS, 0x1F: DS, 0xA1: FS, 0xA9: GS}[b]
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
-        x.end = True
 
         def pop_seg() -> None:
             v = c.peek(0, size) & 0xFFFF
@@ -1243,7 +1248,6 @@ class Decoder:
                 c.eip = nxt
 
             return pushf
-        x.end = True
 
         def popf() -> None:
             if c.fl & VM and (c.fl >> 12) & 3 < 3:
@@ -1326,7 +1330,6 @@ class Decoder:
             cc = b & 15
         nxt = self.nxt(x)
         tgt = (nxt + d) & (M32 if x.op32 else M16)
-        x.end = True
         cond = c.cond
         k = cc >> 1
         neg = cc & 1
@@ -1355,7 +1358,6 @@ class Decoder:
             d = _sx(self.imm(x, size), size)
         nxt = self.nxt(x)
         tgt = (nxt + d) & (M32 if x.op32 else M16)
-        x.end = True
 
         def jmp() -> None:
             c.eip = tgt
@@ -1368,7 +1370,6 @@ class Decoder:
         d = _sx(self.imm(x, size), size)
         nxt = self.nxt(x)
         tgt = (nxt + d) & MASK[size]
-        x.end = True
 
         def call() -> None:
             c.push(nxt, size)
@@ -1380,7 +1381,6 @@ class Decoder:
         c = self.c
         size = 4 if x.op32 else 2
         imm = self.u16(x) if b == 0xC2 else 0
-        x.end = True
 
         def ret() -> None:
             v = c.peek(0, size)
@@ -1393,7 +1393,6 @@ class Decoder:
         c = self.c
         size = 4 if x.op32 else 2
         imm = self.u16(x) if b == 0xCA else 0
-        x.end = True
 
         def retf() -> None:
             c.far_return(size, imm)
@@ -1406,7 +1405,6 @@ class Decoder:
         off = self.imm(x, size)
         sel = self.u16(x)
         nxt = self.nxt(x)
-        x.end = True
         call = b == 0x9A
 
         def far() -> None:
@@ -1421,7 +1419,6 @@ class Decoder:
         nxt = self.nxt(x)
         tgt = (nxt + d) & (M32 if x.op32 else M16)
         cm = M32 if x.ad32 else M16
-        x.end = True
 
         def loop() -> None:
             if b == 0xE3:
@@ -1443,7 +1440,6 @@ class Decoder:
         c = self.c
         vec = 3 if b == 0xCC else 1 if b == 0xF1 else 4 if b == 0xCE else self.u8(x)
         nxt = self.nxt(x)
-        x.end = True
 
         def int_n() -> None:
             if b == 0xCE and not c.get_flags() & OF:
@@ -1460,7 +1456,6 @@ class Decoder:
         c = self.c
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
-        x.end = True
 
         def iret() -> None:
             c.iret(size, nxt)
@@ -1470,7 +1465,6 @@ class Decoder:
     def _hlt(self, x: Ctx, b: int) -> Fn:
         c = self.c
         nxt = self.nxt(x)
-        x.end = True
 
         def hlt() -> None:
             if c.cpl:
@@ -1738,7 +1732,6 @@ class Decoder:
             return self._ud(x, b)
         g = self.rm_get(mod, rm, ea, size)
         if op in (2, 4):
-            x.end = True
             call = op == 2
 
             def jmp_ind() -> None:
@@ -1749,7 +1742,6 @@ class Decoder:
 
             return jmp_ind
         if op in (3, 5):
-            x.end = True
             if mod == 3:
                 return self._ud(x, b)
             rd = self.rdfn(size)
@@ -1993,7 +1985,6 @@ class Decoder:
         g = self.reg_get(0, size)
         s = self.reg_set(0, size)
         r = c.r
-        x.end = True  # device side effects (power-off, IRQs) are seen at once
 
         def io() -> None:
             p = port if port >= 0 else r[2] & 0xFFFF
@@ -2010,8 +2001,6 @@ class Decoder:
     def _flagop(self, x: Ctx, b: int) -> Fn:
         c = self.c
         nxt = self.nxt(x)
-        if b in (0xFA, 0xFB):
-            x.end = True
 
         def flagop() -> None:
             if b == 0xF5:
@@ -2149,7 +2138,6 @@ class Decoder:
             return self._ud(x, b)
         s = self.reg_set(reg, size)
         rd = self.rdfn(size)
-        x.end = True
         ea = self.ea_for(ea, size + 2, False)
 
         def les() -> None:
@@ -2182,7 +2170,6 @@ class Decoder:
         if reg == CS:
             return self._ud(x, b)
         g = self.rm_get(mod, rm, ea, 2)
-        x.end = True
 
         def mov_to_seg() -> None:
             c.load_seg(reg, g())
@@ -2586,7 +2573,6 @@ class Decoder:
             m = self.u8(x)
             nxt = self.nxt(x)
             reg, rm = (m >> 3) & 7, m & 7
-            x.end = True
 
             def movcr() -> None:
                 if c.cpl:
@@ -2604,7 +2590,6 @@ class Decoder:
                 c.eip = nxt
 
             return movcr
-        x.end = b != 0xA2 and b != 0x31
 
         def sys() -> None:
             if b == 0xA2:
@@ -2634,7 +2619,6 @@ class Decoder:
         c = self.c
         mod, op, rm, ea = self.modrm(x)
         nxt = self.nxt(x)
-        x.end = True
         if op > 5:
             return self._ud(x, b)
         g = self.rm_get(mod, rm, ea, 2)
@@ -2692,7 +2676,6 @@ class Decoder:
         mod, op, rm, ea = self.modrm(x)
         nxt = self.nxt(x)
         op32 = x.op32
-        x.end = True
         if op == 5 or (mod == 3 and op not in (4, 6)):
             return self._ud(x, b)
         s = self.rm_set(mod, rm, ea, 2) if op == 4 else None
@@ -2783,98 +2766,33 @@ class Decoder:
 
     # ---------------------------------------------------------------- tables
     def _install(self) -> None:
-        o = self.ops
-        for b in range(0x40):
-            if b & 7 < 6:
-                o[b] = self._alu
-        for b in (0x06, 0x0E, 0x16, 0x1E):
-            o[b] = self._push_seg
-        for b in (0x07, 0x17, 0x1F):
-            o[b] = self._pop_seg
-        for b in (0x27, 0x2F, 0x37, 0x3F, 0xD4, 0xD5):
-            o[b] = self._bcd
-        for b in range(0x40, 0x50):
-            o[b] = self._incdec_r
-        for b in range(0x50, 0x58):
-            o[b] = self._push_r
-        for b in range(0x58, 0x60):
-            o[b] = self._pop_r
-        o[0x60] = o[0x61] = self._pusha
-        o[0x62] = self._bound
-        o[0x63] = self._arpl
-        o[0x68] = o[0x6A] = self._push_i
-        o[0x69] = o[0x6B] = self._imul3
-        for b in (0x6C, 0x6D, 0x6E, 0x6F, 0xA4, 0xA5, 0xA6, 0xA7, 0xAA, 0xAB, 0xAC, 0xAD, 0xAE):
-            o[b] = self._string
-        o[0xAF] = self._string
-        for b in range(0x70, 0x80):
-            o[b] = self._jcc
-        for b in range(0x80, 0x84):
-            o[b] = self._grp1
-        o[0x84] = o[0x85] = o[0xA8] = o[0xA9] = self._test
-        o[0x86] = o[0x87] = self._xchg
-        for b in range(0x88, 0x8C):
-            o[b] = self._mov
-        o[0x8C] = o[0x8E] = self._mov_sreg
-        o[0x8D] = self._lea
-        o[0x8F] = self._pop_rm
-        for b in range(0x90, 0x98):
-            o[b] = self._xchg_ax
-        for b in (0x98, 0x99, 0x9B, 0x9E, 0x9F, 0xD6, 0xD7):
-            o[b] = self._misc1
-        o[0x9A] = o[0xEA] = self._far_ptr
-        o[0x9C] = o[0x9D] = self._pushf
-        for b in range(0xA0, 0xA4):
-            o[b] = self._mov_moffs
-        for b in range(0xB0, 0xC0):
-            o[b] = self._mov_ri
-        for b in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
-            o[b] = self._grp2
-        o[0xC2] = o[0xC3] = self._ret
-        o[0xC4] = o[0xC5] = self._les
-        o[0xC6] = o[0xC7] = self._mov_mi
-        o[0xC8] = self._enter
-        o[0xC9] = self._leave
-        o[0xCA] = o[0xCB] = self._retf
-        o[0xCC] = o[0xCD] = o[0xCE] = o[0xF1] = self._int
-        o[0xCF] = self._iret
-        for b in range(0xD8, 0xE0):
-            o[b] = self._fpu
-        for b in range(0xE0, 0xE4):
-            o[b] = self._loop
-        for b in (0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF):
-            o[b] = self._io
-        o[0xE8] = self._call
-        o[0xE9] = o[0xEB] = self._jmp
-        o[0xF4] = self._hlt
-        o[0xF6] = o[0xF7] = self._grp3
-        for b in (0xF5, 0xF8, 0xF9, 0xFA, 0xFB, 0xFC, 0xFD):
-            o[b] = self._flagop
-        o[0xFE] = o[0xFF] = self._grp45
-        t = self.ops0f
-        t[0x00] = self._grp6
-        t[0x01] = self._grp7
-        t[0x02] = t[0x03] = self._larlsl
-        for b in (0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x31, 0x32, 0xA2):
-            t[b] = self._sys0f
-        for b in range(0x18, 0x20):
-            t[b] = self._nop_rm
-        for b in range(0x40, 0x50):
-            t[b] = self._cmov
-        for b in range(0x80, 0x90):
-            t[b] = self._jcc
-        for b in range(0x90, 0xA0):
-            t[b] = self._setcc
-        t[0xA0] = t[0xA8] = self._push_seg
-        t[0xA1] = t[0xA9] = self._pop_seg
-        t[0xA3] = t[0xAB] = t[0xB3] = t[0xBB] = t[0xBA] = self._bt
-        t[0xA4] = t[0xA5] = t[0xAC] = t[0xAD] = self._shd
-        t[0xAF] = self._imul3
-        t[0xB0] = t[0xB1] = self._cmpxchg
-        t[0xB2] = t[0xB4] = t[0xB5] = self._les
-        t[0xB6] = t[0xB7] = t[0xBE] = t[0xBF] = self._movx
-        t[0xBC] = t[0xBD] = self._bsf
-        t[0xC0] = t[0xC1] = self._xadd
-        t[0xC7] = self._grp9
-        for b in range(0xC8, 0xD0):
-            t[b] = self._bswap
+        """Fill the dispatch lists from the opcode table (optable.ROWS)."""
+        for map_, ops, ends, locks in (
+            ("", self.ops, self.ends, self.locks),
+            ("0F", self.ops0f, self.ends0f, self.locks0f),
+        ):
+            for code in range(256):
+                rows = BY_OPCODE.get((map_, code))
+                if not rows:
+                    continue
+                ops[code] = self._handler(map_, rows)
+                ends[code] = end_regs(map_, code)
+                locks[code] = lock_regs(map_, code)
+
+    def _handler(self, map_: str, rows: tuple[Op, ...]) -> Callable[[Ctx, int], Fn]:
+        """One method for the opcode, or where its rows name several (by ModRM reg or
+        mandatory prefix), a selector that picks the row of the encoding at hand."""
+        names = {row.decode for row in rows}
+        if len(names) == 1 and all(row.prefix is None for row in rows):
+            return getattr(self, names.pop())
+        c = self.c
+
+        def select(x: Ctx, b: int) -> Fn:
+            modrm = c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+            pre = x.rep or (0x66 if x.p66 else None)
+            row = lookup(map_, b, modrm, pre)
+            if row is None:
+                return self._ud(x, b)
+            return getattr(self, row.decode)(x, b)
+
+        return select
