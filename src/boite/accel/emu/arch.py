@@ -36,7 +36,7 @@ HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 # A 4 GiB expand-up segment gets SEG_BIG, so offsets that wrap past 4 GiB do not fault.
 SEG_BIG = 1 << 33
 # mode_key bit: ES, SS or DS is not flat (4 GiB, expand-up, present, writable data), so
-# decode.py emits closures that check every access through them and the block compiler
+# decode/ emits closures that check every access through them and the block compiler
 # inlines nothing. Accesses through CS, FS and GS (prefixed) are always checked at run time.
 SEGCHK = 8
 FLAT_SEGS_MASK = (1 << ES) | (1 << SS) | (1 << DS)
