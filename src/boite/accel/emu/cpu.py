@@ -1,12 +1,12 @@
 """The emulated x86 CPU: registers, lazy flags, MMU with a software TLB, segmentation,
 interrupt and exception delivery, and the run loops (plain interpreter and block cache).
 
-What CPUID reports (see `Cpu.cpuid`): vendor "GenuineIntel", family 6 model 1 (a
-Pentium-Pro-class IA-32 CPU) with TSC, CX8, CMOV, PSE, MSR, CPUID and *no* x87 FPU: the
-guest kit's i386 kernel is built for a 486SX with CONFIG_MATH_EMULATION, so Linux sets
-CR0.EM and the x87 escape opcodes trap with #NM into the kernel's own math emulator.
-With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FNSTSW
-leave memory alone, so the usual probe finds no FPU).
+What CPUID and the MSRs report comes from the CPU model in cpumodel.py (a Pentium M
+class IA-32 CPU, showing only the features implemented here). Paging is 2-level (with
+PSE 4 MiB pages) or PAE (2 MiB pages, the XD bit under EFER.NXE: instruction fetches go
+through an execute TLB of their own while NX is on). SYSENTER/SYSEXIT are emulated.
+Where CPUID reports no x87, the escapes act as on a board without a coprocessor, and
+with CR0.EM they trap with #NM (the guest kit's kernel emulates the FPU itself).
 
 Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exceptions
 to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
@@ -14,8 +14,7 @@ PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap
 
 Hardware task switches (far JMP/CALL to a TSS or a task gate, interrupts through a task
 gate, IRET with NT) and the DR7 breakpoints (execute, data, and I/O with CR4.DE) are
-emulated. Not emulated: PAE paging (CR4.PAE raises a GuestError; CPUID does not report
-PAE) and SMM.
+emulated. Not emulated: SMM.
 """
 
 from __future__ import annotations
