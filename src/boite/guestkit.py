@@ -160,7 +160,12 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact(
             "initrd-i386",
             "guest initramfs (i386 init + busybox + guest tools)",
-            ("init/init.c", "init/udhcpc.script", "tools/boite-tools.c", "busybox/fetch-busybox.sh"),
+            (
+                "init/init.c",
+                "init/udhcpc.script",
+                "tools/boite-tools.c",
+                "busybox/fetch-busybox.sh",
+            ),
             (
                 ("gcc", "gcc-multilib"),
                 ("apt-get", "apt"),

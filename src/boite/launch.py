@@ -637,3 +637,99 @@ def tools_status(box: Any) -> dict[str, Any] | None:
         return request(box, {"cmd": "tools"})["tools"]
     except BoxError:
         return None
+
+
+# --- what would stop a box from starting -------------------------------------------------
+def startup_problems(box: Any) -> list[Any]:
+    """Problems `boite check` adds to the box's own rules: a NIC whose host side cannot be
+    attached here, a disk boite can only read, vCPUs the accelerator cannot run, and the
+    clashes a copied box brings (the uuid.bios or a MAC of a running box)."""
+    from boite.box import list_running
+    from boite.box.limits import Problem
+    from boite.machine.netback import attach_problem
+
+    box = open_box(box)
+    problems: list[Problem] = []
+    for nic in box.config.nics:
+        if not nic.present:
+            continue
+        kind = (nic.connection_type or "bridged").lower()
+        why = attach_problem(kind, box.config.get_str(f"ethernet{nic.index}.vnet") or "")
+        if why is not None:
+            problems.append(
+                Problem(f"ethernet{nic.index}.connectionType", kind, "a NIC that can attach", why)
+            )
+    for slot in box.config.disks:
+        if not slot.file_name or "://" in slot.file_name:
+            continue
+        where = box.disk_path(slot.file_name)
+        why = _read_only_reason(Path(where))
+        if why is not None:
+            problems.append(Problem(f"{slot.key}.fileName", slot.file_name, "a writable disk", why))
+    accel = box.config.virtual_exec
+    # Only where the box names the emulator: "automatic" picks per host at start.
+    if accel in ("software", "emu"):
+        from boite.accel.emu import EmuAccelerator
+
+        runs = EmuAccelerator.max_vcpus
+        if box.config.numvcpus > runs:
+            problems.append(
+                Problem(
+                    "numvcpus",
+                    str(box.config.numvcpus),
+                    f"at most {runs} for {accel}",
+                    f"the emulator runs {runs} vCPU(s): the others would stay parked",
+                )  # fmt: skip
+            )
+    mine = str(box.vmx_path.resolve())
+    uuid = (box.vmx.get("uuid.bios") or "").replace(" ", "").replace("-", "").lower()
+    macs = {n.mac.lower() for n in box.config.nics if n.present and n.mac}
+    for running in list_running():
+        if running.vmx == mine:
+            continue
+        try:
+            other = open_box(running.vmx)
+        except BoiteError:
+            continue
+        theirs = (other.vmx.get("uuid.bios") or "").replace(" ", "").replace("-", "").lower()
+        if uuid and uuid == theirs:
+            problems.append(
+                Problem(
+                    "uuid.bios",
+                    box.vmx.get("uuid.bios") or "",
+                    "unique among running boxes",
+                    f"the running box {running.vmx} has the same uuid.bios (a copied box? "
+                    "`boite clone` gives a new one)",
+                )  # fmt: skip
+            )
+        clash = macs & {n.mac.lower() for n in other.config.nics if n.present and n.mac}
+        for mac in sorted(clash):
+            problems.append(
+                Problem(
+                    "ethernet MAC",
+                    mac,
+                    "unique among running boxes",
+                    f"the running box {running.vmx} has a NIC with the same MAC",
+                )  # fmt: skip
+            )
+    return problems
+
+
+def _read_only_reason(path: Path) -> str | None:
+    if not path.exists():
+        return None  # the box's own check says so
+    if not os.access(path, os.W_OK):
+        return f"{path} is not writable by this user"
+    if path.suffix.lower() == ".vmdk":
+        try:
+            from boite.disk.vmdk import read_descriptor
+
+            desc, _ = read_descriptor(path)
+        except (BoiteError, OSError):
+            return None
+        if (desc.create_type or "").lower() == "streamoptimized":
+            return (
+                f"{path} is a streamOptimized VMDK, which boite (like VMware) only reads: "
+                "`boite disk convert` it to thin"
+            )
+    return None

@@ -119,7 +119,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     box = Box.open(args.box)
     # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx).
-    problems = box.check() + check_snapshot_tree(box)
+    from boite.launch import startup_problems
+
+    problems = box.check() + check_snapshot_tree(box) + startup_problems(box)
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
     elif problems:
