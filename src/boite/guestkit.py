@@ -89,6 +89,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -374,36 +375,57 @@ def _build(
     log = part / "build.log"
     started = time.monotonic()
     step = 0
+    last = [""]
+
+    def line(detail: str) -> str:
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        return f"building {art.label}… step {index}/{total}: {detail} [{minutes}:{seconds:02d}]"
 
     def say(detail: str) -> None:
         nonlocal step
         step += 1
+        last[0] = detail
         if progress:
-            progress(f"building {art.label}… step {index}/{total}: {detail}")
+            progress(line(detail))
 
-    guest = guest_dir()
-    if art.name == "initrd-i386":
-        _build_initrd(guest, part, log, say)
-    elif art.name.startswith("linux-"):
-        arch = art.name.removeprefix("linux-")
-        say(f"make tinyconfig + {arch}.config, then bzImage (minutes)")
-        _run_logged(
-            [
-                "bash",
-                str(guest / "linux" / "build-kernel.sh"),
-                arch,
-                str(root / "src" / "linux-source-6.1"),
-                str(root / "work" / art.name),
-                str(part),
-            ],
-            log,
-            say,
-            art,
-        )
-    elif art.name == "debian-amd64":
-        _run_logged(
-            ["bash", str(guest / "debian" / "fetch-debian-kernel.sh"), str(part)], log, say, art
-        )
+    # A long step (a kernel's make) shows it is alive: the same line with the time so far.
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(TICK_S):
+            if progress and last[0]:
+                progress(line(last[0]))
+
+    if progress:
+        progress(f"building {art.label}: full log in {log}")
+        threading.Thread(target=tick, daemon=True, name="kit-progress").start()
+
+    try:
+        guest = guest_dir()
+        if art.name == "initrd-i386":
+            _build_initrd(guest, part, log, say)
+        elif art.name.startswith("linux-"):
+            arch = art.name.removeprefix("linux-")
+            say(f"make tinyconfig + {arch}.config, then bzImage (minutes)")
+            _run_logged(
+                [
+                    "bash",
+                    str(guest / "linux" / "build-kernel.sh"),
+                    arch,
+                    str(root / "src" / "linux-source-6.1"),
+                    str(root / "work" / art.name),
+                    str(part),
+                ],
+                log,
+                say,
+                art,
+            )
+        elif art.name == "debian-amd64":
+            _run_logged(
+                ["bash", str(guest / "debian" / "fetch-debian-kernel.sh"), str(part)], log, say, art
+            )
+    finally:
+        done.set()
     for file in art.files:
         if not (part / file).is_file():
             raise KitError(f"building the {art.label}: {file} was not produced; see {log}")
@@ -420,6 +442,9 @@ def _build(
     if dest.exists():  # an incomplete leftover (no manifest): replace it
         shutil.rmtree(dest)
     part.rename(dest)
+
+
+TICK_S = 30.0  # how often a long build step says it is still going
 
 
 def _run_logged(

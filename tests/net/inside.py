@@ -121,7 +121,17 @@ def box_traffic(box_dir: str) -> dict:
     launch.start(box_dir, "emu")
     try:
         with launch.tools_client(box_dir, wait_s=900) as tools:
-            info = tools.info()
+            deadline = time.monotonic() + 300
+            while True:  # init configures eth0 in the background
+                info = tools.info()
+                if any(ip["interface"] == "eth0" for ip in info["ips"]):
+                    break
+                if time.monotonic() > deadline:
+                    out = bytearray()
+                    tools.exec(["sh", "-c", "ip addr; ip route; ps"], stdout=out.extend)
+                    result["diagnosis"] = out.decode(errors="replace")
+                    break
+                time.sleep(2)
             result["ips"] = info["ips"]
             Path(box_dir, "payload.bin").write_bytes(payload)
             tools.put(Path(box_dir, "payload.bin"), "/tmp/payload.bin")
@@ -132,6 +142,11 @@ def box_traffic(box_dir: str) -> dict:
             )
             server.join(120)
             result["to_host_sha256"] = hashlib.sha256(received).hexdigest()
+            result["to_host_len"] = len(received)
+            result["to_host_first_diff"] = next(
+                (i for i, (a, b) in enumerate(zip(received, payload, strict=False)) if a != b), None
+            )
+            result["to_host_stderr"] = out.decode(errors="replace")
             # host -> guest through the forward: the guest listens on 8080
             done = threading.Event()
             status: list[int] = []

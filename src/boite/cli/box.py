@@ -17,7 +17,7 @@ from boite.box.box import (
     DISK_TYPES,
 )
 from boite.box.sizes import format_size, parse_size
-from boite.errors import BoxError
+from boite.errors import BoiteError, BoxError
 
 DEMO_DIR = "boite-demo"
 
@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", metavar="FILE", help="kernel the box boots (boite.kernel)")
     p.add_argument("--initrd", metavar="FILE", help="its initial ramdisk (boite.initrd)")
     p.add_argument("--append", metavar="CMDLINE", help="its command line (boite.cmdline)")
+    p.add_argument(
+        "--forward", action="append", default=[], metavar="PROTO:HOST:GUEST",
+        help="forward a host port to the guest through NAT, e.g. tcp:2222:22 (repeatable; "
+        "ethernet0.boite.forward)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the new box's info as JSON")
     p.set_defaults(func=cmd_create)
 
@@ -84,6 +89,15 @@ def cmd_create(args: argparse.Namespace) -> int:
             boot[key] = str(path)
     if args.append is not None:
         boot["boite.cmdline"] = args.append
+    if args.forward:
+        from boite.machine.netback.passt import parse_forwards
+
+        try:
+            boot["ethernet0.boite.forward"] = ", ".join(
+                parse_forwards(", ".join(args.forward), "--forward")
+            )
+        except BoiteError as exc:
+            raise BoxError(str(exc)) from None
     box = Box.create(
         args.name,
         memsize_mb=args.memsize,
@@ -270,10 +284,15 @@ def live_state(box: Box) -> dict:
     if status is None:
         suspended = box.vmx.get("checkpoint.vmState", "").lower().endswith(".vmss")
         return {"state": "suspended" if suspended else "off"}
+    try:
+        nics = launch.request(box, {"cmd": "nics"}).get("nics")
+    except BoxError:
+        nics = None
     return {
         "state": status.get("state", "running"),
         "accelerator": status.get("accelerator"),
         "tools": launch.tools_status(box),
+        "host_nics": nics,
     }
 
 
@@ -302,6 +321,14 @@ def print_info(info: dict) -> None:
                 f"{nic['virtual_dev']} {nic['connection_type']} {nic['mac']}",
             )
         )
+    for nic in info.get("host_nics") or []:
+        side = (
+            f"passt pid {nic.get('pid')}"
+            + (f", forwards {', '.join(nic['forwards'])}" if nic.get("forwards") else "")
+            if nic.get("backend") == "passt"
+            else f"TAP {nic.get('tap')}"
+        )
+        rows.append((f"{nic['key']} host side", f"{side} (MAC {nic['mac']})"))
     for serial in info["serials"]:
         rows.append((f"serial{serial['index']}", f"{serial['file_type']} {serial['file_name']}"))
     usb = [k for k, on in info["usb"].items() if on]
