@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import termios
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detach", action="store_true", help="run in the background (see `boite console`)"
     )
+    p.add_argument("--json", action="store_true", help="with --detach: the VMM's pid as JSON")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="power off a running box")
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=None, metavar="S",
         help="soft stop: seconds the guest gets before the plug is pulled (default 30)",
     )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="how it stopped, as JSON")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
@@ -171,7 +174,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     launch.require_stopped(box)
     if args.detach:
         pid = launch.start(box, args.accel)
-        print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
+        if args.json:
+            print(json.dumps({"ok": True, "box": box.name, "pid": pid}))
+        else:
+            print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
         return 0
     return run_box(box, args.accel)
 
@@ -181,7 +187,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     box = launch.open_box(args.box)
     mode = launch.stop(box, args.mode, args.timeout)
-    print(f"{box.name} stopped ({mode}).")
+    if args.json:
+        print(json.dumps({"ok": True, "box": box.name, "mode": mode}))
+    else:
+        print(f"{box.name} stopped ({mode}).")
     return 0
 
 

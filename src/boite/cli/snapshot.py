@@ -32,15 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("revert", help="go back to a snapshot (the current state is dropped)")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("delete-snapshot", help="remove a snapshot, consolidating its delta disks")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("suspend", help="save a running box's state to NAME.vmss and power off")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_suspend)
 
 
@@ -78,7 +81,10 @@ def cmd_revert(args: argparse.Namespace) -> int:
     if live_holder(box) is not None:
         raise BoxError(f"{box.vmx_path}: stop the box before reverting it (it is running)")
     snap = revert_snapshot(box, args.name)
-    print(f"reverted to {snap.display_name!r} (#{snap.uid})")
+    if args.json:
+        print(json.dumps({"ok": True, "uid": snap.uid, "name": snap.display_name}))
+    else:
+        print(f"reverted to {snap.display_name!r} (#{snap.uid})")
     return 0
 
 
@@ -89,12 +95,16 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if live_holder(box) is not None:
         raise BoxError(f"{box.vmx_path}: stop the box before deleting a snapshot (it is running)")
     snap = delete_snapshot(box, args.name)
-    print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
+    if args.json:
+        print(json.dumps({"ok": True, "uid": snap.uid, "name": snap.display_name}))
+    else:
+        print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
     return 0
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
     from boite import launch
 
-    print(f"suspended to {launch.suspend(Box.open(args.box))}")
+    where = launch.suspend(Box.open(args.box))
+    print(json.dumps({"ok": True, "file": where}) if args.json else f"suspended to {where}")
     return 0
