@@ -213,20 +213,7 @@ class VirtioPorts(VirtioBackend):
     # --- host to guest ---------------------------------------------------------------
     def fill_rx(self, port: SerialPort) -> None:
         assert self.transport is not None
-        queue = self.transport.queues[port.rxq]
-        done = False
-        while port.pending and queue.ready:
-            chain = queue.pop()
-            if chain is None:
-                break
-            n = scatter(chain.writable, port.pending)
-            del port.pending[:n]
-            port.bytes_in += n
-            self.used(queue, chain.head, n)
-            done = True
-        if done:
-            self.signal(queue)
-        if done:
+        if self.deliver(self.transport.queues[port.rxq], port.pending):
             port._room.set()
 
     def activate(self, queues: list[VirtQueue], features: int) -> None:
