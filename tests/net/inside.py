@@ -157,6 +157,11 @@ def box_traffic(box_dir: str) -> dict:
                 done.set()
 
             threading.Thread(target=listen, daemon=True).start()
+            # passt accepts on the host at once; connect only once the guest listens.
+            listening = ["sh", "-c", "grep -q ':1F90 00000000:0000 0A' /proc/net/tcp"]
+            deadline = time.monotonic() + 120
+            while tools.exec(listening) != 0 and time.monotonic() < deadline:
+                time.sleep(1)
             sent = False
             deadline = time.monotonic() + 120
             while not sent and time.monotonic() < deadline:
