@@ -36,8 +36,8 @@ def _box(tmp_path: Path, name: str = "vm", disk: int | None = None) -> Box:
 def _one_line_error(r, *words: str) -> None:
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("boite: error:"), r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("boite: note:")]
+    assert len(lines) == 1 and lines[0].startswith("boite: error:"), r.stderr
     for w in words:
         assert w in r.stderr, (w, r.stderr)
 
@@ -265,6 +265,9 @@ def test_external_disks_need_the_opt_in_key(tmp_path, boite_cli):
     assert "leaves the box" in r.stdout and str(outside) in r.stdout
     info = json.loads(boite_cli("info", box.dir, "--json", timeout=TIMEOUT).stdout)
     assert [p["key"] for p in info["external_paths"]] == ["scsi0:1.fileName"]
+    r = boite_cli("start", box.dir, "--accel", "emu", timeout=TIMEOUT)
+    assert "boite: note: scsi0:1.fileName" in r.stderr and "leaves the box" in r.stderr
+    _one_line_error(r, "boite.kernel")  # (this box has none; the note came first)
 
 
 def test_a_delta_whose_parent_is_outside_is_an_external_disk(tmp_path):
