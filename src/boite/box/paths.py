@@ -158,12 +158,15 @@ def open_regular(path: str | os.PathLike[str], *, what: str, nofollow: bool = Fa
                 f"{path}: the {what} is a symbolic link; boite does not follow it"
             ) from None
         raise
+    return _regular_or_close(fd, f"{path}: the {what}")
+
+
+def _regular_or_close(fd: int, what: str) -> int:
+    """`fd` back in blocking mode if it is a regular file; else closed and FileKindError."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FileKindError(
-                f"{path}: the {what} is {kind_of(st.st_mode)}, expected a regular file"
-            )
+            raise FileKindError(f"{what} is {kind_of(st.st_mode)}, expected a regular file")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
@@ -258,17 +261,7 @@ def open_output(
             raise
     finally:
         os.close(dfd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileKindError(
-                f"{real}: ({key}) is {kind_of(st.st_mode)}, expected a regular file"
-            )
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _regular_or_close(fd, f"{real} ({key})")
 
 
 def create_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
