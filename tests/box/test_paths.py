@@ -374,3 +374,17 @@ def test_guest_ram_state_and_disks_are_created_0600(tmp_path):
     for name, mode in modes.items():
         if name.endswith((".vmdk", ".vmem", ".vmss", ".vmsn")):
             assert mode == 0o600, (name, oct(mode), modes)
+
+
+def test_a_looping_disk_chain_ends(tmp_path):
+    from boite.disk import create_child, create_disk, set_parent
+
+    box = _box(tmp_path)
+    create_disk(box.dir / "base.vmdk", 1 << 20, "thin")
+    create_child(box.dir / "base.vmdk", box.dir / "base-000001.vmdk")
+    set_parent(box.dir / "base.vmdk", box.dir / "base-000001.vmdk")  # base <-> child
+    box.vmx["scsi0.present"] = "TRUE"
+    box.vmx["scsi0:0.present"] = "TRUE"
+    box.vmx["scsi0:0.fileName"] = "base-000001.vmdk"
+    box.save()
+    assert external_paths(Box.open(box.dir)) == []  # a loop inside the box: nothing leaves it

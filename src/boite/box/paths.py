@@ -318,16 +318,22 @@ def _is_device(real: Path) -> bool:
     return stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
 
 
-def _disk_chain(start: Path) -> Iterator[tuple[str, Path]]:
-    """(what, real path) of a VMDK's files and of its parents' files, as far as they read."""
+# Deeper than any chain VMware makes (496 snapshots), so a looping chain ends.
+MAX_CHAIN = 1024
+
+
+def _disk_chain(start: Path, walked: set[str]) -> Iterator[tuple[str, Path]]:
+    """(what, real path) of a VMDK's extent files and of its parents and their extents, as
+    far as they read. `walked` is shared by every disk of a box: links that snapshots
+    share are read once."""
     from boite.disk.ops import disk_files, is_vmdk_name
     from boite.disk.vmdk import read_descriptor
 
-    seen: set[str] = set()
     path: Path | None = start
-    what = "disk"
-    while path is not None and str(path) not in seen and len(seen) < 256:
-        seen.add(str(path))
+    depth = 0
+    while path is not None and str(path) not in walked and depth < MAX_CHAIN:
+        walked.add(str(path))
+        depth += 1
         if not is_vmdk_name(path) or not path.is_file():
             return
         try:
@@ -345,8 +351,7 @@ def _disk_chain(start: Path) -> Iterator[tuple[str, Path]]:
             path = Path(os.path.realpath(parent_path(path, desc.parent_hint or "")))
         except BoiteError:
             return
-        what = "disk parent"
-        yield what, path
+        yield "disk parent", path
 
 
 def external_paths(box: Box) -> list[ExternalPath]:
@@ -364,6 +369,8 @@ def external_paths(box: Box) -> list[ExternalPath]:
     def add(key: str, value: str, real: Path | str, kind: str, allowed: bool, note: str):
         out.append(ExternalPath(key, value, str(real), kind, allowed, note))
 
+    walked: set[str] = set()
+
     def disk(key: str, value: str) -> None:
         if "://" in value:
             add(key, value, value, "remote disk", True, "remote storage, named by its URL")
@@ -378,7 +385,7 @@ def external_paths(box: Box) -> list[ExternalPath]:
             return
         if not is_inside(box.dir, real):
             add(key, value, real, "disk", allow, disk_note)
-        for what, part in _disk_chain(real):
+        for what, part in _disk_chain(real, walked):
             if _is_device(part) or not is_inside(box.dir, part):
                 add(key, value, part, what, allow, disk_note)
 
