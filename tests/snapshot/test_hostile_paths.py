@@ -179,3 +179,15 @@ def test_taking_the_lock_recovers_first(tmp_path):
     with opened.acquire_lock(register=False):
         assert not journal_path(opened).exists()
         assert b'displayName = "b"' in opened.vmsd_path.read_bytes()
+
+
+def test_a_live_operation_is_not_recovered_by_another_command(tmp_path, boite_cli):
+    box = Box.create(tmp_path / "vm", memsize_mb=16, disk_size=DISK)
+    # This process holds the lock, as a VMM in the middle of a snapshot would.
+    with box.acquire_lock(register=False):
+        _journal(box, {"phase": "prepare", "created": ["vm-000001.vmdk"]})
+        r = boite_cli("info", box.dir, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert journal_path(box).exists()
+    assert Box.open(box.dir).recovered == "undid an interrupted test (it had not committed)"
+    assert not journal_path(box).exists()

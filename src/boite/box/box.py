@@ -465,7 +465,8 @@ class Box:
             "vmx": str(self.vmx_path),
         }
         data.update(self.config.summary())
-        refused = {p.key for p in paths.refused_paths(self)}
+        outside = paths.external_paths(self)
+        refused = {p.key for p in outside if not p.allowed}
         for disk in data["disks"]:  # type: ignore[union-attr]
             where = self.disk_path(disk["file_name"]) if disk["file_name"] else None
             disk["path"] = str(where) if where is not None else None
@@ -488,7 +489,7 @@ class Box:
         )
         data["boot_order"] = self._boot_order()
         data["encrypted"] = self.encrypted
-        data["external_paths"] = [vars(p) for p in paths.external_paths(self)]
+        data["external_paths"] = [vars(p) for p in outside]
         data["problems"] = [str(p) for p in self.check()]
         return data
 
