@@ -388,3 +388,16 @@ def test_a_looping_disk_chain_ends(tmp_path):
     box.vmx["scsi0:0.fileName"] = "base-000001.vmdk"
     box.save()
     assert external_paths(Box.open(box.dir)) == []  # a loop inside the box: nothing leaves it
+
+
+def test_a_vmsd_linked_out_of_the_box_is_not_read(tmp_path, boite_cli):
+    box = _box(tmp_path)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN SECRET KEY-----\n")
+    box.vmsd_path.unlink()
+    (box.dir / "vm.vmsd").symlink_to(secret)
+    for verb in ("snapshots", "check", "snapshot"):
+        r = boite_cli(verb, box.dir, *(["s"] if verb == "snapshot" else []), timeout=TIMEOUT)
+        assert r.returncode != 0 and "SECRET" not in r.stdout + r.stderr, (verb, r.stdout)
+        assert "leaves the box" in r.stdout + r.stderr, (verb, r.stdout, r.stderr)
+    assert secret.read_text() == "-----BEGIN SECRET KEY-----\n"
