@@ -438,8 +438,8 @@ def _check_record(box: Box, record: Any) -> None:
         raise damaged("not a JSON object")
     if record.get("phase") not in ("prepare", "commit"):
         raise damaged(f"phase {record.get('phase')!r}")
-    if not isinstance(record.get("op", ""), str):
-        raise damaged("op is not a string")
+    if not re.fullmatch(r"[a-z][a-z-]{0,31}", str(record.get("op", "operation"))):
+        raise damaged("op is not an operation's name")  # it is printed: no escapes, no lines
     for i, name in enumerate(names("created", record.get("created", []))):
         own(f"created[{i}]", name)
     if record["phase"] != "commit":

@@ -131,6 +131,7 @@ def _commit_record(box: Box, **extra) -> dict:
         {"phase": "prepare", "created": ["vm.vmx"]},
         {"phase": "prepare", "created": "vm.vmdk"},
         {"phase": "commit-new", "new": {"vmx": "not base64!", "vmsd": None}},
+        {"phase": "prepare", "op": "x\u001b[2J\nrm -rf"},
     ],
 )  # fmt: skip
 def test_a_hostile_journal_is_refused_before_replay(snapped, victim, boite_cli, record):
