@@ -368,11 +368,15 @@ def test_guest_ram_state_and_disks_are_created_0600(tmp_path):
             memory.close()
         take_snapshot(box, "one")
         Nvram().save(box.nvram_path)
+        from boite.disk import convert_disk
+
+        convert_disk(box.dir / "vm.vmdk", box.dir / "flat.vmdk", "flat")
+        convert_disk(box.dir / "vm.vmdk", box.dir / "copy.img", "raw")
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in box.dir.iterdir() if p.is_file()}
     for name, mode in modes.items():
-        if name.endswith((".vmdk", ".vmem", ".vmss", ".vmsn")):
+        if name.endswith((".vmdk", ".vmem", ".vmss", ".vmsn", ".img")):
             assert mode == 0o600, (name, oct(mode), modes)
 
 
