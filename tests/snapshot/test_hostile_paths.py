@@ -192,3 +192,12 @@ def test_a_live_operation_is_not_recovered_by_another_command(tmp_path, boite_cl
         assert journal_path(box).exists()
     assert Box.open(box.dir).recovered == "undid an interrupted test (it had not committed)"
     assert not journal_path(box).exists()
+
+
+def test_check_lists_what_a_hostile_vmsd_names(snapped, victim, boite_cli):
+    _edit_vmsd(snapped, 'disk0.fileName = "vm.vmdk"', f'disk0.fileName = "{victim}/precious.vmdk"')
+    _edit_vmsd(snapped, 'filename = "vm-Snapshot1.vmsn"', 'filename = "../victim/precious.vmsn"')
+    r = boite_cli("check", snapped.dir, timeout=TIMEOUT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "snapshot0.disk0.fileName" in r.stdout and "snapshot0.filename" in r.stdout, r.stdout
+    _untouched(victim)

@@ -410,13 +410,23 @@ def external_paths(box: Box) -> list[ExternalPath]:
     try:
         from boite.snapshot import load_tree
 
-        tree = load_tree(box)
+        tree = load_tree(box, check_paths=False)  # listed here, not refused wholesale
+        vmsd = box.vmsd_path.name
     except (BoiteError, ImportError):
-        tree = None
-    if tree is not None:
-        for s in tree.snapshots.values():
-            for k, d in enumerate(s.disks):
-                disk(f"{box.vmsd_path.name}: snapshot{s.uid}.disk{k}.fileName", d.file_name)
+        tree = None  # an unreadable tree: `check` says why
+    for s in tree.snapshots.values() if tree is not None else ():
+        for k, d in enumerate(s.disks):
+            disk(f"{vmsd}: {s.where}.disk{k}.fileName", d.file_name)
+        if s.filename:
+            try:
+                real = locate(box.dir, s.filename, source=vmsd, key=f"{s.where}.filename")
+            except BoxPathError as exc:
+                add(f"{vmsd}: {s.where}.filename", s.filename, "", "snapshot state", False,
+                    exc.reason)  # fmt: skip
+                continue
+            if not is_inside(box.dir, real):
+                add(f"{vmsd}: {s.where}.filename", s.filename, real, "snapshot state", False,
+                    "snapshot files live inside the box")  # fmt: skip
 
     # What the VMM writes must stay inside.
     writes = [("nvram", box.config.nvram)]
