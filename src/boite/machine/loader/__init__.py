@@ -17,7 +17,7 @@ from boite.machine.loader.multiboot import MultibootModule, find_header, load_mu
 from boite.machine.loader.pvh import load_pvh, pvh_entry
 from boite.machine.machine import Machine
 
-PROTOCOLS = ("auto", "linux", "linux32", "linux64", "multiboot", "pvh")
+PROTOCOLS = ("auto", "linux", "linux32", "linux64", "linux-unpacked", "multiboot", "pvh")
 
 __all__ = [
     "KernelFormatError",
@@ -107,9 +107,10 @@ def load_kernel(
         state = load_multiboot(machine, path, data, cmdline, modules)
     else:
         initrd_data = _read(initrd, "initrd", machine.memory.size) if initrd is not None else None
-        if proto in ("linux", "linux32", "linux64"):
-            entry = {"linux": "auto", "linux32": "32", "linux64": "64"}[proto]
-            state = load_linux(machine, path, data, cmdline, initrd_data, entry)
+        if proto in ("linux", "linux32", "linux64", "linux-unpacked"):
+            entry = {"linux": "auto", "linux32": "32", "linux64": "64"}.get(proto, "32")
+            unpack = proto == "linux-unpacked"
+            state = load_linux(machine, path, data, cmdline, initrd_data, entry, unpack)
         else:
             state = load_pvh(machine, path, data, cmdline, initrd_data)
     machine.boot_state = [state]
