@@ -49,7 +49,7 @@ def test_errors_are_json_under_json(tmp_path):
     import json
 
     reply = json.loads(proc.stdout)
-    assert reply["ok"] is False and "no such box" in reply["error"]
+    assert "no such box" in reply["error"]["message"]
 
 
 def test_readme_cli_reference_matches_help():

@@ -51,7 +51,7 @@ def test_pause_and_unpause_show_in_info_and_list(running_box, tmp_path):
     assert boite("unpause", running_box.dir).returncode == 0
     assert json.loads(boite("info", running_box.dir, "--json").stdout)["state"] == "running"
     again = boite("unpause", running_box.dir, "--json")
-    assert again.returncode == 1 and "not paused" in json.loads(again.stdout)["error"]
+    assert again.returncode == 1 and "not paused" in json.loads(again.stdout)["error"]["message"]
 
 
 @requires_kvm

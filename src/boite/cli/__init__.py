@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import json
 import os
@@ -81,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         try:
             status = args.func(args)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
         except BoiteError as exc:
-            if getattr(args, "json", False):
-                print(json.dumps({"ok": False, "error": str(exc), "kind": type(exc).__name__}))
-            else:
-                print(f"boite: error: {exc}", file=sys.stderr)
-            return exc.exit_status
+            return report_error(args, str(exc), type(exc).__name__, exc.exit_status)
+        except OSError as exc:
+            # Missing directory, disk full, file too large, permission denied: one line for
+            # a person (the errno name too under --json), never a traceback.
+            return report_error(args, os_error_message(exc), "OSError", 1, errno_name(exc))
         except KeyboardInterrupt:
             print("boite: interrupted", file=sys.stderr)
             return 130
-        sys.stdout.flush()
         return int(status or 0)
     except BrokenPipeError:
         # The reader left (`boite info | head`): not an error of ours. Point stdout at
@@ -98,6 +101,35 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+
+
+def os_error_message(exc: OSError) -> str:
+    """`PATH: strerror` (`PATH -> PATH2` for a rename or link), as `cp` and `mv` say it."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    where = str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    return f"{where}: {reason}"
+
+
+def errno_name(exc: OSError) -> str | None:
+    return errno.errorcode.get(exc.errno) if exc.errno is not None else None
+
+
+def report_error(
+    args: argparse.Namespace, message: str, kind: str, status: int, code: str | None = None
+) -> int:
+    """One line on stderr; under --json also `{"error": {...}}` on stdout for scripts."""
+    message = " ".join(message.splitlines()) if kind == "OSError" else message
+    print(f"boite: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        error: dict[str, object] = {"message": message, "type": kind}
+        if code is not None:
+            error["errno"] = code
+        print(json.dumps({"error": error}))
+    return status
 
 
 if __name__ == "__main__":
