@@ -4,7 +4,8 @@ A clone is a new machine: a new uuid.bios (and uuid.location), new generated MAC
 own displayName, no suspend state, no snapshots. Its disks are
 
 - full: a flattened copy of each disk chain (the current state, or as of a snapshot);
-- linked: a delta disk per disk whose parent is the source snapshot's frozen link. The
+- linked: a delta disk per disk whose parent is the source snapshot's frozen link (the
+  clone says `boite.allowExternalDisks = "TRUE"`: those parents live in the source). The
   source records the clone under that snapshot (`snapshotN.boite.linkedClones`, a `;`
   list of .vmx paths) and `delete_snapshot` refuses to remove a snapshot that a clone
   still hangs from.
@@ -88,6 +89,10 @@ def clone_box(
             vmx[f"{prefix}.generatedAddress"] = generated_mac(uuid_bios, offset)
             vmx[f"{prefix}.addressType"] = "generated"
 
+    if linked:
+        # Its disks' parents are the source's files, outside this box: say so, as
+        # docs/security.md asks of a box that reaches out.
+        vmx["boite.allowExternalDisks"] = "TRUE"
     dest.mkdir(parents=True)
     made: list[Path] = []
     try:

@@ -10,10 +10,14 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from agent import AgentOnHost, build_agent
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agent import AgentOnHost, build_agent  # noqa: E402 - beside this file
 
 from boite.errors import ToolsError
 from boite.tools import host as tools_host

@@ -42,7 +42,7 @@ from boite.tools.protocol import (
 )
 
 HEARTBEAT_S = 2.0
-DEAD_AFTER_S = 10.0
+DEAD_AFTER_S = 30.0  # generous: an emulated guest on a loaded host can be slow to run its agent
 SEND_TIMEOUT_S = 10.0
 # Bytes queued for one client before the channel waits for it (backpressure on the
 # guest's output), and how long it waits before dropping a client that reads nothing.
