@@ -213,7 +213,9 @@ class VirtioPorts(VirtioBackend):
     # --- host to guest ---------------------------------------------------------------
     def fill_rx(self, port: SerialPort) -> None:
         assert self.transport is not None
-        if self.deliver(self.transport.queues[port.rxq], port.pending):
+        moved = self.deliver(self.transport.queues[port.rxq], port.pending)
+        if moved:
+            port.bytes_in += moved
             port._room.set()
 
     def activate(self, queues: list[VirtQueue], features: int) -> None:
