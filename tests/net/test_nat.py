@@ -59,6 +59,6 @@ def test_a_kit_guest_reaches_the_host_and_is_reached_through_a_forward(tmp_path)
     assert box.vmx["ethernet0.connectionType"] == "nat"
     out = in_namespace("box", str(box.dir), timeout=3000)
     assert {"interface": "eth0", "address": "10.0.2.15/24"} in out["ips"], out.get("diagnosis")
-    assert out["to_host_status"] == 0
+    assert out["to_host_status"] == 0, out
     assert out["to_host_sha256"] == out["sha256"], out
-    assert out["from_host_sha256"] == out["sha256"]
+    assert out["from_host_sha256"] == out["sha256"], out
