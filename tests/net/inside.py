@@ -153,7 +153,12 @@ def box_traffic(box_dir: str) -> dict:
 
             def listen() -> None:
                 with launch.tools_client(box_dir) as t2:
-                    status.append(t2.exec(["sh", "-c", "nc -l -p 8080 > /tmp/from-host.bin"]))
+                    # nc's stdin stays open (a FIFO held read-write): busybox nc stops
+                    # reading the network when its stdin ends.
+                    listen_cmd = (
+                        "mkfifo /tmp/in; exec 3<>/tmp/in; nc -l -p 8080 <&3 > /tmp/from-host.bin"
+                    )
+                    status.append(t2.exec(["sh", "-c", listen_cmd]))
                 done.set()
 
             threading.Thread(target=listen, daemon=True).start()
