@@ -85,7 +85,21 @@ def _env(pairs: list[str]) -> dict[str, str]:
 def cmd_exec(args: argparse.Namespace) -> int:
     from boite import launch
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = list(args.command)
+    if "--" in command:
+        # Options given after BOX land in the remainder with the command: read them.
+        cut = command.index("--")
+        late = argparse.ArgumentParser(prog="boite exec", add_help=False)
+        late.add_argument("--env", action="append", default=[])
+        late.add_argument("--cwd")
+        late.add_argument("--wait", type=float)
+        opts, unknown = late.parse_known_args(command[:cut])
+        if unknown:
+            raise BoxError(f"exec: unknown options before --: {' '.join(unknown)}")
+        args.env += opts.env
+        args.cwd = opts.cwd or args.cwd
+        args.wait = opts.wait if opts.wait is not None else args.wait
+        command = command[cut + 1 :]
     if not command:
         raise BoxError("exec: no command given (boite exec BOX -- CMD...)")
     stdin = None if os.isatty(0) else sys.stdin.buffer
