@@ -576,12 +576,14 @@ def suspend(box: Any) -> str:
 
 
 # --- the guest tools -------------------------------------------------------------------
-TOOLS_WAIT_S = 60.0
+TOOLS_WAIT_S = 300.0  # an emulated guest on a busy host takes minutes to boot
 
 
-def tools_client(box: Any, wait_s: float = TOOLS_WAIT_S):
+def tools_client(
+    box: Any, wait_s: float = TOOLS_WAIT_S, on_wait: Callable[[str], None] | None = None
+):
     """A ToolsClient of the running box, once its guest tools have said hello (a box
-    that is still booting gets `wait_s` seconds)."""
+    that is still booting gets `wait_s` seconds; `on_wait` hears why it waits)."""
     from boite.tools.client import ToolsClient
     from boite.tools.host import tools_socket_path
 
@@ -590,7 +592,7 @@ def tools_client(box: Any, wait_s: float = TOOLS_WAIT_S):
         raise BoxError(f"{box.name} is not running")
     client = ToolsClient(tools_socket_path(box.dir, box.name))
     try:
-        client.wait_ready(wait_s)
+        client.wait_ready(wait_s, on_wait)
     except BoiteError:
         client.close()
         raise
@@ -607,25 +609,30 @@ def exec(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     wait_s: float = TOOLS_WAIT_S,
+    on_wait: Callable[[str], None] | None = None,
 ) -> int:
     """Run `argv` in the running box's guest through its tools; its exit status."""
-    with tools_client(box, wait_s) as client:
+    with tools_client(box, wait_s, on_wait) as client:
         return client.exec(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
 
 
-def copy_to_guest(box: Any, local: str | Path, remote: str, wait_s: float = TOOLS_WAIT_S) -> int:
-    with tools_client(box, wait_s) as client:
+def copy_to_guest(
+    box: Any, local: str | Path, remote: str, wait_s: float = TOOLS_WAIT_S, on_wait=None
+) -> int:
+    with tools_client(box, wait_s, on_wait) as client:
         return client.put(local, remote)
 
 
-def copy_from_guest(box: Any, remote: str, local: str | Path, wait_s: float = TOOLS_WAIT_S) -> int:
-    with tools_client(box, wait_s) as client:
+def copy_from_guest(
+    box: Any, remote: str, local: str | Path, wait_s: float = TOOLS_WAIT_S, on_wait=None
+) -> int:
+    with tools_client(box, wait_s, on_wait) as client:
         return client.get(remote, local)
 
 
-def guest_addresses(box: Any, wait_s: float = TOOLS_WAIT_S) -> list[dict[str, str]]:
+def guest_addresses(box: Any, wait_s: float = TOOLS_WAIT_S, on_wait=None) -> list[dict[str, str]]:
     """The guest's IPv4 addresses (loopback left out), as the tools report them."""
-    with tools_client(box, wait_s) as client:
+    with tools_client(box, wait_s, on_wait) as client:
         ips = client.info()["ips"]
     return [ip for ip in ips if not ip["address"].startswith("127.")]
 

@@ -58,9 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _wait_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--wait", type=float, default=60.0, metavar="S",
-        help="seconds to wait for the guest tools of a box that is still booting (default 60)",
+        "--wait", type=float, default=300.0, metavar="S",
+        help="seconds to wait for the guest tools of a box that is still booting (default 300)",
     )  # fmt: skip
+
+
+def _waiting(box: str):
+    def say(why: str) -> None:
+        print(f"boite: waiting for the guest tools of {box} ({why})…", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _write_fd(fd: int):
@@ -105,7 +112,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     stdin = None if os.isatty(0) else sys.stdin.buffer
     return launch.exec(
         args.box, command, stdin=stdin, stdout=_write_fd(1), stderr=_write_fd(2),
-        env=_env(args.env), cwd=args.cwd, wait_s=args.wait,
+        env=_env(args.env), cwd=args.cwd, wait_s=args.wait, on_wait=_waiting(args.box),
     )  # fmt: skip
 
 
@@ -130,7 +137,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
             raise BoxError(f"cp: {local}: not a file")
         if remote.endswith("/"):
             remote += local.name
-        size = launch.copy_to_guest(box, local, remote, args.wait)
+        size = launch.copy_to_guest(box, local, remote, args.wait, _waiting(box))
         where, what = f"{box}:{remote}", str(local)
     else:
         assert src is not None
@@ -138,7 +145,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         local = Path(args.dest)
         if local.is_dir():
             local = local / Path(remote).name
-        size = launch.copy_from_guest(box, remote, local, args.wait)
+        size = launch.copy_from_guest(box, remote, local, args.wait, _waiting(box))
         where, what = str(local), f"{box}:{remote}"
     if args.json:
         print(json.dumps({"source": what, "dest": where, "bytes": size}))
@@ -150,7 +157,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def cmd_ip(args: argparse.Namespace) -> int:
     from boite import launch
 
-    ips = launch.guest_addresses(args.box, args.wait)
+    import time
+
+    ips = launch.guest_addresses(args.box, args.wait, _waiting(args.box))
+    deadline = time.monotonic() + min(args.wait, 60)
+    while not ips and time.monotonic() < deadline:  # a guest still bringing its NIC up
+        time.sleep(1)
+        ips = launch.guest_addresses(args.box, args.wait)
     if args.json:
         print(json.dumps(ips if args.all else ips[:1]))
         return 0
@@ -169,7 +182,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     from boite import launch
     from boite.cli.run import _raw_keep_output
 
-    client = launch.tools_client(args.box, args.wait)
+    client = launch.tools_client(args.box, args.wait, _waiting(args.box))
     size = shutil.get_terminal_size((80, 24))
     saved = None
     with contextlib.suppress(OSError, termios.error):

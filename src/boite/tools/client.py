@@ -130,15 +130,23 @@ class ToolsClient:
         self._send(MsgType.HELLO, 0)
         return parse_hello(self._next(timeout or self.timeout).payload)
 
-    def wait_ready(self, timeout: float) -> tuple[int, str]:
-        """Wait until the agent has said hello (a box that is still booting)."""
-        deadline = time.monotonic() + timeout
+    def wait_ready(
+        self, timeout: float, on_wait: Callable[[str], None] | None = None
+    ) -> tuple[int, str]:
+        """Wait until the agent has said hello (a box that is still booting); `on_wait`
+        hears once why it waits, after a few seconds of it."""
+        start = time.monotonic()
+        told = False
         while True:
             try:
                 return self.hello()
-            except ToolsError:
-                if time.monotonic() >= deadline:
-                    raise
+            except ToolsError as exc:
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise ToolsError(f"{exc} (waited {timeout:g} s)") from None
+                if on_wait is not None and not told and waited > 3:
+                    on_wait(str(exc).removeprefix("guest tools: "))
+                    told = True
                 time.sleep(0.5)
 
     def info(self) -> dict[str, Any]:
