@@ -155,9 +155,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_ip(args: argparse.Namespace) -> int:
-    from boite import launch
-
     import time
+
+    from boite import launch
 
     ips = launch.guest_addresses(args.box, args.wait, _waiting(args.box))
     deadline = time.monotonic() + min(args.wait, 60)
