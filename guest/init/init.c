@@ -399,7 +399,7 @@ int main(void)
     char net[16], ipconf[128];
     if (!(param("boite.net", net, sizeof net) && strcmp(net, "0") == 0) &&
         access("/sys/class/net/eth0", F_OK) == 0) {
-        static char script[512];
+        static char script[768];
         if (param("boite.ip", ipconf, sizeof ipconf) && ipconf[0] &&
             strspn(ipconf, "0123456789./,") == strlen(ipconf)) {
             char *gw = strchr(ipconf, ','), *dns = NULL;
@@ -411,9 +411,14 @@ int main(void)
             }
             snprintf(script, sizeof script,
                      "ip link set lo up; ip link set eth0 up; ip addr add %s dev eth0; "
-                     "%s%s%s echo nameserver %s > /etc/resolv.conf",
+                     "%s%s%s echo nameserver %s > /etc/resolv.conf; "
+                     /* Say something first: a user-mode NAT (passt) learns the guest's
+                      * MAC from its traffic, and cannot forward a port to it before. */
+                     "%s%s%s",
                      ipconf, gw && *gw ? "ip route add default via " : "", gw ? gw : "",
-                     gw && *gw ? ";" : "", dns && *dns ? dns : "127.0.0.1");
+                     gw && *gw ? ";" : "", dns && *dns ? dns : "127.0.0.1",
+                     gw && *gw ? "ping -c 1 -W 2 " : "", gw ? gw : "",
+                     gw && *gw ? " >/dev/null 2>&1" : "");
         } else {
             snprintf(script, sizeof script,
                      "ip link set lo up; ip link set eth0 up; exec udhcpc -i eth0 -b -t 20 "
