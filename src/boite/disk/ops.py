@@ -140,10 +140,10 @@ def create_disk(
     stem = path.name[: -len(".vmdk")]
     if disk_type == "thin":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
-        create_sparse(path, sectors, d.render().encode())
+        create_sparse(path, sectors, d.to_bytes())
     elif disk_type == "stream":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
-        StreamWriter(path, sectors, d.render().encode()).close()
+        StreamWriter(path, sectors, d.to_bytes()).close()
     elif disk_type == "flat":
         name = f"{stem}-flat.vmdk"
         d.extents = [ExtentLine("RW", sectors, "FLAT", name, 0)]
@@ -212,7 +212,7 @@ def _store_descriptor(path: Path, desc: Descriptor, embedded: bool) -> None:
         try:
             if not ext.header.desc_offset:
                 raise DiskError(f"{path}: sparse extent has no room for a descriptor")
-            ext.write_descriptor(desc.render().encode())
+            ext.write_descriptor(desc.to_bytes())
             os.fsync(ext.fd)
         finally:
             ext.close()
@@ -552,7 +552,7 @@ def _write_new(
     try:
         if disk_type == "stream":
             sd, _ = read_descriptor(dst)  # create_disk took CID, parent and ddb from `descriptor`
-            w = StreamWriter(dst, -(-capacity // SECTOR), sd.render().encode())
+            w = StreamWriter(dst, -(-capacity // SECTOR), sd.to_bytes())
             gb = w.grain_bytes
 
             def sink(off: int, mv: memoryview) -> None:
@@ -733,7 +733,7 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
         desc.extents[0].sectors = sectors
         geo = geometry_ddb(sectors, _adapter(desc))
         desc.ddb.update({k: v for k, v in geo.items() if "geometry" in k})
-        grow_sparse(p, sectors, desc.render().encode())
+        grow_sparse(p, sectors, desc.to_bytes())
         return
     _rebuild(p, sectors * SECTOR, drop_zero=False, progress=progress)
 

@@ -409,11 +409,43 @@ class SparseExtent:
         if size == 0 or size > 2 * self.grain_bytes + 4096 or where + 12 + size > self.file_size:
             raise _bad(self.path, where + 8, f"compressed grain size {size} is impossible here")
         data = os.pread(self.fd, size, where + 12)
+        # The deflate stream must end exactly where the marker says, and inflate to the
+        # grain (the last one may stop at the disk's end): anything else is a damaged grain,
+        # an error as in qemu-img, never data made up of what inflated before the damage.
+        d = zlib.decompressobj()
         try:
-            d = zlib.decompressobj()
             grain = d.decompress(data, self.grain_bytes)
+            # a full grain may leave the stream's end (and its Adler-32) unread: read on,
+            # one byte of output allowed, which would mean more than a grain
+            for _ in range(len(data)):
+                if d.eof or not d.unconsumed_tail:
+                    break
+                if d.decompress(d.unconsumed_tail, 1):
+                    raise _bad(
+                        self.path, where + 12, f"grain {g} inflates to more than {self.grain_bytes} bytes"
+                    )
         except zlib.error as exc:
             raise _bad(self.path, where + 12, f"grain {g} does not inflate: {exc}") from None
+        if d.unused_data:
+            raise _bad(
+                self.path,
+                where + 8,
+                f"grain {g}: its deflate stream does not end where its marker's size "
+                f"({size} bytes) says",
+            )
+        if not d.eof:
+            raise _bad(
+                self.path,
+                where + 8,
+                f"grain {g}: its deflate stream is cut short by its marker's size ({size} bytes)",
+            )
+        need = min(self.grain_bytes, self.size - g * self.grain_bytes)
+        if len(grain) < need:
+            raise _bad(
+                self.path,
+                where + 12,
+                f"grain {g} inflates to {len(grain)} bytes, expected {self.grain_bytes}",
+            )
         if len(grain) < self.grain_bytes:
             grain += bytes(self.grain_bytes - len(grain))
         self._zlib_cache = (g, grain)
@@ -609,6 +641,28 @@ class ExtentProblems:
     fixed: list[str] = field(default_factory=list)
 
 
+MAX_REPORTED = 50  # a badly damaged disk names its first problems, then counts the rest
+
+
+def _report(out: ExtentProblems, msg: str) -> None:
+    if len(out.errors) < MAX_REPORTED:
+        out.errors.append(msg)
+    elif len(out.errors) == MAX_REPORTED:
+        out.errors.append("... more errors not listed")
+
+
+def check_stream_grains(ext: SparseExtent, out: ExtentProblems) -> None:
+    """Inflate every grain of a stream-optimized extent: each must be a whole deflate stream
+    ending where its marker says, inflating to a grain (a damaged grain reads as an error)."""
+    for g, e in ext.allocated():
+        if e <= 1:
+            continue
+        try:
+            ext._inflate(g, e)
+        except DiskFormatError as exc:
+            _report(out, str(exc).removeprefix(f"{ext.path}: "))
+
+
 def check_sparse(path, repair: bool = False) -> ExtentProblems:
     """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
     out = ExtentProblems()
@@ -619,8 +673,7 @@ def check_sparse(path, repair: bool = False) -> ExtentProblems:
         if h.gd_offset == GD_AT_END or h.compressed:
             ext = SparseExtent(path, read_only=True)  # validates as far as a stream can be
             try:
-                for _ in ext.allocated():
-                    pass
+                check_stream_grains(ext, out)
             finally:
                 ext.close()
             return out

@@ -67,7 +67,7 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
     """Replace a descriptor file atomically (write, fsync, rename, fsync the directory)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    data = desc.render().encode()
+    data = desc.to_bytes()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, data)
@@ -261,7 +261,7 @@ class VmdkDisk(BlockImage):
         if self.embedded:
             ext = self.extents[0]
             if ext.header.desc_offset:
-                ext.write_descriptor(self.descriptor.render().encode())
+                ext.write_descriptor(self.descriptor.to_bytes())
                 os.fdatasync(ext.fd)
         else:
             write_descriptor_file(self.path, self.descriptor)
