@@ -302,12 +302,14 @@ def test_zeroed_redundant_gd_entry_is_repaired_from_the_primary(tmp_path):
 
 
 def many_extents(tmp_path: Path, n: int, kind: str) -> Path:
-    lines = ["RW 1 ZERO"] * n if kind == "zero" else [f'RW 1 FLAT "m-flat.vmdk" {i}' for i in range(n)]
+    lines = (
+        ["RW 1 ZERO"] * n if kind == "zero" else [f'RW 1 FLAT "m-flat.vmdk" {i}' for i in range(n)]
+    )
     if kind != "zero":
         (tmp_path / "m-flat.vmdk").write_bytes(bytes(range(256)) * (n * 2))
     p = tmp_path / "m.vmdk"
     p.write_text(
-        '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
         'createType="monolithicFlat"\n\n' + "\n".join(lines) + "\n"
     )
     return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -115,6 +116,8 @@ def create_disk(
     """Create an empty disk. A name not ending in .vmdk (or type 'raw') makes a raw image.
 
     `descriptor`, when given, supplies CID, parent and disk database for the new VMDK.
+    Flat types are preallocated (as vdiskmanager's `-t 2`/`-t 3`); an operating-system
+    failure (no space, file too large) is a one-line DiskError and leaves no file behind.
     """
     path = Path(path)
     if disk_type not in DISK_TYPES:
@@ -124,9 +127,70 @@ def create_disk(
     sectors = _sectors(capacity_bytes)
     if disk_type == "raw" and is_vmdk_name(path):
         raise DiskError(f"{path}: a .vmdk name means VMDK; pick another name for a raw image")
+    made: list[Path] = []
+    try:
+        _create_files(path, sectors, disk_type, adapter, descriptor, overwrite, made)
+    except OSError as exc:
+        for f in made:
+            f.unlink(missing_ok=True)
+        where = exc.filename or path
+        raise DiskError(f"{where}: cannot create the disk: {exc.strerror or exc}") from None
+    except BaseException:
+        for f in made:
+            f.unlink(missing_ok=True)
+        raise
+
+
+def _new_file(path: Path, made: list[Path], overwrite: bool) -> int:
+    if not overwrite and path.exists():
+        raise DiskError(f"{path}: already exists; refusing to overwrite it")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    made.append(path)
+    return fd
+
+
+def _preallocated(path: Path, nbytes: int, made: list[Path], overwrite: bool) -> None:
+    """A file of `nbytes` whose blocks are all reserved (posix_fallocate)."""
+    fd = _new_file(path, made, overwrite)
+    try:
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                exc.filename = str(path)
+                raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_room(path: Path, nbytes: int) -> None:
+    """Refuse a preallocation the filesystem cannot hold before reserving any of it: a
+    failing fallocate would first fill the filesystem for everyone else."""
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise DiskError(
+            f"{path}: no space left on device ({errno.errorcode[errno.ENOSPC]}): a preallocated "
+            f"disk needs {nbytes} bytes, the filesystem has {free} free"
+        )
+
+
+def _create_files(
+    path: Path,
+    sectors: int,
+    disk_type: str,
+    adapter: str,
+    descriptor: Descriptor | None,
+    overwrite: bool,
+    made: list[Path],
+) -> None:
     if disk_type == "raw" or not is_vmdk_name(path):
-        with open(path, "wb") as f:
-            f.truncate(sectors * SECTOR)
+        fd = _new_file(path, made, True)
+        try:
+            os.ftruncate(fd, sectors * SECTOR)
+        finally:
+            os.close(fd)
         return
     create_type = CREATE_TYPE_OF[disk_type]
     d = _base_descriptor(create_type, sectors, adapter)
@@ -138,29 +202,34 @@ def create_disk(
         )
         d.ddb = dict(descriptor.ddb) or d.ddb
     stem = path.name[: -len(".vmdk")]
+    if disk_type in ("flat", "split-flat"):
+        _check_room(path, sectors * SECTOR)
     if disk_type == "thin":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
+        made.append(path)
         create_sparse(path, sectors, d.to_bytes())
     elif disk_type == "stream":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
+        made.append(path)
         StreamWriter(path, sectors, d.to_bytes()).close()
     elif disk_type == "flat":
         name = f"{stem}-flat.vmdk"
         d.extents = [ExtentLine("RW", sectors, "FLAT", name, 0)]
-        with open(path.parent / name, "wb") as f:
-            f.truncate(sectors * SECTOR)
+        _preallocated(path.parent / name, sectors * SECTOR, made, overwrite)
+        made.append(path)
         write_descriptor_file(path, d)
     else:
         sparse = disk_type == "split-thin"
         for i, n in enumerate(_split_sizes(sectors), 1):
             name = f"{stem}-{'s' if sparse else 'f'}{i:03d}.vmdk"
             if sparse:
+                made.append(path.parent / name)
                 create_sparse(path.parent / name, n)
                 d.extents.append(ExtentLine("RW", n, "SPARSE", name))
             else:
-                with open(path.parent / name, "wb") as f:
-                    f.truncate(n * SECTOR)
+                _preallocated(path.parent / name, n * SECTOR, made, overwrite)
                 d.extents.append(ExtentLine("RW", n, "FLAT", name, 0))
+        made.append(path)
         write_descriptor_file(path, d)
 
 
@@ -721,8 +790,17 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
         f = extent_path(p, line.filename or "")
         line.sectors += sectors - old_sectors
         need = (line.offset + line.sectors) * SECTOR
-        if f.stat().st_size < need:
-            os.truncate(f, need)
+        have = f.stat().st_size
+        if have < need:
+            _check_room(f, need - have)
+            fd = open_image_file(f, True)
+            try:
+                os.posix_fallocate(fd, have, need - have)  # flat stays preallocated
+            except OSError as exc:
+                os.ftruncate(fd, have)
+                raise DiskError(f"{f}: cannot grow the disk: {exc.strerror}") from None
+            finally:
+                os.close(fd)
         desc.ddb.update(
             {k: v for k, v in geometry_ddb(sectors, _adapter(desc)).items() if "geometry" in k}
         )

@@ -422,7 +422,9 @@ class SparseExtent:
                     break
                 if d.decompress(d.unconsumed_tail, 1):
                     raise _bad(
-                        self.path, where + 12, f"grain {g} inflates to more than {self.grain_bytes} bytes"
+                        self.path,
+                        where + 12,
+                        f"grain {g} inflates to more than {self.grain_bytes} bytes",
                     )
         except zlib.error as exc:
             raise _bad(self.path, where + 12, f"grain {g} does not inflate: {exc}") from None
