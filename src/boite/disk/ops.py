@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -597,13 +598,80 @@ def convert_disk(
         disk_type = "raw"
     if is_vmdk_name(dst) and disk_type == "raw":
         raise DiskError(f"{dst}: a .vmdk name means VMDK; pick another name for a raw image")
+    if dst.exists():
+        raise DiskError(f"{dst}: already exists; refusing to overwrite a disk")
     with open_disk(src, read_only=True) as s:
         ranges = _merge_ranges(image_map(s))
         ad = adapter
         if ad is None and isinstance(s, VmdkDisk):
             ad = s.descriptor.ddb.get("ddb.adapterType")
         ad = ad if ad in ("ide", "buslogic", "lsilogic", "legacyESX") else "lsilogic"
-        _write_new(s, ranges, dst, disk_type, s.size, progress, ad, None)
+        # Build the new disk under a hidden directory beside the target and move it into
+        # place only when complete: a killed convert leaves nothing under the target's names.
+        tmpdir = _staging_dir(dst)
+        try:
+            new = tmpdir / dst.name
+            create_disk(new, s.size, disk_type, adapter=ad)
+            # every name the disk will have must be free before the (long) copy starts
+            for f in tmpdir.iterdir():
+                if (dst.parent / f.name).exists():
+                    raise DiskError(
+                        f"{dst.parent / f.name}: already exists; refusing to overwrite it"
+                    )
+            _write_new(s, ranges, new, disk_type, s.size, progress, ad, None, created=True)
+            _move_into_place(tmpdir, dst)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+STAGING = ".boite-convert-"
+
+
+def _staging_dir(dst: Path) -> Path:
+    """A fresh hidden directory beside `dst`, named for this process; the leftovers of
+    converts to the same name whose process is gone are removed first."""
+    prefix = f".{dst.name}{STAGING}"
+    try:
+        for old in dst.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = old.name[len(prefix) :]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        tmpdir = dst.parent / f"{prefix}{os.getpid()}"
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        tmpdir.mkdir(mode=0o700)
+    except OSError as exc:
+        raise DiskError(f"{dst}: cannot write there: {exc.strerror or exc}") from None
+    return tmpdir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(tmpdir: Path, dst: Path) -> None:
+    """Extents first, the descriptor (or the only file) last, never over an existing file."""
+    for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == dst.name):
+        target = dst.parent / f.name
+        try:
+            os.link(f, target)  # fails if the name was taken meanwhile, unlike rename
+            f.unlink()
+        except FileExistsError:
+            raise DiskError(f"{target}: already exists; refusing to overwrite it") from None
+        except OSError:  # a filesystem without hard links
+            if target.exists():
+                raise DiskError(f"{target}: already exists; refusing to overwrite it") from None
+            os.replace(f, target)
+    dfd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _write_new(
@@ -615,8 +683,11 @@ def _write_new(
     progress: Progress,
     adapter: str,
     descriptor: Descriptor | None,
+    *,
+    created: bool = False,
 ) -> None:
-    create_disk(dst, capacity, disk_type, adapter=adapter, descriptor=descriptor)
+    if not created:
+        create_disk(dst, capacity, disk_type, adapter=adapter, descriptor=descriptor)
     ok = False
     try:
         if disk_type == "stream":
