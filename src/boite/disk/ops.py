@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -417,9 +418,9 @@ def check_disk(path, repair: bool = False) -> CheckReport:
             raise DiskError(f"{p}: no such disk")
         return report  # a raw image has no metadata to be inconsistent
     desc, embedded = read_descriptor(p)
-    files: list[Path] = []
+    files: list[tuple[Path, int | None]] = []
     if embedded:
-        files.append(p)
+        files.append((p, None))
     else:
         for line in desc.extents:
             if line.kind == "ZERO":
@@ -429,15 +430,17 @@ def check_disk(path, repair: bool = False) -> CheckReport:
                 report.errors.append(f"extent file {f} is missing")
                 continue
             if line.kind == "SPARSE":
-                files.append(f)
-    for f in files:
+                files.append((f, line.sectors))
+            elif line.kind in ("FLAT", "VMFS"):
+                _check_flat_length(f, line, report)
+    for f, sectors in files:
         try:
             fd = open_image_file(f, False)
             try:
                 report.unclean |= os.pread(fd, 1, 72) == b"\x01"
             finally:
                 os.close(fd)
-            res = check_sparse(f, repair=repair)
+            res = check_sparse(f, repair=repair, expected_sectors=sectors)
         except DiskFormatError as exc:
             report.errors.append(str(exc))
             continue
@@ -461,6 +464,22 @@ def check_disk(path, repair: bool = False) -> CheckReport:
     if not info.chain_ok:
         report.errors.append(info.chain_error or "parent chain is broken")
     return report
+
+
+def _check_flat_length(f: Path, line: ExtentLine, report: CheckReport) -> None:
+    """A flat extent file must hold what its descriptor line says. Reads past its end give
+    zeroes (as qemu's file driver does, and as a sparse file's unwritten tail would), so
+    a file cut short (an interrupted copy) loses data silently: check says so."""
+    st = f.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return
+    need = (line.offset + line.sectors) * SECTOR
+    if st.st_size < need:
+        report.errors.append(
+            f"extent file {f} is {st.st_size} bytes, but its descriptor line (at offset "
+            f"{line.where}) needs {need}: the last {need - st.st_size} bytes of the extent are "
+            "missing and read as zeroes"
+        )
 
 
 # -- map ----------------------------------------------------------------------------------

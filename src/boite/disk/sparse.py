@@ -240,6 +240,24 @@ class SparseExtent:
         self._gd_dirty: set[int] = set()
         self._wrote = False
         self._zlib_cache: tuple[int, bytes] | None = None
+        holes = (
+            [i for i in range(self.gd_entries) if not self.gd[i] and self.rgd[i]]
+            if self.rgd is not None
+            else []
+        )
+        if holes:
+            # Only damage makes these (every writer sets the primary entry first): the
+            # redundant directory still reaches those tables. Reads use it (qemu would read
+            # zeroes there); writing through half a directory waits for a repair.
+            if not self.read_only:
+                raise _bad(
+                    self.path,
+                    h.gd_offset * SECTOR + 4 * holes[0],
+                    f"grain directory entry {holes[0]} is 0 but the redundant directory names a "
+                    "grain table there; run 'boite disk check --repair' to restore it",
+                )
+            for i in holes:
+                self.gd[i] = self.rgd[i]
         max_sector = self.eof // SECTOR
         for i, e in enumerate(self.gd):
             if e and (e < desc_end or e + self.gt_sectors > max_sector):
@@ -665,8 +683,107 @@ def check_stream_grains(ext: SparseExtent, out: ExtentProblems) -> None:
             _report(out, str(exc).removeprefix(f"{ext.path}: "))
 
 
-def check_sparse(path, repair: bool = False) -> ExtentProblems:
-    """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
+def _gd_count(capacity: int, h: SparseHeader) -> int:
+    grains = -(-capacity // h.grain_size)
+    return -(-grains // h.num_gtes)
+
+
+def _plausible_capacity(fd: int, h: SparseHeader, capacity: int, size: int) -> bool:
+    """Whether the grain directories sized for `capacity` make sense in this file: they
+    fit, do not overlap each other, and every entry points to a table of their own (a
+    directory read too long runs into the tables it points to)."""
+    n = _gd_count(capacity, h)
+    gd_sectors = -(-n * 4 // SECTOR)
+    size_sectors = size // SECTOR
+    gt_sectors = -(-h.num_gtes * 4 // SECTOR)
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    offsets = [h.gd_offset] + ([h.rgd_offset] if h.flags & FLAG_RGD else [])
+    regions = [(o, o + gd_sectors) for o in offsets]
+    if any(o < 1 or end > size_sectors for o, end in regions):
+        return False
+    if len(regions) == 2 and regions[0][0] < regions[1][1] and regions[1][0] < regions[0][1]:
+        return False
+    for o in offsets:
+        table = array("I")
+        table.frombytes(os.pread(fd, n * 4, o * SECTOR))
+        for e in table:
+            if not e:
+                continue
+            if e < desc_end or e + gt_sectors > size_sectors:
+                return False
+            if any(e < end and a < e + gt_sectors for a, end in regions):
+                return False
+    return True
+
+
+def _embedded_capacity(fd: int, h: SparseHeader, path) -> int | None:
+    """The capacity the embedded descriptor gives (None without one)."""
+    if not h.desc_offset or not h.desc_size:
+        return None
+    from boite.disk.descriptor import parse_descriptor
+
+    raw = os.pread(fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
+    return parse_descriptor(raw, path, h.desc_offset * SECTOR).capacity_sectors
+
+
+def _fix_capacity(
+    fd, h: SparseHeader, path, want: int | None, out: ExtentProblems, repair: bool
+) -> bool:
+    """Header capacity against the descriptor's; True when the check may go on."""
+    size = os.fstat(fd).st_size
+    if want is None or want == h.capacity:
+        if h.capacity == 0 and size > max(h.overhead, 1) * SECTOR:
+            out.errors.append(
+                "header capacity (offset 12) is 0 but the file holds "
+                f"{size - h.overhead * SECTOR} bytes past its metadata: the capacity is damaged "
+                "and no descriptor says what it was (not repaired)"
+            )
+            return False
+        return True
+    msg = (
+        f"header capacity (offset 12) is {h.capacity} sectors, but the descriptor says "
+        f"{want} sectors"
+    )
+    if not repair:
+        out.errors.append(msg)
+        return False
+    # the larger reading that the directories support: never one that hides grains
+    fits = [
+        c
+        for c in sorted({h.capacity, want}, reverse=True)
+        if c and _plausible_capacity(fd, h, c, size)
+    ]
+    if not fits:
+        out.errors.append(msg + "; neither fits the grain directories (not repaired)")
+        return False
+    good = fits[0]
+    if good != h.capacity:
+        h.capacity = good
+        pwrite_full(fd, h.pack(), 0)
+    if good != want and h.desc_offset:
+        from boite.disk.descriptor import parse_descriptor
+
+        raw = os.pread(fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
+        desc = parse_descriptor(raw, path, h.desc_offset * SECTOR)
+        if len(desc.extents) == 1:
+            desc.extents[0].sectors = good
+            text = desc.to_bytes()
+            if len(text) <= h.desc_size * SECTOR:
+                pwrite_full(fd, text.ljust(h.desc_size * SECTOR, b"\0"), h.desc_offset * SECTOR)
+    os.fsync(fd)
+    out.fixed.append(f"{msg}: set both to {good} sectors (the grain directories fit it)")
+    return True
+
+
+def check_sparse(path, repair: bool = False, expected_sectors: int | None = None) -> ExtentProblems:
+    """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix.
+
+    `expected_sectors` is what the descriptor that names the extent says it holds (an
+    embedded descriptor is read here). Repair never gives up data that a consistent reading
+    still reaches: a capacity contradiction takes the larger size the directories support,
+    a directory entry lost from one grain directory is restored from the other, a grain
+    table entry lost from one table from its copy.
+    """
     out = ExtentProblems()
     fd = open_image_file(os.fspath(path), repair)
     try:
@@ -680,104 +797,161 @@ def check_sparse(path, repair: bool = False) -> ExtentProblems:
                 ext.close()
             return out
         validate_header(h, path, size)
-        grains = -(-h.capacity // h.grain_size)
-        gd_entries = -(-grains // h.num_gtes)
-        gt_bytes = h.num_gtes * 4
-        gt_sectors = -(-gt_bytes // SECTOR)
-        size_sectors = size // SECTOR
-        desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
-        lo = max(1, desc_end, h.overhead)
-        gs = h.grain_size
-
-        def load_gd(sector: int) -> array:
-            gd = array("I")
-            gd.frombytes(os.pread(fd, gd_entries * 4, sector * SECTOR))
-            return gd
-
-        gd = load_gd(h.gd_offset)
-        has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset
-        rgd = load_gd(h.rgd_offset) if has_rgd else None
-        used: dict[int, int] = {}
-        meta_end = max(h.overhead, desc_end)
-        primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
-        empty = bytes(gt_bytes)
-        for name, table in (("GD", gd), ("redundant GD", rgd)):
-            if table is None:
-                continue
-            out.errors += [
-                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
-                for i, e in enumerate(table)
-                if e and (e < desc_end or e + gt_sectors > size_sectors)
-            ]
-        for i in range(0 if out.errors else gd_entries):
-            if rgd is not None and bool(gd[i]) != bool(rgd[i]):
-                out.errors.append(f"GD entry {i} and redundant GD entry {i} disagree")
-                continue
-            if not gd[i]:
-                continue
-            meta_end = max(meta_end, gd[i] + gt_sectors)
-            raw = primary.get(gd[i])
-            rraw = None
-            if rgd is not None:
-                rraw = redundant.get(rgd[i])
-                meta_end = max(meta_end, rgd[i] + gt_sectors)
-            if raw == empty and (rraw is None or rraw == empty):
-                continue  # an untouched preallocated table (and its copy)
-            gt = array("I")
-            gt.frombytes(raw)
-            changed = False
-            for j, e in enumerate(gt):
-                if e <= 1:
-                    continue
-                g = i * h.num_gtes + j
-                if e < lo or e >= size_sectors:
-                    out.errors.append(
-                        f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
-                        f"{lo}..{size_sectors - 1}"
-                    )
-                    if repair:
-                        gt[j] = 0
-                        changed = True
-                        out.fixed.append(f"dropped grain {g} entry pointing to sector {e}")
-                    continue
-                if e in used:
-                    out.errors.append(f"grains {used[e]} and {g} share sector {e}")
-                    continue
-                used[e] = g
-            if changed:
-                pwrite_full(fd, gt, gd[i] * SECTOR)
-            if rgd is not None:
-                rgt = array("I")
-                rgt.frombytes(rraw)
-                if rgt != gt:
-                    if changed or repair:
-                        pwrite_full(fd, gt, rgd[i] * SECTOR)
-                        out.fixed.append(f"redundant GT {i} rewritten from the primary")
-                    else:
-                        out.errors.append(f"redundant GT {i} differs from the primary GT")
-        if repair:
-            out.errors = [
-                e
-                for e in out.errors
-                if "outside the grain area" not in e and "redundant GT" not in e
-            ]
-        # every byte past the last grain and the last table is leaked space
-        data_end = max([e + gs for e in used] + [meta_end])
-        end = data_end * SECTOR
-        if size > end:
-            out.leaked_bytes = size - end
-            if repair and not out.errors:
-                os.ftruncate(fd, end)
-                out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
-                out.leaked_bytes = 0
-        if repair and h.unclean and not out.errors:
-            pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
-            out.fixed.append("cleared the uncleanShutdown flag")
-        if repair:
-            os.fsync(fd)
+        want = _embedded_capacity(fd, h, path)
+        if want is None and expected_sectors is not None and expected_sectors > h.capacity:
+            want = expected_sectors
+        if not _fix_capacity(fd, h, path, want, out, repair):
+            return out
+        if out.fixed:
+            validate_header(h, path, size)
+        _check_tables(fd, h, path, size, out, repair)
     finally:
         os.close(fd)
     return out
+
+
+def _restore_table(fd, gd, rgd, i, at, gt_bytes, gt_sectors) -> tuple[int, int]:
+    """Copy the grain table that one directory still names to sector `at` and point the
+    other directory's entry there; returns the (primary, redundant) table sectors."""
+    other = gd[i] or rgd[i]
+    raw = os.pread(fd, gt_bytes, other * SECTOR)
+    pwrite_full(fd, raw.ljust(gt_sectors * SECTOR, b"\0"), at * SECTOR)
+    if not gd[i]:
+        gd[i] = at
+    else:
+        rgd[i] = at
+    return gd[i], rgd[i]
+
+
+def _check_tables(
+    fd: int, h: SparseHeader, path, size: int, out: ExtentProblems, repair: bool
+) -> None:
+    grains = -(-h.capacity // h.grain_size)
+    gd_entries = -(-grains // h.num_gtes)
+    gt_bytes = h.num_gtes * 4
+    gt_sectors = -(-gt_bytes // SECTOR)
+    size_sectors = size // SECTOR
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    lo = max(1, desc_end, h.overhead)
+    gs = h.grain_size
+
+    def load_gd(sector: int) -> array:
+        gd = array("I")
+        gd.frombytes(os.pread(fd, gd_entries * 4, sector * SECTOR))
+        return gd
+
+    gd = load_gd(h.gd_offset)
+    has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset
+    rgd = load_gd(h.rgd_offset) if has_rgd else None
+    used: dict[int, int] = {}
+    meta_end = max(h.overhead, desc_end)
+    primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
+    empty = bytes(gt_bytes)
+    for name, table in (("GD", gd), ("redundant GD", rgd)):
+        if table is None:
+            continue
+        out.errors += [
+            f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
+            for i, e in enumerate(table)
+            if e and (e < desc_end or e + gt_sectors > size_sectors)
+        ]
+    if out.errors:
+        return
+    end_sector = -(-size // SECTOR)  # where a restored table goes
+    fixable: list[str] = []  # errors that repair fixes (they become `fixed` when repairing)
+    gd_dirty = False
+    for i in range(gd_entries):
+        psec, rsec = gd[i], (rgd[i] if rgd is not None else 0)
+        if rgd is not None and bool(gd[i]) != bool(rgd[i]):
+            lost, kept, other = (
+                ("GD", "redundant GD", rgd[i]) if not gd[i] else ("redundant GD", "GD", gd[i])
+            )
+            fixable.append(
+                f"{lost} entry {i} is 0 but {kept} entry {i} points to grain table at sector {other}"
+            )
+            if not repair:
+                psec, rsec = psec or rsec, 0  # check the surviving table
+            else:
+                psec, rsec = _restore_table(fd, gd, rgd, i, end_sector, gt_bytes, gt_sectors)
+                gd_dirty = True
+                out.fixed.append(
+                    f"{lost} entry {i} restored from the {kept}: its grain table copied to "
+                    f"sector {end_sector}"
+                )
+                end_sector += gt_sectors
+                size = max(size, end_sector * SECTOR)
+                size_sectors = size // SECTOR
+        if not psec:
+            continue
+        meta_end = max(meta_end, psec + gt_sectors)
+        raw = primary.get(psec)
+        rraw = None
+        if rsec:
+            rraw = redundant.get(rsec)
+            meta_end = max(meta_end, rsec + gt_sectors)
+        if raw == empty and (rraw is None or rraw == empty):
+            continue  # an untouched preallocated table (and its copy)
+        gt = array("I")
+        gt.frombytes(raw)
+        rgt = None
+        if rraw is not None:
+            rgt = array("I")
+            rgt.frombytes(rraw)
+            # an entry only ever goes from 0 to a grain, primary table first: a grain that
+            # only the copy still names was lost from the primary, not written after it
+            missing = [j for j in range(len(gt)) if not gt[j] and rgt[j]]
+            if missing:
+                fixable.append(
+                    f"GT {i}: {len(missing)} entries are 0 but the redundant GT names grains there"
+                )
+                for j in missing:
+                    gt[j] = rgt[j]
+        changed = bool(rgt is not None and gt != array("I", raw))
+        for j, e in enumerate(gt):
+            if e <= 1:
+                continue
+            g = i * h.num_gtes + j
+            if e < lo or e >= size_sectors:
+                fixable.append(
+                    f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
+                    f"{lo}..{size_sectors - 1}"
+                )
+                if repair:
+                    gt[j] = 0
+                    changed = True
+                    out.fixed.append(f"dropped grain {g} entry pointing to sector {e}")
+                continue
+            if e in used:
+                out.errors.append(f"grains {used[e]} and {g} share sector {e}")
+                continue
+            used[e] = g
+        if repair and changed:
+            pwrite_full(fd, gt, psec * SECTOR)
+        if rgt is not None and rgt != gt:
+            if repair:
+                pwrite_full(fd, gt, rsec * SECTOR)
+                out.fixed.append(f"redundant GT {i} rewritten from the primary")
+            elif not changed:
+                fixable.append(f"redundant GT {i} differs from the primary GT")
+    if repair and gd_dirty:
+        pwrite_full(fd, gd, h.gd_offset * SECTOR)
+        pwrite_full(fd, rgd, h.rgd_offset * SECTOR)
+    if not repair:
+        out.errors += fixable
+    # every byte past the last grain and the last table is leaked space
+    data_end = max([e + gs for e in used] + [meta_end, end_sector if gd_dirty else 0])
+    end = data_end * SECTOR
+    if size > end:
+        out.leaked_bytes = size - end
+        if repair and not out.errors:
+            os.ftruncate(fd, end)
+            out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
+            out.leaked_bytes = 0
+    if repair and h.unclean and not out.errors:
+        pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
+        out.fixed.append("cleared the uncleanShutdown flag")
+    if repair:
+        os.fsync(fd)
 
 
 def create_sparse(

@@ -135,6 +135,14 @@ class VmdkDisk(BlockImage):
             self.extents.append(ext)
             self.starts.append(0)
             self.size = ext.size
+            if d.capacity_sectors != ext.header.capacity:
+                # which one is right is for 'check --repair' to work out (the larger one
+                # that the grain directories support), not for a guest to find out
+                raise DiskFormatError(
+                    f"{self.path}: header capacity (offset 12) is {ext.header.capacity} sectors "
+                    f"but the embedded descriptor says {d.capacity_sectors}; run "
+                    "'boite disk check --repair'"
+                )
             return
         for line in d.extents:
             size = line.sectors * SECTOR
