@@ -931,18 +931,20 @@ def compact_disk(path, progress: Progress = None) -> None:
     desc, _ = read_descriptor(p)
     if desc.create_type in ("monolithicFlat", "twoGbMaxExtentFlat"):
         with VmdkDisk(p, read_only=False, keep_cid=True) as d:
-            for o, n, _kind in d.own_ranges():
+            buf = bytearray(COPY_CHUNK)
+            for o, n, kind in d.own_ranges():
+                if kind != "data":
+                    continue  # ZERO extents hold nothing to free
                 pos = o
                 while pos < o + n:
                     m = min(COPY_CHUNK, o + n - pos)
-                    buf = d.read(pos, m)
+                    mv = memoryview(buf)[:m]
+                    d.read_into(pos, mv)
                     for g in range(0, m, 65536):
-                        if is_zero(memoryview(buf)[g : g + 65536]):
-                            for ext, start in zip(d.extents, d.starts, strict=True):
-                                a = max(pos + g, start)
-                                b = min(pos + g + min(65536, m - g), start + ext.size)
-                                if a < b:
-                                    ext.discard(a - start, b - a)
+                        if is_zero(mv[g : g + 65536]):
+                            # only the extents under this piece (a descriptor may list
+                            # 100,000 of them: no walk over all of them per piece)
+                            d.discard(pos + g, min(65536, m - g))
                     pos += m
         return
     with VmdkDisk(p, read_only=True) as d:

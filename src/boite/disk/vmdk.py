@@ -18,7 +18,7 @@ from boite.disk.descriptor import (
     parse_descriptor,
 )
 from boite.disk.hostfile import open_image_file
-from boite.disk.raw import FlatExtent, ZeroExtent
+from boite.disk.raw import FlatExtent, HostFile, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
 
@@ -144,6 +144,8 @@ class VmdkDisk(BlockImage):
                     "'boite disk check --repair'"
                 )
             return
+        hosts: dict[tuple[str, bool], HostFile] = {}  # flat extents in one file share it
+        paths: dict[str, Path] = {}
         for line in d.extents:
             size = line.sectors * SECTOR
             eff_ro = ro or line.access != "RW"
@@ -152,7 +154,10 @@ class VmdkDisk(BlockImage):
             if line.kind == "ZERO":
                 ext = ZeroExtent(size)
             else:
-                file = extent_path(self.path, line.filename or "")
+                name = line.filename or ""
+                file = paths.get(name)
+                if file is None:
+                    file = paths[name] = extent_path(self.path, name)
                 if line.kind == "SPARSE":
                     ext = SparseExtent(file, eff_ro)
                     if ext.size < size:
@@ -162,7 +167,11 @@ class VmdkDisk(BlockImage):
                             f"descriptor says {line.sectors} (line at offset {line.where})"
                         )
                 elif line.kind in ("FLAT", "VMFS"):
-                    ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro)
+                    key = (str(file), not eff_ro)
+                    host = hosts.get(key)
+                    if host is None:
+                        host = hosts[key] = HostFile(str(file), not eff_ro)
+                    ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro, host)
                 else:
                     raise DiskFormatError(
                         f"{self.path}: extent type {line.kind} at offset {line.where} is not "
