@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 
 from boite.disk.base import BlockImage
-from boite.disk.hostfile import data_ranges, open_image_file, pread_full, pwrite_full, zero_range
+from boite.disk.hostfile import (
+    data_ranges,
+    open_image_file,
+    pread_full,
+    pwrite_full,
+    start_writeback,
+    will_need,
+    zero_range,
+)
 from boite.errors import DiskError
 
 
@@ -74,6 +82,14 @@ class FlatExtent:
     def flush(self) -> None:
         self.host.flush()
 
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        will_need(self.fd, self.file_offset + off, length)
+        return []  # nothing left for a parent
+
+    def start_writeback(self) -> None:
+        if self.host.wrote:
+            start_writeback(self.fd)
+
     def close(self) -> None:
         if self._open:
             self._open = False
@@ -107,6 +123,12 @@ class ZeroExtent:
     def discard(self, off: int, length: int, fallback=None) -> None:
         pass
 
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        return []
+
+    def start_writeback(self) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -116,6 +138,8 @@ class ZeroExtent:
 
 class RawImage(BlockImage):
     """A plain file (or block device) holding the disk's bytes one to one."""
+
+    parallel_reads = True  # read_into may run in several threads at once (positioned I/O)
 
     def __init__(self, path, read_only: bool = False) -> None:
         self.path = os.fspath(path)
@@ -162,6 +186,13 @@ class RawImage(BlockImage):
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+    def prefetch(self, offset: int, length: int) -> None:
+        will_need(self.fd, offset, length)
+
+    def start_writeback(self) -> None:
+        if self._wrote and self.fd >= 0:
+            start_writeback(self.fd)
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
         return data_ranges(self.fd, 0, self.size)

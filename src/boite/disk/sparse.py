@@ -25,7 +25,15 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from boite.disk.base import SECTOR
-from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
+from boite.disk.hostfile import (
+    open_image_file,
+    pread_full,
+    pwrite_full,
+    pwritev_full,
+    start_writeback,
+    will_need,
+    zero_range,
+)
 from boite.errors import DiskError, DiskFormatError
 
 MAGIC = 0x564D444B  # "KDMV" on disk
@@ -410,6 +418,38 @@ class SparseExtent:
             else:
                 mv[pos : pos + length] = bytes(length)
             pos += length
+
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        """Start reading the grains of a range (runs contiguous in the file, one hint each);
+        returns the extent-relative ranges this extent does not hold (the parent's part)."""
+        gs = self.grain_bytes
+        end = min(off + length, self.size)
+        holes: list[tuple[int, int]] = []
+        run_host, run_len = -1, 0
+        g = off // gs
+        while g * gs < end:
+            e = self.entry(g)
+            if e > 1 and not self.compressed:
+                host = e * SECTOR
+                if host != run_host + run_len:
+                    will_need(self.fd, run_host, run_len)
+                    run_host, run_len = host, 0
+                run_len += gs
+            elif e == 0:
+                a = max(g * gs, off)
+                b = min(g * gs + gs, end)
+                if holes and holes[-1][0] + holes[-1][1] == a:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + b - a)
+                else:
+                    holes.append((a, b - a))
+            g += 1
+        if run_len:
+            will_need(self.fd, run_host, run_len)
+        return holes
+
+    def start_writeback(self) -> None:
+        if self._wrote and self.fd >= 0:
+            start_writeback(self.fd)
 
     def _inflate(self, g: int, sector: int) -> bytes:
         cached = self._zlib_cache

@@ -85,6 +85,8 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
 class VmdkDisk(BlockImage):
     """A VMDK of any kind opened as one BlockImage, reads falling through to its parents."""
 
+    parallel_reads = True  # read_into may run in several threads at once (positioned I/O)
+
     def __init__(
         self,
         path,
@@ -309,6 +311,20 @@ class VmdkDisk(BlockImage):
     def _discard(self, offset: int, length: int) -> None:
         for ext, start, rel, _, n in self._extent_spans(offset, length):
             ext.discard(rel, n, self._fallback(start))
+
+    def prefetch(self, offset: int, length: int) -> None:
+        length = max(0, min(length, self.size - offset))
+        if offset < 0 or not length:
+            return
+        for ext, start, rel, _, n in self._extent_spans(offset, length):
+            holes = ext.prefetch(rel, n)
+            if self.parent is not None:
+                for a, m in holes:
+                    self.parent.prefetch(start + a, m)
+
+    def start_writeback(self) -> None:
+        for ext in self.extents:
+            ext.start_writeback()
 
     def flush(self) -> None:
         with self._wlock:
