@@ -353,3 +353,21 @@ def test_thousands_of_extents_on_one_file_share_a_descriptor(tmp_path):
     assert out.returncode == 0, out.stderr
     with open_disk(p, read_only=True) as d:
         assert d.read(512 * 2999, 512) == b"z" * 512
+
+
+def test_descriptor_capacity_past_the_directories_gives_way_to_the_header(tmp_path):
+    """A descriptor that claims more than the grain directories can hold (as a hostile or
+    damaged one may) is what repair corrects; checking it reads nothing unbounded."""
+    p = tmp_path / "d.vmdk"
+    before = filled_thin(p)
+    h = header(p)
+    raw = p.read_bytes()[h.desc_offset * SECTOR : (h.desc_offset + h.desc_size) * SECTOR]
+    line = f"RW {4 * MiB // SECTOR} SPARSE".encode()
+    assert line in raw
+    patch(p, h.desc_offset * SECTOR, raw.replace(line, b"RW 2199023255552 SPARSE"))
+    report = check_disk(p)
+    assert not report.ok and any("2199023255552" in e for e in report.errors), report.errors
+    report = check_disk(p, repair=True)
+    assert report.ok, report.errors
+    with open_disk(p, read_only=True) as d:
+        assert d.size == 4 * MiB and d.read(0, d.size) == before

@@ -733,6 +733,8 @@ def _plausible_capacity(fd: int, h: SparseHeader, capacity: int, size: int) -> b
     fit, do not overlap each other, and every entry points to a table of their own (a
     directory read too long runs into the tables it points to)."""
     n = _gd_count(capacity, h)
+    if n > MAX_GD_ENTRIES:
+        return False
     gd_sectors = -(-n * 4 // SECTOR)
     size_sectors = size // SECTOR
     gt_sectors = -(-h.num_gtes * 4 // SECTOR)
@@ -797,21 +799,30 @@ def _fix_capacity(
         out.errors.append(msg + "; neither fits the grain directories (not repaired)")
         return False
     good = fits[0]
+    done = []
     if good != h.capacity:
         h.capacity = good
         pwrite_full(fd, h.pack(), 0)
+        done.append("the header")
     if good != want and h.desc_offset:
         from boite.disk.descriptor import parse_descriptor
 
         raw = os.pread(fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
         desc = parse_descriptor(raw, path, h.desc_offset * SECTOR)
+        text = b""
         if len(desc.extents) == 1:
             desc.extents[0].sectors = good
             text = desc.to_bytes()
-            if len(text) <= h.desc_size * SECTOR:
-                pwrite_full(fd, text.ljust(h.desc_size * SECTOR, b"\0"), h.desc_offset * SECTOR)
+        if not text or len(text) > h.desc_size * SECTOR:
+            out.errors.append(msg + "; the embedded descriptor cannot be rewritten to match")
+            return False
+        pwrite_full(fd, text.ljust(h.desc_size * SECTOR, b"\0"), h.desc_offset * SECTOR)
+        done.append("the embedded descriptor")
     os.fsync(fd)
-    out.fixed.append(f"{msg}: set both to {good} sectors (the grain directories fit it)")
+    out.fixed.append(
+        f"{msg}: set {' and '.join(done) or 'nothing'} to {good} sectors, the larger size "
+        "the grain directories support"
+    )
     return True
 
 
@@ -837,9 +848,10 @@ def check_sparse(path, repair: bool = False, expected_sectors: int | None = None
                 ext.close()
             return out
         validate_header(h, path, size)
-        want = _embedded_capacity(fd, h, path)
-        if want is None and expected_sectors is not None and expected_sectors > h.capacity:
-            want = expected_sectors
+        if expected_sectors is None:
+            want = _embedded_capacity(fd, h, path)  # the file is the whole disk
+        else:  # one extent of several: it may hold more than its line uses, never less
+            want = expected_sectors if expected_sectors > h.capacity else None
         if not _fix_capacity(fd, h, path, want, out, repair):
             return out
         if out.fixed:
