@@ -446,6 +446,7 @@ def check_disk(path, repair: bool = False) -> CheckReport:
             continue
         report.errors += [f"{f}: {e}" for e in res.errors]
         report.fixed += [f"{f}: {x}" for x in res.fixed]
+        report.warnings += [f"{f}: {x}" for x in res.warnings]
         report.leaked_bytes += res.leaked_bytes
     if report.leaked_bytes:
         report.warnings.append(

@@ -20,6 +20,7 @@ import os
 import struct
 import zlib
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -697,6 +698,7 @@ class TableReader:
 @dataclass
 class ExtentProblems:
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     leaked_bytes: int = 0
     fixed: list[str] = field(default_factory=list)
 
@@ -862,6 +864,39 @@ def check_sparse(path, repair: bool = False, expected_sectors: int | None = None
     return out
 
 
+def _truncation_unsafe(
+    fd: int, h: SparseHeader, used: dict[int, int], data_end: int, meta_end: int, size: int
+) -> str | None:
+    """Why cutting the file at `data_end` might destroy grains although this header's
+    reading says they are leaked (None when it is safe). A damaged grain size or table
+    length makes the tables name fewer or shorter grains than they do: the last grain keeps
+    at least VMware's grain size, and no 32-bit word in the table area may point past the
+    cut (the tables' raw sectors, whatever this header says their shape is; the descriptor's
+    text is left out, its bytes read as numbers would say anything)."""
+    if used and data_end < max(used) + max(h.grain_size, DEFAULT_GRAIN):
+        return (
+            f"the header's grain size ({h.grain_size} sectors) is smaller than VMware's; "
+            "the last grain may be longer than it says"
+        )
+    lo, hi = data_end, -(-size // SECTOR)
+    window = 2 << 20
+    first = h.desc_offset + h.desc_size if h.desc_offset else 1  # past the descriptor's text
+    for off in range(first * SECTOR, meta_end * SECTOR, window):
+        raw = os.pread(fd, min(window, meta_end * SECTOR - off), off)
+        if not raw.strip(b"\0"):
+            continue
+        words = array("I")
+        words.frombytes(raw[: len(raw) - len(raw) % 4])
+        ordered = sorted(words)
+        k = bisect_left(ordered, lo)
+        if k < len(ordered) and ordered[k] < hi:
+            return (
+                f"the table area still holds sector numbers past sector {lo} (at byte "
+                f"{off}..{off + len(raw)}); the header may be damaged"
+            )
+    return None
+
+
 def _restore_table(fd, gd, rgd, i, at, gt_bytes, gt_sectors) -> tuple[int, int]:
     """Copy the grain table that one directory still names to sector `at` and point the
     other directory's entry there; returns the (primary, redundant) table sectors."""
@@ -910,6 +945,18 @@ def _check_tables(
     if out.errors:
         return
     end_sector = -(-size // SECTOR)  # where a restored table goes
+    gd_sectors = -(-gd_entries * 4 // SECTOR)
+    meta = sorted(
+        [(0, desc_end), (h.gd_offset, h.gd_offset + gd_sectors)]
+        + ([(h.rgd_offset, h.rgd_offset + gd_sectors)] if rgd is not None else [])
+        + [(t, t + gt_sectors) for table in (gd, rgd) if table is not None for t in table if t]
+    )
+    starts = [a for a, _ in meta]
+
+    def in_metadata(sector: int) -> bool:
+        k = bisect_right(starts, sector) - 1
+        return k >= 0 and any(a <= sector < b for a, b in meta[max(0, k - 8) : k + 1])
+
     fixable: list[str] = []  # errors that repair fixes (they become `fixed` when repairing)
     gd_dirty = False
     for i in range(gd_entries):
@@ -964,10 +1011,17 @@ def _check_tables(
                 continue
             g = i * h.num_gtes + j
             if e < lo or e >= size_sectors:
-                fixable.append(
+                problem = (
                     f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
                     f"{lo}..{size_sectors - 1}"
                 )
+                if e < size_sectors and not in_metadata(e):
+                    # below the header's overhead but on no table: the overhead field may
+                    # be what is wrong, so the entry is kept (and the file not truncated)
+                    out.errors.append(problem + " (not repaired: the header may be damaged)")
+                    used[e] = g
+                    continue
+                fixable.append(problem)
                 if repair:
                     gt[j] = 0
                     changed = True
@@ -996,9 +1050,13 @@ def _check_tables(
     if size > end:
         out.leaked_bytes = size - end
         if repair and not out.errors:
-            os.ftruncate(fd, end)
-            out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
-            out.leaked_bytes = 0
+            why = _truncation_unsafe(fd, h, used, data_end, meta_end, size)
+            if why:
+                out.warnings.append(f"{size - end} leaked bytes not reclaimed: {why}")
+            else:
+                os.ftruncate(fd, end)
+                out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
+                out.leaked_bytes = 0
     if repair and h.unclean and not out.errors:
         pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
         out.fixed.append("cleared the uncleanShutdown flag")
