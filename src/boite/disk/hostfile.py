@@ -59,6 +59,15 @@ def open_image_file(path, writable: bool) -> int:
     return fd
 
 
+def fsync_dir(path) -> None:
+    """Make renames and new names in a directory durable."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def pread_full(fd: int, mv: memoryview, offset: int) -> None:
     """Fill `mv` from `offset`; bytes past end of file read as zeroes."""
     done = 0

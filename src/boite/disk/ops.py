@@ -23,7 +23,7 @@ from boite.disk.descriptor import (
     new_cid,
     parent_path,
 )
-from boite.disk.hostfile import is_zero, open_image_file
+from boite.disk.hostfile import fsync_dir, is_zero, open_image_file
 from boite.disk.raw import RawImage
 from boite.disk.sparse import (
     DEFAULT_GRAIN,
@@ -557,27 +557,6 @@ def map_disk(path) -> list[MapEntry]:
 # -- convert / rebuild --------------------------------------------------------------------
 
 
-READ_AHEAD = 32 << 20  # bytes of source asked for ahead of the copy
-WRITE_BEHIND = 32 << 20  # bytes written between two writeback starts
-
-
-def _chunks(
-    size: int, ranges: list[tuple[int, int]], grain: int
-) -> list[tuple[int, int, int, int]]:
-    """(position, length, range start, range end) of every read the copy makes, in order."""
-    out = []
-    copied_to = 0  # ranges may share a grain (4 KiB holes in a raw file): copy each once
-    for off, n in ranges:
-        end = off + n
-        pos = max(off - off % grain, copied_to)
-        while pos < end:
-            m = min(COPY_CHUNK, size - pos, -(-(end - pos) // grain) * grain)
-            out.append((pos, m, off, end))
-            pos += m
-            copied_to = pos
-    return out
-
-
 READERS = 4  # threads reading the source ahead of the copy (qemu-img convert keeps 8 requests)
 IN_FLIGHT = 8  # chunks read ahead
 
@@ -771,11 +750,7 @@ def _move_into_place(tmpdir: Path, dst: Path) -> None:
             if target.exists():
                 raise DiskError(f"{target}: already exists; refusing to overwrite it") from None
             os.replace(f, target)
-    dfd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(dst.parent)
 
 
 def _write_new(
@@ -880,11 +855,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
             old_files.discard(path.parent / f.name)
         for f in old_files:
             f.unlink(missing_ok=True)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

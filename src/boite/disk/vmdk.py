@@ -17,7 +17,7 @@ from boite.disk.descriptor import (
     parent_path,
     parse_descriptor,
 )
-from boite.disk.hostfile import open_image_file
+from boite.disk.hostfile import fsync_dir, open_image_file
 from boite.disk.raw import FlatExtent, HostFile, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
@@ -75,11 +75,7 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 class VmdkDisk(BlockImage):
