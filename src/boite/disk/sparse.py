@@ -21,6 +21,7 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -249,25 +250,35 @@ class SparseExtent:
         self._gd_dirty: set[int] = set()
         self._wrote = False
         self._zlib_cache: tuple[int, bytes] | None = None
+        max_sector = self.eof // SECTOR
+
+        def table_ok(e: int) -> bool:
+            return desc_end <= e and e + self.gt_sectors <= max_sector
+
         holes = (
-            [i for i in range(self.gd_entries) if not self.gd[i] and self.rgd[i]]
+            [
+                i
+                for i in range(self.gd_entries)
+                if not (self.gd[i] and table_ok(self.gd[i]))
+                and self.rgd[i]
+                and table_ok(self.rgd[i])
+            ]
             if self.rgd is not None
             else []
         )
         if holes:
             # Only damage makes these (every writer sets the primary entry first): the
             # redundant directory still reaches those tables. Reads use it (qemu would read
-            # zeroes there); writing through half a directory waits for a repair.
+            # zeroes there or fail); writing through half a directory waits for a repair.
             if not self.read_only:
                 raise _bad(
                     self.path,
                     h.gd_offset * SECTOR + 4 * holes[0],
-                    f"grain directory entry {holes[0]} is 0 but the redundant directory names a "
-                    "grain table there; run 'boite disk check --repair' to restore it",
+                    f"grain directory entry {holes[0]} is 0 or damaged but the redundant "
+                    "directory names a grain table there; run 'boite disk check --repair'",
                 )
             for i in holes:
                 self.gd[i] = self.rgd[i]
-        max_sector = self.eof // SECTOR
         for i, e in enumerate(self.gd):
             if e and (e < desc_end or e + self.gt_sectors > max_sector):
                 raise _bad(
@@ -934,14 +945,22 @@ def _check_tables(
     meta_end = max(h.overhead, desc_end)
     primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
     empty = bytes(gt_bytes)
-    for name, table in (("GD", gd), ("redundant GD", rgd)):
+
+    def table_ok(e: int) -> bool:
+        return desc_end <= e and e + gt_sectors <= size_sectors
+
+    for name, table, other in (("GD", gd, rgd), ("redundant GD", rgd, gd)):
         if table is None:
             continue
-        out.errors += [
-            f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
-            for i, e in enumerate(table)
-            if e and (e < desc_end or e + gt_sectors > size_sectors)
-        ]
+        for i, e in enumerate(table):
+            if not e or table_ok(e):
+                continue
+            if other is not None and other[i] and table_ok(other[i]):
+                table[i] = 0  # damaged where the other directory is sound: restored below
+                continue
+            out.errors.append(
+                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
+            )
     if out.errors:
         return
     end_sector = -(-size // SECTOR)  # where a restored table goes
@@ -957,7 +976,17 @@ def _check_tables(
         k = bisect_right(starts, sector) - 1
         return k >= 0 and any(a <= sector < b for a, b in meta[max(0, k - 8) : k + 1])
 
+    def sound(e: int) -> bool:
+        return e == 1 or (lo <= e < size_sectors and not in_metadata(e))
+
+    def overlaps_grain(sector: int, n: int, table: array) -> bool:
+        """Whether [sector, sector+n) holds part of a grain `table` or earlier tables name."""
+        return any(v < sector + n and sector < v + gs for v in table if sound(v) and v > 1) or any(
+            v < sector + n and sector < v + gs for v in used
+        )
+
     fixable: list[str] = []  # errors that repair fixes (they become `fixed` when repairing)
+    writes: list[tuple[int, int, array, str | None]] = []  # (GD index, sector, table, note)
     gd_dirty = False
     for i in range(gd_entries):
         psec, rsec = gd[i], (rgd[i] if rgd is not None else 0)
@@ -966,7 +995,8 @@ def _check_tables(
                 ("GD", "redundant GD", rgd[i]) if not gd[i] else ("redundant GD", "GD", gd[i])
             )
             fixable.append(
-                f"{lost} entry {i} is 0 but {kept} entry {i} points to grain table at sector {other}"
+                f"{lost} entry {i} is 0 or damaged but {kept} entry {i} points to grain table at "
+                f"sector {other}"
             )
             if not repair:
                 psec, rsec = psec or rsec, 0  # check the surviving table
@@ -993,15 +1023,56 @@ def _check_tables(
         gt = array("I")
         gt.frombytes(raw)
         rgt = None
+        if rraw is not None and overlaps_grain(rsec, gt_sectors, gt):
+            # the redundant directory points into grain data: that is no table; its copy
+            # is made afresh at the end of the file
+            fixable.append(f"redundant GD entry {i} points to sector {rsec}, inside grain data")
+            if repair:
+                rgd[i] = rsec = end_sector
+                end_sector += gt_sectors
+                gd_dirty = True
+                pwrite_full(fd, gt, rsec * SECTOR)
+                out.fixed.append(f"redundant GT {i} made afresh at sector {rsec}")
+            rraw = None
         if rraw is not None:
             rgt = array("I")
             rgt.frombytes(rraw)
             # an entry only ever goes from 0 to a grain, primary table first: a grain that
             # only the copy still names was lost from the primary, not written after it
-            missing = [j for j in range(len(gt)) if not gt[j] and rgt[j]]
+            # ... and so is one damaged in the primary but sound in the copy
+            # (a copy that says 0 where the primary names no sound grain is right too, and a
+            # copy is not believed where it names a grain the primary gives to another
+            # entry, or breaks the grain alignment every other grain keeps)
+            names = Counter(v for v in gt if v > 1)
+            seen = [v for v in names if sound(v)] + list(used)
+            aligned = sum((v - lo) % gs == 0 for v in seen) >= 0.75 * len(seen)
+
+            def fits(v: int, aligned: bool = aligned) -> bool:
+                return v == 1 or not aligned or (v - lo) % gs == 0
+
+            def believable(v: int, names: Counter = names) -> bool:
+                return sound(v) and (v == 1 or (not names[v] and v not in used)) and fits(v)
+
+            missing = [
+                j
+                for j in range(len(gt))
+                if (not gt[j] and rgt[j] and believable(rgt[j]))
+                or (
+                    gt[j] > 1
+                    and (not sound(gt[j]) or not fits(gt[j]))
+                    and (not rgt[j] or believable(rgt[j]))
+                )
+                or (
+                    gt[j] > 1
+                    and rgt[j] != gt[j]
+                    and (names[gt[j]] > 1 or not fits(gt[j]))
+                    and (not rgt[j] or believable(rgt[j]))
+                )
+            ]
             if missing:
                 fixable.append(
-                    f"GT {i}: {len(missing)} entries are 0 but the redundant GT names grains there"
+                    f"GT {i}: {len(missing)} entries are 0 or damaged but the redundant GT "
+                    "names grains there"
                 )
                 for j in missing:
                     gt[j] = rgt[j]
@@ -1032,16 +1103,56 @@ def _check_tables(
                 continue
             used[e] = g
         if repair and changed:
-            pwrite_full(fd, gt, psec * SECTOR)
+            writes.append((i, psec, gt, None))
         if rgt is not None and rgt != gt:
             if repair:
-                pwrite_full(fd, gt, rsec * SECTOR)
-                out.fixed.append(f"redundant GT {i} rewritten from the primary")
+                writes.append((i, rsec, gt, f"redundant GT {i} rewritten from the primary"))
             elif not changed:
                 fixable.append(f"redundant GT {i} differs from the primary GT")
-    if repair and gd_dirty:
-        pwrite_full(fd, gd, h.gd_offset * SECTOR)
-        pwrite_full(fd, rgd, h.rgd_offset * SECTOR)
+    if repair and writes:
+        if out.errors:
+            # what is left is not understood: keep both copies of every table as they are
+            out.warnings.append(
+                f"{len(writes)} grain tables not rewritten while other errors remain"
+            )
+        else:
+            grains_at = sorted(used)
+            for i, sector, table, note in writes:
+                k = bisect_left(grains_at, sector - gs + 1)
+                if k < len(grains_at) and grains_at[k] < sector + gt_sectors:
+                    # the directory points into a grain: the table goes to the end instead
+                    which = rgd if note else gd
+                    which[i] = sector = end_sector
+                    end_sector += gt_sectors
+                    gd_dirty = True
+                    out.fixed.append(
+                        f"{'redundant ' if note else ''}GD entry {i} pointed into grain data; its "
+                        f"table moved to sector {sector}"
+                    )
+                pwrite_full(fd, table, sector * SECTOR)
+                if note:
+                    out.fixed.append(note)
+    if repair and gd_dirty and out.errors:
+        out.warnings.append("grain directories not rewritten while other errors remain")
+    elif repair and gd_dirty:
+        tables = [t for table in (gd, rgd) for t in table if t]
+        for where, other in ((h.gd_offset, h.rgd_offset), (h.rgd_offset, h.gd_offset)):
+            end = where + gd_sectors
+            if (
+                where < desc_end
+                or overlaps_grain(where, gd_sectors, array("I"))
+                or (other < end and where < other + gd_sectors)
+                or any(t < end and where < t + gt_sectors for t in tables)
+            ):
+                out.errors.append(
+                    f"a grain directory at sector {where} (header) would overwrite the "
+                    "descriptor, a table or grain data: the header is damaged (directories not "
+                    "rewritten)"
+                )
+                break
+        else:
+            pwrite_full(fd, gd, h.gd_offset * SECTOR)
+            pwrite_full(fd, rgd, h.rgd_offset * SECTOR)
     if not repair:
         out.errors += fixable
     # every byte past the last grain and the last table is leaked space
