@@ -435,3 +435,18 @@ def test_repair_never_loses_what_a_copy_still_holds(tmp_path):
         except (DiskError, DiskFormatError):
             pass
     assert readable > 100  # most damage of one copy is repaired
+
+
+def test_convert_into_a_full_filesystem_is_one_line_and_leaves_nothing(tmp_path):
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(2).randbytes(32 * MiB))
+    out = subprocess.run(
+        [sys.executable, "-m", "boite", "disk", "convert", str(src), str(tmp_path / "d.vmdk")],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8 * MiB, 8 * MiB)),
+        timeout=120,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.img"]

@@ -703,6 +703,8 @@ def convert_disk(
                     )
             _write_new(s, ranges, new, disk_type, s.size, progress, ad, None, created=True)
             _move_into_place(tmpdir, dst)
+        except OSError as exc:  # disk full, file too large, ...: one line, nothing left
+            raise DiskError(f"{dst}: convert failed: {exc.strerror or exc}") from None
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -856,6 +858,8 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
         for f in old_files:
             f.unlink(missing_ok=True)
         fsync_dir(path.parent)
+    except OSError as exc:  # disk full, file too large, ...: one line; the old files stay
+        raise DiskError(f"{path}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
