@@ -106,6 +106,11 @@ def _split_sizes(sectors: int) -> list[int]:
     return sizes or [0]
 
 
+def _private(path: str, flags: int) -> int:
+    """Disks are created 0600 (guest data is the owner's alone), as VMware creates them."""
+    return os.open(path, flags, 0o600)
+
+
 def create_disk(
     path,
     capacity_bytes: int,
@@ -146,7 +151,7 @@ def create_disk(
 def _new_file(path: Path, made: list[Path], overwrite: bool) -> int:
     if not overwrite and path.exists():
         raise DiskError(f"{path}: already exists; refusing to overwrite it")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = _private(str(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
     made.append(path)
     return fd
 
