@@ -124,7 +124,8 @@ def create_disk(
 
     `descriptor`, when given, supplies CID, parent and disk database for the new VMDK.
     Flat types are preallocated (as vdiskmanager's `-t 2`/`-t 3`); an operating-system
-    failure (no space, file too large) is a one-line DiskError and leaves no file behind.
+    failure (no space, file too large) leaves no file behind and is raised as the OSError
+    it is (the CLI says it in one line, with its errno name under --json).
     """
     path = Path(path)
     if disk_type not in DISK_TYPES:
@@ -137,11 +138,6 @@ def create_disk(
     made: list[Path] = []
     try:
         _create_files(path, sectors, disk_type, adapter, descriptor, overwrite, made)
-    except OSError as exc:
-        for f in made:
-            f.unlink(missing_ok=True)
-        where = exc.filename or path
-        raise DiskError(f"{where}: cannot create the disk: {exc.strerror or exc}") from None
     except BaseException:
         for f in made:
             f.unlink(missing_ok=True)
@@ -177,9 +173,11 @@ def _check_room(path: Path, nbytes: int) -> None:
     st = os.statvfs(path.parent)
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
-        raise DiskError(
-            f"{path}: no space left on device ({errno.errorcode[errno.ENOSPC]}): a preallocated "
-            f"disk needs {nbytes} bytes, the filesystem has {free} free"
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: a preallocated disk needs {nbytes} bytes, the "
+            f"filesystem has {free} free",
+            str(path),
         )
 
 
@@ -708,8 +706,9 @@ def convert_disk(
                     )
             _write_new(s, ranges, new, disk_type, s.size, progress, ad, None, created=True)
             _move_into_place(tmpdir, dst)
-        except OSError as exc:  # disk full, file too large, ...: one line, nothing left
-            raise DiskError(f"{dst}: convert failed: {exc.strerror or exc}") from None
+        except OSError as exc:  # disk full, file too large, ...: named by the target
+            exc.filename, exc.filename2 = str(dst), None
+            raise
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -863,8 +862,6 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
         for f in old_files:
             f.unlink(missing_ok=True)
         fsync_dir(path.parent)
-    except OSError as exc:  # disk full, file too large, ...: one line; the old files stay
-        raise DiskError(f"{path}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -953,7 +950,8 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
                 os.posix_fallocate(fd, have, need - have)  # flat stays preallocated
             except OSError as exc:
                 os.ftruncate(fd, have)
-                raise DiskError(f"{f}: cannot grow the disk: {exc.strerror}") from None
+                exc.filename = str(f)
+                raise
             finally:
                 os.close(fd)
         desc.ddb.update(
