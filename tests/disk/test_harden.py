@@ -450,3 +450,40 @@ def test_convert_into_a_full_filesystem_is_one_line_and_leaves_nothing(tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.img"]
+
+
+def test_damaged_gd_offset_reads_and_repairs_through_the_redundant_gd(tmp_path):
+    p = tmp_path / "o.vmdk"
+    before = filled_thin(p)
+    patch(p, 56, bytes(8))  # the header's gdOffset
+    with open_disk(p, read_only=True) as d:
+        assert d.read(0, d.size) == before
+    with pytest.raises(DiskFormatError, match="redundant"):
+        open_disk(p)
+    report = check_disk(p)
+    assert not report.ok and any("redundant" in e for e in report.errors), report.errors
+    report = check_disk(p, repair=True)
+    assert report.ok, report.errors
+    assert check_disk(p).ok
+    with open_disk(p) as d:
+        assert d.read(0, d.size) == before
+        d.write(0, b"r" * 512)
+    with open_disk(p, read_only=True) as d:
+        assert d.read(0, 512) == b"r" * 512
+
+
+def test_repair_after_grow_keeps_the_moved_directories(tmp_path):
+    """grow moves the grain directories to the end of the file; leaked space after them
+    (a crash) is reclaimed without cutting them off."""
+    from boite.disk import grow_disk
+
+    p = tmp_path / "g.vmdk"
+    before = filled_thin(p)
+    grow_disk(p, 8 << 30)  # 256 directory entries: more than the directory's sector holds
+    with open(p, "ab") as f:
+        f.write(b"L" * 65536)  # grains a crashed writer appended and never recorded
+    report = check_disk(p, repair=True)
+    assert report.ok, report.errors
+    assert check_disk(p).ok
+    with open_disk(p, read_only=True) as d:
+        assert d.read(0, len(before)) == before and d.size == 8 << 30

@@ -184,6 +184,19 @@ def validate_header(h: SparseHeader, path, file_size: int, where: int = 0) -> No
             )
 
 
+def redundant_reading(h: SparseHeader, path, file_size: int) -> SparseHeader | None:
+    """The header read with the redundant directory as the primary one, when that alone
+    makes it valid (the primary directory's offset is what is damaged); else None."""
+    if h.compressed or not h.flags & FLAG_RGD or h.rgd_offset in (0, GD_AT_END):
+        return None
+    alt = replace(h, gd_offset=h.rgd_offset)
+    try:
+        validate_header(alt, path, file_size)
+    except DiskFormatError:
+        return None
+    return alt
+
+
 class SparseExtent:
     """One KDMV file. Offsets in methods are bytes relative to the extent."""
 
@@ -220,7 +233,22 @@ class SparseExtent:
             self.footer_offset = where
             h = replace(foot, unclean=h.unclean)
             self.header = h
-        validate_header(h, self.path, size)
+        try:
+            validate_header(h, self.path, size)
+        except DiskFormatError:
+            alt = redundant_reading(h, self.path, size)
+            if alt is None:
+                raise
+            # the primary directory's offset is damaged, the redundant one is sound: reads
+            # go through it; writing waits for a repair that rebuilds the primary
+            if not self.read_only:
+                raise _bad(
+                    self.path,
+                    56,
+                    f"grain directory offset is {h.gd_offset}, outside the file, but the "
+                    "redundant directory is sound; run 'boite disk check --repair'",
+                ) from None
+            h = self.header = alt
         if h.compressed and not self.read_only:
             raise DiskError(
                 f"{self.path}: stream-optimized (compressed) disks are read-only; convert it to thin first"
@@ -862,7 +890,24 @@ def check_sparse(path, repair: bool = False, expected_sectors: int | None = None
             finally:
                 ext.close()
             return out
-        validate_header(h, path, size)
+        try:
+            validate_header(h, path, size)
+        except DiskFormatError as exc:
+            if redundant_reading(h, path, size) is None:
+                raise
+            if not repair:
+                out.errors.append(
+                    f"{str(exc).removeprefix(f'{path}: ')}; the redundant grain directory is "
+                    "sound and 'check --repair' rebuilds the primary from it"
+                )
+                return out
+            _rebuild_primary_gd(fd, h, size)
+            out.fixed.append(
+                f"grain directory rebuilt from the redundant one at sector {h.gd_offset} (its "
+                "offset in the header was damaged)"
+            )
+            size = os.fstat(fd).st_size
+            validate_header(h, path, size)
         if expected_sectors is None:
             want = _embedded_capacity(fd, h, path)  # the file is the whole disk
         else:  # one extent of several: it may hold more than its line uses, never less
@@ -908,6 +953,31 @@ def _truncation_unsafe(
                 f"{off}..{off + len(raw)}); the header may be damaged"
             )
     return None
+
+
+def _rebuild_primary_gd(fd: int, h: SparseHeader, size: int) -> None:
+    """A new primary directory and tables at the end of the file, copied from the redundant
+    ones; the header then points at it (written last)."""
+    n = _gd_count(h.capacity, h)
+    gt_bytes = h.num_gtes * 4
+    gt_sectors = -(-gt_bytes // SECTOR)
+    gd_sectors = -(-n * 4 // SECTOR)
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    rgd = array("I")
+    rgd.frombytes(os.pread(fd, n * 4, h.rgd_offset * SECTOR))
+    at = -(-size // SECTOR)
+    gd = array("I", bytes(4 * n))
+    for i, e in enumerate(rgd):
+        if e and desc_end <= e and e + gt_sectors <= size // SECTOR:
+            raw = os.pread(fd, gt_bytes, e * SECTOR)
+            pwrite_full(fd, raw.ljust(gt_sectors * SECTOR, b"\0"), at * SECTOR)
+            gd[i] = at
+            at += gt_sectors
+    pwrite_full(fd, gd.tobytes().ljust(gd_sectors * SECTOR, b"\0"), at * SECTOR)
+    os.fsync(fd)
+    h.gd_offset = at
+    pwrite_full(fd, h.pack(), 0)
+    os.fsync(fd)
 
 
 def _restore_table(fd, gd, rgd, i, at, gt_bytes, gt_sectors) -> tuple[int, int]:
@@ -967,6 +1037,10 @@ def _check_tables(
         return
     end_sector = -(-size // SECTOR)  # where a restored table goes
     gd_sectors = -(-gd_entries * 4 // SECTOR)
+    # the directories themselves may lie past the overhead (grow moves them to the end)
+    meta_end = max(meta_end, h.gd_offset + gd_sectors)
+    if rgd is not None:
+        meta_end = max(meta_end, h.rgd_offset + gd_sectors)
     meta = sorted(
         [(0, desc_end), (h.gd_offset, h.gd_offset + gd_sectors)]
         + ([(h.rgd_offset, h.rgd_offset + gd_sectors)] if rgd is not None else [])
