@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
-from boite.errors import SnapshotError
+from boite.errors import CheckpointError
 from boite.machine.memory import GuestMemory
 
 MAGIC = 0xBED2BED2  # what boite writes: a complete checkpoint, 64-bit block sizes
@@ -63,10 +63,6 @@ NULL_TAG = b"\x00\x00"
 PAGE_SIZE = 4096
 
 BOITE_FORMAT_VERSION = 1
-
-
-class CheckpointError(SnapshotError):
-    """A .vmsn/.vmss/.vmem file is malformed or does not fit the machine it is loaded into."""
 
 
 @dataclass(frozen=True)

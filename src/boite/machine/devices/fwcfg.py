@@ -11,9 +11,12 @@ file directory.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
+from boite.errors import CheckpointError
 from boite.machine.device import Device
+from boite.machine.state import StateRecord, uint
 
 FW_CFG_PORT = 0x510
 
@@ -27,6 +30,13 @@ FW_CFG_NUMA = 0x0D
 FW_CFG_BOOT_MENU = 0x0E
 FW_CFG_MAX_CPUS = 0x0F
 FW_CFG_FILE_DIR = 0x19
+
+
+@dataclass(frozen=True)
+class FwCfgState(StateRecord):
+    VERSION = 1
+    selector: int = uint(16)
+    offset: int = uint(32)  # reading stops counting at the item's end
 
 
 class FwCfg(Device):
@@ -55,11 +65,19 @@ class FwCfg(Device):
         self.offset = 0
 
     def save_state(self) -> dict[str, Any]:
-        return {"selector": self.selector, "offset": self.offset}
+        return FwCfgState(self.selector, self.offset).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.selector = int(state["selector"]) & 0xFFFF
-        self.offset = int(state["offset"])
+    def check_state(self, state: Any) -> FwCfgState:
+        rec = FwCfgState.from_dict(state)
+        length = len(self.items.get(rec.selector & 0x3FFF, b""))
+        if rec.offset > length:
+            raise CheckpointError(
+                f"offset: {rec.offset} is past the end of item {rec.selector:#x} ({length} bytes)"
+            )
+        return rec
+
+    def apply_state(self, rec: FwCfgState) -> None:
+        self.selector, self.offset = rec.selector, rec.offset
 
     def bus_read(self, offset: int, size: int) -> int:
         if offset != 1:
@@ -67,9 +85,9 @@ class FwCfg(Device):
         value = 0
         item = self.items.get(self.selector & 0x3FFF, b"")
         for i in range(size):
-            byte = item[self.offset] if self.offset < len(item) else 0
-            self.offset += 1
-            value |= byte << (8 * i)
+            if self.offset < len(item):  # past the end reads 0 and the offset stays
+                value |= item[self.offset] << (8 * i)
+                self.offset += 1
         return value
 
     def bus_write(self, offset: int, size: int, value: int) -> None:
