@@ -1216,7 +1216,7 @@ def restore_machine(machine: Any, accel: Any, path: Path) -> None:
     saved = read_saved_state(path)
     unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
     if unportable:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: the {accel.name} accelerator cannot resume this state: "
             f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
         )

@@ -262,23 +262,42 @@ class StateRecord:
     def invalid(self, name: str, problem: str) -> CheckpointError:
         return CheckpointError(f"{name}: {problem}")
 
+    @classmethod
+    def _checks(cls) -> tuple[tuple[str, Check, bool], ...]:
+        """(name, check, may be absent) per field; looked up once per class."""
+        cached = cls.__dict__.get("_checks_cache")
+        if cached is None:
+            cached = tuple(
+                (f.name, f.metadata["check"], f.default is not dataclasses.MISSING)
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            )
+            cls._checks_cache = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def _known(cls) -> frozenset[str]:
+        cached = cls.__dict__.get("_known_cache")
+        if cached is None:
+            cached = frozenset(name for name, _, _ in cls._checks()) | {"version"}
+            cls._known_cache = cached  # type: ignore[attr-defined]
+        return cached
+
     def to_dict(self, versioned: bool = True) -> dict[str, Plain]:
         out: dict[str, Plain] = {"version": self.VERSION} if versioned else {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = f.metadata["check"].plain(getattr(self, f.name))
+        for name, check, _ in self._checks():
+            out[name] = check.plain(getattr(self, name))
         return out
 
     @classmethod
     def from_dict(cls, raw: Any, path: str = "", versioned: bool = True) -> Self:
         """The record `raw` describes, every field checked; CheckpointError otherwise."""
-        where = path or "state"
         if not isinstance(raw, dict):
-            raise CheckpointError(f"{where}: {_show(raw)} is not a dictionary")
+            raise CheckpointError(f"{path or cls.__name__}: {_show(raw)} is not a dictionary")
         prefix = f"{path}." if path else ""
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        known = {f.name for f in fields} | ({"version"} if versioned else set())
-        unknown = sorted(str(k) for k in raw if k not in known)
-        if unknown:
+        checks = cls._checks()
+        known = cls._known()
+        if not raw.keys() <= known or (not versioned and "version" in raw):
+            unknown = sorted(str(k) for k in raw if k not in known or k == "version")
             raise CheckpointError(f"{prefix}{unknown[0]}: unknown field")
         if versioned:
             version = raw.get("version")
@@ -288,13 +307,12 @@ class StateRecord:
                     f"{cls.VERSION} of {cls.__name__}"
                 )
         values: dict[str, Any] = {}
-        for f in fields:
-            name = f"{prefix}{f.name}"
-            if f.name not in raw:
-                if f.default is not dataclasses.MISSING:
+        for name, check, optional in checks:
+            if name not in raw:
+                if optional:
                     continue
-                raise CheckpointError(f"{name}: missing")
-            values[f.name] = f.metadata["check"].check(raw[f.name], name)
+                raise CheckpointError(f"{prefix}{name}: missing")
+            values[name] = check.check(raw[name], prefix + name)
         rec = cls(**values)
         try:
             rec.validate()
