@@ -514,10 +514,13 @@ def test_damaged_checkpoint_files_restore_whole_or_raise_checkpoint_error(saved_
     fd = os.open(damaged, os.O_RDWR | os.O_CREAT, 0o600)
     rng = random.Random(1414)
     outcomes = {"refused": 0, "restored": 0}
+    cpu_tags = Checkpoint.parse(good).groups["cpu"].tags
     for case in range(1500):
         raw = bytearray(good)
         if case % 5 == 0:
             raw = raw[: rng.randrange(len(raw))]  # truncated
+        elif case % 5 == 1:
+            raw = bytearray(retag_cpu(good, rng.choice(cpu_tags), rng))
         else:
             for _ in range(rng.choice((1, 1, 2, 8))):
                 pos = rng.randrange(len(raw))
@@ -539,6 +542,26 @@ def test_damaged_checkpoint_files_restore_whole_or_raise_checkpoint_error(saved_
         b.machine.load_device_state(baseline)
     os.close(fd)
     assert outcomes["refused"] > 1000, outcomes
+
+
+def retag_cpu(good: bytes, tag: Tag, rng: random.Random) -> bytes:
+    """The checkpoint with one vCPU tag given another well-formed value: a register at
+    another width or value, a blob of another size, other JSON in `boite:extra`."""
+    ckpt = Checkpoint.parse(good)
+    if tag.block and tag.name == "boite:extra":
+        extra = json.loads(tag.value)
+        value = json.dumps(mutate(extra, rng), allow_nan=True).encode()
+    elif tag.block:
+        value = rng.randbytes(rng.choice((0, 1, 511, 512, 513, 4096)))
+    else:
+        width = rng.choice((0, 1, 2, 4, 8, 9, 16, 61))
+        value = rng.choice((rng.randbytes(width), b"\xff" * width, bytes(width)))
+    old = ckpt.groups["cpu"]
+    ckpt.groups["cpu"] = fresh = CheckpointGroup("cpu")
+    for t in old.tags:
+        same = (t.name, t.indices) == (tag.name, tag.indices)
+        fresh.add(Tag(t.name, t.indices, value, block=t.block) if same else t)
+    return ckpt.to_bytes()
 
 
 # -- end to end: `boite start` (resume) and `boite revert` of a damaged state -----------------

@@ -656,6 +656,9 @@ class CheckpointMeta(StateRecord):
     vcpus: int | None = checked(Int(1, 4096), default=None)
     vmx: str | None = checked(Text(META_MAX), default=None)  # the .vmx, base64
 
+    def validate(self) -> None:
+        self.vmx_bytes()
+
     def vmx_bytes(self) -> bytes | None:
         if self.vmx is None:
             return None
@@ -680,7 +683,6 @@ def read_meta(ckpt: Checkpoint, source: str) -> tuple[dict[str, Any], Checkpoint
     meta = _json_load(raw, f"{source}: meta", META_MAX)
     try:
         rec = CheckpointMeta.from_dict(meta, "meta", versioned=False)
-        rec.vmx_bytes()
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: group 'boite': {exc}") from None
     return meta, rec

@@ -61,7 +61,9 @@ class Int(Check):
         if type(value) is not int:  # bool is an int subclass and not a number here
             raise self.fail(path, f"{_show(value)} is not an integer")
         if not self.lo <= value <= self.hi:
-            raise self.fail(path, f"{_show(value)} is outside {self.lo:#x}..{self.hi:#x}")
+            raise self.fail(
+                path, f"{_show(hex(value))[1:-1]} is outside {self.lo:#x}..{self.hi:#x}"
+            )
         return value
 
 
