@@ -110,6 +110,27 @@ _SEGMENT_FIELDS: tuple[tuple[str, Check], ...] = (
 )  # fmt: skip
 
 
+CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+
+def _check_modes(st: CpuState) -> None:
+    """The control register combinations no CPU can be in (what KVM_SET_SREGS refuses, so
+    a restore does not fail half way on the ioctl): SDM vol. 3, 2.5 and 9.8.5."""
+    if st.cr0 & CR0_PG and not st.cr0 & CR0_PE:
+        raise CheckpointError(f"cr0: {st.cr0:#x} has paging on in real mode")
+    if st.cr0 & CR0_NW and not st.cr0 & CR0_CD:
+        raise CheckpointError(f"cr0: {st.cr0:#x} has NW set without CD")
+    long_mode = bool(st.efer & EFER_LME and st.cr0 & CR0_PG)
+    if long_mode and not st.cr4 & CR4_PAE:
+        raise CheckpointError(f"cr4: {st.cr4:#x}: long mode (EFER.LME with paging) needs PAE")
+    if bool(st.efer & EFER_LMA) != long_mode:
+        raise CheckpointError(
+            f"efer: {st.efer:#x}: LMA must be set exactly when LME and CR0.PG are"
+        )
+
+
 def check_cpu_state(st: CpuState, n: int) -> None:
     """Raise CheckpointError (naming `vCPU n` and the field) for a state no vCPU can hold."""
     where = f"vCPU {n}"
@@ -134,6 +155,7 @@ def check_cpu_state(st: CpuState, n: int) -> None:
         U32.check(st.cr4, "cr4")
         U4.check(st.cr8, "cr8")
         Bits(EFER_BITS).check(st.efer, "efer")
+        _check_modes(st)
         U64.check(st.apic_base, "apic_base")
         if len(st.msrs) > MAX_MSRS:
             raise CheckpointError(f"msrs: {len(st.msrs)} MSRs, at most {MAX_MSRS}")
