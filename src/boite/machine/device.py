@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from boite.machine.state import NoState, StateRecord
+from boite.machine.state import KeepsNoState, StateRecord
 
 
 class Device:
@@ -39,18 +39,9 @@ class Device:
         pass
 
 
-class StatelessDevice(Device):
+class StatelessDevice(KeepsNoState, Device):
     """A device whose behaviour depends on nothing but its configuration (a port that
     powers off, the debug exit): its record is empty, but still versioned and checked."""
 
     def reset(self) -> None:
-        pass
-
-    def save_state(self) -> dict[str, Any]:
-        return NoState().to_dict()
-
-    def check_state(self, state: Any) -> NoState:
-        return NoState.from_dict(state)
-
-    def apply_state(self, record: NoState) -> None:
         pass

@@ -284,6 +284,23 @@ class StateRecord:
             cls._known_cache = cached  # type: ignore[attr-defined]
         return cached
 
+    @classmethod
+    def of(cls, obj: Any, **given: Any) -> Self:
+        """The record of `obj`'s attributes of the same names; `given` for the others (a
+        deque kept as bytes, a list of sub-records)."""
+        return cls(
+            **{
+                name: given[name] if name in given else getattr(obj, name)
+                for name, _, _ in cls._checks()
+            }
+        )
+
+    def put(self, obj: Any, *skip: str) -> None:
+        """Set `obj`'s attributes of the same names, but `skip` (set those yourself)."""
+        for name, _, _ in self._checks():
+            if name not in skip:
+                setattr(obj, name, getattr(self, name))
+
     def to_dict(self, versioned: bool = True) -> dict[str, Plain]:
         out: dict[str, Plain] = {"version": self.VERSION} if versioned else {}
         for name, check, _ in self._checks():
@@ -326,6 +343,19 @@ class StateRecord:
 @dataclasses.dataclass(frozen=True)
 class NoState(StateRecord):
     """The record of a device that keeps nothing between register accesses."""
+
+
+class KeepsNoState:
+    """The state methods of something that keeps nothing between register accesses."""
+
+    def save_state(self) -> dict[str, Any]:
+        return NoState().to_dict()
+
+    def check_state(self, state: Any) -> StateRecord:
+        return NoState.from_dict(state)
+
+    def apply_state(self, record: Any) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)

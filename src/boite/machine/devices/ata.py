@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
 from boite.errors import BoiteError, CheckpointError
@@ -186,10 +186,6 @@ class AtaChannelState(StateRecord):
     progress (its buffer: one DRQ block) and the drives' settings."""
 
     VERSION = 1
-    REGISTERS: ClassVar[tuple[str, ...]] = (
-        "devctl device feature hob_feature nsect hob_nsect lbal hob_lbal lbam hob_lbam "
-        "lbah hob_lbah"
-    ).split()
     devctl: int = uint(8)
     device: int = uint(8)
     feature: int = uint(8)
@@ -299,32 +295,8 @@ class AtaChannel(Device):
         self.irq.lower()
 
     def save_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k) for k in AtaChannelState.REGISTERS}
-        return AtaChannelState(
-            **state,
-            irq_pending=self.irq_pending,
-            in_reset=self.in_reset,
-            xfer=self.xfer,
-            xfer_lba=self.xfer_lba,
-            xfer_left=self.xfer_left,
-            xfer_block=self.xfer_block,
-            xfer_pos=self.xfer_pos,
-            xfer_drive=self.xfer_drive,
-            buffer=bytes(self.buffer),
-            drives=tuple(
-                None
-                if d is None
-                else AtaDriveState(
-                    heads=d.heads,
-                    spt=d.spt,
-                    multi_count=d.multi_count,
-                    write_cache=d.write_cache,
-                    status=d.status,
-                    error=d.error,
-                )  # fmt: skip
-                for d in self.drives
-            ),
-        ).to_dict()
+        drives = tuple(None if d is None else AtaDriveState.of(d) for d in self.drives)
+        return AtaChannelState.of(self, buffer=bytes(self.buffer), drives=drives).to_dict()
 
     def check_state(self, state: Any) -> AtaChannelState:
         rec = AtaChannelState.from_dict(state)
@@ -347,20 +319,11 @@ class AtaChannel(Device):
         return rec
 
     def apply_state(self, rec: AtaChannelState) -> None:
-        for k in AtaChannelState.REGISTERS:
-            setattr(self, k, getattr(rec, k))
-        self.irq_pending, self.in_reset = rec.irq_pending, rec.in_reset
-        self.xfer, self.xfer_lba, self.xfer_left = rec.xfer, rec.xfer_lba, rec.xfer_left
-        self.xfer_block, self.xfer_pos, self.xfer_drive = (
-            rec.xfer_block,
-            rec.xfer_pos,
-            rec.xfer_drive,
-        )
+        rec.put(self, "buffer", "drives")
         self.buffer = bytearray(rec.buffer)
         for d, ds in zip(self.drives, rec.drives, strict=True):
             if d is not None and ds is not None:
-                d.heads, d.spt, d.multi_count = ds.heads, ds.spt, ds.multi_count
-                d.write_cache, d.status, d.error = ds.write_cache, ds.status, ds.error
+                ds.put(d)
         self.irq.set(self.irq_pending and not self.devctl & CTL_NIEN)
 
     # --- helpers --------------------------------------------------------------------

@@ -116,24 +116,16 @@ class I8042(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return I8042State(
-                ctr=self.ctr, outport=self.outport, status=self.status,
-                pending_cmd=self.pending_cmd, kbd_pending=self.kbd_pending,
-                kbd_enabled=self.kbd_enabled, scancode_set=self.scancode_set,
-                out=bytes(self.out), kbd=bytes(self.kbd), obf_byte=self.obf_byte,
-            ).to_dict()  # fmt: skip
+            return I8042State.of(self, out=bytes(self.out), kbd=bytes(self.kbd)).to_dict()
 
     def check_state(self, state: Any) -> I8042State:
         return I8042State.from_dict(state)
 
     def apply_state(self, rec: I8042State) -> None:
         with self._lock:
-            self.ctr, self.outport, self.status = rec.ctr, rec.outport, rec.status
-            self.pending_cmd, self.kbd_pending = rec.pending_cmd, rec.kbd_pending
-            self.kbd_enabled, self.scancode_set = rec.kbd_enabled, rec.scancode_set
+            rec.put(self, "out", "kbd")
             self.out = collections.deque(rec.out)
             self.kbd = collections.deque(rec.kbd)
-            self.obf_byte = rec.obf_byte
             self._update()
 
     @property

@@ -91,12 +91,8 @@ class IoApic(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return IoApicState(
-                id=self.id,
-                regsel=self.regsel,
-                redir=tuple(self.redir),
-                levels=tuple(self.levels),
-                irr=self.irr,
+            return IoApicState.of(
+                self, redir=tuple(self.redir), levels=tuple(self.levels)
             ).to_dict()
 
     def check_state(self, state: Any) -> IoApicState:

@@ -197,10 +197,6 @@ class PicChipState(StateRecord):
     ltim: bool = flag()
     elcr: int = uint(8)
 
-    @classmethod
-    def of(cls, chip: Pic8259) -> PicChipState:
-        return cls(**{f.name: getattr(chip, f.name) for f in fields(cls)})
-
 
 @dataclass(frozen=True)
 class PicState(StateRecord):
@@ -251,8 +247,7 @@ class DualPic(Device):
     def apply_state(self, rec: PicState) -> None:
         with self._lock:
             for chip, chip_state in zip(self.chips, rec.chips(), strict=True):
-                for f in fields(PicChipState):
-                    setattr(chip, f.name, getattr(chip_state, f.name))
+                chip_state.put(chip)
             self._update()
 
     # -- the CPU side -------------------------------------------------------------------

@@ -365,21 +365,17 @@ class Uart16550(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return UartState(
-                dll=self.dll, dlm=self.dlm, ier=self.ier, lcr=self.lcr, mcr=self.mcr,
-                lsr=self.lsr, msr=self.msr, scr=self.scr, fcr=self.fcr, rx=bytes(self.rx),
-                thr_ipending=self.thr_ipending, host_input=bytes(self._host_input),
-            ).to_dict()  # fmt: skip
+            return UartState.of(
+                self, rx=bytes(self.rx), host_input=bytes(self._host_input)
+            ).to_dict()
 
     def check_state(self, state: Any) -> UartState:
         return UartState.from_dict(state)
 
     def apply_state(self, rec: UartState) -> None:
         with self._lock:
-            for key in ("dll", "dlm", "ier", "lcr", "mcr", "lsr", "msr", "scr", "fcr"):
-                setattr(self, key, getattr(rec, key))
+            rec.put(self, "rx", "host_input")
             self.rx = collections.deque(rec.rx)
-            self.thr_ipending = rec.thr_ipending
             self._host_input = collections.deque(rec.host_input)
             self._update_irq()
 

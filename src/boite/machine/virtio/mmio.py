@@ -15,15 +15,15 @@ import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from boite.errors import CheckpointError, GuestError
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
 from boite.machine.memory import GuestMemory
 from boite.machine.state import (
+    KeepsNoState,
     Nested,
-    NoState,
     Opaque,
     StateRecord,
     bits,
@@ -112,8 +112,10 @@ def mmio_cmdline(size: int, base: int, irq: int) -> str:
     return f"virtio_mmio.device={sz}@{base:#x}:{irq}"
 
 
-class VirtioBackend:
-    """What a virtio device type supplies. Subclasses serve their queues in `notify`."""
+class VirtioBackend(KeepsNoState):
+    """What a virtio device type supplies. Subclasses serve their queues in `notify`.
+    Its state is a versioned record of its own (none unless it overrides the three state
+    methods), checked with the transport's before anything is restored."""
 
     device_id = 0
     name = "virtio"
@@ -148,17 +150,6 @@ class VirtioBackend:
     def reset(self) -> None:
         """The driver reset the device: forget in-flight state."""
 
-    # State: a versioned record of its own (NoState when the device keeps none), checked
-    # with the transport's before anything is restored.
-    def save_state(self) -> dict[str, Any]:
-        return NoState().to_dict()
-
-    def check_state(self, state: Any) -> StateRecord:
-        return NoState.from_dict(state)
-
-    def apply_state(self, record: Any) -> None:
-        pass
-
     # Helpers for subclasses.
     def used(self, queue: VirtQueue, head: int, written: int) -> None:
         queue.push(head, written)
@@ -174,10 +165,6 @@ class VirtioMmioState(StateRecord):
     (checked by the backend: `VirtioMmio.check_state`)."""
 
     VERSION = 1
-    REGISTERS: ClassVar[tuple[str, ...]] = (
-        "status device_features_sel driver_features_sel driver_features features queue_sel "
-        "interrupt_status config_generation broken"
-    ).split()
     status: int = uint(8)
     device_features_sel: int = uint(32)
     driver_features_sel: int = uint(32)
@@ -271,8 +258,8 @@ class VirtioMmio(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self.lock:
-            return VirtioMmioState(
-                **{k: getattr(self, k) for k in VirtioMmioState.REGISTERS},
+            return VirtioMmioState.of(
+                self,
                 queues=tuple(q.save_state() for q in self.queues),
                 backend=self.backend.save_state(),
             ).to_dict()
@@ -308,8 +295,7 @@ class VirtioMmio(Device):
 
     def apply_state(self, rec: VirtioMmioState) -> None:
         with self.lock:
-            for key in VirtioMmioState.REGISTERS:
-                setattr(self, key, getattr(rec, key))
+            rec.put(self, "queues", "backend")
             for q, qs in zip(self.queues, rec.queues, strict=True):
                 q.apply_state(qs)
             self.backend.apply_state(rec.backend)

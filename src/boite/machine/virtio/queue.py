@@ -8,7 +8,7 @@ the transport then marks the device DEVICE_NEEDS_RESET and stops serving it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from boite.errors import CheckpointError, GuestError
 from boite.machine.memory import GuestMemory
@@ -151,19 +151,7 @@ class VirtQueue:
 
     # --- state -------------------------------------------------------------------
     def save_state(self) -> VirtQueueState:
-        return VirtQueueState(
-            size=self.size,
-            ready=self.ready,
-            desc_addr=self.desc_addr,
-            avail_addr=self.avail_addr,
-            used_addr=self.used_addr,
-            last_avail_idx=self.last_avail_idx,
-            used_idx=self.used_idx,
-            signalled_used=self.signalled_used,
-            signalled_valid=self.signalled_valid,
-            event_idx=self.event_idx,
-            indirect=self.indirect,
-        )
+        return VirtQueueState.of(self)
 
     def check_state(self, rec: VirtQueueState) -> None:
         """A live queue's layout must be one `validate()` accepts in this guest's RAM."""
@@ -173,8 +161,7 @@ class VirtQueue:
                 raise CheckpointError(problem)
 
     def apply_state(self, rec: VirtQueueState) -> None:
-        for f in fields(VirtQueueState):
-            setattr(self, f.name, getattr(rec, f.name))
+        rec.put(self)
         self._inflight = {}
 
     # --- enabling ------------------------------------------------------------------
