@@ -1194,6 +1194,8 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
     register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
     VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
     their own state)."""
+    from boite.accel.kvm import abi
+
     if accel_name != "emu":
         return []
     problems = []
@@ -1203,6 +1205,13 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
         wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
         if wide:
             problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+        # It runs vCPU 0 only: the others must be waiting for INIT/SIPI (as its
+        # load_cpu_state checks too late for a restore that must be all or nothing).
+        parked = (st.extra.get("emu") or {}).get("parked") or st.extra.get("kvm_mp_state") in (
+            abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED,
+        )  # fmt: skip
+        if n and not parked:
+            problems.append(f"vCPU {n} was running, and the emulator runs only vCPU 0")
     return problems
 
 

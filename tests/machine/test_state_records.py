@@ -647,3 +647,15 @@ def test_cli_resume_and_revert_of_damaged_states_fail_in_one_line(tmp_path) -> N
     assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
     assert "spin-Snapshot1.vmsn" in err, err
     assert box_files(box.dir) == before
+
+
+def test_the_emulator_refuses_a_running_second_vcpu_before_anything_changes() -> None:
+    from boite.accel.cpustate import CpuState
+    from boite.snapshot import unportable_state
+
+    parked = CpuState(extra={"kvm_mp_state": 1})
+    assert unportable_state([CpuState(), parked], "emu") == []
+    assert unportable_state([CpuState(), CpuState()], "emu") == [
+        "vCPU 1 was running, and the emulator runs only vCPU 0"
+    ]
+    assert unportable_state([CpuState(), CpuState()], "kvm") == []
