@@ -121,8 +121,10 @@ class Data(Check):
     def check(self, value: Any, path: str) -> bytes:
         if type(value) is not str:
             raise self.fail(path, f"{_show(value)} is not a hex string")
-        if len(value) % 2 or len(value) > 2 * self.max_len or not _HEX.fullmatch(value):
-            raise self.fail(path, f"{_show(value)} is not hex for at most {self.max_len} bytes")
+        if len(value) > 2 * self.max_len:
+            raise self.fail(path, f"{len(value) // 2} bytes, at most {self.max_len}")
+        if len(value) % 2 or not _HEX.fullmatch(value):
+            raise self.fail(path, f"{_show(value)} is not bytes in lowercase hex")
         if self.exact is not None and len(value) != 2 * self.exact:
             raise self.fail(path, f"{len(value) // 2} bytes, expected {self.exact}")
         return bytes.fromhex(value)
