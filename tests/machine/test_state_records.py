@@ -46,6 +46,7 @@ from boite.machine.machine import Machine
 from boite.machine.virtio.attach import DevicePlan, DiskPlan, NicPlan, attach_devices
 from boite.machine.virtio.fuzz import SocketWire
 from boite.machine.virtio.guestdriver import BlkDriver, GuestAllocator, VirtioMmioDriver
+from boite.machine.virtio.mmio import VirtioBackend, VirtioMmio
 from boite.snapshot import restore_machine
 from guests.build import assemble
 from guests.runner import MODES
@@ -185,17 +186,22 @@ def host_traffic(m: Machine) -> None:
 # -- the pattern holds for every device ------------------------------------------------------
 
 
-def device_classes() -> set[type[Device]]:
+def subclasses_in_machine(base: type) -> set[type]:
+    """Every subclass of `base` defined under boite.machine (all its modules imported)."""
     for info in pkgutil.walk_packages(machine_package.__path__, "boite.machine."):
         importlib.import_module(info.name)
-    found: set[type[Device]] = set()
-    todo: list[type[Device]] = [Device]
+    found: set[type] = set()
+    todo = [base]
     while todo:
         for sub in todo.pop().__subclasses__():
             if sub.__module__.startswith("boite.machine.") and sub not in found:
                 found.add(sub)
                 todo.append(sub)
-    return found - {StatelessDevice}
+    return found
+
+
+def device_classes() -> set[type[Device]]:
+    return subclasses_in_machine(Device) - {StatelessDevice}
 
 
 def test_every_device_class_saves_a_checked_record() -> None:
@@ -210,11 +216,28 @@ def test_every_device_class_saves_a_checked_record() -> None:
             )
 
 
+def test_every_virtio_backend_with_state_saves_a_checked_record() -> None:
+    """A backend's record is checked by the transport through check_state/apply_state;
+    one that only overrides save_state/load_state would save what no restore accepts."""
+    for cls in subclasses_in_machine(VirtioBackend):
+        own = {
+            m for m in ("save_state", "load_state", "check_state", "apply_state") if m in vars(cls)
+        }
+        if own:
+            assert own >= {"save_state", "check_state", "apply_state"}, (
+                f"{cls.__module__}.{cls.__name__} overrides {sorted(own)}: a backend with state "
+                "needs save_state, check_state and apply_state (docs/architecture.md, "
+                "'Device state')"
+            )
+
+
 def test_the_machine_has_every_kind_of_device(pc) -> None:
     m = pc().machine
     on_buses = [d for bus in (m.pio, m.mmio) for _, _, d in bus.devices()]
     kinds = {type(d) for d in [*m.devices.values(), *on_buses]}
-    missing = {c for c in device_classes() if c not in kinds}
+    kinds |= {type(d.backend) for d in m.devices.values() if isinstance(d, VirtioMmio)}
+    wanted = device_classes() | subclasses_in_machine(VirtioBackend)
+    missing = {c for c in wanted if c not in kinds}
     assert not missing, f"add {sorted(c.__name__ for c in missing)} to PcWithEverything"
     # A device with state that the machine does not list would not be saved at all.
     saved = [id(d) for d in m.devices.values()]
