@@ -48,6 +48,7 @@ from boite.machine.virtio.fuzz import SocketWire
 from boite.machine.virtio.guestdriver import BlkDriver, GuestAllocator, VirtioMmioDriver
 from boite.machine.virtio.mmio import VirtioBackend, VirtioMmio
 from boite.snapshot import restore_machine
+from conftest import requires_kvm
 from guests.build import assemble
 from guests.runner import MODES
 
@@ -688,3 +689,29 @@ def test_the_emulator_refuses_a_running_second_vcpu_before_anything_changes() ->
         "vCPU 1 was running, and the emulator runs only vCPU 0"
     ]
     assert unportable_state([CpuState(), CpuState()], "kvm") == []
+
+
+@requires_kvm
+def test_a_kvm_state_with_every_blob_reads_back_checked(tmp_path) -> None:
+    """What KVM saves with its in-kernel irqchip (XSAVE, LAPIC, events, PIC/IOAPIC, PIT,
+    clock) passes the checks, through a checkpoint file."""
+    from boite.accel.cpustate import CpuState
+    from boite.accel.kvm import KvmAccelerator
+    from guests.runner import build_guest_machine
+
+    machine, _, _ = build_guest_machine("count32", "flat32", LIMIT=10)
+    accel = KvmAccelerator(irqchip=True)
+    try:
+        accel.create(machine)
+        saved = accel.save_cpu_state()
+    finally:
+        accel.close()
+    extra = CpuState.from_dict(saved[0]).extra
+    assert {"kvm_xsave", "kvm_lapic", "kvm_vcpu_events", "kvm_mp_state"} <= set(extra)
+    assert len(extra["kvm_vm"]["kvm_irqchip"]) == 3 and extra["kvm_vm"]["kvm_pit2"]
+    vmsn = tmp_path / "k.vmsn"
+    write_checkpoint(vmsn, vmsn.with_suffix(".vmem"), saved, machine.memory, {})
+    back = read_checkpoint(vmsn)
+    back.memory.close()
+    machine.memory.close()
+    assert [s.to_dict() for s in back.cpu_states] == saved
