@@ -2,11 +2,10 @@
 interrupt and exception delivery, and the run loops (plain interpreter and block cache).
 
 What CPUID reports (see `Cpu.cpuid`): vendor "GenuineIntel", family 6 model 1 (a
-Pentium-Pro-class IA-32 CPU) with TSC, CX8, CMOV, PSE, MSR, CPUID and *no* x87 FPU: the
-guest kit's i386 kernel is built for a 486SX with CONFIG_MATH_EMULATION, so Linux sets
-CR0.EM and the x87 escape opcodes trap with #NM into the kernel's own math emulator.
-With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FNSTSW
-leave memory alone, so the usual probe finds no FPU).
+Pentium-Pro-class IA-32 CPU) with TSC, CX8, CMOV, PSE, MSR, CPUID, and the x87 FPU and
+SIMD features that fpu.py/sse.py implement (`FPU_CPUID_EDX`, one place). The x87 is
+exact 80-bit arithmetic (softfloat.py); CR0.EM/TS/MP give #NM as the SDM says, so a
+kernel with math emulation (CR0.EM) still traps every escape into it.
 
 Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exceptions
 to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from boite.accel.emu.fpu import FPU_CPUID_EBX, FPU_CPUID_EDX
 from boite.errors import GuestError
 
 M8, M16, M32 = 0xFF, 0xFFFF, 0xFFFFFFFF
@@ -53,6 +53,7 @@ _p32 = struct.Struct("<I").pack_into
 DE, DB, NMI, BP, OF_VEC, BR, UD, NM, DF_VEC, TS, NP, SS_VEC, GP, PF_VEC = (
     0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14,
 )  # fmt: skip
+MF, AC_VEC, XM = 16, 17, 19
 CONTRIBUTORY = frozenset((DE, TS, NP, SS_VEC, GP))
 HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 
@@ -228,7 +229,11 @@ class Cpu:
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
         from boite.accel.emu.decode import Decoder
+        from boite.accel.emu.fpu import FpuState
 
+        self.fpu = FpuState()
+        # FERR# of the PC's legacy x87 error path (CR0.NE=0): raises IRQ 13 at the PIC.
+        self.ferr_irq: Callable[[bool], None] | None = None
         self.decoder = Decoder(self)
         self.seg_checks_all()
         self.tlb_switch()
@@ -1321,8 +1326,41 @@ class Cpu:
     def port_out(self, port: int, size: int, value: int) -> None:
         if self.bp_io:
             self._watch_io(port, size)
+        if port == 0xF0:
+            self._port_f0()
         if self.pio is not None:
             self.pio.write(port, size, value)
+
+    # ------------------------------------------------------------------ x87 errors
+    def fpu_error(self) -> None:
+        """A waiting x87 instruction found an unmasked exception pending (SDM vol. 1,
+        8.7 and appendix D): #MF with CR0.NE; else the PC's legacy path: FERR# raises
+        IRQ 13 and the CPU waits at this instruction for the interrupt, unless IGNNE#
+        (a write to port 0xF0 by the IRQ 13 handler) tells it to go on."""
+        if self.cr0 & 0x20:
+            raise CpuFault(MF)
+        f = self.fpu
+        if f.ignne:
+            return
+        if not f.ferr:
+            f.ferr = True
+            if self.ferr_irq is not None:
+                self.ferr_irq(True)
+        raise CpuHalt()  # EIP still at the instruction: it runs again after the interrupt
+
+    def fpu_ferr_update(self) -> None:
+        """FERR# (and with it IGNNE#) goes away once the status word's ES is clear."""
+        f = self.fpu
+        if f.ferr and not f.sw & 0x80:
+            f.ferr = f.ignne = False
+
+    def _port_f0(self) -> None:
+        """Port 0xF0 (PC chipset): clear the IRQ 13 latch, assert IGNNE# while FERR# is."""
+        f = self.fpu
+        if self.ferr_irq is not None:
+            self.ferr_irq(False)
+        if f.ferr:
+            f.ignne = True
 
     # ------------------------------------------------------------------ system
     def cpuid(self) -> None:
@@ -1331,12 +1369,13 @@ class Cpu:
         if leaf == 0:
             r[0], r[3], r[2], r[1] = 1, 0x756E6547, 0x49656E69, 0x6C65746E  # GenuineIntel
         elif leaf == 1:
-            # Family 6 model 1 stepping 9. EDX: DE(2) PSE(3) TSC(4) MSR(5) CX8(8) CMOV(15);
-            # bit 0 (FPU) clear: no x87, the kernel's math emulator takes #NM. ECX: RDRAND
-            # (30), backed by os.urandom, so a guest seeds its RNG without waiting for
-            # interrupt timing (slow on an emulated CPU).
-            r[0], r[3], r[1] = 0x619, 0, 1 << 30
+            # Family 6 model 1 stepping 9. EDX: DE(2) PSE(3) TSC(4) MSR(5) CX8(8) CMOV(15),
+            # plus the FPU/MMX/SSE bits of what fpu.py/sse.py implement (FPU_CPUID_EDX,
+            # with CLFLUSH's line size in EBX). ECX: RDRAND (30), backed by os.urandom, so
+            # a guest seeds its RNG without waiting for interrupt timing.
+            r[0], r[3], r[1] = 0x619, FPU_CPUID_EBX, 1 << 30
             r[2] = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 15)
+            r[2] |= FPU_CPUID_EDX
         else:
             r[0] = r[1] = r[2] = r[3] = 0
 
@@ -1380,7 +1419,7 @@ class Cpu:
             self.cr3 = v
             self.tlb_flush()
         elif n == 4:
-            if v & ~0x1FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE
+            if v & ~0x7FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
                 raise CpuFault(GP, 0)
             if v & 0x20:
                 raise GuestError("CR4.PAE set: PAE paging is not emulated (CPUID says no PAE)")
@@ -1404,6 +1443,7 @@ class Cpu:
         self.lop = OP_NONE
         self.cr0, self.cr2, self.cr3, self.cr4 = 0x60000010, 0, 0, 0
         self.cpl = 0
+        self.fpu.reset()
         self.seg_checks_all()
         self.halted = False
         self.paging_changed()

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from boite.accel.emu import decode_x87
 from boite.accel.emu.cpu import (
     AF,
     ARITH,
@@ -33,7 +34,6 @@ from boite.accel.emu.cpu import (
     IOPL,
     M16,
     M32,
-    NM,
     NP,
     OF,
     OP_ADD,
@@ -2073,9 +2073,6 @@ class Decoder:
                 r[0] = (r[0] & 0xFFFFFF00) | c.rd8(xlat_lin((r[3] + (r[0] & 0xFF)) & am))
             elif b == 0xD6:
                 r[0] = (r[0] & 0xFFFFFF00) | (0xFF if c.get_cf() else 0)
-            elif b == 0x9B:
-                if c.cr0 & 0xA == 0xA:  # MP and TS
-                    raise CpuFault(NM)
             c.eip = nxt
 
         return misc
@@ -2248,17 +2245,11 @@ class Decoder:
         return imul3
 
     def _fpu(self, x: Ctx, b: int) -> Fn:
-        """x87 escapes: #NM with CR0.EM or CR0.TS, else a board without a coprocessor."""
-        c = self.c
-        mod, reg, rm, ea = self.modrm(x)
-        nxt = self.nxt(x)
+        """x87 escapes D8-DF: decode_x87.py."""
+        return decode_x87.x87(self, x, b)
 
-        def fpu() -> None:
-            if c.cr0 & 0xC:
-                raise CpuFault(NM)
-            c.eip = nxt
-
-        return fpu
+    def _fwait(self, x: Ctx, b: int) -> Fn:
+        return decode_x87.fwait(self.c, self.nxt(x))
 
     def _ud(self, x: Ctx, b: int) -> Fn:
         x.end = True
@@ -2820,7 +2811,7 @@ class Decoder:
         o[0x8F] = self._pop_rm
         for b in range(0x90, 0x98):
             o[b] = self._xchg_ax
-        for b in (0x98, 0x99, 0x9B, 0x9E, 0x9F, 0xD6, 0xD7):
+        for b in (0x98, 0x99, 0x9E, 0x9F, 0xD6, 0xD7):
             o[b] = self._misc1
         o[0x9A] = o[0xEA] = self._far_ptr
         o[0x9C] = o[0x9D] = self._pushf
@@ -2847,6 +2838,7 @@ class Decoder:
         o[0xE8] = self._call
         o[0xE9] = o[0xEB] = self._jmp
         o[0xF4] = self._hlt
+        o[0x9B] = self._fwait
         o[0xF6] = o[0xF7] = self._grp3
         for b in (0xF5, 0xF8, 0xF9, 0xFA, 0xFB, 0xFC, 0xFD):
             o[b] = self._flagop
