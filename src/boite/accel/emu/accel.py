@@ -18,19 +18,8 @@ from typing import Any
 
 from boite.accel.base import Accelerator, RunResult, StopReason
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
-from boite.accel.emu.cpu import (
-    CS,
-    DS,
-    ES,
-    FS,
-    GS,
-    HOT_BLOCK,
-    IF,
-    SS,
-    Cpu,
-    CpuFault,
-    TripleFault,
-)
+from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFault
+from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 

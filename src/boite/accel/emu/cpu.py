@@ -25,37 +25,67 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from boite.accel.emu.arch import (
+    AC,
+    AF,
+    ARITH,
+    BP,
+    CF,
+    CONTRIBUTORY,
+    CS,
+    DB,
+    DF_VEC,
+    DS,
+    ES,
+    FLAT_SEGS_MASK,
+    FS,
+    GP,
+    GS,
+    HAS_ERROR_CODE,
+    IF,
+    IOPL,
+    M16,
+    M32,
+    MF,
+    NP,
+    NT,
+    OF,
+    OF_VEC,
+    OP_ADD,
+    OP_DEC,
+    OP_INC,
+    OP_LOGIC,
+    OP_NONE,
+    OP_SUB,
+    PARITY,
+    PF,
+    PF_VEC,
+    RF,
+    SEG_BIG,
+    SEGCHK,
+    SF,
+    SS,
+    SS_VEC,
+    STACK16,
+    TF,
+    TS,
+    UD,
+    VM,
+    VM86_SEG_ATTR,
+    ZF,
+    CpuFault,
+    CpuHalt,
+    CpuStop,
+    TripleFault,
+    override_flat_bits,
+)
 from boite.accel.emu.fpu import FPU_CPUID_EBX, FPU_CPUID_EDX
 from boite.errors import GuestError
-
-M8, M16, M32 = 0xFF, 0xFFFF, 0xFFFFFFFF
-
-# Segment register numbers, in the order the ModRM reg field names them.
-ES, CS, SS, DS, FS, GS = range(6)
-SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
-
-# EFLAGS bits.
-CF, PF, AF, ZF, SF, TF, IF, DF, OF = 1, 4, 0x10, 0x40, 0x80, 0x100, 0x200, 0x400, 0x800
-IOPL, NT, RF, VM, AC, ID = 0x3000, 0x4000, 0x10000, 0x20000, 0x40000, 0x200000
-ARITH = CF | PF | AF | ZF | SF | OF
-
-# Lazy flag operations: the flags of the last arithmetic result are computed on demand.
-OP_NONE, OP_ADD, OP_SUB, OP_LOGIC, OP_INC, OP_DEC = range(6)
-
-PARITY = bytes(4 if bin(i).count("1") % 2 == 0 else 0 for i in range(256))
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
 _p16 = struct.Struct("<H").pack_into
 _p32 = struct.Struct("<I").pack_into
-
-# Exception vectors.
-DE, DB, NMI, BP, OF_VEC, BR, UD, NM, DF_VEC, TS, NP, SS_VEC, GP, PF_VEC = (
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14,
-)  # fmt: skip
-MF, AC_VEC, XM = 16, 17, 19
-CONTRIBUTORY = frozenset((DE, TS, NP, SS_VEC, GP))
-HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 
 # Executions before a block is compiled to one Python function. compile() costs about
 # 0.5 ms a block, as much as running a typical block through its closures a few hundred
@@ -71,23 +101,6 @@ MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
     0x10, 0x1B, 0x174, 0x175, 0x176,
 )  # fmt: skip
 KNOWN_MSRS = frozenset((MSR_TSC, MSR_APIC_BASE, 0x8B, 0x17, 0x2A))  # + writes kept in msrs
-
-# Segment checks on access (Intel SDM vol. 3, 5.3 and 5.4). Each segment register has an
-# offset range [slo, srhi] for reads and [slo, swhi] for writes, computed whenever its
-# hidden cache changes; an access of n bytes at offset o is good when o >= slo and
-# o + n - 1 <= the high end. An unreadable/unwritable/null segment has a high end of -1.
-# A 4 GiB expand-up segment gets SEG_BIG, so offsets that wrap past 4 GiB do not fault.
-SEG_BIG = 1 << 33
-# mode_key bit: ES, SS or DS is not flat (4 GiB, expand-up, present, writable data), so
-# decode.py emits closures that check every access through them and the block compiler
-# inlines nothing. Accesses through CS, FS and GS (prefixed) are always checked at run time.
-SEGCHK = 8
-_FLAT_SEGS_MASK = (1 << ES) | (1 << SS) | (1 << DS)
-_OVERRIDE_SEGS_MASK = (1 << CS) | (1 << FS) | (1 << GS)
-STACK16 = 64  # mode_key bit: SS is a 16-bit stack segment
-# Virtual-8086 mode segments: present, DPL 3, read/write data (as VMX loads them), with
-# real-mode bases and 64 KiB limits.
-VM86_SEG_ATTR = 0xF3
 
 
 class _TssLayout(NamedTuple):
@@ -105,34 +118,6 @@ class _TssLayout(NamedTuple):
 
 _TSS32 = _TssLayout(eip=0x20, flags=0x24, regs=0x28, sels=0x48, nsels=6, ldt=0x60, size=4)
 _TSS16 = _TssLayout(eip=0x0E, flags=0x10, regs=0x12, sels=0x22, nsels=4, ldt=0x2A, size=2)
-
-
-def override_flat_bits(segs: int) -> int:
-    """The mode_key bits that say "not flat" for the override segments (CS, FS, GS)
-    among `segs` (bit i = segment i): what inlined overrides depend on."""
-    return (segs & _OVERRIDE_SEGS_MASK) << 4
-
-
-class CpuFault(Exception):
-    """An architectural exception raised while executing an instruction."""
-
-    __slots__ = ("vector", "error")
-
-    def __init__(self, vector: int, error: int | None = None) -> None:
-        self.vector = vector
-        self.error = error
-
-
-class TripleFault(Exception):
-    pass
-
-
-class CpuHalt(Exception):
-    """HLT executed: the run loop waits for an interrupt."""
-
-
-class CpuStop(Exception):
-    """Leave the run loop at an instruction boundary (I/O asked for power-off, pause)."""
 
 
 class Cpu:
@@ -791,7 +776,7 @@ class Cpu:
         # accesses through those overrides only while the segment is flat.
         # And so is a 16-bit SS: compiled blocks push and pop inline only on a 32-bit one.
         self.seg_key = (
-            (SEGCHK if self.seg_nonflat & _FLAT_SEGS_MASK else 0)
+            (SEGCHK if self.seg_nonflat & FLAT_SEGS_MASK else 0)
             | override_flat_bits(self.seg_nonflat)
             | (0 if self.ss32 else STACK16)
         )

@@ -1,4 +1,4 @@
-"""Decode of the x87 escape opcodes D8-DF (and WAIT) into closures over `fpu.FpuState`.
+"""x87 escapes D8-DF and WAIT (`FpuOps`): closures over `fpu.FpuState`.
 
 Each closure checks CR0.EM/TS (#NM), then, for a waiting instruction, an unmasked
 exception left pending by an earlier one (`Cpu.fpu_error`: #MF with CR0.NE, else FERR#
@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from boite.accel.emu import fpu as F
-from boite.accel.emu.cpu import AF, CF, CS, DS, NM, OF, OP_NONE, PF, SF, SS, UD, ZF, CpuFault
+from boite.accel.emu.arch import AF, CF, CS, DS, NM, OF, OP_NONE, PF, SF, SS, UD, ZF, CpuFault
 
 if TYPE_CHECKING:
-    from boite.accel.emu.decode import Ctx, Decoder
+    from boite.accel.emu.decode import Decoder
+    from boite.accel.emu.decode.core import Ctx
 
 Fn = Callable[[], None]
 
@@ -405,3 +406,13 @@ def fwait(c, nxt: int) -> Fn:
         c.eip = nxt
 
     return wait
+
+
+class FpuOps:
+    """Decoder mixin: the x87 rows of the opcode table."""
+
+    def _fpu(self, x: Ctx, b: int) -> Fn:
+        return x87(self, x, b)  # type: ignore[arg-type]
+
+    def _fwait(self, x: Ctx, b: int) -> Fn:
+        return fwait(self.c, self.nxt(x))  # type: ignore[attr-defined]
