@@ -29,6 +29,7 @@ SAVE = 0x100  # FNSAVE image (108 bytes) / FXSAVE image at 0x200 (512, aligned)
 FXS = 0x200
 FLAGS = 0x1C0
 EAX = 0x1C8
+FLAGS_IN = 0x1D0
 XMM_IN = 0x400  # 8 x 16 bytes loaded into XMM0-7 before the instruction
 MXCSR_IN = 0x480
 
@@ -93,7 +94,9 @@ def _frame(op: bytes, host: bool, sse: bool) -> bytes:
             pro += (
                 b"\xf3\x0f\x6f" + bytes([0x83 | (i << 3)]) + (XMM_IN + 16 * i).to_bytes(4, "little")
             )
-    pro += b"\x31\xc0"  # xor eax, eax (known arithmetic flags: ZF PF)
+    # random arithmetic flags (FCMOVcc reads them, FCOMI writes them): mov eax,
+    # [ebx+FLAGS_IN]; push eax; popf; mov eax, 0
+    pro += b"\x8b\x83" + FLAGS_IN.to_bytes(4, "little") + b"\x50\x9d\xb8" + bytes(4)
     epi = b"\x89\x83" + EAX.to_bytes(4, "little")  # mov [ebx+EAX], eax
     if sse:
         epi += b"\x0f\xae\x83" + FXS.to_bytes(4, "little")  # fxsave [ebx+FXS]
@@ -268,6 +271,9 @@ class Form:
     mem: str = ""  # m32 m64 m80 i16 i32 i64 bcd ("" = none)
     stack: int = 2  # how many ST registers hold values (others empty)
     tolerance_ulps: int = 0  # transcendental: the SDM promises < 1 ulp, not exactness
+    flags_random: bool = False  # (EFLAGS are always random; kept for the form's intent)
+    mem_compare: int = 0x80  # bytes of the memory operand compared (FIP/FDP differ)
+    mem_tail: tuple[int, int] | None = None  # and this range of it
     st0_max_lead: int | None = None  # ST(0) below 2**this (the SDM's domain), specials kept
 
 
@@ -299,9 +305,15 @@ def make_ctx(r: random.Random, form: Form) -> bytes:
         if 0 < e < 0x7FFF and e - 16383 >= form.st0_max_lead:
             v = (v & ~(0x7FFF << 64)) | ((16383 + form.st0_max_lead - 1 - r.randrange(8)) << 64)
             ctx[28:38] = v.to_bytes(10, "little")
-    if form.mem:
+    if form.mem == "env":
+        m = rand_state(r, 0, rand_cw(r, 0.5))[:28]
+        ctx[MEM : MEM + 28] = m
+    elif form.mem == "save":
+        ctx[MEM : MEM + 108] = rand_state(r, r.randrange(9), rand_cw(r, 0.5))
+    elif form.mem:
         m = rand_mem(r, form.mem)
         ctx[MEM : MEM + len(m)] = m
+    ctx[FLAGS_IN : FLAGS_IN + 4] = ((r.getrandbits(12) & 0x8D5) | 2).to_bytes(4, "little")
     return bytes(ctx)
 
 
@@ -345,8 +357,12 @@ def compare(
         hs, es = _ext_of(h[SAVE + 4 : SAVE + 6]), _ext_of(e[SAVE + 4 : SAVE + 6])
         if (hs ^ es) & ~0x200 == 0:
             diffs.pop(0)
-    if h[MEM:SAVE] != e[MEM:SAVE]:
-        diffs.append(f"mem host {h[MEM : MEM + 16].hex()} emu {e[MEM : MEM + 16].hex()}")
+    n = form.mem_compare
+    tail = form.mem_tail
+    if h[MEM : MEM + n] != e[MEM : MEM + n] or (
+        tail and h[MEM + tail[0] : MEM + tail[1]] != e[MEM + tail[0] : MEM + tail[1]]
+    ):
+        diffs.append(f"mem host {h[MEM : MEM + 28].hex()} emu {e[MEM : MEM + 28].hex()}")
     if (_ext_of(h[FLAGS : FLAGS + 4]) ^ _ext_of(e[FLAGS : FLAGS + 4])) & 0x8D5:
         diffs.append(
             f"eflags host {_ext_of(h[FLAGS : FLAGS + 4]):#x} emu {_ext_of(e[FLAGS : FLAGS + 4]):#x}"

@@ -66,15 +66,30 @@ FPU_CPUID_EBX = 0
 MXCSR_MASK = 0xFFFF  # DAZ supported (FXSAVE's MXCSR_MASK field)
 MXCSR_DEFAULT = 0x1F80
 
-# Constants held with 66 significant bits, rounded by RC when loaded (SDM vol. 1, 8.3.8):
-# (66-bit significand, exponent of its leading bit).
-_CONSTS = {
-    "l2t": (0x35269E12F346E2BF9 >> 2, 1),  # log2(10)
-    "l2e": (0x2E2A8ECA5705FC2EE >> 2, 0),  # log2(e)
-    "pi": (sf.PI66, 1),
-    "lg2": (0x268826A13EF3FDE62 >> 2, -2),  # log10(2)
-    "ln2": (0x2C5C85FDF473DE6AF >> 2, -1),  # ln(2)
-}
+
+# Constants, rounded by RC when loaded (SDM vol. 1, 8.3.8). The SDM speaks of 66-bit
+# internal values, but FLDLG2 rounds as the exact log10(2) does (its 66-bit value ends
+# in a tie that the hardware breaks upwards): {name: (128-bit significand, lsb exponent)}.
+def _const66(v: int, f: int) -> tuple[int, int]:
+    """v / 2**f truncated to 128 significant bits (an irrational value: sticky below)."""
+    sh = v.bit_length() - 128
+    return v >> sh, sh - f
+
+
+def _constants() -> dict[str, tuple[int, int]]:
+    f = 300
+    ln2 = sf.fix(sf.LN2_FIXED, 512, f)
+    l2t = (3 << f) + sf.log2_fixed_1p(1 << (f - 2), f)  # log2(10) = 3 + log2(1.25)
+    return {
+        "l2t": _const66(l2t, f),
+        "l2e": _const66((1 << (2 * f)) // ln2, f),  # log2(e) = 1 / ln 2
+        "pi": _const66(sf.PI_FIXED, 512),
+        "lg2": _const66((1 << (2 * f)) // l2t, f),  # log10(2) = 1 / log2(10)
+        "ln2": _const66(ln2, f),
+    }
+
+
+_CONSTS = _constants()
 
 
 class FpuState:
@@ -262,7 +277,7 @@ class FpuState:
             if load_flags & IE:
                 flags |= IE
                 v = ext_propagate(x, y & ~sf.QUIET)  # the source was signalling
-            elif ext_class(x) not in (QNAN, SNAN, UNSUPPORTED):
+            elif ext_class(x) not in (QNAN, SNAN, UNSUPPORTED) and not flags & ZE:
                 flags |= load_flags & DE  # the source was a denormal single/double
         self._result(flags, 0, v)
 
@@ -283,6 +298,8 @@ class FpuState:
             rel, flags = 3, self._stack_underflow()
         else:
             rel, flags = compare(self.st(0), y, quiet)
+            if ext_class(self.st(0)) in (QNAN, SNAN, UNSUPPORTED):
+                load_flags &= ~DE  # a NaN compare does not look at the other operand
             flags |= load_flags
             if load_flags & IE:
                 rel = 3
@@ -340,9 +357,9 @@ class FpuState:
         elif name == "zero":
             v = 0
         else:
-            m, lead = _CONSTS[name]
-            # rounded from 66 bits by RC, never flagged inexact (SDM: "rounded, no #P")
-            v, _ = round_pack(EXT, 0, m, lead - 65, self.rc, masks=0x3F)
+            m, e = _CONSTS[name]
+            # rounded from 66 bits by RC, never flagged inexact
+            v, _ = round_pack(EXT, 0, m, e, self.rc, sticky=True, masks=0x3F)
         self._push_result(0, v)
 
     # ------------------------------------------------------------ stores
@@ -405,6 +422,7 @@ class FpuState:
         self.set_st(0, v & ~SIGN if abs_ else v ^ SIGN)
 
     def ffree(self, i: int, pop: bool) -> None:
+        self.sw &= ~C1
         self.empty |= 1 << self.phys(i)
         if pop:
             self.pop()
@@ -418,10 +436,8 @@ class FpuState:
             flags = self._stack_underflow()
             if self._suppressed(flags):
                 return
-            if cond:
-                self.set_st(0, EXT_INDEFINITE)
+            self.set_st(0, EXT_INDEFINITE)  # whatever the condition
             return
-        self.sw &= ~C1
         if cond:
             self.set_st(0, self.st(i))
 
@@ -923,7 +939,7 @@ def convert_out(x: int, kind: str, rc: int, masks: int) -> tuple[int, int]:
     if c in (UNSUPPORTED, QNAN, SNAN, INF):
         return store_indefinite(kind), IE
     if c == ZERO:
-        return 0, 0
+        return (x >> 79 << 79 if kind == "bcd" else 0), 0  # BCD keeps the sign of -0
     n, _, inexact, inc = round_int(x, rc)
     if kind == "bcd":
         if abs(n) >= 10**18:
@@ -1115,7 +1131,7 @@ def fyl2x(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
         return EXT_INDEFINITE, IE  # checked before the denormal operand
     flags = _denormal(cx, cy)
     if cx == ZERO:
-        if cy in (ZERO, INF):
+        if cy == ZERO:
             return EXT_INDEFINITE, IE
         return ext_inf(sy ^ 1), ZE  # -inf * y, checked before the denormal operand
     if cx == INF:
@@ -1128,7 +1144,7 @@ def fyl2x(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
             return EXT_INDEFINITE, IE | flags
         return ext_inf(sy ^ int(_lead(x) < 0)), flags
     if is_one:
-        return ext_zero(sy ^ int(rc == sf.RD)), flags  # log2(1) = +0, times y
+        return ext_zero(sy), flags  # log2(1) = +0, times y
     if cy == ZERO:
         return ext_zero(sy ^ int(_lead(x) < 0)), flags
     f = _F + 64
@@ -1138,7 +1154,7 @@ def fyl2x(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
     s = sy ^ int(prod < 0)
     v, fl = round_pack(EXT, s, abs(prod), ey - f, rc, sticky=not exact, masks=masks,
                        scale_unmasked=True)  # fmt: skip
-    return v, flags | fl | (0 if exact else PE)
+    return v, flags | fl | PE  # the hardware reports #P even for an exact log2
 
 
 def fyl2xp1(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:

@@ -24,7 +24,7 @@ Fn = Callable[[], None]
 _MEM_KIND = {0xD8: "m32", 0xDA: "i32", 0xDC: "m64", 0xDE: "i16"}
 _SIZE = {"m32": 4, "m64": 8, "m80": 10, "i16": 2, "i32": 4, "i64": 8, "bcd": 10}
 _CONST = {0xE8: "one", 0xE9: "l2t", 0xEA: "l2e", 0xEB: "pi", 0xEC: "lg2", 0xED: "ln2", 0xEE: "zero"}
-_FCMOV_CC = {0xDA: (2, 4, 6, 10), 0xDB: (3, 5, 7, 11)}  # B E BE U / NB NE NBE NU (Jcc codes)
+_FCMOV_CC = (2, 4, 6, 10)  # B E BE U (Jcc codes); DB: the negations
 
 
 def read_bytes(c, lin: int, n: int) -> int:
@@ -324,7 +324,7 @@ def _reg_op(dec: Decoder, b: int, reg: int, rm: int, guard, note, nxt: int):
         act = table.get(op)
         return simple(act) if act is not None else None
     if b in (0xDA, 0xDB) and reg < 4:
-        cc = _FCMOV_CC[b][reg]
+        cc = _FCMOV_CC[reg]
         neg = b == 0xDB
         return simple(lambda f: f.fcmov(c.cond(cc) != neg, i))
     if b == 0xDA:
