@@ -1,0 +1,91 @@
+"""The x87's system side in the emulator: #NM with CR0.EM/TS/MP, #MF with CR0.NE, the
+legacy FERR# -> IRQ 13 path with IGNNE# through port 0xF0, and the FPU state in a
+snapshot (CpuState.fxsave) surviving a round trip."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from boite.accel.cpustate import CpuState
+from boite.accel.emu.accel import cpu_to_state, state_to_cpu
+from boite.accel.emu.cpu import Cpu, CpuFault, CpuHalt
+from fpudiff import CTX, EmuRunner, assemble
+
+pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm")
+
+
+def _run(r: EmuRunner, lines: list[str], cr0: int = 0x33) -> tuple[Cpu, BaseException | None, int]:
+    """Run the instructions one by one; (cpu, what stopped it, index it stopped at)."""
+    cpu = r.cpu
+    cpu.set_cr(0, cr0)
+    cpu.r[3] = CTX
+    codes = assemble(lines)
+    for i, code in enumerate(codes):
+        r.mem.write(0x10000, code + b"\xf4")
+        cpu.flush_blocks()
+        cpu.eip = 0x10000
+        fn, _ = cpu.decoder.decode_one(cpu.eip)
+        try:
+            fn()
+        except (CpuFault, CpuHalt) as e:
+            return cpu, e, i
+    return cpu, None, len(codes)
+
+
+DIV0 = ["fninit", "mov word [ebx], 0x37b", "fldcw [ebx]", "fldz", "fld1", "fdiv st0, st1"]
+
+
+def test_nm_follows_cr0_em_ts_mp() -> None:
+    r = EmuRunner()
+    for cr0, insn, nm in (
+        (0x33 | 8, "fadd st0, st1", True),  # TS
+        (0x37, "fadd st0, st1", True),  # EM
+        (0x31 | 8, "fwait", False),  # TS without MP: WAIT runs
+        (0x33 | 8, "fwait", True),  # TS and MP
+        (0x35, "fwait", False),  # EM alone does not trap WAIT
+    ):
+        _, stop, _ = _run(r, [insn], cr0)
+        assert isinstance(stop, CpuFault) == nm, (hex(cr0), insn)
+        if nm:
+            assert stop.vector == 7
+
+
+def test_unmasked_exception_raises_mf_at_the_next_waiting_instruction() -> None:
+    r = EmuRunner()
+    cpu, stop, i = _run(r, [*DIV0, "fnstsw ax", "fld1"])
+    assert isinstance(stop, CpuFault) and stop.vector == 16 and i == len(DIV0) + 1
+    assert cpu.r[0] & 0x84 == 0x84  # FNSTSW (no wait) saw ES and ZE
+    # FNCLEX clears it: the next waiting instruction runs
+    _, stop, _ = _run(r, ["fnclex", "fld1"])
+    assert stop is None
+
+
+def test_legacy_ferr_raises_irq13_and_ignne_lets_the_instruction_go() -> None:
+    r = EmuRunner()
+    levels: list[bool] = []
+    r.cpu.ferr_irq = levels.append
+    cpu, stop, i = _run(r, [*DIV0, "fwait"], cr0=0x13)  # NE clear
+    assert isinstance(stop, CpuHalt) and i == len(DIV0)  # waits at FWAIT for IRQ 13
+    assert levels == [True] and cpu.fpu.ferr
+    cpu.port_out(0xF0, 1, 0)  # the IRQ 13 handler: clear the latch, IGNNE#
+    assert levels == [True, False] and cpu.fpu.ignne
+    _, stop, _ = _run(r, ["fwait", "fld1"], cr0=0x13)
+    assert stop is None  # IGNNE#: the error is ignored
+    _, stop, _ = _run(r, ["fnclex"], cr0=0x13)
+    assert not cpu.fpu.ferr and not cpu.fpu.ignne
+
+
+def test_fpu_state_survives_a_snapshot() -> None:
+    r = EmuRunner()
+    cpu, stop, _ = _run(r, ["fldpi", "fld1", "fchs", *DIV0[:1], "fldpi", *DIV0[1:]])
+    assert stop is None
+    cpu.fpu.xmm[3] = 0x0123456789ABCDEF_FEDCBA9876543210
+    cpu.fpu.mxcsr = 0x1F80 | 0x3F
+    st = CpuState.from_dict(cpu_to_state(cpu).to_dict())
+    other = EmuRunner().cpu
+    state_to_cpu(st, other)
+    assert other.fpu.fxsave_image() == cpu.fpu.fxsave_image()
+    assert other.fpu.tag_word() == cpu.fpu.tag_word()
+    assert other.fpu.status() == cpu.fpu.status() and other.fpu.pending()
