@@ -277,6 +277,17 @@ class Form:
     st0_max_lead: int | None = None  # ST(0) below 2**this (the SDM's domain), specials kept
 
 
+def rand_simd(r: random.Random) -> bytes:
+    out = bytearray()
+    while len(out) < 16:
+        k = r.randrange(6)
+        if k == 0:
+            out += bytes([r.choice([0, 0xFF, 0x80, 0x7F, 1])] * r.choice([1, 2, 4, 8]))
+        else:
+            out += r.getrandbits(32).to_bytes(4, "little")
+    return bytes(out[:16])
+
+
 def rand_mem(r: random.Random, kind: str) -> bytes:
     if kind == "m32":
         v, n = rand_ieee(r, 32), 4
@@ -314,6 +325,13 @@ def make_ctx(r: random.Random, form: Form) -> bytes:
         m = rand_mem(r, form.mem)
         ctx[MEM : MEM + len(m)] = m
     ctx[FLAGS_IN : FLAGS_IN + 4] = ((r.getrandbits(12) & 0x8D5) | 2).to_bytes(4, "little")
+    for i in range(8):  # XMM0-7 (loaded by the SSE prologue), lanes with edge values
+        ctx[XMM_IN + 16 * i : XMM_IN + 16 * i + 16] = rand_simd(r)
+    if form.mem == "simd":
+        ctx[MEM : MEM + 16] = rand_simd(r)
+    elif form.mem == "mxcsr":
+        ctx[MEM : MEM + 4] = (r.getrandbits(16) & 0xFFFF).to_bytes(4, "little")
+    ctx[MXCSR_IN : MXCSR_IN + 4] = (0x1F80 | (r.randrange(4) << 13)).to_bytes(4, "little")
     return bytes(ctx)
 
 

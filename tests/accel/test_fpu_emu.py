@@ -7,11 +7,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from fpudiff import CTX, EmuRunner, assemble
 
 from boite.accel.cpustate import CpuState
 from boite.accel.emu.accel import cpu_to_state, state_to_cpu
 from boite.accel.emu.cpu import Cpu, CpuFault, CpuHalt
-from fpudiff import CTX, EmuRunner, assemble
 
 pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm")
 

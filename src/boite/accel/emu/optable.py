@@ -382,7 +382,37 @@ for _b in range(0xC8, 0xD0):
     op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap")
 
 
-# ------------------------------------------------------------------ indexes
+# ------------------------------------------------------------------ indexes# MMX and SSE2 integer forms (decode/sse.py, semantics in sse.py): the 66 prefix selects
+# the XMM form; the closures refuse (#UD) the prefixes an opcode does not have.
+_PACKED = {
+    0x60: "PUNPCKLBW", 0x61: "PUNPCKLWD", 0x62: "PUNPCKLDQ", 0x63: "PACKSSWB",
+    0x64: "PCMPGTB", 0x65: "PCMPGTW", 0x66: "PCMPGTD", 0x67: "PACKUSWB", 0x68: "PUNPCKHBW",
+    0x69: "PUNPCKHWD", 0x6A: "PUNPCKHDQ", 0x6B: "PACKSSDW", 0x6C: "PUNPCKLQDQ",
+    0x6D: "PUNPCKHQDQ", 0x74: "PCMPEQB", 0x75: "PCMPEQW", 0x76: "PCMPEQD", 0xD1: "PSRLW",
+    0xD2: "PSRLD", 0xD3: "PSRLQ", 0xD4: "PADDQ", 0xD5: "PMULLW", 0xD8: "PSUBUSB",
+    0xD9: "PSUBUSW", 0xDA: "PMINUB", 0xDB: "PAND", 0xDC: "PADDUSB", 0xDD: "PADDUSW",
+    0xDE: "PMAXUB", 0xDF: "PANDN", 0xE0: "PAVGB", 0xE1: "PSRAW", 0xE2: "PSRAD",
+    0xE3: "PAVGW", 0xE4: "PMULHUW", 0xE5: "PMULHW", 0xE8: "PSUBSB", 0xE9: "PSUBSW",
+    0xEA: "PMINSW", 0xEB: "POR", 0xEC: "PADDSB", 0xED: "PADDSW", 0xEE: "PMAXSW",
+    0xEF: "PXOR", 0xF1: "PSLLW", 0xF2: "PSLLD", 0xF3: "PSLLQ", 0xF4: "PMULUDQ",
+    0xF5: "PMADDWD", 0xF6: "PSADBW", 0xF8: "PSUBB", 0xF9: "PSUBW", 0xFA: "PSUBD",
+    0xFB: "PSUBQ", 0xFC: "PADDB", 0xFD: "PADDW", 0xFE: "PADDD",
+}  # fmt: skip
+for _b, _name in _PACKED.items():
+    op(_b, _name, "Pq,Qq|Vdq,Wdq", map="0F", decode="_packed")
+for _b, _name in ((0x71, "PSxxW"), (0x72, "PSxxD"), (0x73, "PSxxQ/PSxxDQ")):
+    op(_b, _name, "Nq,Ib|Udq,Ib", map="0F", decode="_shift_imm")
+for _b, _name in ((0x6E, "MOVD"), (0x6F, "MOVQ/MOVDQA/MOVDQU"), (0x7E, "MOVD/MOVQ"),
+                  (0x7F, "MOVQ/MOVDQA/MOVDQU"), (0xD6, "MOVQ")):  # fmt: skip
+    op(_b, _name, "simd", map="0F", decode="_movdq")
+op(0x70, "PSHUFW/PSHUFD/PSHUFHW/PSHUFLW", "Pq,Qq,Ib|Vdq,Wdq,Ib", map="0F", decode="_pshuf")
+op(0x77, "EMMS", map="0F", decode="_emms")
+op(0xD7, "PMOVMSKB", "Gd,Nq|Gd,Udq", map="0F", decode="_pmovmskb")
+for _n, _name in enumerate(("FXSAVE", "FXRSTOR", "LDMXCSR", "STMXCSR", None, "LFENCE",
+                            "MFENCE", "SFENCE/CLFLUSH")):  # fmt: skip
+    if _name:
+        op(0xAE, _name, "M|-", map="0F", ext=_n, decode="_grp15")
+
 MAPS = ("", "0F")
 # (map, opcode) -> its rows, in table order.
 BY_OPCODE: dict[tuple[str, int], tuple[Op, ...]] = {}

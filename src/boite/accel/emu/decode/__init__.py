@@ -24,6 +24,7 @@ from boite.accel.emu.decode.branch import BranchOps
 from boite.accel.emu.decode.core import MAX_BLOCK, Block, Ctx, DecoderBase, Fn
 from boite.accel.emu.decode.fpu import FpuOps
 from boite.accel.emu.decode.move import MoveOps
+from boite.accel.emu.decode.sse import SseOps
 from boite.accel.emu.decode.stack import StackOps
 from boite.accel.emu.decode.string import StringOps
 from boite.accel.emu.decode.system import SystemOps
@@ -32,6 +33,6 @@ __all__ = ["MAX_BLOCK", "Block", "Ctx", "Decoder", "Fn"]
 
 
 class Decoder(
-    AluOps, MoveOps, StackOps, BranchOps, StringOps, BitOps, SystemOps, FpuOps, DecoderBase
+    AluOps, MoveOps, StackOps, BranchOps, StringOps, BitOps, SystemOps, FpuOps, SseOps, DecoderBase
 ):
     """The decoder of the emulated CPU: every opcode group the table names."""

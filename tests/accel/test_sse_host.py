@@ -1,0 +1,79 @@
+"""MMX and SSE2 integer forms against the host CPU: random MMX (x87 register) and XMM
+contents with edge lanes (0, -1, 0x80, 0x7F...), every form with a register and a memory
+source, compared bit for bit (the x87 state after the MMX form, XMM0-7, MXCSR, memory,
+EAX). Prints the pass rate of every form (pytest -s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from fpudiff import Form, host_supported, report, run_forms
+
+from boite.accel.emu.optable import _PACKED
+
+pytestmark = pytest.mark.skipif(not host_supported(), reason="needs an x86-64 host with gcc")
+
+M = "[ebx+0x80]"
+XMM_ONLY = {0x6C, 0x6D}
+MMX_SSE2 = {0xD4, 0xFB, 0xF4}  # SSE2 added these MMX forms too
+
+
+def _forms() -> list[Form]:
+    f: list[Form] = []
+    for b, name in _PACKED.items():
+        n = name.lower()
+        if b not in XMM_ONLY:
+            f += [
+                Form(f"{n} mm,mm", f"{n} mm1, mm2", stack=8),
+                Form(f"{n} mm,m64", f"{n} mm3, {M}", "simd", stack=8),
+            ]
+        f += [
+            Form(f"{n} xmm,xmm", f"{n} xmm1, xmm2"),
+            Form(f"{n} xmm,m128", f"{n} xmm3, {M}", "simd"),
+        ]
+    for n in ("psrlw", "psraw", "psllw", "psrld", "psrad", "pslld", "psrlq", "psllq"):
+        for cnt in (0, 3, 15, 33, 64):
+            f += [
+                Form(f"{n} mm,{cnt}", f"{n} mm5, {cnt}", stack=8),
+                Form(f"{n} xmm,{cnt}", f"{n} xmm5, {cnt}"),
+            ]
+    for n in ("psrldq", "pslldq"):
+        for cnt in (0, 1, 7, 15, 16):
+            f.append(Form(f"{n} xmm,{cnt}", f"{n} xmm6, {cnt}"))
+    f += [
+        Form("movd mm,m32", f"movd mm1, {M}", "simd", stack=8),
+        Form("movd m32,mm", f"movd {M}, mm2", stack=8),
+        Form("movd xmm,m32", f"movd xmm1, {M}", "simd"),
+        Form("movd eax,xmm", "movd eax, xmm2"),
+        Form("movq mm,m64", f"movq mm1, {M}", "simd", stack=8),
+        Form("movq m64,mm", f"movq {M}, mm4", stack=8),
+        Form("movq mm,mm", "movq mm1, mm7", stack=8),
+        Form("movq xmm,m64", f"movq xmm1, {M}", "simd"),
+        Form("movq xmm,xmm", "movq xmm1, xmm7"),
+        Form("movq m64,xmm", f"movq {M}, xmm4"),
+        Form("movdqa xmm,m128", f"movdqa xmm1, {M}", "simd"),
+        Form("movdqu xmm,m128", f"movdqu xmm1, {M}", "simd"),
+        Form("movdqa m128,xmm", f"movdqa {M}, xmm2"),
+        Form("movdqu m128,xmm", f"movdqu {M}, xmm2"),
+        Form("pmovmskb eax,mm", "pmovmskb eax, mm3", stack=8),
+        Form("pmovmskb eax,xmm", "pmovmskb eax, xmm3"),
+        Form("pshufw mm,mm,imm", "pshufw mm1, mm2, 0x1b", stack=8),
+        Form("pshufd xmm,xmm,imm", "pshufd xmm1, xmm2, 0x9c"),
+        Form("pshuflw xmm,m128,imm", f"pshuflw xmm1, {M}, 0x4e", "simd"),
+        Form("pshufhw xmm,xmm,imm", "pshufhw xmm1, xmm2, 0xe1"),
+        Form("emms", "emms", stack=8),
+        Form("ldmxcsr m32", f"ldmxcsr {M}", "mxcsr"),
+        Form("stmxcsr m32", f"stmxcsr {M}"),
+        Form("fxsave m512 (x87 part)", "fxsave [ebx+0x400]", mem_compare=0),
+    ]
+    return f
+
+
+def test_mmx_sse2_integer_forms_match_the_host_cpu(capsys) -> None:
+    n = int(os.environ.get("FPUDIFF_CASES", "60"))
+    results = run_forms(_forms(), n, seed=11, sse=True)
+    with capsys.disabled():
+        print("\nMMX/SSE2 integer forms: emulator vs host CPU (bit for bit)\n" + report(results))
+    bad = {k: v for k, v in results.items() if v[0] != v[1]}
+    assert not bad, report(bad)
