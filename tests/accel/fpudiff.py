@@ -30,24 +30,41 @@ FXS = 0x200
 FLAGS = 0x1C0
 EAX = 0x1C8
 FLAGS_IN = 0x1D0
+FAULT = 0x1D8  # the signal the host took (SIGFPE for #MF/#XM, SIGSEGV #GP, SIGILL #UD)
+_SIGNAL_OF = {16: 8, 19: 8, 0: 8, 13: 11, 14: 11, 12: 11, 6: 4}
 XMM_IN = 0x400  # 8 x 16 bytes loaded into XMM0-7 before the instruction
 MXCSR_IN = 0x480
 
 _HOST_C = r"""
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 static unsigned char ctx[%(ctx)d] __attribute__((aligned(64)));
+static sigjmp_buf jb;
+static void on_fault(int sig) { siglongjmp(jb, sig); }
 int main(void) {
+    struct sigaction sa = {0};
+    sa.sa_handler = on_fault;
+    sa.sa_flags = SA_NODEFER;
+    sigaction(SIGFPE, &sa, 0);
+    sigaction(SIGSEGV, &sa, 0);
+    sigaction(SIGILL, &sa, 0);
+    sigaction(SIGBUS, &sa, 0);
     unsigned char *code = mmap(0, 65536, PROT_READ|PROT_WRITE|PROT_EXEC,
                                MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
     uint32_t n;
     while (fread(&n, 4, 1, stdin) == 1) {
         if (n > 60000 || fread(code, 1, n, stdin) != n) return 2;
         if (fread(ctx, 1, sizeof ctx, stdin) != sizeof ctx) return 2;
-        ((void (*)(void *))code)(ctx);
+        int sig = sigsetjmp(jb, 1);
+        if (sig == 0)
+            ((void (*)(void *))code)(ctx);
+        else
+            ctx[%(fault)d] = (unsigned char)sig;
         fwrite(ctx, 1, sizeof ctx, stdout);
         fflush(stdout);
     }
@@ -87,7 +104,7 @@ def assemble(lines: list[str]) -> list[bytes]:
 def _frame(op: bytes, host: bool, sse: bool) -> bytes:
     rex = b"\x48" if host else b""
     pro = (b"\x53" + rex + b"\x89\xfb") if host else b""  # push rbx; mov rbx, rdi
-    pro += b"\xdd\x23"  # frstor [ebx]
+    pro += b"\xdb\xe3\xdd\x23"  # fninit (drop a fault's pending exception); frstor [ebx]
     if sse:
         pro += b"\x0f\xae\x93" + MXCSR_IN.to_bytes(4, "little")  # ldmxcsr [ebx+MXCSR_IN]
         for i in range(8):  # movdqu xmmi, [ebx+XMM_IN+16i]
@@ -110,9 +127,9 @@ def _frame(op: bytes, host: bool, sse: bool) -> bytes:
 class HostRunner:
     def __init__(self, workdir: Path) -> None:
         src = workdir / "fpuhost.c"
-        src.write_text(_HOST_C % {"ctx": CTX_SIZE})
+        src.write_text(_HOST_C % {"ctx": CTX_SIZE, "fault": FAULT})
         exe = workdir / "fpuhost"
-        subprocess.run(["gcc", "-O1", "-o", str(exe), str(src)], check=True)
+        subprocess.run(["gcc", "-O1", "-no-pie", "-o", str(exe), str(src)], check=True)
         self.exe = exe
 
     def run(self, cases: list[tuple[bytes, bytes]], sse: bool = False) -> list[bytes]:
@@ -159,7 +176,9 @@ class EmuRunner:
             except CpuHalt:
                 return bytes(self.mem.read(CTX, CTX_SIZE))
             except CpuFault as f:
-                return f"fault {f.vector} at +{cpu.eip - CODE:#x}"
+                out = bytearray(self.mem.read(CTX, CTX_SIZE))
+                out[FAULT] = _SIGNAL_OF.get(f.vector, 0x80 | f.vector)
+                return bytes(out)
         return "no halt"
 
 
@@ -278,6 +297,15 @@ class Form:
 
 
 def rand_simd(r: random.Random) -> bytes:
+    """16 bytes: four singles, two doubles (with the special values) or integer lanes
+    with edge values."""
+    k = r.randrange(3)
+    if k < 2:
+        bits = 32 if k == 0 else 64
+        v = 0
+        for i in range(128 // bits):
+            v |= rand_ieee(r, bits) << (bits * i)
+        return v.to_bytes(16, "little")
     out = bytearray()
     while len(out) < 16:
         k = r.randrange(6)
@@ -331,7 +359,10 @@ def make_ctx(r: random.Random, form: Form) -> bytes:
         ctx[MEM : MEM + 16] = rand_simd(r)
     elif form.mem == "mxcsr":
         ctx[MEM : MEM + 4] = (r.getrandbits(16) & 0xFFFF).to_bytes(4, "little")
-    ctx[MXCSR_IN : MXCSR_IN + 4] = (0x1F80 | (r.randrange(4) << 13)).to_bytes(4, "little")
+    masks = 0x3F if r.random() < 0.7 else r.getrandbits(6)
+    mx = (masks << 7) | (r.randrange(4) << 13) | (0x8040 & r.getrandbits(16))  # DAZ FTZ
+    ctx[MXCSR_IN : MXCSR_IN + 4] = mx.to_bytes(4, "little")
+    ctx[FAULT] = 0
     return bytes(ctx)
 
 
@@ -359,6 +390,8 @@ def compare(
     if isinstance(emu, str):
         return emu
     h, e = host, emu
+    if h[FAULT] != e[FAULT]:
+        return f"fault: host signal {h[FAULT]} emu {e[FAULT]}"
     diffs = []
     for name, off, n in (("cw", SAVE, 2), ("sw", SAVE + 4, 2), ("tw", SAVE + 8, 2)):
         if h[off : off + n] != e[off : off + n]:

@@ -89,3 +89,63 @@ def test_fpu_state_survives_a_snapshot() -> None:
     assert other.fpu.fxsave_image() == cpu.fpu.fxsave_image()
     assert other.fpu.tag_word() == cpu.fpu.tag_word()
     assert other.fpu.status() == cpu.fpu.status() and other.fpu.pending()
+
+
+LOOP = """
+bits 32
+    fninit
+    mov ecx, 300
+    fldz                      ; the sum
+again:
+    mov [ebx], ecx
+    fild dword [ebx]
+    fsqrt
+    fld1
+    fcomi st0, st1            ; EFLAGS from the FPU, read by the jcc below
+    jae skip
+    fdivrp st1, st0           ; 1 / sqrt(n)
+    faddp st1, st0
+    jmp next
+skip:
+    fstp st0
+    fstp st0
+next:
+    fnstsw ax
+    movd xmm2, ecx
+    paddd xmm3, xmm2
+    movq xmm1, xmm0
+    addsd xmm0, xmm0
+    dec ecx
+    jnz again
+    fstp qword [ebx + 8]
+    hlt
+"""
+
+
+@pytest.mark.parametrize("translate", [False, True])
+def test_fpu_code_in_compiled_blocks_matches_the_interpreter(translate: bool) -> None:
+    """x87/MMX/SSE closures inside compiled blocks (registers and EFLAGS written back and
+    reloaded around them) give what the interpreter gives."""
+    from fpudiff import nasm
+
+    code = nasm(LOOP)
+    r = EmuRunner()
+    cpu = r.cpu
+    cpu.translate_blocks = cpu.compile_blocks = translate
+    cpu.hot_block = 2
+    r.mem.write(0x10000, code)
+    cpu.flush_blocks()
+    cpu.eip = 0x10000
+    cpu.r[3] = CTX
+    cpu.fpu.xmm[0] = 0x3FF0000000000000  # 1.0
+    for _ in range(200):
+        cpu.run(10_000)
+        if cpu.halted:
+            break
+    assert cpu.halted
+    total = int.from_bytes(bytes(r.mem.read(CTX + 8, 8)), "little")
+    import struct
+
+    expect = sum(1 / n**0.5 for n in range(2, 301))
+    assert abs(struct.unpack("<d", total.to_bytes(8, "little"))[0] - expect) < 1e-12
+    assert cpu.fpu.xmm[3] == sum(range(1, 301))

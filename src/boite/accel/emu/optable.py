@@ -412,6 +412,27 @@ for _n, _name in enumerate(("FXSAVE", "FXRSTOR", "LDMXCSR", "STMXCSR", None, "LF
                             "MFENCE", "SFENCE/CLFLUSH")):  # fmt: skip
     if _name:
         op(0xAE, _name, "M|-", map="0F", ext=_n, decode="_grp15")
+# SSE/SSE2 floating point: no prefix PS, 66 PD, F3 SS, F2 SD (decode/sse.py _ssefp).
+_SSEFP = {
+    0x10: "MOVUPS/MOVSS", 0x11: "MOVUPS/MOVSS", 0x14: "UNPCKLPS", 0x15: "UNPCKHPS",
+    0x28: "MOVAPS", 0x29: "MOVAPS", 0x2A: "CVTSI2SS", 0x2C: "CVTTSS2SI", 0x2D: "CVTSS2SI",
+    0x2E: "UCOMISS", 0x2F: "COMISS", 0x50: "MOVMSKPS", 0x51: "SQRTPS", 0x54: "ANDPS",
+    0x55: "ANDNPS", 0x56: "ORPS", 0x57: "XORPS", 0x58: "ADDPS", 0x59: "MULPS",
+    0x5A: "CVTPS2PD", 0x5C: "SUBPS", 0x5D: "MINPS", 0x5E: "DIVPS", 0x5F: "MAXPS",
+    0xC2: "CMPPS", 0xC6: "SHUFPS",
+}  # fmt: skip
+for _b, _name in _SSEFP.items():
+    _w = "oszapc" if _b in (0x2E, 0x2F) else ""
+    op(_b, _name + "/..PD/..SS/..SD", "Vps,Wps", map="0F", w=_w, decode="_ssefp")
+_SSEMISC = {
+    0x12: "MOVLPS/MOVHLPS/MOVLPD", 0x13: "MOVLPS/MOVLPD", 0x16: "MOVHPS/MOVLHPS/MOVHPD",
+    0x17: "MOVHPS/MOVHPD", 0x2B: "MOVNTPS/MOVNTPD", 0x52: "RSQRTPS/RSQRTSS",
+    0x53: "RCPPS/RCPSS", 0x5B: "CVTDQ2PS/CVTPS2DQ/CVTTPS2DQ", 0xC3: "MOVNTI",
+    0xC4: "PINSRW", 0xC5: "PEXTRW", 0xE6: "CVTTPD2DQ/CVTDQ2PD/CVTPD2DQ",
+    0xE7: "MOVNTQ/MOVNTDQ", 0xF7: "MASKMOVQ/MASKMOVDQU",
+}  # fmt: skip
+for _b, _name in _SSEMISC.items():
+    op(_b, _name, "simd", map="0F", decode="_ssemisc")
 
 MAPS = ("", "0F")
 # (map, opcode) -> its rows, in table order.

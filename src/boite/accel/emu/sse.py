@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from boite.accel.emu import softfloat as sf
+
 Packed = Callable[[int, int, int], int]
 
 
@@ -150,6 +152,37 @@ def shift(kind: str, w: int, a: int, count: int, width: int) -> int:
     return join([x << count for x in lanes(a, w, width)], w)
 
 
+# Fast paths for what string functions use most (PCMPEQB, PMINUB, PMOVMSKB): byte lanes
+# through bytes.translate and one multiply instead of a Python loop per lane.
+_ZERO_TO_FF = bytes([0xFF] + [0] * 255)
+_TOP_BIT = bytes(b >> 7 for b in range(256))
+_GATHER = 0x0102040810204080  # 8 bytes of 0/1 -> their bits, in the top byte
+
+
+def pcmpeqb(a: int, b: int, width: int) -> int:
+    n = width // 8
+    return int.from_bytes((a ^ b).to_bytes(n, "little").translate(_ZERO_TO_FF), "little")
+
+
+def pminub(a: int, b: int, width: int) -> int:
+    n = width // 8
+    return int.from_bytes(
+        bytes(map(min, a.to_bytes(n, "little"), b.to_bytes(n, "little"))), "little"
+    )
+
+
+def pmovmskb(a: int, width: int) -> int:
+    ones = int.from_bytes(a.to_bytes(width // 8, "little").translate(_TOP_BIT), "little")
+    # each byte of `ones` is its lane's top bit; the multiply gathers 8 of them in order
+    lo = ((ones & M64_) * _GATHER) >> 56 & 0xFF
+    if width == 64:
+        return lo
+    return lo | (((ones >> 64) * _GATHER) >> 56 & 0xFF) << 8
+
+
+M64_ = (1 << 64) - 1
+
+
 # Packed integer operations by 0F opcode (MMX with no prefix, SSE2 with 66).
 PACKED: dict[int, Packed] = {
     0x60: _unpack(8, False), 0x61: _unpack(16, False), 0x62: _unpack(32, False),
@@ -157,9 +190,9 @@ PACKED: dict[int, Packed] = {
     0x67: _pack(16, False), 0x68: _unpack(8, True), 0x69: _unpack(16, True),
     0x6A: _unpack(32, True), 0x6B: _pack(32, True),
     0x6C: _unpack(64, False), 0x6D: _unpack(64, True),  # 66 only
-    0x74: _cmpeq(8), 0x75: _cmpeq(16), 0x76: _cmpeq(32),
+    0x74: pcmpeqb, 0x75: _cmpeq(16), 0x76: _cmpeq(32),
     0xD4: _add(64), 0xD5: lanewise(16, lambda x, y: x * y),
-    0xD8: _subus(8), 0xD9: _subus(16), 0xDA: lanewise(8, min),
+    0xD8: _subus(8), 0xD9: _subus(16), 0xDA: pminub,
     0xDB: lambda a, b, width: a & b, 0xDC: _addus(8), 0xDD: _addus(16),
     0xDE: lanewise(8, max), 0xDF: lambda a, b, width: ~a & b & ((1 << width) - 1),
     0xE0: _avg(8), 0xE3: _avg(16), 0xE4: _mulhw(False), 0xE5: _mulhw(True),
@@ -186,10 +219,6 @@ MMX_ONLY = frozenset(
 )  # fmt: skip
 
 
-def pmovmskb(a: int, width: int) -> int:
-    return sum(((x >> 7) & 1) << i for i, x in enumerate(lanes(a, 8, width)))
-
-
 def pshufd(a: int, imm: int) -> int:
     la = lanes(a, 32, 128)
     return join([la[(imm >> (2 * i)) & 3] for i in range(4)], 32)
@@ -213,3 +242,238 @@ MXCSR_DAZ, MXCSR_FTZ = 0x40, 0x8000
 
 def mxcsr_rc(mxcsr: int) -> int:
     return (mxcsr >> 13) & 3
+
+
+def _fmt(double: bool):
+    return sf.DOUBLE if double else sf.SINGLE
+
+
+def _daz(fmt, x: int, daz: bool) -> tuple[int, int]:
+    """(class, bits) with DAZ applied (a denormal input read as a zero of its sign)."""
+    c = sf.ieee_class(fmt, x)
+    if c == sf.DENORMAL and daz:
+        return sf.ZERO, x & ~((1 << (fmt.fbits + fmt.ebits)) - 1)
+    return c, x
+
+
+def _quiet(fmt, x: int) -> int:
+    return x | (1 << (fmt.fbits - 1))
+
+
+def _nan2(fmt, a: int, b: int, ca: int, cb: int) -> tuple[int, int] | None:
+    """SSE's NaN rule: the first operand if it is a NaN, else the second (quieted)."""
+    nans = (sf.QNAN, sf.SNAN)
+    if ca in nans or cb in nans:
+        flags = sf.IE if sf.SNAN in (ca, cb) else 0
+        return _quiet(fmt, a if ca in nans else b), flags
+    return None
+
+
+def fp_arith(op: str, double: bool, a: int, b: int, mxcsr: int) -> tuple[int, int]:
+    """ADD SUB MUL DIV MIN MAX SQRT (of b) on one lane: (bits, flags)."""
+    fmt = _fmt(double)
+    daz = bool(mxcsr & MXCSR_DAZ)
+    ca, a = _daz(fmt, a, daz)
+    cb, b = _daz(fmt, b, daz)
+    rc = mxcsr_rc(mxcsr)
+    masks = (mxcsr >> 7) & 0x3F
+    ftz = bool(mxcsr & MXCSR_FTZ)
+    sbit = fmt.fbits + fmt.ebits
+    indef = sf.ieee_indefinite(fmt)
+    if op in ("min", "max"):
+        if ca in (sf.QNAN, sf.SNAN) or cb in (sf.QNAN, sf.SNAN):
+            return b, sf.IE  # MIN/MAX: the second operand, and #I for any NaN
+        flags = sf.DE if sf.DENORMAL in (ca, cb) else 0
+        va, vb = _ieee_exact(fmt, a, ca), _ieee_exact(fmt, b, cb)
+        if op == "min":
+            return (a if va < vb else b), flags
+        return (a if va > vb else b), flags
+    if op == "sqrt":
+        if cb in (sf.QNAN, sf.SNAN):
+            return _quiet(fmt, b), sf.IE if cb == sf.SNAN else 0
+        flags = sf.DE if cb == sf.DENORMAL else 0
+        if cb == sf.ZERO:
+            return b, 0
+        if b >> sbit:
+            return indef, sf.IE
+        if cb == sf.INF:
+            return b, 0
+        _, m, e = sf.ieee_value(fmt, b)
+        m, e, sticky = sf.sqrt_exact(m, e)
+        v, f = sf.round_pack(fmt, 0, m, e, rc, sticky, masks=masks, daz_ftz=ftz)
+        return v, flags | (f & 0x3F)
+    r = _nan2(fmt, a, b, ca, cb)
+    if r is not None:
+        return r
+    flags = sf.DE if sf.DENORMAL in (ca, cb) else 0
+    sa, sb = a >> sbit, b >> sbit
+    if op == "sub":
+        sb ^= 1
+        b ^= 1 << sbit
+    if op in ("add", "sub"):
+        if ca == sf.INF or cb == sf.INF:
+            if ca == cb == sf.INF and sa != sb:
+                return indef, sf.IE
+            return (a if ca == sf.INF else b), flags
+        if ca == sf.ZERO and cb == sf.ZERO:
+            return (sa if sa == sb else int(rc == sf.RD)) << sbit, flags
+        _, ma, ea = sf.ieee_value(fmt, a)
+        _, mb, eb = sf.ieee_value(fmt, b)
+        e = min(ea, eb)
+        m = (-ma if sa else ma) << (ea - e)
+        m += (-mb if sb else mb) << (eb - e)
+        if m == 0:
+            return int(rc == sf.RD) << sbit, flags
+        v, f = sf.round_pack(fmt, int(m < 0), abs(m), e, rc, masks=masks, daz_ftz=ftz)
+        return v, flags | (f & 0x3F)
+    s = sa ^ sb
+    if op == "mul":
+        if ca == sf.INF or cb == sf.INF:
+            if sf.ZERO in (ca, cb):
+                return indef, sf.IE
+            return sf.ieee_inf(fmt, s), flags
+        if sf.ZERO in (ca, cb):
+            return s << sbit, flags
+        _, ma, ea = sf.ieee_value(fmt, a)
+        _, mb, eb = sf.ieee_value(fmt, b)
+        v, f = sf.round_pack(fmt, s, ma * mb, ea + eb, rc, masks=masks, daz_ftz=ftz)
+        return v, flags | (f & 0x3F)
+    # div
+    if ca == sf.INF:
+        return (indef, sf.IE) if cb == sf.INF else (sf.ieee_inf(fmt, s), flags)
+    if cb == sf.INF:
+        return s << sbit, flags
+    if cb == sf.ZERO:
+        if ca == sf.ZERO:
+            return indef, sf.IE
+        return sf.ieee_inf(fmt, s), sf.ZE  # a denormal dividend is not reported
+    if ca == sf.ZERO:
+        return s << sbit, flags
+    _, ma, ea = sf.ieee_value(fmt, a)
+    _, mb, eb = sf.ieee_value(fmt, b)
+    m, e, sticky = sf.div_exact(ma, ea, mb, eb)
+    v, f = sf.round_pack(fmt, s, m, e, rc, sticky, masks=masks, daz_ftz=ftz)
+    return v, flags | (f & 0x3F)
+
+
+def _ieee_exact(fmt, x: int, c: int):
+    from fractions import Fraction
+
+    if c == sf.INF:
+        return float("-inf") if x >> (fmt.fbits + fmt.ebits) else float("inf")
+    if c == sf.ZERO:
+        return 0
+    s, m, e = sf.ieee_value(fmt, x)
+    v = Fraction(m) * (Fraction(2) ** e)
+    return -v if s else v
+
+
+def fp_compare(double: bool, a: int, b: int, mxcsr: int, signalling: bool) -> tuple[int, int]:
+    """(UCOMIS/COMIS) -> (relation 0 gt 1 lt 2 eq 3 unordered, flags)."""
+    fmt = _fmt(double)
+    daz = bool(mxcsr & MXCSR_DAZ)
+    ca, a = _daz(fmt, a, daz)
+    cb, b = _daz(fmt, b, daz)
+    if ca in (sf.QNAN, sf.SNAN) or cb in (sf.QNAN, sf.SNAN):
+        return 3, sf.IE if (signalling or sf.SNAN in (ca, cb)) else 0
+    flags = sf.DE if sf.DENORMAL in (ca, cb) else 0
+    va, vb = _ieee_exact(fmt, a, ca), _ieee_exact(fmt, b, cb)
+    return (2 if va == vb else 0 if va > vb else 1), flags
+
+
+# CMPPS/CMPSS predicates 0-7: EQ LT LE UNORD NEQ NLT NLE ORD; signalling on QNaN: LT LE NLT NLE
+def fp_cmp_pred(double: bool, a: int, b: int, pred: int, mxcsr: int) -> tuple[bool, int]:
+    rel, flags = fp_compare(double, a, b, mxcsr, signalling=pred in (1, 2, 5, 6))
+    unord = rel == 3
+    res = {
+        0: rel == 2, 1: rel == 1, 2: rel in (1, 2), 3: unord,
+        4: rel != 2, 5: rel not in (1,), 6: rel not in (1, 2), 7: not unord,
+    }[pred & 7]  # fmt: skip
+    return res, flags
+
+
+def fp_convert(src_double: bool, x: int, mxcsr: int) -> tuple[int, int]:
+    """CVTSS2SD / CVTSD2SS of one lane."""
+    sfmt, dfmt = _fmt(src_double), _fmt(not src_double)
+    c, x = _daz(sfmt, x, bool(mxcsr & MXCSR_DAZ))
+    sbit = sfmt.fbits + sfmt.ebits
+    s = x >> sbit
+    if c in (sf.QNAN, sf.SNAN):
+        f = x & ((1 << sfmt.fbits) - 1)
+        f = (
+            f << (dfmt.fbits - sfmt.fbits)
+            if dfmt.fbits > sfmt.fbits
+            else f >> (sfmt.fbits - dfmt.fbits)
+        )
+        return sf.ieee_inf(dfmt, s) | f | (1 << (dfmt.fbits - 1)), sf.IE if c == sf.SNAN else 0
+    if c == sf.INF:
+        return sf.ieee_inf(dfmt, s), 0
+    if c == sf.ZERO:
+        return s << (dfmt.fbits + dfmt.ebits), 0
+    flags = sf.DE if c == sf.DENORMAL else 0
+    _, m, e = sf.ieee_value(sfmt, x)
+    v, f = sf.round_pack(dfmt, s, m, e, mxcsr_rc(mxcsr), masks=(mxcsr >> 7) & 0x3F,
+                         daz_ftz=bool(mxcsr & MXCSR_FTZ))  # fmt: skip
+    return v, flags | (f & 0x3F)
+
+
+def fp_from_int(double: bool, n: int, mxcsr: int) -> tuple[int, int]:
+    """CVTSI2SS/SD, CVTDQ2PS/PD of a signed integer."""
+    fmt = _fmt(double)
+    if n == 0:
+        return 0, 0
+    v, f = sf.round_pack(fmt, int(n < 0), abs(n), 0, mxcsr_rc(mxcsr), masks=0x3F)
+    return v, f & sf.PE
+
+
+def fp_to_int(double: bool, x: int, mxcsr: int, trunc: bool, bits: int = 32) -> tuple[int, int]:
+    """CVT(T)SS2SI/SD2SI, CVT(T)PS2DQ/PD2DQ: (integer bits, flags); the integer
+    indefinite (0x80000000) with #I for NaN, infinity or out of range."""
+    fmt = _fmt(double)
+    c, x = _daz(fmt, x, bool(mxcsr & MXCSR_DAZ))
+    indef = 1 << (bits - 1)
+    if c in (sf.QNAN, sf.SNAN, sf.INF):
+        return indef, sf.IE
+    if c == sf.ZERO:
+        return 0, 0
+    flags = 0  # conversions to integers report no #D (SDM: Invalid, Precision)
+    s, m, e = sf.ieee_value(fmt, x)
+    if e >= 0:
+        n, inexact = m << e, False
+    else:
+        q, inexact, _ = sf._round_at(s, m, e, False, 0, sf.RZ if trunc else mxcsr_rc(mxcsr))
+        n = q
+    n = -n if s else n
+    if not -(1 << (bits - 1)) <= n < (1 << (bits - 1)):
+        return indef, sf.IE | flags
+    return n & ((1 << bits) - 1), flags | (sf.PE if inexact else 0)
+
+
+def approx_recip(double: bool, x: int, sqrt: bool) -> int:
+    """RCPSS/RSQRTSS (single only): 1/x or 1/sqrt(x) to 12 significant bits (the SDM's
+    |relative error| <= 1.5 * 2**-12; real CPUs use their own tables, so only that bound
+    is comparable)."""
+    fmt = sf.SINGLE
+    c = sf.ieee_class(fmt, x)
+    s = x >> 31
+    if c in (sf.QNAN, sf.SNAN):
+        return x | (1 << 22)
+    if c in (sf.ZERO, sf.DENORMAL):  # denormals are treated as zeros here
+        return sf.ieee_inf(fmt, s)
+    if c == sf.INF:
+        return s << 31 if not (sqrt and s) else sf.ieee_indefinite(fmt)
+    if sqrt and s:
+        return sf.ieee_indefinite(fmt)
+    _, m, e = sf.ieee_value(fmt, x)
+    if sqrt:
+        if e & 1:
+            m, e = m << 1, e - 1
+        r, re, _ = sf.sqrt_exact(m, e, 40)
+        q, qe, _ = sf.div_exact(1, 0, r, re, 40)
+    else:
+        q, qe, _ = sf.div_exact(1, 0, m, e, 40)
+    # keep 12 significant bits (truncated), then pack as a single
+    lead = q.bit_length()
+    q = q >> (lead - 12) << (lead - 12)
+    v, _ = sf.round_pack(fmt, s, q, qe, sf.RZ, masks=0x3F, daz_ftz=True)
+    return v

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from boite.accel.emu import fpu as F
 from boite.accel.emu import sse as S
-from boite.accel.emu.arch import GP, NM, UD, CpuFault
+from boite.accel.emu.arch import GP, NM, UD, XM, CpuFault
 from boite.accel.emu.decode.fpu import read_bytes, write_bytes
 
 if TYPE_CHECKING:
@@ -163,6 +163,8 @@ class SseOps:
     # ------------------------------------------------------------ moves
     def _movdq(self, x: Ctx, b: int) -> Fn:
         """MOVD/MOVQ between MMX/XMM and GPR/memory; MOVDQA/MOVDQU; MOVQ xmm forms."""
+        if b == 0xD6 and x.rep:
+            return self._ssemisc(x, b)  # MOVQ2DQ / MOVDQ2Q
         c = self.c  # type: ignore[attr-defined]
         r = c.r
         pre = x.rep or (0x66 if x.p66 else 0)
@@ -382,3 +384,476 @@ class SseOps:
 
             return mxcsr_op
         return self._ud(x, b)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ SSE/SSE2 floating point
+    def _ssefp(self, x: Ctx, b: int) -> Fn:
+        """Scalar and packed single/double arithmetic, logic, moves, compares and
+        conversions: no prefix = PS, 66 = PD, F3 = SS, F2 = SD."""
+        c = self.c  # type: ignore[attr-defined]
+        pre = x.rep or (0x66 if x.p66 else 0)
+        double = pre in (0x66, 0xF2)
+        scalar = pre in (0xF3, 0xF2)
+        if b in (0x2A, 0x2C, 0x2D) and not scalar:
+            return self._ssemisc(x, b)  # the MMX-register conversions
+        w = 64 if double else 32
+        lane_mask = (1 << w) - 1
+        mod, reg, rm, ea = self.modrm(x)  # type: ignore[attr-defined]
+        guard = self._simd_guard(True)
+        r = c.r
+        imm = None
+        if b in (0xC2, 0xC6):
+            imm_pos = True
+        else:
+            imm_pos = False
+        # memory operand size: scalar lanes read only their bytes (no alignment rule)
+        size = (w // 8) if scalar else 16
+        if b == 0x2A:
+            src = self.rm_get(mod, rm, ea, 4)  # type: ignore[attr-defined]
+        elif b in (0x2E, 0x2F) and pre in (0, 0x66):
+            src = self._simd_src(x, mod, rm, ea, True, False, 8 if double else 4)
+            if mod == 3:
+                src = (lambda s: lambda: s() & lane_mask)(src)
+        elif b in (0x2E, 0x2F):
+            return self._ud(x, b)  # type: ignore[attr-defined]
+        elif b == 0x5A and pre == 0 and mod != 3:
+            src = self._simd_src(x, mod, rm, ea, True, False, 8)  # CVTPS2PD reads 64 bits
+        else:
+            unaligned = scalar or b in (0x10, 0x11)
+            src = self._simd_src(x, mod, rm, ea, True, not unaligned, size if scalar else 16)
+        if imm_pos:
+            imm = self.u8(x)  # type: ignore[attr-defined]
+        nxt = self.nxt(x)  # type: ignore[attr-defined]
+
+        def deliver(f: F.FpuState, flags: int) -> None:
+            f.mxcsr |= flags & 0x3F
+            if flags & ~(f.mxcsr >> 7) & 0x3F:
+                raise CpuFault(XM if c.cr4 & 0x400 else UD)
+
+        def lanes2(a: int, v: int, fn) -> tuple[int, int]:
+            """Apply fn(lane_a, lane_b) -> (bits, flags) to the scalar or every lane."""
+            if scalar:
+                out, fl = fn(a & lane_mask, v & lane_mask)
+                return (a & ~lane_mask) | out, fl
+            res = 0
+            flags = 0
+            for i in range(0, 128, w):
+                o, fl = fn((a >> i) & lane_mask, (v >> i) & lane_mask)
+                res |= o << i
+                flags |= fl
+            return res, flags
+
+        arith = {0x51: "sqrt", 0x58: "add", 0x59: "mul", 0x5C: "sub", 0x5D: "min", 0x5E: "div",
+                 0x5F: "max"}.get(b)  # fmt: skip
+        if arith is not None:
+
+            def fp_arith() -> None:
+                f = guard()
+                v = src()
+                res, flags = lanes2(
+                    f.xmm[reg], v, lambda p, q: S.fp_arith(arith, double, p, q, f.mxcsr)
+                )
+                deliver(f, flags)
+                f.xmm[reg] = res
+                c.eip = nxt
+
+            return fp_arith
+        if b in (0x54, 0x55, 0x56, 0x57):
+            if scalar:
+                return self._ud(x, b)  # type: ignore[attr-defined]
+            fn = {0x54: lambda p, q: p & q, 0x55: lambda p, q: ~p & q & ((1 << 128) - 1),
+                  0x56: lambda p, q: p | q, 0x57: lambda p, q: p ^ q}[b]  # fmt: skip
+
+            def fp_logic() -> None:
+                f = guard()
+                v = src()
+                f.xmm[reg] = fn(f.xmm[reg], v)
+                c.eip = nxt
+
+            return fp_logic
+        if b in (0x10, 0x11, 0x28, 0x29):
+            if b in (0x28, 0x29) and scalar:
+                return self._ud(x, b)  # type: ignore[attr-defined]
+            store = b in (0x11, 0x29)
+            if not store:
+
+                def fp_load() -> None:
+                    f = guard()
+                    v = src()
+                    if scalar:
+                        # MOVSS/MOVSD: from memory the rest is zeroed, from a register kept
+                        f.xmm[reg] = v if mod != 3 else (f.xmm[reg] & ~lane_mask) | (v & lane_mask)
+                    else:
+                        f.xmm[reg] = v
+                    c.eip = nxt
+
+                return fp_load
+            n = size if scalar else 16
+            ea_w = self.ea_for(ea, n, True) if mod != 3 else None  # type: ignore[attr-defined]
+            aligned = b == 0x29
+
+            def fp_store() -> None:
+                f = guard()
+                v = f.xmm[reg]
+                if ea_w is None:
+                    f.xmm[rm] = (f.xmm[rm] & ~lane_mask) | (v & lane_mask) if scalar else v
+                else:
+                    lin = ea_w()
+                    if aligned and lin & 15:
+                        raise CpuFault(GP, 0)
+                    write_bytes(c, lin, n, v & ((1 << (8 * n)) - 1))
+                c.eip = nxt
+
+            return fp_store
+        if b in (0x2E, 0x2F):
+            signalling = b == 0x2F
+
+            def fp_comi() -> None:
+                f = guard()
+                v = src()
+                rel, flags = S.fp_compare(double, f.xmm[reg] & lane_mask, v, f.mxcsr, signalling)
+                deliver(f, flags)
+                c.fl = (c.get_flags() & ~0x8D5) | (0, 1, 0x40, 0x45)[rel]
+                c.lop = 0
+                c.eip = nxt
+
+            return fp_comi
+        if b == 0xC2:
+            pred = imm & 7  # type: ignore[operator]
+
+            def fp_cmp() -> None:
+                f = guard()
+                v = src()
+
+                def one(p: int, q: int) -> tuple[int, int]:
+                    t, fl = S.fp_cmp_pred(double, p, q, pred, f.mxcsr)
+                    return (lane_mask if t else 0), fl
+
+                res, flags = lanes2(f.xmm[reg], v, one)
+                deliver(f, flags)
+                f.xmm[reg] = res
+                c.eip = nxt
+
+            return fp_cmp
+        if b == 0x2A:  # CVTSI2SS/SD
+
+            def cvtsi2s() -> None:
+                f = guard()
+                n = src()
+                n = n - (1 << 32) if n >> 31 else n
+                v, flags = S.fp_from_int(double, n, f.mxcsr)
+                deliver(f, flags)
+                f.xmm[reg] = (f.xmm[reg] & ~lane_mask) | v
+                c.eip = nxt
+
+            return cvtsi2s
+        if b in (0x2C, 0x2D):  # CVT(T)SS2SI / SD2SI
+            trunc = b == 0x2C
+            if mod == 3:
+                src = (lambda s: lambda: s() & lane_mask)(src)
+
+            def cvt2si() -> None:
+                f = guard()
+                v = src()
+                n, flags = S.fp_to_int(double, v, f.mxcsr, trunc)
+                deliver(f, flags)
+                r[reg] = n
+                c.eip = nxt
+
+            return cvt2si
+        if b == 0x5A:  # CVTPS2PD CVTPD2PS CVTSS2SD CVTSD2SS
+
+            def cvt_fp() -> None:
+                f = guard()
+                v = src()
+                sw_ = 64 if double else 32  # source lane width
+                dw = 32 if double else 64
+                n = 1 if scalar else 2
+                res = 0
+                flags = 0
+                for i in range(n):
+                    o, fl = S.fp_convert(double, (v >> (i * sw_)) & ((1 << sw_) - 1), f.mxcsr)
+                    res |= o << (i * dw)
+                    flags |= fl
+                deliver(f, flags)
+                if scalar:
+                    f.xmm[reg] = (f.xmm[reg] & ~((1 << dw) - 1)) | res
+                else:
+                    f.xmm[reg] = res  # CVTPD2PS zeroes the upper half
+                c.eip = nxt
+
+            return cvt_fp
+        if b in (0x14, 0x15) and not scalar:
+            high = b == 0x15
+
+            def unpck() -> None:
+                f = guard()
+                v = src()
+                a = f.xmm[reg]
+                if double:
+                    lo = (a >> 64) if high else a & M64
+                    hi = (v >> 64) if high else v & M64
+                    f.xmm[reg] = lo | (hi << 64)
+                else:
+                    la, lb = S.lanes(a, 32, 128), S.lanes(v, 32, 128)
+                    k = 2 if high else 0
+                    f.xmm[reg] = S.join([la[k], lb[k], la[k + 1], lb[k + 1]], 32)
+                c.eip = nxt
+
+            return unpck
+        if b == 0xC6 and not scalar:
+
+            def shuf() -> None:
+                f = guard()
+                v = src()
+                a = f.xmm[reg]
+                if double:
+                    lo = (a >> (64 * (imm & 1))) & M64  # type: ignore[operator]
+                    hi = (v >> (64 * ((imm >> 1) & 1))) & M64  # type: ignore[operator]
+                    f.xmm[reg] = lo | (hi << 64)
+                else:
+                    la, lb = S.lanes(a, 32, 128), S.lanes(v, 32, 128)
+                    sel = [(imm >> (2 * i)) & 3 for i in range(4)]  # type: ignore[operator]
+                    f.xmm[reg] = S.join([la[sel[0]], la[sel[1]], lb[sel[2]], lb[sel[3]]], 32)
+                c.eip = nxt
+
+            return shuf
+        if b == 0x50 and not scalar and mod == 3:
+
+            def movmsk() -> None:
+                f = guard()
+                v = f.xmm[rm]
+                r[reg] = sum(((v >> (i + w - 1)) & 1) << (i // w) for i in range(0, 128, w))
+                c.eip = nxt
+
+            return movmsk
+        return self._ud(x, b)  # type: ignore[attr-defined]
+
+    def _ssemisc(self, x: Ctx, b: int) -> Fn:
+        """The rest of SSE/SSE2: MOVLPS/MOVHPS/MOVLPD/MOVHPD/MOVHLPS/MOVLHPS, the
+        non-temporal stores, MASKMOVQ/MASKMOVDQU, PINSRW/PEXTRW, RCP/RSQRT, the
+        packed and MMX conversions, MOVQ2DQ/MOVDQ2Q."""
+        c = self.c  # type: ignore[attr-defined]
+        r = c.r
+        pre = x.rep or (0x66 if x.p66 else 0)
+        mod, reg, rm, ea = self.modrm(x)  # type: ignore[attr-defined]
+        imm = self.u8(x) if b in (0xC4, 0xC5) else 0  # type: ignore[attr-defined]
+        nxt = self.nxt(x)  # type: ignore[attr-defined]
+        ud = self._ud  # type: ignore[attr-defined]
+        sse = self._simd_guard(True)
+        mmx = self._simd_guard(False)
+        ea_for = self.ea_for  # type: ignore[attr-defined]
+
+        def done() -> None:
+            c.eip = nxt
+
+        if b in (0x12, 0x13, 0x16, 0x17):
+            if pre not in (0, 0x66) or (b in (0x13, 0x17) and mod == 3) or (pre and mod == 3):
+                return ud(x, b)
+            high = b in (0x16, 0x17)
+            sh = 64 if high else 0
+            if b in (0x12, 0x16):
+                ea_r = ea_for(ea, 8, False) if mod != 3 else None
+
+                def movlh_load() -> None:
+                    f = sse()
+                    if ea_r is None:  # MOVHLPS / MOVLHPS
+                        v = (f.xmm[rm] >> 64) if not high else (f.xmm[rm] & M64)
+                    else:
+                        v = read_bytes(c, ea_r(), 8)
+                    f.xmm[reg] = (f.xmm[reg] & ~(M64 << sh)) | (v << sh)
+                    done()
+
+                return movlh_load
+            ea_w = ea_for(ea, 8, True)
+
+            def movlh_store() -> None:
+                f = sse()
+                write_bytes(c, ea_w(), 8, (f.xmm[reg] >> sh) & M64)
+                done()
+
+            return movlh_store
+        if b in (0x2B, 0xE7, 0xC3):  # MOVNTPS/PD, MOVNTQ/MOVNTDQ, MOVNTI
+            if mod == 3 or pre in (0xF2, 0xF3) or (b == 0xC3 and pre):
+                return ud(x, b)
+            n = 4 if b == 0xC3 else 8 if (b == 0xE7 and not pre) else 16
+            ea_w = ea_for(ea, n, True)
+            guard = mmx if n == 8 else sse
+
+            def movnt() -> None:
+                f = guard() if b != 0xC3 else None
+                lin = ea_w()
+                if n == 16 and lin & 15:
+                    raise CpuFault(GP, 0)
+                v = r[reg] if f is None else (f.regs[reg] & M64 if n == 8 else f.xmm[reg])
+                write_bytes(c, lin, n, v)
+                done()
+
+            return movnt
+        if b == 0xF7:  # MASKMOVQ / MASKMOVDQU: bytes with the mask's top bit to DS:(E)DI
+            if mod != 3 or pre not in (0, 0x66):
+                return ud(x, b)
+            xmm = pre == 0x66
+            n = 16 if xmm else 8
+            ad32 = x.ad32
+            seg = x.seg if x.seg is not None else 3  # DS
+            lin_of = self.lin_fn(seg, n, True)  # type: ignore[attr-defined]
+
+            def maskmov() -> None:
+                f = sse() if xmm else mmx()
+                data = f.xmm[reg] if xmm else f.regs[reg] & M64
+                mask = f.xmm[rm] if xmm else f.regs[rm] & M64
+                lin = lin_of(r[7] if ad32 else r[7] & 0xFFFF)
+                for i in range(n):
+                    if (mask >> (8 * i + 7)) & 1:
+                        c.wr8((lin + i) & 0xFFFFFFFF, (data >> (8 * i)) & 0xFF)
+                done()
+
+            return maskmov
+        if b == 0xC4:  # PINSRW
+            if pre not in (0, 0x66):
+                return ud(x, b)
+            xmm = pre == 0x66
+            get = self.rm_get(mod, rm, ea, 2) if mod != 3 else (lambda: r[rm] & 0xFFFF)  # type: ignore[attr-defined]
+            k = imm & (7 if xmm else 3)
+
+            def pinsrw() -> None:
+                f = sse() if xmm else mmx()
+                v = get()
+                if xmm:
+                    f.xmm[reg] = (f.xmm[reg] & ~(0xFFFF << (16 * k))) | (v << (16 * k))
+                else:
+                    f.regs[reg] = (
+                        MMX_EXP | (f.regs[reg] & M64 & ~(0xFFFF << (16 * k))) | (v << (16 * k))
+                    )
+                done()
+
+            return pinsrw
+        if b == 0xC5:  # PEXTRW
+            if mod != 3 or pre not in (0, 0x66):
+                return ud(x, b)
+            xmm = pre == 0x66
+            k = imm & (7 if xmm else 3)
+
+            def pextrw() -> None:
+                f = sse() if xmm else mmx()
+                v = f.xmm[rm] if xmm else f.regs[rm]
+                r[reg] = (v >> (16 * k)) & 0xFFFF
+                done()
+
+            return pextrw
+        if b in (0x52, 0x53):  # RSQRTPS/SS, RCPPS/SS
+            if pre not in (0, 0xF3):
+                return ud(x, b)
+            scalar = pre == 0xF3
+            src = self._simd_src(x, mod, rm, ea, True, not scalar, 4 if scalar else 16)
+            is_sqrt = b == 0x52
+
+            def rcp() -> None:
+                f = sse()
+                v = src()
+                if scalar:
+                    f.xmm[reg] = (f.xmm[reg] & ~0xFFFFFFFF) | S.approx_recip(
+                        False, v & 0xFFFFFFFF, is_sqrt
+                    )
+                else:
+                    f.xmm[reg] = S.join(
+                        [S.approx_recip(False, q, is_sqrt) for q in S.lanes(v, 32, 128)], 32
+                    )
+                done()
+
+            return rcp
+        if b == 0xD6 and pre in (0xF3, 0xF2):  # MOVQ2DQ / MOVDQ2Q
+            if mod != 3:
+                return ud(x, b)
+            to_xmm = pre == 0xF3
+
+            def movq2dq() -> None:
+                sse()
+                f = mmx()
+                if to_xmm:
+                    f.xmm[reg] = f.regs[rm] & M64
+                else:
+                    f.regs[reg] = MMX_EXP | (f.xmm[rm] & M64)
+                done()
+
+            return movq2dq
+        if b in (0x5B, 0xE6):
+            # 5B: CVTDQ2PS (none) CVTPS2DQ (66) CVTTPS2DQ (F3); E6: CVTTPD2DQ (66)
+            # CVTDQ2PD (F3) CVTPD2DQ (F2)
+            kind = {(0x5B, 0): "dq2ps", (0x5B, 0x66): "ps2dq", (0x5B, 0xF3): "tps2dq",
+                    (0xE6, 0x66): "tpd2dq", (0xE6, 0xF3): "dq2pd", (0xE6, 0xF2): "pd2dq"}.get((b, pre))  # fmt: skip
+            if kind is None:
+                return ud(x, b)
+            src = self._simd_src(
+                x, mod, rm, ea, True, kind != "dq2pd", 8 if kind == "dq2pd" else 16
+            )
+            return self._cvt_packed(kind, src, reg, sse, nxt, lambda: None)
+        if b in (0x2A, 0x2C, 0x2D) and pre in (0, 0x66):
+            # CVTPI2PS/PD (2A), CVTTPS2PI/CVTTPD2PI (2C), CVTPS2PI/CVTPD2PI (2D)
+            double = pre == 0x66
+            if b == 0x2A:
+                kind = "pi2pd" if double else "pi2ps"
+                if mod == 3:
+                    src = lambda: c.fpu.regs[rm] & M64  # noqa: E731
+                    touch = mmx
+                else:
+                    src = self._simd_src(x, mod, rm, ea, False, False, 8)
+                    touch = (lambda: None) if not double else (lambda: None)
+                return self._cvt_packed(kind, src, reg, sse, nxt, touch)
+            kind = (
+                ("tpd2pi" if b == 0x2C else "pd2pi")
+                if double
+                else ("tps2pi" if b == 0x2C else "ps2pi")
+            )
+            src = self._simd_src(x, mod, rm, ea, True, double, 16 if double else 8)
+            if mod == 3 and not double:
+                src = (lambda s: lambda: s() & M64)(src)
+            return self._cvt_packed(kind, src, reg, sse, nxt, mmx)
+        return ud(x, b)
+
+    def _cvt_packed(self, kind: str, src, reg: int, sse, nxt: int, touch) -> Fn:
+        c = self.c  # type: ignore[attr-defined]
+
+        def deliver(f: F.FpuState, flags: int) -> None:
+            f.mxcsr |= flags & 0x3F
+            if flags & ~(f.mxcsr >> 7) & 0x3F:
+                raise CpuFault(XM if c.cr4 & 0x400 else UD)
+
+        def cvt() -> None:
+            f = sse()
+            v = src()
+            mx = f.mxcsr
+            flags = 0
+            out: list[int] = []
+            if kind in ("dq2ps", "pi2ps", "dq2pd", "pi2pd"):
+                double = kind.endswith("pd")
+                n = 4 if kind == "dq2ps" else 2
+                for q in S.lanes(v, 32, 32 * n):
+                    o, fl = S.fp_from_int(double, q - (1 << 32) if q >> 31 else q, mx)
+                    out.append(o)
+                    flags |= fl
+                w = 64 if double else 32
+            else:
+                double = "pd" in kind
+                trunc = kind.startswith("t")
+                n = 2 if double or kind.endswith("pi") else 4
+                for q in S.lanes(v, 64 if double else 32, (64 if double else 32) * n):
+                    o, fl = S.fp_to_int(double, q, mx, trunc)
+                    out.append(o)
+                    flags |= fl
+                w = 32
+            deliver(f, flags)
+            res = S.join(out, w)
+            if kind.endswith("pi"):
+                touch()
+                f.regs[reg] = MMX_EXP | res
+            elif kind == "pi2ps":
+                touch()
+                f.xmm[reg] = (f.xmm[reg] & ~M64) | res
+            else:
+                if kind == "pi2pd":
+                    touch()
+                f.xmm[reg] = res  # the *pd2dq forms zero the upper half
+            c.eip = nxt
+
+        return cvt
