@@ -59,12 +59,11 @@ NANS = (QNAN, SNAN)
 SPECIAL_TAG = (DENORMAL, INF, QNAN, SNAN, UNSUPPORTED)
 SIGN = 1 << 79
 ONE = ext_pack(0, 16383, 1 << 63)
-# CPUID leaf 1 bits of what is implemented here and in sse.py (cpu.py reports them, and
-# nothing else may): EDX FPU(0), CLFSH(19), MMX(23), FXSR(24), SSE(25), SSE2(26); EBX
-# bits 15:8: CLFLUSH's line size in 8-byte units. Not SSE3 and later (FISTTP exists, as
-# on every CPU with SSE3, but MONITOR/HADDPS/... do not).
-FPU_CPUID_EDX = (1 << 0) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)
-FPU_CPUID_EBX = 8 << 8
+# The CPUID features of what is implemented here and in sse.py, by cpumodel.py's names
+# (cpumodel.FEATURES takes them from here: the one place). Not SSE3 and later (FISTTP
+# exists, as on every CPU with SSE3, but MONITOR/HADDPS/... do not). CLFSH brings
+# CLFLUSH's line size (64 bytes) in CPUID.1:EBX.
+FPU_FEATURES = frozenset({"fpu", "clfsh", "mmx", "fxsr", "sse", "sse2"})
 MXCSR_MASK = 0xFFFF  # DAZ supported (FXSAVE's MXCSR_MASK field)
 MXCSR_DEFAULT = 0x1F80
 
