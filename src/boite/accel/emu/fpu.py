@@ -752,23 +752,15 @@ def compare(a: int, b: int, quiet: bool) -> tuple[int, int]:
     if ca in NANS or cb in NANS:
         return 3, IE if (not quiet or SNAN in (ca, cb)) else 0
     flags = _denormal(ca, cb)
-    va, vb = _exact(a, ca), _exact(b, cb)
-    if va == vb:
-        return 2, flags
-    return (0 if va > vb else 1), flags
-
-
-def _exact(x: int, c: int):
-    """A comparable exact value: a Fraction-free (m, e) -> scaled int, infinities large."""
-    from fractions import Fraction
-
-    if c == INF:
-        return float("-inf") if x >> 79 else float("inf")
-    if c == ZERO:
-        return 0
-    s, m, e = ext_value(x)
-    v = Fraction(m) * (Fraction(2) ** e)
-    return -v if s else v
+    if ca == INF or cb == INF:
+        ia = (-1 if a >> 79 else 1) if ca == INF else 0
+        ib = (-1 if b >> 79 else 1) if cb == INF else 0
+        if ia == ib:
+            return 2, flags
+        if ia or ib:
+            return (0 if ia > ib else 1), flags
+    r = sf.cmp_values(*ext_value(a), *ext_value(b))
+    return (2 if r == 0 else 0 if r > 0 else 1), flags
 
 
 def fxtract(x: int) -> tuple[int, int, int]:

@@ -279,6 +279,20 @@ def round_pack(
     return pack(fmt, sign, q, rlead), (PE | (C1 if inc else 0)) if inexact else 0
 
 
+def cmp_values(sa: int, ma: int, ea: int, sb: int, mb: int, eb: int) -> int:
+    """-1, 0, 1 comparing (-1)**sa * ma * 2**ea with the other (finite, zeros included)."""
+    if ma == 0 and mb == 0:
+        return 0
+    va = -ma if sa else ma
+    vb = -mb if sb else mb
+    if (va < 0) != (vb < 0) or va == 0 or vb == 0:
+        return (va > vb) - (va < vb)
+    e = min(ea, eb)
+    va <<= ea - e
+    vb <<= eb - e
+    return (va > vb) - (va < vb)
+
+
 # ------------------------------------------------------------------ NaN rules
 def ext_quiet(x: int) -> int:
     return x | QUIET

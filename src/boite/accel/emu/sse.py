@@ -356,16 +356,35 @@ def fp_arith(op: str, double: bool, a: int, b: int, mxcsr: int) -> tuple[int, in
     return v, flags | (f & 0x3F)
 
 
-def _ieee_exact(fmt, x: int, c: int):
-    from fractions import Fraction
+class _Exact:
+    """A finite or infinite IEEE value, ordered exactly (no Fraction, no float)."""
 
-    if c == sf.INF:
-        return float("-inf") if x >> (fmt.fbits + fmt.ebits) else float("inf")
-    if c == sf.ZERO:
-        return 0
-    s, m, e = sf.ieee_value(fmt, x)
-    v = Fraction(m) * (Fraction(2) ** e)
-    return -v if s else v
+    __slots__ = ("inf", "v")
+
+    def __init__(self, fmt, x: int, c: int) -> None:
+        neg = x >> (fmt.fbits + fmt.ebits)
+        self.inf = (-1 if neg else 1) if c == sf.INF else 0
+        self.v = (0, 0, 0) if c in (sf.INF, sf.ZERO) else sf.ieee_value(fmt, x)
+
+    def _cmp(self, o: _Exact) -> int:
+        if self.inf or o.inf:
+            return (self.inf > o.inf) - (self.inf < o.inf)
+        return sf.cmp_values(*self.v, *o.v)
+
+    def __lt__(self, o: _Exact) -> bool:
+        return self._cmp(o) < 0
+
+    def __gt__(self, o: _Exact) -> bool:
+        return self._cmp(o) > 0
+
+    def __eq__(self, o: object) -> bool:
+        return isinstance(o, _Exact) and self._cmp(o) == 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _ieee_exact(fmt, x: int, c: int) -> _Exact:
+    return _Exact(fmt, x, c)
 
 
 def fp_compare(double: bool, a: int, b: int, mxcsr: int, signalling: bool) -> tuple[int, int]:
