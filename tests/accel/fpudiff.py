@@ -473,3 +473,150 @@ def report(results: dict[str, tuple[int, int, list[str]]]) -> str:
         for f in fails:
             lines.append(f"    {f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ QEMU TCG as a peer
+QEMU_WORK = 0x400000  # where each case's context is copied (64-byte aligned)
+QEMU_CASES = 0x800000  # the cases' input contexts (loaded with the image)
+# What a case sends back: the regions compare() looks at.
+DUMP = ((MEM, SAVE + 108), (FLAGS, FAULT + 1), (FXS + 24, FXS + 288))
+
+
+def qemu_supported() -> bool:
+    return shutil.which("qemu-system-i386") is not None and shutil.which("nasm") is not None
+
+
+def _qemu_guest(frames: list[bytes], n_cases: int) -> str:
+    """A multiboot kernel that runs frame i on the context of case i, sends the DUMP
+    regions to COM1, and takes every exception as 'the case faulted' (its signal in
+    FAULT) before going on with the next case."""
+    lines = [
+        "bits 32",
+        "org 0x100000",
+        "mb: dd 0x1badb002, 0x00010000, -(0x1badb002 + 0x00010000)",
+        "    dd mb, mb, data_end, bss_end, start",
+        "start:",
+        "    mov esp, 0x300000",
+        "    mov eax, cr0",
+        "    and eax, ~0xC",
+        "    or eax, 0x22",
+        "    mov cr0, eax",
+        "    mov eax, cr4",
+        "    or eax, 0x600",
+        "    mov cr4, eax",
+        "    mov ax, cs",
+        "    mov [sel], ax",
+        "    mov edi, idt",
+        "    mov ecx, 32",
+        "    mov esi, stubs",
+        ".gate:",
+        "    mov eax, esi",
+        "    mov [edi], ax",
+        "    mov ax, [sel]",
+        "    mov [edi+2], ax",
+        "    mov word [edi+4], 0x8e00",
+        "    shr eax, 16",
+        "    mov [edi+6], ax",
+        "    add edi, 8",
+        "    add esi, 16",
+        "    loop .gate",
+        "    lidt [idtr]",
+        "    mov dword [case_no], 0",
+        "next_case:",
+        "    mov eax, [case_no]",
+        f"    cmp eax, {n_cases}",
+        "    je finish",
+        f"    imul esi, eax, {CTX_SIZE}",
+        f"    add esi, {QEMU_CASES}",
+        f"    mov edi, {QEMU_WORK}",
+        f"    mov ecx, {CTX_SIZE // 4}",
+        "    rep movsd",
+        f"    mov ebx, {QEMU_WORK}",
+        "    mov [saved_esp], esp",
+        "    call [frames + eax*4]",
+        "after:",
+        "    mov esp, [saved_esp]",
+    ]
+    for lo, hi in DUMP:
+        lines += [f"    mov esi, {QEMU_WORK + lo}", f"    mov ecx, {hi - lo}", "    mov dx, 0x3f8",
+                  "    rep outsb"]  # fmt: skip
+    lines += [
+        "    inc dword [case_no]",
+        "    jmp next_case",
+        "finish:",
+        "    mov dx, 0xf4",
+        "    mov al, 0x31",
+        "    out dx, al",
+        "    hlt",
+        "fault_common:",
+        f"    mov [{QEMU_WORK + FAULT}], al",
+        "    jmp after",
+        "align 16",
+        "stubs:",
+    ]
+    for v in range(32):
+        sig = _SIGNAL_OF.get(v, 0x80 | v)
+        lines += [f"    mov al, {sig}", "    jmp fault_common", "    align 16"]
+    lines += ["align 4", "frames:"] + [f"    dd frame{i}" for i in range(len(frames))]
+    for i, fr in enumerate(frames):
+        lines += [f"frame{i}:", "    db " + ", ".join(str(b) for b in fr)]
+    lines += ["align 8", "idtr: dw 32*8-1", "    dd idt", "sel: dw 0", "case_no: dd 0",
+              "saved_esp: dd 0", "data_end:", "idt: times 32*8 db 0", "bss_end:"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_qemu(cases: list[tuple[bytes, bytes]], sse: bool) -> list[bytes]:
+    """Run the cases under qemu-system-i386 -accel tcg: each result is a full context
+    (the DUMP regions from QEMU, the rest as the input had it)."""
+    frames = [_frame(op, False, sse)[:-1] + b"\xc3" for op, _ in cases]  # hlt -> ret
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d)
+        (p / "g.asm").write_text(_qemu_guest(frames, len(cases)))
+        subprocess.run(["nasm", "-f", "bin", "-o", str(p / "g.bin"), str(p / "g.asm")], check=True)
+        (p / "cases.bin").write_bytes(b"".join(ctx for _, ctx in cases))
+        out = p / "out.bin"
+        subprocess.run(
+            ["qemu-system-i386", "-accel", "tcg", "-cpu", "core2duo", "-m", "64",
+             "-kernel", str(p / "g.bin"),
+             "-device", f"loader,file={p / 'cases.bin'},addr={QEMU_CASES:#x},force-raw=on",
+             "-display", "none", "-serial", f"file:{out}", "-monitor", "none", "-no-reboot",
+             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
+            timeout=600, check=False, capture_output=True,
+        )  # fmt: skip
+        data = out.read_bytes()
+    per = sum(hi - lo for lo, hi in DUMP)
+    results = []
+    for i, (_, ctx) in enumerate(cases):
+        chunk = data[i * per : (i + 1) * per]
+        res = bytearray(ctx)
+        if len(chunk) == per:
+            pos = 0
+            for lo, hi in DUMP:
+                res[lo:hi] = chunk[pos : pos + hi - lo]
+                pos += hi - lo
+        else:
+            res[FAULT] = 0xFF  # QEMU did not get this far
+        results.append(bytes(res))
+    return results
+
+
+def run_forms_qemu(forms: list[Form], n: int, seed: int = 1, sse: bool = False,
+                   ctx_fn=make_ctx) -> dict[str, tuple[int, int, list[str]]]:  # fmt: skip
+    """Per form: the emulator against QEMU TCG (one QEMU run for every case)."""
+    r = random.Random(seed)
+    ops = assemble([f.asm for f in forms])
+    emu = EmuRunner()
+    cases = []
+    for form, op in zip(forms, ops, strict=True):
+        cases += [(form, op, ctx_fn(r, form)) for _ in range(n)]
+    outs = run_qemu([(op, ctx) for _, op, ctx in cases], sse)
+    results: dict[str, tuple[int, int, list[str]]] = {}
+    for (form, op, ctx), q in zip(cases, outs, strict=True):
+        ok, tot, fails = results.get(form.name, (0, 0, []))
+        d = compare(form, ctx, q, emu.run(op, ctx, sse), sse)
+        if d is None:
+            ok += 1
+        elif len(fails) < 2:
+            fails = [*fails, f"{describe_input(ctx, form)} -> qemu vs emu: {d}"]
+        results[form.name] = (ok, tot + 1, fails)
+    return results
