@@ -347,6 +347,15 @@ def make_ctx(r: random.Random, form: Form) -> bytes:
     if form.mem == "env":
         m = rand_state(r, 0, rand_cw(r, 0.5))[:28]
         ctx[MEM : MEM + 28] = m
+    elif form.mem == "fxsave":  # a random FXRSTOR image at FXS: x87, MXCSR, XMM
+        img = bytearray(r.getrandbits(8) for _ in range(512))
+        st = rand_state(r, r.randrange(9), rand_cw(r, 0.5))
+        img[0:2], img[2:4] = st[0:2], st[4:6]
+        img[4] = r.getrandbits(8)
+        for i in range(8):
+            img[32 + 16 * i : 42 + 16 * i] = st[28 + 10 * i : 38 + 10 * i]
+        img[24:28] = (r.getrandbits(16) & 0xFFFF).to_bytes(4, "little")
+        ctx[FXS : FXS + 512] = img
     elif form.mem == "save":
         ctx[MEM : MEM + 108] = rand_state(r, r.randrange(9), rand_cw(r, 0.5))
     elif form.mem:

@@ -149,3 +149,35 @@ def test_fpu_code_in_compiled_blocks_matches_the_interpreter(translate: bool) ->
     expect = sum(1 / n**0.5 for n in range(2, 301))
     assert abs(struct.unpack("<d", total.to_bytes(8, "little"))[0] - expect) < 1e-12
     assert cpu.fpu.xmm[3] == sum(range(1, 301))
+
+
+def _fault_of(lines: list[str], cr0: int = 0x33, cr4: int = 0x600) -> int | None:
+    r = EmuRunner()
+    r.cpu.set_cr(4, cr4)
+    r.cpu.fpu.xmm[1] = 0x3FF0000000000000  # 1.0 / 0.0 in XMM1 / XMM2
+    _, stop, _ = _run(r, lines, cr0)
+    return stop.vector if isinstance(stop, CpuFault) else None
+
+
+@pytest.mark.parametrize(
+    ("lines", "cr0", "cr4", "vector"),
+    [
+        (["addsd xmm0, xmm1"], 0x33, 0x600, None),
+        (["addsd xmm0, xmm1"], 0x33, 0x400, 6),  # no CR4.OSFXSR: #UD
+        (["addsd xmm0, xmm1"], 0x37, 0x600, 6),  # CR0.EM: #UD
+        (["addsd xmm0, xmm1"], 0x3B, 0x600, 7),  # CR0.TS: #NM
+        (["paddb mm0, mm1"], 0x37, 0x600, 6),  # MMX with CR0.EM: #UD
+        (["paddb mm0, mm1"], 0x3B, 0x600, 7),
+        (["paddb mm0, mm1"], 0x33, 0x000, None),  # MMX needs no OSFXSR
+        # an unmasked divide-by-zero: #XM with CR4.OSXMMEXCPT, else #UD
+        (["mov dword [ebx], 0x1d80", "ldmxcsr [ebx]", "divsd xmm1, xmm2"], 0x33, 0x600, 19),
+        (["mov dword [ebx], 0x1d80", "ldmxcsr [ebx]", "divsd xmm1, xmm2"], 0x33, 0x200, 6),
+        (["mov dword [ebx], 0x10000", "ldmxcsr [ebx]"], 0x33, 0x600, 13),  # reserved bit
+        (["fxsave [ebx+8]"], 0x33, 0x600, 13),  # misaligned
+        (["fxsave [ebx]"], 0x3B, 0x600, 7),
+        (["lfence", "mfence", "sfence", "clflush [ebx]", "pause"], 0x33, 0x600, None),
+    ],
+)
+def test_simd_fault_conditions(lines: list[str], cr0: int, cr4: int, vector: int | None) -> None:
+    """SDM vol. 3, 13.1 / 2.5: #UD, #NM, #XM and #GP conditions of MMX/SSE forms."""
+    assert _fault_of(lines, cr0, cr4) == vector
