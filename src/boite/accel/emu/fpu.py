@@ -1142,12 +1142,16 @@ def fyl2x(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
         return ext_zero(sy ^ int(_lead(x) < 0)), flags
     f = _F + 64
     lg, exact = _log2_fixed(x, f)
-    _, my, ey = ext_value(y)
-    prod = lg * my
-    s = sy ^ int(prod < 0)
-    v, fl = round_pack(EXT, s, abs(prod), ey - f, rc, sticky=not exact, masks=masks,
-                       scale_unmasked=True)  # fmt: skip
+    v, fl = _times(y, lg, f, rc, masks, exact)
     return v, flags | fl | PE  # the hardware reports #P even for an exact log2
+
+
+def _times(y: int, lg: int, f: int, rc: int, masks: int, exact: bool = False) -> tuple[int, int]:
+    """y * (lg / 2**f), rounded once (FYL2X, FYL2XP1)."""
+    sy, my, ey = ext_value(y)
+    prod = lg * my
+    return round_pack(EXT, sy ^ int(prod < 0), abs(prod), ey - f, rc, sticky=not exact,
+                      masks=masks, scale_unmasked=True)  # fmt: skip
 
 
 def fyl2xp1(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
@@ -1182,11 +1186,7 @@ def fyl2xp1(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
     else:
         f = _F + max(0, -lead)
         lg = sf.log2_fixed_1p(_to_fixed(x, f), f)
-    _, my, ey = ext_value(y)
-    prod = lg * my
-    s = int(prod < 0) ^ sy
-    v, fl = round_pack(EXT, s, abs(prod), ey - f, rc, sticky=True, masks=masks,
-                       scale_unmasked=True)  # fmt: skip
+    v, fl = _times(y, lg, f, rc, masks)
     return v, flags | fl | PE
 
 
