@@ -538,6 +538,9 @@ class FpuState:
         """FNSTENV's 14/28-byte image (SDM vol. 1, figures 8-9 to 8-12)."""
         cw, sw, tw = self.cw, self.status(), self.tag_word()
         fip, fdp, fop = self.fip, self.fdp, self.fop & 0x7FF
+        if not protected:  # real mode: 20-bit linear pointers (selector * 16 + offset)
+            fip = (self.fcs << 4) + fip
+            fdp = (self.fds << 4) + fdp
         if size32:
             if protected:
                 words = (cw, sw, tw, fip, self.fcs | (fop << 16), fdp, self.fds)

@@ -224,9 +224,7 @@ def _mem_op(dec: Decoder, x: Ctx, b: int, reg: int, ea, guard, note, nxt: int, o
                     f.fcs = f.fds = 0
                 c.fpu_ferr_update()
             else:
-                _real_pointers(f, prot)
                 img = f.save_bytes(op32, prot) if full else f.env_bytes(op32, prot)
-                _unreal_pointers(f, prot)
                 write_bytes(c, lin, size, int.from_bytes(img, "little"))
                 if full:
                     f.finit()
@@ -237,22 +235,6 @@ def _mem_op(dec: Decoder, x: Ctx, b: int, reg: int, ea, guard, note, nxt: int, o
 
         return env_op
     return None
-
-
-_saved: list[tuple[int, int]] = []
-
-
-def _real_pointers(f: F.FpuState, prot: bool) -> None:
-    """Real mode: the environment holds 20-bit linear pointers (selector * 16 + offset)."""
-    if not prot:
-        _saved.append((f.fip, f.fdp))
-        f.fip = (f.fcs << 4) + f.fip
-        f.fdp = (f.fds << 4) + f.fdp
-
-
-def _unreal_pointers(f: F.FpuState, prot: bool) -> None:
-    if not prot:
-        f.fip, f.fdp = _saved.pop()
 
 
 def _reg_op(dec: Decoder, b: int, reg: int, rm: int, guard, note, nxt: int):
