@@ -1129,6 +1129,8 @@ def fyl2x(x: int, y: int, rc: int, masks: int) -> tuple[int, int]:
     if cx == ZERO:
         if cy == ZERO:
             return EXT_INDEFINITE, IE
+        if cy == INF:
+            return ext_inf(sy ^ 1), 0  # -inf * inf: no #Z (the hardware's answer)
         return ext_inf(sy ^ 1), ZE  # -inf * y, checked before the denormal operand
     if cx == INF:
         if cy == ZERO:
