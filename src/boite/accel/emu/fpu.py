@@ -677,9 +677,10 @@ def add(a: int, b: int, sub: bool, fmt, rc: int, masks: int) -> tuple[int, int]:
         return ext_zero(sa if sa == sb else int(rc == sf.RD)), flags
     _, ma, ea = ext_value(a)
     _, mb, eb = ext_value(b)
-    e = min(ea, eb)
-    m = (-ma if sa else ma) << (ea - e)
-    m += (-mb if sb else mb) << (eb - e)
+    if ma == 0 or mb == 0:  # a zero and a pseudo/denormal nonzero: nothing to align
+        m, e = ((-ma if sa else ma), ea) if mb == 0 else ((-mb if sb else mb), eb)
+    else:
+        m, e = sf.add_exact(sa, ma, ea, sb, mb, eb)
     if m == 0:
         return ext_zero(int(rc == sf.RD)), flags
     v, f = round_pack(fmt, int(m < 0), abs(m), e, rc, masks=masks, scale_unmasked=True)

@@ -279,6 +279,23 @@ def round_pack(
     return pack(fmt, sign, q, rlead), (PE | (C1 if inc else 0)) if inexact else 0
 
 
+def add_exact(sa: int, ma: int, ea: int, sb: int, mb: int, eb: int) -> tuple[int, int]:
+    """(m, e) with m signed: the sum of two nonzero finite values, exact where it matters:
+    an operand more than 70 binary places below the other only decides rounding by its
+    sign (it is below a quarter ulp at any precision here), so it becomes the smallest
+    value of that sign 72 places down instead of a shift by thousands of bits."""
+    la = ea + ma.bit_length()
+    lb = eb + mb.bit_length()
+    if lb < la - 70:
+        mb, eb = 1, la - 72
+    elif la < lb - 70:
+        ma, ea = 1, lb - 72
+    e = min(ea, eb)
+    m = (-ma if sa else ma) << (ea - e)
+    m += (-mb if sb else mb) << (eb - e)
+    return m, e
+
+
 def cmp_values(sa: int, ma: int, ea: int, sb: int, mb: int, eb: int) -> int:
     """-1, 0, 1 comparing (-1)**sa * ma * 2**ea with the other (finite, zeros included)."""
     if ma == 0 and mb == 0:
@@ -287,6 +304,10 @@ def cmp_values(sa: int, ma: int, ea: int, sb: int, mb: int, eb: int) -> int:
     vb = -mb if sb else mb
     if (va < 0) != (vb < 0) or va == 0 or vb == 0:
         return (va > vb) - (va < vb)
+    la, lb = ea + ma.bit_length(), eb + mb.bit_length()
+    if la != lb:  # same sign: the larger magnitude is the one with the higher leading bit
+        r = 1 if la > lb else -1
+        return -r if sa else r
     e = min(ea, eb)
     va <<= ea - e
     vb <<= eb - e

@@ -319,9 +319,10 @@ def fp_arith(op: str, double: bool, a: int, b: int, mxcsr: int) -> tuple[int, in
             return (sa if sa == sb else int(rc == sf.RD)) << sbit, flags
         _, ma, ea = sf.ieee_value(fmt, a)
         _, mb, eb = sf.ieee_value(fmt, b)
-        e = min(ea, eb)
-        m = (-ma if sa else ma) << (ea - e)
-        m += (-mb if sb else mb) << (eb - e)
+        if ma == 0 or mb == 0:
+            m, e = ((-ma if sa else ma), ea) if mb == 0 else ((-mb if sb else mb), eb)
+        else:
+            m, e = sf.add_exact(sa, ma, ea, sb, mb, eb)
         if m == 0:
             return int(rc == sf.RD) << sbit, flags
         v, f = sf.round_pack(fmt, int(m < 0), abs(m), e, rc, masks=masks, daz_ftz=ftz)
