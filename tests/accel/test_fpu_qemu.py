@@ -10,10 +10,10 @@ from the real CPU seen here (named, not copied):
   indefinite and pop; FST m32/m64 with an unmasked underflow stores anyway; FSQRT/FPREM/
   FXTRACT/FBSTP condition codes and #D/#Z ordering; the transcendentals (FSIN ... FYL2XP1)
   differ in the last bits and for denormal/huge arguments.
-- MMX: the SSE-era forms that write an MMX register (PINSRW, MOVDQ2Q, CVTPS2PI,
-  CVTTPD2PI) leave its exponent bits and the tag word as they were.
-- SSE: no #D flag from compares and conversions of denormals; unmasked exceptions of
-  some forms do not raise #XM.
+- MMX: a write to an MMX register leaves bits 79:64 of the x87 register as they were
+  (the CPU sets them to ones) and some forms leave the tag word alone.
+- SSE: the #D flag is not set for denormal operands; unmasked exceptions do not raise
+  #XM (the CPU faults; the emulator does too).
 """
 
 from __future__ import annotations
