@@ -356,6 +356,13 @@ def make_ctx(r: random.Random, form: Form) -> bytes:
             img[32 + 16 * i : 42 + 16 * i] = st[28 + 10 * i : 38 + 10 * i]
         img[24:28] = (r.getrandbits(16) & 0xFFFF).to_bytes(4, "little")
         ctx[FXS : FXS + 512] = img
+    elif form.mem in ("env16", "save16"):  # the 16-bit protected-mode layouts
+        st = rand_state(r, r.randrange(9), rand_cw(r, 0.5))
+        words = b"".join(st[4 * i : 4 * i + 2] for i in range(3)) + r.getrandbits(64).to_bytes(
+            8, "little"
+        )
+        img = words + (st[28:108] if form.mem == "save16" else b"")
+        ctx[MEM : MEM + len(img)] = img
     elif form.mem == "save":
         ctx[MEM : MEM + 108] = rand_state(r, r.randrange(9), rand_cw(r, 0.5))
     elif form.mem:
