@@ -13,6 +13,7 @@ resumes and reverts damaged files through the `boite` command.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import importlib
@@ -580,13 +581,20 @@ def test_a_short_vmem_is_refused_before_any_ram_changes(saved_checkpoint) -> Non
     assert b.machine.save_device_state() == devices
 
 
+def _tagged(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return {"$bytes": base64.b64encode(obj).decode("ascii")}
+    raise TypeError(type(obj).__name__)
+
+
 def retag_cpu(good: bytes, tag: Tag, rng: random.Random) -> bytes:
     """The checkpoint with one vCPU tag given another well-formed value: a register at
     another width or value, a blob of another size, other JSON in `boite:extra`."""
     ckpt = Checkpoint.parse(good)
     if tag.block and tag.name == "boite:extra":
         extra = json.loads(tag.value)
-        value = json.dumps(mutate(extra, rng), allow_nan=True).encode()
+        # junk() may put bytes inside: tag them as the checkpoint's JSON does
+        value = json.dumps(mutate(extra, rng), allow_nan=True, default=_tagged).encode()
     elif tag.block:
         value = rng.randbytes(rng.choice((0, 1, 511, 512, 513, 4096)))
     else:
