@@ -1,12 +1,24 @@
-"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend."""
+"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend.
+
+A running box's VMM does the work (its operation lock serializes requests); a stopped
+box's operation holds the box lock, and a second command waits for it (bounded, saying
+so) instead of failing or interleaving.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 from boite.box import Box
-from boite.errors import BoxError
+from boite.errors import BoxError, LockError
+
+# How long an offline operation waits for another boite command holding the box.
+OFFLINE_WAIT_S = 120.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,14 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_snapshots)
 
-    p = sub.add_parser("revert", help="go back to a snapshot (the current state is dropped)")
+    p = sub.add_parser(
+        "revert",
+        help="go back to a snapshot (the current state is dropped; a running box restarts "
+        "from it, resuming a memory snapshot)",
+    )
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("delete-snapshot", help="remove a snapshot, consolidating its delta disks")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("suspend", help="save a running box's state to NAME.vmss and power off")
@@ -61,19 +79,54 @@ def _running_control(box: Box) -> str | None:
     for running in list_running():
         if running.pid == holder.pid and getattr(running, "control", None):
             return running.control
-    raise BoxError(
-        f"{box.vmx_path}: the box is running (pid {holder.pid} on {holder.host}) but its VMM "
-        "has no control socket this command can reach"
-    )
+    # Another boite command's operation on the stopped box (or a VMM still starting):
+    # the caller waits for the lock.
+    return None
 
 
 def _vmm_request(control: str, request: dict) -> dict:
     from pathlib import Path
 
-    from boite.vmm import control_request  # the VMM's side of the control socket
+    from boite.vmm import OPERATION_WAIT_S, control_request
 
-    # Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.
-    return control_request(Path(control), request, timeout=600)
+    path = Path(control)
+    busy = control_request(path, {"cmd": "status"}).get("status", {}).get("operation")
+    if busy:
+        print(f"boite: waiting for {busy} to finish first", file=sys.stderr, flush=True)
+    # Saving RAM takes seconds per GiB, and the VMM may first wait for a running
+    # operation: wait for both rather than the default 10 s.
+    return control_request(path, request, timeout=600 + OPERATION_WAIT_S)
+
+
+def _offline(box: Box, what: str, operation: Callable[[Box], Any]) -> Any:
+    """Run `operation(box)` on a stopped box holding its lock. Another boite command
+    holding it (an operation in progress) is waited for, up to OFFLINE_WAIT_S."""
+    from boite.box.lock import BoxLock
+
+    lock = BoxLock(box.vmx_path)
+    deadline = time.monotonic() + OFFLINE_WAIT_S
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockError as exc:
+            if _running_control(box) is not None:
+                raise BoxError(
+                    f"{box.vmx_path}: the box was started meanwhile; try again"
+                ) from None
+            if time.monotonic() > deadline:
+                raise BoxError(
+                    f"{box.vmx_path}: {what}: gave up after {OFFLINE_WAIT_S:g} s waiting ({exc})"
+                ) from None
+            if not told:
+                print(f"boite: {box.name} is busy ({exc}); waiting", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(0.05)
+    try:
+        return operation(Box.open(box.vmx_path))  # as the previous holder left it
+    finally:
+        lock.release()
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -98,7 +151,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 f"{box.vmx_path}: --memory needs a running box (this one is powered off); "
                 "start it first, or take a disk snapshot without --memory"
             )
-        snap = take_snapshot(box, args.name, args.description)
+        snap = _offline(
+            box, "snapshot",
+            lambda b: take_snapshot(b, args.name, args.description, lock_held=True),
+        )  # fmt: skip
         uid, name = snap.uid, snap.display_name
     if args.json:
         print(json.dumps({"uid": uid, "name": name}))
@@ -127,10 +183,18 @@ def cmd_revert(args: argparse.Namespace) -> int:
     from boite.snapshot import revert_snapshot
 
     box = Box.open(args.box)
-    if _live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before reverting it (it is running)")
-    snap = revert_snapshot(box, args.name)
-    print(f"reverted to {snap.display_name!r} (#{snap.uid})")
+    control = _running_control(box)
+    if control is not None:
+        reply = _vmm_request(control, {"cmd": "revert", "name": args.name})
+        uid, name = reply.get("uid"), reply.get("name")
+        how = "resumed from its memory" if reply.get("memory") else "restarted"
+        result = {"uid": uid, "name": name, "running": True, "memory": bool(reply.get("memory"))}
+        text = f"reverted to {name!r} (#{uid}); the box {how}"
+    else:
+        snap = _offline(box, "revert", lambda b: revert_snapshot(b, args.name, lock_held=True))
+        result = {"uid": snap.uid, "name": snap.display_name, "running": False}
+        text = f"reverted to {snap.display_name!r} (#{snap.uid})"
+    print(json.dumps(result) if args.json else text)
     return 0
 
 
@@ -138,10 +202,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from boite.snapshot import delete_snapshot
 
     box = Box.open(args.box)
-    if _live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before deleting a snapshot (it is running)")
-    snap = delete_snapshot(box, args.name)
-    print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
+    control = _running_control(box)
+    if control is not None:
+        reply = _vmm_request(control, {"cmd": "delete-snapshot", "name": args.name})
+        uid, name = reply.get("uid"), reply.get("name")
+    else:
+        snap = _offline(
+            box, "delete-snapshot", lambda b: delete_snapshot(b, args.name, lock_held=True)
+        )
+        uid, name = snap.uid, snap.display_name
+    print(
+        json.dumps({"uid": uid, "name": name})
+        if args.json
+        else f"deleted snapshot {name!r} (#{uid})"
+    )
     return 0
 
 
