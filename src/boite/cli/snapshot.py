@@ -1,8 +1,8 @@
 """Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend.
 
-A running box's VMM does the work (its operation lock serializes requests); a stopped
-box's operation holds the box lock, and a second command waits for it (bounded, saying
-so) instead of failing or interleaving.
+The work is in boite.launch: a running box's VMM does it (its operation lock serializes
+requests), a stopped box's operation holds the box lock, and a second command waits for
+either (bounded, saying so on stderr) instead of failing or interleaving.
 """
 
 from __future__ import annotations
@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
 from boite.box import Box
-from boite.errors import BoxError, LockError
-
-# How long an offline operation waits for another boite command holding the box.
-OFFLINE_WAIT_S = 120.0
+from boite.launch import live_holder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,105 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_suspend)
 
 
-def _live_holder(box: Box):
-    """Who runs the box, or None; a lock left by a killed process does not count."""
-    holder = box.lock_holder
-    if holder is None or holder.is_dead_here():
-        return None
-    return holder
-
-
-def _running_control(box: Box) -> str | None:
-    """The control socket of the VMM running this box, or None when it is not running."""
-    from boite.box import list_running
-
-    holder = _live_holder(box)
-    if holder is None:
-        return None
-    for running in list_running():
-        if running.pid == holder.pid and getattr(running, "control", None):
-            return running.control
-    # Another boite command's operation on the stopped box (or a VMM still starting):
-    # the caller waits for the lock.
-    return None
-
-
-def _vmm_request(control: str, request: dict) -> dict:
-    from pathlib import Path
-
-    from boite.vmm import OPERATION_WAIT_S, control_request
-
-    path = Path(control)
-    busy = control_request(path, {"cmd": "status"}).get("status", {}).get("operation")
-    if busy:
-        print(f"boite: waiting for {busy} to finish first", file=sys.stderr, flush=True)
-    # Saving RAM takes seconds per GiB, and the VMM may first wait for a running
-    # operation: wait for both rather than the default 10 s.
-    return control_request(path, request, timeout=600 + OPERATION_WAIT_S)
-
-
-def _offline(box: Box, what: str, operation: Callable[[Box], Any]) -> Any:
-    """Run `operation(box)` on a stopped box holding its lock. Another boite command
-    holding it (an operation in progress) is waited for, up to OFFLINE_WAIT_S."""
-    from boite.box.lock import BoxLock
-
-    lock = BoxLock(box.vmx_path)
-    deadline = time.monotonic() + OFFLINE_WAIT_S
-    told = False
-    while True:
-        try:
-            lock.acquire()
-            break
-        except LockError as exc:
-            if _running_control(box) is not None:
-                raise BoxError(
-                    f"{box.vmx_path}: the box was started meanwhile; try again"
-                ) from None
-            if time.monotonic() > deadline:
-                raise BoxError(
-                    f"{box.vmx_path}: {what}: gave up after {OFFLINE_WAIT_S:g} s waiting ({exc})"
-                ) from None
-            if not told:
-                print(f"boite: {box.name} is busy ({exc}); waiting", file=sys.stderr, flush=True)
-                told = True
-            time.sleep(0.05)
-    try:
-        return operation(Box.open(box.vmx_path))  # as the previous holder left it
-    finally:
-        lock.release()
+def _notify(message: str) -> None:
+    print(f"boite: {message}", file=sys.stderr, flush=True)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from boite.snapshot import take_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is not None:
-        reply = _vmm_request(
-            control,
-            {
-                "cmd": "snapshot",
-                "name": args.name,
-                "description": args.description,
-                "memory": args.memory is not False,
-            },
-        )
-        uid, name = reply.get("uid"), args.name
-    else:
-        if args.memory:
-            raise BoxError(
-                f"{box.vmx_path}: --memory needs a running box (this one is powered off); "
-                "start it first, or take a disk snapshot without --memory"
-            )
-        snap = _offline(
-            box, "snapshot",
-            lambda b: take_snapshot(b, args.name, args.description, lock_held=True),
-        )  # fmt: skip
-        uid, name = snap.uid, snap.display_name
+    taken = launch.snapshot(
+        Box.open(args.box), args.name, args.description, args.memory, notify=_notify
+    )
     if args.json:
-        print(json.dumps({"uid": uid, "name": name}))
+        print(json.dumps({"uid": taken.uid, "name": taken.name}))
     else:
-        print(f"snapshot {name!r} (#{uid}) taken")
+        print(f"snapshot {taken.name!r} (#{taken.uid}) taken")
     return 0
 
 
@@ -167,7 +76,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     from boite.snapshot import recover, render_tree, tree_as_dict
 
     box = Box.open(args.box)
-    if _live_holder(box) is None:
+    if live_holder(box) is None:
         note = recover(box)
         if note and not args.json:
             print(f"note: {note}")
@@ -180,50 +89,33 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    from boite.snapshot import revert_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is not None:
-        reply = _vmm_request(control, {"cmd": "revert", "name": args.name})
-        uid, name = reply.get("uid"), reply.get("name")
-        how = "resumed from its memory" if reply.get("memory") else "restarted"
-        result = {"uid": uid, "name": name, "running": True, "memory": bool(reply.get("memory"))}
-        text = f"reverted to {name!r} (#{uid}); the box {how}"
+    done = launch.revert(Box.open(args.box), args.name, notify=_notify)
+    if args.json:
+        print(json.dumps({"uid": done.uid, "name": done.name, "running": done.running,
+                          "memory": done.memory}))  # fmt: skip
+    elif done.running:
+        how = "resumed from its memory" if done.memory else "restarted"
+        print(f"reverted to {done.name!r} (#{done.uid}); the box {how}")
     else:
-        snap = _offline(box, "revert", lambda b: revert_snapshot(b, args.name, lock_held=True))
-        result = {"uid": snap.uid, "name": snap.display_name, "running": False}
-        text = f"reverted to {snap.display_name!r} (#{snap.uid})"
-    print(json.dumps(result) if args.json else text)
+        print(f"reverted to {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from boite.snapshot import delete_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is not None:
-        reply = _vmm_request(control, {"cmd": "delete-snapshot", "name": args.name})
-        uid, name = reply.get("uid"), reply.get("name")
+    done = launch.delete_snapshot(Box.open(args.box), args.name, notify=_notify)
+    if args.json:
+        print(json.dumps({"uid": done.uid, "name": done.name}))
     else:
-        snap = _offline(
-            box, "delete-snapshot", lambda b: delete_snapshot(b, args.name, lock_held=True)
-        )
-        uid, name = snap.uid, snap.display_name
-    print(
-        json.dumps({"uid": uid, "name": name})
-        if args.json
-        else f"deleted snapshot {name!r} (#{uid})"
-    )
+        print(f"deleted snapshot {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is None:
-        raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
-    reply = _vmm_request(control, {"cmd": "suspend"})
-    print(f"suspended to {reply.get('file', box.name + '.vmss')}")
+    from boite import launch
+
+    print(f"suspended to {launch.suspend(Box.open(args.box), notify=_notify)}")
     return 0

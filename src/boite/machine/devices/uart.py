@@ -236,6 +236,7 @@ class ConsoleClient:
         self._buffer = bytearray()
         self._cond = threading.Condition()
         self._closed = False
+        self._writing = False
         self._on_gone = on_gone
         self._thread = threading.Thread(target=self._pump, name="console-client", daemon=True)
         self._thread.start()
@@ -261,6 +262,7 @@ class ConsoleClient:
                     return
                 data = bytes(self._buffer)
                 self._buffer.clear()
+                self._writing = True
                 lost, self._unreported = self._unreported, 0
             if lost:
                 data += f"\r\n[boite: {lost} bytes of console output dropped]\r\n".encode()
@@ -270,6 +272,8 @@ class ConsoleClient:
                 self.close()
                 self._on_gone(self)
                 return
+            finally:
+                self._writing = False
 
     def close(self) -> None:
         with self._cond:
@@ -281,7 +285,7 @@ class ConsoleClient:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._buffer or self._closed:
+                if self._closed or not (self._buffer or self._writing):
                     return
             time.sleep(0.005)
 
@@ -333,6 +337,12 @@ class ConsoleBackend(SerialBackend):
             self._clients = [c for c in self._clients if c not in gone]
         for c in gone:
             c.close()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every viewer has been handed what was written."""
+        deadline = time.monotonic() + timeout
+        for client in list(self._clients):
+            client.flush(max(0.0, deadline - time.monotonic()))
 
     def _gone(self, client: ConsoleClient) -> None:
         with self._lock:
