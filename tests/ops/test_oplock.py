@@ -13,7 +13,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,9 @@ def _snapshot_pairs(box_dir: Path, pairs: int) -> list[subprocess.CompletedProce
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "boite", "snapshot", str(box_dir), f"{side}{n}"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
             for side in "ab"
         ]
