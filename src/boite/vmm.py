@@ -799,6 +799,10 @@ class ControlServer:
         if console is None:
             return
         self.log("Console attached.")
+        # The viewer's own bounded buffer (ConsoleClient) is where a slow viewer's output
+        # waits and is dropped; a large socket buffer would only hide that for a while.
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
 
         def writer(data: bytes) -> None:
             conn.sendall(data)

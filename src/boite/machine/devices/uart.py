@@ -302,9 +302,13 @@ class ConsoleBackend(SerialBackend):
     into the guest from any thread.
     """
 
-    def __init__(self, ring_size: int = 1 << 20, client_buffer: int = 1 << 20) -> None:
+    def __init__(self, ring_size: int = 1 << 20, client_buffer: int | None = None) -> None:
         self.ring_size = ring_size
-        self.client_buffer = client_buffer
+        # BOITE_CONSOLE_CLIENT_BUFFER: a smaller buffer lets tests see a slow viewer's
+        # output dropped within seconds of a slowly printing guest.
+        self.client_buffer = client_buffer or int(
+            os.environ.get("BOITE_CONSOLE_CLIENT_BUFFER", "") or 1 << 20
+        )
         self._ring: collections.deque[bytes] = collections.deque()
         self._ring_len = 0
         self._clients: list[ConsoleClient] = []
