@@ -574,6 +574,33 @@ def offline_operation(
         lock.release()
 
 
+def disk_operation(
+    disk: str | Path, what: str, operation: Callable[[], Any], notify: Notify | None = None
+) -> Any:
+    """Run `operation()` on a disk file (grow, compact) under the operation lock of the
+    box it lives in (each .vmx beside it): refused while that box runs (its VMM has the
+    disk open), waited for while another boite command works on the box. A disk outside
+    any box is the caller's alone."""
+    folder = Path(disk).parent
+    boxes = sorted(p for p in folder.glob("*.vmx") if p.is_file()) if folder.is_dir() else []
+    return _holding(boxes, what, operation, notify)
+
+
+def _holding(vmxs: list[Path], what: str, operation: Callable[[], Any], notify) -> Any:
+    if not vmxs:
+        return operation()
+    box = open_box(vmxs[0])
+    if running_control(box) is not None:
+        raise BoxError(
+            f"{box.name} is running and has its disks open: stop it before `{what}` "
+            f"(boite stop {box.dir})"
+        )
+    rest = vmxs[1:]
+    return offline_operation(
+        box, what, lambda _box: _holding(rest, what, operation, notify), notify
+    )
+
+
 @dataclass(frozen=True)
 class SnapshotTaken:
     uid: int | None

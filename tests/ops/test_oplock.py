@@ -303,3 +303,18 @@ while not data.endswith(b"\n"):
 print("after-emfile", "answered" if json.loads(data)["ok"] else data)
 print(control_request(tmp / "e.ctl", {"cmd": "status"})["ok"], file=sys.stderr)
 """
+
+
+def test_disk_grow_and_compact_take_the_box_lock(spin_box):
+    """Growing a disk under a running VMM would change it behind the guest's back: refused;
+    on a stopped box the command holds the box lock like any operation."""
+    start_detached(spin_box)
+    for verb in (("grow", "-s", "16M"), ("compact",)):
+        r = boite("disk", verb[0], *verb[1:], spin_box / "spin.vmdk")
+        assert r.returncode == 1 and "is running and has its disks open" in r.stderr, r.stderr
+    stop_hard(spin_box)
+    r = boite("disk", "grow", "-s", "16M", spin_box / "spin.vmdk")
+    assert r.returncode == 0, r.stderr
+    assert not (spin_box / "spin.vmx.lck").exists()
+    with open_disk(spin_box / "spin.vmdk", read_only=True) as d:
+        assert d.size == 16 << 20

@@ -124,19 +124,33 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _in_its_box(path: str, what: str, operation) -> None:
+    """Under the operation lock of the box the disk is in (boite.launch.disk_operation)."""
+    from boite.launch import disk_operation
+
+    disk_operation(path, what, operation,
+                   notify=lambda m: print(f"boite: {m}", file=sys.stderr, flush=True))  # fmt: skip
+
+
 def cmd_grow(args) -> int:
     from boite.disk import grow_disk
 
-    with progress_bar("growing") as update:
-        grow_disk(args.path, parse_size(args.size), progress=update)
+    def grow() -> None:
+        with progress_bar("growing") as update:
+            grow_disk(args.path, parse_size(args.size), progress=update)
+
+    _in_its_box(args.path, "disk grow", grow)
     return 0
 
 
 def cmd_compact(args) -> int:
     from boite.disk import compact_disk
 
-    with progress_bar("compacting") as update:
-        compact_disk(args.path, progress=update)
+    def compact() -> None:
+        with progress_bar("compacting") as update:
+            compact_disk(args.path, progress=update)
+
+    _in_its_box(args.path, "disk compact", compact)
     return 0
 
 
