@@ -470,6 +470,7 @@ class Stopped:
     how: str
     method: str | None
     detail: str
+    problems: tuple[str, ...] = ()  # what the power-off could not do (a failed flush)
 
 
 def stop(
@@ -492,6 +493,7 @@ def stop(
         raise BoxError(f"{box.name} is not running")
     sock = connect_control(control_socket_path(box.dir, box.name), timeout=10)
     outcome: dict[str, Any] | None = None
+    problems: tuple[str, ...] = ()
     with sock:
         request_line = {"cmd": "stop", "mode": mode, "grace_s": grace, "wait": True}
         sock.sendall(json.dumps(request_line).encode() + b"\n")
@@ -512,6 +514,7 @@ def stop(
                 continue
             if isinstance(final, dict):
                 outcome = final.get("outcome")
+                problems = tuple(str(p) for p in final.get("problems") or ())
             break
     while time.monotonic() < deadline and box.lock_holder is not None:
         time.sleep(0.05)  # the VMM lets go of the box lock last
@@ -521,7 +524,9 @@ def stop(
         )
     if outcome is None:  # an older VMM, or it went without saying how
         return Stopped(mode, None, "the VMM did not say how it stopped")
-    return Stopped(str(outcome.get("how")), outcome.get("method"), str(outcome.get("detail")))
+    return Stopped(
+        str(outcome.get("how")), outcome.get("method"), str(outcome.get("detail")), problems
+    )
 
 
 def pause(box: Any) -> None:

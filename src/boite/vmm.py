@@ -147,14 +147,25 @@ class SoftStopMethod:
     request: Callable[[Vmm], bool]
 
 
-def _acpi_power_button(vmm: Vmm) -> bool:
-    """The platform's ACPI power button: a device with `press_power_button()` (the ACPI
-    PM device of the PC platform); the guest's OSPM then shuts down."""
-    device = vmm.find_device("press_power_button")
-    if device is None:
+def _guest_tools(vmm: Vmm) -> bool:
+    """The guest tools (boite.tools' host end, `vmm.guest_tools`): an agent that answers
+    powers the guest off from inside, as VMware Tools do."""
+    tools = vmm.guest_tools
+    if tools is None or not getattr(tools, "running", False):
         return False
-    device.press_power_button()
-    return True
+    return bool(tools.power())
+
+
+def _acpi_power_button(vmm: Vmm) -> bool:
+    """The platform's ACPI power button (`Machine.press_power_button()`, or a device
+    with that method): True when the guest's OS listens to it (it enabled the power
+    button event); its OSPM then shuts down."""
+    machine = vmm.machine
+    press = getattr(machine, "press_power_button", None)
+    if not callable(press):
+        device = vmm.find_device("press_power_button")
+        press = device.press_power_button if device is not None else None
+    return bool(press()) if callable(press) else False
 
 
 def _ctrl_alt_del(vmm: Vmm) -> bool:
@@ -168,11 +179,12 @@ def _ctrl_alt_del(vmm: Vmm) -> bool:
 
 
 def default_soft_stop_methods() -> list[SoftStopMethod]:
-    """VMware's order: the guest tools (the tools part inserts its method first with
-    `Vmm.add_soft_stop_method(..., first=True)`), else the ACPI power button, else
-    Ctrl-Alt-Del on the keyboard; when none is there or the guest does not power off in
-    time, the plug is pulled."""
+    """VMware's order: the guest tools (when the box has them: `Vmm.guest_tools`), else
+    the ACPI power button, else Ctrl-Alt-Del on the keyboard; when none is there or the
+    guest does not power off in time, the plug is pulled. Another way goes in with
+    `Vmm.add_soft_stop_method(method, first=...)`."""
     return [
+        SoftStopMethod("tools", "the guest tools", _guest_tools),
         SoftStopMethod("acpi", "the ACPI power button", _acpi_power_button),
         SoftStopMethod("keyboard", "Ctrl-Alt-Del on the keyboard", _ctrl_alt_del),
     ]
@@ -207,6 +219,9 @@ class Vmm:
         self.started_at: float | None = None
         self.resets = 0
         self.operation = OperationLock(name)
+        # The guest tools' host end (boite.tools), when the box has them: the first way
+        # of a soft stop.
+        self.guest_tools: Any = None
         self.soft_stop_methods: list[SoftStopMethod] = default_soft_stop_methods()
         # How the last stop went, for the control socket's `stop` reply and vmware.log.
         self.stop_outcome: dict[str, Any] | None = None

@@ -206,6 +206,7 @@ def test_soft_stop_tries_its_methods_in_order():
         asked.append("acpi")
         return True
 
+    assert [m.name for m in vmm.soft_stop_methods] == ["tools", "acpi", "keyboard"]
     vmm.add_soft_stop_method(SoftStopMethod("tools", "the guest tools", tools_not_running))
     vmm.add_soft_stop_method(SoftStopMethod("acpi", "the ACPI power button", acpi))
     vmm.add_soft_stop_method(

@@ -212,6 +212,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     finally:
         if countdown is not None:
             countdown.end()
+    if stopped.problems:  # a failed flush: the guest's last writes may be lost
+        from boite.errors import DiskError
+
+        raise DiskError(f"{box.name} stopped, but powering off failed: "
+                        + "; ".join(stopped.problems))  # fmt: skip
     if args.json:
         print(json.dumps({"name": box.name, "how": stopped.how, "method": stopped.method,
                           "detail": stopped.detail}))  # fmt: skip
