@@ -482,7 +482,13 @@ def stop(
     """Stop the running box (soft: the guest is asked, hard after `timeout` s; hard: now)
     and wait until its VMM has powered off and let go of the box. `progress(method,
     seconds_left)` is called about every second while a soft stop waits for the guest."""
-    from boite.vmm import SOFT_STOP_GRACE_S, check_grace, connect_control, control_socket_path
+    from boite.vmm import (
+        POWER_OFF_WAIT_S,
+        SOFT_STOP_GRACE_S,
+        check_grace,
+        connect_control,
+        control_socket_path,
+    )
 
     box = open_box(box)
     if mode not in ("soft", "hard"):
@@ -504,10 +510,13 @@ def stop(
         if not first.get("ok"):
             raise BoxError(f"{box.name}: {first.get('error', 'stop refused')}")
         method, left = first.get("method"), float(first.get("grace_s") or 0.0)
-        deadline = time.monotonic() + left + 15  # the power-off itself gets 15 s
+        # The power-off may first let a running snapshot finish (bounded in the VMM).
+        power_off = POWER_OFF_WAIT_S + 15
+        asked_until = time.monotonic() + left
+        deadline = asked_until + power_off
         while time.monotonic() < deadline:
             if progress is not None and first.get("how") == "soft":
-                progress(str(method), max(0.0, deadline - 15 - time.monotonic()))
+                progress(str(method), max(0.0, asked_until - time.monotonic()))
             try:
                 final = lines.read(timeout=1.0)
             except TimeoutError:
