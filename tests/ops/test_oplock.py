@@ -106,6 +106,21 @@ def test_concurrent_snapshots_of_a_stopped_box_wait_for_each_other(tmp_path):
     _assert_sound(box_dir, {"a0", "b0", "a1", "b1"})
 
 
+def _snapshot_under_way(box_dir: Path, name: str) -> subprocess.Popen:
+    """`boite snapshot BOX NAME` in the background, once the VMM is working on it."""
+    from boite.vmm import control_request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boite", "snapshot", str(box_dir), name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ctl = box_dir / f"{box_dir.name}.ctl"
+    assert wait_for(
+        lambda: control_request(ctl, {"cmd": "status"})["status"]["operation"] is not None
+    )
+    return proc
+
+
 def test_a_second_request_waits_with_a_message_then_is_refused_clearly(spin_box):
     """The VMM's lock waits `wait_s` for a running operation, then refuses naming it."""
     from boite.vmm import control_request
@@ -113,13 +128,7 @@ def test_a_second_request_waits_with_a_message_then_is_refused_clearly(spin_box)
     ctl = spin_box / "spin.ctl"
     # A slow snapshot: 0.3 s between journal steps (the kill tests' delay hook).
     start_detached(spin_box, env={"BOITE_SNAPSHOT_STEP_DELAY": "0.3"})
-    slow = subprocess.Popen(
-        [sys.executable, "-m", "boite", "snapshot", str(spin_box), "slow"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert wait_for(
-        lambda: control_request(ctl, {"cmd": "status"})["status"]["operation"] is not None
-    )
+    slow = _snapshot_under_way(spin_box, "slow")
     from boite.errors import BoxError
 
     with pytest.raises(BoxError, match=r"busy: snapshot 'slow' has been running"):
@@ -140,16 +149,7 @@ def test_hard_stop_during_a_live_snapshot_lets_it_finish(tmp_path):
     box.vmx["memsize"] = "256"  # a RAM image that takes a moment to write
     box.save()
     start_detached(box_dir, env={"BOITE_SNAPSHOT_STEP_DELAY": "0.2"})
-    ctl = box_dir / "big.ctl"
-    snap = subprocess.Popen(
-        [sys.executable, "-m", "boite", "snapshot", str(box_dir), "live"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    from boite.vmm import control_request
-
-    assert wait_for(
-        lambda: control_request(ctl, {"cmd": "status"})["status"]["operation"] is not None
-    )
+    snap = _snapshot_under_way(box_dir, "live")
     stop = boite("stop", box_dir, "hard")
     assert stop.returncode == 0, stop.stderr
     out, err = snap.communicate(timeout=60)
