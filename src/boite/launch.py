@@ -270,7 +270,6 @@ def run_box(
     console = ConsoleBackend()
     with box.acquire_lock(), to_box_log(box.log):
         log = _vmm_log.info  # one path: the `boite` logger, into vmware.log (and -v)
-        _recover_under_lock(box)
         accel_name = accel or box.config.virtual_exec
 
         kernel = box_file(box, "boite.kernel")
@@ -318,18 +317,6 @@ def run_box(
             devices.close()
         _vmm_log.info(f"Power off complete, exit status {status}.")
         return status
-
-
-def _recover_under_lock(box) -> None:
-    """An operation a kill interrupted (a VMM killed mid-snapshot) is finished or undone
-    before the machine is built from the box's files, never after."""
-    try:
-        from boite.snapshot import recover
-    except ImportError:
-        return
-    outcome = recover(box)
-    if outcome:
-        _vmm_log.warning(f"Snapshot journal: {outcome}.")
 
 
 def _snapshot_hooks(box, log):

@@ -187,8 +187,12 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from boite import launch
+    from boite.box.paths import external_paths
 
     box = launch.open_box(args.box)
+    for p in external_paths(box):  # named at every start (docs/security.md)
+        if p.allowed:
+            print(f"boite: note: {p}", file=sys.stderr)
     box.require_within_limits()
     launch.require_stopped(box)
     if args.detach:
