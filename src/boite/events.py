@@ -79,3 +79,17 @@ def to_box_log(box_log: Any) -> Iterator[None]:
         yield
     finally:
         LOGGER.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Show warnings and errors on stderr inside the block (a VM without a box, so without
+    a vmware.log); with -v everything is shown already."""
+    handler = None if _verbose_handler is not None else _StderrHandler(logging.WARNING)
+    if handler is not None:
+        LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            LOGGER.removeHandler(handler)

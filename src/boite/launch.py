@@ -202,6 +202,7 @@ def boot_kernel(
     log: LogFn | None = None,
 ) -> int:
     """Boot `spec` in this process until it powers off; the guest's exit status."""
+    from boite.events import warnings_to_stderr
     from boite.machine.devices import ConsoleBackend
 
     spec.check()
@@ -215,9 +216,7 @@ def boot_kernel(
             emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
         )  # fmt: skip
 
-    vmm = vmm_for(
-        make_machine, spec.accel, console, log or (lambda m: None), Path(spec.kernel).name
-    )
+    vmm = vmm_for(make_machine, spec.accel, console, log or _vmm_log.info, Path(spec.kernel).name)
     vmm.on_power_on = devices.start
     client = console_client(console, vmm) if console_client is not None else None
     install_stop_signals(vmm)
@@ -225,8 +224,10 @@ def boot_kernel(
         # Input typed before the UART exists would be lost: attach once the machine is up.
         once_powered_on(vmm, client.start)
     try:
-        return vmm.run()
+        with warnings_to_stderr():  # no box, no vmware.log: a device's warning is shown
+            return vmm.run()
     finally:
+        console.flush()
         if client is not None:
             client.stop()
         devices.close()

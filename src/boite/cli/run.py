@@ -174,15 +174,12 @@ def _stdio_client(stop_on_detach: bool):
 def cmd_boot(args: argparse.Namespace) -> int:
     from boite import launch
 
-    def log(message: str) -> None:
-        if os.environ.get("BOITE_VERBOSE"):
-            print(f"boite: {message}", file=sys.stderr, flush=True)
-
     spec = launch.BootSpec(
         kernel=args.kernel, initrd=args.initrd, append=args.append,
         memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
     )  # fmt: skip
-    return launch.boot_kernel(spec, console_client=_stdio_client(False), log=log)
+    # Events go the one logging path: stderr with -v (or BOITE_VERBOSE=1), warnings always.
+    return launch.boot_kernel(spec, console_client=_stdio_client(False))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
