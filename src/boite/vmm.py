@@ -599,15 +599,15 @@ class ControlServer:
     Errors: {"ok": false, "error": "..."}.
 
     Bounded: a request line is at most MAX_REQUEST_BYTES, at most MAX_CLIENTS connections
-    are served at once (the rest wait in the listen backlog), an idle connection is closed
-    after IDLE_TIMEOUT_S, and running out of file descriptors (EMFILE) only slows the
+    are served at once (the rest wait in the listen backlog), a silent connection is closed
+    after IDLE_TIMEOUT_S (so idle clients cannot hold every slot), and running out of file descriptors (EMFILE) only slows the
     accept loop down.
     """
 
     MAX_REQUEST_BYTES = 64 * 1024
     MAX_CLIENTS = 64
     BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
-    IDLE_TIMEOUT_S = 120.0
+    IDLE_TIMEOUT_S = 15.0  # a client that connects and says nothing (ours speak at once)
     REPLY_DRAIN_S = 5.0  # how long close() lets handlers finish their last reply
 
     def __init__(

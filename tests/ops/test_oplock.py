@@ -318,3 +318,35 @@ def test_disk_grow_and_compact_take_the_box_lock(spin_box):
     assert not (spin_box / "spin.vmx.lck").exists()
     with open_disk(spin_box / "spin.vmdk", read_only=True) as d:
         assert d.size == 16 << 20
+
+
+def test_idle_connections_cannot_hold_every_handler_slot(tmp_path):
+    """At most MAX_CLIENTS connections are served at once; one that says nothing is
+    closed after IDLE_TIMEOUT_S, so a request behind a wall of idle ones is answered."""
+    import socket
+
+    from boite.vmm import ControlServer, Vmm, control_request
+
+    class Small(ControlServer):
+        MAX_CLIENTS = 4
+        IDLE_TIMEOUT_S = 0.5
+
+    class NoAccel:
+        name = "none"
+
+        def close(self) -> None:
+            pass
+
+    vmm = Vmm(lambda: None, NoAccel, name="idle")
+    server = Small(vmm, tmp_path / "i.ctl")
+    server.start()
+    try:
+        idle = []
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(tmp_path / "i.ctl"))
+            idle.append(s)
+        assert control_request(tmp_path / "i.ctl", {"cmd": "status"}, timeout=30)["ok"]
+        assert all(s.recv(1) == b"" for s in idle[:4])  # closed by the server
+    finally:
+        server.close()
