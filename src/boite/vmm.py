@@ -628,6 +628,7 @@ class ControlServer:
         self._closing = False
         self._slots = threading.BoundedSemaphore(self.MAX_CLIENTS)
         self._active: set[threading.Thread] = set()
+        self._consoles: set[socket.socket] = set()
         self._active_lock = threading.Lock()
 
     def start(self) -> None:
@@ -657,6 +658,11 @@ class ControlServer:
             self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with self._active_lock:
+            consoles = list(self._consoles)
+        for conn in consoles:  # the machine is off: viewers see the end of the stream
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         # A `stop --wait` reply goes out after the power-off: let it reach the client.
         deadline = time.monotonic() + self.REPLY_DRAIN_S
         with self._active_lock:
@@ -825,6 +831,8 @@ class ControlServer:
             conn.sendall(data)
 
         client = console.attach(writer)
+        with self._active_lock:
+            self._consoles.add(conn)
         try:
             while True:
                 data = reader.read1(4096)
@@ -834,6 +842,8 @@ class ControlServer:
         except OSError:
             pass
         finally:
+            with self._active_lock:
+                self._consoles.discard(conn)
             console.detach(client)
             self.log("Console detached.")
 
