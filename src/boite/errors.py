@@ -43,3 +43,12 @@ class AccelError(BoiteError):
 
 class SnapshotError(BoiteError):
     """A snapshot operation failed or the snapshot tree is inconsistent."""
+
+
+class ToolsError(BoiteError):
+    """The guest tools channel failed: no agent, an agent that stopped answering, a
+    malformed frame, or a request the agent refused."""
+
+
+class NetError(BoiteError):
+    """A NIC's host side cannot be attached (no TAP permission, passt missing or failed)."""

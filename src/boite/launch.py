@@ -32,9 +32,6 @@ from boite.errors import BoiteError, BoxError
 LogFn = Callable[[str], None]
 _vmm_log = logging.getLogger("boite.vmm")
 
-# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
-TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
-
 
 class ConsoleClient(Protocol):
     """Something joined to the guest's console once the machine is up (`start()`) and let
@@ -140,18 +137,31 @@ def _disk_files_hook(specs: list[str]) -> Any:
     return DiskFiles(specs)
 
 
-def _box_devices_hook(box) -> Any:
+def _box_devices_hook(box, tools: Any = None) -> Any:
     from boite.machine.virtio.attach import BoxDevices
 
-    devices = BoxDevices(box.config, box.dir)
-    for nic in list(devices.plan.nics):
-        if nic.connection_type not in TAP_CONNECTIONS:
-            devices.plan.nics.remove(nic)
-            _vmm_log.info(
-                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
-                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
-            )
-    return devices
+    return BoxDevices(
+        box.config, box.dir, ports=[tools] if tools is not None else [], net_log=_vmm_log.info
+    )
+
+
+def _nics_request(devices: DeviceHooks, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "nics"} -> each NIC's MAC and host side (TAP name, or
+    passt's pid and forwards)."""
+    if request.get("cmd") != "nics":
+        return None
+    attached = getattr(devices.current, "attached", None)
+    plans = getattr(getattr(devices.current, "plan", None), "nics", [])
+    nics = []
+    for plan, net in zip(plans, getattr(attached, "nets", []), strict=False):
+        backend = net.tap
+        nic: dict[str, Any] = {"key": plan.key, "mac": plan.mac, "connection": plan.connection_type}
+        if hasattr(backend, "forwards"):
+            nic.update(backend="passt", pid=backend.proc.pid, forwards=list(backend.forwards))
+        else:
+            nic.update(backend="tap", tap=getattr(backend, "name", None))
+        nics.append(nic)
+    return {"ok": True, "nics": nics}
 
 
 def install_stop_signals(vmm) -> None:
@@ -264,6 +274,7 @@ def run_box(
     from boite.events import to_box_log
     from boite.machine.builder import machine_from_box
     from boite.machine.devices import ConsoleBackend
+    from boite.tools.host import tools_socket_path
     from boite.vmm import ControlServer, control_socket_path
 
     box = open_box(box)
@@ -281,7 +292,8 @@ def run_box(
             )
         box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
-        devices = DeviceHooks(lambda: _box_devices_hook(box))
+        tools = _guest_tools(box, log)
+        devices = DeviceHooks(lambda: _box_devices_hook(box, tools))
 
         def make_machine(emulated_irqchip: bool):
             return machine_from_box(
@@ -289,12 +301,19 @@ def run_box(
                 extra_devices=devices.fresh(),
             )  # fmt: skip
 
-        wrap, snapshot_handler = _snapshot_hooks(box, log)
+        wrap, snapshot_handler = _snapshot_hooks(box, log, tools)
         vmm = vmm_for(make_machine, accel_name, console, log, box.name, wrap)
         vmm.on_power_on = devices.start  # first: the hooks below chain onto it
         handlers = []
         if snapshot_handler is not None:
             handlers.append(lambda request: snapshot_handler(vmm, box, request))
+        handlers.append(lambda request: _reset_request(vmm, request))
+        handlers.append(lambda request: _nics_request(devices, request))
+        if tools is not None:
+            vmm.guest_tools = tools  # the first way of a soft stop or reset
+            handlers.append(lambda request: _tools_request(tools, request))
+            tools.serve(tools_socket_path(box.dir, box.name))
+            tools.start()
         path = control_socket_path(box.dir, box.name)
         server = ControlServer(vmm, path, handlers=handlers)
         server.start()
@@ -316,11 +335,58 @@ def run_box(
                 client.stop()
             server.close()
             devices.close()
+            if tools is not None:
+                tools.close()
         _vmm_log.info(f"Power off complete, exit status {status}.")
         return status
 
 
-def _snapshot_hooks(box, log):
+def _guest_tools(box, log: LogFn):
+    """The VMM's end of the guest tools channel, unless the box says
+    `boite.tools = "FALSE"` (VMware's tools.* keys concern its own tools)."""
+    from boite.tools.host import ToolsHost
+
+    if not box.config.get_bool("boite.tools", True):
+        return None
+    return ToolsHost(log=log)
+
+
+def _reset_request(vmm, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "reset", "mode": "soft"|"hard"} -> {"how": ...}: soft asks
+    the guest tools to reboot and falls back to a hard reset where they cannot."""
+    if request.get("cmd") != "reset":
+        return None
+    mode = request.get("mode", "soft")
+    if mode not in ("soft", "hard"):
+        raise BoxError(f"reset mode {mode!r}: expected soft or hard")
+    tools = vmm.guest_tools
+    # A reset rebuilds the machine (its disks are closed and opened again): not in the
+    # middle of a snapshot or revert.
+    with vmm.operation.hold(f"reset ({mode})"):
+        if mode == "soft" and tools is not None and tools.running and tools.power(reboot=True):
+            vmm.log("Reset (soft): the guest tools reboot the guest.")
+            return {"ok": True, "how": "tools"}
+        if mode == "soft":
+            vmm.log("Reset (soft): no guest tools to ask; resetting hard.")
+        vmm.request_reset()
+        return {"ok": True, "how": "hard"}
+
+
+def _tools_request(tools, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Control socket: {"cmd": "tools"} -> the tools' status; "tools-info" -> the
+    guest's addresses; "tools-resync" -> set the guest clock again."""
+    cmd = request.get("cmd")
+    if cmd == "tools":
+        return {"ok": True, "tools": tools.status()}
+    if cmd == "tools-info":
+        return {"ok": True, "info": tools.info()}
+    if cmd == "tools-resync":
+        tools.resync()
+        return {"ok": True}
+    return None
+
+
+def _snapshot_hooks(box, log, tools=None):
     """Resume from a suspend state or a reverted memory snapshot, and the control socket's
     snapshot/suspend commands, when this build has the snapshot part."""
     try:
@@ -338,7 +404,12 @@ def _snapshot_hooks(box, log):
         log(f"Resuming from {path.name}.")
 
         def wrap(factory):
-            return resuming_accelerator(factory, path, on_restored=lambda: resumed(box))
+            def restored() -> None:
+                resumed(box)
+                if tools is not None:  # the guest's clock stood still while saved
+                    tools.resync()
+
+            return resuming_accelerator(factory, path, on_restored=restored)
 
     return wrap, handle_control_request
 
@@ -526,12 +597,21 @@ def stop(
     )
 
 
+def reset(box: Any, mode: str = "soft") -> str:
+    """Reset the running box: soft through the guest tools (a clean reboot), hard (or soft
+    without tools) by rebuilding the machine. Returns how: "tools" or "hard"."""
+    return str(request(box, {"cmd": "reset", "mode": mode})["how"])
+
+
 def pause(box: Any) -> None:
     request(box, {"cmd": "pause"})
 
 
 def resume(box: Any) -> None:
+    """Let a paused box run again; its guest tools then set the guest clock."""
     request(box, {"cmd": "resume"})
+    with contextlib.suppress(BoiteError):
+        request(box, {"cmd": "tools-resync"})
 
 
 # Saving RAM takes seconds per GiB, and the VMM may first finish a running operation.
@@ -707,3 +787,163 @@ def suspend(box: Any, notify: Notify | None = None) -> str:
         raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
     reply = _vmm_request(box, control, {"cmd": "suspend"}, notify)
     return str(reply.get("file", box.name + ".vmss"))
+
+
+# --- the guest tools -------------------------------------------------------------------
+TOOLS_WAIT_S = 60.0
+
+
+def tools_client(box: Any, wait_s: float = TOOLS_WAIT_S):
+    """A ToolsClient of the running box, once its guest tools have said hello (a box
+    that is still booting gets `wait_s` seconds)."""
+    from boite.tools.client import ToolsClient
+    from boite.tools.host import tools_socket_path
+
+    box = open_box(box)
+    if running_control(box) is None:
+        raise BoxError(f"{box.name} is not running")
+    client = ToolsClient(tools_socket_path(box.dir, box.name))
+    try:
+        client.wait_ready(wait_s)
+    except BoiteError:
+        client.close()
+        raise
+    return client
+
+
+def exec(
+    box: Any,
+    argv: list[str],
+    *,
+    stdin: Any = None,
+    stdout: Callable[[bytes], Any] | None = None,
+    stderr: Callable[[bytes], Any] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    wait_s: float = TOOLS_WAIT_S,
+) -> int:
+    """Run `argv` in the running box's guest through its tools; its exit status."""
+    with tools_client(box, wait_s) as client:
+        return client.exec(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
+
+
+def copy_to_guest(box: Any, local: str | Path, remote: str, wait_s: float = TOOLS_WAIT_S) -> int:
+    with tools_client(box, wait_s) as client:
+        return client.put(local, remote)
+
+
+def copy_from_guest(box: Any, remote: str, local: str | Path, wait_s: float = TOOLS_WAIT_S) -> int:
+    with tools_client(box, wait_s) as client:
+        return client.get(remote, local)
+
+
+def guest_addresses(box: Any, wait_s: float = TOOLS_WAIT_S) -> list[dict[str, str]]:
+    """The guest's IPv4 addresses (loopback left out), as the tools report them."""
+    with tools_client(box, wait_s) as client:
+        ips = client.info()["ips"]
+    return [ip for ip in ips if not ip["address"].startswith("127.")]
+
+
+def tools_status(box: Any) -> dict[str, Any] | None:
+    """The guest tools' status in the running box (running, agent, last_seen_s), None
+    when the box is off or has no tools."""
+    try:
+        return request(box, {"cmd": "tools"})["tools"]
+    except BoxError:
+        return None
+
+
+# --- what would stop a box from starting -------------------------------------------------
+def startup_problems(box: Any) -> list[Any]:
+    """Problems `boite check` adds to the box's own rules: a NIC whose host side cannot be
+    attached here, a disk boite can only read, vCPUs the accelerator cannot run, and the
+    clashes a copied box brings (the uuid.bios or a MAC of a running box)."""
+    from boite.box import list_running
+    from boite.box.limits import Problem
+    from boite.machine.netback import attach_problem
+
+    box = open_box(box)
+    problems: list[Problem] = []
+    for nic in box.config.nics:
+        if not nic.present:
+            continue
+        kind = (nic.connection_type or "bridged").lower()
+        why = attach_problem(kind, box.config.get_str(f"ethernet{nic.index}.vnet") or "")
+        if why is not None:
+            problems.append(
+                Problem(f"ethernet{nic.index}.connectionType", kind, "a NIC that can attach", why)
+            )
+    for slot in box.config.disks:
+        if not slot.file_name or "://" in slot.file_name:
+            continue
+        where = box.disk_path(slot.file_name)
+        why = _read_only_reason(Path(where))
+        if why is not None:
+            problems.append(Problem(f"{slot.key}.fileName", slot.file_name, "a writable disk", why))
+    accel = box.config.virtual_exec
+    # Only where the box names the emulator: "automatic" picks per host at start.
+    if accel in ("software", "emu"):
+        from boite.accel.emu import EmuAccelerator
+
+        runs = EmuAccelerator.max_vcpus
+        if box.config.numvcpus > runs:
+            problems.append(
+                Problem(
+                    "numvcpus",
+                    str(box.config.numvcpus),
+                    f"at most {runs} for {accel}",
+                    f"the emulator runs {runs} vCPU(s): the others would stay parked",
+                )  # fmt: skip
+            )
+    mine = str(box.vmx_path.resolve())
+    uuid = (box.vmx.get("uuid.bios") or "").replace(" ", "").replace("-", "").lower()
+    macs = {n.mac.lower() for n in box.config.nics if n.present and n.mac}
+    for running in list_running():
+        if running.vmx == mine:
+            continue
+        try:
+            other = open_box(running.vmx)
+        except BoiteError:
+            continue
+        theirs = (other.vmx.get("uuid.bios") or "").replace(" ", "").replace("-", "").lower()
+        if uuid and uuid == theirs:
+            problems.append(
+                Problem(
+                    "uuid.bios",
+                    box.vmx.get("uuid.bios") or "",
+                    "unique among running boxes",
+                    f"the running box {running.vmx} has the same uuid.bios (a copied box? "
+                    "`boite clone` gives a new one)",
+                )  # fmt: skip
+            )
+        clash = macs & {n.mac.lower() for n in other.config.nics if n.present and n.mac}
+        for mac in sorted(clash):
+            problems.append(
+                Problem(
+                    "ethernet MAC",
+                    mac,
+                    "unique among running boxes",
+                    f"the running box {running.vmx} has a NIC with the same MAC",
+                )  # fmt: skip
+            )
+    return problems
+
+
+def _read_only_reason(path: Path) -> str | None:
+    if not path.exists():
+        return None  # the box's own check says so
+    if not os.access(path, os.W_OK):
+        return f"{path} is not writable by this user"
+    if path.suffix.lower() == ".vmdk":
+        try:
+            from boite.disk.vmdk import read_descriptor
+
+            desc, _ = read_descriptor(path)
+        except (BoiteError, OSError):
+            return None
+        if (desc.create_type or "").lower() == "streamoptimized":
+            return (
+                f"{path} is a streamOptimized VMDK, which boite (like VMware) only reads: "
+                "`boite disk convert` it to thin"
+            )
+    return None

@@ -866,6 +866,14 @@ def delete_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
         recover(box)
         tree = load_tree(box)
         snap = tree.find(name)
+        from boite.clone import linked_clones
+
+        clones = linked_clones(snap)
+        if clones:
+            raise SnapshotError(
+                f"{box.vmx_path}: snapshot {snap.display_name!r} has linked clones whose disks "
+                f"hang from it ({', '.join(clones)}): delete those boxes first"
+            )
         vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
         # Children of the deleted snapshot hang from its parent now.
         del tree.snapshots[snap.uid]

@@ -237,6 +237,7 @@ class Vmm:
         self._soft_deadline: float | None = None
         self._watchdog: threading.Timer | None = None
         self._rebuild: _Rebuild | None = None
+        self._reset_requested = False
 
     def add_soft_stop_method(self, method: SoftStopMethod, *, first: bool = False) -> None:
         """Add a way to ask the guest to power off; `first` puts it before the others
@@ -353,6 +354,12 @@ class Vmm:
             result: RunResult = self.accel.run()
             reason = result.reason
             if reason is StopReason.PAUSED:
+                if self._reset_requested and not self._stop_requested:
+                    self._reset_requested = False
+                    self.resets += 1
+                    self.log("Reset (hard) requested: the machine is rebuilt.")
+                    self._reset()
+                    continue
                 if self._stop_requested:
                     return self._stopped_hard("Powered off (hard stop).")
                 if self._pause_requested:
@@ -454,6 +461,14 @@ class Vmm:
         if self.state is not VmState.RUNNING:
             raise BoxError(f"{self.name} is {self.state.value}, not running")
         self._pause_requested = True
+        self.accel.pause()
+
+    def request_reset(self) -> None:
+        """A hard reset from outside (`boite reset BOX hard`): the machine is rebuilt, as
+        after the guest's own reset."""
+        if self.state is not VmState.RUNNING:
+            raise BoxError(f"{self.name} is {self.state.value}, not running")
+        self._reset_requested = True
         self.accel.pause()
 
     def resume(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import termios
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detach", action="store_true", help="run in the background (see `boite console`)"
     )
+    p.add_argument("--json", action="store_true", help="with --detach: the VMM's pid as JSON")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="power off a running box")
@@ -194,7 +196,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     launch.require_stopped(box)
     if args.detach:
         pid = launch.start(box, args.accel)
-        print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
+        if args.json:
+            print(json.dumps({"ok": True, "box": box.name, "pid": pid}))
+        else:
+            print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
         return 0
     return run_box(box, args.accel)
 
@@ -219,8 +224,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         raise DiskError(f"{box.name} stopped, but powering off failed: "
                         + "; ".join(stopped.problems))  # fmt: skip
     if args.json:
-        print(json.dumps({"name": box.name, "how": stopped.how, "method": stopped.method,
-                          "detail": stopped.detail}))  # fmt: skip
+        print(json.dumps({"ok": True, "box": box.name, "mode": args.mode, "how": stopped.how,
+                          "method": stopped.method, "detail": stopped.detail}))  # fmt: skip
     elif stopped.how == "soft":
         print(f"{box.name} stopped (soft: {stopped.detail}).")
     elif stopped.how == "guest":

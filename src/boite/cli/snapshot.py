@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("suspend", help="save a running box's state to NAME.vmss and power off")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_suspend)
 
 
@@ -90,8 +91,8 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     done = launch.revert(Box.open(args.box), args.name, notify=_notify)
     if args.json:
-        print(json.dumps({"uid": done.uid, "name": done.name, "running": done.running,
-                          "memory": done.memory}))  # fmt: skip
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name,
+                          "running": done.running, "memory": done.memory}))  # fmt: skip
     elif done.running:
         how = "resumed from its memory" if done.memory else "restarted"
         print(f"reverted to {done.name!r} (#{done.uid}); the box {how}")
@@ -105,7 +106,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     done = launch.delete_snapshot(Box.open(args.box), args.name, notify=_notify)
     if args.json:
-        print(json.dumps({"uid": done.uid, "name": done.name}))
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name}))
     else:
         print(f"deleted snapshot {done.name!r} (#{done.uid})")
     return 0
@@ -114,5 +115,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_suspend(args: argparse.Namespace) -> int:
     from boite import launch
 
-    print(f"suspended to {launch.suspend(Box.open(args.box), notify=_notify)}")
+    where = launch.suspend(Box.open(args.box), notify=_notify)
+    print(json.dumps({"ok": True, "file": where}) if args.json else f"suspended to {where}")
     return 0
