@@ -779,6 +779,32 @@ def delete_snapshot(box: Any, name: str, notify: Notify | None = None) -> Delete
     return Deleted(snap.uid, snap.display_name)
 
 
+def clone(
+    box: Any,
+    dest: str | Path,
+    *,
+    linked: bool = False,
+    snapshot: str | None = None,
+    notify: Notify | None = None,
+) -> Any:
+    """`vmrun clone` (boite.clone.clone_box) under the source's operation lock: in its
+    VMM when it runs (from a snapshot, whose disks a concurrent delete-snapshot would
+    otherwise consolidate under the copy), under the box lock when it is off. Returns the
+    new Box."""
+    from boite.clone import clone_box
+
+    box = open_box(box)
+    dest = Path(dest).absolute()
+    control = running_control(box)
+    if control is not None:
+        message = {"cmd": "clone", "dest": str(dest), "linked": linked, "snapshot": snapshot}
+        reply = _vmm_request(box, control, message, notify)
+        return open_box(reply["box"])
+    return offline_operation(
+        box, "clone", lambda b: clone_box(b, dest, linked=linked, snapshot=snapshot), notify
+    )
+
+
 def suspend(box: Any, notify: Notify | None = None) -> str:
     """Save the running box's state to NAME.vmss and power it off; the file's name."""
     box = open_box(box)

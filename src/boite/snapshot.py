@@ -1480,13 +1480,14 @@ def resuming_accelerator(
     return make
 
 
-RUNNING_COMMANDS = ("snapshot", "suspend", "revert", "delete-snapshot")
+RUNNING_COMMANDS = ("snapshot", "suspend", "revert", "delete-snapshot", "clone")
 
 
 def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[str, Any] | None:
     """The control socket's snapshot commands, for the VMM's ControlServer to delegate to:
     {"cmd": "snapshot", "name", "description", "memory"}, {"cmd": "suspend"},
-    {"cmd": "revert", "name"}, {"cmd": "delete-snapshot", "name"}; each may carry
+    {"cmd": "revert", "name"}, {"cmd": "delete-snapshot", "name"}, {"cmd": "clone",
+    "dest", "linked", "snapshot"} (boite.clone.clone_box); each may carry
     "wait_s", how long to wait for an operation already running (default 120 s). Returns
     None for any other command. Each runs under the VMM's operation lock."""
     from boite.vmm import OPERATION_WAIT_S
@@ -1516,6 +1517,15 @@ def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[
         if cmd == "delete-snapshot":
             snap = delete_snapshot_running(vmm, box, name)
             return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+        if cmd == "clone":  # from a snapshot: its disks stay still under the lock
+            from boite.clone import clone_box
+
+            snapshot = request.get("snapshot")
+            made = clone_box(
+                box, str(request.get("dest", "")), linked=bool(request.get("linked")),
+                snapshot=str(snapshot) if snapshot is not None else None,
+            )  # fmt: skip
+            return {"ok": True, "box": str(made.dir)}
         path = suspend_running(vmm, box)
         return {"ok": True, "file": path.name}
 

@@ -350,3 +350,18 @@ def test_idle_connections_cannot_hold_every_handler_slot(tmp_path):
         assert all(s.recv(1) == b"" for s in idle[:4])  # closed by the server
     finally:
         server.close()
+
+
+def test_clone_of_a_running_box_runs_under_its_operation_lock(spin_box, tmp_path):
+    """A clone of a running box copies a snapshot's disks inside the VMM, under the lock
+    that a concurrent delete-snapshot of that snapshot must wait for."""
+    start_detached(spin_box)
+    assert boite("snapshot", spin_box, "base").returncode == 0
+    r = boite("clone", spin_box, tmp_path / "copy", "--snapshot", "base")
+    assert r.returncode == 0, r.stderr
+    assert "Clone requested through the control socket." in (spin_box / "vmware.log").read_text()
+    assert boite("check", tmp_path / "copy").returncode == 0
+    r = boite("clone", spin_box, tmp_path / "linked", "--linked", "--snapshot", "base")
+    assert r.returncode == 0, r.stderr
+    r = boite("delete-snapshot", spin_box, "base")  # a linked clone hangs from it
+    assert r.returncode == 1 and "linked clone" in r.stderr, r.stderr
