@@ -259,6 +259,12 @@ def box_file(box, key: str) -> str | None:
 def require_stopped(box) -> None:
     holder = box.lock_holder
     if holder is not None and not holder.is_dead_here():
+        if running_control(box) is None and holder.pid != os.getpid():
+            # No VMM: another boite command (a snapshot, a clone) works on the files.
+            raise BoxError(
+                f"{box.name} is busy: another boite command is working on its files "
+                f"({holder.describe()}); start it when that has finished"
+            )
         raise BoxError(f"{box.name} is already running ({holder.describe()})")
 
 

@@ -365,3 +365,20 @@ def test_clone_of_a_running_box_runs_under_its_operation_lock(spin_box, tmp_path
     assert r.returncode == 0, r.stderr
     r = boite("delete-snapshot", spin_box, "base")  # a linked clone hangs from it
     assert r.returncode == 1 and "linked clone" in r.stderr, r.stderr
+
+
+def test_start_during_an_offline_operation_says_the_box_is_busy(tmp_path):
+    """`boite start` while `boite snapshot` works on the stopped box's files: refused with
+    what holds it, not "already running"."""
+    box_dir = make_box(tmp_path, "busy", "mb_spin")
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "boite", "snapshot", str(box_dir), "slow"],
+        env=dict(os.environ, BOITE_SNAPSHOT_STEP_DELAY="0.5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert wait_for(lambda: (box_dir / "busy.vmx.lck").exists())
+    r = boite("start", box_dir, "--detach")
+    assert r.returncode == 1 and "is busy: another boite command" in r.stderr, r.stderr
+    assert slow.wait(60) == 0
+    start_detached(box_dir)
+    stop_hard(box_dir)
