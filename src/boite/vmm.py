@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -864,12 +865,17 @@ class ControlServer:
             self.log("Console detached.")
 
 
+MAX_REPLY = 16 << 20  # a reply is a JSON line; nothing the VMM sends comes near this
+
+
 def control_request(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to a running box's control socket and return the reply."""
     sock = connect_control(path, timeout)
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
-        reply = sock.makefile("rb").readline()
+        reply = sock.makefile("rb").readline(MAX_REPLY)
+    if len(reply) >= MAX_REPLY:
+        raise BoxError(f"{path}: the VMM's reply is longer than {MAX_REPLY} bytes")
     if not reply:
         raise BoxError(f"{path}: the VMM closed the control socket without a reply")
     data = json.loads(reply)
@@ -879,6 +885,19 @@ def control_request(path: Path, request: dict[str, Any], timeout: float = 10.0) 
 
 
 def connect_control(path: Path, timeout: float | None = 10.0) -> socket.socket:
+    # A shipped box could hold NAME.ctl as a link to another service's socket: talk only
+    # to a socket file that is there itself, made by this user (as the VMM makes it).
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BoxError(
+            f"cannot reach the VMM at {path}: no control socket (is the box running?)"
+        ) from None
+    except OSError as exc:
+        raise BoxError(f"cannot reach the VMM at {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket of this user"
+        raise BoxError(f"{path}: the control socket is {kind}; refusing to connect")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     target, dfd = _short_path(path) if path.parent.exists() else (str(path), None)
