@@ -48,6 +48,7 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         assert "shell-42" in out  # through boite shell's PTY
         assert re.search(r"^web\s+(off|suspended)\s", out, re.M), out[-500:]  # list --all
         log = (tmp_path / "web" / "vmware.log").read_text()
-        assert "Soft stop: the guest tools power the guest off" in log
+        assert "Soft stop: asked the guest to power off through the guest tools" in log
+        assert "Soft stop: the guest powered off when asked through the guest tools" in log
     finally:
         subprocess.run([str(boite), "stop", str(tmp_path / "web"), "hard"], capture_output=True)

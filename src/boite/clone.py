@@ -39,7 +39,7 @@ def clone_box(
     source: Box, dest: str | Path, *, linked: bool = False, snapshot: str | None = None
 ) -> Box:
     from boite.disk import convert_disk, create_child
-    from boite.launch import live_holder
+    from boite.launch import running_control
     from boite.snapshot import load_tree, snapshot_disks
 
     dest = Path(dest)
@@ -52,7 +52,9 @@ def clone_box(
         )
     tree = load_tree(source)
     snap = tree.find(snapshot) if snapshot is not None else None
-    if snap is None and live_holder(source) is not None:
+    # A VMM runs it (the caller holds the box's operation lock either way: the box lock
+    # when it is off, the VMM's when it runs; see launch.clone).
+    if snap is None and running_control(source) is not None:
         raise BoxError(
             f"{source.name} is running: clone it from a snapshot (--snapshot NAME), whose "
             "disks no longer change, or stop it first"

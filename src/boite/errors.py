@@ -52,3 +52,8 @@ class ToolsError(BoiteError):
 
 class NetError(BoiteError):
     """A NIC's host side cannot be attached (no TAP permission, passt missing or failed)."""
+
+
+class CheckpointError(SnapshotError):
+    """A .vmsn/.vmss/.vmem file, or a saved device/vCPU state in it, is malformed or does not
+    fit the machine it is loaded into (the message names the file or device and the field)."""

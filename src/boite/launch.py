@@ -17,6 +17,8 @@ guest's console on its own stdin/stdout passes a `console_client` (the CLI's Std
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import time
@@ -28,6 +30,7 @@ from typing import Any, Protocol
 from boite.errors import BoiteError, BoxError
 
 LogFn = Callable[[str], None]
+_vmm_log = logging.getLogger("boite.vmm")
 
 
 class ConsoleClient(Protocol):
@@ -138,7 +141,7 @@ def _box_devices_hook(box, tools: Any = None) -> Any:
     from boite.machine.virtio.attach import BoxDevices
 
     return BoxDevices(
-        box.config, box.dir, ports=[tools] if tools is not None else [], net_log=box.log.info
+        box.config, box.dir, ports=[tools] if tools is not None else [], net_log=_vmm_log.info
     )
 
 
@@ -209,6 +212,7 @@ def boot_kernel(
     log: LogFn | None = None,
 ) -> int:
     """Boot `spec` in this process until it powers off; the guest's exit status."""
+    from boite.events import warnings_to_stderr
     from boite.machine.devices import ConsoleBackend
 
     spec.check()
@@ -222,9 +226,7 @@ def boot_kernel(
             emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
         )  # fmt: skip
 
-    vmm = vmm_for(
-        make_machine, spec.accel, console, log or (lambda m: None), Path(spec.kernel).name
-    )
+    vmm = vmm_for(make_machine, spec.accel, console, log or _vmm_log.info, Path(spec.kernel).name)
     vmm.on_power_on = devices.start
     client = console_client(console, vmm) if console_client is not None else None
     install_stop_signals(vmm)
@@ -232,8 +234,10 @@ def boot_kernel(
         # Input typed before the UART exists would be lost: attach once the machine is up.
         once_powered_on(vmm, client.start)
     try:
-        return vmm.run()
+        with warnings_to_stderr():  # no box, no vmware.log: a device's warning is shown
+            return vmm.run()
     finally:
+        console.flush()
         if client is not None:
             client.stop()
         devices.close()
@@ -255,6 +259,12 @@ def box_file(box, key: str) -> str | None:
 def require_stopped(box) -> None:
     holder = box.lock_holder
     if holder is not None and not holder.is_dead_here():
+        if running_control(box) is None and holder.pid != os.getpid():
+            # No VMM: another boite command (a snapshot, a clone) works on the files.
+            raise BoxError(
+                f"{box.name} is busy: another boite command is working on its files "
+                f"({holder.describe()}); start it when that has finished"
+            )
         raise BoxError(f"{box.name} is already running ({holder.describe()})")
 
 
@@ -267,6 +277,7 @@ def run_box(
 ) -> int:
     """Run `box` in this process until it powers off (its lock held, its control socket
     served); the guest's exit status. `ready` is called once the guest runs."""
+    from boite.events import to_box_log
     from boite.machine.builder import machine_from_box
     from boite.machine.devices import ConsoleBackend
     from boite.tools.host import tools_socket_path
@@ -275,8 +286,8 @@ def run_box(
     box = open_box(box)
     box.require_within_limits()
     console = ConsoleBackend()
-    with box.acquire_lock():
-        log = box.log.info
+    with box.acquire_lock(), to_box_log(box.log):
+        log = _vmm_log.info  # one path: the `boite` logger, into vmware.log (and -v)
         accel_name = accel or box.config.virtual_exec
 
         kernel = box_file(box, "boite.kernel")
@@ -322,16 +333,17 @@ def run_box(
         try:
             status = vmm.run()
         except BoiteError as exc:
-            box.log.error(str(exc))
+            _vmm_log.error(str(exc))
             raise
         finally:
+            console.flush()  # the last output reaches every viewer before they go
             if client is not None:
                 client.stop()
             server.close()
             devices.close()
             if tools is not None:
                 tools.close()
-        box.log.info(f"Power off complete, exit status {status}.")
+        _vmm_log.info(f"Power off complete, exit status {status}.")
         return status
 
 
@@ -354,13 +366,16 @@ def _reset_request(vmm, request: dict[str, Any]) -> dict[str, Any] | None:
     if mode not in ("soft", "hard"):
         raise BoxError(f"reset mode {mode!r}: expected soft or hard")
     tools = vmm.guest_tools
-    if mode == "soft" and tools is not None and tools.running and tools.power(reboot=True):
-        vmm.log("Reset (soft): the guest tools reboot the guest.")
-        return {"ok": True, "how": "tools"}
-    if mode == "soft":
-        vmm.log("Reset (soft): no guest tools to ask; resetting hard.")
-    vmm.request_reset()
-    return {"ok": True, "how": "hard"}
+    # A reset rebuilds the machine (its disks are closed and opened again): not in the
+    # middle of a snapshot or revert.
+    with vmm.operation.hold(f"reset ({mode})"):
+        if mode == "soft" and tools is not None and tools.running and tools.power(reboot=True):
+            vmm.log("Reset (soft): the guest tools reboot the guest.")
+            return {"ok": True, "how": "tools"}
+        if mode == "soft":
+            vmm.log("Reset (soft): no guest tools to ask; resetting hard.")
+        vmm.request_reset()
+        return {"ok": True, "how": "hard"}
 
 
 def _tools_request(tools, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -450,7 +465,9 @@ def live_holder(box: Any):
 
 
 def running_control(box: Any) -> Path | None:
-    """The control socket of the VMM running this box, or None when it is not running."""
+    """The control socket of the VMM running this box, or None when no VMM runs it (a
+    lock held by another boite command's operation on the stopped box, or by a VMM
+    still starting, is not a VMM to talk to: `offline_operation` waits for it)."""
     from boite.box import list_running
 
     box = open_box(box)
@@ -460,10 +477,7 @@ def running_control(box: Any) -> Path | None:
     for running in list_running():
         if running.pid == holder.pid and getattr(running, "control", None):
             return Path(running.control)
-    raise BoxError(
-        f"{box.vmx_path}: the box is running (pid {holder.pid} on {holder.host}) but its VMM "
-        "has no control socket this command can reach"
-    )
+    return None
 
 
 def request(box: Any, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -485,26 +499,108 @@ def status(box: Any) -> dict[str, Any] | None:
     return request(box, {"cmd": "status"})["status"]
 
 
-def stop(box: Any, mode: str = "soft", timeout: float | None = None) -> str:
+class _LineReader:
+    """JSON lines from a socket, each read with its own timeout (a file object from
+    makefile() cannot be read again after one timed out)."""
+
+    MAX_LINE = 1 << 20
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def read(self, timeout: float) -> Any:
+        """The next line's JSON value; None at end of stream; TimeoutError meanwhile."""
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > self.MAX_LINE:
+                raise BoxError("the VMM sent a reply line longer than 1 MiB")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise BoxError(f"the VMM sent a reply that is not JSON: {line[:80]!r}") from None
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How a stop ended: `how` is "soft" (the guest powered off when asked), "hard" (the
+    plug was pulled: asked for, no way to ask the guest, or it did not answer in time) or
+    "guest" (it powered off by itself meanwhile); `method` the soft-stop method used."""
+
+    how: str
+    method: str | None
+    detail: str
+    problems: tuple[str, ...] = ()  # what the power-off could not do (a failed flush)
+
+
+def stop(
+    box: Any,
+    mode: str = "soft",
+    timeout: float | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> Stopped:
     """Stop the running box (soft: the guest is asked, hard after `timeout` s; hard: now)
-    and wait until its VMM has let go of the box. Returns the mode used."""
-    from boite.vmm import SOFT_STOP_GRACE_S, control_request, control_socket_path
+    and wait until its VMM has powered off and let go of the box. `progress(method,
+    seconds_left)` is called about every second while a soft stop waits for the guest."""
+    from boite.vmm import (
+        POWER_OFF_WAIT_S,
+        SOFT_STOP_GRACE_S,
+        check_grace,
+        connect_control,
+        control_socket_path,
+    )
 
     box = open_box(box)
+    if mode not in ("soft", "hard"):
+        raise BoxError(f"stop mode {mode!r}: expected soft or hard")
+    grace = check_grace(SOFT_STOP_GRACE_S if timeout is None else timeout)
     holder = box.lock_holder
-    if holder is None:
+    if holder is None or holder.is_dead_here():
         raise BoxError(f"{box.name} is not running")
-    grace = SOFT_STOP_GRACE_S if timeout is None else max(0.0, timeout)
-    control_request(
-        control_socket_path(box.dir, box.name),
-        {"cmd": "stop", "mode": mode, "grace_s": grace},
+    sock = connect_control(control_socket_path(box.dir, box.name), timeout=10)
+    outcome: dict[str, Any] | None = None
+    problems: tuple[str, ...] = ()
+    with sock:
+        request_line = {"cmd": "stop", "mode": mode, "grace_s": grace, "wait": True}
+        sock.sendall(json.dumps(request_line).encode() + b"\n")
+        lines = _LineReader(sock)
+        first = lines.read(timeout=10)
+        if not isinstance(first, dict):
+            raise BoxError(f"{box.name}: the VMM closed the control socket without a reply")
+        if not first.get("ok"):
+            raise BoxError(f"{box.name}: {first.get('error', 'stop refused')}")
+        method, left = first.get("method"), float(first.get("grace_s") or 0.0)
+        # The power-off may first let a running snapshot finish (bounded in the VMM).
+        power_off = POWER_OFF_WAIT_S + 15
+        asked_until = time.monotonic() + left
+        deadline = asked_until + power_off
+        while time.monotonic() < deadline:
+            if progress is not None and first.get("how") == "soft":
+                progress(str(method), max(0.0, asked_until - time.monotonic()))
+            try:
+                final = lines.read(timeout=1.0)
+            except TimeoutError:
+                continue
+            if isinstance(final, dict):
+                outcome = final.get("outcome")
+                problems = tuple(str(p) for p in final.get("problems") or ())
+            break
+    while time.monotonic() < deadline and box.lock_holder is not None:
+        time.sleep(0.05)  # the VMM lets go of the box lock last
+    if box.lock_holder is not None:
+        raise BoxError(
+            f"{box.name} still holds its lock after the {mode} stop ({holder.describe()})"
+        )
+    if outcome is None:  # an older VMM, or it went without saying how
+        return Stopped(mode, None, "the VMM did not say how it stopped")
+    return Stopped(
+        str(outcome.get("how")), outcome.get("method"), str(outcome.get("detail")), problems
     )
-    deadline = time.time() + (grace if mode == "soft" else 0) + 15
-    while time.time() < deadline:
-        if box.lock_holder is None:
-            return mode
-        time.sleep(0.05)
-    raise BoxError(f"{box.name} still holds its lock after the {mode} stop ({holder.describe()})")
 
 
 def reset(box: Any, mode: str = "soft") -> str:
@@ -524,8 +620,86 @@ def resume(box: Any) -> None:
         request(box, {"cmd": "tools-resync"})
 
 
-# Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.
-SAVE_TIMEOUT_S = 600.0
+# Saving RAM takes seconds per GiB, and the VMM may first finish a running operation.
+SAVE_TIMEOUT_S = 720.0
+# How long an operation on a stopped box waits for another boite command holding it.
+OFFLINE_WAIT_S = 120.0
+
+Notify = Callable[[str], None]
+
+
+def _vmm_request(
+    box: Any, control: Path, message: dict[str, Any], notify: Notify | None
+) -> dict[str, Any]:
+    """A request that changes the box's files, to its VMM: say when it must first wait
+    for an operation already running there (the VMM serializes them)."""
+    from boite.vmm import control_request
+
+    busy = control_request(control, {"cmd": "status"}).get("status", {}).get("operation")
+    if busy and notify is not None:
+        notify(f"{box.name} is busy with {busy}; waiting for it to finish")
+    return control_request(control, message, timeout=SAVE_TIMEOUT_S)
+
+
+def offline_operation(
+    box: Any, what: str, operation: Callable[[Any], Any], notify: Notify | None = None
+) -> Any:
+    """Run `operation(box)` on a stopped box holding its lock (pass lock_held=True on
+    down). Another boite command holding it is waited for, up to OFFLINE_WAIT_S; a box
+    that was started meanwhile is refused (the caller asks again and reaches its VMM)."""
+    from boite.box.lock import BoxLock
+    from boite.errors import LockError
+
+    box = open_box(box)
+    lock = BoxLock(box.vmx_path)
+    deadline = time.monotonic() + OFFLINE_WAIT_S
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockError as exc:
+            if running_control(box) is not None:
+                raise BoxError(f"{box.name}: the box was started meanwhile; try again") from None
+            if time.monotonic() > deadline:
+                raise BoxError(
+                    f"{box.name}: {what} gave up after {OFFLINE_WAIT_S:g} s waiting: {exc}"
+                ) from None
+            if not told and notify is not None:
+                notify(f"{box.name} is busy ({exc}); waiting")
+                told = True
+            time.sleep(0.05)
+    try:
+        return operation(open_box(box.vmx_path))  # as the previous holder left it
+    finally:
+        lock.release()
+
+
+def disk_operation(
+    disk: str | Path, what: str, operation: Callable[[], Any], notify: Notify | None = None
+) -> Any:
+    """Run `operation()` on a disk file (grow, compact) under the operation lock of the
+    box it lives in (each .vmx beside it): refused while that box runs (its VMM has the
+    disk open), waited for while another boite command works on the box. A disk outside
+    any box is the caller's alone."""
+    folder = Path(disk).parent
+    boxes = sorted(p for p in folder.glob("*.vmx") if p.is_file()) if folder.is_dir() else []
+    return _holding(boxes, what, operation, notify)
+
+
+def _holding(vmxs: list[Path], what: str, operation: Callable[[], Any], notify) -> Any:
+    if not vmxs:
+        return operation()
+    box = open_box(vmxs[0])
+    if running_control(box) is not None:
+        raise BoxError(
+            f"{box.name} is running and has its disks open: stop it before `{what}` "
+            f"(boite stop {box.dir})"
+        )
+    rest = vmxs[1:]
+    return offline_operation(
+        box, what, lambda _box: _holding(rest, what, operation, notify), notify
+    )
 
 
 @dataclass(frozen=True)
@@ -536,7 +710,11 @@ class SnapshotTaken:
 
 
 def snapshot(
-    box: Any, name: str, description: str = "", memory: bool | None = None
+    box: Any,
+    name: str,
+    description: str = "",
+    memory: bool | None = None,
+    notify: Notify | None = None,
 ) -> SnapshotTaken:
     """Take a snapshot: through the VMM when the box runs (with RAM unless memory=False),
     of the disks only when it is off (memory=True is refused then)."""
@@ -545,33 +723,101 @@ def snapshot(
     box = open_box(box)
     control = running_control(box)
     if control is not None:
-        from boite.vmm import control_request
-
         keep_ram = memory is not False
-        reply = control_request(
-            control,
+        reply = _vmm_request(
+            box, control,
             {"cmd": "snapshot", "name": name, "description": description, "memory": keep_ram},
-            timeout=SAVE_TIMEOUT_S,
-        )
+            notify,
+        )  # fmt: skip
         return SnapshotTaken(reply.get("uid"), name, keep_ram)
     if memory:
         raise BoxError(
             f"{box.vmx_path}: --memory needs a running box (this one is powered off); "
             "start it first, or take a disk snapshot without --memory"
         )
-    snap = take_snapshot(box, name, description)
+    snap = offline_operation(
+        box, "snapshot", lambda b: take_snapshot(b, name, description, lock_held=True), notify
+    )
     return SnapshotTaken(snap.uid, snap.display_name, False)
 
 
-def suspend(box: Any) -> str:
-    """Save the running box's state to NAME.vmss and power it off; the file's name."""
-    from boite.vmm import control_request
+@dataclass(frozen=True)
+class Reverted:
+    uid: int | None
+    name: str
+    running: bool  # the box ran: it restarted from the snapshot
+    memory: bool  # ... and resumed the snapshot's memory state
 
+
+def revert(box: Any, name: str, notify: Notify | None = None) -> Reverted:
+    """Go back to a snapshot. A running box restarts from it at once (a memory snapshot's
+    guest resumes, a disk-only one boots); a stopped one does so at its next start."""
+    from boite.snapshot import revert_snapshot
+
+    box = open_box(box)
+    control = running_control(box)
+    if control is not None:
+        reply = _vmm_request(box, control, {"cmd": "revert", "name": name}, notify)
+        return Reverted(reply.get("uid"), str(reply.get("name")), True, bool(reply.get("memory")))
+    snap = offline_operation(
+        box, "revert", lambda b: revert_snapshot(b, name, lock_held=True), notify
+    )
+    return Reverted(snap.uid, snap.display_name, False, False)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    uid: int | None
+    name: str
+
+
+def delete_snapshot(box: Any, name: str, notify: Notify | None = None) -> Deleted:
+    """Remove a snapshot, consolidating its delta disks, whether the box runs or not."""
+    from boite.snapshot import delete_snapshot as delete
+
+    box = open_box(box)
+    control = running_control(box)
+    if control is not None:
+        reply = _vmm_request(box, control, {"cmd": "delete-snapshot", "name": name}, notify)
+        return Deleted(reply.get("uid"), str(reply.get("name")))
+    snap = offline_operation(box, "delete-snapshot", lambda b: delete(b, name, lock_held=True),
+                             notify)  # fmt: skip
+    return Deleted(snap.uid, snap.display_name)
+
+
+def clone(
+    box: Any,
+    dest: str | Path,
+    *,
+    linked: bool = False,
+    snapshot: str | None = None,
+    notify: Notify | None = None,
+) -> Any:
+    """`vmrun clone` (boite.clone.clone_box) under the source's operation lock: in its
+    VMM when it runs (from a snapshot, whose disks a concurrent delete-snapshot would
+    otherwise consolidate under the copy), under the box lock when it is off. Returns the
+    new Box."""
+    from boite.clone import clone_box
+
+    box = open_box(box)
+    dest = Path(dest).absolute()
+    control = running_control(box)
+    if control is not None:
+        message = {"cmd": "clone", "dest": str(dest), "linked": linked, "snapshot": snapshot}
+        reply = _vmm_request(box, control, message, notify)
+        return open_box(reply["box"])
+    return offline_operation(
+        box, "clone", lambda b: clone_box(b, dest, linked=linked, snapshot=snapshot), notify
+    )
+
+
+def suspend(box: Any, notify: Notify | None = None) -> str:
+    """Save the running box's state to NAME.vmss and power it off; the file's name."""
     box = open_box(box)
     control = running_control(box)
     if control is None:
         raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
-    reply = control_request(control, {"cmd": "suspend"}, timeout=SAVE_TIMEOUT_S)
+    reply = _vmm_request(box, control, {"cmd": "suspend"}, notify)
     return str(reply.get("file", box.name + ".vmss"))
 
 

@@ -33,7 +33,7 @@ from boite.box.config import BoxConfig
 from boite.box.limits import Problem
 from boite.box.lock import BoxLock
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, ConfigError, SnapshotError
+from boite.errors import BoiteError, CheckpointError, ConfigError, SnapshotError
 
 if TYPE_CHECKING:
     from boite.box.box import Box
@@ -681,7 +681,7 @@ def take_snapshot(
     now: Callable[[], float] = time.time,
 ) -> Snapshot:
     """Freeze every disk, record the snapshot (with RAM and devices when `machine` is given)."""
-    from boite.box.checkpoint import Checkpoint, write_checkpoint
+    from boite.box.checkpoint import BOITE_FORMAT_VERSION, Checkpoint, write_checkpoint
     from boite.disk import create_child
 
     if not name.strip():
@@ -721,7 +721,7 @@ def take_snapshot(
             else:
                 ckpt = Checkpoint()
                 g = ckpt.group("boite")
-                g.put_int("formatVersion", 1, 4)
+                g.put_int("formatVersion", BOITE_FORMAT_VERSION, 4)
                 g.put_block("meta", json.dumps({"vmx": _b64(box.vmx.to_bytes())}).encode())
                 ckpt.write(box.dir / vmsn)
             _step()
@@ -754,7 +754,7 @@ def take_snapshot(
 
 def _saved_vmx(box: Box, snap: Snapshot) -> VmxDict | None:
     """The .vmx as it was when the snapshot was taken (kept in its .vmsn)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, read_meta
 
     if not snap.filename:
         return None
@@ -762,14 +762,9 @@ def _saved_vmx(box: Box, snap: Snapshot) -> VmxDict | None:
                        key=f"{snap.where}.filename")  # fmt: skip
     if not path.exists():
         return None
-    group = Checkpoint.read(path).groups.get("boite")
-    raw = group.bytes("meta") if group is not None else None
-    if not raw:
-        return None
-    meta = json.loads(raw)
-    if "vmx" not in meta:
-        return None
-    return VmxDict.parse(base64.b64decode(meta["vmx"]), str(box.vmx_path))
+    _, meta = read_meta(Checkpoint.read(path), str(path))
+    vmx = meta.vmx_bytes()
+    return None if vmx is None else VmxDict.parse(vmx, str(box.vmx_path))
 
 
 def _referenced_links(box: Box, tree: SnapshotTree, vmx: VmxDict) -> set[str]:
@@ -797,7 +792,7 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
     """Go back to a snapshot: the current state's own deltas are dropped, every disk gets a
     fresh child of the snapshot's frozen link, and the .vmx is the snapshot's again. A
     memory snapshot is then resumed by the next `start` (checkpoint.vmState)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, check_resumable
     from boite.disk import create_child
 
     with _Locked(box, lock_held):
@@ -820,6 +815,8 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
                 vmx[f"{d.node}.present"] = "TRUE"
             vmsn = box.dir / snap.filename
             has_memory = vmsn.exists() and "memory" in Checkpoint.read(vmsn).groups
+            if has_memory:
+                check_resumable(vmsn)  # a damaged state is refused now, not at the next start
             _drop_suspend_keys(vmx)
             if has_memory:
                 vmx["checkpoint.vmState"] = snap.filename
@@ -1118,7 +1115,7 @@ def render_tree(data: dict[str, Any]) -> str:
 def check_snapshot_tree(box: Box) -> list[Problem]:
     """Everything wrong with a box's snapshots: the .vmsd itself, missing files, CID chains
     that do not hold, and a .vmx that does not hang from the current snapshot."""
-    from boite.box.checkpoint import Checkpoint, CheckpointError
+    from boite.box.checkpoint import Checkpoint
     from boite.disk import disk_info
 
     problems: list[Problem] = []
@@ -1274,7 +1271,9 @@ def _wait_paused(vmm: Any, timeout: float = 10.0) -> None:
 
 
 class _Paused:
-    """Pause a running VMM for the duration of a `with` block (no-op if already paused)."""
+    """Pause a running VMM for the duration of a `with` block (no-op if already paused).
+    It resumes only a guest it paused and that is still paused: a stop or a restart that
+    came meanwhile wins."""
 
     def __init__(self, vmm: Any) -> None:
         self.vmm = vmm
@@ -1288,7 +1287,7 @@ class _Paused:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.was_running:
+        if self.was_running and self.vmm.state.value == "paused":
             self.vmm.resume()
 
 
@@ -1323,31 +1322,78 @@ def _flush_disks(machine: Any) -> None:
         holder.image.flush()
 
 
+def _holders_by_node(vmm: Any, box: Box) -> list[tuple[Any, str]]:
+    """The disk holders of the running machine, each with the .vmx slot it serves."""
+    nodes = {
+        os.path.realpath(box.disk_path(f)): node
+        for node, f in snapshot_disks(box.config, str(box.vmx_path))
+    }
+    found = []
+    for holder in disk_holders(vmm.machine):
+        path = getattr(holder.image, "path", None)
+        if path is not None and os.path.realpath(path) in nodes:
+            found.append((holder, nodes[os.path.realpath(path)]))
+    return found
+
+
+def _repoint_disks(holders: list[tuple[Any, str]], box: Box) -> None:
+    """Move each device onto the link its slot names now (a snapshot made a new delta, a
+    delete consolidated the running delta into its parent). The guest is paused and the
+    disks flushed."""
+    from boite.disk import open_disk
+
+    for holder, node in holders:
+        target = os.path.realpath(box.disk_path(box.vmx[f"{node}.fileName"]))
+        if os.path.realpath(holder.image.path) == target:
+            continue
+        old = holder.image
+        holder.image = open_disk(target)
+        old.close()
+
+
 def snapshot_running(
     vmm: Any, box: Box, name: str, description: str = "", memory: bool = True
 ) -> Snapshot:
     """Snapshot a running box from inside its VMM: pause, flush the disks, save vCPUs,
     devices and RAM (with `memory`), freeze the disks, move the devices onto the new
-    links, resume."""
-    from boite.disk import open_disk
-
+    links, resume. The caller holds the VMM's operation lock."""
     with _Paused(vmm):
-        nodes = {
-            os.path.realpath(box.disk_path(f)): node
-            for node, f in snapshot_disks(box.config, str(box.vmx_path))
-        }
-        moving = []
-        for holder in disk_holders(vmm.machine):
-            path = getattr(holder.image, "path", None)
-            if path is not None and os.path.realpath(path) in nodes:
-                moving.append((holder, nodes[os.path.realpath(path)]))
+        moving = _holders_by_node(vmm, box)
         _flush_disks(vmm.machine)
         state = capture_machine(vmm) if memory else None
         snap = take_snapshot(box, name, description, machine=state, lock_held=True)
-        for holder, node in moving:
-            old = holder.image
-            holder.image = open_disk(str(box.disk_path(box.vmx[f"{node}.fileName"])))
-            old.close()
+        _repoint_disks(moving, box)
+        return snap
+
+
+def revert_running(vmm: Any, box: Box, name: str) -> tuple[Snapshot, bool]:
+    """Revert a running box, as VMware does: the machine restarts from the snapshot, and
+    a memory snapshot's guest resumes where it was (a disk-only one boots again). Returns
+    the snapshot and whether its memory state was resumed."""
+    with _Paused(vmm) as paused:
+        _flush_disks(vmm.machine)
+        snap = revert_snapshot(box, name, lock_held=True)
+        state = resume_state(box)
+
+        def restore(machine: Any, accel: Any) -> None:
+            assert state is not None
+            restore_machine(machine, accel, state)
+
+        vmm.rebuild(restore if state is not None else None)
+        paused.was_running = False  # it runs again, rebuilt
+    if state is not None:
+        resumed(box)
+    return snap, state is not None
+
+
+def delete_snapshot_running(vmm: Any, box: Box, name: str) -> Snapshot:
+    """Delete a snapshot of a running box: consolidation may fold the running delta into
+    its parent, so the guest is paused and its disks follow the new names."""
+    with _Paused(vmm):
+        moving = _holders_by_node(vmm, box)
+        _flush_disks(vmm.machine)
+        snap = delete_snapshot(box, name, lock_held=True)
+        _repoint_disks(moving, box)
         return snap
 
 
@@ -1367,6 +1413,8 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
     register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
     VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
     their own state)."""
+    from boite.accel.kvm import abi
+
     if accel_name != "emu":
         return []
     problems = []
@@ -1376,33 +1424,52 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
         wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
         if wide:
             problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+        # It runs vCPU 0 only: the others must be waiting for INIT/SIPI (as its
+        # load_cpu_state checks too late for a restore that must be all or nothing).
+        parked = (st.extra.get("emu") or {}).get("parked") or st.extra.get("kvm_mp_state") in (
+            abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED,
+        )  # fmt: skip
+        if n and not parked:
+            problems.append(f"vCPU {n} was running, and the emulator runs only vCPU 0")
     return problems
 
 
 def restore_machine(machine: Any, accel: Any, path: Path) -> None:
-    """Put a checkpoint into a machine whose accelerator was just created: RAM, device
-    state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
-    from boite.box.checkpoint import read_checkpoint
+    """Put a checkpoint into a machine whose accelerator was just created, all or nothing:
+    the container, every vCPU, the RAM layout and every device's record are checked
+    before the first byte of RAM or register changes; then RAM, devices, and the vCPUs
+    (after devices, so interrupt state lands on restored devices)."""
+    from boite.box.checkpoint import check_resumable, load_saved_memory
 
-    saved = read_checkpoint(path, memory=machine.memory)
+    saved = check_resumable(path)  # and its .vmem holds every region
     unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
     if unportable:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: the {accel.name} accelerator cannot resume this state: "
             f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
         )
-    missing = sorted(set(saved.device_state) - set(machine.devices))
-    if missing:
-        raise SnapshotError(
-            f"{path}: saved state for device(s) {', '.join(missing)} which this machine "
-            "does not have (was the .vmx changed?)"
-        )
-    machine.load_device_state(saved.device_state)
     if len(saved.cpu_states) != machine.num_vcpus:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: {len(saved.cpu_states)} vCPUs saved, the machine has {machine.num_vcpus}"
         )
+    ram = sorted((r.gpa, r.size) for r in machine.memory.regions)
+    held = sorted((gpa, size) for gpa, _, size in saved.regions)
+    if held != ram:
+        raise CheckpointError(
+            f"{path}: group 'memory' holds RAM {_ranges(held)}, this machine has "
+            f"{_ranges(ram)} (was memsize changed?)"
+        )
+    try:
+        records = machine.check_device_state(saved.device_state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_saved_memory(saved, path.with_suffix(".vmem"), machine.memory)
+    machine.apply_device_state(records)
     accel.load_cpu_state([s.to_dict() for s in saved.cpu_states])
+
+
+def _ranges(spans: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{gpa:#x}+{size:#x}" for gpa, size in spans)
 
 
 def resuming_accelerator(
@@ -1431,24 +1498,54 @@ def resuming_accelerator(
     return make
 
 
+RUNNING_COMMANDS = ("snapshot", "suspend", "revert", "delete-snapshot", "clone")
+
+
 def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[str, Any] | None:
     """The control socket's snapshot commands, for the VMM's ControlServer to delegate to:
-    {"cmd": "snapshot", "name", "description", "memory"} and {"cmd": "suspend"}. Returns
-    None for any other command."""
+    {"cmd": "snapshot", "name", "description", "memory"}, {"cmd": "suspend"},
+    {"cmd": "revert", "name"}, {"cmd": "delete-snapshot", "name"}, {"cmd": "clone",
+    "dest", "linked", "snapshot"} (boite.clone.clone_box); each may carry
+    "wait_s", how long to wait for an operation already running (default 120 s). Returns
+    None for any other command. Each runs under the VMM's operation lock."""
+    from boite.vmm import OPERATION_WAIT_S
+
     cmd = request.get("cmd")
-    if cmd == "snapshot":
-        snap = snapshot_running(
-            vmm,
-            box,
-            str(request.get("name", "")),
-            str(request.get("description", "")),
-            memory=bool(request.get("memory", True)),
-        )
-        return {"ok": True, "uid": snap.uid, "name": snap.display_name}
-    if cmd == "suspend":
+    if cmd not in RUNNING_COMMANDS:
+        return None
+    wait = request.get("wait_s", OPERATION_WAIT_S)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 3600:
+        raise SnapshotError(f"wait_s {wait!r}: expected seconds from 0 to 3600")
+    name = str(request.get("name", ""))
+    what = f"{cmd} {name!r}" if name else cmd
+    with vmm.operation.hold(what, wait_s=float(wait)):
+        if vmm.state.value not in ("running", "paused"):
+            raise SnapshotError(f"{vmm.name} is {vmm.state.value}: {cmd} needs it running")
+        vmm.log(f"{what[0].upper()}{what[1:]} requested through the control socket.")
+        if cmd == "snapshot":
+            snap = snapshot_running(
+                vmm, box, name, str(request.get("description", "")),
+                memory=bool(request.get("memory", True)),
+            )  # fmt: skip
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+        if cmd == "revert":
+            snap, resumed_memory = revert_running(vmm, box, name)
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name,
+                    "memory": resumed_memory}  # fmt: skip
+        if cmd == "delete-snapshot":
+            snap = delete_snapshot_running(vmm, box, name)
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+        if cmd == "clone":  # from a snapshot: its disks stay still under the lock
+            from boite.clone import clone_box
+
+            snapshot = request.get("snapshot")
+            made = clone_box(
+                box, str(request.get("dest", "")), linked=bool(request.get("linked")),
+                snapshot=str(snapshot) if snapshot is not None else None,
+            )  # fmt: skip
+            return {"ok": True, "box": str(made.dir)}
         path = suspend_running(vmm, box)
         return {"ok": True, "file": path.name}
-    return None
 
 
 def control_server(vmm: Any, box: Box, path: Path, log: Callable[[str], None] | None = None) -> Any:

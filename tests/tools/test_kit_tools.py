@@ -63,5 +63,6 @@ def test_tools_in_the_kit_guest(tmp_path):
     finally:
         boite("stop", box.dir, "hard")
     log = (box.dir / "vmware.log").read_text()
-    assert "Soft stop: the guest tools power the guest off" in log
+    assert "Soft stop: asked the guest to power off through the guest tools" in log
+    assert "Soft stop: the guest powered off when asked through the guest tools" in log
     assert "Powered off (hard stop)" not in log

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A hackable hypervisor that keeps each VM in VMware Workstation's layout.",
     )
     parser.add_argument("--version", action="version", version=f"boite {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show the VMM's and devices' events (what vmware.log gets) on stderr",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"boite: error: {problem}", file=sys.stderr)
             return 2
         args = parser.parse_args(argv)
+        if args.verbose:
+            from boite.events import set_verbose
+
+            set_verbose(True)
         try:
             status = args.func(args)
             sys.stdout.flush()

@@ -124,6 +124,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _in_its_box(path: str, what: str, operation):
+    """Under the operation lock of the box the disk is in (boite.launch.disk_operation)."""
+    from boite.launch import disk_operation
+
+    return disk_operation(path, what, operation,
+                   notify=lambda m: print(f"boite: {m}", file=sys.stderr, flush=True))  # fmt: skip
+
+
 def _capacity(path) -> int:
     from boite.disk import open_disk
 
@@ -152,10 +160,13 @@ def cmd_grow(args) -> int:
     from boite.box.sizes import format_size
     from boite.disk import grow_disk
 
-    before = _capacity(args.path)
-    with progress_bar("growing") as update:
-        grow_disk(args.path, parse_size(args.size), progress=update)
-    after = _capacity(args.path)
+    def grow() -> tuple[int, int]:
+        before = _capacity(args.path)
+        with progress_bar("growing") as update:
+            grow_disk(args.path, parse_size(args.size), progress=update)
+        return before, _capacity(args.path)
+
+    before, after = _in_its_box(args.path, "disk grow", grow)
     text = (
         f"{args.path}: capacity {format_size(before)} -> {format_size(after)}"
         if after != before
@@ -168,10 +179,13 @@ def cmd_compact(args) -> int:
     from boite.box.sizes import format_size
     from boite.disk import compact_disk
 
-    before = _on_disk(args.path)
-    with progress_bar("compacting") as update:
-        compact_disk(args.path, progress=update)
-    after = _on_disk(args.path)
+    def compact() -> tuple[int, int]:
+        before = _on_disk(args.path)
+        with progress_bar("compacting") as update:
+            compact_disk(args.path, progress=update)
+        return before, _on_disk(args.path)
+
+    before, after = _in_its_box(args.path, "disk compact", compact)
     text = (
         f"{args.path}: {format_size(before)} -> {format_size(after)} on the host "
         f"({format_size(max(0, before - after))} freed)"

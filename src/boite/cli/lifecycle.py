@@ -73,11 +73,15 @@ def cmd_unpause(args: argparse.Namespace) -> int:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
+    import sys
+
     from boite import launch
-    from boite.clone import clone_box
 
     source = launch.open_box(args.source)
-    clone = clone_box(source, args.dest, linked=args.linked, snapshot=args.snapshot)
+    clone = launch.clone(
+        source, args.dest, linked=args.linked, snapshot=args.snapshot,
+        notify=lambda m: print(f"boite: {m}", file=sys.stderr, flush=True),
+    )  # fmt: skip
     kind = "linked" if args.linked else "full"
     return _done(
         args,

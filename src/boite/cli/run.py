@@ -52,13 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("box", help="box directory or .vmx file")
     p.add_argument(
         "mode", nargs="?", choices=("soft", "hard"), default="soft",
-        help="soft: ask the guest (Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
+        help="soft: ask the guest (through the guest tools, else the ACPI power button, else "
+        "Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
     )  # fmt: skip
     p.add_argument(
-        "--timeout", type=float, default=None, metavar="S",
-        help="soft stop: seconds the guest gets before the plug is pulled (default 30)",
+        "--timeout", type=_seconds, default=None, metavar="S",
+        help="soft stop: seconds the guest gets before the plug is pulled (default 30, at "
+        "most 86400)",
     )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="how it stopped, as JSON")
+    p.add_argument("--json", action="store_true", help="print how the box stopped as JSON")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
@@ -66,6 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("box", help="box directory or .vmx file")
     p.set_defaults(func=cmd_console)
+
+
+def _seconds(text: str) -> float:
+    """A soft stop's timeout: a finite number of seconds from 0 to a day."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0 or value > 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from 0 to 86400 (a day)")
+    return value
 
 
 def _accel_option(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -90,13 +105,14 @@ class StdioConsole:
         self.on_detach_key = on_detach_key
         self._saved_tty: list[Any] | None = None
         self._thread: threading.Thread | None = None
+        self._client: Any = None
 
     def start(self) -> None:
         with contextlib.suppress(OSError, termios.error):
             if os.isatty(0):
                 self._saved_tty = termios.tcgetattr(0)
                 _raw_keep_output(0)
-        self.backend.attach(_write_all_stdout)
+        self._client = self.backend.attach(_write_all_stdout)
         self._thread = threading.Thread(target=self._pump_input, name="stdin", daemon=True)
         self._thread.start()
 
@@ -118,8 +134,13 @@ class StdioConsole:
             self.backend.send(data)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.backend.detach()
+        client, self._client = self._client, None
+        if client is not None:
+            flush = getattr(client, "flush", None)
+            if callable(flush):
+                flush()  # the guest's last words reach the terminal
+            with contextlib.suppress(Exception):
+                self.backend.detach(client)
         if self._saved_tty is not None:
             with contextlib.suppress(OSError, termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
@@ -155,15 +176,12 @@ def _stdio_client(stop_on_detach: bool):
 def cmd_boot(args: argparse.Namespace) -> int:
     from boite import launch
 
-    def log(message: str) -> None:
-        if os.environ.get("BOITE_VERBOSE"):
-            print(f"boite: {message}", file=sys.stderr, flush=True)
-
     spec = launch.BootSpec(
         kernel=args.kernel, initrd=args.initrd, append=args.append,
         memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
     )  # fmt: skip
-    return launch.boot_kernel(spec, console_client=_stdio_client(False), log=log)
+    # Events go the one logging path: stderr with -v (or BOITE_VERBOSE=1), warnings always.
+    return launch.boot_kernel(spec, console_client=_stdio_client(False))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -187,15 +205,61 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    import json
+
     from boite import launch
 
     box = launch.open_box(args.box)
-    mode = launch.stop(box, args.mode, args.timeout)
+    countdown = _Countdown(box.name) if not args.json else None
+    try:
+        stopped = launch.stop(
+            box, args.mode, args.timeout, progress=countdown.show if countdown else None
+        )
+    finally:
+        if countdown is not None:
+            countdown.end()
+    if stopped.problems:  # a failed flush: the guest's last writes may be lost
+        from boite.errors import DiskError
+
+        raise DiskError(f"{box.name} stopped, but powering off failed: "
+                        + "; ".join(stopped.problems))  # fmt: skip
     if args.json:
-        print(json.dumps({"ok": True, "box": box.name, "mode": mode}))
+        print(json.dumps({"ok": True, "box": box.name, "mode": args.mode, "how": stopped.how,
+                          "method": stopped.method, "detail": stopped.detail}))  # fmt: skip
+    elif stopped.how == "soft":
+        print(f"{box.name} stopped (soft: {stopped.detail}).")
+    elif stopped.how == "guest":
+        print(f"{box.name} stopped (the guest powered off by itself).")
     else:
-        print(f"{box.name} stopped ({mode}).")
+        why = "" if args.mode == "hard" else f": {stopped.detail}"
+        print(f"{box.name} stopped (hard{why}).")
     return 0
+
+
+class _Countdown:
+    """`waiting for the guest (acpi): 27 s before a hard stop`, redrawn in place on a
+    terminal, a line every 5 s elsewhere."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tty = sys.stderr.isatty()
+        self.last: int | None = None
+        self.shown = False
+
+    def show(self, method: str, left: float) -> None:
+        seconds = int(left + 0.999)
+        if seconds == self.last or (not self.tty and self.last is not None and
+                                     self.last - seconds < 5):  # fmt: skip
+            return
+        self.last = seconds
+        text = f"{self.name}: asked the guest to power off ({method}); hard stop in {seconds} s"
+        print(f"\r{text}\033[K" if self.tty else text, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown and self.tty:
+            print(file=sys.stderr, flush=True)
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -265,7 +329,85 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def run_box(box, accel: str | None = None) -> int:
-    """Start `box` in the foreground with its console on this terminal (for `boite demo`)."""
+    """Start `box` in the foreground with its console on this terminal (`start`, `boite
+    demo`); the guest's exit status. On a terminal, Ctrl-] detaches: this command returns
+    and the box keeps running in the background (`boite console` attaches again), as
+    `start --detach` would have left it."""
     from boite import launch
 
-    return launch.run_box(box, accel, console_client=_stdio_client(True))
+    if not os.isatty(0):  # no detach key without a terminal: run right here
+        return launch.run_box(box, accel, console_client=_stdio_client(False))
+    # The VMM runs in a child that can outlive this process: on Ctrl-] it leaves the
+    # terminal (a session of its own, stdio on /dev/null) and tells us to return.
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        os._exit(_foreground_vmm(box, accel, wfd) & 0xFF)
+    os.close(wfd)
+    return _wait_foreground_vmm(pid, rfd)
+
+
+def _foreground_vmm(box, accel: str | None, wfd: int) -> int:
+    from boite import launch
+    from boite.errors import BoiteError
+
+    detached = threading.Event()
+
+    def make(console, vmm) -> StdioConsole:
+        stdio = StdioConsole(console)
+
+        def detach() -> None:
+            stdio.stop()  # the terminal back to how it was
+            print(f"\r\n[detached from {box.name}; it keeps running: `boite console` attaches "
+                  "again, `boite stop` stops it]", file=sys.stderr, flush=True)  # fmt: skip
+            detached.set()
+            with contextlib.suppress(OSError):
+                os.setsid()  # no controlling terminal: a closed terminal cannot hang it up
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            with contextlib.suppress(OSError):
+                os.write(wfd, b"d")
+
+        stdio.on_detach_key = detach
+        return stdio
+
+    try:
+        return launch.run_box(box, accel, console_client=make)
+    except BoiteError as exc:
+        if not detached.is_set():
+            print(f"boite: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the child must exit through os._exit
+        if not detached.is_set():
+            print(f"boite: error: {exc!r}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _wait_foreground_vmm(pid: int, rfd: int) -> int:
+    """Wait for the foreground VMM child: its exit status, or 0 once it detached. Signals
+    that would end this command reach the VMM as a hard stop, as before the fork."""
+    import signal
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child has the terminal's Ctrl-C
+    with os.fdopen(rfd, "rb") as pipe:
+        while True:
+            try:
+                said = pipe.read(1)
+                break
+            except InterruptedError:
+                continue
+    if said == b"d":
+        return 0
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says

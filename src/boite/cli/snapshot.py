@@ -1,13 +1,17 @@
-"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend."""
+"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend.
+
+The work is in boite.launch: a running box's VMM does it (its operation lock serializes
+requests), a stopped box's operation holds the box lock, and a second command waits for
+either (bounded, saying so on stderr) instead of failing or interleaving.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from boite.box import Box
-from boite.errors import BoxError
-from boite.launch import live_holder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,16 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_snapshots)
 
-    p = sub.add_parser("revert", help="go back to a snapshot (the current state is dropped)")
+    p = sub.add_parser(
+        "revert",
+        help="go back to a snapshot (the current state is dropped; a running box restarts "
+        "from it, resuming a memory snapshot)",
+    )
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("delete-snapshot", help="remove a snapshot, consolidating its delta disks")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("suspend", help="save a running box's state to NAME.vmss and power off")
@@ -47,10 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_suspend)
 
 
+def _notify(message: str) -> None:
+    print(f"boite: {message}", file=sys.stderr, flush=True)
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from boite import launch
 
-    taken = launch.snapshot(Box.open(args.box), args.name, args.description, args.memory)
+    taken = launch.snapshot(
+        Box.open(args.box), args.name, args.description, args.memory, notify=_notify
+    )
     if args.json:
         print(json.dumps({"uid": taken.uid, "name": taken.name}))
     else:
@@ -73,36 +87,34 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    from boite.snapshot import revert_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    if live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before reverting it (it is running)")
-    snap = revert_snapshot(box, args.name)
+    done = launch.revert(Box.open(args.box), args.name, notify=_notify)
     if args.json:
-        print(json.dumps({"ok": True, "uid": snap.uid, "name": snap.display_name}))
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name,
+                          "running": done.running, "memory": done.memory}))  # fmt: skip
+    elif done.running:
+        how = "resumed from its memory" if done.memory else "restarted"
+        print(f"reverted to {done.name!r} (#{done.uid}); the box {how}")
     else:
-        print(f"reverted to {snap.display_name!r} (#{snap.uid})")
+        print(f"reverted to {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from boite.snapshot import delete_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    if live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before deleting a snapshot (it is running)")
-    snap = delete_snapshot(box, args.name)
+    done = launch.delete_snapshot(Box.open(args.box), args.name, notify=_notify)
     if args.json:
-        print(json.dumps({"ok": True, "uid": snap.uid, "name": snap.display_name}))
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name}))
     else:
-        print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
+        print(f"deleted snapshot {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
     from boite import launch
 
-    where = launch.suspend(Box.open(args.box))
+    where = launch.suspend(Box.open(args.box), notify=_notify)
     print(json.dumps({"ok": True, "file": where}) if args.json else f"suspended to {where}")
     return 0

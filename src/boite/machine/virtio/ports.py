@@ -22,9 +22,11 @@ import struct
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from boite.errors import GuestError
+from boite.errors import CheckpointError, GuestError
+from boite.machine.state import Data, Nested, StateRecord, data, flag, items, text
 from boite.machine.virtio.mmio import STATUS_DRIVER_OK, VIRTIO_ID_CONSOLE, VirtioBackend, bit
 from boite.machine.virtio.queue import VirtQueue, scatter
 
@@ -99,6 +101,25 @@ class SerialPort:
             if left is not None and left <= 0:
                 return False
             self._room.wait(0.2 if left is None else min(left, 0.2))
+
+
+@dataclass(frozen=True)
+class VirtioPortState(StateRecord):
+    VERSION = 1
+    name: str = text(64)
+    ready: bool = flag()
+    open: bool = flag()
+    pending: bytes = data(max_len=SEND_WINDOW)  # host bytes not yet in the guest
+
+
+@dataclass(frozen=True)
+class VirtioPortsState(StateRecord):
+    """Control messages waiting for buffers and each port's state (checked field by
+    field on restore, as every device's: machine/state.py)."""
+
+    VERSION = 1
+    control_out: tuple[bytes, ...] = items(Data(max_len=256), max_len=4 * MAX_PORTS + 16)
+    ports: tuple[VirtioPortState, ...] = items(Nested(VirtioPortState), max_len=MAX_PORTS)
 
 
 class VirtioPorts(VirtioBackend):
@@ -233,29 +254,27 @@ class VirtioPorts(VirtioBackend):
                 port.user.opened(False)
 
     def save_state(self) -> dict[str, Any]:
-        return {
-            "control_out": list(self.control_out),
-            "ports": [
-                {
-                    "name": p.name,
-                    "ready": p.ready,
-                    "open": p.guest_open,
-                    "pending": bytes(p.pending),
-                }
-                for p in self.ports
-            ],
-        }
+        return VirtioPortsState(
+            control_out=tuple(bytes(m) for m in self.control_out),
+            ports=tuple(
+                VirtioPortState(p.name, p.ready, p.guest_open, bytes(p.pending)) for p in self.ports
+            ),
+        ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        ports = state["ports"]
-        if [p["name"] for p in ports] != [p.name for p in self.ports]:
-            raise GuestError(
-                f"virtio-ports: saved ports {[p['name'] for p in ports]} do not match "
-                f"this machine's {[p.name for p in self.ports]}"
+    def check_state(self, state: Any) -> VirtioPortsState:
+        rec = VirtioPortsState.from_dict(state)
+        saved = [p.name for p in rec.ports]
+        if saved != [p.name for p in self.ports]:
+            raise CheckpointError(
+                f"virtio-ports: ports: saved {saved} do not match this machine's "
+                f"{[p.name for p in self.ports]}"
             )
-        self.control_out = deque(bytes(m) for m in state["control_out"])
-        for port, saved in zip(self.ports, ports, strict=True):
-            port.ready = bool(saved["ready"])
-            port.guest_open = bool(saved["open"])
-            port.pending = bytearray(saved["pending"])[:SEND_WINDOW]
+        return rec
+
+    def apply_state(self, rec: VirtioPortsState) -> None:
+        self.control_out = deque(rec.control_out)
+        for port, saved in zip(self.ports, rec.ports, strict=True):
+            port.ready = saved.ready
+            port.guest_open = saved.open
+            port.pending = bytearray(saved.pending)
             port.user.opened(port.guest_open)
