@@ -29,10 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boite.errors import ConfigError
-from boite.machine.device import Device
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
 from boite.machine.devices.fwcfg import FW_CFG_PORT, FwCfg
-from boite.machine.devices.i8042 import I8042, SystemControlPortA
+from boite.machine.devices.i8042 import (
+    DATA_PORT,
+    I8042,
+    PORT_A,
+    STATUS_PORT,
+    SystemControlPortA,
+)
 from boite.machine.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from boite.machine.devices.pic import ELCR_PORT, MASTER_PORT, SLAVE_PORT, DualPic
 from boite.machine.devices.pit import PIT_PORT, SPEAKER_PORT, Pit8254, PitSpeakerPort
@@ -42,7 +47,7 @@ from boite.machine.devices.poweroff import (
     PowerOffPort,
     ResetControl,
 )
-from boite.machine.devices.rtc import CmosRtc
+from boite.machine.devices.rtc import RTC_IRQ, RTC_PORT, CmosRtc
 from boite.machine.devices.uart import (
     COM_PORTS,
     FileBackend,
@@ -52,7 +57,7 @@ from boite.machine.devices.uart import (
     Uart16550,
 )
 from boite.machine.loader import load_kernel
-from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, Machine
+from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
 
 MIN_MEMSIZE_MB = 4
@@ -65,21 +70,6 @@ if TYPE_CHECKING:
     from typing import TypeAlias  # 3.10+; PyPy 3.9 runs the emulator
 
 ExtraDevice: TypeAlias = "Callable[[Machine], str | None]"
-
-
-class PortAlias:
-    """A device's register at a port that is not next to its others (the i8042's 0x64):
-    the bus offset is shifted by `delta` before the device sees it."""
-
-    def __init__(self, device: Any, delta: int) -> None:
-        self.device = device
-        self.delta = delta
-
-    def bus_read(self, offset: int, size: int) -> int:
-        return self.device.bus_read(offset + self.delta, size)
-
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.device.bus_write(offset + self.delta, size, value)
 
 
 def pc_e820(ram_size: int) -> list[E820Entry]:
@@ -182,10 +172,6 @@ def build_machine(
     return machine
 
 
-def _add(machine: Machine, name: str, device: Device) -> Any:
-    return machine.add_device(name, device)
-
-
 def _add_platform(
     machine: Machine,
     ram: int,
@@ -197,43 +183,43 @@ def _add_platform(
     rtc_base_time: float | None,
     clock_ns: Callable[[], int],
 ) -> None:
-    pio, irqs = machine.pio, machine.irqs
+    irqs = machine.irqs
     for n, backend in sorted(serials.items()):
         base, irq = COM_PORTS[n - 1]
-        uart = _add(machine, f"com{n}", Uart16550(irqs.line(irq), backend))
-        pio.register(base, 8, uart)
+        uart = Uart16550(irqs.line(irq), backend)
+        machine.attach(f"com{n}", uart, ports=[(base, 8)], irq=irq)
 
-    rtc = _add(
-        machine, "rtc",
-        CmosRtc(
-            irqs.line(8), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
-            persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
-            below_4g_ram=min(ram, PCI_HOLE_START),
-        ),
+    rtc = CmosRtc(
+        irqs.line(RTC_IRQ), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
+        persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
+        below_4g_ram=min(ram, PCI_HOLE_START),
     )  # fmt: skip
-    pio.register(0x70, 2, rtc)
+    machine.attach("rtc", rtc, ports=[(RTC_PORT, 2)], irq=RTC_IRQ, timer=True)
 
-    kbc = _add(machine, "i8042", I8042(irqs.line(1), machine))
-    pio.register(0x60, 1, kbc)
-    pio.register(0x64, 1, PortAlias(kbc, 4))
-    pio.register(0x92, 1, _add(machine, "port92", SystemControlPortA(machine)))
-    pio.register(DEBUG_EXIT_PORT, 4, _add(machine, "debug-exit", IsaDebugExit(machine, 4)))
-    pio.register(POWEROFF_PORT, 4, _add(machine, "poweroff", PowerOffPort(machine)))
-    pio.register(RESET_CONTROL_PORT, 1, _add(machine, "reset-control", ResetControl(machine)))
-    fw_cfg = FwCfg(ram, machine.num_vcpus)
-    pio.register(FW_CFG_PORT, 2, _add(machine, "fw_cfg", fw_cfg))
+    kbc = I8042(irqs.line(1), machine)
+    machine.attach("i8042", kbc, ports=[(DATA_PORT, 1), IoRange(STATUS_PORT, 1, offset=4)], irq=1)
+    machine.attach("port92", SystemControlPortA(machine), ports=[(PORT_A, 1)])
+    machine.attach("debug-exit", IsaDebugExit(machine, 4), ports=[(DEBUG_EXIT_PORT, 4)])
+    machine.attach("poweroff", PowerOffPort(machine), ports=[(POWEROFF_PORT, 4)])
+    machine.attach("reset-control", ResetControl(machine), ports=[(RESET_CONTROL_PORT, 1)])
+    machine.attach("fw_cfg", FwCfg(ram, machine.num_vcpus), ports=[(FW_CFG_PORT, 2)])
 
     if not emulated_irqchip:
         return
-    pic = _add(machine, "pic", DualPic())
-    pio.register(MASTER_PORT, 2, pic.bus_view("master"))
-    pio.register(SLAVE_PORT, 2, pic.bus_view("slave"))
-    pio.register(ELCR_PORT, 2, pic.bus_view("elcr"))
-    pit = _add(machine, "pit", Pit8254(irqs.line(0), clock_ns))
-    pio.register(PIT_PORT, 4, pit)
-    pio.register(SPEAKER_PORT, 1, _add(machine, "port61", PitSpeakerPort(pit)))
-    ioapic = _add(machine, "ioapic", IoApic())
-    machine.mmio.register(IOAPIC_BASE, IOAPIC_SIZE, ioapic)
+    pic = DualPic()
+    machine.attach(
+        "pic", pic, interrupt_controller=True,
+        ports=[
+            IoRange(MASTER_PORT, 2, handler=pic.bus_view("master")),
+            IoRange(SLAVE_PORT, 2, handler=pic.bus_view("slave")),
+            IoRange(ELCR_PORT, 2, handler=pic.bus_view("elcr")),
+        ],
+    )  # fmt: skip
+    pit = Pit8254(irqs.line(0), clock_ns)
+    machine.attach("pit", pit, ports=[(PIT_PORT, 4)], irq=0, timer=True)
+    machine.attach("port61", PitSpeakerPort(pit), ports=[(SPEAKER_PORT, 1)])
+    ioapic = IoApic()
+    machine.attach("ioapic", ioapic, mmio=[(IOAPIC_BASE, IOAPIC_SIZE)])
 
     def route(gsi: int, level: bool) -> None:
         pic.set_irq(gsi, level)

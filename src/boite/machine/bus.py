@@ -25,11 +25,15 @@ class Bus:
         self.name = name
         self._starts: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []
+        self._origin: list[int] = []  # the address the device sees as offset 0
         self.unclaimed = 0
         # Bumped on every (un)register, so callers may cache lookups (the KVM exit path).
         self.version = 0
 
-    def register(self, base: int, length: int, device: BusDevice) -> None:
+    def register(self, base: int, length: int, device: BusDevice, offset: int = 0) -> None:
+        """`device` answers `base..base+length`; it sees offsets from `offset` up (a
+        register that sits apart from the device's others, as the i8042's 0x64, is
+        registered alone with the offset it has inside the device)."""
         if length <= 0:
             raise ValueError(f"{self.name}: empty range at {base:#x}")
         i = bisect.bisect_right(self._starts, base)
@@ -41,6 +45,7 @@ class Bus:
             raise ValueError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._entries[i][2]!r}")
         self._starts.insert(i, base)
         self._entries.insert(i, (base, length, device))
+        self._origin.insert(i, base - offset)
         self.version += 1
 
     def unregister(self, base: int) -> None:
@@ -48,14 +53,16 @@ class Bus:
         if i < len(self._starts) and self._starts[i] == base:
             del self._starts[i]
             del self._entries[i]
+            del self._origin[i]
             self.version += 1
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        """(origin, device) for `addr`: the device is called with `addr - origin`."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             base, length, dev = self._entries[i]
             if addr < base + length:
-                return base, dev
+                return self._origin[i], dev
         return None
 
     def read(self, addr: int, size: int) -> int:

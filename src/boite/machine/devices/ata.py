@@ -20,6 +20,7 @@ from boite.errors import BoiteError
 from boite.machine.bus import Bus
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
+from boite.machine.machine import IoRange
 
 log = logging.getLogger("boite.ata")
 
@@ -207,9 +208,13 @@ class AtaChannel(Device):
         self.accesses = 0
         self.reset()
 
+    def port_ranges(self) -> list[IoRange]:
+        """The command block (8 ports) and the control register, for Machine.attach."""
+        return [IoRange(self.cmd_base, 8), IoRange(self.ctl_port, 1, handler=self.control)]
+
     def register(self, pio: Bus) -> None:
-        pio.register(self.cmd_base, 8, self)
-        pio.register(self.ctl_port, 1, self.control)
+        for r in self.port_ranges():
+            pio.register(r.base, r.length, r.handler or self)
 
     def close(self) -> None:
         """Power-off: flush and close the drives' images (safe twice)."""

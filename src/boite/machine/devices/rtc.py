@@ -27,6 +27,8 @@ from boite.machine.device import Device
 from boite.machine.irq import IrqLine
 
 CMOS_SIZE = 128
+RTC_PORT = 0x70  # index at 0x70, data at 0x71
+RTC_IRQ = 8
 
 SEC, SEC_ALARM, MIN, MIN_ALARM, HOUR, HOUR_ALARM, WEEKDAY, DAY, MONTH, YEAR = range(10)
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D

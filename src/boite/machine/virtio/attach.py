@@ -191,8 +191,7 @@ def attach_devices(
             ) from None
         addr = base + i * MMIO_SIZE
         dev = VirtioMmio(backend, machine.memory, machine.irqs.line(gsi), base=addr, name=name)
-        machine.mmio.register(addr, MMIO_SIZE, dev)
-        machine.add_device(name, dev)
+        machine.attach(name, dev, mmio=[(addr, MMIO_SIZE)], irq=gsi)
         out.virtio.append(dev)
         out.cmdline.append(dev.cmdline())
         return dev
@@ -209,10 +208,9 @@ def attach_devices(
                 add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"))
         if ata_drives:
             ctl = AtaController(machine.irqs.line, ata_drives)
-            ctl.register(machine.pio)
             for i, ch in enumerate(ctl.channels):
                 if ch is not None:
-                    machine.add_device(f"ata{i}", ch)
+                    machine.attach(f"ata{i}", ch, ports=ch.port_ranges(), irq=ch.irq.gsi)
             out.ata = ctl
         if plan.nics:
             if open_tap is None:
