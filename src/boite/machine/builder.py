@@ -10,6 +10,10 @@ Port map (everything on `machine.pio` unless said otherwise):
   0x3f8/0x2f8/0x3e8/0x2e8 (+8)  COM1-COM4 (IRQ 4/3/4/3)
   0x505-0x508  boite power-off port        0xcf9 reset control register
   0x510-0x511  QEMU fw_cfg (legacy items: CPU count, RAM size; for x86 test kernels)
+  0xcf8, 0xcfc-0xcff  PCI configuration mechanism #1 (bus 0: 00:00.0 i440FX host bridge,
+               00:01.0 PIIX3 ISA bridge with PIRQ routing, 00:01.3 PIIX4 ACPI PM whose
+               I/O block the firmware places, SCI on IRQ 9); BARs go where the firmware
+               or the OS writes them
   0xfec00000 (mmio, 4 KiB)      IOAPIC
 
 With `emulated_irqchip=False` (KVM's in-kernel irqchip and PIT) the PIC, PIT, port B and
@@ -59,6 +63,8 @@ from boite.machine.devices.uart import (
 from boite.machine.loader import load_kernel
 from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
+from boite.machine.pci import PciBus, PciHostBridge, Piix3IsaBridge, Piix4Pm
+from boite.machine.pci.piix import SCI_IRQ
 
 MIN_MEMSIZE_MB = 4
 NVRAM_SAVE_DELAY_S = 0.5  # a box's .nvram is rewritten at most this often
@@ -203,6 +209,7 @@ def _add_platform(
     machine.attach("poweroff", PowerOffPort(machine), ports=[(POWEROFF_PORT, 4)])
     machine.attach("reset-control", ResetControl(machine), ports=[(RESET_CONTROL_PORT, 1)])
     machine.attach("fw_cfg", FwCfg(ram, machine.num_vcpus), ports=[(FW_CFG_PORT, 2)])
+    _add_pci(machine, clock_ns)
 
     if not emulated_irqchip:
         return
@@ -227,6 +234,23 @@ def _add_platform(
         ioapic.set_irq(2 if gsi == 0 else (0 if gsi == 2 else gsi), level)
 
     irqs.attach(route)
+
+
+def _add_pci(machine: Machine, clock_ns: Callable[[], int]) -> None:
+    """PCI bus 0: the i440FX host bridge (00:00.0), the PIIX3 ISA bridge (00:01.0) with
+    the PIRQ routing, and the PIIX4 power management function (00:01.3, ACPI)."""
+    machine.pci = pci = PciBus(machine.pio, machine.mmio)
+    host = PciHostBridge(pci)
+    machine.attach("pci-host", host, pci=(0, 0), ports=host.port_ranges())
+    isa = Piix3IsaBridge(machine.irqs.line)
+    machine.attach("piix3-isa", isa, pci=(1, 0))
+    pci.intx_sink = isa.intx
+    pm = Piix4Pm(
+        machine.irqs.line(SCI_IRQ), on_poweroff=machine.request_poweroff, clock_ns=clock_ns
+    )
+    pm.io_bus = machine.pio
+    machine.attach("piix4-pm", pm, pci=(1, 3), irq=SCI_IRQ)
+    machine.power_button = pm.press_power_button
 
 
 def serial_backend_for(

@@ -12,7 +12,7 @@ each attachment stays in `wiring`, so nothing has to scan devices for what they 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,6 +96,13 @@ class Machine:
     timers: list[Timer] = field(default_factory=list)
     interrupt_controller: InterruptController | None = None
     pci: Any = None  # boite.machine.pci.PciBus once the builder adds the host bridge
+    # The ACPI power button (the PIIX4 PM block's); None on a machine without ACPI.
+    power_button: Callable[[], bool] | None = None
+
+    def press_power_button(self) -> bool:
+        """Press the ACPI power button. True when the guest has enabled the button's
+        event (an ACPI OS is there to act on it); False when nothing will."""
+        return self.power_button() if self.power_button is not None else False
 
     def attach(
         self,
