@@ -9,7 +9,7 @@ Port map (everything on `machine.pio` unless said otherwise):
   0x070-0x071  CMOS RTC         0x0f4-0x0f7  isa-debug-exit
   0x3f8/0x2f8/0x3e8/0x2e8 (+8)  COM1-COM4 (IRQ 4/3/4/3)
   0x505-0x508  boite power-off port        0xcf9 reset control register
-  0x510-0x511  QEMU fw_cfg (legacy items: CPU count, RAM size; for x86 test kernels)
+  0x510-0x511, 0x514-0x51b  QEMU fw_cfg (legacy items, named files, DMA)
   0xcf8, 0xcfc-0xcff  PCI configuration mechanism #1 (bus 0: 00:00.0 i440FX host bridge,
                00:01.0 PIIX3 ISA bridge with PIRQ routing, 00:01.3 PIIX4 ACPI PM whose
                I/O block the firmware places, SCI on IRQ 9); BARs go where the firmware
@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boite.errors import ConfigError
+from boite.machine.devices.debugcon import DEBUGCON_PORT, DebugCon
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
-from boite.machine.devices.fwcfg import FW_CFG_PORT, FwCfg
+from boite.machine.devices.fwcfg import FW_CFG_DMA_PORT, FW_CFG_PORT, FW_CFG_UUID, FwCfg
 from boite.machine.devices.i8042 import (
     DATA_PORT,
     I8042,
@@ -60,11 +61,13 @@ from boite.machine.devices.uart import (
     TeeBackend,
     Uart16550,
 )
+from boite.machine.firmware.pc import fill_fw_cfg, order_boot_devices, parse_boot_order
+from boite.machine.firmware.seabios import map_bios, read_bios
 from boite.machine.loader import load_kernel
 from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
 from boite.machine.pci import PciBus, PciHostBridge, Piix3IsaBridge, Piix4Pm
-from boite.machine.pci.piix import SCI_IRQ
+from boite.machine.pci.piix import DEFAULT_PM_BASE, SCI_IRQ
 
 MIN_MEMSIZE_MB = 4
 NVRAM_SAVE_DELAY_S = 0.5  # a box's .nvram is rewritten at most this often
@@ -128,8 +131,17 @@ def build_machine(
     rtc_base_time: float | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
+    firmware: bool = False,
+    bios: str | os.PathLike[str] | None = None,
+    boot_order: Sequence[str] = (),
+    hdd_order: Sequence[str] = (),
+    uuid: bytes | None = None,
 ) -> Machine:
     """A PC with `memsize_mb` MiB of RAM and `num_vcpus` vCPUs (`cpus` is the same).
+
+    With `firmware` (and no `kernel`) the machine boots through SeaBIOS (`bios`, default
+    Debian's bios-256k.bin) from the devices the extra-device hooks registered, in
+    `boot_order` ("cdrom", "hdd") and `hdd_order` (disk keys); `uuid` is the SMBIOS UUID.
 
     `serial_backends` gives COM1..COM4 (a sequence from COM1, or {port number: backend});
     `console` is COM1's backend when `serial_backends` does not name COM1. With `box`
@@ -172,6 +184,8 @@ def build_machine(
                 fragments.append(frag)
         if kernel is not None:
             load_kernel(machine, kernel, initrd, " ".join(fragments), protocol)
+        elif firmware:
+            _add_firmware(machine, bios, boot_order, hdd_order, uuid or bytes(16))
     except BaseException:
         machine.memory.close()
         raise
@@ -208,7 +222,10 @@ def _add_platform(
     machine.attach("debug-exit", IsaDebugExit(machine, 4), ports=[(DEBUG_EXIT_PORT, 4)])
     machine.attach("poweroff", PowerOffPort(machine), ports=[(POWEROFF_PORT, 4)])
     machine.attach("reset-control", ResetControl(machine), ports=[(RESET_CONTROL_PORT, 1)])
-    machine.attach("fw_cfg", FwCfg(ram, machine.num_vcpus), ports=[(FW_CFG_PORT, 2)])
+    fw_cfg = FwCfg(ram, machine.num_vcpus, memory=machine.memory)
+    machine.attach(
+        "fw_cfg", fw_cfg, ports=[(FW_CFG_PORT, 2), IoRange(FW_CFG_DMA_PORT, 8, offset=4)]
+    )
     _add_pci(machine, clock_ns)
 
     if not emulated_irqchip:
@@ -234,6 +251,32 @@ def _add_platform(
         ioapic.set_irq(2 if gsi == 0 else (0 if gsi == 2 else gsi), level)
 
     irqs.attach(route)
+
+
+def _add_firmware(
+    machine: Machine,
+    bios: str | os.PathLike[str] | None,
+    boot_order: Sequence[str],
+    hdd_order: Sequence[str],
+    uuid: bytes,
+) -> None:
+    """SeaBIOS mapped, its debug port, and fw_cfg's files (see machine/firmware/pc.py)."""
+    image = read_bios(bios)
+    ram_ranges = [
+        (r.gpa, r.size) for r in machine.memory.regions
+        if r.gpa < PCI_HOLE_START or r.gpa >= 1 << 32
+    ]  # fmt: skip
+    map_bios(machine.memory, image)
+    machine.attach("debugcon", DebugCon(), ports=[(DEBUGCON_PORT, 1)])
+    fw_cfg = machine.devices["fw_cfg"]
+    assert isinstance(fw_cfg, FwCfg)
+    fw_cfg.items[FW_CFG_UUID] = bytes(uuid)
+    fill_fw_cfg(
+        fw_cfg, ram_ranges=ram_ranges, num_cpus=machine.num_vcpus, pm_base=DEFAULT_PM_BASE,
+        boot=order_boot_devices(machine.boot_devices, boot_order, hdd_order), uuid=uuid,
+        sercon_port=COM_PORTS[0][0] if "com1" in machine.devices else None,
+    )  # fmt: skip
+    machine.firmware = "seabios"
 
 
 def _add_pci(machine: Machine, clock_ns: Callable[[], int]) -> None:
@@ -283,8 +326,11 @@ def machine_from_box(
 ) -> Machine:
     """Build the machine a box describes (a boite.box.Box): `memsize`, `numvcpus`,
     `serialN.fileType`/`fileName` (COM1 is also the attachable `console` when one is
-    given: a serial0 file or pipe then gets the same output), the CMOS bytes of `NAME.nvram` (saved back whenever the guest changes
-    them), and `boite.kernel` / `boite.initrd` / `boite.cmdline` (relative to the box)."""
+    given: a serial0 file or pipe then gets the same output), the CMOS bytes of
+    `NAME.nvram` (saved back whenever the guest changes them), and `boite.kernel` /
+    `boite.initrd` / `boite.cmdline` (relative to the box). Without `boite.kernel` the
+    box boots through SeaBIOS, in `bios.bootOrder` / `bios.hddOrder`, with `uuid.bios`
+    as its SMBIOS UUID."""
     config = box.config
     serials: dict[int, SerialBackend] = {}
     opened: list[SerialBackend] = []
@@ -321,14 +367,20 @@ def machine_from_box(
         path = Path(value)
         return str(path if path.is_absolute() else box.dir / path)
 
+    kernel = box_path("boite.kernel")
     try:
         return build_machine(
             config.memsize, config.numvcpus, serials,
-            kernel=box_path("boite.kernel"), initrd=box_path("boite.initrd"),
+            kernel=kernel, initrd=box_path("boite.initrd"),
             cmdline=config.get_str("boite.cmdline") or "",
             emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
             persist_cmos=persist, persist_delay=NVRAM_SAVE_DELAY_S, clock_ns=clock_ns,
-            extra_devices=extra_devices,
+            extra_devices=extra_devices, firmware=kernel is None,
+            boot_order=parse_boot_order(
+                config.get_str("bios.bootOrder"), f"{config.source}: bios.bootOrder"
+            ),
+            hdd_order=[k for k in (config.get_str("bios.hddOrder") or "").split(",") if k.strip()],
+            uuid=config.uuid_bios,
         )  # fmt: skip
     except BaseException:
         for b in opened:

@@ -98,6 +98,9 @@ class Machine:
     pci: Any = None  # boite.machine.pci.PciBus once the builder adds the host bridge
     # The ACPI power button (the PIIX4 PM block's); None on a machine without ACPI.
     power_button: Callable[[], bool] | None = None
+    # What the firmware may boot (boite.machine.firmware.pc.BootDevice), in attach order.
+    boot_devices: list[Any] = field(default_factory=list)
+    firmware: str | None = None  # "seabios" when the machine starts in its BIOS
 
     def press_power_button(self) -> bool:
         """Press the ACPI power button. True when the guest has enabled the button's

@@ -34,7 +34,7 @@ PM_BASE_REG = 0x40  # PMBA
 PM_MISC_REG = 0x80  # PMREGMISC: bit 0 enables the PM I/O space
 PM_DEVACTB = 0x58
 PM_SIZE = 0x40
-DEFAULT_PM_BASE = 0xB000  # what SeaBIOS writes to PMBA; the FADT names it
+DEFAULT_PM_BASE = 0x600  # what SeaBIOS writes to PMBA on an i440FX; the FADT names it
 SCI_IRQ = 9
 PM_TIMER_HZ = 3_579_545
 
