@@ -1,10 +1,15 @@
-"""A fully emulated ATA (IDE) disk controller on the legacy PC ports, PIO only.
+"""A fully emulated ATA (IDE) disk controller on the legacy PC ports, PIO, with ATAPI.
 
 Every byte the guest moves goes through the 16- or 32-bit data register, one emulated
 access at a time: the opposite of virtio, and the reason to measure both. Enough of
 ATA/ATAPI-6 for Linux's libata (pata_legacy, ata_generic) and the old ide driver:
 signature after reset, IDENTIFY DEVICE, READ/WRITE SECTORS (and MULTIPLE, and the LBA48
 EXT forms), FLUSH CACHE, SET FEATURES, SET MULTIPLE MODE, INITIALIZE DEVICE PARAMETERS.
+
+ATAPI drives (devices/atapi.py) sit on the same channels: the packet signature, IDENTIFY
+PACKET DEVICE and PACKET, with the data moved by PIO in pieces of the byte count limit.
+The PCI function around the channels (bus-master registers, the PCI identity) is
+devices/ide.py.
 
 Ports (a channel answers both ranges): primary 0x1f0-0x1f7 + 0x3f6 on IRQ 14, secondary
 0x170-0x177 + 0x376 on IRQ 15.
@@ -19,10 +24,16 @@ from boite.disk.base import SECTOR, BlockImage
 from boite.errors import BoiteError
 from boite.machine.bus import Bus
 from boite.machine.device import Device
+from boite.machine.devices.atapi import AtapiDrive, CheckCondition
 from boite.machine.irq import IrqLine
 from boite.machine.machine import IoRange
 
 log = logging.getLogger("boite.ata")
+
+
+def _is_atapi(drive: Any) -> bool:
+    return isinstance(drive, AtapiDrive)
+
 
 PRIMARY = (0x1F0, 0x3F6, 14)
 SECONDARY = (0x170, 0x376, 15)
@@ -64,6 +75,7 @@ CMD_READ_VERIFY_EXT = 0x42
 CMD_EXECUTE_DIAGNOSTIC = 0x90
 CMD_INITIALIZE_PARAMS = 0x91
 CMD_IDENTIFY_PACKET = 0xA1
+CMD_PACKET = 0xA0
 CMD_READ_MULTIPLE = 0xC4
 CMD_WRITE_MULTIPLE = 0xC5
 CMD_SET_MULTIPLE = 0xC6
@@ -210,7 +222,10 @@ class AtaChannel(Device):
 
     def port_ranges(self) -> list[IoRange]:
         """The command block (8 ports) and the control register, for Machine.attach."""
-        return [IoRange(self.cmd_base, 8), IoRange(self.ctl_port, 1, handler=self.control)]
+        return [
+            IoRange(self.cmd_base, 8, handler=self),
+            IoRange(self.ctl_port, 1, handler=self.control),
+        ]
 
     def register(self, pio: Bus) -> None:
         for r in self.port_ranges():
@@ -233,6 +248,7 @@ class AtaChannel(Device):
         self.lbah = self.hob_lbah = 0
         self.irq_pending = False
         self.in_reset = False
+        self.sig_pending = True
         self._end_transfer()
         for d in self.drives:
             if d is not None:
@@ -243,15 +259,18 @@ class AtaChannel(Device):
     _STATE_KEYS = (
         "devctl device feature hob_feature nsect hob_nsect lbal hob_lbal lbam hob_lbam "
         "lbah hob_lbah irq_pending in_reset xfer xfer_lba xfer_left xfer_block xfer_pos "
-        "xfer_drive"
+        "xfer_drive sig_pending atapi_limit atapi_pos atapi_packet"
     ).split()
 
     def save_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: getattr(self, k) for k in self._STATE_KEYS}
         state["buffer"] = bytes(self.buffer)
+        state["atapi_data"] = bytes(self.atapi_data)
         state["drives"] = [
             None
             if d is None
+            else {"status": d.status, "error": d.error, "sense": list(d.sense)}
+            if _is_atapi(d)
             else {
                 "heads": d.heads,
                 "spt": d.spt,
@@ -265,13 +284,15 @@ class AtaChannel(Device):
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
+        defaults = {"sig_pending": False, "atapi_limit": 0, "atapi_pos": 0, "atapi_packet": False}
         for k in self._STATE_KEYS:
-            setattr(self, k, state[k])
+            setattr(self, k, state[k] if k in state or k not in defaults else defaults[k])
         self.buffer = bytearray(state["buffer"])
+        self.atapi_data = bytes(state.get("atapi_data", b""))
         for d, ds in zip(self.drives, state["drives"], strict=True):
             if d is not None and ds is not None:
                 for k, v in ds.items():
-                    setattr(d, k, v)
+                    setattr(d, k, tuple(v) if k == "sense" else v)
         self.irq.set(self.irq_pending and not self.devctl & CTL_NIEN)
 
     # --- helpers --------------------------------------------------------------------
@@ -283,14 +304,21 @@ class AtaChannel(Device):
         return self.drives[self.selected]
 
     def _signature(self) -> None:
-        """What a drive leaves in the task file after reset or diagnostic: 'I am ATA'."""
-        self.nsect = self.lbal = 1
-        self.lbam = self.lbah = 0
+        """What a drive leaves in the task file after reset or diagnostic: 'I am ATA'
+        (LBA mid/high 0, 0) or 'I am ATAPI' (0x14, 0xEB). The task file is one per
+        channel here, so until the next command the signature follows the selection."""
         self.device = 0
+        self._show_signature()
+        self.sig_pending = True
         for d in self.drives:
             if d is not None:
                 d.error = 0x01
-                d.status = ST_DRDY | ST_DSC
+                d.status = ST_DRDY | ST_DSC if not _is_atapi(d) else 0
+
+    def _show_signature(self) -> None:
+        d = self._drive()
+        self.nsect = self.lbal = 1
+        self.lbam, self.lbah = (0x14, 0xEB) if _is_atapi(d) else (0, 0)
 
     def _end_transfer(self) -> None:
         self.xfer = ""
@@ -300,6 +328,10 @@ class AtaChannel(Device):
         self.xfer_pos = 0
         self.xfer_drive = 0
         self.buffer = bytearray()
+        self.atapi_data = b""
+        self.atapi_limit = 0
+        self.atapi_pos = 0
+        self.atapi_packet = False
 
     def _raise_irq(self) -> None:
         self.irq_pending = True
@@ -384,6 +416,8 @@ class AtaChannel(Device):
             return
         # Any task file write clears HOB; each register keeps its previous value for LBA48.
         self.devctl &= ~CTL_HOB
+        if offset != 6:
+            self.sig_pending = False  # the host is setting up a command: keep its values
         if offset == 1:
             self.hob_feature, self.feature = self.feature, value
         elif offset == 2:
@@ -396,6 +430,8 @@ class AtaChannel(Device):
             self.hob_lbah, self.lbah = self.lbah, value
         elif offset == 6:
             self.device = value
+            if self.sig_pending:
+                self._show_signature()
         else:
             self._command(value)
 
@@ -456,6 +492,9 @@ class AtaChannel(Device):
                 self._write_block_done()
 
     def _read_block_done(self) -> None:
+        if self.atapi_data:
+            self._atapi_next()
+            return
         n = len(self.buffer) // SECTOR
         self.xfer_lba += n
         self.xfer_left -= n
@@ -470,6 +509,9 @@ class AtaChannel(Device):
     def _write_block_done(self) -> None:
         drive = self.drives[self.xfer_drive]
         assert drive is not None
+        if self.atapi_packet:
+            self._atapi_run(drive, bytes(self.buffer))
+            return
         try:
             drive.image.write(self.xfer_lba * SECTOR, bytes(self.buffer))
         except (OSError, BoiteError) as e:
@@ -542,7 +584,10 @@ class AtaChannel(Device):
         self.irq_pending = False
         self.irq.lower()
         self._end_transfer()
-        if cmd in _RW_COMMANDS:
+        self.sig_pending = False
+        if _is_atapi(drive):
+            self._atapi_command(drive, cmd)
+        elif cmd in _RW_COMMANDS:
             self._read_write(drive, cmd, *_RW_COMMANDS[cmd])
         elif cmd == CMD_IDENTIFY:
             self.buffer = bytearray(drive.identify())
@@ -611,6 +656,88 @@ class AtaChannel(Device):
         else:
             # IDENTIFY PACKET, DEVICE RESET (packet only), DMA, SMART, ...: not this disk.
             self._abort(drive)
+
+    # --- ATAPI ------------------------------------------------------------------------
+    def _atapi_command(self, drive: Any, cmd: int) -> None:
+        if cmd == CMD_IDENTIFY_PACKET:
+            self.buffer = bytearray(drive.identify_packet())
+            self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
+            self.xfer_drive = self.selected
+            drive.status = ST_DRDY | ST_DSC | ST_DRQ
+            drive.error = 0
+            self._raise_irq()
+        elif cmd == CMD_PACKET:
+            if self.feature & 1:  # DMA requested: this drive moves data by PIO only
+                self._abort(drive)
+                return
+            limit = self.lbam | self.lbah << 8
+            self.atapi_limit = (limit or 0xFFFE) & ~1
+            self.atapi_packet = True
+            self.xfer = "write"
+            self.xfer_drive = self.selected
+            self.buffer = bytearray(12)
+            self.xfer_pos = 0
+            self.nsect = 0x01  # CoD: the host sends the command packet
+            drive.status = ST_DRDY | ST_DSC | ST_DRQ
+            drive.error = 0
+        elif cmd == CMD_DEVICE_RESET:
+            drive.reset()
+            self._signature()
+        elif cmd == CMD_IDENTIFY:
+            self._show_signature()  # "I am ATAPI": the host should use IDENTIFY PACKET
+            self._abort(drive)
+        elif cmd in (CMD_EXECUTE_DIAGNOSTIC,):
+            self._signature()
+            self._raise_irq()
+        elif cmd in (CMD_SET_FEATURES, CMD_CHECK_POWER_MODE, CMD_IDLE_IMMEDIATE, CMD_STANDBY_IMMEDIATE,
+                     CMD_FLUSH_CACHE):  # fmt: skip
+            self._done(drive)
+        else:
+            self._abort(drive)
+
+    def _atapi_run(self, drive: Any, cdb: bytes) -> None:
+        self._end_transfer()
+        try:
+            data = drive.execute(cdb)
+        except CheckCondition as c:
+            self.nsect = 0x03  # IO + CoD: command complete
+            drive.status = ST_DRDY | ST_DSC | ST_ERR
+            drive.error = c.sense[0] << 4 | 0x04
+            self._raise_irq()
+            return
+        if not data:
+            self._atapi_complete(drive)
+            return
+        self.atapi_data = data
+        self.atapi_limit = self.atapi_limit or 0xFFFE
+        self.atapi_pos = 0
+        self.xfer_drive = self.selected
+        self._atapi_next()
+
+    def _atapi_next(self) -> None:
+        drive = self.drives[self.xfer_drive]
+        assert drive is not None
+        if self.atapi_pos >= len(self.atapi_data):
+            self._end_transfer()
+            self._atapi_complete(drive)
+            return
+        limit = self.atapi_limit
+        chunk = self.atapi_data[self.atapi_pos : self.atapi_pos + limit]
+        self.atapi_pos += len(chunk)
+        self.buffer = bytearray(chunk)
+        self.xfer = "read"
+        self.xfer_pos = 0
+        self.lbam, self.lbah = len(chunk) & 0xFF, len(chunk) >> 8
+        self.nsect = 0x02  # IO: data to the host
+        drive.status = ST_DRDY | ST_DSC | ST_DRQ
+        drive.error = 0
+        self._raise_irq()
+
+    def _atapi_complete(self, drive: Any) -> None:
+        self.nsect = 0x03
+        drive.status = ST_DRDY | ST_DSC
+        drive.error = 0
+        self._raise_irq()
 
     def _set_features(self, drive: AtaDrive) -> None:
         sub = self.feature
