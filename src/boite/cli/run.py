@@ -340,12 +340,8 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
         log = box.log.info
         accel_name = accel or box.config.virtual_exec
 
-        kernel = _box_file(box, "boite.kernel")
-        if kernel is None:
-            raise BoxError(
-                f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
-                '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
-            )
+        # Without boite.kernel the box boots through its BIOS (SeaBIOS).
+        _box_file(box, "boite.kernel")
         _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
         devices = _DeviceHooks(lambda: _box_devices_hook(box))
