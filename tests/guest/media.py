@@ -55,9 +55,7 @@ def _tree(root: Path, kernel: Path, initrd: Path, cfg: str) -> None:
 def grub_iso(out: Path, kernel: Path, initrd: Path, cmdline: str, work: Path) -> Path:
     root = work / "iso-root"
     _tree(root, kernel, initrd, grub_cfg("iso", cmdline))
-    subprocess.run(
-        ["grub-mkrescue", "-o", str(out), str(root)], check=True, capture_output=True
-    )
+    subprocess.run(["grub-mkrescue", "-o", str(out), str(root)], check=True, capture_output=True)
     return out
 
 
