@@ -178,6 +178,9 @@ def build_machine(
             persist_cmos, persist_delay, rtc_base_time, clock_ns,
         )  # fmt: skip
         fragments = [cmdline] if cmdline else []
+        # A directly loaded kernel learns of virtio devices from its command line
+        # (virtio-mmio); the BIOS and a kernel it boots find them on PCI.
+        machine.virtio_transport = "pci" if firmware and kernel is None else "mmio"
         for hook in extra_devices:
             frag = hook(machine)
             if frag:

@@ -101,6 +101,7 @@ class Machine:
     # What the firmware may boot (boite.machine.firmware.pc.BootDevice), in attach order.
     boot_devices: list[Any] = field(default_factory=list)
     firmware: str | None = None  # "seabios" when the machine starts in its BIOS
+    virtio_transport: str = "mmio"  # "pci" for a machine that boots through its BIOS
 
     def press_power_button(self) -> bool:
         """Press the ACPI power button. True when the guest has enabled the button's

@@ -27,6 +27,7 @@ from boite.machine.virtio.blk import VirtioBlk
 from boite.machine.virtio.console import VirtioConsole
 from boite.machine.virtio.mmio import MMIO_SIZE, VirtioBackend, VirtioMmio
 from boite.machine.virtio.net import VirtioNet, parse_mac
+from boite.machine.virtio.pci import VirtioPci
 from boite.machine.virtio.rng import VirtioRng
 
 log = logging.getLogger("boite.virtio")
@@ -226,7 +227,19 @@ def attach_devices(
     out = AttachedDevices()
     slots = iter(enumerate(irqs))
 
-    def add_virtio(name: str, backend: VirtioBackend) -> VirtioMmio:
+    pci_transport = machine.virtio_transport == "pci"
+
+    def add_virtio(name: str, backend: VirtioBackend, boot_key: str | None = None) -> Any:
+        if pci_transport:
+            # Firmware boot: virtio-pci, which the BIOS and stock kernels find by
+            # enumeration (no kernel command line to announce virtio-mmio devices).
+            slot = machine.pci.free_slot()
+            pdev = VirtioPci(backend, machine.memory, name=name)
+            machine.attach(name, pdev, pci=(slot, 0))
+            out.virtio.append(pdev.core)
+            if boot_key is not None:
+                machine.boot_devices.append(BootDevice(boot_key, "hdd", VirtioPci.boot_path(slot)))
+            return pdev
         try:
             i, gsi = next(slots)
         except StopIteration:
@@ -255,7 +268,7 @@ def attach_devices(
             if d.device == "ata":
                 ata_drives[(d.channel, d.unit)] = AtaDrive(image, serial=f"BOITE-{serial}")
             else:
-                add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"))
+                add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"), d.key)
         if ata_drives:
             ctl = AtaController(machine.irqs.line, ata_drives)
             if machine.pci is not None:
