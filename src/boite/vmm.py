@@ -231,14 +231,23 @@ class Vmm:
         self._resume.set()
 
     def stop(self, soft: bool = False, grace_s: float = SOFT_STOP_GRACE_S) -> None:
-        """hard: pull the plug now. soft: press Ctrl-Alt-Del on the keyboard (the guest
-        kit's init powers off on it) and pull the plug if the guest is not off in time."""
+        """hard: pull the plug now. soft: press the ACPI power button if the guest's OS
+        listens to it (Machine.press_power_button), else Ctrl-Alt-Del on the keyboard (the
+        guest kit's init powers off on it); pull the plug if the guest is not off in time."""
         if self.state in (VmState.STOPPED, VmState.STOPPING):
             return
         keyboard = self._keyboard()
-        if soft and keyboard is not None and self.state is VmState.RUNNING:
+        running = self.state is VmState.RUNNING
+        # An ACPI OS that enabled the power button event shuts down on a press.
+        pressed = (
+            soft and running and self.machine is not None and self.machine.press_power_button()
+        )
+        if pressed:
+            self.log(f"Soft stop: ACPI power button pressed; hard stop in {grace_s:g} s.")
+        elif soft and keyboard is not None and running:
             self.log(f"Soft stop: Ctrl-Alt-Del sent to the guest; hard stop in {grace_s:g} s.")
             keyboard.inject_scancodes(CTRL_ALT_DEL)
+        if soft and running and (pressed or keyboard is not None):
             self._soft_deadline = time.time() + grace_s
             self._watchdog = threading.Timer(grace_s, self.stop, kwargs={"soft": False})
             self._watchdog.daemon = True
