@@ -20,7 +20,7 @@ import pytest
 from boite.accel.base import StopReason
 from boite.accel.cpustate import Segment
 from boite.accel.emu import EmuAccelerator
-from boite.accel.emu.cpu import SEGCHK
+from boite.accel.emu.arch import SEGCHK
 from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot

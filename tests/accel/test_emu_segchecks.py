@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from boite.accel.emu.cpu import GP, SEGCHK, SS_VEC, Cpu
+from boite.accel.emu.arch import GP, SEGCHK, SS_VEC
+from boite.accel.emu.cpu import Cpu
 from boite.machine.memory import GuestMemory
 
 CODE = 0x100000

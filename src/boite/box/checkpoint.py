@@ -214,9 +214,17 @@ class Checkpoint:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        from boite.box.paths import FileKindError, open_regular
+
         path = Path(path)
         try:
-            with open(path, "rb") as f:
+            fd = open_regular(path, what="checkpoint")
+        except FileKindError as exc:
+            raise CheckpointError(str(exc)) from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror}") from exc
+        try:
+            with open(fd, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     raise CheckpointError(f"{path}: empty file, expected a VMware checkpoint")
@@ -335,8 +343,11 @@ def _parse_tags(
 
 
 def _atomic_write(path: Path, data: bytes, durable: bool) -> None:
+    from boite.box.paths import create_private
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp.unlink(missing_ok=True)  # a leftover of a crash (or a planted link): never followed
+    fd = create_private(tmp)
     try:
         view = memoryview(data)
         while view:

@@ -103,6 +103,11 @@ def _split_sizes(sectors: int) -> list[int]:
     return sizes or [0]
 
 
+def _private(path: str, flags: int) -> int:
+    """Disks are created 0600 (guest data is the owner's alone), as VMware creates them."""
+    return os.open(path, flags, 0o600)
+
+
 def create_disk(
     path,
     capacity_bytes: int,
@@ -125,7 +130,7 @@ def create_disk(
     if disk_type == "raw" and is_vmdk_name(path):
         raise DiskError(f"{path}: a .vmdk name means VMDK; pick another name for a raw image")
     if disk_type == "raw" or not is_vmdk_name(path):
-        with open(path, "wb") as f:
+        with open(path, "wb", opener=_private) as f:
             f.truncate(sectors * SECTOR)
         return
     create_type = CREATE_TYPE_OF[disk_type]
@@ -147,7 +152,7 @@ def create_disk(
     elif disk_type == "flat":
         name = f"{stem}-flat.vmdk"
         d.extents = [ExtentLine("RW", sectors, "FLAT", name, 0)]
-        with open(path.parent / name, "wb") as f:
+        with open(path.parent / name, "wb", opener=_private) as f:
             f.truncate(sectors * SECTOR)
         write_descriptor_file(path, d)
     else:
@@ -158,7 +163,7 @@ def create_disk(
                 create_sparse(path.parent / name, n)
                 d.extents.append(ExtentLine("RW", n, "SPARSE", name))
             else:
-                with open(path.parent / name, "wb") as f:
+                with open(path.parent / name, "wb", opener=_private) as f:
                     f.truncate(n * SECTOR)
                 d.extents.append(ExtentLine("RW", n, "FLAT", name, 0))
         write_descriptor_file(path, d)

@@ -749,7 +749,7 @@ def create_sparse(
     h.overhead = -(-end // grain_size) * grain_size
     rgd = array("I", (h.rgd_offset + gd_sectors + i * gt_sectors for i in range(gt_count)))
     gd = array("I", (h.gd_offset + gd_sectors + i * gt_sectors for i in range(gt_count)))
-    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         pwrite_full(fd, h.pack(), 0)
         if descriptor is not None:

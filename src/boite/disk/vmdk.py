@@ -68,7 +68,7 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     data = desc.render().encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)

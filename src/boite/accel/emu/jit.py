@@ -4,7 +4,9 @@ The common 32-bit-code forms (MOV, ALU with ADC/SBB, TEST, NOT/NEG, INC/DEC, SHL
 by an immediate or CL, ROL/ROR, BT/BTS/BTR/BTC, MUL/IMUL, PUSH/POP, LEA, MOVZX/MOVSX,
 XCHG, BSWAP, CMOVcc/SETcc, Jcc, JMP, CALL, RET, LEAVE, LOOP), with 8/16/32-bit operands
 and segment overrides, are re-decoded here from the instruction bytes and emitted
-inline. Everything else calls the instruction's closure from decode.py.
+inline: the opcode table (optable.py, column `jit`) names the Emitter method of each
+opcode and the ModRM extensions it inlines. Everything else calls the instruction's
+closure from decode/.
 
 Inside a block the guest's registers live in Python locals (e0..e7; segment bases in
 g0..g5) and the lazy-flag state stays in the locals of the instruction that set it:
@@ -29,7 +31,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from boite.accel.emu.cpu import DS, PARITY, SEGCHK, SS, STACK16, CpuFault
+from boite.accel.emu.arch import DS, MASK, PARITY, SEG_PREFIX, SEGCHK, SIGN, SS, STACK16, CpuFault
+from boite.accel.emu.optable import BY_OPCODE, reg_mask
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
@@ -37,9 +40,6 @@ if TYPE_CHECKING:
 M = 0xFFFFFFFF
 _DEBUG = os.environ.get("BOITE_EMU_JIT_DEBUG") == "1"
 LOOP_LIMIT = 512  # guest instructions one call of a self-looping block may run
-_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-_SIGN = {1: 0x80, 2: 0x8000, 4: 0x80000000}
-_SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}
 # ALU group: symbol, lazy kind. ADC (2) and SBB (3) add the carry in.
 _ALU = {0: ("+", "add"), 1: ("|", "logic"), 2: ("+", "add"), 3: ("-", "sbb"),
         4: ("&", "logic"), 5: ("-", "sub"), 6: ("^", "logic"), 7: ("-", "sub")}  # fmt: skip
@@ -104,7 +104,7 @@ class Setter:
         if self.kind == "part":
             pre = self.base.sync() + "; " if self.base is not None else ""
             return f"{pre}c.fl = (c.get_flags() & {~self.pmask}) | {self.res}; c.lop = 0"
-        m = _MASK[self.size]
+        m = MASK[self.size]
         lop = _LOP[self.kind]
         if self.kind == "logic":
             return f"c.lop = 3; c.lres = {self.res}; c.lmask = {m}"
@@ -117,7 +117,7 @@ class Setter:
     def flag(self, name: str) -> str:
         """A truth-valued expression for one arithmetic flag."""
         k, a, b, res = self.kind, self.a, self.b, self.res
-        m, sign = _MASK[self.size], _SIGN[self.size]
+        m, sign = MASK[self.size], SIGN[self.size]
         bit = dict(cf=1, pf=4, zf=0x40, sf=0x80, of=0x800)[name]
         if k == "eager" or (k == "part" and self.pmask & bit):
             return f"({res} & {bit})"
@@ -171,7 +171,7 @@ class Emitter:
         self.refs.add(f"e{n}")
         if size == 4:
             return f"e{n}"
-        return f"(e{n} & {_MASK[size]})"
+        return f"(e{n} & {MASK[size]})"
 
     def put(self, n: int, size: int, val: str) -> str:
         if size == 1 and n >= 4:
@@ -288,7 +288,7 @@ class Emitter:
         k = cc >> 1
         cond = None
         if s.kind == "sub":
-            sign = _SIGN[s.size]
+            sign = SIGN[s.size]
             if k == 1:
                 cond = f"{s.a} < {s.b}"
             elif k == 3:
@@ -303,9 +303,9 @@ class Emitter:
             elif k == 3:
                 cond = f"{s.res} == 0"
             elif k == 6:
-                cond = f"({s.res} & {_SIGN[s.size]})"
+                cond = f"({s.res} & {SIGN[s.size]})"
             elif k == 7:
-                cond = f"({s.res} & {_SIGN[s.size]}) or {s.res} == 0"
+                cond = f"({s.res} & {SIGN[s.size]}) or {s.res} == 0"
         if cond is None:
             fl = s.flag
             if k == 0:
@@ -352,14 +352,16 @@ class Emitter:
 
     # -- instructions ----------------------------------------------------------------
     def emit(self, raw: bytes, nxt: int) -> tuple[list[str], bool] | None:
-        """Returns (lines, may_fault) or None when the instruction is not inlined."""
+        """Returns (lines, may_fault) or None when the instruction is not inlined: the
+        opcode table (optable.Op.jit) names the method for each opcode and the ModRM reg
+        fields it inlines."""
         bs = _Bytes(raw)
         over = None
         size = 4
         while True:
             op = bs.u8()
-            if op in _SEG_PREFIX:
-                over = _SEG_PREFIX[op]
+            if op in SEG_PREFIX:
+                over = SEG_PREFIX[op]
                 if self.seg_nonflat >> over & 1:
                     return None  # checked on each access by the closure (mode_key has it)
             elif op == 0x66:
@@ -368,262 +370,317 @@ class Emitter:
                 return None
             else:
                 break
-        a = f"a{self.k}"
-        if not self.stack32 and (
-            0x50 <= op <= 0x5F or op in (0x68, 0x6A, 0xC9, 0xE8, 0xC2, 0xC3, 0xFF)
-        ):
-            return None  # a 16-bit SS: c.push/c.pop in the closure
-        if op < 0x40 and op & 7 < 6 and op not in (0x26, 0x2E, 0x36, 0x3E):
-            alu = (op >> 3) & 7
-            form = op & 7
-            sz = 1 if form in (0, 2, 4) else size
-            if form >= 4:
-                return self._alu(alu, ("r", 0), ("i", bs.imm(sz)), sz)
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            other = self.operand(bs, mod, rm, over)
-            if form < 2:
-                return self._alu(alu, other, ("r", reg), sz)
-            return self._alu(alu, ("r", reg), other, sz)
-        if 0x80 <= op <= 0x83:
-            m = bs.u8()
-            mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
-            sz = 1 if op in (0x80, 0x82) else size
-            dst = self.operand(bs, mod, rm, over)
-            if op == 0x83:
-                imm = bs.s8() & _MASK[sz]
-            else:
-                imm = bs.imm(sz)
-            return self._alu(alu, dst, ("i", imm), sz)
-        if op in (0x84, 0x85):
-            sz = 1 if op == 0x84 else size
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            return self._alu(4, self.operand(bs, mod, rm, over), ("r", reg), sz, test=True)
+        if op == 0x0F:
+            op = bs.u8()
+            entry = _JIT_0F[op]
+        else:
+            entry = _JIT_1B[op]
+        if entry is None:
+            return None
+        method, regs = entry
+        if regs != 0xFF and not regs >> ((bs.d[bs.p] >> 3) & 7) & 1:
+            return None
+        return method(self, bs, op, over, size, nxt, f"a{self.k}")
+
+    # One method per opcode group (the `jit` column of the opcode table), each with the
+    # arguments (bytes after the opcode, opcode, segment override, operand size, next
+    # EIP, the instruction's scratch local).
+    def j_alu(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        alu = (op >> 3) & 7
+        form = op & 7
+        sz = 1 if form in (0, 2, 4) else size
+        if form >= 4:
+            return self._alu(alu, ("r", 0), ("i", bs.imm(sz)), sz)
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        other = self.operand(bs, mod, rm, over)
+        if form < 2:
+            return self._alu(alu, other, ("r", reg), sz)
+        return self._alu(alu, ("r", reg), other, sz)
+
+    def j_grp1(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, alu, rm = m >> 6, (m >> 3) & 7, m & 7
+        sz = 1 if op in (0x80, 0x82) else size
+        dst = self.operand(bs, mod, rm, over)
+        imm = bs.s8() & MASK[sz] if op == 0x83 else bs.imm(sz)
+        return self._alu(alu, dst, ("i", imm), sz)
+
+    def j_test(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
         if op in (0xA8, 0xA9):
             sz = 1 if op == 0xA8 else size
             return self._alu(4, ("r", 0), ("i", bs.imm(sz)), sz, test=True)
-        if op in (0xF6, 0xF7):
-            sz = 1 if op == 0xF6 else size
-            m = bs.u8()
-            mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
-            dst = self.operand(bs, mod, rm, over)
-            if sub in (0, 1):
-                return self._alu(4, dst, ("i", bs.imm(sz)), sz, test=True)
-            if sub in (2, 3):
-                return self._notneg(sub == 3, dst, sz)
-            if sub in (4, 5) and sz == 4:
-                return self._mul(sub == 5, dst)
-            return None
-        if op in (0x88, 0x89, 0x8A, 0x8B):
-            sz = 1 if op in (0x88, 0x8A) else size
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if mod == 3:
-                d, s = (rm, reg) if op in (0x88, 0x89) else (reg, rm)
-                return [self.put(d, sz, self.get(s, sz))], False
-            ea = self.ea(bs, mod, rm, over)
-            if op in (0x88, 0x89):
-                return self.store(self.get(reg, sz), sz, ea), True
-            return [*self.load(a, ea, sz), self.put(reg, sz, a)], True
-        if op in (0xC6, 0xC7):
-            sz = 1 if op == 0xC6 else size
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if reg:
-                return None
-            if mod == 3:
-                return [self.put(rm, sz, str(bs.imm(sz)))], False
-            ea = self.ea(bs, mod, rm, over)
-            return self.store(str(bs.imm(sz)), sz, ea), True
-        if 0xB0 <= op <= 0xBF:
-            sz = 1 if op < 0xB8 else size
-            return [self.put(op & 7, sz, str(bs.imm(sz)))], False
-        if 0xA0 <= op <= 0xA3:
-            sz = 1 if op in (0xA0, 0xA2) else size
-            ea = f"(({self.seg(over if over is not None else DS)} + {bs.u32()}) & 0xFFFFFFFF)"
-            if op <= 0xA1:
-                return [*self.load(a, ea, sz), self.put(0, sz, a)], True
-            return self.store(self.get(0, sz), sz, ea), True
-        if op == 0x8D:
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if mod == 3:
-                return None
-            off = self.ea(bs, mod, rm, None, lea=True)
-            return [self.put(reg, size, off if size == 4 else f"{off} & 65535")], False
-        if 0x40 <= op <= 0x4F:
-            return self._incdec(op >= 0x48, ("r", op & 7), size)
-        if op in (0xFE, 0xFF):
-            m = bs.u8()
-            mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
-            sz = 1 if op == 0xFE else size
-            if sub in (0, 1):
-                return self._incdec(sub == 1, self.operand(bs, mod, rm, over), sz)
-            if op == 0xFE or size != 4:
-                return None
-            src = self.operand(bs, mod, rm, over)
-            if sub in (2, 4, 6):
-                lines, fault = self._value(a, src, 4)
-                if sub == 6:
-                    return lines + self.push(a), True
-                if sub == 2:
-                    lines += self.push(str(nxt))
-                return lines + [f"c.eip = {a}"], True
-            return None
-        if 0x50 <= op <= 0x57 and size == 4:
-            return self.push(self.get(op & 7, 4)), True
-        if 0x58 <= op <= 0x5F and size == 4:
-            return [*self.pop(a), self.put(op & 7, 4, a)], True
-        if op in (0x68, 0x6A) and size == 4:
-            imm = bs.u32() if op == 0x68 else bs.s8() & M
-            return self.push(str(imm)), True
-        if op == 0xC9 and size == 4:
-            # LEAVE: ESP = EBP, then POP EBP; the load comes first so a fault changes nothing.
-            self.refs.update(("e4", "e5", "g2"))
-            self._wrote(4)
-            self._wrote(5)
-            return [
-                *self.load(a, "(g2 + e5) & 0xFFFFFFFF", 4),
-                "e4 = (e5 + 4) & 0xFFFFFFFF",
-                f"e5 = {a}",
-            ], True
-        if op in (0x86, 0x87):
-            sz = 1 if op == 0x86 else size
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if mod == 3:
-                return [
-                    f"{a} = {self.get(rm, sz)}",
-                    self.put(rm, sz, self.get(reg, sz)),
-                    self.put(reg, sz, a),
-                ], False
-            ea = self.ea(bs, mod, rm, over)
-            return [
-                *self.load(a, ea, sz),
-                *self.store(self.get(reg, sz), sz),
-                self.put(reg, sz, a),
-            ], True
-        if 0x91 <= op <= 0x97 and size == 4:
-            n = op & 7
-            return [f"{a} = {self.get(0, 4)}", self.put(0, 4, self.get(n, 4)), self.put(n, 4, a)], (
-                False
-            )
-        if op == 0x90:
-            return [], False
-        if op == 0x99 and size == 4:
-            return [self.put(2, 4, f"0xFFFFFFFF if {self.get(0, 4)} & 0x80000000 else 0")], False
-        if op == 0x98 and size == 4:
-            return [
-                f"{a} = {self.get(0, 2)}",
-                self.put(0, 4, f"{a} | 0xFFFF0000 if {a} & 0x8000 else {a}"),
-            ], False  # noqa: E501
-        if op in (0xC0, 0xC1, 0xD0, 0xD1):
-            sz = 1 if op in (0xC0, 0xD0) else size
-            m = bs.u8()
-            mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
-            dst = self.operand(bs, mod, rm, over)
-            cnt = (bs.u8() if op in (0xC0, 0xC1) else 1) & 31
-            if cnt == 0:
-                return None
-            if sop in (0, 1):
-                return self._rotate(sop, dst, cnt, sz)
-            if sop not in (4, 5, 6, 7) or cnt > sz * 8:
-                return None
-            return self._shift(sop, dst, cnt, sz)
-        if op in (0xD2, 0xD3):
-            sz = 1 if op == 0xD2 else size
-            m = bs.u8()
-            mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
-            if sop not in (4, 5, 6, 7):
-                return None
-            return self._shift_cl(sop, self.operand(bs, mod, rm, over), sz)
-        if op in (0x69, 0x6B):
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            src = self.operand(bs, mod, rm, over)
-            imm = bs.imm(size) if op == 0x69 else bs.s8()
-            if op == 0x69:
-                imm = imm - (1 << (8 * size)) if imm & _SIGN[size] else imm
-            return self._imul(reg, src, str(imm), size)
-        if op == 0x0F:
-            return self._emit0f(bs, bs.u8(), over, size, nxt, a)
-        if 0x70 <= op <= 0x7F and size == 4:
-            d = bs.s8()
-            return [f"c.eip = {(nxt + d) & M} if {self.cond(op & 15)} else {nxt}"], False
-        if op in (0xEB, 0xE9):
-            if size != 4:
-                return None
-            d = bs.s8() if op == 0xEB else _s32(bs.u32())
-            return [f"c.eip = {(nxt + d) & M}"], False
-        if op == 0xE2 and size == 4:
-            d = bs.s8()
-            self._wrote(1)
-            return [
-                "e1 = (e1 - 1) & 0xFFFFFFFF",
-                f"c.eip = {(nxt + d) & M} if e1 else {nxt}",
-            ], False
-        if op == 0xE8 and size == 4:
-            d = _s32(bs.u32())
-            return [*self.push(str(nxt)), f"c.eip = {(nxt + d) & M}"], True
-        if op in (0xC3, 0xC2) and size == 4:
-            lines = self.pop(a)
-            if op == 0xC2:
-                imm = bs.u16()
-                lines.append(f"e4 = (e4 + {imm}) & 0xFFFFFFFF")
-            return [*lines, f"c.eip = {a}"], True
+        sz = 1 if op == 0x84 else size
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        return self._alu(4, self.operand(bs, mod, rm, over), ("r", reg), sz, test=True)
+
+    def j_grp3(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op == 0xF6 else size
+        m = bs.u8()
+        mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
+        dst = self.operand(bs, mod, rm, over)
+        if sub in (0, 1):
+            return self._alu(4, dst, ("i", bs.imm(sz)), sz, test=True)
+        if sub in (2, 3):
+            return self._notneg(sub == 3, dst, sz)
+        if sz == 4:  # MUL/IMUL r/m32
+            return self._mul(sub == 5, dst)
         return None
 
-    def _emit0f(self, bs: _Bytes, op2: int, over, size: int, nxt: int, a: str):
-        if op2 in (0xB6, 0xB7, 0xBE, 0xBF):
-            ssz = 1 if op2 in (0xB6, 0xBE) else 2
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            src = self.operand(bs, mod, rm, over)
-            lines, fault = self._value(a, src, ssz)
-            if op2 in (0xBE, 0xBF):
-                sign = _SIGN[ssz]
-                val = f"({a} - {sign << 1} if {a} & {sign} else {a}) & {_MASK[size]}"
-            else:
-                val = a
-            return [*lines, self.put(reg, size, val)], fault
-        if 0x90 <= op2 <= 0x9F:
-            m = bs.u8()
-            mod, _, rm = m >> 6, (m >> 3) & 7, m & 7
-            val = f"(1 if {self.cond(op2 & 15)} else 0)"
+    def j_mov(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op in (0x88, 0x8A) else size
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        if mod == 3:
+            d, s = (rm, reg) if op in (0x88, 0x89) else (reg, rm)
+            return [self.put(d, sz, self.get(s, sz))], False
+        ea = self.ea(bs, mod, rm, over)
+        if op in (0x88, 0x89):
+            return self.store(self.get(reg, sz), sz, ea), True
+        return [*self.load(a, ea, sz), self.put(reg, sz, a)], True
+
+    def j_mov_mi(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op == 0xC6 else size
+        m = bs.u8()
+        mod, rm = m >> 6, m & 7
+        if mod == 3:
+            return [self.put(rm, sz, str(bs.imm(sz)))], False
+        ea = self.ea(bs, mod, rm, over)
+        return self.store(str(bs.imm(sz)), sz, ea), True
+
+    def j_mov_ri(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op < 0xB8 else size
+        return [self.put(op & 7, sz, str(bs.imm(sz)))], False
+
+    def j_moffs(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op in (0xA0, 0xA2) else size
+        ea = f"(({self.seg(over if over is not None else DS)} + {bs.u32()}) & 0xFFFFFFFF)"
+        if op <= 0xA1:
+            return [*self.load(a, ea, sz), self.put(0, sz, a)], True
+        return self.store(self.get(0, sz), sz, ea), True
+
+    def j_lea(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        if mod == 3:
+            return None
+        off = self.ea(bs, mod, rm, None, lea=True)
+        return [self.put(reg, size, off if size == 4 else f"{off} & 65535")], False
+
+    def j_incdec_r(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        return self._incdec(op >= 0x48, ("r", op & 7), size)
+
+    def j_grp45(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if op == 0xFF and not self.stack32:
+            return None  # a 16-bit SS: c.push/c.pop in the closure
+        m = bs.u8()
+        mod, sub, rm = m >> 6, (m >> 3) & 7, m & 7
+        sz = 1 if op == 0xFE else size
+        if sub in (0, 1):
+            return self._incdec(sub == 1, self.operand(bs, mod, rm, over), sz)
+        if size != 4:
+            return None
+        lines, _ = self._value(a, self.operand(bs, mod, rm, over), 4)
+        if sub == 6:
+            return lines + self.push(a), True
+        if sub == 2:
+            lines += self.push(str(nxt))
+        return lines + [f"c.eip = {a}"], True
+
+    def j_push_r(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        return self.push(self.get(op & 7, 4)), True
+
+    def j_pop_r(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        return [*self.pop(a), self.put(op & 7, 4, a)], True
+
+    def j_push_i(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        imm = bs.u32() if op == 0x68 else bs.s8() & M
+        return self.push(str(imm)), True
+
+    def j_leave(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        # ESP = EBP, then POP EBP; the load comes first so a fault changes nothing.
+        self.refs.update(("e4", "e5", "g2"))
+        self._wrote(4)
+        self._wrote(5)
+        return [
+            *self.load(a, "(g2 + e5) & 0xFFFFFFFF", 4),
+            "e4 = (e5 + 4) & 0xFFFFFFFF",
+            f"e5 = {a}",
+        ], True
+
+    def j_xchg(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op == 0x86 else size
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        if mod == 3:
+            return [
+                f"{a} = {self.get(rm, sz)}",
+                self.put(rm, sz, self.get(reg, sz)),
+                self.put(reg, sz, a),
+            ], False
+        ea = self.ea(bs, mod, rm, over)
+        return [
+            *self.load(a, ea, sz),
+            *self.store(self.get(reg, sz), sz),
+            self.put(reg, sz, a),
+        ], True
+
+    def j_xchg_ax(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        n = op & 7
+        return [f"{a} = {self.get(0, 4)}", self.put(0, 4, self.get(n, 4)), self.put(n, 4, a)], (
+            False
+        )
+
+    def j_nop(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        return [], False
+
+    def j_cdq(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        return [self.put(2, 4, f"0xFFFFFFFF if {self.get(0, 4)} & 0x80000000 else 0")], False
+
+    def j_cwde(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        return [
+            f"{a} = {self.get(0, 2)}",
+            self.put(0, 4, f"{a} | 0xFFFF0000 if {a} & 0x8000 else {a}"),
+        ], False
+
+    def j_grp2(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op in (0xC0, 0xD0) else size
+        m = bs.u8()
+        mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
+        dst = self.operand(bs, mod, rm, over)
+        cnt = (bs.u8() if op in (0xC0, 0xC1) else 1) & 31
+        if cnt == 0:
+            return None
+        if sop in (0, 1):
+            return self._rotate(sop, dst, cnt, sz)
+        if cnt > sz * 8:
+            return None
+        return self._shift(sop, dst, cnt, sz)
+
+    def j_shift_cl(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        sz = 1 if op == 0xD2 else size
+        m = bs.u8()
+        mod, sop, rm = m >> 6, (m >> 3) & 7, m & 7
+        return self._shift_cl(sop, self.operand(bs, mod, rm, over), sz)
+
+    def j_imul3(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        src = self.operand(bs, mod, rm, over)
+        imm = bs.imm(size) if op == 0x69 else bs.s8()
+        if op == 0x69:
+            imm = imm - (1 << (8 * size)) if imm & SIGN[size] else imm
+        return self._imul(reg, src, str(imm), size)
+
+    def j_jcc(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        d = bs.s8()
+        return [f"c.eip = {(nxt + d) & M} if {self.cond(op & 15)} else {nxt}"], False
+
+    def j_jmp(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        d = bs.s8() if op == 0xEB else _s32(bs.u32())
+        return [f"c.eip = {(nxt + d) & M}"], False
+
+    def j_loop(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        d = bs.s8()
+        self._wrote(1)
+        return [
+            "e1 = (e1 - 1) & 0xFFFFFFFF",
+            f"c.eip = {(nxt + d) & M} if e1 else {nxt}",
+        ], False
+
+    def j_call(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        d = _s32(bs.u32())
+        return [*self.push(str(nxt)), f"c.eip = {(nxt + d) & M}"], True
+
+    def j_ret(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4 or not self.stack32:
+            return None
+        lines = self.pop(a)
+        if op == 0xC2:
+            imm = bs.u16()
+            lines.append(f"e4 = (e4 + {imm}) & 0xFFFFFFFF")
+        return [*lines, f"c.eip = {a}"], True
+
+    # -- 0F map
+    def j_movx(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        ssz = 1 if op in (0xB6, 0xBE) else 2
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        src = self.operand(bs, mod, rm, over)
+        lines, fault = self._value(a, src, ssz)
+        if op in (0xBE, 0xBF):
+            sign = SIGN[ssz]
+            val = f"({a} - {sign << 1} if {a} & {sign} else {a}) & {MASK[size]}"
+        else:
+            val = a
+        return [*lines, self.put(reg, size, val)], fault
+
+    def j_setcc(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, rm = m >> 6, m & 7
+        val = f"(1 if {self.cond(op & 15)} else 0)"
+        dst = self.operand(bs, mod, rm, over)
+        if dst[0] == "r":
+            return [self.put(rm, 1, val)], False
+        return self.store(val, 1, dst[1]), True
+
+    def j_cmov(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        lines, fault = self._value(a, self.operand(bs, mod, rm, over), size)
+        return [*lines, f"if {self.cond(op & 15)}:", "    " + self.put(reg, size, a)], fault
+
+    def j_jcc0f(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        d = _s32(bs.u32())
+        return [f"c.eip = {(nxt + d) & M} if {self.cond(op & 15)} else {nxt}"], False
+
+    def j_bswap(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        if size != 4:
+            return None
+        n = op & 7
+        v = self.get(n, 4)
+        return [self.put(n, 4, f"int.from_bytes({v}.to_bytes(4, 'little'), 'big')")], False
+
+    def j_imul2(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        return self._imul(reg, self.operand(bs, mod, rm, over), None, size)
+
+    def j_bt(self, bs: _Bytes, op: int, over, size: int, nxt: int, a: str):
+        m = bs.u8()
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        if op == 0xBA:
             dst = self.operand(bs, mod, rm, over)
-            if dst[0] == "r":
-                return [self.put(rm, 1, val)], False
-            return self.store(val, 1, dst[1]), True
-        if 0x40 <= op2 <= 0x4F:
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            lines, fault = self._value(a, self.operand(bs, mod, rm, over), size)
-            return [*lines, f"if {self.cond(op2 & 15)}:", "    " + self.put(reg, size, a)], fault
-        if 0x80 <= op2 <= 0x8F and size == 4:
-            d = _s32(bs.u32())
-            return [f"c.eip = {(nxt + d) & M} if {self.cond(op2 & 15)} else {nxt}"], False
-        if 0xC8 <= op2 <= 0xCF and size == 4:
-            n = op2 & 7
-            v = self.get(n, 4)
-            return [self.put(n, 4, f"int.from_bytes({v}.to_bytes(4, 'little'), 'big')")], False
-        if op2 == 0xAF:
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            return self._imul(reg, self.operand(bs, mod, rm, over), None, size)
-        if op2 == 0xBA or (op2 in (0xA3, 0xAB, 0xB3, 0xBB)):
-            m = bs.u8()
-            mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-            if op2 == 0xBA:
-                if reg < 4:
-                    return None
-                dst = self.operand(bs, mod, rm, over)
-                return self._bt(reg - 4, dst, str(bs.u8() & (size * 8 - 1)), size)
-            if mod != 3:
-                return None  # a register bit offset addresses a bit string in memory
-            bop = {0xA3: 0, 0xAB: 1, 0xB3: 2, 0xBB: 3}[op2]
-            return self._bt(bop, ("r", rm), f"({self.get(reg, size)} & {size * 8 - 1})", size)
-        return None
+            return self._bt(reg - 4, dst, str(bs.u8() & (size * 8 - 1)), size)
+        if mod != 3:
+            return None  # a register bit offset addresses a bit string in memory
+        bop = {0xA3: 0, 0xAB: 1, 0xB3: 2, 0xBB: 3}[op]
+        return self._bt(bop, ("r", rm), f"({self.get(reg, size)} & {size * 8 - 1})", size)
 
     def _value(self, dst: str, src: tuple[str, Any], size: int) -> tuple[list[str], bool]:
         if src[0] == "r":
@@ -636,7 +693,7 @@ class Emitter:
         sym, kind = _ALU[alu]
         k = self.k
         a, b, x = f"a{k}", f"b{k}", f"x{k}"
-        m = _MASK[size]
+        m = MASK[size]
         lines, fault = self._value(a, dst, size)
         if src[0] == "i":
             b = str(src[1])  # a literal: no local needed
@@ -662,7 +719,7 @@ class Emitter:
     def _notneg(self, neg: bool, dst, size: int):
         k = self.k
         a, x = f"a{k}", f"x{k}"
-        m = _MASK[size]
+        m = MASK[size]
         lines, fault = self._value(a, dst, size)
         val = f"(-{a}) & {m}" if neg else f"{a} ^ {m}"
         if neg:
@@ -679,7 +736,7 @@ class Emitter:
     def _incdec(self, dec: bool, dst, size: int):
         k = self.k
         a, x = f"a{k}", f"x{k}"
-        m = _MASK[size]
+        m = MASK[size]
         cf = self.carry()  # evaluated where used: its inputs stay as they are
         lines, fault = self._value(a, dst, size)
         lines.append(f"{x} = {a} {'-' if dec else '+'} 1")
@@ -693,7 +750,7 @@ class Emitter:
     def _shift(self, sop: int, dst, cnt: int, size: int):
         k = self.k
         a, x = f"a{k}", f"x{k}"
-        m, sign, bits = _MASK[size], _SIGN[size], size * 8
+        m, sign, bits = MASK[size], SIGN[size], size * 8
         lines, fault = self._value(a, dst, size)
         if sop in (4, 6):
             cfx = f"({a} >> {bits - cnt}) & 1"
@@ -725,7 +782,7 @@ class Emitter:
         """ROL/ROR by an immediate: CF and OF change, the other flags stay."""
         k = self.k
         a, x, q = f"a{k}", f"x{k}", f"q{k}"
-        m, bits = _MASK[size], size * 8
+        m, bits = MASK[size], size * 8
         n = cnt % bits
         lines, fault = self._value(a, dst, size)
         if sop == 0:
@@ -762,7 +819,7 @@ class Emitter:
         """SHL/SHR/SAR by CL: a count of 0 leaves the flags, so they go to the CPU."""
         k = self.k
         a, x, q, n = f"a{k}", f"x{k}", f"q{k}", f"n{k}"
-        m, sign, bits = _MASK[size], _SIGN[size], size * 8
+        m, sign, bits = MASK[size], SIGN[size], size * 8
         lines = self.to_cpu()
         more, fault = self._value(a, dst, size)
         lines += more
@@ -825,7 +882,7 @@ class Emitter:
     def _imul(self, reg: int, src, imm: str | None, size: int):
         k = self.k
         a, b, x = f"a{k}", f"b{k}", f"x{k}"
-        m, sign = _MASK[size], _SIGN[size]
+        m, sign = MASK[size], SIGN[size]
         lines, fault = self._value(a, src, size)
         if imm is None:
             lines.append(f"{b} = {self.get(reg, size)}")
@@ -1024,3 +1081,21 @@ def compile_block(
     code = compile(text, "<emu block>", "exec")
     exec(code, ns)  # noqa: S102 - our own generated source, from decoded guest bytes
     return ns["block"]
+
+
+def _dispatch(map_: str) -> list[tuple[Any, int] | None]:
+    """Per opcode of one map: the Emitter method its table rows name and the ModRM reg
+    fields they inline (0xFF: the whole opcode), or None."""
+    out: list[tuple[Any, int] | None] = [None] * 256
+    for code in range(256):
+        rows = BY_OPCODE.get((map_, code), ())
+        names = {row.jit for row in rows if row.jit}
+        if not names:
+            continue
+        assert len(names) == 1, (map_, code, names)  # one method per opcode
+        out[code] = (getattr(Emitter, names.pop()), reg_mask(rows, lambda row: bool(row.jit)))
+    return out
+
+
+_JIT_1B = _dispatch("")
+_JIT_0F = _dispatch("0F")

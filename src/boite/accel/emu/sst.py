@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from boite.accel.emu.cpu import CS, DS, ES, SS, Cpu
+from boite.accel.emu.arch import CS, DS, ES, SS
+from boite.accel.emu.cpu import Cpu
 from boite.machine.memory import GuestMemory
 
 REGS = ("ax", "cx", "dx", "bx", "sp", "bp", "si", "di")

@@ -119,10 +119,16 @@ class NullBackend(SerialBackend):
 class FileBackend(SerialBackend):
     """`serialN.fileType = "file"`: output appended to a file, no input."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
+        """`fd`: the file already opened for appending (a box's serial file is opened by
+        box/paths.py: inside the box, no symlinks, 0600)."""
         self.path = Path(path)
         try:
-            self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives with the VM
+            if fd is None:
+                fd = os.open(
+                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            self._f = open(fd, "ab", buffering=0)  # noqa: SIM115 - lives with the VM
         except OSError as e:
             raise ConfigError(f"serial port file {self.path}: cannot open: {e.strerror}") from e
 
@@ -153,7 +159,7 @@ class PipeBackend(SerialBackend):
                 continue
             if not p.exists():
                 try:
-                    os.mkfifo(p)
+                    os.mkfifo(p, 0o600)
                 except OSError as e:
                     raise ConfigError(f"serial pipe {p}: cannot create: {e.strerror}") from e
             elif not stat.S_ISFIFO(p.stat().st_mode):

@@ -1,0 +1,530 @@
+"""The decoder's core: instruction fetch (with the CS limit and the 15-byte rule),
+prefixes, dispatch through the opcode table, ModRM/SIB operands and segment checks, and
+basic blocks (translation, superblocks, the hand-off to jit.py). The closures of each
+opcode group are built by the mixins beside it (see the package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from boite.accel.emu.arch import (
+    CS,
+    DS,
+    FS,
+    GP,
+    GS,
+    M16,
+    M32,
+    SEG_PREFIX,
+    SEGCHK,
+    SS,
+    SS_VEC,
+    UD,
+    CpuFault,
+    override_flat_bits,
+)
+from boite.accel.emu.optable import BY_OPCODE, Op, end_regs, lock_regs, lookup
+
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+Fn = Callable[[], None]
+MAX_BLOCK = 48
+
+# Segments whose accesses are checked whatever the mode: CS (never writable in protected
+# mode) and FS/GS (often null or small, e.g. a null FS in Linux user space); they are only
+# reached through a prefix, so checking them costs nothing to unprefixed code.
+_ALWAYS_CHECKED = (CS, FS, GS)
+
+
+class Ctx:
+    """Decoding state of one instruction."""
+
+    __slots__ = (
+        "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask",
+        "p66",
+    )  # fmt: skip
+
+    def __init__(self, start: int, csb: int, code32: bool, cslim: int) -> None:
+        self.start = start
+        self.pos = start
+        self.csb = csb
+        self.cslim = cslim
+        self.op32 = code32
+        self.ad32 = code32
+        self.seg: int | None = None
+        self.rep = 0
+        self.lock = False
+        self.end = False
+        self.eipmask = M32 if code32 else M16
+        self.p66 = False  # an operand-size prefix was seen (an SSE mandatory prefix)
+
+
+def _sx8(v: int) -> int:
+    return v - 0x100 if v & 0x80 else v
+
+
+def _sx(v: int, size: int) -> int:
+    s = 1 << (size * 8 - 1)
+    return v - (s << 1) if v & s else v
+
+
+def _jcc_target(raw: bytes, nxt: int) -> int | None:
+    """The target of a 32-bit code Jcc rel8/rel32 given its bytes, else None."""
+    if len(raw) == 2 and 0x70 <= raw[0] <= 0x7F:
+        return (nxt + _sx8(raw[1])) & M32
+    if len(raw) == 6 and raw[0] == 0x0F and 0x80 <= raw[1] <= 0x8F:
+        return (nxt + int.from_bytes(raw[2:], "little", signed=True)) & M32
+    return None
+
+
+class Block:
+    """A decoded basic block: its closures, and once hot, one compiled function."""
+
+    __slots__ = ("eip", "csk", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable")
+
+    def __init__(
+        self, eip: int, csk: int, mode: int, fns: tuple, pa: int, info: list, mask: int = -1
+    ) -> None:
+        self.eip = eip
+        self.csk = csk  # Cpu.cs_key: CS base (and limit, where it can be reached)
+        # The block is valid wherever mode_key & mask == mode: the flatness bits of the
+        # override segments it never names are masked out (the kernel runs the same code
+        # under each process's GS, and would otherwise keep re-translating it).
+        self.mask = mask
+        self.mode = mode & mask
+        self.fns = fns
+        self.pa = pa
+        self.info = info
+        self.hits = 0
+        self.fn: Callable[[], int] | None = None
+        self.cacheable = True
+
+
+class DecoderBase:
+    """Fetch, prefixes, table dispatch, operands and block building; the opcode groups
+    (mixins in the sibling modules) build the closures."""
+
+    def __init__(self, cpu: Cpu) -> None:
+        self.c = cpu
+        # Per map, from the opcode table: the method building each opcode's closure, the
+        # ModRM reg fields where it ends a block (0xFF: always) and where LOCK is legal.
+        self.ops: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
+        self.ops0f: list[Callable[[Ctx, int], Fn]] = [self._ud] * 256
+        self.ends = [0] * 256
+        self.ends0f = [0] * 256
+        self.locks: list[int | None] = [None] * 256
+        self.locks0f: list[int | None] = [None] * 256
+        self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
+        self._install()
+
+    # ---------------------------------------------------------------- fetch
+    def u8(self, x: Ctx) -> int:
+        # Longer than 15 bytes, or a byte past the CS limit: #GP(0) (a near branch beyond
+        # the limit faults here, at the target, where the CPU faults on the branch).
+        if x.pos - x.start >= 15 or (x.pos & x.eipmask) > x.cslim:
+            raise CpuFault(GP, 0)
+        v = self.c.fetch8((x.csb + (x.pos & x.eipmask)) & M32)
+        x.pos += 1
+        return v
+
+    def u16(self, x: Ctx) -> int:
+        return self.u8(x) | (self.u8(x) << 8)
+
+    def u32(self, x: Ctx) -> int:
+        return self.u16(x) | (self.u16(x) << 16)
+
+    def imm(self, x: Ctx, size: int) -> int:
+        return self.u8(x) if size == 1 else self.u16(x) if size == 2 else self.u32(x)
+
+    def nxt(self, x: Ctx) -> int:
+        return x.pos & x.eipmask
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, eip: int) -> tuple[Fn, int, bool]:
+        c = self.c
+        x = Ctx(eip, c.sbase[CS], c.cs32, c.slimit[CS])
+        try:
+            while True:
+                b = self.u8(x)
+                if b in SEG_PREFIX:
+                    x.seg = SEG_PREFIX[b]
+                    self.seg_overrides |= 1 << x.seg
+                elif b == 0x66:
+                    x.op32 = not c.cs32
+                    x.p66 = True
+                elif b == 0x67:
+                    x.ad32 = not c.cs32
+                elif b == 0xF0:
+                    x.lock = True
+                elif b == 0xF2 or b == 0xF3:
+                    x.rep = b
+                else:
+                    break
+            if b == 0x0F:
+                b = self.u8(x)
+                ops, ends, locks = self.ops0f, self.ends0f, self.locks0f
+            else:
+                ops, ends, locks = self.ops, self.ends, self.locks
+            if x.lock and c.lock_ud and not self._lockable(x, locks[b]):
+                fn = self._ud(x, b)
+            else:
+                mpos = x.pos
+                fn = ops[b](x, b)
+                e = ends[b]  # the table's block-end rule, by ModRM reg field
+                if e and (
+                    e == 0xFF or e >> ((c.rd8((x.csb + (mpos & x.eipmask)) & M32) >> 3) & 7) & 1
+                ):
+                    x.end = True
+        except CpuFault as f:
+            if x.pos == eip:
+                raise  # the first byte itself cannot be fetched: fault now
+            # A fault while fetching the tail: raise it when the instruction runs.
+            vec, err = f.vector, f.error
+            cr2 = c.cr2
+
+            def fault() -> None:
+                c.cr2 = cr2
+                raise CpuFault(vec, err)
+
+            return fault, x.pos - eip, True
+        return fn, x.pos - eip, x.end
+
+    def _lockable(self, x: Ctx, regs: int | None) -> bool:
+        """LOCK is legal only on a read-modify-write form with a memory destination;
+        `regs` is the set of ModRM reg fields (bit mask) that allow it."""
+        if regs is None:
+            return False
+        modrm = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+        return modrm < 0xC0 and bool(regs >> ((modrm >> 3) & 7) & 1)
+
+    def decode_one(self, eip: int) -> tuple[Fn, int]:
+        fn, n, _ = self.decode(eip)
+        return fn, n
+
+    def translate_block(self, pa: int, eip: int) -> Block:
+        """Decode a basic block at EIP (physical address pa) and cache it."""
+        c = self.c
+        fns: list[Fn] = []
+        info: list[tuple[int, int]] = []
+        page_end = (pa | 0xFFF) + 1
+        cur = eip
+        cur_pa = pa
+        self.seg_overrides = 0
+        while True:
+            fn, n, end = self.decode(cur)
+            fns.append(fn)
+            info.append((cur, n))
+            cur = (cur + n) & (M32 if c.cs32 else M16)
+            cur_pa += n
+            if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
+                break
+        unused = override_flat_bits(~self.seg_overrides)
+        block = Block(eip, c.cs_key, c.mode_key, tuple(fns), pa, info, ~unused)
+        if cur_pa > page_end:
+            block.cacheable = False  # an instruction straddles a page: run it, don't cache
+            return block
+        c.blocks[pa] = block
+        ppage = pa >> 12
+        lst = c.code_pages.get(ppage)
+        if lst is None:
+            c.code_pages[ppage] = [pa]
+            for wt in (t[1] for t in c._tlbs.values()):
+                for k in [k for k, v in wt.items() if v == ppage << 12]:
+                    del wt[k]
+        else:
+            lst.append(pa)
+        return block
+
+    def compile(self, block: Block) -> None:
+        """Hot block: build its Python function (jit.compile_block)."""
+        from boite.accel.emu.jit import compile_block
+
+        c = self.c
+        insns = []
+        off = block.pa
+        for fn, (eip, n) in zip(block.fns, block.info, strict=True):
+            raw = bytes(c.ram[off : off + n]) if off + n <= c.ram_size else b""
+            insns.append((fn, eip, n, raw))
+            off += n
+        exits = self._superblock(block, insns, off) if c.cs32 else frozenset()
+        block.fn = compile_block(c, insns, exits)
+
+    def _superblock(self, block: Block, insns: list, off: int) -> frozenset[int]:
+        """Grow a block that ends in a conditional branch by the cached block of its
+        fall-through (same page, same mode), when that has run about as often, up to
+        MAX_BLOCK instructions: one call instead of several dispatches where a branch is
+        mostly not taken (grown blindly, the kernel's boot got slower: longer compiles for
+        code that rarely runs). A branch back to the block's start stays the end (the
+        compiler turns that into a loop). Returns the indices of the branches now inside,
+        for their side exits."""
+        c = self.c
+        exits: list[int] = []
+        page_end = (block.pa | 0xFFF) + 1
+        while off < page_end:
+            _, eip, n, raw = insns[-1]
+            nxt = (eip + n) & M32
+            target = _jcc_target(raw, nxt)
+            after = c.blocks.get(off)
+            if (
+                target is None
+                or target == block.eip
+                or after is None
+                or after.eip != nxt
+                or after.csk != block.csk
+                or after.mode != c.mode_key & after.mask
+                or (after.fn is None and after.hits < block.hits // 2)
+                or len(insns) + len(after.fns) > MAX_BLOCK
+            ):
+                break
+            exits.append(len(insns) - 1)
+            for fn, (a_eip, a_n) in zip(after.fns, after.info, strict=True):
+                insns.append((fn, a_eip, a_n, bytes(c.ram[off : off + a_n])))
+                off += a_n
+            block.mask |= after.mask  # it now names the override segments of both
+        block.mode = c.mode_key & block.mask
+        return frozenset(exits)
+
+    # ---------------------------------------------------------------- operands
+    def modrm(self, x: Ctx) -> tuple[int, int, int, Callable[[], int] | None]:
+        """Returns (mod, reg, rm, ea) with ea a closure giving the linear address."""
+        m = self.u8(x)
+        mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
+        if mod == 3:
+            return mod, reg, rm, None
+        c = self.c
+        r = c.r
+        sb = c.sbase
+        checked = bool(c.mode_key & SEGCHK)
+        if not x.ad32:
+            if mod == 0 and rm == 6:
+                d = self.u16(x)
+                base = idx = -1
+                seg = DS
+            else:
+                d = 0 if mod == 0 else _sx8(self.u8(x)) if mod == 1 else self.u16(x)
+                base, idx = ((3, 6), (3, 7), (5, 6), (5, 7), (6, -1), (7, -1), (5, -1), (3, -1))[rm]
+                seg = SS if rm in (2, 3, 6) else DS
+            s = x.seg if x.seg is not None else seg
+            if base < 0:
+                off = lambda: d  # noqa: E731
+            elif idx < 0:
+                off = lambda: (r[base] + d) & M16  # noqa: E731
+            else:
+                off = lambda: (r[base] + r[idx] + d) & M16  # noqa: E731
+            ea = lambda: (sb[s] + off()) & M32  # noqa: E731
+            if checked or s in _ALWAYS_CHECKED:
+                ea.segoff = (off, s)  # type: ignore[attr-defined]
+            return mod, reg, rm, ea
+        base = rm
+        idx = -1
+        sh = 0
+        if rm == 4:
+            sib = self.u8(x)
+            sh, idx, base = sib >> 6, (sib >> 3) & 7, sib & 7
+            if idx == 4:
+                idx = -1
+        if base == 5 and mod == 0:
+            base = -1
+            d = self.u32(x)
+        else:
+            d = 0 if mod == 0 else _sx8(self.u8(x)) if mod == 1 else self.u32(x)
+        seg = SS if base in (4, 5) else DS
+        s = x.seg if x.seg is not None else seg
+        if checked or s in _ALWAYS_CHECKED:
+            # The offset on its own, for the segment check (see ea_for).
+            if base < 0 and idx < 0:
+                d &= M32
+                off = lambda: d  # noqa: E731
+            elif idx < 0:
+                off = lambda: (r[base] + d) & M32  # noqa: E731
+            elif base < 0:
+                off = lambda: ((r[idx] << sh) + d) & M32  # noqa: E731
+            else:
+                off = lambda: (r[base] + (r[idx] << sh) + d) & M32  # noqa: E731
+            ea = lambda: (sb[s] + off()) & M32  # noqa: E731
+            ea.segoff = (off, s)  # type: ignore[attr-defined]
+            return mod, reg, rm, ea
+        if base < 0 and idx < 0:
+            d &= M32
+            return mod, reg, rm, lambda: (sb[s] + d) & M32
+        if idx < 0:
+            if d == 0:
+                return mod, reg, rm, lambda: (sb[s] + r[base]) & M32
+            return mod, reg, rm, lambda: (sb[s] + r[base] + d) & M32
+        if base < 0:
+            return mod, reg, rm, lambda: (sb[s] + (r[idx] << sh) + d) & M32
+        return mod, reg, rm, lambda: (sb[s] + r[base] + (r[idx] << sh) + d) & M32
+
+    def offset_ea(self, x: Ctx) -> Callable[[], int]:
+        """Effective address without segment base (LEA)."""
+        # Decode with a zero segment: reuse modrm's parse by temporarily using a fake base.
+        raise NotImplementedError
+
+    def reg_get(self, n: int, size: int) -> Callable[[], int]:
+        r = self.c.r
+        if size == 4:
+            return lambda: r[n]
+        if size == 2:
+            return lambda: r[n] & 0xFFFF
+        if n < 4:
+            return lambda: r[n] & 0xFF
+        h = n - 4
+        return lambda: (r[h] >> 8) & 0xFF
+
+    def reg_set(self, n: int, size: int) -> Callable[[int], None]:
+        r = self.c.r
+        if size == 4:
+
+            def s4(v: int) -> None:
+                r[n] = v
+
+            return s4
+        if size == 2:
+
+            def s2(v: int) -> None:
+                r[n] = (r[n] & 0xFFFF0000) | v
+
+            return s2
+        if n < 4:
+
+            def s1(v: int) -> None:
+                r[n] = (r[n] & 0xFFFFFF00) | v
+
+            return s1
+        h = n - 4
+
+        def s1h(v: int) -> None:
+            r[h] = (r[h] & 0xFFFF00FF) | (v << 8)
+
+        return s1h
+
+    def seg_checked(self, s: int) -> bool:
+        """Whether the closure being decoded must check accesses through segment s."""
+        return s in _ALWAYS_CHECKED or bool(self.c.mode_key & SEGCHK)
+
+    def lin_fn(self, s: int, size: int, write: bool) -> Callable[[int], int]:
+        """offset -> linear address of a `size`-byte access through segment s, raising
+        #GP(0) (#SS(0) for SS) when it is outside the limit, through a null selector, a
+        write to a read-only or code segment, or a read of an execute-only one."""
+        c = self.c
+        sb = c.sbase
+        lo = c.slo
+        hi = c.swhi if write else c.srhi
+        n = size - 1
+        vec = SS_VEC if s == SS else GP
+
+        def lin(o: int) -> int:
+            if o < lo[s] or o + n > hi[s]:
+                raise CpuFault(vec, 0)
+            return (sb[s] + o) & M32
+
+        return lin
+
+    def ea_for(self, ea, size: int, write: bool):
+        """The ModRM address closure for a `size`-byte read or write: unchanged when its
+        segment needs no checks, else one that checks limit and rights first (a
+        read-modify-write asks for `write`, which implies readable for data)."""
+        so = getattr(ea, "segoff", None)
+        if so is None:
+            return ea
+        off, s = so
+        c = self.c
+        sb = c.sbase
+        lo = c.slo
+        hi = c.swhi if write else c.srhi
+        n = size - 1
+        vec = SS_VEC if s == SS else GP
+
+        def ea_checked() -> int:
+            o = off()
+            if o < lo[s] or o + n > hi[s]:
+                raise CpuFault(vec, 0)
+            return (sb[s] + o) & M32
+
+        return ea_checked
+
+    def rm_get(self, mod: int, rm: int, ea, size: int) -> Callable[[], int]:
+        if mod == 3:
+            return self.reg_get(rm, size)
+        ea = self.ea_for(ea, size, False)
+        rd = self.rdfn(size)
+        return lambda: rd(ea())
+
+    def rm_set(self, mod: int, rm: int, ea, size: int) -> Callable[[int], None]:
+        if mod == 3:
+            return self.reg_set(rm, size)
+        ea = self.ea_for(ea, size, True)
+        wr = self.wrfn(size)
+        return lambda v: wr(ea(), v)
+
+    def rm_rmw(self, mod: int, rm: int, ea, size: int):
+        """A function applying f(old) -> new to the r/m operand (address computed once)."""
+        if mod == 3:
+            g = self.reg_get(rm, size)
+            s = self.reg_set(rm, size)
+
+            def rmw_reg(f):
+                s(f(g()))
+
+            return rmw_reg
+        ea = self.ea_for(ea, size, True)
+        rd = self.rdfn(size)
+        wr = self.wrfn(size)
+
+        def rmw_mem(f):
+            a = ea()
+            wr(a, f(rd(a)))
+
+        return rmw_mem
+
+    def rdfn(self, size: int):
+        c = self.c
+        return c.rd8 if size == 1 else c.rd16 if size == 2 else c.rd32
+
+    def wrfn(self, size: int):
+        c = self.c
+        return c.wr8 if size == 1 else c.wr16 if size == 2 else c.wr32
+
+    # ---------------------------------------------------------------- invalid
+    def _ud(self, x: Ctx, b: int) -> Fn:
+        x.end = True
+
+        def ud() -> None:
+            raise CpuFault(UD)
+
+        return ud
+
+    # ---------------------------------------------------------------- tables
+    def _install(self) -> None:
+        """Fill the dispatch lists from the opcode table (optable.ROWS)."""
+        for map_, ops, ends, locks in (
+            ("", self.ops, self.ends, self.locks),
+            ("0F", self.ops0f, self.ends0f, self.locks0f),
+        ):
+            for code in range(256):
+                rows = BY_OPCODE.get((map_, code))
+                if not rows:
+                    continue
+                ops[code] = self._handler(map_, rows)
+                ends[code] = end_regs(map_, code)
+                locks[code] = lock_regs(map_, code)
+
+    def _handler(self, map_: str, rows: tuple[Op, ...]) -> Callable[[Ctx, int], Fn]:
+        """One method for the opcode, or where its rows name several (by ModRM reg or
+        mandatory prefix), a selector that picks the row of the encoding at hand."""
+        names = {row.decode for row in rows}
+        if len(names) == 1 and all(row.prefix is None for row in rows):
+            return getattr(self, names.pop())
+        c = self.c
+
+        def select(x: Ctx, b: int) -> Fn:
+            modrm = c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+            pre = x.rep or (0x66 if x.p66 else None)
+            row = lookup(map_, b, modrm, pre)
+            if row is None:
+                return self._ud(x, b)
+            return getattr(self, row.decode)(x, b)
+
+        return select

@@ -1,0 +1,415 @@
+"""Data movement: MOV forms, LEA, XCHG, MOVZX/MOVSX, CMOVcc/SETcc, BSWAP, CMPXCHG/XADD, and the one-byte odds (CBW/CWD, SAHF/LAHF, XLAT, SALC, WAIT)."""
+
+from __future__ import annotations
+
+from boite.accel.emu.arch import (
+    AF,
+    CF,
+    DS,
+    M16,
+    M32,
+    MASK,
+    NM,
+    PF,
+    SF,
+    ZF,
+    CpuFault,
+)
+from boite.accel.emu.decode.core import (
+    Ctx,
+    DecoderBase,
+    Fn,
+    _sx,
+)
+
+
+class MoveOps(DecoderBase):
+    def _mov(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        r = c.r
+        size = 1 if b in (0x88, 0x8A) else (4 if x.op32 else 2)
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        if mod == 3 and size == 4:
+            d, s = (rm, reg) if b == 0x89 else (reg, rm)
+
+            def mov_rr() -> None:
+                r[d] = r[s]
+                c.eip = nxt
+
+            return mov_rr
+        if b in (0x88, 0x89):
+            g = self.reg_get(reg, size)
+            if mod != 3:
+                wr = self.wrfn(size)
+                ea = self.ea_for(ea, size, True)
+
+                def mov_mr() -> None:
+                    wr(ea(), g())
+                    c.eip = nxt
+
+                return mov_mr
+            s = self.reg_set(rm, size)
+
+            def mov_rr2() -> None:
+                s(g())
+                c.eip = nxt
+
+            return mov_rr2
+        g = self.rm_get(mod, rm, ea, size)
+        if size == 4:
+            rd = c.rd32
+            ea = self.ea_for(ea, 4, False)
+
+            def mov_rm4() -> None:
+                r[reg] = rd(ea())
+                c.eip = nxt
+
+            return mov_rm4
+        s = self.reg_set(reg, size)
+
+        def mov_rm() -> None:
+            s(g())
+            c.eip = nxt
+
+        return mov_rm
+
+    def _mov_ri(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b < 0xB8 else (4 if x.op32 else 2)
+        v = self.imm(x, size)
+        nxt = self.nxt(x)
+        s = self.reg_set(b & 7, size)
+        if size == 4:
+            r = c.r
+            n = b & 7
+
+            def mov_ri4() -> None:
+                r[n] = v
+                c.eip = nxt
+
+            return mov_ri4
+
+        def mov_ri() -> None:
+            s(v)
+            c.eip = nxt
+
+        return mov_ri
+
+    def _mov_mi(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b == 0xC6 else (4 if x.op32 else 2)
+        mod, reg, rm, ea = self.modrm(x)
+        if reg:
+            return self._ud(x, b)
+        v = self.imm(x, size)
+        nxt = self.nxt(x)
+        s = self.rm_set(mod, rm, ea, size)
+
+        def mov_mi() -> None:
+            s(v)
+            c.eip = nxt
+
+        return mov_mi
+
+    def _mov_moffs(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b in (0xA0, 0xA2) else (4 if x.op32 else 2)
+        off = self.u32(x) if x.ad32 else self.u16(x)
+        nxt = self.nxt(x)
+        s = x.seg if x.seg is not None else DS
+        sb = c.sbase
+        if self.seg_checked(s):
+            lin = self.lin_fn(s, size, b > 0xA1)
+            if b <= 0xA1:
+                rd = self.rdfn(size)
+                st = self.reg_set(0, size)
+
+                def mov_a_m_chk() -> None:
+                    st(rd(lin(off)))
+                    c.eip = nxt
+
+                return mov_a_m_chk
+            wr = self.wrfn(size)
+            g = self.reg_get(0, size)
+
+            def mov_m_a_chk() -> None:
+                wr(lin(off), g())
+                c.eip = nxt
+
+            return mov_m_a_chk
+        if b <= 0xA1:
+            rd = self.rdfn(size)
+            st = self.reg_set(0, size)
+
+            def mov_a_m() -> None:
+                st(rd((sb[s] + off) & M32))
+                c.eip = nxt
+
+            return mov_a_m
+        wr = self.wrfn(size)
+        g = self.reg_get(0, size)
+
+        def mov_m_a() -> None:
+            wr((sb[s] + off) & M32, g())
+            c.eip = nxt
+
+        return mov_m_a
+
+    def _lea(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 4 if x.op32 else 2
+        x.seg = DS  # any segment: LEA subtracts the base again below (no access, no check)
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        if mod == 3:
+            return self._ud(x, b)
+        sb = c.sbase
+        s = self.reg_set(reg, size)
+        m = MASK[size]
+        so = getattr(ea, "segoff", None)
+        if so is not None:  # the offset closure of the checked decode: use it directly
+            off = so[0]
+
+            def lea_off() -> None:
+                s(off() & m)
+                c.eip = nxt
+
+            return lea_off
+
+        def lea() -> None:
+            s((ea() - sb[DS]) & m)
+            c.eip = nxt
+
+        return lea
+
+    def _xchg(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b == 0x86 else (4 if x.op32 else 2)
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        gr = self.reg_get(reg, size)
+        sr = self.reg_set(reg, size)
+        if mod == 3:
+            gm = self.reg_get(rm, size)
+            sm = self.reg_set(rm, size)
+
+            def xchg_rr() -> None:
+                a, v = gm(), gr()
+                sm(v)
+                sr(a)
+                c.eip = nxt
+
+            return xchg_rr
+        rd, wr = self.rdfn(size), self.wrfn(size)
+        ea = self.ea_for(ea, size, True)
+
+        def xchg_m() -> None:
+            a = ea()
+            old = rd(a)
+            wr(a, gr())
+            sr(old)
+            c.eip = nxt
+
+        return xchg_m
+
+    def _xchg_ax(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        nxt = self.nxt(x)
+        if b == 0x90 and not x.rep == 0xF3 or b == 0x90:
+
+            def nop() -> None:
+                c.eip = nxt
+
+            return nop
+        size = 4 if x.op32 else 2
+        n = b & 7
+        g0, s0 = self.reg_get(0, size), self.reg_set(0, size)
+        g1, s1 = self.reg_get(n, size), self.reg_set(n, size)
+
+        def xchg_ax() -> None:
+            a, v = g0(), g1()
+            s0(v)
+            s1(a)
+            c.eip = nxt
+
+        return xchg_ax
+
+    def _movx(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 4 if x.op32 else 2
+        ssize = 1 if b in (0xB6, 0xBE) else 2
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        g = self.rm_get(mod, rm, ea, ssize)
+        s = self.reg_set(reg, size)
+        m = MASK[size]
+        if b in (0xB6, 0xB7):
+
+            def movzx() -> None:
+                s(g())
+                c.eip = nxt
+
+            return movzx
+
+        def movsx() -> None:
+            s(_sx(g(), ssize) & m)
+            c.eip = nxt
+
+        return movsx
+
+    def _misc1(self, x: Ctx, b: int) -> Fn:
+        """CBW/CWD, SAHF/LAHF, XLAT, SALC, WAIT."""
+        c = self.c
+        r = c.r
+        size = 4 if x.op32 else 2
+        nxt = self.nxt(x)
+        sb = c.sbase
+        seg = x.seg if x.seg is not None else DS
+        am = M32 if x.ad32 else M16
+        if b != 0xD7:
+            xlat_lin = None
+        elif self.seg_checked(seg):
+            xlat_lin = self.lin_fn(seg, 1, False)
+        else:
+            xlat_lin = lambda o: (sb[seg] + o) & M32  # noqa: E731
+
+        def misc() -> None:
+            if b == 0x98:
+                if size == 4:
+                    r[0] = _sx(r[0] & 0xFFFF, 2) & M32
+                else:
+                    r[0] = (r[0] & 0xFFFF0000) | (_sx(r[0] & 0xFF, 1) & 0xFFFF)
+            elif b == 0x99:
+                if size == 4:
+                    r[2] = M32 if r[0] & 0x80000000 else 0
+                else:
+                    r[2] = (r[2] & 0xFFFF0000) | (0xFFFF if r[0] & 0x8000 else 0)
+            elif b == 0x9E:
+                c.set_flags((r[0] >> 8) & 0xFF, SF | ZF | AF | PF | CF)
+            elif b == 0x9F:
+                f = c.get_flags()
+                r[0] = (r[0] & 0xFFFF00FF) | ((f & 0xD7 | 2) << 8)
+            elif b == 0xD7:
+                r[0] = (r[0] & 0xFFFFFF00) | c.rd8(xlat_lin((r[3] + (r[0] & 0xFF)) & am))
+            elif b == 0xD6:
+                r[0] = (r[0] & 0xFFFFFF00) | (0xFF if c.get_cf() else 0)
+            elif b == 0x9B:
+                if c.cr0 & 0xA == 0xA:  # MP and TS
+                    raise CpuFault(NM)
+            c.eip = nxt
+
+        return misc
+
+    def _cmov(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 4 if x.op32 else 2
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        g = self.rm_get(mod, rm, ea, size)
+        s = self.reg_set(reg, size)
+        cc = b & 15
+        r = c.r
+
+        def cmov() -> None:
+            v = g()  # the source is read (and may fault) whatever the condition
+            if c.cond(cc):
+                s(v)
+            elif size == 4:
+                r[reg] = r[reg]
+            c.eip = nxt
+
+        return cmov
+
+    def _setcc(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        s = self.rm_set(mod, rm, ea, 1)
+        cc = b & 15
+
+        def setcc() -> None:
+            s(1 if c.cond(cc) else 0)
+            c.eip = nxt
+
+        return setcc
+
+    def _bswap(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        r = c.r
+        n = b & 7
+        nxt = self.nxt(x)
+
+        def bswap() -> None:
+            r[n] = int.from_bytes(r[n].to_bytes(4, "little"), "big") if x_op32 else 0
+            c.eip = nxt
+
+        x_op32 = x.op32
+        return bswap
+
+    def _cmpxchg(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b == 0xB0 else (4 if x.op32 else 2)
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        rd, wr = self.rdfn(size), self.wrfn(size)
+        g0, s0 = self.reg_get(0, size), self.reg_set(0, size)
+        gr = self.reg_get(reg, size)
+        cmpf = self.alu_fn(7, size)
+        gm = self.reg_get(rm, size) if mod == 3 else None
+        sm = self.reg_set(rm, size) if mod == 3 else None
+        if mod != 3:
+            ea = self.ea_for(ea, size, True)  # the destination is always written
+
+        def cmpxchg() -> None:
+            if mod == 3:
+                d = gm()
+            else:
+                a = ea()
+                d = rd(a)
+            acc = g0()
+            cmpf(acc, d)
+            if acc == d:
+                if mod == 3:
+                    sm(gr())
+                else:
+                    wr(a, gr())
+            else:
+                if mod != 3:
+                    wr(a, d)  # the processor always writes the destination
+                s0(d)
+            c.eip = nxt
+
+        return cmpxchg
+
+    def _xadd(self, x: Ctx, b: int) -> Fn:
+        c = self.c
+        size = 1 if b == 0xC0 else (4 if x.op32 else 2)
+        mod, reg, rm, ea = self.modrm(x)
+        nxt = self.nxt(x)
+        add = self.alu_fn(0, size)
+        gr, sr = self.reg_get(reg, size), self.reg_set(reg, size)
+        rmw = self.rm_rmw(mod, rm, ea, size)
+
+        gm = self.reg_get(rm, size) if mod == 3 else None
+        sm = self.reg_set(rm, size) if mod == 3 else None
+
+        def xadd() -> None:
+            src = gr()
+            if mod == 3:
+                old = gm()
+                res = add(old, src)
+                sr(old)
+                sm(res)  # the destination is written last (XADD r, r with r == r)
+            else:
+                old = [0]
+
+                def f(d: int) -> int:
+                    old[0] = d
+                    return add(d, src)
+
+                rmw(f)
+                sr(old[0])
+            c.eip = nxt
+
+        return xadd
