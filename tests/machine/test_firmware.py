@@ -180,3 +180,16 @@ def test_seabios_boots_on_the_emulator_and_prints_to_com1() -> None:
     finally:
         accel.close()
         m.memory.close()
+
+
+def test_fw_cfg_dma_of_a_huge_length_is_an_error_not_an_allocation() -> None:
+    m = build_machine(16)
+    try:
+        fw = m.devices["fw_cfg"]
+        select = fw.add_file("etc/x", b"abc")
+        req = 0x8000
+        m.memory.write(req, struct.pack(">IIQ", (select << 16) | 0x0A, 0xFFFF_FFF0, 0x9000))
+        m.pio.write(0x518, 4, int.from_bytes(req.to_bytes(4, "big"), "little"))
+        assert m.memory.read(req, 4) == struct.pack(">I", 1)
+    finally:
+        m.memory.close()

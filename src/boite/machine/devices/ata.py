@@ -696,6 +696,7 @@ class AtaChannel(Device):
             self._abort(drive)
 
     def _atapi_run(self, drive: Any, cdb: bytes) -> None:
+        limit = self.atapi_limit
         self._end_transfer()
         try:
             data = drive.execute(cdb)
@@ -709,7 +710,7 @@ class AtaChannel(Device):
             self._atapi_complete(drive)
             return
         self.atapi_data = data
-        self.atapi_limit = self.atapi_limit or 0xFFFE
+        self.atapi_limit = limit or 0xFFFE
         self.atapi_pos = 0
         self.xfer_drive = self.selected
         self._atapi_next()

@@ -20,6 +20,7 @@ from boite.disk.base import BlockImage
 from boite.errors import BoiteError
 
 CD_SECTOR = 2048
+MAX_READ_SECTORS = 1024  # 2 MiB per READ; Linux's sr and BIOS loaders ask far less
 
 SENSE_NONE, SENSE_NOT_READY, SENSE_MEDIUM_ERROR, SENSE_ILLEGAL_REQUEST = 0x00, 0x02, 0x03, 0x05
 SENSE_UNIT_ATTENTION = 0x06
@@ -132,6 +133,8 @@ class AtapiDrive:
             count = alloc16 if op == 0x28 else struct.unpack_from(">I", cdb, 6)[0]
             if lba + count > self.sectors:
                 raise CheckCondition(SENSE_ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
+            if count > MAX_READ_SECTORS:  # the transfer is buffered: keep it bounded
+                raise CheckCondition(SENSE_ILLEGAL_REQUEST, ASC_INVALID_FIELD)
             buf = bytearray(count * CD_SECTOR)
             try:
                 assert self.image is not None

@@ -49,6 +49,7 @@ FW_CFG_MAX_FILES = 0x1000 - FW_CFG_FILE_FIRST
 
 DMA_ERROR, DMA_READ, DMA_SKIP, DMA_SELECT, DMA_WRITE = 0x01, 0x02, 0x04, 0x08, 0x10
 DMA_SIGNATURE = b"QEMU CFG"
+_ZEROS = bytes(65536)
 
 
 class FwCfg(Device):
@@ -170,8 +171,13 @@ class FwCfg(Device):
                 status = DMA_ERROR  # no writable item
             elif control & DMA_READ:
                 item = self.items.get(self.selector & ITEM_MASK, b"")
+                view = mem.view(target, length)  # the whole buffer in RAM, or an error
                 chunk = item[self.offset : self.offset + length]
-                mem.write(target, chunk.ljust(length, b"\0"))
+                view[: len(chunk)] = chunk
+                for at in range(len(chunk), length, len(_ZEROS)):  # past the end: zeros
+                    n = min(len(_ZEROS), length - at)
+                    view[at : at + n] = _ZEROS[:n]
+                mem.note_dma_write(target, length)
                 self.offset += length
             elif control & DMA_SKIP:
                 self.offset += length
