@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("box", help="box directory or .vmx file")
     p.add_argument(
         "mode", nargs="?", choices=("soft", "hard"), default="soft",
-        help="soft: ask the guest (Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
+        help="soft: ask the guest (the ACPI power button if its OS listens, else "
+        "Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
     )  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S",
