@@ -193,3 +193,58 @@ def test_fw_cfg_dma_of_a_huge_length_is_an_error_not_an_allocation() -> None:
         assert m.memory.read(req, 4) == struct.pack(">I", 1)
     finally:
         m.memory.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not bios_path().exists(), reason="Debian's seabios package is not installed")
+def test_a_firmware_machine_state_survives_json_and_loads_into_a_fresh_one(tmp_path: Path) -> None:
+    """What a snapshot keeps of the new devices (PCI functions, PM block, IDE/ATAPI,
+    virtio-pci, fw_cfg) is plain data and loads back into an identically built machine."""
+    from boite.accel.emu.accel import EmuAccelerator
+    from boite.box.checkpoint import _json_bytes, _json_load
+    from boite.disk import open_disk
+    from boite.machine.virtio.attach import DevicePlan, DiskPlan, attach_devices
+
+    iso = tmp_path / "x.iso"
+    iso.write_bytes(bytes(64 * 2048))
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    plan = DevicePlan(disks=[DiskPlan("ide1:0", "atapi", iso, 1, 0),
+                             DiskPlan("scsi0:0", "virtio-blk", disk)])  # fmt: skip
+
+    def build():
+        attached = []
+
+        def hook(machine):
+            attached.append(attach_devices(machine, plan, open_disk=open_disk, with_rng=False))
+
+        return build_machine(32, firmware=True, extra_devices=[hook]), attached
+
+    m, att = build()
+    accel = EmuAccelerator()
+    try:
+        accel.create(m)
+        threading.Timer(8, accel.pause).start()
+        accel.run()  # SeaBIOS programs PCI, the PM block, the PIRQs, finds the drives
+        state = _json_load(_json_bytes(m.save_device_state()), "test")  # as .vmsn keeps it
+        assert state["piix4-pm"]["config"] and state["piix-ide"]["busmaster"]
+        m2, att2 = build()
+        try:
+            m2.load_device_state(state)
+            again = m2.save_device_state()
+            for name in ("pci-host", "piix3-isa", "piix-ide", "virtio-blk-scsi0:0", "fw_cfg",
+                         "ata1"):  # fmt: skip
+                assert again[name] == state[name], name
+            pm, pm2 = dict(state["piix4-pm"]), dict(again["piix4-pm"])
+            assert pm.pop("timer") <= pm2.pop("timer") and pm == pm2  # the PM timer runs on
+            bar = m2.devices["virtio-blk-scsi0:0"].bar_address(4)
+            assert bar is None or m2.mmio.find(bar) is not None  # BARs mapped as saved
+        finally:
+            for a in att2:
+                a.close()
+            m2.memory.close()
+    finally:
+        accel.close()
+        for a in att:
+            a.close()
+        m.memory.close()
