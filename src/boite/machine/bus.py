@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -83,3 +84,12 @@ class Bus:
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return list(self._entries)
+
+
+class BusWindow:
+    """A bus device made of two functions: a register block that belongs to a larger
+    device (a PCI function's BAR, the PM block) answered by that device's methods."""
+
+    def __init__(self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]):
+        self.bus_read = read
+        self.bus_write = write

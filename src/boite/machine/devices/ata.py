@@ -590,12 +590,7 @@ class AtaChannel(Device):
         elif cmd in _RW_COMMANDS:
             self._read_write(drive, cmd, *_RW_COMMANDS[cmd])
         elif cmd == CMD_IDENTIFY:
-            self.buffer = bytearray(drive.identify())
-            self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
-            self.xfer_drive = self.selected
-            drive.status = ST_DRDY | ST_DSC | ST_DRQ
-            drive.error = 0
-            self._raise_irq()
+            self._send_identify(drive, drive.identify())
         elif cmd in (CMD_FLUSH_CACHE, CMD_FLUSH_CACHE_EXT):
             try:
                 if not drive.read_only:
@@ -657,15 +652,19 @@ class AtaChannel(Device):
             # IDENTIFY PACKET, DEVICE RESET (packet only), DMA, SMART, ...: not this disk.
             self._abort(drive)
 
+    def _send_identify(self, drive: Any, data: bytes) -> None:
+        """One 512-byte block for the host to read (IDENTIFY [PACKET] DEVICE)."""
+        self.buffer = bytearray(data)
+        self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
+        self.xfer_drive = self.selected
+        drive.status = ST_DRDY | ST_DSC | ST_DRQ
+        drive.error = 0
+        self._raise_irq()
+
     # --- ATAPI ------------------------------------------------------------------------
     def _atapi_command(self, drive: Any, cmd: int) -> None:
         if cmd == CMD_IDENTIFY_PACKET:
-            self.buffer = bytearray(drive.identify_packet())
-            self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
-            self.xfer_drive = self.selected
-            drive.status = ST_DRDY | ST_DSC | ST_DRQ
-            drive.error = 0
-            self._raise_irq()
+            self._send_identify(drive, drive.identify_packet())
         elif cmd == CMD_PACKET:
             if self.feature & 1:  # DMA requested: this drive moves data by PIO only
                 self._abort(drive)

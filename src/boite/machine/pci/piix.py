@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from boite.machine.bus import BusWindow
 from boite.machine.irq import IrqLine
 from boite.machine.pci.function import PciFunction
 
@@ -106,19 +107,6 @@ class Piix3IsaBridge(PciFunction):
         self._update()
 
 
-class PmRegisters:
-    """The PM I/O block as the bus sees it (mapped where PMBA says)."""
-
-    def __init__(self, pm: Piix4Pm) -> None:
-        self.pm = pm
-
-    def bus_read(self, offset: int, size: int) -> int:
-        return self.pm.pm_read(offset, size)
-
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.pm.pm_write(offset, size, value)
-
-
 class Piix4Pm(PciFunction):
     name = "piix4-pm"
 
@@ -132,7 +120,7 @@ class Piix4Pm(PciFunction):
         self.sci = sci
         self.on_poweroff = on_poweroff
         self.clock_ns = clock_ns
-        self.registers = PmRegisters(self)
+        self.registers = BusWindow(self.pm_read, self.pm_write)
         self.mapped_at: int | None = None
         self.io_bus: Any = None  # the machine's port bus, set by the builder
         self._lock = threading.Lock()

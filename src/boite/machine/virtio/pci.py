@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from boite.machine.bus import BusWindow
 from boite.machine.irq import IrqLine
 from boite.machine.memory import GuestMemory
 from boite.machine.pci.function import BAR_MEM, Bar, PciFunction
@@ -63,19 +64,6 @@ _WRITE_MAP = {
 COMMON_SIZE = 0x38
 
 
-class _Window:
-    """BAR 4 as the bus sees it."""
-
-    def __init__(self, dev: VirtioPci) -> None:
-        self.dev = dev
-
-    def bus_read(self, offset: int, size: int) -> int:
-        return self.dev.window_read(offset, size)
-
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.dev.window_write(offset, size, value)
-
-
 class VirtioPci(PciFunction):
     def __init__(self, backend: VirtioBackend, memory: GuestMemory, *, name: str) -> None:
         self.name = name
@@ -84,7 +72,7 @@ class VirtioPci(PciFunction):
             backend, memory, IrqLine(-1, lambda _gsi, level: self.set_intx(level)), name=name
         )
         self.backend = backend
-        self.window = _Window(self)
+        self.window = BusWindow(self.window_read, self.window_write)
         super().__init__(
             VIRTIO_VENDOR, MODERN_DEVICE_BASE + backend.device_id,
             PCI_CLASS.get(backend.device_id, 0xFF0000), revision=1, interrupt_pin=1,
