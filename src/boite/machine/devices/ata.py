@@ -18,6 +18,7 @@ Ports (a channel answers both ranges): primary 0x1f0-0x1f7 + 0x3f6 on IRQ 14, se
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
@@ -117,6 +118,9 @@ class AtaDrive:
         self.serial = serial
         self.firmware = firmware
         self.read_only = bool(image.read_only if read_only is None else read_only)
+        # Set when the channel sits on a PCI IDE function with bus mastering: IDENTIFY
+        # then offers multiword DMA 0-2 and Ultra DMA 0-5, and the DMA commands work.
+        self.dma_capable = False
         self.sectors = image.size // SECTOR
         # Default translation (what BIOSes report): 16 heads, 63 sectors per track.
         self.cylinders = max(1, min(16383, self.sectors // (16 * 63)))
@@ -129,6 +133,7 @@ class AtaDrive:
         self.write_cache = True
         self.status = ST_DRDY | ST_DSC
         self.error = 0x01  # "no error detected" after a diagnostic
+        self.dma_mode = 0  # SET FEATURES' transfer mode: 0x20-0x22 MWDMA, 0x40-0x45 UDMA
 
     def identify(self) -> bytes:
         w = [0] * 256
@@ -164,6 +169,15 @@ class AtaDrive:
         w[87] = 0x4000
         for i in range(4):
             w[100 + i] = (self.sectors >> (16 * i)) & 0xFFFF
+        if self.dma_capable:
+            w[49] |= 0x0100  # DMA
+            w[53] |= 0x0004  # word 88 valid
+            w[63] = 0x0007 | (
+                (1 << (8 + self.dma_mode - 0x20)) if 0x20 <= self.dma_mode <= 0x22 else 0
+            )
+            w[88] = 0x003F | (
+                (1 << (8 + self.dma_mode - 0x40)) if 0x40 <= self.dma_mode <= 0x45 else 0
+            )
         data = bytearray(b"".join(v.to_bytes(2, "little") for v in w))
         # Integrity word: signature A5h, and a checksum making all 512 bytes sum to 0.
         data[510] = 0xA5
@@ -259,7 +273,7 @@ class AtaChannel(Device):
     _STATE_KEYS = (
         "devctl device feature hob_feature nsect hob_nsect lbal hob_lbal lbam hob_lbam "
         "lbah hob_lbah irq_pending in_reset xfer xfer_lba xfer_left xfer_block xfer_pos "
-        "xfer_drive sig_pending atapi_limit atapi_pos atapi_packet"
+        "xfer_drive sig_pending atapi_limit atapi_pos atapi_packet dma_op"
     ).split()
 
     def save_state(self) -> dict[str, Any]:
@@ -278,17 +292,23 @@ class AtaChannel(Device):
                 "write_cache": d.write_cache,
                 "status": d.status,
                 "error": d.error,
+                "dma_mode": d.dma_mode,
             }
             for d in self.drives
         ]
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
-        defaults = {"sig_pending": False, "atapi_limit": 0, "atapi_pos": 0, "atapi_packet": False}
+        defaults = {"sig_pending": False, "atapi_limit": 0, "atapi_pos": 0, "atapi_packet": False,
+                    "dma_op": None}  # fmt: skip
         for k in self._STATE_KEYS:
             setattr(self, k, state[k] if k in state or k not in defaults else defaults[k])
         self.buffer = bytearray(state["buffer"])
         self.atapi_data = bytes(state.get("atapi_data", b""))
+        op = self.dma_op
+        if not (isinstance(op, list) and len(op) == 4 and all(isinstance(x, int) for x in op)
+                and op[3] in (0, 1)):  # fmt: skip
+            self.dma_op = None  # not a pending DMA command: nothing to resume
         for d, ds in zip(self.drives, state["drives"], strict=True):
             if d is not None and ds is not None:
                 for k, v in ds.items():
@@ -332,6 +352,7 @@ class AtaChannel(Device):
         self.atapi_limit = 0
         self.atapi_pos = 0
         self.atapi_packet = False
+        self.dma_op: list[int] | None = None  # [write, lba, count, drive] awaiting the engine
 
     def _raise_irq(self) -> None:
         self.irq_pending = True
@@ -589,6 +610,18 @@ class AtaChannel(Device):
             self._atapi_command(drive, cmd)
         elif cmd in _RW_COMMANDS:
             self._read_write(drive, cmd, *_RW_COMMANDS[cmd])
+        elif cmd in _DMA_COMMANDS:
+            write, ext = _DMA_COMMANDS[cmd]
+            where = self._lba_count(drive, ext)
+            if not drive.dma_capable or (write and drive.read_only):
+                self._abort(drive)
+            elif where is None:
+                self._abort(drive, ER_IDNF)
+            else:
+                # The data moves when the host starts the bus-master engine (run_dma).
+                self.dma_op = [int(write), where[0], where[1], self.selected]
+                drive.status = ST_DRDY | ST_DSC | ST_DRQ
+                drive.error = 0
         elif cmd == CMD_IDENTIFY:
             self._send_identify(drive, drive.identify())
         elif cmd in (CMD_FLUSH_CACHE, CMD_FLUSH_CACHE_EXT):
@@ -660,6 +693,57 @@ class AtaChannel(Device):
         drive.status = ST_DRDY | ST_DSC | ST_DRQ
         drive.error = 0
         self._raise_irq()
+
+    # --- bus-master DMA -------------------------------------------------------------
+    def run_dma(self, memory: Any, prd_table: int, to_memory: bool) -> tuple[bool, bool]:
+        """The bus-master engine started: move the pending DMA command's sectors through
+        the PRD table at `prd_table` (entries: u32 address, u16 byte count with 0 =
+        64 KiB, bit 15 of the last word = end of table). Returns (ok, table longer than
+        the transfer). A table outside RAM, a short table or a wrong direction fail the
+        command with ABRT; the interrupt is raised either way."""
+        op = self.dma_op
+        if op is None:
+            return False, False
+        self.dma_op = None
+        write, lba, count, unit = op
+        drive = self.drives[unit]
+        if drive is None:
+            return False, False
+        if bool(write) == to_memory:
+            self._abort(drive)
+            return False, False
+        left = count * SECTOR
+        pos = lba * SECTOR
+        entry = prd_table & ~3
+        try:
+            for _ in range(8192):  # a PRD table is at most 64 KiB of 8-byte entries
+                addr, length, flags = struct.unpack("<IHH", memory.read(entry, 8))
+                length = length or 0x10000
+                n = min(length, left)
+                if n:
+                    if write:
+                        drive.image.write(pos, memory.read(addr & ~1, n))
+                    else:
+                        buf = bytearray(n)
+                        drive.image.read_into(pos, buf)
+                        memory.write(addr & ~1, buf)
+                    pos += n
+                    left -= n
+                entry += 8
+                if left == 0 or flags & 0x8000:
+                    longer = left == 0 and not (flags & 0x8000 and n == length)
+                    break
+            else:
+                longer = False
+        except (OSError, BoiteError) as e:  # GuestError (table or buffer outside RAM) too
+            log.warning("ata: DMA at LBA %d failed: %s", lba, e)
+            self._abort(drive, ER_ABRT)
+            return False, False
+        if left:
+            self._abort(drive, ER_ABRT)
+            return False, False
+        self._done(drive)
+        return True, longer
 
     # --- ATAPI ------------------------------------------------------------------------
     def _atapi_command(self, drive: Any, cmd: int) -> None:
@@ -747,10 +831,14 @@ class AtaChannel(Device):
             drive.write_cache = False
         elif sub == 0x03:
             mode = self.nsect
-            # PIO default / PIO flow-control modes 0-4; no DMA on this controller.
-            if not (mode in (0x00, 0x01) or 0x08 <= mode <= 0x0C):
+            # PIO default / PIO flow-control modes 0-4; MWDMA 0-2 and UDMA 0-5 where the
+            # channel has a bus-master engine.
+            dma = 0x20 <= mode <= 0x22 or 0x40 <= mode <= 0x45
+            if not (mode in (0x00, 0x01) or 0x08 <= mode <= 0x0C or (dma and drive.dma_capable)):
                 self._abort(drive)
                 return
+            if dma:
+                drive.dma_mode = mode
         elif sub not in (0x55, 0xAA, 0x66, 0xCC):  # read look-ahead, reverting defaults
             self._abort(drive)
             return
@@ -777,6 +865,9 @@ class AtaChannel(Device):
             self.xfer = "read"
             self._load_read_block()
 
+
+# DMA command -> (write, lba48)
+_DMA_COMMANDS = {0xC8: (False, False), 0x25: (False, True), 0xCA: (True, False), 0x35: (True, True)}
 
 # command -> (write, lba48, multiple)
 _RW_COMMANDS = {

@@ -273,7 +273,7 @@ def attach_devices(
             ctl = AtaController(machine.irqs.line, ata_drives)
             if machine.pci is not None:
                 # The PIIX IDE function owns the channels' legacy ports.
-                out.ide = ide = PiixIde(ctl.channels)
+                out.ide = ide = PiixIde(ctl.channels, machine.memory)
                 machine.attach("piix-ide", ide, pci=(IDE_SLOT, IDE_FUNCTION),
                                ports=ide.legacy_ranges(), irq=(14, 15))  # fmt: skip
                 for i, ch in enumerate(ctl.channels):
