@@ -6,6 +6,7 @@ packages and the guest kit (tests/guest/media.py)."""
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -59,11 +60,12 @@ def test_bios_boots_the_medium_the_boot_order_names(boite_cli, tmp_path, boot_me
     box = tmp_path / "fwbox"
     r = boite_cli("create", box, "--disk", "0", "--memsize", "96")
     assert r.returncode == 0, r.stderr
+    shutil.copyfile(boot_media["vmdk"], box / "grub.vmdk")  # a disk lives in its box
     vmx = box / "fwbox.vmx"
     text = vmx.read_text()
     text = "\n".join(line for line in text.splitlines() if not line.startswith("ethernet0"))
     text += (
-        f'\nide0:0.present = "TRUE"\nide0:0.fileName = "{boot_media["vmdk"]}"\n'
+        f'\nide0:0.present = "TRUE"\nide0:0.fileName = "grub.vmdk"\n'
         f'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\n'
         f'ide1:0.fileName = "{boot_media["iso"]}"\nbios.bootOrder = "{order}"\n'
     )
