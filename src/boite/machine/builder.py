@@ -216,7 +216,7 @@ def _add_platform(
     rtc = CmosRtc(
         irqs.line(RTC_IRQ), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
         persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
-        below_4g_ram=min(ram, PCI_HOLE_START),
+        below_4g_ram=min(ram, PCI_HOLE_START), num_cpus=machine.num_vcpus,
     )  # fmt: skip
     machine.attach("rtc", rtc, ports=[(RTC_PORT, 2)], irq=RTC_IRQ, timer=True)
 
