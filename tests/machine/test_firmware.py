@@ -248,3 +248,37 @@ def test_a_firmware_machine_state_survives_json_and_loads_into_a_fresh_one(tmp_p
         for a in att:
             a.close()
         m.memory.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not bios_path().exists(), reason="Debian's seabios package is not installed")
+def test_seabios_under_kvm_finds_every_vcpu() -> None:
+    """Under KVM the in-kernel local APICs answer SeaBIOS's INIT/SIPI: it counts the
+    box's vCPUs (CMOS 0x5f says how many to wait for). Runs on kvm_pvm too: SeaBIOS needs
+    none of what keeps Linux from booting there."""
+    from conftest import kvm_available
+
+    if not kvm_available():
+        pytest.skip("needs /dev/kvm")
+    from boite.accel.kvm import KvmAccelerator
+
+    m = build_machine(32, 2, firmware=True, emulated_irqchip=False)
+    accel = KvmAccelerator(irqchip=True)
+    try:
+        accel.create(m)
+        debug = m.devices["debugcon"]
+
+        def watch() -> None:
+            for _ in range(600):
+                if "No bootable device" in debug.text:
+                    break
+                threading.Event().wait(0.1)
+            accel.pause()
+
+        threading.Thread(target=watch, daemon=True).start()
+        accel.run()
+        assert "Found 2 cpu(s)" in debug.text, debug.text[-3000:]
+        assert "table(50434146)" in debug.text
+    finally:
+        accel.close()
+        m.memory.close()
