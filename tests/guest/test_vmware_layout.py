@@ -4,11 +4,13 @@ with what the guest gets instead, and nothing else fails."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from boite.disk import open_disk
 from boite.disk.ops import create_disk
 from boite.machine.firmware.seabios import bios_path
 
@@ -53,6 +55,38 @@ serial0.fileType = "file"
 serial0.fileName = "serial0.log"
 """
 
+BOOT_SECTOR = """\
+bits 16
+org 0x7c00
+    xor ax, ax
+    mov ds, ax
+    mov si, msg
+.next:
+    lodsb
+    test al, al
+    jz .halt
+    mov ah, 0x0e
+    mov bx, 7
+    int 0x10
+    jmp .next
+.halt:
+    sti                 ; idle with interrupts on (cli; hlt would be a power-off)
+    hlt
+    jmp .halt
+msg: db "BOITE-MBR booted from scsi0:0", 13, 10, 0
+times 510 - ($ - $$) db 0
+dw 0xaa55
+"""
+
+
+def boot_sector(work: Path) -> bytes:
+    """A boot sector that prints through the BIOS (int 10h, which sercon sends to COM1)."""
+    src = work / "mbr.asm"
+    src.write_text(BOOT_SECTOR)
+    subprocess.run(["nasm", "-f", "bin", "-o", str(work / "mbr.bin"), str(src)], check=True)
+    return (work / "mbr.bin").read_bytes()
+
+
 UNEMULATED = ("scsi0 (lsilogic)", "sata0 (ahci)", "ethernet0 (e1000)", "sound (", "usb (",
               "ehci (", "floppy0 (")  # fmt: skip
 
@@ -66,19 +100,25 @@ def test_vmware_workstation_box_starts_and_names_what_it_replaces(boite_cli, tmp
     for name in UNEMULATED:
         assert sum(name in line for line in r.stdout.splitlines()) == 1, (name, r.stdout)
     assert "lsilogic) is not emulated; the guest gets its disks as virtio-blk" in r.stdout
-    # the new disk is blank: check says the box cannot boot, and why
+    # the new disk is blank: check says the box cannot boot, and why; start refuses
     assert "no MBR boot signature" in r.stdout and r.returncode == 1, r.stdout
+    r = boite_cli("start", box, "--accel", "emu", timeout=120)
+    assert r.returncode == 1 and "nothing the BIOS can boot" in r.stderr, r.stderr
+    with open_disk(box / "debian.vmdk") as disk:  # what an installer leaves: an MBR
+        disk.write(0, boot_sector(tmp_path))
+    r = boite_cli("check", box)
+    assert r.returncode == 0, r.stdout
     r = boite_cli("start", box, "--accel", "emu", "--detach", timeout=120)
     assert r.returncode == 0, r.stderr
     try:
         serial = box / "serial0.log"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if serial.exists() and b"No bootable device" in serial.read_bytes():
+            if serial.exists() and b"BOITE-MBR booted from scsi0:0\r\n" in serial.read_bytes():
                 break
             time.sleep(1)
         assert b"SeaBIOS (version" in serial.read_bytes()
-        assert b"No bootable device" in serial.read_bytes()
+        assert b"BOITE-MBR booted from scsi0:0" in serial.read_bytes()  # lsilogic's disk
     finally:
         boite_cli("stop", box, "hard", timeout=120)
     log = (box / "vmware.log").read_text()

@@ -348,8 +348,10 @@ def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], Non
 
         # Without boite.kernel the box boots through its BIOS (SeaBIOS).
         _box_file(box, "boite.kernel")
-        from boite.machine.substitutes import hardware_notes
+        from boite.machine.substitutes import boot_problems, hardware_notes
 
+        for why in boot_problems(box):  # the BIOS would only say "No bootable device"
+            raise BoxError(f"{box.vmx_path}: cannot start: {why}")
         for note in hardware_notes(box.config):  # once per power-on, not per guest reset
             log(f"Hardware: {note}.")
         _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
