@@ -184,7 +184,7 @@ def read_regular(
         size = os.fstat(fd).st_size
         if size > limit:
             raise FileKindError(
-                f"{path}: the {what} is {size} bytes, more than the {limit} boite reads for it"
+                f"{path}: {size} bytes, more than a {what} can be ({limit}); not a {what}"
             )
         chunks: list[bytes] = []
         total = 0

@@ -19,15 +19,30 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
-from boite.errors import BoiteError
+from boite.errors import BoiteError, CheckpointError
 from boite.machine.bus import Bus
-from boite.machine.device import Device
-from boite.machine.devices.atapi import AtapiDrive, CheckCondition
+from boite.machine.device import Device, StatelessDevice
+from boite.machine.devices.atapi import CD_SECTOR, MAX_READ_SECTORS, AtapiDrive, CheckCondition
 from boite.machine.irq import IrqLine
 from boite.machine.machine import IoRange
+from boite.machine.state import (
+    Int,
+    Items,
+    Nested,
+    Optional,
+    StateRecord,
+    choice,
+    data,
+    flag,
+    items,
+    optional,
+    span,
+    uint,
+)
 
 log = logging.getLogger("boite.ata")
 
@@ -134,6 +149,7 @@ class AtaDrive:
         self.status = ST_DRDY | ST_DSC
         self.error = 0x01  # "no error detected" after a diagnostic
         self.dma_mode = 0  # SET FEATURES' transfer mode: 0x20-0x22 MWDMA, 0x40-0x45 UDMA
+        self.sense = (0, 0, 0)  # an ATAPI drive's; kept so both kinds save alike
 
     def identify(self) -> bytes:
         w = [0] * 256
@@ -185,22 +201,83 @@ class AtaDrive:
         return bytes(data)
 
 
-class AtaControl(Device):
+@dataclass(frozen=True)
+class AtaDriveState(StateRecord):
+    heads: int = span(1, 16)
+    spt: int = uint(8)
+    multi_count: int = choice(0, *(1 << n for n in range(MAX_MULTIPLE.bit_length())))
+    write_cache: bool = flag()
+    status: int = uint(8)
+    error: int = uint(8)
+    dma_mode: int = choice(0, 0x20, 0x21, 0x22, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45)
+    sense: tuple[int, ...] = items(Int(0, 0xFF), max_len=3, exact=3)  # ATAPI: key, ASC, ASCQ
+
+
+@dataclass(frozen=True)
+class AtaChannelState(StateRecord):
+    """A channel's task file (each register and its HOB copy), the PIO transfer in
+    progress (its buffer: one DRQ block) and the drives' settings."""
+
+    VERSION = 2  # 2: the ATAPI packet transfer and the pending bus-master DMA command
+    devctl: int = uint(8)
+    device: int = uint(8)
+    feature: int = uint(8)
+    hob_feature: int = uint(8)
+    nsect: int = uint(8)
+    hob_nsect: int = uint(8)
+    lbal: int = uint(8)
+    hob_lbal: int = uint(8)
+    lbam: int = uint(8)
+    hob_lbam: int = uint(8)
+    lbah: int = uint(8)
+    hob_lbah: int = uint(8)
+    irq_pending: bool = flag()
+    in_reset: bool = flag()
+    xfer: str = choice("", "read", "write")
+    xfer_lba: int = uint(48)
+    xfer_left: int = span(0, 1 << 16)  # LBA48 counts up to 65536 sectors
+    xfer_block: int = span(1, MAX_MULTIPLE)
+    xfer_pos: int = span(0, MAX_MULTIPLE * SECTOR)
+    xfer_drive: int = span(0, 1)
+    buffer: bytes = data(max_len=MAX_MULTIPLE * SECTOR)
+    drives: tuple[AtaDriveState | None, ...] = items(
+        Optional(Nested(AtaDriveState)), max_len=2, exact=2
+    )
+    sig_pending: bool = flag()
+    atapi_packet: bool = flag()  # the buffer holds the 12-byte command being written
+    atapi_limit: int = uint(16)
+    atapi_pos: int = span(0, MAX_READ_SECTORS * CD_SECTOR)
+    atapi_data: bytes = data(max_len=MAX_READ_SECTORS * CD_SECTOR)
+    dma_op: tuple[int, ...] | None = optional(Items(Int(0, (1 << 48) - 1), max_len=4, exact=4))
+
+    def validate(self) -> None:
+        if self.atapi_packet or self.atapi_data:  # packet or a piece of an ATAPI reply
+            if self.xfer and self.xfer_pos >= len(self.buffer):
+                raise self.invalid("xfer_pos", "outside the ATAPI buffer")
+            if self.atapi_pos > len(self.atapi_data):
+                raise self.invalid("atapi_pos", "past the reply")
+            return
+        if not self.xfer:
+            if self.buffer or self.xfer_pos:
+                raise self.invalid("buffer", "data without a transfer in progress")
+            return
+        if not self.buffer or len(self.buffer) % SECTOR:
+            raise self.invalid("buffer", f"{len(self.buffer)} bytes is not whole sectors")
+        if self.xfer_pos >= len(self.buffer):
+            raise self.invalid(
+                "xfer_pos", f"{self.xfer_pos} is not inside the {len(self.buffer)}-byte block"
+            )
+        if len(self.buffer) > self.xfer_left * SECTOR:
+            raise self.invalid("xfer_left", f"{self.xfer_left} sectors left, the block holds more")
+
+
+class AtaControl(StatelessDevice):
     """The channel's control block register (alternate status / device control)."""
 
     name = "ata-control"
 
     def __init__(self, channel: AtaChannel) -> None:
         self.channel = channel
-
-    def reset(self) -> None:
-        pass
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         self.channel.accesses += 1
@@ -270,49 +347,51 @@ class AtaChannel(Device):
         self._signature()
         self.irq.lower()
 
-    _STATE_KEYS = (
-        "devctl device feature hob_feature nsect hob_nsect lbal hob_lbal lbam hob_lbam "
-        "lbah hob_lbah irq_pending in_reset xfer xfer_lba xfer_left xfer_block xfer_pos "
-        "xfer_drive sig_pending atapi_limit atapi_pos atapi_packet dma_op"
-    ).split()
-
     def save_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k) for k in self._STATE_KEYS}
-        state["buffer"] = bytes(self.buffer)
-        state["atapi_data"] = bytes(self.atapi_data)
-        state["drives"] = [
-            None
-            if d is None
-            else {"status": d.status, "error": d.error, "sense": list(d.sense)}
-            if _is_atapi(d)
-            else {
-                "heads": d.heads,
-                "spt": d.spt,
-                "multi_count": d.multi_count,
-                "write_cache": d.write_cache,
-                "status": d.status,
-                "error": d.error,
-                "dma_mode": d.dma_mode,
-            }
-            for d in self.drives
-        ]
-        return state
+        drives = tuple(None if d is None else AtaDriveState.of(d) for d in self.drives)
+        op = None if self.dma_op is None else tuple(self.dma_op)
+        return AtaChannelState.of(
+            self,
+            buffer=bytes(self.buffer),
+            drives=drives,
+            atapi_data=bytes(self.atapi_data),
+            dma_op=op,
+        ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        defaults = {"sig_pending": False, "atapi_limit": 0, "atapi_pos": 0, "atapi_packet": False,
-                    "dma_op": None}  # fmt: skip
-        for k in self._STATE_KEYS:
-            setattr(self, k, state[k] if k in state or k not in defaults else defaults[k])
-        self.buffer = bytearray(state["buffer"])
-        self.atapi_data = bytes(state.get("atapi_data", b""))
-        op = self.dma_op
-        if not (isinstance(op, list) and len(op) == 4 and all(isinstance(x, int) for x in op)
-                and op[3] in (0, 1)):  # fmt: skip
-            self.dma_op = None  # not a pending DMA command: nothing to resume
-        for d, ds in zip(self.drives, state["drives"], strict=True):
+    def check_state(self, state: Any) -> AtaChannelState:
+        rec = AtaChannelState.from_dict(state)
+        for unit, (drive, saved) in enumerate(zip(self.drives, rec.drives, strict=True)):
+            if (drive is None) != (saved is None):
+                had = "no drive" if saved is None else "a drive"
+                raise CheckpointError(
+                    f"drives[{unit}]: the state has {had} where this channel has "
+                    f"{'none' if drive is None else 'one'}"
+                )
+        if rec.xfer:
+            drive = self.drives[rec.xfer_drive]
+            if drive is None:
+                raise CheckpointError(f"xfer_drive: a transfer with drive {rec.xfer_drive}, absent")
+            if rec.xfer_lba + rec.xfer_left > max(drive.sectors, 1):
+                raise CheckpointError(
+                    f"xfer_lba: sectors {rec.xfer_lba}+{rec.xfer_left} run past the disk's "
+                    f"{drive.sectors}"
+                )
+        if rec.dma_op is not None:
+            write, lba, count, unit = rec.dma_op
+            drive = self.drives[unit] if unit in (0, 1) else None
+            if drive is None or _is_atapi(drive) or lba + count > drive.sectors or write > 1:
+                raise CheckpointError(
+                    f"dma_op: {list(rec.dma_op)} names no DMA this channel can do"
+                )
+        return rec
+
+    def apply_state(self, rec: AtaChannelState) -> None:
+        rec.put(self, "buffer", "drives", "dma_op")
+        self.buffer = bytearray(rec.buffer)
+        self.dma_op = None if rec.dma_op is None else list(rec.dma_op)
+        for d, ds in zip(self.drives, rec.drives, strict=True):
             if d is not None and ds is not None:
-                for k, v in ds.items():
-                    setattr(d, k, tuple(v) if k == "sense" else v)
+                ds.put(d)
         self.irq.set(self.irq_pending and not self.devctl & CTL_NIEN)
 
     # --- helpers --------------------------------------------------------------------

@@ -63,6 +63,9 @@ class AtapiDrive:
     def sectors(self) -> int:
         return self.image.size // CD_SECTOR if self.image is not None else 0
 
+    # What an ATA disk's state record also holds (geometry, transfer modes): fixed here.
+    heads, spt, multi_count, write_cache, dma_mode = 16, 63, 0, False, 0
+
     def reset(self) -> None:
         self.status = 0
         self.error = 0x01

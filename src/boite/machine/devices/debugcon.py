@@ -8,9 +8,9 @@ SeaBIOS reads the port first and logs to it only if it reads back 0xE9 (QEMU's
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from boite.machine.device import Device
+from boite.machine.state import KeepsNoState
 
 DEBUGCON_PORT = 0x402
 READBACK = 0xE9
@@ -18,7 +18,7 @@ READBACK = 0xE9
 log = logging.getLogger("boite.firmware")
 
 
-class DebugCon(Device):
+class DebugCon(KeepsNoState, Device):
     name = "debugcon"
 
     def __init__(self, keep: int = 64 * 1024) -> None:
@@ -32,12 +32,6 @@ class DebugCon(Device):
 
     def reset(self) -> None:
         self.line.clear()
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         return READBACK

@@ -21,10 +21,12 @@ in a host exception.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from boite.errors import GuestError
 from boite.machine.device import Device
+from boite.machine.state import StateRecord, uint
 
 FW_CFG_PORT = 0x510
 FW_CFG_DMA_PORT = 0x514  # the device's offset 4
@@ -50,6 +52,14 @@ FW_CFG_MAX_FILES = 0x1000 - FW_CFG_FILE_FIRST
 DMA_ERROR, DMA_READ, DMA_SKIP, DMA_SELECT, DMA_WRITE = 0x01, 0x02, 0x04, 0x08, 0x10
 DMA_SIGNATURE = b"QEMU CFG"
 _ZEROS = bytes(65536)
+
+
+@dataclass(frozen=True)
+class FwCfgState(StateRecord):
+    VERSION = 2  # 2: dma_high
+    selector: int = uint(16)
+    offset: int = uint(64)  # past the item's end it counts on (and reads 0)
+    dma_high: int = uint(32)  # the DMA address's high half, written before the low one
 
 
 class FwCfg(Device):
@@ -116,12 +126,13 @@ class FwCfg(Device):
         self.dma_high = 0
 
     def save_state(self) -> dict[str, Any]:
-        return {"selector": self.selector, "offset": self.offset, "dma_high": self.dma_high}
+        return FwCfgState(self.selector, self.offset, self.dma_high).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.selector = int(state["selector"]) & 0xFFFF
-        self.offset = max(0, int(state["offset"]))
-        self.dma_high = int(state.get("dma_high", 0)) & 0xFFFF_FFFF
+    def check_state(self, state: Any) -> FwCfgState:
+        return FwCfgState.from_dict(state)
+
+    def apply_state(self, rec: FwCfgState) -> None:
+        self.selector, self.offset, self.dma_high = rec.selector, rec.offset, rec.dma_high
 
     # -- the ports ------------------------------------------------------------------------
     def bus_read(self, offset: int, size: int) -> int:

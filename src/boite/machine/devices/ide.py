@@ -14,11 +14,13 @@ Boot paths for SeaBIOS's bootorder: `/pci@i0cf8/ide@1,1/drive@C/disk@U`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.devices.ata import PRIMARY, SECONDARY, AtaChannel, _is_atapi
 from boite.machine.machine import IoRange
 from boite.machine.pci.function import BAR_IO, Bar, PciFunction
+from boite.machine.state import StateRecord, data
 
 IDE_SLOT, IDE_FUNCTION = 1, 1
 BM_SIZE = 16
@@ -90,13 +92,18 @@ class PiixIde(PciFunction):
     def boot_path(channel: int, unit: int) -> str:
         return f"/pci@i0cf8/ide@{IDE_SLOT},{IDE_FUNCTION}/drive@{channel}/disk@{unit}"
 
-    def save_state(self) -> dict[str, Any]:
-        return {**super().save_state(), "busmaster": self.busmaster.regs.hex()}
+    def extra_state(self) -> StateRecord:
+        return IdeState(bytes(self.busmaster.regs))
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        raw = bytes.fromhex(str(state.get("busmaster", "")) or "00" * BM_SIZE)
-        self.busmaster.regs[:] = raw[:BM_SIZE].ljust(BM_SIZE, b"\0")
+    def apply_extra(self, rec: Any) -> None:
+        self.busmaster.regs[:] = rec.busmaster
 
+
+@dataclass(frozen=True)
+class IdeState(StateRecord):
+    busmaster: bytes = data(max_len=BM_SIZE, exact=BM_SIZE)  # the BAR4 registers
+
+
+PiixIde.extra_record = IdeState
 
 CHANNEL_PORTS = (PRIMARY, SECONDARY)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.bus import Bus
 from boite.machine.pci.function import BAR_IO, INTERRUPT_PIN, PciFunction
+from boite.machine.state import StateRecord, uint
 
 log = logging.getLogger("boite.pci")
 
@@ -174,9 +176,18 @@ class PciHostBridge(PciFunction):
             IoRange(CONFIG_DATA, 4, handler=self.data),
         ]
 
-    def save_state(self) -> dict[str, Any]:
-        return {**super().save_state(), "config_address": self.address.value}
+    extra_record = None  # set below (the record is defined after the class)
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        self.address.value = int(state.get("config_address", 0)) & 0x80FF_FFFC
+    def extra_state(self) -> StateRecord:
+        return HostBridgeState(self.address.value)
+
+    def apply_extra(self, rec: Any) -> None:
+        self.address.value = rec.config_address & 0x80FF_FFFC
+
+
+@dataclass(frozen=True)
+class HostBridgeState(StateRecord):
+    config_address: int = uint(32)  # what the last 32-bit write to 0xCF8 selected
+
+
+PciHostBridge.extra_record = HostBridgeState

@@ -14,14 +14,16 @@ own registers are made writable by `writable(offset, mask_bytes)`.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from boite.errors import GuestError
+from boite.errors import CheckpointError
 from boite.machine.bus import BusDevice
 from boite.machine.device import Device
+from boite.machine.state import Opaque, StateRecord, checked, data, flag
 
 # Red Hat / QEMU's subsystem IDs: SeaBIOS recognises an emulated board by them.
 SUBSYSTEM_VENDOR_QEMU = 0x1AF4
@@ -189,18 +191,53 @@ class PciFunction(Device):
             self.on_mapping_change(self)
         self._drive_intx()
 
-    def save_state(self) -> dict[str, Any]:
-        return {"config": self.config.hex(), "intx": self.intx_level}
+    # Subclasses with registers beyond the configuration space name their record here and
+    # implement extra_state() / apply_extra(record).
+    extra_record: type[StateRecord] | None = None
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        try:
-            config = bytes.fromhex(state["config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise GuestError(f"{self.name}: saved PCI configuration space is unreadable") from e
-        if len(config) != 256 or config[:4] != bytes(self.config[:4]):
-            raise GuestError(f"{self.name}: saved PCI configuration space is for another function")
-        self.config[:] = config
-        self.intx_level = bool(state.get("intx", False))
+    def extra_state(self) -> StateRecord:
+        raise NotImplementedError
+
+    def apply_extra(self, rec: Any) -> None:
+        """Put the subclass's registers in place (after the configuration space)."""
+
+    def save_state(self) -> dict[str, Any]:
+        extra = self.extra_state().to_dict(versioned=False) if self.extra_record else {}
+        return PciFunctionState(bytes(self.config), self.intx_level, extra).to_dict()
+
+    def check_state(self, state: Any) -> PciFunctionState:
+        rec = PciFunctionState.from_dict(state)
+        if rec.config[:4] != bytes(self.config[:4]):
+            raise CheckpointError(
+                f"config: saved for PCI function {rec.config[:4].hex()} (vendor:device, "
+                f"little-endian), this is {bytes(self.config[:4]).hex()}: another function"
+            )
+        if self.extra_record is None:
+            if rec.extra:
+                raise CheckpointError("extra: this PCI function keeps no other registers")
+            return rec
+        return dataclasses.replace(rec, extra=self.check_extra(rec.extra))
+
+    def check_extra(self, raw: Any) -> Any:
+        assert self.extra_record is not None
+        return self.extra_record.from_dict(raw, "extra", versioned=False)
+
+    def apply_state(self, rec: PciFunctionState) -> None:
+        self.config[:] = rec.config
+        self.intx_level = rec.intx
+        if self.extra_record is not None:
+            self.apply_extra(rec.extra)
         if self.on_mapping_change is not None:
             self.on_mapping_change(self)
         self._drive_intx()
+
+
+@dataclass(frozen=True)
+class PciFunctionState(StateRecord):
+    """The 256-byte configuration space, the INTx condition, and what the function keeps
+    beyond them (`extra`: its own record, checked by the function)."""
+
+    VERSION = 1
+    config: bytes = data(max_len=256, exact=256)
+    intx: bool = flag()
+    extra: Any = checked(Opaque())

@@ -22,11 +22,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.bus import BusWindow
 from boite.machine.irq import IrqLine
 from boite.machine.pci.function import PciFunction
+from boite.machine.state import Int, StateRecord, items, uint
 
 PIIX_PIRQRC = 0x60
 PIRQ_DISABLED = 0x80
@@ -102,8 +104,8 @@ class Piix3IsaBridge(PciFunction):
         super().reset()
         self._update()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
+    def apply_state(self, rec: Any) -> None:
+        super().apply_state(rec)
         self._update()
 
 
@@ -126,7 +128,7 @@ class Piix4Pm(PciFunction):
         self._lock = threading.Lock()
         self.pm1_sts = self.pm1_en = self.pm1_cnt = self.gpe_sts = self.gpe_en = 0
         self._timer_origin = clock_ns()
-        self._sci_level = False
+        self._sci_level: bool | None = False
         super().__init__(0x8086, 0x7113, 0x068000, revision=0x03, interrupt_pin=1)
 
     def _defaults(self) -> None:
@@ -243,21 +245,28 @@ class Piix4Pm(PciFunction):
         self._map()
         self._update_sci()
 
-    def save_state(self) -> dict[str, Any]:
-        return {
-            **super().save_state(),
-            "pm1": [self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en],
-            "timer": self.timer(),
-        }
+    def extra_state(self) -> StateRecord:
+        return PmState(
+            (self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en), self.timer()
+        )
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        pm1 = state.get("pm1", [0, 0, SCI_EN, 0, 0])
-        self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en = (
-            int(x) & 0xFFFF for x in pm1
-        )
-        self._timer_origin = (
-            self.clock_ns() - int(state.get("timer", 0)) * 1_000_000_000 // PM_TIMER_HZ
-        )
+    def apply_extra(self, rec: Any) -> None:
+        self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en = rec.pm1
+        self._timer_origin = self.clock_ns() - rec.timer * 1_000_000_000 // PM_TIMER_HZ
+
+    def apply_state(self, rec: Any) -> None:
+        super().apply_state(rec)
         self._map()
+        self._sci_level = None  # drive the line to the restored level whatever it was
         self._update_sci()
+
+
+@dataclass(frozen=True)
+class PmState(StateRecord):
+    """PM1 status, enable, control, GPE0 status, enable; the PM timer's count."""
+
+    pm1: tuple[int, ...] = items(Int(0, 0xFFFF), max_len=5, exact=5)
+    timer: int = uint(24)
+
+
+Piix4Pm.extra_record = PmState

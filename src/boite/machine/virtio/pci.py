@@ -25,12 +25,14 @@ Boot path for SeaBIOS's bootorder: `/pci@i0cf8/scsi@SLOT/disk@0,0` (virtio-blk).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.bus import BusWindow
 from boite.machine.irq import IrqLine
 from boite.machine.memory import GuestMemory
 from boite.machine.pci.function import BAR_MEM, Bar, PciFunction
+from boite.machine.state import Opaque, StateRecord, checked
 from boite.machine.virtio import mmio as m
 from boite.machine.virtio.mmio import VirtioBackend, VirtioMmio
 
@@ -160,13 +162,24 @@ class VirtioPci(PciFunction):
         self.core.reset()
         super().reset()
 
-    def save_state(self) -> dict[str, Any]:
-        return {**super().save_state(), "virtio": self.core.save_state()}
+    def extra_state(self) -> StateRecord:
+        return VirtioPciState(self.core.save_state())
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        self.core.load_state(state["virtio"])
+    def check_extra(self, raw: Any) -> Any:
+        rec = VirtioPciState.from_dict(raw, "extra", versioned=False)
+        return self.core.check_state(rec.virtio)  # the transport's own checked record
+
+    def apply_extra(self, rec: Any) -> None:
+        self.core.apply_state(rec)
 
     @staticmethod
     def boot_path(slot: int) -> str:
         return f"/pci@i0cf8/scsi@{slot:x}/disk@0,0"
+
+
+@dataclass(frozen=True)
+class VirtioPciState(StateRecord):
+    virtio: Any = checked(Opaque())  # the VirtioMmio core's record, checked by it
+
+
+VirtioPci.extra_record = VirtioPciState
