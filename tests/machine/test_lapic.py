@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from boite.errors import CheckpointError
 from boite.machine.devices.ioapic import IoApic
 from boite.machine.devices.lapic import (
     EOI,
@@ -113,6 +116,8 @@ def test_state_round_trip_and_bounds() -> None:
     a.accept(0x70, level=True)
     state = a.save_state()
     b2, _ = bus(1)
-    state["irr"] = (1 << 300) | state["irr"]  # hostile: bits past 255 are dropped
     b2.apics[0].load_state(state)
     assert b2.apics[0].irr == 1 << 0x70 and b2.apics[0].tmr == 1 << 0x70
+    state["irr"] = (1 << 300) | state["irr"]  # hostile: a vector past 255
+    with pytest.raises(CheckpointError, match="irr"):
+        b2.apics[0].load_state(state)

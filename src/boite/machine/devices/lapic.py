@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.device import Device
+from boite.machine.state import Int, StateRecord, bits, flag, items, span, uint
 
 LAPIC_BASE = 0xFEE0_0000
 LAPIC_SIZE = 0x1000
@@ -237,23 +239,43 @@ class LocalApic(Device):
         return (self.ldr >> 28) == (dest >> 4) and bool((self.ldr >> 24) & dest & 0xF)
 
     # -- state ------------------------------------------------------------------------------
-    _KEYS = ("id", "tpr", "ldr", "dfr", "svr", "irr", "isr", "tmr", "esr", "icr", "divide",
-             "initial", "timer_armed")  # fmt: skip
-
     def save_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k) for k in self._KEYS}
-        state["lvt"] = {str(k): v for k, v in self.lvt.items()}
-        state["timer_elapsed_ns"] = self.clock_ns() - self.timer_start
-        return state
+        return LapicState(
+            self.id, self.tpr, self.ldr, self.dfr, self.svr, self.irr, self.isr, self.tmr,
+            self.esr, self.icr, self.divide, self.initial, self.timer_armed,
+            tuple(self.lvt[r] for r in LVTS), max(0, self.clock_ns() - self.timer_start),
+        ).to_dict()  # fmt: skip
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for k in self._KEYS:
-            setattr(self, k, int(state[k]) if k != "timer_armed" else bool(state[k]))
-        self.irr &= (1 << 256) - 1
-        self.isr &= (1 << 256) - 1
-        self.tmr &= (1 << 256) - 1
-        self.lvt = {r: int(state["lvt"].get(str(r), MASKED)) & 0x3_FFFF for r in LVTS}
-        self.timer_start = self.clock_ns() - int(state.get("timer_elapsed_ns", 0))
+    def check_state(self, state: Any) -> LapicState:
+        return LapicState.from_dict(state)
+
+    def apply_state(self, rec: LapicState) -> None:
+        rec.put(self, "lvt", "timer_elapsed_ns")
+        self.lvt = dict(zip(LVTS, rec.lvt, strict=True))
+        self.timer_start = self.clock_ns() - rec.timer_elapsed_ns
+
+
+VECTORS = (1 << 256) - 1
+
+
+@dataclass(frozen=True)
+class LapicState(StateRecord):
+    VERSION = 1
+    id: int = uint(8)
+    tpr: int = uint(8)
+    ldr: int = uint(32)
+    dfr: int = uint(32)
+    svr: int = bits(0x3FF)
+    irr: int = span(0, VECTORS)
+    isr: int = span(0, VECTORS)
+    tmr: int = span(0, VECTORS)
+    esr: int = uint(32)
+    icr: int = uint(64)
+    divide: int = bits(0xB)
+    initial: int = uint(32)
+    timer_armed: bool = flag()
+    lvt: tuple[int, ...] = items(Int(0, 0x3_FFFF), max_len=6, exact=6)
+    timer_elapsed_ns: int = uint(63)
 
 
 class ApicBus:

@@ -252,7 +252,8 @@ class Piix4Pm(PciFunction):
 
     def apply_extra(self, rec: Any) -> None:
         self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en = rec.pm1
-        self._timer_origin = self.clock_ns() - rec.timer * 1_000_000_000 // PM_TIMER_HZ
+        # rounded up, so that the count reads back exactly as saved
+        self._timer_origin = self.clock_ns() + (-rec.timer * 1_000_000_000 // PM_TIMER_HZ)
 
     def apply_state(self, rec: Any) -> None:
         super().apply_state(rec)
