@@ -1,10 +1,9 @@
 """EmuAccelerator: runs a Machine's CPU in software (boite.accel.emu.cpu.Cpu).
 
 Devices stay in the machine: port I/O goes to machine.pio, any physical address outside
-RAM to machine.mmio, interrupts come from the machine's interrupt controller (a device
-with `pending()` / `acknowledge() -> vector`, e.g. the 8259 pair), and timers (devices
-with `next_deadline_ns()` / `advance(now_ns)`, e.g. PIT and RTC) are advanced between
-blocks and while the CPU sleeps in HLT.
+RAM to machine.mmio, interrupts come from `machine.interrupt_controller` (`pending()` /
+`acknowledge() -> vector`, the 8259 pair), and `machine.timers` (`next_deadline_ns()` /
+`advance(now_ns)`: PIT, RTC) are advanced between blocks and while the CPU sleeps in HLT.
 
 `BOITE_EMU=interp` (or `EmuAccelerator(translate=False)`) selects the plain interpreter.
 """
@@ -178,23 +177,22 @@ class EmuAccelerator(Accelerator):
         cpu.hot_block = self.hot_block
         cpu.decoder.c = cpu
         self.cpu = cpu
-        for dev in machine.devices.values():
-            if hasattr(dev, "pending") and hasattr(dev, "acknowledge") and self.pic is None:
-                self.pic = dev
-                prev = getattr(dev, "on_intr", None)
+        # The machine says which device is the INTR source and which are timers.
+        self.timers = list(machine.timers)
+        dev = machine.interrupt_controller
+        if dev is not None:
+            self.pic = dev
+            prev = dev.on_intr
 
-                def on_intr(level: bool, prev=prev) -> None:
-                    if prev is not None:
-                        prev(level)
-                    if level and self.cpu is not None:
-                        self.cpu.intr = True
-                        self._wake.set()
+            def on_intr(level: bool, prev=prev) -> None:
+                if prev is not None:
+                    prev(level)
+                if level and self.cpu is not None:
+                    self.cpu.intr = True
+                    self._wake.set()
 
-                if hasattr(dev, "on_intr"):
-                    dev.on_intr = on_intr
-                    self._intr_hooked = True
-            if hasattr(dev, "next_deadline_ns") and hasattr(dev, "advance"):
-                self.timers.append(dev)
+            dev.on_intr = on_intr
+            self._intr_hooked = True
         irqs = getattr(machine, "irqs", None)
         if irqs is not None:  # FERR# of the x87's legacy error path is ISA IRQ 13
             cpu.ferr_irq = irqs.line(13).set
