@@ -11,16 +11,16 @@ What is in it (sources in `guest/`):
 - `i386_bzimage` / `i386_vmlinux`: a tiny i386 Linux from Debian's linux-source-6.1 (`make
   tinyconfig` + guest/linux/common.config + guest/linux/i386.config), LZ4-compressed, and
   the same kernel as an ELF with a PVH entry note; the emulator boots the vmlinux (the
-  demo does), which skips the decompressor. Minimum CPU 486SX with math emulation: it
-  needs CPUID and the 486 instructions, but no x87 FPU, TSC, CX8 or CMOV (it uses them when CPUID reports them). Debian's i386
+  demo does), which skips the decompressor. Minimum CPU i686 with an x87 FPU: it
+  needs CPUID, the x87 FPU, TSC, CX8 and CMOV (the emulated CPU model has them). Debian's i386
   userland (busybox, glibc in init) is built for i686 and uses CMOV.
   What the i386 kernel asks of a CPU and machine (for the emulator): 486 instructions
   (BSWAP, CMPXCHG, XADD, INVLPG), CPUID (probed by toggling EFLAGS.ID), 2-level paging
   with 4 MiB pages if CPUID says PSE; no PAE, no local APIC or IO-APIC (uniprocessor,
   8259 PIC + 8254 PIT, HZ=100), no PCI, no ACPI, no HPET. It executes RDTSC, RDMSR/WRMSR,
   CMPXCHG8B, FXSAVE/XSAVE, SYSENTER/SYSEXIT (vDSO) only when CPUID reports TSC, MSR, CX8,
-  FXSR/XSAVE, SEP, so report only what is implemented. With no FPU in CPUID it sets
-  CR0.EM and emulates x87 (but FXSR without FPU panics it: FXSAVE in kernel mode traps).
+  FXSR/XSAVE, SEP, so report only what is implemented. It switches FPU state lazily
+  or eagerly with FNSAVE/FXSAVE as CPUID's FXSR says.
   The userland (init's static glibc, Debian's i386 busybox) needs i686: CMOVcc, the hint
   NOP ENDBR32 (F3 0F 1E FB), F3 0F BC (TZCNT, which is BSF where BMI1 is not reported);
   glibc picks SSE/SSE2 string routines only if CPUID reports them.
