@@ -42,6 +42,7 @@ from boite.disk import open_disk
 from boite.errors import CheckpointError, GuestError
 from boite.machine.builder import build_machine
 from boite.machine.device import Device, StatelessDevice
+from boite.machine.devices.lapic import ApicBus
 from boite.machine.devices.uart import NullBackend
 from boite.machine.machine import Machine
 from boite.machine.virtio.attach import DevicePlan, DiskPlan, NicPlan, attach_devices
@@ -89,6 +90,8 @@ class PcWithEverything:
                 machine, plan, open_disk=open_disk, open_tap=lambda _name: SocketWire(),
                 with_console=True, console=lambda data: None,
             )  # fmt: skip
+            # The emulator's local APIC (accel/emu/smp.py wires one per vCPU).
+            machine.add_device("lapic0", ApicBus(1, time.monotonic_ns).apics[0])
             return " ".join(self.attached.cmdline)
 
         self.machine = build_machine(
