@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from boite.accel.emu import EmuAccelerator
@@ -81,3 +84,28 @@ def test_apic_state_is_a_checked_device_record():
     finally:
         acc.close()
         machine.memory.close()
+
+
+def test_seabios_counts_both_vcpus():
+    """SeaBIOS (the firmware machine) sends INIT/SIPI through the emulated APIC and waits
+    until each AP has counted itself in under its spinlock (CMOS 0x5f says how many)."""
+    pytest.importorskip("boite.machine.firmware", reason="needs the firmware machine (platform)")
+    m = build_machine(32, 2, firmware=True)
+    acc = EmuAccelerator()
+    acc.create(m)
+    debug = m.devices["debugcon"]
+
+    def watch() -> None:
+        for _ in range(1200):
+            if "Found 2 cpu(s)" in debug.text or "No bootable device" in debug.text:
+                break
+            time.sleep(0.1)
+        acc.pause()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        acc.run()
+    finally:
+        acc.close()
+        m.memory.close()
+    assert "Found 2 cpu(s) max supported 2 cpu(s)" in debug.text, debug.text[-2000:]
