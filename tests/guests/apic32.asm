@@ -6,17 +6,8 @@
 bits 32
 org 0x100000
 %include "com1.inc"
+%include "apic.inc"
 
-%define APIC 0xfee00000
-
-%macro GATE 2                           ; vector, handler
-    mov eax, %2
-    mov word [idt + %1 * 8 + 0], ax
-    mov word [idt + %1 * 8 + 2], 0x08
-    mov word [idt + %1 * 8 + 4], 0x8e00
-    shr eax, 16
-    mov word [idt + %1 * 8 + 6], ax
-%endmacro
 
 start:
     mov eax, 1
@@ -64,15 +55,9 @@ ap:
     hlt
     jmp .park
 
-tick:
-    inc dword [ticks]
-    mov dword [APIC + 0xb0], 0          ; EOI
-    iret
+COUNTING_HANDLER tick, ticks
 
-ipi:
-    inc dword [ipis]
-    mov dword [APIC + 0xb0], 0
-    iret
+COUNTING_HANDLER ipi, ipis
 
 DEFINE_PUTC
 DEFINE_PUTS
@@ -82,8 +67,4 @@ align 4
 ticks: dd 0
 ipis: dd 0
 ap_ready: dd 0
-idt_desc:
-    dw 256 * 8 - 1
-    dd idt
-align 8
-idt: times 256 * 8 db 0
+DEFINE_IDT

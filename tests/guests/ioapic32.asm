@@ -7,20 +7,11 @@
 bits 32
 org 0x100000
 %include "com1.inc"
+%include "apic.inc"
 %include "multiboot.inc"
 MULTIBOOT_HEADER
 
-%define APIC 0xfee00000
 %define IOAPIC 0xfec00000
-
-%macro GATE 2
-    mov eax, %2
-    mov word [idt + %1 * 8 + 0], ax
-    mov word [idt + %1 * 8 + 2], 0x08
-    mov word [idt + %1 * 8 + 4], 0x8e00
-    shr eax, 16
-    mov word [idt + %1 * 8 + 6], ax
-%endmacro
 
 %macro RTE 3                            ; pin, low dword, high dword
     mov dword [IOAPIC], 0x10 + 2 * %1 + 1
@@ -115,15 +106,9 @@ pic_tick:
     pop eax
     iret
 
-bsp_tick:
-    inc dword [bsp_ticks]
-    mov dword [APIC + 0xb0], 0
-    iret
+COUNTING_HANDLER bsp_tick, bsp_ticks
 
-ap_tick:
-    inc dword [ap_ticks]
-    mov dword [APIC + 0xb0], 0
-    iret
+COUNTING_HANDLER ap_tick, ap_ticks
 
 DEFINE_PUTC
 DEFINE_PUTS
@@ -134,9 +119,5 @@ pic_ticks: dd 0
 bsp_ticks: dd 0
 ap_ticks: dd 0
 ap_ready: dd 0
-idt_desc:
-    dw 256 * 8 - 1
-    dd idt
-align 8
-idt: times 256 * 8 db 0
+DEFINE_IDT
 image_end:

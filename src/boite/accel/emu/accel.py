@@ -276,32 +276,8 @@ class EmuAccelerator(Accelerator):
         cpu = self.cpu
         if cpu is None:
             raise AccelError("emu: run() before create()")
-        if self.smp is not None:
-            return self._run_smp(self.smp)
-        cpu.stop = False
         try:
-            while True:
-                res = self._stop_reason()
-                if res is not None:
-                    return res
-                cpu.run(CHUNK)
-                cpu.stop = False
-                nearest = self._advance_timers()
-                if cpu.halted:
-                    res = self._stop_reason()
-                    if res is not None:
-                        return res
-                    if not cpu.fl & IF:
-                        # Only NMI/INIT (not emulated) wake a CPU halted with IF=0.
-                        return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
-                    if cpu.fl & IF and self.pic is not None and self.pic.pending():
-                        continue
-                    wait = 0.01
-                    if nearest is not None:
-                        wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
-                    self._wake.wait(wait)
-                    self._wake.clear()
-                    self._advance_timers()
+            return self._run_one(cpu) if self.smp is None else self._run_smp(self.smp)
         except TripleFault:
             self.machine.request_reset()
             return RunResult(StopReason.RESET, detail="triple fault")
@@ -309,40 +285,57 @@ class EmuAccelerator(Accelerator):
             return RunResult(StopReason.ERROR, detail=str(e))
         except CpuFault as f:  # a fault escaped delivery: an emulator bug, reported
             return RunResult(StopReason.ERROR, detail=f"unhandled fault {f.vector}")
+        finally:
+            self.cpu = self.cpus[0] if self.cpus else None
+
+    def _sleep(self, nearest: int | None) -> None:
+        """Nothing to run: wait for a device's interrupt or the nearest timer deadline."""
+        wait = 0.01
+        if nearest is not None:
+            wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
+        self._wake.wait(wait)
+        self._wake.clear()
+        self._advance_timers()
+
+    def _run_one(self, cpu: Cpu) -> RunResult:
+        """The one vCPU of a machine: no APIC, nothing between blocks but the timers."""
+        cpu.stop = False
+        while True:
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            cpu.run(CHUNK)
+            cpu.stop = False
+            nearest = self._advance_timers()
+            if cpu.halted:
+                res = self._stop_reason()
+                if res is not None:
+                    return res
+                if not cpu.fl & IF:
+                    # Only NMI/INIT (none without an APIC) wake a CPU halted with IF=0.
+                    return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
+                if cpu.fl & IF and self.pic is not None and self.pic.pending():
+                    continue
+                self._sleep(nearest)
 
     def _run_smp(self, smp: Smp) -> RunResult:
         """The vCPUs in turn (smp.py); sleeps while none has work."""
-        try:
-            while True:
-                res = self._stop_reason()
-                if res is not None:
-                    return res
-                ran = smp.run_round()
-                nearest = self._advance_timers()
-                if ran:
-                    continue
-                res = self._stop_reason()
-                if res is not None:
-                    return res
-                if not any(smp.runnable(i) for i in range(len(self.cpus))):
-                    if smp.all_stuck():
-                        c = self.cpus[0]
-                        return RunResult(StopReason.HALTED, detail=f"HLT at {c.eip:#x}, IF=0")
-                    wait = 0.01
-                    if nearest is not None:
-                        wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
-                    self._wake.wait(wait)
-                    self._wake.clear()
-                    self._advance_timers()
-        except TripleFault:
-            self.machine.request_reset()
-            return RunResult(StopReason.RESET, detail="triple fault")
-        except GuestError as e:
-            return RunResult(StopReason.ERROR, detail=str(e))
-        except CpuFault as f:
-            return RunResult(StopReason.ERROR, detail=f"unhandled fault {f.vector}")
-        finally:
-            self.cpu = self.cpus[0]
+        while True:
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            ran = smp.run_round()
+            nearest = self._advance_timers()
+            if ran:
+                continue
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            if not any(smp.runnable(i) for i in range(len(self.cpus))):
+                if smp.all_stuck():
+                    c = self.cpus[0]
+                    return RunResult(StopReason.HALTED, detail=f"HLT at {c.eip:#x}, IF=0")
+                self._sleep(nearest)
 
     def pause(self) -> None:
         self._pause.set()
