@@ -67,6 +67,21 @@ PORTS = (
 )  # fmt: skip
 
 
+class QuietPort:
+    """A named virtio-console port's host end (as the guest tools' is) that ignores data."""
+
+    name = "org.boite.test.0"
+
+    def connect(self, port: Any) -> None:
+        pass
+
+    def receive(self, data: bytes) -> None:
+        pass
+
+    def opened(self, is_open: bool) -> None:
+        pass
+
+
 class PcWithEverything:
     """build_machine() plus every virtio and ATA device, on raw disks in `directory`."""
 
@@ -88,7 +103,7 @@ class PcWithEverything:
         def hook(machine: Machine) -> str:
             self.attached = attach_devices(
                 machine, plan, open_disk=open_disk, open_tap=lambda _name: SocketWire(),
-                with_console=True, console=lambda data: None,
+                with_console=True, console=lambda data: None, ports=[QuietPort()],
             )  # fmt: skip
             # The emulator's local APIC (accel/emu/smp.py wires one per vCPU).
             machine.add_device("lapic0", ApicBus(1, time.monotonic_ns).apics[0])
