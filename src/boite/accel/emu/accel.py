@@ -20,6 +20,7 @@ from boite.accel.base import Accelerator, RunResult, StopReason
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
 from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFault
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
+from boite.accel.emu.native import NativeTier, native_available, native_wanted
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 
@@ -129,10 +130,16 @@ class EmuAccelerator(Accelerator):
 
     max_vcpus = 1  # vCPU 0 runs; the others of a bigger machine stay parked
 
-    def __init__(self, translate: bool | None = None, hot_block: int | None = None) -> None:
+    def __init__(
+        self, translate: bool | None = None, hot_block: int | None = None,
+        native: bool | None = None,
+    ) -> None:  # fmt: skip
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
         self.translate = translate
+        # The native tier (hot blocks as x86-64 code) where the host allows it:
+        # BOITE_EMU_NATIVE=1/0 chooses when `native` is not given (native/__init__.py).
+        self.native = native_wanted() if native is None else native
         # Runs of a block before it is compiled; tests set it low to put all code through
         # the block compiler (BOITE_EMU_HOT reaches `boite` subprocesses too).
         if hot_block is None:
@@ -155,6 +162,8 @@ class EmuAccelerator(Accelerator):
         cpu.translate_blocks = self.translate
         cpu.hot_block = self.hot_block
         cpu.decoder.c = cpu
+        if self.native and self.translate and native_available():
+            cpu.native = NativeTier(cpu)
         self.cpu = cpu
         for dev in machine.devices.values():
             if hasattr(dev, "pending") and hasattr(dev, "acknowledge") and self.pic is None:

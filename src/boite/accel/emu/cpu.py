@@ -212,6 +212,8 @@ class Cpu:
         self.hot_block = HOT_BLOCK
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
+        # The native tier (native/, x86-64 hosts), when the accelerator turns it on.
+        self.native: Any = None
         from boite.accel.emu.decode import Decoder
 
         self.decoder = Decoder(self)
@@ -327,6 +329,8 @@ class Cpu:
     def tlb_flush(self, page: int | None = None) -> None:
         for fast in self._fast.values():
             fast.clear()
+        if self.native is not None:
+            self.native.tlb_flush(page)
         for rt, wt in self._tlbs.values():
             if page is None:
                 rt.clear()

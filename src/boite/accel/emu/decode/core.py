@@ -233,6 +233,8 @@ class DecoderBase:
             for wt in (t[1] for t in c._tlbs.values()):
                 for k in [k for k, v in wt.items() if v == ppage << 12]:
                     del wt[k]
+            if c.native is not None:
+                c.native.drop_write(ppage)
         else:
             lst.append(pa)
         return block
@@ -242,6 +244,11 @@ class DecoderBase:
         from boite.accel.emu.jit import compile_block
 
         c = self.c
+        if c.native is not None:  # the native tier first, where it applies
+            fn = c.native.translate(block.pa, block.eip)
+            if fn is not None:
+                block.fn = fn
+                return
         insns = []
         off = block.pa
         for fn, (eip, n) in zip(block.fns, block.info, strict=True):
