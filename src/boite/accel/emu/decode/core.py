@@ -479,10 +479,17 @@ class DecoderBase:
         ea = self.ea_for(ea, size, True)
         rd = self.rdfn(size)
         wr = self.wrfn(size)
+        c = self.c
+        last = 0x1000 - size
 
         def rmw_mem(f):
             a = ea()
-            wr(a, f(rd(a)))
+            v = rd(a)
+            if (a >> 12) not in c.wtlb or a & 0xFFF > last:
+                # Probe the write before f sets the flags: a read-only or absent page
+                # faults with the flags as they were (found by the native tier's fuzz).
+                c.check_writable(a, size)
+            wr(a, f(v))
 
         return rmw_mem
 

@@ -184,11 +184,14 @@ class NativeTier:
         state of the faulting instruction), or run that instruction in Python (MMIO, a
         code page, an access across pages). Returns the instructions it ran."""
         cpu = self.cpu
-        lin, write = self.st.miss_addr, bool(self.st.miss_write)
+        lin, kind = self.st.miss_addr, self.st.miss_write
+        write = bool(kind & 1)
         page = lin >> 12
         table = self.tlb.write if write else self.tlb.read
         if not table[page]:
             try:
+                if kind & 2:  # read-modify-write: the read faults first
+                    cpu._fill(lin, False)
                 cpu._fill(lin, write)
             except BaseException:
                 cpu.icount += done  # what ran before the fault

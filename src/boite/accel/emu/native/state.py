@@ -28,7 +28,7 @@ class NativeState(ctypes.Structure):
         ("loops", ctypes.c_uint32),  # instructions of the passes of a loop before it
         ("budget", ctypes.c_uint32),  # passes a self-looping block may still make
         ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
-        ("miss_write", ctypes.c_uint32),  # EXIT_MISS: 1 for a write (or read-modify-write)
+        ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
     ]
