@@ -27,7 +27,9 @@ What is in it (sources in `guest/`):
 - `x86_64_bzimage` / `x86_64_vmlinux`: the same for x86_64, with SMP, KVM_GUEST and PVH
   (`x86_64_vmlinux` is the ELF with the PVH entry note, for a direct PVH boot).
 - `debian_vmlinuz`: Debian's stock x86_64 kernel (what linux-image-amd64 points at),
-  fetched with `apt-get download`, not installed.
+  fetched with `apt-get download`, not installed. `debian686_*` / `debian686pae_*`: the
+  same for Debian's i386 kernels (linux-image-686 and -686-pae), with the package itself
+  (`kernel.deb`, whose modules a test's initramfs loads).
 
 Devices in both tiny kernels: 8250 serial console (`console=ttyS0`), virtio-mmio with
 command-line devices (`virtio_mmio.device=<size>@<base>:<irq>`), virtio-blk, -net,
@@ -66,6 +68,7 @@ The cache, under `$BOITE_CACHE/kit` (default `~/.cache/boite/kit`, or
     linux-x86_64-<hash>/          bzImage vmlinux config kernel.release build.log manifest.json
     initrd-i386-<hash>/           initrd.cpio init busybox build.log manifest.json
     debian-amd64-<hash>/          vmlinuz config kernel.release package build.log manifest.json
+    debian-686[-pae]-<hash>/      the same and kernel.deb (the package: its modules)
 
 `<hash>` is 16 hex digits of SHA-256 over the guest/ files that feed that artifact (and
 a format number of this module), so editing a kernel config rebuilds that kernel only.
@@ -185,6 +188,16 @@ ARTIFACTS: dict[str, Artifact] = {
             (("apt-get", "apt"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")),
             ("vmlinuz", "config", "kernel.release", "package"),
         ),
+        *(
+            Artifact(
+                f"debian-{flavour}",
+                f"Debian i386 kernel ({flavour})",
+                ("debian/fetch-debian-kernel.sh",),
+                (("apt-get", "apt"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")),
+                ("vmlinuz", "config", "kernel.release", "package", "kernel.deb"),
+            )
+            for flavour in ("686", "686-pae")
+        ),
     )
 }
 
@@ -193,6 +206,8 @@ KIT_PARTS: dict[str, tuple[str, ...]] = {
     "i386": ("initrd-i386", "linux-i386"),
     "x86_64": ("initrd-i386", "linux-x86_64"),
     "debian": ("initrd-i386", "debian-amd64"),
+    "debian-686": ("initrd-i386", "debian-686"),
+    "debian-686-pae": ("initrd-i386", "debian-686-pae"),
     "initrd": ("initrd-i386",),
 }
 ALL_PARTS = ("i386", "x86_64", "debian")
@@ -214,6 +229,10 @@ class Kit:
     x86_64_config: Path | None = None
     debian_vmlinuz: Path | None = None
     debian_config: Path | None = None
+    debian686_vmlinuz: Path | None = None
+    debian686_deb: Path | None = None
+    debian686pae_vmlinuz: Path | None = None
+    debian686pae_deb: Path | None = None
     dirs: dict[str, Path] | None = None
 
     def as_dict(self) -> dict[str, str | dict[str, str] | None]:
@@ -283,6 +302,10 @@ def kit_paths(which: Iterable[str] = ALL_PARTS, root: Path | None = None) -> Kit
         x86_64_config=f("linux-x86_64", "config"),
         debian_vmlinuz=f("debian-amd64", "vmlinuz"),
         debian_config=f("debian-amd64", "config"),
+        debian686_vmlinuz=f("debian-686", "vmlinuz"),
+        debian686_deb=f("debian-686", "kernel.deb"),
+        debian686pae_vmlinuz=f("debian-686-pae", "vmlinuz"),
+        debian686pae_deb=f("debian-686-pae", "kernel.deb"),
         dirs=dirs,
     )
 
@@ -387,10 +410,10 @@ def _build(
             say,
             art,
         )
-    elif art.name == "debian-amd64":
-        _run_logged(
-            ["bash", str(guest / "debian" / "fetch-debian-kernel.sh"), str(part)], log, say, art
-        )
+    elif art.name.startswith("debian-"):
+        flavour = art.name.removeprefix("debian-")
+        script = str(guest / "debian" / "fetch-debian-kernel.sh")
+        _run_logged(["bash", script, str(part), flavour], log, say, art)
     for file in art.files:
         if not (part / file).is_file():
             raise KitError(f"building the {art.label}: {file} was not produced; see {log}")

@@ -16,6 +16,7 @@ its commit point; a crash after that is finished from the record (the box is as 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from boite.box import paths
 from boite.box.atomic import fsync_dir, write_atomic
 from boite.box.config import BoxConfig
 from boite.box.limits import Problem
 from boite.box.lock import BoxLock
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, ConfigError, SnapshotError
+from boite.errors import BoiteError, CheckpointError, ConfigError, SnapshotError
 
 if TYPE_CHECKING:
     from boite.box.box import Box
@@ -81,6 +83,7 @@ class Snapshot:
     disks: list[SnapshotDisk] = field(default_factory=list)
     type: str | None = None
     other: dict[str, str] = field(default_factory=dict)  # keys boite does not interpret
+    where: str = ""  # its key prefix in the .vmsd (`snapshot3`), for error messages
 
     @property
     def create_time(self) -> float:
@@ -168,6 +171,7 @@ class SnapshotTree:
                 disks=snap_disks,
                 type=keys["type"][1] if "type" in keys else None,
                 other=other,
+                where=where,
             )
             if uid in tree.snapshots:
                 raise ConfigError(f"{src}: {where}.uid {uid} is used by two snapshots")
@@ -287,10 +291,29 @@ def _int(src: str, key: str, value: str) -> int:
         raise ConfigError(f"{src}: {key} = {value!r}: expected a whole number") from None
 
 
-def load_tree(box: Box) -> SnapshotTree:
-    if not box.vmsd_path.exists():
+def load_tree(box: Box, *, check_paths: bool = True) -> SnapshotTree:
+    """The box's snapshot tree; with `check_paths`, every file it names is resolved and
+    confined first (box/paths.py): a .vmsd naming files outside the box is refused."""
+    vmsd = box.vmsd_path
+    if not vmsd.exists() and not vmsd.is_symlink():
         return SnapshotTree()
-    return SnapshotTree.from_vmsd(VmxDict.load(box.vmsd_path))
+    tree = SnapshotTree.from_vmsd(VmxDict.load(vmsd))
+    if check_paths:
+        src = str(vmsd)
+        for s in tree.snapshots.values():
+            if s.filename:
+                paths.owned(box.dir, s.filename, source=src, key=f"{s.where}.filename")
+            for k, d in enumerate(s.disks):
+                paths.disk_file(box, d.file_name, source=src, key=f"{s.where}.disk{k}.fileName")
+    return tree
+
+
+def _vmx_disks(box: Box) -> list[tuple[str, str]]:
+    """The .vmx's snapshot disks, each checked against the path policy."""
+    disks = snapshot_disks(box.config, str(box.vmx_path))
+    for node, name in disks:
+        paths.disk_file(box, name, source=str(box.vmx_path), key=f"{node}.fileName")
+    return disks
 
 
 # -- the disks of a box ---------------------------------------------------------------------
@@ -350,17 +373,22 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def next_child_name(box: Box, frozen: str, taken: set[str]) -> str:
-    """VMware's name for a new delta: the base disk's name with the next free -00000N."""
+    """VMware's name for a new delta: the base disk's name with the next free -00000N,
+    beside it when it is in the box, else in the box directory (as VMware puts deltas in
+    the VM's working directory): boite creates files only inside the box."""
     m = _CHILD_NAME.match(Path(frozen).name)
     stem = m.group("stem") if m else Path(frozen).stem
     folder = Path(frozen).parent
+    if Path(frozen).is_absolute() or ".." in folder.parts:
+        folder = Path(".")
     for n in range(1, 1_000_000):
         name = (
             str(folder / f"{stem}-{n:06d}.vmdk") if str(folder) != "." else f"{stem}-{n:06d}.vmdk"
         )
         path = box.disk_path(name)
         assert isinstance(path, Path)
-        if name.casefold() not in taken and not path.exists():
+        # lexists: a dangling link under that name would send the new delta elsewhere.
+        if name.casefold() not in taken and not os.path.lexists(path):
             taken.add(name.casefold())
             return name
     raise SnapshotError(f"{frozen}: no free delta disk name left")
@@ -373,36 +401,126 @@ def journal_path(box: Box) -> Path:
     return box.dir / f"{box.name}{JOURNAL_SUFFIX}"
 
 
+def needs_recovery(box: Box) -> bool:
+    """Whether a crash left a journal or a temporary file for `recover` to handle."""
+    if os.path.lexists(journal_path(box)):
+        return True
+    names = (journal_path(box).name, box.vmx_path.name, f"{box.name}.vmsd")
+    return any(next(box.dir.glob(f".{name}.tmp-*"), None) is not None for name in names)
+
+
+# A journal holds the new .vmx and .vmsd (16 MiB each at most), base64: a bound to read it.
+MAX_JOURNAL_BYTES = 64 << 20
+
+
+def _check_record(box: Box, record: Any) -> None:
+    """Check a journal record before anything in it is used: its shape, and every file it
+    names (created, deleted, consolidated) is one boite made inside the box. Raises
+    SnapshotError (shape) or BoxPathError (a name), both naming the journal and the key."""
+    src = str(journal_path(box))
+    protected = (box.vmx_path.name, f"{box.name}.vmsd")
+
+    def damaged(why: str) -> SnapshotError:
+        return SnapshotError(
+            f"{src}: damaged snapshot journal ({why}); boite cannot tell whether the "
+            "interrupted operation committed. Inspect it, then remove it by hand."
+        )
+
+    def names(key: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise damaged(f"{key} is not a list of file names")
+        return value
+
+    def own(key: str, value: str) -> None:
+        paths.owned(box.dir, value, source=src, key=key, protected=protected)
+
+    if not isinstance(record, dict):
+        raise damaged("not a JSON object")
+    if record.get("phase") not in ("prepare", "commit"):
+        raise damaged(f"phase {record.get('phase')!r}")
+    if not re.fullmatch(r"[a-z][a-z-]{0,31}", str(record.get("op", "operation"))):
+        raise damaged("op is not an operation's name")  # it is printed: no escapes, no lines
+    for i, name in enumerate(names("created", record.get("created", []))):
+        own(f"created[{i}]", name)
+    if record["phase"] != "commit":
+        return
+    new = record.get("new")
+    if not isinstance(new, dict):
+        raise damaged("new is missing")
+    for key in ("vmx", "vmsd"):
+        value = new.get(key)
+        if value is None and key == "vmsd":
+            continue
+        if not isinstance(value, str):
+            raise damaged(f"new.{key} is not a string")
+        try:
+            VmxDict.parse(base64.b64decode(value, validate=True), f"{src} new.{key}")
+        except (ValueError, ConfigError) as exc:
+            raise damaged(f"new.{key}: {exc}") from None
+    for i, name in enumerate(names("delete", record.get("delete", []))):
+        own(f"delete[{i}]", name)
+    steps = record.get("consolidate", [])
+    if not isinstance(steps, list):
+        raise damaged("consolidate is not a list")
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            raise damaged(f"consolidate[{i}] is not an object")
+        for key in ("child", "parent"):
+            if not isinstance(step.get(key), str):
+                raise damaged(f"consolidate[{i}].{key} is not a file name")
+        own(f"consolidate[{i}].child", step["child"])
+        # The parent takes the child's data: a link in the box, or an external disk the
+        # .vmx allows.
+        paths.disk_file(box, step["parent"], source=src, key=f"consolidate[{i}].parent")
+        for j, name in enumerate(names(f"consolidate[{i}].reparent", step.get("reparent", []))):
+            own(f"consolidate[{i}].reparent[{j}]", name)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 def _write_journal(box: Box, record: dict[str, Any]) -> None:
+    _check_record(box, record)  # what boite writes obeys the rules it checks on replay
     write_atomic(journal_path(box), json.dumps(record, indent=1).encode())
 
 
 def _read_journal(box: Box) -> dict[str, Any] | None:
+    """The journal, checked (`_check_record`) before anything in it is used."""
     path = journal_path(box)
     try:
-        data = path.read_bytes()
+        # Not through a link, not a FIFO, not more than a journal can be.
+        data = paths.read_regular(path, MAX_JOURNAL_BYTES, what="snapshot journal", nofollow=True)
     except FileNotFoundError:
         return None
+    except paths.FileKindError as exc:
+        raise SnapshotError(f"{exc}; inspect it, then remove it by hand") from None
     try:
         record = json.loads(data)
-        if record.get("phase") not in ("prepare", "commit"):
-            raise ValueError(f"phase {record.get('phase')!r}")
-        return record
     except ValueError as exc:
         # write_atomic never leaves a partial journal; a damaged one was edited by hand.
         raise SnapshotError(
             f"{path}: damaged snapshot journal ({exc}); boite cannot tell whether the "
             "interrupted operation committed. Inspect it, then remove it by hand."
         ) from None
+    _check_record(box, record)
+    return record
 
 
-def _remove_with_temps(path: Path) -> None:
+def _unlink_in_box(box: Box, path: Path) -> None:
+    """Remove one directory entry boite made in the box (a link is removed, never
+    followed); an entry outside the box or of another kind stays."""
+    parent = os.path.realpath(path.parent)
+    if parent != str(paths.real_dir(box.dir)) and not paths.is_inside(box.dir, parent):
+        return
+    if path.suffix.lower() not in paths.OWNED_SUFFIXES and ".tmp-" not in path.name:
+        return
+    path.unlink(missing_ok=True)
+
+
+def _remove_with_temps(box: Box, path: Path) -> None:
     for p in [path, *path.parent.glob(f".{path.name}.tmp-*")]:
-        p.unlink(missing_ok=True)
+        _unlink_in_box(box, p)
 
 
 def _rollback(box: Box, record: dict[str, Any]) -> None:
@@ -410,8 +528,8 @@ def _rollback(box: Box, record: dict[str, Any]) -> None:
         target = box.dir / name
         for f in _link_files(target) if target.suffix == ".vmdk" and target.exists() else []:
             if not _same(f, target):
-                f.unlink(missing_ok=True)
-        _remove_with_temps(target)
+                _unlink_in_box(box, f)
+        _remove_with_temps(box, target)
     fsync_dir(box.dir)
     journal_path(box).unlink(missing_ok=True)
     fsync_dir(box.dir)
@@ -420,6 +538,7 @@ def _rollback(box: Box, record: dict[str, Any]) -> None:
 def _apply_commit(box: Box, record: dict[str, Any]) -> None:
     """Finish a committed operation. Every step can run again after a crash."""
     from boite.disk import commit_child_into_parent, set_parent
+    from boite.disk.descriptor import parent_path
     from boite.disk.vmdk import read_descriptor
 
     for step in record.get("consolidate", []):
@@ -427,6 +546,15 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
         if child.exists():
             cdesc, _ = read_descriptor(child)
             pdesc, _ = read_descriptor(parent)
+            # The commit writes into the child's own parent link: it must be the one the
+            # journal names (checked against the policy), not one a descriptor redirects.
+            if not cdesc.has_parent or not _same(
+                parent_path(child, cdesc.parent_hint or ""), parent
+            ):
+                raise SnapshotError(
+                    f"{journal_path(box)}: consolidate: {step['child']} is not a delta of "
+                    f"{step['parent']}; not committing it"
+                )
             # The parent gets a new CID as the last act of a commit: if the child no longer
             # matches it, the data is already in the parent.
             if cdesc.parent_cid == pdesc.cid:
@@ -446,7 +574,7 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
         target = box.dir / name
         files = _link_files(target) if target.suffix == ".vmdk" and target.exists() else [target]
         for f in files:
-            f.unlink(missing_ok=True)
+            _unlink_in_box(box, f)
         _step()
     fsync_dir(box.dir)
     journal_path(box).unlink(missing_ok=True)
@@ -456,7 +584,7 @@ def _apply_commit(box: Box, record: dict[str, Any]) -> None:
 def recover(box: Box) -> str | None:
     """Finish or undo an operation a crash interrupted; say which, or None if none was."""
     # A crash inside an atomic write leaves its temporary file; the real file is intact.
-    for name in (journal_path(box).name, box.vmx_path.name, box.vmsd_path.name):
+    for name in (journal_path(box).name, box.vmx_path.name, f"{box.name}.vmsd"):
         for tmp in box.dir.glob(f".{name}.tmp-*"):
             tmp.unlink(missing_ok=True)
     record = _read_journal(box)
@@ -553,7 +681,7 @@ def take_snapshot(
     now: Callable[[], float] = time.time,
 ) -> Snapshot:
     """Freeze every disk, record the snapshot (with RAM and devices when `machine` is given)."""
-    from boite.box.checkpoint import Checkpoint, write_checkpoint
+    from boite.box.checkpoint import BOITE_FORMAT_VERSION, Checkpoint, write_checkpoint
     from boite.disk import create_child
 
     if not name.strip():
@@ -568,7 +696,7 @@ def take_snapshot(
                 f"{box.vmx_path}: the box is suspended ({box.vmx['checkpoint.vmState']}); "
                 "start it (it resumes) or revert before taking a snapshot"
             )
-        disks = snapshot_disks(box.config, str(box.vmx_path))
+        disks = _vmx_disks(box)
         for node, file_name in disks:
             path = box.disk_path(file_name)
             if not Path(path).exists():
@@ -593,7 +721,7 @@ def take_snapshot(
             else:
                 ckpt = Checkpoint()
                 g = ckpt.group("boite")
-                g.put_int("formatVersion", 1, 4)
+                g.put_int("formatVersion", BOITE_FORMAT_VERSION, 4)
                 g.put_block("meta", json.dumps({"vmx": _b64(box.vmx.to_bytes())}).encode())
                 ckpt.write(box.dir / vmsn)
             _step()
@@ -626,19 +754,17 @@ def take_snapshot(
 
 def _saved_vmx(box: Box, snap: Snapshot) -> VmxDict | None:
     """The .vmx as it was when the snapshot was taken (kept in its .vmsn)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, read_meta
 
-    path = box.dir / snap.filename
-    if not snap.filename or not path.exists():
+    if not snap.filename:
         return None
-    group = Checkpoint.read(path).groups.get("boite")
-    raw = group.bytes("meta") if group is not None else None
-    if not raw:
+    path = paths.owned(box.dir, snap.filename, source=str(box.vmsd_path),
+                       key=f"{snap.where}.filename")  # fmt: skip
+    if not path.exists():
         return None
-    meta = json.loads(raw)
-    if "vmx" not in meta:
-        return None
-    return VmxDict.parse(base64.b64decode(meta["vmx"]), str(box.vmx_path))
+    _, meta = read_meta(Checkpoint.read(path), str(path))
+    vmx = meta.vmx_bytes()
+    return None if vmx is None else VmxDict.parse(vmx, str(box.vmx_path))
 
 
 def _referenced_links(box: Box, tree: SnapshotTree, vmx: VmxDict) -> set[str]:
@@ -666,7 +792,7 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
     """Go back to a snapshot: the current state's own deltas are dropped, every disk gets a
     fresh child of the snapshot's frozen link, and the .vmx is the snapshot's again. A
     memory snapshot is then resumed by the next `start` (checkpoint.vmState)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, check_resumable
     from boite.disk import create_child
 
     with _Locked(box, lock_held):
@@ -674,7 +800,8 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
         tree = load_tree(box)
         snap = tree.find(name)
         vmx = _saved_vmx(box, snap) or VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
-        old_links = [f for _, f in snapshot_disks(box.config, str(box.vmx_path))]
+        old_disks = _vmx_disks(box)
+        suspend_files = _suspend_files(box)
         taken = {f.casefold() for _, f in snapshot_disks(box.config)}
         taken |= {d.file_name.casefold() for d in snap.disks}
         children = {d.node: next_child_name(box, d.file_name, taken) for d in snap.disks}
@@ -688,6 +815,8 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
                 vmx[f"{d.node}.present"] = "TRUE"
             vmsn = box.dir / snap.filename
             has_memory = vmsn.exists() and "memory" in Checkpoint.read(vmsn).groups
+            if has_memory:
+                check_resumable(vmsn)  # a damaged state is refused now, not at the next start
             _drop_suspend_keys(vmx)
             if has_memory:
                 vmx["checkpoint.vmState"] = snap.filename
@@ -697,16 +826,28 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
             # The current state's own deltas hold only what this revert throws away.
             keep = _needed_links(box, tree, vmx)
             delete = [
-                _name_in_box(box, Path(box.disk_path(f)))
-                for f in old_links
+                _deletable(box, f, f"{node}.fileName")
+                for node, f in old_disks
                 if os.path.realpath(box.disk_path(f)) not in keep
             ]
-            delete += _suspend_files(box)
+            delete = [name for name in delete if name is not None]
+            delete += suspend_files
         except BaseException:
             op.abort()
             raise
         op.commit(vmx, tree, delete=delete)
         return snap
+
+
+def _deletable(box: Box, file_name: str, key: str) -> str | None:
+    """How the journal names a disk link to delete: its name in the box, checked (a
+    link boite made); None for an external disk, which boite never deletes."""
+    real = os.path.realpath(box.disk_path(file_name))
+    if not paths.is_inside(box.dir, real):
+        return None
+    name = _name_in_box(box, Path(real))
+    paths.owned(box.dir, name, source=str(box.vmx_path), key=key)
+    return name
 
 
 def delete_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot:
@@ -754,10 +895,15 @@ def delete_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
             if frozen in users:
                 continue  # another snapshot or the current state names this very link
             deps = children_of.get(frozen, [])
+            if not paths.is_inside(box.dir, frozen):
+                if len(deps) != 1 or not paths.is_inside(box.dir, deps[0]):
+                    continue  # an external disk is never deleted, nor its own children
             if not deps:
                 delete.append(_name_in_box(box, Path(frozen)))
             elif len(deps) == 1:
                 child = deps[0]
+                if not paths.is_inside(box.dir, child):
+                    continue  # its dependent lives elsewhere: leave the link as it is
                 consolidate.append(
                     {
                         "child": _name_in_box(box, Path(child)),
@@ -827,11 +973,20 @@ def _drop_suspend_keys(vmx: VmxDict) -> None:
 
 
 def _suspend_files(box: Box) -> list[str]:
-    """The suspend state files the .vmx names (a .vmss and its .vmem), if any."""
+    """The suspend state files the .vmx names (a .vmss and its .vmem), if any: files
+    boite made in the box (BoxPathError otherwise)."""
     state = box.vmx.get("checkpoint.vmState", "")
     if not state or not state.lower().endswith(".vmss"):
         return []
-    return [state, str(Path(state).with_suffix(".vmem"))]
+    return _state_files(box, state)
+
+
+def _state_files(box: Box, state: str) -> list[str]:
+    """A used-up suspend state (.vmss and .vmem) to delete: checked like every name."""
+    files = [state, str(Path(state).with_suffix(".vmem"))]
+    for f in files:
+        paths.owned(box.dir, f, source=str(box.vmx_path), key="checkpoint.vmState")
+    return files
 
 
 def suspend_paths(box: Box) -> tuple[Path, Path]:
@@ -868,7 +1023,7 @@ def resume_state(box: Box) -> Path | None:
     state = box.vmx.get("checkpoint.vmState", "")
     if not state:
         return None
-    path = box.dir / state
+    path = paths.inside(box.dir, state, source=str(box.vmx_path), key="checkpoint.vmState")
     if not path.exists():
         raise SnapshotError(
             f"{box.vmx_path}: checkpoint.vmState names {state}, which does not exist; "
@@ -887,7 +1042,7 @@ def resumed(box: Box, *, lock_held: bool = True) -> None:
     with _Locked(box, lock_held):
         vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
         _drop_suspend_keys(vmx)
-        delete = [] if read_only else [state, str(Path(state).with_suffix(".vmem"))]
+        delete = [] if read_only else _state_files(box, state)
         _Operation(box, "resume", []).commit(vmx, None, delete=delete)
 
 
@@ -952,7 +1107,7 @@ def render_tree(data: dict[str, Any]) -> str:
 def check_snapshot_tree(box: Box) -> list[Problem]:
     """Everything wrong with a box's snapshots: the .vmsd itself, missing files, CID chains
     that do not hold, and a .vmx that does not hang from the current snapshot."""
-    from boite.box.checkpoint import Checkpoint, CheckpointError
+    from boite.box.checkpoint import Checkpoint
     from boite.disk import disk_info
 
     problems: list[Problem] = []
@@ -1076,7 +1231,11 @@ def check_snapshot_tree(box: Box) -> list[Problem]:
                     )  # fmt: skip
                 )
     state = box.vmx.get("checkpoint.vmState")
-    if state and not (box.dir / state).exists():
+    real = None
+    if state:
+        with contextlib.suppress(BoiteError):  # a name that leaves the box: Box.check says so
+            real = paths.inside(box.dir, state, source=str(box.vmx_path), key="checkpoint.vmState")
+    if state and real is not None and not real.exists():
         problems.append(
             Problem(
                 f"{box.vmx_path.name}: checkpoint.vmState",
@@ -1197,6 +1356,8 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
     register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
     VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
     their own state)."""
+    from boite.accel.kvm import abi
+
     if accel_name != "emu":
         return []
     problems = []
@@ -1206,33 +1367,52 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
         wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
         if wide:
             problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+        # It runs vCPU 0 only: the others must be waiting for INIT/SIPI (as its
+        # load_cpu_state checks too late for a restore that must be all or nothing).
+        parked = (st.extra.get("emu") or {}).get("parked") or st.extra.get("kvm_mp_state") in (
+            abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED,
+        )  # fmt: skip
+        if n and not parked:
+            problems.append(f"vCPU {n} was running, and the emulator runs only vCPU 0")
     return problems
 
 
 def restore_machine(machine: Any, accel: Any, path: Path) -> None:
-    """Put a checkpoint into a machine whose accelerator was just created: RAM, device
-    state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
-    from boite.box.checkpoint import read_checkpoint
+    """Put a checkpoint into a machine whose accelerator was just created, all or nothing:
+    the container, every vCPU, the RAM layout and every device's record are checked
+    before the first byte of RAM or register changes; then RAM, devices, and the vCPUs
+    (after devices, so interrupt state lands on restored devices)."""
+    from boite.box.checkpoint import check_resumable, load_saved_memory
 
-    saved = read_checkpoint(path, memory=machine.memory)
+    saved = check_resumable(path)  # and its .vmem holds every region
     unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
     if unportable:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: the {accel.name} accelerator cannot resume this state: "
             f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
         )
-    missing = sorted(set(saved.device_state) - set(machine.devices))
-    if missing:
-        raise SnapshotError(
-            f"{path}: saved state for device(s) {', '.join(missing)} which this machine "
-            "does not have (was the .vmx changed?)"
-        )
-    machine.load_device_state(saved.device_state)
     if len(saved.cpu_states) != machine.num_vcpus:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: {len(saved.cpu_states)} vCPUs saved, the machine has {machine.num_vcpus}"
         )
+    ram = sorted((r.gpa, r.size) for r in machine.memory.regions)
+    held = sorted((gpa, size) for gpa, _, size in saved.regions)
+    if held != ram:
+        raise CheckpointError(
+            f"{path}: group 'memory' holds RAM {_ranges(held)}, this machine has "
+            f"{_ranges(ram)} (was memsize changed?)"
+        )
+    try:
+        records = machine.check_device_state(saved.device_state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_saved_memory(saved, path.with_suffix(".vmem"), machine.memory)
+    machine.apply_device_state(records)
     accel.load_cpu_state([s.to_dict() for s in saved.cpu_states])
+
+
+def _ranges(spans: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{gpa:#x}+{size:#x}" for gpa, size in spans)
 
 
 def resuming_accelerator(

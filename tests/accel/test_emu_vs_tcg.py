@@ -63,9 +63,17 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return images
 
 
+def qemu_cpu_of(name: str) -> str:
+    """The QEMU CPU model a kernel needs, from "(qemu-cpu: MODEL)" in its first line
+    (qemu32 lacks some features the emulator has, NX among them)."""
+    m = re.search(r"\(qemu-cpu: ([\w,+-]+)\)", (GUESTS / f"{name}.asm").read_text().split("\n")[0])
+    return m.group(1) if m else "qemu32"
+
+
 def _qemu(image: Path) -> tuple[int, bytes]:
     p = subprocess.run(
-        ["qemu-system-i386", "-accel", "tcg", "-m", str(MEMSIZE_MB), "-kernel", str(image),
+        ["qemu-system-i386", "-accel", "tcg", "-cpu", qemu_cpu_of(image.stem),
+         "-m", str(MEMSIZE_MB), "-kernel", str(image),
          "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
          "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT_S,

@@ -17,10 +17,12 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import struct
 from pathlib import Path
 
 from boite import __version__
+from boite.box import paths
 from boite.box.atomic import fsync_dir
 from boite.box.config import BoxConfig, format_vmware_uuid, generated_mac
 from boite.box.limits import (
@@ -40,7 +42,7 @@ from boite.box.log import VmwareLog
 from boite.box.nvram import Nvram
 from boite.box.sizes import parse_size
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, BoxError, ConfigError, LimitError
+from boite.errors import BoiteError, BoxError, ConfigError, LimitError, LockError
 
 DEFAULT_MEMSIZE_MB = 256
 DEFAULT_CPUS = 1
@@ -50,6 +52,12 @@ DEFAULT_GUEST_OS = "other5xlinux-64"
 DISK_TYPES = ("thin", "flat")
 # The hardware version VMware Workstation 17.5 writes; VMware reads older and newer ones.
 VIRTUAL_HW_VERSION = "21"
+# VMware's encrypted .vmx keeps only these in the clear; every other setting is sealed.
+ENCRYPTION_KEYS = ("encryption.keySafe", "encryption.data")
+ENCRYPTED_MESSAGE = (
+    "the box is encrypted by VMware (encryption.keySafe, encryption.data): its settings and "
+    "disks cannot be read without its key; remove the encryption in VMware first"
+)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\- ]{0,127}")
 
 
@@ -66,13 +74,38 @@ class Box:
         self._log: VmwareLog | None = None
         self._nvram: Nvram | None = None
         self._vmsd: VmxDict | None = None
+        self.recovered: str | None = None  # what recover_interrupted() finished or undid
 
     # -- finding a box -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path) -> Box:
-        """Open a box from its directory or its `.vmx` file."""
-        return cls(find_vmx(path))
+    def open(cls, path: str | Path, *, recover: bool = True) -> Box:
+        """Open a box from its directory or its `.vmx` file; a snapshot operation that a
+        crash interrupted is finished or undone first (`recover_interrupted`), so every
+        verb sees the box as after (or before) it, never half-way."""
+        box = cls(find_vmx(path))
+        if recover:
+            box.recover_interrupted()
+        return box
+
+    def recover_interrupted(self) -> str | None:
+        """Finish or undo an interrupted snapshot operation (its journal is checked before
+        it is replayed), under the box lock. A box whose lock a live process holds is left
+        alone: its operation is running, not interrupted. Returns what was done, or None."""
+        from boite.snapshot import needs_recovery, recover
+
+        if not needs_recovery(self):
+            return None
+        lock = BoxLock(self.vmx_path)
+        try:
+            lock.acquire()
+        except LockError:
+            return None
+        try:
+            self.recovered = recover(self)
+        finally:
+            lock.release()
+        return self.recovered
 
     @classmethod
     def create(
@@ -152,7 +185,8 @@ class Box:
 
     @property
     def nvram_path(self) -> Path:
-        return self.dir / self.config.nvram
+        """Where `nvram` really is; BoxPathError when it leaves the box (boite writes it)."""
+        return paths.inside(self.dir, self.config.nvram, source=str(self.vmx_path), key="nvram")
 
     @property
     def nvram(self) -> Nvram:
@@ -164,7 +198,15 @@ class Box:
 
     @property
     def vmsd_path(self) -> Path:
-        return self.dir / f"{self.name}.vmsd"
+        """NAME.vmsd; BoxPathError when it is a link that leaves the box."""
+        return paths.inside(
+            self.dir, f"{self.name}.vmsd", source=str(self.vmx_path), key="the snapshot tree"
+        )
+
+    @property
+    def encrypted(self) -> bool:
+        """Encrypted by VMware: the real settings are sealed in `encryption.data`."""
+        return any(k in self.vmx for k in ENCRYPTION_KEYS)
 
     @property
     def vmsd(self) -> VmxDict:
@@ -212,6 +254,14 @@ class Box:
         damaged `.nvram`. Empty when the box can start."""
         capacities: dict[str, int] = {}
         problems: list[Problem] = []
+        if self.encrypted:
+            problems.append(
+                Problem("encryption.keySafe", "(set)", "an unencrypted box", ENCRYPTED_MESSAGE)
+            )
+        refused = paths.refused_paths(self)
+        for p in refused:
+            problems.append(Problem(p.key, p.value, "inside the box", p.problem))
+        refused_keys = {p.key for p in refused}
         try:
             disks = self.config.disks
         except ConfigError as exc:
@@ -219,7 +269,15 @@ class Box:
             problems.append(Problem("(disks)", "", "readable disk keys", str(exc)))
         for slot in disks:
             assert slot.file_name is not None
+            if f"{slot.key}.fileName" in refused_keys:
+                continue  # not opened: the policy refuses it (above)
             where = self.disk_path(slot.file_name)
+            unusable = _unusable_disk(where)
+            if unusable is not None:
+                problems.append(
+                    Problem(f"{slot.key}.fileName", slot.file_name, "a disk file", unusable)
+                )
+                continue
             if isinstance(where, Path) and not where.exists():
                 problems.append(
                     Problem(
@@ -237,11 +295,49 @@ class Box:
                     Problem(f"{slot.key}.fileName", slot.file_name, "a readable disk", str(exc))
                 )
         problems[:0] = check_limits(self.config, capacities)
-        if self.nvram_path.exists():
+        try:
+            nvram = self.nvram_path
+        except ConfigError:
+            nvram = None  # refused above
+        if nvram is not None and (nvram.exists() or nvram.is_symlink()):
             try:
-                Nvram.load(self.nvram_path)
+                Nvram.load(nvram)
             except ConfigError as exc:
                 problems.append(Problem("nvram", self.config.nvram, "a valid .nvram", str(exc)))
+        problems += self._boot_file_problems()
+        return problems
+
+    def _boot_file_problems(self) -> list[Problem]:
+        """`boite.kernel` / `boite.initrd`: regular files that fit guest RAM (they are read
+        whole into it)."""
+        problems = []
+        try:
+            ram = self.config.memsize << 20
+        except ConfigError:
+            ram = None
+        for key in ("boite.kernel", "boite.initrd"):
+            value = self.vmx.get(key)
+            if not value:
+                continue
+            try:
+                real = paths.locate(self.dir, value, source=str(self.vmx_path), key=key)
+                st = os.stat(real)
+            except ConfigError as exc:
+                problems.append(Problem(key, value, "a file name", str(exc)))
+                continue
+            except OSError as exc:
+                problems.append(Problem(key, value, "an existing file", f"{real}: {exc.strerror}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(
+                    Problem(key, value, "a regular file",
+                            f"{real} is {paths.kind_of(st.st_mode)}, expected a regular file")
+                )  # fmt: skip
+            elif ram is not None and st.st_size > ram:
+                problems.append(
+                    Problem(key, value, f"at most guest RAM ({ram} bytes)",
+                            f"{real} is {st.st_size} bytes, more than guest RAM ({ram} bytes)")
+                )  # fmt: skip
         return problems
 
     def require_within_limits(self) -> None:
@@ -269,12 +365,19 @@ class Box:
         manager: `with box.acquire_lock(): ...` releases on exit."""
         holder = self._lock.acquire()
         stale = self._lock.taken_over
-        if stale is not None:
-            self.log.warning(
-                f"Took over the lock {self._lock.path.name} left by {stale.describe()}, "
-                "which is no longer running."
+        try:
+            if stale is not None:
+                self.log.warning(
+                    f"Took over the lock {self._lock.path.name} left by {stale.describe()}, "
+                    "which is no longer running."
+                )
+            self.log.info(
+                f"Lock {self._lock.path.name} taken by pid {holder.pid} on {holder.host}."
             )
-        self.log.info(f"Lock {self._lock.path.name} taken by pid {holder.pid} on {holder.host}.")
+            self._before_power_on()
+        except BaseException:
+            self._lock.release()  # never leave a lock behind for a box that did not start
+            raise
         if register:
             try:
                 register_running(
@@ -291,6 +394,24 @@ class Box:
                 self._lock.release()  # never leave a lock behind for a box that did not start
                 raise
         return HeldLock(self)
+
+    def _before_power_on(self) -> None:
+        """Under the lock: finish an interrupted snapshot operation, then refuse what must
+        not run (an encrypted box, paths the policy refuses, unusable boot files) and log
+        every path that leaves the box."""
+        from boite.snapshot import needs_recovery, recover
+
+        if needs_recovery(self):
+            self.recovered = recover(self)
+            if self.recovered:
+                self.log.warning(f"Snapshot journal: {self.recovered}.")
+        if self.encrypted:
+            raise BoxError(f"{self.vmx_path}: cannot start: {ENCRYPTED_MESSAGE}")
+        for p in paths.require_allowed_paths(self):
+            self.log.info(f"Outside the box: {p}")
+        problems = self._boot_file_problems()
+        if problems:
+            raise ConfigError(f"{self.vmx_path}: cannot start: {problems[0]}")
 
     def release_lock(self) -> None:
         holder = self._lock.holder
@@ -344,10 +465,14 @@ class Box:
             "vmx": str(self.vmx_path),
         }
         data.update(self.config.summary())
+        outside = paths.external_paths(self)
+        refused = {p.key for p in outside if not p.allowed}
         for disk in data["disks"]:  # type: ignore[union-attr]
             where = self.disk_path(disk["file_name"]) if disk["file_name"] else None
             disk["path"] = str(where) if where is not None else None
             disk["capacity"] = None
+            if f"{disk['key']}.fileName" in refused or _unusable_disk(where) is not None:
+                continue  # never opened: check() says why
             if isinstance(where, str) or (where is not None and where.exists()):
                 try:
                     disk["capacity"] = disk_capacity(where)
@@ -363,6 +488,8 @@ class Box:
             else {"pid": holder.pid, "host": holder.host, "since": holder.started}
         )
         data["boot_order"] = self._boot_order()
+        data["encrypted"] = self.encrypted
+        data["external_paths"] = [vars(p) for p in outside]
         data["problems"] = [str(p) for p in self.check()]
         return data
 
@@ -393,6 +520,19 @@ class HeldLock:
         self.box.release_lock()
 
 
+def _unusable_disk(where: Path | str | None) -> str | None:
+    """Why a disk path must not be opened (a FIFO would hang the open), or None."""
+    if where is None or isinstance(where, str):
+        return None
+    try:
+        mode = os.stat(where).st_mode
+    except OSError:
+        return None  # missing: check() says so
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+        return None
+    return f"{where} is {paths.kind_of(mode)}, expected a disk file or a device"
+
+
 def find_vmx(path: str | Path) -> Path:
     """The `.vmx` of a box given as its directory or as the file itself."""
     path = Path(path)
@@ -413,6 +553,9 @@ def find_vmx(path: str | Path) -> Path:
         if path.suffix.lower() != ".vmx":
             raise BoxError(f"{path}: expected a box directory or a .vmx file")
         return path
+    if path.exists():
+        kind = paths.kind_of(path.stat().st_mode)
+        raise BoxError(f"{path}: is {kind}, expected a box directory or a .vmx file")
     raise BoxError(f"{path}: no such box (expected a box directory or a .vmx file)")
 
 

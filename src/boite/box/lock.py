@@ -31,6 +31,8 @@ from pathlib import Path
 
 from boite.errors import LockError
 
+MAX_LOCK_BYTES = 64 << 10  # a lock record is a few hundred bytes
+
 
 @dataclass(frozen=True)
 class LockHolder:
@@ -192,17 +194,22 @@ class BoxLock:
 
     def read_holder(self) -> LockHolder | None:
         """Who holds the lock now, or None when nobody does."""
+        from boite.box.paths import FileKindError, read_regular
+
         try:
-            data = self.path.read_bytes()
+            data = read_regular(self.path, MAX_LOCK_BYTES, what="lock file")
         except FileNotFoundError:
             return None
+        except FileKindError as exc:
+            raise LockError(f"{exc}; if no boite runs this box, remove it") from None
         except OSError as exc:
             raise LockError(f"{self.path}: cannot read the lock file: {exc.strerror}") from exc
         try:
             return LockHolder.from_bytes(data)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            # Never quote the bytes: the file may be a link to anything.
             raise LockError(
-                f"{self.path}: the lock file does not say who holds it ({data[:60]!r}); "
+                f"{self.path}: the lock file ({len(data)} bytes) does not say who holds it; "
                 "if no boite runs this box, remove the file"
             ) from None
 

@@ -72,8 +72,13 @@ class VmwareLog:
         directory = Path(directory)
         if rotate_first:
             rotate(directory, keep_old)
+        from boite.box.paths import open_output
+
         path = directory / LOG_NAME
-        stream = open(path, "a", encoding="utf-8", buffering=1, errors="backslashreplace")
+        # Inside the box, never through a symbolic link, 0600; fresh after a rotation.
+        fd = open_output(directory, LOG_NAME, source=str(directory), key="vmware.log",
+                         exclusive=rotate_first)  # fmt: skip
+        stream = open(fd, "a", encoding="utf-8", buffering=1, errors="backslashreplace")
         return cls(path, stream)
 
     def write(self, message: str, level: str = "info", group: str = "vmx") -> None:

@@ -36,6 +36,7 @@ CMOS_SIZES = (128, 256)
 _HEADER = struct.Struct("<8sHHI")
 # Settings beyond this are not firmware settings; refuse them instead of reading them.
 MAX_SETTINGS = 1 << 20
+MAX_FILE_BYTES = _HEADER.size + max(CMOS_SIZES) + MAX_SETTINGS + 4
 BOOT_DEVICES = ("hdd", "cdrom", "net", "floppy")
 DEFAULT_BOOT_ORDER = ("hdd", "cdrom", "net")
 
@@ -101,9 +102,11 @@ class Nvram:
 
     @classmethod
     def load(cls, path: str | Path) -> Nvram:
+        from boite.box.paths import read_regular
+
         path = Path(path)
         try:
-            data = path.read_bytes()
+            data = read_regular(path, MAX_FILE_BYTES, what="nvram file")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         return cls.from_bytes(data, str(path))

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from boite.box.checkpoint import PAGE_SIZE, CheckpointError, fsync_dir
+from boite.box.paths import PRIVATE_MODE, kind_of
 from boite.machine.memory import GuestMemory, MemoryRegion
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -93,7 +95,7 @@ class _File:
             self.fd = os.open(path, flags, mode)
 
     def _plain(self) -> None:
-        fd = os.open(self.path, self.flags & ~(os.O_CREAT | os.O_TRUNC))
+        fd = os.open(self.path, self.flags & ~(os.O_CREAT | os.O_TRUNC | os.O_EXCL))
         os.close(self.fd)
         self.fd = fd
         self.direct = False
@@ -138,7 +140,9 @@ def write_vmem(path: str | os.PathLike[str], memory: GuestMemory, durable: bool 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     layout: Layout = []
-    out = _File(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    tmp.unlink(missing_ok=True)  # a leftover of a crash (or a planted link): never followed
+    # Guest RAM is private: created 0600, exclusively, never through a link.
+    out = _File(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
     try:
         os.ftruncate(out.fd, memory.size)
         file_offset = 0
@@ -188,11 +192,15 @@ def read_vmem(
     """Fill `memory` from the .vmem at `path` as `layout` says. Pages the file holds as
     holes are zeroed unless `memory_is_zero` says they already are."""
     try:
-        src = _File(path, os.O_RDONLY)
+        src = _File(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the open
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot open guest RAM file: {exc.strerror}") from None
     try:
-        file_size = os.fstat(src.fd).st_size
+        st = os.fstat(src.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: the guest RAM file is {kind_of(st.st_mode)}, "
+                                  "expected a regular file")  # fmt: skip
+        file_size = st.st_size
         for gpa, offset, size in layout:
             if offset + size > file_size:
                 raise CheckpointError(

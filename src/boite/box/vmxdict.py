@@ -121,16 +121,14 @@ class VmxDict(MutableMapping[str, str]):
 
     @classmethod
     def load(cls, path: str | Path) -> VmxDict:
+        from boite.box.paths import read_regular
+
         path = Path(path)
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            # A FIFO, a device or a huge file is refused before one byte is read.
+            data = read_regular(path, MAX_FILE_BYTES, what="VMware dictionary file")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        if len(data) > MAX_FILE_BYTES:
-            raise ConfigError(
-                f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a VMware dictionary file"
-            )
         return cls.parse(data, source=str(path))
 
     @classmethod

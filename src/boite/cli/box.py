@@ -16,6 +16,7 @@ from boite.box.box import (
     DEFAULT_MEMSIZE_MB,
     DISK_TYPES,
 )
+from boite.box.paths import external_paths
 from boite.box.sizes import format_size, parse_size
 from boite.errors import BoxError
 
@@ -116,12 +117,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = box.check() + check_snapshot_tree(box)
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
-    elif problems:
+        return 1 if problems else 0
+    if problems:
         print(f"{box.vmx_path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
         for p in problems:
             print(f"  {p.key} = {p.value}\n      {p.message}\n      limit: {p.limit}")
     else:
         print(f"{box.vmx_path}: ok")
+    # Every path that leaves the box, allowed or not (docs/security.md).
+    outside = external_paths(box)
+    if outside:
+        print(
+            f"{len(outside)} path{'s' if len(outside) > 1 else ''} leave{'' if len(outside) > 1 else 's'} the box:"
+        )
+        for p in outside:
+            print(f"  {p}")
     return 1 if problems else 0
 
 
@@ -216,6 +226,11 @@ def print_info(info: dict) -> None:
         rows.append((f"serial{serial['index']}", f"{serial['file_type']} {serial['file_name']}"))
     usb = [k for k, on in info["usb"].items() if on]
     rows.append(("usb", ", ".join(usb) or "none"))
+    if info.get("encrypted") is True:
+        rows.append(("encrypted", "yes (by VMware: boite cannot start it)"))
+    for p in info.get("external_paths") or []:
+        verdict = "allowed" if p["allowed"] else "refused"
+        rows.append(("outside the box", f"{p['key']} -> {p['path']} ({p['kind']}, {verdict})"))
     running = info["running"]
     rows.append(
         ("running", "no" if running == "?" else f"pid {running['pid']} on {running['host']}")

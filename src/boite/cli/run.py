@@ -320,7 +320,12 @@ def _box_file(box, key: str) -> str | None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from boite.box.paths import external_paths
+
     box = _open_box(args.box)
+    for p in external_paths(box):  # named at every start (docs/security.md)
+        if p.allowed:
+            print(f"boite: note: {p}", file=sys.stderr)
     box.require_within_limits()
     holder = box.lock_holder
     if holder is not None and not holder.is_dead_here():

@@ -108,13 +108,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from boite.snapshot import recover, render_tree, tree_as_dict
+    from boite.snapshot import render_tree, tree_as_dict
 
-    box = Box.open(args.box)
-    if _live_holder(box) is None:
-        note = recover(box)
-        if note and not args.json:
-            print(f"note: {note}")
+    box = Box.open(args.box)  # finishes or undoes an interrupted operation first
+    if box.recovered and not args.json:
+        print(f"note: {box.recovered}")
     data = tree_as_dict(box)
     if args.json:
         print(json.dumps(data, indent=2))

@@ -65,7 +65,7 @@ class StreamWriter:
             overhead=STREAM_OVERHEAD,
             compress=COMPRESS_DEFLATE,
         )
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         pwrite_full(self.fd, self.header.pack(), 0)
         pwrite_full(self.fd, descriptor.ljust(desc_sectors * SECTOR, b"\0"), SECTOR)
         self.pos = STREAM_OVERHEAD * SECTOR

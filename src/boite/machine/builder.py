@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from boite.box.paths import inside, open_output
 from boite.errors import ConfigError
 from boite.machine.device import Device
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
@@ -257,10 +258,13 @@ def serial_backend_for(
         )
     if not file_name:
         raise ConfigError(f"{where}.fileName is missing for fileType {file_type!r}")
-    path = Path(file_name)
-    if not path.is_absolute():
-        path = base_dir / path
-    return FileBackend(path) if kind == "file" else PipeBackend(path)
+    # What the VMM writes stays inside the box, never through a link (box/paths.py).
+    source, _, port = where.rpartition(": ")
+    key = f"{port}.fileName"
+    if kind == "file":
+        fd = open_output(base_dir, file_name, source=source, key=key)
+        return FileBackend(inside(base_dir, file_name, source=source, key=key), fd=fd)
+    return PipeBackend(inside(base_dir, file_name, source=source, key=key))
 
 
 def machine_from_box(

@@ -20,6 +20,7 @@ from boite.accel.base import Accelerator, RunResult, StopReason
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
 from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFault
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
+from boite.accel.emu.cpumodel import MSR_EFER
 from boite.accel.emu.native import NativeTier, native_available, native_wanted
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
@@ -80,6 +81,7 @@ def cpu_to_state(cpu: Cpu) -> CpuState:
     st.gdt = DescriptorTable(cpu.gdt_base, cpu.gdt_limit)
     st.idt = DescriptorTable(cpu.idt_base, cpu.idt_limit)
     st.cr0, st.cr2, st.cr3, st.cr4 = cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4
+    st.efer = cpu.efer
     st.msrs = dict(cpu.msrs)
     st.msrs[0x10] = cpu.rdtsc()
     st.halted = cpu.halted
@@ -114,7 +116,9 @@ def state_to_cpu(st: CpuState, cpu: Cpu) -> None:
     cpu.dr = list(emu.get("dr", cpu.dr))
     cpu.debug_setup()
     cpu.inhibit_irq = bool(emu.get("inhibit_irq", False))
-    cpu.msrs = {k: v for k, v in st.msrs.items() if k != 0x10}
+    # MSRs the model lacks (from a KVM state) are left out; EFER keeps the bits it has.
+    cpu.msrs = {k: v for k, v in st.msrs.items() if k in cpu.msr_spec}
+    cpu.efer = st.efer & cpu.msr_spec[MSR_EFER].writable if MSR_EFER in cpu.msr_spec else 0
     if 0x10 in st.msrs:
         cpu.wrmsr(0x10, st.msrs[0x10])
     cpu.halted = st.halted

@@ -1,12 +1,12 @@
 """The emulated x86 CPU: registers, lazy flags, MMU with a software TLB, segmentation,
 interrupt and exception delivery, and the run loops (plain interpreter and block cache).
 
-What CPUID reports (see `Cpu.cpuid`): vendor "GenuineIntel", family 6 model 1 (a
-Pentium-Pro-class IA-32 CPU) with TSC, CX8, CMOV, PSE, MSR, CPUID and *no* x87 FPU: the
-guest kit's i386 kernel is built for a 486SX with CONFIG_MATH_EMULATION, so Linux sets
-CR0.EM and the x87 escape opcodes trap with #NM into the kernel's own math emulator.
-With CR0.EM clear the escapes act as on a board without a coprocessor (FNINIT/FNSTSW
-leave memory alone, so the usual probe finds no FPU).
+What CPUID and the MSRs report comes from the CPU model in cpumodel.py (a Pentium M
+class IA-32 CPU, showing only the features implemented here). Paging is 2-level (with
+PSE 4 MiB pages) or PAE (2 MiB pages, the XD bit under EFER.NXE: instruction fetches go
+through an execute TLB of their own while NX is on). SYSENTER/SYSEXIT are emulated.
+Where CPUID reports no x87, the escapes act as on a board without a coprocessor, and
+with CR0.EM they trap with #NM (the guest kit's kernel emulates the FPU itself).
 
 Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exceptions
 to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
@@ -14,8 +14,7 @@ PUSHF, POPF, INT n and IRET fault with IOPL < 3; I/O goes through the TSS bitmap
 
 Hardware task switches (far JMP/CALL to a TSS or a task gate, interrupts through a task
 gate, IRET with NT) and the DR7 breakpoints (execute, data, and I/O with CR4.DE) are
-emulated. Not emulated: PAE paging (CR4.PAE raises a GuestError; CPUID does not report
-PAE) and SMM.
+emulated. Not emulated: SMM.
 """
 
 from __future__ import annotations
@@ -79,7 +78,20 @@ from boite.accel.emu.arch import (
     TripleFault,
     override_flat_bits,
 )
-from boite.errors import GuestError
+from boite.accel.emu.cpumodel import (
+    EFER_NXE,
+    FEATURES,
+    MSR_BIOS_SIGN_ID,
+    MSR_EFER,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+    MSR_TSC,
+    PHYS_MASK,
+    cpuid_leaf,
+    msr_specs,
+    msr_value_ok,
+)
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -95,11 +107,6 @@ _p32 = struct.Struct("<I").pack_into
 # functions (tiny Linux to init: 21.6 s with closures only, 47.8 s compiling at 200), so
 # there blocks are never compiled.
 HOT_BLOCK = 100 if sys.implementation.name != "pypy" else 1 << 62
-
-MSR_TSC, MSR_APIC_BASE, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = (
-    0x10, 0x1B, 0x174, 0x175, 0x176,
-)  # fmt: skip
-KNOWN_MSRS = frozenset((MSR_TSC, MSR_APIC_BASE, 0x8B, 0x17, 0x2A))  # + writes kept in msrs
 
 
 class _TssLayout(NamedTuple):
@@ -177,7 +184,13 @@ class Cpu:
         self.idt_base, self.idt_limit = 0, M16
         self.ldt_sel, self.ldt_base, self.ldt_limit = 0, 0, 0
         self.tr_sel, self.tr_base, self.tr_limit, self.tr_type = 0, 0, 0xFFFF, 0xB
+        # The CPU model (cpumodel.py): CPUID features, the MSRs it has, and the values
+        # software wrote to them (an unwritten MSR reads as its power-on value).
+        self.features = FEATURES
+        self.msr_spec = msr_specs(FEATURES)
         self.msrs: dict[int, int] = {}
+        self.efer = 0
+        self.pdptes: tuple[int, int, int, int] = (0, 0, 0, 0)  # PAE: loaded with CR3
         self.halted = False
         self.inhibit_irq = False  # one-instruction shadow after STI / MOV SS
         self.tsc_hz = tsc_hz
@@ -202,7 +215,13 @@ class Cpu:
         self.rtlb: dict[int, int] = {}
         self.wtlb: dict[int, int] = {}
         self._tlbs: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
+        # Pages instructions may be fetched from: the read TLB itself unless PAE paging
+        # with EFER.NXE is on, when execute rights differ from read rights (NX pages).
+        self.xtlb: dict[int, int] = self.rtlb
+        self._xtlbs: dict[int, dict[int, int]] = {}
         self.paging = False
+        self.pae = False
+        self.nx = False
         # Block cache: physical address -> (key, fns, count); code pages are write-guarded.
         self.blocks: dict[int, Any] = {}
         self.code_pages: dict[int, list[int]] = {}
@@ -325,37 +344,66 @@ class Cpu:
         if pair is None:
             pair = self._tlbs[user] = ({}, {})
         self.rtlb, self.wtlb = pair
+        if self.nx:
+            xt = self._xtlbs.get(user)
+            if xt is None:
+                xt = self._xtlbs[user] = {}
+            self.xtlb = xt
+        else:
+            self.xtlb = self.rtlb
 
     def tlb_flush(self, page: int | None = None) -> None:
         for fast in self._fast.values():
             fast.clear()
         if self.native is not None:
             self.native.tlb_flush(page)
-        for rt, wt in self._tlbs.values():
-            if page is None:
-                rt.clear()
-                wt.clear()
-            else:
-                rt.pop(page, None)
-                wt.pop(page, None)
+        for tables in (*self._tlbs.values(), self._xtlbs.values()):
+            for t in tables:
+                if page is None:
+                    t.clear()
+                else:
+                    t.pop(page, None)
 
     def paging_changed(self) -> None:
+        """CR0.PG, CR4.PAE or EFER.NXE changed (or a state was loaded): pick the page
+        walk, reload the PDPTEs for PAE, and start from empty TLBs."""
         self.paging = bool(self.cr0 & 0x80000000)
+        self.pae = self.paging and bool(self.cr4 & 0x20)
+        if self.pae:
+            self.pdptes = self.load_pdptes(self.cr3)
+        self.nx = self.pae and bool(self.efer & EFER_NXE)
         self.tlb_flush()
+        self.tlb_switch()
 
-    def translate(self, lin: int, write: bool, user: bool) -> int:
-        """Linear to physical, walking the 2-level page tables (PSE 4 MiB pages too)."""
+    def load_pdptes(self, cr3: int) -> tuple[int, int, int, int]:
+        """The four PAE page-directory-pointer entries CR3 points at, as MOV to CR3 (or
+        to CR0/CR4 turning PAE paging on) loads them: a present entry with a reserved bit
+        set is #GP(0) (Intel SDM vol. 3, 4.4.1)."""
+        base = cr3 & 0xFFFFFFE0
+        entries = []
+        for i in range(4):
+            e = self.phys_read(base + 8 * i, 8)
+            if e & 1 and e & ((0x1E6) | ~PHYS_MASK):
+                raise CpuFault(GP, 0)
+            entries.append(e)
+        return entries[0], entries[1], entries[2], entries[3]
+
+    def translate(self, lin: int, write: bool, user: bool, fetch: bool = False) -> int:
+        """Linear to physical: 2-level 32-bit paging (PSE 4 MiB pages too), or 3-level
+        PAE paging (2 MiB pages, the XD bit with EFER.NXE). Sets accessed and dirty bits
+        as the walk goes, as the hardware does."""
         if not self.paging:
             return lin
-        ram = self.ram
+        if self.pae:
+            return self._translate_pae(lin, write, user, fetch)
         pde_a = (self.cr3 & 0xFFFFF000) | ((lin >> 20) & 0xFFC)
         pde = self.phys_read(pde_a, 4)
         if not pde & 1:
-            self._page_fault(lin, 0, write, user)
+            self._page_fault(lin, 0, write, user, fetch)
         if pde & 0x80 and self.cr4 & 0x10:
             ok = self._page_perm(pde, pde, write, user)
             if not ok:
-                self._page_fault(lin, 1, write, user)
+                self._page_fault(lin, 1, write, user, fetch)
             new = pde | 0x20 | (0x40 if write else 0)
             if new != pde:
                 self.phys_write(pde_a, 4, new)
@@ -363,16 +411,52 @@ class Cpu:
         pte_a = (pde & 0xFFFFF000) | ((lin >> 10) & 0xFFC)
         pte = self.phys_read(pte_a, 4)
         if not pte & 1:
-            self._page_fault(lin, 0, write, user)
+            self._page_fault(lin, 0, write, user, fetch)
         if not self._page_perm(pde, pte, write, user):
-            self._page_fault(lin, 1, write, user)
+            self._page_fault(lin, 1, write, user, fetch)
         if not pde & 0x20:
             self.phys_write(pde_a, 4, pde | 0x20)
         new = pte | 0x20 | (0x40 if write else 0)
         if new != pte:
             self.phys_write(pte_a, 4, new)
-        del ram
         return (pte & 0xFFFFF000) | (lin & 0xFFF)
+
+    def _translate_pae(self, lin: int, write: bool, user: bool, fetch: bool) -> int:
+        # Reserved bits of a PDE/PTE: above MAXPHYADDR, and XD (bit 63) without NXE;
+        # one set in a present entry is a #PF with RSVD (error code bit 3).
+        rsvd = ~PHYS_MASK & ((1 << 63) - 1 if self.efer & EFER_NXE else (1 << 64) - 1)
+        pdpte = self.pdptes[(lin >> 30) & 3]
+        if not pdpte & 1:
+            self._page_fault(lin, 0, write, user, fetch)
+        pde_a = (pdpte & PHYS_MASK & ~0xFFF) | ((lin >> 18) & 0xFF8)
+        pde = self.phys_read(pde_a, 8)
+        if not pde & 1:
+            self._page_fault(lin, 0, write, user, fetch)
+        if pde & 0x80:  # 2 MiB page: bits 20:13 reserved
+            if pde & (rsvd | 0x1FE000):
+                self._page_fault(lin, 9, write, user, fetch)
+            if not self._page_perm(pde, pde, write, user) or (fetch and pde >> 63 and self.nx):
+                self._page_fault(lin, 1, write, user, fetch)
+            new = pde | 0x20 | (0x40 if write else 0)
+            if new != pde:
+                self.phys_write(pde_a, 4, new & M32)
+            return (pde & PHYS_MASK & ~0x1FFFFF) | (lin & 0x1FFFFF)
+        if pde & rsvd:
+            self._page_fault(lin, 9, write, user, fetch)
+        pte_a = (pde & PHYS_MASK & ~0xFFF) | ((lin >> 9) & 0xFF8)
+        pte = self.phys_read(pte_a, 8)
+        if not pte & 1:
+            self._page_fault(lin, 0, write, user, fetch)
+        if pte & rsvd:
+            self._page_fault(lin, 9, write, user, fetch)
+        if not self._page_perm(pde, pte, write, user) or (fetch and (pde | pte) >> 63 and self.nx):
+            self._page_fault(lin, 1, write, user, fetch)
+        if not pde & 0x20:
+            self.phys_write(pde_a, 4, (pde | 0x20) & M32)
+        new = pte | 0x20 | (0x40 if write else 0)
+        if new != pte:
+            self.phys_write(pte_a, 4, new & M32)
+        return (pte & PHYS_MASK & ~0xFFF) | (lin & 0xFFF)
 
     def _page_perm(self, pde: int, pte: int, write: bool, user: bool) -> bool:
         if user:
@@ -384,9 +468,15 @@ class Cpu:
             return False
         return True
 
-    def _page_fault(self, lin: int, present: int, write: bool, user: bool) -> None:
+    def _page_fault(self, lin: int, code: int, write: bool, user: bool, fetch: bool) -> None:
+        """#PF with error code `code` (P, RSVD) plus W/R, U/S, and I/D where the SDM
+        reports it (an instruction fetch under PAE paging with EFER.NXE)."""
         self.cr2 = lin
-        raise CpuFault(PF_VEC, present | (2 if write else 0) | (4 if user else 0))
+        if fetch:
+            write = False
+            if self.nx:
+                code |= 0x10
+        raise CpuFault(PF_VEC, code | (2 if write else 0) | (4 if user else 0))
 
     def phys_read(self, pa: int, n: int) -> int:
         if pa + n <= self.ram_size:
@@ -425,6 +515,24 @@ class Cpu:
             if write and (pa >> 12) not in self.code_pages:
                 self.wtlb[page] = ppage
         return pa
+
+    def fill_fetch(self, lin: int) -> int:
+        """Translate an instruction fetch (execute rights: NX pages fault with I/D) and
+        fill the execute TLB."""
+        if not self.nx:
+            return self._fill(lin, False)
+        pa = self.translate(lin, False, self.cpl == 3, True)
+        ppage = pa & ~0xFFF
+        if ppage + 0x1000 <= self.ram_size and (lin >> 12) not in self.watch_pages:
+            self.xtlb[lin >> 12] = ppage
+        return pa
+
+    def fetch8(self, lin: int) -> int:
+        """One byte of an instruction (through the execute TLB)."""
+        p = self.xtlb.get(lin >> 12)
+        if p is not None:
+            return self.ram[p | (lin & 0xFFF)]
+        return self.phys_read(self.fill_fetch(lin), 1)
 
     def rd_slow(self, lin: int, n: int) -> int:
         if self.bp_data:
@@ -1316,18 +1424,10 @@ class Cpu:
     # ------------------------------------------------------------------ system
     def cpuid(self) -> None:
         r = self.r  # EAX=0 ECX=1 EDX=2 EBX=3
-        leaf = r[0]
-        if leaf == 0:
-            r[0], r[3], r[2], r[1] = 1, 0x756E6547, 0x49656E69, 0x6C65746E  # GenuineIntel
-        elif leaf == 1:
-            # Family 6 model 1 stepping 9. EDX: DE(2) PSE(3) TSC(4) MSR(5) CX8(8) CMOV(15);
-            # bit 0 (FPU) clear: no x87, the kernel's math emulator takes #NM. ECX: RDRAND
-            # (30), backed by os.urandom, so a guest seeds its RNG without waiting for
-            # interrupt timing (slow on an emulated CPU).
-            r[0], r[3], r[1] = 0x619, 0, 1 << 30
-            r[2] = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 15)
-        else:
-            r[0] = r[1] = r[2] = r[3] = 0
+        if r[0] == 1:
+            # The microcode revision latches into IA32_BIOS_SIGN_ID (0: none loaded).
+            self.msrs[MSR_BIOS_SIGN_ID] = 0
+        r[0], r[3], r[1], r[2] = cpuid_leaf(self.features, r[0])
 
     def rdtsc(self) -> int:
         return (time.monotonic_ns() * self.tsc_hz // 1_000_000_000 + self.tsc_offset) & (
@@ -1337,26 +1437,61 @@ class Cpu:
     def rdmsr(self, idx: int) -> int:
         if idx == MSR_TSC:
             return self.rdtsc()
-        if idx == MSR_APIC_BASE:
-            raise CpuFault(GP, 0)  # no local APIC is reported in CPUID
-        if idx in self.msrs or idx in KNOWN_MSRS:
-            return self.msrs.get(idx, 0)
-        raise CpuFault(GP, 0)
+        spec = self.msr_spec.get(idx)
+        if spec is None:
+            raise CpuFault(GP, 0)
+        return self.msrs.get(idx, spec.reset)
 
     def wrmsr(self, idx: int, v: int) -> None:
+        """WRMSR: the value is kept exactly; a reserved bit, a bad memory type or a
+        read-only MSR is #GP(0) and changes nothing."""
         if idx == MSR_TSC:
             self.tsc_offset = v - self.rdtsc() + self.tsc_offset
             return
-        if idx in (MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, 0x8B, 0x17, 0x2A):
-            self.msrs[idx] = v
-            return
-        raise CpuFault(GP, 0)
+        spec = self.msr_spec.get(idx)
+        if spec is None or spec.read_only or v & ~spec.writable or not msr_value_ok(idx, v):
+            raise CpuFault(GP, 0)
+        if idx == MSR_EFER:
+            if (self.efer ^ v) & EFER_NXE:
+                self.efer = v
+                self.paging_changed()
+                self.flush_blocks()
+            self.efer = v
+        self.msrs[idx] = v
+
+    def sysenter(self) -> None:
+        """SYSENTER: to ring 0 at IA32_SYSENTER_EIP/ESP with flat segments derived from
+        IA32_SYSENTER_CS (Intel SDM vol. 2B, SYSENTER)."""
+        cs = self.rdmsr(MSR_SYSENTER_CS) & 0xFFFC
+        if not self.cr0 & 1 or cs == 0:
+            raise CpuFault(GP, 0)
+        self.fl &= ~(VM | IF | RF)
+        self.cpl = 0
+        self.set_seg_raw(CS, cs, 0, M32, 0xC09B)  # 32-bit code, DPL 0, accessed
+        self.set_seg_raw(SS, cs + 8, 0, M32, 0xC093)  # 32-bit data, DPL 0
+        self.r[4] = self.rdmsr(MSR_SYSENTER_ESP)
+        self.eip = self.rdmsr(MSR_SYSENTER_EIP)
+        self.tlb_switch()
+
+    def sysexit(self) -> None:
+        """SYSEXIT: back to ring 3 at EDX with ESP = ECX."""
+        cs = self.rdmsr(MSR_SYSENTER_CS) & 0xFFFC
+        if not self.cr0 & 1 or cs == 0 or self.cpl:
+            raise CpuFault(GP, 0)
+        self.cpl = 3
+        self.set_seg_raw(CS, (cs + 16) | 3, 0, M32, 0xC0FB)  # DPL 3 code
+        self.set_seg_raw(SS, (cs + 24) | 3, 0, M32, 0xC0F3)  # DPL 3 data
+        self.r[4] = self.r[1]
+        self.eip = self.r[2]
+        self.tlb_switch()
 
     def set_cr(self, n: int, v: int) -> None:
         if n == 0:
             if v & 0x80000000 and not v & 1:
                 raise CpuFault(GP, 0)
             old = self.cr0
+            if v & ~old & 0x80000000 and self.cr4 & 0x20:
+                self.load_pdptes(self.cr3)  # #GP before anything changes
             self.cr0 = v | 0x10
             if (old ^ v) & 1:
                 self.seg_checks_all()  # real mode checks limits only, protected mode rights too
@@ -1366,17 +1501,25 @@ class Cpu:
         elif n == 2:
             self.cr2 = v
         elif n == 3:
+            if self.pae:
+                self.pdptes = self.load_pdptes(v)
             self.cr3 = v
             self.tlb_flush()
         elif n == 4:
             if v & ~0x1FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE
                 raise CpuFault(GP, 0)
-            if v & 0x20:
-                raise GuestError("CR4.PAE set: PAE paging is not emulated (CPUID says no PAE)")
-            de_changed = (self.cr4 ^ v) & 8
+            if v & 0x20 and "pae" not in self.features:
+                raise CpuFault(GP, 0)
+            if v & ~self.cr4 & 0x20 and self.paging:
+                self.load_pdptes(self.cr3)
+            old = self.cr4
             self.cr4 = v
-            self.tlb_flush()
-            if de_changed:
+            if (old ^ v) & 0x20:
+                self.paging_changed()
+                self.flush_blocks()
+            else:
+                self.tlb_flush()
+            if (old ^ v) & 8:
                 self.debug_setup()  # DE turns DR7's R/W 10 into I/O breakpoints
         else:
             raise CpuFault(UD, None)
@@ -1392,6 +1535,8 @@ class Cpu:
         self.fl = 2
         self.lop = OP_NONE
         self.cr0, self.cr2, self.cr3, self.cr4 = 0x60000010, 0, 0, 0
+        self.efer = 0
+        self.msrs.clear()  # RESET returns every MSR to its power-on value
         self.cpl = 0
         self.seg_checks_all()
         self.halted = False
@@ -1491,8 +1636,8 @@ class Cpu:
                         eip = self.eip
                         csk = self.cs_key
                         lin = (sbase[1] + eip) & M32
-                        p = self.rtlb.get(lin >> 12)
-                        pa = (p | (lin & 0xFFF)) if p is not None else self._fill(lin, False)
+                        p = self.xtlb.get(lin >> 12)
+                        pa = (p | (lin & 0xFFF)) if p is not None else self.fill_fetch(lin)
                         b = blocks.get(pa)
                         if (
                             b is None

@@ -321,6 +321,8 @@ for _b, _form in ((0x20, "Rd,Cd"), (0x21, "Rd,Dd"), (0x22, "Cd,Rd"), (0x23, "Dd,
 op(0x30, "WRMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
 op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f")
 op(0x32, "RDMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
+op(0x34, "SYSENTER", map="0F", w="i", end=True, decode="_sysenter")
+op(0x35, "SYSEXIT", map="0F", end=True, priv="cpl0", decode="_sysenter")
 for _cc, (_sfx, _rd) in enumerate(CONDITIONS):
     op(
         0x40 + _cc,

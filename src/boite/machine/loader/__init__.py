@@ -8,7 +8,6 @@ PVH note; anything else is a KernelFormatError naming the file.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from boite.accel.cpustate import CpuState
 from boite.machine.loader.elf import is_elf, parse_elf
@@ -18,7 +17,7 @@ from boite.machine.loader.multiboot import MultibootModule, find_header, load_mu
 from boite.machine.loader.pvh import load_pvh, pvh_entry
 from boite.machine.machine import Machine
 
-PROTOCOLS = ("auto", "linux", "linux32", "linux64", "multiboot", "pvh")
+PROTOCOLS = ("auto", "linux", "linux32", "linux64", "linux-unpacked", "multiboot", "pvh")
 
 __all__ = [
     "KernelFormatError",
@@ -35,9 +34,19 @@ __all__ = [
 ]
 
 
-def _read(path: str | os.PathLike[str], what: str) -> bytes:
+def _read(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
+    """The whole file, if it is a regular file that fits guest RAM (`limit`): a FIFO, a
+    device or a 6 GiB file is refused before it is read."""
+    from boite.box.paths import FileKindError, read_regular
+
     try:
-        return Path(path).read_bytes()
+        size = os.stat(path).st_size
+        if size > limit:
+            raise KernelFormatError(f"{path}: the {what} is {size} bytes, more than guest RAM "
+                                    f"({limit} bytes)")  # fmt: skip
+        return read_regular(path, limit, what=what)
+    except FileKindError as e:
+        raise KernelFormatError(f"{e} (guest RAM is {limit} bytes)") from None
     except OSError as e:
         raise KernelFormatError(f"{path}: cannot read the {what}: {e.strerror}") from e
 
@@ -50,7 +59,8 @@ def detect_protocol(data: bytes, path: str) -> str:
         return "multiboot"
     if is_elf(data) and pvh_entry(parse_elf(data, path)) is not None:
         return "pvh"
-    what = "an ELF file without a PVH entry note" if is_elf(data) else f"{data[:4]!r}..."
+    # Never quote the file's bytes: it may be any file the box names.
+    what = "an ELF file without a PVH entry note" if is_elf(data) else "none of them"
     raise KernelFormatError(
         f"{path}: not a kernel boite can boot: no Linux boot protocol header ('HdrS' at "
         f"0x202), no multiboot header in the first 8 KiB and no PVH ELF note; found {what}"
@@ -94,16 +104,17 @@ def load_kernel(
     if protocol not in PROTOCOLS:
         raise KernelFormatError(f"boot protocol {protocol!r}: expected one of {PROTOCOLS}")
     path = str(kernel)
-    data = _read(kernel, "kernel")
+    data = _read(kernel, "kernel", machine.memory.size)
     proto = detect_protocol(data, path) if protocol == "auto" else protocol
     if proto == "multiboot":
         modules = multiboot_modules(str(initrd)) if initrd is not None else []
         state = load_multiboot(machine, path, data, cmdline, modules)
     else:
-        initrd_data = _read(initrd, "initrd") if initrd is not None else None
-        if proto in ("linux", "linux32", "linux64"):
-            entry = {"linux": "auto", "linux32": "32", "linux64": "64"}[proto]
-            state = load_linux(machine, path, data, cmdline, initrd_data, entry)
+        initrd_data = _read(initrd, "initrd", machine.memory.size) if initrd is not None else None
+        if proto in ("linux", "linux32", "linux64", "linux-unpacked"):
+            entry = {"linux": "auto", "linux32": "32", "linux64": "64"}.get(proto, "32")
+            unpack = proto == "linux-unpacked"
+            state = load_linux(machine, path, data, cmdline, initrd_data, entry, unpack)
         else:
             state = load_pvh(machine, path, data, cmdline, initrd_data)
     machine.boot_state = [state]

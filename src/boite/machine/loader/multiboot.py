@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from boite.accel.cpustate import CpuState
+from boite.box.paths import FileKindError, read_regular
 from boite.machine.loader.bootstate import GDT_ADDR, protected_mode_state
 from boite.machine.loader.elf import ELFCLASS32, EM_386, EM_X86_64, is_elf, parse_elf
 from boite.machine.loader.errors import KernelFormatError
@@ -189,8 +189,10 @@ def load_multiboot(
     mods = modules or []
     mod_payloads = []
     for m in mods:
-        try:
-            mod_payloads.append(Path(m.path).read_bytes())
+        try:  # a regular file no larger than guest RAM (a FIFO or /dev/zero never hangs)
+            mod_payloads.append(read_regular(m.path, machine.memory.size, what="multiboot module"))
+        except FileKindError as e:
+            raise KernelFormatError(str(e)) from None
         except OSError as e:
             raise KernelFormatError(f"{m.path}: cannot read multiboot module: {e.strerror}") from e
     kcmdline = f"{kernel_path} {cmdline}".encode() + b"\0"

@@ -125,7 +125,7 @@ class DecoderBase:
         # the limit faults here, at the target, where the CPU faults on the branch).
         if x.pos - x.start >= 15 or (x.pos & x.eipmask) > x.cslim:
             raise CpuFault(GP, 0)
-        v = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+        v = self.c.fetch8((x.csb + (x.pos & x.eipmask)) & M32)
         x.pos += 1
         return v
 

@@ -279,6 +279,13 @@ class SystemOps(DecoderBase):
 
         return sys
 
+    def _sysenter(self, x: Ctx, b: int) -> Fn:
+        """SYSENTER/SYSEXIT (CPUID SEP): the CPU does the whole transfer."""
+        c = self.c
+        if "sep" not in c.features:
+            return self._ud(x, b)
+        return c.sysenter if b == 0x34 else c.sysexit
+
     def _grp6(self, x: Ctx, b: int) -> Fn:
         """SLDT STR LLDT LTR VERR VERW."""
         c = self.c

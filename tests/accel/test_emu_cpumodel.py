@@ -1,0 +1,109 @@
+"""The emulated CPU's model: CPUID reports exactly what is implemented, MSRs read back
+what was written and #GP as the SDM says, and the PAE checks QEMU TCG does not make (the
+PDPTEs loaded with CR3). Behaviour QEMU does share is compared against it in
+tcg_guests/pae.asm and sysenter.asm."""
+
+from __future__ import annotations
+
+import pytest
+
+from boite.accel.emu.cpu import GP, Cpu, CpuFault
+from boite.accel.emu.cpumodel import (
+    BRAND,
+    EDX1_BITS,
+    FEATURES,
+    MSR_EFER,
+    MSR_MTRR_DEF_TYPE,
+    MSR_PAT,
+    PAT_POWER_ON,
+    cpuid_leaf,
+    msr_specs,
+)
+from boite.machine.memory import GuestMemory
+
+
+@pytest.fixture
+def cpu():
+    mem = GuestMemory.with_ram(4 << 20)
+    c = Cpu(mem)
+    yield c
+    c.close()
+
+
+def test_cpuid_reports_exactly_the_implemented_features() -> None:
+    _, _, _, edx = cpuid_leaf(FEATURES, 1)
+    for name, bit in EDX1_BITS.items():
+        assert bool(edx >> bit & 1) == (name in FEATURES), name
+    _, _, _, ext = cpuid_leaf(FEATURES, 0x80000001)
+    assert ext >> 20 & 1 == ("nx" in FEATURES)
+    brand = b"".join(
+        b"".join(v.to_bytes(4, "little") for v in cpuid_leaf(FEATURES, leaf))
+        for leaf in (0x80000002, 0x80000003, 0x80000004)
+    )
+    assert brand.rstrip(b"\0") == BRAND
+    eax, *_ = cpuid_leaf(FEATURES, 1)
+    assert (eax >> 8 & 0xF, eax >> 4 & 0xF) == (6, 13)
+    # Above the highest leaf: the highest basic leaf's values, as Intel CPUs answer.
+    assert cpuid_leaf(FEATURES, 0x40) == cpuid_leaf(FEATURES, 2)
+    assert cpuid_leaf(FEATURES, 0x80000008) == cpuid_leaf(FEATURES, 2)
+
+
+def test_every_msr_reads_back_what_was_written_and_refuses_reserved_bits(cpu) -> None:
+    for idx, spec in msr_specs(cpu.features).items():
+        assert cpu.rdmsr(idx) == spec.reset, spec.name
+        if spec.read_only:
+            with pytest.raises(CpuFault) as e:
+                cpu.wrmsr(idx, spec.reset)
+            assert e.value.vector == GP
+            continue
+        if idx not in (MSR_PAT, MSR_MTRR_DEF_TYPE, MSR_EFER) and not 0x200 <= idx < 0x270:
+            cpu.wrmsr(idx, spec.writable)
+            assert cpu.rdmsr(idx) == spec.writable, spec.name
+        reserved = ~spec.writable & ((1 << 64) - 1)
+        if reserved:
+            before = cpu.rdmsr(idx)
+            with pytest.raises(CpuFault) as e:
+                cpu.wrmsr(idx, reserved & -reserved)  # the lowest reserved bit
+            assert e.value.vector == GP and cpu.rdmsr(idx) == before, spec.name
+
+
+def test_unknown_msrs_and_bad_memory_types_are_gp(cpu) -> None:
+    for idx in (0x1B, 0x179, 0xC0000081, 0x12345678):  # no APIC, no MCA, no SYSCALL
+        with pytest.raises(CpuFault):
+            cpu.rdmsr(idx)
+        with pytest.raises(CpuFault):
+            cpu.wrmsr(idx, 0)
+    with pytest.raises(CpuFault):
+        cpu.wrmsr(MSR_PAT, (PAT_POWER_ON & ~0xFF) | 2)  # type 2 is reserved
+    assert cpu.rdmsr(MSR_PAT) == PAT_POWER_ON
+    with pytest.raises(CpuFault):
+        cpu.wrmsr(MSR_MTRR_DEF_TYPE, 3)  # type 3 is reserved
+    cpu.wrmsr(MSR_MTRR_DEF_TYPE, 0xC06)
+    assert cpu.rdmsr(MSR_MTRR_DEF_TYPE) == 0xC06
+
+
+def test_pdptes_with_reserved_bits_fault_on_load(cpu) -> None:
+    """MOV to CR3 under PAE paging (and turning PAE paging on) loads the four PDPTEs; a
+    present one with a reserved bit is #GP(0) and nothing changes (Intel SDM 4.4.1)."""
+    mem = cpu.memory
+    good, bad = 0x10000, 0x11000
+    mem.write_u64(good, 0x20000 | 1)
+    mem.write_u64(bad, 0x20000 | 1 | 2)  # R/W is reserved in a PAE PDPTE
+    mem.write_u64(bad + 8, 0)
+    cpu.set_cr(4, 0x20)
+    cpu.set_cr(3, bad)
+    with pytest.raises(CpuFault) as e:
+        cpu.set_cr(0, cpu.cr0 | 0x80000001)  # PG on, with the bad PDPT in CR3
+    assert e.value.vector == GP and not cpu.paging
+    cpu.set_cr(3, good)
+    cpu.set_cr(0, cpu.cr0 | 0x80000001)
+    assert cpu.pae
+    with pytest.raises(CpuFault):
+        cpu.set_cr(3, bad)
+    assert cpu.cr3 == good
+    mem.write_u64(bad, 0x20000 | 1 | (1 << 40))  # above MAXPHYADDR (36)
+    with pytest.raises(CpuFault):
+        cpu.set_cr(3, bad)
+    mem.write_u64(bad, 0x20000 | 2)  # not present: nothing is checked
+    cpu.set_cr(3, bad)
+    assert cpu.cr3 == bad

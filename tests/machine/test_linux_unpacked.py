@@ -1,0 +1,76 @@
+"""A stock bzImage unpacked on the host (`protocol="linux-unpacked"`): Debian's i386
+kernel's payload decompressed by boite, its segments where its own decompressor would
+put them, the vCPU at startup_32 with ESI at boot_params; hostile payloads refused."""
+
+from __future__ import annotations
+
+import lzma
+import struct
+
+import pytest
+
+from boite import guestkit
+from boite.machine.builder import build_machine
+from boite.machine.loader import KernelFormatError, extract_payload, parse_setup_header
+from boite.machine.loader.bootstate import ZERO_PAGE_ADDR
+from boite.machine.loader.elf import parse_elf
+
+
+@pytest.fixture(scope="module")
+def debian686() -> guestkit.Kit:
+    try:
+        return guestkit.ensure_kit(["debian-686"])
+    except guestkit.KitError as e:
+        pytest.skip(f"Debian's linux-image-686 is not to be had here: {e}")
+
+
+def test_unpacked_kernel_is_where_its_decompressor_would_put_it(debian686, tmp_path) -> None:
+    path = debian686.debian686_vmlinuz
+    data = path.read_bytes()
+    hdr = parse_setup_header(data, str(path))
+    initrd = bytes(range(256)) * 1000
+    (tmp_path / "initrd").write_bytes(initrd)
+    m = build_machine(256, kernel=path, initrd=tmp_path / "initrd",
+                      cmdline="console=ttyS0", protocol="linux-unpacked")  # fmt: skip
+    try:
+        elf = parse_elf(extract_payload(data, str(path)), str(path))
+        for p in elf.loads():
+            assert m.memory.read(p.paddr, p.filesz) == elf.segment_bytes(p)
+            assert not any(m.memory.read(p.paddr + p.filesz, p.memsz - p.filesz))
+        assert min(p.paddr for p in elf.loads()) == hdr.pref_address
+        st = m.boot_state[0]
+        assert st.rip == elf.entry and st.gpr["rsi"] == ZERO_PAGE_ADDR
+        assert st.cr0 & 1 and not st.cr0 & 0x80000000  # protected mode, paging off
+        addr, size = struct.unpack_from("<II", m.memory.read(ZERO_PAGE_ADDR, 4096), 0x218)
+        assert size == len(initrd) and addr >= hdr.pref_address + hdr.init_size
+        assert m.memory.read(addr, size) == initrd
+    finally:
+        m.memory.close()
+
+
+def _with_payload(data: bytes, payload: bytes) -> bytes:
+    """The bzImage with its payload replaced (offset and length fields updated)."""
+    hdr = parse_setup_header(data, "k")
+    start = hdr.setup_size + hdr.payload_offset
+    out = bytearray(data[:start] + payload)
+    struct.pack_into("<I", out, 0x24C, len(payload))  # payload_length
+    out += bytes(-len(out) % 16)
+    struct.pack_into("<I", out, 0x1F4, (len(out) - hdr.setup_size) // 16)  # syssize
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (lzma.compress(b"\0" * (64 << 20)), "more than"),  # a decompression bomb
+        (lzma.compress(b"not an ELF at all"), "ELF"),
+        (b"\xfd7zXZ\x00" + b"\x55" * 100, "does not decompress"),
+    ],
+    ids=["bomb", "not-elf", "corrupt"],
+)
+def test_hostile_payloads_are_refused(debian686, tmp_path, payload, words) -> None:
+    data = _with_payload(debian686.debian686_vmlinuz.read_bytes(), payload)
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(data)
+    with pytest.raises(KernelFormatError, match=words):
+        build_machine(64, kernel=k, protocol="linux-unpacked")
