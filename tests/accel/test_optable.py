@@ -18,6 +18,7 @@ from boite.accel.emu.arch import ARITH, DF, CpuFault
 from boite.accel.emu.cpu import Cpu
 from boite.accel.emu.decode import Decoder
 from boite.accel.emu.jit import Emitter
+from boite.accel.emu.native.translate import Translator
 from boite.accel.emu.optable import (
     BY_OPCODE,
     ROWS,
@@ -41,6 +42,8 @@ def test_keys_are_unique_and_methods_exist() -> None:
         assert callable(getattr(Decoder, r.decode, None)), r
         if r.jit is not None:
             assert callable(getattr(Emitter, r.jit, None)), r
+        if r.native is not None:
+            assert callable(getattr(Translator, r.native, None)), r
         # A row for the whole opcode and rows for its extensions do not mix.
         rows = BY_OPCODE[(r.map, r.code)]
         assert all((x.ext is None) == (r.ext is None) for x in rows), r
