@@ -9,7 +9,8 @@ QEMU's start-up is removed by timing a short and a long run and using the differ
 Usage: python bench/emu.py [--iter N] [--profile] [--linux KERNEL INITRD]
 (KERNEL: the kit's i386 vmlinux, booted through its PVH entry, or its bzImage; both boite
 and QEMU boot the same files.) It also runs under PyPy (`pypy3 bench/emu.py ...`).
-The last line printed is JSON: mips_translated, mips_interpreted, mips_qemu_tcg,
+The last line printed is JSON: mips_translated, mips_interpreted, mips_native (the
+native tier, null on hosts without it), mips_qemu_tcg,
 linux_init_s, linux_init_s_qemu_tcg (null where not measurable yet).
 """
 
@@ -81,7 +82,9 @@ def multiboot_state(mem: GuestMemory, image: bytes) -> CpuState:
     return st
 
 
-def run_emu(image: bytes, translate: bool, profile: bool = False) -> tuple[float, int, bytes]:
+def run_emu(
+    image: bytes, translate: bool, profile: bool = False, native: bool = False
+) -> tuple[float, int, bytes]:
     mem = GuestMemory.with_ram(16 << 20)
     m = Machine(mem)
     com = Com1()
@@ -89,8 +92,10 @@ def run_emu(image: bytes, translate: bool, profile: bool = False) -> tuple[float
     m.pio.register(0xF4, 1, DebugExit(m))
     mem.write(LOAD, image)
     m.boot_state = [multiboot_state(mem, image)]
-    acc = EmuAccelerator(translate=translate)
+    acc = EmuAccelerator(translate=translate, native=native)
     acc.create(m)
+    if native and (acc.cpu is None or acc.cpu.native is None):
+        return 0.0, 0, b""  # this host has no native tier
     prof = cProfile.Profile() if profile else None
     t = time.perf_counter()
     if prof:
@@ -201,6 +206,15 @@ def main() -> int:
             file=sys.stderr,
         )
         print(f"interpreted: {n_in} insns in {t_in:.2f}s = {mips_in:.2f} MIPS", file=sys.stderr)
+        c0 = time.process_time()
+        t_na, n_na, out_na = run_emu(img, True, a.profile, native=True)
+        cpu_na = time.process_time() - c0
+        mips_na = n_na / t_na / 1e6 if t_na else None
+        if mips_na is not None:
+            if out_na.strip() != out_tr.strip():
+                raise SystemExit(f"checksums differ: native {out_na!r}, translated {out_tr!r}")
+            print(f"native:      {n_na} insns in {t_na:.2f}s = {mips_na:.2f} MIPS "
+                  f"({n_na / cpu_na / 1e6:.2f} MIPS per CPU second)", file=sys.stderr)  # fmt: skip
         mips_q = None
         if shutil.which("qemu-system-i386"):
             # The instruction count is linear in ITER: n = n0 + per_iter * ITER.
@@ -232,6 +246,7 @@ def main() -> int:
                 {
                     "mips_translated": round(mips_tr, 3),
                     "mips_interpreted": round(mips_in, 3),
+                    "mips_native": mips_na and round(mips_na, 3),
                     "mips_qemu_tcg": mips_q and round(mips_q, 1),
                     "linux_init_s": linux_s and round(linux_s, 1),
                     "linux_init_s_qemu_tcg": linux_q and round(linux_q, 1),

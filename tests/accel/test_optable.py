@@ -18,7 +18,18 @@ from boite.accel.emu.arch import ARITH, DF, CpuFault
 from boite.accel.emu.cpu import Cpu
 from boite.accel.emu.decode import Decoder
 from boite.accel.emu.jit import Emitter
-from boite.accel.emu.optable import BY_OPCODE, ROWS, Op, end_regs, lock_regs, lookup
+from boite.accel.emu.native.translate import Translator
+from boite.accel.emu.optable import (
+    BY_OPCODE,
+    ROWS,
+    Op,
+    end_regs,
+    has_modrm,
+    imm_bytes,
+    lock_regs,
+    lookup,
+    operands_of,
+)
 from boite.machine.memory import GuestMemory
 
 CODE = 0x1000
@@ -32,6 +43,8 @@ def test_keys_are_unique_and_methods_exist() -> None:
         assert callable(getattr(Decoder, r.decode, None)), r
         if r.jit is not None:
             assert callable(getattr(Emitter, r.jit, None)), r
+        if r.native is not None:
+            assert callable(getattr(Translator, r.native, None)), r
         # A row for the whole opcode and rows for its extensions do not mix.
         rows = BY_OPCODE[(r.map, r.code)]
         assert all((x.ext is None) == (r.ext is None) for x in rows), r
@@ -72,7 +85,7 @@ def _runnable(r: Op) -> bool:
 
 def _encode(r: Op, rnd: random.Random) -> bytes:
     out = bytes([0x0F, r.code]) if r.map == "0F" else bytes([r.code])
-    ops = r.operands.split(",") if r.operands else []
+    ops = operands_of(r)
     if any(o[0] in "EGM" for o in ops):
         reg = r.ext if r.ext is not None else rnd.randrange(8)
         out += bytes([0xC0 | reg << 3 | rnd.choice((0, 1, 2, 3, 5, 6, 7))])  # never ESP
@@ -80,6 +93,36 @@ def _encode(r: Op, rnd: random.Random) -> bytes:
         if o in _IMM:
             out += rnd.randbytes(_IMM[o])
     return out
+
+
+def test_operand_forms_give_the_decoders_lengths() -> None:
+    """The operand column says how long an encoding is (the native tier parses with
+    it): for every row, ModRM (register and [disp32] forms) + immediates, as the SDM
+    notation gives them, must be what the decoder consumes."""
+    cpu = _cpu()
+    try:
+        for r in ROWS:
+            if r.prefix is not None or r.decode in ("_fpu", "_enter", "_string", "_io"):
+                continue
+            if r.operands == "simd":  # SSE rows whose forms the table does not spell out
+                continue
+            head = bytes([0x0F, r.code]) if r.map == "0F" else bytes([r.code])
+            reg = r.ext if r.ext is not None else 0
+            forms = [b""]
+            if has_modrm(r):
+                forms = [bytes([0xC0 | reg << 3 | 1])]
+                if not any(o[:1] == "R" for o in r.operands.split(",")):  # Rd: mod is ignored
+                    forms.append(bytes([reg << 3 | 5]) + b"\x00\x10\0\0")
+            imm = imm_bytes(r, False)
+            for modrm in forms:
+                code = head + modrm + bytes(imm)
+                cpu.ram[CODE : CODE + 32] = code + b"\x90" * (32 - len(code))
+                fn, n, _ = cpu.decoder.decode(CODE)
+                if fn.__name__ in ("_ud", "ud", "fault"):
+                    continue  # a form this opcode does not have (a register LEA, ...)
+                assert n == len(code), f"{r}: decoder takes {n} bytes, the table {len(code)}"
+    finally:
+        cpu.close()
 
 
 def _run(cpu: Cpu, code: bytes, regs: list[int], fl: int) -> tuple[list[int], int] | None:

@@ -21,6 +21,7 @@ from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFau
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.emu.cpumodel import MSR_EFER
 from boite.accel.emu.fpu import MXCSR_MASK
+from boite.accel.emu.native import NativeTier, native_available, native_wanted
 from boite.accel.emu.smp import Smp
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
@@ -159,6 +160,7 @@ class EmuAccelerator(Accelerator):
         translate: bool | None = None,
         hot_block: int | None = None,
         ap_start: str = "sipi",
+        native: bool | None = None,
     ) -> None:
         if ap_start not in ("sipi", "entry"):
             raise AccelError(f"ap_start must be 'sipi' or 'entry', not {ap_start!r}")
@@ -166,6 +168,9 @@ class EmuAccelerator(Accelerator):
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
         self.translate = translate
+        # The native tier (hot blocks as x86-64 code) where the host allows it:
+        # BOITE_EMU_NATIVE=1/0 chooses when `native` is not given (native/__init__.py).
+        self.native = native_wanted() if native is None else native
         # Runs of a block before it is compiled; tests set it low to put all code through
         # the block compiler (BOITE_EMU_HOT reaches `boite` subprocesses too).
         if hot_block is None:
@@ -194,6 +199,8 @@ class EmuAccelerator(Accelerator):
             c.translate_blocks = self.translate
             c.hot_block = self.hot_block
             c.decoder.c = c
+            if self.native and self.translate and native_available():
+                c.native = NativeTier(c)
         cpu = self.cpu = self.cpus[0]
         # The machine says which device is the INTR source and which are timers.
         self.timers = list(machine.timers)

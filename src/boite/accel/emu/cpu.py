@@ -241,6 +241,8 @@ class Cpu:
         self.hot_block = HOT_BLOCK
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
+        # The native tier (native/, x86-64 hosts), when the accelerator turns it on.
+        self.native: Any = None
         from boite.accel.emu.decode import Decoder
         from boite.accel.emu.fpu import FpuState
 
@@ -367,6 +369,8 @@ class Cpu:
     def tlb_flush(self, page: int | None = None) -> None:
         for fast in self._fast.values():
             fast.clear()
+        if self.native is not None:
+            self.native.tlb_flush(page)
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
                 if page is None:
@@ -746,6 +750,8 @@ class Cpu:
             for wt in (t[1] for t in c._tlbs.values()):
                 for k in [k for k, v in wt.items() if v == base]:
                     del wt[k]
+            if c.native is not None:
+                c.native.drop_write(ppage)
 
     def share_code_guard(self, cpus: list[Cpu]) -> None:
         """Join the CPUs of one machine: one code-page guard for all (see invalidate_code)."""

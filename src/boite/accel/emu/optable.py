@@ -149,7 +149,7 @@ for _n, _name in enumerate(ALU_NAMES):
     _lk = _n != 7
     for _i, _form in enumerate(("Eb,Gb", "Ev,Gv", "Gb,Eb", "Gv,Ev", "AL,Ib", "eAX,Iz")):
         op(_b + _i, _name, _form, **_alu_flags(_n), lock=_lk and _i < 2, decode="_alu",
-           jit="j_alu")  # fmt: skip
+           jit="j_alu", native="copy")  # fmt: skip
 for _b, _s in ((0x06, "ES"), (0x0E, "CS"), (0x16, "SS"), (0x1E, "DS")):
     op(_b, "PUSH", _s, decode="_push_seg")
 for _b, _s in ((0x07, "ES"), (0x17, "SS"), (0x1F, "DS")):
@@ -159,47 +159,47 @@ op(0x2F, "DAS", r="ac", w="szapc", u="o", decode="_bcd")
 op(0x37, "AAA", r="a", w="ac", u="oszp", decode="_bcd")
 op(0x3F, "AAS", r="a", w="ac", u="oszp", decode="_bcd")
 for _b in range(0x40, 0x48):
-    op(_b, "INC", "Zv", w="oszap", decode="_incdec_r", jit="j_incdec_r")
+    op(_b, "INC", "Zv", w="oszap", decode="_incdec_r", jit="j_incdec_r", native="copy")
 for _b in range(0x48, 0x50):
-    op(_b, "DEC", "Zv", w="oszap", decode="_incdec_r", jit="j_incdec_r")
+    op(_b, "DEC", "Zv", w="oszap", decode="_incdec_r", jit="j_incdec_r", native="copy")
 for _b in range(0x50, 0x58):
-    op(_b, "PUSH", "Zv", decode="_push_r", jit="j_push_r")
+    op(_b, "PUSH", "Zv", decode="_push_r", jit="j_push_r", native="push_r")
 for _b in range(0x58, 0x60):
-    op(_b, "POP", "Zv", decode="_pop_r", jit="j_pop_r")
+    op(_b, "POP", "Zv", decode="_pop_r", jit="j_pop_r", native="pop_r")
 op(0x60, "PUSHA", decode="_pusha")
 op(0x61, "POPA", decode="_pusha")
 op(0x62, "BOUND", "Gv,Ma", decode="_bound")
 op(0x63, "ARPL", "Ew,Gw", w="z", priv="pm", decode="_arpl")
-op(0x68, "PUSH", "Iz", decode="_push_i", jit="j_push_i")
-op(0x69, "IMUL", "Gv,Ev,Iz", w="oc", u="szap", decode="_imul3", jit="j_imul3")
-op(0x6A, "PUSH", "Ib", decode="_push_i", jit="j_push_i")
-op(0x6B, "IMUL", "Gv,Ev,Ib", w="oc", u="szap", decode="_imul3", jit="j_imul3")
+op(0x68, "PUSH", "Iz", decode="_push_i", jit="j_push_i", native="push_i")
+op(0x69, "IMUL", "Gv,Ev,Iz", w="oc", u="szap", decode="_imul3", jit="j_imul3", native="copy")
+op(0x6A, "PUSH", "Ib", decode="_push_i", jit="j_push_i", native="push_i")
+op(0x6B, "IMUL", "Gv,Ev,Ib", w="oc", u="szap", decode="_imul3", jit="j_imul3", native="copy")
 op(0x6C, "INSB", "Yb,DX", r="d", priv="io", decode="_string")
 op(0x6D, "INSW/D", "Yz,DX", r="d", priv="io", decode="_string")
 op(0x6E, "OUTSB", "DX,Xb", r="d", priv="io", decode="_string")
 op(0x6F, "OUTSW/D", "DX,Xz", r="d", priv="io", decode="_string")
 for _cc, (_sfx, _rd) in enumerate(CONDITIONS):
-    op(0x70 + _cc, "J" + _sfx, "Jb", r=_rd, end=True, decode="_jcc", jit="j_jcc")
+    op(0x70 + _cc, "J" + _sfx, "Jb", r=_rd, end=True, decode="_jcc", jit="j_jcc", native="branch")
 for _b, _form in ((0x80, "Eb,Ib"), (0x81, "Ev,Iz"), (0x82, "Eb,Ib"), (0x83, "Ev,Ib")):
     for _n, _name in enumerate(ALU_NAMES):
         # 82 (the 80 alias) takes no LOCK here, as before the table (not checked on a peer).
         op(_b, _name, _form, ext=_n, **_alu_flags(_n), lock=_n != 7 and _b != 0x82,
-           decode="_grp1", jit="j_grp1")  # fmt: skip
-op(0x84, "TEST", "Eb,Gb", w="oszpc", u="a", decode="_test", jit="j_test")
-op(0x85, "TEST", "Ev,Gv", w="oszpc", u="a", decode="_test", jit="j_test")
-op(0x86, "XCHG", "Eb,Gb", lock=True, decode="_xchg", jit="j_xchg")
-op(0x87, "XCHG", "Ev,Gv", lock=True, decode="_xchg", jit="j_xchg")
+           decode="_grp1", jit="j_grp1", native="copy")  # fmt: skip
+op(0x84, "TEST", "Eb,Gb", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
+op(0x85, "TEST", "Ev,Gv", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
+op(0x86, "XCHG", "Eb,Gb", lock=True, decode="_xchg", jit="j_xchg", native="copy")
+op(0x87, "XCHG", "Ev,Gv", lock=True, decode="_xchg", jit="j_xchg", native="copy")
 for _b, _form in ((0x88, "Eb,Gb"), (0x89, "Ev,Gv"), (0x8A, "Gb,Eb"), (0x8B, "Gv,Ev")):
-    op(_b, "MOV", _form, decode="_mov", jit="j_mov")
+    op(_b, "MOV", _form, decode="_mov", jit="j_mov", native="copy")
 op(0x8C, "MOV", "Ev,Sw", decode="_mov_sreg")
-op(0x8D, "LEA", "Gv,M", decode="_lea", jit="j_lea")
+op(0x8D, "LEA", "Gv,M", decode="_lea", jit="j_lea", native="lea")
 op(0x8E, "MOV", "Sw,Ew", end=True, decode="_mov_sreg")
 op(0x8F, "POP", "Ev", ext=0, decode="_pop_rm")
-op(0x90, "NOP", decode="_xchg_ax", jit="j_nop")
+op(0x90, "NOP", decode="_xchg_ax", jit="j_nop", native="copy")
 for _b in range(0x91, 0x98):
-    op(_b, "XCHG", "Zv,eAX", decode="_xchg_ax", jit="j_xchg_ax")
-op(0x98, "CBW/CWDE", decode="_misc1", jit="j_cwde")
-op(0x99, "CWD/CDQ", decode="_misc1", jit="j_cdq")
+    op(_b, "XCHG", "Zv,eAX", decode="_xchg_ax", jit="j_xchg_ax", native="copy")
+op(0x98, "CBW/CWDE", decode="_misc1", jit="j_cwde", native="copy")
+op(0x99, "CWD/CDQ", decode="_misc1", jit="j_cdq", native="copy")
 op(0x9A, "CALLF", "Ap", end=True, decode="_far_ptr")
 op(0x9B, "WAIT", decode="_fwait")
 op(0x9C, "PUSHF", "Fv", r="*", priv="iopl", decode="_pushf")
@@ -217,12 +217,12 @@ for _b, _name, _form, _fl in (
 ):  # fmt: skip
     # REPE/REPNE CMPS/SCAS read ZF to stop; the rest read DF only.
     op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string")
-op(0xA8, "TEST", "AL,Ib", w="oszpc", u="a", decode="_test", jit="j_test")
-op(0xA9, "TEST", "eAX,Iz", w="oszpc", u="a", decode="_test", jit="j_test")
+op(0xA8, "TEST", "AL,Ib", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
+op(0xA9, "TEST", "eAX,Iz", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 for _b in range(0xB0, 0xB8):
-    op(_b, "MOV", "Zb,Ib", decode="_mov_ri", jit="j_mov_ri")
+    op(_b, "MOV", "Zb,Ib", decode="_mov_ri", jit="j_mov_ri", native="copy")
 for _b in range(0xB8, 0xC0):
-    op(_b, "MOV", "Zv,Iv", decode="_mov_ri", jit="j_mov_ri")
+    op(_b, "MOV", "Zv,Iv", decode="_mov_ri", jit="j_mov_ri", native="copy")
 for _b, _form in (
     (0xC0, "Eb,Ib"), (0xC1, "Ev,Ib"), (0xD0, "Eb,1"), (0xD1, "Ev,1"), (0xD2, "Eb,CL"),
     (0xD3, "Ev,CL"),
@@ -232,13 +232,13 @@ for _b, _form in (
         _j = ("j_grp2" if _n not in (2, 3) else None) if _b < 0xD2 else (
             "j_shift_cl" if _n >= 4 else None)  # fmt: skip
         op(_b, _name, _form, ext=_n, **_shift_flags(_n, _b not in (0xD0, 0xD1)), decode="_grp2",
-           jit=_j)  # fmt: skip
-op(0xC2, "RET", "Iw", end=True, decode="_ret", jit="j_ret")
-op(0xC3, "RET", end=True, decode="_ret", jit="j_ret")
+           jit=_j, native="copy")  # fmt: skip
+op(0xC2, "RET", "Iw", end=True, decode="_ret", jit="j_ret", native="ret")
+op(0xC3, "RET", end=True, decode="_ret", jit="j_ret", native="ret")
 op(0xC4, "LES", "Gz,Mp", end=True, decode="_les")
 op(0xC5, "LDS", "Gz,Mp", end=True, decode="_les")
-op(0xC6, "MOV", "Eb,Ib", ext=0, decode="_mov_mi", jit="j_mov_mi")
-op(0xC7, "MOV", "Ev,Iz", ext=0, decode="_mov_mi", jit="j_mov_mi")
+op(0xC6, "MOV", "Eb,Ib", ext=0, decode="_mov_mi", jit="j_mov_mi", native="copy")
+op(0xC7, "MOV", "Ev,Iz", ext=0, decode="_mov_mi", jit="j_mov_mi", native="copy")
 op(0xC8, "ENTER", "Iw,Ib", decode="_enter")
 op(0xC9, "LEAVE", decode="_leave", jit="j_leave")
 op(0xCA, "RETF", "Iw", end=True, decode="_retf")
@@ -287,13 +287,13 @@ for _b, _form in (
 ):  # fmt: skip
     # Device side effects (power-off, IRQs) are seen at once: the block ends.
     op(_b, _form[:3].strip(), _form[3:].strip(), end=True, priv="io", decode="_io")
-op(0xE8, "CALL", "Jz", end=True, decode="_call", jit="j_call")
-op(0xE9, "JMP", "Jz", end=True, decode="_jmp", jit="j_jmp")
+op(0xE8, "CALL", "Jz", end=True, decode="_call", jit="j_call", native="call")
+op(0xE9, "JMP", "Jz", end=True, decode="_jmp", jit="j_jmp", native="branch")
 op(0xEA, "JMPF", "Ap", end=True, decode="_far_ptr")
-op(0xEB, "JMP", "Jb", end=True, decode="_jmp", jit="j_jmp")
+op(0xEB, "JMP", "Jb", end=True, decode="_jmp", jit="j_jmp", native="branch")
 op(0xF1, "INT1", end=True, decode="_int")
 op(0xF4, "HLT", end=True, priv="cpl0", decode="_hlt")
-op(0xF5, "CMC", r="c", w="c", decode="_flagop")
+op(0xF5, "CMC", r="c", w="c", decode="_flagop", native="copy")
 for _n, (_name, _fl) in enumerate((
     ("TEST", {"w": "oszpc", "u": "a"}), ("TEST", {"w": "oszpc", "u": "a"}), ("NOT", {}),
     ("NEG", {"w": OSZAPC}), ("MUL", {"w": "oc", "u": "szap"}), ("IMUL", {"w": "oc", "u": "szap"}),
@@ -302,18 +302,20 @@ for _n, (_name, _fl) in enumerate((
     # jit.py inlines TEST/NOT/NEG, and MUL/IMUL r/m32 (F7 only).
     for _b, _form in ((0xF6, "Eb"), (0xF7, "Ev")):
         _j = "j_grp3" if _n < 4 or (_n < 6 and _b == 0xF7) else None
-        op(_b, _name, _form + (",Ib" if _n < 2 else ""), ext=_n, **_fl, lock=_n in (2, 3),
-           decode="_grp3", jit=_j)  # fmt: skip
-op(0xF8, "CLC", w="c", decode="_flagop")
-op(0xF9, "STC", w="c", decode="_flagop")
+        # The native tier copies all but DIV/IDIV (a #DE would be the host's SIGFPE).
+        _imm = (",Ib" if _b == 0xF6 else ",Iz") if _n < 2 else ""
+        op(_b, _name, _form + _imm, ext=_n, **_fl, lock=_n in (2, 3),
+           decode="_grp3", jit=_j, native="copy" if _n < 6 else None)  # fmt: skip
+op(0xF8, "CLC", w="c", decode="_flagop", native="copy")
+op(0xF9, "STC", w="c", decode="_flagop", native="copy")
 op(0xFA, "CLI", w="i", end=True, priv="iopl", decode="_flagop")
 op(0xFB, "STI", w="i", end=True, priv="iopl", decode="_flagop")
 op(0xFC, "CLD", w="d", decode="_flagop")
 op(0xFD, "STD", w="d", decode="_flagop")
-op(0xFE, "INC", "Eb", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45")
-op(0xFE, "DEC", "Eb", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45")
-op(0xFF, "INC", "Ev", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45")
-op(0xFF, "DEC", "Ev", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45")
+op(0xFE, "INC", "Eb", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
+op(0xFE, "DEC", "Eb", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
+op(0xFF, "INC", "Ev", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
+op(0xFF, "DEC", "Ev", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
 op(0xFF, "CALL", "Ev", ext=2, end=True, decode="_grp45", jit="j_grp45")
 op(0xFF, "CALLF", "Mp", ext=3, end=True, decode="_grp45")
 op(0xFF, "JMP", "Ev", ext=4, end=True, decode="_grp45", jit="j_grp45")
@@ -345,43 +347,110 @@ op(0x32, "RDMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
 op(0x34, "SYSENTER", map="0F", w="i", end=True, decode="_sysenter")
 op(0x35, "SYSEXIT", map="0F", end=True, priv="cpl0", decode="_sysenter")
 for _cc, (_sfx, _rd) in enumerate(CONDITIONS):
-    op(0x40 + _cc, "CMOV" + _sfx, "Gv,Ev", map="0F", r=_rd, decode="_cmov", jit="j_cmov")
-    op(0x80 + _cc, "J" + _sfx, "Jz", map="0F", r=_rd, end=True, decode="_jcc", jit="j_jcc0f")
-    op(0x90 + _cc, "SET" + _sfx, "Eb", map="0F", r=_rd, decode="_setcc", jit="j_setcc")
+    op(
+        0x40 + _cc,
+        "CMOV" + _sfx,
+        "Gv,Ev",
+        map="0F",
+        r=_rd,
+        decode="_cmov",
+        jit="j_cmov",
+        native="copy",
+    )
+    op(
+        0x80 + _cc,
+        "J" + _sfx,
+        "Jz",
+        map="0F",
+        r=_rd,
+        end=True,
+        decode="_jcc",
+        jit="j_jcc0f",
+        native="branch",
+    )
+    op(
+        0x90 + _cc,
+        "SET" + _sfx,
+        "Eb",
+        map="0F",
+        r=_rd,
+        decode="_setcc",
+        jit="j_setcc",
+        native="copy",
+    )
 op(0xA0, "PUSH", "FS", map="0F", decode="_push_seg")
 op(0xA1, "POP", "FS", map="0F", end=True, decode="_pop_seg")
 op(0xA2, "CPUID", map="0F", decode="_sys0f")
 op(0xA8, "PUSH", "GS", map="0F", decode="_push_seg")
 op(0xA9, "POP", "GS", map="0F", end=True, decode="_pop_seg")
 for _b, _name in ((0xA3, "BT"), (0xAB, "BTS"), (0xB3, "BTR"), (0xBB, "BTC")):
+    # Native: the register forms only (with a memory operand the bit offset reaches
+    # past it; translate.py checks).
     op(_b, _name, "Ev,Gv", map="0F", w="c", u="osap", lock=_name != "BT", decode="_bt",
-       jit="j_bt")  # fmt: skip
+       jit="j_bt", native="copy")  # fmt: skip
 for _n, _name in ((4, "BT"), (5, "BTS"), (6, "BTR"), (7, "BTC")):
     op(0xBA, _name, "Ev,Ib", map="0F", ext=_n, w="c", u="osap", lock=_n != 4, decode="_bt",
-       jit="j_bt")  # fmt: skip
+       jit="j_bt", native="copy")  # fmt: skip
 for _b, _name, _form in (
     (0xA4, "SHLD", "Ev,Gv,Ib"), (0xA5, "SHLD", "Ev,Gv,CL"), (0xAC, "SHRD", "Ev,Gv,Ib"),
     (0xAD, "SHRD", "Ev,Gv,CL"),
 ):  # fmt: skip
-    op(_b, _name, _form, map="0F", r="oszapc", w="oszpc", u="ao", decode="_shd")
-op(0xAF, "IMUL", "Gv,Ev", map="0F", w="oc", u="szap", decode="_imul3", jit="j_imul2")
+    op(_b, _name, _form, map="0F", r="oszapc", w="oszpc", u="ao", decode="_shd", native="copy")
+op(0xAF, "IMUL", "Gv,Ev", map="0F", w="oc", u="szap", decode="_imul3", jit="j_imul2", native="copy")
 op(0xB0, "CMPXCHG", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg")
 op(0xB1, "CMPXCHG", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg")
 op(0xB2, "LSS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB4, "LFS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB5, "LGS", "Gz,Mp", map="0F", end=True, decode="_les")
-op(0xB6, "MOVZX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx")
-op(0xB7, "MOVZX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx")
+op(0xB6, "MOVZX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy")
+op(0xB7, "MOVZX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xBC, "BSF", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
 op(0xBD, "BSR", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
-op(0xBE, "MOVSX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx")
-op(0xBF, "MOVSX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx")
+op(0xBE, "MOVSX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy")
+op(0xBF, "MOVSX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xC0, "XADD", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_xadd")
 op(0xC1, "XADD", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_xadd")
 op(0xC7, "CMPXCHG8B", "Mq", map="0F", ext=1, w="z", lock=True, decode="_grp9")
 op(0xC7, "RDRAND", "Rv", map="0F", ext=6, w=OSZAPC, decode="_grp9")
 for _b in range(0xC8, 0xD0):
-    op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap")
+    op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap", native="copy")
+
+
+# ------------------------------------------------------------------ operand forms
+def operands_of(row: Op) -> list[str]:
+    """The operands of the row's first form ("Pq,Qq|Vdq,Wdq": the MMX and the prefixed
+    XMM forms of one opcode encode alike)."""
+    return row.operands.split("|")[0].split(",") if row.operands else []
+
+
+def is_modrm_operand(o: str) -> bool:
+    """E/G/M/R/C/D/S, and the MMX/XMM P/Q/N/V/W/U, + a lowercase size ("Ev", "Gb", "M",
+    "Sw", "Wdq"): encoded by ModRM."""
+    return o[:1] in ("E", "G", "M", "R", "C", "D", "S", "P", "Q", "N", "V", "W", "U") and (
+        len(o) == 1 or o[1].islower()
+    )
+
+
+def has_modrm(row: Op) -> bool:
+    return any(is_modrm_operand(o) for o in operands_of(row))
+
+
+def imm_bytes(row: Op, opsize16: bool, addr16: bool = False) -> int:
+    """Bytes of immediates (relative offsets, far pointers, MOV moffs) after
+    ModRM/SIB/displacement."""
+    n = 0
+    for o in operands_of(row):
+        if o in ("Ib", "Jb"):
+            n += 1
+        elif o == "Iw":
+            n += 2
+        elif o in ("Iz", "Iv", "Jz"):
+            n += 2 if opsize16 else 4
+        elif o == "Ap":
+            n += 4 if opsize16 else 6
+        elif o in ("Ob", "Ov"):
+            n += 2 if addr16 else 4
+    return n
 
 
 # ------------------------------------------------------------------ indexes# MMX and SSE2 integer forms (decode/sse.py, semantics in sse.py): the 66 prefix selects
@@ -425,7 +494,8 @@ _SSEFP = {
 }  # fmt: skip
 for _b, _name in _SSEFP.items():
     _w = "oszapc" if _b in (0x2E, 0x2F) else ""
-    op(_b, _name + "/..PD/..SS/..SD", "Vps,Wps", map="0F", w=_w, decode="_ssefp")
+    _form = "Vps,Wps,Ib" if _b in (0xC2, 0xC6) else "Vps,Wps"  # CMPPS/SHUFPS: imm8
+    op(_b, _name + "/..PD/..SS/..SD", _form, map="0F", w=_w, decode="_ssefp")
 _SSEMISC = {
     0x12: "MOVLPS/MOVHLPS/MOVLPD", 0x13: "MOVLPS/MOVLPD", 0x16: "MOVHPS/MOVLHPS/MOVHPD",
     0x17: "MOVHPS/MOVHPD", 0x2B: "MOVNTPS/MOVNTPD", 0x52: "RSQRTPS/RSQRTSS",

@@ -240,6 +240,11 @@ class DecoderBase:
         from boite.accel.emu.jit import compile_block
 
         c = self.c
+        if c.native is not None:  # the native tier first, where it applies
+            fn = c.native.translate(block.pa, block.eip)
+            if fn is not None:
+                block.fn = fn
+                return
         insns = []
         off = block.pa
         for fn, (eip, n) in zip(block.fns, block.info, strict=True):
@@ -470,10 +475,17 @@ class DecoderBase:
         ea = self.ea_for(ea, size, True)
         rd = self.rdfn(size)
         wr = self.wrfn(size)
+        c = self.c
+        last = 0x1000 - size
 
         def rmw_mem(f):
             a = ea()
-            wr(a, f(rd(a)))
+            v = rd(a)
+            if (a >> 12) not in c.wtlb or a & 0xFFF > last:
+                # Probe the write before f sets the flags: a read-only or absent page
+                # faults with the flags as they were (found by the native tier's fuzz).
+                c.check_writable(a, size)
+            wr(a, f(v))
 
         return rmw_mem
 

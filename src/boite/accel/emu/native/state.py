@@ -1,0 +1,118 @@
+"""The guest state the native tier's machine code works on, as a C structure shared with
+Python through ctypes, and the memory the tier owns: the software TLB tables and the
+executable code arena.
+
+Inside translated code the guest's EAX, ECX, EDX, EBX, EBP, ESI and EDI live in the
+host's registers of the same number, the arithmetic flags in the host's flags; ESP,
+EIP and the segment bases stay in this structure (the host's RSP is the host stack).
+R15 points at the structure, R14/R13 at the read/write TLB tables; R8-R12 are scratch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+TLB_ENTRIES = 1 << 20  # one per 4 KiB page of the 32-bit linear space
+TLB_BYTES = TLB_ENTRIES * 8
+
+
+class NativeState(ctypes.Structure):
+    _fields_ = [
+        ("r", ctypes.c_uint32 * 8),  # EAX ECX EDX EBX ESP EBP ESI EDI
+        ("eip", ctypes.c_uint32),
+        ("eflags", ctypes.c_uint32),  # the arithmetic flags in, all of them out
+        ("sbase", ctypes.c_uint32 * 6),  # ES CS SS DS FS GS bases
+        ("reason", ctypes.c_uint32),  # EXIT_*
+        ("ndone", ctypes.c_uint32),  # instructions completed in the last pass
+        ("loops", ctypes.c_uint32),  # instructions of the passes of a loop before it
+        ("budget", ctypes.c_uint32),  # passes a self-looping block may still make
+        ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
+        ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
+        ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
+        ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
+    ]
+
+
+def off(name: str) -> int:
+    return getattr(NativeState, name).offset
+
+
+OFF_R = off("r")
+OFF_ESP = OFF_R + 16
+OFF_EIP = off("eip")
+OFF_EFLAGS = off("eflags")
+OFF_SBASE = off("sbase")
+OFF_REASON = off("reason")
+OFF_NDONE = off("ndone")
+OFF_LOOPS = off("loops")
+OFF_BUDGET = off("budget")
+OFF_MISS_ADDR = off("miss_addr")
+OFF_MISS_WRITE = off("miss_write")
+OFF_TLB_R = off("tlb_r")
+OFF_TLB_W = off("tlb_w")
+
+# Why translated code returned.
+EXIT_END = 0  # ran to a branch or the block's end; EIP is the next one
+EXIT_MISS = 1  # a TLB miss (or a page-crossing access) at EIP, before that instruction
+EXIT_FALLBACK = 2  # the instruction at EIP is not translated: the Python tiers run it
+EXIT_BUDGET = 3  # a self-looping block used up its passes
+
+
+def buffer_address(buf) -> int:
+    """Host address of a writable buffer (an mmap, a bytearray, a memoryview of one)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+class TlbTables:
+    """The read and write TLB: per linear page, the host address of the guest RAM page
+    it maps, or 0 (a miss). Only `NativeTier` writes them, and only with pages wholly
+    inside guest RAM. Anonymous memory: untouched parts cost nothing."""
+
+    def __init__(self) -> None:
+        self.mm = mmap.mmap(-1, 2 * TLB_BYTES)
+        base = buffer_address(self.mm)
+        self.read_addr = base
+        self.write_addr = base + TLB_BYTES
+        self.read = (ctypes.c_uint64 * TLB_ENTRIES).from_address(base)
+        self.write = (ctypes.c_uint64 * TLB_ENTRIES).from_address(base + TLB_BYTES)
+
+
+class CodeArena:
+    """Executable memory for translated blocks: written while read-write, then turned
+    read-execute (never both at once)."""
+
+    def __init__(self, size: int = 8 << 20) -> None:
+        self.size = size
+        self.mm = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.base = buffer_address(self.mm)
+        self.used = 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._mprotect = libc.mprotect
+        self._mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        self._mprotect.restype = ctypes.c_int
+
+    def _protect(self, start: int, end: int, prot: int) -> None:
+        lo = start & ~0xFFF
+        hi = (end + 0xFFF) & ~0xFFF
+        if self._mprotect(self.base + lo, hi - lo, prot) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect of the native code arena failed")
+
+    def room(self, n: int) -> bool:
+        return self.used + n <= self.size
+
+    def place(self, code: bytes) -> int:
+        """Copy code in (16-byte aligned); returns its host address."""
+        at = (self.used + 15) & ~15
+        end = at + len(code)
+        if end > self.size:
+            raise MemoryError("native code arena full")
+        self._protect(at, end, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mm[at:end] = code
+        self._protect(at, end, mmap.PROT_READ | mmap.PROT_EXEC)
+        self.used = end
+        return self.base + at
+
+    def reset(self, keep: int) -> None:
+        """Forget every block placed after the first `keep` bytes (the entry stub)."""
+        self.used = keep

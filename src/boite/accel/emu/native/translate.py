@@ -1,0 +1,559 @@
+"""Guest block -> host x86-64 code.
+
+Most translated instructions are the guest's own bytes: guest EAX..EDI (but ESP) live in
+the host registers of the same numbers, and a 32-bit or smaller operation means the same
+thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
+- a memory operand: its linear address is computed into R9 (LEA over the guest
+  registers, guest ESP brought into R12, plus the segment base from the state), looked
+  up in the TLB table (R14 read, R13 write; a miss or a page-crossing access leaves for
+  Python before the instruction did anything), and the instruction runs on [R10], the
+  host address of the guest byte, with a REX.B prefix;
+- opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
+  82 is invalid) are re-encoded;
+- PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
+- branches end the block (EIP stored, back to Python), a branch to the block's own start
+  loops inside the code for a bounded number of passes.
+
+Only rows of the opcode table with a `native` method are translated; the block stops
+before any other instruction (EXIT_FALLBACK: the Python tiers run it). Exits are precise:
+every exit stores the guest EIP of the next instruction to run and the registers and
+flags as they are before it.
+
+Safety: the only memory translated code touches is the state structure (R15), the TLB
+tables (index < 2^20), the host stack (balanced pushes) and guest RAM pages through TLB
+entries, which only NativeTier writes, with pages wholly inside guest RAM; an access is
+taken only when it fits inside its page. Guest code cannot produce another address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from boite.accel.emu.arch import ARITH, DS, SS
+from boite.accel.emu.native.state import (
+    EXIT_BUDGET,
+    EXIT_END,
+    EXIT_FALLBACK,
+    EXIT_MISS,
+    OFF_BUDGET,
+    OFF_EFLAGS,
+    OFF_EIP,
+    OFF_ESP,
+    OFF_LOOPS,
+    OFF_MISS_ADDR,
+    OFF_MISS_WRITE,
+    OFF_NDONE,
+    OFF_R,
+    OFF_REASON,
+    OFF_SBASE,
+    OFF_TLB_R,
+    OFF_TLB_W,
+)
+from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
+from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
+
+ESP = 4
+EBP = 5
+MAX_INSNS = 48
+# Make undefined flags agree with the Python tiers where they are live (see
+# host_differs); tests turn it off to compare the host's instructions row by row.
+MATCH_PYTHON_FLAGS = True
+# Guest registers held in host registers (all but ESP), with their state offsets.
+HELD = (0, 1, 2, 3, 5, 6, 7)
+_RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
+
+
+def entry_stub() -> bytes:
+    """void entry(NativeState *st, void *block): save the host's callee-saved registers,
+    load the guest's, jump to the block (whose exit path restores and returns)."""
+    a = Asm()
+    for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
+        a.push(reg)
+    a.mov_rr64(R15, RDI)
+    a.mov_rr64(R8, RSI)
+    a.load64(R14, R15, OFF_TLB_R)
+    a.load64(R13, R15, OFF_TLB_W)
+    a.load32(RAX, R15, OFF_EFLAGS)
+    a.and32(RAX, ARITH)  # never TF, DF, AC into the host's flags
+    a.push(RAX)
+    a.popfq()
+    for g in HELD:
+        a.load32(g, R15, OFF_R + 4 * g)
+    a.jmp_reg(R8)
+    return a.finish()
+
+
+@dataclass
+class MemOperand:
+    mod: int
+    rm: int
+    base: int | None  # guest register, None: no base
+    index: int | None
+    scale: int
+    disp: int
+    seg: int
+
+
+@dataclass
+class Insn:
+    eip: int
+    raw: bytes
+    row: Op
+    p66: bool
+    opmap: str
+    code: int
+    modrm: int | None
+    mem: MemOperand | None
+    imm_at: int  # offset of the immediate in raw (== len(raw) - imm size)
+    size: int  # operand size in bytes (1, 2, 4)
+
+
+def parse(raw: bytes, eip: int) -> Insn | None:
+    """The instruction at raw[0] if the native tier translates it, else None."""
+    pos = 0
+    p66 = False
+    while pos < len(raw) and raw[pos] == 0x66:
+        p66 = True
+        pos += 1
+    if pos >= len(raw):
+        return None
+    opmap = ""
+    if raw[pos] == 0x0F:
+        opmap = "0F"
+        pos += 1
+    if pos >= len(raw):
+        return None
+    code = raw[pos]
+    pos += 1
+    row = lookup(opmap, code, raw[pos] if pos < len(raw) else None)
+    if row is None or row.native is None:
+        return None
+    ops = row.operands.split(",") if row.operands else []
+    modrm = None
+    mem = None
+    if has_modrm(row):
+        if pos >= len(raw):
+            return None
+        modrm = raw[pos]
+        pos += 1
+        mod, rm = modrm >> 6, modrm & 7
+        if mod != 3:
+            base: int | None = rm
+            index = None
+            scale = 0
+            if rm == 4:
+                if pos >= len(raw):
+                    return None
+                sib = raw[pos]
+                pos += 1
+                scale, idx, base = sib >> 6, (sib >> 3) & 7, sib & 7
+                index = None if idx == 4 else idx
+                if base == 5 and mod == 0:
+                    base = None
+            elif rm == 5 and mod == 0:
+                base = None
+            dsz = 4 if (mod == 0 and base is None) or mod == 2 else (1 if mod == 1 else 0)
+            if pos + dsz > len(raw):
+                return None
+            disp = int.from_bytes(raw[pos : pos + dsz], "little", signed=True)
+            pos += dsz
+            seg = SS if base in (ESP, EBP) else DS
+            mem = MemOperand(mod, rm, base, index, scale, disp, seg)
+    imm = imm_bytes(row, p66)
+    if pos + imm > len(raw):
+        return None
+    first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
+    size = 1 if first.endswith("b") else (2 if p66 else 4)
+    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size)
+
+
+def _uses_esp(i: Insn) -> bool:
+    """The instruction names ESP as a data register (not allowed: it lives in memory)."""
+    ops = i.row.operands.split(",") if i.row.operands else []
+    for o in ops:
+        sz_byte = o.endswith("b")
+        if o[:1] == "G" and i.modrm is not None and (i.modrm >> 3) & 7 == ESP and not sz_byte:
+            return True
+        if o[:1] == "E" and i.modrm is not None and i.modrm >> 6 == 3 and i.modrm & 7 == ESP:
+            if not sz_byte:
+                return True
+        if o[:1] == "Z" and i.code & 7 == ESP and not sz_byte:
+            return True
+    return False
+
+
+def _mem_size(i: Insn) -> int:
+    """Bytes the memory operand accesses."""
+    if i.row.mnemonic in ("MOVZX", "MOVSX"):
+        return 1 if i.code in (0xB6, 0xBE) else 2
+    return i.size
+
+
+def host_differs(i: Insn) -> int:
+    """The flags where the host's instruction and the Python tiers' closure may give
+    different values (all of them among the row's undefined flags; measured on x86-64
+    hosts by tests/accel/test_emu_native.py). The translator makes them agree where they
+    are live: AF is cleared after a shift by a known count, anything else ends the block
+    before the instruction."""
+    m, code = i.row.mnemonic, i.code
+    if m in ("MUL", "IMUL"):  # SF ZF AF PF
+        return 0xD4
+    if m in ("SHLD", "SHRD"):
+        return 0x810
+    if i.opmap:
+        return 0
+    if code in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
+        of = 0 if _shift_count(i) == 1 else 0x800  # OF is defined for a count of 1
+        if m == "RCR":
+            return of
+        if m in ("SHL", "SAL", "SAR"):
+            return 0x10
+        if m == "SHR":
+            return 0x10 | of
+    return 0
+
+
+def _shift_count(i: Insn) -> int | None:
+    """The count of a shift by an immediate or by 1 (None: by CL)."""
+    if i.code in (0xD0, 0xD1):
+        return 1
+    if i.code in (0xC0, 0xC1):
+        return i.raw[-1] & 31
+    return None
+
+
+def _writes_mem(i: Insn) -> bool:
+    ops = i.row.operands.split(",") if i.row.operands else []
+    if not ops or ops[0][:1] != "E":
+        return False
+    return i.row.mnemonic not in _RD_ONLY
+
+
+class Translator:
+    """Builds the host code of one block."""
+
+    def __init__(self, start: int) -> None:
+        self.a = Asm()
+        self.start = start
+        self.n = 0  # stubs made
+        self.stubs: list[tuple[str, list]] = []
+
+    # -- exits ---------------------------------------------------------------------
+    def exit_to(self, eip: int | None, ndone: int, reason: int, eip_reg: int | None = None) -> str:
+        """A stub leaving for Python with EIP = eip (or eip_reg); returns its label."""
+        name = f"x{self.n}"
+        self.n += 1
+        self.stubs.append((name, [eip, ndone, reason, eip_reg]))
+        return name
+
+    def _emit_stubs(self) -> None:
+        a = self.a
+        for name, (eip, ndone, reason, eip_reg) in self.stubs:
+            a.label(name)
+            if eip_reg is not None:
+                a.store32(R15, OFF_EIP, eip_reg)
+            else:
+                a.store_imm32(R15, OFF_EIP, eip)
+            a.store_imm32(R15, OFF_NDONE, ndone)
+            a.store_imm32(R15, OFF_REASON, reason)
+            a.jmp("epilogue")
+        a.label("epilogue")
+        a.pushfq()
+        a.pop(R11)
+        a.store32(R15, OFF_EFLAGS, R11)
+        for g in HELD:
+            a.store32(R15, OFF_R + 4 * g, g)
+        for reg in (R15, R14, R13, R12, 5, 3):
+            a.pop(reg)
+        a.ret()
+
+    # -- memory --------------------------------------------------------------------
+    def address(self, m: MemOperand, dst: int, with_segment: bool = True) -> None:
+        """dst32 = the operand's offset (+ its segment base); flags untouched."""
+        a = self.a
+        base = m.base
+        if base == ESP:
+            a.load32(R12, R15, OFF_ESP)
+            base = R12
+        if base is None:
+            a.mov_imm32(dst, m.disp)
+            if m.index is not None:
+                a._mem(b"\x8d", dst, dst, 0, index=m.index, scale=m.scale)
+        else:
+            a._mem(b"\x8d", dst, base, m.disp, index=m.index, scale=m.scale)
+        if with_segment:
+            a.load32(R10, R15, OFF_SBASE + 4 * m.seg)
+            a.lea32(dst, dst, 0, index=R10)
+
+    def lookup(self, addr: int, size: int, write: bool, k: int, restore: bool,
+               reads: bool = True) -> None:  # fmt: skip
+        """R10 = host address of the guest bytes at linear addr32 (R8, R10, R11 scratch),
+        or leave at instruction k with the state before it."""
+        a = self.a
+        miss = f"m{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)  # the guest flags, for the miss path and to restore
+        a.mov_rr32(R10, addr)
+        a.shr32(R10, 12)
+        a.load64_index8(R10, R13 if write else R14, R10)
+        a.test64(R10, R10)
+        a.jcc(4, miss)  # JE: no entry
+        a.mov_rr32(R8, addr)
+        a.and32(R8, 0xFFF)
+        a.cmp32(R8, 0x1000 - size)
+        a.jcc(7, miss)  # JA: the access would cross into the next page
+        a.add64(R10, R8)
+        if restore:
+            a.push(R11)
+            a.popfq()
+        # A read-modify-write misses as a read first (#PF error code W=0), as the
+        # closures, which read before they write.
+        self.misses.append((miss, addr, (1 if write else 0) | (2 if write and reads else 0), k))
+
+    def _emit_misses(self) -> None:
+        a = self.a
+        for miss, addr, write, k in self.misses:
+            a.label(miss)
+            a.push(R11)
+            a.popfq()
+            a.store32(R15, OFF_MISS_ADDR, addr)
+            a.store_imm32(R15, OFF_MISS_WRITE, write)
+            a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
+
+    # -- instructions ----------------------------------------------------------------
+    def copy(self, i: Insn, k: int, restore: bool) -> bool:
+        """The guest instruction itself, its memory operand rewritten to [R10]."""
+        a = self.a
+        raw = i.raw
+        pre = b"\x66" if i.p66 else b""
+        esc = b"\x0f" if i.opmap == "0F" else b""
+        code = i.code
+        if i.opmap == "" and code == 0x82:
+            code = 0x80  # the 80 alias, invalid in 64-bit mode
+        if i.opmap == "" and 0x40 <= code <= 0x4F:  # INC/DEC r: REX prefixes on the host
+            a.raw(pre + bytes((0xFF, 0xC0 | (code & 8) | (code & 7))))
+            return True
+        imm = raw[i.imm_at :]
+        if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
+            return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
+        if i.mem is None:
+            a.raw(
+                pre
+                + esc
+                + bytes((code,))
+                + (bytes((i.modrm,)) if i.modrm is not None else b"")
+                + imm
+            )
+            return True
+        if i.opmap == "0F" and code in (0xA3, 0xAB, 0xB3, 0xBB):
+            return False  # a register bit offset reaches past the operand in memory
+        reg = (i.modrm >> 3) & 7
+        ops = i.row.operands.split(",")
+        if any(o[:1] == "G" and o.endswith("b") for o in ops) and reg >= 4:
+            return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
+        self.address(i.mem, R9)
+        store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
+        self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
+        a.raw(pre + b"\x41" + esc + bytes((code, reg << 3 | 2)) + imm)  # [R10]
+        return True
+
+    def lea(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.mem is None or i.p66:
+            return False
+        self.address(i.mem, R9, with_segment=False)
+        self.a.mov_rr32((i.modrm >> 3) & 7, R9)
+        return True
+
+    def _stack_addr(self, delta: int) -> None:
+        """R9 = ESP + delta, R12 = SS base + R9 (the linear address); flags untouched."""
+        a = self.a
+        a.load32(R9, R15, OFF_ESP)
+        if delta:
+            a.lea32(R9, R9, delta)
+        a.load32(R10, R15, OFF_SBASE + 4 * SS)
+        a.lea32(R12, R9, 0, index=R10)
+
+    def push_r(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        self.a.raw(bytes((0x41, 0x89, (i.code & 7) << 3 | 2)))  # mov [r10], r32
+        self.a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def push_i(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        imm = int.from_bytes(i.raw[i.imm_at :], "little", signed=True) & 0xFFFFFFFF
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        self.a.raw(b"\x41\xc7\x02" + imm.to_bytes(4, "little"))  # mov dword [r10], imm32
+        self.a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def pop_r(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, restore)
+        self.a.raw(bytes((0x41, 0x8B, (i.code & 7) << 3 | 2)))  # mov r32, [r10]
+        self.a.lea32(R9, R9, 4)
+        self.a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def call(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        self.a.raw(b"\x41\xc7\x02" + nxt.to_bytes(4, "little"))
+        self.a.store32(R15, OFF_ESP, R9)
+        self.a.jmp(self.exit_to(target, k + 1, EXIT_END))
+        return True
+
+    def ret(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        extra = int.from_bytes(i.raw[i.imm_at :], "little") if i.code == 0xC2 else 0
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, restore)
+        self.a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        self.a.lea32(R9, R9, 4 + extra)
+        self.a.store32(R15, OFF_ESP, R9)
+        self.a.jmp(self.exit_to(None, k + 1, EXIT_END, eip_reg=R8))
+        return True
+
+    def branch(self, i: Insn, k: int, restore: bool) -> bool:
+        """Jcc/JMP rel: end of the block (a branch to its start loops)."""
+        if i.p66:
+            return False
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+        taken = self._loop_or_exit(target, k + 1)
+        if i.row.mnemonic == "JMP":
+            self.a.jmp(taken)
+        else:
+            self.a.jcc(i.code & 15, taken)
+            self.a.jmp(self.exit_to(nxt, k + 1, EXIT_END))
+        return True
+
+    def _loop_or_exit(self, target: int, n: int) -> str:
+        if target != self.start:
+            return self.exit_to(target, n, EXIT_END)
+        name = f"l{self.n}"
+        self.n += 1
+        self.loops.append((name, n))
+        return name
+
+    def _emit_loops(self) -> None:
+        """A branch back to the start: count the pass, and go on while budget remains."""
+        a = self.a
+        for name, n in self.loops:
+            out = f"o{self.n}"
+            self.n += 1
+            a.label(name)
+            a.pushfq()
+            a.pop(R11)
+            a.sub_mem_imm32(R15, OFF_BUDGET, 1)
+            a.jcc(4, out)  # budget spent
+            a.add_mem_imm32(R15, OFF_LOOPS, n)
+            a.push(R11)
+            a.popfq()
+            a.jmp("start")
+            a.label(out)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(self.start, n, EXIT_BUDGET))
+
+    # -- the block -------------------------------------------------------------------
+    def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
+        """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
+        many of them it translates: fewer where one cannot be, and then the flag liveness
+        it was built with is wrong past them, so the caller builds that prefix again."""
+        self.insns = insns
+        self.misses: list = []
+        self.loops: list = []
+        # Flag liveness from the table: restore the guest flags after a TLB lookup only
+        # where something reads them before they are all written (or the block ends).
+        live = ARITH
+        live_out = [0] * len(insns)
+        for k in range(len(insns) - 1, -1, -1):
+            i = insns[k]
+            live_out[k] = live
+            if i.mem is not None or i.row.native in ("push_r", "pop_r", "push_i", "call", "ret"):
+                live = ARITH  # its TLB miss leaves for Python before it: all flags show
+                continue
+            row = i.row
+            kill = row.flags_written & ~row.flags_undefined & ~row.flags_read
+            live = (live & ~kill) | (row.flags_read & ARITH)
+        a = self.a
+        a.label("start")
+        done = 0
+        for k, i in enumerate(insns):
+            method = getattr(self, i.row.native)
+            differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
+            fix_af = False
+            if differ:
+                cnt = _shift_count(i)
+                if differ != 0x10 or cnt is None:
+                    break  # the Python tiers run it, with their values of those flags
+                fix_af = cnt != 0  # a count of 0 leaves the flags as they were
+            # After a TLB lookup the guest flags go back into the host's unless this
+            # instruction defines them all: a later exit (a miss further on) shows them.
+            row = i.row
+            kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
+            if _uses_esp(i) or not method(i, k, not kills_all):
+                break
+            if fix_af:
+                a.raw(b"\x9c\x80\x24\x24\xef\x9d")  # pushfq; and byte [rsp], ~AF; popfq
+            done = k + 1
+            if i.row.ends_block:
+                break
+        if done == 0:
+            return None, 0
+        if done < len(insns):
+            return None, done
+        last = insns[done - 1]
+        if not last.row.ends_block:
+            nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
+            reason = EXIT_END if done == len(insns) and fall == nxt else EXIT_FALLBACK
+            a.jmp(self.exit_to(nxt, done, reason))
+        self.insns = insns
+        self._emit_misses()
+        self._emit_loops()
+        self._emit_stubs()
+        return a.finish(), done
+
+
+def translate_block(read, eip: int, page_left: int) -> tuple[bytes, int] | None:
+    """Host code for the block at eip: read(n) gives the guest code bytes there (up to
+    the end of its page, `page_left` bytes). Returns (code, instructions) or None."""
+    code = read(page_left)
+    insns: list[Insn] = []
+    pos = 0
+    while len(insns) < MAX_INSNS and pos < len(code):
+        i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF)
+        if i is None:
+            break
+        insns.append(i)
+        pos += len(i.raw)
+        if i.row.ends_block:
+            break
+    if not insns:
+        return None
+    fall = (eip + pos) & 0xFFFFFFFF
+    while True:
+        out, done = Translator(eip).build(insns, fall)
+        if out is not None:
+            return out, done
+        if done == 0:
+            return None
+        insns = insns[:done]  # the block ends after them: build again with that liveness
+        fall = (insns[-1].eip + len(insns[-1].raw)) & 0xFFFFFFFF
+
+
+__all__ = ["EXIT_BUDGET", "EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "translate_block"]
