@@ -11,7 +11,12 @@ import pytest
 
 from boite import guestkit
 from boite.machine.builder import build_machine
-from boite.machine.loader import KernelFormatError, extract_payload, parse_setup_header
+from boite.machine.loader import (
+    KernelFormatError,
+    choose_unpack,
+    extract_payload,
+    parse_setup_header,
+)
 from boite.machine.loader.bootstate import ZERO_PAGE_ADDR
 from boite.machine.loader.elf import parse_elf
 
@@ -74,3 +79,45 @@ def test_hostile_payloads_are_refused(debian686, tmp_path, payload, words) -> No
     k.write_bytes(data)
     with pytest.raises(KernelFormatError, match=words):
         build_machine(64, kernel=k, protocol="linux-unpacked")
+
+
+def test_auto_unpacks_a_32bit_xz_bzimage_under_the_emulator_only(debian686) -> None:
+    path = str(debian686.debian686_vmlinuz)
+    choice = choose_unpack(path, "auto", emulator=True)
+    assert choice.unpack and "xz payload" in choice.reason
+    assert not choose_unpack(path, "auto", emulator=False).unpack
+    assert choose_unpack(path, "true", emulator=False).unpack
+    off = choose_unpack(path, "false", emulator=True)
+    assert not off.unpack and "off" in off.reason
+
+
+def test_auto_leaves_what_cannot_be_unpacked(debian686, tmp_path) -> None:
+    data = debian686.debian686_vmlinuz.read_bytes()
+    k64 = bytearray(data)
+    struct.pack_into("<H", k64, 0x236, 0x1)  # XLF_KERNEL_64: a 64-bit kernel
+    unknown = _with_payload(data, b"\x02\x21\x4c\x18" + bytes(64))  # lz4
+    cases = {"64": (bytes(k64), "64-bit"), "lz4": (unknown, "not gzip, xz or lzma"),
+             "elf": (b"\x7fELF" + bytes(0x300), "not a Linux bzImage")}  # fmt: skip
+    for name, (blob, words) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        choice = choose_unpack(str(tmp_path / name), "auto", emulator=True)
+        assert not choice.unpack and words in choice.reason, (name, choice)
+        with pytest.raises(KernelFormatError, match=words):
+            choose_unpack(str(tmp_path / name), "true", emulator=True)
+
+
+def test_box_key_kernel_unpack(tmp_path) -> None:
+    from boite.box.config import BoxConfig
+    from boite.box.vmxdict import VmxDict
+    from boite.errors import ConfigError
+
+    def setting(value: str | None) -> str:
+        text = 'config.version = "8"\n' + (
+            f'boite.kernelUnpack = "{value}"\n' if value is not None else ""
+        )
+        return BoxConfig(VmxDict.parse(text, source="t.vmx")).kernel_unpack
+
+    assert [setting(v) for v in (None, "auto", "TRUE", "FALSE", "yes")] == [
+        "auto", "auto", "true", "false", "true"]  # fmt: skip
+    with pytest.raises(ConfigError, match='boite.kernelUnpack = .sometimes.: expected "auto"'):
+        setting("sometimes")

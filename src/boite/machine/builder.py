@@ -143,7 +143,7 @@ def build_machine(
     if box is not None:
         return machine_from_box(
             box, console=console, emulated_irqchip=emulated_irqchip, clock_ns=clock_ns,
-            extra_devices=extra_devices,
+            extra_devices=extra_devices, protocol=protocol,
         )  # fmt: skip
     if cpus is not None:
         num_vcpus = cpus
@@ -274,6 +274,7 @@ def machine_from_box(
     emulated_irqchip: bool = True,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
+    protocol: str = "auto",
 ) -> Machine:
     """Build the machine a box describes (a boite.box.Box): `memsize`, `numvcpus`,
     `serialN.fileType`/`fileName` (COM1 is also the attachable `console` when one is
@@ -322,7 +323,7 @@ def machine_from_box(
             cmdline=config.get_str("boite.cmdline") or "",
             emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
             persist_cmos=persist, persist_delay=NVRAM_SAVE_DELAY_S, clock_ns=clock_ns,
-            extra_devices=extra_devices,
+            extra_devices=extra_devices, protocol=protocol,
         )  # fmt: skip
     except BaseException:
         for b in opened:

@@ -9,6 +9,8 @@ initrd goes as high as it fits below `initrd_addr_max` and the top of low RAM.
 from __future__ import annotations
 
 import lzma
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -87,7 +89,9 @@ def is_bzimage(data: bytes) -> bool:
     )
 
 
-def parse_setup_header(data: bytes, path: str) -> SetupHeader:
+def parse_setup_header(data: bytes, path: str, whole: bool = True) -> SetupHeader:
+    """The setup header of a bzImage; with `whole` (the default) `data` is the whole
+    file and its size is checked against the header's."""
     if len(data) < 0x210:
         raise KernelFormatError(
             f"{path}: {len(data)} bytes is too short for a Linux kernel (setup header ends "
@@ -130,6 +134,8 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
             f"{path}: a zImage (loadflags {loadflags:#04x} at 0x211 without LOADED_HIGH); "
             f"only bzImage kernels are supported"
         )
+    if not whole:
+        return hdr
     if hdr.setup_size >= len(data):
         raise KernelFormatError(
             f"{path}: setup code of {hdr.setup_sects} sectors (offset 0x1f1) leaves no kernel in "
@@ -175,6 +181,66 @@ def extract_payload(data: bytes, path: str, limit: int = 1 << 30) -> bytes:
             f"{path}: payload decompresses to more than {limit} bytes (the kernel's own bound)"
         )
     return out
+
+
+# `boite.kernelUnpack` / `boite boot --kernel-unpack`: when boite unpacks a bzImage itself.
+UNPACK_SETTINGS = ("auto", "true", "false")
+_PAYLOAD_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"))
+
+
+@dataclass(frozen=True)
+class UnpackChoice:
+    """Whether boite unpacks this kernel on the host, and why (for vmware.log and -v)."""
+
+    unpack: bool
+    reason: str
+
+
+def choose_unpack(path: str, setting: str, emulator: bool) -> UnpackChoice:
+    """Decide for `setting` ("auto", "true", "false"): "auto" unpacks when the emulator
+    runs the guest and the kernel is a 32-bit bzImage with a gzip, xz or lzma payload
+    (where its own decompressor would take minutes of emulated time; under KVM it takes
+    milliseconds); "true" unpacks such a kernel whatever the accelerator and refuses any
+    other; "false" never unpacks. Reads only the setup header and the payload's magic."""
+    if setting not in UNPACK_SETTINGS:
+        raise ValueError(f"kernel unpack setting {setting!r}: expected one of {UNPACK_SETTINGS}")
+    if setting == "false":
+        return UnpackChoice(False, "kernel unpacking is off")
+    problem, compression = _unpackable(path)
+    if problem is not None:
+        if setting == "true":
+            raise KernelFormatError(f"{path}: cannot unpack this kernel on the host: {problem}")
+        return UnpackChoice(False, f"not unpacked: {problem}")
+    if setting == "auto" and not emulator:
+        return UnpackChoice(False, "not unpacked: hardware virtualization decompresses it fast")
+    return UnpackChoice(True, f"unpacked on the host ({compression} payload), entered at startup_32")
+
+
+def _unpackable(path: str) -> tuple[str | None, str]:
+    """(why this file cannot be unpacked or None, the payload's compression)."""
+    try:
+        with open(path, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return "not a regular file", ""
+            head = fh.read(0x268)
+            if not is_bzimage(head):
+                return "not a Linux bzImage", ""
+            try:
+                hdr = parse_setup_header(head + b"\0" * (0x268 - len(head)), path, whole=False)
+            except KernelFormatError as e:
+                return str(e), ""
+            if hdr.supports_64bit_entry:
+                return "a 64-bit kernel (unpacking enters 32-bit kernels)", ""
+            if not hdr.payload_length:
+                return f"boot protocol {hdr.version_str} has no payload fields", ""
+            fh.seek(hdr.setup_size + hdr.payload_offset)
+            magic = fh.read(6)
+    except OSError as e:
+        return f"cannot read it: {e.strerror}", ""
+    for prefix, name in _PAYLOAD_MAGIC:
+        if magic.startswith(prefix):
+            return None, name
+    return f"payload compression {magic[:4].hex()} is not gzip, xz or lzma", ""
 
 
 def load_linux(
