@@ -7,10 +7,16 @@ emulator's own counter (the program is deterministic, so QEMU runs the same coun
 QEMU's start-up is removed by timing a short and a long run and using the difference.
 
 Usage: python bench/emu.py [--iter N] [--profile] [--linux KERNEL INITRD]
+                           [--stock BZIMAGE INITRD [--stock-marker TEXT]]
 (KERNEL: the kit's i386 vmlinux, booted through its PVH entry, or its bzImage; both boite
 and QEMU boot the same files.) It also runs under PyPy (`pypy3 bench/emu.py ...`).
+--stock: a stock distribution kernel (Debian 12's linux-image-686, the kit's
+`debian686_vmlinuz`) with the kit's initramfs, 256 MiB: boite unpacks the bzImage on the
+host (protocol linux-unpacked, as `boite boot --accel emu` does), QEMU boots it as a
+bzImage; seconds to the first console line holding TEXT (default: init's BOITE-READY).
 The last line printed is JSON: mips_translated, mips_interpreted, mips_qemu_tcg,
-linux_init_s, linux_init_s_qemu_tcg (null where not measurable yet).
+linux_init_s, linux_init_s_qemu_tcg, stock_kernel_init_s, stock_kernel_init_s_qemu_tcg,
+stock_kernel_marker (null where not measurable yet).
 """
 
 from __future__ import annotations
@@ -127,8 +133,10 @@ READY = b"BOITE-READY"
 LINUX_CMDLINE = 'console=ttyS0 quiet boite.run="uname -a"'
 
 
-def linux_emu(kernel: Path, initrd: Path) -> tuple[float, float]:  # vmlinux or bzImage
-    """(wall, CPU) seconds from start to the guest init's BOITE-READY line."""
+def linux_emu(kernel: Path, initrd: Path, memsize: int = 64, protocol: str = "auto",
+              marker: bytes = READY) -> tuple[float, float]:  # fmt: skip
+    """(wall, CPU) seconds from start to the console's first `marker` (vmlinux or bzImage;
+    the time includes boite's own loading, unpacking a bzImage included)."""
     from boite.machine.builder import build_machine
     from boite.machine.devices.uart import SerialBackend
 
@@ -140,37 +148,37 @@ def linux_emu(kernel: Path, initrd: Path) -> tuple[float, float]:  # vmlinux or 
 
         def write(self, data: bytes) -> None:
             self.buf = (self.buf + data)[-256:]
-            if not seen and READY in self.buf:
+            if not seen and marker in self.buf:
                 seen.append((time.perf_counter() - t0, time.process_time() - c0))
                 acc.pause()
 
-    m = build_machine(64, 1, kernel=kernel, initrd=initrd, cmdline=LINUX_CMDLINE,
-                      console=Console())  # fmt: skip
+    m = build_machine(memsize, 1, kernel=kernel, initrd=initrd, cmdline=LINUX_CMDLINE,
+                      console=Console(), protocol=protocol)  # fmt: skip
     acc = EmuAccelerator()
     acc.create(m)
     res = acc.run()
     if not seen:
-        raise SystemExit(f"Linux did not reach {READY!r} under the emulator: {res}")
+        raise SystemExit(f"Linux did not reach {marker!r} under the emulator: {res}")
     return seen[0]
 
 
-def linux_qemu(kernel: Path, initrd: Path) -> float:
+def linux_qemu(kernel: Path, initrd: Path, memsize: int = 64, marker: bytes = READY) -> float:
     t0 = time.perf_counter()
     p = subprocess.Popen(
         ["qemu-system-i386", "-accel", "tcg", "-kernel", str(kernel), "-initrd", str(initrd),
-         "-append", LINUX_CMDLINE, "-m", "64", "-display", "none", "-serial", "stdio",
+         "-append", LINUX_CMDLINE, "-m", str(memsize), "-display", "none", "-serial", "stdio",
          "-monitor", "none", "-no-reboot"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     assert p.stdout is not None
     try:
         for line in p.stdout:
-            if READY in line:
+            if marker in line:
                 return time.perf_counter() - t0
     finally:
         p.kill()
         p.wait()
-    raise SystemExit("Linux did not reach BOITE-READY under QEMU TCG")
+    raise SystemExit(f"Linux did not reach {marker!r} under QEMU TCG")
 
 
 def main() -> int:
@@ -183,6 +191,19 @@ def main() -> int:
         type=Path,
         metavar=("KERNEL", "INITRD"),
         help="also time the guest kit's i386 Linux to its init marker",
+    )
+    ap.add_argument(
+        "--stock",
+        nargs=2,
+        type=Path,
+        metavar=("BZIMAGE", "INITRD"),
+        help="also time a stock 32-bit bzImage (Debian's 686) to its init marker",
+    )
+    ap.add_argument(
+        "--stock-marker",
+        default=READY.decode(),
+        metavar="TEXT",
+        help="--stock: time to this console text (default: BOITE-READY)",
     )
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="boite-bench-emu-"))
@@ -227,6 +248,16 @@ def main() -> int:
             if shutil.which("qemu-system-i386"):
                 linux_q = linux_qemu(*a.linux)
                 print(f"qemu linux:  init marker after {linux_q:.1f}s", file=sys.stderr)
+        stock_s = stock_q = None
+        if a.stock:
+            marker = a.stock_marker.encode()
+            stock_s, stock_cpu = linux_emu(*a.stock, 256, "linux-unpacked", marker)
+            print(f"stock:       {a.stock_marker!r} after {stock_s:.1f}s ({stock_cpu:.1f} CPU s)",
+                  file=sys.stderr)  # fmt: skip
+            if shutil.which("qemu-system-i386"):
+                stock_q = linux_qemu(*a.stock, 256, marker)
+                print(f"qemu stock:  {a.stock_marker!r} after {stock_q:.1f}s "
+                      f"(ratio {stock_s / stock_q:.1f})", file=sys.stderr)  # fmt: skip
         print(
             json.dumps(
                 {
@@ -235,6 +266,9 @@ def main() -> int:
                     "mips_qemu_tcg": mips_q and round(mips_q, 1),
                     "linux_init_s": linux_s and round(linux_s, 1),
                     "linux_init_s_qemu_tcg": linux_q and round(linux_q, 1),
+                    "stock_kernel_init_s": stock_s and round(stock_s, 1),
+                    "stock_kernel_init_s_qemu_tcg": stock_q and round(stock_q, 1),
+                    "stock_kernel_marker": a.stock_marker if a.stock else None,
                 }
             )
         )
