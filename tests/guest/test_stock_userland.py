@@ -17,6 +17,7 @@ between 3.11.2 and 3.11.7).
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,7 +26,13 @@ from pathlib import Path
 import pytest
 
 from boite import guestkit
-from guests.stockinitrd import StockInitrd, boot_with_markers, stock_initrd
+from guests.stockinitrd import (
+    DISK_MODULES,
+    PROBE_SCRIPT,
+    StockInitrd,
+    boot_with_markers,
+    stock_initrd,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(7200)]
 
@@ -129,3 +136,55 @@ def test_debian_kernel_runs_debian_python(
                               env={"PYTHONHOME": str(tmp_path / "root/usr")}, check=True)  # fmt: skip
         assert guest == _result_line(same.stdout)
     assert run.returncode == 0, run.tail()
+
+
+# --- the same images under QEMU TCG: the helper checked against a real peer -----------------
+requires_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-i386") is None, reason="needs qemu-system-i386 (qemu-system-x86)"
+)
+
+
+def _qemu(kernel: Path, initrd: Path, *extra: str) -> subprocess.CompletedProcess:
+    # no_timer_check: on a loaded host TCG's timer may miss the kernel's IO-APIC check.
+    return subprocess.run(
+        ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-kernel", str(kernel),
+         "-initrd", str(initrd), "-append", "console=ttyS0 quiet no_timer_check "
+         "boite.exitport=0xf4", "-device", "isa-debug-exit,iobase=0xf4", "-display", "none",
+         "-serial", "stdio", "-monitor", "none", "-no-reboot", *extra],
+        capture_output=True, text=True, errors="replace", timeout=900,
+    )  # fmt: skip
+
+
+@requires_qemu
+def test_python_image_under_qemu(userland: StockInitrd) -> None:
+    kit = guestkit.ensure_kit(["debian-686"])
+    r = _qemu(kit.debian686_vmlinuz, userland.path)
+    assert "BOITE-EXIT status=0" in r.stdout, r.stdout[-3000:]
+    assert r.returncode == 1, r.stdout[-3000:]  # isa-debug-exit: (0 << 1) | 1
+    host = subprocess.run(
+        [sys.executable, "-c", FP_PROGRAM], capture_output=True, text=True, check=True
+    ).stdout
+    assert _result_line(r.stdout.replace("\r\n", "\n")) == _result_line(host)
+
+
+@requires_qemu
+def test_stock_modules_find_the_disks_under_qemu(tmp_path: Path) -> None:
+    """The disk-driver image (for the platform tests): Debian's own virtio_pci, virtio_blk,
+    ata_piix and sd_mod load, find QEMU's virtio-blk-pci and IDE disks; 2 CPUs counted."""
+    kit = guestkit.ensure_kit(["debian-686"])
+    img = stock_initrd(run=PROBE_SCRIPT, kernel_deb=kit.debian686_deb, modules=DISK_MODULES)
+    assert img.modules.index("virtio_ring") < img.modules.index("virtio_pci")
+    assert img.modules.index("libata") < img.modules.index("ata_piix")
+    assert img.modules.index("scsi_mod") < img.modules.index("sd_mod")
+    (tmp_path / "vd.img").write_bytes(bytes(64 << 20))
+    (tmp_path / "hd.img").write_bytes(bytes(32 << 20))
+    r = _qemu(kit.debian686_vmlinuz, img.path, "-smp", "2",
+              "-drive", f"file={tmp_path / 'vd.img'},format=raw,if=virtio",
+              "-drive", f"file={tmp_path / 'hd.img'},format=raw,if=ide")  # fmt: skip
+    out = r.stdout.replace("\r\n", "\n")
+    for name in img.modules:
+        assert f"STOCK-INSMOD {name} ok" in out, out[-3000:]
+    assert "STOCK-CPUS 2" in out, out[-3000:]
+    assert "STOCK-DISK vda sectors=131072 driver=virtio_blk" in out, out[-3000:]
+    assert "STOCK-DISK sda sectors=65536 driver=sd" in out, out[-3000:]
+    assert "driver=ata_piix" in out and "driver=virtio-pci" in out, out[-3000:]

@@ -14,8 +14,9 @@ from its package. The boot is then all Debian code, from the kernel to the libc.
     )
     # boot img.path with console=ttyS0 boite.exitport=0x505
 
-    img = stock_initrd(run=PROBE, kernel_deb=kit.debian686_deb,
-                       modules=("virtio_pci", "virtio_blk", "ata_piix", "sd_mod"))
+    # the stock kernel's own drivers, then what they found (STOCK-DISK, STOCK-CPUS ...)
+    img = stock_initrd(run=PROBE_SCRIPT, kernel_deb=kit.debian686_deb,
+                       modules=DISK_MODULES)
 
 What goes in:
 - every file of the `packages` (Debian i386 package names, `:i386` implied) except
@@ -77,6 +78,9 @@ from boite.guestkit import KitError, NewcArchive, cache_root
 FORMAT = 1
 
 ARCH = "i386"
+# The stock drivers of a PC's disks: virtio-blk over virtio-pci, PIIX IDE through libata
+# (sd_mod gives its disks block devices; the virtio disk needs no more).
+DISK_MODULES = ("virtio_pci", "virtio_blk", "ata_piix", "sd_mod")
 # Where Debian's i386 ld.so looks without an ld.so.cache (its built-in trusted dirs).
 LIBRARY_DIRS = ("lib/i386-linux-gnu", "usr/lib/i386-linux-gnu", "lib", "usr/lib")
 # Not needed in a guest, and large.
@@ -117,6 +121,28 @@ if [ "$port" -gt 0 ]; then
   printf "\\$(printf %o $((status & 255)))" | dd of=/dev/port bs=1 seek=$port 2>/dev/null
 fi
 poweroff -f
+"""
+
+# A `run` script for hardware tests: what the stock kernel found, one line per fact.
+#   STOCK-CPUS <n>                        processors the kernel brought up
+#   STOCK-DISK <name> sectors=<n> driver=<module or "?">   every block device but ram/loop
+#   STOCK-PCI <slot> <vendor>:<device> driver=<name or "-">   every PCI function
+PROBE_SCRIPT = r"""
+echo "STOCK-CPUS $(grep -c '^processor' /proc/cpuinfo)"
+for dev in /sys/block/*; do
+  name=${dev##*/}
+  case "$name" in ram*|loop*) continue ;; esac
+  driver=$(readlink "$dev/device/driver" 2>/dev/null)
+  [ -n "$driver" ] || driver=$(readlink "$dev/device/../driver" 2>/dev/null)
+  driver=${driver##*/}
+  echo "STOCK-DISK $name sectors=$(cat "$dev/size") driver=${driver:-?}"
+done
+for fn in /sys/bus/pci/devices/*; do
+  [ -e "$fn" ] || continue
+  driver=$(readlink "$fn/driver" 2>/dev/null)
+  driver=${driver##*/}
+  echo "STOCK-PCI ${fn##*/} $(cat "$fn/vendor"):$(cat "$fn/device") driver=${driver:--}"
+done
 """
 
 _DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "dev", "proc", "sys", "tmp",
