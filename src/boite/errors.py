@@ -43,3 +43,8 @@ class AccelError(BoiteError):
 
 class SnapshotError(BoiteError):
     """A snapshot operation failed or the snapshot tree is inconsistent."""
+
+
+class CheckpointError(SnapshotError):
+    """A .vmsn/.vmss/.vmem file, or a saved device/vCPU state in it, is malformed or does not
+    fit the machine it is loaded into (the message names the file or device and the field)."""

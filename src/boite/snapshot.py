@@ -33,7 +33,7 @@ from boite.box.config import BoxConfig
 from boite.box.limits import Problem
 from boite.box.lock import BoxLock
 from boite.box.vmxdict import VmxDict
-from boite.errors import BoiteError, ConfigError, SnapshotError
+from boite.errors import BoiteError, CheckpointError, ConfigError, SnapshotError
 
 if TYPE_CHECKING:
     from boite.box.box import Box
@@ -681,7 +681,7 @@ def take_snapshot(
     now: Callable[[], float] = time.time,
 ) -> Snapshot:
     """Freeze every disk, record the snapshot (with RAM and devices when `machine` is given)."""
-    from boite.box.checkpoint import Checkpoint, write_checkpoint
+    from boite.box.checkpoint import BOITE_FORMAT_VERSION, Checkpoint, write_checkpoint
     from boite.disk import create_child
 
     if not name.strip():
@@ -721,7 +721,7 @@ def take_snapshot(
             else:
                 ckpt = Checkpoint()
                 g = ckpt.group("boite")
-                g.put_int("formatVersion", 1, 4)
+                g.put_int("formatVersion", BOITE_FORMAT_VERSION, 4)
                 g.put_block("meta", json.dumps({"vmx": _b64(box.vmx.to_bytes())}).encode())
                 ckpt.write(box.dir / vmsn)
             _step()
@@ -754,7 +754,7 @@ def take_snapshot(
 
 def _saved_vmx(box: Box, snap: Snapshot) -> VmxDict | None:
     """The .vmx as it was when the snapshot was taken (kept in its .vmsn)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, read_meta
 
     if not snap.filename:
         return None
@@ -762,14 +762,9 @@ def _saved_vmx(box: Box, snap: Snapshot) -> VmxDict | None:
                        key=f"{snap.where}.filename")  # fmt: skip
     if not path.exists():
         return None
-    group = Checkpoint.read(path).groups.get("boite")
-    raw = group.bytes("meta") if group is not None else None
-    if not raw:
-        return None
-    meta = json.loads(raw)
-    if "vmx" not in meta:
-        return None
-    return VmxDict.parse(base64.b64decode(meta["vmx"]), str(box.vmx_path))
+    _, meta = read_meta(Checkpoint.read(path), str(path))
+    vmx = meta.vmx_bytes()
+    return None if vmx is None else VmxDict.parse(vmx, str(box.vmx_path))
 
 
 def _referenced_links(box: Box, tree: SnapshotTree, vmx: VmxDict) -> set[str]:
@@ -797,7 +792,7 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
     """Go back to a snapshot: the current state's own deltas are dropped, every disk gets a
     fresh child of the snapshot's frozen link, and the .vmx is the snapshot's again. A
     memory snapshot is then resumed by the next `start` (checkpoint.vmState)."""
-    from boite.box.checkpoint import Checkpoint
+    from boite.box.checkpoint import Checkpoint, check_resumable
     from boite.disk import create_child
 
     with _Locked(box, lock_held):
@@ -820,6 +815,8 @@ def revert_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
                 vmx[f"{d.node}.present"] = "TRUE"
             vmsn = box.dir / snap.filename
             has_memory = vmsn.exists() and "memory" in Checkpoint.read(vmsn).groups
+            if has_memory:
+                check_resumable(vmsn)  # a damaged state is refused now, not at the next start
             _drop_suspend_keys(vmx)
             if has_memory:
                 vmx["checkpoint.vmState"] = snap.filename
@@ -1110,7 +1107,7 @@ def render_tree(data: dict[str, Any]) -> str:
 def check_snapshot_tree(box: Box) -> list[Problem]:
     """Everything wrong with a box's snapshots: the .vmsd itself, missing files, CID chains
     that do not hold, and a .vmx that does not hang from the current snapshot."""
-    from boite.box.checkpoint import Checkpoint, CheckpointError
+    from boite.box.checkpoint import Checkpoint
     from boite.disk import disk_info
 
     problems: list[Problem] = []
@@ -1359,6 +1356,8 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
     register halves, no r8-r15, and it keeps no FPU/SSE image, no LAPIC and none of KVM's
     VM-wide state (those `extra` blobs are ignored; the emulator's PIC/PIT devices carry
     their own state)."""
+    from boite.accel.kvm import abi
+
     if accel_name != "emu":
         return []
     problems = []
@@ -1368,33 +1367,52 @@ def unportable_state(states: list[Any], accel_name: str) -> list[str]:
         wide = [r for r, v in st.gpr.items() if v >> 32] + (["rip"] if st.rip >> 32 else [])
         if wide:
             problems.append(f"vCPU {n} has 64-bit values in {', '.join(wide)}")
+        # It runs vCPU 0 only: the others must be waiting for INIT/SIPI (as its
+        # load_cpu_state checks too late for a restore that must be all or nothing).
+        parked = (st.extra.get("emu") or {}).get("parked") or st.extra.get("kvm_mp_state") in (
+            abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED,
+        )  # fmt: skip
+        if n and not parked:
+            problems.append(f"vCPU {n} was running, and the emulator runs only vCPU 0")
     return problems
 
 
 def restore_machine(machine: Any, accel: Any, path: Path) -> None:
-    """Put a checkpoint into a machine whose accelerator was just created: RAM, device
-    state, then the vCPUs (after devices, so interrupt state lands on restored devices)."""
-    from boite.box.checkpoint import read_checkpoint
+    """Put a checkpoint into a machine whose accelerator was just created, all or nothing:
+    the container, every vCPU, the RAM layout and every device's record are checked
+    before the first byte of RAM or register changes; then RAM, devices, and the vCPUs
+    (after devices, so interrupt state lands on restored devices)."""
+    from boite.box.checkpoint import load_saved_memory, read_saved_state
 
-    saved = read_checkpoint(path, memory=machine.memory)
+    saved = read_saved_state(path)
     unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
     if unportable:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: the {accel.name} accelerator cannot resume this state: "
             f'{"; ".join(unportable)} (resume it with monitor.virtual_exec = "hardware")'
         )
-    missing = sorted(set(saved.device_state) - set(machine.devices))
-    if missing:
-        raise SnapshotError(
-            f"{path}: saved state for device(s) {', '.join(missing)} which this machine "
-            "does not have (was the .vmx changed?)"
-        )
-    machine.load_device_state(saved.device_state)
     if len(saved.cpu_states) != machine.num_vcpus:
-        raise SnapshotError(
+        raise CheckpointError(
             f"{path}: {len(saved.cpu_states)} vCPUs saved, the machine has {machine.num_vcpus}"
         )
+    ram = sorted((r.gpa, r.size) for r in machine.memory.regions)
+    held = sorted((gpa, size) for gpa, _, size in saved.regions)
+    if held != ram:
+        raise CheckpointError(
+            f"{path}: group 'memory' holds RAM {_ranges(held)}, this machine has "
+            f"{_ranges(ram)} (was memsize changed?)"
+        )
+    try:
+        records = machine.check_device_state(saved.device_state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_saved_memory(saved, path.with_suffix(".vmem"), machine.memory)
+    machine.apply_device_state(records)
     accel.load_cpu_state([s.to_dict() for s in saved.cpu_states])
+
+
+def _ranges(spans: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{gpa:#x}+{size:#x}" for gpa, size in spans)
 
 
 def resuming_accelerator(

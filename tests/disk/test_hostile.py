@@ -149,10 +149,22 @@ def test_overlapping_grains_found_by_check(good_disk, tmp_path):
     with open_disk(p, read_only=True) as d:
         ext = d.extents[0]
         entries = [e for _, e in ext.allocated()]
-        gt_sector = ext.gd[0]
+        gt_sector, rgt_sector = ext.gd[0], ext.rgd[0]
+        before = d.read(0, d.size)
     with open(p, "r+b") as f:
         f.seek(gt_sector * 512 + 4 * 63)
         f.write(struct.pack("<I", entries[0]))
+    # the redundant table still says what entry 63 was: reported, and repaired from it
+    report = check_disk(p)
+    assert not report.ok and any("redundant GT names grains" in e for e in report.errors)
+    assert check_disk(p, repair=True).ok
+    with open_disk(p, read_only=True) as d:
+        assert d.read(0, d.size) == before
+    # both copies agree on the overlap: nothing to repair it from
+    for sector in (gt_sector, rgt_sector):
+        with open(p, "r+b") as f:
+            f.seek(sector * 512 + 4 * 63)
+            f.write(struct.pack("<I", entries[0]))
     report = check_disk(p)
     assert not report.ok and any("share sector" in e for e in report.errors)
 

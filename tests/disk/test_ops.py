@@ -65,8 +65,10 @@ def test_convert_every_type_both_ways(tmp_path, dst_type):
     assert read_all(dst) == model
     info = disk_info(dst)
     assert info.capacity == 12 * MiB
-    # sparseness kept: far less than the capacity is allocated
-    assert info.allocated < 8 * MiB
+    # sparseness kept: far less than the capacity is allocated (flat types are preallocated,
+    # as vdiskmanager's -t 2/-t 3 are, and the filesystem may call any of that data)
+    if dst_type not in ("flat", "split-flat"):
+        assert info.allocated < 8 * MiB
     if dst_type != "raw":
         qemu_check(dst)
     back = tmp_path / "back.vmdk"

@@ -46,7 +46,16 @@ def sample_cpu(n: int = 0) -> CpuState:
     st.fxsave = bytes(range(256)) * 2
     st.halted = n % 2 == 1
     st.pending_interrupt = 0x20 if n == 0 else None
-    st.extra = {"kvm": {"tsc": 123456789}, "note": "x"} if n == 0 else {}
+    st.extra = (
+        {
+            "kvm_mp_state": 3,
+            "kvm_lapic": "ab" * 1024,
+            "emu": {"cpl": 0},
+            "interrupt_bitmap": [0, 1 << 63, 0, 0],
+        }
+        if n == 0
+        else {}
+    )
     return st
 
 
@@ -132,11 +141,13 @@ def test_machine_round_trip(tmp_path) -> None:
         "rtc": {"cmos": bytes(128)},
     }
     vmsn, vmem = tmp_path / "box-Snapshot1.vmsn", tmp_path / "box-Snapshot1.vmem"
-    write_checkpoint(vmsn, vmem, [cpus[0], cpus[1].to_dict()], mem, devices, meta={"accel": "kvm"})
+    write_checkpoint(
+        vmsn, vmem, [cpus[0], cpus[1].to_dict()], mem, devices, meta={"accelerator": "kvm"}
+    )
     saved = read_checkpoint(vmsn)
     assert [c.to_dict() for c in saved.cpu_states] == [c.to_dict() for c in cpus]
     assert saved.device_state == devices
-    assert saved.meta == {"accel": "kvm"}
+    assert saved.meta == {"accelerator": "kvm"}
     assert saved.regions == [(0, 0, 2 * MiB), (1 << 32, 2 * MiB, MiB)]
     for r in mem.regions:
         assert saved.memory.read(r.gpa, r.size) == mem.read(r.gpa, r.size)

@@ -186,3 +186,78 @@ def test_huge_region_is_refused_before_allocating(tmp_path) -> None:
     rewrite(tmp_path, ckpt, "memory", "regionSize", 0, int=0xFFFF_FFFF)  # 16 TiB of RAM
     with pytest.raises(CheckpointError, match="describes 0xffffffff000 bytes of .vmem"):
         read_checkpoint(tmp_path / "v.vmsn")
+
+
+@pytest.mark.parametrize(
+    ("group", "name", "indices", "change", "match"),
+    [
+        ("cpu", "rip", (0,), {"block_int": 1 << 64}, "vCPU 0: rip: .* is outside"),
+        ("cpu", "eflags", (0,), {"int": 0x8000_0002}, "vCPU 0: rflags: 0x80000002 has bits"),
+        ("cpu", "segSelector", (0, 9), {"int": 0}, "cpu 0 has segment number 9"),
+        ("cpu", "IDTR", (0, 0), {"int": 0x1_0000}, "vCPU 0: idt.limit"),
+        ("cpu", "CR64", (0, 8), {"int": 16}, "vCPU 0: cr8: 0x10 is outside 0x0..0xf"),
+        ("cpu", "CR64", (0, 0), {"int": 0x8000_0010}, "cr0: 0x80000010 has paging on in real mode"),
+        ("cpu", "CR64", (0, 0), {"int": 0x2000_0011}, "cr0: 0x20000011 has NW set without CD"),
+        ("cpu", "EFER", (0,), {"int": 0x400}, "efer: 0x400: LMA must be set exactly when"),
+        ("cpu", "FXSAVE", (0,), {"block": bytes(100)}, "vCPU 0: fxsave: 100 bytes, expected 0 or 512"),
+        ("cpu", "pendingInterrupt", (0,), {"int": 256}, "vCPU 0: pending_interrupt"),
+        ("cpu", "boite:extra", (0,), {"json": {"kvm_lapic": "00" * 1023}}, "extra.kvm_lapic: 1023 bytes, expected 1024"),
+        ("cpu", "boite:extra", (0,), {"json": {"kvm_mp_state": 9}}, "extra.kvm_mp_state: 9 is not one of"),
+        ("cpu", "boite:extra", (0,), {"json": {"emu": {"cpl": 4}}}, "extra.emu.cpl: 0x4 is outside 0x0..0x3"),
+        ("cpu", "boite:extra", (0,), {"json": {"emu": {"dr": [0] * 7}}}, "extra.emu.dr: 7 items, expected 8"),
+        ("cpu", "boite:extra", (0,), {"json": {"kvm_xcrs": {"x": 1}}}, "extra.kvm_xcrs: XCR index 'x'"),
+        ("cpu", "boite:extra", (0,), {"json": {"kvm_vm": {"kvm_irqchip": ["01" + "00" * 519]}}}, "kvm_irqchip\\[0\\]: chip_id is not 0"),
+        ("cpu", "boite:extra", (0,), {"json": {"surprise": 1}}, "extra.surprise: unknown field"),
+        ("cpu", "boite:extra", (0,), {"block": b"[" * 100_000 + b"]" * 100_000}, "not valid JSON"),
+        ("boite", "meta", (), {"json": {"vcpus": 2}}, "meta.vcpus is 2, the 'cpu' group has 1"),
+        ("boite", "meta", (), {"json": {"accelerator": "qemu"}}, "meta.accelerator: 'qemu' is not one of"),
+        ("boite", "meta", (), {"json": {"vmx": "***"}}, "meta.vmx: not base64"),
+        ("boite", "meta", (), {"json": {"who": "me"}}, "meta.who: unknown field"),
+        ("boite", "formatVersion", (), {"int": 1}, "formatVersion 1, this boite reads 2"),
+    ],
+)  # fmt: skip
+def test_checked_vcpu_and_meta_records(tmp_path, group, name, indices, change, match) -> None:
+    ckpt, _ = valid_files(tmp_path)
+    if "json" in change:
+        change = {"block": json.dumps(change["json"]).encode()}
+    if "block_int" in change:  # a register tag wider than 8 bytes
+        g = ckpt.groups[group]
+        rewrite(tmp_path, ckpt, group, name, *indices)
+        g.put_inline(name, change["block_int"].to_bytes(9, "little"), *indices)
+        ckpt.write(tmp_path / "v.vmsn")
+    else:
+        rewrite(tmp_path, ckpt, group, name, *indices, **change)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(tmp_path / "v.vmsn", tmp_path / "v.vmem", memory=GuestMemory.with_ram(MiB))
+
+
+def test_block_whose_sizes_disagree_is_refused() -> None:
+    stream = b"\x3f\x01b" + struct.pack("<QQH", 1, 2, 0) + b"x\x00\x00"
+    with pytest.raises(CheckpointError, match="stores 1 bytes but says 2 in memory"):
+        Checkpoint.parse(one_group(stream))
+
+
+def test_overlapping_groups_are_refused() -> None:
+    offset = HEADER.size + 2 * GROUP_DESC.size
+    data = header(2) + GROUP_DESC.pack(b"a", offset, 4) + GROUP_DESC.pack(b"b", offset + 2, 2)
+    data += b"\x00\x00\x00\x00"
+    with pytest.raises(CheckpointError, match="group 'b' overlaps group 'a'"):
+        Checkpoint.parse(data)
+
+
+def test_only_a_complete_checkpoint_is_resumed(tmp_path) -> None:
+    valid_files(tmp_path)
+    raw = bytearray((tmp_path / "v.vmsn").read_bytes())
+    raw[:4] = (0xBED3BED3).to_bytes(4, "little")  # VMware's partial checkpoint
+    (tmp_path / "v.vmsn").write_bytes(raw)
+    with pytest.raises(CheckpointError, match="a partial checkpoint .* resumes only a complete"):
+        read_checkpoint(tmp_path / "v.vmsn")
+
+
+def test_oversized_device_state_is_refused_before_parsing(tmp_path) -> None:
+    from boite.box.checkpoint import DEVICE_STATE_MAX
+
+    ckpt, _ = valid_files(tmp_path)
+    rewrite(tmp_path, ckpt, "boite", "deviceState", block=b" " * (DEVICE_STATE_MAX + 1))
+    with pytest.raises(CheckpointError, match="bytes of JSON, at most"):
+        read_checkpoint(tmp_path / "v.vmsn")

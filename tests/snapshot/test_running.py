@@ -307,7 +307,7 @@ def test_the_emulator_refuses_a_64_bit_state(tmp_path) -> None:
     from boite.machine.memory import GuestMemory
     from boite.snapshot import restore_machine, unportable_state
 
-    st = CpuState(efer=0x500)
+    st = CpuState(efer=0x500, cr0=0x8000_0011, cr4=0x20)  # long mode: LME, LMA, PG, PAE
     st.gpr["r9"] = 1 << 40
     assert unportable_state([st], "kvm") == []
     assert unportable_state([st], "emu") == [

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
-from boite.errors import SnapshotError
+from boite.errors import CheckpointError
 from boite.machine.memory import GuestMemory
+from boite.machine.state import Choice, Int, StateRecord, Text, checked
 
 MAGIC = 0xBED2BED2  # what boite writes: a complete checkpoint, 64-bit block sizes
 MAGIC_OLD = 0xBED0BED0  # pre-64-bit checkpoints: u32 block sizes
@@ -62,11 +63,15 @@ INDICES_MAX = 3
 NULL_TAG = b"\x00\x00"
 PAGE_SIZE = 4096
 
-BOITE_FORMAT_VERSION = 1
-
-
-class CheckpointError(SnapshotError):
-    """A .vmsn/.vmss/.vmem file is malformed or does not fit the machine it is loaded into."""
+# Version 2: every device state is a versioned record (machine/state.py) and the meta
+# record is checked. Version 1 files hold unchecked device state and are not resumed.
+BOITE_FORMAT_VERSION = 2
+META_FORMAT_VERSIONS = (1, 2)  # the meta block (the .vmx a snapshot was taken with) is alike
+# JSON blocks bigger than this are not a state boite wrote (the largest device queues are
+# a few MiB); refused before parsing.
+DEVICE_STATE_MAX = 64 << 20
+META_MAX = 16 << 20
+CPU_EXTRA_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,7 @@ class Checkpoint:
             )
         ckpt = cls(magic, version)
         wide = magic != MAGIC_OLD
+        spans: dict[str, tuple[int, int]] = {}
         for i in range(ngroups):
             at = HEADER.size + i * GROUP_DESC.size
             raw_name, offset, size = GROUP_DESC.unpack_from(data, at)
@@ -275,6 +281,12 @@ class Checkpoint:
                     f"{source}: offset {at:#x}: group {name!r} spans {offset:#x}+{size:#x}, "
                     f"outside the file's tag area {table_end:#x}..{end:#x}"
                 )
+            for other, (o_start, o_end) in spans.items():
+                if offset < o_end and o_start < offset + size:
+                    raise CheckpointError(
+                        f"{source}: offset {at:#x}: group {name!r} overlaps group {other!r}"
+                    )
+            spans[name] = (offset, offset + size)
             group = CheckpointGroup(name)
             for tag in _parse_tags(data, offset, offset + size, wide, f"{source}: group {name!r}"):
                 group.add(tag)
@@ -324,7 +336,12 @@ def _parse_tags(
             raise CheckpointError(
                 f"{where}: offset {start:#x}: block {name} sizes run past {end:#x}"
             )
-        nbytes, _in_memory, pad = sizes.unpack_from(data, pos)
+        nbytes, in_memory, pad = sizes.unpack_from(data, pos)
+        if valsize == VALSIZE_BLOCK and in_memory != nbytes:
+            raise CheckpointError(
+                f"{where}: offset {start:#x}: block {name} stores {nbytes} bytes but says "
+                f"{in_memory} in memory (only a compressed block differs)"
+            )
         pos += sizes.size + pad
         if pos > end or nbytes > end - pos:
             raise CheckpointError(
@@ -452,6 +469,9 @@ def put_cpu_states(group: CheckpointGroup, states: Sequence[CpuState]) -> None:
 
 
 def get_cpu_states(group: CheckpointGroup) -> list[CpuState]:
+    """Every vCPU's state, each field checked (`accel/statecheck.py`)."""
+    from boite.accel.statecheck import check_cpu_state
+
     count = group.int("cpu:numVCPUs")
     if count > 4096:
         raise CheckpointError(f"group 'cpu': cpu:numVCPUs is {count}, boite allows at most 4096")
@@ -500,7 +520,8 @@ def get_cpu_states(group: CheckpointGroup) -> list[CpuState]:
             st.pending_interrupt = gi("pendingInterrupt", n)
         extra = group.bytes("boite:extra", n)
         if extra is not None:
-            st.extra = _json_load(extra, f"group 'cpu': boite:extra[{n}]")
+            st.extra = _json_load(extra, f"group 'cpu': boite:extra[{n}]", CPU_EXTRA_MAX)
+        check_cpu_state(st, n)
         states.append(st)
     return states
 
@@ -550,11 +571,15 @@ def _json_bytes(value: Any) -> bytes:
         raise CheckpointError(f"cannot save machine state: {exc}") from None
 
 
-def _json_load(data: bytes, where: str) -> Any:
+def _json_load(data: bytes, where: str, limit: int) -> Any:
+    if len(data) > limit:
+        raise CheckpointError(f"{where}: {len(data)} bytes of JSON, at most {limit}")
     try:
         return json.loads(data, object_hook=_json_hook)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{where}: not valid JSON device/CPU state: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{where}: not valid JSON device/CPU state: {str(exc)[:80]}"
+        ) from None
 
 
 @dataclass
@@ -634,19 +659,68 @@ def read_layout(ckpt: Checkpoint, source: str) -> list[tuple[int, int, int]]:
     return layout
 
 
-def read_checkpoint(
-    path_vmsn: str | os.PathLike[str],
-    path_vmem: str | os.PathLike[str] | None = None,
-    memory: GuestMemory | None = None,
-    memory_is_zero: bool = False,
-) -> SavedMachine:
-    """Load a checkpoint. RAM goes into `memory` (every region must fit in it) or, when
-    none is given, into a new GuestMemory shaped like the checkpoint's regions.
-    `memory_is_zero` says the given memory is fresh, so holes in the .vmem need no zeroing."""
-    from boite.box.vmem import read_vmem
+@dataclass(frozen=True)
+class CheckpointMeta(StateRecord):
+    """The `meta` block: how the state was taken. Each key may be absent."""
 
+    accelerator: str | None = checked(Choice("kvm", "emu"), default=None)
+    vcpus: int | None = checked(Int(1, 4096), default=None)
+    vmx: str | None = checked(Text(META_MAX), default=None)  # the .vmx, base64
+
+    def validate(self) -> None:
+        self.vmx_bytes()
+
+    def vmx_bytes(self) -> bytes | None:
+        if self.vmx is None:
+            return None
+        try:
+            return base64.b64decode(self.vmx, validate=True)
+        except ValueError:
+            raise self.invalid("vmx", "not base64") from None
+
+
+def read_meta(ckpt: Checkpoint, source: str) -> tuple[dict[str, Any], CheckpointMeta]:
+    """The `boite` group's meta block as data and as a checked record ({} without one)."""
+    group = ckpt.groups.get("boite")
+    raw = group.bytes("meta") if group is not None else None
+    if group is None or raw is None:
+        return {}, CheckpointMeta()
+    version = group.int("formatVersion")
+    if version not in META_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"{source}: group 'boite': formatVersion {version}, this boite reads "
+            f"{BOITE_FORMAT_VERSION}"
+        )
+    meta = _json_load(raw, f"{source}: meta", META_MAX)
+    try:
+        rec = CheckpointMeta.from_dict(meta, "meta", versioned=False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: group 'boite': {exc}") from None
+    return meta, rec
+
+
+@dataclass
+class SavedState:
+    """A checkpoint's vCPUs, device state and RAM layout, read and checked; no RAM yet."""
+
+    source: str
+    cpu_states: list[CpuState]
+    device_state: dict[str, Any]
+    regions: list[tuple[int, int, int]]
+    meta: dict[str, Any]
+
+
+def read_saved_state(path_vmsn: str | os.PathLike[str]) -> SavedState:
+    """Everything of a checkpoint but its RAM, each part checked: the container, the vCPU
+    states, the RAM layout, the format version and the meta record. Device state comes
+    back as data for `Machine.check_device_state`, which knows the devices."""
     source = str(path_vmsn)
     ckpt = Checkpoint.read(path_vmsn)
+    if ckpt.magic != MAGIC:
+        raise CheckpointError(
+            f"{source}: a {KNOWN_MAGICS[ckpt.magic]} ({ckpt.magic:#010x}); boite resumes "
+            f"only a complete one ({MAGIC:#010x})"
+        )
     if "cpu" not in ckpt.groups:
         raise CheckpointError(f"{source}: no 'cpu' group")
     states = get_cpu_states(ckpt.groups["cpu"])
@@ -662,13 +736,63 @@ def read_checkpoint(
                 f"{BOITE_FORMAT_VERSION}"
             )
         raw = boite.bytes("deviceState")
-        device_state = _json_load(raw, f"{source}: deviceState") if raw is not None else {}
-        raw_meta = boite.bytes("meta")
-        meta = _json_load(raw_meta, f"{source}: meta") if raw_meta is not None else {}
-        if not isinstance(device_state, dict) or not isinstance(meta, dict):
+        if raw is not None:
+            device_state = _json_load(raw, f"{source}: deviceState", DEVICE_STATE_MAX)
+        if not isinstance(device_state, dict):
             raise CheckpointError(f"{source}: group 'boite': device state is not a dictionary")
+        meta, rec = read_meta(ckpt, source)
+        if rec.vcpus is not None and rec.vcpus != len(states):
+            raise CheckpointError(
+                f"{source}: group 'boite': meta.vcpus is {rec.vcpus}, the 'cpu' group has "
+                f"{len(states)}"
+            )
+    return SavedState(source, states, device_state, layout, meta)
+
+
+def check_resumable(path_vmsn: Path) -> SavedState:
+    """A memory snapshot that a revert may point the box at: the checkpoint reads back
+    whole (`read_saved_state`) and its .vmem holds every region. The devices are checked
+    when a machine is built for it (`Machine.check_device_state`, at resume)."""
+    saved = read_saved_state(path_vmsn)
+    vmem = path_vmsn.with_suffix(".vmem")
+    try:
+        size = os.stat(vmem).st_size
+    except OSError as exc:
+        raise CheckpointError(f"{vmem}: cannot open guest RAM file: {exc.strerror}") from None
+    end = max(offset + length for _, offset, length in saved.regions)
+    if end > size:
+        raise CheckpointError(
+            f"{path_vmsn}: group 'memory' describes {end:#x} bytes of .vmem, {vmem} has {size:#x}"
+        )
+    return saved
+
+
+def read_checkpoint(
+    path_vmsn: str | os.PathLike[str],
+    path_vmem: str | os.PathLike[str] | None = None,
+    memory: GuestMemory | None = None,
+    memory_is_zero: bool = False,
+) -> SavedMachine:
+    """Load a checkpoint. RAM goes into `memory` (every region must fit in it) or, when
+    none is given, into a new GuestMemory shaped like the checkpoint's regions.
+    `memory_is_zero` says the given memory is fresh, so holes in the .vmem need no zeroing."""
+    saved = read_saved_state(path_vmsn)
     if path_vmem is None:
         path_vmem = Path(path_vmsn).with_suffix(".vmem")
+    memory = load_saved_memory(saved, path_vmem, memory, memory_is_zero)
+    return SavedMachine(saved.cpu_states, saved.device_state, memory, saved.regions, saved.meta)
+
+
+def load_saved_memory(
+    saved: SavedState,
+    path_vmem: str | os.PathLike[str],
+    memory: GuestMemory | None = None,
+    memory_is_zero: bool = False,
+) -> GuestMemory:
+    """Read a checkpoint's RAM from its .vmem into `memory` (or a new GuestMemory)."""
+    from boite.box.vmem import read_vmem
+
+    source, layout = saved.source, saved.regions
     created = memory is None
     if memory is None:
         # Allocate only what the .vmem really holds: a hostile .vmsn can name terabytes.
@@ -700,4 +824,4 @@ def read_checkpoint(
         if created:
             memory.close()
         raise
-    return SavedMachine(states, device_state, memory, layout, meta)
+    return memory

@@ -32,6 +32,12 @@ class BlockImage(abc.ABC):
     def discard(self, offset: int, length: int) -> None:  # noqa: B027 - optional by design
         """Tell the image the range is unused; afterwards it reads as zeroes or old data."""
 
+    def prefetch(self, offset: int, length: int) -> None:  # noqa: B027 - optional by design
+        """Hint that [offset, offset+length) will be read soon (start reading it now)."""
+
+    def start_writeback(self) -> None:  # noqa: B027 - optional by design
+        """Start writing what was written so far to storage, without waiting for it."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Flush and release the image's files; safe to call twice."""

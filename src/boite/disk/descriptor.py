@@ -6,6 +6,7 @@ extent (`ACCESS SECTORS TYPE "FILE" [OFFSET]`), and the disk database (`ddb.key 
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import secrets
@@ -36,6 +37,9 @@ _EXTENT_RE = re.compile(
     r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$'
 )
 _KV_RE = re.compile(r"^([A-Za-z0-9_.]+)\s*=\s*(.*)$")
+# the encoding line is ASCII in every encoding a descriptor may use, so it can be found
+# before the text is decoded
+_ENCODING_RE = re.compile(rb'^[ \t]*encoding[ \t]*=[ \t]*"?([^"\r\n]*?)"?[ \t]*\r?$', re.MULTILINE)
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Descriptor:
     version: int = 1
     extents: list[ExtentLine] = field(default_factory=list)
     ddb: dict[str, str] = field(default_factory=dict)
+    # what the `encoding` key names (Workstation on Windows writes e.g. "windows-1252");
+    # boite writes a descriptor back in the encoding it was read in
+    encoding: str = "UTF-8"
 
     @property
     def capacity_sectors(self) -> int:
@@ -84,7 +91,7 @@ class Descriptor:
         lines = [
             "# Disk DescriptorFile",
             f"version={self.version}",
-            'encoding="UTF-8"',
+            f'encoding="{self.encoding}"',
             f"CID={self.cid:08x}",
             f"parentCID={self.parent_cid:08x}",
             f'createType="{self.create_type}"',
@@ -96,6 +103,41 @@ class Descriptor:
         lines += ["", "# The Disk Data Base", "#DDB", ""]
         lines += [f'{k} = "{v}"' for k, v in self.ddb.items()]
         return "\n".join(lines) + "\n"
+
+    def to_bytes(self) -> bytes:
+        """The rendered text in the descriptor's encoding (UTF-8 when a name does not fit it)."""
+        try:
+            return self.render().encode(self.encoding)
+        except (UnicodeEncodeError, LookupError):
+            self.encoding = "UTF-8"
+            return self.render().encode("utf-8")
+
+
+def descriptor_codec(text: bytes, path, where: int = 0) -> str:
+    """The codec the descriptor's `encoding` key names (UTF-8 without one)."""
+    m = _ENCODING_RE.search(text)
+    if m is None:
+        return "utf-8"
+    name = m.group(1).decode("ascii", "replace").strip()
+    at = where + m.start()
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise DiskFormatError(
+            f"{path}: encoding {name!r} at offset {at} is not an encoding boite knows"
+        ) from None
+    # the structure (keys, quotes, digits, newlines) must read as ASCII in it
+    probe = 'encoding="x" RW 0123456789\n'
+    try:
+        ascii_compatible = probe.encode(info.name) == probe.encode("ascii")
+    except UnicodeError:
+        ascii_compatible = False
+    if not ascii_compatible:
+        raise DiskFormatError(
+            f"{path}: encoding {name!r} at offset {at} is not ASCII-compatible; a descriptor "
+            "is ASCII text with names in an ASCII-compatible encoding"
+        )
+    return info.name
 
 
 def new_cid(old: int | None = None) -> int:
@@ -120,18 +162,20 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
             f"{path}: descriptor at offset {where} is {len(text)} bytes, more than {MAX_DESCRIPTOR_BYTES}"
         )
     text = text.split(b"\0", 1)[0]
+    codec = descriptor_codec(text, path, where)
     try:
-        body = text.decode("utf-8")
+        body = text.decode(codec)
     except UnicodeDecodeError as exc:
         raise DiskFormatError(
-            f"{path}: descriptor at offset {where + exc.start} is not UTF-8 text"
+            f"{path}: descriptor at offset {where + exc.start} is not {codec} text "
+            "(its encoding key)"
         ) from None
     desc = Descriptor(create_type="")
     seen_cid = False
     line_offset = where
     for raw_line in body.splitlines(keepends=True):
         here = line_offset
-        line_offset += len(raw_line.encode())
+        line_offset += len(raw_line.encode(codec))
         line = raw_line.strip()
         if not line or line.startswith("#"):
             continue
@@ -181,7 +225,9 @@ def parse_descriptor(text: bytes, path: str | os.PathLike, where: int = 0) -> De
             desc.create_type = value
         elif key == "parentFileNameHint":
             desc.parent_hint = value
-        # encoding, isNativeSnapshot, ... carry no meaning for us
+        elif key == "encoding":
+            desc.encoding = value
+        # isNativeSnapshot, ... carry no meaning for us
     if not desc.create_type:
         raise DiskFormatError(f"{path}: descriptor at offset {where} has no createType")
     if desc.create_type not in CREATE_TYPES:

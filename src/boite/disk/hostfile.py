@@ -13,6 +13,29 @@ FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 
 IOV_MAX = 1024
+SYNC_FILE_RANGE_WRITE = 2
+try:
+    _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range = _libc.sync_file_range
+except AttributeError:  # not Linux
+    _sync_file_range = None
+
+
+def will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range into the page cache now (asynchronously):
+    many of these keep many reads in flight where one synchronous read at a time keeps one."""
+    if length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages back without waiting, so that the final
+    fdatasync finds little left to do (its writing overlaps the copy's reading)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def open_image_file(path, writable: bool) -> int:
@@ -34,6 +57,15 @@ def open_image_file(path, writable: bool) -> int:
         raise DiskFormatError(f"{path}: at offset 0: not a regular file or block device")
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
+
+
+def fsync_dir(path) -> None:
+    """Make renames and new names in a directory durable."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def pread_full(fd: int, mv: memoryview, offset: int) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from boite.disk.descriptor import (
     new_cid,
     parent_path,
 )
-from boite.disk.hostfile import is_zero, open_image_file
+from boite.disk.hostfile import fsync_dir, is_zero, open_image_file
 from boite.disk.raw import RawImage
 from boite.disk.sparse import (
     DEFAULT_GRAIN,
@@ -120,6 +123,9 @@ def create_disk(
     """Create an empty disk. A name not ending in .vmdk (or type 'raw') makes a raw image.
 
     `descriptor`, when given, supplies CID, parent and disk database for the new VMDK.
+    Flat types are preallocated (as vdiskmanager's `-t 2`/`-t 3`); an operating-system
+    failure (no space, file too large) leaves no file behind and is raised as the OSError
+    it is (the CLI says it in one line, with its errno name under --json).
     """
     path = Path(path)
     if disk_type not in DISK_TYPES:
@@ -129,9 +135,67 @@ def create_disk(
     sectors = _sectors(capacity_bytes)
     if disk_type == "raw" and is_vmdk_name(path):
         raise DiskError(f"{path}: a .vmdk name means VMDK; pick another name for a raw image")
+    made: list[Path] = []
+    try:
+        _create_files(path, sectors, disk_type, adapter, descriptor, overwrite, made)
+    except BaseException:
+        for f in made:
+            f.unlink(missing_ok=True)
+        raise
+
+
+def _new_file(path: Path, made: list[Path], overwrite: bool) -> int:
+    if not overwrite and path.exists():
+        raise DiskError(f"{path}: already exists; refusing to overwrite it")
+    fd = _private(str(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+    made.append(path)
+    return fd
+
+
+def _preallocated(path: Path, nbytes: int, made: list[Path], overwrite: bool) -> None:
+    """A file of `nbytes` whose blocks are all reserved (posix_fallocate)."""
+    fd = _new_file(path, made, overwrite)
+    try:
+        if nbytes:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                exc.filename = str(path)
+                raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_room(path: Path, nbytes: int) -> None:
+    """Refuse a preallocation the filesystem cannot hold before reserving any of it: a
+    failing fallocate would first fill the filesystem for everyone else."""
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: a preallocated disk needs {nbytes} bytes, the "
+            f"filesystem has {free} free",
+            str(path),
+        )
+
+
+def _create_files(
+    path: Path,
+    sectors: int,
+    disk_type: str,
+    adapter: str,
+    descriptor: Descriptor | None,
+    overwrite: bool,
+    made: list[Path],
+) -> None:
     if disk_type == "raw" or not is_vmdk_name(path):
-        with open(path, "wb", opener=_private) as f:
-            f.truncate(sectors * SECTOR)
+        fd = _new_file(path, made, True)
+        try:
+            os.ftruncate(fd, sectors * SECTOR)
+        finally:
+            os.close(fd)
         return
     create_type = CREATE_TYPE_OF[disk_type]
     d = _base_descriptor(create_type, sectors, adapter)
@@ -143,29 +207,34 @@ def create_disk(
         )
         d.ddb = dict(descriptor.ddb) or d.ddb
     stem = path.name[: -len(".vmdk")]
+    if disk_type in ("flat", "split-flat"):
+        _check_room(path, sectors * SECTOR)
     if disk_type == "thin":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
-        create_sparse(path, sectors, d.render().encode())
+        made.append(path)
+        create_sparse(path, sectors, d.to_bytes())
     elif disk_type == "stream":
         d.extents = [ExtentLine("RW", sectors, "SPARSE", path.name)]
-        StreamWriter(path, sectors, d.render().encode()).close()
+        made.append(path)
+        StreamWriter(path, sectors, d.to_bytes()).close()
     elif disk_type == "flat":
         name = f"{stem}-flat.vmdk"
         d.extents = [ExtentLine("RW", sectors, "FLAT", name, 0)]
-        with open(path.parent / name, "wb", opener=_private) as f:
-            f.truncate(sectors * SECTOR)
+        _preallocated(path.parent / name, sectors * SECTOR, made, overwrite)
+        made.append(path)
         write_descriptor_file(path, d)
     else:
         sparse = disk_type == "split-thin"
         for i, n in enumerate(_split_sizes(sectors), 1):
             name = f"{stem}-{'s' if sparse else 'f'}{i:03d}.vmdk"
             if sparse:
+                made.append(path.parent / name)
                 create_sparse(path.parent / name, n)
                 d.extents.append(ExtentLine("RW", n, "SPARSE", name))
             else:
-                with open(path.parent / name, "wb", opener=_private) as f:
-                    f.truncate(n * SECTOR)
+                _preallocated(path.parent / name, n * SECTOR, made, overwrite)
                 d.extents.append(ExtentLine("RW", n, "FLAT", name, 0))
+        made.append(path)
         write_descriptor_file(path, d)
 
 
@@ -217,7 +286,7 @@ def _store_descriptor(path: Path, desc: Descriptor, embedded: bool) -> None:
         try:
             if not ext.header.desc_offset:
                 raise DiskError(f"{path}: sparse extent has no room for a descriptor")
-            ext.write_descriptor(desc.render().encode())
+            ext.write_descriptor(desc.to_bytes())
             os.fsync(ext.fd)
         finally:
             ext.close()
@@ -352,9 +421,9 @@ def check_disk(path, repair: bool = False) -> CheckReport:
             raise DiskError(f"{p}: no such disk")
         return report  # a raw image has no metadata to be inconsistent
     desc, embedded = read_descriptor(p)
-    files: list[Path] = []
+    files: list[tuple[Path, int | None]] = []
     if embedded:
-        files.append(p)
+        files.append((p, None))
     else:
         for line in desc.extents:
             if line.kind == "ZERO":
@@ -364,20 +433,23 @@ def check_disk(path, repair: bool = False) -> CheckReport:
                 report.errors.append(f"extent file {f} is missing")
                 continue
             if line.kind == "SPARSE":
-                files.append(f)
-    for f in files:
+                files.append((f, line.sectors))
+            elif line.kind in ("FLAT", "VMFS"):
+                _check_flat_length(f, line, report)
+    for f, sectors in files:
         try:
             fd = open_image_file(f, False)
             try:
                 report.unclean |= os.pread(fd, 1, 72) == b"\x01"
             finally:
                 os.close(fd)
-            res = check_sparse(f, repair=repair)
+            res = check_sparse(f, repair=repair, expected_sectors=sectors)
         except DiskFormatError as exc:
             report.errors.append(str(exc))
             continue
         report.errors += [f"{f}: {e}" for e in res.errors]
         report.fixed += [f"{f}: {x}" for x in res.fixed]
+        report.warnings += [f"{f}: {x}" for x in res.warnings]
         report.leaked_bytes += res.leaked_bytes
     if report.leaked_bytes:
         report.warnings.append(
@@ -396,6 +468,22 @@ def check_disk(path, repair: bool = False) -> CheckReport:
     if not info.chain_ok:
         report.errors.append(info.chain_error or "parent chain is broken")
     return report
+
+
+def _check_flat_length(f: Path, line: ExtentLine, report: CheckReport) -> None:
+    """A flat extent file must hold what its descriptor line says. Reads past its end give
+    zeroes (as qemu's file driver does, and as a sparse file's unwritten tail would), so
+    a file cut short (an interrupted copy) loses data silently: check says so."""
+    st = f.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return
+    need = (line.offset + line.sectors) * SECTOR
+    if st.st_size < need:
+        report.errors.append(
+            f"extent file {f} is {st.st_size} bytes, but its descriptor line (at offset "
+            f"{line.where}) needs {need}: the last {need - st.st_size} bytes of the extent are "
+            "missing and read as zeroes"
+        )
 
 
 # -- map ----------------------------------------------------------------------------------
@@ -472,41 +560,104 @@ def map_disk(path) -> list[MapEntry]:
 # -- convert / rebuild --------------------------------------------------------------------
 
 
+READERS = 4  # threads reading the source ahead of the copy (qemu-img convert keeps 8 requests)
+IN_FLIGHT = 8  # chunks read ahead
+
+
+def _read_ahead(src: BlockImage, chunks: list[tuple[int, int, int, int]]):
+    """Yield (chunk, its bytes) in order. A local source is read by READERS threads,
+    IN_FLIGHT chunks ahead, each first hinting its whole chunk to the kernel (posix_fadvise
+    WILLNEED on the host ranges under it): a cold copy keeps many reads in flight instead
+    of one synchronous read at a time, and reading overlaps the writing."""
+    if not getattr(src, "parallel_reads", False) or len(chunks) < 2:
+        buf = bytearray(COPY_CHUNK)
+        for c in chunks:
+            mv = memoryview(buf)[: c[1]]
+            src.read_into(c[0], mv)
+            yield c, mv
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(c: tuple[int, int, int, int], buf: bytearray) -> bytearray:
+        src.prefetch(c[0], c[1])
+        src.read_into(c[0], memoryview(buf)[: c[1]])
+        return buf
+
+    free = [bytearray(COPY_CHUNK) for _ in range(IN_FLIGHT)]
+    pending: deque = deque()
+    nxt = 0
+    with ThreadPoolExecutor(READERS, thread_name_prefix="boite-copy") as pool:
+        try:
+            while nxt < len(chunks) or pending:
+                while free and nxt < len(chunks):
+                    pending.append((chunks[nxt], pool.submit(job, chunks[nxt], free.pop())))
+                    nxt += 1
+                c, fut = pending.popleft()
+                buf = fut.result()
+                yield c, memoryview(buf)[: c[1]]
+                free.append(buf)
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def _chunks(
+    size: int, ranges: list[tuple[int, int]], grain: int
+) -> list[tuple[int, int, int, int]]:
+    """(position, length, range start, range end) of every read the copy makes, in order."""
+    out = []
+    copied_to = 0  # ranges may share a grain (4 KiB holes in a raw file): copy each once
+    for off, n in ranges:
+        end = off + n
+        pos = max(off - off % grain, copied_to)
+        while pos < end:
+            m = min(COPY_CHUNK, size - pos, -(-(end - pos) // grain) * grain)
+            out.append((pos, m, off, end))
+            pos += m
+            copied_to = pos
+    return out
+
+
+WRITE_BEHIND = 32 << 20  # bytes written between two writeback starts
+
+
 def _copy(
     src: BlockImage,
     ranges: list[tuple[int, int]],
     sink: Callable[[int, memoryview], None],
     progress: Progress,
     grain: int = DEFAULT_GRAIN * SECTOR,
+    dst: BlockImage | None = None,
 ) -> None:
-    """Read `ranges` of src in chunks and hand every non-zero, grain-aligned run to sink."""
+    """Read `ranges` of src in chunks and hand every non-zero, grain-aligned run to sink.
+
+    `dst` (the image sink writes to) is told to start writing back every WRITE_BEHIND
+    bytes, so that its final fdatasync overlaps the copy instead of following it.
+    """
     total = sum(n for _, n in ranges)
     done = 0
-    buf = bytearray(COPY_CHUNK)
-    copied_to = 0  # ranges may share a grain (4 KiB holes in a raw file): copy each once
-    for off, n in ranges:
-        end = off + n
-        pos = max(off - off % grain, copied_to)
-        while pos < end:
-            m = min(COPY_CHUNK, src.size - pos, -(-(end - pos) // grain) * grain)
-            mv = memoryview(buf)[:m]
-            src.read_into(pos, mv)
-            run = None
-            for g in range(0, m, grain):
-                piece = mv[g : g + grain]
-                if is_zero(piece):
-                    if run is not None:
-                        sink(pos + run, mv[run:g])
-                        run = None
-                elif run is None:
-                    run = g
-            if run is not None:
-                sink(pos + run, mv[run:m])
-            done += max(0, min(pos + m, end) - max(pos, off))
-            pos += m
-            copied_to = pos
-            if progress:
-                progress(min(done, total), total)
+    written = 0
+    for (pos, m, off, end), mv in _read_ahead(src, _chunks(src.size, ranges, grain)):
+        run = None
+        for g in range(0, m, grain):
+            piece = mv[g : g + grain]
+            if is_zero(piece):
+                if run is not None:
+                    sink(pos + run, mv[run:g])
+                    written += g - run
+                    run = None
+            elif run is None:
+                run = g
+        if run is not None:
+            sink(pos + run, mv[run:m])
+            written += m - run
+        if dst is not None and written >= WRITE_BEHIND:
+            dst.start_writeback()
+            written = 0
+        done += max(0, min(pos + m, end) - max(pos, off))
+        if progress:
+            progress(min(done, total), total)
 
 
 def _merge_ranges(entries: list[MapEntry]) -> list[tuple[int, int]]:
@@ -533,13 +684,79 @@ def convert_disk(
         disk_type = "raw"
     if is_vmdk_name(dst) and disk_type == "raw":
         raise DiskError(f"{dst}: a .vmdk name means VMDK; pick another name for a raw image")
+    if dst.exists():
+        raise DiskError(f"{dst}: already exists; refusing to overwrite a disk")
     with open_disk(src, read_only=True) as s:
         ranges = _merge_ranges(image_map(s))
         ad = adapter
         if ad is None and isinstance(s, VmdkDisk):
             ad = s.descriptor.ddb.get("ddb.adapterType")
         ad = ad if ad in ("ide", "buslogic", "lsilogic", "legacyESX") else "lsilogic"
-        _write_new(s, ranges, dst, disk_type, s.size, progress, ad, None)
+        # Build the new disk under a hidden directory beside the target and move it into
+        # place only when complete: a killed convert leaves nothing under the target's names.
+        tmpdir = _staging_dir(dst)
+        try:
+            new = tmpdir / dst.name
+            create_disk(new, s.size, disk_type, adapter=ad)
+            # every name the disk will have must be free before the (long) copy starts
+            for f in tmpdir.iterdir():
+                if (dst.parent / f.name).exists():
+                    raise DiskError(
+                        f"{dst.parent / f.name}: already exists; refusing to overwrite it"
+                    )
+            _write_new(s, ranges, new, disk_type, s.size, progress, ad, None, created=True)
+            _move_into_place(tmpdir, dst)
+        except OSError as exc:  # disk full, file too large, ...: named by the target
+            exc.filename, exc.filename2 = str(dst), None
+            raise
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+STAGING = ".boite-convert-"
+
+
+def _staging_dir(dst: Path) -> Path:
+    """A fresh hidden directory beside `dst`, named for this process; the leftovers of
+    converts to the same name whose process is gone are removed first."""
+    prefix = f".{dst.name}{STAGING}"
+    try:
+        for old in dst.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = old.name[len(prefix) :]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        tmpdir = dst.parent / f"{prefix}{os.getpid()}"
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        tmpdir.mkdir(mode=0o700)
+    except OSError as exc:
+        raise DiskError(f"{dst}: cannot write there: {exc.strerror or exc}") from None
+    return tmpdir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(tmpdir: Path, dst: Path) -> None:
+    """Extents first, the descriptor (or the only file) last, never over an existing file."""
+    for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == dst.name):
+        target = dst.parent / f.name
+        try:
+            os.link(f, target)  # fails if the name was taken meanwhile, unlike rename
+            f.unlink()
+        except FileExistsError:
+            raise DiskError(f"{target}: already exists; refusing to overwrite it") from None
+        except OSError:  # a filesystem without hard links
+            if target.exists():
+                raise DiskError(f"{target}: already exists; refusing to overwrite it") from None
+            os.replace(f, target)
+    fsync_dir(dst.parent)
 
 
 def _write_new(
@@ -551,13 +768,16 @@ def _write_new(
     progress: Progress,
     adapter: str,
     descriptor: Descriptor | None,
+    *,
+    created: bool = False,
 ) -> None:
-    create_disk(dst, capacity, disk_type, adapter=adapter, descriptor=descriptor)
+    if not created:
+        create_disk(dst, capacity, disk_type, adapter=adapter, descriptor=descriptor)
     ok = False
     try:
         if disk_type == "stream":
             sd, _ = read_descriptor(dst)  # create_disk took CID, parent and ddb from `descriptor`
-            w = StreamWriter(dst, -(-capacity // SECTOR), sd.render().encode())
+            w = StreamWriter(dst, -(-capacity // SECTOR), sd.to_bytes())
             gb = w.grain_bytes
 
             def sink(off: int, mv: memoryview) -> None:
@@ -583,7 +803,7 @@ def _write_new(
                     if n > 0:
                         t.write(off, mv[:n])
 
-                _copy(s, ranges, sink, progress)
+                _copy(s, ranges, sink, progress, dst=t)
         ok = True
     finally:
         if not ok:
@@ -641,11 +861,7 @@ def _rebuild(path: Path, capacity: int, drop_zero: bool, progress: Progress) -> 
             old_files.discard(path.parent / f.name)
         for f in old_files:
             f.unlink(missing_ok=True)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -726,8 +942,18 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
         f = extent_path(p, line.filename or "")
         line.sectors += sectors - old_sectors
         need = (line.offset + line.sectors) * SECTOR
-        if f.stat().st_size < need:
-            os.truncate(f, need)
+        have = f.stat().st_size
+        if have < need:
+            _check_room(f, need - have)
+            fd = open_image_file(f, True)
+            try:
+                os.posix_fallocate(fd, have, need - have)  # flat stays preallocated
+            except OSError as exc:
+                os.ftruncate(fd, have)
+                exc.filename = str(f)
+                raise
+            finally:
+                os.close(fd)
         desc.ddb.update(
             {k: v for k, v in geometry_ddb(sectors, _adapter(desc)).items() if "geometry" in k}
         )
@@ -738,7 +964,7 @@ def grow_disk(path, new_size: int, progress: Progress = None) -> None:
         desc.extents[0].sectors = sectors
         geo = geometry_ddb(sectors, _adapter(desc))
         desc.ddb.update({k: v for k, v in geo.items() if "geometry" in k})
-        grow_sparse(p, sectors, desc.render().encode())
+        grow_sparse(p, sectors, desc.to_bytes())
         return
     _rebuild(p, sectors * SECTOR, drop_zero=False, progress=progress)
 
@@ -768,18 +994,20 @@ def compact_disk(path, progress: Progress = None) -> None:
     desc, _ = read_descriptor(p)
     if desc.create_type in ("monolithicFlat", "twoGbMaxExtentFlat"):
         with VmdkDisk(p, read_only=False, keep_cid=True) as d:
-            for o, n, _kind in d.own_ranges():
+            buf = bytearray(COPY_CHUNK)
+            for o, n, kind in d.own_ranges():
+                if kind != "data":
+                    continue  # ZERO extents hold nothing to free
                 pos = o
                 while pos < o + n:
                     m = min(COPY_CHUNK, o + n - pos)
-                    buf = d.read(pos, m)
+                    mv = memoryview(buf)[:m]
+                    d.read_into(pos, mv)
                     for g in range(0, m, 65536):
-                        if is_zero(memoryview(buf)[g : g + 65536]):
-                            for ext, start in zip(d.extents, d.starts, strict=True):
-                                a = max(pos + g, start)
-                                b = min(pos + g + min(65536, m - g), start + ext.size)
-                                if a < b:
-                                    ext.discard(a - start, b - a)
+                        if is_zero(mv[g : g + 65536]):
+                            # only the extents under this piece (a descriptor may list
+                            # 100,000 of them: no walk over all of them per piece)
+                            d.discard(pos + g, min(65536, m - g))
                     pos += m
         return
     with VmdkDisk(p, read_only=True) as d:

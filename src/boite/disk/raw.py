@@ -5,8 +5,41 @@ from __future__ import annotations
 import os
 
 from boite.disk.base import BlockImage
-from boite.disk.hostfile import data_ranges, open_image_file, pread_full, pwrite_full, zero_range
+from boite.disk.hostfile import (
+    data_ranges,
+    open_image_file,
+    pread_full,
+    pwrite_full,
+    start_writeback,
+    will_need,
+    zero_range,
+)
 from boite.errors import DiskError
+
+
+class HostFile:
+    """One open host file, shared by every extent of a disk that names it: a descriptor may
+    list thousands of extents in one file, which must cost one descriptor and one sync."""
+
+    def __init__(self, path: str, writable: bool) -> None:
+        self.path = path
+        self.fd = open_image_file(path, writable)
+        self.users = 0
+        self.wrote = False
+
+    def flush(self) -> None:
+        if self.wrote and self.fd >= 0:
+            os.fdatasync(self.fd)
+            self.wrote = False
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.fd >= 0:
+            try:
+                self.flush()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class FlatExtent:
@@ -14,13 +47,22 @@ class FlatExtent:
 
     compressed = False
 
-    def __init__(self, path, size: int, file_offset: int = 0, read_only: bool = True) -> None:
+    def __init__(
+        self,
+        path,
+        size: int,
+        file_offset: int = 0,
+        read_only: bool = True,
+        host: HostFile | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         self.size = size
         self.file_offset = file_offset
         self.read_only = read_only
-        self.fd = open_image_file(self.path, not read_only)
-        self._wrote = False
+        self.host = host if host is not None else HostFile(self.path, not read_only)
+        self.host.users += 1
+        self.fd = self.host.fd
+        self._open = True
 
     def read_into(self, off: int, mv: memoryview, fallback=None) -> None:
         pread_full(self.fd, mv, self.file_offset + off)
@@ -29,26 +71,30 @@ class FlatExtent:
         if self.read_only:
             raise DiskError(f"{self.path}: extent is open read-only")
         pwrite_full(self.fd, data, self.file_offset + off)
-        self._wrote = True
+        self.host.wrote = True
 
     def discard(self, off: int, length: int, fallback=None) -> None:
         if self.read_only:
             raise DiskError(f"{self.path}: extent is open read-only")
         zero_range(self.fd, self.file_offset + off, length)
-        self._wrote = True
+        self.host.wrote = True
 
     def flush(self) -> None:
-        if self._wrote:
-            os.fdatasync(self.fd)
-            self._wrote = False
+        self.host.flush()
+
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        will_need(self.fd, self.file_offset + off, length)
+        return []  # nothing left for a parent
+
+    def start_writeback(self) -> None:
+        if self.host.wrote:
+            start_writeback(self.fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                self.flush()
-            finally:
-                os.close(self.fd)
-                self.fd = -1
+        if self._open:
+            self._open = False
+            self.fd = -1
+            self.host.release()
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Extent-relative ranges the host file has allocated."""
@@ -77,6 +123,12 @@ class ZeroExtent:
     def discard(self, off: int, length: int, fallback=None) -> None:
         pass
 
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        return []
+
+    def start_writeback(self) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -86,6 +138,8 @@ class ZeroExtent:
 
 class RawImage(BlockImage):
     """A plain file (or block device) holding the disk's bytes one to one."""
+
+    parallel_reads = True  # read_into may run in several threads at once (positioned I/O)
 
     def __init__(self, path, read_only: bool = False) -> None:
         self.path = os.fspath(path)
@@ -132,6 +186,13 @@ class RawImage(BlockImage):
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+    def prefetch(self, offset: int, length: int) -> None:
+        will_need(self.fd, offset, length)
+
+    def start_writeback(self) -> None:
+        if self._wrote and self.fd >= 0:
+            start_writeback(self.fd)
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
         return data_ranges(self.fd, 0, self.size)

@@ -20,12 +20,22 @@ import os
 import struct
 import zlib
 from array import array
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from boite.disk.base import SECTOR
-from boite.disk.hostfile import open_image_file, pread_full, pwrite_full, pwritev_full, zero_range
+from boite.disk.hostfile import (
+    open_image_file,
+    pread_full,
+    pwrite_full,
+    pwritev_full,
+    start_writeback,
+    will_need,
+    zero_range,
+)
 from boite.errors import DiskError, DiskFormatError
 
 MAGIC = 0x564D444B  # "KDMV" on disk
@@ -174,6 +184,19 @@ def validate_header(h: SparseHeader, path, file_size: int, where: int = 0) -> No
             )
 
 
+def redundant_reading(h: SparseHeader, path, file_size: int) -> SparseHeader | None:
+    """The header read with the redundant directory as the primary one, when that alone
+    makes it valid (the primary directory's offset is what is damaged); else None."""
+    if h.compressed or not h.flags & FLAG_RGD or h.rgd_offset in (0, GD_AT_END):
+        return None
+    alt = replace(h, gd_offset=h.rgd_offset)
+    try:
+        validate_header(alt, path, file_size)
+    except DiskFormatError:
+        return None
+    return alt
+
+
 class SparseExtent:
     """One KDMV file. Offsets in methods are bytes relative to the extent."""
 
@@ -210,7 +233,22 @@ class SparseExtent:
             self.footer_offset = where
             h = replace(foot, unclean=h.unclean)
             self.header = h
-        validate_header(h, self.path, size)
+        try:
+            validate_header(h, self.path, size)
+        except DiskFormatError:
+            alt = redundant_reading(h, self.path, size)
+            if alt is None:
+                raise
+            # the primary directory's offset is damaged, the redundant one is sound: reads
+            # go through it; writing waits for a repair that rebuilds the primary
+            if not self.read_only:
+                raise _bad(
+                    self.path,
+                    56,
+                    f"grain directory offset is {h.gd_offset}, outside the file, but the "
+                    "redundant directory is sound; run 'boite disk check --repair'",
+                ) from None
+            h = self.header = alt
         if h.compressed and not self.read_only:
             raise DiskError(
                 f"{self.path}: stream-optimized (compressed) disks are read-only; convert it to thin first"
@@ -241,7 +279,37 @@ class SparseExtent:
         self._wrote = False
         self._zlib_cache: tuple[int, bytes] | None = None
         max_sector = self.eof // SECTOR
-        for i, e in enumerate(self.gd):
+
+        def table_ok(e: int) -> bool:
+            return desc_end <= e and e + self.gt_sectors <= max_sector
+
+        gd = self.gd
+        suspect = bool(gd) and (
+            min(gd) < desc_end or max(gd) + self.gt_sectors > max_sector
+        )  # C-speed test first: a 2 TiB disk has 65536 entries
+        holes = (
+            [
+                i
+                for i in range(self.gd_entries)
+                if not (gd[i] and table_ok(gd[i])) and self.rgd[i] and table_ok(self.rgd[i])
+            ]
+            if self.rgd is not None and suspect
+            else []
+        )
+        if holes:
+            # Only damage makes these (every writer sets the primary entry first): the
+            # redundant directory still reaches those tables. Reads use it (qemu would read
+            # zeroes there or fail); writing through half a directory waits for a repair.
+            if not self.read_only:
+                raise _bad(
+                    self.path,
+                    h.gd_offset * SECTOR + 4 * holes[0],
+                    f"grain directory entry {holes[0]} is 0 or damaged but the redundant "
+                    "directory names a grain table there; run 'boite disk check --repair'",
+                )
+            for i in holes:
+                self.gd[i] = self.rgd[i]
+        for i, e in enumerate(self.gd if suspect else ()):
             if e and (e < desc_end or e + self.gt_sectors > max_sector):
                 raise _bad(
                     self.path,
@@ -393,6 +461,38 @@ class SparseExtent:
                 mv[pos : pos + length] = bytes(length)
             pos += length
 
+    def prefetch(self, off: int, length: int) -> list[tuple[int, int]]:
+        """Start reading the grains of a range (runs contiguous in the file, one hint each);
+        returns the extent-relative ranges this extent does not hold (the parent's part)."""
+        gs = self.grain_bytes
+        end = min(off + length, self.size)
+        holes: list[tuple[int, int]] = []
+        run_host, run_len = -1, 0
+        g = off // gs
+        while g * gs < end:
+            e = self.entry(g)
+            if e > 1 and not self.compressed:
+                host = e * SECTOR
+                if host != run_host + run_len:
+                    will_need(self.fd, run_host, run_len)
+                    run_host, run_len = host, 0
+                run_len += gs
+            elif e == 0:
+                a = max(g * gs, off)
+                b = min(g * gs + gs, end)
+                if holes and holes[-1][0] + holes[-1][1] == a:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + b - a)
+                else:
+                    holes.append((a, b - a))
+            g += 1
+        if run_len:
+            will_need(self.fd, run_host, run_len)
+        return holes
+
+    def start_writeback(self) -> None:
+        if self._wrote and self.fd >= 0:
+            start_writeback(self.fd)
+
     def _inflate(self, g: int, sector: int) -> bytes:
         cached = self._zlib_cache
         if cached is not None and cached[0] == g:
@@ -409,11 +509,45 @@ class SparseExtent:
         if size == 0 or size > 2 * self.grain_bytes + 4096 or where + 12 + size > self.file_size:
             raise _bad(self.path, where + 8, f"compressed grain size {size} is impossible here")
         data = os.pread(self.fd, size, where + 12)
+        # The deflate stream must end exactly where the marker says, and inflate to the
+        # grain (the last one may stop at the disk's end): anything else is a damaged grain,
+        # an error as in qemu-img, never data made up of what inflated before the damage.
+        d = zlib.decompressobj()
         try:
-            d = zlib.decompressobj()
             grain = d.decompress(data, self.grain_bytes)
+            # a full grain may leave the stream's end (and its Adler-32) unread: read on,
+            # one byte of output allowed, which would mean more than a grain
+            for _ in range(len(data)):
+                if d.eof or not d.unconsumed_tail:
+                    break
+                if d.decompress(d.unconsumed_tail, 1):
+                    raise _bad(
+                        self.path,
+                        where + 12,
+                        f"grain {g} inflates to more than {self.grain_bytes} bytes",
+                    )
         except zlib.error as exc:
             raise _bad(self.path, where + 12, f"grain {g} does not inflate: {exc}") from None
+        if d.unused_data:
+            raise _bad(
+                self.path,
+                where + 8,
+                f"grain {g}: its deflate stream does not end where its marker's size "
+                f"({size} bytes) says",
+            )
+        if not d.eof:
+            raise _bad(
+                self.path,
+                where + 8,
+                f"grain {g}: its deflate stream is cut short by its marker's size ({size} bytes)",
+            )
+        need = min(self.grain_bytes, self.size - g * self.grain_bytes)
+        if len(grain) < need:
+            raise _bad(
+                self.path,
+                where + 12,
+                f"grain {g} inflates to {len(grain)} bytes, expected {self.grain_bytes}",
+            )
         if len(grain) < self.grain_bytes:
             grain += bytes(self.grain_bytes - len(grain))
         self._zlib_cache = (g, grain)
@@ -605,12 +739,145 @@ class TableReader:
 @dataclass
 class ExtentProblems:
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     leaked_bytes: int = 0
     fixed: list[str] = field(default_factory=list)
 
 
-def check_sparse(path, repair: bool = False) -> ExtentProblems:
-    """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix."""
+MAX_REPORTED = 50  # a badly damaged disk names its first problems, then counts the rest
+
+
+def _report(out: ExtentProblems, msg: str) -> None:
+    if len(out.errors) < MAX_REPORTED:
+        out.errors.append(msg)
+    elif len(out.errors) == MAX_REPORTED:
+        out.errors.append("... more errors not listed")
+
+
+def check_stream_grains(ext: SparseExtent, out: ExtentProblems) -> None:
+    """Inflate every grain of a stream-optimized extent: each must be a whole deflate stream
+    ending where its marker says, inflating to a grain (a damaged grain reads as an error)."""
+    for g, e in ext.allocated():
+        if e <= 1:
+            continue
+        try:
+            ext._inflate(g, e)
+        except DiskFormatError as exc:
+            _report(out, str(exc).removeprefix(f"{ext.path}: "))
+
+
+def _gd_count(capacity: int, h: SparseHeader) -> int:
+    grains = -(-capacity // h.grain_size)
+    return -(-grains // h.num_gtes)
+
+
+def _plausible_capacity(fd: int, h: SparseHeader, capacity: int, size: int) -> bool:
+    """Whether the grain directories sized for `capacity` make sense in this file: they
+    fit, do not overlap each other, and every entry points to a table of their own (a
+    directory read too long runs into the tables it points to)."""
+    n = _gd_count(capacity, h)
+    if n > MAX_GD_ENTRIES:
+        return False
+    gd_sectors = -(-n * 4 // SECTOR)
+    size_sectors = size // SECTOR
+    gt_sectors = -(-h.num_gtes * 4 // SECTOR)
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    offsets = [h.gd_offset] + ([h.rgd_offset] if h.flags & FLAG_RGD else [])
+    regions = [(o, o + gd_sectors) for o in offsets]
+    if any(o < 1 or end > size_sectors for o, end in regions):
+        return False
+    if len(regions) == 2 and regions[0][0] < regions[1][1] and regions[1][0] < regions[0][1]:
+        return False
+    for o in offsets:
+        table = array("I")
+        table.frombytes(os.pread(fd, n * 4, o * SECTOR))
+        for e in table:
+            if not e:
+                continue
+            if e < desc_end or e + gt_sectors > size_sectors:
+                return False
+            if any(e < end and a < e + gt_sectors for a, end in regions):
+                return False
+    return True
+
+
+def _embedded_capacity(fd: int, h: SparseHeader, path) -> int | None:
+    """The capacity the embedded descriptor gives (None without one)."""
+    if not h.desc_offset or not h.desc_size:
+        return None
+    from boite.disk.descriptor import parse_descriptor
+
+    raw = os.pread(fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
+    return parse_descriptor(raw, path, h.desc_offset * SECTOR).capacity_sectors
+
+
+def _fix_capacity(
+    fd, h: SparseHeader, path, want: int | None, out: ExtentProblems, repair: bool
+) -> bool:
+    """Header capacity against the descriptor's; True when the check may go on."""
+    size = os.fstat(fd).st_size
+    if want is None or want == h.capacity:
+        if h.capacity == 0 and size > max(h.overhead, 1) * SECTOR:
+            out.errors.append(
+                "header capacity (offset 12) is 0 but the file holds "
+                f"{size - h.overhead * SECTOR} bytes past its metadata: the capacity is damaged "
+                "and no descriptor says what it was (not repaired)"
+            )
+            return False
+        return True
+    msg = (
+        f"header capacity (offset 12) is {h.capacity} sectors, but the descriptor says "
+        f"{want} sectors"
+    )
+    if not repair:
+        out.errors.append(msg)
+        return False
+    # the larger reading that the directories support: never one that hides grains
+    fits = [
+        c
+        for c in sorted({h.capacity, want}, reverse=True)
+        if c and _plausible_capacity(fd, h, c, size)
+    ]
+    if not fits:
+        out.errors.append(msg + "; neither fits the grain directories (not repaired)")
+        return False
+    good = fits[0]
+    done = []
+    if good != h.capacity:
+        h.capacity = good
+        pwrite_full(fd, h.pack(), 0)
+        done.append("the header")
+    if good != want and h.desc_offset:
+        from boite.disk.descriptor import parse_descriptor
+
+        raw = os.pread(fd, h.desc_size * SECTOR, h.desc_offset * SECTOR)
+        desc = parse_descriptor(raw, path, h.desc_offset * SECTOR)
+        text = b""
+        if len(desc.extents) == 1:
+            desc.extents[0].sectors = good
+            text = desc.to_bytes()
+        if not text or len(text) > h.desc_size * SECTOR:
+            out.errors.append(msg + "; the embedded descriptor cannot be rewritten to match")
+            return False
+        pwrite_full(fd, text.ljust(h.desc_size * SECTOR, b"\0"), h.desc_offset * SECTOR)
+        done.append("the embedded descriptor")
+    os.fsync(fd)
+    out.fixed.append(
+        f"{msg}: set {' and '.join(done) or 'nothing'} to {good} sectors, the larger size "
+        "the grain directories support"
+    )
+    return True
+
+
+def check_sparse(path, repair: bool = False, expected_sectors: int | None = None) -> ExtentProblems:
+    """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix.
+
+    `expected_sectors` is what the descriptor that names the extent says it holds (an
+    embedded descriptor is read here). Repair never gives up data that a consistent reading
+    still reaches: a capacity contradiction takes the larger size the directories support,
+    a directory entry lost from one grain directory is restored from the other, a grain
+    table entry lost from one table from its copy.
+    """
     out = ExtentProblems()
     fd = open_image_file(os.fspath(path), repair)
     try:
@@ -619,110 +886,369 @@ def check_sparse(path, repair: bool = False) -> ExtentProblems:
         if h.gd_offset == GD_AT_END or h.compressed:
             ext = SparseExtent(path, read_only=True)  # validates as far as a stream can be
             try:
-                for _ in ext.allocated():
-                    pass
+                check_stream_grains(ext, out)
             finally:
                 ext.close()
             return out
-        validate_header(h, path, size)
-        grains = -(-h.capacity // h.grain_size)
-        gd_entries = -(-grains // h.num_gtes)
-        gt_bytes = h.num_gtes * 4
-        gt_sectors = -(-gt_bytes // SECTOR)
-        size_sectors = size // SECTOR
-        desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
-        lo = max(1, desc_end, h.overhead)
-        gs = h.grain_size
-
-        def load_gd(sector: int) -> array:
-            gd = array("I")
-            gd.frombytes(os.pread(fd, gd_entries * 4, sector * SECTOR))
-            return gd
-
-        gd = load_gd(h.gd_offset)
-        has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset
-        rgd = load_gd(h.rgd_offset) if has_rgd else None
-        used: dict[int, int] = {}
-        meta_end = max(h.overhead, desc_end)
-        primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
-        empty = bytes(gt_bytes)
-        for name, table in (("GD", gd), ("redundant GD", rgd)):
-            if table is None:
-                continue
-            out.errors += [
-                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
-                for i, e in enumerate(table)
-                if e and (e < desc_end or e + gt_sectors > size_sectors)
-            ]
-        for i in range(0 if out.errors else gd_entries):
-            if rgd is not None and bool(gd[i]) != bool(rgd[i]):
-                out.errors.append(f"GD entry {i} and redundant GD entry {i} disagree")
-                continue
-            if not gd[i]:
-                continue
-            meta_end = max(meta_end, gd[i] + gt_sectors)
-            raw = primary.get(gd[i])
-            rraw = None
-            if rgd is not None:
-                rraw = redundant.get(rgd[i])
-                meta_end = max(meta_end, rgd[i] + gt_sectors)
-            if raw == empty and (rraw is None or rraw == empty):
-                continue  # an untouched preallocated table (and its copy)
-            gt = array("I")
-            gt.frombytes(raw)
-            changed = False
-            for j, e in enumerate(gt):
-                if e <= 1:
-                    continue
-                g = i * h.num_gtes + j
-                if e < lo or e >= size_sectors:
-                    out.errors.append(
-                        f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
-                        f"{lo}..{size_sectors - 1}"
-                    )
-                    if repair:
-                        gt[j] = 0
-                        changed = True
-                        out.fixed.append(f"dropped grain {g} entry pointing to sector {e}")
-                    continue
-                if e in used:
-                    out.errors.append(f"grains {used[e]} and {g} share sector {e}")
-                    continue
-                used[e] = g
-            if changed:
-                pwrite_full(fd, gt, gd[i] * SECTOR)
-            if rgd is not None:
-                rgt = array("I")
-                rgt.frombytes(rraw)
-                if rgt != gt:
-                    if changed or repair:
-                        pwrite_full(fd, gt, rgd[i] * SECTOR)
-                        out.fixed.append(f"redundant GT {i} rewritten from the primary")
-                    else:
-                        out.errors.append(f"redundant GT {i} differs from the primary GT")
-        if repair:
-            out.errors = [
-                e
-                for e in out.errors
-                if "outside the grain area" not in e and "redundant GT" not in e
-            ]
-        # every byte past the last grain and the last table is leaked space
-        data_end = max([e + gs for e in used] + [meta_end])
-        end = data_end * SECTOR
-        if size > end:
-            out.leaked_bytes = size - end
-            if repair and not out.errors:
-                os.ftruncate(fd, end)
-                out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
-                out.leaked_bytes = 0
-        if repair and h.unclean and not out.errors:
-            pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
-            out.fixed.append("cleared the uncleanShutdown flag")
-        if repair:
-            os.fsync(fd)
+        try:
+            validate_header(h, path, size)
+        except DiskFormatError as exc:
+            if redundant_reading(h, path, size) is None:
+                raise
+            if not repair:
+                out.errors.append(
+                    f"{str(exc).removeprefix(f'{path}: ')}; the redundant grain directory is "
+                    "sound and 'check --repair' rebuilds the primary from it"
+                )
+                return out
+            _rebuild_primary_gd(fd, h, size)
+            out.fixed.append(
+                f"grain directory rebuilt from the redundant one at sector {h.gd_offset} (its "
+                "offset in the header was damaged)"
+            )
+            size = os.fstat(fd).st_size
+            validate_header(h, path, size)
+        if expected_sectors is None:
+            want = _embedded_capacity(fd, h, path)  # the file is the whole disk
+        else:  # one extent of several: it may hold more than its line uses, never less
+            want = expected_sectors if expected_sectors > h.capacity else None
+        if not _fix_capacity(fd, h, path, want, out, repair):
+            return out
+        if out.fixed:
+            validate_header(h, path, size)
+        _check_tables(fd, h, path, size, out, repair)
     finally:
         os.close(fd)
     return out
+
+
+def _truncation_unsafe(
+    fd: int, h: SparseHeader, used: dict[int, int], data_end: int, meta_end: int, size: int
+) -> str | None:
+    """Why cutting the file at `data_end` might destroy grains although this header's
+    reading says they are leaked (None when it is safe). A damaged grain size or table
+    length makes the tables name fewer or shorter grains than they do: the last grain keeps
+    at least VMware's grain size, and no 32-bit word in the table area may point past the
+    cut (the tables' raw sectors, whatever this header says their shape is; the descriptor's
+    text is left out, its bytes read as numbers would say anything)."""
+    if used and data_end < max(used) + max(h.grain_size, DEFAULT_GRAIN):
+        return (
+            f"the header's grain size ({h.grain_size} sectors) is smaller than VMware's; "
+            "the last grain may be longer than it says"
+        )
+    lo, hi = data_end, -(-size // SECTOR)
+    window = 2 << 20
+    first = h.desc_offset + h.desc_size if h.desc_offset else 1  # past the descriptor's text
+    for off in range(first * SECTOR, meta_end * SECTOR, window):
+        raw = os.pread(fd, min(window, meta_end * SECTOR - off), off)
+        if not raw.strip(b"\0"):
+            continue
+        words = array("I")
+        words.frombytes(raw[: len(raw) - len(raw) % 4])
+        ordered = sorted(words)
+        k = bisect_left(ordered, lo)
+        if k < len(ordered) and ordered[k] < hi:
+            return (
+                f"the table area still holds sector numbers past sector {lo} (at byte "
+                f"{off}..{off + len(raw)}); the header may be damaged"
+            )
+    return None
+
+
+def _rebuild_primary_gd(fd: int, h: SparseHeader, size: int) -> None:
+    """A new primary directory and tables at the end of the file, copied from the redundant
+    ones; the header then points at it (written last)."""
+    n = _gd_count(h.capacity, h)
+    gt_bytes = h.num_gtes * 4
+    gt_sectors = -(-gt_bytes // SECTOR)
+    gd_sectors = -(-n * 4 // SECTOR)
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    rgd = array("I")
+    rgd.frombytes(os.pread(fd, n * 4, h.rgd_offset * SECTOR))
+    at = -(-size // SECTOR)
+    gd = array("I", bytes(4 * n))
+    for i, e in enumerate(rgd):
+        if e and desc_end <= e and e + gt_sectors <= size // SECTOR:
+            raw = os.pread(fd, gt_bytes, e * SECTOR)
+            pwrite_full(fd, raw.ljust(gt_sectors * SECTOR, b"\0"), at * SECTOR)
+            gd[i] = at
+            at += gt_sectors
+    pwrite_full(fd, gd.tobytes().ljust(gd_sectors * SECTOR, b"\0"), at * SECTOR)
+    os.fsync(fd)
+    h.gd_offset = at
+    pwrite_full(fd, h.pack(), 0)
+    os.fsync(fd)
+
+
+def _restore_table(fd, gd, rgd, i, at, gt_bytes, gt_sectors) -> tuple[int, int]:
+    """Copy the grain table that one directory still names to sector `at` and point the
+    other directory's entry there; returns the (primary, redundant) table sectors."""
+    other = gd[i] or rgd[i]
+    raw = os.pread(fd, gt_bytes, other * SECTOR)
+    pwrite_full(fd, raw.ljust(gt_sectors * SECTOR, b"\0"), at * SECTOR)
+    if not gd[i]:
+        gd[i] = at
+    else:
+        rgd[i] = at
+    return gd[i], rgd[i]
+
+
+def _check_tables(
+    fd: int, h: SparseHeader, path, size: int, out: ExtentProblems, repair: bool
+) -> None:
+    grains = -(-h.capacity // h.grain_size)
+    gd_entries = -(-grains // h.num_gtes)
+    gt_bytes = h.num_gtes * 4
+    gt_sectors = -(-gt_bytes // SECTOR)
+    size_sectors = size // SECTOR
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    lo = max(1, desc_end, h.overhead)
+    gs = h.grain_size
+
+    def load_gd(sector: int) -> array:
+        gd = array("I")
+        gd.frombytes(os.pread(fd, gd_entries * 4, sector * SECTOR))
+        return gd
+
+    gd = load_gd(h.gd_offset)
+    has_rgd = bool(h.flags & FLAG_RGD) and h.rgd_offset
+    rgd = load_gd(h.rgd_offset) if has_rgd else None
+    used: dict[int, int] = {}
+    meta_end = max(h.overhead, desc_end)
+    primary, redundant = TableReader(fd, gt_bytes), TableReader(fd, gt_bytes)
+    empty = bytes(gt_bytes)
+
+    def table_ok(e: int) -> bool:
+        return desc_end <= e and e + gt_sectors <= size_sectors
+
+    for name, table, other in (("GD", gd, rgd), ("redundant GD", rgd, gd)):
+        if table is None:
+            continue
+        for i, e in enumerate(table):
+            if not e or table_ok(e):
+                continue
+            if other is not None and other[i] and table_ok(other[i]):
+                table[i] = 0  # damaged where the other directory is sound: restored below
+                continue
+            out.errors.append(
+                f"{name} entry {i} points to sector {e}, outside the file (fatal: cannot repair)"
+            )
+    if out.errors:
+        return
+    end_sector = -(-size // SECTOR)  # where a restored table goes
+    gd_sectors = -(-gd_entries * 4 // SECTOR)
+    # the directories themselves may lie past the overhead (grow moves them to the end)
+    meta_end = max(meta_end, h.gd_offset + gd_sectors)
+    if rgd is not None:
+        meta_end = max(meta_end, h.rgd_offset + gd_sectors)
+    meta = sorted(
+        [(0, desc_end), (h.gd_offset, h.gd_offset + gd_sectors)]
+        + ([(h.rgd_offset, h.rgd_offset + gd_sectors)] if rgd is not None else [])
+        + [(t, t + gt_sectors) for table in (gd, rgd) if table is not None for t in table if t]
+    )
+    starts = [a for a, _ in meta]
+
+    def in_metadata(sector: int) -> bool:
+        k = bisect_right(starts, sector) - 1
+        return k >= 0 and any(a <= sector < b for a, b in meta[max(0, k - 8) : k + 1])
+
+    def sound(e: int) -> bool:
+        return e == 1 or (lo <= e < size_sectors and not in_metadata(e))
+
+    def overlaps_grain(sector: int, n: int, table: array) -> bool:
+        """Whether [sector, sector+n) holds part of a grain `table` or earlier tables name."""
+        return any(v < sector + n and sector < v + gs for v in table if sound(v) and v > 1) or any(
+            v < sector + n and sector < v + gs for v in used
+        )
+
+    fixable: list[str] = []  # errors that repair fixes (they become `fixed` when repairing)
+    writes: list[tuple[int, int, array, str | None]] = []  # (GD index, sector, table, note)
+    gd_dirty = False
+    for i in range(gd_entries):
+        psec, rsec = gd[i], (rgd[i] if rgd is not None else 0)
+        if rgd is not None and bool(gd[i]) != bool(rgd[i]):
+            lost, kept, other = (
+                ("GD", "redundant GD", rgd[i]) if not gd[i] else ("redundant GD", "GD", gd[i])
+            )
+            fixable.append(
+                f"{lost} entry {i} is 0 or damaged but {kept} entry {i} points to grain table at "
+                f"sector {other}"
+            )
+            if not repair:
+                psec, rsec = psec or rsec, 0  # check the surviving table
+            else:
+                psec, rsec = _restore_table(fd, gd, rgd, i, end_sector, gt_bytes, gt_sectors)
+                gd_dirty = True
+                out.fixed.append(
+                    f"{lost} entry {i} restored from the {kept}: its grain table copied to "
+                    f"sector {end_sector}"
+                )
+                end_sector += gt_sectors
+                size = max(size, end_sector * SECTOR)
+                size_sectors = size // SECTOR
+        if not psec:
+            continue
+        meta_end = max(meta_end, psec + gt_sectors)
+        raw = primary.get(psec)
+        rraw = None
+        if rsec:
+            rraw = redundant.get(rsec)
+            meta_end = max(meta_end, rsec + gt_sectors)
+        if raw == empty and (rraw is None or rraw == empty):
+            continue  # an untouched preallocated table (and its copy)
+        gt = array("I")
+        gt.frombytes(raw)
+        rgt = None
+        if rraw is not None and overlaps_grain(rsec, gt_sectors, gt):
+            # the redundant directory points into grain data: that is no table; its copy
+            # is made afresh at the end of the file
+            fixable.append(f"redundant GD entry {i} points to sector {rsec}, inside grain data")
+            if repair:
+                rgd[i] = rsec = end_sector
+                end_sector += gt_sectors
+                gd_dirty = True
+                pwrite_full(fd, gt, rsec * SECTOR)
+                out.fixed.append(f"redundant GT {i} made afresh at sector {rsec}")
+            rraw = None
+        if rraw is not None:
+            rgt = array("I")
+            rgt.frombytes(rraw)
+            # an entry only ever goes from 0 to a grain, primary table first: a grain that
+            # only the copy still names was lost from the primary, not written after it
+            # ... and so is one damaged in the primary but sound in the copy
+            # (a copy that says 0 where the primary names no sound grain is right too, and a
+            # copy is not believed where it names a grain the primary gives to another
+            # entry, or breaks the grain alignment every other grain keeps)
+            names = Counter(v for v in gt if v > 1)
+            seen = [v for v in names if sound(v)] + list(used)
+            aligned = sum((v - lo) % gs == 0 for v in seen) >= 0.75 * len(seen)
+
+            def fits(v: int, aligned: bool = aligned) -> bool:
+                return v == 1 or not aligned or (v - lo) % gs == 0
+
+            def believable(v: int, names: Counter = names) -> bool:
+                return sound(v) and (v == 1 or (not names[v] and v not in used)) and fits(v)
+
+            missing = [
+                j
+                for j in range(len(gt))
+                if (not gt[j] and rgt[j] and believable(rgt[j]))
+                or (
+                    gt[j] > 1
+                    and (not sound(gt[j]) or not fits(gt[j]))
+                    and (not rgt[j] or believable(rgt[j]))
+                )
+                or (
+                    gt[j] > 1
+                    and rgt[j] != gt[j]
+                    and (names[gt[j]] > 1 or not fits(gt[j]))
+                    and (not rgt[j] or believable(rgt[j]))
+                )
+            ]
+            if missing:
+                fixable.append(
+                    f"GT {i}: {len(missing)} entries are 0 or damaged but the redundant GT "
+                    "names grains there"
+                )
+                for j in missing:
+                    gt[j] = rgt[j]
+        changed = bool(rgt is not None and gt != array("I", raw))
+        for j, e in enumerate(gt):
+            if e <= 1:
+                continue
+            g = i * h.num_gtes + j
+            if e < lo or e >= size_sectors:
+                problem = (
+                    f"grain {g} (GT {i} entry {j}) points to sector {e}, outside the grain area "
+                    f"{lo}..{size_sectors - 1}"
+                )
+                if e < size_sectors and not in_metadata(e):
+                    # below the header's overhead but on no table: the overhead field may
+                    # be what is wrong, so the entry is kept (and the file not truncated)
+                    out.errors.append(problem + " (not repaired: the header may be damaged)")
+                    used[e] = g
+                    continue
+                fixable.append(problem)
+                if repair:
+                    gt[j] = 0
+                    changed = True
+                    out.fixed.append(f"dropped grain {g} entry pointing to sector {e}")
+                continue
+            if e in used:
+                out.errors.append(f"grains {used[e]} and {g} share sector {e}")
+                continue
+            used[e] = g
+        if repair and changed:
+            writes.append((i, psec, gt, None))
+        if rgt is not None and rgt != gt:
+            if repair:
+                writes.append((i, rsec, gt, f"redundant GT {i} rewritten from the primary"))
+            elif not changed:
+                fixable.append(f"redundant GT {i} differs from the primary GT")
+    if repair and writes:
+        if out.errors:
+            # what is left is not understood: keep both copies of every table as they are
+            out.warnings.append(
+                f"{len(writes)} grain tables not rewritten while other errors remain"
+            )
+        else:
+            grains_at = sorted(used)
+            for i, sector, table, note in writes:
+                k = bisect_left(grains_at, sector - gs + 1)
+                if k < len(grains_at) and grains_at[k] < sector + gt_sectors:
+                    # the directory points into a grain: the table goes to the end instead
+                    which = rgd if note else gd
+                    which[i] = sector = end_sector
+                    end_sector += gt_sectors
+                    gd_dirty = True
+                    out.fixed.append(
+                        f"{'redundant ' if note else ''}GD entry {i} pointed into grain data; its "
+                        f"table moved to sector {sector}"
+                    )
+                pwrite_full(fd, table, sector * SECTOR)
+                if note:
+                    out.fixed.append(note)
+    if repair and gd_dirty and out.errors:
+        out.warnings.append("grain directories not rewritten while other errors remain")
+    elif repair and gd_dirty:
+        tables = [t for table in (gd, rgd) for t in table if t]
+        for where, other in ((h.gd_offset, h.rgd_offset), (h.rgd_offset, h.gd_offset)):
+            end = where + gd_sectors
+            if (
+                where < desc_end
+                or overlaps_grain(where, gd_sectors, array("I"))
+                or (other < end and where < other + gd_sectors)
+                or any(t < end and where < t + gt_sectors for t in tables)
+            ):
+                out.errors.append(
+                    f"a grain directory at sector {where} (header) would overwrite the "
+                    "descriptor, a table or grain data: the header is damaged (directories not "
+                    "rewritten)"
+                )
+                break
+        else:
+            pwrite_full(fd, gd, h.gd_offset * SECTOR)
+            pwrite_full(fd, rgd, h.rgd_offset * SECTOR)
+    if not repair:
+        out.errors += fixable
+    # every byte past the last grain and the last table is leaked space
+    data_end = max([e + gs for e in used] + [meta_end, end_sector if gd_dirty else 0])
+    end = data_end * SECTOR
+    if size > end:
+        out.leaked_bytes = size - end
+        if repair and not out.errors:
+            why = _truncation_unsafe(fd, h, used, data_end, meta_end, size)
+            if why:
+                out.warnings.append(f"{size - end} leaked bytes not reclaimed: {why}")
+            else:
+                os.ftruncate(fd, end)
+                out.fixed.append(f"reclaimed {size - end} leaked bytes at the end of the file")
+                out.leaked_bytes = 0
+    if repair and h.unclean and not out.errors:
+        pwrite_full(fd, b"\0", UNCLEAN_OFFSET)
+        out.fixed.append("cleared the uncleanShutdown flag")
+    if repair:
+        os.fsync(fd)
 
 
 def create_sparse(

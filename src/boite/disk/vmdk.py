@@ -17,8 +17,8 @@ from boite.disk.descriptor import (
     parent_path,
     parse_descriptor,
 )
-from boite.disk.hostfile import open_image_file
-from boite.disk.raw import FlatExtent, ZeroExtent
+from boite.disk.hostfile import fsync_dir, open_image_file
+from boite.disk.raw import FlatExtent, HostFile, ZeroExtent
 from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
 from boite.errors import DiskError, DiskFormatError
 
@@ -67,7 +67,7 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
     """Replace a descriptor file atomically (write, fsync, rename, fsync the directory)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    data = desc.render().encode()
+    data = desc.to_bytes()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -75,15 +75,13 @@ def write_descriptor_file(path, desc: Descriptor) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 class VmdkDisk(BlockImage):
     """A VMDK of any kind opened as one BlockImage, reads falling through to its parents."""
+
+    parallel_reads = True  # read_into may run in several threads at once (positioned I/O)
 
     def __init__(
         self,
@@ -135,7 +133,17 @@ class VmdkDisk(BlockImage):
             self.extents.append(ext)
             self.starts.append(0)
             self.size = ext.size
+            if d.capacity_sectors != ext.header.capacity:
+                # which one is right is for 'check --repair' to work out (the larger one
+                # that the grain directories support), not for a guest to find out
+                raise DiskFormatError(
+                    f"{self.path}: header capacity (offset 12) is {ext.header.capacity} sectors "
+                    f"but the embedded descriptor says {d.capacity_sectors}; run "
+                    "'boite disk check --repair'"
+                )
             return
+        hosts: dict[tuple[str, bool], HostFile] = {}  # flat extents in one file share it
+        paths: dict[str, Path] = {}
         for line in d.extents:
             size = line.sectors * SECTOR
             eff_ro = ro or line.access != "RW"
@@ -144,7 +152,10 @@ class VmdkDisk(BlockImage):
             if line.kind == "ZERO":
                 ext = ZeroExtent(size)
             else:
-                file = extent_path(self.path, line.filename or "")
+                name = line.filename or ""
+                file = paths.get(name)
+                if file is None:
+                    file = paths[name] = extent_path(self.path, name)
                 if line.kind == "SPARSE":
                     ext = SparseExtent(file, eff_ro)
                     if ext.size < size:
@@ -154,7 +165,11 @@ class VmdkDisk(BlockImage):
                             f"descriptor says {line.sectors} (line at offset {line.where})"
                         )
                 elif line.kind in ("FLAT", "VMFS"):
-                    ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro)
+                    key = (str(file), not eff_ro)
+                    host = hosts.get(key)
+                    if host is None:
+                        host = hosts[key] = HostFile(str(file), not eff_ro)
+                    ext = FlatExtent(file, size, line.offset * SECTOR, eff_ro, host)
                 else:
                     raise DiskFormatError(
                         f"{self.path}: extent type {line.kind} at offset {line.where} is not "
@@ -261,7 +276,7 @@ class VmdkDisk(BlockImage):
         if self.embedded:
             ext = self.extents[0]
             if ext.header.desc_offset:
-                ext.write_descriptor(self.descriptor.render().encode())
+                ext.write_descriptor(self.descriptor.to_bytes())
                 os.fdatasync(ext.fd)
         else:
             write_descriptor_file(self.path, self.descriptor)
@@ -292,6 +307,20 @@ class VmdkDisk(BlockImage):
     def _discard(self, offset: int, length: int) -> None:
         for ext, start, rel, _, n in self._extent_spans(offset, length):
             ext.discard(rel, n, self._fallback(start))
+
+    def prefetch(self, offset: int, length: int) -> None:
+        length = max(0, min(length, self.size - offset))
+        if offset < 0 or not length:
+            return
+        for ext, start, rel, _, n in self._extent_spans(offset, length):
+            holes = ext.prefetch(rel, n)
+            if self.parent is not None:
+                for a, m in holes:
+                    self.parent.prefetch(start + a, m)
+
+    def start_writeback(self) -> None:
+        for ext in self.extents:
+            ext.start_writeback()
 
     def flush(self) -> None:
         with self._wlock:

@@ -6,14 +6,17 @@ initial CPU state in `boot_state`; the accelerator loads it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from boite.accel.cpustate import CpuState
+from boite.errors import CheckpointError
 from boite.machine.bus import Bus
 from boite.machine.device import Device
 from boite.machine.irq import IrqRouter
 from boite.machine.memory import GuestMemory
+from boite.machine.state import StateRecord, check_all
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -56,9 +59,38 @@ class Machine:
     def save_device_state(self) -> dict[str, Any]:
         return {name: dev.save_state() for name, dev in self.devices.items()}
 
-    def load_device_state(self, state: dict[str, Any]) -> None:
-        for name, dev_state in state.items():
-            self.devices[name].load_state(dev_state)
+    def check_device_state(self, state: Any) -> dict[str, StateRecord]:
+        """Every device's saved state checked (nothing changes): exactly this machine's
+        devices, each record valid for it. CheckpointError names the device and field."""
+        if not isinstance(state, dict):
+            raise CheckpointError("device state is not a dictionary of devices")
+        unknown = sorted(str(n) for n in state if n not in self.devices)
+        if unknown:
+            raise CheckpointError(
+                f"saved state for device(s) {', '.join(unknown)} which this machine does "
+                "not have (was the .vmx changed?)"
+            )
+        missing = sorted(n for n in self.devices if n not in state)
+        if missing:
+            raise CheckpointError(
+                f"no saved state for device(s) {', '.join(missing)} of this machine "
+                "(was the .vmx changed?)"
+            )
+        return check_all(
+            {
+                name: functools.partial(dev.check_state, state[name])
+                for name, dev in self.devices.items()
+            }
+        )
+
+    def apply_device_state(self, records: dict[str, StateRecord]) -> None:
+        """Put records from `check_device_state` in place."""
+        for name, rec in records.items():
+            self.devices[name].apply_state(rec)
+
+    def load_device_state(self, state: Any) -> None:
+        """All or nothing: every device is checked before the first one changes."""
+        self.apply_device_state(self.check_device_state(state))
 
     def reset_devices(self) -> None:
         for dev in self.devices.values():

@@ -13,13 +13,25 @@ Ports (a channel answers both ranges): primary 0x1f0-0x1f7 + 0x3f6 on IRQ 14, se
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
-from boite.errors import BoiteError
+from boite.errors import BoiteError, CheckpointError
 from boite.machine.bus import Bus
-from boite.machine.device import Device
+from boite.machine.device import Device, StatelessDevice
 from boite.machine.irq import IrqLine
+from boite.machine.state import (
+    Nested,
+    Optional,
+    StateRecord,
+    choice,
+    data,
+    flag,
+    items,
+    span,
+    uint,
+)
 
 log = logging.getLogger("boite.ata")
 
@@ -158,22 +170,69 @@ class AtaDrive:
         return bytes(data)
 
 
-class AtaControl(Device):
+@dataclass(frozen=True)
+class AtaDriveState(StateRecord):
+    heads: int = span(1, 16)
+    spt: int = uint(8)
+    multi_count: int = choice(0, *(1 << n for n in range(MAX_MULTIPLE.bit_length())))
+    write_cache: bool = flag()
+    status: int = uint(8)
+    error: int = uint(8)
+
+
+@dataclass(frozen=True)
+class AtaChannelState(StateRecord):
+    """A channel's task file (each register and its HOB copy), the PIO transfer in
+    progress (its buffer: one DRQ block) and the drives' settings."""
+
+    VERSION = 1
+    devctl: int = uint(8)
+    device: int = uint(8)
+    feature: int = uint(8)
+    hob_feature: int = uint(8)
+    nsect: int = uint(8)
+    hob_nsect: int = uint(8)
+    lbal: int = uint(8)
+    hob_lbal: int = uint(8)
+    lbam: int = uint(8)
+    hob_lbam: int = uint(8)
+    lbah: int = uint(8)
+    hob_lbah: int = uint(8)
+    irq_pending: bool = flag()
+    in_reset: bool = flag()
+    xfer: str = choice("", "read", "write")
+    xfer_lba: int = uint(48)
+    xfer_left: int = span(0, 1 << 16)  # LBA48 counts up to 65536 sectors
+    xfer_block: int = span(1, MAX_MULTIPLE)
+    xfer_pos: int = span(0, MAX_MULTIPLE * SECTOR)
+    xfer_drive: int = span(0, 1)
+    buffer: bytes = data(max_len=MAX_MULTIPLE * SECTOR)
+    drives: tuple[AtaDriveState | None, ...] = items(
+        Optional(Nested(AtaDriveState)), max_len=2, exact=2
+    )
+
+    def validate(self) -> None:
+        if not self.xfer:
+            if self.buffer or self.xfer_pos:
+                raise self.invalid("buffer", "data without a transfer in progress")
+            return
+        if not self.buffer or len(self.buffer) % SECTOR:
+            raise self.invalid("buffer", f"{len(self.buffer)} bytes is not whole sectors")
+        if self.xfer_pos >= len(self.buffer):
+            raise self.invalid(
+                "xfer_pos", f"{self.xfer_pos} is not inside the {len(self.buffer)}-byte block"
+            )
+        if len(self.buffer) > self.xfer_left * SECTOR:
+            raise self.invalid("xfer_left", f"{self.xfer_left} sectors left, the block holds more")
+
+
+class AtaControl(StatelessDevice):
     """The channel's control block register (alternate status / device control)."""
 
     name = "ata-control"
 
     def __init__(self, channel: AtaChannel) -> None:
         self.channel = channel
-
-    def reset(self) -> None:
-        pass
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         self.channel.accesses += 1
@@ -235,38 +294,36 @@ class AtaChannel(Device):
         self._signature()
         self.irq.lower()
 
-    _STATE_KEYS = (
-        "devctl device feature hob_feature nsect hob_nsect lbal hob_lbal lbam hob_lbam "
-        "lbah hob_lbah irq_pending in_reset xfer xfer_lba xfer_left xfer_block xfer_pos "
-        "xfer_drive"
-    ).split()
-
     def save_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k) for k in self._STATE_KEYS}
-        state["buffer"] = bytes(self.buffer)
-        state["drives"] = [
-            None
-            if d is None
-            else {
-                "heads": d.heads,
-                "spt": d.spt,
-                "multi_count": d.multi_count,
-                "write_cache": d.write_cache,
-                "status": d.status,
-                "error": d.error,
-            }
-            for d in self.drives
-        ]
-        return state
+        drives = tuple(None if d is None else AtaDriveState.of(d) for d in self.drives)
+        return AtaChannelState.of(self, buffer=bytes(self.buffer), drives=drives).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for k in self._STATE_KEYS:
-            setattr(self, k, state[k])
-        self.buffer = bytearray(state["buffer"])
-        for d, ds in zip(self.drives, state["drives"], strict=True):
+    def check_state(self, state: Any) -> AtaChannelState:
+        rec = AtaChannelState.from_dict(state)
+        for unit, (drive, saved) in enumerate(zip(self.drives, rec.drives, strict=True)):
+            if (drive is None) != (saved is None):
+                had = "no drive" if saved is None else "a drive"
+                raise CheckpointError(
+                    f"drives[{unit}]: the state has {had} where this channel has "
+                    f"{'none' if drive is None else 'one'}"
+                )
+        if rec.xfer:
+            drive = self.drives[rec.xfer_drive]
+            if drive is None:
+                raise CheckpointError(f"xfer_drive: a transfer with drive {rec.xfer_drive}, absent")
+            if rec.xfer_lba + rec.xfer_left > max(drive.sectors, 1):
+                raise CheckpointError(
+                    f"xfer_lba: sectors {rec.xfer_lba}+{rec.xfer_left} run past the disk's "
+                    f"{drive.sectors}"
+                )
+        return rec
+
+    def apply_state(self, rec: AtaChannelState) -> None:
+        rec.put(self, "buffer", "drives")
+        self.buffer = bytearray(rec.buffer)
+        for d, ds in zip(self.drives, rec.drives, strict=True):
             if d is not None and ds is not None:
-                for k, v in ds.items():
-                    setattr(d, k, v)
+                ds.put(d)
         self.irq.set(self.irq_pending and not self.devctl & CTL_NIEN)
 
     # --- helpers --------------------------------------------------------------------

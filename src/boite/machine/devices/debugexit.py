@@ -9,9 +9,9 @@ to the access size. Reads return 0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from boite.machine.device import Device
+from boite.machine.device import StatelessDevice
 
 if TYPE_CHECKING:
     from boite.machine.machine import Machine
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 DEBUG_EXIT_PORT = 0xF4
 
 
-class IsaDebugExit(Device):
+class IsaDebugExit(StatelessDevice):
     name = "isa-debug-exit"
 
     def __init__(self, machine: Machine, iosize: int = 4) -> None:
@@ -27,15 +27,6 @@ class IsaDebugExit(Device):
             raise ValueError(f"isa-debug-exit iosize {iosize}: expected 1, 2 or 4")
         self.machine = machine
         self.iosize = iosize
-
-    def reset(self) -> None:
-        pass
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         return 0

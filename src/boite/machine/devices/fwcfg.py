@@ -11,9 +11,11 @@ file directory.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.device import Device
+from boite.machine.state import StateRecord, uint
 
 FW_CFG_PORT = 0x510
 
@@ -27,6 +29,13 @@ FW_CFG_NUMA = 0x0D
 FW_CFG_BOOT_MENU = 0x0E
 FW_CFG_MAX_CPUS = 0x0F
 FW_CFG_FILE_DIR = 0x19
+
+
+@dataclass(frozen=True)
+class FwCfgState(StateRecord):
+    VERSION = 1
+    selector: int = uint(16)
+    offset: int = uint(64)  # past the item's end it counts on (and reads 0)
 
 
 class FwCfg(Device):
@@ -55,11 +64,13 @@ class FwCfg(Device):
         self.offset = 0
 
     def save_state(self) -> dict[str, Any]:
-        return {"selector": self.selector, "offset": self.offset}
+        return FwCfgState(self.selector, self.offset).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.selector = int(state["selector"]) & 0xFFFF
-        self.offset = int(state["offset"])
+    def check_state(self, state: Any) -> FwCfgState:
+        return FwCfgState.from_dict(state)
+
+    def apply_state(self, rec: FwCfgState) -> None:
+        self.selector, self.offset = rec.selector, rec.offset
 
     def bus_read(self, offset: int, size: int) -> int:
         if offset != 1:

@@ -16,10 +16,23 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
+from boite.machine.state import (
+    U8,
+    Choice,
+    RegisterState,
+    StateRecord,
+    bits,
+    choice,
+    data,
+    flag,
+    optional,
+    uint,
+)
 
 if TYPE_CHECKING:
     from boite.machine.machine import Machine
@@ -46,6 +59,27 @@ KBD_RESEND = 0xFE
 KBD_BAT_OK = 0xAA
 
 QUEUE_LIMIT = 256
+
+
+# Controller commands that wait for a data byte, and keyboard commands that wait for an
+# argument: what `pending_cmd` / `kbd_pending` can hold.
+DATA_COMMANDS = (0x60, 0xD1, 0xD2, 0xD3, 0xD4, *range(0x61, 0x80))
+KBD_ARG_COMMANDS = (0xED, 0xF0, 0xF3)
+
+
+@dataclass(frozen=True)
+class I8042State(StateRecord):
+    VERSION = 1
+    ctr: int = uint(8)
+    outport: int = uint(8)
+    status: int = uint(8)
+    pending_cmd: int | None = optional(Choice(*DATA_COMMANDS))
+    kbd_pending: int | None = optional(Choice(*KBD_ARG_COMMANDS))
+    kbd_enabled: bool = flag()
+    scancode_set: int = choice(1, 2, 3)
+    out: bytes = data(max_len=QUEUE_LIMIT)  # controller replies not yet read
+    kbd: bytes = data(max_len=QUEUE_LIMIT)  # keyboard bytes not yet read
+    obf_byte: int | None = optional(U8)
 
 
 class I8042(Device):
@@ -82,31 +116,16 @@ class I8042(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "ctr": self.ctr,
-                "outport": self.outport,
-                "status": self.status,
-                "pending_cmd": self.pending_cmd,
-                "kbd_pending": self.kbd_pending,
-                "kbd_enabled": self.kbd_enabled,
-                "scancode_set": self.scancode_set,
-                "out": list(self.out),
-                "kbd": list(self.kbd),
-                "obf_byte": self.obf_byte,
-            }
+            return I8042State.of(self, out=bytes(self.out), kbd=bytes(self.kbd)).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> I8042State:
+        return I8042State.from_dict(state)
+
+    def apply_state(self, rec: I8042State) -> None:
         with self._lock:
-            self.ctr = state["ctr"]
-            self.outport = state["outport"]
-            self.status = state["status"]
-            self.pending_cmd = state["pending_cmd"]
-            self.kbd_pending = state["kbd_pending"]
-            self.kbd_enabled = state["kbd_enabled"]
-            self.scancode_set = state["scancode_set"]
-            self.out = collections.deque(state["out"])
-            self.kbd = collections.deque(state["kbd"])
-            self.obf_byte = state["obf_byte"]
+            rec.put(self, "out", "kbd")
+            self.out = collections.deque(rec.out)
+            self.kbd = collections.deque(rec.kbd)
             self._update()
 
     @property
@@ -284,6 +303,11 @@ class I8042(Device):
             self._kbd_reply(KBD_RESEND)
 
 
+@dataclass(frozen=True)
+class Port92State(RegisterState):
+    value: int = bits(0x03)  # fast A20 and the reset bit, as written
+
+
 class SystemControlPortA(Device):
     """Port 0x92: bit 1 gates A20, a 0 -> 1 change of bit 0 resets the CPUs."""
 
@@ -300,10 +324,13 @@ class SystemControlPortA(Device):
         self.value = 0x02  # A20 on, as firmware leaves it
 
     def save_state(self) -> dict[str, Any]:
-        return {"value": self.value}
+        return Port92State(self.value).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.value = int(state["value"]) & 0xFF
+    def check_state(self, state: Any) -> Port92State:
+        return Port92State.from_dict(state)
+
+    def apply_state(self, rec: Port92State) -> None:
+        self.value = rec.value
 
     @property
     def a20_enabled(self) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from boite.machine.device import Device
+from boite.machine.state import U64, Flag, StateRecord, bits, items, uint
 
 IOAPIC_BASE = 0xFEC0_0000
 IOAPIC_SIZE = 0x1000
@@ -52,6 +53,23 @@ class IoApicMessage:
     pin: int
 
 
+@dataclass(frozen=True)
+class IoApicState(StateRecord):
+    VERSION = 1
+    id: int = bits(0x0F)
+    regsel: int = uint(8)
+    redir: tuple[int, ...] = items(U64, max_len=NUM_PINS, exact=NUM_PINS)
+    levels: tuple[bool, ...] = items(Flag(), max_len=NUM_PINS, exact=NUM_PINS)
+    irr: int = bits((1 << NUM_PINS) - 1)
+
+    def validate(self) -> None:
+        for pin, rte in enumerate(self.redir):
+            if rte & RTE_REMOTE_IRR and not rte & RTE_LEVEL:
+                raise self.invalid(
+                    f"redir[{pin}]", f"{rte:#x} has Remote IRR on an edge-triggered pin"
+                )
+
+
 class IoApic(Device):
     name = "ioapic"
 
@@ -73,21 +91,18 @@ class IoApic(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "id": self.id,
-                "regsel": self.regsel,
-                "redir": list(self.redir),
-                "levels": list(self.levels),
-                "irr": self.irr,
-            }
+            return IoApicState.of(
+                self, redir=tuple(self.redir), levels=tuple(self.levels)
+            ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> IoApicState:
+        return IoApicState.from_dict(state)
+
+    def apply_state(self, rec: IoApicState) -> None:
         with self._lock:
-            self.id = int(state["id"])
-            self.regsel = int(state["regsel"])
-            self.redir = [int(x) for x in state["redir"]][:NUM_PINS]
-            self.levels = [bool(x) for x in state["levels"]][:NUM_PINS]
-            self.irr = int(state["irr"])
+            self.id, self.regsel, self.irr = rec.id, rec.regsel, rec.irr
+            self.redir = list(rec.redir)
+            self.levels = list(rec.levels)
 
     # -- pins ---------------------------------------------------------------------------
 

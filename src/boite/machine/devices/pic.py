@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
+from boite.errors import CheckpointError
 from boite.machine.device import Device
+from boite.machine.state import StateRecord, bits, flag, record, span, uint
 
 MASTER_PORT = 0x20
 SLAVE_PORT = 0xA0
@@ -172,6 +174,40 @@ class Pic8259:
         return self.imr
 
 
+@dataclass(frozen=True)
+class PicChipState(StateRecord):
+    """One 8259A's registers; its wiring (master or slave, which IRQs ELCR may make
+    level-triggered) is configuration and not saved."""
+
+    irr: int = uint(8)
+    imr: int = uint(8)
+    isr: int = uint(8)
+    last_irr: int = uint(8)
+    priority_add: int = span(0, 7)
+    irq_base: int = bits(0xF8)
+    read_isr: bool = flag()
+    poll: bool = flag()
+    special_mask: bool = flag()
+    init_state: int = span(0, 3)
+    auto_eoi: bool = flag()
+    rotate_on_auto_eoi: bool = flag()
+    special_fully_nested: bool = flag()
+    init4: bool = flag()
+    single_mode: bool = flag()
+    ltim: bool = flag()
+    elcr: int = uint(8)
+
+
+@dataclass(frozen=True)
+class PicState(StateRecord):
+    VERSION = 1
+    master: PicChipState = record(PicChipState)
+    slave: PicChipState = record(PicChipState)
+
+    def chips(self) -> tuple[PicChipState, PicChipState]:
+        return self.master, self.slave
+
+
 class DualPic(Device):
     """The master/slave pair. Registered on three bus ranges: 0x20 (2 ports), 0xa0
     (2 ports) and the ELCR at 0x4d0 (2 ports) — `bus_view(...)` gives each one."""
@@ -196,13 +232,22 @@ class DualPic(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return {"master": asdict(self.chips[0]), "slave": asdict(self.chips[1])}
+            return PicState(*(PicChipState.of(c) for c in self.chips)).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> PicState:
+        rec = PicState.from_dict(state)
+        for key, chip_state, mask in zip(("master", "slave"), rec.chips(), ELCR_MASK, strict=True):
+            if chip_state.elcr & ~mask:
+                raise CheckpointError(
+                    f"{key}.elcr: {chip_state.elcr:#x} sets IRQs that are always edge-triggered "
+                    f"(allowed {mask:#x})"
+                )
+        return rec
+
+    def apply_state(self, rec: PicState) -> None:
         with self._lock:
-            for chip, key in zip(self.chips, ("master", "slave"), strict=True):
-                for f in fields(chip):
-                    setattr(chip, f.name, type(f.default)(state[key][f.name]))
+            for chip, chip_state in zip(self.chips, rec.chips(), strict=True):
+                chip_state.put(chip)
             self._update()
 
     # -- the CPU side -------------------------------------------------------------------

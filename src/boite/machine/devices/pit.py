@@ -14,11 +14,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from boite.machine.device import Device
+from boite.machine.device import Device, StatelessDevice
 from boite.machine.irq import IrqLine
+from boite.machine.state import (
+    I64,
+    U8,
+    Int,
+    Items,
+    Nested,
+    StateRecord,
+    bits,
+    checked,
+    flag,
+    items,
+    optional,
+    span,
+    uint,
+)
 
 PIT_HZ = 1_193_182
 NS = 1_000_000_000
@@ -127,6 +142,44 @@ class PitChannel:
         return self.load_ns + ticks_to_ns(edge)
 
 
+@dataclass(frozen=True)
+class PitChannelState(StateRecord):
+    """A PitChannel with its times relative to the moment of saving (`load_ns`: how long
+    ago counting started; `pending_at_ns`: how far ahead a pending count takes over)."""
+
+    mode: int = span(0, 7)
+    rw_mode: int = span(RW_LSB, RW_WORD)
+    bcd: bool = flag()
+    count: int = span(1, 0x10000)  # a divisor: 0 would divide by zero
+    load_ns: int = checked(I64)
+    armed: bool = flag()
+    gate: bool = flag()
+    frozen_ticks: int | None = optional(Int(0, 1 << 62))
+    write_lsb_next: bool = flag()
+    write_lsb: int = uint(8)
+    read_lsb_next: bool = flag()
+    latched: tuple[int, ...] | None = optional(Items(U8, max_len=2))
+    status_latched: int | None = optional(U8)
+    null_count: bool = flag()
+    last_out: bool = flag()
+    count_written: bool = flag()
+    pending_count: int | None = optional(Int(1, 0x10000))
+    pending_at_ns: int = checked(I64)
+
+    def validate(self) -> None:
+        if self.latched is not None and not self.latched:
+            raise self.invalid("latched", "an empty latch (no latch is null)")
+
+
+@dataclass(frozen=True)
+class PitState(StateRecord):
+    VERSION = 1
+    channels: tuple[PitChannelState, ...] = items(Nested(PitChannelState), max_len=3, exact=3)
+    speaker_enabled: bool = flag()
+    port61_bits: int = bits(0x0C)
+    since_advance_ns: int | None = optional(I64)
+
+
 class Pit8254(Device):
     name = "pit"
 
@@ -162,34 +215,35 @@ class Pit8254(Device):
             now = self.clock_ns()
             chans = []
             for ch in self.channels:
-                d = asdict(ch)
+                d = {f.name: getattr(ch, f.name) for f in fields(PitChannel)}
                 d["load_ns"] = now - ch.load_ns  # relative: the clock does not survive
                 d["pending_at_ns"] = ch.pending_at_ns - now
-                chans.append(d)
-            return {
-                "channels": chans,
-                "speaker_enabled": self.speaker_enabled,
-                "port61_bits": self.port61_bits,
-                "since_advance_ns": None
-                if self._last_advance is None
-                else now - self._last_advance,
-            }
+                d["latched"] = None if ch.latched is None else tuple(ch.latched)
+                chans.append(PitChannelState(**d))
+            return PitState(
+                channels=tuple(chans),
+                speaker_enabled=self.speaker_enabled,
+                port61_bits=self.port61_bits,
+                since_advance_ns=None if self._last_advance is None else now - self._last_advance,
+            ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> PitState:
+        return PitState.from_dict(state)
+
+    def apply_state(self, rec: PitState) -> None:
         with self._lock:
             now = self.clock_ns()
             self.channels = []
-            for d in state["channels"]:
-                ch = PitChannel(**{f.name: d[f.name] for f in fields(PitChannel)})
-                ch.load_ns = now - int(d["load_ns"])
-                ch.pending_at_ns = now + int(d["pending_at_ns"])
-                if ch.latched is not None:
-                    ch.latched = list(ch.latched)
+            for cs in rec.channels:
+                ch = PitChannel(**{f.name: getattr(cs, f.name) for f in fields(PitChannel)})
+                ch.load_ns = now - cs.load_ns
+                ch.pending_at_ns = now + cs.pending_at_ns
+                ch.latched = None if cs.latched is None else list(cs.latched)
                 self.channels.append(ch)
-            self.speaker_enabled = bool(state["speaker_enabled"])
-            self.port61_bits = int(state["port61_bits"])
-            since = state.get("since_advance_ns")
-            self._last_advance = None if since is None else now - int(since)
+            self.speaker_enabled = rec.speaker_enabled
+            self.port61_bits = rec.port61_bits
+            since = rec.since_advance_ns
+            self._last_advance = None if since is None else now - since
 
     # -- time --------------------------------------------------------------------------
 
@@ -379,24 +433,15 @@ class Pit8254(Device):
             ch.frozen_ticks = 0
 
 
-class PitSpeakerPort(Device):
+class PitSpeakerPort(StatelessDevice):
     """Port 0x61 (NMI status and control) as far as the PIT is concerned: bit 0 gates
     channel 2, bit 1 enables the speaker, bit 4 toggles with DRAM refresh (every 15 us),
-    bit 5 reads OUT2."""
+    bit 5 reads OUT2. The PIT holds (and saves) this port's state."""
 
     name = "port61"
 
     def __init__(self, pit: Pit8254) -> None:
         self.pit = pit
-
-    def reset(self) -> None:
-        pass  # the PIT holds this port's state
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         pit = self.pit

@@ -18,9 +18,11 @@ writes 0x02 then 0x06; both kinds reset the whole machine here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from boite.machine.device import Device
+from boite.machine.device import Device, StatelessDevice
+from boite.machine.state import RegisterState, bits
 
 if TYPE_CHECKING:
     from boite.machine.machine import Machine
@@ -34,26 +36,24 @@ RCR_RST_CPU = 0x04
 RCR_FULL_RST = 0x08
 
 
-class PowerOffPort(Device):
+class PowerOffPort(StatelessDevice):
     name = "poweroff"
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
-
-    def reset(self) -> None:
-        pass
-
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def bus_read(self, offset: int, size: int) -> int:
         return (POWEROFF_SIGNATURE >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def bus_write(self, offset: int, size: int, value: int) -> None:
         self.machine.request_poweroff(value & 0xFF)
+
+
+@dataclass(frozen=True)
+class ResetControlState(RegisterState):
+    """Port 0xcf9 keeps only its SYS_RST and FULL_RST bits."""
+
+    value: int = bits(RCR_SYS_RST | RCR_FULL_RST)
 
 
 class ResetControl(Device):
@@ -67,10 +67,13 @@ class ResetControl(Device):
         self.value = 0
 
     def save_state(self) -> dict[str, Any]:
-        return {"value": self.value}
+        return ResetControlState(self.value).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.value = int(state["value"]) & (RCR_SYS_RST | RCR_FULL_RST)
+    def check_state(self, state: Any) -> RegisterState:
+        return ResetControlState.from_dict(state)
+
+    def apply_state(self, rec: RegisterState) -> None:
+        self.value = rec.value
 
     def bus_read(self, offset: int, size: int) -> int:
         return self.value

@@ -20,11 +20,13 @@ import functools
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from boite.errors import ConfigError
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
+from boite.machine.state import I64, Real, StateRecord, checked, data, flag, optional, real, span
 
 CMOS_SIZE = 128
 
@@ -79,6 +81,22 @@ def _bcd(v: int) -> int:
 
 def _unbcd(v: int) -> int:
     return (v >> 4) * 10 + (v & 0x0F)
+
+
+# Guest time is Unix seconds; the MC146818 counts to 2099 (with the century byte, 9999):
+# anything beyond +-2**40 s (35,000 years) is not a time a guest set.
+TIME_LIMIT = float(1 << 40)
+
+
+@dataclass(frozen=True)
+class RtcState(StateRecord):
+    VERSION = 1
+    cmos: bytes = data(max_len=CMOS_SIZE, exact=CMOS_SIZE)
+    index: int = span(0, 0x7F)
+    nmi_masked: bool = flag()
+    offset: float = real(TIME_LIMIT)  # guest time - host wall clock, seconds
+    frozen: float | None = optional(Real(TIME_LIMIT))  # guest time held by B.SET
+    since_last_ns: int = checked(I64)
 
 
 class CmosRtc(Device):
@@ -156,27 +174,28 @@ class CmosRtc(Device):
 
     @_locked
     def save_state(self) -> dict[str, Any]:
-        return {
-            "cmos": bytes(self.cmos).hex(),
-            "index": self.index,
-            "nmi_masked": self.nmi_masked,
-            "offset": self.offset,
-            "frozen": self.frozen,
+        return RtcState(
+            cmos=bytes(self.cmos),
+            index=self.index,
+            nmi_masked=self.nmi_masked,
+            offset=self.offset,
+            frozen=self.frozen,
             # Interrupt phase is relative to the monotonic clock, which does not survive a
             # restore: store how far past the last check we were.
-            "since_last_ns": self.clock_ns() - self._last_ns,
-        }
+            since_last_ns=self.clock_ns() - self._last_ns,
+        ).to_dict()
+
+    def check_state(self, state: Any) -> RtcState:
+        return RtcState.from_dict(state)
 
     @_locked
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.cmos = bytearray(bytes.fromhex(state["cmos"]))
-        if len(self.cmos) != CMOS_SIZE:
-            raise ConfigError(f"RTC state holds {len(self.cmos)} CMOS bytes, expected 128")
-        self.index = int(state["index"]) & 0x7F
-        self.nmi_masked = bool(state["nmi_masked"])
-        self.offset = float(state["offset"])
-        self.frozen = None if state["frozen"] is None else float(state["frozen"])
-        self._last_ns = self.clock_ns() - int(state.get("since_last_ns", 0))
+    def apply_state(self, rec: RtcState) -> None:
+        self.cmos = bytearray(rec.cmos)
+        self.index = rec.index
+        self.nmi_masked = rec.nmi_masked
+        self.offset = rec.offset
+        self.frozen = rec.frozen
+        self._last_ns = self.clock_ns() - rec.since_last_ns
         self._last_gt = self.guest_time()
         self.irq.set(bool(self.cmos[REG_C] & C_IRQF))
 

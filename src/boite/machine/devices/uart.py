@@ -19,12 +19,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from boite.errors import ConfigError
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
+from boite.machine.state import StateRecord, bits, data, flag, uint
 
 # (base port, ISA IRQ) of COM1..COM4
 COM_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
@@ -310,6 +312,33 @@ class TeeBackend(SerialBackend):
 # --------------------------------------------------------------------------- the UART
 
 
+@dataclass(frozen=True)
+class UartState(StateRecord):
+    """The 16550A's registers (each as wide as the chip's; write-only bits masked as the
+    register writes mask them), its receive FIFO and the host input not yet received."""
+
+    VERSION = 1
+    dll: int = uint(8)
+    dlm: int = uint(8)
+    ier: int = bits(0x0F)
+    lcr: int = uint(8)
+    mcr: int = bits(0x1F)
+    lsr: int = bits(0x7F)  # bit 7 (FIFO error) is computed on read, never stored
+    msr: int = uint(8)
+    scr: int = uint(8)
+    fcr: int = bits(0xC9)
+    rx: bytes = data(max_len=FIFO_SIZE)
+    thr_ipending: bool = flag()
+    host_input: bytes = data(max_len=HOST_INPUT_LIMIT)
+
+    def validate(self) -> None:
+        capacity = FIFO_SIZE if self.fcr & FCR_ENABLE else 1
+        if len(self.rx) > capacity:
+            raise self.invalid(
+                "rx", f"{len(self.rx)} bytes, the receiver holds {capacity} with this FCR"
+            )
+
+
 class Uart16550(Device):
     name = "uart16550"
 
@@ -342,28 +371,18 @@ class Uart16550(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "dll": self.dll,
-                "dlm": self.dlm,
-                "ier": self.ier,
-                "lcr": self.lcr,
-                "mcr": self.mcr,
-                "lsr": self.lsr,
-                "msr": self.msr,
-                "scr": self.scr,
-                "fcr": self.fcr,
-                "rx": bytes(self.rx).hex(),
-                "thr_ipending": self.thr_ipending,
-                "host_input": bytes(self._host_input).hex(),
-            }
+            return UartState.of(
+                self, rx=bytes(self.rx), host_input=bytes(self._host_input)
+            ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> UartState:
+        return UartState.from_dict(state)
+
+    def apply_state(self, rec: UartState) -> None:
         with self._lock:
-            for key in ("dll", "dlm", "ier", "lcr", "mcr", "lsr", "msr", "scr", "fcr"):
-                setattr(self, key, int(state[key]) & 0xFF)
-            self.rx = collections.deque(bytes.fromhex(state["rx"]))
-            self.thr_ipending = bool(state["thr_ipending"])
-            self._host_input = collections.deque(bytes.fromhex(state.get("host_input", "")))
+            rec.put(self, "rx", "host_input")
+            self.rx = collections.deque(rec.rx)
+            self._host_input = collections.deque(rec.host_input)
             self._update_irq()
 
     # -- helpers -----------------------------------------------------------------------

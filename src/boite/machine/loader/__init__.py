@@ -51,6 +51,10 @@ def _read(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
     from boite.box.paths import FileKindError, read_regular
 
     try:
+        size = os.stat(path).st_size
+        if size > limit:
+            raise KernelFormatError(f"{path}: the {what} is {size} bytes, more than guest RAM "
+                                    f"({limit} bytes)")  # fmt: skip
         return read_regular(path, limit, what=what)
     except FileKindError as e:
         raise KernelFormatError(f"{e} (guest RAM is {limit} bytes)") from None

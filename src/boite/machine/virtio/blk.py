@@ -12,11 +12,13 @@ import errno
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from boite.disk.base import SECTOR, BlockImage
 from boite.disk.raw import RawImage
 from boite.errors import BoiteError
+from boite.machine.state import StateRecord, uint
 from boite.machine.virtio.mmio import VIRTIO_ID_BLOCK, VirtioBackend, bit
 from boite.machine.virtio.queue import VirtQueue, VirtQueueError, gather, split_views
 
@@ -56,6 +58,14 @@ SIZE_MAX = 1 << 20  # largest single segment we announce
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_DISCARD_SEG = 32
 _ZEROES = bytes(1 << 20)
+
+
+@dataclass(frozen=True)
+class VirtioBlkState(StateRecord):
+    """Requests are served whole while the guest is paused: only the count survives."""
+
+    VERSION = 1
+    requests: int = uint(64)
 
 
 class VirtioBlk(VirtioBackend):
@@ -122,10 +132,13 @@ class VirtioBlk(VirtioBackend):
         self.image.close()
 
     def save_state(self) -> dict[str, Any]:
-        return {"requests": self.requests}
+        return VirtioBlkState(self.requests).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.requests = state.get("requests", 0)
+    def check_state(self, state: Any) -> VirtioBlkState:
+        return VirtioBlkState.from_dict(state)
+
+    def apply_state(self, rec: VirtioBlkState) -> None:
+        self.requests = rec.requests
 
     # --- requests -------------------------------------------------------------------
     def notify(self, queue: VirtQueue) -> None:

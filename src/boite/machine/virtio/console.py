@@ -11,8 +11,10 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from boite.machine.state import StateRecord, data, uint
 from boite.machine.virtio.mmio import STATUS_DRIVER_OK, VIRTIO_ID_CONSOLE, VirtioBackend, bit
 from boite.machine.virtio.queue import VirtQueue, scatter
 
@@ -21,6 +23,14 @@ VIRTIO_CONSOLE_F_EMERG_WRITE = 2
 RXQ, TXQ = 0, 1
 BACKLOG = 64 << 10  # bytes of output kept while no console is attached
 INPUT_LIMIT = 1 << 20  # typed-ahead input beyond this is dropped
+
+
+@dataclass(frozen=True)
+class VirtioConsoleState(StateRecord):
+    VERSION = 1
+    pending_input: bytes = data(max_len=INPUT_LIMIT)  # typed ahead, not yet in the guest
+    cols: int = uint(16)
+    rows: int = uint(16)
 
 
 class VirtioConsole(VirtioBackend):
@@ -57,11 +67,14 @@ class VirtioConsole(VirtioBackend):
             self.transport.config_changed()
 
     def save_state(self) -> dict[str, Any]:
-        return {"pending_input": bytes(self.pending_input), "cols": self.cols, "rows": self.rows}
+        return VirtioConsoleState(bytes(self.pending_input), self.cols, self.rows).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.pending_input = bytearray(state["pending_input"])
-        self.cols, self.rows = state["cols"], state["rows"]
+    def check_state(self, state: Any) -> VirtioConsoleState:
+        return VirtioConsoleState.from_dict(state)
+
+    def apply_state(self, rec: VirtioConsoleState) -> None:
+        self.pending_input = bytearray(rec.pending_input)
+        self.cols, self.rows = rec.cols, rec.rows
 
     # --- output ---------------------------------------------------------------------
     def attach(self, output: Callable[[bytes], None]) -> None:

@@ -11,15 +11,28 @@ requests until the driver resets it. Nothing escapes to the VMM.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from boite.errors import GuestError
+from boite.errors import CheckpointError, GuestError
 from boite.machine.device import Device
 from boite.machine.irq import IrqLine
 from boite.machine.memory import GuestMemory
-from boite.machine.virtio.queue import VirtQueue
+from boite.machine.state import (
+    KeepsNoState,
+    Nested,
+    Opaque,
+    StateRecord,
+    bits,
+    checked,
+    flag,
+    items,
+    uint,
+)
+from boite.machine.virtio.queue import VirtQueue, VirtQueueState
 
 log = logging.getLogger("boite.virtio")
 
@@ -83,6 +96,9 @@ VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
 
 
+MAX_QUEUES = 64  # more than any backend has
+
+
 def bit(n: int) -> int:
     return 1 << n
 
@@ -96,8 +112,10 @@ def mmio_cmdline(size: int, base: int, irq: int) -> str:
     return f"virtio_mmio.device={sz}@{base:#x}:{irq}"
 
 
-class VirtioBackend:
-    """What a virtio device type supplies. Subclasses serve their queues in `notify`."""
+class VirtioBackend(KeepsNoState):
+    """What a virtio device type supplies. Subclasses serve their queues in `notify`.
+    Its state is a versioned record of its own (none unless it overrides the three state
+    methods), checked with the transport's before anything is restored."""
 
     device_id = 0
     name = "virtio"
@@ -132,12 +150,6 @@ class VirtioBackend:
     def reset(self) -> None:
         """The driver reset the device: forget in-flight state."""
 
-    def save_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
-
     # Helpers for subclasses.
     def used(self, queue: VirtQueue, head: int, written: int) -> None:
         queue.push(head, written)
@@ -145,6 +157,34 @@ class VirtioBackend:
     def signal(self, queue: VirtQueue) -> None:
         assert self.transport is not None
         self.transport.signal_used(queue)
+
+
+@dataclass(frozen=True)
+class VirtioMmioState(StateRecord):
+    """The transport's registers, its queues, and the backend's own versioned record
+    (checked by the backend: `VirtioMmio.check_state`)."""
+
+    VERSION = 1
+    status: int = uint(8)
+    device_features_sel: int = uint(32)
+    driver_features_sel: int = uint(32)
+    driver_features: int = uint(64)  # what the driver wrote; checked at FEATURES_OK
+    features: int = uint(64)  # what was accepted
+    queue_sel: int = uint(32)
+    interrupt_status: int = bits(INT_USED_BUFFER | INT_CONFIG_CHANGE)
+    config_generation: int = uint(32)
+    broken: bool = flag()
+    queues: tuple[VirtQueueState, ...] = items(Nested(VirtQueueState), max_len=MAX_QUEUES)
+    backend: Any = checked(Opaque())
+
+    def validate(self) -> None:
+        if self.broken and not self.status & STATUS_DEVICE_NEEDS_RESET:
+            raise self.invalid("status", "a broken device without DEVICE_NEEDS_RESET")
+        if not self.broken and self.status & STATUS_DRIVER_OK:
+            if not self.status & STATUS_FEATURES_OK:
+                raise self.invalid("status", "DRIVER_OK without FEATURES_OK")
+            if not self.features & bit(VIRTIO_F_VERSION_1):
+                raise self.invalid("features", "a live device without VIRTIO_F_VERSION_1")
 
 
 class VirtioMmio(Device):
@@ -218,37 +258,47 @@ class VirtioMmio(Device):
 
     def save_state(self) -> dict[str, Any]:
         with self.lock:
-            return {
-                "status": self.status,
-                "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel,
-                "driver_features": self.driver_features,
-                "features": self.features,
-                "queue_sel": self.queue_sel,
-                "interrupt_status": self.interrupt_status,
-                "config_generation": self.config_generation,
-                "broken": self.broken,
-                "queues": [q.save_state() for q in self.queues],
-                "backend": self.backend.save_state(),
-            }
+            return VirtioMmioState.of(
+                self,
+                queues=tuple(q.save_state() for q in self.queues),
+                backend=self.backend.save_state(),
+            ).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        with self.lock:
-            for key in (
-                "status",
-                "device_features_sel",
-                "driver_features_sel",
-                "driver_features",
-                "features",
-                "queue_sel",
-                "interrupt_status",
-                "config_generation",
-                "broken",
+    def check_state(self, state: Any) -> VirtioMmioState:
+        rec = VirtioMmioState.from_dict(state)
+        if len(rec.queues) != len(self.queues):
+            raise CheckpointError(
+                f"queues: {len(rec.queues)} saved, {self.name} has {len(self.queues)}"
+            )
+        if rec.features & ~self.offered:
+            raise CheckpointError(
+                f"features: {rec.features:#x} has bits {rec.features & ~self.offered:#x} "
+                f"that {self.name} does not offer"
+            )
+        for i, (q, qs) in enumerate(zip(self.queues, rec.queues, strict=True)):
+            try:
+                q.check_state(qs)
+            except CheckpointError as exc:
+                raise CheckpointError(f"queues[{i}]: {exc}") from None
+            if qs.ready and (
+                qs.event_idx != bool(rec.features & bit(VIRTIO_RING_F_EVENT_IDX))
+                or qs.indirect != bool(rec.features & bit(VIRTIO_RING_F_INDIRECT_DESC))
             ):
-                setattr(self, key, state[key])
-            for q, qs in zip(self.queues, state["queues"], strict=True):
-                q.load_state(qs)
-            self.backend.load_state(state["backend"])
+                raise CheckpointError(
+                    f"queues[{i}]: ring features differ from the negotiated {rec.features:#x}"
+                )
+        try:
+            backend = self.backend.check_state(rec.backend)
+        except CheckpointError as exc:
+            raise CheckpointError(f"backend.{exc}") from None
+        return dataclasses.replace(rec, backend=backend)
+
+    def apply_state(self, rec: VirtioMmioState) -> None:
+        with self.lock:
+            rec.put(self, "queues", "backend")
+            for q, qs in zip(self.queues, rec.queues, strict=True):
+                q.apply_state(qs)
+            self.backend.apply_state(rec.backend)
             if self.status & STATUS_DRIVER_OK and not self.broken:
                 self.backend.activate(self.queues, self.features)
             self._update_irq()

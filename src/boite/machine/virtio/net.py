@@ -15,9 +15,11 @@ import os
 import select
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from boite.errors import ConfigError, GuestError
+from boite.machine.state import StateRecord, data
 from boite.machine.virtio.mmio import STATUS_DRIVER_OK, VIRTIO_ID_NET, VirtioBackend, bit
 from boite.machine.virtio.queue import VirtQueue, VirtQueueError, split_views
 
@@ -55,6 +57,14 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
+@dataclass(frozen=True)
+class VirtioNetState(StateRecord):
+    """Frames are handed over whole; the MAC address the guest was shown stays its own."""
+
+    VERSION = 1
+    mac: bytes = data(max_len=6, exact=6)
+
+
 class VirtioNet(VirtioBackend):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
@@ -81,10 +91,13 @@ class VirtioNet(VirtioBackend):
         return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, MTU)
 
     def save_state(self) -> dict[str, Any]:
-        return {"mac": self.mac.hex()}
+        return VirtioNetState(self.mac).to_dict()
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.mac = bytes.fromhex(state["mac"])
+    def check_state(self, state: Any) -> VirtioNetState:
+        return VirtioNetState.from_dict(state)
+
+    def apply_state(self, rec: VirtioNetState) -> None:
+        self.mac = rec.mac
 
     # --- TX -------------------------------------------------------------------------
     def notify(self, queue: VirtQueue) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from boite.errors import GuestError
+from boite.errors import CheckpointError, GuestError
 from boite.machine.memory import GuestMemory
+from boite.machine.state import StateRecord, flag, uint
 
 # Descriptor flags.
 VIRTQ_DESC_F_NEXT = 1
@@ -100,6 +101,25 @@ def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
     return pos
 
 
+@dataclass(frozen=True)
+class VirtQueueState(StateRecord):
+    """A queue's registers and the device's ring positions. A queue that is not ready
+    holds what the driver wrote so far (checked when it makes the queue ready); a ready
+    one must have a layout inside guest RAM (`VirtQueue.check_state`)."""
+
+    size: int = uint(32)
+    ready: bool = flag()
+    desc_addr: int = uint(64)
+    avail_addr: int = uint(64)
+    used_addr: int = uint(64)
+    last_avail_idx: int = uint(16)
+    used_idx: int = uint(16)
+    signalled_used: int = uint(16)
+    signalled_valid: bool = flag()
+    event_idx: bool = flag()
+    indirect: bool = flag()
+
+
 class VirtQueue:
     """One split virtqueue: descriptor table, available ring, used ring."""
 
@@ -129,49 +149,41 @@ class VirtQueue:
         # reports them to the memory's write observers (see GuestMemory.note_dma_write).
         self._inflight: dict[int, list[tuple[int, int]]] = {}
 
-    # --- state as plain data -------------------------------------------------------
-    def save_state(self) -> dict[str, int | bool]:
-        return {
-            "size": self.size,
-            "ready": self.ready,
-            "desc_addr": self.desc_addr,
-            "avail_addr": self.avail_addr,
-            "used_addr": self.used_addr,
-            "last_avail_idx": self.last_avail_idx,
-            "used_idx": self.used_idx,
-            "signalled_used": self.signalled_used,
-            "signalled_valid": self.signalled_valid,
-            "event_idx": self.event_idx,
-            "indirect": self.indirect,
-        }
+    # --- state -------------------------------------------------------------------
+    def save_state(self) -> VirtQueueState:
+        return VirtQueueState.of(self)
 
-    def load_state(self, state: dict) -> None:
-        for key, value in state.items():
-            if not hasattr(self, key):
-                raise ValueError(f"unknown virtqueue state key {key!r}")
-            setattr(self, key, value)
+    def check_state(self, rec: VirtQueueState) -> None:
+        """A live queue's layout must be one `validate()` accepts in this guest's RAM."""
+        if rec.ready:
+            problem = self._layout_problem(rec.size, rec.desc_addr, rec.avail_addr, rec.used_addr)
+            if problem is not None:
+                raise CheckpointError(problem)
+
+    def apply_state(self, rec: VirtQueueState) -> None:
+        rec.put(self)
+        self._inflight = {}
 
     # --- enabling ------------------------------------------------------------------
     def validate(self) -> None:
         """Check the layout the driver wrote before the queue goes live."""
-        n = self.size
+        problem = self._layout_problem(self.size, self.desc_addr, self.avail_addr, self.used_addr)
+        if problem is not None:
+            raise VirtQueueError(f"virtqueue {self.index}: {problem}")
+
+    def _layout_problem(self, n: int, desc: int, avail: int, used: int) -> str | None:
         if n <= 0 or n & (n - 1) or n > self.max_size:
-            raise VirtQueueError(
-                f"virtqueue {self.index}: size {n} is not a power of two <= {self.max_size}"
-            )
+            return f"size {n} is not a power of two <= {self.max_size}"
         for name, addr, align, length in (
-            ("descriptor table", self.desc_addr, 16, DESC_SIZE * n),
-            ("available ring", self.avail_addr, 2, 6 + 2 * n),
-            ("used ring", self.used_addr, 4, 6 + 8 * n),
+            ("descriptor table", desc, 16, DESC_SIZE * n),
+            ("available ring", avail, 2, 6 + 2 * n),
+            ("used ring", used, 4, 6 + 8 * n),
         ):
             if addr % align:
-                raise VirtQueueError(
-                    f"virtqueue {self.index}: {name} at {addr:#x} is not {align}-byte aligned"
-                )
+                return f"{name} at {addr:#x} is not {align}-byte aligned"
             if not self.memory.contains(addr, length):
-                raise VirtQueueError(
-                    f"virtqueue {self.index}: {name} {addr:#x}+{length:#x} is outside guest RAM"
-                )
+                return f"{name} {addr:#x}+{length:#x} is outside guest RAM"
+        return None
 
     # --- the available side --------------------------------------------------------
     def avail_idx(self) -> int:
