@@ -121,3 +121,51 @@ def test_box_key_kernel_unpack(tmp_path) -> None:
         "auto", "auto", "true", "false", "true"]  # fmt: skip
     with pytest.raises(ConfigError, match='boite.kernelUnpack = .sometimes.: expected "auto"'):
         setting("sometimes")
+
+
+def test_builder_unpacks_for_the_emulator_and_says_so(debian686) -> None:
+    path = debian686.debian686_vmlinuz
+    elf = parse_elf(extract_payload(path.read_bytes(), str(path)), str(path))
+    m = build_machine(256, kernel=path, cmdline="console=ttyS0")  # emulated_irqchip: emu
+    try:
+        assert m.boot_state[0].rip == elf.entry
+        assert m.kernel_note.startswith("unpacked on the host (xz payload)")
+    finally:
+        m.memory.close()
+    m = build_machine(256, kernel=path, emulated_irqchip=False)  # KVM's machine
+    try:
+        assert m.boot_state[0].rip == 0x100000  # the bzImage's own 32-bit entry
+        assert "hardware virtualization" in m.kernel_note
+    finally:
+        m.memory.close()
+    m = build_machine(256, kernel=path, kernel_unpack="false")
+    try:
+        assert m.boot_state[0].rip == 0x100000 and "off" in m.kernel_note
+    finally:
+        m.memory.close()
+
+
+def test_box_kernel_unpack_false_boots_the_bzimage_entry(debian686, tmp_path) -> None:
+    from boite.box.box import Box
+
+    box = Box.create(str(tmp_path / "b"), memsize_mb=256, cpus=1, disk_size=None)
+    box.vmx["boite.kernel"] = str(debian686.debian686_vmlinuz)
+    box.vmx["boite.kernelUnpack"] = "FALSE"
+    box.save()
+    m = build_machine(box=Box.open(str(tmp_path / "b")))
+    try:
+        assert m.boot_state[0].rip == 0x100000 and "off" in m.kernel_note
+    finally:
+        m.memory.close()
+
+
+def test_cli_kernel_unpack_refuses_what_it_cannot_unpack(debian686, boite_cli, tmp_path) -> None:
+    k = tmp_path / "lz4"
+    lz4 = b"\x02\x21\x4c\x18" + bytes(64)
+    k.write_bytes(_with_payload(debian686.debian686_vmlinuz.read_bytes(), lz4))
+    r = boite_cli("boot", k, "--accel", "emu", "--kernel-unpack", timeout=120)
+    assert r.returncode != 0
+    assert "cannot unpack this kernel on the host" in r.stderr and "not gzip, xz or lzma" in (
+        r.stderr
+    )
+    assert "Traceback" not in r.stderr

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--disk", action="append", default=[], metavar="FILE", help="a disk (repeatable)"
     )
+    p.add_argument(
+        "--kernel-unpack", action=argparse.BooleanOptionalAction, default=None,
+        help="decompress a 32-bit bzImage on the host and enter it at startup_32 (default: "
+        "under the emulator, whose own run of the kernel's decompressor takes minutes)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("start", help="power on a box")
@@ -284,6 +289,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return build_machine(
             args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
             emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
+            kernel_unpack=_unpack_setting(args.kernel_unpack),
         )  # fmt: skip
 
     def log(message: str) -> None:
@@ -300,6 +306,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
     finally:
         stdio.stop()
         devices.close()
+
+
+def _unpack_setting(flag: bool | None) -> str:
+    return "auto" if flag is None else "true" if flag else "false"
 
 
 def _open_box(path: str):
