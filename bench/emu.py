@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,7 +135,8 @@ LINUX_CMDLINE = 'console=ttyS0 quiet boite.run="uname -a"'
 
 
 def linux_emu(kernel: Path, initrd: Path, memsize: int = 64, protocol: str = "auto",
-              marker: bytes = READY) -> tuple[float, float]:  # fmt: skip
+              marker: bytes = READY, timeout: float | None = None
+              ) -> tuple[float, float]:  # fmt: skip
     """(wall, CPU) seconds from start to the console's first `marker` (vmlinux or bzImage;
     the time includes boite's own loading, unpacking a bzImage included)."""
     from boite.machine.builder import build_machine
@@ -156,7 +158,12 @@ def linux_emu(kernel: Path, initrd: Path, memsize: int = 64, protocol: str = "au
                       console=Console(), protocol=protocol)  # fmt: skip
     acc = EmuAccelerator()
     acc.create(m)
+    timer = threading.Timer(timeout, acc.pause) if timeout else None
+    if timer:
+        timer.start()
     res = acc.run()
+    if timer:
+        timer.cancel()
     if not seen:
         raise SystemExit(f"Linux did not reach {marker!r} under the emulator: {res}")
     return seen[0]
@@ -251,7 +258,7 @@ def main() -> int:
         stock_s = stock_q = None
         if a.stock:
             marker = a.stock_marker.encode()
-            stock_s, stock_cpu = linux_emu(*a.stock, 256, "linux-unpacked", marker)
+            stock_s, stock_cpu = linux_emu(*a.stock, 256, "linux-unpacked", marker, 7200)
             print(f"stock:       {a.stock_marker!r} after {stock_s:.1f}s ({stock_cpu:.1f} CPU s)",
                   file=sys.stderr)  # fmt: skip
             if shutil.which("qemu-system-i386"):
