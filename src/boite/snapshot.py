@@ -1382,9 +1382,9 @@ def restore_machine(machine: Any, accel: Any, path: Path) -> None:
     the container, every vCPU, the RAM layout and every device's record are checked
     before the first byte of RAM or register changes; then RAM, devices, and the vCPUs
     (after devices, so interrupt state lands on restored devices)."""
-    from boite.box.checkpoint import load_saved_memory, read_saved_state
+    from boite.box.checkpoint import check_resumable, load_saved_memory
 
-    saved = read_saved_state(path)
+    saved = check_resumable(path)  # and its .vmem holds every region
     unportable = unportable_state(saved.cpu_states, getattr(accel, "name", ""))
     if unportable:
         raise CheckpointError(

@@ -568,6 +568,18 @@ def test_damaged_checkpoint_files_restore_whole_or_raise_checkpoint_error(saved_
     assert outcomes["refused"] > 1000, outcomes
 
 
+def test_a_short_vmem_is_refused_before_any_ram_changes(saved_checkpoint) -> None:
+    vmsn, b, accel = saved_checkpoint
+    before = b.machine.memory.read(0, RAM_MB * MiB)
+    devices = b.machine.save_device_state()
+    vmem = vmsn.with_suffix(".vmem")
+    os.truncate(vmem, vmem.stat().st_size - 4096)
+    with pytest.raises(CheckpointError, match="describes 0x800000 bytes of .vmem, .* has 0x7ff000"):
+        restore_machine(b.machine, accel, vmsn)
+    assert b.machine.memory.read(0, RAM_MB * MiB) == before
+    assert b.machine.save_device_state() == devices
+
+
 def retag_cpu(good: bytes, tag: Tag, rng: random.Random) -> bytes:
     """The checkpoint with one vCPU tag given another well-formed value: a register at
     another width or value, a blob of another size, other JSON in `boite:extra`."""

@@ -54,6 +54,8 @@ class EmuCpuExtra(StateRecord):
     dr: tuple[int, ...] | None = maybe(Items(U32, max_len=8, exact=8))
     inhibit_irq: bool | None = maybe(Flag())
     parked: bool | None = maybe(Flag())
+    ferr: bool | None = maybe(Flag())  # the x87's FERR#/IGNNE# pins (branch cpu-fpu)
+    ignne: bool | None = maybe(Flag())
 
 
 def _blob(struct: type[ctypes.Structure]) -> Data:
