@@ -234,13 +234,27 @@ def _unpackable(path: str) -> tuple[str | None, str]:
             if not hdr.payload_length:
                 return f"boot protocol {hdr.version_str} has no payload fields", ""
             fh.seek(hdr.setup_size + hdr.payload_offset)
-            magic = fh.read(6)
+            blob = fh.read(min(hdr.payload_length, 1 << 20))
     except OSError as e:
         return f"cannot read it: {e.strerror}", ""
-    for prefix, name in _PAYLOAD_MAGIC:
-        if magic.startswith(prefix):
-            return None, name
-    return f"payload compression {magic[:4].hex()} is not gzip, xz or lzma", ""
+    name = next((n for prefix, n in _PAYLOAD_MAGIC if blob.startswith(prefix)), None)
+    if name is None:
+        return f"payload compression {blob[:4].hex()} is not gzip, xz or lzma", ""
+    # The header can say "no 64-bit entry" of a 64-bit kernel: look at the ELF itself
+    # (its first bytes; the payload's first megabyte holds far more than that).
+    try:
+        if name == "gzip":
+            head = zlib.decompressobj(wbits=31).decompress(blob, 20)
+        else:
+            fmt = lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE
+            head = lzma.LZMADecompressor(fmt).decompress(blob, 20)
+    except (zlib.error, lzma.LZMAError) as e:
+        return f"the payload does not decompress: {e}", ""
+    if head[:4] != b"\x7fELF" or len(head) < 20:
+        return "the payload is not an ELF file", ""
+    if head[4] != 1 or struct.unpack_from("<H", head, 18)[0] != EM_386:
+        return "the payload is not a 32-bit x86 ELF", ""
+    return None, name
 
 
 def load_linux(
