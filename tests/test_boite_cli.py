@@ -13,11 +13,43 @@ def test_version_and_help_from_a_real_process():
 
 
 def test_unknown_verb_is_a_usage_error(capsys):
-    try:
-        main(["no-such-verb"])
-    except SystemExit as exc:
-        assert exc.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert main(["no-such-verb"]) == 2
+    assert "unknown verb 'no-such-verb'" in capsys.readouterr().err
+
+
+def test_a_typo_gets_a_suggestion(capsys):
+    assert main(["strat", "box"]) == 2
+    assert "did you mean 'start'" in capsys.readouterr().err
+
+
+def test_plain_boite_lists_the_verbs(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for verb in ("create", "start", "stop", "exec", "cp", "shell", "snapshot"):
+        assert f"\n  {verb} " in out
+
+
+def test_output_survives_a_closed_pipe(tmp_path):
+    """`boite info BOX | head -1`: no BrokenPipeError traceback."""
+    subprocess.run([sys.executable, "-m", "boite", "create", str(tmp_path / "b"), "--disk", "0"],
+                   check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        f"{sys.executable} -m boite info {tmp_path / 'b'} | head -c 1",
+        shell=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_errors_are_json_under_json(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "boite", "info", str(tmp_path / "none"), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    import json
+
+    reply = json.loads(proc.stdout)
+    assert "no such box" in reply["error"]["message"]
 
 
 def test_readme_cli_reference_matches_help():

@@ -130,10 +130,15 @@ def test_soft_stop_without_a_keyboard_falls_back_to_hard(tmp_path):
     lines: list[str] = []
     vmm = Vmm(build, KvmAccelerator, log=lines.append)
     t, result = _run_in_thread(vmm)
-    vmm.stop(soft=True)
+    deadline = time.monotonic() + 10
+    while vmm.state.value != "running" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    done = vmm.stop(soft=True)
     t.join(10)
     assert result == {"status": 0}
-    assert any("no keyboard controller" in line for line in lines)
+    assert done["how"] == "hard" and vmm.stop_outcome["how"] == "hard"
+    # Truthful: neither an ACPI button nor a keyboard to ask through, so a hard stop.
+    assert any("no way to ask this guest" in line for line in lines)
 
 
 def test_control_socket_of_a_box_that_is_not_running(tmp_path):

@@ -173,8 +173,8 @@ def test_soft_stop_falls_back_to_hard_after_the_grace_period(spin_box):
     stop = boite("stop", spin_box, "soft", "--timeout", "0.5")
     assert stop.returncode == 0, stop.stderr
     text = (spin_box / "vmware.log").read_text()
-    assert "Ctrl-Alt-Del sent to the guest" in text
-    assert "Powered off (hard stop)." in text
+    assert "through Ctrl-Alt-Del on the keyboard; hard stop in 0.5 s" in text
+    assert "did not power off in time" in text and "Powered off (hard stop)." in text
 
 
 def test_stop_and_console_of_a_box_that_is_not_running(spin_box):

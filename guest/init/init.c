@@ -17,11 +17,19 @@
  *                             status, else 0) to I/O port PORT (isa-debug-exit style)
  *        boite.ctl=DEVICE     a control line (e.g. /dev/ttyS1 or /dev/hvc1): the line
  *                             "poweroff" asks for a soft stop
+ *        boite.net=0          do not bring up eth0 with DHCP (busybox udhcpc, its
+ *                             script /usr/share/udhcpc/default.script)
+ *        boite.ip=A/P,GW,DNS  give eth0 this address instead (what boite's NAT hands
+ *                             out by DHCP; the tiny kernel has no AF_PACKET for udhcpc)
+ *        boite.tools=0        do not start the guest tools agent /sbin/boite-tools
+ *                             (it leaves quietly on a machine without the tools port;
+ *                             with nothing else asked for, init serves until stopped)
  *   3. runs what the parameters ask for;
  *   4. powers off cleanly: SIGTERM (then SIGKILL) to every process, sync,
  *      "BOITE-POWEROFF status=N reason=R", reboot(RB_POWER_OFF).
  * SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (the kernel's Ctrl-Alt-Del, which init
- * asks for with RB_DISABLE_CAD) are soft stop requests: they lead to step 4.
+ * asks for with RB_DISABLE_CAD) are soft stop requests: they lead to step 4. SIGQUIT
+ * is a soft reboot: step 4, then "BOITE-REBOOT" and reboot(RB_AUTOBOOT).
  *
  * The markers are the interface to boite and its tests; they are documented in
  * src/boite/guestkit.py. Keep them in step.
@@ -305,6 +313,11 @@ static void power_off(int status, const char *reason, unsigned exitport)
     while (waitpid(-1, NULL, WNOHANG) > 0)
         ;
     sync();
+    if (stop_signal == SIGQUIT) {
+        say("BOITE-REBOOT reason=%s", reason);
+        drain_console();
+        reboot(RB_AUTOBOOT);
+    }
     say("BOITE-POWEROFF status=%d reason=%s", status, reason);
     drain_console();
     if (exitport) {
@@ -346,7 +359,7 @@ int main(void)
     sa.sa_handler = on_stop;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    int stops[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGPWR};
+    int stops[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGPWR, SIGQUIT};
     for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++)
         sigaction(stops[i], &sa, NULL);
     sa.sa_handler = on_child;
@@ -355,7 +368,7 @@ int main(void)
     reboot(RB_DISABLE_CAD); /* Ctrl-Alt-Del becomes SIGINT to us */
 
     read_file("/proc/cmdline", cmdline, sizeof cmdline);
-    char run[CMDLINE_MAX], shell[16], port[32], ctl[128], tty[80];
+    char run[CMDLINE_MAX], shell[16], port[32], ctl[128], tty[80], tools[16];
     int have_run = param("boite.run", run, sizeof run) && run[0];
     int have_shell = param("boite.shell", shell, sizeof shell) && strcmp(shell, "0") != 0;
     unsigned exitport = 0;
@@ -381,6 +394,43 @@ int main(void)
     uptime(up, sizeof up);
     say("BOITE-READY uptime=%s", up);
 
+    /* The first NIC: boite.ip= (what boite's NAT would lease), else DHCP in the
+     * background. */
+    char net[16], ipconf[128];
+    if (!(param("boite.net", net, sizeof net) && strcmp(net, "0") == 0) &&
+        access("/sys/class/net/eth0", F_OK) == 0) {
+        static char script[512];
+        if (param("boite.ip", ipconf, sizeof ipconf) && ipconf[0] &&
+            strspn(ipconf, "0123456789./,") == strlen(ipconf)) {
+            char *gw = strchr(ipconf, ','), *dns = NULL;
+            if (gw) {
+                *gw++ = 0;
+                dns = strchr(gw, ',');
+                if (dns)
+                    *dns++ = 0;
+            }
+            snprintf(script, sizeof script,
+                     "ip link set lo up; ip link set eth0 up; ip addr add %s dev eth0; "
+                     "%s%s%s echo nameserver %s > /etc/resolv.conf",
+                     ipconf, gw && *gw ? "ip route add default via " : "", gw ? gw : "",
+                     gw && *gw ? ";" : "", dns && *dns ? dns : "127.0.0.1");
+        } else {
+            snprintf(script, sizeof script,
+                     "ip link set lo up; ip link set eth0 up; exec udhcpc -i eth0 -b -t 20 "
+                     "-s /usr/share/udhcpc/default.script >/dev/null 2>&1");
+        }
+        char *argv[] = {"/bin/sh", "-c", script, NULL};
+        spawn(NULL, argv);
+    }
+
+    /* The guest tools agent: soft power off and reboot come back to us as signals. */
+    pid_t tools_pid = -1;
+    if (!(param("boite.tools", tools, sizeof tools) && strcmp(tools, "0") == 0) &&
+        access("/sbin/boite-tools", X_OK) == 0) {
+        char *argv[] = {"/sbin/boite-tools", "-q", "-p", "kill -PWR 1", "-r", "kill -QUIT 1", NULL};
+        tools_pid = spawn(NULL, argv);
+    }
+
     int status = 0;
     if (have_run) {
         char *argv[] = {"/bin/sh", "-c", run, NULL};
@@ -399,9 +449,11 @@ int main(void)
         power_off(status, "shell-exit", exitport);
     }
     if (!have_run && !have_shell) {
-        /* Nothing asked for: a boot test. Wait for a stop request only if a control
-         * line was given, so `boite stop` has something to stop. */
-        if (ctl_fd >= 0)
+        /* Nothing asked for: serve the guest tools while the agent runs (it leaves at
+         * once where the machine has no tools port), else a boot test: wait for a stop
+         * request only if a control line was given, so `boite stop` has something to stop. */
+        int ws = tools_pid > 0 ? wait_for(tools_pid, ctl_fd) : 0;
+        if (ws != -1 && ctl_fd >= 0)
             wait_for(0, ctl_fd);
     }
     power_off(status, stop_signal ? "stop-request" : "done", exitport);

@@ -45,6 +45,15 @@ class SnapshotError(BoiteError):
     """A snapshot operation failed or the snapshot tree is inconsistent."""
 
 
+class ToolsError(BoiteError):
+    """The guest tools channel failed: no agent, an agent that stopped answering, a
+    malformed frame, or a request the agent refused."""
+
+
+class NetError(BoiteError):
+    """A NIC's host side cannot be attached (no TAP permission, passt missing or failed)."""
+
+
 class CheckpointError(SnapshotError):
     """A .vmsn/.vmss/.vmem file, or a saved device/vCPU state in it, is malformed or does not
     fit the machine it is loaded into (the message names the file or device and the field)."""

@@ -11,16 +11,16 @@ What is in it (sources in `guest/`):
 - `i386_bzimage` / `i386_vmlinux`: a tiny i386 Linux from Debian's linux-source-6.1 (`make
   tinyconfig` + guest/linux/common.config + guest/linux/i386.config), LZ4-compressed, and
   the same kernel as an ELF with a PVH entry note; the emulator boots the vmlinux (the
-  demo does), which skips the decompressor. Minimum CPU 486SX with math emulation: it
-  needs CPUID and the 486 instructions, but no x87 FPU, TSC, CX8 or CMOV (it uses them when CPUID reports them). Debian's i386
+  demo does), which skips the decompressor. Minimum CPU i686 with an x87 FPU: it
+  needs CPUID, the x87 FPU, TSC, CX8 and CMOV (the emulated CPU model has them). Debian's i386
   userland (busybox, glibc in init) is built for i686 and uses CMOV.
   What the i386 kernel asks of a CPU and machine (for the emulator): 486 instructions
   (BSWAP, CMPXCHG, XADD, INVLPG), CPUID (probed by toggling EFLAGS.ID), 2-level paging
   with 4 MiB pages if CPUID says PSE; no PAE, no local APIC or IO-APIC (uniprocessor,
   8259 PIC + 8254 PIT, HZ=100), no PCI, no ACPI, no HPET. It executes RDTSC, RDMSR/WRMSR,
   CMPXCHG8B, FXSAVE/XSAVE, SYSENTER/SYSEXIT (vDSO) only when CPUID reports TSC, MSR, CX8,
-  FXSR/XSAVE, SEP, so report only what is implemented. With no FPU in CPUID it sets
-  CR0.EM and emulates x87 (but FXSR without FPU panics it: FXSAVE in kernel mode traps).
+  FXSR/XSAVE, SEP, so report only what is implemented. It switches FPU state lazily
+  or eagerly with FNSAVE/FXSAVE as CPUID's FXSR says.
   The userland (init's static glibc, Debian's i386 busybox) needs i686: CMOVcc, the hint
   NOP ENDBR32 (F3 0F 1E FB), F3 0F BC (TZCNT, which is BSF where BMI1 is not reported);
   glibc picks SSE/SSE2 string routines only if CPUID reports them.
@@ -54,8 +54,14 @@ Kernel parameters init reads from /proc/cmdline:
     boite.exitport=PORT  write the status byte to I/O port PORT before powering off
                          (QEMU: -device isa-debug-exit,iobase=PORT exits with 2*N+1)
     boite.ctl=DEVICE     a control line (/dev/ttyS1, /dev/hvc1): "poweroff" = soft stop
+    boite.net=0          do not bring up eth0 by DHCP (udhcpc in the background)
+    boite.tools=0        do not start the guest tools agent (/sbin/boite-tools)
 
-SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too.
+SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too;
+SIGQUIT is a soft reboot (the same steps, then reboot(RB_AUTOBOOT)). init starts the guest
+tools agent when the machine has the tools port, and then stays up (serving it) after
+boite.run's command instead of powering off, unless boite.run was given without
+boite.shell and the tools were not found.
 
 The cache, under `$BOITE_CACHE/kit` (default `~/.cache/boite/kit`, or
 `$XDG_CACHE_HOME/boite/kit`):
@@ -86,6 +92,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -156,14 +163,19 @@ ARTIFACTS: dict[str, Artifact] = {
     for a in (
         Artifact(
             "initrd-i386",
-            "guest initramfs (i386 init + busybox)",
-            ("init/init.c", "busybox/fetch-busybox.sh"),
+            "guest initramfs (i386 init + busybox + guest tools)",
+            (
+                "init/init.c",
+                "init/udhcpc.script",
+                "tools/boite-tools.c",
+                "busybox/fetch-busybox.sh",
+            ),
             (
                 ("gcc", "gcc-multilib"),
                 ("apt-get", "apt"),
                 ("dpkg-deb", "dpkg"),
             ),
-            ("initrd.cpio", "init", "busybox"),
+            ("initrd.cpio", "init", "busybox", "boite-tools"),
             "2: uncompressed",
         ),
         Artifact(
@@ -220,6 +232,7 @@ class Kit:
     root: Path
     initrd_i386: Path | None = None
     init_i386: Path | None = None
+    tools_i386: Path | None = None  # the guest tools agent, for users' own guests too
     busybox_i386: Path | None = None
     i386_bzimage: Path | None = None
     i386_vmlinux: Path | None = None
@@ -293,6 +306,7 @@ def kit_paths(which: Iterable[str] = ALL_PARTS, root: Path | None = None) -> Kit
         root=root,
         initrd_i386=f("initrd-i386", "initrd.cpio"),
         init_i386=f("initrd-i386", "init"),
+        tools_i386=f("initrd-i386", "boite-tools"),
         busybox_i386=f("initrd-i386", "busybox"),
         i386_bzimage=f("linux-i386", "bzImage"),
         i386_vmlinux=f("linux-i386", "vmlinux"),
@@ -384,36 +398,57 @@ def _build(
     log = part / "build.log"
     started = time.monotonic()
     step = 0
+    last = [""]
+
+    def line(detail: str) -> str:
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        return f"building {art.label}… step {index}/{total}: {detail} [{minutes}:{seconds:02d}]"
 
     def say(detail: str) -> None:
         nonlocal step
         step += 1
+        last[0] = detail
         if progress:
-            progress(f"building {art.label}… step {index}/{total}: {detail}")
+            progress(line(detail))
 
-    guest = guest_dir()
-    if art.name == "initrd-i386":
-        _build_initrd(guest, part, log, say)
-    elif art.name.startswith("linux-"):
-        arch = art.name.removeprefix("linux-")
-        say(f"make tinyconfig + {arch}.config, then bzImage (minutes)")
-        _run_logged(
-            [
-                "bash",
-                str(guest / "linux" / "build-kernel.sh"),
-                arch,
-                str(root / "src" / "linux-source-6.1"),
-                str(root / "work" / art.name),
-                str(part),
-            ],
-            log,
-            say,
-            art,
-        )
-    elif art.name.startswith("debian-"):
-        flavour = art.name.removeprefix("debian-")
-        script = str(guest / "debian" / "fetch-debian-kernel.sh")
-        _run_logged(["bash", script, str(part), flavour], log, say, art)
+    # A long step (a kernel's make) shows it is alive: the same line with the time so far.
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(TICK_S):
+            if progress and last[0]:
+                progress(line(last[0]))
+
+    if progress:
+        progress(f"building {art.label}: full log in {log}")
+        threading.Thread(target=tick, daemon=True, name="kit-progress").start()
+
+    try:
+        guest = guest_dir()
+        if art.name == "initrd-i386":
+            _build_initrd(guest, part, log, say)
+        elif art.name.startswith("linux-"):
+            arch = art.name.removeprefix("linux-")
+            say(f"make tinyconfig + {arch}.config, then bzImage (minutes)")
+            _run_logged(
+                [
+                    "bash",
+                    str(guest / "linux" / "build-kernel.sh"),
+                    arch,
+                    str(root / "src" / "linux-source-6.1"),
+                    str(root / "work" / art.name),
+                    str(part),
+                ],
+                log,
+                say,
+                art,
+            )
+        elif art.name.startswith("debian-"):
+            flavour = art.name.removeprefix("debian-")
+            script = str(guest / "debian" / "fetch-debian-kernel.sh")
+            _run_logged(["bash", script, str(part), flavour], log, say, art)
+    finally:
+        done.set()
     for file in art.files:
         if not (part / file).is_file():
             raise KitError(f"building the {art.label}: {file} was not produced; see {log}")
@@ -430,6 +465,9 @@ def _build(
     if dest.exists():  # an incomplete leftover (no manifest): replace it
         shutil.rmtree(dest)
     part.rename(dest)
+
+
+TICK_S = 30.0  # how often a long build step says it is still going
 
 
 def _run_logged(
@@ -468,7 +506,7 @@ def _build_env() -> dict[str, str]:
 # --- the initramfs ---------------------------------------------------------------------
 
 _DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
-         "etc", "mnt", "run")  # fmt: skip
+         "etc", "mnt", "run", "usr/share", "usr/share/udhcpc")  # fmt: skip
 # The kernel opens /dev/console for init before anyone can mount devtmpfs.
 _NODES = (("dev/console", stat.S_IFCHR | 0o600, 5, 1), ("dev/null", stat.S_IFCHR | 0o666, 1, 3))
 _FILES = {
@@ -495,6 +533,12 @@ def _build_initrd(guest: Path, part: Path, log: Path, say: Callable[[str], None]
          str(guest / "init" / "init.c")],
         log, say, art,
     )  # fmt: skip
+    say("compiling the guest tools agent (gcc -static -m32 -Os)")
+    _run_logged(
+        ["gcc", "-static", "-m32", "-Os", "-s", "-Wall", "-o", str(part / "boite-tools"),
+         str(guest / "tools" / "boite-tools.c")],
+        log, say, art,
+    )  # fmt: skip
     say("fetching busybox-static:i386")
     _run_logged(
         ["bash", str(guest / "busybox" / "fetch-busybox.sh"), str(part / "busybox")],
@@ -511,8 +555,13 @@ def _build_initrd(guest: Path, part: Path, log: Path, say: Callable[[str], None]
         cpio.add(path, mode, rdev=(major, minor))
     for path, data in _FILES.items():
         cpio.add(path, stat.S_IFREG | 0o644, data)
+    cpio.add(
+        "usr/share/udhcpc/default.script", stat.S_IFREG | 0o755,
+        (guest / "init" / "udhcpc.script").read_bytes(),
+    )  # fmt: skip
     cpio.add("init", stat.S_IFREG | 0o755, (part / "init").read_bytes())
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, (part / "busybox").read_bytes())
+    cpio.add("sbin/boite-tools", stat.S_IFREG | 0o755, (part / "boite-tools").read_bytes())
     for applet in applets:
         if applet in ("bin/busybox", "init"):
             continue

@@ -863,6 +863,14 @@ def delete_snapshot(box: Box, name: str, *, lock_held: bool = False) -> Snapshot
         recover(box)
         tree = load_tree(box)
         snap = tree.find(name)
+        from boite.clone import linked_clones
+
+        clones = linked_clones(snap)
+        if clones:
+            raise SnapshotError(
+                f"{box.vmx_path}: snapshot {snap.display_name!r} has linked clones whose disks "
+                f"hang from it ({', '.join(clones)}): delete those boxes first"
+            )
         vmx = VmxDict.parse(box.vmx.to_bytes(), str(box.vmx_path))
         # Children of the deleted snapshot hang from its parent now.
         del tree.snapshots[snap.uid]
@@ -1263,7 +1271,9 @@ def _wait_paused(vmm: Any, timeout: float = 10.0) -> None:
 
 
 class _Paused:
-    """Pause a running VMM for the duration of a `with` block (no-op if already paused)."""
+    """Pause a running VMM for the duration of a `with` block (no-op if already paused).
+    It resumes only a guest it paused and that is still paused: a stop or a restart that
+    came meanwhile wins."""
 
     def __init__(self, vmm: Any) -> None:
         self.vmm = vmm
@@ -1277,7 +1287,7 @@ class _Paused:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.was_running:
+        if self.was_running and self.vmm.state.value == "paused":
             self.vmm.resume()
 
 
@@ -1312,31 +1322,78 @@ def _flush_disks(machine: Any) -> None:
         holder.image.flush()
 
 
+def _holders_by_node(vmm: Any, box: Box) -> list[tuple[Any, str]]:
+    """The disk holders of the running machine, each with the .vmx slot it serves."""
+    nodes = {
+        os.path.realpath(box.disk_path(f)): node
+        for node, f in snapshot_disks(box.config, str(box.vmx_path))
+    }
+    found = []
+    for holder in disk_holders(vmm.machine):
+        path = getattr(holder.image, "path", None)
+        if path is not None and os.path.realpath(path) in nodes:
+            found.append((holder, nodes[os.path.realpath(path)]))
+    return found
+
+
+def _repoint_disks(holders: list[tuple[Any, str]], box: Box) -> None:
+    """Move each device onto the link its slot names now (a snapshot made a new delta, a
+    delete consolidated the running delta into its parent). The guest is paused and the
+    disks flushed."""
+    from boite.disk import open_disk
+
+    for holder, node in holders:
+        target = os.path.realpath(box.disk_path(box.vmx[f"{node}.fileName"]))
+        if os.path.realpath(holder.image.path) == target:
+            continue
+        old = holder.image
+        holder.image = open_disk(target)
+        old.close()
+
+
 def snapshot_running(
     vmm: Any, box: Box, name: str, description: str = "", memory: bool = True
 ) -> Snapshot:
     """Snapshot a running box from inside its VMM: pause, flush the disks, save vCPUs,
     devices and RAM (with `memory`), freeze the disks, move the devices onto the new
-    links, resume."""
-    from boite.disk import open_disk
-
+    links, resume. The caller holds the VMM's operation lock."""
     with _Paused(vmm):
-        nodes = {
-            os.path.realpath(box.disk_path(f)): node
-            for node, f in snapshot_disks(box.config, str(box.vmx_path))
-        }
-        moving = []
-        for holder in disk_holders(vmm.machine):
-            path = getattr(holder.image, "path", None)
-            if path is not None and os.path.realpath(path) in nodes:
-                moving.append((holder, nodes[os.path.realpath(path)]))
+        moving = _holders_by_node(vmm, box)
         _flush_disks(vmm.machine)
         state = capture_machine(vmm) if memory else None
         snap = take_snapshot(box, name, description, machine=state, lock_held=True)
-        for holder, node in moving:
-            old = holder.image
-            holder.image = open_disk(str(box.disk_path(box.vmx[f"{node}.fileName"])))
-            old.close()
+        _repoint_disks(moving, box)
+        return snap
+
+
+def revert_running(vmm: Any, box: Box, name: str) -> tuple[Snapshot, bool]:
+    """Revert a running box, as VMware does: the machine restarts from the snapshot, and
+    a memory snapshot's guest resumes where it was (a disk-only one boots again). Returns
+    the snapshot and whether its memory state was resumed."""
+    with _Paused(vmm) as paused:
+        _flush_disks(vmm.machine)
+        snap = revert_snapshot(box, name, lock_held=True)
+        state = resume_state(box)
+
+        def restore(machine: Any, accel: Any) -> None:
+            assert state is not None
+            restore_machine(machine, accel, state)
+
+        vmm.rebuild(restore if state is not None else None)
+        paused.was_running = False  # it runs again, rebuilt
+    if state is not None:
+        resumed(box)
+    return snap, state is not None
+
+
+def delete_snapshot_running(vmm: Any, box: Box, name: str) -> Snapshot:
+    """Delete a snapshot of a running box: consolidation may fold the running delta into
+    its parent, so the guest is paused and its disks follow the new names."""
+    with _Paused(vmm):
+        moving = _holders_by_node(vmm, box)
+        _flush_disks(vmm.machine)
+        snap = delete_snapshot(box, name, lock_held=True)
+        _repoint_disks(moving, box)
         return snap
 
 
@@ -1441,24 +1498,54 @@ def resuming_accelerator(
     return make
 
 
+RUNNING_COMMANDS = ("snapshot", "suspend", "revert", "delete-snapshot", "clone")
+
+
 def handle_control_request(vmm: Any, box: Box, request: dict[str, Any]) -> dict[str, Any] | None:
     """The control socket's snapshot commands, for the VMM's ControlServer to delegate to:
-    {"cmd": "snapshot", "name", "description", "memory"} and {"cmd": "suspend"}. Returns
-    None for any other command."""
+    {"cmd": "snapshot", "name", "description", "memory"}, {"cmd": "suspend"},
+    {"cmd": "revert", "name"}, {"cmd": "delete-snapshot", "name"}, {"cmd": "clone",
+    "dest", "linked", "snapshot"} (boite.clone.clone_box); each may carry
+    "wait_s", how long to wait for an operation already running (default 120 s). Returns
+    None for any other command. Each runs under the VMM's operation lock."""
+    from boite.vmm import OPERATION_WAIT_S
+
     cmd = request.get("cmd")
-    if cmd == "snapshot":
-        snap = snapshot_running(
-            vmm,
-            box,
-            str(request.get("name", "")),
-            str(request.get("description", "")),
-            memory=bool(request.get("memory", True)),
-        )
-        return {"ok": True, "uid": snap.uid, "name": snap.display_name}
-    if cmd == "suspend":
+    if cmd not in RUNNING_COMMANDS:
+        return None
+    wait = request.get("wait_s", OPERATION_WAIT_S)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 3600:
+        raise SnapshotError(f"wait_s {wait!r}: expected seconds from 0 to 3600")
+    name = str(request.get("name", ""))
+    what = f"{cmd} {name!r}" if name else cmd
+    with vmm.operation.hold(what, wait_s=float(wait)):
+        if vmm.state.value not in ("running", "paused"):
+            raise SnapshotError(f"{vmm.name} is {vmm.state.value}: {cmd} needs it running")
+        vmm.log(f"{what[0].upper()}{what[1:]} requested through the control socket.")
+        if cmd == "snapshot":
+            snap = snapshot_running(
+                vmm, box, name, str(request.get("description", "")),
+                memory=bool(request.get("memory", True)),
+            )  # fmt: skip
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+        if cmd == "revert":
+            snap, resumed_memory = revert_running(vmm, box, name)
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name,
+                    "memory": resumed_memory}  # fmt: skip
+        if cmd == "delete-snapshot":
+            snap = delete_snapshot_running(vmm, box, name)
+            return {"ok": True, "uid": snap.uid, "name": snap.display_name}
+        if cmd == "clone":  # from a snapshot: its disks stay still under the lock
+            from boite.clone import clone_box
+
+            snapshot = request.get("snapshot")
+            made = clone_box(
+                box, str(request.get("dest", "")), linked=bool(request.get("linked")),
+                snapshot=str(snapshot) if snapshot is not None else None,
+            )  # fmt: skip
+            return {"ok": True, "box": str(made.dir)}
         path = suspend_running(vmm, box)
         return {"ok": True, "file": path.name}
-    return None
 
 
 def control_server(vmm: Any, box: Box, path: Path, log: Callable[[str], None] | None = None) -> Any:

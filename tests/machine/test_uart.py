@@ -195,10 +195,11 @@ def test_console_buffers_while_detached_and_replays_on_attach():
         u.bus_write(THR, 1, b)
     assert con.buffered() == b"23456789" and con.dropped == 2
     seen = bytearray()
-    con.attach(seen.extend)
+    viewer = con.attach(seen.extend)
     u.bus_write(THR, 1, ord("!"))
+    viewer.flush()  # live output reaches a viewer through its own thread
     assert bytes(seen) == b"23456789!"
-    con.detach()
+    con.detach(viewer)
     u.bus_write(THR, 1, ord("?"))
     assert bytes(seen) == b"23456789!" and con.buffered() == b"?"
     con.send(b"k")

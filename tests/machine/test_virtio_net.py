@@ -19,6 +19,7 @@ import pytest
 from boite.machine.bus import Bus
 from boite.machine.irq import IrqLine
 from boite.machine.memory import GuestMemory
+from boite.machine.netback.tap import TapDevice
 from boite.machine.virtio import mmio as r
 from boite.machine.virtio.guestdriver import (
     ALL_RING_FEATURES,
@@ -28,7 +29,6 @@ from boite.machine.virtio.guestdriver import (
 )
 from boite.machine.virtio.mmio import VirtioMmio
 from boite.machine.virtio.net import NET_HDR_LEN, VirtioNet, parse_mac
-from boite.machine.virtio.tap import TapDevice
 
 BASE = 0xD000_2000
 GUEST_MAC = "00:0c:29:ab:cd:ef"

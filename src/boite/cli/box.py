@@ -18,7 +18,7 @@ from boite.box.box import (
 )
 from boite.box.paths import external_paths
 from boite.box.sizes import format_size, parse_size
-from boite.errors import BoxError
+from boite.errors import BoiteError, BoxError
 
 DEMO_DIR = "boite-demo"
 
@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", metavar="FILE", help="kernel the box boots (boite.kernel)")
     p.add_argument("--initrd", metavar="FILE", help="its initial ramdisk (boite.initrd)")
     p.add_argument("--append", metavar="CMDLINE", help="its command line (boite.cmdline)")
+    p.add_argument(
+        "--forward", action="append", default=[], metavar="PROTO:HOST:GUEST",
+        help="forward a host port to the guest through NAT, e.g. tcp:2222:22 (repeatable; "
+        "ethernet0.boite.forward)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the new box's info as JSON")
     p.set_defaults(func=cmd_create)
 
@@ -49,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("list", help="boxes running on this host")
+    p = sub.add_parser("list", help="boxes running on this host (--all: every box in a directory)")
+    p.add_argument(
+        "--all", nargs="?", const=".", default=None, metavar="DIR",
+        help="every box under DIR (default: the current directory, or $BOITE_INVENTORY) "
+        "with its state: running, paused, suspended or off",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
@@ -80,6 +90,15 @@ def cmd_create(args: argparse.Namespace) -> int:
             boot[key] = str(path)
     if args.append is not None:
         boot["boite.cmdline"] = args.append
+    if args.forward:
+        from boite.machine.netback.passt import parse_forwards
+
+        try:
+            boot["ethernet0.boite.forward"] = ", ".join(
+                parse_forwards(", ".join(args.forward), "--forward")
+            )
+        except BoiteError as exc:
+            raise BoxError(str(exc)) from None
     box = Box.create(
         args.name,
         memsize_mb=args.memsize,
@@ -102,6 +121,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     box = Box.open(args.box)
     info = box.info()
+    info.update(live_state(box))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -114,7 +134,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     box = Box.open(args.box)
     # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx).
-    problems = box.check() + check_snapshot_tree(box)
+    from boite.launch import startup_problems
+
+    problems = box.check() + check_snapshot_tree(box) + startup_problems(box)
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
         return 1 if problems else 0
@@ -135,7 +157,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _boxes_under(root: Path) -> list[Path]:
+    """.vmx files in ROOT and its subdirectories, two levels down (a box directory, or a
+    directory of them)."""
+    found = (
+        sorted(root.glob("*.vmx")) + sorted(root.glob("*/*.vmx")) + sorted(root.glob("*/*/*.vmx"))
+    )
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def cmd_list_all(args: argparse.Namespace) -> int:
+    import os
+
+    from boite import launch
+
+    root = Path(os.environ.get("BOITE_INVENTORY", ".") if args.all == "." else args.all)
+    if not root.is_dir():
+        raise BoxError(f"list --all {root}: not a directory")
+    rows = []
+    for vmx in _boxes_under(root):
+        try:
+            box = Box.open(vmx)
+        except BoxError as exc:
+            rows.append(
+                {"vmx": str(vmx), "name": vmx.stem, "state": "unreadable", "error": str(exc)}
+            )
+            continue
+        state = live_state(box)
+        holder = box.lock_holder
+        row = {
+            "vmx": str(vmx),
+            "name": box.name,
+            "state": state["state"],
+            "accelerator": state.get("accelerator") or box.config.virtual_exec,
+            "ip": None,
+            "tools": bool((state.get("tools") or {}).get("running")),
+            "stale_lock": holder is not None and holder.is_dead_here(),
+        }
+        if row["tools"]:
+            try:
+                ips = launch.guest_addresses(box, wait_s=2)
+                row["ip"] = ips[0]["address"].partition("/")[0] if ips else None
+            except BoxError:
+                pass
+            except Exception:  # noqa: BLE001 - a listing must not die on one box
+                pass
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no box under {root}")
+        return 0
+    print(f"{'NAME':20} {'STATE':10} {'ACCEL':9} {'IP':15} {'TOOLS':6} VMX")
+    for r in rows:
+        print(
+            f"{r['name']:20} {r['state']:10} {str(r.get('accelerator') or '-'):9} "
+            f"{r.get('ip') or '-':15} {'yes' if r.get('tools') else 'no':6} {r['vmx']}"
+        )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.all is not None:
+        return cmd_list_all(args)
     boxes = list_running()
     if args.json:
         print(json.dumps([vars(b) for b in boxes], indent=2))
@@ -197,6 +282,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_box(box, args.accel)
 
 
+def live_state(box: Box) -> dict:
+    """What the running VMM says: state (running, paused, ...), accelerator, tools; for a
+    box that is off, whether it is suspended; a dead VMM's box is off."""
+    from boite import launch
+
+    try:
+        status = launch.status(box)
+    except BoxError:
+        status = None  # its VMM does not answer: a dead or wedged process
+    if status is None:
+        suspended = box.vmx.get("checkpoint.vmState", "").lower().endswith(".vmss")
+        return {"state": "suspended" if suspended else "off"}
+    try:
+        nics = launch.request(box, {"cmd": "nics"}).get("nics")
+    except BoxError:
+        nics = None
+    return {
+        "state": status.get("state", "running"),
+        "accelerator": status.get("accelerator"),
+        "tools": launch.tools_status(box),
+        "host_nics": nics,
+    }
+
+
 def print_info(info: dict) -> None:
     # An unreadable value is None in the data; `check` (and the problems below) say why.
     info = {k: ("?" if v is None else v) for k, v in info.items()}
@@ -222,6 +331,14 @@ def print_info(info: dict) -> None:
                 f"{nic['virtual_dev']} {nic['connection_type']} {nic['mac']}",
             )
         )
+    for nic in info.get("host_nics") or []:
+        side = (
+            f"passt pid {nic.get('pid')}"
+            + (f", forwards {', '.join(nic['forwards'])}" if nic.get("forwards") else "")
+            if nic.get("backend") == "passt"
+            else f"TAP {nic.get('tap')}"
+        )
+        rows.append((f"{nic['key']} host side", f"{side} (MAC {nic['mac']})"))
     for serial in info["serials"]:
         rows.append((f"serial{serial['index']}", f"{serial['file_type']} {serial['file_name']}"))
     usb = [k for k, on in info["usb"].items() if on]
@@ -235,6 +352,13 @@ def print_info(info: dict) -> None:
     rows.append(
         ("running", "no" if running == "?" else f"pid {running['pid']} on {running['host']}")
     )
+    if "state" in info:
+        rows.append(("state", info["state"]))
+    tools = info.get("tools")
+    if isinstance(tools, dict):
+        rows.append(
+            ("tools", f"running ({tools['agent']})" if tools.get("running") else "not running")
+        )
     problems = info["problems"]
     rows.append(("problems", str(len(problems)) if problems else "none"))
     width = max(len(k) for k, _ in rows)

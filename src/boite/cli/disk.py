@@ -124,20 +124,73 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _in_its_box(path: str, what: str, operation):
+    """Under the operation lock of the box the disk is in (boite.launch.disk_operation)."""
+    from boite.launch import disk_operation
+
+    return disk_operation(path, what, operation,
+                   notify=lambda m: print(f"boite: {m}", file=sys.stderr, flush=True))  # fmt: skip
+
+
+def _capacity(path) -> int:
+    from boite.disk import open_disk
+
+    with open_disk(path, read_only=True) as img:
+        return img.size
+
+
+def _on_disk(path) -> int:
+    """Bytes the disk's own files take on the host (allocated blocks, holes excluded)."""
+    from pathlib import Path
+
+    from boite.disk import disk_info
+
+    files = {Path(path)}
+    with contextlib.suppress(Exception):
+        files |= {Path(f) for f in disk_info(path).files or []}
+    return sum(f.stat().st_blocks * 512 for f in files if f.exists())
+
+
+def _said(args, data: dict, text: str) -> int:
+    print(json.dumps(data) if getattr(args, "json", False) else text)
+    return 0
+
+
 def cmd_grow(args) -> int:
+    from boite.box.sizes import format_size
     from boite.disk import grow_disk
 
-    with progress_bar("growing") as update:
-        grow_disk(args.path, parse_size(args.size), progress=update)
-    return 0
+    def grow() -> tuple[int, int]:
+        before = _capacity(args.path)
+        with progress_bar("growing") as update:
+            grow_disk(args.path, parse_size(args.size), progress=update)
+        return before, _capacity(args.path)
+
+    before, after = _in_its_box(args.path, "disk grow", grow)
+    text = (
+        f"{args.path}: capacity {format_size(before)} -> {format_size(after)}"
+        if after != before
+        else f"{args.path}: already {format_size(after)}; nothing to do"
+    )
+    return _said(args, {"path": args.path, "capacity_before": before, "capacity": after}, text)
 
 
 def cmd_compact(args) -> int:
+    from boite.box.sizes import format_size
     from boite.disk import compact_disk
 
-    with progress_bar("compacting") as update:
-        compact_disk(args.path, progress=update)
-    return 0
+    def compact() -> tuple[int, int]:
+        before = _on_disk(args.path)
+        with progress_bar("compacting") as update:
+            compact_disk(args.path, progress=update)
+        return before, _on_disk(args.path)
+
+    before, after = _in_its_box(args.path, "disk compact", compact)
+    text = (
+        f"{args.path}: {format_size(before)} -> {format_size(after)} on the host "
+        f"({format_size(max(0, before - after))} freed)"
+    )
+    return _said(args, {"path": args.path, "bytes_before": before, "bytes": after}, text)
 
 
 def cmd_map(args) -> int:
@@ -186,10 +239,12 @@ def register(subparsers) -> None:
     p = verbs.add_parser("grow", help="make a disk bigger")
     p.add_argument("-s", "--size", required=True)
     p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="what it did, as JSON")
     p.set_defaults(func=cmd_grow)
 
     p = verbs.add_parser("compact", help="drop all-zero grains and defragment")
     p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="what it did, as JSON")
     p.set_defaults(func=cmd_compact)
 
     p = verbs.add_parser("map", help="allocated ranges and which file holds them")

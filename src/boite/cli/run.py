@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
-import signal
 import sys
 import termios
 import threading
-import time
 import tty
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from boite.errors import BoiteError, BoxError
+from boite.errors import BoxError
 
 DETACH_KEY = 0x1D  # Ctrl-]
 DETACH_NAME = "Ctrl-]"
@@ -52,18 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detach", action="store_true", help="run in the background (see `boite console`)"
     )
+    p.add_argument("--json", action="store_true", help="with --detach: the VMM's pid as JSON")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="power off a running box")
     p.add_argument("box", help="box directory or .vmx file")
     p.add_argument(
         "mode", nargs="?", choices=("soft", "hard"), default="soft",
-        help="soft: ask the guest (Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
+        help="soft: ask the guest (through the guest tools, else the ACPI power button, else "
+        "Ctrl-Alt-Del), hard after a grace period; hard: pull the plug",
     )  # fmt: skip
     p.add_argument(
-        "--timeout", type=float, default=None, metavar="S",
-        help="soft stop: seconds the guest gets before the plug is pulled (default 30)",
+        "--timeout", type=_seconds, default=None, metavar="S",
+        help="soft stop: seconds the guest gets before the plug is pulled (default 30, at "
+        "most 86400)",
     )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print how the box stopped as JSON")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
@@ -71,6 +73,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("box", help="box directory or .vmx file")
     p.set_defaults(func=cmd_console)
+
+
+def _seconds(text: str) -> float:
+    """A soft stop's timeout: a finite number of seconds from 0 to a day."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0 or value > 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from 0 to 86400 (a day)")
+    return value
 
 
 def _accel_option(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -95,13 +110,14 @@ class StdioConsole:
         self.on_detach_key = on_detach_key
         self._saved_tty: list[Any] | None = None
         self._thread: threading.Thread | None = None
+        self._client: Any = None
 
     def start(self) -> None:
         with contextlib.suppress(OSError, termios.error):
             if os.isatty(0):
                 self._saved_tty = termios.tcgetattr(0)
                 _raw_keep_output(0)
-        self.backend.attach(_write_all_stdout)
+        self._client = self.backend.attach(_write_all_stdout)
         self._thread = threading.Thread(target=self._pump_input, name="stdin", daemon=True)
         self._thread.start()
 
@@ -123,8 +139,13 @@ class StdioConsole:
             self.backend.send(data)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.backend.detach()
+        client, self._client = self._client, None
+        if client is not None:
+            flush = getattr(client, "flush", None)
+            if callable(flush):
+                flush()  # the guest's last words reach the terminal
+            with contextlib.suppress(Exception):
+                self.backend.detach(client)
         if self._saved_tty is not None:
             with contextlib.suppress(OSError, termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
@@ -147,343 +168,117 @@ def _write_all_stdout(data: bytes) -> None:
         view = view[n:]
 
 
-# --- building the VM -----------------------------------------------------------------
-def _machine_builder():
-    try:
-        from boite.machine.builder import build_machine
-    except ImportError as exc:
-        raise BoiteError(
-            f"this build of boite has no machine builder (boite.machine.builder): {exc}"
-        ) from None
-    return build_machine
+# --- the verbs: parse, call boite.launch, print ------------------------------------------
+def _stdio_client(stop_on_detach: bool):
+    """The console on this terminal; the detach key stops the VM (soft for a box)."""
 
+    def make(console, vmm) -> StdioConsole:
+        return StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=stop_on_detach))
 
-def _vmm_for(
-    make_machine: Callable[[bool], Any], accel: str, console: Any, log, name: str,
-    wrap_factory: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
-):  # fmt: skip
-    """A Vmm whose machine matches its accelerator: KVM brings the in-kernel PIC, IOAPIC
-    and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`)."""
-    from boite.vmm import Vmm, accelerator_for
-
-    first = accelerator_for(accel, log=log)
-    kind = type(first)
-    used = [False]
-
-    def factory():
-        # The first accelerator is the probed one; a guest reset gets a fresh one.
-        if not used[0]:
-            used[0] = True
-            return first
-        return kind()
-
-    emulated_irqchip = first.name != "kvm"
-    if wrap_factory is not None:
-        factory = wrap_factory(factory)
-    return Vmm(lambda: make_machine(emulated_irqchip), factory, console=console, log=log, name=name)
-
-
-def _once_powered_on(vmm, action: Callable[[], None]) -> None:
-    """Run `action` after the first power-on (the machine and its UART exist then), after
-    whatever hook is already there."""
-    previous = vmm.on_power_on
-    done = [False]
-
-    def hook(machine) -> None:
-        if previous is not None:
-            previous(machine)
-        if not done[0]:
-            done[0] = True
-            action()
-
-    vmm.on_power_on = hook
-
-
-def _attach_stdio_on_power_on(vmm, stdio: StdioConsole) -> None:
-    """Input typed before the UART exists would be lost: attach once the machine is up."""
-    _once_powered_on(vmm, stdio.start)
-
-
-class _DeviceHooks:
-    """Disks and NICs (the virtio part's `extra_devices` hook): a fresh hook for each
-    machine built (a guest reset rebuilds it), the previous one closed first."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make = make
-        self.current: Any = None
-
-    def fresh(self) -> list[Any]:
-        self.close()
-        self.current = self._make()
-        return [self.current] if self.current is not None else []
-
-    def start(self, machine: Any = None) -> None:
-        if self.current is not None and hasattr(self.current, "start"):
-            self.current.start()
-
-    def close(self) -> None:
-        if self.current is not None and hasattr(self.current, "close"):
-            self.current.close()
-        self.current = None
-
-
-def _disk_files_hook(specs: list[str]) -> Any:
-    if not specs:
-        return None
-    try:
-        from boite.machine.virtio.attach import DiskFiles
-    except ImportError:
-        raise BoxError("--disk needs the virtio/ATA devices, not in this build") from None
-    return DiskFiles(specs)
-
-
-# NIC kinds boite backs with a host TAP device; others (VMware's "nat") have no host side here.
-TAP_CONNECTIONS = ("bridged", "hostonly", "custom")
-
-
-def _box_devices_hook(box) -> Any:
-    from boite.machine.virtio.attach import BoxDevices
-
-    devices = BoxDevices(box.config, box.dir)
-    for nic in list(devices.plan.nics):
-        if nic.connection_type not in TAP_CONNECTIONS:
-            devices.plan.nics.remove(nic)
-            box.log.info(
-                f"{nic.key}: connectionType {nic.connection_type!r} has no host side in boite "
-                f"(it backs {', '.join(TAP_CONNECTIONS)} with a TAP device); NIC left out"
-            )
-    return devices
-
-
-def _install_stop_signals(vmm) -> None:
-    def handler(signum, frame):
-        vmm.stop(soft=False)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, handler)
+    return make
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from boite.machine.devices import ConsoleBackend
+    from boite import launch
 
-    kernel = Path(args.kernel)
-    if not kernel.is_file():
-        raise BoxError(f"kernel {kernel}: no such file")
-    if args.initrd is not None and not Path(args.initrd).is_file():
-        raise BoxError(f"initrd {args.initrd}: no such file")
-    if args.memsize < 1 or args.cpus < 1:
-        raise BoxError("--memsize and --cpus must be positive")
-    for spec in args.disk:
-        path = (
-            spec.partition(":")[2] if spec.startswith(("ide:", "ata:", "virtio:", "vd:")) else spec
-        )
-        if "://" not in path and not Path(path).exists():
-            raise BoxError(f"--disk {spec}: no such file")
-    build_machine = _machine_builder()
-    console = ConsoleBackend()
-
-    devices = _DeviceHooks(lambda: _disk_files_hook(args.disk))
-
-    def make_machine(emulated_irqchip: bool):
-        return build_machine(
-            args.memsize, args.cpus, {1: console}, str(kernel), args.initrd, args.append,
-            emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
-            kernel_unpack=_unpack_setting(args.kernel_unpack),
-        )  # fmt: skip
-
-    def log(message: str) -> None:
-        if os.environ.get("BOITE_VERBOSE"):
-            print(f"boite: {message}", file=sys.stderr, flush=True)
-
-    vmm = _vmm_for(make_machine, args.accel, console, log, kernel.name)
-    vmm.on_power_on = devices.start
-    stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=False))
-    _install_stop_signals(vmm)
-    _attach_stdio_on_power_on(vmm, stdio)
-    try:
-        return vmm.run()
-    finally:
-        stdio.stop()
-        devices.close()
+    spec = launch.BootSpec(
+        kernel=args.kernel, initrd=args.initrd, append=args.append,
+        memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
+        kernel_unpack=_unpack_setting(args.kernel_unpack),
+    )  # fmt: skip
+    # Events go the one logging path: stderr with -v (or BOITE_VERBOSE=1), warnings always.
+    return launch.boot_kernel(spec, console_client=_stdio_client(False))
 
 
 def _unpack_setting(flag: bool | None) -> str:
     return "auto" if flag is None else "true" if flag else "false"
 
 
-def _open_box(path: str):
-    from boite.box.box import Box
-
-    return Box.open(path)
-
-
-def _box_file(box, key: str) -> str | None:
-    value = box.config.get_str(key)
-    if not value:
-        return None
-    path = Path(value)
-    path = path if path.is_absolute() else box.dir / path
-    if not path.is_file():
-        raise BoxError(f"{box.vmx_path}: {key} = {value!r}: no such file ({path})")
-    return str(path)
-
-
 def cmd_start(args: argparse.Namespace) -> int:
+    from boite import launch
     from boite.box.paths import external_paths
 
-    box = _open_box(args.box)
+    box = launch.open_box(args.box)
     for p in external_paths(box):  # named at every start (docs/security.md)
         if p.allowed:
             print(f"boite: note: {p}", file=sys.stderr)
     box.require_within_limits()
-    holder = box.lock_holder
-    if holder is not None and not holder.is_dead_here():
-        raise BoxError(f"{box.name} is already running ({holder.describe()})")
+    launch.require_stopped(box)
     if args.detach:
-        return _start_detached(args, box)
-    return _run_box(box, args.accel, attach_stdio=True)
-
-
-def _run_box(box, accel: str | None, attach_stdio: bool, ready: Callable[[], None] | None = None):
-    from boite.machine.builder import machine_from_box
-    from boite.machine.devices import ConsoleBackend
-    from boite.vmm import ControlServer, control_socket_path
-
-    console = ConsoleBackend()
-    with box.acquire_lock():
-        log = box.log.info
-        accel_name = accel or box.config.virtual_exec
-
-        kernel = _box_file(box, "boite.kernel")
-        if kernel is None:
-            raise BoxError(
-                f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
-                '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
-            )
-        _box_file(box, "boite.initrd")  # a clear error now rather than at power-on
-
-        devices = _DeviceHooks(lambda: _box_devices_hook(box))
-
-        def make_machine(emulated_irqchip: bool):
-            return machine_from_box(
-                box, console=console, emulated_irqchip=emulated_irqchip,
-                extra_devices=devices.fresh(),
-            )  # fmt: skip
-
-        wrap, snapshot_handler = _snapshot_hooks(box, log)
-        vmm = _vmm_for(make_machine, accel_name, console, log, box.name, wrap)
-        vmm.on_power_on = devices.start  # first: the hooks below chain onto it
-        handlers = []
-        if snapshot_handler is not None:
-            handlers.append(lambda request: snapshot_handler(vmm, box, request))
-        path = control_socket_path(box.dir, box.name)
-        server = ControlServer(vmm, path, handlers=handlers)
-        server.start()
-        box.set_control_socket(str(path))
-        _install_stop_signals(vmm)
-        stdio = None
-        if attach_stdio:
-            stdio = StdioConsole(console, on_detach_key=lambda: vmm.stop(soft=True))
-            _attach_stdio_on_power_on(vmm, stdio)
-        if ready is not None:
-            _once_powered_on(vmm, ready)  # `start --detach` returns once the guest runs
-        try:
-            status = vmm.run()
-        except BoiteError as exc:
-            box.log.error(str(exc))
-            raise
-        finally:
-            if stdio is not None:
-                stdio.stop()
-            server.close()
-            devices.close()
-        box.log.info(f"Power off complete, exit status {status}.")
-        return status
-
-
-def _snapshot_hooks(box, log):
-    """Resume from a suspend state or a reverted memory snapshot, and the control socket's
-    snapshot/suspend commands, when this build has the snapshot part."""
-    try:
-        from boite.snapshot import (
-            handle_control_request,
-            resume_state,
-            resumed,
-            resuming_accelerator,
-        )
-    except ImportError:
-        return None, None
-    path = resume_state(box)
-    wrap = None
-    if path is not None:
-        log(f"Resuming from {path.name}.")
-
-        def wrap(factory):
-            return resuming_accelerator(factory, path, on_restored=lambda: resumed(box))
-
-    return wrap, handle_control_request
-
-
-def _start_detached(args: argparse.Namespace, box) -> int:
-    """Fork a VMM that outlives this command; return once its control socket is up."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the VMM
-        os.close(rfd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        status = 1
-
-        def ready() -> None:
-            os.write(wfd, b"ok\n")
-
-        try:
-            status = _run_box(_open_box(str(box.vmx_path)), args.accel, False, ready)
-        except BaseException as exc:  # report to the parent if it still listens
-            with contextlib.suppress(OSError):
-                os.write(wfd, f"error {exc}\n".encode())
-        finally:
-            os._exit(status & 0xFF)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
-    if line == "ok":
-        print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
+        pid = launch.start(box, args.accel)
+        if args.json:
+            print(json.dumps({"ok": True, "box": box.name, "pid": pid}))
+        else:
+            print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
         return 0
-    os.waitpid(pid, 0)
-    raise BoxError(f"{box.name} did not start: {line[6:] if line.startswith('error ') else line}")
+    return run_box(box, args.accel)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from boite.vmm import SOFT_STOP_GRACE_S, control_request, control_socket_path
+    import json
 
-    box = _open_box(args.box)
-    holder = box.lock_holder
-    if holder is None:
-        raise BoxError(f"{box.name} is not running")
-    grace = SOFT_STOP_GRACE_S if args.timeout is None else max(0.0, args.timeout)
-    request = {"cmd": "stop", "mode": args.mode, "grace_s": grace}
-    control_request(control_socket_path(box.dir, box.name), request)
-    deadline = time.time() + (grace if args.mode == "soft" else 0) + 15
-    while time.time() < deadline:
-        if box.lock_holder is None:
-            print(f"{box.name} stopped ({args.mode}).")
-            return 0
-        time.sleep(0.05)
-    raise BoxError(
-        f"{box.name} still holds its lock after the {args.mode} stop ({holder.describe()})"
-    )
+    from boite import launch
+
+    box = launch.open_box(args.box)
+    countdown = _Countdown(box.name) if not args.json else None
+    try:
+        stopped = launch.stop(
+            box, args.mode, args.timeout, progress=countdown.show if countdown else None
+        )
+    finally:
+        if countdown is not None:
+            countdown.end()
+    if stopped.problems:  # a failed flush: the guest's last writes may be lost
+        from boite.errors import DiskError
+
+        raise DiskError(f"{box.name} stopped, but powering off failed: "
+                        + "; ".join(stopped.problems))  # fmt: skip
+    if args.json:
+        print(json.dumps({"ok": True, "box": box.name, "mode": args.mode, "how": stopped.how,
+                          "method": stopped.method, "detail": stopped.detail}))  # fmt: skip
+    elif stopped.how == "soft":
+        print(f"{box.name} stopped (soft: {stopped.detail}).")
+    elif stopped.how == "guest":
+        print(f"{box.name} stopped (the guest powered off by itself).")
+    else:
+        why = "" if args.mode == "hard" else f": {stopped.detail}"
+        print(f"{box.name} stopped (hard{why}).")
+    return 0
+
+
+class _Countdown:
+    """`waiting for the guest (acpi): 27 s before a hard stop`, redrawn in place on a
+    terminal, a line every 5 s elsewhere."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tty = sys.stderr.isatty()
+        self.last: int | None = None
+        self.shown = False
+
+    def show(self, method: str, left: float) -> None:
+        seconds = int(left + 0.999)
+        if seconds == self.last or (not self.tty and self.last is not None and
+                                     self.last - seconds < 5):  # fmt: skip
+            return
+        self.last = seconds
+        text = f"{self.name}: asked the guest to power off ({method}); hard stop in {seconds} s"
+        print(f"\r{text}\033[K" if self.tty else text, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown and self.tty:
+            print(file=sys.stderr, flush=True)
 
 
 def cmd_console(args: argparse.Namespace) -> int:
     import json
 
+    from boite.launch import open_box
     from boite.vmm import connect_control, control_socket_path
 
-    box = _open_box(args.box)
+    box = open_box(args.box)
     sock = connect_control(control_socket_path(box.dir, box.name), timeout=10)
     with sock:
         sock.sendall(json.dumps({"cmd": "console"}).encode() + b"\n")
@@ -544,6 +339,85 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def run_box(box, accel: str | None = None) -> int:
-    """Start `box` in the foreground with its console on this terminal (for `boite demo`)."""
-    box.require_within_limits()
-    return _run_box(box, accel, attach_stdio=True)
+    """Start `box` in the foreground with its console on this terminal (`start`, `boite
+    demo`); the guest's exit status. On a terminal, Ctrl-] detaches: this command returns
+    and the box keeps running in the background (`boite console` attaches again), as
+    `start --detach` would have left it."""
+    from boite import launch
+
+    if not os.isatty(0):  # no detach key without a terminal: run right here
+        return launch.run_box(box, accel, console_client=_stdio_client(False))
+    # The VMM runs in a child that can outlive this process: on Ctrl-] it leaves the
+    # terminal (a session of its own, stdio on /dev/null) and tells us to return.
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        os._exit(_foreground_vmm(box, accel, wfd) & 0xFF)
+    os.close(wfd)
+    return _wait_foreground_vmm(pid, rfd)
+
+
+def _foreground_vmm(box, accel: str | None, wfd: int) -> int:
+    from boite import launch
+    from boite.errors import BoiteError
+
+    detached = threading.Event()
+
+    def make(console, vmm) -> StdioConsole:
+        stdio = StdioConsole(console)
+
+        def detach() -> None:
+            stdio.stop()  # the terminal back to how it was
+            print(f"\r\n[detached from {box.name}; it keeps running: `boite console` attaches "
+                  "again, `boite stop` stops it]", file=sys.stderr, flush=True)  # fmt: skip
+            detached.set()
+            with contextlib.suppress(OSError):
+                os.setsid()  # no controlling terminal: a closed terminal cannot hang it up
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            with contextlib.suppress(OSError):
+                os.write(wfd, b"d")
+
+        stdio.on_detach_key = detach
+        return stdio
+
+    try:
+        return launch.run_box(box, accel, console_client=make)
+    except BoiteError as exc:
+        if not detached.is_set():
+            print(f"boite: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the child must exit through os._exit
+        if not detached.is_set():
+            print(f"boite: error: {exc!r}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _wait_foreground_vmm(pid: int, rfd: int) -> int:
+    """Wait for the foreground VMM child: its exit status, or 0 once it detached. Signals
+    that would end this command reach the VMM as a hard stop, as before the fork."""
+    import signal
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child has the terminal's Ctrl-C
+    with os.fdopen(rfd, "rb") as pipe:
+        while True:
+            try:
+                said = pipe.read(1)
+                break
+            except InterruptedError:
+                continue
+    if said == b"d":
+        return 0
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says

@@ -1,12 +1,17 @@
-"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend."""
+"""Verbs about snapshots: snapshot, snapshots, revert, delete-snapshot, suspend.
+
+The work is in boite.launch: a running box's VMM does it (its operation lock serializes
+requests), a stopped box's operation holds the box lock, and a second command waits for
+either (bounded, saying so on stderr) instead of failing or interleaving.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from boite.box import Box
-from boite.errors import BoxError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,82 +33,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_snapshots)
 
-    p = sub.add_parser("revert", help="go back to a snapshot (the current state is dropped)")
+    p = sub.add_parser(
+        "revert",
+        help="go back to a snapshot (the current state is dropped; a running box restarts "
+        "from it, resuming a memory snapshot)",
+    )
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("delete-snapshot", help="remove a snapshot, consolidating its delta disks")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
     p.add_argument("name", metavar="NAME", help="snapshot name, or #UID")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("suspend", help="save a running box's state to NAME.vmss and power off")
     p.add_argument("box", metavar="BOX", help="box directory or .vmx file")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_suspend)
 
 
-def _live_holder(box: Box):
-    """Who runs the box, or None; a lock left by a killed process does not count."""
-    holder = box.lock_holder
-    if holder is None or holder.is_dead_here():
-        return None
-    return holder
-
-
-def _running_control(box: Box) -> str | None:
-    """The control socket of the VMM running this box, or None when it is not running."""
-    from boite.box import list_running
-
-    holder = _live_holder(box)
-    if holder is None:
-        return None
-    for running in list_running():
-        if running.pid == holder.pid and getattr(running, "control", None):
-            return running.control
-    raise BoxError(
-        f"{box.vmx_path}: the box is running (pid {holder.pid} on {holder.host}) but its VMM "
-        "has no control socket this command can reach"
-    )
-
-
-def _vmm_request(control: str, request: dict) -> dict:
-    from pathlib import Path
-
-    from boite.vmm import control_request  # the VMM's side of the control socket
-
-    # Saving RAM takes seconds per GiB: wait for it rather than the default 10 s.
-    return control_request(Path(control), request, timeout=600)
+def _notify(message: str) -> None:
+    print(f"boite: {message}", file=sys.stderr, flush=True)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from boite.snapshot import take_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is not None:
-        reply = _vmm_request(
-            control,
-            {
-                "cmd": "snapshot",
-                "name": args.name,
-                "description": args.description,
-                "memory": args.memory is not False,
-            },
-        )
-        uid, name = reply.get("uid"), args.name
-    else:
-        if args.memory:
-            raise BoxError(
-                f"{box.vmx_path}: --memory needs a running box (this one is powered off); "
-                "start it first, or take a disk snapshot without --memory"
-            )
-        snap = take_snapshot(box, args.name, args.description)
-        uid, name = snap.uid, snap.display_name
+    taken = launch.snapshot(
+        Box.open(args.box), args.name, args.description, args.memory, notify=_notify
+    )
     if args.json:
-        print(json.dumps({"uid": uid, "name": name}))
+        print(json.dumps({"uid": taken.uid, "name": taken.name}))
     else:
-        print(f"snapshot {name!r} (#{uid}) taken")
+        print(f"snapshot {taken.name!r} (#{taken.uid}) taken")
     return 0
 
 
@@ -122,32 +87,34 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    from boite.snapshot import revert_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    if _live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before reverting it (it is running)")
-    snap = revert_snapshot(box, args.name)
-    print(f"reverted to {snap.display_name!r} (#{snap.uid})")
+    done = launch.revert(Box.open(args.box), args.name, notify=_notify)
+    if args.json:
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name,
+                          "running": done.running, "memory": done.memory}))  # fmt: skip
+    elif done.running:
+        how = "resumed from its memory" if done.memory else "restarted"
+        print(f"reverted to {done.name!r} (#{done.uid}); the box {how}")
+    else:
+        print(f"reverted to {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from boite.snapshot import delete_snapshot
+    from boite import launch
 
-    box = Box.open(args.box)
-    if _live_holder(box) is not None:
-        raise BoxError(f"{box.vmx_path}: stop the box before deleting a snapshot (it is running)")
-    snap = delete_snapshot(box, args.name)
-    print(f"deleted snapshot {snap.display_name!r} (#{snap.uid})")
+    done = launch.delete_snapshot(Box.open(args.box), args.name, notify=_notify)
+    if args.json:
+        print(json.dumps({"ok": True, "uid": done.uid, "name": done.name}))
+    else:
+        print(f"deleted snapshot {done.name!r} (#{done.uid})")
     return 0
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    box = Box.open(args.box)
-    control = _running_control(box)
-    if control is None:
-        raise BoxError(f"{box.vmx_path}: the box is not running; there is nothing to suspend")
-    reply = _vmm_request(control, {"cmd": "suspend"})
-    print(f"suspended to {reply.get('file', box.name + '.vmss')}")
+    from boite import launch
+
+    where = launch.suspend(Box.open(args.box), notify=_notify)
+    print(json.dumps({"ok": True, "file": where}) if args.json else f"suspended to {where}")
     return 0

@@ -21,6 +21,7 @@ from boite.accel.cpustate import GPR_NAMES, CpuState, DescriptorTable, Segment
 from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFault
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.emu.cpumodel import MSR_EFER
+from boite.accel.emu.fpu import MXCSR_MASK
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 
@@ -84,7 +85,16 @@ def cpu_to_state(cpu: Cpu) -> CpuState:
     st.msrs = dict(cpu.msrs)
     st.msrs[0x10] = cpu.rdtsc()
     st.halted = cpu.halted
-    st.extra = {"emu": {"cpl": cpu.cpl, "dr": list(cpu.dr), "inhibit_irq": cpu.inhibit_irq}}
+    st.fxsave = bytes(cpu.fpu.fxsave_image())  # x87, MXCSR and XMM: KVM's format too
+    st.extra = {
+        "emu": {
+            "cpl": cpu.cpl,
+            "dr": list(cpu.dr),
+            "inhibit_irq": cpu.inhibit_irq,
+            "ferr": cpu.fpu.ferr,  # the legacy x87 error path's pins
+            "ignne": cpu.fpu.ignne,
+        }
+    }
     return st
 
 
@@ -115,6 +125,14 @@ def state_to_cpu(st: CpuState, cpu: Cpu) -> None:
     cpu.dr = list(emu.get("dr", cpu.dr))
     cpu.debug_setup()
     cpu.inhibit_irq = bool(emu.get("inhibit_irq", False))
+    if len(st.fxsave) >= 512:
+        img = bytearray(st.fxsave[:512])
+        img[24:28] = (int.from_bytes(img[24:28], "little") & MXCSR_MASK).to_bytes(4, "little")
+        cpu.fpu.fxrstor_image(bytes(img))
+    else:  # a state saved before the FPU existed (or by a CPU without one)
+        cpu.fpu.reset()
+    cpu.fpu.ferr = bool(emu.get("ferr", False))
+    cpu.fpu.ignne = bool(emu.get("ignne", False))
     # MSRs the model lacks (from a KVM state) are left out; EFER keeps the bits it has.
     cpu.msrs = {k: v for k, v in st.msrs.items() if k in cpu.msr_spec}
     cpu.efer = st.efer & cpu.msr_spec[MSR_EFER].writable if MSR_EFER in cpu.msr_spec else 0
@@ -177,6 +195,9 @@ class EmuAccelerator(Accelerator):
                     self._intr_hooked = True
             if hasattr(dev, "next_deadline_ns") and hasattr(dev, "advance"):
                 self.timers.append(dev)
+        irqs = getattr(machine, "irqs", None)
+        if irqs is not None:  # FERR# of the x87's legacy error path is ISA IRQ 13
+            cpu.ferr_irq = irqs.line(13).set
         pic = self.pic
         if pic is not None:
             hooked = getattr(self, "_intr_hooked", False)

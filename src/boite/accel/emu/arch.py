@@ -26,6 +26,7 @@ PARITY = bytes(4 if bin(i).count("1") % 2 == 0 else 0 for i in range(256))
 DE, DB, NMI, BP, OF_VEC, BR, UD, NM, DF_VEC, TS, NP, SS_VEC, GP, PF_VEC = (
     0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14,
 )  # fmt: skip
+MF, XM = 16, 19  # x87 floating-point error, SIMD floating-point exception
 CONTRIBUTORY = frozenset((DE, TS, NP, SS_VEC, GP))
 HAS_ERROR_CODE = frozenset((DF_VEC, TS, NP, SS_VEC, GP, PF_VEC, 17))
 

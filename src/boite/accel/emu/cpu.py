@@ -5,8 +5,9 @@ What CPUID and the MSRs report comes from the CPU model in cpumodel.py (a Pentiu
 class IA-32 CPU, showing only the features implemented here). Paging is 2-level (with
 PSE 4 MiB pages) or PAE (2 MiB pages, the XD bit under EFER.NXE: instruction fetches go
 through an execute TLB of their own while NX is on). SYSENTER/SYSEXIT are emulated.
-Where CPUID reports no x87, the escapes act as on a board without a coprocessor, and
-with CR0.EM they trap with #NM (the guest kit's kernel emulates the FPU itself).
+The x87, MMX, SSE and SSE2 are emulated exactly (fpu.py, sse.py over softfloat.py's
+exact arithmetic); CR0.EM/TS/MP give #NM/#UD as the SDM says, so a kernel with math
+emulation (CR0.EM) still traps every escape into it.
 
 Virtual-8086 mode is entered by IRET from ring 0 and left by interrupts and exceptions
 to ring-0 handlers (without the VME extensions, which CPUID does not report: CLI, STI,
@@ -46,6 +47,7 @@ from boite.accel.emu.arch import (
     IOPL,
     M16,
     M32,
+    MF,
     NP,
     NT,
     OF,
@@ -232,7 +234,11 @@ class Cpu:
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
         from boite.accel.emu.decode import Decoder
+        from boite.accel.emu.fpu import FpuState
 
+        self.fpu = FpuState()
+        # FERR# of the PC's legacy x87 error path (CR0.NE=0): raises IRQ 13 at the PIC.
+        self.ferr_irq: Callable[[bool], None] | None = None
         self.decoder = Decoder(self)
         self.seg_checks_all()
         self.tlb_switch()
@@ -1414,8 +1420,41 @@ class Cpu:
     def port_out(self, port: int, size: int, value: int) -> None:
         if self.bp_io:
             self._watch_io(port, size)
+        if port == 0xF0:
+            self._port_f0()
         if self.pio is not None:
             self.pio.write(port, size, value)
+
+    # ------------------------------------------------------------------ x87 errors
+    def fpu_error(self) -> None:
+        """A waiting x87 instruction found an unmasked exception pending (SDM vol. 1,
+        8.7 and appendix D): #MF with CR0.NE; else the PC's legacy path: FERR# raises
+        IRQ 13 and the CPU waits at this instruction for the interrupt, unless IGNNE#
+        (a write to port 0xF0 by the IRQ 13 handler) tells it to go on."""
+        if self.cr0 & 0x20:
+            raise CpuFault(MF)
+        f = self.fpu
+        if f.ignne:
+            return
+        if not f.ferr:
+            f.ferr = True
+            if self.ferr_irq is not None:
+                self.ferr_irq(True)
+        raise CpuHalt()  # EIP still at the instruction: it runs again after the interrupt
+
+    def fpu_ferr_update(self) -> None:
+        """FERR# (and with it IGNNE#) goes away once the status word's ES is clear."""
+        f = self.fpu
+        if f.ferr and not f.sw & 0x80:
+            f.ferr = f.ignne = False
+
+    def _port_f0(self) -> None:
+        """Port 0xF0 (PC chipset): clear the IRQ 13 latch, assert IGNNE# while FERR# is."""
+        f = self.fpu
+        if self.ferr_irq is not None:
+            self.ferr_irq(False)
+        if f.ferr:
+            f.ignne = True
 
     # ------------------------------------------------------------------ system
     def cpuid(self) -> None:
@@ -1502,7 +1541,7 @@ class Cpu:
             self.cr3 = v
             self.tlb_flush()
         elif n == 4:
-            if v & ~0x1FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE
+            if v & ~0x7FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
                 raise CpuFault(GP, 0)
             if v & 0x20 and "pae" not in self.features:
                 raise CpuFault(GP, 0)
@@ -1534,6 +1573,7 @@ class Cpu:
         self.efer = 0
         self.msrs.clear()  # RESET returns every MSR to its power-on value
         self.cpl = 0
+        self.fpu.reset()
         self.seg_checks_all()
         self.halted = False
         self.paging_changed()

@@ -6,7 +6,7 @@ set is a superset of everything this emulator does. CPUID reports only the subse
 is implemented (`FEATURES`): a feature bit is on exactly when the emulator does what
 the SDM says that bit promises, so a guest never takes a path that ends in a #UD or a
 GuestError. The x87/MMX/SSE bits come on with accel/emu/fpu.py and sse.py, APIC with the
-local APIC; each is one name in `FEATURES`.
+local APIC; each is one name in `FEATURES` (the x87/SIMD ones from fpu.FPU_FEATURES).
 
 MSRs follow the same rule: an index the model has is read back exactly as written
 (within its writable bits); writing a reserved bit, or any access to an index the model
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from boite.accel.emu.fpu import FPU_FEATURES
+
 # CPUID.1:EDX bit for each feature name (Intel SDM vol. 2A, table 3-11).
 EDX1_BITS = {
     "fpu": 0, "vme": 1, "de": 2, "pse": 3, "tsc": 4, "msr": 5, "pae": 6, "mce": 7,
@@ -29,9 +31,13 @@ ECX1_BITS = {"sse3": 0, "rdrand": 30}
 EDX_EXT1_BITS = {"nx": 20}
 
 # What this emulator implements (the model's own list is larger: see the module docstring).
-FEATURES: frozenset[str] = frozenset(
-    {"de", "pse", "tsc", "msr", "pae", "cx8", "sep", "mtrr", "pge", "cmov", "pat", "rdrand", "nx"}
-)
+FEATURES: frozenset[str] = (
+    frozenset(
+        {"de", "pse", "tsc", "msr", "pae", "cx8", "sep", "mtrr", "pge", "cmov", "pat", "rdrand",
+         "nx"}
+    )
+    | FPU_FEATURES  # x87, MMX, FXSR, SSE, SSE2, CLFLUSH: accel/emu/fpu.py says which
+)  # fmt: skip
 
 FAMILY, MODEL, STEPPING = 6, 13, 8
 BRAND = b"Intel(R) Pentium(R) M processor 1.73GHz"

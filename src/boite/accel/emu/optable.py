@@ -201,7 +201,7 @@ for _b in range(0x91, 0x98):
 op(0x98, "CBW/CWDE", decode="_misc1", jit="j_cwde")
 op(0x99, "CWD/CDQ", decode="_misc1", jit="j_cdq")
 op(0x9A, "CALLF", "Ap", end=True, decode="_far_ptr")
-op(0x9B, "WAIT", decode="_misc1")
+op(0x9B, "WAIT", decode="_fwait")
 op(0x9C, "PUSHF", "Fv", r="*", priv="iopl", decode="_pushf")
 op(0x9D, "POPF", "Fv", w="*", end=True, priv="iopl", decode="_pushf")
 op(0x9E, "SAHF", w="szapc", decode="_misc1")
@@ -251,9 +251,32 @@ op(0xD4, "AAM", "Ib", w="szp", u="oac", decode="_bcd")
 op(0xD5, "AAD", "Ib", w="szp", u="oac", decode="_bcd")
 op(0xD6, "SALC", r="c", decode="_misc1")
 op(0xD7, "XLAT", decode="_misc1")
-for _b in range(0xD8, 0xE0):
-    # x87 escapes: #NM with CR0.EM or CR0.TS; the FPU itself is the cpu-fpu work.
-    op(_b, "ESC", "Ev", decode="_fpu")
+# x87 escapes (decode/fpu.py, semantics in fpu.py): one row per ModRM reg extension; the
+# mnemonics name the memory form / the register forms (mod = 3) sharing the extension.
+_X87 = {
+    0xD8: ("FADD", "FMUL", "FCOM", "FCOMP", "FSUB", "FSUBR", "FDIV", "FDIVR"),
+    0xD9: ("FLD", "FXCH", "FST/FNOP", "FSTP", "FLDENV/FCHS/FABS/FTST/FXAM", "FLDCW/FLDconst",
+           "FNSTENV/F2XM1/FYL2X/FPTAN/FPATAN/FXTRACT/FPREM1/FDECSTP/FINCSTP",
+           "FNSTCW/FPREM/FYL2XP1/FSQRT/FSINCOS/FRNDINT/FSCALE/FSIN/FCOS"),
+    0xDA: ("FIADD/FCMOVB", "FIMUL/FCMOVE", "FICOM/FCMOVBE", "FICOMP/FCMOVU", "FISUB",
+           "FISUBR/FUCOMPP", "FIDIV", "FIDIVR"),
+    0xDB: ("FILD/FCMOVNB", "FISTTP/FCMOVNE", "FIST/FCMOVNBE", "FISTP/FCMOVNU",
+           "FNCLEX/FNINIT", "FLD m80/FUCOMI", "FCOMI", "FSTP m80"),
+    0xDC: ("FADD", "FMUL", "FCOM", "FCOMP", "FSUB/FSUBR", "FSUBR/FSUB", "FDIV/FDIVR",
+           "FDIVR/FDIV"),
+    0xDD: ("FLD/FFREE", "FISTTP/FXCH", "FST", "FSTP", "FRSTOR/FUCOM", "FUCOMP", "FNSAVE",
+           "FNSTSW"),
+    0xDE: ("FIADD/FADDP", "FIMUL/FMULP", "FICOM/FCOMP", "FICOMP/FCOMPP", "FISUB/FSUBRP",
+           "FISUBR/FSUBP", "FIDIV/FDIVRP", "FIDIVR/FDIVP"),
+    0xDF: ("FILD/FFREEP", "FISTTP/FXCH", "FIST/FSTP", "FISTP/FSTP", "FBLD/FNSTSW AX",
+           "FILD m64/FUCOMIP", "FBSTP/FCOMIP", "FISTP m64"),
+}  # fmt: skip
+for _b, _names in _X87.items():
+    for _ext, _name in enumerate(_names):
+        # F(U)COMI(P) set ZF PF CF and clear OF SF AF; FCMOVcc read ZF PF CF
+        _w = "oszapc" if (_b, _ext) in ((0xDB, 5), (0xDB, 6), (0xDF, 5), (0xDF, 6)) else ""
+        _r = "zpc" if _b in (0xDA, 0xDB) and _ext < 4 else ""
+        op(_b, _name, "x87", ext=_ext, r=_r, w=_w, decode="_fpu")
 op(0xE0, "LOOPNE", "Jb", r="z", end=True, decode="_loop")
 op(0xE1, "LOOPE", "Jb", r="z", end=True, decode="_loop")
 op(0xE2, "LOOP", "Jb", end=True, decode="_loop", jit="j_loop")
@@ -361,7 +384,58 @@ for _b in range(0xC8, 0xD0):
     op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap")
 
 
-# ------------------------------------------------------------------ indexes
+# ------------------------------------------------------------------ indexes# MMX and SSE2 integer forms (decode/sse.py, semantics in sse.py): the 66 prefix selects
+# the XMM form; the closures refuse (#UD) the prefixes an opcode does not have.
+_PACKED = {
+    0x60: "PUNPCKLBW", 0x61: "PUNPCKLWD", 0x62: "PUNPCKLDQ", 0x63: "PACKSSWB",
+    0x64: "PCMPGTB", 0x65: "PCMPGTW", 0x66: "PCMPGTD", 0x67: "PACKUSWB", 0x68: "PUNPCKHBW",
+    0x69: "PUNPCKHWD", 0x6A: "PUNPCKHDQ", 0x6B: "PACKSSDW", 0x6C: "PUNPCKLQDQ",
+    0x6D: "PUNPCKHQDQ", 0x74: "PCMPEQB", 0x75: "PCMPEQW", 0x76: "PCMPEQD", 0xD1: "PSRLW",
+    0xD2: "PSRLD", 0xD3: "PSRLQ", 0xD4: "PADDQ", 0xD5: "PMULLW", 0xD8: "PSUBUSB",
+    0xD9: "PSUBUSW", 0xDA: "PMINUB", 0xDB: "PAND", 0xDC: "PADDUSB", 0xDD: "PADDUSW",
+    0xDE: "PMAXUB", 0xDF: "PANDN", 0xE0: "PAVGB", 0xE1: "PSRAW", 0xE2: "PSRAD",
+    0xE3: "PAVGW", 0xE4: "PMULHUW", 0xE5: "PMULHW", 0xE8: "PSUBSB", 0xE9: "PSUBSW",
+    0xEA: "PMINSW", 0xEB: "POR", 0xEC: "PADDSB", 0xED: "PADDSW", 0xEE: "PMAXSW",
+    0xEF: "PXOR", 0xF1: "PSLLW", 0xF2: "PSLLD", 0xF3: "PSLLQ", 0xF4: "PMULUDQ",
+    0xF5: "PMADDWD", 0xF6: "PSADBW", 0xF8: "PSUBB", 0xF9: "PSUBW", 0xFA: "PSUBD",
+    0xFB: "PSUBQ", 0xFC: "PADDB", 0xFD: "PADDW", 0xFE: "PADDD",
+}  # fmt: skip
+for _b, _name in _PACKED.items():
+    op(_b, _name, "Pq,Qq|Vdq,Wdq", map="0F", decode="_packed")
+for _b, _name in ((0x71, "PSxxW"), (0x72, "PSxxD"), (0x73, "PSxxQ/PSxxDQ")):
+    op(_b, _name, "Nq,Ib|Udq,Ib", map="0F", decode="_shift_imm")
+for _b, _name in ((0x6E, "MOVD"), (0x6F, "MOVQ/MOVDQA/MOVDQU"), (0x7E, "MOVD/MOVQ"),
+                  (0x7F, "MOVQ/MOVDQA/MOVDQU"), (0xD6, "MOVQ")):  # fmt: skip
+    op(_b, _name, "simd", map="0F", decode="_movdq")
+op(0x70, "PSHUFW/PSHUFD/PSHUFHW/PSHUFLW", "Pq,Qq,Ib|Vdq,Wdq,Ib", map="0F", decode="_pshuf")
+op(0x77, "EMMS", map="0F", decode="_emms")
+op(0xD7, "PMOVMSKB", "Gd,Nq|Gd,Udq", map="0F", decode="_pmovmskb")
+for _n, _name in enumerate(("FXSAVE", "FXRSTOR", "LDMXCSR", "STMXCSR", None, "LFENCE",
+                            "MFENCE", "SFENCE/CLFLUSH")):  # fmt: skip
+    if _name:
+        op(0xAE, _name, "M|-", map="0F", ext=_n, decode="_grp15")
+# SSE/SSE2 floating point: no prefix PS, 66 PD, F3 SS, F2 SD (decode/sse.py _ssefp).
+_SSEFP = {
+    0x10: "MOVUPS/MOVSS", 0x11: "MOVUPS/MOVSS", 0x14: "UNPCKLPS", 0x15: "UNPCKHPS",
+    0x28: "MOVAPS", 0x29: "MOVAPS", 0x2A: "CVTSI2SS", 0x2C: "CVTTSS2SI", 0x2D: "CVTSS2SI",
+    0x2E: "UCOMISS", 0x2F: "COMISS", 0x50: "MOVMSKPS", 0x51: "SQRTPS", 0x54: "ANDPS",
+    0x55: "ANDNPS", 0x56: "ORPS", 0x57: "XORPS", 0x58: "ADDPS", 0x59: "MULPS",
+    0x5A: "CVTPS2PD", 0x5C: "SUBPS", 0x5D: "MINPS", 0x5E: "DIVPS", 0x5F: "MAXPS",
+    0xC2: "CMPPS", 0xC6: "SHUFPS",
+}  # fmt: skip
+for _b, _name in _SSEFP.items():
+    _w = "oszapc" if _b in (0x2E, 0x2F) else ""
+    op(_b, _name + "/..PD/..SS/..SD", "Vps,Wps", map="0F", w=_w, decode="_ssefp")
+_SSEMISC = {
+    0x12: "MOVLPS/MOVHLPS/MOVLPD", 0x13: "MOVLPS/MOVLPD", 0x16: "MOVHPS/MOVLHPS/MOVHPD",
+    0x17: "MOVHPS/MOVHPD", 0x2B: "MOVNTPS/MOVNTPD", 0x52: "RSQRTPS/RSQRTSS",
+    0x53: "RCPPS/RCPSS", 0x5B: "CVTDQ2PS/CVTPS2DQ/CVTTPS2DQ", 0xC3: "MOVNTI",
+    0xC4: "PINSRW", 0xC5: "PEXTRW", 0xE6: "CVTTPD2DQ/CVTDQ2PD/CVTPD2DQ",
+    0xE7: "MOVNTQ/MOVNTDQ", 0xF7: "MASKMOVQ/MASKMOVDQU",
+}  # fmt: skip
+for _b, _name in _SSEMISC.items():
+    op(_b, _name, "simd", map="0F", decode="_ssemisc")
+
 MAPS = ("", "0F")
 # (map, opcode) -> its rows, in table order.
 BY_OPCODE: dict[tuple[str, int], tuple[Op, ...]] = {}

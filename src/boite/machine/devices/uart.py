@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,38 +224,141 @@ class PipeBackend(SerialBackend):
                 os.close(fd)
 
 
+class ConsoleClient:
+    """One attached console viewer (a `boite console` connection, a terminal). Output
+    waits in its own buffer of `limit` bytes and a thread of its own hands it to the
+    (possibly blocking) writer, so a viewer that stops reading never stalls the guest or
+    the other viewers: once its buffer is full, output for it is dropped (counted in
+    `dropped`, and a one-line note tells it when it catches up)."""
+
+    def __init__(
+        self,
+        writer: Callable[[bytes], Any],
+        limit: int,
+        on_gone: Callable[[ConsoleClient], None],
+    ) -> None:
+        self.writer = writer
+        self.limit = limit
+        self.dropped = 0
+        self._unreported = 0
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._writing = False
+        self._on_gone = on_gone
+        self._thread = threading.Thread(target=self._pump, name="console-client", daemon=True)
+        self._thread.start()
+
+    def push(self, data: bytes) -> None:
+        """Queue output; never blocks on the viewer."""
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._buffer) + len(data) > self.limit:
+                self.dropped += len(data)
+                self._unreported += len(data)
+                return
+            self._buffer += data
+            self._cond.notify()
+
+    def _pump(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._buffer:
+                    return
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                self._writing = True
+                lost, self._unreported = self._unreported, 0
+            if lost:
+                data += f"\r\n[boite: {lost} bytes of console output dropped]\r\n".encode()
+            try:
+                self.writer(data)
+            except (OSError, ValueError):  # the viewer went away
+                self.close()
+                self._on_gone(self)
+                return
+            finally:
+                self._writing = False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until what was queued has been handed to the writer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._closed or not (self._buffer or self._writing):
+                    return
+            time.sleep(0.005)
+
+
 class ConsoleBackend(SerialBackend):
-    """The attachable console (`boite console`, `boite boot`'s stdio).
+    """The attachable console (`boite console`, `boite boot`'s stdio), for any number of
+    viewers at once.
 
     While nobody is attached, output collects in a ring buffer of `ring_size` bytes (the
-    oldest bytes go first); `attach(writer)` first replays that buffer, then sends output
-    live until `detach()`. `send(data)` types into the guest from any thread.
+    oldest bytes go first); `attach(writer)` replays that buffer to the new viewer (at
+    once, in the caller's thread), then sends it output live until `detach(client)`.
+    Every viewer gets all output; each has its own bounded buffer (`client_buffer`
+    bytes), so a slow one loses output rather than slowing the guest. `send(data)` types
+    into the guest from any thread.
     """
 
-    def __init__(self, ring_size: int = 1 << 20) -> None:
+    def __init__(self, ring_size: int = 1 << 20, client_buffer: int | None = None) -> None:
         self.ring_size = ring_size
+        # BOITE_CONSOLE_CLIENT_BUFFER: a smaller buffer lets tests see a slow viewer's
+        # output dropped within seconds of a slowly printing guest.
+        self.client_buffer = client_buffer or int(
+            os.environ.get("BOITE_CONSOLE_CLIENT_BUFFER", "") or 1 << 20
+        )
         self._ring: collections.deque[bytes] = collections.deque()
         self._ring_len = 0
-        self._writer: Callable[[bytes], Any] | None = None
+        self._clients: list[ConsoleClient] = []
         self._lock = threading.Lock()
         self.dropped = 0
 
     @property
     def attached(self) -> bool:
-        return self._writer is not None
+        return bool(self._clients)
 
-    def attach(self, writer: Callable[[bytes], Any]) -> None:
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def attach(self, writer: Callable[[bytes], Any]) -> ConsoleClient:
         with self._lock:
             backlog = b"".join(self._ring)
             self._ring.clear()
             self._ring_len = 0
             if backlog:
                 writer(backlog)
-            self._writer = writer
+            client = ConsoleClient(writer, self.client_buffer, self._gone)
+            self._clients.append(client)
+            return client
 
-    def detach(self) -> None:
+    def detach(self, client: ConsoleClient | None = None) -> None:
+        """Detach one viewer (None: every viewer); the others keep their output."""
         with self._lock:
-            self._writer = None
+            gone = list(self._clients) if client is None else [client]
+            self._clients = [c for c in self._clients if c not in gone]
+        for c in gone:
+            c.close()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every viewer has been handed what was written."""
+        deadline = time.monotonic() + timeout
+        for client in list(self._clients):
+            client.flush(max(0.0, deadline - time.monotonic()))
+
+    def _gone(self, client: ConsoleClient) -> None:
+        with self._lock:
+            self._clients = [c for c in self._clients if c is not client]
 
     def buffered(self) -> bytes:
         with self._lock:
@@ -262,13 +366,10 @@ class ConsoleBackend(SerialBackend):
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            if self._writer is not None:
-                try:
-                    self._writer(data)
-                    return
-                except OSError:
-                    # The terminal went away: behave as detached, keep the output.
-                    self._writer = None
+            if self._clients:
+                for client in self._clients:
+                    client.push(bytes(data))
+                return
             self._ring.append(bytes(data))
             self._ring_len += len(data)
             while self._ring_len > self.ring_size:

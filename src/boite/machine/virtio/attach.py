@@ -50,6 +50,7 @@ class NicPlan:
     mac: str
     connection_type: str
     tap_name: str
+    forwards: tuple[str, ...] = ()  # nat: "tcp:HOSTPORT:GUESTPORT" (ethernetN.boite.forward)
 
 
 @dataclass
@@ -126,7 +127,15 @@ def plan_devices(config: _Config, box_dir: Path) -> DevicePlan:
             )
         parse_mac(mac)
         tap = config.get_str(f"{key}.vnet") or ""
-        plan.nics.append(NicPlan(key, mac.lower(), (n.connection_type or "bridged").lower(), tap))
+        from boite.errors import NetError
+        from boite.machine.netback.passt import parse_forwards
+
+        try:
+            forwards = parse_forwards(config.get_str(f"{key}.boite.forward") or "")
+        except NetError as exc:
+            raise ConfigError(f"{config.source}: {key}.boite.forward: {exc}") from None
+        kind = (n.connection_type or "bridged").lower()
+        plan.nics.append(NicPlan(key, mac.lower(), kind, tap, forwards))
     return plan
 
 
@@ -164,19 +173,23 @@ def attach_devices(
     *,
     open_disk: Callable[[str], BlockImage],
     open_tap: Callable[[str], Any] | None = None,
+    net_log: Callable[[str], None] | None = None,
     console: Any = None,
     with_console: bool = False,
     with_rng: bool = True,
+    ports: Sequence[Any] = (),
     base: int = VIRTIO_MMIO_BASE,
     irqs: Sequence[int] = VIRTIO_IRQS,
 ) -> AttachedDevices:
     """Create the planned devices on `machine` (a boite.machine.machine.Machine).
 
     `open_disk(path)` opens a disk chain (boite.disk.open_disk); `open_tap(name)` opens the
-    host side of a NIC (default: a TapDevice). `with_console` adds virtio-console (hvc0)
+    host side of a NIC (default: the machine.netback backend for its connectionType: passt
+    for nat, a TAP for the others; `net_log` takes their messages). `with_console` adds virtio-console (hvc0)
     writing to `console`: a callable taking bytes, or a SerialBackend such as the box's
     ConsoleBackend, which then also feeds its input to hvc0 (the guest needs
-    `console=hvc0`). Virtio devices take consecutive 4 KiB windows from `base` and the
+    `console=hvc0`). `ports` are the host users of named virtio-console ports (the guest
+    tools' ToolsHost), all on one multiport device. Virtio devices take consecutive 4 KiB windows from `base` and the
     next free IRQ of `irqs`.
     """
     out = AttachedDevices()
@@ -214,18 +227,25 @@ def attach_devices(
                 if ch is not None:
                     machine.add_device(f"ata{i}", ch)
             out.ata = ctl
-        if plan.nics:
-            if open_tap is None:
-                from boite.machine.virtio.tap import TapDevice
+        for n in plan.nics:
+            if open_tap is not None:
+                backend = open_tap(n.tap_name)
+            else:
+                from boite.machine.netback import open_backend
 
-                open_tap = TapDevice
-            for n in plan.nics:
-                tap = open_tap(n.tap_name)
-                if hasattr(tap, "close"):
-                    out.closers.append(tap.close)
-                net = VirtioNet(tap, n.mac)
-                add_virtio(f"virtio-net-{n.key}", net)
-                out.nets.append(net)
+                backend = open_backend(
+                    n.connection_type, tap_name=n.tap_name, mac=n.mac, forwards=n.forwards,
+                    log=net_log,
+                )  # fmt: skip
+            if hasattr(backend, "close"):
+                out.closers.append(backend.close)
+            net = VirtioNet(backend, n.mac)
+            add_virtio(f"virtio-net-{n.key}", net)
+            if n.connection_type == "nat" and not out.nets:
+                from boite.machine.netback.passt import static_config_param
+
+                out.cmdline.append(static_config_param())  # for guests without DHCP
+            out.nets.append(net)
         if with_console:
             if console is not None and hasattr(console, "connect"):
                 # A SerialBackend (the box's ConsoleBackend): hvc0 becomes the console,
@@ -237,6 +257,10 @@ def attach_devices(
             add_virtio("virtio-console", out.console)
         if with_rng:
             add_virtio("virtio-rng", VirtioRng())
+        if ports:
+            from boite.machine.virtio.ports import VirtioPorts
+
+            add_virtio("virtio-ports", VirtioPorts(list(ports)))
     except BaseException:
         out.close()
         raise

@@ -16,7 +16,7 @@ from typing import Any
 
 from boite.machine.state import StateRecord, data, uint
 from boite.machine.virtio.mmio import STATUS_DRIVER_OK, VIRTIO_ID_CONSOLE, VirtioBackend, bit
-from boite.machine.virtio.queue import VirtQueue, scatter
+from boite.machine.virtio.queue import VirtQueue
 
 VIRTIO_CONSOLE_F_SIZE = 0
 VIRTIO_CONSOLE_F_EMERG_WRITE = 2
@@ -127,18 +127,7 @@ class VirtioConsole(VirtioBackend):
                 t.run_backend(self._fill_rx, t.queues[RXQ])
 
     def _fill_rx(self, queue: VirtQueue) -> None:
-        done = False
-        while self.pending_input and queue.ready:
-            chain = queue.pop()
-            if chain is None:
-                break
-            n = scatter(chain.writable, self.pending_input)
-            del self.pending_input[:n]
-            self.bytes_in += n
-            self.used(queue, chain.head, n)
-            done = True
-        if done:
-            self.signal(queue)
+        self.bytes_in += self.deliver(queue, self.pending_input)
 
     def reset(self) -> None:
         pass

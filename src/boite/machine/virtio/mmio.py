@@ -32,7 +32,7 @@ from boite.machine.state import (
     items,
     uint,
 )
-from boite.machine.virtio.queue import VirtQueue, VirtQueueState
+from boite.machine.virtio.queue import VirtQueue, VirtQueueState, scatter
 
 log = logging.getLogger("boite.virtio")
 
@@ -157,6 +157,22 @@ class VirtioBackend(KeepsNoState):
     def signal(self, queue: VirtQueue) -> None:
         assert self.transport is not None
         self.transport.signal_used(queue)
+
+    def deliver(self, queue: VirtQueue, pending: bytearray) -> int:
+        """Move bytes from `pending` into the driver's receive buffers on `queue` (a byte
+        stream: console input, a port's data), interrupting once; the bytes moved."""
+        moved = 0
+        while pending and queue.ready:
+            chain = queue.pop()
+            if chain is None:
+                break
+            n = scatter(chain.writable, pending)
+            del pending[:n]
+            moved += n
+            self.used(queue, chain.head, n)
+        if moved:
+            self.signal(queue)
+        return moved
 
 
 @dataclass(frozen=True)

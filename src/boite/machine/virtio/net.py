@@ -219,6 +219,11 @@ class VirtioNet(VirtioBackend):
                             can = t.queues[RXQ].has_pending()
                         except GuestError as e:  # a bad avail idx: the device needs reset
                             t.needs_reset(str(e))
+            buffered = getattr(self.tap, "buffered", None)
+            if can and buffered is not None and buffered():
+                self.poll_rx()  # frames the backend already holds (passt's stream)
+                continue
+            tap_fd = self.tap.fileno()  # a backend may swap it (passt gone: an idle fd)
             fds = [self._wake_r, tap_fd] if can else [self._wake_r]
             readable, _, _ = select.select(fds, [], [], 1.0)
             if self._wake_r in readable:

@@ -9,11 +9,9 @@ from boite.accel.emu.arch import (
     M16,
     M32,
     MASK,
-    NM,
     PF,
     SF,
     ZF,
-    CpuFault,
 )
 from boite.accel.emu.decode.core import (
     Ctx,
@@ -294,9 +292,6 @@ class MoveOps(DecoderBase):
                 r[0] = (r[0] & 0xFFFFFF00) | c.rd8(xlat_lin((r[3] + (r[0] & 0xFF)) & am))
             elif b == 0xD6:
                 r[0] = (r[0] & 0xFFFFFF00) | (0xFF if c.get_cf() else 0)
-            elif b == 0x9B:
-                if c.cr0 & 0xA == 0xA:  # MP and TS
-                    raise CpuFault(NM)
             c.eip = nxt
 
         return misc

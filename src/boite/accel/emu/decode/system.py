@@ -18,7 +18,6 @@ from boite.accel.emu.arch import (
     IF,
     M32,
     MASK,
-    NM,
     NP,
     SS,
     UD,
@@ -148,19 +147,6 @@ class SystemOps(DecoderBase):
             c.eip = nxt
 
         return bound
-
-    def _fpu(self, x: Ctx, b: int) -> Fn:
-        """x87 escapes: #NM with CR0.EM or CR0.TS, else a board without a coprocessor."""
-        c = self.c
-        mod, reg, rm, ea = self.modrm(x)
-        nxt = self.nxt(x)
-
-        def fpu() -> None:
-            if c.cr0 & 0xC:
-                raise CpuFault(NM)
-            c.eip = nxt
-
-        return fpu
 
     def _arpl(self, x: Ctx, b: int) -> Fn:
         c = self.c

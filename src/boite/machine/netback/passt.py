@@ -1,0 +1,194 @@
+"""User-mode networking through passt (Debian package passt), for `connectionType = "nat"`.
+
+Why passt rather than libslirp or slirp4netns: it is a maintained program that needs no
+privileges and no library binding, and it speaks QEMU's stream socket protocol (each
+frame preceded by its length as a 4-byte big-endian number), which boite can talk over a
+socketpair handed to passt with `--fd`; it serves DHCP (the guest's address, gateway and
+DNS from the host's own configuration), maps the gateway address to the host's loopback
+(the guest reaches host services there) and forwards host ports into the guest (`-t`,
+`-u`). libslirp would need a C binding and its own event loop in the VMM.
+
+Forwards come from `ethernetN.boite.forward = "tcp:2222:22, udp:5353:53"` (host port,
+guest port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+
+from boite.errors import NetError
+
+MAX_FRAME = 65535 + 14
+# The guest's side of NAT, fixed as QEMU's user networking does (so a box's address does
+# not follow the host's): passt serves it by DHCP, maps the gateway to the host's
+# loopback and forwards DNS queries sent to DNS_ADDRESS to the host's resolver.
+GUEST_ADDRESS = "10.0.2.15"
+PREFIX = 24
+GATEWAY = "10.0.2.2"
+DNS_ADDRESS = "10.0.2.3"
+
+
+def static_config_param() -> str:
+    """The kernel parameter the kit's init applies where it cannot run a DHCP client
+    (the tiny kernel has no AF_PACKET): the same address passt hands out by DHCP."""
+    return f"boite.ip={GUEST_ADDRESS}/{PREFIX},{GATEWAY},{DNS_ADDRESS}"
+
+
+_FORWARD = re.compile(r"(tcp|udp):(\d{1,5}):(\d{1,5})")
+
+
+def parse_forwards(text: str, where: str = "forward") -> tuple[str, ...]:
+    """`tcp:2222:22, udp:5353:53` -> ("tcp:2222:22", "udp:5353:53"), each checked."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        m = _FORWARD.fullmatch(item.lower())
+        if m is None or not all(0 < int(p) < 65536 for p in m.groups()[1:]):
+            raise NetError(
+                f"{where} {item!r}: expected PROTO:HOSTPORT:GUESTPORT, PROTO tcp or udp, "
+                "ports 1..65535 (e.g. tcp:2222:22)"
+            )
+        out.append(item.lower())
+    return tuple(out)
+
+
+class PasstBackend:
+    """A passt process joined to us by a socketpair; frames with a 4-byte length."""
+
+    def __init__(
+        self,
+        forwards: tuple[str, ...] = (),
+        log: Callable[[str], None] | None = None,
+        passt: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.log = log or (lambda message: None)
+        binary = passt or shutil.which("passt")
+        if binary is None:
+            raise NetError(
+                'connectionType "nat" needs passt (Debian package passt): apt-get install passt'
+            )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()),
+                "--ipv4-only", "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
+                "--gateway", GATEWAY, "--dns", DNS_ADDRESS, "--dns-forward", DNS_ADDRESS]  # fmt: skip
+        for forward in forwards:
+            proto, host_port, guest_port = forward.split(":")
+            args += ["-t" if proto == "tcp" else "-u", f"{host_port}:{guest_port}"]
+        args += list(extra_args)
+        try:
+            self.proc = subprocess.Popen(
+                args, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            ours.close()
+            raise NetError(f"passt: cannot start ({exc.strerror})") from None
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.forwards = forwards
+        self._buf = bytearray()
+        self._dead = False
+        self._idle_r, self._idle_w = os.pipe()  # a never-readable fd once passt is gone
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._stderr, daemon=True, name="passt-log").start()
+        self.log(
+            f"NAT through passt (pid {self.proc.pid})"
+            + (f", forwards {', '.join(forwards)}" if forwards else "")
+            + "."
+        )
+
+    def _stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").strip()
+            if line and "syslog" not in line:
+                self.log(f"passt: {line}")
+
+    # --- FrameTransport ----------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._idle_r if self._dead else self.sock.fileno()
+
+    def send(self, views: list[memoryview]) -> int:
+        frame = b"".join(views)
+        if self._dead:
+            return len(frame)  # dropped, as a cable that was pulled
+        try:
+            with self._send_lock:
+                self.sock.sendall(len(frame).to_bytes(4, "big") + frame)
+        except OSError as exc:
+            self._gone(f"sending failed ({exc.strerror})")
+        return len(frame)
+
+    def buffered(self) -> bool:
+        return self._whole_frame() is not None
+
+    def _whole_frame(self) -> int | None:
+        if len(self._buf) < 4:
+            return None
+        length = int.from_bytes(self._buf[:4], "big")
+        return length if len(self._buf) >= 4 + length else None
+
+    def recv_into(self, views: list[memoryview]) -> int:
+        while self._whole_frame() is None and not self._dead:
+            try:
+                data = self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise
+            except OSError as exc:
+                self._gone(f"reading failed ({exc.strerror})")
+                break
+            if not data:
+                self._gone("it closed the connection")
+                break
+            self._buf += data
+            if len(self._buf) >= 4 and int.from_bytes(self._buf[:4], "big") > MAX_FRAME:
+                self._gone(f"it sent a frame of {int.from_bytes(self._buf[:4], 'big')} bytes")
+        length = self._whole_frame()
+        if length is None:
+            raise BlockingIOError("no whole frame yet")
+        frame = memoryview(self._buf)[4 : 4 + length]
+        pos = 0
+        for v in views:  # a frame longer than the buffers is cut, as a NIC would
+            n = min(len(v), length - pos)
+            v[:n] = frame[pos : pos + n]
+            pos += n
+            if pos >= length:
+                break
+        frame.release()
+        del self._buf[: 4 + length]
+        return pos
+
+    def _gone(self, why: str) -> None:
+        if not self._dead:
+            self._dead = True
+            self._buf.clear()
+            code = self.proc.poll()
+            self.log(
+                f"passt stopped serving this NIC: {why}"
+                + (f" (exit status {code})" if code is not None else "")
+                + "; the NIC is unplugged."
+            )
+
+    def close(self) -> None:
+        self._dead = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for fd in (self._idle_r, self._idle_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._idle_r = self._idle_w = -1

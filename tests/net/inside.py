@@ -1,0 +1,191 @@
+"""Run inside a network namespace made by test_nat.py (`unshare -n`): a host with only a
+dummy uplink, so passt has a default route to copy and nothing leaves the namespace.
+Prints one JSON line with what it saw."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GUEST_MAC = bytes.fromhex("000c29aabbcc")
+
+
+def setup_namespace() -> None:
+    for cmd in (
+        "ip link set lo up",
+        "ip tuntap add dummy0 mode tap",  # an uplink that leads nowhere (no dummy module)
+        "ip addr add 192.168.77.1/24 dev dummy0",
+        "ip link set dummy0 up",
+        "ip route add default via 192.168.77.254",
+    ):
+        subprocess.run(cmd.split(), check=True)
+
+
+def dhcp_discover(xid: int) -> bytes:
+    """An Ethernet frame with a DHCPDISCOVER from GUEST_MAC (RFC 2131)."""
+    bootp = struct.pack("!BBBBIHHIIII16s64s128sI", 1, 1, 6, 0, xid, 0, 0x8000, 0, 0, 0, 0,
+                        GUEST_MAC, b"", b"", 0x63825363)  # fmt: skip
+    options = bytes([53, 1, 1, 55, 3, 1, 3, 6, 255])
+    udp_payload = bootp + options
+    udp = struct.pack("!HHHH", 68, 67, 8 + len(udp_payload), 0) + udp_payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     bytes(4), b"\xff\xff\xff\xff")  # fmt: skip
+    csum = sum(struct.unpack("!10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
+    return b"\xff" * 6 + GUEST_MAC + b"\x08\x00" + ip + udp
+
+
+def parse_offer(frame: bytes, xid: int) -> dict | None:
+    if frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0xF) * 4
+    udp = frame[14 + ihl :]
+    if struct.unpack("!H", udp[2:4])[0] != 68:
+        return None
+    bootp = udp[8:]
+    if struct.unpack("!I", bootp[4:8])[0] != xid:
+        return None
+    yiaddr = socket.inet_ntoa(bootp[16:20])
+    opts, i, found = bootp[240:], 0, {}
+    while i < len(opts) and opts[i] != 255:
+        if opts[i] == 0:
+            i += 1
+            continue
+        code, length = opts[i], opts[i + 1]
+        found[code] = opts[i + 2 : i + 2 + length]
+        i += 2 + length
+    return {
+        "yiaddr": yiaddr,
+        "type": found.get(53, b"\0")[0],
+        "router": socket.inet_ntoa(found[3][:4]) if 3 in found else None,
+        "dns": socket.inet_ntoa(found[6][:4]) if 6 in found else None,
+    }
+
+
+def dhcp() -> dict:
+    from boite.machine.netback.passt import PasstBackend
+
+    log: list[str] = []
+    backend = PasstBackend(log=log.append)
+    try:
+        xid = 0x1234ABCD
+        deadline = time.monotonic() + 20
+        offer = None
+        while offer is None and time.monotonic() < deadline:
+            backend.send([memoryview(dhcp_discover(xid))])
+            end = time.monotonic() + 1
+            while offer is None and time.monotonic() < end:
+                buf = bytearray(2048)
+                try:
+                    n = backend.recv_into([memoryview(buf)])
+                except BlockingIOError:
+                    time.sleep(0.05)
+                    continue
+                offer = parse_offer(bytes(buf[:n]), xid)
+        return {"offer": offer, "log": log}
+    finally:
+        backend.close()
+
+
+def box_traffic(box_dir: str) -> dict:
+    """Start the kit box (nat, forward tcp:18080:8080) and move bytes both ways."""
+    from boite import launch
+
+    payload = os.urandom(200_000)
+    digest = hashlib.sha256(payload).hexdigest()
+    result: dict = {"sha256": digest}
+    # Host service the guest reaches through the gateway (passt maps it to loopback).
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 9099))
+    listener.listen(1)
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    launch.start(box_dir, "emu")
+    try:
+        with launch.tools_client(box_dir, wait_s=900) as tools:
+            deadline = time.monotonic() + 300
+            while True:  # init configures eth0 in the background
+                info = tools.info()
+                if any(ip["interface"] == "eth0" for ip in info["ips"]):
+                    break
+                if time.monotonic() > deadline:
+                    out = bytearray()
+                    tools.exec(["sh", "-c", "ip addr; ip route; ps"], stdout=out.extend)
+                    result["diagnosis"] = out.decode(errors="replace")
+                    break
+                time.sleep(2)
+            result["ips"] = info["ips"]
+            Path(box_dir, "payload.bin").write_bytes(payload)
+            tools.put(Path(box_dir, "payload.bin"), "/tmp/payload.bin")
+            # guest -> host
+            out = bytearray()
+            result["to_host_status"] = tools.exec(
+                ["sh", "-c", "nc 10.0.2.2 9099 < /tmp/payload.bin"], stderr=out.extend
+            )
+            server.join(120)
+            result["to_host_sha256"] = hashlib.sha256(received).hexdigest()
+            result["to_host_len"] = len(received)
+            result["to_host_first_diff"] = next(
+                (i for i, (a, b) in enumerate(zip(received, payload, strict=False)) if a != b), None
+            )
+            result["to_host_stderr"] = out.decode(errors="replace")
+            # host -> guest through the forward: the guest listens on 8080
+            done = threading.Event()
+            status: list[int] = []
+
+            def listen() -> None:
+                with launch.tools_client(box_dir) as t2:
+                    status.append(t2.exec(["sh", "-c", "nc -l -p 8080 > /tmp/from-host.bin"]))
+                done.set()
+
+            threading.Thread(target=listen, daemon=True).start()
+            # passt accepts on the host at once; connect only once the guest listens.
+            listening = ["sh", "-c", "grep -q ':1F90 00000000:0000 0A' /proc/net/tcp"]
+            deadline = time.monotonic() + 120
+            while tools.exec(listening) != 0 and time.monotonic() < deadline:
+                time.sleep(1)
+            sent = False
+            deadline = time.monotonic() + 120
+            while not sent and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", 18080), timeout=30) as c:
+                        c.sendall(payload)
+                        c.shutdown(socket.SHUT_WR)
+                        c.settimeout(60)
+                        c.recv(1)  # the guest closes once it has everything
+                    sent = True
+                except OSError:
+                    time.sleep(1)
+            done.wait(120)
+            result["from_host_status"] = status[0] if status else None
+            out = bytearray()
+            tools.exec(["sha256sum", "/tmp/from-host.bin"], stdout=out.extend)
+            result["from_host_sha256"] = out.decode().split()[0] if out else None
+    finally:
+        launch.stop(box_dir, "hard")
+    return result
+
+
+if __name__ == "__main__":
+    setup_namespace()
+    what = sys.argv[1]
+    out = dhcp() if what == "dhcp" else box_traffic(sys.argv[2])
+    print(json.dumps(out))

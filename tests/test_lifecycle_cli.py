@@ -1,0 +1,137 @@
+"""Lifecycle verbs as users of vmrun/virsh know them: pause/unpause (seen by info and
+list), reset, clone (full and linked), list --all, and `check` on a copied box."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_kvm
+from guests.build import assemble
+
+
+def boite(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "boite", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def make_box(tmp_path, name="spin", disk="1M"):
+    from boite.box.box import Box
+
+    args = ["create", tmp_path / name, "--memsize", "16", "--disk", disk,
+            "--kernel", assemble("mb_spin")]  # fmt: skip
+    assert boite(*args).returncode == 0
+    return Box.open(tmp_path / name)
+
+
+@pytest.fixture
+def running_box(tmp_path):
+    box = make_box(tmp_path)
+    proc = boite("start", box.dir, "--detach", "--accel", "kvm")
+    assert proc.returncode == 0, proc.stderr
+    yield box
+    boite("stop", box.dir, "hard")
+
+
+@requires_kvm
+def test_pause_and_unpause_show_in_info_and_list(running_box, tmp_path):
+    paused = boite("pause", running_box.dir, "--json")
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout) == {"ok": True, "box": "spin", "state": "paused"}
+    info = json.loads(boite("info", running_box.dir, "--json").stdout)
+    assert info["state"] == "paused"
+    listed = json.loads(boite("list", "--all", tmp_path, "--json").stdout)
+    assert [(b["name"], b["state"]) for b in listed] == [("spin", "paused")]
+    assert boite("unpause", running_box.dir).returncode == 0
+    assert json.loads(boite("info", running_box.dir, "--json").stdout)["state"] == "running"
+    again = boite("unpause", running_box.dir, "--json")
+    assert again.returncode == 1 and "not paused" in json.loads(again.stdout)["error"]["message"]
+
+
+@requires_kvm
+def test_reset_hard_and_soft_without_tools(running_box):
+    hard = boite("reset", running_box.dir, "hard", "--json")
+    assert hard.returncode == 0, hard.stderr
+    assert json.loads(hard.stdout)["how"] == "hard"
+    soft = boite("reset", running_box.dir)
+    assert soft.returncode == 0, soft.stderr
+    assert "no guest tools" in soft.stdout  # said truthfully: it was a hard one
+    log = (running_box.dir / "vmware.log").read_text()
+    assert log.count("Reset (hard) requested") == 2
+    assert "Reset (soft): no guest tools to ask" in log
+    status = json.loads(boite("info", running_box.dir, "--json").stdout)
+    assert status["state"] == "running"
+
+
+def test_list_all_states_off_and_suspended(tmp_path):
+    make_box(tmp_path, "a", disk="0")
+    b = make_box(tmp_path, "b", disk="0")
+    b.vmx["checkpoint.vmState"] = "b.vmss"
+    b.save()
+    listed = json.loads(boite("list", "--all", tmp_path, "--json").stdout)
+    assert {r["name"]: r["state"] for r in listed} == {"a": "off", "b": "suspended"}
+    text = boite("list", "--all", tmp_path).stdout
+    assert "NAME" in text and "suspended" in text
+
+
+def test_full_clone_is_a_new_machine(tmp_path):
+    src = make_box(tmp_path, "src")
+    out = boite("clone", src.dir, tmp_path / "copy", "--json")
+    assert out.returncode == 0, out.stderr
+    from boite.box.box import Box
+
+    copy = Box.open(tmp_path / "copy")
+    assert copy.vmx["displayName"] == "copy"
+    assert copy.vmx["uuid.bios"] != src.vmx["uuid.bios"]
+    assert copy.config.nics[0].mac != src.config.nics[0].mac
+    assert boite("check", copy.dir).returncode == 0, boite("check", copy.dir).stdout
+    assert boite("disk", "info", copy.dir / "copy.vmdk").returncode == 0
+
+
+def test_linked_clone_hangs_from_the_snapshot_which_then_stays(tmp_path):
+    src = make_box(tmp_path, "src")
+    assert boite("snapshot", src.dir, "base").returncode == 0
+    refused = boite("clone", src.dir, tmp_path / "nosnap", "--linked")
+    assert refused.returncode == 1 and "--snapshot" in refused.stderr
+    out = boite("clone", src.dir, tmp_path / "linked", "--linked", "--snapshot", "base")
+    assert out.returncode == 0, out.stderr
+    from boite.disk.vmdk import read_descriptor
+
+    desc, _ = read_descriptor(tmp_path / "linked" / "linked.vmdk")
+    assert desc.parent_hint is not None and desc.parent_hint.endswith("src.vmdk")
+    assert boite("check", tmp_path / "linked").returncode == 0
+    refused = boite("delete-snapshot", src.dir, "base")
+    assert refused.returncode == 1 and "linked clones" in refused.stderr
+    shutil.rmtree(tmp_path / "linked")
+    assert boite("delete-snapshot", src.dir, "base").returncode == 0
+
+
+@requires_kvm
+def test_check_catches_a_copied_box_that_clashes_with_a_running_one(running_box, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(
+        running_box.dir, copy, ignore=shutil.ignore_patterns("*.lck", "*.ctl", "*.tools")
+    )
+    proc = boite("check", copy, "--json")
+    keys = {p["key"] for p in json.loads(proc.stdout)}
+    assert proc.returncode == 1
+    assert {"uuid.bios", "ethernet MAC"} <= keys
+    clone = boite("clone", running_box.dir, tmp_path / "fresh")
+    assert clone.returncode == 1 and "--snapshot" in clone.stderr  # running: disks change
+
+
+def test_check_names_a_nic_that_cannot_attach(tmp_path, monkeypatch):
+    box = make_box(tmp_path, "nic", disk="0")
+    box.vmx["ethernet0.connectionType"] = "nat"
+    box.save()
+    monkeypatch.setenv("PATH", "/nonexistent")  # no passt on this PATH
+    proc = subprocess.run(
+        [sys.executable, "-m", "boite", "check", str(box.dir)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "passt" in proc.stdout
