@@ -184,12 +184,12 @@ def test_stop_and_console_of_a_box_that_is_not_running(spin_box):
     assert proc.returncode == 1 and b"is the box running" in proc.stderr
 
 
-def test_start_without_a_kernel_is_a_clear_error(tmp_path):
+def test_check_says_a_box_without_kernel_or_boot_medium_cannot_boot(tmp_path):
     from boite.box.box import Box
 
     box = Box.create(tmp_path / "nokernel", memsize_mb=16, disk_size=None)
-    proc = boite("start", box.dir, "--accel", "kvm")
-    assert proc.returncode == 1 and b"boite.kernel" in proc.stderr
+    proc = boite("check", box.dir)
+    assert proc.returncode == 1 and b"nothing the BIOS can boot" in proc.stdout
 
 
 def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
@@ -331,3 +331,28 @@ def test_boot_on_a_terminal_is_raw_and_ctrl_bracket_ends_the_vm():
     assert termios.tcgetattr(slave) == before
     os.close(master)
     os.close(slave)
+
+
+@pytest.mark.timeout(300)
+def test_soft_stop_presses_the_acpi_power_button_of_a_guest_that_listens(tmp_path):
+    """A guest that enabled the ACPI power button event gets a button press from `boite
+    stop BOX soft` (not Ctrl-Alt-Del) and powers off through S5 on its own."""
+    box = _make_box(tmp_path, "acpibox", "mb_acpi_button")
+    vmm = subprocess.Popen(
+        [sys.executable, "-m", "boite", "start", str(box.dir), "--accel", "emu"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert _wait_for(lambda: (box.dir / "acpibox.ctl").exists(), 60)
+        time.sleep(2)  # let the guest enable the event
+        stop = boite("stop", box.dir, "soft", "--timeout", "120")
+        assert stop.returncode == 0, stop.stderr
+        out, err = vmm.communicate(timeout=120)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+    assert vmm.returncode == 0, err
+    assert out == b"waiting for the power button\npower button: entering S5\n"
+    text = (box.dir / "vmware.log").read_text()
+    assert "power off through the ACPI power button" in text
+    assert "Ctrl-Alt-Del" not in text and "Powered off (hard stop)." not in text

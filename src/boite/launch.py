@@ -292,12 +292,15 @@ def run_box(
         log = _vmm_log.info  # one path: the `boite` logger, into vmware.log (and -v)
         accel_name = accel or box.config.virtual_exec
 
-        kernel = box_file(box, "boite.kernel")
-        if kernel is None:
-            raise BoxError(
-                f"{box.vmx_path}: no boite.kernel: boite starts boxes by direct kernel boot "
-                '(set boite.kernel = "FILE", optionally boite.initrd and boite.cmdline)'
-            )
+        # Without boite.kernel the box boots through its BIOS (SeaBIOS), if anything in
+        # its boot order can boot; the BIOS itself would only say "No bootable device".
+        box_file(box, "boite.kernel")
+        from boite.machine.substitutes import boot_problems, hardware_notes
+
+        for why in boot_problems(box):
+            raise BoxError(f"{box.vmx_path}: cannot start: {why}")
+        for note in hardware_notes(box.config):  # once per power-on, not per guest reset
+            log(f"Hardware: {note}.")
         box_file(box, "boite.initrd")  # a clear error now rather than at power-on
 
         tools = _guest_tools(box, log)

@@ -212,7 +212,9 @@ def test_cli_create_info_check(tmp_path, boite_cli):
         assert (info["memsize"], info["numvcpus"], info["problems"]) == (512, 2, [])
         text = boite_cli("info", where, cwd=tmp_path, check=True).stdout
         assert "512 MB" in text and info["nics"][0]["mac"] in text
-        assert boite_cli("check", where, cwd=tmp_path).returncode == 0
+        # no kernel and no disk: check says it cannot boot (issue 12)
+        out = boite_cli("check", where, cwd=tmp_path)
+        assert out.returncode == 1 and "nothing the BIOS can boot" in out.stdout
 
 
 def test_cli_check_lists_every_problem_and_fails(tmp_path, boite_cli):
@@ -227,7 +229,7 @@ def test_cli_check_lists_every_problem_and_fails(tmp_path, boite_cli):
     assert "numvcpus" in out.stdout and "memsize" in out.stdout
     assert "50 USB controllers" in out.stdout
     problems = json.loads(boite_cli("check", box.vmx_path, "--json").stdout)
-    assert {p["key"] for p in problems} == {"numvcpus", "memsize", "usbN.present"}
+    assert {p["key"] for p in problems} == {"numvcpus", "memsize", "usbN.present", "boite.kernel"}
 
 
 def test_cli_refuses_a_create_past_the_limits(tmp_path, boite_cli):

@@ -261,7 +261,9 @@ def test_external_disks_need_the_opt_in_key(tmp_path, boite_cli):
     del box.vmx["scsi0:2.fileName"]
     box.save()
     r = boite_cli("check", box.dir, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # its only problem now: no kernel and blank disks, nothing to boot (issue 12)
+    assert r.returncode == 1 and "1 problem" in r.stdout, r.stdout + r.stderr
+    assert "nothing the BIOS can boot" in r.stdout
     assert "leaves the box" in r.stdout and str(outside) in r.stdout
     info = json.loads(boite_cli("info", box.dir, "--json", timeout=TIMEOUT).stdout)
     assert [p["key"] for p in info["external_paths"]] == ["scsi0:1.fileName"]

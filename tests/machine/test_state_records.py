@@ -42,12 +42,17 @@ from boite.disk import open_disk
 from boite.errors import CheckpointError, GuestError
 from boite.machine.builder import build_machine
 from boite.machine.device import Device, StatelessDevice
+from boite.machine.devices.debugcon import DEBUGCON_PORT, DebugCon
+from boite.machine.devices.lapic import ApicBus
 from boite.machine.devices.uart import NullBackend
 from boite.machine.machine import Machine
+from boite.machine.pci import PciFunction
 from boite.machine.virtio.attach import DevicePlan, DiskPlan, NicPlan, attach_devices
 from boite.machine.virtio.fuzz import SocketWire
 from boite.machine.virtio.guestdriver import BlkDriver, GuestAllocator, VirtioMmioDriver
 from boite.machine.virtio.mmio import VirtioBackend, VirtioMmio
+from boite.machine.virtio.pci import VirtioPci
+from boite.machine.virtio.rng import VirtioRng
 from boite.snapshot import restore_machine
 from conftest import requires_kvm
 from guests.build import assemble
@@ -104,6 +109,14 @@ class PcWithEverything:
                 machine, plan, open_disk=open_disk, open_tap=lambda _name: SocketWire(),
                 with_console=True, console=lambda data: None, ports=[QuietPort()],
             )  # fmt: skip
+            # What a firmware-booted machine has beyond these (issue 12): SeaBIOS's debug
+            # port, a virtio-pci function, a bare PCI function, a local APIC.
+            machine.attach("debugcon", DebugCon(), ports=[(DEBUGCON_PORT, 1)])
+            rng = VirtioPci(VirtioRng(), machine.memory, name="virtio-rng-pci")
+            machine.attach("virtio-rng-pci", rng, pci=(machine.pci.free_slot(), 0))
+            probe = PciFunction(0x1234, 0x5678, 0xFF0000, interrupt_pin=1)
+            machine.attach("pci-probe", probe, pci=(machine.pci.free_slot(), 0))
+            machine.attach("lapic0", ApicBus(1, time.monotonic_ns).apics[0])
             return " ".join(self.attached.cmdline)
 
         self.machine = build_machine(

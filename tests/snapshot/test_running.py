@@ -327,8 +327,9 @@ def test_the_emulator_refuses_a_64_bit_state(tmp_path) -> None:
 
 
 def test_emulated_two_vcpu_box_snapshots_and_reverts(diskless_box: Box) -> None:
-    """The emulator runs vCPU 0 of a 2-vCPU machine: its snapshot holds both vCPUs (the
-    second parked, waiting for INIT/SIPI as KVM would see it), and reverts."""
+    """A 2-vCPU machine under the emulator whose guest never starts its AP: the snapshot
+    holds both vCPUs (the second parked, waiting for INIT/SIPI as KVM would see it) and
+    both local APICs, and reverts."""
     from boite.accel.emu import EmuAccelerator
     from boite.errors import AccelError
 
@@ -340,13 +341,14 @@ def test_emulated_two_vcpu_box_snapshots_and_reverts(diskless_box: Box) -> None:
     vmm.log = logged.append  # type: ignore[method-assign]
     t, out = start(vmm)
     wait_paused(vmm)
-    assert any("runs 1 vCPU(s): the other 1 stay parked" in line for line in logged), logged
+    assert not any("stay parked" in line for line in logged), logged
     snap = snapshot_running(vmm, box, "two", memory=True)
     vmm.resume()
     assert finish(t, out) == EXIT
     saved = read_checkpoint(box.dir / snap.filename)
     assert len(saved.cpu_states) == 2
     assert saved.cpu_states[1].extra["kvm_mp_state"] == 1  # KVM_MP_STATE_UNINITIALIZED
+    assert len(saved.device_state["lapic"]["apics"]) == 2
     saved.memory.close()
 
     revert_snapshot(box, "two")
@@ -357,12 +359,16 @@ def test_emulated_two_vcpu_box_snapshots_and_reverts(diskless_box: Box) -> None:
     assert vmm2.run() == EXIT
     assert port2.values == list(range(301, 901))
 
-    # A state where vCPU 1 was running (KVM_MP_STATE_RUNNABLE) cannot go on here.
+    # A state where vCPU 1 was running (KVM_MP_STATE_RUNNABLE) goes on with it running;
+    # a state for another number of vCPUs does not load.
     machine, _, _ = build_guest_machine("count32", "flat32", vcpus=2, LIMIT=10)
     acc = EmuAccelerator()
     acc.create(machine)
     states = acc.save_cpu_state()
-    states[1]["extra"] = {"kvm_mp_state": 0}
-    with pytest.raises(AccelError, match="vCPU 1 was running"):
-        acc.load_cpu_state(states)
+    assert acc.smp is not None and acc.smp.waiting == [False, True]
+    states[1] = dict(states[0], extra={"kvm_mp_state": 0})
+    acc.load_cpu_state(states)
+    assert acc.smp.waiting == [False, False]
+    with pytest.raises(AccelError, match="3 vCPU states for 2 vCPUs"):
+        acc.load_cpu_state(states + states[:1])
     acc.close()

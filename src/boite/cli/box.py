@@ -130,13 +130,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from boite.box.limits import Problem
+    from boite.machine.substitutes import boot_problems, hardware_notes
     from boite.snapshot import check_snapshot_tree
 
     box = Box.open(args.box)
-    # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx).
+    # The box's own rules, then its snapshot tree (files, CID chains, .vmsd vs .vmx),
+    # what this host cannot attach, and whether anything can boot it.
     from boite.launch import startup_problems
 
     problems = box.check() + check_snapshot_tree(box) + startup_problems(box)
+    problems += [
+        Problem("boite.kernel", "", "a kernel, or a bootable disk or CD-ROM", why)
+        for why in boot_problems(box)
+    ]
+    if not args.json:
+        # Devices boite replaces: not problems, the box starts; said once, here and in
+        # vmware.log at power-on.
+        for note in hardware_notes(box.config):
+            print(f"note: {note}")
     if args.json:
         print(json.dumps([vars(p) for p in problems], indent=2))
         return 1 if problems else 0

@@ -9,7 +9,11 @@ Port map (everything on `machine.pio` unless said otherwise):
   0x070-0x071  CMOS RTC         0x0f4-0x0f7  isa-debug-exit
   0x3f8/0x2f8/0x3e8/0x2e8 (+8)  COM1-COM4 (IRQ 4/3/4/3)
   0x505-0x508  boite power-off port        0xcf9 reset control register
-  0x510-0x511  QEMU fw_cfg (legacy items: CPU count, RAM size; for x86 test kernels)
+  0x510-0x511, 0x514-0x51b  QEMU fw_cfg (legacy items, named files, DMA)
+  0xcf8, 0xcfc-0xcff  PCI configuration mechanism #1 (bus 0: 00:00.0 i440FX host bridge,
+               00:01.0 PIIX3 ISA bridge with PIRQ routing, 00:01.3 PIIX4 ACPI PM whose
+               I/O block the firmware places, SCI on IRQ 9); BARs go where the firmware
+               or the OS writes them
   0xfec00000 (mmio, 4 KiB)      IOAPIC
 
 With `emulated_irqchip=False` (KVM's in-kernel irqchip and PIT) the PIC, PIT, port B and
@@ -30,10 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 from boite.box.paths import inside, open_output
 from boite.errors import ConfigError
-from boite.machine.device import Device
+from boite.machine.devices.debugcon import DEBUGCON_PORT, DebugCon
 from boite.machine.devices.debugexit import DEBUG_EXIT_PORT, IsaDebugExit
-from boite.machine.devices.fwcfg import FW_CFG_PORT, FwCfg
-from boite.machine.devices.i8042 import I8042, SystemControlPortA
+from boite.machine.devices.fwcfg import FW_CFG_DMA_PORT, FW_CFG_PORT, FW_CFG_UUID, FwCfg
+from boite.machine.devices.i8042 import (
+    DATA_PORT,
+    I8042,
+    PORT_A,
+    STATUS_PORT,
+    SystemControlPortA,
+)
 from boite.machine.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from boite.machine.devices.pic import ELCR_PORT, MASTER_PORT, SLAVE_PORT, DualPic
 from boite.machine.devices.pit import PIT_PORT, SPEAKER_PORT, Pit8254, PitSpeakerPort
@@ -43,7 +53,7 @@ from boite.machine.devices.poweroff import (
     PowerOffPort,
     ResetControl,
 )
-from boite.machine.devices.rtc import CmosRtc
+from boite.machine.devices.rtc import RTC_IRQ, RTC_PORT, CmosRtc
 from boite.machine.devices.uart import (
     COM_PORTS,
     FileBackend,
@@ -52,9 +62,13 @@ from boite.machine.devices.uart import (
     TeeBackend,
     Uart16550,
 )
+from boite.machine.firmware.pc import fill_fw_cfg, order_boot_devices, parse_boot_order
+from boite.machine.firmware.seabios import map_bios, read_bios
 from boite.machine.loader import choose_unpack, load_kernel
-from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, Machine
+from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
+from boite.machine.pci import PciBus, PciHostBridge, Piix3IsaBridge, Piix4Pm
+from boite.machine.pci.piix import DEFAULT_PM_BASE, SCI_IRQ
 
 MIN_MEMSIZE_MB = 4
 NVRAM_SAVE_DELAY_S = 0.5  # a box's .nvram is rewritten at most this often
@@ -66,21 +80,6 @@ if TYPE_CHECKING:
     from typing import TypeAlias  # 3.10+; PyPy 3.9 runs the emulator
 
 ExtraDevice: TypeAlias = "Callable[[Machine], str | None]"
-
-
-class PortAlias:
-    """A device's register at a port that is not next to its others (the i8042's 0x64):
-    the bus offset is shifted by `delta` before the device sees it."""
-
-    def __init__(self, device: Any, delta: int) -> None:
-        self.device = device
-        self.delta = delta
-
-    def bus_read(self, offset: int, size: int) -> int:
-        return self.device.bus_read(offset + self.delta, size)
-
-    def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.device.bus_write(offset + self.delta, size, value)
 
 
 def pc_e820(ram_size: int) -> list[E820Entry]:
@@ -134,8 +133,17 @@ def build_machine(
     rtc_base_time: float | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
+    firmware: bool = False,
+    bios: str | os.PathLike[str] | None = None,
+    boot_order: Sequence[str] = (),
+    hdd_order: Sequence[str] = (),
+    uuid: bytes | None = None,
 ) -> Machine:
     """A PC with `memsize_mb` MiB of RAM and `num_vcpus` vCPUs (`cpus` is the same).
+
+    With `firmware` (and no `kernel`) the machine boots through SeaBIOS (`bios`, default
+    Debian's bios-256k.bin) from the devices the extra-device hooks registered, in
+    `boot_order` ("cdrom", "hdd") and `hdd_order` (disk keys); `uuid` is the SMBIOS UUID.
 
     `serial_backends` gives COM1..COM4 (a sequence from COM1, or {port number: backend});
     `console` is COM1's backend when `serial_backends` does not name COM1. With `box`
@@ -174,6 +182,9 @@ def build_machine(
             persist_cmos, persist_delay, rtc_base_time, clock_ns,
         )  # fmt: skip
         fragments = [cmdline] if cmdline else []
+        # A directly loaded kernel learns of virtio devices from its command line
+        # (virtio-mmio); the BIOS and a kernel it boots find them on PCI.
+        machine.virtio_transport = "pci" if firmware and kernel is None else "mmio"
         for hook in extra_devices:
             frag = hook(machine)
             if frag:
@@ -182,6 +193,8 @@ def build_machine(
             if protocol == "auto":
                 protocol = _unpack_protocol(machine, str(kernel), kernel_unpack, emulated_irqchip)
             load_kernel(machine, kernel, initrd, " ".join(fragments), protocol)
+        elif firmware:
+            _add_firmware(machine, bios, boot_order, hdd_order, uuid or bytes(16))
     except BaseException:
         machine.memory.close()
         raise
@@ -198,10 +211,6 @@ def _unpack_protocol(machine: Machine, kernel: str, setting: str | None, emulato
     return "linux-unpacked" if choice.unpack else "auto"
 
 
-def _add(machine: Machine, name: str, device: Device) -> Any:
-    return machine.add_device(name, device)
-
-
 def _add_platform(
     machine: Machine,
     ram: int,
@@ -213,43 +222,47 @@ def _add_platform(
     rtc_base_time: float | None,
     clock_ns: Callable[[], int],
 ) -> None:
-    pio, irqs = machine.pio, machine.irqs
+    irqs = machine.irqs
     for n, backend in sorted(serials.items()):
         base, irq = COM_PORTS[n - 1]
-        uart = _add(machine, f"com{n}", Uart16550(irqs.line(irq), backend))
-        pio.register(base, 8, uart)
+        uart = Uart16550(irqs.line(irq), backend)
+        machine.attach(f"com{n}", uart, ports=[(base, 8)], irq=irq)
 
-    rtc = _add(
-        machine, "rtc",
-        CmosRtc(
-            irqs.line(8), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
-            persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
-            below_4g_ram=min(ram, PCI_HOLE_START),
-        ),
+    rtc = CmosRtc(
+        irqs.line(RTC_IRQ), ram, cmos_bytes=cmos_bytes, persist=persist_cmos,
+        persist_delay=persist_delay, base_time=rtc_base_time, clock_ns=clock_ns,
+        below_4g_ram=min(ram, PCI_HOLE_START), num_cpus=machine.num_vcpus,
     )  # fmt: skip
-    pio.register(0x70, 2, rtc)
+    machine.attach("rtc", rtc, ports=[(RTC_PORT, 2)], irq=RTC_IRQ, timer=True)
 
-    kbc = _add(machine, "i8042", I8042(irqs.line(1), machine))
-    pio.register(0x60, 1, kbc)
-    pio.register(0x64, 1, PortAlias(kbc, 4))
-    pio.register(0x92, 1, _add(machine, "port92", SystemControlPortA(machine)))
-    pio.register(DEBUG_EXIT_PORT, 4, _add(machine, "debug-exit", IsaDebugExit(machine, 4)))
-    pio.register(POWEROFF_PORT, 4, _add(machine, "poweroff", PowerOffPort(machine)))
-    pio.register(RESET_CONTROL_PORT, 1, _add(machine, "reset-control", ResetControl(machine)))
-    fw_cfg = FwCfg(ram, machine.num_vcpus)
-    pio.register(FW_CFG_PORT, 2, _add(machine, "fw_cfg", fw_cfg))
+    kbc = I8042(irqs.line(1), machine)
+    machine.attach("i8042", kbc, ports=[(DATA_PORT, 1), IoRange(STATUS_PORT, 1, offset=4)], irq=1)
+    machine.attach("port92", SystemControlPortA(machine), ports=[(PORT_A, 1)])
+    machine.attach("debug-exit", IsaDebugExit(machine, 4), ports=[(DEBUG_EXIT_PORT, 4)])
+    machine.attach("poweroff", PowerOffPort(machine), ports=[(POWEROFF_PORT, 4)])
+    machine.attach("reset-control", ResetControl(machine), ports=[(RESET_CONTROL_PORT, 1)])
+    fw_cfg = FwCfg(ram, machine.num_vcpus, memory=machine.memory)
+    machine.attach(
+        "fw_cfg", fw_cfg, ports=[(FW_CFG_PORT, 2), IoRange(FW_CFG_DMA_PORT, 8, offset=4)]
+    )
+    _add_pci(machine, clock_ns)
 
     if not emulated_irqchip:
         return
-    pic = _add(machine, "pic", DualPic())
-    pio.register(MASTER_PORT, 2, pic.bus_view("master"))
-    pio.register(SLAVE_PORT, 2, pic.bus_view("slave"))
-    pio.register(ELCR_PORT, 2, pic.bus_view("elcr"))
-    pit = _add(machine, "pit", Pit8254(irqs.line(0), clock_ns))
-    pio.register(PIT_PORT, 4, pit)
-    pio.register(SPEAKER_PORT, 1, _add(machine, "port61", PitSpeakerPort(pit)))
-    ioapic = _add(machine, "ioapic", IoApic())
-    machine.mmio.register(IOAPIC_BASE, IOAPIC_SIZE, ioapic)
+    pic = DualPic()
+    machine.attach(
+        "pic", pic, interrupt_controller=True,
+        ports=[
+            IoRange(MASTER_PORT, 2, handler=pic.bus_view("master")),
+            IoRange(SLAVE_PORT, 2, handler=pic.bus_view("slave")),
+            IoRange(ELCR_PORT, 2, handler=pic.bus_view("elcr")),
+        ],
+    )  # fmt: skip
+    pit = Pit8254(irqs.line(0), clock_ns)
+    machine.attach("pit", pit, ports=[(PIT_PORT, 4)], irq=0, timer=True)
+    machine.attach("port61", PitSpeakerPort(pit), ports=[(SPEAKER_PORT, 1)])
+    ioapic = IoApic()
+    machine.attach("ioapic", ioapic, mmio=[(IOAPIC_BASE, IOAPIC_SIZE)])
 
     def route(gsi: int, level: bool) -> None:
         pic.set_irq(gsi, level)
@@ -257,6 +270,49 @@ def _add_platform(
         ioapic.set_irq(2 if gsi == 0 else (0 if gsi == 2 else gsi), level)
 
     irqs.attach(route)
+
+
+def _add_firmware(
+    machine: Machine,
+    bios: str | os.PathLike[str] | None,
+    boot_order: Sequence[str],
+    hdd_order: Sequence[str],
+    uuid: bytes,
+) -> None:
+    """SeaBIOS mapped, its debug port, and fw_cfg's files (see machine/firmware/pc.py)."""
+    image = read_bios(bios)
+    ram_ranges = [
+        (r.gpa, r.size) for r in machine.memory.regions
+        if r.gpa < PCI_HOLE_START or r.gpa >= 1 << 32
+    ]  # fmt: skip
+    map_bios(machine.memory, image)
+    machine.attach("debugcon", DebugCon(), ports=[(DEBUGCON_PORT, 1)])
+    fw_cfg = machine.devices["fw_cfg"]
+    assert isinstance(fw_cfg, FwCfg)
+    fw_cfg.items[FW_CFG_UUID] = bytes(uuid)
+    fill_fw_cfg(
+        fw_cfg, ram_ranges=ram_ranges, num_cpus=machine.num_vcpus, pm_base=DEFAULT_PM_BASE,
+        boot=order_boot_devices(machine.boot_devices, boot_order, hdd_order), uuid=uuid,
+        sercon_port=COM_PORTS[0][0] if "com1" in machine.devices else None,
+    )  # fmt: skip
+    machine.firmware = "seabios"
+
+
+def _add_pci(machine: Machine, clock_ns: Callable[[], int]) -> None:
+    """PCI bus 0: the i440FX host bridge (00:00.0), the PIIX3 ISA bridge (00:01.0) with
+    the PIRQ routing, and the PIIX4 power management function (00:01.3, ACPI)."""
+    machine.pci = pci = PciBus(machine.pio, machine.mmio)
+    host = PciHostBridge(pci)
+    machine.attach("pci-host", host, pci=(0, 0), ports=host.port_ranges())
+    isa = Piix3IsaBridge(machine.irqs.line)
+    machine.attach("piix3-isa", isa, pci=(1, 0))
+    pci.intx_sink = isa.intx
+    pm = Piix4Pm(
+        machine.irqs.line(SCI_IRQ), on_poweroff=machine.request_poweroff, clock_ns=clock_ns
+    )
+    pm.io_bus = machine.pio
+    machine.attach("piix4-pm", pm, pci=(1, 3), irq=SCI_IRQ)
+    machine.power_button = pm.press_power_button
 
 
 def serial_backend_for(
@@ -294,9 +350,11 @@ def machine_from_box(
 ) -> Machine:
     """Build the machine a box describes (a boite.box.Box): `memsize`, `numvcpus`,
     `serialN.fileType`/`fileName` (COM1 is also the attachable `console` when one is
-    given: a serial0 file or pipe then gets the same output), the CMOS bytes of `NAME.nvram` (saved back whenever the guest changes
-    them), and `boite.kernel` / `boite.initrd` / `boite.cmdline` (relative to the box),
-    `boite.kernelUnpack` unless `kernel_unpack` overrides it."""
+    given: a serial0 file or pipe then gets the same output), the CMOS bytes of
+    `NAME.nvram` (saved back whenever the guest changes them), and `boite.kernel` /
+    `boite.initrd` / `boite.cmdline` (relative to the box). Without `boite.kernel` the
+    box boots through SeaBIOS, in `bios.bootOrder` / `bios.hddOrder`, with `uuid.bios`
+    as its SMBIOS UUID. `boite.kernelUnpack` unless `kernel_unpack` overrides it."""
     config = box.config
     serials: dict[int, SerialBackend] = {}
     opened: list[SerialBackend] = []
@@ -333,15 +391,21 @@ def machine_from_box(
         path = Path(value)
         return str(path if path.is_absolute() else box.dir / path)
 
+    kernel = box_path("boite.kernel")
     try:
         return build_machine(
             config.memsize, config.numvcpus, serials,
-            kernel=box_path("boite.kernel"), initrd=box_path("boite.initrd"),
+            kernel=kernel, initrd=box_path("boite.initrd"),
             cmdline=config.get_str("boite.cmdline") or "",
             emulated_irqchip=emulated_irqchip, cmos_bytes=bytes(nvram.cmos),
             persist_cmos=persist, persist_delay=NVRAM_SAVE_DELAY_S, clock_ns=clock_ns,
-            extra_devices=extra_devices, protocol=protocol,
-            kernel_unpack=kernel_unpack or config.kernel_unpack,
+            extra_devices=extra_devices, firmware=kernel is None,
+            boot_order=parse_boot_order(
+                config.get_str("bios.bootOrder"), f"{config.source}: bios.bootOrder"
+            ),
+            hdd_order=[k for k in (config.get_str("bios.hddOrder") or "").split(",") if k.strip()],
+            uuid=config.uuid_bios,
+            protocol=protocol, kernel_unpack=kernel_unpack or config.kernel_unpack,
         )  # fmt: skip
     except BaseException:
         for b in opened:

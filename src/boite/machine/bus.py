@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -25,11 +26,15 @@ class Bus:
         self.name = name
         self._starts: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []
+        self._origin: list[int] = []  # the address the device sees as offset 0
         self.unclaimed = 0
         # Bumped on every (un)register, so callers may cache lookups (the KVM exit path).
         self.version = 0
 
-    def register(self, base: int, length: int, device: BusDevice) -> None:
+    def register(self, base: int, length: int, device: BusDevice, offset: int = 0) -> None:
+        """`device` answers `base..base+length`; it sees offsets from `offset` up (a
+        register that sits apart from the device's others, as the i8042's 0x64, is
+        registered alone with the offset it has inside the device)."""
         if length <= 0:
             raise ValueError(f"{self.name}: empty range at {base:#x}")
         i = bisect.bisect_right(self._starts, base)
@@ -41,6 +46,7 @@ class Bus:
             raise ValueError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._entries[i][2]!r}")
         self._starts.insert(i, base)
         self._entries.insert(i, (base, length, device))
+        self._origin.insert(i, base - offset)
         self.version += 1
 
     def unregister(self, base: int) -> None:
@@ -48,14 +54,16 @@ class Bus:
         if i < len(self._starts) and self._starts[i] == base:
             del self._starts[i]
             del self._entries[i]
+            del self._origin[i]
             self.version += 1
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        """(origin, device) for `addr`: the device is called with `addr - origin`."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             base, length, dev = self._entries[i]
             if addr < base + length:
-                return base, dev
+                return self._origin[i], dev
         return None
 
     def read(self, addr: int, size: int) -> int:
@@ -76,3 +84,12 @@ class Bus:
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return list(self._entries)
+
+
+class BusWindow:
+    """A bus device made of two functions: a register block that belongs to a larger
+    device (a PCI function's BAR, the PM block) answered by that device's methods."""
+
+    def __init__(self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]):
+        self.bus_read = read
+        self.bus_write = write

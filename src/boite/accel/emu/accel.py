@@ -1,10 +1,9 @@
 """EmuAccelerator: runs a Machine's CPU in software (boite.accel.emu.cpu.Cpu).
 
 Devices stay in the machine: port I/O goes to machine.pio, any physical address outside
-RAM to machine.mmio, interrupts come from the machine's interrupt controller (a device
-with `pending()` / `acknowledge() -> vector`, e.g. the 8259 pair), and timers (devices
-with `next_deadline_ns()` / `advance(now_ns)`, e.g. PIT and RTC) are advanced between
-blocks and while the CPU sleeps in HLT.
+RAM to machine.mmio, interrupts come from `machine.interrupt_controller` (`pending()` /
+`acknowledge() -> vector`, the 8259 pair), and `machine.timers` (`next_deadline_ns()` /
+`advance(now_ns)`: PIT, RTC) are advanced between blocks and while the CPU sleeps in HLT.
 
 `BOITE_EMU=interp` (or `EmuAccelerator(translate=False)`) selects the plain interpreter.
 """
@@ -22,6 +21,7 @@ from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFau
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.emu.cpumodel import MSR_EFER
 from boite.accel.emu.fpu import MXCSR_MASK
+from boite.accel.emu.smp import Smp
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 
@@ -145,13 +145,24 @@ def state_to_cpu(st: CpuState, cpu: Cpu) -> None:
 
 
 class EmuAccelerator(Accelerator):
-    """Full emulation of one IA-32 vCPU (the machine's first; SMP is not emulated)."""
+    """Full emulation of a machine's IA-32 vCPUs: one runs alone as it always did; with
+    several, each has a local APIC and they take turns on this thread (accel/emu/smp.py).
+    `ap_start`: "sipi" (application processors wait for INIT/SIPI, as on a PC) or
+    "entry" (they start at vCPU 0's boot state, as KvmAccelerator's option)."""
 
     name = "emu"
 
-    max_vcpus = 1  # vCPU 0 runs; the others of a bigger machine stay parked
+    max_vcpus = 255  # xAPIC ids are 8 bits, 0xFF being broadcast
 
-    def __init__(self, translate: bool | None = None, hot_block: int | None = None) -> None:
+    def __init__(
+        self,
+        translate: bool | None = None,
+        hot_block: int | None = None,
+        ap_start: str = "sipi",
+    ) -> None:
+        if ap_start not in ("sipi", "entry"):
+            raise AccelError(f"ap_start must be 'sipi' or 'entry', not {ap_start!r}")
+        self.ap_start = ap_start
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
         self.translate = translate
@@ -162,7 +173,9 @@ class EmuAccelerator(Accelerator):
             hot_block = int(env) if env.isdigit() and int(env) > 0 else HOT_BLOCK
         self.hot_block = hot_block
         self.machine: Any = None
-        self.cpu: Cpu | None = None
+        self.cpu: Cpu | None = None  # the running vCPU (vCPU 0 between runs)
+        self.cpus: list[Cpu] = []
+        self.smp: Smp | None = None
         self._pause = threading.Event()
         self._wake = threading.Event()
         self.pic: Any = None
@@ -173,28 +186,31 @@ class EmuAccelerator(Accelerator):
         if machine.memory.region_at(0) is None:
             raise AccelError("emu: the machine has no RAM at physical address 0")
         self.machine = machine
-        cpu = Cpu(machine.memory, _StoppingBus(machine.pio, self), _StoppingBus(machine.mmio, self))
-        cpu.translate_blocks = self.translate
-        cpu.hot_block = self.hot_block
-        cpu.decoder.c = cpu
-        self.cpu = cpu
-        for dev in machine.devices.values():
-            if hasattr(dev, "pending") and hasattr(dev, "acknowledge") and self.pic is None:
-                self.pic = dev
-                prev = getattr(dev, "on_intr", None)
+        if machine.num_vcpus > self.max_vcpus:
+            raise AccelError(f"emu: {machine.num_vcpus} vCPUs, at most {self.max_vcpus}")
+        pio, mmio = _StoppingBus(machine.pio, self), _StoppingBus(machine.mmio, self)
+        self.cpus = [Cpu(machine.memory, pio, mmio) for _ in range(machine.num_vcpus)]
+        for c in self.cpus:
+            c.translate_blocks = self.translate
+            c.hot_block = self.hot_block
+            c.decoder.c = c
+        cpu = self.cpu = self.cpus[0]
+        # The machine says which device is the INTR source and which are timers.
+        self.timers = list(machine.timers)
+        dev = machine.interrupt_controller
+        if dev is not None:
+            self.pic = dev
+            prev = dev.on_intr
 
-                def on_intr(level: bool, prev=prev) -> None:
-                    if prev is not None:
-                        prev(level)
-                    if level and self.cpu is not None:
-                        self.cpu.intr = True
-                        self._wake.set()
+            def on_intr(level: bool, prev=prev) -> None:
+                if prev is not None:
+                    prev(level)
+                if level and self.cpus:
+                    self.cpus[0].intr = True  # the 8259's INTR reaches the BSP
+                    self._wake.set()
 
-                if hasattr(dev, "on_intr"):
-                    dev.on_intr = on_intr
-                    self._intr_hooked = True
-            if hasattr(dev, "next_deadline_ns") and hasattr(dev, "advance"):
-                self.timers.append(dev)
+            dev.on_intr = on_intr
+            self._intr_hooked = True
         irqs = getattr(machine, "irqs", None)
         if irqs is not None:  # FERR# of the x87's legacy error path is ISA IRQ 13
             cpu.ferr_irq = irqs.line(13).set
@@ -219,8 +235,13 @@ class EmuAccelerator(Accelerator):
 
             cpu.irq_check = no_irq
         # Device DMA into guest RAM must drop the translations of the code it replaced.
-        machine.memory.add_write_observer(cpu.note_dma_write)
-        if machine.boot_state:
+        for c in self.cpus:
+            machine.memory.add_write_observer(c.note_dma_write)
+        if len(self.cpus) > 1:
+            self.smp = Smp(self, machine, self.cpus, self.ap_start)
+            self.timers += self.smp.timers()
+            self.smp.start(machine.boot_state, state_to_cpu)
+        elif machine.boot_state:
             state_to_cpu(machine.boot_state[0], cpu)
         else:
             cpu.reset()
@@ -253,30 +274,8 @@ class EmuAccelerator(Accelerator):
         cpu = self.cpu
         if cpu is None:
             raise AccelError("emu: run() before create()")
-        cpu.stop = False
         try:
-            while True:
-                res = self._stop_reason()
-                if res is not None:
-                    return res
-                cpu.run(CHUNK)
-                cpu.stop = False
-                nearest = self._advance_timers()
-                if cpu.halted:
-                    res = self._stop_reason()
-                    if res is not None:
-                        return res
-                    if not cpu.fl & IF:
-                        # Only NMI/INIT (not emulated) wake a CPU halted with IF=0.
-                        return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
-                    if cpu.fl & IF and self.pic is not None and self.pic.pending():
-                        continue
-                    wait = 0.01
-                    if nearest is not None:
-                        wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
-                    self._wake.wait(wait)
-                    self._wake.clear()
-                    self._advance_timers()
+            return self._run_one(cpu) if self.smp is None else self._run_smp(self.smp)
         except TripleFault:
             self.machine.request_reset()
             return RunResult(StopReason.RESET, detail="triple fault")
@@ -284,6 +283,57 @@ class EmuAccelerator(Accelerator):
             return RunResult(StopReason.ERROR, detail=str(e))
         except CpuFault as f:  # a fault escaped delivery: an emulator bug, reported
             return RunResult(StopReason.ERROR, detail=f"unhandled fault {f.vector}")
+        finally:
+            self.cpu = self.cpus[0] if self.cpus else None
+
+    def _sleep(self, nearest: int | None) -> None:
+        """Nothing to run: wait for a device's interrupt or the nearest timer deadline."""
+        wait = 0.01
+        if nearest is not None:
+            wait = min(wait, max(0.0, (nearest - time.monotonic_ns()) / 1e9))
+        self._wake.wait(wait)
+        self._wake.clear()
+        self._advance_timers()
+
+    def _run_one(self, cpu: Cpu) -> RunResult:
+        """The one vCPU of a machine: no APIC, nothing between blocks but the timers."""
+        cpu.stop = False
+        while True:
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            cpu.run(CHUNK)
+            cpu.stop = False
+            nearest = self._advance_timers()
+            if cpu.halted:
+                res = self._stop_reason()
+                if res is not None:
+                    return res
+                if not cpu.fl & IF:
+                    # Only NMI/INIT (none without an APIC) wake a CPU halted with IF=0.
+                    return RunResult(StopReason.HALTED, detail=f"HLT at {cpu.eip:#x}, IF=0")
+                if cpu.fl & IF and self.pic is not None and self.pic.pending():
+                    continue
+                self._sleep(nearest)
+
+    def _run_smp(self, smp: Smp) -> RunResult:
+        """The vCPUs in turn (smp.py); sleeps while none has work."""
+        while True:
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            ran = smp.run_round()
+            nearest = self._advance_timers()
+            if ran:
+                continue
+            res = self._stop_reason()
+            if res is not None:
+                return res
+            if not any(smp.runnable(i) for i in range(len(self.cpus))):
+                if smp.all_stuck():
+                    c = self.cpus[0]
+                    return RunResult(StopReason.HALTED, detail=f"HLT at {c.eip:#x}, IF=0")
+                self._sleep(nearest)
 
     def pause(self) -> None:
         self._pause.set()
@@ -296,6 +346,11 @@ class EmuAccelerator(Accelerator):
         (marked waiting for INIT/SIPI, which is how KVM takes them up)."""
         if self.cpu is None:
             raise AccelError("emu: save_cpu_state() before create()")
+        if self.smp is not None:
+            return [
+                (_parked_vcpu_state() if self.smp.waiting[i] else cpu_to_state(c)).to_dict()
+                for i, c in enumerate(self.cpus)
+            ]
         states = [cpu_to_state(self.cpu).to_dict()]
         vcpus = self.machine.num_vcpus if self.machine is not None else 1
         return states + [_parked_vcpu_state().to_dict() for _ in range(vcpus - 1)]
@@ -305,12 +360,19 @@ class EmuAccelerator(Accelerator):
             raise AccelError("emu: load_cpu_state() before create()")
         if not state:
             raise AccelError("emu: empty CPU state list")
+        if self.smp is not None:
+            if len(state) != len(self.cpus):
+                raise AccelError(f"emu: {len(state)} vCPU states for {len(self.cpus)} vCPUs")
+            for i, (raw, c) in enumerate(zip(state, self.cpus, strict=True)):
+                parked = _is_parked(raw)
+                self.smp.waiting[i] = parked
+                if parked:
+                    c.reset()
+                else:
+                    state_to_cpu(CpuState.from_dict(raw), c)
+            return
         for n, other in enumerate(state[1:], 1):
-            extra = other.get("extra") or {}
-            parked = extra.get("emu", {}).get("parked") or extra.get("kvm_mp_state") in (
-                KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED,
-            )  # fmt: skip
-            if not parked:
+            if not _is_parked(other):
                 raise AccelError(
                     f"emu: vCPU {n} was running in this state, and the emulator runs only "
                     "vCPU 0 (resume it with the KVM accelerator)"
@@ -318,11 +380,20 @@ class EmuAccelerator(Accelerator):
         state_to_cpu(CpuState.from_dict(state[0]), self.cpu)
 
     def close(self) -> None:
-        if self.cpu is not None:
+        for c in self.cpus:
             if self.machine is not None:
-                self.machine.memory.remove_write_observer(self.cpu.note_dma_write)
-            self.cpu.close()
+                self.machine.memory.remove_write_observer(c.note_dma_write)
+            c.close()
+        self.cpus = []
         self.cpu = None
+
+
+def _is_parked(state: dict[str, Any]) -> bool:
+    """A saved vCPU that waits for INIT/SIPI (the emulator's mark or KVM's MP state)."""
+    extra = state.get("extra") or {}
+    return bool(extra.get("emu", {}).get("parked")) or extra.get("kvm_mp_state") in (
+        KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED,
+    )  # fmt: skip
 
 
 def _parked_vcpu_state() -> CpuState:

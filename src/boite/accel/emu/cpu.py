@@ -83,6 +83,7 @@ from boite.accel.emu.arch import (
 from boite.accel.emu.cpumodel import (
     EFER_NXE,
     FEATURES,
+    MSR_APIC_BASE,
     MSR_BIOS_SIGN_ID,
     MSR_EFER,
     MSR_SYSENTER_CS,
@@ -192,6 +193,13 @@ class Cpu:
         self.msr_spec = msr_specs(FEATURES)
         self.msrs: dict[int, int] = {}
         self.efer = 0
+        # SMP (accel/emu/smp.py): this CPU's initial APIC id, the logical processors
+        # CPUID leaf 1 reports, and every CPU sharing this guest memory (itself included):
+        # they share one code-page guard so that a store by any of them drops the
+        # translated code of all (see invalidate_code).
+        self.apic_id = 0
+        self.logical_cpus = 1
+        self.cpus: list[Cpu] = [self]
         self.pdptes: tuple[int, int, int, int] = (0, 0, 0, 0)  # PAE: loaded with CR3
         self.halted = False
         self.inhibit_irq = False  # one-instruction shadow after STI / MOV SS
@@ -716,17 +724,35 @@ class Cpu:
     def invalidate_code(self, ppage: int) -> None:
         keys = self.code_pages.pop(ppage, None)
         if keys:
-            for fast in self._fast.values():
-                fast.clear()
-            blocks = self.blocks
-            for k in keys:
-                blocks.pop(k, None)
+            for c in self.cpus:  # the guard is shared: every CPU's blocks on the page go
+                for fast in c._fast.values():
+                    fast.clear()
+                blocks = c.blocks
+                for k in keys:
+                    blocks.pop(k, None)
 
     def flush_blocks(self) -> None:
-        for fast in self._fast.values():
-            fast.clear()
-        self.blocks.clear()
+        for c in self.cpus:  # code_pages is shared: emptying it unguards every CPU's blocks
+            for fast in c._fast.values():
+                fast.clear()
+            c.blocks.clear()
         self.code_pages.clear()
+
+    def guard_code_page(self, ppage: int) -> None:
+        """A first block on physical page `ppage`: no CPU may write it through its write
+        TLB any more (the slow path's phys_write sees the store and invalidates)."""
+        base = ppage << 12
+        for c in self.cpus:
+            for wt in (t[1] for t in c._tlbs.values()):
+                for k in [k for k, v in wt.items() if v == base]:
+                    del wt[k]
+
+    def share_code_guard(self, cpus: list[Cpu]) -> None:
+        """Join the CPUs of one machine: one code-page guard for all (see invalidate_code)."""
+        for c in cpus:
+            c.flush_blocks()
+            c.cpus = cpus
+            c.code_pages = cpus[0].code_pages
 
     def note_dma_write(self, gpa: int, length: int) -> None:
         """GuestMemory write observer: a device (maybe on its own thread, e.g. TAP RX)
@@ -1462,7 +1488,11 @@ class Cpu:
         if r[0] == 1:
             # The microcode revision latches into IA32_BIOS_SIGN_ID (0: none loaded).
             self.msrs[MSR_BIOS_SIGN_ID] = 0
-        r[0], r[3], r[1], r[2] = cpuid_leaf(self.features, r[0])
+        leaf = r[0]
+        r[0], r[3], r[1], r[2] = cpuid_leaf(self.features, leaf, self.apic_id)
+        if leaf == 1 and self.logical_cpus > 1:
+            r[3] |= self.logical_cpus << 16  # EBX[23:16]: logical processors (with HTT)
+            r[2] |= 1 << 28
 
     def rdtsc(self) -> int:
         return (time.monotonic_ns() * self.tsc_hz // 1_000_000_000 + self.tsc_offset) & (
@@ -1475,6 +1505,8 @@ class Cpu:
         spec = self.msr_spec.get(idx)
         if spec is None:
             raise CpuFault(GP, 0)
+        if idx == MSR_APIC_BASE:  # the BSP flag: set on the CPU whose APIC id is 0
+            return self.msrs.get(idx, spec.reset) & ~0x100 | (0 if self.apic_id else 0x100)
         return self.msrs.get(idx, spec.reset)
 
     def wrmsr(self, idx: int, v: int) -> None:
@@ -1483,6 +1515,8 @@ class Cpu:
         if idx == MSR_TSC:
             self.tsc_offset = v - self.rdtsc() + self.tsc_offset
             return
+        if idx == MSR_APIC_BASE:
+            v &= ~0x100  # the BSP flag is read-only: writing back what RDMSR gave is fine
         spec = self.msr_spec.get(idx)
         if spec is None or spec.read_only or v & ~spec.writable or not msr_value_ok(idx, v):
             raise CpuFault(GP, 0)

@@ -1,10 +1,15 @@
-"""A fully emulated ATA (IDE) disk controller on the legacy PC ports, PIO only.
+"""A fully emulated ATA (IDE) disk controller on the legacy PC ports, PIO, with ATAPI.
 
 Every byte the guest moves goes through the 16- or 32-bit data register, one emulated
 access at a time: the opposite of virtio, and the reason to measure both. Enough of
 ATA/ATAPI-6 for Linux's libata (pata_legacy, ata_generic) and the old ide driver:
 signature after reset, IDENTIFY DEVICE, READ/WRITE SECTORS (and MULTIPLE, and the LBA48
 EXT forms), FLUSH CACHE, SET FEATURES, SET MULTIPLE MODE, INITIALIZE DEVICE PARAMETERS.
+
+ATAPI drives (devices/atapi.py) sit on the same channels: the packet signature, IDENTIFY
+PACKET DEVICE and PACKET, with the data moved by PIO in pieces of the byte count limit.
+The PCI function around the channels (bus-master registers, the PCI identity) is
+devices/ide.py.
 
 Ports (a channel answers both ranges): primary 0x1f0-0x1f7 + 0x3f6 on IRQ 14, secondary
 0x170-0x177 + 0x376 on IRQ 15.
@@ -13,6 +18,7 @@ Ports (a channel answers both ranges): primary 0x1f0-0x1f7 + 0x3f6 on IRQ 14, se
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +26,12 @@ from boite.disk.base import SECTOR, BlockImage
 from boite.errors import BoiteError, CheckpointError
 from boite.machine.bus import Bus
 from boite.machine.device import Device, StatelessDevice
+from boite.machine.devices.atapi import CD_SECTOR, MAX_READ_SECTORS, AtapiDrive, CheckCondition
 from boite.machine.irq import IrqLine
+from boite.machine.machine import IoRange
 from boite.machine.state import (
+    Int,
+    Items,
     Nested,
     Optional,
     StateRecord,
@@ -29,11 +39,17 @@ from boite.machine.state import (
     data,
     flag,
     items,
+    optional,
     span,
     uint,
 )
 
 log = logging.getLogger("boite.ata")
+
+
+def _is_atapi(drive: Any) -> bool:
+    return isinstance(drive, AtapiDrive)
+
 
 PRIMARY = (0x1F0, 0x3F6, 14)
 SECONDARY = (0x170, 0x376, 15)
@@ -75,6 +91,7 @@ CMD_READ_VERIFY_EXT = 0x42
 CMD_EXECUTE_DIAGNOSTIC = 0x90
 CMD_INITIALIZE_PARAMS = 0x91
 CMD_IDENTIFY_PACKET = 0xA1
+CMD_PACKET = 0xA0
 CMD_READ_MULTIPLE = 0xC4
 CMD_WRITE_MULTIPLE = 0xC5
 CMD_SET_MULTIPLE = 0xC6
@@ -116,6 +133,9 @@ class AtaDrive:
         self.serial = serial
         self.firmware = firmware
         self.read_only = bool(image.read_only if read_only is None else read_only)
+        # Set when the channel sits on a PCI IDE function with bus mastering: IDENTIFY
+        # then offers multiword DMA 0-2 and Ultra DMA 0-5, and the DMA commands work.
+        self.dma_capable = False
         self.sectors = image.size // SECTOR
         # Default translation (what BIOSes report): 16 heads, 63 sectors per track.
         self.cylinders = max(1, min(16383, self.sectors // (16 * 63)))
@@ -128,6 +148,8 @@ class AtaDrive:
         self.write_cache = True
         self.status = ST_DRDY | ST_DSC
         self.error = 0x01  # "no error detected" after a diagnostic
+        self.dma_mode = 0  # SET FEATURES' transfer mode: 0x20-0x22 MWDMA, 0x40-0x45 UDMA
+        self.sense = (0, 0, 0)  # an ATAPI drive's; kept so both kinds save alike
 
     def identify(self) -> bytes:
         w = [0] * 256
@@ -163,6 +185,15 @@ class AtaDrive:
         w[87] = 0x4000
         for i in range(4):
             w[100 + i] = (self.sectors >> (16 * i)) & 0xFFFF
+        if self.dma_capable:
+            w[49] |= 0x0100  # DMA
+            w[53] |= 0x0004  # word 88 valid
+            w[63] = 0x0007 | (
+                (1 << (8 + self.dma_mode - 0x20)) if 0x20 <= self.dma_mode <= 0x22 else 0
+            )
+            w[88] = 0x003F | (
+                (1 << (8 + self.dma_mode - 0x40)) if 0x40 <= self.dma_mode <= 0x45 else 0
+            )
         data = bytearray(b"".join(v.to_bytes(2, "little") for v in w))
         # Integrity word: signature A5h, and a checksum making all 512 bytes sum to 0.
         data[510] = 0xA5
@@ -178,6 +209,8 @@ class AtaDriveState(StateRecord):
     write_cache: bool = flag()
     status: int = uint(8)
     error: int = uint(8)
+    dma_mode: int = choice(0, 0x20, 0x21, 0x22, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45)
+    sense: tuple[int, ...] = items(Int(0, 0xFF), max_len=3, exact=3)  # ATAPI: key, ASC, ASCQ
 
 
 @dataclass(frozen=True)
@@ -185,7 +218,7 @@ class AtaChannelState(StateRecord):
     """A channel's task file (each register and its HOB copy), the PIO transfer in
     progress (its buffer: one DRQ block) and the drives' settings."""
 
-    VERSION = 1
+    VERSION = 2  # 2: the ATAPI packet transfer and the pending bus-master DMA command
     devctl: int = uint(8)
     device: int = uint(8)
     feature: int = uint(8)
@@ -210,8 +243,20 @@ class AtaChannelState(StateRecord):
     drives: tuple[AtaDriveState | None, ...] = items(
         Optional(Nested(AtaDriveState)), max_len=2, exact=2
     )
+    sig_pending: bool = flag()
+    atapi_packet: bool = flag()  # the buffer holds the 12-byte command being written
+    atapi_limit: int = uint(16)
+    atapi_pos: int = span(0, MAX_READ_SECTORS * CD_SECTOR)
+    atapi_data: bytes = data(max_len=MAX_READ_SECTORS * CD_SECTOR)
+    dma_op: tuple[int, ...] | None = optional(Items(Int(0, (1 << 48) - 1), max_len=4, exact=4))
 
     def validate(self) -> None:
+        if self.atapi_packet or self.atapi_data:  # packet or a piece of an ATAPI reply
+            if self.xfer and self.xfer_pos >= len(self.buffer):
+                raise self.invalid("xfer_pos", "outside the ATAPI buffer")
+            if self.atapi_pos > len(self.atapi_data):
+                raise self.invalid("atapi_pos", "past the reply")
+            return
         if not self.xfer:
             if self.buffer or self.xfer_pos:
                 raise self.invalid("buffer", "data without a transfer in progress")
@@ -266,9 +311,16 @@ class AtaChannel(Device):
         self.accesses = 0
         self.reset()
 
+    def port_ranges(self) -> list[IoRange]:
+        """The command block (8 ports) and the control register, for Machine.attach."""
+        return [
+            IoRange(self.cmd_base, 8, handler=self),
+            IoRange(self.ctl_port, 1, handler=self.control),
+        ]
+
     def register(self, pio: Bus) -> None:
-        pio.register(self.cmd_base, 8, self)
-        pio.register(self.ctl_port, 1, self.control)
+        for r in self.port_ranges():
+            pio.register(r.base, r.length, r.handler or self)
 
     def close(self) -> None:
         """Power-off: flush and close the drives' images (safe twice)."""
@@ -287,6 +339,7 @@ class AtaChannel(Device):
         self.lbah = self.hob_lbah = 0
         self.irq_pending = False
         self.in_reset = False
+        self.sig_pending = True
         self._end_transfer()
         for d in self.drives:
             if d is not None:
@@ -296,7 +349,14 @@ class AtaChannel(Device):
 
     def save_state(self) -> dict[str, Any]:
         drives = tuple(None if d is None else AtaDriveState.of(d) for d in self.drives)
-        return AtaChannelState.of(self, buffer=bytes(self.buffer), drives=drives).to_dict()
+        op = None if self.dma_op is None else tuple(self.dma_op)
+        return AtaChannelState.of(
+            self,
+            buffer=bytes(self.buffer),
+            drives=drives,
+            atapi_data=bytes(self.atapi_data),
+            dma_op=op,
+        ).to_dict()
 
     def check_state(self, state: Any) -> AtaChannelState:
         rec = AtaChannelState.from_dict(state)
@@ -316,11 +376,19 @@ class AtaChannel(Device):
                     f"xfer_lba: sectors {rec.xfer_lba}+{rec.xfer_left} run past the disk's "
                     f"{drive.sectors}"
                 )
+        if rec.dma_op is not None:
+            write, lba, count, unit = rec.dma_op
+            drive = self.drives[unit] if unit in (0, 1) else None
+            if drive is None or _is_atapi(drive) or lba + count > drive.sectors or write > 1:
+                raise CheckpointError(
+                    f"dma_op: {list(rec.dma_op)} names no DMA this channel can do"
+                )
         return rec
 
     def apply_state(self, rec: AtaChannelState) -> None:
-        rec.put(self, "buffer", "drives")
+        rec.put(self, "buffer", "drives", "dma_op")
         self.buffer = bytearray(rec.buffer)
+        self.dma_op = None if rec.dma_op is None else list(rec.dma_op)
         for d, ds in zip(self.drives, rec.drives, strict=True):
             if d is not None and ds is not None:
                 ds.put(d)
@@ -335,14 +403,21 @@ class AtaChannel(Device):
         return self.drives[self.selected]
 
     def _signature(self) -> None:
-        """What a drive leaves in the task file after reset or diagnostic: 'I am ATA'."""
-        self.nsect = self.lbal = 1
-        self.lbam = self.lbah = 0
+        """What a drive leaves in the task file after reset or diagnostic: 'I am ATA'
+        (LBA mid/high 0, 0) or 'I am ATAPI' (0x14, 0xEB). The task file is one per
+        channel here, so until the next command the signature follows the selection."""
         self.device = 0
+        self._show_signature()
+        self.sig_pending = True
         for d in self.drives:
             if d is not None:
                 d.error = 0x01
-                d.status = ST_DRDY | ST_DSC
+                d.status = ST_DRDY | ST_DSC if not _is_atapi(d) else 0
+
+    def _show_signature(self) -> None:
+        d = self._drive()
+        self.nsect = self.lbal = 1
+        self.lbam, self.lbah = (0x14, 0xEB) if _is_atapi(d) else (0, 0)
 
     def _end_transfer(self) -> None:
         self.xfer = ""
@@ -352,6 +427,11 @@ class AtaChannel(Device):
         self.xfer_pos = 0
         self.xfer_drive = 0
         self.buffer = bytearray()
+        self.atapi_data = b""
+        self.atapi_limit = 0
+        self.atapi_pos = 0
+        self.atapi_packet = False
+        self.dma_op: list[int] | None = None  # [write, lba, count, drive] awaiting the engine
 
     def _raise_irq(self) -> None:
         self.irq_pending = True
@@ -436,6 +516,8 @@ class AtaChannel(Device):
             return
         # Any task file write clears HOB; each register keeps its previous value for LBA48.
         self.devctl &= ~CTL_HOB
+        if offset != 6:
+            self.sig_pending = False  # the host is setting up a command: keep its values
         if offset == 1:
             self.hob_feature, self.feature = self.feature, value
         elif offset == 2:
@@ -448,6 +530,8 @@ class AtaChannel(Device):
             self.hob_lbah, self.lbah = self.lbah, value
         elif offset == 6:
             self.device = value
+            if self.sig_pending:
+                self._show_signature()
         else:
             self._command(value)
 
@@ -508,6 +592,9 @@ class AtaChannel(Device):
                 self._write_block_done()
 
     def _read_block_done(self) -> None:
+        if self.atapi_data:
+            self._atapi_next()
+            return
         n = len(self.buffer) // SECTOR
         self.xfer_lba += n
         self.xfer_left -= n
@@ -522,6 +609,9 @@ class AtaChannel(Device):
     def _write_block_done(self) -> None:
         drive = self.drives[self.xfer_drive]
         assert drive is not None
+        if self.atapi_packet:
+            self._atapi_run(drive, bytes(self.buffer))
+            return
         try:
             drive.image.write(self.xfer_lba * SECTOR, bytes(self.buffer))
         except (OSError, BoiteError) as e:
@@ -594,15 +684,25 @@ class AtaChannel(Device):
         self.irq_pending = False
         self.irq.lower()
         self._end_transfer()
-        if cmd in _RW_COMMANDS:
+        self.sig_pending = False
+        if _is_atapi(drive):
+            self._atapi_command(drive, cmd)
+        elif cmd in _RW_COMMANDS:
             self._read_write(drive, cmd, *_RW_COMMANDS[cmd])
+        elif cmd in _DMA_COMMANDS:
+            write, ext = _DMA_COMMANDS[cmd]
+            where = self._lba_count(drive, ext)
+            if not drive.dma_capable or (write and drive.read_only):
+                self._abort(drive)
+            elif where is None:
+                self._abort(drive, ER_IDNF)
+            else:
+                # The data moves when the host starts the bus-master engine (run_dma).
+                self.dma_op = [int(write), where[0], where[1], self.selected]
+                drive.status = ST_DRDY | ST_DSC | ST_DRQ
+                drive.error = 0
         elif cmd == CMD_IDENTIFY:
-            self.buffer = bytearray(drive.identify())
-            self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
-            self.xfer_drive = self.selected
-            drive.status = ST_DRDY | ST_DSC | ST_DRQ
-            drive.error = 0
-            self._raise_irq()
+            self._send_identify(drive, drive.identify())
         elif cmd in (CMD_FLUSH_CACHE, CMD_FLUSH_CACHE_EXT):
             try:
                 if not drive.read_only:
@@ -664,6 +764,144 @@ class AtaChannel(Device):
             # IDENTIFY PACKET, DEVICE RESET (packet only), DMA, SMART, ...: not this disk.
             self._abort(drive)
 
+    def _send_identify(self, drive: Any, data: bytes) -> None:
+        """One 512-byte block for the host to read (IDENTIFY [PACKET] DEVICE)."""
+        self.buffer = bytearray(data)
+        self.xfer, self.xfer_left, self.xfer_block = "read", 1, 1
+        self.xfer_drive = self.selected
+        drive.status = ST_DRDY | ST_DSC | ST_DRQ
+        drive.error = 0
+        self._raise_irq()
+
+    # --- bus-master DMA -------------------------------------------------------------
+    def run_dma(self, memory: Any, prd_table: int, to_memory: bool) -> tuple[bool, bool]:
+        """The bus-master engine started: move the pending DMA command's sectors through
+        the PRD table at `prd_table` (entries: u32 address, u16 byte count with 0 =
+        64 KiB, bit 15 of the last word = end of table). Returns (ok, table longer than
+        the transfer). A table outside RAM, a short table or a wrong direction fail the
+        command with ABRT; the interrupt is raised either way."""
+        op = self.dma_op
+        if op is None:
+            return False, False
+        self.dma_op = None
+        write, lba, count, unit = op
+        drive = self.drives[unit]
+        if drive is None:
+            return False, False
+        if bool(write) == to_memory:
+            self._abort(drive)
+            return False, False
+        left = count * SECTOR
+        pos = lba * SECTOR
+        entry = prd_table & ~3
+        try:
+            for _ in range(8192):  # a PRD table is at most 64 KiB of 8-byte entries
+                addr, length, flags = struct.unpack("<IHH", memory.read(entry, 8))
+                length = length or 0x10000
+                n = min(length, left)
+                if n:
+                    if write:
+                        drive.image.write(pos, memory.read(addr & ~1, n))
+                    else:
+                        buf = bytearray(n)
+                        drive.image.read_into(pos, buf)
+                        memory.write(addr & ~1, buf)
+                    pos += n
+                    left -= n
+                entry += 8
+                if left == 0 or flags & 0x8000:
+                    longer = left == 0 and not (flags & 0x8000 and n == length)
+                    break
+            else:
+                longer = False
+        except (OSError, BoiteError) as e:  # GuestError (table or buffer outside RAM) too
+            log.warning("ata: DMA at LBA %d failed: %s", lba, e)
+            self._abort(drive, ER_ABRT)
+            return False, False
+        if left:
+            self._abort(drive, ER_ABRT)
+            return False, False
+        self._done(drive)
+        return True, longer
+
+    # --- ATAPI ------------------------------------------------------------------------
+    def _atapi_command(self, drive: Any, cmd: int) -> None:
+        if cmd == CMD_IDENTIFY_PACKET:
+            self._send_identify(drive, drive.identify_packet())
+        elif cmd == CMD_PACKET:
+            if self.feature & 1:  # DMA requested: this drive moves data by PIO only
+                self._abort(drive)
+                return
+            limit = self.lbam | self.lbah << 8
+            self.atapi_limit = (limit or 0xFFFE) & ~1
+            self.atapi_packet = True
+            self.xfer = "write"
+            self.xfer_drive = self.selected
+            self.buffer = bytearray(12)
+            self.xfer_pos = 0
+            self.nsect = 0x01  # CoD: the host sends the command packet
+            drive.status = ST_DRDY | ST_DSC | ST_DRQ
+            drive.error = 0
+        elif cmd == CMD_DEVICE_RESET:
+            drive.reset()
+            self._signature()
+        elif cmd == CMD_IDENTIFY:
+            self._show_signature()  # "I am ATAPI": the host should use IDENTIFY PACKET
+            self._abort(drive)
+        elif cmd in (CMD_EXECUTE_DIAGNOSTIC,):
+            self._signature()
+            self._raise_irq()
+        elif cmd in (CMD_SET_FEATURES, CMD_CHECK_POWER_MODE, CMD_IDLE_IMMEDIATE, CMD_STANDBY_IMMEDIATE,
+                     CMD_FLUSH_CACHE):  # fmt: skip
+            self._done(drive)
+        else:
+            self._abort(drive)
+
+    def _atapi_run(self, drive: Any, cdb: bytes) -> None:
+        limit = self.atapi_limit
+        self._end_transfer()
+        try:
+            data = drive.execute(cdb)
+        except CheckCondition as c:
+            self.nsect = 0x03  # IO + CoD: command complete
+            drive.status = ST_DRDY | ST_DSC | ST_ERR
+            drive.error = c.sense[0] << 4 | 0x04
+            self._raise_irq()
+            return
+        if not data:
+            self._atapi_complete(drive)
+            return
+        self.atapi_data = data
+        self.atapi_limit = limit or 0xFFFE
+        self.atapi_pos = 0
+        self.xfer_drive = self.selected
+        self._atapi_next()
+
+    def _atapi_next(self) -> None:
+        drive = self.drives[self.xfer_drive]
+        assert drive is not None
+        if self.atapi_pos >= len(self.atapi_data):
+            self._end_transfer()
+            self._atapi_complete(drive)
+            return
+        limit = self.atapi_limit
+        chunk = self.atapi_data[self.atapi_pos : self.atapi_pos + limit]
+        self.atapi_pos += len(chunk)
+        self.buffer = bytearray(chunk)
+        self.xfer = "read"
+        self.xfer_pos = 0
+        self.lbam, self.lbah = len(chunk) & 0xFF, len(chunk) >> 8
+        self.nsect = 0x02  # IO: data to the host
+        drive.status = ST_DRDY | ST_DSC | ST_DRQ
+        drive.error = 0
+        self._raise_irq()
+
+    def _atapi_complete(self, drive: Any) -> None:
+        self.nsect = 0x03
+        drive.status = ST_DRDY | ST_DSC
+        drive.error = 0
+        self._raise_irq()
+
     def _set_features(self, drive: AtaDrive) -> None:
         sub = self.feature
         if sub == 0x02:
@@ -672,10 +910,14 @@ class AtaChannel(Device):
             drive.write_cache = False
         elif sub == 0x03:
             mode = self.nsect
-            # PIO default / PIO flow-control modes 0-4; no DMA on this controller.
-            if not (mode in (0x00, 0x01) or 0x08 <= mode <= 0x0C):
+            # PIO default / PIO flow-control modes 0-4; MWDMA 0-2 and UDMA 0-5 where the
+            # channel has a bus-master engine.
+            dma = 0x20 <= mode <= 0x22 or 0x40 <= mode <= 0x45
+            if not (mode in (0x00, 0x01) or 0x08 <= mode <= 0x0C or (dma and drive.dma_capable)):
                 self._abort(drive)
                 return
+            if dma:
+                drive.dma_mode = mode
         elif sub not in (0x55, 0xAA, 0x66, 0xCC):  # read look-ahead, reverting defaults
             self._abort(drive)
             return
@@ -702,6 +944,9 @@ class AtaChannel(Device):
             self.xfer = "read"
             self._load_read_block()
 
+
+# DMA command -> (write, lba48)
+_DMA_COMMANDS = {0xC8: (False, False), 0x25: (False, True), 0xCA: (True, False), 0x35: (True, True)}
 
 # command -> (write, lba48, multiple)
 _RW_COMMANDS = {

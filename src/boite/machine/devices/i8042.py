@@ -37,6 +37,10 @@ from boite.machine.state import (
 if TYPE_CHECKING:
     from boite.machine.machine import Machine
 
+DATA_PORT = 0x60
+STATUS_PORT = 0x64  # the device's offset 4
+PORT_A = 0x92
+
 STATUS_OBF = 0x01
 STATUS_IBF = 0x02
 STATUS_SYS = 0x04

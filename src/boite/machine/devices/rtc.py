@@ -29,6 +29,8 @@ from boite.machine.irq import IrqLine
 from boite.machine.state import I64, Real, StateRecord, checked, data, flag, optional, real, span
 
 CMOS_SIZE = 128
+RTC_PORT = 0x70  # index at 0x70, data at 0x71
+RTC_IRQ = 8
 
 SEC, SEC_ALARM, MIN, MIN_ALARM, HOUR, HOUR_ALARM, WEEKDAY, DAY, MONTH, YEAR = range(10)
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
@@ -114,9 +116,12 @@ class CmosRtc(Device):
         wall_clock: Callable[[], float] = time.time,
         clock_ns: Callable[[], int] = time.monotonic_ns,
         below_4g_ram: int | None = None,
+        num_cpus: int = 1,
     ) -> None:
         """`base_time` (Unix seconds) starts the guest clock there instead of host time.
-        `ram_size`/`below_4g_ram` fill the BIOS memory size bytes."""
+        `ram_size`/`below_4g_ram` fill the BIOS memory size bytes, `num_cpus` the CPU
+        count byte (0x5f, CPUs - 1, as QEMU: SeaBIOS waits for that many to answer)."""
+        self.num_cpus = max(1, min(num_cpus, 256))
         if cmos_bytes is not None and len(cmos_bytes) not in (CMOS_SIZE, 2 * CMOS_SIZE):
             raise ConfigError(
                 f"CMOS contents are {len(cmos_bytes)} bytes; expected {CMOS_SIZE} (or 256)"
@@ -169,6 +174,7 @@ class CmosRtc(Device):
         above_4g = max(self.ram_size - self.below_4g_ram, 0) // 65536
         above_4g = min(above_4g, 0xFFFFFF)
         c[0x5B], c[0x5C], c[0x5D] = above_4g & 0xFF, (above_4g >> 8) & 0xFF, above_4g >> 16
+        c[0x5F] = self.num_cpus - 1
         csum = sum(c[CHECKSUM_FIRST : CHECKSUM_LAST + 1])
         c[CHECKSUM_HI], c[CHECKSUM_HI + 1] = (csum >> 8) & 0xFF, csum & 0xFF
 

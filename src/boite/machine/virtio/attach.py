@@ -20,10 +20,14 @@ from typing import Any, Protocol
 from boite.disk.base import BlockImage
 from boite.errors import ConfigError
 from boite.machine.devices.ata import AtaController, AtaDrive
+from boite.machine.devices.atapi import AtapiDrive
+from boite.machine.devices.ide import IDE_FUNCTION, IDE_SLOT, PiixIde
+from boite.machine.firmware.pc import BootDevice
 from boite.machine.virtio.blk import VirtioBlk
 from boite.machine.virtio.console import VirtioConsole
 from boite.machine.virtio.mmio import MMIO_SIZE, VirtioBackend, VirtioMmio
 from boite.machine.virtio.net import VirtioNet, parse_mac
+from boite.machine.virtio.pci import VirtioPci
 from boite.machine.virtio.rng import VirtioRng
 
 log = logging.getLogger("boite.virtio")
@@ -38,8 +42,8 @@ PARA_VIRTUAL_BUSES = ("scsi", "sata", "nvme")
 @dataclass(frozen=True)
 class DiskPlan:
     key: str  # "scsi0:0"
-    device: str  # "virtio-blk" or "ata"
-    path: Path | str  # a file, or a URL such as nbd://HOST:PORT/EXPORT
+    device: str  # "virtio-blk", "ata" or "atapi" (a CD-ROM)
+    path: Path | str | None  # a file, a URL such as nbd://HOST:PORT/EXPORT; None: no medium
     channel: int = 0  # ATA only
     unit: int = 0  # ATA only
 
@@ -83,6 +87,10 @@ class _Config(Protocol):
     @property
     def disks(self) -> Sequence[_Disk]: ...
 
+    def disk_slots(self, bus: str | None = None) -> Sequence[Any]: ...
+
+    def get_bool(self, key: str, default: bool = False) -> bool: ...
+
     @property
     def nics(self) -> Sequence[_Nic]: ...
 
@@ -116,6 +124,15 @@ def plan_devices(config: _Config, box_dir: Path) -> DevicePlan:
             plan.disks.append(DiskPlan(key, "virtio-blk", path))
         else:
             raise ConfigError(f"{config.source}: {key}: unknown disk bus {d.bus!r}")
+    for slot in config.disk_slots("ide"):
+        if slot.present and slot.is_cdrom:
+            if (slot.controller, slot.unit) in seen_ata or slot.controller > 1 or slot.unit > 1:
+                raise ConfigError(
+                    f"{config.source}: {slot.key}: the CD-ROM's IDE slot is taken or does not "
+                    "exist (ide0/ide1, unit 0 or 1)"
+                )
+            seen_ata.add((slot.controller, slot.unit))
+            plan.disks.append(_cdrom_plan(config, slot, box_dir))
     for n in config.nics:
         if not n.present:
             continue
@@ -139,6 +156,33 @@ def plan_devices(config: _Config, box_dir: Path) -> DevicePlan:
     return plan
 
 
+def _cdrom_plan(config: _Config, slot: Any, box_dir: Path) -> DiskPlan:
+    """`ideN:M.deviceType = "cdrom-image"` with `fileName` (an ISO) and `startConnected`
+    (default TRUE; FALSE: an empty drive). `cdrom-raw` (a host drive) is refused unless
+    it starts disconnected: boite does not pass host CD drives through."""
+    key = slot.key
+    kind = (slot.device_type or "").lower()
+    connected = config.get_bool(f"{key}.startConnected", True)
+    if kind == "cdrom-raw" or kind == "atapi-cdrom":
+        if connected:
+            raise ConfigError(
+                f'{config.source}: {key}.deviceType = "{slot.device_type}": boite does not pass '
+                f'host CD drives through; use deviceType = "cdrom-image" with fileName = an '
+                f'ISO, or startConnected = "FALSE" for an empty drive'
+            )
+        return DiskPlan(key, "atapi", None, slot.controller, slot.unit)
+    if kind != "cdrom-image":
+        raise ConfigError(f"{config.source}: {key}.deviceType = {slot.device_type!r}: unknown")
+    if not connected:
+        return DiskPlan(key, "atapi", None, slot.controller, slot.unit)
+    if not slot.file_name:
+        raise ConfigError(f'{config.source}: {key}: a "cdrom-image" needs fileName = an ISO')
+    path = Path(slot.file_name)
+    return DiskPlan(
+        key, "atapi", path if path.is_absolute() else box_dir / path, slot.controller, slot.unit
+    )
+
+
 @dataclass
 class AttachedDevices:
     """What attach_devices() put in the machine, for the VMM to start and close."""
@@ -146,6 +190,7 @@ class AttachedDevices:
     cmdline: list[str] = field(default_factory=list)
     virtio: list[VirtioMmio] = field(default_factory=list)
     ata: AtaController | None = None
+    ide: PiixIde | None = None
     images: list[BlockImage] = field(default_factory=list)
     nets: list[VirtioNet] = field(default_factory=list)
     console: VirtioConsole | None = None
@@ -195,7 +240,19 @@ def attach_devices(
     out = AttachedDevices()
     slots = iter(enumerate(irqs))
 
-    def add_virtio(name: str, backend: VirtioBackend) -> VirtioMmio:
+    pci_transport = machine.virtio_transport == "pci"
+
+    def add_virtio(name: str, backend: VirtioBackend, boot_key: str | None = None) -> Any:
+        if pci_transport:
+            # Firmware boot: virtio-pci, which the BIOS and stock kernels find by
+            # enumeration (no kernel command line to announce virtio-mmio devices).
+            slot = machine.pci.free_slot()
+            pdev = VirtioPci(backend, machine.memory, name=name)
+            machine.attach(name, pdev, pci=(slot, 0))
+            out.virtio.append(pdev.core)
+            if boot_key is not None:
+                machine.boot_devices.append(BootDevice(boot_key, "hdd", VirtioPci.boot_path(slot)))
+            return pdev
         try:
             i, gsi = next(slots)
         except StopIteration:
@@ -204,28 +261,46 @@ def attach_devices(
             ) from None
         addr = base + i * MMIO_SIZE
         dev = VirtioMmio(backend, machine.memory, machine.irqs.line(gsi), base=addr, name=name)
-        machine.mmio.register(addr, MMIO_SIZE, dev)
-        machine.add_device(name, dev)
+        machine.attach(name, dev, mmio=[(addr, MMIO_SIZE)], irq=gsi)
         out.virtio.append(dev)
         out.cmdline.append(dev.cmdline())
         return dev
 
     try:
-        ata_drives: dict[tuple[int, int], AtaDrive] = {}
+        ata_drives: dict[tuple[int, int], Any] = {}
         for d in plan.disks:
+            serial = d.key.replace(":", "-").upper()
+            if d.device == "atapi":
+                iso = open_cdrom(d.path) if d.path is not None else None
+                if iso is not None:
+                    out.images.append(iso)
+                ata_drives[(d.channel, d.unit)] = AtapiDrive(iso, serial=f"BOITE-{serial}")
+                continue
             image = open_disk(str(d.path))
             out.images.append(image)
-            serial = d.key.replace(":", "-").upper()
             if d.device == "ata":
                 ata_drives[(d.channel, d.unit)] = AtaDrive(image, serial=f"BOITE-{serial}")
             else:
-                add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"))
+                add_virtio(f"virtio-blk-{d.key}", VirtioBlk(image, serial=f"BOITE-{serial}"), d.key)
         if ata_drives:
             ctl = AtaController(machine.irqs.line, ata_drives)
-            ctl.register(machine.pio)
-            for i, ch in enumerate(ctl.channels):
-                if ch is not None:
-                    machine.add_device(f"ata{i}", ch)
+            if machine.pci is not None:
+                # The PIIX IDE function owns the channels' legacy ports.
+                out.ide = ide = PiixIde(ctl.channels, machine.memory)
+                machine.attach("piix-ide", ide, pci=(IDE_SLOT, IDE_FUNCTION),
+                               ports=ide.legacy_ranges(), irq=(14, 15))  # fmt: skip
+                for i, ch in enumerate(ctl.channels):
+                    if ch is not None:
+                        machine.add_device(f"ata{i}", ch)
+            else:
+                for i, ch in enumerate(ctl.channels):
+                    if ch is not None:
+                        machine.attach(f"ata{i}", ch, ports=ch.port_ranges(), irq=ch.irq.gsi)
+            for (channel, unit), drive in sorted(ata_drives.items()):
+                kind = "cdrom" if isinstance(drive, AtapiDrive) else "hdd"
+                key = next(d.key for d in plan.disks if (d.channel, d.unit) == (channel, unit)
+                           and d.device in ("ata", "atapi"))  # fmt: skip
+                machine.boot_devices.append(BootDevice(key, kind, PiixIde.boot_path(channel, unit)))
             out.ata = ctl
         for n in plan.nics:
             if open_tap is not None:
@@ -299,6 +374,16 @@ class BoxDevices:
         if self.attached is not None:
             self.attached.close()
             self.attached = None
+
+
+def open_cdrom(path: Path | str) -> BlockImage:
+    """An ISO image, read-only (a missing or unreadable file is a ConfigError)."""
+    from boite.disk.raw import RawImage
+
+    try:
+        return RawImage(Path(path), read_only=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the CD-ROM image: {e.strerror}") from None
 
 
 def plan_disk_files(specs: Sequence[str]) -> DevicePlan:

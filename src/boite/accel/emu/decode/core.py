@@ -230,9 +230,7 @@ class DecoderBase:
         lst = c.code_pages.get(ppage)
         if lst is None:
             c.code_pages[ppage] = [pa]
-            for wt in (t[1] for t in c._tlbs.values()):
-                for k in [k for k, v in wt.items() if v == ppage << 12]:
-                    del wt[k]
+            c.guard_code_page(ppage)
         else:
             lst.append(pa)
         return block
