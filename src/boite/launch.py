@@ -187,6 +187,7 @@ class BootSpec:
     cpus: int = 1
     disks: tuple[str, ...] = ()
     accel: str = "auto"
+    kernel_unpack: str = "auto"  # "auto", "true", "false": see loader.choose_unpack
 
     def check(self) -> None:
         if not Path(self.kernel).is_file():
@@ -224,6 +225,7 @@ def boot_kernel(
         return build_machine(
             spec.memsize_mb, spec.cpus, {1: console}, spec.kernel, spec.initrd, spec.append,
             emulated_irqchip=emulated_irqchip, extra_devices=devices.fresh(),
+            kernel_unpack=spec.kernel_unpack,
         )  # fmt: skip
 
     vmm = vmm_for(make_machine, spec.accel, console, log or _vmm_log.info, Path(spec.kernel).name)

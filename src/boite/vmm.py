@@ -269,6 +269,8 @@ class Vmm:
             f"Powering on {self.name}: {self.machine.num_vcpus} vCPU(s), "
             f"{self.machine.memory.size >> 20} MiB, accelerator {self.accel.name}."
         )
+        if self.machine.kernel_note:
+            self.log(f"Kernel: {self.machine.kernel_note}.")
         runs = getattr(self.accel, "max_vcpus", None)
         if runs is not None and self.machine.num_vcpus > runs:
             self.log(

@@ -305,6 +305,11 @@ class Box:
             except ConfigError as exc:
                 problems.append(Problem("nvram", self.config.nvram, "a valid .nvram", str(exc)))
         problems += self._boot_file_problems()
+        try:
+            self.config.kernel_unpack  # noqa: B018 - read to check it
+        except ConfigError as exc:
+            raw = self.vmx.get("boite.kernelUnpack") or ""
+            problems.append(Problem("boite.kernelUnpack", raw, '"auto", TRUE or FALSE', str(exc)))
         return problems
 
     def _boot_file_problems(self) -> list[Problem]:

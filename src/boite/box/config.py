@@ -128,6 +128,21 @@ class BoxConfig:
             f"{self.source}: {self.vmx.spelling(key)} = {raw!r}: expected TRUE or FALSE"
         )
 
+    @property
+    def kernel_unpack(self) -> str:
+        """`boite.kernelUnpack`: "auto" (the default), "true" or "false" (see
+        boite.machine.loader.linux.choose_unpack)."""
+        raw = self.vmx.get("boite.kernelUnpack")
+        folded = "auto" if raw is None else raw.strip().lower()
+        if folded == "auto":
+            return "auto"
+        if folded in _TRUE or folded in _FALSE:
+            return "true" if folded in _TRUE else "false"
+        raise ConfigError(
+            f"{self.source}: {self.vmx.spelling('boite.kernelUnpack')} = {raw!r}: expected "
+            '"auto", TRUE or FALSE'
+        )
+
     def get_int(self, key: str, default: int | None = None) -> int | None:
         raw = self.vmx.get(key)
         if raw is None:

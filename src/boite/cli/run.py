@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--disk", action="append", default=[], metavar="FILE", help="a disk (repeatable)"
     )
+    p.add_argument(
+        "--kernel-unpack", action=argparse.BooleanOptionalAction, default=None,
+        help="decompress a 32-bit bzImage on the host and enter it at startup_32 (default: "
+        "under the emulator, whose own run of the kernel's decompressor takes minutes)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("start", help="power on a box")
@@ -179,9 +184,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
     spec = launch.BootSpec(
         kernel=args.kernel, initrd=args.initrd, append=args.append,
         memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
+        kernel_unpack=_unpack_setting(args.kernel_unpack),
     )  # fmt: skip
     # Events go the one logging path: stderr with -v (or BOITE_VERBOSE=1), warnings always.
     return launch.boot_kernel(spec, console_client=_stdio_client(False))
+
+
+def _unpack_setting(flag: bool | None) -> str:
+    return "auto" if flag is None else "true" if flag else "false"
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ from boite.machine.devices.uart import (
 )
 from boite.machine.firmware.pc import fill_fw_cfg, order_boot_devices, parse_boot_order
 from boite.machine.firmware.seabios import map_bios, read_bios
-from boite.machine.loader import load_kernel
+from boite.machine.loader import choose_unpack, load_kernel
 from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
 from boite.machine.pci import PciBus, PciHostBridge, Piix3IsaBridge, Piix4Pm
@@ -125,6 +125,7 @@ def build_machine(
     cpus: int | None = None,
     box: Any = None,
     protocol: str = "auto",
+    kernel_unpack: str | None = None,
     emulated_irqchip: bool = True,
     cmos_bytes: bytes | None = None,
     persist_cmos: Callable[[bytes], None] | None = None,
@@ -147,11 +148,13 @@ def build_machine(
     `serial_backends` gives COM1..COM4 (a sequence from COM1, or {port number: backend});
     `console` is COM1's backend when `serial_backends` does not name COM1. With `box`
     (a boite.box.Box) everything comes from the box instead: see `machine_from_box`.
+    `kernel_unpack` ("auto" when None, "true", "false"; see loader.choose_unpack) picks
+    protocol "linux-unpacked" for a bzImage when `protocol` is "auto".
     """
     if box is not None:
         return machine_from_box(
             box, console=console, emulated_irqchip=emulated_irqchip, clock_ns=clock_ns,
-            extra_devices=extra_devices,
+            extra_devices=extra_devices, protocol=protocol, kernel_unpack=kernel_unpack,
         )  # fmt: skip
     if cpus is not None:
         num_vcpus = cpus
@@ -187,6 +190,8 @@ def build_machine(
             if frag:
                 fragments.append(frag)
         if kernel is not None:
+            if protocol == "auto":
+                protocol = _unpack_protocol(machine, str(kernel), kernel_unpack, emulated_irqchip)
             load_kernel(machine, kernel, initrd, " ".join(fragments), protocol)
         elif firmware:
             _add_firmware(machine, bios, boot_order, hdd_order, uuid or bytes(16))
@@ -194,6 +199,16 @@ def build_machine(
         machine.memory.close()
         raise
     return machine
+
+
+def _unpack_protocol(machine: Machine, kernel: str, setting: str | None, emulator: bool) -> str:
+    """ "linux-unpacked" where boite unpacks the bzImage itself (`choose_unpack`; the
+    emulator's machine is the one with `emulated_irqchip`), else "auto"; the reason goes
+    to `machine.kernel_note` for the log."""
+    choice = choose_unpack(kernel, setting or "auto", emulator)
+    if "not a Linux bzImage" not in choice.reason:
+        machine.kernel_note = choice.reason
+    return "linux-unpacked" if choice.unpack else "auto"
 
 
 def _add_platform(
@@ -330,6 +345,8 @@ def machine_from_box(
     emulated_irqchip: bool = True,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     extra_devices: Sequence[ExtraDevice] = (),
+    protocol: str = "auto",
+    kernel_unpack: str | None = None,
 ) -> Machine:
     """Build the machine a box describes (a boite.box.Box): `memsize`, `numvcpus`,
     `serialN.fileType`/`fileName` (COM1 is also the attachable `console` when one is
@@ -337,7 +354,7 @@ def machine_from_box(
     `NAME.nvram` (saved back whenever the guest changes them), and `boite.kernel` /
     `boite.initrd` / `boite.cmdline` (relative to the box). Without `boite.kernel` the
     box boots through SeaBIOS, in `bios.bootOrder` / `bios.hddOrder`, with `uuid.bios`
-    as its SMBIOS UUID."""
+    as its SMBIOS UUID. `boite.kernelUnpack` unless `kernel_unpack` overrides it."""
     config = box.config
     serials: dict[int, SerialBackend] = {}
     opened: list[SerialBackend] = []
@@ -388,6 +405,7 @@ def machine_from_box(
             ),
             hdd_order=[k for k in (config.get_str("bios.hddOrder") or "").split(",") if k.strip()],
             uuid=config.uuid_bios,
+            protocol=protocol, kernel_unpack=kernel_unpack or config.kernel_unpack,
         )  # fmt: skip
     except BaseException:
         for b in opened:

@@ -91,6 +91,9 @@ class Machine:
     irqs: IrqRouter = field(default_factory=IrqRouter)
     devices: dict[str, Device] = field(default_factory=dict)
     boot_state: list[CpuState] = field(default_factory=list)
+    # How the loader treated the kernel, for the log ("unpacked on the host ..."); "" if
+    # there is nothing to say.
+    kernel_note: str = ""
     e820: list[E820Entry] = field(default_factory=list)
     # Set by a power-off path / debug-exit device; the run loop stops when it is not None.
     exit_status: int | None = None

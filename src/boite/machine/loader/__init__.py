@@ -12,7 +12,15 @@ import os
 from boite.accel.cpustate import CpuState
 from boite.machine.loader.elf import is_elf, parse_elf
 from boite.machine.loader.errors import KernelFormatError
-from boite.machine.loader.linux import extract_payload, is_bzimage, load_linux, parse_setup_header
+from boite.machine.loader.linux import (
+    UNPACK_SETTINGS,
+    UnpackChoice,
+    choose_unpack,
+    extract_payload,
+    is_bzimage,
+    load_linux,
+    parse_setup_header,
+)
 from boite.machine.loader.multiboot import MultibootModule, find_header, load_multiboot
 from boite.machine.loader.pvh import load_pvh, pvh_entry
 from boite.machine.machine import Machine
@@ -23,6 +31,9 @@ __all__ = [
     "KernelFormatError",
     "MultibootModule",
     "PROTOCOLS",
+    "UNPACK_SETTINGS",
+    "UnpackChoice",
+    "choose_unpack",
     "detect_protocol",
     "extract_payload",
     "load_kernel",

@@ -9,6 +9,8 @@ initrd goes as high as it fits below `initrd_addr_max` and the top of low RAM.
 from __future__ import annotations
 
 import lzma
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -87,7 +89,9 @@ def is_bzimage(data: bytes) -> bool:
     )
 
 
-def parse_setup_header(data: bytes, path: str) -> SetupHeader:
+def parse_setup_header(data: bytes, path: str, whole: bool = True) -> SetupHeader:
+    """The setup header of a bzImage; with `whole` (the default) `data` is the whole
+    file and its size is checked against the header's."""
     if len(data) < 0x210:
         raise KernelFormatError(
             f"{path}: {len(data)} bytes is too short for a Linux kernel (setup header ends "
@@ -130,6 +134,8 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
             f"{path}: a zImage (loadflags {loadflags:#04x} at 0x211 without LOADED_HIGH); "
             f"only bzImage kernels are supported"
         )
+    if not whole:
+        return hdr
     if hdr.setup_size >= len(data):
         raise KernelFormatError(
             f"{path}: setup code of {hdr.setup_sects} sectors (offset 0x1f1) leaves no kernel in "
@@ -175,6 +181,82 @@ def extract_payload(data: bytes, path: str, limit: int = 1 << 30) -> bytes:
             f"{path}: payload decompresses to more than {limit} bytes (the kernel's own bound)"
         )
     return out
+
+
+# `boite.kernelUnpack` / `boite boot --kernel-unpack`: when boite unpacks a bzImage itself.
+UNPACK_SETTINGS = ("auto", "true", "false")
+_PAYLOAD_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"))
+
+
+@dataclass(frozen=True)
+class UnpackChoice:
+    """Whether boite unpacks this kernel on the host, and why (for vmware.log and -v)."""
+
+    unpack: bool
+    reason: str
+
+
+def choose_unpack(path: str, setting: str, emulator: bool) -> UnpackChoice:
+    """Decide for `setting` ("auto", "true", "false"): "auto" unpacks when the emulator
+    runs the guest and the kernel is a 32-bit bzImage with a gzip, xz or lzma payload
+    (where its own decompressor would take minutes of emulated time; under KVM it takes
+    milliseconds); "true" unpacks such a kernel whatever the accelerator and refuses any
+    other; "false" never unpacks. Reads only the setup header and the payload's magic."""
+    if setting not in UNPACK_SETTINGS:
+        raise ValueError(f"kernel unpack setting {setting!r}: expected one of {UNPACK_SETTINGS}")
+    if setting == "false":
+        return UnpackChoice(False, "kernel unpacking is off")
+    problem, compression = _unpackable(path)
+    if problem is not None:
+        if setting == "true":
+            raise KernelFormatError(f"{path}: cannot unpack this kernel on the host: {problem}")
+        return UnpackChoice(False, f"not unpacked: {problem}")
+    if setting == "auto" and not emulator:
+        return UnpackChoice(False, "not unpacked: hardware virtualization decompresses it fast")
+    return UnpackChoice(
+        True, f"unpacked on the host ({compression} payload), entered at startup_32"
+    )
+
+
+def _unpackable(path: str) -> tuple[str | None, str]:
+    """(why this file cannot be unpacked or None, the payload's compression)."""
+    try:
+        with open(path, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return "not a regular file", ""
+            head = fh.read(0x268)
+            if not is_bzimage(head):
+                return "not a Linux bzImage", ""
+            try:
+                hdr = parse_setup_header(head + b"\0" * (0x268 - len(head)), path, whole=False)
+            except KernelFormatError as e:
+                return str(e), ""
+            if hdr.supports_64bit_entry:
+                return "a 64-bit kernel (unpacking enters 32-bit kernels)", ""
+            if not hdr.payload_length:
+                return f"boot protocol {hdr.version_str} has no payload fields", ""
+            fh.seek(hdr.setup_size + hdr.payload_offset)
+            blob = fh.read(min(hdr.payload_length, 1 << 20))
+    except OSError as e:
+        return f"cannot read it: {e.strerror}", ""
+    name = next((n for prefix, n in _PAYLOAD_MAGIC if blob.startswith(prefix)), None)
+    if name is None:
+        return f"payload compression {blob[:4].hex()} is not gzip, xz or lzma", ""
+    # The header can say "no 64-bit entry" of a 64-bit kernel: look at the ELF itself
+    # (its first bytes; the payload's first megabyte holds far more than that).
+    try:
+        if name == "gzip":
+            head = zlib.decompressobj(wbits=31).decompress(blob, 20)
+        else:
+            fmt = lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE
+            head = lzma.LZMADecompressor(fmt).decompress(blob, 20)
+    except (zlib.error, lzma.LZMAError) as e:
+        return f"the payload does not decompress: {e}", ""
+    if head[:4] != b"\x7fELF" or len(head) < 20:
+        return "the payload is not an ELF file", ""
+    if head[4] != 1 or struct.unpack_from("<H", head, 18)[0] != EM_386:
+        return "the payload is not a 32-bit x86 ELF", ""
+    return None, name
 
 
 def load_linux(
