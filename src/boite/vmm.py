@@ -315,6 +315,7 @@ class Vmm:
         if self.state is not VmState.CREATED:
             raise BoxError(f"{self.name} has already run; make a new Vmm")
         self.started_at = time.time()
+        self._loop_thread = threading.current_thread()
         problems: list[str] = []
         try:
             self._power_on()
@@ -474,11 +475,20 @@ class Vmm:
         self._reset_requested = True
         self.accel.pause()
 
-    def resume(self) -> None:
+    def resume(self, wait_s: float = 10.0) -> None:
+        """Let the paused run loop go on, and return once it has left PAUSED: a caller
+        that then releases the operation lock must not let the next operation see the
+        old PAUSED state while the vCPUs start again (a snapshot would save a running
+        CPU)."""
         if self.state is not VmState.PAUSED:
             raise BoxError(f"{self.name} is {self.state.value}, not paused")
         self._pause_requested = False
         self._resume.set()
+        if threading.current_thread() is getattr(self, "_loop_thread", None):
+            return
+        deadline = time.monotonic() + wait_s
+        while self.state is VmState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def stop(self, soft: bool = False, grace_s: float = SOFT_STOP_GRACE_S) -> dict[str, Any]:
         """hard: pull the plug now. soft: ask the guest through the first of
