@@ -107,3 +107,18 @@ def test_pdptes_with_reserved_bits_fault_on_load(cpu) -> None:
     mem.write_u64(bad, 0x20000 | 2)  # not present: nothing is checked
     cpu.set_cr(3, bad)
     assert cpu.cr3 == bad
+
+
+def test_p6_performance_counters_sign_extend_bit_31(cpu) -> None:
+    """Linux's P6 PMU driver (Pentium M: family 6, model 13) writes 0xabcd to PerfCtr0
+    and reads it back (check_hw_exists): a #GP made it log 'Failed to access perfctr
+    msr (MSR 186 ...)' and run without the PMU. WRMSR writes bits 31:0 and sign-extends
+    them to the counter's 40 bits (SDM vol. 3B, P6 family performance monitoring)."""
+    cpu.wrmsr(0xC1, 0xABCD)
+    assert cpu.rdmsr(0xC1) == 0xABCD
+    cpu.wrmsr(0xC2, 0x80000001)
+    assert cpu.rdmsr(0xC2) == 0xFF80000001
+    cpu.wrmsr(0x186, 0x530079)  # CPU_CLK_UNHALTED, USR|OS|EN
+    assert cpu.rdmsr(0x186) == 0x530079
+    with pytest.raises(CpuFault):
+        cpu.wrmsr(0x187, 1 << 21)  # reserved

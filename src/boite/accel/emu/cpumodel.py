@@ -66,6 +66,11 @@ MSR_MTRR_FIX4K = tuple(range(0x268, 0x270))
 MSR_PAT = 0x277
 MSR_MTRR_DEF_TYPE = 0x2FF
 MSR_EFER = 0xC0000080
+# The P6 family's two performance counters and their event selects (SDM vol. 3B,
+# 20.6.8 "Performance Monitoring (P6 Family Processor)"): 40-bit counters; WRMSR writes
+# bits 31:0 and sign-extends bit 31 into 39:32.
+MSR_P6_PERFCTR = (0xC1, 0xC2)
+MSR_P6_EVNTSEL = (0x186, 0x187)
 
 EFER_NXE = 1 << 11
 VARIABLE_MTRRS = 8
@@ -117,6 +122,14 @@ def msr_specs(features: frozenset[str]) -> dict[int, MsrSpec]:
         MSR_BIOS_SIGN_ID: MsrSpec("IA32_BIOS_SIGN_ID", 0, (1 << 64) - 1),
         MSR_MISC_ENABLE: MsrSpec("IA32_MISC_ENABLE", MISC_ENABLE_POWER_ON, 1 << 22),
     }
+    # Performance monitoring (MISC_ENABLE bit 7 says it is there; Linux's P6 PMU driver
+    # probes these for a family 6 model 13 CPU). The counters keep what is written and do
+    # not count: no event is emulated, so an enabled counter never overflows.
+    for n, idx in enumerate(MSR_P6_PERFCTR):
+        specs[idx] = MsrSpec(f"PerfCtr{n}", 0, (1 << 40) - 1)
+    for n, idx in enumerate(MSR_P6_EVNTSEL):
+        # Bit 21 is reserved, and so are 63:32.
+        specs[idx] = MsrSpec(f"PerfEvtSel{n}", 0, 0xFFFFFFFF & ~(1 << 21))
     if "sep" in features:
         specs[MSR_SYSENTER_CS] = MsrSpec("IA32_SYSENTER_CS", 0, 0xFFFF)
         specs[MSR_SYSENTER_ESP] = MsrSpec("IA32_SYSENTER_ESP", 0, 0xFFFFFFFF)
