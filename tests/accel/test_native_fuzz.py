@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 
+import native_fuzz
 import pytest
 
 from boite.accel.emu.arch import CpuFault
 from boite.accel.emu.cpu import Cpu
 from boite.accel.emu.tiers import native_refusal
 from boite.machine.memory import GuestMemory
-
-import native_fuzz
 
 needs_native = pytest.mark.skipif(native_refusal() is not None, reason=str(native_refusal()))
 
