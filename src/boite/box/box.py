@@ -314,6 +314,11 @@ class Box:
         except ConfigError as exc:
             raw = self.vmx.get("boite.kernelUnpack") or ""
             problems.append(Problem("boite.kernelUnpack", raw, '"auto", TRUE or FALSE', str(exc)))
+        try:
+            self.config.emu_tier  # noqa: B018 - read to check it
+        except ConfigError as exc:
+            raw = self.vmx.get("boite.emuTier") or ""
+            problems.append(Problem("boite.emuTier", raw, '"auto", "python" or "native"', str(exc)))
         return problems
 
     def _boot_file_problems(self) -> list[Problem]:
