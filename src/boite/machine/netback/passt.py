@@ -35,12 +35,6 @@ GATEWAY = "10.0.2.2"
 DNS_ADDRESS = "10.0.2.3"
 
 
-def static_config_param() -> str:
-    """The kernel parameter the kit's init applies where it cannot run a DHCP client
-    (the tiny kernel has no AF_PACKET): the same address passt hands out by DHCP."""
-    return f"boite.ip={GUEST_ADDRESS}/{PREFIX},{GATEWAY},{DNS_ADDRESS}"
-
-
 _FORWARD = re.compile(r"(tcp|udp):(\d{1,5}):(\d{1,5})")
 
 
