@@ -52,6 +52,18 @@ def parse_forwards(text: str, where: str = "forward") -> tuple[str, ...]:
     return tuple(out)
 
 
+def passt_options(forwards: tuple[str, ...] = ()) -> list[str]:
+    """passt's options for a box's NAT (all but how it meets the VMM: --fd here, --socket
+    for QEMU's `-netdev stream` in bench/net.py)."""
+    args = ["--foreground", "--quiet", "--stderr", "--ipv4-only", "--address", GUEST_ADDRESS,
+            "--netmask", str(PREFIX), "--gateway", GATEWAY, "--dns", DNS_ADDRESS,
+            "--dns-forward", DNS_ADDRESS]  # fmt: skip
+    for forward in forwards:
+        proto, host_port, guest_port = forward.split(":")
+        args += ["-t" if proto == "tcp" else "-u", f"{host_port}:{guest_port}"]
+    return args
+
+
 class PasstBackend:
     """A passt process joined to us by a socketpair; frames with a 4-byte length."""
 
@@ -69,13 +81,7 @@ class PasstBackend:
                 'connectionType "nat" needs passt (Debian package passt): apt-get install passt'
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()),
-                "--ipv4-only", "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
-                "--gateway", GATEWAY, "--dns", DNS_ADDRESS, "--dns-forward", DNS_ADDRESS]  # fmt: skip
-        for forward in forwards:
-            proto, host_port, guest_port = forward.split(":")
-            args += ["-t" if proto == "tcp" else "-u", f"{host_port}:{guest_port}"]
-        args += list(extra_args)
+        args = [binary, *passt_options(forwards), "--fd", str(theirs.fileno()), *extra_args]
         try:
             self.proc = subprocess.Popen(
                 args, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
