@@ -79,16 +79,20 @@ def _guest_clock(box_dir) -> int:
     return int(run.stdout)
 
 
-def _clock_right(box_dir, slack_s: int = 5, within_s: float = 120) -> tuple[int, float]:
-    """The guest clock against the host's, asked until it is within slack_s (the clock is
-    set a moment after the agent's HELLO); returns the last (guest, host) pair."""
+def _clock_right(box_dir, slack_s: int = 5, within_s: float = 120) -> bool:
+    """Whether the guest clock reads the host's (within slack_s) while `date` runs in the
+    guest; asked again for a while, since the clock is set a moment after the agent's
+    HELLO."""
     deadline = time.monotonic() + within_s
     while True:
         before = time.time()
         guest = _guest_clock(box_dir)
         after = time.time()
-        if before - slack_s <= guest <= after + slack_s or time.monotonic() > deadline:
-            return guest, (before + after) / 2
+        if before - slack_s <= guest <= after + slack_s:
+            return True
+        if time.monotonic() > deadline:
+            print(f"guest clock {guest}, host clock {before:.0f} to {after:.0f}")
+            return False
         time.sleep(2)
 
 
@@ -108,8 +112,8 @@ def test_the_guest_clock_is_set_after_a_revert_to_an_old_memory_snapshot_and_unp
     box.save()
     assert boite("start", box.dir, "--detach").returncode == 0
     try:
-        guest, host = _clock_right(box.dir)  # set at the agent's first HELLO
-        assert abs(guest - host) < 10, (guest, host)
+        assert boite("exec", box.dir, "--wait", "900", "--", "true").returncode == 0
+        assert _clock_right(box.dir)  # set at the agent's first HELLO
         behind = f"@{int(time.time()) - 3600}"
         assert boite("exec", box.dir, "--", "date", "-s", behind).returncode == 0
         snap = boite("snapshot", box.dir, "an-hour-ago", "--memory")
@@ -121,15 +125,13 @@ def test_the_guest_clock_is_set_after_a_revert_to_an_old_memory_snapshot_and_unp
         revert = boite("revert", box.dir, "an-hour-ago", "--json")
         assert revert.returncode == 0, revert.stderr
         assert json.loads(revert.stdout)["memory"] is True  # the guest resumed, not rebooted
-        guest, host = _clock_right(box.dir)
-        assert abs(guest - host) < 10, f"guest {guest}, host {host:.0f} after the revert"
+        assert _clock_right(box.dir), "after the revert"
         log = (box.dir / "vmware.log").read_text()
         assert log.count("Guest tools: the guest clock was set to the host's.") >= 2
 
         assert boite("exec", box.dir, "--", "date", "-s", behind).returncode == 0
         assert boite("pause", box.dir).returncode == 0
         assert boite("unpause", box.dir).returncode == 0
-        guest, host = _clock_right(box.dir)
-        assert abs(guest - host) < 10, f"guest {guest}, host {host:.0f} after unpause"
+        assert _clock_right(box.dir), "after unpause"
     finally:
         boite("stop", box.dir, "hard")
