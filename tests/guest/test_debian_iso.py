@@ -146,8 +146,11 @@ bios.bootOrder = "cdrom"
     assert r.returncode == 0, (r.stdout, r.stderr)
     outcome = json.loads(r.stdout.strip().splitlines()[-1])
     assert outcome.get("how") == "soft" and outcome.get("method") == "acpi", outcome
+    assert "ACPI S5 via PM1a_CNT" in outcome.get("detail", ""), outcome
     out = ANSI.sub("", serial.read_bytes().decode(errors="replace"))
     assert "STOCK-PRESSED powering off" in out, out[-3000:]
     assert "reboot: Power down" in out, out[-3000:]
     log = (box / "vmware.log").read_text()
-    assert "ACPI power button" in log, log[-3000:]
+    assert "Soft stop: the guest powered off when asked through the ACPI power button " \
+        "(ACPI S5 via PM1a_CNT)." in log, log[-3000:]  # fmt: skip
+    assert "The guest powered off through ACPI S5 via PM1a_CNT." in log, log[-3000:]
