@@ -448,8 +448,19 @@ class _StoppingBus:
     def read(self, addr: int, size: int) -> int:
         return self.bus.read(addr, size)
 
+    def read_string(self, addr: int, size: int, count: int) -> bytes | None:
+        return self.bus.read_string(addr, size, count)
+
+    def write_string(self, addr: int, size: int, data: bytes) -> bool:
+        done = self.bus.write_string(addr, size, data)
+        self._stop_if_down()
+        return done
+
     def write(self, addr: int, size: int, value: int) -> None:
         self.bus.write(addr, size, value)
+        self._stop_if_down()
+
+    def _stop_if_down(self) -> None:
         m = self.accel.machine
         if m.exit_status is not None or m.reset_requested:
             cpu = self.accel.cpu
