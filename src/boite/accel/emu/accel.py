@@ -213,7 +213,7 @@ class EmuAccelerator(Accelerator):
                 if prev is not None:
                     prev(level)
                 if level and self.cpus:
-                    self.cpus[0].intr = True  # the 8259's INTR reaches the BSP
+                    self.cpus[0].kick()  # the 8259's INTR reaches the BSP
                     self._wake.set()
 
             dev.on_intr = on_intr
@@ -347,6 +347,8 @@ class EmuAccelerator(Accelerator):
         self._wake.set()
         if self.cpu is not None:
             self.cpu.stop = True
+            if self.cpu.native is not None:
+                self.cpu.native.st.intr = 1  # translated code leaves at its next chain
 
     def save_cpu_state(self) -> list[dict[str, Any]]:
         """One state per vCPU of the machine: the emulated CPU's, then the parked ones

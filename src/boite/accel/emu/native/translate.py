@@ -11,8 +11,11 @@ thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
 - opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
   82 is invalid) are re-encoded;
 - PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
-- branches end the block (EIP stored, back to Python), a branch to the block's own start
-  loops inside the code for a bounded number of passes.
+- branches end the block: the block takes its instruction count off the budget and,
+  while budget remains and no interrupt is pending, chains to the next block through the
+  chain table (guest EIP -> host code; an indirect branch hashes its target at run time,
+  a direct one reads its slot, known when translating); a branch to its own start jumps
+  there. Anything else leaves for Python (EXIT_END with EIP the target).
 
 Only rows of the opcode table with a `native` method are translated; the block stops
 before any other instruction (EXIT_FALLBACK: the Python tiers run it). Exits are precise:
@@ -31,23 +34,28 @@ from dataclasses import dataclass
 
 from boite.accel.emu.arch import ARITH, DS, SS
 from boite.accel.emu.native.state import (
-    EXIT_BUDGET,
+    CHAIN_SHIFT,
+    CHAIN_SLOTS,
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
     OFF_BUDGET,
+    OFF_DISPATCH,
     OFF_EFLAGS,
     OFF_EIP,
     OFF_ESP,
-    OFF_LOOPS,
+    OFF_INTR,
+    OFF_JTAB,
     OFF_MISS_ADDR,
     OFF_MISS_WRITE,
     OFF_NDONE,
+    OFF_OUT,
     OFF_R,
     OFF_REASON,
     OFF_SBASE,
     OFF_TLB_R,
     OFF_TLB_W,
+    chain_slot,
 )
 from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
@@ -63,10 +71,28 @@ HELD = (0, 1, 2, 3, 5, 6, 7)
 _RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
 
 
-def entry_stub() -> bytes:
-    """void entry(NativeState *st, void *block): save the host's callee-saved registers,
-    load the guest's, jump to the block (whose exit path restores and returns)."""
+def _epilogue(a: Asm) -> None:
+    """Guest registers (and flags, from R11) into the state; back to the caller."""
+    a.store32(R15, OFF_EFLAGS, R11)
+    for g in HELD:
+        a.store32(R15, OFF_R + 4 * g, g)
+    for reg in (R15, R14, R13, R12, 5, 3):
+        a.pop(reg)
+    a.ret()
+
+
+def runtime_stubs() -> tuple[bytes, int, int, int]:
+    """The code shared by every block: (code, offset of the entry, of `dispatch`, of `out`).
+
+    entry: void entry(NativeState *st, void *block): save the host's callee-saved
+    registers, load the guest's, jump to the block.
+    dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
+    instructions off the budget (the flags of that SUB are live: LE means spent); leaves
+    through `out` when the budget is spent, an interrupt is pending or the chain table
+    has no block for that EIP.
+    out: leave with EIP = R9D, the guest flags in R11, reason EXIT_END."""
     a = Asm()
+    a.label("entry")
     for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
         a.push(reg)
     a.mov_rr64(R15, RDI)
@@ -80,7 +106,28 @@ def entry_stub() -> bytes:
     for g in HELD:
         a.load32(g, R15, OFF_R + 4 * g)
     a.jmp_reg(R8)
-    return a.finish()
+    a.label("dispatch")
+    a.jcc(0xE, "out")  # JLE: the budget is spent
+    a.cmp_mem_imm32(R15, OFF_INTR, 0)
+    a.jcc(5, "out")  # JNE: leave for an interrupt
+    a.mov_rr32(R10, R9)
+    a.shr32(R10, CHAIN_SHIFT)
+    a.xor_rr32(R10, R9)
+    a.and32(R10, CHAIN_SLOTS - 1)
+    a.shl32(R10, 4)
+    a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
+    a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
+    a.jcc(5, "out")
+    a.push(R11)
+    a.popfq()
+    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8]
+    a.label("out")
+    a.store32(R15, OFF_EIP, R9)
+    a.store_imm32(R15, OFF_NDONE, 0)
+    a.store_imm32(R15, OFF_REASON, EXIT_END)
+    _epilogue(a)
+    code = a.finish()
+    return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
 
 
 @dataclass
@@ -182,6 +229,30 @@ def _uses_esp(i: Insn) -> bool:
     return False
 
 
+def _esp_rex(i: Insn) -> int:
+    """The REX bits (R: ModRM reg, B: ModRM rm or opcode register) that turn the guest's
+    ESP operands into R12; -1 where that would also turn AH..BH into SPL..DIL."""
+    ops = i.row.operands.split(",") if i.row.operands else []
+    rex = 0
+    high_byte = False
+    modrm = i.modrm
+    for o in ops:
+        kind, byte = o[:1], o.endswith("b")
+        if kind == "G" and modrm is not None:
+            num = (modrm >> 3) & 7
+        elif kind == "E" and modrm is not None and modrm >> 6 == 3:
+            num = modrm & 7
+        elif kind == "Z":
+            num = i.code & 7
+        else:
+            continue
+        if byte:
+            high_byte |= num >= 4
+        elif num == ESP:
+            rex |= 4 if kind == "G" else 1
+    return -1 if rex and high_byte else rex
+
+
 def _mem_size(i: Insn) -> int:
     """Bytes the memory operand accesses."""
     if i.row.mnemonic in ("MOVZX", "MOVSX"):
@@ -246,6 +317,47 @@ class Translator:
         self.stubs.append((name, [eip, ndone, reason, eip_reg]))
         return name
 
+    def chain(self, target: int | None, ndone: int) -> str:
+        """A stub that takes the block's `ndone` instructions off the budget and goes on
+        at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
+        returns its label."""
+        name = f"c{self.n}"
+        self.n += 1
+        self.chains.append((name, target, ndone))
+        return name
+
+    def _emit_chains(self) -> None:
+        a = self.a
+        if not self.chains:
+            return
+        for name, target, ndone in self.chains:
+            a.label(name)
+            a.pushfq()
+            a.pop(R11)
+            a.sub_mem_imm32(R15, OFF_BUDGET, ndone)
+            if target is None:
+                a.mov_rr32(R9, R8)
+                a._mem(b"\xff", 4, R15, OFF_DISPATCH)  # jmp [r15 + dispatch]
+                continue
+            a.mov_imm32(R9, target)
+            a.jcc(0xE, "leave")  # JLE: budget spent
+            a.cmp_mem_imm32(R15, OFF_INTR, 0)
+            a.jcc(5, "leave")
+            if target == self.start:  # a loop: no lookup
+                a.push(R11)
+                a.popfq()
+                a.jmp("start")
+                continue
+            slot = chain_slot(target) * 16
+            a.load64(R8, R15, OFF_JTAB)
+            a._mem(b"\x39", R9, R8, slot)  # cmp [r8 + slot], r9d
+            a.jcc(5, "leave")
+            a.push(R11)
+            a.popfq()
+            a._mem(b"\xff", 4, R8, slot + 8)  # jmp [r8 + slot + 8]
+        a.label("leave")
+        a._mem(b"\xff", 4, R15, OFF_OUT)  # jmp [r15 + out]
+
     def _emit_stubs(self) -> None:
         a = self.a
         for name, (eip, ndone, reason, eip_reg) in self.stubs:
@@ -260,12 +372,7 @@ class Translator:
         a.label("epilogue")
         a.pushfq()
         a.pop(R11)
-        a.store32(R15, OFF_EFLAGS, R11)
-        for g in HELD:
-            a.store32(R15, OFF_R + 4 * g, g)
-        for reg in (R15, R14, R13, R12, 5, 3):
-            a.pop(reg)
-        a.ret()
+        _epilogue(self.a)
 
     # -- memory --------------------------------------------------------------------
     def address(self, m: MemOperand, dst: int, with_segment: bool = True) -> None:
@@ -325,21 +432,37 @@ class Translator:
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
         """The guest instruction itself, its memory operand rewritten to [R10]."""
         a = self.a
-        raw = i.raw
         pre = b"\x66" if i.p66 else b""
         esc = b"\x0f" if i.opmap == "0F" else b""
         code = i.code
         if i.opmap == "" and code == 0x82:
             code = 0x80  # the 80 alias, invalid in 64-bit mode
+        # Guest ESP lives in the state: as a register operand it becomes R12 (whose low
+        # three bits are ESP's number), loaded before and stored after.
+        rex = _esp_rex(i)
+        if rex < 0:
+            return False
+        if rex:
+            a.load32(R12, R15, OFF_ESP)
         if i.opmap == "" and 0x40 <= code <= 0x4F:  # INC/DEC r: REX prefixes on the host
-            a.raw(pre + bytes((0xFF, 0xC0 | (code & 8) | (code & 7))))
-            return True
-        imm = raw[i.imm_at :]
+            a.raw(pre + (bytes((0x40 | rex,)) if rex else b""))
+            a.raw(bytes((0xFF, 0xC0 | (code & 8) | (code & 7))))
+        elif not self._copy_rest(i, k, restore, pre, esc, code, rex):
+            return False
+        if rex:
+            a.store32(R15, OFF_ESP, R12)
+        return True
+
+    def _copy_rest(self, i: Insn, k: int, restore: bool, pre: bytes, esc: bytes, code: int,
+                   rex: int) -> bool:  # fmt: skip
+        a = self.a
+        imm = i.raw[i.imm_at :]
         if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
             return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
         if i.mem is None:
             a.raw(
                 pre
+                + (bytes((0x40 | rex,)) if rex else b"")
                 + esc
                 + bytes((code,))
                 + (bytes((i.modrm,)) if i.modrm is not None else b"")
@@ -355,14 +478,18 @@ class Translator:
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
-        a.raw(pre + b"\x41" + esc + bytes((code, reg << 3 | 2)) + imm)  # [R10]
+        a.raw(pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)  # [R10]
         return True
 
     def lea(self, i: Insn, k: int, restore: bool) -> bool:
         if i.mem is None or i.p66:
             return False
         self.address(i.mem, R9, with_segment=False)
-        self.a.mov_rr32((i.modrm >> 3) & 7, R9)
+        reg = (i.modrm >> 3) & 7
+        if reg == ESP:
+            self.a.store32(R15, OFF_ESP, R9)
+        else:
+            self.a.mov_rr32(reg, R9)
         return True
 
     def _stack_addr(self, delta: int) -> None:
@@ -412,7 +539,7 @@ class Translator:
         self.lookup(R12, 4, True, k, restore, reads=False)
         self.a.raw(b"\x41\xc7\x02" + nxt.to_bytes(4, "little"))
         self.a.store32(R15, OFF_ESP, R9)
-        self.a.jmp(self.exit_to(target, k + 1, EXIT_END))
+        self.a.jmp(self.chain(target, k + 1))
         return True
 
     def ret(self, i: Insn, k: int, restore: bool) -> bool:
@@ -424,7 +551,7 @@ class Translator:
         self.a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
         self.a.lea32(R9, R9, 4 + extra)
         self.a.store32(R15, OFF_ESP, R9)
-        self.a.jmp(self.exit_to(None, k + 1, EXIT_END, eip_reg=R8))
+        self.a.jmp(self.chain(None, k + 1))
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
@@ -433,41 +560,13 @@ class Translator:
             return False
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
         target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
-        taken = self._loop_or_exit(target, k + 1)
+        taken = self.chain(target, k + 1)
         if i.row.mnemonic == "JMP":
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            self.a.jmp(self.exit_to(nxt, k + 1, EXIT_END))
+            self.a.jmp(self.chain(nxt, k + 1))
         return True
-
-    def _loop_or_exit(self, target: int, n: int) -> str:
-        if target != self.start:
-            return self.exit_to(target, n, EXIT_END)
-        name = f"l{self.n}"
-        self.n += 1
-        self.loops.append((name, n))
-        return name
-
-    def _emit_loops(self) -> None:
-        """A branch back to the start: count the pass, and go on while budget remains."""
-        a = self.a
-        for name, n in self.loops:
-            out = f"o{self.n}"
-            self.n += 1
-            a.label(name)
-            a.pushfq()
-            a.pop(R11)
-            a.sub_mem_imm32(R15, OFF_BUDGET, 1)
-            a.jcc(4, out)  # budget spent
-            a.add_mem_imm32(R15, OFF_LOOPS, n)
-            a.push(R11)
-            a.popfq()
-            a.jmp("start")
-            a.label(out)
-            a.push(R11)
-            a.popfq()
-            a.jmp(self.exit_to(self.start, n, EXIT_BUDGET))
 
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
@@ -476,7 +575,7 @@ class Translator:
         it was built with is wrong past them, so the caller builds that prefix again."""
         self.insns = insns
         self.misses: list = []
-        self.loops: list = []
+        self.chains: list = []
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
@@ -506,7 +605,9 @@ class Translator:
             # instruction defines them all: a later exit (a miss further on) shows them.
             row = i.row
             kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
-            if _uses_esp(i) or not method(i, k, not kills_all):
+            if (i.row.native not in ("copy", "lea") and _uses_esp(i)) or not method(
+                i, k, not kills_all
+            ):
                 break
             if fix_af:
                 a.raw(b"\x9c\x80\x24\x24\xef\x9d")  # pushfq; and byte [rsp], ~AF; popfq
@@ -520,11 +621,13 @@ class Translator:
         last = insns[done - 1]
         if not last.row.ends_block:
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
-            reason = EXIT_END if done == len(insns) and fall == nxt else EXIT_FALLBACK
-            a.jmp(self.exit_to(nxt, done, reason))
+            if done == len(insns) and fall == nxt:
+                a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
+            else:
+                a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
         self._emit_misses()
-        self._emit_loops()
+        self._emit_chains()
         self._emit_stubs()
         return a.finish(), done
 
@@ -556,4 +659,4 @@ def translate_block(read, eip: int, page_left: int) -> tuple[bytes, int] | None:
         fall = (insns[-1].eip + len(insns[-1].raw)) & 0xFFFFFFFF
 
 
-__all__ = ["EXIT_BUDGET", "EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "translate_block"]
+__all__ = ["EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "runtime_stubs", "translate_block"]
