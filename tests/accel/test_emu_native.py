@@ -178,6 +178,91 @@ def test_hot_random_loops_match_the_interpreter(tmp_path, seed: int, fault: str 
         assert got[i] == ref[i], f"seed {seed}: {what} differ\n{src}"
 
 
+_CALLS = """
+bits 32
+org 0x100000
+TABLE equ 0x200000 + 0x1000
+COUNTER equ 0x200000 + 0x1010
+    mov dword [TABLE], fn1
+    mov dword [TABLE + 4], fn2
+    mov dword [TABLE + 8], done
+    mov dword [TABLE + 12], finish
+    mov ecx, 300
+.top:
+    push ecx
+    call fn1
+    mov eax, fn2
+    call eax
+    call [TABLE]
+    push dword [TABLE + 4]
+    pop esi
+    call esi
+    mov [COUNTER], eax          ; A3
+    mov eax, [COUNTER]          ; A1
+    mov al, [COUNTER + 1]       ; A0
+    mov [COUNTER + 2], al       ; A2
+    lock xadd [COUNTER], ebx
+    cmpxchg [COUNTER + 4], edx
+    xadd edi, ebp
+    sub esp, 8
+    mov [esp + 4], ecx
+    lea esp, [esp + 8]
+    mov edi, esp
+    xchg esp, ebp
+    xchg esp, ebp
+    pop ecx
+    dec ecx
+    jnz .top
+    mov eax, [TABLE + 8]
+    jmp eax
+done:
+    jmp [TABLE + 12]
+finish:
+    hlt
+fn1:
+    push ebp
+    mov ebp, esp
+    sub esp, 16
+    mov eax, [ebp + 8]
+    add ebx, eax
+    mov [esp + 4], eax
+    leave
+    ret
+fn2:
+    push ebp
+    mov ebp, esp
+    push dword [ebp + 4]
+    pop edx
+    add edx, esp
+    leave
+    ret
+"""
+
+
+@nasm
+def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
+    """Indirect CALL/JMP (register and memory), PUSH r/m, LEAVE, MOV moffs, LOCK XADD,
+    CMPXCHG and ESP as an operand, hot, on the native tier and the interpreter: the
+    same registers, memory and stack."""
+    image = _assemble(tmp_path, _CALLS)
+    t = _jit_tests()
+    m = t._machine(image, 3, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        st = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
+    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
+           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    got = _run_loop(image, 3, False, True)
+    assert got[3] > 3000, "native code did not run the loop"
+    for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
+        assert got[i] == ref[i], f"{what} differ"
+
+
 _SMC = """
 bits 32
 org 0x100000

@@ -33,6 +33,8 @@ class NativeState(ctypes.Structure):
         ("intr", ctypes.c_uint32),
         ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
         ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
+        ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
+        ("pad", ctypes.c_uint32),
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
@@ -54,6 +56,7 @@ OFF_REASON = off("reason")
 OFF_NDONE = off("ndone")
 OFF_BUDGET = off("budget")
 OFF_INTR = off("intr")
+OFF_TMP = off("tmp")
 OFF_JTAB = off("jtab")
 OFF_OUT = off("out")
 OFF_DISPATCH = off("dispatch")

@@ -55,6 +55,7 @@ from boite.accel.emu.native.state import (
     OFF_SBASE,
     OFF_TLB_R,
     OFF_TLB_W,
+    OFF_TMP,
     chain_slot,
 )
 from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
@@ -69,6 +70,8 @@ MATCH_PYTHON_FLAGS = True
 # Guest registers held in host registers (all but ESP), with their state offsets.
 HELD = (0, 1, 2, 3, 5, 6, 7)
 _RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
+# Translators that handle ESP as an operand themselves.
+_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m")
 
 
 def _epilogue(a: Asm) -> None:
@@ -153,14 +156,16 @@ class Insn:
     mem: MemOperand | None
     imm_at: int  # offset of the immediate in raw (== len(raw) - imm size)
     size: int  # operand size in bytes (1, 2, 4)
+    lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
 
 
 def parse(raw: bytes, eip: int) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None."""
     pos = 0
-    p66 = False
-    while pos < len(raw) and raw[pos] == 0x66:
-        p66 = True
+    p66 = lock = False
+    while pos < len(raw) and raw[pos] in (0x66, 0xF0):
+        p66 |= raw[pos] == 0x66
+        lock |= raw[pos] == 0xF0
         pos += 1
     if pos >= len(raw):
         return None
@@ -209,9 +214,11 @@ def parse(raw: bytes, eip: int) -> Insn | None:
     imm = imm_bytes(row, p66)
     if pos + imm > len(raw):
         return None
+    if lock and (not row.lock or mem is None or row.native != "copy"):
+        return None  # #UD, raised by the Python tiers
     first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
     size = 1 if first.endswith("b") else (2 if p66 else 4)
-    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size)
+    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock)
 
 
 def _uses_esp(i: Insn) -> bool:
@@ -478,7 +485,8 @@ class Translator:
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
-        a.raw(pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)  # [R10]
+        lock = b"\xf0" if i.lock else b""
+        a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
         return True
 
     def lea(self, i: Insn, k: int, restore: bool) -> bool:
@@ -554,6 +562,83 @@ class Translator:
         self.a.jmp(self.chain(None, k + 1))
         return True
 
+    def leave(self, i: Insn, k: int, restore: bool) -> bool:
+        """LEAVE: ESP = EBP, then POP EBP (nothing changes before the load can miss)."""
+        if i.p66:
+            return False
+        a = self.a
+        a.mov_rr32(R9, EBP)
+        a.load32(R10, R15, OFF_SBASE + 4 * SS)
+        a.lea32(R12, R9, 0, index=R10)
+        self.lookup(R12, 4, False, k, restore)
+        a.raw(b"\x41\x8b\x2a")  # mov ebp, [r10]
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def _operand_to_r8(self, i: Insn, k: int, restore: bool) -> None:
+        """R8D = the 32-bit Ev operand (a register, or memory through the read TLB)."""
+        a = self.a
+        if i.mem is None:
+            rm = i.modrm & 7
+            if rm == ESP:
+                a.load32(R8, R15, OFF_ESP)
+            else:
+                a.mov_rr32(R8, rm)
+            return
+        self.address(i.mem, R9)
+        self.lookup(R9, 4, False, k, restore)
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+
+    def push_m(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSH r/m32: read the operand (held in the state), then the push."""
+        if i.p66:
+            return False
+        a = self.a
+        self._operand_to_r8(i, k, restore)
+        a.store32(R15, OFF_TMP, R8)
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_TMP)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def jmp_m(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        self._operand_to_r8(i, k, restore)
+        self.a.jmp(self.chain(None, k + 1))
+        return True
+
+    def call_m(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        a = self.a
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        self._operand_to_r8(i, k, restore)
+        a.store32(R15, OFF_TMP, R8)
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.raw(b"\x41\xc7\x02" + nxt.to_bytes(4, "little"))
+        a.store32(R15, OFF_ESP, R9)
+        a.load32(R8, R15, OFF_TMP)
+        a.jmp(self.chain(None, k + 1))
+        return True
+
+    def moffs(self, i: Insn, k: int, restore: bool) -> bool:
+        """MOV AL/EAX <-> [DS:offset32]."""
+        a = self.a
+        disp = int.from_bytes(i.raw[i.imm_at :], "little")
+        size = 1 if i.code in (0xA0, 0xA2) else (2 if i.p66 else 4)
+        store = i.code in (0xA2, 0xA3)
+        self.address(MemOperand(0, 5, None, None, 0, disp, DS), R9)
+        self.lookup(R9, size, store, k, restore, reads=False)
+        pre = b"\x66" if i.p66 else b""
+        op = (0x88 if size == 1 else 0x89) if store else (0x8A if size == 1 else 0x8B)
+        a.raw(pre + bytes((0x41, op, 0x02)))  # mov [r10], al/ax/eax or the load
+        return True
+
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
         if i.p66:
@@ -583,7 +668,7 @@ class Translator:
         for k in range(len(insns) - 1, -1, -1):
             i = insns[k]
             live_out[k] = live
-            if i.mem is not None or i.row.native in ("push_r", "pop_r", "push_i", "call", "ret"):
+            if i.mem is not None or i.row.native not in ("copy", "lea", "branch"):
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
                 continue
             row = i.row
@@ -605,9 +690,7 @@ class Translator:
             # instruction defines them all: a later exit (a miss further on) shows them.
             row = i.row
             kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
-            if (i.row.native not in ("copy", "lea") and _uses_esp(i)) or not method(
-                i, k, not kills_all
-            ):
+            if (i.row.native not in _ESP_AWARE and _uses_esp(i)) or not method(i, k, not kills_all):
                 break
             if fix_af:
                 a.raw(b"\x9c\x80\x24\x24\xef\x9d")  # pushfq; and byte [rsp], ~AF; popfq
