@@ -41,6 +41,9 @@ HERE = Path(__file__).resolve().parent
 CODE, DATA = 0x1000, 0x4000
 
 
+_RAM0 = bytes(1 << 20)
+
+
 def _cpu() -> Cpu:
     cpu = Cpu(GuestMemory.with_ram(1 << 20))
     cpu.set_cr(0, 0x11)
@@ -64,6 +67,8 @@ def _encode(r: Op, rnd: random.Random, memory: bool) -> bytes:
 
 
 def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool):
+    # All of RAM as it was: a bit string instruction's register offset reaches anywhere.
+    cpu.ram[:] = _RAM0
     cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"  # HLT: not translated
     cpu.ram[DATA : DATA + 64] = bytes(range(64))
     cpu.flush_blocks()
@@ -114,6 +119,38 @@ def test_native_rows_agree_with_the_closures(row: Op, monkeypatch) -> None:
                 assert insn is not None
                 assert (got[0], got[2], got[3]) == (want[0], want[2], want[3]), code.hex()
                 assert (got[1] ^ want[1]) & ~host_differs(insn) == 0, code.hex()
+        assert ran, "no form of the row was translated"
+    finally:
+        cpu.close()
+
+
+_FIXED = [r for r in ROWS if r.native == "copy" and (r.mnemonic in ("MUL", "IMUL")
+          or r.mnemonic in ("SHL", "SAL", "SAR", "SHR") and r.map == "")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "row", _FIXED,
+    ids=lambda r: f"{r.map}{r.code:02x}{'' if r.ext is None else '/' + str(r.ext)}-{r.mnemonic}",
+)  # fmt: skip
+def test_native_flag_fixups_give_the_python_flags(row: Op) -> None:
+    """Multiplies and shifts whose undefined flags the host computes its own way: where
+    the translator takes them (fixing SF/ZF/PF/AF after a multiply, AF and SHR's OF after
+    a shift, by CL included), every flag equals the closure's."""
+    rnd = random.Random(f"fix{row.map}{row.code}{row.ext}")
+    cpu = _cpu()
+    ran = 0
+    try:
+        for memory in (False, True):
+            for _ in range(40):
+                code = _encode(row, rnd, memory)
+                regs = [rnd.choice((0, 1, 2, 31, 32, 33, 0x7F, 0x80, 0xFFFFFFFF,
+                                    rnd.getrandbits(32))) for _ in range(8)]  # fmt: skip
+                fl = rnd.getrandbits(12) & 0x8D5
+                got = _once(cpu, code, regs, fl, True)
+                if got is None:
+                    continue
+                ran += 1
+                assert got == _once(cpu, code, regs, fl, False), code.hex()
         assert ran, "no form of the row was translated"
     finally:
         cpu.close()
@@ -210,6 +247,29 @@ COUNTER equ 0x200000 + 0x1010
     mov edi, esp
     xchg esp, ebp
     xchg esp, ebp
+    push esi
+    push edi
+    push ecx
+    mov esi, 0x200000 + 0xF00   ; across a page end, both ways
+    mov edi, 0x200000 + 0x1800
+    mov ecx, 100
+    rep movsd
+    mov edi, 0x200000 + 0x1FF0
+    mov ecx, [esp]
+    and ecx, 63
+    rep stosb
+    mov esi, 0x200000 + 0x1802
+    mov edi, 0x200000 + 0x1F00
+    mov ecx, 33
+    rep movsw
+    std
+    mov ecx, 9
+    rep movsb
+    cld
+    rep stosd                   ; ECX = 0: nothing
+    pop ecx
+    pop edi
+    pop esi
     pop ecx
     dec ecx
     jnz .top
@@ -242,7 +302,7 @@ fn2:
 @nasm
 def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
     """Indirect CALL/JMP (register and memory), PUSH r/m, LEAVE, MOV moffs, LOCK XADD,
-    CMPXCHG and ESP as an operand, hot, on the native tier and the interpreter: the
+    CMPXCHG, REP MOVS/STOS (across pages, DF set) and ESP as an operand, hot, on the native tier and the interpreter: the
     same registers, memory and stack."""
     image = _assemble(tmp_path, _CALLS)
     t = _jit_tests()

@@ -216,7 +216,8 @@ for _b, _name, _form, _fl in (
     (0xAE, "SCASB", "AL,Yb", {"w": OSZAPC}), (0xAF, "SCASW/D", "eAX,Yv", {"w": OSZAPC}),
 ):  # fmt: skip
     # REPE/REPNE CMPS/SCAS read ZF to stop; the rest read DF only.
-    op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string")
+    op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string",
+       native="rep_string" if _b in (0xA4, 0xA5, 0xAA, 0xAB) else None)  # REP only
 op(0xA8, "TEST", "AL,Ib", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 op(0xA9, "TEST", "eAX,Iz", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 for _b in range(0xB0, 0xB8):
@@ -384,8 +385,8 @@ op(0xA2, "CPUID", map="0F", decode="_sys0f")
 op(0xA8, "PUSH", "GS", map="0F", decode="_push_seg")
 op(0xA9, "POP", "GS", map="0F", end=True, decode="_pop_seg")
 for _b, _name in ((0xA3, "BT"), (0xAB, "BTS"), (0xB3, "BTR"), (0xBB, "BTC")):
-    # Native: the register forms only (with a memory operand the bit offset reaches
-    # past it; translate.py checks).
+    # Native: with a memory operand the bit offset reaches past it (translate.py moves
+    # the address).
     op(_b, _name, "Ev,Gv", map="0F", w="c", u="osap", lock=_name != "BT", decode="_bt",
        jit="j_bt", native="copy")  # fmt: skip
 for _n, _name in ((4, "BT"), (5, "BTS"), (6, "BTR"), (7, "BTC")):
@@ -410,7 +411,7 @@ op(0xBE, "MOVSX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy"
 op(0xBF, "MOVSX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xC0, "XADD", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_xadd", native="copy")
 op(0xC1, "XADD", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_xadd", native="copy")
-op(0xC7, "CMPXCHG8B", "Mq", map="0F", ext=1, w="z", lock=True, decode="_grp9")
+op(0xC7, "CMPXCHG8B", "Mq", map="0F", ext=1, w="z", lock=True, decode="_grp9", native="copy")
 op(0xC7, "RDRAND", "Rv", map="0F", ext=6, w=OSZAPC, decode="_grp9")
 for _b in range(0xC8, 0xD0):
     op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap", native="copy")

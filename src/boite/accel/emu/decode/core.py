@@ -245,6 +245,12 @@ class DecoderBase:
             if fn is not None:
                 block.fn = fn
                 return
+            # The native tier runs hot blocks sooner than the Python compiler (whose
+            # compile costs more): that one waits for its own threshold.
+            wait = c.native.python_hot - block.hits
+            if wait > 0:
+                block.hits = c.hot_block - wait
+                return
         insns = []
         off = block.pa
         for fn, (eip, n) in zip(block.fns, block.info, strict=True):

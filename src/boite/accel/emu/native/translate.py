@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, DS, SS
+from boite.accel.emu.arch import ARITH, DF, DS, ES, SS
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
     CHAIN_SLOTS,
@@ -162,10 +162,11 @@ class Insn:
 def parse(raw: bytes, eip: int) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None."""
     pos = 0
-    p66 = lock = False
-    while pos < len(raw) and raw[pos] in (0x66, 0xF0):
+    p66 = lock = rep = False
+    while pos < len(raw) and raw[pos] in (0x66, 0xF0, 0xF3):
         p66 |= raw[pos] == 0x66
         lock |= raw[pos] == 0xF0
+        rep |= raw[pos] == 0xF3
         pos += 1
     if pos >= len(raw):
         return None
@@ -216,6 +217,8 @@ def parse(raw: bytes, eip: int) -> Insn | None:
         return None
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
+    if row.native == "rep_string" and not rep or rep and row.native not in ("rep_string", "ret"):
+        return None  # REP MOVS/STOS only (and REP RET, which is a RET)
     first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
     size = 1 if first.endswith("b") else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock)
@@ -262,6 +265,8 @@ def _esp_rex(i: Insn) -> int:
 
 def _mem_size(i: Insn) -> int:
     """Bytes the memory operand accesses."""
+    if i.row.mnemonic == "CMPXCHG8B":
+        return 8
     if i.row.mnemonic in ("MOVZX", "MOVSX"):
         return 1 if i.code in (0xB6, 0xBE) else 2
     return i.size
@@ -291,6 +296,63 @@ def host_differs(i: Insn) -> int:
     return 0
 
 
+def _szp_from(size: int, reg: int) -> bytes:
+    """After a multiply: SF, ZF, PF from the result in reg (R12 for ESP), AF clear, CF
+    and OF as the host's multiply set them (the Python tiers' values)."""
+    if reg == ESP:
+        test = b"\x45\x85\xe4"  # test r12d, r12d
+    else:
+        test = bytes((0x84 if size == 1 else 0x85, 0xC0 | reg << 3 | reg))
+    if size == 2:
+        test = b"\x66" + test
+    return (
+        b"\x9c\x41\x5b"  # pushfq; pop r11
+        + test
+        + b"\x9c\x41\x58"  # pushfq; pop r8
+        + b"\x41\x81\xe0\xc4\x00\x00\x00"  # and r8d, SF|ZF|PF
+        + b"\x41\x81\xe3\x2b\xff\xff\xff"  # and r11d, ~(SF|ZF|AF|PF)
+        + b"\x45\x09\xc3"  # or r11d, r8d
+        + b"\x41\x53\x9d"  # push r11; popfq
+    )
+
+
+def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
+    """Host code (before, after) the instruction that gives the flags in `differ` the
+    Python tiers' values; None where the translator does not (the block ends there)."""
+    m = i.row.mnemonic
+    rm_reg = i.modrm is not None and i.modrm >> 6 == 3
+    if m in ("MUL", "IMUL"):
+        if i.opmap == "" and i.code in (0xF6, 0xF7):
+            return b"", _szp_from(i.size, 0)  # the low half lands in AL/AX/EAX
+        return b"", _szp_from(i.size, (i.modrm >> 3) & 7)
+    if i.opmap or i.code not in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
+        return None
+    if m not in ("SHL", "SAL", "SAR", "SHR") or differ & ~0x810:
+        return None
+    cnt = _shift_count(i)
+    if cnt == 0:
+        return b"", b""  # the flags stay as they were
+    rm = i.modrm & 7
+    if cnt is None and rm_reg and rm == 1:
+        return None  # the shift changes CL, which says whether it shifted at all
+    before = b""
+    after = b""
+    if differ & 0x800:  # SHR: OF is the operand's old top bit
+        if not rm_reg or rm == ESP or (i.size == 1 and rm >= 4):
+            return None
+        before = (b"\x66" if i.size == 2 else b"") + bytes((0x41, 0x89, 0xC0 | rm << 3))
+        if i.size == 1:
+            before = bytes((0x44, 0x0F, 0xB6, 0xC0 | rm))  # movzx r8d, <reg8>
+        after += b"\x66\x81\x24\x24\xff\xf7"  # and word [rsp], ~OF
+        after += bytes((0x41, 0x0F, 0xBA, 0xE0, 8 * i.size - 1))  # bt r8d, top bit
+        after += b"\x73\x06\x66\x81\x0c\x24\x00\x08"  # jnc +6; or word [rsp], OF
+    if differ & 0x10:
+        after = b"\x80\x24\x24\xef" + after  # and byte [rsp], ~AF
+    if cnt is None:  # by CL: a count of 0 leaves the flags as they were
+        after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
+    return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
+
+
 def _shift_count(i: Insn) -> int | None:
     """The count of a shift by an immediate or by 1 (None: by CL)."""
     if i.code in (0xD0, 0xD1):
@@ -301,6 +363,8 @@ def _shift_count(i: Insn) -> int | None:
 
 
 def _writes_mem(i: Insn) -> bool:
+    if i.row.mnemonic == "CMPXCHG8B":
+        return True  # like CMPXCHG, it writes the old value back on a mismatch
     ops = i.row.operands.split(",") if i.row.operands else []
     if not ops or ops[0][:1] != "E":
         return False
@@ -466,6 +530,8 @@ class Translator:
         imm = i.raw[i.imm_at :]
         if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
             return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
+        if i.mem is None and i.row.operands[:1] == "M":
+            return False  # a register form of a memory-only operand: #UD, from Python
         if i.mem is None:
             a.raw(
                 pre
@@ -476,16 +542,31 @@ class Translator:
                 + imm
             )
             return True
-        if i.opmap == "0F" and code in (0xA3, 0xAB, 0xB3, 0xBB):
-            return False  # a register bit offset reaches past the operand in memory
         reg = (i.modrm >> 3) & 7
+        lock = b"\xf0" if i.lock else b""
+        if i.opmap == "0F" and code in (0xA3, 0xAB, 0xB3, 0xBB):
+            # A register bit offset reaches past the operand (signed, in dwords): the
+            # address moves by offset >> 5 dwords, the host tests bit offset & 31.
+            if i.p66 or reg == ESP:
+                return False
+            self.address(i.mem, R9)
+            a.pushfq()  # the guest's flags through the arithmetic below
+            a.mov_rr32(R12, reg)
+            a._rr(b"\xc1", 7, R12)  # sar r12d, 5
+            a.raw(b"\x05")
+            a._mem(b"\x8d", R9, R9, 0, index=R12, scale=2)  # lea r9d, [r9 + r12*4]
+            a.mov_rr32(R12, reg)
+            a.and32(R12, 31)
+            a.popfq()
+            self.lookup(R9, 4, _writes_mem(i), k, restore)
+            a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
+            return True
         ops = i.row.operands.split(",")
         if any(o[:1] == "G" and o.endswith("b") for o in ops) and reg >= 4:
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
-        lock = b"\xf0" if i.lock else b""
         a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
         return True
 
@@ -639,6 +720,84 @@ class Translator:
         a.raw(pre + bytes((0x41, op, 0x02)))  # mov [r10], al/ax/eax or the load
         return True
 
+    def rep_string(self, i: Insn, k: int, restore: bool) -> bool:
+        """REP MOVS / REP STOS with DF clear (set: the Python tiers run it): each pass
+        does the elements that fit in the current page(s) with the host's own REP MOVS/
+        STOS on the host addresses; a miss leaves with ECX/ESI/EDI as far as it got."""
+        a = self.a
+        movs = i.code in (0xA4, 0xA5)
+        size = 1 if i.code in (0xA4, 0xAA) else (2 if i.p66 else 4)
+        log = size.bit_length() - 1
+        n = self.n
+        self.n += 1
+        top, done, miss_s, miss_d, df = (f"{x}{n}" for x in ("st", "sd", "ss", "sm", "sf"))
+        a.pushfq()  # the guest's flags wait in the state: nothing here changes them
+        a.pop(R11)
+        a.store32(R15, OFF_TMP, R11)
+        a.raw(b"\x41\xf7\x87" + OFF_EFLAGS.to_bytes(4, "little") + DF.to_bytes(4, "little"))
+        a.jcc(5, df)  # test dword [r15 + eflags], DF; jnz
+        a.label(top)
+        a.raw(b"\x85\xc9")  # test ecx, ecx
+        a.jcc(4, done)
+        if movs:
+            self._string_page(DS, 6, R14, R10, R12, log, miss_s)  # R10 source, R12 count
+        self._string_page(ES, 7, R13, R8, R11, log, miss_d)  # R8 destination, R11 count
+        if movs:
+            a.raw(b"\x45\x39\xe3\x45\x0f\x42\xe3")  # cmp r11d, r12d; cmovb r12d, r11d
+        else:
+            a.raw(b"\x4d\x89\xdc")  # mov r12, r11
+        a.raw(b"\x41\x39\xcc\x44\x0f\x47\xe1")  # cmp r12d, ecx; cmova r12d, ecx
+        a.raw(b"\x56\x57\x51")  # push rsi; push rdi; push rcx (the guest's)
+        if movs:
+            a.raw(b"\x4c\x89\xd6")  # mov rsi, r10
+        a.raw(b"\x4c\x89\xc7\x44\x89\xe1")  # mov rdi, r8; mov ecx, r12d
+        a.raw(b"\xf3" + (b"\x66" if size == 2 else b"") + bytes((i.code,)))  # the host's REP
+        a.raw(b"\x59\x5f\x5e")  # pop rcx; pop rdi; pop rsi
+        a.raw(b"\x44\x29\xe1")  # sub ecx, r12d
+        sib = (log << 6) | (4 << 3)  # [reg + r12 * size]
+        if movs:
+            a.raw(bytes((0x42, 0x8D, 0x34, sib | 6)))  # lea esi, [rsi + r12*size]
+        a.raw(bytes((0x42, 0x8D, 0x3C, sib | 7)))  # lea edi, [rdi + r12*size]
+        a.jmp(top)
+        for label, seg, reg, kind in ((miss_s, DS, 6, 0), (miss_d, ES, 7, 1)):
+            if label == miss_s and not movs:
+                continue
+            a.label(label)
+            a.load32(R9, R15, OFF_SBASE + 4 * seg)
+            a.raw(bytes((0x41, 0x01, 0xC1 | reg << 3)))  # add r9d, esi/edi
+            a.store32(R15, OFF_MISS_ADDR, R9)
+            a.store_imm32(R15, OFF_MISS_WRITE, kind)
+            a._mem(b"\xff", 6, R15, OFF_TMP)  # push qword [r15 + tmp]
+            a.popfq()
+            a.jmp(self.exit_to(i.eip, k, EXIT_MISS))
+        a.label(df)
+        a._mem(b"\xff", 6, R15, OFF_TMP)
+        a.popfq()
+        a.jmp(self.exit_to(i.eip, k, EXIT_FALLBACK))
+        a.label(done)
+        a._mem(b"\xff", 6, R15, OFF_TMP)
+        a.popfq()
+        return True
+
+    def _string_page(self, seg: int, reg: int, table: int, host: int, count: int, log: int,
+                     miss: str) -> None:  # fmt: skip
+        """host = the host address of seg:reg (ESI/EDI), count = the elements left in its
+        page (0: one crosses the page: miss, as for no TLB entry); R9 scratch."""
+        a = self.a
+        a.load32(R9, R15, OFF_SBASE + 4 * seg)
+        a.raw(bytes((0x41, 0x01, 0xC1 | reg << 3)))  # add r9d, esi/edi
+        a.mov_rr32(host, R9)
+        a.shr32(host, 12)
+        a.load64_index8(host, table, host)
+        a.test64(host, host)
+        a.jcc(4, miss)
+        a.and32(R9, 0xFFF)
+        a.add64(host, R9)
+        a.mov_imm32(count, 0x1000)
+        a._rr(b"\x29", R9, count)  # sub count, r9d
+        a.shr32(count, log)
+        a.jcc(4, miss)  # an element crosses the page
+
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
         if i.p66:
@@ -680,20 +839,19 @@ class Translator:
         for k, i in enumerate(insns):
             method = getattr(self, i.row.native)
             differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
-            fix_af = False
-            if differ:
-                cnt = _shift_count(i)
-                if differ != 0x10 or cnt is None:
-                    break  # the Python tiers run it, with their values of those flags
-                fix_af = cnt != 0  # a count of 0 leaves the flags as they were
+            fix = _flag_fix(i, differ) if differ else (b"", b"")
+            if fix is None:
+                break  # the Python tiers run it, with their values of those flags
             # After a TLB lookup the guest flags go back into the host's unless this
             # instruction defines them all: a later exit (a miss further on) shows them.
             row = i.row
             kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
-            if (i.row.native not in _ESP_AWARE and _uses_esp(i)) or not method(i, k, not kills_all):
+            if i.row.native not in _ESP_AWARE and _uses_esp(i):
                 break
-            if fix_af:
-                a.raw(b"\x9c\x80\x24\x24\xef\x9d")  # pushfq; and byte [rsp], ~AF; popfq
+            a.raw(fix[0])
+            if not method(i, k, not kills_all):
+                break
+            a.raw(fix[1])
             done = k + 1
             if i.row.ends_block:
                 break
