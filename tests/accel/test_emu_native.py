@@ -156,6 +156,31 @@ def test_native_flag_fixups_give_the_python_flags(row: Op) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["f3a5", "f3a4", "f366a5", "f3aa", "f3ab", "f366ab", "ac", "ad",
+                                  "66ad", "aa", "ab", "ae", "af", "f2ae", "f3ae", "f2af", "f366af",
+                                  "e200", "e300", "e000", "e100"])  # fmt: skip
+def test_native_string_and_loop_instructions(code: str) -> None:
+    """REP MOVS/STOS, LODS/STOS/SCAS, REPE/REPNE SCAS, LOOP/LOOPE/LOOPNE/JECXZ, with DF
+    set and clear, ECX 0, small and spanning pages: as the closures (DF set on REP MOVS:
+    left to Python)."""
+    cpu = _cpu()
+    ran = 0
+    try:
+        for fl in (0x2, 0x42, 0x402, 0x442, 0x8D5):
+            for ecx in (0, 1, 3, 5000):
+                for edi in (0x6FFE, 0x7000, 0x4003):
+                    regs = [0x11223300 if ecx == 3 else 0x11223344, ecx, 0, DATA, 0x8000, 0,
+                            DATA + 16, edi]  # fmt: skip
+                    got = _once(cpu, bytes.fromhex(code), regs, fl, True)
+                    if got is None:
+                        continue
+                    ran += 1
+                    assert got == _once(cpu, bytes.fromhex(code), regs, fl, False), (fl, ecx)
+        assert ran
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 

@@ -10,6 +10,7 @@ RAM to machine.mmio, interrupts come from `machine.interrupt_controller` (`pendi
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from boite.errors import AccelError, GuestError
 _GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
 _SEG = {"es": ES, "cs": CS, "ss": SS, "ds": DS, "fs": FS, "gs": GS}
 CHUNK = 20_000  # instructions between timer checks
+GC_THRESHOLD = (100_000, 50, 1000)
 
 
 def _attr_of(s: Segment) -> int:
@@ -188,6 +190,12 @@ class EmuAccelerator(Accelerator):
 
     # -- set-up ------------------------------------------------------------------------
     def create(self, machine: Any, config: Any = None) -> None:
+        # The emulator keeps many long-lived closures and blocks: at CPython's default
+        # threshold the collector rescans them thousands of times a boot (a quarter of
+        # the kit Linux's CPU time to init on the native tier). Rarer collections.
+        t0, t1, t2 = gc.get_threshold()
+        gc.set_threshold(max(t0, GC_THRESHOLD[0]), max(t1, GC_THRESHOLD[1]),
+                         max(t2, GC_THRESHOLD[2]))  # fmt: skip
         if machine.memory.region_at(0) is None:
             raise AccelError("emu: the machine has no RAM at physical address 0")
         self.machine = machine

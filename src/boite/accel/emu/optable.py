@@ -208,6 +208,9 @@ op(0x9E, "SAHF", w="szapc", decode="_misc1")
 op(0x9F, "LAHF", r="szapc", decode="_misc1")
 for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov,eAX")):
     op(_b, "MOV", _form, decode="_mov_moffs", jit="j_moffs", native="moffs")
+# Native: REP MOVS/STOS (rep_string); LODS, STOS, SCAS, REPE/REPNE SCAS (string1).
+_STRING_NATIVE = {0xA4: "rep_string", 0xA5: "rep_string", 0xAA: "string1", 0xAB: "string1",
+                  0xAC: "string1", 0xAD: "string1", 0xAE: "string1", 0xAF: "string1"}
 for _b, _name, _form, _fl in (
     (0xA4, "MOVSB", "Yb,Xb", {}), (0xA5, "MOVSW/D", "Yv,Xv", {}),
     (0xA6, "CMPSB", "Xb,Yb", {"w": OSZAPC}), (0xA7, "CMPSW/D", "Xv,Yv", {"w": OSZAPC}),
@@ -217,7 +220,7 @@ for _b, _name, _form, _fl in (
 ):  # fmt: skip
     # REPE/REPNE CMPS/SCAS read ZF to stop; the rest read DF only.
     op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string",
-       native="rep_string" if _b in (0xA4, 0xA5, 0xAA, 0xAB) else None)  # REP only
+       native=_STRING_NATIVE.get(_b))  # fmt: skip
 op(0xA8, "TEST", "AL,Ib", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 op(0xA9, "TEST", "eAX,Iz", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 for _b in range(0xB0, 0xB8):
@@ -278,10 +281,10 @@ for _b, _names in _X87.items():
         _w = "oszapc" if (_b, _ext) in ((0xDB, 5), (0xDB, 6), (0xDF, 5), (0xDF, 6)) else ""
         _r = "zpc" if _b in (0xDA, 0xDB) and _ext < 4 else ""
         op(_b, _name, "x87", ext=_ext, r=_r, w=_w, decode="_fpu")
-op(0xE0, "LOOPNE", "Jb", r="z", end=True, decode="_loop")
-op(0xE1, "LOOPE", "Jb", r="z", end=True, decode="_loop")
-op(0xE2, "LOOP", "Jb", end=True, decode="_loop", jit="j_loop")
-op(0xE3, "JCXZ", "Jb", end=True, decode="_loop")
+op(0xE0, "LOOPNE", "Jb", r="z", end=True, decode="_loop", native="loop")
+op(0xE1, "LOOPE", "Jb", r="z", end=True, decode="_loop", native="loop")
+op(0xE2, "LOOP", "Jb", end=True, decode="_loop", jit="j_loop", native="loop")
+op(0xE3, "JCXZ", "Jb", end=True, decode="_loop", native="loop")
 for _b, _form in (
     (0xE4, "IN AL,Ib"), (0xE5, "IN eAX,Ib"), (0xE6, "OUT Ib,AL"), (0xE7, "OUT Ib,eAX"),
     (0xEC, "IN AL,DX"), (0xED, "IN eAX,DX"), (0xEE, "OUT DX,AL"), (0xEF, "OUT DX,eAX"),

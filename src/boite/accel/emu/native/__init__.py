@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from boite.accel.emu.arch import ARITH, IF, OP_NONE, SEGCHK, STACK16
+from boite.accel.emu.arch import ARITH, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
     ChainTable,
@@ -268,6 +268,7 @@ class NativeTier:
             fl = cpu.get_flags()
             st.eflags = fl
             sbase_in(stbuf, 40, *cpu.sbase)
+            st.dstep = -1 if fl & DF else 1
             st.budget = BUDGET
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads

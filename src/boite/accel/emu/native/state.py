@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 
 TLB_ENTRIES = 1 << 20  # one per 4 KiB page of the 32-bit linear space
 TLB_BYTES = TLB_ENTRIES * 8
@@ -35,6 +36,7 @@ class NativeState(ctypes.Structure):
         ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
         ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
         ("pad", ctypes.c_uint32),
+        ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
@@ -57,6 +59,7 @@ OFF_NDONE = off("ndone")
 OFF_BUDGET = off("budget")
 OFF_INTR = off("intr")
 OFF_TMP = off("tmp")
+OFF_DSTEP = off("dstep")
 OFF_JTAB = off("jtab")
 OFF_OUT = off("out")
 OFF_DISPATCH = off("dispatch")
@@ -74,7 +77,7 @@ EXIT_FALLBACK = 2  # the instruction at EIP is not translated: the Python tiers 
 # The chain table: guest EIP -> host code of its block, for one (mode, CS) key. A
 # direct-mapped hash table of CHAIN_SLOTS (tag, host address) pairs; an empty slot has
 # tag 0xFFFFFFFF and the `out` stub as its code, so a hit on it (EIP 0xFFFFFFFF) leaves.
-CHAIN_BITS = 13
+CHAIN_BITS = 16  # 1 MiB a table: a boot's few thousand hot blocks rarely collide
 CHAIN_SLOTS = 1 << CHAIN_BITS
 CHAIN_SHIFT = 12
 
@@ -148,13 +151,11 @@ class ChainTable:
     are (a block or a TLB entry went away), so a hit needs no further check."""
 
     def __init__(self, out: int) -> None:
-        self.slots = (ctypes.c_uint64 * (2 * CHAIN_SLOTS))()
+        empty = struct.pack("<QQ", 0xFFFFFFFF, out) * CHAIN_SLOTS
+        self.slots = (ctypes.c_uint64 * (2 * CHAIN_SLOTS)).from_buffer_copy(empty)
         self.addr = ctypes.addressof(self.slots)
         self.used: set[int] = set()
         self.out = out
-        for s in range(CHAIN_SLOTS):
-            self.slots[2 * s] = 0xFFFFFFFF
-            self.slots[2 * s + 1] = out
 
     def add(self, eip: int, host: int) -> None:
         s = chain_slot(eip)

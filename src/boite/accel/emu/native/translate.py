@@ -41,6 +41,7 @@ from boite.accel.emu.native.state import (
     EXIT_MISS,
     OFF_BUDGET,
     OFF_DISPATCH,
+    OFF_DSTEP,
     OFF_EFLAGS,
     OFF_EIP,
     OFF_ESP,
@@ -157,17 +158,22 @@ class Insn:
     imm_at: int  # offset of the immediate in raw (== len(raw) - imm size)
     size: int  # operand size in bytes (1, 2, 4)
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
+    rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
 
 
 def parse(raw: bytes, eip: int) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None."""
     pos = 0
     p66 = lock = rep = False
-    while pos < len(raw) and raw[pos] in (0x66, 0xF0, 0xF3):
+    repne = False
+    while pos < len(raw) and raw[pos] in (0x66, 0xF0, 0xF2, 0xF3):
         p66 |= raw[pos] == 0x66
         lock |= raw[pos] == 0xF0
         rep |= raw[pos] == 0xF3
+        repne |= raw[pos] == 0xF2
         pos += 1
+    if rep and repne:
+        return None
     if pos >= len(raw):
         return None
     opmap = ""
@@ -217,11 +223,21 @@ def parse(raw: bytes, eip: int) -> Insn | None:
         return None
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
-    if row.native == "rep_string" and not rep or rep and row.native not in ("rep_string", "ret"):
-        return None  # REP MOVS/STOS only (and REP RET, which is a RET)
+    if (
+        row.native == "rep_string"
+        and not rep
+        or rep
+        and row.native not in ("rep_string", "ret", "string1")
+    ):
+        return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
+    if repne and row.code not in (0xAE, 0xAF):
+        return None
+    if row.native == "string1" and (rep or repne) and row.code in (0xAC, 0xAD):
+        return None  # REP STOS is rep_string's, REP LODS stays in Python
     first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
     size = 1 if first.endswith("b") else (2 if p66 else 4)
-    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock)
+    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
+                0xF3 if rep else (0xF2 if repne else 0))  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
@@ -797,6 +813,69 @@ class Translator:
         a._rr(b"\x29", R9, count)  # sub count, r9d
         a.shr32(count, log)
         a.jcc(4, miss)  # an element crosses the page
+
+    def loop(self, i: Insn, k: int, restore: bool) -> bool:
+        """LOOP/LOOPE/LOOPNE/JECXZ: ECX counted with LEA and tested with JECXZ, so the
+        guest's flags stay in the host's."""
+        if i.p66:
+            return False
+        a = self.a
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+        taken, fall = self.chain(target, k + 1), self.chain(nxt, k + 1)
+        if i.code == 0xE3:  # JECXZ
+            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+            a.jmp(fall)
+            a.jmp(taken)
+            return True
+        a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+        if i.code == 0xE2:
+            a.raw(b"\x67\xe3\x05")
+            a.jmp(taken)
+        else:
+            a.raw(b"\x67\xe3\x0b")
+            a.jcc(4 if i.code == 0xE0 else 5, fall)  # LOOPNE: ZF set stops; LOOPE: clear
+            a.jmp(taken)
+        a.jmp(fall)
+        return True
+
+    def string1(self, i: Insn, k: int, restore: bool) -> bool:
+        """LODS, STOS, SCAS of one element, and REPE/REPNE SCAS as a loop of them (each
+        element through the TLB; a miss leaves with ECX/EDI as far as they got)."""
+        if i.rep and i.code in (0xAA, 0xAB):
+            return self.rep_string(i, k, restore)
+        a = self.a
+        code = i.code
+        size = 1 if code & 1 == 0 else (2 if i.p66 else 4)
+        pre = b"\x66" if size == 2 else b""
+        lods, scas = code in (0xAC, 0xAD), code in (0xAE, 0xAF)
+        seg, reg = (DS, 6) if lods else (ES, 7)
+        n = self.n
+        self.n += 1
+        top, done = f"rt{n}", f"rd{n}"
+        if i.rep:  # ECX = 0: nothing, the flags as they were
+            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+            a.jmp(top)
+            a.jmp(done)
+        a.label(top)
+        a.load32(R9, R15, OFF_SBASE + 4 * seg)
+        a.lea32(R9, R9, 0, index=reg)  # flags untouched
+        self.lookup(R9, size, code in (0xAA, 0xAB), k, restore or bool(i.rep), reads=False)
+        if lods:
+            a.raw(pre + b"\x41" + (b"\x8a" if size == 1 else b"\x8b") + b"\x02")  # mov al, [r10]
+        elif scas:
+            a.raw(pre + b"\x41" + (b"\x3a" if size == 1 else b"\x3b") + b"\x02")  # cmp al, [r10]
+        else:
+            a.raw(pre + b"\x41" + (b"\x88" if size == 1 else b"\x89") + b"\x02")  # mov [r10], al
+        a.load64(R8, R15, OFF_DSTEP)
+        sib = ((size.bit_length() - 1) << 6) | (0 << 3)  # [reg + r8 * size]
+        a.raw(bytes((0x42, 0x8D, 0x04 | reg << 3, sib | reg)))  # lea e?i, [r?i + r8*size]
+        if i.rep:
+            a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+            a.raw(b"\x67\xe3\x06")  # jecxz over the jcc: done
+            a.jcc(5 if i.rep == 0xF2 else 4, top)  # REPNE: on while not equal
+            a.label(done)
+        return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
