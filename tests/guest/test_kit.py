@@ -306,6 +306,35 @@ def test_i386_kernel_boots_runs_and_powers_off(kit: guestkit.Kit, cpu: str) -> N
     assert re.search(r"^fpu\s*: yes\r?$", out, re.M), out[-2000:]
 
 
+# microvm is QEMU's machine with virtio-mmio devices (the i386 kit kernel has no PCI):
+# acpi=off so that it names them on the command line, the bzImage (it adds them only for a
+# Linux boot-protocol kernel), and a CPU without a local APIC, since the kit kernel drives
+# the 8259 PIC and microvm's firmware does not route it through LINT0.
+MICROVM = ["-M", "microvm,acpi=off", "-cpu", "pentium3,-apic", "-nodefaults"]
+
+
+@pytest.mark.slow
+def test_the_kit_takes_a_dhcp_lease_from_qemus_user_networking(kit: guestkit.Kit) -> None:
+    """Every ethN asks for a lease (busybox udhcpc on the AF_PACKET the kernel has); eth0
+    keeps the default route and DNS."""
+    assert kit.i386_bzimage and kit.initrd_i386
+    wait = (
+        "until ip route | grep -q ^default.*eth0 && ip -4 addr show eth1 | grep -q inet &&"
+        " test -s /etc/resolv.conf; do sleep 1; done"
+    )
+    run = f'boite.tools=0 boite.run="{wait}; ip -4 addr; ip route; cat /etc/resolv.conf"'
+    proc, out = _boot(
+        "qemu-system-x86_64", kit.i386_bzimage, kit.initrd_i386, run, *MICROVM,
+        "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
+        "-netdev", "user,id=n1,net=10.0.3.0/24", "-device", "virtio-net-device,netdev=n1",
+    )  # fmt: skip
+    assert _markers(out).get("BOITE-EXIT") == "status=0", out[-3000:]
+    assert re.search(r"inet 10\.0\.2\.15/24 .*eth0", out), out[-2000:]
+    assert re.search(r"inet 10\.0\.3\.15/24 .*eth1", out), out[-2000:]
+    assert re.search(r"^default via 10\.0\.2\.2 dev eth0", out, re.M), out[-2000:]
+    assert re.search(r"^nameserver 10\.0\.2\.3\r?$", out, re.M), out[-2000:]
+
+
 def _converse(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float = 240):
     """Run QEMU; each time the console shows the next expected text, type its answer.
     Returns (exit status, console output)."""
