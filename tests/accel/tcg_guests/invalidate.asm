@@ -6,7 +6,8 @@
 ; page's old frame rewritten (translations are of physical pages); CR0.PG toggled under a
 ; hot call whose linear address means another frame when paging is on; CR0.WP toggled
 ; under a hot ring-0 store to a read-only page; CR4.PSE toggled so that one PDE maps a
-; 4 MiB page or points at a page table. Every function is called often enough to be
+; 4 MiB page or points at a page table; CR4.PAE toggled (through PG off) between tables
+; that map one page differently. Every function is called often enough to be
 ; translated before it changes, and every sum is compared with QEMU TCG. A page written as
 ; data by hot code, then run, then rewritten (a loader's pattern) is there too.
 %define EXIT_CODE 0x62
@@ -25,6 +26,8 @@
 %define F3      0x322000
 %define PGLIN   0x330000            ; PG off: this frame; PG on: mapped to F2
 %define ROPAGE  0x340000            ; read-only in PT0
+%define PDPT    0x205000            ; PAE: one PDPTE, identity 0..4 MiB in 2 MiB pages
+%define PAE_PD  0x206000
 %define JITPG   0x350000            ; data written by a hot loop, then code, then rewritten
 %define BIG     0x400000            ; PSE: the 4 MiB frame of PDE 2; no PSE: its page table
 %define PSELIN  0x801000
@@ -277,13 +280,50 @@ main:
     SHOW "sum", ebx
     call nl
 
+    PRINT `cr4.pae\n`              ; 2-level paging (PGLIN: F2) and PAE (identity)
+    mov dword [PDPT], PAE_PD | 1
+    mov dword [PDPT + 4], 0
+    mov dword [PAE_PD], 0x83
+    mov dword [PAE_PD + 4], 0
+    mov dword [PAE_PD + 8], 0x200000 | 0x83
+    mov dword [PAE_PD + 12], 0
+    xor ebx, ebx
+    mov ecx, 40
+.pae:
+    mov eax, cr0
+    and eax, 0x7fffffff
+    mov cr0, eax
+    jmp .pae_off
+.pae_off:
+    mov eax, cr4
+    xor eax, 0x20
+    mov cr4, eax
+    mov edx, PD
+    test eax, 0x20
+    jz .pae_cr3
+    mov edx, PDPT
+.pae_cr3:
+    mov cr3, edx
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+    jmp .pae_on
+.pae_on:
+    mov edx, PGLIN
+    call edx
+    add ebx, eax
+    add ebx, [edx + 0x800]
+    loop .pae
+    SHOW "sum", ebx
+    call nl
+
     mov eax, cr0
     and eax, 0x7fffffff
     mov cr0, eax
     jmp .flat
 .flat:
     mov eax, cr4
-    and eax, ~0x10
+    and eax, ~0x30
     mov cr4, eax
     ret
 
