@@ -160,7 +160,11 @@ class Box:
                 raise BoxError(f"cannot create {name}: {problems[0]}")
 
         staging = parent / f".{name}.creating-{secrets.token_hex(4)}"
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            # Name the directory the user chose, not the hidden staging one.
+            raise OSError(exc.errno, f"cannot create {name} in {parent}: {exc.strerror}") from exc
         try:
             vmx.save(staging / f"{name}.vmx")
             VmxDict.new().save(staging / f"{name}.vmsd")
