@@ -245,18 +245,22 @@ main:
     PRINT `cr0.wp\n`
     mov dword [pf_count], 0
     mov dword [hook + 14 * 4], pf_skip
-    mov ecx, 40
-.wp:
+    mov esi, 4                      ; phases: WP off, on, off, on; 16 stores in each
+.wp_phase:
     mov eax, cr0
     and eax, ~0x10000
-    test ecx, 4
-    jz .wp_set
+    test esi, 1
+    jnz .wp_set
     or eax, 0x10000
 .wp_set:
     mov cr0, eax
-    mov eax, ecx
+    mov ecx, 16
+.wp:
+    lea eax, [esi * 8 + ecx]
     call poke
     loop .wp
+    dec esi
+    jnz .wp_phase
     mov eax, cr0
     and eax, ~0x10000
     mov cr0, eax
