@@ -28,7 +28,10 @@ from guests import boot
 from guests.build import assemble
 from guests.runner import CollectedOutput
 
-pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed"),
+    pytest.mark.emu_tiers,
+]  # both tiers (tests/conftest.py)
 
 LOAD = 0x100000
 VBLK_BASE = 0xD000_1000

@@ -14,6 +14,8 @@ from guests import boot
 from guests.build import assemble
 from guests.runner import CollectedOutput, build_guest_machine, run_guest
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 LOAD = 0x100000
 
 

@@ -795,6 +795,8 @@ class Cpu:
 
     def push(self, v: int, size: int) -> None:
         r = self.r
+        if size == 2:  # a 16-bit push stores the low word (CALL's IP, a call gate's SP)
+            v &= 0xFFFF
         if self.stack_fast:
             sp = (r[4] - size) & M32
             self.wr((self.sbase[SS] + sp) & M32, size, v)
