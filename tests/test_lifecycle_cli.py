@@ -183,3 +183,30 @@ def test_info_names_each_nics_host_side(tmp_path):
         assert "forwards tcp:18181:80" in text, text
     finally:
         boite("stop", box.dir, "hard")
+
+
+@requires_kvm
+def test_the_library_runs_a_box_without_the_cli(tmp_path):
+    """boite.launch is what the CLI calls: a Python caller starts, pauses, snapshots,
+    reverts and stops a box with it (exec and cp: tests/net/inside.py)."""
+    from boite import launch
+
+    box = make_box(tmp_path, "lib")
+    pid = launch.start(box.dir, "kvm")
+    try:
+        status = launch.status(box.dir)
+        assert status is not None and status["state"] == "running" and status["pid"] == pid
+        launch.pause(box.dir)
+        assert launch.status(box.dir)["state"] == "paused"
+        launch.resume(box.dir)
+        assert launch.status(box.dir)["state"] == "running"
+        taken = launch.snapshot(box.dir, "lib-snap")
+        assert taken.name == "lib-snap"
+        reverted = launch.revert(box.dir, "lib-snap")
+        assert reverted.running and reverted.memory
+        stopped = launch.stop(box.dir, "hard")
+        assert stopped.how == "hard"
+        assert launch.status(box.dir) is None
+    finally:
+        if launch.status(box.dir) is not None:
+            launch.stop(box.dir, "hard")
