@@ -50,3 +50,54 @@ def boite_cli():
         )
 
     return run
+
+
+# --- every CPU test on both tiers of the emulator (issue 11) ---------------------------
+# A test or module marked `emu_tiers` runs once per tier, `[python]` and `[native]`,
+# through BOITE_EMU_TIER, which reaches EmuAccelerator() in this process and `boite` in
+# child processes alike (accel/emu/tiers.py). On the native side hot means 2 runs
+# (BOITE_EMU_HOT), so that nearly all the code a test runs goes through the translator,
+# not only its loops. A test that takes the plain interpreter (a `translate` parameter
+# False, a `mode` parameter "interp") has no native tier: its [native] copy is
+# deselected, not run twice.
+TIERS = ("python", "native")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("emu_tiers") is not None:
+        metafunc.parametrize("emu_tier", TIERS, indirect=True)
+
+
+def _interpreted(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("translate") is False or params.get("mode") == "interp"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    drop = [
+        it for it in items
+        if getattr(getattr(it, "callspec", None), "params", {}).get("emu_tier") == "native"
+        and _interpreted(it)
+    ]  # fmt: skip
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        keep = set(map(id, drop))
+        items[:] = [it for it in items if id(it) not in keep]
+
+
+@pytest.fixture(autouse=True)
+def emu_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The tier a marked test runs on (None for the others, which run as they are)."""
+    tier = getattr(request, "param", None)
+    if tier is None:
+        yield None
+        return
+    from boite.accel.emu.tiers import native_refusal
+
+    if tier == "native" and native_refusal() is not None:
+        pytest.skip(str(native_refusal()))
+    monkeypatch.setenv("BOITE_EMU_TIER", tier)
+    monkeypatch.delenv("BOITE_EMU_NATIVE", raising=False)
+    if tier == "native":
+        monkeypatch.setenv("BOITE_EMU_HOT", os.environ.get("BOITE_EMU_HOT") or "2")
+    yield tier

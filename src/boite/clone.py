@@ -13,11 +13,13 @@ own displayName, no suspend state, no snapshots. Its disks are
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 from pathlib import Path
 
 from boite.box import Box
-from boite.box.atomic import write_atomic
+from boite.box.atomic import fsync_dir, write_atomic
 from boite.box.config import format_vmware_uuid, generated_mac
 from boite.box.vmxdict import VmxDict
 from boite.errors import BoxError, SnapshotError
@@ -95,33 +97,46 @@ def clone_box(
         # Its disks' parents are the source's files, outside this box: say so, as
         # docs/security.md asks of a box that reaches out.
         vmx["boite.allowExternalDisks"] = "TRUE"
-    dest.mkdir(parents=True)
-    made: list[Path] = []
+    # Built in a hidden staging directory and renamed into place last, so a clone killed
+    # half-way leaves no half-made box under the name the user asked for.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(dest)
+    staging = dest.parent / f".{name}.cloning-{os.getpid()}"
+    staging.mkdir()
     try:
         for i, (node, file_name) in enumerate(sorted(starts.items())):
             src_path = Path(file_name)
             src_path = src_path if src_path.is_absolute() else source.dir / src_path
             suffix = src_path.suffix if src_path.suffix else ".vmdk"
             new_name = f"{name}{'' if i == 0 else f'-{i}'}{'.vmdk' if linked else suffix}"
-            target = dest / new_name
             if linked:
-                create_child(src_path, target)
+                create_child(src_path, staging / new_name)
             else:
-                convert_disk(src_path, target)
-            made.append(target)
+                convert_disk(src_path, staging / new_name)
             vmx[f"{node}.fileName"] = new_name
-        write_atomic(dest / f"{name}.vmx", vmx.to_bytes())
+        write_atomic(staging / f"{name}.vmx", vmx.to_bytes())
+        fsync_dir(staging)
+        if linked and snap is not None:
+            # Recorded before the clone exists: a kill in between leaves a record that
+            # names no box (linked_clones skips it), never a clone the source forgot.
+            _record_clone(source, snap.uid, str(dest.resolve() / f"{name}.vmx"))
+        try:
+            os.rename(staging, dest)
+        except OSError as exc:
+            raise BoxError(f"clone: {dest} appeared while the clone was made") from exc
     except BaseException:
-        for path in made:
-            path.unlink(missing_ok=True)
-        for leftover in dest.iterdir():
-            leftover.unlink()
-        dest.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    clone = Box.open(dest)
-    if linked and snap is not None:
-        _record_clone(source, snap.uid, str(clone.vmx_path))
-    return clone
+    fsync_dir(dest.parent)
+    return Box.open(dest)
+
+
+def _remove_dead_staging(dest: Path) -> None:
+    """Staging directories of earlier clones to `dest` whose process is gone (killed)."""
+    for leftover in dest.parent.glob(f".{dest.name}.cloning-*"):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _record_clone(source: Box, uid: int, vmx_path: str) -> None:

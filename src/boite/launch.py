@@ -66,12 +66,15 @@ def machine_builder():
 def vmm_for(
     make_machine: Callable[[bool], Any], accel: str, console: Any, log: LogFn, name: str,
     wrap_factory: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
+    emu_tier: str | None = None, emu_tier_config: str | None = None,
 ):  # fmt: skip
     """A Vmm whose machine matches its accelerator: KVM brings the in-kernel PIC, IOAPIC
-    and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`)."""
+    and PIT, the emulator needs boite's own (`make_machine(emulated_irqchip)`).
+    `emu_tier`/`emu_tier_config`: the emulator's tier (--emu-tier, boite.emuTier)."""
     from boite.vmm import Vmm, accelerator_for
 
-    first = accelerator_for(accel, log=log)
+    tiers = {"emu_tier": emu_tier, "emu_tier_config": emu_tier_config}
+    first = accelerator_for(accel, log=log, **tiers)
     kind = type(first)
     used = [False]
 
@@ -80,6 +83,8 @@ def vmm_for(
         if not used[0]:
             used[0] = True
             return first
+        if first.name == "emu":
+            return kind(tier=emu_tier, tier_config=emu_tier_config)
         return kind()
 
     emulated_irqchip = first.name != "kvm"
@@ -188,6 +193,7 @@ class BootSpec:
     disks: tuple[str, ...] = ()
     accel: str = "auto"
     kernel_unpack: str = "auto"  # "auto", "true", "false": see loader.choose_unpack
+    emu_tier: str | None = None  # the emulator's tier (accel/emu/tiers.py); None: auto
 
     def check(self) -> None:
         if not Path(self.kernel).is_file():
@@ -228,7 +234,8 @@ def boot_kernel(
             kernel_unpack=spec.kernel_unpack,
         )  # fmt: skip
 
-    vmm = vmm_for(make_machine, spec.accel, console, log or _vmm_log.info, Path(spec.kernel).name)
+    vmm = vmm_for(make_machine, spec.accel, console, log or _vmm_log.info, Path(spec.kernel).name,
+                  emu_tier=spec.emu_tier)  # fmt: skip
     vmm.on_power_on = devices.start
     client = console_client(console, vmm) if console_client is not None else None
     install_stop_signals(vmm)
@@ -276,9 +283,11 @@ def run_box(
     *,
     console_client: ConsoleClientFactory | None = None,
     ready: Callable[[], None] | None = None,
+    emu_tier: str | None = None,
 ) -> int:
     """Run `box` in this process until it powers off (its lock held, its control socket
-    served); the guest's exit status. `ready` is called once the guest runs."""
+    served); the guest's exit status. `ready` is called once the guest runs. `emu_tier`
+    (--emu-tier) wins over the box's boite.emuTier."""
     from boite.events import to_box_log
     from boite.machine.builder import machine_from_box
     from boite.machine.devices import ConsoleBackend
@@ -313,7 +322,8 @@ def run_box(
             )  # fmt: skip
 
         wrap, snapshot_handler = _snapshot_hooks(box, log, tools)
-        vmm = vmm_for(make_machine, accel_name, console, log, box.name, wrap)
+        vmm = vmm_for(make_machine, accel_name, console, log, box.name, wrap,
+                      emu_tier=emu_tier, emu_tier_config=box.config.emu_tier)  # fmt: skip
         vmm.on_power_on = devices.start  # first: the hooks below chain onto it
         handlers = []
         if snapshot_handler is not None:
@@ -425,7 +435,7 @@ def _snapshot_hooks(box, log, tools=None):
     return wrap, handle_control_request
 
 
-def start(box: Any, accel: str | None = None) -> int:
+def start(box: Any, accel: str | None = None, emu_tier: str | None = None) -> int:
     """Start `box` in a VMM process that outlives the caller; return its pid once the
     guest runs (BoxError with the VMM's reason when it did not start)."""
     box = open_box(box)
@@ -445,7 +455,7 @@ def start(box: Any, accel: str | None = None) -> int:
             os.write(wfd, b"ok\n")
 
         try:
-            status = run_box(open_box(box.vmx_path), accel, ready=ready)
+            status = run_box(open_box(box.vmx_path), accel, ready=ready, emu_tier=emu_tier)
         except BaseException as exc:  # report to the parent if it still listens
             with contextlib.suppress(OSError):
                 os.write(wfd, f"error {exc}\n".encode())

@@ -63,9 +63,15 @@ class VmState(enum.Enum):
     STOPPED = "stopped"
 
 
-def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
+def accelerator_for(
+    name: str, *, log: LogFn | None = None, emu_tier: str | None = None,
+    emu_tier_config: str | None = None,
+) -> Accelerator:  # fmt: skip
     """`kvm`, `emu`, or `auto` (KVM when /dev/kvm can make a VM here, else the emulator).
-    Also takes the box's `monitor.virtual_exec` values hardware/software/automatic."""
+    Also takes the box's `monitor.virtual_exec` values hardware/software/automatic.
+    `emu_tier` (--emu-tier) and `emu_tier_config` (the box's boite.emuTier) go to the
+    emulator, which picks its tier with them (accel/emu/tiers.py)."""
+    emu_args = {"tier": emu_tier, "tier_config": emu_tier_config}
     name = {"hardware": "kvm", "software": "emu", "automatic": "auto"}.get(name, name)
     if name not in ("kvm", "emu", "auto"):
         raise AccelError(f"accelerator {name!r}: expected kvm, emu or auto")
@@ -78,14 +84,20 @@ def accelerator_for(name: str, *, log: LogFn | None = None) -> Accelerator:
             if log:
                 log("KVM here is the kvm_pvm software module, which cannot boot an OS; "
                     "using the emulator.")  # fmt: skip
-            return _emulator()
+            return _emulator(**emu_args)
         if kvm_usable():
             return KvmAccelerator()
         if name == "kvm":
             raise AccelError("KVM is not usable here (/dev/kvm missing or not accessible)")
         if log:
             log("KVM is not usable here; using the emulator.")
-    return _emulator()
+    return _emulator(**emu_args)
+
+
+def _tier_stats(accel: Accelerator) -> dict[str, Any] | None:
+    """The emulator's tier and its counts (accel/emu/tiers.py); None for KVM."""
+    stats = getattr(accel, "tier_stats", None)
+    return stats() if callable(stats) else None
 
 
 def kvm_is_software_nested() -> bool:
@@ -93,7 +105,7 @@ def kvm_is_software_nested() -> bool:
     return os.path.exists("/sys/module/kvm_pvm")
 
 
-def _emulator() -> Accelerator:
+def _emulator(tier: str | None = None, tier_config: str | None = None) -> Accelerator:
     try:
         module = importlib.import_module("boite.accel.emu")
     except ImportError as exc:  # pragma: no cover - depends on what is installed
@@ -101,7 +113,7 @@ def _emulator() -> Accelerator:
     for attr in ("EmuAccelerator", "EmulatorAccelerator", "Emulator"):
         cls = getattr(module, attr, None)
         if isinstance(cls, type) and issubclass(cls, Accelerator):
-            return cls()
+            return cls(tier=tier, tier_config=tier_config)
     raise AccelError(
         "the emulator accelerator (boite.accel.emu) is not available in this build: "
         "use --accel kvm on a host with /dev/kvm"
@@ -271,6 +283,9 @@ class Vmm:
         )
         if self.machine.kernel_note:
             self.log(f"Kernel: {self.machine.kernel_note}.")
+        tier = _tier_stats(self.accel)
+        if tier is not None:
+            self.log(f"Emulator tier: {tier['tier']} ({tier['why']}).")
         runs = getattr(self.accel, "max_vcpus", None)
         if runs is not None and self.machine.num_vcpus > runs:
             self.log(
@@ -290,6 +305,13 @@ class Vmm:
             self.accel.close()
         except Exception as exc:  # noqa: BLE001 - reported below, the rest still closes
             problems.append(f"closing the {self.accel.name} accelerator: {exc}")
+        tier = _tier_stats(self.accel)
+        if tier is not None and tier["instructions"]:
+            self.log(
+                f"Emulator tier {tier['tier']}: {tier['instructions']} guest instructions, "
+                f"{tier['native_instructions']} of them as native code "
+                f"({tier['native_blocks']} blocks translated)."
+            )
         if self.machine is not None:
             for name, dev in self.machine.devices.items():
                 close = getattr(dev, "close", None)
@@ -383,13 +405,16 @@ class Vmm:
                 continue
             if reason is StopReason.SHUTDOWN:
                 self.exit_status = result.exit_status
+                route = getattr(self.machine, "poweroff_route", "") or result.detail or ""
                 self.log(f"Guest powered off, exit status {result.exit_status}.")
-                self._record_guest_power_off()
+                if route:
+                    self.log(f"The guest powered off through {route}.")
+                self._record_guest_power_off(route)
                 return result.exit_status
             if reason is StopReason.HALTED:
                 self.exit_status = 0
                 self.log(f"Every vCPU halted with interrupts off: {result.detail}")
-                self._record_guest_power_off()
+                self._record_guest_power_off("every vCPU halting with interrupts off")
                 return 0
             if reason is StopReason.RESET:
                 self.resets += 1
@@ -407,14 +432,17 @@ class Vmm:
         self.exit_status = 0 if self.exit_status is None else self.exit_status
         return self.exit_status
 
-    def _record_guest_power_off(self) -> None:
+    def _record_guest_power_off(self, route: str = "") -> None:
+        """`route`: how the guest went down (the machine's `poweroff_route`), said too."""
         method = self._soft_method
+        how = f" ({route})" if route else ""
         if method is not None:
-            detail = f"the guest powered off when asked through {method.what}"
+            detail = f"the guest powered off when asked through {method.what}{how}"
             self.log(f"Soft stop: {detail}.")
             self.stop_outcome = {"how": "soft", "method": method.name, "detail": detail}
         elif self.stop_outcome is None:
-            self.stop_outcome = {"how": "guest", "method": None, "detail": "the guest powered off"}
+            self.stop_outcome = {"how": "guest", "method": None,
+                                 "detail": f"the guest powered off{how}"}  # fmt: skip
 
     def _reset(self, restore: Callable[[Machine, Accelerator], None] | None = None) -> None:
         """A reset rebuilds the machine from its description, as a PC's firmware reloads;
@@ -569,6 +597,7 @@ class Vmm:
             "name": self.name,
             "state": self.state.value,
             "accelerator": self.accel.name,
+            "emu_tier": _tier_stats(self.accel),
             "pid": os.getpid(),
             "vcpus": machine.num_vcpus if machine else None,
             "memory_mib": machine.memory.size >> 20 if machine else None,
@@ -850,7 +879,6 @@ class ControlServer:
         console = self.vmm.console
         if console is None:
             return
-        self.log("Console attached.")
         # The viewer's own bounded buffer (ConsoleClient) is where a slow viewer's output
         # waits and is dropped; a large socket buffer would only hide that for a while.
         with contextlib.suppress(OSError):
@@ -860,6 +888,7 @@ class ControlServer:
             conn.sendall(data)
 
         client = console.attach(writer)
+        self.log("Console attached.")  # after: a viewer sees everything from here on
         with self._active_lock:
             self._consoles.add(conn)
         try:

@@ -79,17 +79,20 @@ MODES = ("translate", "interp")
 
 @pytest.fixture(scope="module")
 def emu_runs(images):
-    """Both emulator paths of a case at once (independent processes), cached."""
+    """Both emulator paths of a case at once (independent processes), cached; on the
+    native tier (BOITE_EMU_TIER, see conftest.py) only the translating path has one."""
     cache: dict[tuple, tuple[int, bytes, str]] = {}
 
     def run(name: str, mode: str, *args: str, input: bytes = b"") -> tuple[int, bytes, str]:
-        key = (name, args, input)
+        tier = os.environ.get("BOITE_EMU_TIER")
+        key = (name, args, input, tier)
         if (key, mode) not in cache:
-            with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
+            modes = MODES if tier != "native" else ("translate",)
+            with ThreadPoolExecutor(max_workers=len(modes)) as pool:
                 results = pool.map(
-                    lambda m: boot(images[name], "emu", m, *args, input=input), MODES
+                    lambda m: boot(images[name], "emu", m, *args, input=input), modes
                 )
-                cache.update({(key, m): r for m, r in zip(MODES, results, strict=True)})
+                cache.update({(key, m): r for m, r in zip(modes, results, strict=True)})
         return cache[key, mode]
 
     return run
@@ -114,6 +117,7 @@ def _ids(case) -> str:
     return name + ("+stdin" if stdin else "")
 
 
+@pytest.mark.emu_tiers
 @pytest.mark.parametrize("mode", MODES, ids=["translated", "interpreted"])
 @pytest.mark.parametrize(("name", "args", "stdin"), CASES, ids=[_ids(c) for c in CASES])
 def test_emu_boot_matches_kvm(kvm_runs, emu_runs, name, args, stdin, mode):
@@ -133,6 +137,7 @@ def test_parity_kernels_end_with_their_own_exit_code(kvm_runs):
 
 
 @requires_real_vtx
+@pytest.mark.emu_tiers
 @pytest.mark.parametrize("name", sorted(p.stem for p in GUESTS.glob("*.asm")))
 def test_tcg_kernels_match_under_real_vtx(images, kvm_runs, name):
     """With real VT-x/AMD-V (IRET, paging, interrupts work under KVM), the QEMU TCG

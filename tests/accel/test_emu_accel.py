@@ -21,6 +21,8 @@ from guests import boot
 from guests.build import assemble
 from guests.runner import CollectedOutput
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 LOAD = 0x100000
 
 

@@ -9,6 +9,8 @@ from boite.accel.base import StopReason
 from boite.accel.emu import EmuAccelerator
 from guests.runner import run_guest
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 MODES = pytest.mark.parametrize("translate", [True, False], ids=["translated", "interpreted"])
 
 

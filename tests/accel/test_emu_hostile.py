@@ -17,6 +17,8 @@ from boite.machine.builder import build_machine
 from guests import boot
 from guests.runner import CollectedOutput
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 LOAD = 0x100000
 IDT = 0x3000
 REAL_CODE = 0x7000

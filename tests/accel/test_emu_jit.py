@@ -25,7 +25,10 @@ from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests import boot
 
-pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed"),
+    pytest.mark.emu_tiers,
+]  # both tiers (tests/conftest.py)
 
 CODE = 0x100000
 DATA = 0x200000  # 8 KiB of random bytes; EBX/ESI/EDI point into it and stay there

@@ -25,7 +25,7 @@ from boite.machine.memory import GuestMemory
 from conftest import requires_kvm
 from guests import boot
 
-pytestmark = requires_kvm
+pytestmark = [requires_kvm, pytest.mark.emu_tiers]  # both tiers (tests/conftest.py)
 
 CODE = 0x100000
 SLOT = 64  # bytes per snippet in the assembled image

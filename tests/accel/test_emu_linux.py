@@ -35,6 +35,7 @@ INITRD = (
 )
 
 pytestmark = [
+    pytest.mark.emu_tiers,  # both tiers (tests/conftest.py)
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("BOITE_EMU_LINUX") != "1", reason="set BOITE_EMU_LINUX=1"),
     pytest.mark.skipif(KERNEL is None or INITRD is None, reason="no i386 guest-kit kernel/initrd"),

@@ -6,22 +6,18 @@
   its own way (the translator fixes those up or leaves them to Python where they live);
 - random hot loops (test_emu_jit's generator, with #PF and #DE on the last pass) run on
   the native tier and on the plain interpreter end identical, and native code ran;
-- self-modifying code and a paging change invalidate translations;
-- a crash fuzz: random code in real, 16- and 32-bit protected mode with random IDT and
-  paging, each batch in a subprocess; host crashes are counted (the aim is none) and
-  every guest outcome must equal the Python tier's. BOITE_NATIVE_FUZZ_RUNS scales it.
-- the existing CPU tests on the native tier (slow): BOITE_EMU_NATIVE=1 in a subprocess.
+- self-modifying code and a paging change invalidate translations.
+
+The crash fuzz is test_native_fuzz.py; the other CPU tests run on both tiers through the
+`emu_tiers` mark (tests/conftest.py); invalidation by real guests is test_native_invalidation.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -41,6 +37,9 @@ HERE = Path(__file__).resolve().parent
 CODE, DATA = 0x1000, 0x4000
 
 
+_RAM0 = bytes(1 << 20)
+
+
 def _cpu() -> Cpu:
     cpu = Cpu(GuestMemory.with_ram(1 << 20))
     cpu.set_cr(0, 0x11)
@@ -55,15 +54,17 @@ def _cpu() -> Cpu:
 def _encode(r: Op, rnd: random.Random, memory: bool) -> bytes:
     out = bytes([0x0F, r.code]) if r.map == "0F" else bytes([r.code])
     if has_modrm(r):
-        reg = r.ext if r.ext is not None else rnd.choice((0, 1, 2, 3, 5, 6, 7))
+        reg = r.ext if r.ext is not None else rnd.randrange(8)  # ESP too: it becomes R12
         if memory:  # [ebx + 0x10 + ...]: EBX points at DATA
             out += bytes([0x80 | reg << 3 | 3]) + rnd.randrange(0, 40).to_bytes(4, "little")
         else:
-            out += bytes([0xC0 | reg << 3 | rnd.choice((0, 1, 2, 3, 5, 6, 7))])
+            out += bytes([0xC0 | reg << 3 | rnd.randrange(8)])
     return out + rnd.randbytes(imm_bytes(r, False))
 
 
 def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool):
+    # All of RAM as it was: a bit string instruction's register offset reaches anywhere.
+    cpu.ram[:] = _RAM0
     cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"  # HLT: not translated
     cpu.ram[DATA : DATA + 64] = bytes(range(64))
     cpu.flush_blocks()
@@ -87,8 +88,7 @@ def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool):
 
 
 @pytest.mark.parametrize(
-    "row", [r for r in ROWS if r.native == "copy" and not (r.code & 7 == 4 and r.operands[:2]
-                                                             in ("Zv", "Zd"))],  # ESP: never
+    "row", [r for r in ROWS if r.native == "copy"],
     ids=lambda r: f"{r.map}{r.code:02x}{'' if r.ext is None else '/' + str(r.ext)}-{r.mnemonic}",
 )  # fmt: skip
 def test_native_rows_agree_with_the_closures(row: Op, monkeypatch) -> None:
@@ -116,6 +116,63 @@ def test_native_rows_agree_with_the_closures(row: Op, monkeypatch) -> None:
                 assert (got[0], got[2], got[3]) == (want[0], want[2], want[3]), code.hex()
                 assert (got[1] ^ want[1]) & ~host_differs(insn) == 0, code.hex()
         assert ran, "no form of the row was translated"
+    finally:
+        cpu.close()
+
+
+_FIXED = [r for r in ROWS if r.native == "copy" and (r.mnemonic in ("MUL", "IMUL")
+          or r.mnemonic in ("SHL", "SAL", "SAR", "SHR") and r.map == "")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "row", _FIXED,
+    ids=lambda r: f"{r.map}{r.code:02x}{'' if r.ext is None else '/' + str(r.ext)}-{r.mnemonic}",
+)  # fmt: skip
+def test_native_flag_fixups_give_the_python_flags(row: Op) -> None:
+    """Multiplies and shifts whose undefined flags the host computes its own way: where
+    the translator takes them (fixing SF/ZF/PF/AF after a multiply, AF and SHR's OF after
+    a shift, by CL included), every flag equals the closure's."""
+    rnd = random.Random(f"fix{row.map}{row.code}{row.ext}")
+    cpu = _cpu()
+    ran = 0
+    try:
+        for memory in (False, True):
+            for _ in range(40):
+                code = _encode(row, rnd, memory)
+                regs = [rnd.choice((0, 1, 2, 31, 32, 33, 0x7F, 0x80, 0xFFFFFFFF,
+                                    rnd.getrandbits(32))) for _ in range(8)]  # fmt: skip
+                fl = rnd.getrandbits(12) & 0x8D5
+                got = _once(cpu, code, regs, fl, True)
+                if got is None:
+                    continue
+                ran += 1
+                assert got == _once(cpu, code, regs, fl, False), code.hex()
+        assert ran, "no form of the row was translated"
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["f3a5", "f3a4", "f366a5", "f3aa", "f3ab", "f366ab", "ac", "ad",
+                                  "66ad", "aa", "ab", "ae", "af", "f2ae", "f3ae", "f2af", "f366af",
+                                  "e200", "e300", "e000", "e100"])  # fmt: skip
+def test_native_string_and_loop_instructions(code: str) -> None:
+    """REP MOVS/STOS, LODS/STOS/SCAS, REPE/REPNE SCAS, LOOP/LOOPE/LOOPNE/JECXZ, with DF
+    set and clear, ECX 0, small and spanning pages: as the closures (DF set on REP MOVS:
+    left to Python)."""
+    cpu = _cpu()
+    ran = 0
+    try:
+        for fl in (0x2, 0x42, 0x402, 0x442, 0x8D5):
+            for ecx in (0, 1, 3, 5000):
+                for edi in (0x6FFE, 0x7000, 0x4003):
+                    regs = [0x11223300 if ecx == 3 else 0x11223344, ecx, 0, DATA, 0x8000, 0,
+                            DATA + 16, edi]  # fmt: skip
+                    got = _once(cpu, bytes.fromhex(code), regs, fl, True)
+                    if got is None:
+                        continue
+                    ran += 1
+                    assert got == _once(cpu, bytes.fromhex(code), regs, fl, False), (fl, ecx)
+        assert ran
     finally:
         cpu.close()
 
@@ -177,6 +234,114 @@ def test_hot_random_loops_match_the_interpreter(tmp_path, seed: int, fault: str 
     assert got[3] > 0, "no native code ran"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
         assert got[i] == ref[i], f"seed {seed}: {what} differ\n{src}"
+
+
+_CALLS = """
+bits 32
+org 0x100000
+TABLE equ 0x200000 + 0x1000
+COUNTER equ 0x200000 + 0x1010
+    mov dword [TABLE], fn1
+    mov dword [TABLE + 4], fn2
+    mov dword [TABLE + 8], done
+    mov dword [TABLE + 12], finish
+    mov ecx, 300
+.top:
+    push ecx
+    call fn1
+    mov eax, fn2
+    call eax
+    call [TABLE]
+    push dword [TABLE + 4]
+    pop esi
+    call esi
+    mov [COUNTER], eax          ; A3
+    mov eax, [COUNTER]          ; A1
+    mov al, [COUNTER + 1]       ; A0
+    mov [COUNTER + 2], al       ; A2
+    lock xadd [COUNTER], ebx
+    cmpxchg [COUNTER + 4], edx
+    xadd edi, ebp
+    sub esp, 8
+    mov [esp + 4], ecx
+    lea esp, [esp + 8]
+    mov edi, esp
+    xchg esp, ebp
+    xchg esp, ebp
+    push esi
+    push edi
+    push ecx
+    mov esi, 0x200000 + 0xF00   ; across a page end, both ways
+    mov edi, 0x200000 + 0x1800
+    mov ecx, 100
+    rep movsd
+    mov edi, 0x200000 + 0x1FF0
+    mov ecx, [esp]
+    and ecx, 63
+    rep stosb
+    mov esi, 0x200000 + 0x1802
+    mov edi, 0x200000 + 0x1F00
+    mov ecx, 33
+    rep movsw
+    std
+    mov ecx, 9
+    rep movsb
+    cld
+    rep stosd                   ; ECX = 0: nothing
+    pop ecx
+    pop edi
+    pop esi
+    pop ecx
+    dec ecx
+    jnz .top
+    mov eax, [TABLE + 8]
+    jmp eax
+done:
+    jmp [TABLE + 12]
+finish:
+    hlt
+fn1:
+    push ebp
+    mov ebp, esp
+    sub esp, 16
+    mov eax, [ebp + 8]
+    add ebx, eax
+    mov [esp + 4], eax
+    leave
+    ret
+fn2:
+    push ebp
+    mov ebp, esp
+    push dword [ebp + 4]
+    pop edx
+    add edx, esp
+    leave
+    ret
+"""
+
+
+@nasm
+def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
+    """Indirect CALL/JMP (register and memory), PUSH r/m, LEAVE, MOV moffs, LOCK XADD,
+    CMPXCHG, REP MOVS/STOS (across pages, DF set) and ESP as an operand, hot, on the native tier and the interpreter: the
+    same registers, memory and stack."""
+    image = _assemble(tmp_path, _CALLS)
+    t = _jit_tests()
+    m = t._machine(image, 3, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        st = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
+    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
+           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    got = _run_loop(image, 3, False, True)
+    assert got[3] > 3000, "native code did not run the loop"
+    for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
+        assert got[i] == ref[i], f"{what} differ"
 
 
 _SMC = """
@@ -255,194 +420,3 @@ def test_paging_change_drops_translations() -> None:
         assert results == [111, 222]
     finally:
         cpu.close()
-
-
-# -- crash fuzz ---------------------------------------------------------------------------
-_WORKER = textwrap.dedent(
-    """
-    import hashlib, json, random, sys
-    from boite.accel.emu.cpu import Cpu
-    from boite.accel.emu.native import NativeTier
-    from boite.machine.memory import GuestMemory
-
-    from boite.accel.emu.optable import ROWS, has_modrm, imm_bytes
-    import boite.accel.emu.decode.core as dcore
-
-    ROWS_N = [r for r in ROWS if r.native]
-
-    def insn(rnd):
-        # Mostly instructions the native tier translates, random operands; some noise.
-        if rnd.random() < 0.1:
-            return rnd.randbytes(rnd.randrange(1, 4))
-        r = rnd.choice(ROWS_N)
-        p66 = rnd.random() < 0.1
-        b = (b"\x66" if p66 else b"") + (b"\x0f" if r.map else b"") + bytes([r.code])
-        if has_modrm(r):
-            reg = r.ext if r.ext is not None else rnd.randrange(8)
-            mod, rm = rnd.choice((0, 1, 2, 3, 3)), rnd.randrange(8)
-            b += bytes([mod << 6 | reg << 3 | rm])
-            if mod != 3 and rm == 4:
-                b += bytes([rnd.randrange(256)])
-            if mod == 1:
-                b += rnd.randbytes(1)
-            elif mod == 2 or (mod == 0 and rm == 5):
-                b += rnd.randbytes(4)
-        return b + rnd.randbytes(imm_bytes(r, p66))
-
-    def setup(seed, native):
-        rnd = random.Random(seed)
-        mode = ("real", "pm16", "pm32", "pm32", "pm32")[seed % 5]
-        cpu = Cpu(GuestMemory.with_ram(4 << 20))
-        code = b""
-        while len(code) < 0x4000:
-            code += insn(rnd)
-        code = code[:0x4000]
-        cpu.ram[0x100000:0x104000] = code
-        cpu.ram[0x8000:0x9000] = rnd.randbytes(0x1000)
-        if mode == "real":
-            cpu.ram[0:0x400] = rnd.randbytes(0x400)
-            cpu.ram[0x7000:0x8000] = code[:0x1000]
-            cpu.eip = 0x7000
-        else:
-            cpu.set_cr(0, 0x11)
-            big = mode != "pm16"
-            cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF if big else 0xFFFF, 0xC09B if big else 0x9B)
-            for i in (0, 2, 3, 4, 5):
-                cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
-            for v in range(256):  # ring-0 gates into the random code
-                h = 0x100000 + rnd.randrange(0x4000)
-                gate = (h & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((h >> 16) << 48)
-                cpu.ram[0x3000 + 8 * v:0x3008 + 8 * v] = gate.to_bytes(8, "little")
-            cpu.idt_base, cpu.idt_limit = 0x3000, 0x7FF
-            gdt = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)  # flat ring-0 code, data
-            cpu.ram[0x1000:0x1018] = b"".join(d.to_bytes(8, "little") for d in gdt)
-            cpu.gdt_base, cpu.gdt_limit = 0x1000, 0x17
-            if mode == "pm32":
-                # Identity map, random pages missing or read-only, the code read-only:
-                # code that rewrites itself within a block is where the block tiers and
-                # one-instruction stepping part ways (not the native tier's business).
-                cpu.ram[0x20000:0x20004] = (0x21000 | 3).to_bytes(4, "little")
-                for i in range(1024):
-                    # The page tables read-only too: a guest rewriting them meets TLB
-                    # entries that each tier filled at its own moments.
-                    ro = 0x100 <= i < 0x104 or i in (0x20, 0x21)
-                    fl = 3 if i in (0x1, 0x3, 0x8) else 1 if ro else rnd.choice((3, 3, 3, 1, 0))
-                    cpu.ram[0x21000 + 4 * i:0x21004 + 4 * i] = ((i << 12) | fl).to_bytes(4, "little")
-                cpu.cr3 = 0x20000
-                cpu.set_cr(0, 0x80010011)
-            cpu.tlb_switch()
-            cpu.eip = 0x100000 + rnd.randrange(0x100) if mode != "pm16" else 0x0
-            if mode == "pm16":
-                cpu.set_seg_raw(1, 0x08, 0x100000, 0xFFFF, 0x9B)
-        for i in range(8):  # mostly inside RAM, so that memory operands hit it
-            cpu.r[i] = rnd.getrandbits(32) if rnd.random() < 0.3 else rnd.randrange(4 << 20)
-        cpu.r[4] = 0x8800
-        cpu.set_flags(rnd.getrandbits(12) & 0x8D5)
-        cpu.hot_block = 1
-        if native:
-            cpu.native = NativeTier(cpu)
-        return cpu
-
-    def state(cpu, err):
-        return [list(cpu.r), cpu.eip, cpu.get_flags() & 0x8D5, cpu.halted, err,
-                cpu.icount, hashlib.sha256(bytes(cpu.ram)).hexdigest()]
-
-    def native_outcome(seed):
-        # Native blocks where they apply, closures one instruction a block elsewhere
-        # (jit.py left out: a fault inside its blocks loses the count of what ran
-        # before, and the reference below stops at the same instruction count; longer
-        # closure blocks run stale code when random code rewrites its own block, which
-        # native blocks and the reference do not).
-        dcore.MAX_BLOCK = 1
-        cpu = setup(seed, True)
-        cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
-        err = None
-        try:
-            for _ in range(8):
-                cpu.run(500)
-                if cpu.halted:
-                    break
-        except Exception as e:  # a guest error (triple fault, ...) is an outcome too
-            err = type(e).__name__
-        out = state(cpu, err), cpu.native.insns
-        cpu.close()
-        return out
-
-    def reference(seed, count, native_err):
-        # The same run loop with one-instruction closure blocks and no native code, which
-        # stops exactly at the native run's instruction count (and where that run ended
-        # in a guest error, goes on at that count until it meets one).
-        dcore.MAX_BLOCK = 1
-        cpu = setup(seed, False)
-        cpu.compile_blocks = False
-        err = None
-        try:
-            for _ in range(100000):
-                left = count - cpu.icount
-                if cpu.halted or left < 0 or (left == 0 and not native_err):
-                    break
-                cpu.run(max(left, 1))
-        except Exception as e:
-            err = type(e).__name__
-        out = state(cpu, err)
-        cpu.close()
-        return out
-
-    for line in sys.stdin:
-        seed = int(line)
-        nat, ran = native_outcome(seed)
-        # Real and 16-bit modes never enter native code (the count shows it); there the
-        # run only has to survive (their code may rewrite itself).
-        same = nat == reference(seed, nat[5], nat[4]) if ran or seed % 5 >= 2 else True
-        print(json.dumps({"seed": seed, "same": same, "ran": ran}), flush=True)
-    """
-)
-
-
-def fuzz(runs: int, first: int = 0) -> dict:
-    """Run seeds first..first+runs-1, each batch in one subprocess, restarting after a
-    crash. Returns counts (and the seeds that crashed or differed)."""
-    seeds = list(range(first, first + runs))
-    out = {"runs": 0, "crashes": 0, "differ": [], "crashed": [], "native_insns": 0}
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"))
-    while seeds:
-        proc = subprocess.run([sys.executable, "-c", _WORKER], input="\n".join(map(str, seeds)),
-                              capture_output=True, text=True, env=env, timeout=3600)  # fmt: skip
-        done = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        for d in done:
-            out["runs"] += 1
-            out["native_insns"] += d["ran"]
-            if not d["same"]:
-                out["differ"].append(d["seed"])
-        seeds = seeds[len(done) :]
-        if proc.returncode != 0 and seeds:
-            out["crashes"] += 1  # the seed it was on killed the worker
-            out["crashed"].append((seeds[0], proc.returncode, proc.stderr[-500:]))
-            out["runs"] += 1
-            seeds = seeds[1:]
-    return out
-
-
-def test_crash_fuzz_random_code_in_subprocesses() -> None:
-    runs = int(os.environ.get("BOITE_NATIVE_FUZZ_RUNS", "40"))
-    res = fuzz(runs)
-    print(f"native fuzz: {res['runs']} runs, {res['crashes']} host crashes, "
-          f"{len(res['differ'])} outcomes differing, {res['native_insns']} native instructions")  # fmt: skip
-    assert res["crashes"] == 0, res["crashed"]
-    assert res["differ"] == [], res["differ"]
-    assert res["native_insns"] > 0
-
-
-@pytest.mark.slow
-def test_existing_cpu_tests_on_the_native_tier() -> None:
-    """The CPU test files, again, with BOITE_EMU_NATIVE=1 (every EmuAccelerator they
-    make then uses the native tier)."""
-    files = ["test_emu_jit.py", "test_emu_vs_tcg.py", "test_emu_qemu.py", "test_emu_guests.py",
-             "test_emu_dma.py", "test_emu_hostile.py", "test_emu_segchecks.py",
-             "test_emu_accel.py", "test_emu_kvm_diff.py", "test_sst80286.py",
-             "test_boot_parity.py", "test_emu_linux.py"]  # fmt: skip
-    env = dict(os.environ, BOITE_EMU_NATIVE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           *(str(HERE / f) for f in files)], env=env, capture_output=True,
-                          text=True, timeout=3600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -20,6 +20,8 @@ from boite.machine.machine import Machine
 from boite.machine.memory import GuestMemory
 from guests.runner import CollectedOutput
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 GUESTS = Path(__file__).parent / "emu_guests"
 LOAD = 0x100000
 

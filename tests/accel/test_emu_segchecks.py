@@ -19,6 +19,8 @@ from boite.accel.emu.arch import GP, SEGCHK, SS_VEC
 from boite.accel.emu.cpu import Cpu
 from boite.machine.memory import GuestMemory
 
+pytestmark = pytest.mark.emu_tiers  # both tiers (tests/conftest.py)
+
 CODE = 0x100000
 GDT = 0x1000
 IDT = 0x3000

@@ -90,9 +90,11 @@ def qemu_runs(built) -> dict[str, tuple[int, bytes]]:
 
 def boite_boot_emu(image: Path, mode: str) -> tuple[int, bytes, bytes]:
     env = dict(os.environ, BOITE_EMU=mode, BOITE_EMU_HOT="2")  # every block compiled
+    # On the native tier -v: the VMM's last line says how much ran as native code.
+    verbose = ["-v"] if env.get("BOITE_EMU_TIER") == "native" else []
     p = subprocess.run(
-        [sys.executable, "-m", "boite", "boot", "--accel", "emu", "--memsize", str(MEMSIZE_MB),
-         str(image)],
+        [sys.executable, "-m", "boite", *verbose, "boot", "--accel", "emu",
+         "--memsize", str(MEMSIZE_MB), str(image)],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT_S, env=env,
     )  # fmt: skip
     return p.returncode, p.stdout, p.stderr
@@ -104,19 +106,33 @@ MODES = ("translate", "interp")
 @pytest.fixture(scope="module")
 def emu_runs(built):
     """A kernel under `boite boot --accel emu` in both paths at once (two independent
-    processes, which only saves waiting), cached for the second mode's test."""
-    cache: dict[tuple[str, str], tuple[int, bytes, bytes]] = {}
+    processes, which only saves waiting), cached for the second mode's test; on the
+    native tier (BOITE_EMU_TIER, see conftest.py) only the translating path has one."""
+    cache: dict[tuple[str, str, str | None], tuple[int, bytes, bytes]] = {}
 
     def run(name: str, mode: str) -> tuple[int, bytes, bytes]:
-        if (name, mode) not in cache:
-            with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
-                results = pool.map(lambda m: boite_boot_emu(built[name], m), MODES)
-                cache.update({(name, m): r for m, r in zip(MODES, results, strict=True)})
-        return cache[name, mode]
+        tier = os.environ.get("BOITE_EMU_TIER")
+        if (name, mode, tier) not in cache:
+            modes = MODES if tier != "native" else ("translate",)
+            with ThreadPoolExecutor(max_workers=len(modes)) as pool:
+                results = pool.map(lambda m: boite_boot_emu(built[name], m), modes)
+                cache.update({(name, m, tier): r for m, r in zip(modes, results, strict=True)})
+        return cache[name, mode, tier]
 
     return run
 
 
+def native_ran(stderr: bytes) -> bytes:
+    """Checks that the VMM's count of native instructions (-v) is not 0; stderr without
+    the VMM's own lines."""
+    lines = stderr.decode(errors="replace").splitlines()
+    counts = [ln for ln in lines if ln.startswith("boite: Emulator tier native:")]
+    assert counts, stderr
+    assert int(counts[0].split(", ")[1].split()[0]) > 0, counts[0]
+    return "".join(ln + "\n" for ln in lines if not ln.startswith("boite: ")).encode()
+
+
+@pytest.mark.emu_tiers
 @pytest.mark.parametrize("mode", MODES, ids=["translated", "interpreted"])
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_matches_qemu_tcg(qemu_runs, emu_runs, name, mode):
@@ -125,6 +141,8 @@ def test_kernel_matches_qemu_tcg(qemu_runs, emu_runs, name, mode):
     # The reference itself must have run the kernel to its end.
     assert q_out.endswith(b"done\n") and q_status == want, (q_status, q_out.decode())
     e_status, e_out, e_err = emu_runs(name, mode)
+    if os.environ.get("BOITE_EMU_TIER") == "native":
+        e_err = native_ran(e_err)
     assert not e_err, e_err.decode(errors="replace")
     assert e_out.decode(errors="replace") == q_out.decode()
     assert e_status == q_status

@@ -8,7 +8,8 @@ import pytest
 
 from boite import guestkit
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+# Both tiers of the emulator (tests/conftest.py): the Linux boot of `./dev test` on each.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600), pytest.mark.emu_tiers]
 
 
 def test_guest_exit_status_reaches_the_host(boite_cli):

@@ -1,11 +1,11 @@
 """SIGKILL at random moments of every operation on a box, then `boite start` first.
 
 For a running box the operation runs in its VMM (snapshot, revert, delete-snapshot,
-suspend): the VMM is killed while it works. For `disk grow` the command itself is killed
-on a stopped box. After each kill the very next command is `boite start`, which must
+suspend): the VMM is killed while it works. For `disk grow`, `disk compact` and `clone`
+(full and linked) the command itself is killed on a stopped box. After each kill the very next command is `boite start`, which must
 start the box; then every snapshot must hold exactly the data it held before, and the
 current state must be the one from before the operation or the one after it: 0 broken
-boxes, 0 lost deltas. BOITE_OPS_KILLS kills per operation (20 by default: 100 in all).
+boxes, 0 lost deltas. BOITE_OPS_KILLS kills per operation (20 by default: 160 in all).
 """
 
 from __future__ import annotations
@@ -184,3 +184,68 @@ def test_kill_disk_grow_then_start(tmp_path):
         seen["after" if grown > size else "before"] += 1
         size = grown
     print(f"disk grow: {KILLS} kills, outcomes {seen}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linked", [False, True], ids=["full", "linked"])
+def test_kill_clone_then_start_both(tmp_path, linked):
+    """A killed `clone` leaves the source as it was and either no clone or a whole one
+    (never a half-made box under the new name); a linked clone that exists is recorded in
+    the source, so the snapshot it hangs from cannot be deleted under it."""
+    rng = random.Random(11 + linked)
+    src = make_box(tmp_path, "src", "mb_spin", disk_size=32 << 20)
+    _write(src, rng.randbytes(8 << 20), 0)
+    assert boite("snapshot", src, "base").returncode == 0
+    _write(src, rng.randbytes(1 << 20), 4 << 20)
+    snaps, current = _state(src)
+    extra = ["--linked", "--snapshot", "base"] if linked else []
+    duration = _timed(["clone", src, tmp_path / "first", *extra])
+    seen = {"none": 0, "whole": 0}
+    for n in range(KILLS):
+        dest = tmp_path / f"c{n}"
+        _run_killed(["clone", src, dest, *extra], None, rng.uniform(0.05, duration * 1.2))
+        assert _state(src) == (snaps, current), f"kill {n}: the source changed"
+        if dest.exists():
+            want = snaps["base"] if linked else current
+            assert current_digest(dest) == want, f"kill {n}: the clone holds other data"
+            r = boite("start", dest, "--detach")
+            assert r.returncode == 0, f"kill {n}: the clone does not start: {r.stderr}"
+            stop_hard(dest)
+            seen["whole"] += 1
+        else:
+            # The same clone again works: the killed one's leftovers are no obstacle.
+            assert boite("clone", src, dest, *extra).returncode == 0
+            seen["none"] += 1
+        assert not list(tmp_path.glob(f".c{n}.cloning-*")) or not dest.exists()
+    r = boite("start", src, "--detach")
+    assert r.returncode == 0, r.stderr
+    stop_hard(src)
+    if linked:
+        r = boite("delete-snapshot", src, "base")
+        assert r.returncode != 0 and "clone" in r.stderr.lower(), r.stderr
+    print(f"clone ({'linked' if linked else 'full'}): {KILLS} kills, outcomes {seen}")
+
+
+@pytest.mark.slow
+def test_kill_disk_compact_then_start(tmp_path):
+    rng = random.Random(13)
+    box_dir = make_box(tmp_path, "c", "mb_spin", disk_size=32 << 20)
+    disk = box_dir / "c.vmdk"
+    seen = {"done": 0, "killed": 0}
+    for n in range(KILLS):
+        # Data, then zeroes over part of it: grains compact can drop.
+        _write(box_dir, rng.randbytes(6 << 20), 0)
+        _write(box_dir, bytes(3 << 20), rng.randrange(0, 3) << 20)
+        before = current_digest(box_dir)
+        if n == 0:
+            duration = _timed(["disk", "compact", disk])
+            assert current_digest(box_dir) == before
+            continue
+        _run_killed(["disk", "compact", disk], None, rng.uniform(0.05, duration * 1.2))
+        r = boite("start", box_dir, "--detach")
+        assert r.returncode == 0, f"kill {n}: the box does not start: {r.stderr}"
+        stop_hard(box_dir)
+        assert current_digest(box_dir) == before, f"kill {n}: data changed"
+        assert boite("check", box_dir).returncode == 0
+        seen["killed"] += 1
+    print(f"disk compact: {KILLS - 1} kills, outcomes {seen}")

@@ -160,7 +160,11 @@ class Box:
                 raise BoxError(f"cannot create {name}: {problems[0]}")
 
         staging = parent / f".{name}.creating-{secrets.token_hex(4)}"
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            # Name the directory the user chose, not the hidden staging one.
+            raise OSError(exc.errno, f"cannot create {name} in {parent}: {exc.strerror}") from exc
         try:
             vmx.save(staging / f"{name}.vmx")
             VmxDict.new().save(staging / f"{name}.vmsd")
@@ -310,6 +314,11 @@ class Box:
         except ConfigError as exc:
             raw = self.vmx.get("boite.kernelUnpack") or ""
             problems.append(Problem("boite.kernelUnpack", raw, '"auto", TRUE or FALSE', str(exc)))
+        try:
+            self.config.emu_tier  # noqa: B018 - read to check it
+        except ConfigError as exc:
+            raw = self.vmx.get("boite.emuTier") or ""
+            problems.append(Problem("boite.emuTier", raw, '"auto", "python" or "native"', str(exc)))
         return problems
 
     def _boot_file_problems(self) -> list[Problem]:

@@ -143,6 +143,12 @@ class BoxConfig:
             '"auto", TRUE or FALSE'
         )
 
+    @property
+    def emu_tier(self) -> str:
+        """`boite.emuTier`: the emulator's tier for hot code, "auto" (the default),
+        "python" or "native" (see boite.accel.emu.tiers)."""
+        return self._choice("boite.emuTier", ("auto", "python", "native"), "auto")
+
     def get_int(self, key: str, default: int | None = None) -> int | None:
         raw = self.vmx.get(key)
         if raw is None:
@@ -358,6 +364,7 @@ class BoxConfig:
             "firmware": field(lambda: self.firmware),
             "nvram": self.nvram,
             "virtual_exec": field(lambda: self.virtual_exec),
+            "emu_tier": field(lambda: self.emu_tier),
             "uuid.bios": format_vmware_uuid(ub) if ub else None,
             "uuid.location": format_vmware_uuid(ul) if ul else None,
             "disks": field(

@@ -313,9 +313,23 @@ def live_state(box: Box) -> dict:
     return {
         "state": status.get("state", "running"),
         "accelerator": status.get("accelerator"),
+        "emu_tier_running": status.get("emu_tier"),
         "tools": launch.tools_status(box),
         "host_nics": nics,
     }
+
+
+def _tier_line(info: dict) -> str:
+    """The emulator's tier: what the running VMM says (and how much ran natively), else
+    the box's boite.emuTier, which is weighed at the next start (accel/emu/tiers.py)."""
+    running = info.get("emu_tier_running")
+    if isinstance(running, dict):
+        return (f"{running.get('tier')} ({running.get('why')}); "
+                f"{running.get('native_instructions')} of {running.get('instructions')} "
+                "instructions so far ran as native code")  # fmt: skip
+    if info.get("accelerator") == "kvm":
+        return f"{info.get('emu_tier')} (not used: KVM runs this box)"
+    return f"{info.get('emu_tier')} (boite.emuTier; chosen at power-on)"
 
 
 def print_info(info: dict) -> None:
@@ -329,6 +343,7 @@ def print_info(info: dict) -> None:
         ("vCPUs", f"{info['numvcpus']} ({info['coresPerSocket']} per socket)"),
         ("firmware", info["firmware"]),
         ("execution", info["virtual_exec"]),
+        ("emulator tier", _tier_line(info)),
         ("uuid.bios", info["uuid.bios"]),
         ("boot order", ", ".join(info["boot_order"]) if info["boot_order"] != "?" else "?"),
     ]

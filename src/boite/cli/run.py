@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--initrd", help="initial ramdisk (or multiboot module)")
     p.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     _accel_option(p, default="auto")
+    _emu_tier_option(p)
     p.add_argument("--memsize", type=int, default=256, metavar="MB", help="guest RAM (MiB)")
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs")
     p.add_argument(
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("start", help="power on a box")
     p.add_argument("box", help="box directory or .vmx file")
     _accel_option(p, default=None)
+    _emu_tier_option(p)
     p.add_argument(
         "--detach", action="store_true", help="run in the background (see `boite console`)"
     )
@@ -93,6 +95,15 @@ def _accel_option(p: argparse.ArgumentParser, default: str | None) -> None:
         "--accel", choices=("kvm", "emu", "auto"), default=default,
         help="kvm (hardware), emu (full emulation) or auto (KVM on real VT-x/AMD-V, else emu)"
         + ("" if default else "; default: the box's monitor.virtual_exec"),
+    )  # fmt: skip
+
+
+def _emu_tier_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--emu-tier", choices=("auto", "python", "native"), default=None,
+        help="the emulator's tier for hot code: native (x86-64 host code, x86-64 Linux hosts), "
+        "python (the Python tiers, for debugging) or auto; default: BOITE_EMU_TIER, else the "
+        "box's boite.emuTier, else auto",
     )  # fmt: skip
 
 
@@ -184,7 +195,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     spec = launch.BootSpec(
         kernel=args.kernel, initrd=args.initrd, append=args.append,
         memsize_mb=args.memsize, cpus=args.cpus, disks=tuple(args.disk), accel=args.accel,
-        kernel_unpack=_unpack_setting(args.kernel_unpack),
+        kernel_unpack=_unpack_setting(args.kernel_unpack), emu_tier=args.emu_tier,
     )  # fmt: skip
     # Events go the one logging path: stderr with -v (or BOITE_VERBOSE=1), warnings always.
     return launch.boot_kernel(spec, console_client=_stdio_client(False))
@@ -205,13 +216,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     box.require_within_limits()
     launch.require_stopped(box)
     if args.detach:
-        pid = launch.start(box, args.accel)
+        pid = launch.start(box, args.accel, args.emu_tier)
         if args.json:
             print(json.dumps({"ok": True, "box": box.name, "pid": pid}))
         else:
             print(f"{box.name} started (pid {pid}); `boite console {args.box}` attaches.")
         return 0
-    return run_box(box, args.accel)
+    return run_box(box, args.accel, args.emu_tier)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -338,7 +349,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_box(box, accel: str | None = None) -> int:
+def run_box(box, accel: str | None = None, emu_tier: str | None = None) -> int:
     """Start `box` in the foreground with its console on this terminal (`start`, `boite
     demo`); the guest's exit status. On a terminal, Ctrl-] detaches: this command returns
     and the box keeps running in the background (`boite console` attaches again), as
@@ -346,19 +357,19 @@ def run_box(box, accel: str | None = None) -> int:
     from boite import launch
 
     if not os.isatty(0):  # no detach key without a terminal: run right here
-        return launch.run_box(box, accel, console_client=_stdio_client(False))
+        return launch.run_box(box, accel, console_client=_stdio_client(False), emu_tier=emu_tier)
     # The VMM runs in a child that can outlive this process: on Ctrl-] it leaves the
     # terminal (a session of its own, stdio on /dev/null) and tells us to return.
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        os._exit(_foreground_vmm(box, accel, wfd) & 0xFF)
+        os._exit(_foreground_vmm(box, accel, wfd, emu_tier) & 0xFF)
     os.close(wfd)
     return _wait_foreground_vmm(pid, rfd)
 
 
-def _foreground_vmm(box, accel: str | None, wfd: int) -> int:
+def _foreground_vmm(box, accel: str | None, wfd: int, emu_tier: str | None = None) -> int:
     from boite import launch
     from boite.errors import BoiteError
 
@@ -384,7 +395,7 @@ def _foreground_vmm(box, accel: str | None, wfd: int) -> int:
         return stdio
 
     try:
-        return launch.run_box(box, accel, console_client=make)
+        return launch.run_box(box, accel, console_client=make, emu_tier=emu_tier)
     except BoiteError as exc:
         if not detached.is_set():
             print(f"boite: error: {exc}", file=sys.stderr, flush=True)

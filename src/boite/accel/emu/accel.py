@@ -6,10 +6,12 @@ RAM to machine.mmio, interrupts come from `machine.interrupt_controller` (`pendi
 `advance(now_ns)`: PIT, RTC) are advanced between blocks and while the CPU sleeps in HLT.
 
 `BOITE_EMU=interp` (or `EmuAccelerator(translate=False)`) selects the plain interpreter.
+Which tier runs hot blocks (the Python tiers or the native one) is chosen by tiers.py.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -21,8 +23,9 @@ from boite.accel.emu.arch import CS, DS, ES, FS, GS, IF, SS, CpuFault, TripleFau
 from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.emu.cpumodel import MSR_EFER
 from boite.accel.emu.fpu import MXCSR_MASK
-from boite.accel.emu.native import NativeTier, native_available, native_wanted
+from boite.accel.emu.native import NativeTier
 from boite.accel.emu.smp import Smp
+from boite.accel.emu.tiers import TierChoice, choose_tier
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
 
@@ -30,6 +33,7 @@ from boite.errors import AccelError, GuestError
 _GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
 _SEG = {"es": ES, "cs": CS, "ss": SS, "ds": DS, "fs": FS, "gs": GS}
 CHUNK = 20_000  # instructions between timer checks
+GC_THRESHOLD = (100_000, 50, 1000)
 
 
 def _attr_of(s: Segment) -> int:
@@ -161,6 +165,8 @@ class EmuAccelerator(Accelerator):
         hot_block: int | None = None,
         ap_start: str = "sipi",
         native: bool | None = None,
+        tier: str | None = None,
+        tier_config: str | None = None,
     ) -> None:
         if ap_start not in ("sipi", "entry"):
             raise AccelError(f"ap_start must be 'sipi' or 'entry', not {ap_start!r}")
@@ -168,9 +174,14 @@ class EmuAccelerator(Accelerator):
         if translate is None:
             translate = os.environ.get("BOITE_EMU", "translate") != "interp"
         self.translate = translate
-        # The native tier (hot blocks as x86-64 code) where the host allows it:
-        # BOITE_EMU_NATIVE=1/0 chooses when `native` is not given (native/__init__.py).
-        self.native = native_wanted() if native is None else native
+        # The native tier (hot blocks as x86-64 code) or the Python tiers: `tier` (or the
+        # older `native`) is an explicit choice, `tier_config` the box's boite.emuTier;
+        # tiers.py weighs them with BOITE_EMU_TIER and what the host allows.
+        if tier is None and native is not None:
+            tier = "native" if native else "python"
+        self.tier_choice: TierChoice = choose_tier(tier, tier_config, translate=translate)
+        self.native = self.tier_choice.tier == "native"
+        self._closed_counts = (0, 0, 0)  # instructions, native blocks and instructions
         # Runs of a block before it is compiled; tests set it low to put all code through
         # the block compiler (BOITE_EMU_HOT reaches `boite` subprocesses too).
         if hot_block is None:
@@ -188,6 +199,12 @@ class EmuAccelerator(Accelerator):
 
     # -- set-up ------------------------------------------------------------------------
     def create(self, machine: Any, config: Any = None) -> None:
+        # The emulator keeps many long-lived closures and blocks: at CPython's default
+        # threshold the collector rescans them thousands of times a boot (a quarter of
+        # the kit Linux's CPU time to init on the native tier). Rarer collections.
+        t0, t1, t2 = gc.get_threshold()
+        gc.set_threshold(max(t0, GC_THRESHOLD[0]), max(t1, GC_THRESHOLD[1]),
+                         max(t2, GC_THRESHOLD[2]))  # fmt: skip
         if machine.memory.region_at(0) is None:
             raise AccelError("emu: the machine has no RAM at physical address 0")
         self.machine = machine
@@ -199,7 +216,7 @@ class EmuAccelerator(Accelerator):
             c.translate_blocks = self.translate
             c.hot_block = self.hot_block
             c.decoder.c = c
-            if self.native and self.translate and native_available():
+            if self.native:
                 c.native = NativeTier(c)
         cpu = self.cpu = self.cpus[0]
         # The machine says which device is the INTR source and which are timers.
@@ -213,7 +230,7 @@ class EmuAccelerator(Accelerator):
                 if prev is not None:
                     prev(level)
                 if level and self.cpus:
-                    self.cpus[0].intr = True  # the 8259's INTR reaches the BSP
+                    self.cpus[0].kick()  # the 8259's INTR reaches the BSP
                     self._wake.set()
 
             dev.on_intr = on_intr
@@ -347,6 +364,8 @@ class EmuAccelerator(Accelerator):
         self._wake.set()
         if self.cpu is not None:
             self.cpu.stop = True
+            if self.cpu.native is not None:
+                self.cpu.native.st.intr = 1  # translated code leaves at its next chain
 
     def save_cpu_state(self) -> list[dict[str, Any]]:
         """One state per vCPU of the machine: the emulated CPU's, then the parked ones
@@ -386,7 +405,21 @@ class EmuAccelerator(Accelerator):
                 )
         state_to_cpu(CpuState.from_dict(state[0]), self.cpu)
 
+    def tier_stats(self) -> dict[str, Any]:
+        """Which tier runs hot code, why, and how much of the guest's code it ran so far
+        (the VMM's status, `boite info`, vmware.log at power-off)."""
+        insns, blocks, native = self._closed_counts
+        for c in self.cpus:
+            insns += c.icount
+            if c.native is not None:
+                blocks += c.native.blocks
+                native += c.native.insns
+        return {"tier": self.tier_choice.tier, "why": self.tier_choice.why,
+                "instructions": insns, "native_blocks": blocks, "native_instructions": native}  # fmt: skip
+
     def close(self) -> None:
+        st = self.tier_stats()  # kept: the VMM reports them after closing
+        self._closed_counts = (st["instructions"], st["native_blocks"], st["native_instructions"])
         for c in self.cpus:
             if self.machine is not None:
                 self.machine.memory.remove_write_observer(c.note_dma_write)
@@ -425,8 +458,19 @@ class _StoppingBus:
     def read(self, addr: int, size: int) -> int:
         return self.bus.read(addr, size)
 
+    def read_string(self, addr: int, size: int, count: int) -> bytes | None:
+        return self.bus.read_string(addr, size, count)
+
+    def write_string(self, addr: int, size: int, data: bytes) -> bool:
+        done = self.bus.write_string(addr, size, data)
+        self._stop_if_down()
+        return done
+
     def write(self, addr: int, size: int, value: int) -> None:
         self.bus.write(addr, size, value)
+        self._stop_if_down()
+
+    def _stop_if_down(self) -> None:
         m = self.accel.machine
         if m.exit_status is not None or m.reset_requested:
             cpu = self.accel.cpu

@@ -223,6 +223,12 @@ class DecoderBase:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
+        if cur_pa > page_end and len(fns) > 1:
+            # The last instruction straddles the page: the block ends before it (and
+            # is cached); that one is a block of its own, decoded each time.
+            fns.pop()
+            cur, n = info.pop()
+            cur_pa -= n
         unused = override_flat_bits(~self.seg_overrides)
         block = Block(eip, c.cs_key, c.mode_key, tuple(fns), pa, info, ~unused)
         if cur_pa > page_end or self.tail_fault:
@@ -250,6 +256,12 @@ class DecoderBase:
             fn = c.native.translate(block.pa, block.eip)
             if fn is not None:
                 block.fn = fn
+                return
+            # The native tier runs hot blocks sooner than the Python compiler (whose
+            # compile costs more): that one waits for its own threshold.
+            wait = c.native.python_hot - block.hits
+            if wait > 0:
+                block.hits = c.hot_block - wait
                 return
         insns = []
         off = block.pa

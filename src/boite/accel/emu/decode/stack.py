@@ -241,8 +241,8 @@ class StackOps(DecoderBase):
                 for _i in range(1, level):
                     bp = (bp - size) & (M32 if c.ss32 else M16)
                     c.push(c.rd(c.stack_lin(bp, size, False), size), size)
-                if level > 0:
-                    c.push(frame, size)
+                if level > 0:  # a 16-bit ENTER on a 32-bit stack pushes SP's low word
+                    c.push(frame & MASK[size], size)
                 # The new ESP must be inside SS (#SS) and its page writable (#PF).
                 nsp = (r[4] - alloc) & (M32 if c.ss32 else M16)
                 c.check_writable(c.stack_lin(nsp, 1, True), 1)
