@@ -96,11 +96,6 @@ def _emulator_has_an_fpu() -> bool:
 
 
 @pytest.mark.skipif(not _emulator_has_an_fpu(), reason="needs the x87 FPU (cpu-fpu)")
-@pytest.mark.xfail(
-    raises=AssertionError, strict=False,
-    reason="known emulator bug (2026-12-06): Debian's python3 aborts in this program with "
-    "'malloc(): corrupted top size' (prints work; QEMU TCG runs it): see bench/RESULTS.md",
-)  # fmt: skip
 @pytest.mark.parametrize("flavour", ["686", "686-pae"])
 def test_debian_kernel_runs_debian_python(
     flavour: str, userland: StockInitrd, tmp_path: Path
