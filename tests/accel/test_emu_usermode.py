@@ -86,14 +86,17 @@ def _host_i386(root: Path, argv: list[str]) -> subprocess.CompletedProcess | Non
     return r
 
 
-@pytest.mark.parametrize("translate", [True, False], ids=["translated", "interpreted"])
-def test_busybox_applets(root, tmp_path, translate):
+@pytest.mark.parametrize(
+    ("translate", "pae"), [(True, False), (False, False), (True, True)],
+    ids=["translated", "interpreted", "translated-pae-nx"],
+)  # fmt: skip
+def test_busybox_applets(root, tmp_path, translate, pae):
     # One process (the harness has no fork): builtins, arithmetic, loops, printf.
     prog = ("echo $((7 * 6)) $((1 << 20)); printf '%x %s\\n' 3054 abc; "
             "for i in 3 2 1; do printf $i,; done; i=0; while [ $i -lt 100 ]; do "
             "i=$((i + 7)); done; echo $i")  # fmt: skip
     argv = ["/bin/busybox", "sh", "-c", prog]
-    run = UserMode(_copy(root, tmp_path), translate=translate).execute(argv, ENV)
+    run = UserMode(_copy(root, tmp_path), translate=translate, pae=pae).execute(argv, ENV)
     assert run.status == 0, (run.fault, run.stderr)
     assert run.stdout == b"42 1048576\nbee abc\n3,2,1,105\n"
 
@@ -101,9 +104,10 @@ def test_busybox_applets(root, tmp_path, translate):
 @pytest.mark.slow
 def test_python_prints_a_float(root, tmp_path):
     """Python's start-up (ld.so, glibc's SSE2 string functions, obmalloc, the bytecode
-    compiler writing .pyc files) under demand paging and an FXSAVE/FXRSTOR timer."""
+    compiler writing .pyc files) under demand paging and an FXSAVE/FXRSTOR timer, with
+    PAE paging and NX as the 686-pae kernel gives it."""
     argv = ["/usr/bin/python3.11", "-c", "print(1.5 * 3, 2 ** 0.5)"]
-    um = UserMode(_copy(root, tmp_path), translate=True, timer_every=20_000)
+    um = UserMode(_copy(root, tmp_path), translate=True, timer_every=20_000, pae=True)
     run = um.execute(argv, ENV)
     assert run.status == 0, (run.fault, run.stderr[-2000:])
     assert run.stdout == b"4.5 1.4142135623730951\n"
