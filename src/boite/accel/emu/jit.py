@@ -1052,7 +1052,6 @@ def compile_block(
             inline.append(f"if _s < 0 and _n and _i <= {last}: _s = {em.live.idx}")
         for j, s in enumerate(used):
             inline.append(f"{'if' if j == 0 else 'elif'} _s == {s}: {em.setters[s].sync()}")
-    handler: list[str] = []
     if inline and closures:
         ns["CLOSURES"] = frozenset(closures)
         handler = ["if _i not in CLOSURES:"] + ["    " + ln for ln in inline]
