@@ -136,7 +136,10 @@ def run_boite(kit, mib: int, rounds: int, timeout: float) -> dict:
             proc.wait()
         log = (box.dir / "vmware.log").read_text(errors="replace")
         accel = "emu" if "accelerator emu" in log else "kvm" if "accelerator kvm" in log else "?"
-        return host.result(accel, mib, console)
+        out = host.result(accel, mib, console)
+        if "incomplete" in out:
+            out["log_tail"] = log[-3000:]
+        return out
 
 
 def qemu_kvm() -> bool:
@@ -224,7 +227,7 @@ def main() -> int:
         results[side] = out
         print(f"{side} ({out['accel']}): {out['throughput_mib_s']} MiB/s, "
               f"median RTT {out['rtt_ms']} ms", flush=True)  # fmt: skip
-        for key in ("incomplete", "console_tail"):
+        for key in ("incomplete", "console_tail", "log_tail"):
             if key in out:
                 print(f"  {key}: {out[key]}", flush=True)
 

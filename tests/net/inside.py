@@ -138,7 +138,9 @@ def box_traffic(box_dir: str) -> dict:
                 [sys.executable, "-m", "boite", "list", "--all", str(Path(box_dir).parent),
                  "--json"], capture_output=True, text=True, timeout=120,
             )  # fmt: skip
-            result["listed"] = json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr
+            result["listed"] = (
+                json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr
+            )
             # How the address came: the lease (udhcpc's script wrote DNS and the route),
             # not a static boite.ip= on the command line.
             out = bytearray()
