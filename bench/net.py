@@ -29,7 +29,9 @@ means `kernel-irqchip=off`.
     python bench/net.py [--mib 4] [--rounds 50] [--timeout 900] [--only boite,qemu,qemu_passt]
 
 Final line, JSON: throughput_mib_s and rtt_ms (median) for boite, the same with _qemu
-and _qemu_passt suffixes, and the accelerators used (accel, accel_qemu).
+and _qemu_passt suffixes, complete (all MIB arrived and every round came back: the rate
+of a transfer cut short is over what arrived), and the accelerators used (accel,
+accel_qemu).
 """
 
 from __future__ import annotations
@@ -239,6 +241,8 @@ def main() -> int:
         suffix = "" if side == "boite" else f"_{side}"
         final[f"throughput_mib_s{suffix}"] = r(out["throughput_mib_s"])
         final[f"rtt_ms{suffix}"] = r(out["rtt_ms"])
+        # A transfer cut short still gives a rate (over what arrived): say it was cut.
+        final[f"complete{suffix}"] = "incomplete" not in out
     if "boite" in results:
         final["accel"] = results["boite"]["accel"]
     if qemu := results.get("qemu") or results.get("qemu_passt"):
