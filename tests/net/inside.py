@@ -101,8 +101,8 @@ def box_traffic(box_dir: str) -> dict:
     from boite import launch
 
     # Small enough to cross in well under 24 s on a loaded host: Debian 12's passt
-    # (0.0~git20230309) resets a guest-to-host stream about 24 s after it opens when it
-    # has sent the guest no data (seen with QEMU too: bench/RESULTS.md, net).
+    # (0.0~git20230309) resets a guest-to-host stream (nothing sent back) about 24 s
+    # after it opens, with QEMU too (bench/RESULTS.md, net).
     payload = os.urandom(96 * 1024)
     digest = hashlib.sha256(payload).hexdigest()
     result: dict = {"sha256": digest}
