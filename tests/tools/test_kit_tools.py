@@ -65,7 +65,8 @@ def test_tools_in_the_kit_guest(tmp_path):
         assert info["tools"]["running"] and info["tools"]["agent"].startswith("boite-tools")
 
         # A soft reset is a reboot through the tools: a new boot (tmpfs is empty again).
-        assert boite("exec", box.dir, "--", "touch", "/tmp/before-reset").returncode == 0
+        marker = boite("exec", box.dir, "--", "sh", "-c", ": > /tmp/before-reset")
+        assert marker.returncode == 0, marker.stderr
         reset = boite("reset", box.dir, "--json")
         assert reset.returncode == 0 and json.loads(reset.stdout)["how"] == "tools", reset
         deadline = time.monotonic() + 900
