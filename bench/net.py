@@ -29,7 +29,9 @@ means `kernel-irqchip=off`.
     python bench/net.py [--mib 4] [--rounds 50] [--timeout 900] [--only boite,qemu,qemu_passt]
 
 Final line, JSON: throughput_mib_s and rtt_ms (median) for boite, the same with _qemu
-and _qemu_passt suffixes, and the accelerators used (accel, accel_qemu).
+and _qemu_passt suffixes, complete (all MIB arrived and every round came back: the rate
+of a transfer cut short is over what arrived), and the accelerators used (accel,
+accel_qemu).
 """
 
 from __future__ import annotations
@@ -136,7 +138,10 @@ def run_boite(kit, mib: int, rounds: int, timeout: float) -> dict:
             proc.wait()
         log = (box.dir / "vmware.log").read_text(errors="replace")
         accel = "emu" if "accelerator emu" in log else "kvm" if "accelerator kvm" in log else "?"
-        return host.result(accel, mib, console)
+        out = host.result(accel, mib, console)
+        if "incomplete" in out:
+            out["log_tail"] = log[-3000:]
+        return out
 
 
 def qemu_kvm() -> bool:
@@ -224,7 +229,7 @@ def main() -> int:
         results[side] = out
         print(f"{side} ({out['accel']}): {out['throughput_mib_s']} MiB/s, "
               f"median RTT {out['rtt_ms']} ms", flush=True)  # fmt: skip
-        for key in ("incomplete", "console_tail"):
+        for key in ("incomplete", "console_tail", "log_tail"):
             if key in out:
                 print(f"  {key}: {out[key]}", flush=True)
 
@@ -236,6 +241,8 @@ def main() -> int:
         suffix = "" if side == "boite" else f"_{side}"
         final[f"throughput_mib_s{suffix}"] = r(out["throughput_mib_s"])
         final[f"rtt_ms{suffix}"] = r(out["rtt_ms"])
+        # A transfer cut short still gives a rate (over what arrived): say it was cut.
+        final[f"complete{suffix}"] = "incomplete" not in out
     if "boite" in results:
         final["accel"] = results["boite"]["accel"]
     if qemu := results.get("qemu") or results.get("qemu_passt"):

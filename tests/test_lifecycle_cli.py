@@ -210,3 +210,48 @@ def test_the_library_runs_a_box_without_the_cli(tmp_path):
     finally:
         if launch.status(box.dir) is not None:
             launch.stop(box.dir, "hard")
+
+
+def test_check_names_a_read_only_disk_and_vcpus_the_emulator_cannot_run(tmp_path):
+    from boite.accel.emu import EmuAccelerator
+
+    box = make_box(tmp_path, "ro", disk="1M")
+    stream = box.dir / "ro-stream.vmdk"
+    made = boite("disk", "convert", "-t", "stream", box.dir / "ro.vmdk", stream, "--json")
+    assert made.returncode == 0 and json.loads(made.stdout)["type"] == "streamOptimized", made
+    key = next(k for k, v in box.vmx.items() if k.endswith(".fileName") and v == "ro.vmdk")
+    box.vmx[key] = stream.name
+    box.vmx["monitor.virtual_exec"] = "software"
+    box.vmx["numvcpus"] = str(EmuAccelerator.max_vcpus + 1)
+    box.save()
+    proc = boite("check", box.dir, "--json")
+    assert proc.returncode == 1
+    found = {p["key"]: p for p in json.loads(proc.stdout)}
+    assert "streamOptimized" in found[key]["message"], found
+    assert found["numvcpus"]["value"] == str(EmuAccelerator.max_vcpus + 1), found
+
+
+@requires_kvm
+def test_a_killed_vmm_is_seen_as_off_and_its_lock_taken_over(tmp_path):
+    import signal
+    import time
+
+    from boite import launch
+
+    box = make_box(tmp_path, "killed", disk="0")
+    pid = launch.start(box.dir, "kvm")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the VMM is the child of this process: reap it so its pid is free
+            if os.waitpid(pid, os.WNOHANG)[0] == pid or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        info = json.loads(boite("info", box.dir, "--json").stdout)
+        assert info["state"] == "off", info
+        listed = json.loads(boite("list", "--all", tmp_path, "--json").stdout)
+        assert [(r["name"], r["state"]) for r in listed] == [("killed", "off")]
+        again = boite("start", box.dir, "--detach", "--accel", "kvm")
+        assert again.returncode == 0, again.stderr  # the stale lock is taken over
+    finally:
+        boite("stop", box.dir, "hard")

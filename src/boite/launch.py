@@ -624,8 +624,19 @@ def reset(box: Any, mode: str = "soft") -> str:
     return str(request(box, {"cmd": "reset", "mode": mode})["how"])
 
 
+PAUSE_WAIT_S = 10.0
+
+
 def pause(box: Any) -> None:
+    """Pause the running box; returns once its vCPUs are parked (`info` says paused), as
+    `vmrun pause` does."""
+    box = open_box(box)
     request(box, {"cmd": "pause"})
+    deadline = time.monotonic() + PAUSE_WAIT_S
+    while (state := (status(box) or {}).get("state")) != "paused":
+        if state in (None, "stopped", "stopping") or time.monotonic() > deadline:
+            raise BoxError(f"{box.name} did not pause (it is {state or 'off'})")
+        time.sleep(0.01)
 
 
 def resume(box: Any) -> None:

@@ -43,8 +43,12 @@ def test_convert_grow_compact(tmp_path, boite_cli):
         assert out.returncode == 0, out.stderr
         with open_disk(tmp_path / name, read_only=True) as d:
             assert d.read(0, 3000) == b"abc" * 1000
-    assert boite_cli("disk", "grow", "-s", "16M", src).returncode == 0
-    assert boite_cli("disk", "compact", src).returncode == 0
+    grown = boite_cli("disk", "grow", "-s", "16M", src)
+    assert grown.returncode == 0
+    assert "capacity 8 MiB -> 16 MiB" in str(grown.stdout), grown.stdout  # says what it did
+    compacted = boite_cli("disk", "compact", src)
+    assert compacted.returncode == 0
+    assert "on the host" in str(compacted.stdout), compacted.stdout
     with open_disk(src, read_only=True) as d:
         assert d.size == 16 << 20 and d.read(0, 3000) == b"abc" * 1000
 

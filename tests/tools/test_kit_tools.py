@@ -65,12 +65,13 @@ def test_tools_in_the_kit_guest(tmp_path):
         assert info["tools"]["running"] and info["tools"]["agent"].startswith("boite-tools")
 
         # A soft reset is a reboot through the tools: a new boot (tmpfs is empty again).
-        assert boite("exec", box.dir, "--", "touch", "/tmp/before-reset").returncode == 0
+        marker = boite("exec", box.dir, "--", "sh", "-c", ": > /tmp/before-reset")
+        assert marker.returncode == 0, marker.stderr
         reset = boite("reset", box.dir, "--json")
         assert reset.returncode == 0 and json.loads(reset.stdout)["how"] == "tools", reset
         deadline = time.monotonic() + 900
-        while boite("exec", box.dir, "--wait", "900", "--", "test", "-e",
-                    "/tmp/before-reset").returncode == 0:  # fmt: skip
+        check = "test -e /tmp/before-reset && echo old || echo new"
+        while boite("exec", box.dir, "--wait", "900", "--", "sh", "-c", check).stdout != b"new\n":
             assert time.monotonic() < deadline, "the guest did not reboot"
             time.sleep(2)
 
@@ -79,8 +80,8 @@ def test_tools_in_the_kit_guest(tmp_path):
     finally:
         boite("stop", box.dir, "hard")
     log = (box.dir / "vmware.log").read_text()
-    assert "Reset (soft): the guest tools reboot the guest." in log
-    assert "Soft stop: asked the guest to power off through the guest tools" in log
+    assert "Reset (soft): the guest tools reboot the guest." in log, log[-3000:]
+    assert "Soft stop: asked the guest to power off through the guest tools" in log, log[-3000:]
     assert "Soft stop: the guest powered off when asked through the guest tools" in log
     assert "Powered off (hard stop)" not in log
 

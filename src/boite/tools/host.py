@@ -354,9 +354,7 @@ class ToolsHost:
                     stale = seen is None or time.monotonic() - seen > DEAD_AFTER_S
                     if stale and self.answering:
                         self.answering = False
-                        self.log(
-                            f"Guest tools stopped answering (nothing for {DEAD_AFTER_S:g} s)."
-                        )
+                        self.log(f"Guest tools stopped answering (nothing for {DEAD_AFTER_S:g} s).")
                         self._fail_routes(self.why_not_running())
                     frame = encode(MsgType.PING, 0, b"boite")
             self._to_agent(frame, timeout=0.5)
