@@ -96,6 +96,121 @@ def dhcp() -> dict:
         backend.close()
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+GUEST_IP, HOST_IP = socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2")
+
+
+def tcp_frame(
+    dst_mac: bytes, ports: tuple[int, int], seq: int, ack: int, flags: int, payload: bytes = b""
+) -> bytes:
+    """An Ethernet frame with one TCP segment from the guest's address to the gateway."""
+    tcp = struct.pack("!HHIIBBHHH", *ports, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    csum = _checksum(GUEST_IP + HOST_IP + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
+    tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
+                     GUEST_IP, HOST_IP)  # fmt: skip
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return dst_mac + GUEST_MAC + b"\x08\x00" + ip + tcp
+
+
+def parse_tcp(frame: bytes) -> dict | None:
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    ihl = (frame[14] & 0xF) * 4
+    seg = frame[14 + ihl :]
+    seq, ack, offset, flags = struct.unpack("!IIBB", seg[4:14])
+    return {"seq": seq, "ack": ack, "flags": flags, "data": seg[(offset >> 4) * 4 :]}
+
+
+SYN, RST, PSH, ACK, FIN = 0x02, 0x04, 0x08, 0x10, 0x01
+
+
+def upload(seconds: float, greet: bool) -> dict:
+    """A guest-to-host TCP stream straight on passt's frame socket, from a minimal TCP
+    sender written here (no guest kernel involved): one 1000-byte segment a second for
+    `seconds`, every segment of the host's acknowledged at once. With `greet` the host
+    service sends one byte first, which the sender acknowledges. Debian 12's passt resets
+    the stream 24 s in unless the guest has acknowledged data from it (bench/RESULTS.md)."""
+    from boite.machine.netback.passt import PasstBackend
+
+    log: list[str] = []
+    backend = PasstBackend(log=log.append)
+    listener = socket.create_server(("127.0.0.1", 9097))
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if greet:
+                conn.sendall(b"!")
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    def frames(wait: float) -> list[bytes]:
+        out, end = [], time.monotonic() + wait
+        while time.monotonic() < end:
+            buf = bytearray(70000)
+            try:
+                n = backend.recv_into([memoryview(buf)])
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            out.append(bytes(buf[:n]))
+        return out
+
+    ports, mac, seq = (40000, 9097), b"\xff" * 6, 1000
+    try:
+        backend.send([memoryview(tcp_frame(mac, ports, seq, 0, SYN))])
+        start = time.monotonic()
+        synack = None
+        while synack is None and time.monotonic() - start < 10:
+            for frame in frames(0.5):
+                seg = parse_tcp(frame)
+                if seg and seg["flags"] & (SYN | ACK) == SYN | ACK:
+                    synack, mac = seg, frame[6:12]
+        if synack is None:
+            return {"error": "no SYN-ACK from passt", "log": log}
+        seq, rcv = seq + 1, (synack["seq"] + 1) & 0xFFFFFFFF
+        backend.send([memoryview(tcp_frame(mac, ports, seq, rcv, ACK))])
+        sent, reset_at, greeting = bytearray(), None, bytearray()
+        while reset_at is None and time.monotonic() - start < seconds:
+            chunk = os.urandom(1000)
+            backend.send([memoryview(tcp_frame(mac, ports, seq, rcv, PSH | ACK, chunk))])
+            seq += len(chunk)
+            sent += chunk
+            for frame in frames(1.0):
+                seg = parse_tcp(frame)
+                if seg is None:
+                    continue
+                if seg["flags"] & RST:
+                    reset_at = round(time.monotonic() - start, 1)
+                elif seg["data"] and seg["seq"] == rcv:
+                    greeting += seg["data"]
+                    rcv = (rcv + len(seg["data"])) & 0xFFFFFFFF
+                    backend.send([memoryview(tcp_frame(mac, ports, seq, rcv, ACK))])
+        if reset_at is None:
+            backend.send([memoryview(tcp_frame(mac, ports, seq, rcv, FIN | ACK))])
+        server.join(10)
+        return {"seconds": round(time.monotonic() - start, 1), "reset_at": reset_at,
+                "sent_sha256": hashlib.sha256(sent).hexdigest(), "sent_len": len(sent),
+                "received_sha256": hashlib.sha256(received).hexdigest(),
+                "received_len": len(received), "greeting": greeting.decode(), "log": log}  # fmt: skip
+    finally:
+        backend.close()
+        listener.close()
+
+
 def box_traffic(box_dir: str) -> dict:
     """Start the kit box (nat, forward tcp:18080:8080) and move bytes both ways."""
     from boite import launch
@@ -229,5 +344,10 @@ def box_traffic(box_dir: str) -> dict:
 if __name__ == "__main__":
     setup_namespace()
     what = sys.argv[1]
-    out = dhcp() if what == "dhcp" else box_traffic(sys.argv[2])
+    if what == "dhcp":
+        out = dhcp()
+    elif what == "upload":
+        out = upload(float(sys.argv[2]), greet=sys.argv[3] == "greet")
+    else:
+        out = box_traffic(sys.argv[2])
     print(json.dumps(out))
