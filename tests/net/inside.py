@@ -38,9 +38,7 @@ def dhcp_discover(xid: int) -> bytes:
     udp = struct.pack("!HHHH", 68, 67, 8 + len(udp_payload), 0) + udp_payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
                      bytes(4), b"\xff\xff\xff\xff")  # fmt: skip
-    csum = sum(struct.unpack("!10H", ip))
-    csum = (csum & 0xFFFF) + (csum >> 16)
-    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     return b"\xff" * 6 + GUEST_MAC + b"\x08\x00" + ip + udp
 
 
@@ -96,6 +94,24 @@ def dhcp() -> dict:
         backend.close()
 
 
+def sink(listener: socket.socket, received: bytearray, greet: bool) -> threading.Thread:
+    """A host service taking one connection and keeping what it reads. `greet`: one byte
+    to the guest first; Debian 12's passt resets a guest-to-host stream 24 s in while the
+    guest has acknowledged nothing from the host side (bench/RESULTS.md, net)."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if greet:
+                conn.sendall(b"!")
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    return server
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -145,17 +161,7 @@ def upload(seconds: float, greet: bool) -> dict:
     backend = PasstBackend(log=log.append)
     listener = socket.create_server(("127.0.0.1", 9097))
     received = bytearray()
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            if greet:
-                conn.sendall(b"!")
-            while chunk := conn.recv(65536):
-                received.extend(chunk)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    server = sink(listener, received, greet)
 
     def frames(wait: float) -> list[bytes]:
         out, end = [], time.monotonic() + wait
@@ -226,19 +232,7 @@ def box_traffic(box_dir: str) -> dict:
     listener.bind(("127.0.0.1", 9099))
     listener.listen(1)
     received = bytearray()
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            # One byte to the guest first: Debian 12's passt resets a guest-to-host
-            # stream 24 s in while the guest has acknowledged nothing from the host side
-            # (bench/RESULTS.md, net).
-            conn.sendall(b"!")
-            while chunk := conn.recv(65536):
-                received.extend(chunk)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    server = sink(listener, received, greet=True)
     launch.start(box_dir, "emu")
     try:
         with launch.tools_client(box_dir, wait_s=900) as tools:
