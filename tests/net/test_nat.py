@@ -71,7 +71,7 @@ def test_a_kit_guest_reaches_the_host_and_is_reached_through_a_forward(tmp_path)
     assert f"default via {GATEWAY} dev eth0" in lease["routes"], lease
     assert (out["outside_status"], out["outside_got"]) == (0, "hello outside\n"), out
     assert out["to_host_status"] == 0, out
-    assert out["to_host_sha256"] == out["sha256_x4"], out
+    assert out["to_host_sha256"] == out["sha256_x8"], out
     assert out["from_host_sha256"] == out["sha256"], out
 
 
