@@ -41,7 +41,7 @@ from guests.stockinitrd import DISK_MODULES, stock_initrd  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(3600),
+    pytest.mark.timeout(6000),
     pytest.mark.skipif(media.tools_missing() is not None, reason=str(media.tools_missing())),
     pytest.mark.skipif(not bios_path().exists(), reason="Debian's seabios is not installed"),
 ]
@@ -186,7 +186,7 @@ bios.bootOrder = "cdrom"
     assert r.returncode == 0, r.stderr
     serial = box / "serial0.log"
     try:
-        out = _wait_for(serial, ("STOCK-WAITING",), 2400, ("Kernel panic", "BOITE-EXIT"))
+        out = _wait_for(serial, ("STOCK-WAITING",), 4800, ("Kernel panic", "BOITE-EXIT"))
         assert "SeaBIOS (version" in out and "BOITE-GRUB iso" in out, out[-3000:]
         _check_guest_findings(out)
         r = boite_cli("stop", box, "soft", "--timeout", "300", "--json", timeout=400)
