@@ -13,6 +13,12 @@ ISO on a boite box, under the emulator, driven with the CLI as a user would:
   PM1a_CNT);
 - the host runs `boite stop BOX soft`: the box must go down by the ACPI power button
   (no guest tools, no keyboard fallback) and say so, in the JSON and in vmware.log.
+
+Cost under the emulator: about 14 CPU-minutes to the guest's init (2026-12-07), 10 of
+them before the kernel's first line: on a firmware boot the stock kernel's own XZ
+decompressor runs in the guest (a direct kernel boot unpacks it on the host). At load
+11-14 on this project's 2 shared cores that was 40 minutes of wall time; hence the long
+timeouts. The QEMU test beside it checks the same ISO and guest script in about 90 s.
 """
 
 from __future__ import annotations
