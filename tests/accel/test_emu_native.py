@@ -177,6 +177,28 @@ def test_native_string_and_loop_instructions(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["648b03", "64ff4304", "65017b08", "3e8d742600", "648b1d10400000",
+                                  "64a110400000", "64a310400000", "26ff03", "36ff03", "3e0fb10b",
+                                  "2e8b03", "3e7400", "64f3ab", "64ac"])  # fmt: skip
+def test_native_segment_overrides(code: str) -> None:
+    """Segment override prefixes: through a flat FS/GS with a base (the kernel's per-CPU
+    data), DS/ES/SS, a no-op prefix on LEA or Jcc; CS (not writable, so never flat) and
+    string instructions with an override are left to Python."""
+    cpu = _cpu()
+    try:
+        cpu.set_seg_raw(4, 0x10, 0x2000, 0xFFFFFFFF, 0xC093)  # FS: flat, based
+        cpu.set_seg_raw(5, 0x10, 0x3000, 0xFFFFFFFF, 0xC093)  # GS
+        regs = [0x11223344, 3, 0x55, DATA, 0x8000, 0, DATA + 16, DATA + 32]
+        got = _once(cpu, bytes.fromhex(code), regs, 0x2, True)
+        if code[:2] == "2e" or code in ("64f3ab", "64ac"):
+            assert got is None
+            return
+        assert got is not None
+        assert got == _once(cpu, bytes.fromhex(code), regs, 0x2, False)
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 

@@ -243,6 +243,11 @@ class Cpu:
         self.dma_writes: list[tuple[int, int]] = []
         # The native tier (native/, x86-64 hosts), when the accelerator turns it on.
         self.native: Any = None
+        # Instructions a native entry completed before it raised (run() counts them, so
+        # a guest looping through faults still ends run(n)); run_max: run()'s n, which
+        # bounds one native entry.
+        self.done_before_raise = 0
+        self.run_max = 1 << 30
         from boite.accel.emu.decode import Decoder
         from boite.accel.emu.fpu import FpuState
 
@@ -1681,6 +1686,7 @@ class Cpu:
         """
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
+        self.run_max = max_insns
         done = 0
         translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
@@ -1756,13 +1762,17 @@ class Cpu:
                         self._one_instruction()
                         done += 1
                 except CpuFault as e:
-                    done += n
+                    done += n + self.done_before_raise
+                    self.done_before_raise = 0
                     self.exception(e.vector, e.error)
                 except CpuHalt:
-                    done += n + 1
+                    done += n + 1 + self.done_before_raise
+                    self.done_before_raise = 0
                     self.halted = True
                     break
                 except CpuStop:
+                    done += self.done_before_raise
+                    self.done_before_raise = 0
                     break
                 if self.stop or (should_stop is not None and should_stop()):
                     break
