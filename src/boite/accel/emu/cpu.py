@@ -244,10 +244,10 @@ class Cpu:
         # The native tier (native/, x86-64 hosts), when the accelerator turns it on.
         self.native: Any = None
         # Instructions a native entry completed before it raised (run() counts them, so
-        # a guest looping through faults still ends run(n)); run_max: run()'s n, which
-        # bounds one native entry.
+        # a guest looping through faults still ends run(n)); run_left: what run() may
+        # still run, which bounds one native entry.
         self.done_before_raise = 0
-        self.run_max = 1 << 30
+        self.run_left = 1 << 30
         from boite.accel.emu.decode import Decoder
         from boite.accel.emu.fpu import FpuState
 
@@ -1686,7 +1686,6 @@ class Cpu:
         """
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
-        self.run_max = max_insns
         done = 0
         translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
@@ -1700,6 +1699,7 @@ class Cpu:
         fast: dict[int, Callable[[], int]] = {}
         try:
             while done < max_insns:
+                self.run_left = max_insns - done  # bounds a native entry (native/)
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):

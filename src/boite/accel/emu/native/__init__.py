@@ -128,6 +128,7 @@ class NativeTier:
         self.chains: dict[tuple[int, int], ChainTable] = {}
         self.ckey: tuple[int, int] | None = None
         self.ctab: ChainTable | None = None
+        self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
@@ -154,6 +155,7 @@ class NativeTier:
 
     def unchain(self) -> None:
         """A block or a TLB entry went away: no chain may lead to a stale block."""
+        self.epoch += 1
         for ct in self.chains.values():
             ct.clear()
 
@@ -221,9 +223,13 @@ class NativeTier:
             return None
 
         def first_in_python() -> int:
+            epoch = self.epoch
             fn()
-            if cpu.eip != eip2:
-                return 1  # a REP string instruction left to be resumed, say
+            if cpu.eip != eip2 or self.epoch != epoch:
+                # A REP string instruction left to be resumed, or the instruction wrote
+                # code (maybe the rest of this very block) or changed the TLB.
+                return 1
+            cpu.run_left -= 1
             try:
                 return 1 + tail()
             except BaseException:
@@ -275,7 +281,7 @@ class NativeTier:
             st.eflags = fl
             sbase_in(stbuf, 40, *cpu.sbase)
             st.dstep = -1 if fl & DF else 1
-            budget = min(BUDGET, cpu.run_max)  # BUDGET read now: tests set it
+            budget = min(BUDGET, cpu.run_left)  # BUDGET read now: tests set it
             st.budget = budget
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
@@ -294,6 +300,10 @@ class NativeTier:
             if tier.profile is not None:
                 tier._note_exit(reason)
             if reason == EXIT_MISS:
+                if n >= budget:
+                    # run(n)'s count is reached: stop before the instruction (its miss,
+                    # maybe its fault, comes with the next run, as on the Python tiers).
+                    return n
                 return n + tier._miss(n)
             if n == 0:
                 return tier._one()

@@ -561,6 +561,8 @@ class Translator:
         imm = i.raw[i.imm_at :]
         if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
             return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
+        if i.row.mnemonic == "BSWAP" and i.p66:
+            return False  # BSWAP of a 16-bit register: undefined, the closures' value
         if i.mem is None and i.row.operands[:1] == "M":
             return False  # a register form of a memory-only operand: #UD, from Python
         if i.mem is None:
