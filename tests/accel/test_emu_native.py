@@ -199,6 +199,32 @@ def test_native_segment_overrides(code: str) -> None:
         cpu.close()
 
 
+def test_chained_entry_polls_the_interrupt_flag_and_the_budget() -> None:
+    """A self-looping block (INC EAX; JMP back) runs in one entry until its budget is
+    spent (run(n)'s n bounds it); with an interrupt pending and IF set it leaves at the
+    first chain (the flag a device thread sets with Cpu.kick while it runs)."""
+    cpu = _cpu()
+    try:
+        code = b"\x40\xeb\xfd"  # inc eax; jmp $-3
+        cpu.ram[CODE : CODE + 3] = code
+        cpu.eip = CODE
+        cpu.r[0] = 0
+        f = cpu.native.translate(CODE, CODE)
+        assert f is not None
+        cpu.run_left = 1000
+        cpu.intr = False
+        while (n := f()) == 0:
+            pass  # TLB misses filled: none here (no memory operand), but harmless
+        assert 1000 <= n < 1000 + 2 and cpu.r[0] == n // 2
+        cpu.set_flags(0x202)  # IF
+        cpu.intr = True
+        assert f() == 2 and cpu.eip == CODE  # one pass, then the chain sees the flag
+        cpu.set_flags(0x2)  # IF clear: the pending interrupt cannot be taken, no exit
+        assert 1000 <= f() < 1000 + 2
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 
