@@ -879,7 +879,6 @@ class ControlServer:
         console = self.vmm.console
         if console is None:
             return
-        self.log("Console attached.")
         # The viewer's own bounded buffer (ConsoleClient) is where a slow viewer's output
         # waits and is dropped; a large socket buffer would only hide that for a while.
         with contextlib.suppress(OSError):
@@ -889,6 +888,7 @@ class ControlServer:
             conn.sendall(data)
 
         client = console.attach(writer)
+        self.log("Console attached.")  # after: a viewer sees everything from here on
         with self._active_lock:
             self._consoles.add(conn)
         try:

@@ -10,7 +10,8 @@ mostly into RAM. It runs up to RUN_INSNS instructions with every hot block (hot 
 translated to x86-64 code, then again with the Python closures one instruction at a time
 to the same instruction count; registers, EIP, flags, HLT, the guest error that ended it
 and all of RAM must be equal. A Python exception that is not a guest outcome (a bug of
-the emulator itself) is counted apart.
+the emulator itself) is counted apart, and so is a run that does not end (a hang: the
+worker says nothing for SEED_TIMEOUT_S and is killed).
 
 `python tests/accel/native_fuzz.py FIRST COUNT` runs seeds FIRST.. and prints one line per
 seed ("seed same native_insns outcome"); `fuzz(runs)` runs workers and restarts one after a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import subprocess
 import sys
 import time
@@ -34,6 +36,8 @@ CODE_BYTES = 0x400
 STUB_AT = CODE + CODE_BYTES  # fault handlers that recover (see setup)
 STUBS = 32
 IDT, GDT, PD, PT = 0x3000, 0x1000, 0x20000, 0x21000
+# A worker silent this long hangs on its seed (a guest that keeps Cpu.run from returning).
+SEED_TIMEOUT_S = float(os.environ.get("BOITE_NATIVE_FUZZ_SEED_S", "120"))
 HOT = 2  # runs of a block before it is translated (1 translates run-once code too: slower)
 RUN_INSNS = 200  # per run, in RUN_SLICES calls of Cpu.run
 RUN_SLICES = 2
@@ -163,8 +167,14 @@ def native_outcome(p: tuple) -> tuple[tuple, int]:
     when random code rewrites its own block, which native blocks and the reference do
     not)."""
     import boite.accel.emu.decode.core as dcore
+    import boite.accel.emu.native as native
 
     dcore.MAX_BLOCK = 1
+    # Chained native code runs up to native.BUDGET instructions per entry, past what
+    # Cpu.run was asked for: keep a run short, or the reference (one closure at a time)
+    # would have thousands of instructions to catch up with.
+    if hasattr(native, "BUDGET"):
+        native.BUDGET = RUN_INSNS // RUN_SLICES
     cpu = setup(p, True)
     cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
     err = None
@@ -223,25 +233,35 @@ def worker(first: int, count: int) -> None:
 
 
 def _counts() -> dict:
-    return {"runs": 0, "crashes": [], "differ": [], "bugs": [], "native_insns": 0,
+    return {"runs": 0, "crashes": [], "hangs": [], "differ": [], "bugs": [], "native_insns": 0,
             "native_runs": 0}  # fmt: skip
 
 
 def _run_worker(first: int, count: int) -> dict:
     """Seeds first..first+count-1 in worker processes, one after another: a worker that
     dies (a signal, or any exit before its last seed) is a host crash at the seed after
-    its last line; the next worker starts past it."""
+    its last line, one silent for SEED_TIMEOUT_S a hang there (it is killed); the next
+    worker starts past that seed."""
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = _counts()
     end = first + count
     while first < end:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, __file__, str(first), str(end - first)],
-            capture_output=True, text=True, env=env, timeout=24 * 3600,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
-        last = first - 1
-        for line in proc.stdout.splitlines():
+        assert proc.stdout is not None and proc.stderr is not None
+        last, hung = first - 1, False
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], SEED_TIMEOUT_S)
+            if not ready:
+                hung = True
+                proc.kill()
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
             seed_s, same, ran, outcome = line.split()
             seed = int(seed_s)
             last = seed
@@ -252,10 +272,15 @@ def _run_worker(first: int, count: int) -> dict:
                 out["differ"].append(seed)
             if outcome.startswith("bug:"):
                 out["bugs"].append((seed, outcome[4:]))
+        proc.wait()
+        err = proc.stderr.read()[-400:]
         first = last + 1
-        if first < end:  # the worker died on this seed
+        if first < end:  # the worker died or hung on this seed
             out["runs"] += 1
-            out["crashes"].append((first, proc.returncode, proc.stderr[-400:]))
+            if hung:
+                out["hangs"].append(first)
+            else:
+                out["crashes"].append((first, proc.returncode, err))
             first += 1
     return out
 

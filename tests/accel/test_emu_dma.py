@@ -81,6 +81,8 @@ def test_virtio_blk_dma_over_compiled_code(tmp_path: Path, translate: bool) -> N
     assert res.reason is StopReason.SHUTDOWN, (res, bytes(com1.output))
     assert res.exit_status == (0x31 << 1) | 1, (res, bytes(com1.output))
     assert bytes(com1.output) == b"dmacode: the new code ran\n"
+    if acc.native:  # the [native] run: the old function ran as host code before the DMA
+        assert acc.tier_stats()["native_instructions"] > 0
     # The function's page was translated again after the DMA (the block cache is on).
     assert (FUNC >> 12 in code_pages) is translate
 

@@ -128,12 +128,13 @@ def test_a_running_box_reports_its_tier_in_info_and_vmware_log(tmp_path, boite_c
     box = Box.create(tmp_path / "spin", memsize_mb=16, disk_size=None)
     box.vmx["boite.kernel"] = str(assemble("mb_spin"))
     box.vmx["monitor.virtual_exec"] = "software"
-    box.vmx["boite.emuTier"] = "native"
+    box.vmx["boite.emuTier"] = "python"  # --emu-tier below wins over it
     box.save()
     env = dict(os.environ, BOITE_EMU_HOT="2")
     env.pop("BOITE_EMU_TIER", None)
     env.pop("BOITE_EMU_NATIVE", None)
-    start = subprocess.run([sys.executable, "-m", "boite", "start", str(box.dir), "--detach"],
+    start = subprocess.run([sys.executable, "-m", "boite", "start", str(box.dir), "--detach",
+                            "--emu-tier", "native"],
                            capture_output=True, text=True, timeout=120, env=env,
                            stdin=subprocess.DEVNULL)  # fmt: skip
     assert start.returncode == 0, start.stderr
@@ -141,11 +142,21 @@ def test_a_running_box_reports_its_tier_in_info_and_vmware_log(tmp_path, boite_c
         info = json.loads(boite_cli("info", box.dir, "--json", check=True).stdout)
         running = info["emu_tier_running"]
         assert running["tier"] == "native", running
-        assert "boite.emuTier = native" in running["why"]
+        assert "--emu-tier = native" in running["why"]
         text = boite_cli("info", box.dir, check=True).stdout
         assert "instructions so far ran as native code" in text, text
     finally:
         boite_cli("stop", box.dir, "hard", timeout=60)
     log = (box.dir / "vmware.log").read_text()
-    assert "Emulator tier: native (boite.emuTier = native" in log, log
+    assert "Emulator tier: native (--emu-tier = native" in log, log
     assert "Emulator tier native:" in log, log
+
+
+def test_the_vmm_hands_the_flag_and_the_box_key_to_the_emulator(clean_env) -> None:
+    from boite.vmm import accelerator_for
+
+    acc = accelerator_for("software", emu_tier_config="python")
+    assert (acc.tier_choice.source, acc.tier_choice.tier) == ("boite.emuTier", "python")
+    acc = accelerator_for("emu", emu_tier="python", emu_tier_config="native")
+    assert acc.tier_choice.source == "--emu-tier"
+    assert acc.tier_stats()["tier"] == "python" and acc.tier_stats()["instructions"] == 0

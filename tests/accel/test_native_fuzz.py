@@ -2,7 +2,8 @@
 32-bit protected mode with random IDT and paging, many short runs per worker process,
 every run compared with the Python tier. It prints the run count, the host crashes (a
 worker killed by a signal: in principle a hypervisor escape), the outcomes that differ
-from the Python tier's and the Python errors escaping the emulator; all must be 0.
+from the Python tier's, the runs that never end and the Python errors escaping the
+emulator; all must be 0.
 
 The default suite runs BOITE_NATIVE_FUZZ_RUNS (1,000) runs; the 100,000 of issue 11 take
 about 20 CPU-minutes (two workers): `BOITE_NATIVE_FUZZ_FULL=1` runs them (marked slow)."""
@@ -25,11 +26,13 @@ needs_native = pytest.mark.skipif(native_refusal() is not None, reason=str(nativ
 def _check(res: dict, runs: int, capsys) -> None:
     with capsys.disabled():
         print(f"\nnative fuzz: {res['runs']} runs, {len(res['crashes'])} host crashes, "
+              f"{len(res['hangs'])} hangs, "
               f"{len(res['differ'])} outcomes differing from the Python tier, "
               f"{len(res['bugs'])} emulator errors; {res['native_runs']} runs entered native "
               f"code ({res['native_insns']} instructions), {res['seconds']} s")  # fmt: skip
     assert res["runs"] == runs
     assert res["crashes"] == [], res["crashes"]
+    assert res["hangs"] == [], f"seeds {res['hangs'][:20]} ran past {native_fuzz.SEED_TIMEOUT_S} s"
     assert res["differ"] == [], f"seeds {res['differ'][:20]}: python tests/accel/native_fuzz.py"
     assert res["bugs"] == [], res["bugs"][:20]
     assert res["native_runs"] > runs // 4, "too few runs reached native code"

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,11 @@ VD_MARK = b"BOITE-VIRTIO-BLK-PCI-DISK"
 HD_MARK = b"BOITE-IDE-DISK"
 
 RUN = r"""
+# libata and SCSI probe asynchronously: give the three disks time to appear.
+for i in $(seq 120); do
+  [ -e /sys/block/vda ] && [ -e /sys/block/sda ] && [ -e /sys/block/sr0 ] && break
+  sleep 1
+done
 echo "STOCK-CPUS $(grep -c '^processor' /proc/cpuinfo)"
 for dev in /sys/block/*; do
   name=${dev##*/}
@@ -86,20 +94,69 @@ def _wait_for(path: Path, marks: tuple[str, ...], seconds: float, stop: tuple[st
     return text
 
 
+def _check_guest_findings(out: str) -> None:
+    """What the stock drivers found, as the guest printed it (the same on both peers)."""
+    assert "STOCK-WAITING" in out, out[-4000:]
+    for name in ("virtio_pci", "virtio_blk", "ata_piix", "sd_mod", "sr_mod", "evdev"):
+        assert re.search(rf"STOCK-INSMOD {name} (ok|builtin)", out), (name, out[-3000:])
+    assert "STOCK-CPUS 2" in out, out[-3000:]
+    assert f"STOCK-DISK vda sectors=131072 mark={VD_MARK.decode()}" in out, out[-3000:]
+    assert f"STOCK-DISK sda sectors=65536 mark={HD_MARK.decode()}" in out, out[-3000:]
+    assert "STOCK-CD sr0 volume=CD001" in out, out[-3000:]
+    assert "STOCK-BUTTON /dev/input/event" in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def debian_iso(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    kit = guestkit.ensure_kit(["debian-686"])
+    assert kit.debian686_vmlinuz is not None and kit.debian686_deb is not None
+    img = stock_initrd(run=RUN, kernel_deb=kit.debian686_deb, modules=MODULES)
+    work = tmp_path_factory.mktemp("debian-iso")
+    return media.grub_iso(work / "debian.iso", kit.debian686_vmlinuz, img.path,
+                          "console=ttyS0 quiet cryptomgr.notests", work)  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-i386") is None, reason="needs qemu-system-i386")
+def test_the_same_iso_under_qemu(debian_iso: Path, tmp_path: Path) -> None:
+    """The medium and the guest's script checked against a real peer: QEMU TCG with the
+    same disks (raw), 2 CPUs, and `system_powerdown` (its ACPI power button)."""
+    for name, size, mark in (("vd.raw", 64 << 20, VD_MARK), ("hd.raw", 32 << 20, HD_MARK)):
+        (tmp_path / name).write_bytes(mark.ljust(512, b"\0") + bytes(size - 512))
+    (tmp_path / "sercon-port").write_bytes((0x3F8).to_bytes(2, "little"))
+    serial, monitor = tmp_path / "serial.log", tmp_path / "monitor.sock"
+    proc = subprocess.Popen(
+        ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-smp", "2", "-display", "none",
+         "-vga", "none", "-no-reboot", "-serial", f"file:{serial}",
+         "-monitor", f"unix:{monitor},server,nowait",
+         "-drive", f"file={tmp_path / 'vd.raw'},format=raw,if=virtio",
+         "-drive", f"file={tmp_path / 'hd.raw'},format=raw,if=ide,index=0",
+         "-drive", f"file={debian_iso},media=cdrom,if=ide,index=2", "-boot", "d",
+         "-fw_cfg", f"name=etc/sercon-port,file={tmp_path / 'sercon-port'}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out = _wait_for(serial, ("STOCK-WAITING",), 900, ("Kernel panic",))
+        _check_guest_findings(out)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(monitor))
+            s.sendall(b"system_powerdown\n")
+            assert proc.wait(300) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    out = ANSI.sub("", serial.read_bytes().decode(errors="replace"))
+    assert "STOCK-PRESSED powering off" in out and "reboot: Power down" in out, out[-3000:]
+
+
 # Under KVM too where the host has real VT-x/AMD-V (kvm_pvm cannot boot Linux: skipped).
 ACCELS = [pytest.param("emu", id="emu"), pytest.param("kvm", id="kvm", marks=requires_real_vtx)]
 
 
 @pytest.mark.parametrize("accel", ACCELS)
 def test_debian_686_from_a_grub_iso_finds_its_disks_counts_cpus_and_powers_off(
-    boite_cli, tmp_path: Path, accel: str
+    boite_cli, tmp_path: Path, debian_iso: Path, accel: str
 ) -> None:
-    kit = guestkit.ensure_kit(["debian-686"])
-    assert kit.debian686_vmlinuz is not None and kit.debian686_deb is not None
-    img = stock_initrd(run=RUN, kernel_deb=kit.debian686_deb, modules=MODULES)
-    iso = media.grub_iso(tmp_path / "debian.iso", kit.debian686_vmlinuz, img.path,
-                         "console=ttyS0 quiet cryptomgr.notests", tmp_path)  # fmt: skip
-
+    iso = debian_iso
     box = tmp_path / "deb"
     r = boite_cli("create", box, "--disk", "0", "--memsize", "256", "--cpus", "2")
     assert r.returncode == 0, r.stderr
@@ -131,15 +188,7 @@ bios.bootOrder = "cdrom"
     try:
         out = _wait_for(serial, ("STOCK-WAITING",), 2400, ("Kernel panic", "BOITE-EXIT"))
         assert "SeaBIOS (version" in out and "BOITE-GRUB iso" in out, out[-3000:]
-        assert "STOCK-WAITING" in out, out[-4000:]
-        for name in ("virtio_pci", "virtio_blk", "ata_piix", "sd_mod", "sr_mod", "evdev"):
-            assert re.search(rf"STOCK-INSMOD {name} (ok|builtin)", out), (name, out[-3000:])
-        assert "STOCK-CPUS 2" in out, out[-3000:]
-        assert f"mark={VD_MARK.decode()}" in out and "STOCK-DISK vda sectors=131072" in out, \
-            out[-3000:]  # fmt: skip
-        assert f"STOCK-DISK sda sectors=65536 mark={HD_MARK.decode()}" in out, out[-3000:]
-        assert "STOCK-CD sr0 volume=CD001" in out, out[-3000:]
-        assert "STOCK-BUTTON /dev/input/event" in out, out[-3000:]
+        _check_guest_findings(out)
         r = boite_cli("stop", box, "soft", "--timeout", "300", "--json", timeout=400)
     finally:
         boite_cli("stop", box, "hard", timeout=120)

@@ -113,6 +113,30 @@ def test_missing_tool_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
+def test_a_kit_build_shows_its_current_step_elapsed_time_and_log(tmp_path: Path) -> None:
+    """A long build is not one unchanging line: each step with the time so far, and where
+    the whole log is (the initramfs, in an empty cache: seconds, not a kernel's minutes)."""
+    import sys
+
+    env = dict(os.environ, BOITE_CACHE=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "boite", "kit", "build", "initrd"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0 and "apt-get" in proc.stderr:
+        pytest.skip(f"busybox-static:i386 cannot be fetched here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr
+    log = re.search(r"full log in (\S+build\.log)", proc.stderr)
+    assert log, proc.stderr
+    steps = re.findall(r"step \d+/\d+: (.+) \[(\d+):(\d\d)\]$", proc.stderr, re.M)
+    assert len({what for what, _, _ in steps}) >= 3, proc.stderr  # the step changes
+    assert any("busybox" in what for what, _, _ in steps), proc.stderr
+    done = guestkit.kit_paths(["initrd"], root=tmp_path / "kit")
+    assert done.initrd_i386 is not None and done.initrd_i386.is_file()
+    assert (done.initrd_i386.parent / "build.log").is_file()  # kept beside the artifact
+
+
 def test_cli_kit_path(boite_cli, monkeypatch, tmp_path: Path) -> None:
     env_cache = tmp_path / "c"
     monkeypatch.setenv("BOITE_CACHE", str(env_cache))  # the subprocess inherits it

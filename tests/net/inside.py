@@ -133,6 +133,12 @@ def box_traffic(box_dir: str) -> dict:
                     break
                 time.sleep(2)
             result["ips"] = info["ips"]
+            # `list --all` shows the running box with its state, accelerator, IP and tools.
+            listed = subprocess.run(
+                [sys.executable, "-m", "boite", "list", "--all", str(Path(box_dir).parent),
+                 "--json"], capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            result["listed"] = json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr
             # How the address came: the lease (udhcpc's script wrote DNS and the route),
             # not a static boite.ip= on the command line.
             out = bytearray()

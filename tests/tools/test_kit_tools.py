@@ -1,6 +1,7 @@
 """The guest tools in the kit's Linux, end to end through the CLI: exec (streams and exit
-status), a binary copy both ways checked by hash, ip, shell, info's heartbeat, and a soft
-stop that goes through the tools (vmware.log says so)."""
+status), a binary copy both ways checked by hash, shell, info's heartbeat, a soft reset
+and a soft stop that go through the tools (vmware.log says so), and the guest clock set
+after a revert and an unpause."""
 
 from __future__ import annotations
 
@@ -63,11 +64,22 @@ def test_tools_in_the_kit_guest(tmp_path):
         info = json.loads(boite("info", box.dir, "--json").stdout)
         assert info["tools"]["running"] and info["tools"]["agent"].startswith("boite-tools")
 
+        # A soft reset is a reboot through the tools: a new boot (tmpfs is empty again).
+        assert boite("exec", box.dir, "--", "touch", "/tmp/before-reset").returncode == 0
+        reset = boite("reset", box.dir, "--json")
+        assert reset.returncode == 0 and json.loads(reset.stdout)["how"] == "tools", reset
+        deadline = time.monotonic() + 900
+        while boite("exec", box.dir, "--wait", "900", "--", "test", "-e",
+                    "/tmp/before-reset").returncode == 0:  # fmt: skip
+            assert time.monotonic() < deadline, "the guest did not reboot"
+            time.sleep(2)
+
         stop = boite("stop", box.dir, "soft")
         assert stop.returncode == 0, stop.stderr
     finally:
         boite("stop", box.dir, "hard")
     log = (box.dir / "vmware.log").read_text()
+    assert "Reset (soft): the guest tools reboot the guest." in log
     assert "Soft stop: asked the guest to power off through the guest tools" in log
     assert "Soft stop: the guest powered off when asked through the guest tools" in log
     assert "Powered off (hard stop)" not in log
