@@ -28,10 +28,10 @@ from boite.errors import AccelError
 TIERS = ("auto", "python", "native")
 ENV = "BOITE_EMU_TIER"
 VMX_KEY = "boite.emuTier"
-# Whether "auto" means the native tier (where the host allows it). Off until the native
-# tier runs the guests that matter faster than the Python tiers (bench/emu.py's
-# linux_init_s_native against linux_init_s); flipping it is the whole switch.
-NATIVE_BY_DEFAULT = False
+# Whether "auto" means the native tier (where the host allows it). On since the native
+# tier runs the guests that matter faster than the Python tiers (bench/RESULTS.md: the
+# kit Linux to init in about a third of their CPU time, the compute loop ~20x).
+NATIVE_BY_DEFAULT = True
 
 
 @dataclass(frozen=True)
