@@ -201,7 +201,7 @@ def reference(p: tuple, count: int, native_err: str | None) -> tuple:
     cpu.compile_blocks = False
     err = None
     try:
-        for _ in range(count + 100):
+        for _ in range(2 * count + 200):  # a call may end after a fault and no instruction
             left = count - cpu.icount
             if cpu.halted or left < 0 or (left == 0 and not native_err):
                 break

@@ -78,3 +78,40 @@ def test_enter16_on_a_32bit_stack_pushes_the_low_word() -> None:
         assert cpu.r[4] == frame - 2 - 8
     finally:
         cpu.close()
+
+
+@pytest.mark.parametrize("tier", ["interp", "python", "native"])
+def test_a_guest_looping_through_faults_cannot_keep_run_from_returning(tier: str) -> None:
+    """The fuzz's second find (seeds 3003 and around 50,000): a handler that runs a few
+    instructions and faults again, in a compiled or native block, never let Cpu.run
+    return (the block's instructions before the fault did not count towards
+    max_insns), so the VMM could neither pause nor stop the guest. Faults count now."""
+    if tier == "native" and native_refusal() is not None:
+        pytest.skip(str(native_refusal()))
+    cpu = Cpu(GuestMemory.with_ram(1 << 20))
+    try:
+        cpu.set_cr(0, 0x11)
+        cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
+        for i in (0, 2, 3, 4, 5):
+            cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
+        cpu.tlb_switch()
+        handler = 0x2000  # every vector: add esp, 12; inc eax; ud2
+        gate = (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((handler >> 16) << 48)
+        cpu.ram[0x1000:0x1800] = gate.to_bytes(8, "little") * 256
+        cpu.idt_base, cpu.idt_limit = 0x1000, 0x7FF
+        gdt = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+        cpu.ram[0x3000:0x3018] = b"".join(d.to_bytes(8, "little") for d in gdt)
+        cpu.gdt_base, cpu.gdt_limit = 0x3000, 0x17
+        code = bytes.fromhex("83c40c400f0b")
+        cpu.ram[handler : handler + len(code)] = code
+        cpu.r[4], cpu.eip = 0x8000, handler
+        cpu.hot_block = 1
+        if tier == "native":
+            from boite.accel.emu.native import NativeTier
+
+            cpu.native = NativeTier(cpu)
+        cpu.translate_blocks = tier != "interp"
+        cpu.run(1000)  # before: never returned on the python and native tiers
+        assert 0 < cpu.r[0] <= 1000  # the loop ran, and stopped within the budget
+    finally:
+        cpu.close()

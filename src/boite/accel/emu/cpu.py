@@ -1667,6 +1667,11 @@ class Cpu:
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
         done = 0
+        # Faults count against max_insns too: a compiled or native block that faults
+        # reports none of the instructions it ran before the fault to `done`, so a guest
+        # looping through faults (handler -> block -> fault) would keep run() from ever
+        # returning (found by the native tier's fuzz; test_native_fuzz).
+        faults = 0
         translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
         decoder = self.decoder
@@ -1678,7 +1683,7 @@ class Cpu:
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         try:
-            while done < max_insns:
+            while done + faults < max_insns:
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
@@ -1742,6 +1747,7 @@ class Cpu:
                         done += 1
                 except CpuFault as e:
                     done += n
+                    faults += 1
                     self.exception(e.vector, e.error)
                 except CpuHalt:
                     done += n + 1
