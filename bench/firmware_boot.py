@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -37,6 +38,9 @@ from boite import guestkit  # noqa: E402
 
 BOOTLOADER_MARK = b"Welcome to GRUB"
 INIT_MARK = b"BOITE-READY"
+# SeaBIOS's sercon draws the text screen with cursor moves that may split a line ("Wel",
+# ESC[03;03H, "come to GRUB!"): marks are looked for in the text without them.
+ANSI = re.compile(rb"\x1b(\[[0-9;?]*[A-Za-z]|c)")
 CMDLINE = 'console=ttyS0 quiet boite.exitport=0xf4 boite.run="true"'
 
 
@@ -61,7 +65,7 @@ def run_boite(iso: Path, memsize: int, timeout: float) -> dict[str, float | None
 
     def watch() -> None:
         while not done.wait(0.05):
-            text = bytes(out.output)
+            text = ANSI.sub(b"", bytes(out.output))
             now = time.monotonic() - t0
             if marks["bootloader"] is None and BOOTLOADER_MARK in text:
                 marks["bootloader"] = now
@@ -103,9 +107,10 @@ def run_qemu(iso: Path, memsize: int, timeout: float, work: Path) -> dict[str, f
             if ready:
                 text += os.read(proc.stdout.fileno(), 65536)
             now = time.monotonic() - t0
-            if marks["bootloader"] is None and BOOTLOADER_MARK in text:
+            screen = ANSI.sub(b"", text)
+            if marks["bootloader"] is None and BOOTLOADER_MARK in screen:
                 marks["bootloader"] = now
-            if marks["init"] is None and INIT_MARK in text:
+            if marks["init"] is None and INIT_MARK in screen:
                 marks["init"] = now
     finally:
         proc.kill()

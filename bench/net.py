@@ -1,23 +1,41 @@
 """Guest-to-host networking: boite's NAT (passt) against QEMU's user networking (slirp).
 
-The same guest on both (the kit's i386 kernel and initramfs, `boite.ip=10.0.2.15/24`,
-which is also what both NATs hand out): it sends MIB mebibytes of zeroes to a host
-listener at the gateway 10.0.2.2 (each NAT maps it to the host's loopback), then echoes
-bytes back on a second connection so the host can time ROUNDS round trips through the
-guest's TCP stack and user space. boite runs the box with its accelerator choice (auto:
-KVM where it boots Linux, else the emulator); QEMU runs `-M microvm` with KVM where
-usable, else TCG: say which in the results, since under emulation the guest CPU, not the
-network, sets the pace.
+The same guest on every side: the kit's i386 kernel and initramfs, which takes its
+address by DHCP from whichever NAT it has (10.0.2.15, gateway 10.0.2.2 on all of them),
+then sends MIB mebibytes of zeroes to a host listener at the gateway (each NAT maps it
+to the host's loopback) and echoes bytes back on a second connection, so the host times
+ROUNDS one-byte round trips through the guest's TCP stack and user space.
 
-    python bench/net.py [--mib 4] [--rounds 50]
+Three runs:
+- boite: `boite start` on a box with `connectionType = "nat"` (passt over a socketpair),
+  with boite's accelerator choice (KVM where it boots Linux, else the emulator).
+- qemu: `qemu-system-x86_64 -M microvm` with `-netdev user` (QEMU's slirp), the
+  comparison the issue asks for.
+- qemu_passt: the same QEMU with `-netdev stream` to a passt started with boite's own
+  options: the same NAT as boite's, so qemu against qemu_passt is slirp against passt,
+  and boite against qemu_passt is the VMM (its CPU, its virtio-net) alone.
+QEMU runs under KVM where this host boots Linux with it, else TCG; boite's emulator and
+QEMU's TCG are both software CPUs, and under them the guest's CPU, not the network,
+sets the pace: say which accelerators the figures come from.
 
-Final line, JSON: throughput_mib_s, rtt_ms (median), the same with _qemu, and the
-accelerators used (accel, accel_qemu).
+QEMU's machine: microvm (virtio-mmio, like boite's), `acpi=off` so that QEMU puts the
+virtio-mmio devices on the kernel command line (the kit kernel has no ACPI), the bzImage
+(microvm adds those devices to the command line of a Linux boot-protocol kernel, not of
+a PVH ELF), and a CPU without a local APIC (`-apic`): the kit kernel is built without
+APIC support and relies on the 8259 PIC, whose interrupts a CPU with a local APIC only
+takes once firmware has set LINT0 to ExtINT, which microvm's does not. Under KVM that
+means `kernel-irqchip=off`.
+
+    python bench/net.py [--mib 4] [--rounds 50] [--timeout 900] [--only boite,qemu,qemu_passt]
+
+Final line, JSON: throughput_mib_s and rtt_ms (median) for boite, the same with _qemu
+and _qemu_passt suffixes, and the accelerators used (accel, accel_qemu).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,14 +50,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-IP_PARAM = "boite.ip=10.0.2.15/24,10.0.2.2,10.0.2.3"
+MEMSIZE_MB = 256
+SIDES = ("boite", "qemu", "qemu_passt")
 
 
 def guest_command(sink: int, echo: int, mib: int) -> str:
+    # The lease first (udhcpc's script sets the default route last but one).
     return (
-        f"sleep 2; dd if=/dev/zero bs=65536 count={mib * 16} 2>/dev/null | nc 10.0.2.2 {sink}; "
+        "until ip route | grep -q ^default; do sleep 1; done; "
+        f"dd if=/dev/zero bs=65536 count={mib * 16} 2>/dev/null | nc 10.0.2.2 {sink}; "
         f"mkfifo /tmp/f; nc 10.0.2.2 {echo} < /tmp/f | cat > /tmp/f"
     )
+
+
+def kernel_cmdline(host: Host, mib: int) -> str:
+    sink, echo = host.ports()
+    return f'console=ttyS0 quiet boite.tools=0 boite.run="{guest_command(sink, echo, mib)}"'
 
 
 class Host:
@@ -50,6 +76,7 @@ class Host:
         self.sink = socket.create_server(("127.0.0.1", 0))
         self.echo = socket.create_server(("127.0.0.1", 0))
         self.throughput: float | None = None
+        self.received = 0
         self.rtts: list[float] = []
         self.done = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
@@ -59,13 +86,13 @@ class Host:
 
     def _serve(self) -> None:
         conn, _ = self.sink.accept()
-        total, first = 0, None
+        first = None
         with conn:
             while chunk := conn.recv(1 << 16):
                 first = first or time.perf_counter()
-                total += len(chunk)
+                self.received += len(chunk)
         if first is not None:
-            self.throughput = total / (1 << 20) / max(time.perf_counter() - first, 1e-9)
+            self.throughput = self.received / (1 << 20) / max(time.perf_counter() - first, 1e-9)
         conn, _ = self.echo.accept()
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -77,54 +104,100 @@ class Host:
                 self.rtts.append(time.perf_counter() - t0)
         self.done.set()
 
+    def result(self, accel: str, mib: int, console: Path | None = None) -> dict:
+        rtt = statistics.median(self.rtts) * 1000 if self.rtts else None
+        out = {"throughput_mib_s": self.throughput, "rtt_ms": rtt, "accel": accel}
+        if self.received != mib << 20 or len(self.rtts) != self.rounds:
+            out["incomplete"] = f"{self.received} bytes, {len(self.rtts)} rounds"
+            if console is not None and console.exists():
+                out["console_tail"] = console.read_text(errors="replace")[-1500:]
+        return out
 
-def run_boite(kit, mib: int, rounds: int, timeout: float) -> tuple[float | None, float | None, str]:
+
+def run_boite(kit, mib: int, rounds: int, timeout: float) -> dict:
     from boite.box import Box
 
     host = Host(rounds)
-    sink, echo = host.ports()
     with tempfile.TemporaryDirectory() as tmp:
-        box = Box.create(Path(tmp) / "netbench", disk_size=None)
+        box = Box.create(Path(tmp) / "netbench", disk_size=None, memsize_mb=MEMSIZE_MB)
         box.vmx["boite.kernel"] = str(kit.i386_vmlinux)
         box.vmx["boite.initrd"] = str(kit.initrd_i386)
-        box.vmx["boite.cmdline"] = (
-            f'console=ttyS0 quiet boite.tools=0 boite.run="{guest_command(sink, echo, mib)}"'
-        )
+        box.vmx["boite.cmdline"] = kernel_cmdline(host, mib)
         box.save()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "boite", "start", str(box.dir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        host.done.wait(timeout)
-        proc.kill()
-        proc.wait()
+        assert box.vmx["ethernet0.connectionType"] == "nat"
+        console = Path(tmp) / "console.txt"
+        with console.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "boite", "start", str(box.dir)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            host.done.wait(timeout)
+            proc.kill()
+            proc.wait()
         log = (box.dir / "vmware.log").read_text(errors="replace")
         accel = "emu" if "accelerator emu" in log else "kvm" if "accelerator kvm" in log else "?"
-    rtt = statistics.median(host.rtts) * 1000 if host.rtts else None
-    return host.throughput, rtt, accel
+        return host.result(accel, mib, console)
 
 
-def run_qemu(kit, mib: int, rounds: int, timeout: float) -> tuple[float | None, float | None, str]:
-    if shutil.which("qemu-system-x86_64") is None:
-        return None, None, "missing"
-    kvm = os.access("/dev/kvm", os.W_OK) and not Path("/sys/module/kvm_pvm").exists()
-    host = Host(rounds)
-    sink, echo = host.ports()
-    append = (
-        f'console=ttyS0 quiet boite.tools=0 {IP_PARAM} boite.run="{guest_command(sink, echo, mib)}"'
-    )
+def qemu_kvm() -> bool:
+    return os.access("/dev/kvm", os.W_OK) and not Path("/sys/module/kvm_pvm").exists()
+
+
+@contextlib.contextmanager
+def passt_socket(tmp: Path):
+    """A passt with boite's NAT options, listening on a Unix socket for QEMU."""
+    from boite.machine.netback.passt import passt_options
+
+    # passt run as root changes to nobody before it makes its socket: a folder it may
+    # reach and write.
+    tmp.chmod(0o755)
+    folder = tmp / "passt"
+    folder.mkdir()
+    folder.chmod(0o777)
+    path = folder / "passt.socket"
     proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm" if kvm else "tcg", "-m", "256",
-         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-         "-kernel", str(kit.i386_vmlinux), "-initrd", str(kit.initrd_i386), "-append", append,
-         "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"],
+        ["passt", *passt_options(), "--socket", str(path)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    host.done.wait(timeout)
-    proc.kill()
-    proc.wait()
-    rtt = statistics.median(host.rtts) * 1000 if host.rtts else None
-    return host.throughput, rtt, "kvm" if kvm else "tcg"
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("passt did not make its socket")
+            time.sleep(0.05)
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_qemu(kit, mib: int, rounds: int, timeout: float, passt: bool) -> dict:
+    if shutil.which("qemu-system-x86_64") is None:
+        return {"throughput_mib_s": None, "rtt_ms": None, "accel": "missing"}
+    kvm = qemu_kvm()
+    host = Host(rounds)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if passt:
+            path = stack.enter_context(passt_socket(Path(tmp)))
+            netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={path}"
+        else:
+            netdev = "user,id=n0"
+        console = Path(tmp) / "console.txt"
+        accel = ["-accel", "kvm,kernel-irqchip=off", "-cpu", "host,-apic"] if kvm else [
+            "-accel", "tcg", "-cpu", "pentium3,-apic"]  # fmt: skip
+        with console.open("wb") as out:
+            proc = subprocess.Popen(
+                ["qemu-system-x86_64", "-M", "microvm,acpi=off", *accel, "-m", str(MEMSIZE_MB),
+                 "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+                 "-kernel", str(kit.i386_bzimage), "-initrd", str(kit.initrd_i386),
+                 "-append", kernel_cmdline(host, mib),
+                 "-netdev", netdev, "-device", "virtio-net-device,netdev=n0"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            host.done.wait(timeout)
+            proc.kill()
+            proc.wait()
+        return host.result("kvm" if kvm else "tcg", mib, console)
 
 
 def main() -> int:
@@ -132,24 +205,42 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--only", default=",".join(SIDES), help="comma-separated sides")
     args = parser.parse_args()
+    sides = [s for s in args.only.split(",") if s]
+    if unknown := set(sides) - set(SIDES):
+        parser.error(f"unknown side(s) {', '.join(sorted(unknown))}: pick from {SIDES}")
     if shutil.which("passt") is None:
         raise SystemExit("passt is not installed (Debian package passt)")
     from boite.guestkit import ensure_kit
 
     kit = ensure_kit(("i386", "initrd"))
-    tp, rtt, accel = run_boite(kit, args.mib, args.rounds, args.timeout)
-    print(f"boite ({accel}): {tp} MiB/s, median RTT {rtt} ms", flush=True)
-    tpq, rttq, accelq = run_qemu(kit, args.mib, args.rounds, args.timeout)
-    print(f"qemu ({accelq}): {tpq} MiB/s, median RTT {rttq} ms", flush=True)
+    results: dict[str, dict] = {}
+    for side in sides:
+        if side == "boite":
+            out = run_boite(kit, args.mib, args.rounds, args.timeout)
+        else:
+            out = run_qemu(kit, args.mib, args.rounds, args.timeout, passt=side == "qemu_passt")
+        results[side] = out
+        print(f"{side} ({out['accel']}): {out['throughput_mib_s']} MiB/s, "
+              f"median RTT {out['rtt_ms']} ms", flush=True)  # fmt: skip
+        for key in ("incomplete", "console_tail"):
+            if key in out:
+                print(f"  {key}: {out[key]}", flush=True)
 
     def r(x):
         return None if x is None else round(x, 3)
 
-    print(json.dumps({
-        "throughput_mib_s": r(tp), "rtt_ms": r(rtt), "accel": accel,
-        "throughput_mib_s_qemu": r(tpq), "rtt_ms_qemu": r(rttq), "accel_qemu": accelq,
-    }))  # fmt: skip
+    final: dict[str, object] = {"mib": args.mib, "rounds": args.rounds}
+    for side, out in results.items():
+        suffix = "" if side == "boite" else f"_{side}"
+        final[f"throughput_mib_s{suffix}"] = r(out["throughput_mib_s"])
+        final[f"rtt_ms{suffix}"] = r(out["rtt_ms"])
+    if "boite" in results:
+        final["accel"] = results["boite"]["accel"]
+    if qemu := results.get("qemu") or results.get("qemu_passt"):
+        final["accel_qemu"] = qemu["accel"]
+    print(json.dumps(final))
     return 0
 
 

@@ -63,3 +63,35 @@ def test_readme_cli_reference_matches_help():
     assert block == render(), (
         "README's CLI reference is stale: python -m boite.cli._reference --write README.md"
     )
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+# Verbs that change a box, a disk, the kit or a guest, and so answer in JSON under --json;
+# the rest only read (their --json, where they have one, is their output format).
+STATE_CHANGING = (
+    "create", "start", "stop", "reset", "pause", "unpause", "clone", "snapshot", "revert",
+    "delete-snapshot", "suspend", "cp", "kit build", "disk create", "disk grow",
+    "disk compact", "disk convert", "disk check",
+)  # fmt: skip
+
+
+def test_every_verb_that_changes_state_takes_json():
+    verbs = _subparsers(build_parser())
+    missing = []
+    for name in STATE_CHANGING:
+        words = name.split()
+        parser = verbs.get(words[0])
+        if parser is not None and len(words) > 1:
+            parser = _subparsers(parser).get(words[1])
+        assert parser is not None, f"no verb {name!r}"
+        if "--json" not in parser._option_string_actions:
+            missing.append(name)
+    assert not missing, f"no --json on: {missing}"

@@ -4,6 +4,7 @@ list), reset, clone (full and linked), list --all, and `check` on a copied box."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,12 @@ def test_check_catches_a_copied_box_that_clashes_with_a_running_one(running_box,
     assert {"uuid.bios", "ethernet MAC"} <= keys
     clone = boite("clone", running_box.dir, tmp_path / "fresh")
     assert clone.returncode == 1 and "--snapshot" in clone.stderr  # running: disks change
+    # A clone of the running box (from a snapshot) is a new machine: check finds no clash.
+    assert boite("snapshot", running_box.dir, "base").returncode == 0
+    clone = boite("clone", running_box.dir, tmp_path / "fresh", "--snapshot", "base")
+    assert clone.returncode == 0, clone.stderr
+    checked = boite("check", tmp_path / "fresh", "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout) == [], checked.stdout
 
 
 def test_check_names_a_nic_that_cannot_attach(tmp_path, monkeypatch):
@@ -135,3 +142,71 @@ def test_check_names_a_nic_that_cannot_attach(tmp_path, monkeypatch):
         [sys.executable, "-m", "boite", "check", str(box.dir)], capture_output=True, text=True
     )
     assert proc.returncode == 1 and "passt" in proc.stdout
+
+
+@requires_kvm
+def test_info_names_each_nics_host_side(tmp_path):
+    """`info` says what each NIC is joined to on the host: passt (its pid and forwards)
+    for NAT, the TAP's name for host-only, each with the NIC's MAC. The VMM runs in a
+    network namespace of its own (its TAP must not touch the host's)."""
+    for tool in ("passt", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    box = make_box(tmp_path, "nets", disk="0")
+    box.vmx["ethernet0.connectionType"] = "nat"
+    box.vmx["ethernet0.boite.forward"] = "tcp:18181:80"
+    box.vmx["ethernet1.present"] = "TRUE"
+    box.vmx["ethernet1.connectionType"] = "hostonly"
+    box.vmx["ethernet1.addressType"] = "static"
+    box.vmx["ethernet1.address"] = "00:50:56:00:00:02"
+    box.save()
+    unshare = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    start = subprocess.run(
+        [*unshare, sys.executable, "-m", "boite", "start", str(box.dir), "--detach",
+         "--accel", "kvm"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if start.returncode != 0 and ("Operation not permitted" in start.stderr
+                                  or "/dev/net/tun" in start.stderr):  # fmt: skip
+        pytest.skip(f"no namespace or TAP here: {start.stderr.strip()[-200:]}")
+    try:
+        assert start.returncode == 0, start.stderr
+        info = json.loads(boite("info", box.dir, "--json").stdout)
+        nat, hostonly = info["host_nics"]
+        assert (nat["key"], nat["backend"], nat["forwards"]) == (
+            "ethernet0", "passt", ["tcp:18181:80"])  # fmt: skip
+        assert nat["mac"] == box.config.nics[0].mac and nat["pid"] > 0
+        assert (hostonly["key"], hostonly["backend"], hostonly["mac"]) == (
+            "ethernet1", "tap", "00:50:56:00:00:02")  # fmt: skip
+        assert hostonly["tap"]
+        text = boite("info", box.dir).stdout
+        assert f"TAP {hostonly['tap']} (MAC 00:50:56:00:00:02)" in text, text
+        assert "forwards tcp:18181:80" in text, text
+    finally:
+        boite("stop", box.dir, "hard")
+
+
+@requires_kvm
+def test_the_library_runs_a_box_without_the_cli(tmp_path):
+    """boite.launch is what the CLI calls: a Python caller starts, pauses, snapshots,
+    reverts and stops a box with it (exec and cp: tests/net/inside.py)."""
+    from boite import launch
+
+    box = make_box(tmp_path, "lib")
+    pid = launch.start(box.dir, "kvm")
+    try:
+        status = launch.status(box.dir)
+        assert status is not None and status["state"] == "running" and status["pid"] == pid
+        launch.pause(box.dir)
+        assert launch.status(box.dir)["state"] == "paused"
+        launch.resume(box.dir)
+        assert launch.status(box.dir)["state"] == "running"
+        taken = launch.snapshot(box.dir, "lib-snap")
+        assert taken.name == "lib-snap"
+        reverted = launch.revert(box.dir, "lib-snap")
+        assert reverted.running and reverted.memory
+        stopped = launch.stop(box.dir, "hard")
+        assert stopped.how == "hard"
+        assert launch.status(box.dir) is None
+    finally:
+        if launch.status(box.dir) is not None:
+            launch.stop(box.dir, "hard")

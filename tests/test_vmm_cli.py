@@ -289,6 +289,50 @@ def test_console_types_into_the_guest_and_ctrl_bracket_detaches(tmp_path):
         boite("stop", box.dir, "hard")
 
 
+def test_two_consoles_at_once_and_one_detaching_leaves_the_other(tmp_path):
+    """`boite console` serves several clients: both see the guest's output and what
+    either types; Ctrl-] in one leaves the other and the box running."""
+    box = _make_box(tmp_path, "twobox", "mb_echoloop")
+
+    def console():
+        return subprocess.Popen(
+            [sys.executable, "-m", "boite", "console", str(box.dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def say(c, line: bytes) -> None:
+        c.stdin.write(line)
+        c.stdin.flush()
+
+    try:
+        assert boite("start", box.dir, "--detach", "--accel", "kvm").returncode == 0
+        a = console()
+        assert a.stdout.readline() == b"echo ready\n"  # replayed from the buffer
+        b = console()  # sees what comes from now on
+        log = box.dir / "vmware.log"
+        assert _wait_for(lambda: log.read_text().count("Console attached.") == 2)
+        say(a, b"typed in a\n")
+        assert a.stdout.readline() == b"typed in a\n"
+        assert b.stdout.readline() == b"typed in a\n"
+        say(b, b"typed in b\n")
+        assert a.stdout.readline() == b"typed in b\n"
+        assert b.stdout.readline() == b"typed in b\n"
+        say(a, b"\x1d")  # Ctrl-] detaches a alone
+        _, err = a.communicate(timeout=30)
+        assert a.returncode == 0 and b"detached" in err
+        say(b, b"b still here\n")
+        assert b.stdout.readline() == b"b still here\n"
+        say(b, b"\x1d")
+        _, err = b.communicate(timeout=30)
+        assert b.returncode == 0 and b"detached" in err
+        from boite.vmm import control_request
+
+        status = control_request(box.dir / "twobox.ctl", {"cmd": "status"})["status"]
+        assert status["state"] == "running"
+    finally:
+        boite("stop", box.dir, "hard")
+
+
 def test_boot_disk_appears_as_virtio_blk_to_the_guest(tmp_path):
     pytest.importorskip("boite.machine.virtio.attach", reason="needs the virtio part")
     disk = tmp_path / "disk.raw"

@@ -17,10 +17,12 @@
  *                             status, else 0) to I/O port PORT (isa-debug-exit style)
  *        boite.ctl=DEVICE     a control line (e.g. /dev/ttyS1 or /dev/hvc1): the line
  *                             "poweroff" asks for a soft stop
- *        boite.net=0          do not bring up eth0 with DHCP (busybox udhcpc, its
- *                             script /usr/share/udhcpc/default.script)
- *        boite.ip=A/P,GW,DNS  give eth0 this address instead (what boite's NAT hands
- *                             out by DHCP; the tiny kernel has no AF_PACKET for udhcpc)
+ *        boite.net=0          do not bring up the NICs (otherwise each ethN takes a
+ *                             DHCP lease in the background: busybox udhcpc, its script
+ *                             /usr/share/udhcpc/default.script)
+ *        boite.ip=A/P,GW,DNS  a static address for eth0 instead of DHCP (for a kernel
+ *                             without AF_PACKET, or a network without a DHCP server;
+ *                             boite itself never passes it: its NAT serves DHCP)
  *        boite.tools=0        do not start the guest tools agent /sbin/boite-tools
  *                             (it leaves quietly on a machine without the tools port;
  *                             with nothing else asked for, init serves until stopped)
@@ -394,8 +396,8 @@ int main(void)
     uptime(up, sizeof up);
     say("BOITE-READY uptime=%s", up);
 
-    /* The first NIC: boite.ip= (what boite's NAT would lease), else DHCP in the
-     * background. */
+    /* The NICs: eth0 from boite.ip= when given, else every ethN by DHCP in the
+     * background (boite's NAT, passt, serves DHCP; so does QEMU's user networking). */
     char net[16], ipconf[128];
     if (!(param("boite.net", net, sizeof net) && strcmp(net, "0") == 0) &&
         access("/sys/class/net/eth0", F_OK) == 0) {
@@ -420,9 +422,12 @@ int main(void)
                      gw && *gw ? "ping -c 1 -W 2 " : "", gw ? gw : "",
                      gw && *gw ? " >/dev/null 2>&1" : "");
         } else {
+            /* -b: keep asking in the background until a server answers; the DHCP
+             * exchange is also what tells a user-mode NAT the guest's MAC. */
             snprintf(script, sizeof script,
-                     "ip link set lo up; ip link set eth0 up; exec udhcpc -i eth0 -b -t 20 "
-                     "-s /usr/share/udhcpc/default.script >/dev/null 2>&1");
+                     "ip link set lo up; for n in /sys/class/net/eth*; do n=${n##*/}; "
+                     "ip link set $n up; udhcpc -i $n -b -t 20 "
+                     "-s /usr/share/udhcpc/default.script >/dev/null 2>&1 & done");
         }
         char *argv[] = {"/bin/sh", "-c", script, NULL};
         spawn(NULL, argv);

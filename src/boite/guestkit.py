@@ -54,7 +54,10 @@ Kernel parameters init reads from /proc/cmdline:
     boite.exitport=PORT  write the status byte to I/O port PORT before powering off
                          (QEMU: -device isa-debug-exit,iobase=PORT exits with 2*N+1)
     boite.ctl=DEVICE     a control line (/dev/ttyS1, /dev/hvc1): "poweroff" = soft stop
-    boite.net=0          do not bring up eth0 by DHCP (udhcpc in the background)
+    boite.net=0          do not bring up the NICs (else each ethN takes a DHCP lease
+                         in the background: busybox udhcpc; the kernels have AF_PACKET)
+    boite.ip=A/P,GW,DNS  a static address for eth0 instead of DHCP (boite never
+                         passes it: its NAT serves DHCP)
     boite.tools=0        do not start the guest tools agent (/sbin/boite-tools)
 
 SIGTERM, SIGUSR1, SIGUSR2, SIGPWR and SIGINT (Ctrl-Alt-Del) to init are soft stops too;

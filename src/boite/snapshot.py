@@ -1383,6 +1383,9 @@ def revert_running(vmm: Any, box: Box, name: str) -> tuple[Snapshot, bool]:
         paused.was_running = False  # it runs again, rebuilt
     if state is not None:
         resumed(box)
+        tools = getattr(vmm, "guest_tools", None)
+        if tools is not None:  # the guest's clock is the snapshot's: set it again
+            tools.resync()
     return snap, state is not None
 
 

@@ -405,13 +405,16 @@ class Vmm:
                 continue
             if reason is StopReason.SHUTDOWN:
                 self.exit_status = result.exit_status
+                route = getattr(self.machine, "poweroff_route", "") or result.detail or ""
                 self.log(f"Guest powered off, exit status {result.exit_status}.")
-                self._record_guest_power_off()
+                if route:
+                    self.log(f"The guest powered off through {route}.")
+                self._record_guest_power_off(route)
                 return result.exit_status
             if reason is StopReason.HALTED:
                 self.exit_status = 0
                 self.log(f"Every vCPU halted with interrupts off: {result.detail}")
-                self._record_guest_power_off()
+                self._record_guest_power_off("every vCPU halting with interrupts off")
                 return 0
             if reason is StopReason.RESET:
                 self.resets += 1
@@ -429,14 +432,17 @@ class Vmm:
         self.exit_status = 0 if self.exit_status is None else self.exit_status
         return self.exit_status
 
-    def _record_guest_power_off(self) -> None:
+    def _record_guest_power_off(self, route: str = "") -> None:
+        """`route`: how the guest went down (the machine's `poweroff_route`), said too."""
         method = self._soft_method
+        how = f" ({route})" if route else ""
         if method is not None:
-            detail = f"the guest powered off when asked through {method.what}"
+            detail = f"the guest powered off when asked through {method.what}{how}"
             self.log(f"Soft stop: {detail}.")
             self.stop_outcome = {"how": "soft", "method": method.name, "detail": detail}
         elif self.stop_outcome is None:
-            self.stop_outcome = {"how": "guest", "method": None, "detail": "the guest powered off"}
+            self.stop_outcome = {"how": "guest", "method": None,
+                                 "detail": f"the guest powered off{how}"}  # fmt: skip
 
     def _reset(self, restore: Callable[[Machine, Accelerator], None] | None = None) -> None:
         """A reset rebuilds the machine from its description, as a PC's firmware reloads;
@@ -873,7 +879,6 @@ class ControlServer:
         console = self.vmm.console
         if console is None:
             return
-        self.log("Console attached.")
         # The viewer's own bounded buffer (ConsoleClient) is where a slow viewer's output
         # waits and is dropped; a large socket buffer would only hide that for a while.
         with contextlib.suppress(OSError):
@@ -883,6 +888,7 @@ class ControlServer:
             conn.sendall(data)
 
         client = console.attach(writer)
+        self.log("Console attached.")  # after: a viewer sees everything from here on
         with self._active_lock:
             self._consoles.add(conn)
         try:

@@ -99,7 +99,8 @@ def test_seabios_counts_both_vcpus():
 
     def watch() -> None:
         for _ in range(1200):
-            if "Found 2 cpu(s)" in debug.text or "No bootable device" in debug.text:
+            # The whole line: the firmware writes it a byte at a time.
+            if "max supported 2 cpu(s)\n" in debug.text or "No bootable device" in debug.text:
                 break
             time.sleep(0.1)
         acc.pause()

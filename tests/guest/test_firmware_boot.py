@@ -15,6 +15,7 @@ import pytest
 from boite import guestkit
 from boite.disk.ops import convert_disk
 from boite.machine.firmware.seabios import bios_path
+from conftest import requires_real_vtx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
@@ -54,9 +55,14 @@ def boot_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"iso": iso, "vmdk": vmdk}
 
 
+# Under KVM too where the host has real VT-x/AMD-V (kvm_pvm cannot boot them: skipped).
+ACCELS = [pytest.param("emu", id="emu"), pytest.param("kvm", id="kvm", marks=requires_real_vtx)]
+
+
+@pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize(("order", "medium"), [("cdrom,hdd", "iso"), ("hdd,cdrom", "disk")])
 def test_bios_boots_the_medium_the_boot_order_names(boite_cli, tmp_path, boot_media, order,
-                                                    medium):  # fmt: skip
+                                                    medium, accel):  # fmt: skip
     box = tmp_path / "fwbox"
     r = boite_cli("create", box, "--disk", "0", "--memsize", "96")
     assert r.returncode == 0, r.stderr
@@ -70,7 +76,7 @@ def test_bios_boots_the_medium_the_boot_order_names(boite_cli, tmp_path, boot_me
         f'ide1:0.fileName = "{boot_media["iso"]}"\nbios.bootOrder = "{order}"\n'
     )
     vmx.write_text(text)
-    r = boite_cli("start", box, "--accel", "emu", timeout=3000)
+    r = boite_cli("start", box, "--accel", accel, timeout=3000)
     out = screen_text(r.stdout)
     assert "SeaBIOS (version" in out, (out[-3000:], r.stderr[-2000:])
     assert f"BOITE-GRUB {medium}" in out, out[-3000:]

@@ -113,6 +113,30 @@ def test_missing_tool_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
+def test_a_kit_build_shows_its_current_step_elapsed_time_and_log(tmp_path: Path) -> None:
+    """A long build is not one unchanging line: each step with the time so far, and where
+    the whole log is (the initramfs, in an empty cache: seconds, not a kernel's minutes)."""
+    import sys
+
+    env = dict(os.environ, BOITE_CACHE=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "boite", "kit", "build", "initrd"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0 and "apt-get" in proc.stderr:
+        pytest.skip(f"busybox-static:i386 cannot be fetched here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr
+    log = re.search(r"full log in (\S+build\.log)", proc.stderr)
+    assert log, proc.stderr
+    steps = re.findall(r"step \d+/\d+: (.+) \[(\d+):(\d\d)\]$", proc.stderr, re.M)
+    assert len({what for what, _, _ in steps}) >= 3, proc.stderr  # the step changes
+    assert any("busybox" in what for what, _, _ in steps), proc.stderr
+    done = guestkit.kit_paths(["initrd"], root=tmp_path / "kit")
+    assert done.initrd_i386 is not None and done.initrd_i386.is_file()
+    assert (done.initrd_i386.parent / "build.log").is_file()  # kept beside the artifact
+
+
 def test_cli_kit_path(boite_cli, monkeypatch, tmp_path: Path) -> None:
     env_cache = tmp_path / "c"
     monkeypatch.setenv("BOITE_CACHE", str(env_cache))  # the subprocess inherits it
@@ -304,6 +328,35 @@ def test_i386_kernel_boots_runs_and_powers_off(kit: guestkit.Kit, cpu: str) -> N
     assert "Kernel panic" not in out
     assert proc.returncode == 2 * 7 + 1, out[-2000:]
     assert re.search(r"^fpu\s*: yes\r?$", out, re.M), out[-2000:]
+
+
+# microvm is QEMU's machine with virtio-mmio devices (the i386 kit kernel has no PCI):
+# acpi=off so that it names them on the command line, the bzImage (it adds them only for a
+# Linux boot-protocol kernel), and a CPU without a local APIC, since the kit kernel drives
+# the 8259 PIC and microvm's firmware does not route it through LINT0.
+MICROVM = ["-M", "microvm,acpi=off", "-cpu", "pentium3,-apic", "-nodefaults"]
+
+
+@pytest.mark.slow
+def test_the_kit_takes_a_dhcp_lease_from_qemus_user_networking(kit: guestkit.Kit) -> None:
+    """Every ethN asks for a lease (busybox udhcpc on the AF_PACKET the kernel has); eth0
+    keeps the default route and DNS."""
+    assert kit.i386_bzimage and kit.initrd_i386
+    wait = (
+        "until ip route | grep -q ^default.*eth0 && ip -4 addr show eth1 | grep -q inet &&"
+        " test -s /etc/resolv.conf; do sleep 1; done"
+    )
+    run = f'boite.tools=0 boite.run="{wait}; ip -4 addr; ip route; cat /etc/resolv.conf"'
+    proc, out = _boot(
+        "qemu-system-x86_64", kit.i386_bzimage, kit.initrd_i386, run, *MICROVM,
+        "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
+        "-netdev", "user,id=n1,net=10.0.3.0/24", "-device", "virtio-net-device,netdev=n1",
+    )  # fmt: skip
+    assert _markers(out).get("BOITE-EXIT") == "status=0", out[-3000:]
+    assert re.search(r"inet 10\.0\.2\.15/24 .*eth0", out), out[-2000:]
+    assert re.search(r"inet 10\.0\.3\.15/24 .*eth1", out), out[-2000:]
+    assert re.search(r"^default via 10\.0\.2\.2 dev eth0", out, re.M), out[-2000:]
+    assert re.search(r"^nameserver 10\.0\.2\.3\r?$", out, re.M), out[-2000:]
 
 
 def _converse(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float = 240):

@@ -13,6 +13,7 @@ import pytest
 from boite.disk import open_disk
 from boite.disk.ops import create_disk
 from boite.machine.firmware.seabios import bios_path
+from conftest import requires_real_vtx
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -91,7 +92,13 @@ UNEMULATED = ("scsi0 (lsilogic)", "sata0 (ahci)", "ethernet0 (e1000)", "sound ("
               "ehci (", "floppy0 (")  # fmt: skip
 
 
-def test_vmware_workstation_box_starts_and_names_what_it_replaces(boite_cli, tmp_path: Path):
+# Under KVM too where the host has real VT-x/AMD-V (kvm_pvm: skipped with that reason).
+ACCELS = [pytest.param("emu", id="emu"), pytest.param("kvm", id="kvm", marks=requires_real_vtx)]
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_vmware_workstation_box_starts_and_names_what_it_replaces(boite_cli, tmp_path: Path,
+                                                                  accel: str):  # fmt: skip
     box = tmp_path / "debian"
     box.mkdir()
     (box / "debian.vmx").write_text(VMX)
@@ -102,13 +109,13 @@ def test_vmware_workstation_box_starts_and_names_what_it_replaces(boite_cli, tmp
     assert "lsilogic) is not emulated; the guest gets its disks as virtio-blk" in r.stdout
     # the new disk is blank: check says the box cannot boot, and why; start refuses
     assert "no MBR boot signature" in r.stdout and r.returncode == 1, r.stdout
-    r = boite_cli("start", box, "--accel", "emu", timeout=120)
+    r = boite_cli("start", box, "--accel", accel, timeout=120)
     assert r.returncode == 1 and "nothing the BIOS can boot" in r.stderr, r.stderr
     with open_disk(box / "debian.vmdk") as disk:  # what an installer leaves: an MBR
         disk.write(0, boot_sector(tmp_path))
     r = boite_cli("check", box)
     assert r.returncode == 0, r.stdout
-    r = boite_cli("start", box, "--accel", "emu", "--detach", timeout=120)
+    r = boite_cli("start", box, "--accel", accel, "--detach", timeout=120)
     assert r.returncode == 0, r.stderr
     try:
         serial = box / "serial0.log"

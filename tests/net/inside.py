@@ -133,6 +133,38 @@ def box_traffic(box_dir: str) -> dict:
                     break
                 time.sleep(2)
             result["ips"] = info["ips"]
+            # `list --all` shows the running box with its state, accelerator, IP and tools.
+            listed = subprocess.run(
+                [sys.executable, "-m", "boite", "list", "--all", str(Path(box_dir).parent),
+                 "--json"], capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            result["listed"] = json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr
+            # How the address came: the lease (udhcpc's script wrote DNS and the route),
+            # not a static boite.ip= on the command line.
+            out = bytearray()
+            tools.exec(["sh", "-c", "cat /proc/cmdline; echo ---; cat /etc/resolv.conf; "
+                        "echo ---; ip route; echo ---; ps"], stdout=out.extend)  # fmt: skip
+            cmdline, resolv, routes, ps = out.decode(errors="replace").split("---\n")
+            result["lease"] = {"cmdline": cmdline.strip(), "resolv": resolv.strip(),
+                               "routes": routes.strip(), "udhcpc": "udhcpc -i eth0" in ps}  # fmt: skip
+            # A host address that is not loopback (the namespace's uplink): how the
+            # outside world is reached, through passt's sockets on the host.
+            uplink = socket.create_server(("192.168.77.1", 9098))
+            got = bytearray()
+
+            def outside() -> None:
+                conn, _ = uplink.accept()
+                with conn:
+                    while chunk := conn.recv(65536):
+                        got.extend(chunk)
+
+            outside_thread = threading.Thread(target=outside, daemon=True)
+            outside_thread.start()
+            result["outside_status"] = tools.exec(
+                ["sh", "-c", "echo hello outside | nc 192.168.77.1 9098"]
+            )
+            outside_thread.join(120)
+            result["outside_got"] = got.decode(errors="replace")
             Path(box_dir, "payload.bin").write_bytes(payload)
             tools.put(Path(box_dir, "payload.bin"), "/tmp/payload.bin")
             # guest -> host

@@ -1,6 +1,8 @@
 """NAT through passt, in a network namespace each test makes (`unshare -n`): passt's DHCP
-lease, and a kit guest under the emulator moving bytes to a host service through the
-gateway and from the host through a forwarded port, checked byte for byte."""
+offer, and a kit guest under the emulator that takes its lease by DHCP (udhcpc), moves
+bytes to a host service through the gateway and from the host through a forwarded port,
+checked byte for byte, and reaches a host address that is not loopback (the way out);
+`list --all` shows it running with its IP and tools."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def test_passt_leases_the_nat_address_with_gateway_and_dns():
 def test_a_kit_guest_reaches_the_host_and_is_reached_through_a_forward(tmp_path):
     from boite import guestkit
     from boite.box import Box
+    from boite.machine.netback.passt import DNS_ADDRESS, GATEWAY
 
     kit = guestkit.ensure_kit(("i386", "initrd"))
     box = Box.create(tmp_path / "net", disk_size=None)
@@ -59,6 +62,14 @@ def test_a_kit_guest_reaches_the_host_and_is_reached_through_a_forward(tmp_path)
     assert box.vmx["ethernet0.connectionType"] == "nat"
     out = in_namespace("box", str(box.dir), timeout=3000)
     assert {"interface": "eth0", "address": "10.0.2.15/24"} in out["ips"], out.get("diagnosis")
+    (row,) = out["listed"]
+    assert (row["state"], row["ip"], row["tools"]) == ("running", "10.0.2.15", True), row
+    assert row["accelerator"] == "emu", row
+    lease = out["lease"]  # by DHCP from passt: DNS and the default route came with it
+    assert "boite.ip=" not in lease["cmdline"] and lease["udhcpc"], lease
+    assert lease["resolv"] == f"nameserver {DNS_ADDRESS}", lease
+    assert f"default via {GATEWAY} dev eth0" in lease["routes"], lease
+    assert (out["outside_status"], out["outside_got"]) == (0, "hello outside\n"), out
     assert out["to_host_status"] == 0, out
     assert out["to_host_sha256"] == out["sha256"], out
     assert out["from_host_sha256"] == out["sha256"], out

@@ -172,6 +172,22 @@ def test_an_agent_that_stops_answering(agent_binary, tmp_path, monkeypatch):
         agent.close()
 
 
+def test_a_restored_machine_has_its_agent_say_hello_again(agent, monkeypatch):
+    """A machine rebuilt from a memory snapshot: the guest's port is open and its agent
+    said hello long before; the host asks again, and sets the clock on the answer."""
+    monkeypatch.setattr(tools_host, "HEARTBEAT_S", 0.1)
+    clock_set = []
+    monkeypatch.setattr(agent.host, "set_time", lambda: clock_set.append(time.monotonic()))
+    agent.host.connect(agent.port)  # what a rebuilt machine's port does
+    agent.host.opened(True)  # and the restored port state: open
+    assert not agent.host.running
+    deadline = time.monotonic() + 10
+    while not (agent.host.running and clock_set):
+        assert time.monotonic() < deadline, agent.log
+        time.sleep(0.05)
+    assert run(agent, ["true"])[0] == 0
+
+
 def test_the_relay_refuses_an_oversized_frame(agent):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(agent.socket_path))

@@ -61,7 +61,11 @@ def progress_bar(what: str) -> Iterator:
 def cmd_create(args) -> int:
     from boite.disk import create_disk
 
-    create_disk(args.path, parse_size(args.size), args.type, adapter=args.adapter)
+    capacity = parse_size(args.size)
+    create_disk(args.path, capacity, args.type, adapter=args.adapter)
+    if args.json:
+        print(json.dumps({"ok": True, "path": str(args.path), "type": args.type,
+                          "capacity": capacity}))  # fmt: skip
     return 0
 
 
@@ -117,10 +121,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from boite.disk import convert_disk
+    from boite.disk import convert_disk, disk_info
 
     with progress_bar("converting") as update:
         convert_disk(args.src, args.dst, args.type, progress=update)
+    if args.json:
+        made = disk_info(args.dst)
+        print(json.dumps({"ok": True, "src": str(args.src), "path": str(args.dst),
+                          "type": made.type, "capacity": made.capacity}))  # fmt: skip
     return 0
 
 
@@ -216,6 +224,7 @@ def register(subparsers) -> None:
     p.add_argument("-s", "--size", required=True, help="capacity, e.g. 20G")
     p.add_argument("-t", "--type", default="thin", choices=types)
     p.add_argument("-a", "--adapter", default="lsilogic", choices=["ide", "buslogic", "lsilogic"])
+    p.add_argument("--json", action="store_true", help="what it made, as JSON")
     p.add_argument("path")
     p.set_defaults(func=cmd_create)
 
@@ -232,6 +241,7 @@ def register(subparsers) -> None:
 
     p = verbs.add_parser("convert", help="copy a disk (chain flattened) into another type")
     p.add_argument("-t", "--type", default=None, choices=types)
+    p.add_argument("--json", action="store_true", help="what it made, as JSON")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_convert)

@@ -15,6 +15,15 @@ class BusDevice(Protocol):
     def bus_write(self, offset: int, size: int, value: int) -> None: ...
 
 
+class StringIoDevice(BusDevice, Protocol):
+    """A device that may also take a whole `rep ins`/`rep outs` run in one call (an ATA
+    data register moving a sector): the same effect as `count` single accesses."""
+
+    def read_string(self, offset: int, size: int, count: int) -> bytes: ...
+
+    def write_string(self, offset: int, size: int, data: bytes) -> None: ...
+
+
 class Bus:
     """Non-overlapping ranges of a port or physical address space.
 
@@ -81,6 +90,34 @@ class Bus:
             return
         base, dev = hit
         dev.bus_write(addr - base, size, value & ((1 << (8 * size)) - 1))
+
+    def read_string(self, addr: int, size: int, count: int) -> bytes | None:
+        """`count` reads of `size` bytes at `addr` as one string, or None when the
+        device there has no string read (the caller then reads one at a time)."""
+        hit = self.find(addr)
+        if hit is None:
+            return None
+        base, dev = hit
+        fn = getattr(dev, "read_string", None)  # optional: StringIoDevice
+        if fn is None:
+            return None
+        data = fn(addr - base, size, count)
+        if len(data) != size * count:
+            raise ValueError(f"{self.name}: {dev!r} returned {len(data)} bytes for {count}x{size}")
+        return data
+
+    def write_string(self, addr: int, size: int, data: bytes) -> bool:
+        """`len(data) // size` writes at `addr` in one call; False when the device there
+        has no string write (nothing was written)."""
+        hit = self.find(addr)
+        if hit is None:
+            return False
+        base, dev = hit
+        fn = getattr(dev, "write_string", None)  # optional: StringIoDevice
+        if fn is None:
+            return False
+        fn(addr - base, size, data)
+        return True
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return list(self._entries)

@@ -97,6 +97,9 @@ class Machine:
     e820: list[E820Entry] = field(default_factory=list)
     # Set by a power-off path / debug-exit device; the run loop stops when it is not None.
     exit_status: int | None = None
+    # Which way the guest powered off ("ACPI S5 via PM1a_CNT", "isa-debug-exit at
+    # 0xf4" ...), for the log and `boite stop`; "" until it does.
+    poweroff_route: str = ""
     reset_requested: bool = False
     wiring: list[Attachment] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
@@ -167,9 +170,12 @@ class Machine:
         self.devices[name] = device
         return device
 
-    def request_poweroff(self, status: int = 0) -> None:
+    def request_poweroff(self, status: int = 0, route: str = "") -> None:
+        """The guest powered the machine off (`route`: how, for people); the first
+        request wins."""
         if self.exit_status is None:
             self.exit_status = status
+            self.poweroff_route = route
 
     def request_reset(self) -> None:
         self.reset_requested = True

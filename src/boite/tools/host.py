@@ -320,6 +320,8 @@ class ToolsHost:
             self.request(MsgType.TIME, time_payload(ns // 10**9, ns % 10**9), timeout=10.0)
         except ToolsError as exc:
             self.log(f"Guest tools: setting the clock failed: {exc}.")
+        else:
+            self.log("Guest tools: the guest clock was set to the host's.")
 
     def resync(self) -> None:
         """After a restore or resume: ask the agent to say HELLO (which sets the time)."""
@@ -338,15 +340,26 @@ class ToolsHost:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             with self._lock:
-                if not self.guest_open or self.agent is None:
+                if not self.guest_open:
                     continue
-                self._note_progress()
-                stale = self.last_seen is None or time.monotonic() - self.last_seen > DEAD_AFTER_S
-                if stale and self.answering:
-                    self.answering = False
-                    self.log(f"Guest tools stopped answering (nothing for {DEAD_AFTER_S:g} s).")
-                    self._fail_routes(self.why_not_running())
-            self._to_agent(encode(MsgType.PING, 0, b"boite"), timeout=0.5)
+                if self.agent is None:
+                    # The port is open but no HELLO came since this machine was made: a
+                    # guest restored from a snapshot, whose agent said hello long ago (or
+                    # a HELLO that was lost). Ask for one; it sets the clock too.
+                    self._hello_asked = True
+                    frame = encode(MsgType.HELLO, 0, u32(PROTOCOL_VERSION))
+                else:
+                    self._note_progress()
+                    seen = self.last_seen
+                    stale = seen is None or time.monotonic() - seen > DEAD_AFTER_S
+                    if stale and self.answering:
+                        self.answering = False
+                        self.log(
+                            f"Guest tools stopped answering (nothing for {DEAD_AFTER_S:g} s)."
+                        )
+                        self._fail_routes(self.why_not_running())
+                    frame = encode(MsgType.PING, 0, b"boite")
+            self._to_agent(frame, timeout=0.5)
 
     # --- clients on NAME.tools ------------------------------------------------------------
     def serve(self, path: Path) -> None:

@@ -11,6 +11,7 @@ Which tier runs hot blocks (the Python tiers or the native one) is chosen by tie
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from boite.errors import AccelError, GuestError
 _GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
 _SEG = {"es": ES, "cs": CS, "ss": SS, "ds": DS, "fs": FS, "gs": GS}
 CHUNK = 20_000  # instructions between timer checks
+GC_THRESHOLD = (100_000, 50, 1000)
 
 
 def _attr_of(s: Segment) -> int:
@@ -197,6 +199,12 @@ class EmuAccelerator(Accelerator):
 
     # -- set-up ------------------------------------------------------------------------
     def create(self, machine: Any, config: Any = None) -> None:
+        # The emulator keeps many long-lived closures and blocks: at CPython's default
+        # threshold the collector rescans them thousands of times a boot (a quarter of
+        # the kit Linux's CPU time to init on the native tier). Rarer collections.
+        t0, t1, t2 = gc.get_threshold()
+        gc.set_threshold(max(t0, GC_THRESHOLD[0]), max(t1, GC_THRESHOLD[1]),
+                         max(t2, GC_THRESHOLD[2]))  # fmt: skip
         if machine.memory.region_at(0) is None:
             raise AccelError("emu: the machine has no RAM at physical address 0")
         self.machine = machine
@@ -222,7 +230,7 @@ class EmuAccelerator(Accelerator):
                 if prev is not None:
                     prev(level)
                 if level and self.cpus:
-                    self.cpus[0].intr = True  # the 8259's INTR reaches the BSP
+                    self.cpus[0].kick()  # the 8259's INTR reaches the BSP
                     self._wake.set()
 
             dev.on_intr = on_intr
@@ -356,6 +364,8 @@ class EmuAccelerator(Accelerator):
         self._wake.set()
         if self.cpu is not None:
             self.cpu.stop = True
+            if self.cpu.native is not None:
+                self.cpu.native.st.intr = 1  # translated code leaves at its next chain
 
     def save_cpu_state(self) -> list[dict[str, Any]]:
         """One state per vCPU of the machine: the emulated CPU's, then the parked ones
@@ -448,8 +458,19 @@ class _StoppingBus:
     def read(self, addr: int, size: int) -> int:
         return self.bus.read(addr, size)
 
+    def read_string(self, addr: int, size: int, count: int) -> bytes | None:
+        return self.bus.read_string(addr, size, count)
+
+    def write_string(self, addr: int, size: int, data: bytes) -> bool:
+        done = self.bus.write_string(addr, size, data)
+        self._stop_if_down()
+        return done
+
     def write(self, addr: int, size: int, value: int) -> None:
         self.bus.write(addr, size, value)
+        self._stop_if_down()
+
+    def _stop_if_down(self) -> None:
         m = self.accel.machine
         if m.exit_status is not None or m.reset_requested:
             cpu = self.accel.cpu

@@ -731,6 +731,8 @@ class Cpu:
             for c in self.cpus:  # the guard is shared: every CPU's blocks on the page go
                 for fast in c._fast.values():
                     fast.clear()
+                if c.native is not None:
+                    c.native.unchain()  # its chain tables mirror the maps just emptied
                 blocks = c.blocks
                 for k in keys:
                     blocks.pop(k, None)
@@ -739,6 +741,8 @@ class Cpu:
         for c in self.cpus:  # code_pages is shared: emptying it unguards every CPU's blocks
             for fast in c._fast.values():
                 fast.clear()
+            if c.native is not None:
+                c.native.unchain()
             c.blocks.clear()
         self.code_pages.clear()
 
@@ -766,7 +770,16 @@ class Cpu:
         queued (list.append is atomic) and `intr` makes run() leave its fast path: it
         drains the queue at the next block boundary, before another block runs."""
         self.dma_writes.append((gpa, length))
+        self.kick()
+
+    def kick(self) -> None:
+        """From any thread: an interrupt may be pending (or DMA to drain), so run() must
+        reach a block boundary soon; translated native code, which runs with the GIL
+        released, sees it at its next chain."""
         self.intr = True
+        native = self.native
+        if native is not None:
+            native.st.intr = 1
 
     def drain_dma_writes(self) -> None:
         """Drop the translated code of every page a device wrote (vCPU thread only)."""
@@ -795,6 +808,8 @@ class Cpu:
 
     def push(self, v: int, size: int) -> None:
         r = self.r
+        if size == 2:  # a 16-bit push stores the low word (CALL's IP, a call gate's SP)
+            v &= 0xFFFF
         if self.stack_fast:
             sp = (r[4] - size) & M32
             self.wr((self.sbase[SS] + sp) & M32, size, v)

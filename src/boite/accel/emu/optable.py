@@ -207,7 +207,10 @@ op(0x9D, "POPF", "Fv", w="*", end=True, priv="iopl", decode="_pushf")
 op(0x9E, "SAHF", w="szapc", decode="_misc1")
 op(0x9F, "LAHF", r="szapc", decode="_misc1")
 for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov,eAX")):
-    op(_b, "MOV", _form, decode="_mov_moffs", jit="j_moffs")
+    op(_b, "MOV", _form, decode="_mov_moffs", jit="j_moffs", native="moffs")
+# Native: REP MOVS/STOS (rep_string); LODS, STOS, SCAS, REPE/REPNE SCAS (string1).
+_STRING_NATIVE = {0xA4: "rep_string", 0xA5: "rep_string", 0xAA: "string1", 0xAB: "string1",
+                  0xAC: "string1", 0xAD: "string1", 0xAE: "string1", 0xAF: "string1"}
 for _b, _name, _form, _fl in (
     (0xA4, "MOVSB", "Yb,Xb", {}), (0xA5, "MOVSW/D", "Yv,Xv", {}),
     (0xA6, "CMPSB", "Xb,Yb", {"w": OSZAPC}), (0xA7, "CMPSW/D", "Xv,Yv", {"w": OSZAPC}),
@@ -216,7 +219,8 @@ for _b, _name, _form, _fl in (
     (0xAE, "SCASB", "AL,Yb", {"w": OSZAPC}), (0xAF, "SCASW/D", "eAX,Yv", {"w": OSZAPC}),
 ):  # fmt: skip
     # REPE/REPNE CMPS/SCAS read ZF to stop; the rest read DF only.
-    op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string")
+    op(_b, _name, _form, r="dz" if _fl else "d", **_fl, decode="_string",
+       native=_STRING_NATIVE.get(_b))  # fmt: skip
 op(0xA8, "TEST", "AL,Ib", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 op(0xA9, "TEST", "eAX,Iz", w="oszpc", u="a", decode="_test", jit="j_test", native="copy")
 for _b in range(0xB0, 0xB8):
@@ -240,7 +244,7 @@ op(0xC5, "LDS", "Gz,Mp", end=True, decode="_les")
 op(0xC6, "MOV", "Eb,Ib", ext=0, decode="_mov_mi", jit="j_mov_mi", native="copy")
 op(0xC7, "MOV", "Ev,Iz", ext=0, decode="_mov_mi", jit="j_mov_mi", native="copy")
 op(0xC8, "ENTER", "Iw,Ib", decode="_enter")
-op(0xC9, "LEAVE", decode="_leave", jit="j_leave")
+op(0xC9, "LEAVE", decode="_leave", jit="j_leave", native="leave")
 op(0xCA, "RETF", "Iw", end=True, decode="_retf")
 op(0xCB, "RETF", end=True, decode="_retf")
 op(0xCC, "INT3", end=True, decode="_int")
@@ -277,10 +281,10 @@ for _b, _names in _X87.items():
         _w = "oszapc" if (_b, _ext) in ((0xDB, 5), (0xDB, 6), (0xDF, 5), (0xDF, 6)) else ""
         _r = "zpc" if _b in (0xDA, 0xDB) and _ext < 4 else ""
         op(_b, _name, "x87", ext=_ext, r=_r, w=_w, decode="_fpu")
-op(0xE0, "LOOPNE", "Jb", r="z", end=True, decode="_loop")
-op(0xE1, "LOOPE", "Jb", r="z", end=True, decode="_loop")
-op(0xE2, "LOOP", "Jb", end=True, decode="_loop", jit="j_loop")
-op(0xE3, "JCXZ", "Jb", end=True, decode="_loop")
+op(0xE0, "LOOPNE", "Jb", r="z", end=True, decode="_loop", native="loop")
+op(0xE1, "LOOPE", "Jb", r="z", end=True, decode="_loop", native="loop")
+op(0xE2, "LOOP", "Jb", end=True, decode="_loop", jit="j_loop", native="loop")
+op(0xE3, "JCXZ", "Jb", end=True, decode="_loop", native="loop")
 for _b, _form in (
     (0xE4, "IN AL,Ib"), (0xE5, "IN eAX,Ib"), (0xE6, "OUT Ib,AL"), (0xE7, "OUT Ib,eAX"),
     (0xEC, "IN AL,DX"), (0xED, "IN eAX,DX"), (0xEE, "OUT DX,AL"), (0xEF, "OUT DX,eAX"),
@@ -316,11 +320,11 @@ op(0xFE, "INC", "Eb", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45
 op(0xFE, "DEC", "Eb", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
 op(0xFF, "INC", "Ev", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
 op(0xFF, "DEC", "Ev", ext=1, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
-op(0xFF, "CALL", "Ev", ext=2, end=True, decode="_grp45", jit="j_grp45")
+op(0xFF, "CALL", "Ev", ext=2, end=True, decode="_grp45", jit="j_grp45", native="call_m")
 op(0xFF, "CALLF", "Mp", ext=3, end=True, decode="_grp45")
-op(0xFF, "JMP", "Ev", ext=4, end=True, decode="_grp45", jit="j_grp45")
+op(0xFF, "JMP", "Ev", ext=4, end=True, decode="_grp45", jit="j_grp45", native="jmp_m")
 op(0xFF, "JMPF", "Mp", ext=5, end=True, decode="_grp45")
-op(0xFF, "PUSH", "Ev", ext=6, decode="_grp45", jit="j_grp45")
+op(0xFF, "PUSH", "Ev", ext=6, decode="_grp45", jit="j_grp45", native="push_m")
 
 # ------------------------------------------------------------------ two-byte map (0F)
 for _n, _name in enumerate(("SLDT", "STR", "LLDT", "LTR", "VERR", "VERW")):
@@ -384,8 +388,8 @@ op(0xA2, "CPUID", map="0F", decode="_sys0f")
 op(0xA8, "PUSH", "GS", map="0F", decode="_push_seg")
 op(0xA9, "POP", "GS", map="0F", end=True, decode="_pop_seg")
 for _b, _name in ((0xA3, "BT"), (0xAB, "BTS"), (0xB3, "BTR"), (0xBB, "BTC")):
-    # Native: the register forms only (with a memory operand the bit offset reaches
-    # past it; translate.py checks).
+    # Native: with a memory operand the bit offset reaches past it (translate.py moves
+    # the address).
     op(_b, _name, "Ev,Gv", map="0F", w="c", u="osap", lock=_name != "BT", decode="_bt",
        jit="j_bt", native="copy")  # fmt: skip
 for _n, _name in ((4, "BT"), (5, "BTS"), (6, "BTR"), (7, "BTC")):
@@ -397,8 +401,8 @@ for _b, _name, _form in (
 ):  # fmt: skip
     op(_b, _name, _form, map="0F", r="oszapc", w="oszpc", u="ao", decode="_shd", native="copy")
 op(0xAF, "IMUL", "Gv,Ev", map="0F", w="oc", u="szap", decode="_imul3", jit="j_imul2", native="copy")
-op(0xB0, "CMPXCHG", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg")
-op(0xB1, "CMPXCHG", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg")
+op(0xB0, "CMPXCHG", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg", native="copy")
+op(0xB1, "CMPXCHG", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_cmpxchg", native="copy")
 op(0xB2, "LSS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB4, "LFS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB5, "LGS", "Gz,Mp", map="0F", end=True, decode="_les")
@@ -408,9 +412,9 @@ op(0xBC, "BSF", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
 op(0xBD, "BSR", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
 op(0xBE, "MOVSX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xBF, "MOVSX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
-op(0xC0, "XADD", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_xadd")
-op(0xC1, "XADD", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_xadd")
-op(0xC7, "CMPXCHG8B", "Mq", map="0F", ext=1, w="z", lock=True, decode="_grp9")
+op(0xC0, "XADD", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_xadd", native="copy")
+op(0xC1, "XADD", "Ev,Gv", map="0F", w=OSZAPC, lock=True, decode="_xadd", native="copy")
+op(0xC7, "CMPXCHG8B", "Mq", map="0F", ext=1, w="z", lock=True, decode="_grp9", native="copy")
 op(0xC7, "RDRAND", "Rv", map="0F", ext=6, w=OSZAPC, decode="_grp9")
 for _b in range(0xC8, 0xD0):
     op(_b, "BSWAP", "Zd", map="0F", decode="_bswap", jit="j_bswap", native="copy")

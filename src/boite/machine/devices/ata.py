@@ -571,7 +571,8 @@ class AtaChannel(Device):
             self.accesses += n // size
             if self.xfer_pos >= len(self.buffer):
                 self._read_block_done()
-        if len(out) < want:
+        if len(out) < want:  # past the transfer: what _read_data answers, as many accesses
+            self.accesses += (want - len(out)) // size
             out += b"\xff" * (want - len(out))
         return bytes(out)
 

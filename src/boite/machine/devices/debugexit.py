@@ -33,4 +33,4 @@ class IsaDebugExit(StatelessDevice):
 
     def bus_write(self, offset: int, size: int, value: int) -> None:
         value &= (1 << (8 * size)) - 1
-        self.machine.request_poweroff((value << 1) | 1)
+        self.machine.request_poweroff((value << 1) | 1, "isa-debug-exit")

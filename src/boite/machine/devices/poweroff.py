@@ -46,7 +46,7 @@ class PowerOffPort(StatelessDevice):
         return (POWEROFF_SIGNATURE >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def bus_write(self, offset: int, size: int, value: int) -> None:
-        self.machine.request_poweroff(value & 0xFF)
+        self.machine.request_poweroff(value & 0xFF, "boite's power-off port")
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,6 @@ GATEWAY = "10.0.2.2"
 DNS_ADDRESS = "10.0.2.3"
 
 
-def static_config_param() -> str:
-    """The kernel parameter the kit's init applies where it cannot run a DHCP client
-    (the tiny kernel has no AF_PACKET): the same address passt hands out by DHCP."""
-    return f"boite.ip={GUEST_ADDRESS}/{PREFIX},{GATEWAY},{DNS_ADDRESS}"
-
-
 _FORWARD = re.compile(r"(tcp|udp):(\d{1,5}):(\d{1,5})")
 
 
@@ -56,6 +50,18 @@ def parse_forwards(text: str, where: str = "forward") -> tuple[str, ...]:
             )
         out.append(item.lower())
     return tuple(out)
+
+
+def passt_options(forwards: tuple[str, ...] = ()) -> list[str]:
+    """passt's options for a box's NAT (all but how it meets the VMM: --fd here, --socket
+    for QEMU's `-netdev stream` in bench/net.py)."""
+    args = ["--foreground", "--quiet", "--stderr", "--ipv4-only", "--address", GUEST_ADDRESS,
+            "--netmask", str(PREFIX), "--gateway", GATEWAY, "--dns", DNS_ADDRESS,
+            "--dns-forward", DNS_ADDRESS]  # fmt: skip
+    for forward in forwards:
+        proto, host_port, guest_port = forward.split(":")
+        args += ["-t" if proto == "tcp" else "-u", f"{host_port}:{guest_port}"]
+    return args
 
 
 class PasstBackend:
@@ -75,13 +81,7 @@ class PasstBackend:
                 'connectionType "nat" needs passt (Debian package passt): apt-get install passt'
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [binary, "--foreground", "--quiet", "--stderr", "--fd", str(theirs.fileno()),
-                "--ipv4-only", "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
-                "--gateway", GATEWAY, "--dns", DNS_ADDRESS, "--dns-forward", DNS_ADDRESS]  # fmt: skip
-        for forward in forwards:
-            proto, host_port, guest_port = forward.split(":")
-            args += ["-t" if proto == "tcp" else "-u", f"{host_port}:{guest_port}"]
-        args += list(extra_args)
+        args = [binary, *passt_options(forwards), "--fd", str(theirs.fileno()), *extra_args]
         try:
             self.proc = subprocess.Popen(
                 args, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,

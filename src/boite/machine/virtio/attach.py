@@ -316,10 +316,6 @@ def attach_devices(
                 out.closers.append(backend.close)
             net = VirtioNet(backend, n.mac)
             add_virtio(f"virtio-net-{n.key}", net)
-            if n.connection_type == "nat" and not out.nets:
-                from boite.machine.netback.passt import static_config_param
-
-                out.cmdline.append(static_config_param())  # for guests without DHCP
             out.nets.append(net)
         if with_console:
             if console is not None and hasattr(console, "connect"):

@@ -117,6 +117,7 @@ class DecoderBase:
         self.locks: list[int | None] = [None] * 256
         self.locks0f: list[int | None] = [None] * 256
         self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
+        self.tail_fault = False  # the last decode could not fetch its tail (a fault)
         self._install()
 
     # ---------------------------------------------------------------- fetch
@@ -181,6 +182,7 @@ class DecoderBase:
             if x.pos == eip:
                 raise  # the first byte itself cannot be fetched: fault now
             # A fault while fetching the tail: raise it when the instruction runs.
+            self.tail_fault = True
             vec, err = f.vector, f.error
             cr2 = c.cr2
 
@@ -212,6 +214,7 @@ class DecoderBase:
         cur = eip
         cur_pa = pa
         self.seg_overrides = 0
+        self.tail_fault = False
         while True:
             fn, n, end = self.decode(cur)
             fns.append(fn)
@@ -220,10 +223,19 @@ class DecoderBase:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
+        if cur_pa > page_end and len(fns) > 1:
+            # The last instruction straddles the page: the block ends before it (and
+            # is cached); that one is a block of its own, decoded each time.
+            fns.pop()
+            cur, n = info.pop()
+            cur_pa -= n
         unused = override_flat_bits(~self.seg_overrides)
         block = Block(eip, c.cs_key, c.mode_key, tuple(fns), pa, info, ~unused)
-        if cur_pa > page_end:
-            block.cacheable = False  # an instruction straddles a page: run it, don't cache
+        if cur_pa > page_end or self.tail_fault:
+            # An instruction straddles a page: run it, don't cache. Nor a block ending in
+            # an instruction whose tail could not be fetched: its fault is what the block
+            # holds, and once the guest maps that page the instruction must run.
+            block.cacheable = False
             return block
         c.blocks[pa] = block
         ppage = pa >> 12
@@ -244,6 +256,12 @@ class DecoderBase:
             fn = c.native.translate(block.pa, block.eip)
             if fn is not None:
                 block.fn = fn
+                return
+            # The native tier runs hot blocks sooner than the Python compiler (whose
+            # compile costs more): that one waits for its own threshold.
+            wait = c.native.python_hot - block.hits
+            if wait > 0:
+                block.hits = c.hot_block - wait
                 return
         insns = []
         off = block.pa

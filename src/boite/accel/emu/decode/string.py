@@ -112,6 +112,10 @@ class StringOps(DecoderBase):
             fast = self._fast_movs(am, src_seg, size, chk_src, chk_dst)
         elif kind == 0xAA:
             fast = self._fast_stos(am, size, chk_dst)
+        elif kind == 0x6C:
+            fast = self._fast_ins(am, size, chk_dst)
+        elif kind == 0x6E:
+            fast = self._fast_outs(am, src_seg, size, chk_src)
         else:
             fast = None
 
@@ -119,7 +123,10 @@ class StringOps(DecoderBase):
             use_fast = fast is not None and (kind == 0xA4 or not c.fl & DF)
             while r[1] & am:
                 if use_fast:
-                    fast()  # whole page runs; the slow step below fills the TLB for it
+                    # Whole page runs; the slow step below fills the TLB for the next one.
+                    # False: the port's device moves one element per access only.
+                    if fast() is False:
+                        use_fast = False
                     if not r[1] & am:
                         break
                 res = one()
@@ -227,6 +234,80 @@ class StringOps(DecoderBase):
                 ram[do : do + size * n] = (r[0] & MASK[size]).to_bytes(size, "little") * n
                 r[7] = (r[7] & ~am & M32) | ((r[7] + size * n) & am)
                 r[1] = (r[1] & ~am & M32) | ((r[1] - n) & am)
+
+        return fast
+
+    def _fast_ins(self, am: int, size: int, chk_dst: bool = False) -> Fn:
+        """REP INS forwards into RAM pages: a run per page from the device's string read
+        (`Bus.read_string`, e.g. an ATA data register handing over a sector at once).
+        The device sees the same count of accesses as one at a time would give it, and
+        no interrupt is taken inside a REP either way; the permission bitmap is checked
+        before each run, a run stops at a page without a write TLB entry or ES's limit,
+        where the checked one-element step (and its fault) takes over. Returns False
+        when the port's device has no string read, so the caller stops trying."""
+        c = self.c
+        r = c.r
+        sb = c.sbase
+        dst_room = self._room(ES, size, am, True, chk_dst)
+
+        def fast() -> bool:
+            read_string = getattr(c.pio, "read_string", None)
+            if read_string is None or c.bp_io:
+                return False
+            port = r[2] & 0xFFFF
+            while r[1] & am:
+                d = (sb[ES] + (r[7] & am)) & M32
+                dp = c.wtlb.get(d >> 12)
+                if dp is None:
+                    return True
+                n = min(r[1] & am, (0x1000 - (d & 0xFFF)) // size)
+                if dst_room is not None:
+                    n = min(n, dst_room(r[7] & am, False))
+                if n <= 0:
+                    return True
+                c.io_check(port, size)
+                data = read_string(port, size, n)
+                if data is None:
+                    return False
+                do = dp | (d & 0xFFF)
+                c.ram[do : do + size * n] = data
+                r[7] = (r[7] & ~am & M32) | ((r[7] + size * n) & am)
+                r[1] = (r[1] & ~am & M32) | ((r[1] - n) & am)
+            return True
+
+        return fast
+
+    def _fast_outs(self, am: int, src_seg: int, size: int, chk_src: bool = False) -> Fn:
+        """REP OUTS forwards from RAM pages, a run per page through the device's string
+        write (`Bus.write_string`); the same rules as `_fast_ins`. A write that stops
+        the machine (power-off, reset) ends the run: the bus sets `c.stop`."""
+        c = self.c
+        r = c.r
+        sb = c.sbase
+        src_room = self._room(src_seg, size, am, False, chk_src)
+
+        def fast() -> bool:
+            write_string = getattr(c.pio, "write_string", None)
+            if write_string is None or c.bp_io:
+                return False
+            port = r[2] & 0xFFFF
+            while r[1] & am:
+                s = (sb[src_seg] + (r[6] & am)) & M32
+                sp = c.rtlb.get(s >> 12)
+                if sp is None:
+                    return True
+                n = min(r[1] & am, (0x1000 - (s & 0xFFF)) // size)
+                if src_room is not None:
+                    n = min(n, src_room(r[6] & am, False))
+                if n <= 0:
+                    return True
+                c.io_check(port, size)
+                so = sp | (s & 0xFFF)
+                if not write_string(port, size, bytes(c.ram[so : so + size * n])):
+                    return False
+                r[6] = (r[6] & ~am & M32) | ((r[6] + size * n) & am)
+                r[1] = (r[1] & ~am & M32) | ((r[1] - n) & am)
+            return True
 
         return fast
 

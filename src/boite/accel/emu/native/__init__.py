@@ -24,23 +24,29 @@ import os
 import platform
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from boite.accel.emu.arch import ARITH, OP_NONE, SEGCHK, STACK16
+from boite.accel.emu.arch import ARITH, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
+    ChainTable,
     CodeArena,
     NativeState,
     TlbTables,
     buffer_address,
+    chain_slot,
 )
-from boite.accel.emu.native.translate import entry_stub, translate_block
+from boite.accel.emu.native.translate import runtime_stubs, translate_block
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
-LOOP_BUDGET = 1024  # passes of a self-looping block per call (interrupt latency)
+BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cpu.run)
+# Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
+# translating costs about 30 us a guest instruction, the closures about 1 us a run.
+NATIVE_HOT = 16
 _REGS = struct.Struct("<8I")
 _SBASE = struct.Struct("<6I")
 
@@ -56,72 +62,135 @@ def native_available() -> bool:
     return True
 
 
-class NativeTier:
-    """Translated blocks of one Cpu, its TLB tables and its code arena."""
+class _Tlb:
+    """The native TLB tables of one Python TLB pair (one privilege level), and which of
+    their entries are set."""
 
-    def __init__(self, cpu: Cpu) -> None:
-        self.cpu = cpu
-        self.st = NativeState()
-        self.st_addr = ctypes.addressof(self.st)
-        self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
-        self.tlb = TlbTables()
-        self.st.tlb_r = self.tlb.read_addr
-        self.st.tlb_w = self.tlb.write_addr
-        self.ram_addr = buffer_address(cpu.ram)
-        self.arena = CodeArena()
-        entry = self.arena.place(entry_stub())
-        self.arena_keep = self.arena.used
-        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(entry)
+    def __init__(self, rtlb: dict[int, int]) -> None:
+        self.rtlb = rtlb
+        self.tables = TlbTables()
         self.filled_r: set[int] = set()
         self.filled_w: dict[int, set[int]] = {}  # physical page -> linear pages
-        self.bound: dict[int, int] | None = None  # the Python read TLB mirrored
-        self.blocks = 0  # translated so far
-        self.insns = 0
 
-    # -- TLB mirror ----------------------------------------------------------------------
-    def tlb_flush(self, page: int | None = None) -> None:
+    def flush(self, page: int | None) -> None:
+        read, write = self.tables.read, self.tables.write
         if page is None:
             for p in self.filled_r:
-                self.tlb.read[p] = 0
+                read[p] = 0
             self.filled_r.clear()
             for lins in self.filled_w.values():
                 for p in lins:
-                    self.tlb.write[p] = 0
+                    write[p] = 0
             self.filled_w.clear()
             return
         if page in self.filled_r:
             self.filled_r.discard(page)
-            self.tlb.read[page] = 0
-        if self.tlb.write[page]:
-            self.tlb.write[page] = 0
+            read[page] = 0
+        if write[page]:
+            write[page] = 0
             for lins in self.filled_w.values():
                 lins.discard(page)
 
     def drop_write(self, ppage: int) -> None:
-        """Physical page ppage now holds translated code: no write reaches it directly."""
+        write = self.tables.write
         for p in self.filled_w.pop(ppage, ()):
-            self.tlb.write[p] = 0
+            write[p] = 0
+
+
+class NativeTier:
+    """Translated blocks of one Cpu, its TLB tables (one set per privilege level, so a
+    switch between user and kernel keeps both), its chain tables and its code arena."""
+
+    def __init__(self, cpu: Cpu) -> None:
+        self.cpu = cpu
+        self.python_hot = cpu.hot_block
+        cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
+        self.st = NativeState()
+        self.st_addr = ctypes.addressof(self.st)
+        self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
+        self.ram_addr = buffer_address(cpu.ram)
+        self.arena = CodeArena()
+        code, at_entry, at_dispatch, at_out = runtime_stubs()
+        base = self.arena.place(code)
+        self.arena_keep = self.arena.used
+        self.out_addr = base + at_out
+        self.st.out = self.out_addr
+        self.st.dispatch = base + at_dispatch
+        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(base + at_entry)
+        self.tlbs: list[_Tlb] = []
+        self.tlb: _Tlb | None = None  # the current privilege's
+        self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
+        # Chain tables by (mode_key, cs_key), as the Python tiers' per-mode EIP maps.
+        self.chains: dict[tuple[int, int], ChainTable] = {}
+        self.ckey: tuple[int, int] | None = None
+        self.ctab: ChainTable | None = None
+        self.blocks = 0  # translated so far
+        self.insns = 0
+        self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
+        self.translated_insns = 0
+        self.entries = 0  # calls into translated code
+        self.exits: dict[int, int] = {}  # EXIT_* -> count
+        # BOITE_NATIVE_PROFILE=1: where translated code leaves, by (reason, EIP): the
+        # instructions the tier should cover next (see exit_profile).
+        self.profile: dict[tuple[int, int], int] | None = (
+            {} if os.environ.get("BOITE_NATIVE_PROFILE") == "1" else None
+        )
+        self.profile_raw: dict[tuple[int, int], str] = {}
+
+    # -- TLB mirror ----------------------------------------------------------------------
+    def tlb_flush(self, page: int | None = None) -> None:
+        for t in self.tlbs:
+            t.flush(page)
+        self.unchain()
+
+    def drop_write(self, ppage: int) -> None:
+        """Physical page ppage now holds translated code: no write reaches it directly."""
+        for t in self.tlbs:
+            t.drop_write(ppage)
+
+    def unchain(self) -> None:
+        """A block or a TLB entry went away: no chain may lead to a stale block."""
+        for ct in self.chains.values():
+            ct.clear()
 
     def _bind(self) -> None:
-        cpu = self.cpu
-        if self.bound is not cpu.rtlb:
-            self.tlb_flush()
-            self.bound = cpu.rtlb
+        rtlb = self.cpu.rtlb
+        for t in self.tlbs:
+            if t.rtlb is rtlb:
+                break
+        else:
+            t = _Tlb(rtlb)
+            self.tlbs.append(t)
+        self.tlb = t
+        self.bound = rtlb
+        self.st.tlb_r = t.tables.read_addr
+        self.st.tlb_w = t.tables.write_addr
+
+    def _select(self, key: tuple[int, int]) -> ChainTable:
+        ct = self.chains.get(key)
+        if ct is None:
+            ct = self.chains[key] = ChainTable(self.out_addr)
+        self.ckey = key
+        self.ctab = ct
+        self.st.jtab = ct.addr
+        return ct
 
     def _mirror(self, page: int, write: bool) -> bool:
         """Copy the Python TLB's entry for linear page into the table; False if none."""
         cpu = self.cpu
+        t = self.tlb
+        assert t is not None
         pp = (cpu.wtlb if write else cpu.rtlb).get(page)
         if pp is None or pp & 0xFFF or pp + 0x1000 > cpu.ram_size:
             return False  # only whole pages of guest RAM enter the table
         if write:
             if (pp >> 12) in cpu.code_pages:
                 return False
-            self.tlb.write[page] = self.ram_addr + pp
-            self.filled_w.setdefault(pp >> 12, set()).add(page)
+            t.tables.write[page] = self.ram_addr + pp
+            t.filled_w.setdefault(pp >> 12, set()).add(page)
         else:
-            self.tlb.read[page] = self.ram_addr + pp
-            self.filled_r.add(page)
+            t.tables.read[page] = self.ram_addr + pp
+            t.filled_r.add(page)
         return True
 
     # -- translation ----------------------------------------------------------------------
@@ -134,18 +203,49 @@ class NativeTier:
         left = 0x1000 - (pa & 0xFFF)
         if pa + left > cpu.ram_size:
             return None
+        run = self._translate(pa, eip)
+        if run is not None:
+            return run
+        # The first instruction is not translated: its closure, then the rest natively
+        # (a block of its own at the next EIP, so chains can find it too).
+        fn, n, end = cpu.decoder.decode(eip)
+        eip2 = (eip + n) & 0xFFFFFFFF
+        if end or (pa & 0xFFF) + n >= 0x1000:
+            return None
+        tail = self._translate(pa + n, eip2)
+        if tail is None:
+            return None
+
+        def first_in_python() -> int:
+            fn()
+            if cpu.eip != eip2:
+                return 1  # a REP string instruction left to be resumed, say
+            try:
+                return 1 + tail()
+            except BaseException:
+                cpu.icount += 1  # the first instruction completed
+                raise
+
+        return first_in_python
+
+    def _translate(self, pa: int, eip: int) -> Callable[[], int] | None:
+        cpu = self.cpu
+        t0 = time.thread_time()
+        left = 0x1000 - (pa & 0xFFF)
         out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left)
+        self.translate_s += time.thread_time() - t0
         if out is None:
             return None
-        code, _ = out
+        code, ninsns = out
+        self.translated_insns += ninsns
         if not self.arena.room(len(code) + 16):
             cpu.flush_blocks()  # every translation goes; the arena starts over
             self.arena.reset(self.arena_keep)
         addr = self.arena.place(code)
         self.blocks += 1
-        return self._runner(addr)
+        return self._runner(addr, eip)
 
-    def _runner(self, addr: int) -> Callable[[], int]:
+    def _runner(self, addr: int, eip: int) -> Callable[[], int]:
         tier = self
         cpu = self.cpu
         st = self.st
@@ -154,30 +254,65 @@ class NativeTier:
         entry = self.entry
         regs_in, regs_out = _REGS.pack_into, _REGS.unpack_from
         sbase_in = _SBASE.pack_into
+        slot = 2 * chain_slot(eip)
+        exits = self.exits
 
         def run_native() -> int:
             if tier.bound is not cpu.rtlb:
                 tier._bind()
+            key = (cpu.mode_key, cpu.cs_key)
+            ct = tier.ctab if key == tier.ckey else tier._select(key)
+            if ct.slots[slot + 1] != addr:  # this block is valid here: let chains find it
+                ct.add(eip, addr)
             regs_in(stbuf, 0, *cpu.r)
             fl = cpu.get_flags()
             st.eflags = fl
             sbase_in(stbuf, 40, *cpu.sbase)
-            st.loops = 0
-            st.budget = LOOP_BUDGET
+            st.dstep = -1 if fl & DF else 1
+            st.budget = BUDGET
+            # Leave at the first chain only when an interrupt can be taken (IF does not
+            # change inside translated code) or DMA is to be drained; device threads
+            # set it meanwhile (Cpu.kick).
+            st.intr = 1 if (cpu.intr and cpu.fl & IF) or cpu.dma_writes or cpu.stop else 0
             entry(st_addr, addr)
             cpu.r[:] = regs_out(stbuf, 0)
             cpu.fl = (fl & ~ARITH) | (st.eflags & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = st.eip
-            n = st.loops + st.ndone
+            n = BUDGET - st.budget + st.ndone
             tier.insns += n
-            if st.reason == EXIT_MISS:
+            tier.entries += 1
+            reason = st.reason
+            exits[reason] = exits.get(reason, 0) + 1
+            if tier.profile is not None:
+                tier._note_exit(reason)
+            if reason == EXIT_MISS:
                 return n + tier._miss(n)
             if n == 0:
                 return tier._one()
             return n
 
         return run_native
+
+    def _note_exit(self, reason: int) -> None:
+        cpu = self.cpu
+        key = (reason, cpu.eip)
+        prof = self.profile
+        assert prof is not None
+        if key not in self.profile_raw:
+            lin = (cpu.sbase[1] + cpu.eip) & 0xFFFFFFFF
+            p = cpu.xtlb.get(lin >> 12)  # no fill: profiling must not change the TLB
+            at = (p | (lin & 0xFFF)) if p is not None else None
+            raw = bytes(cpu.ram[at : at + 8]).hex() if at is not None else "?"
+            self.profile_raw[key] = raw
+        prof[key] = prof.get(key, 0) + 1
+
+    def exit_profile(self, top: int = 30) -> list[tuple[int, str, int, str]]:
+        """The most frequent exits as (count, reason, EIP, the bytes there)."""
+        names = {0: "end", 1: "miss", 2: "fallback"}
+        assert self.profile is not None
+        rows = sorted(self.profile.items(), key=lambda kv: -kv[1])[:top]
+        return [(n, names.get(k[0], "?"), k[1], self.profile_raw[k]) for k, n in rows]
 
     def _miss(self, done: int) -> int:
         """After a miss: fill the entry from the Python TLB (a #PF raises here, with the
@@ -187,7 +322,8 @@ class NativeTier:
         lin, kind = self.st.miss_addr, self.st.miss_write
         write = bool(kind & 1)
         page = lin >> 12
-        table = self.tlb.write if write else self.tlb.read
+        assert self.tlb is not None
+        table = self.tlb.tables.write if write else self.tlb.tables.read
         if not table[page]:
             try:
                 if kind & 2:  # read-modify-write: the read faults first

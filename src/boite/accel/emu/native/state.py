@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 
 TLB_ENTRIES = 1 << 20  # one per 4 KiB page of the 32-bit linear space
 TLB_BYTES = TLB_ENTRIES * 8
@@ -24,13 +25,23 @@ class NativeState(ctypes.Structure):
         ("eflags", ctypes.c_uint32),  # the arithmetic flags in, all of them out
         ("sbase", ctypes.c_uint32 * 6),  # ES CS SS DS FS GS bases
         ("reason", ctypes.c_uint32),  # EXIT_*
-        ("ndone", ctypes.c_uint32),  # instructions completed in the last pass
-        ("loops", ctypes.c_uint32),  # instructions of the passes of a loop before it
-        ("budget", ctypes.c_uint32),  # passes a self-looping block may still make
+        ("ndone", ctypes.c_uint32),  # instructions completed in the block that left
+        # Instructions the chained blocks may still run; each block that chains on takes
+        # its count off, and chaining stops at zero (so does the tier's return to Python).
+        ("budget", ctypes.c_int32),
+        # Nonzero: leave at the next chain (a pending interrupt, device DMA, a pause).
+        # Device threads set it while translated code runs (the call releases the GIL).
+        ("intr", ctypes.c_uint32),
         ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
         ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
+        ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
+        ("pad", ctypes.c_uint32),
+        ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
+        ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
+        ("out", ctypes.c_uint64),  # the shared stub that leaves with EIP = R9D
+        ("dispatch", ctypes.c_uint64),  # the shared stub that chains to EIP = R9D
     ]
 
 
@@ -45,18 +56,34 @@ OFF_EFLAGS = off("eflags")
 OFF_SBASE = off("sbase")
 OFF_REASON = off("reason")
 OFF_NDONE = off("ndone")
-OFF_LOOPS = off("loops")
 OFF_BUDGET = off("budget")
+OFF_INTR = off("intr")
+OFF_TMP = off("tmp")
+OFF_DSTEP = off("dstep")
+OFF_JTAB = off("jtab")
+OFF_OUT = off("out")
+OFF_DISPATCH = off("dispatch")
 OFF_MISS_ADDR = off("miss_addr")
 OFF_MISS_WRITE = off("miss_write")
 OFF_TLB_R = off("tlb_r")
 OFF_TLB_W = off("tlb_w")
 
 # Why translated code returned.
-EXIT_END = 0  # ran to a branch or the block's end; EIP is the next one
+EXIT_END = 0  # ran to a branch or the block's end; EIP is the next one (no chain there,
+# the budget spent or an interrupt pending)
 EXIT_MISS = 1  # a TLB miss (or a page-crossing access) at EIP, before that instruction
 EXIT_FALLBACK = 2  # the instruction at EIP is not translated: the Python tiers run it
-EXIT_BUDGET = 3  # a self-looping block used up its passes
+
+# The chain table: guest EIP -> host code of its block, for one (mode, CS) key. A
+# direct-mapped hash table of CHAIN_SLOTS (tag, host address) pairs; an empty slot has
+# tag 0xFFFFFFFF and the `out` stub as its code, so a hit on it (EIP 0xFFFFFFFF) leaves.
+CHAIN_BITS = 16  # 1 MiB a table: a boot's few thousand hot blocks rarely collide
+CHAIN_SLOTS = 1 << CHAIN_BITS
+CHAIN_SHIFT = 12
+
+
+def chain_slot(eip: int) -> int:
+    return (eip ^ (eip >> CHAIN_SHIFT)) & (CHAIN_SLOTS - 1)
 
 
 def buffer_address(buf) -> int:
@@ -116,3 +143,29 @@ class CodeArena:
     def reset(self, keep: int) -> None:
         """Forget every block placed after the first `keep` bytes (the entry stub)."""
         self.used = keep
+
+
+class ChainTable:
+    """One chain table (see CHAIN_SLOTS): filled from Python when a translated block is
+    entered in the table's mode, emptied whenever the Python tiers' per-mode EIP maps
+    are (a block or a TLB entry went away), so a hit needs no further check."""
+
+    def __init__(self, out: int) -> None:
+        empty = struct.pack("<QQ", 0xFFFFFFFF, out) * CHAIN_SLOTS
+        self.slots = (ctypes.c_uint64 * (2 * CHAIN_SLOTS)).from_buffer_copy(empty)
+        self.addr = ctypes.addressof(self.slots)
+        self.used: set[int] = set()
+        self.out = out
+
+    def add(self, eip: int, host: int) -> None:
+        s = chain_slot(eip)
+        self.slots[2 * s] = eip
+        self.slots[2 * s + 1] = host
+        self.used.add(s)
+
+    def clear(self) -> None:
+        slots, out = self.slots, self.out
+        for s in self.used:
+            slots[2 * s] = 0xFFFFFFFF
+            slots[2 * s + 1] = out
+        self.used.clear()

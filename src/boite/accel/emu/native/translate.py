@@ -11,8 +11,11 @@ thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
 - opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
   82 is invalid) are re-encoded;
 - PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
-- branches end the block (EIP stored, back to Python), a branch to the block's own start
-  loops inside the code for a bounded number of passes.
+- branches end the block: the block takes its instruction count off the budget and,
+  while budget remains and no interrupt is pending, chains to the next block through the
+  chain table (guest EIP -> host code; an indirect branch hashes its target at run time,
+  a direct one reads its slot, known when translating); a branch to its own start jumps
+  there. Anything else leaves for Python (EXIT_END with EIP the target).
 
 Only rows of the opcode table with a `native` method are translated; the block stops
 before any other instruction (EXIT_FALLBACK: the Python tiers run it). Exits are precise:
@@ -29,25 +32,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, DS, SS
+from boite.accel.emu.arch import ARITH, DF, DS, ES, SS
 from boite.accel.emu.native.state import (
-    EXIT_BUDGET,
+    CHAIN_SHIFT,
+    CHAIN_SLOTS,
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
     OFF_BUDGET,
+    OFF_DISPATCH,
+    OFF_DSTEP,
     OFF_EFLAGS,
     OFF_EIP,
     OFF_ESP,
-    OFF_LOOPS,
+    OFF_INTR,
+    OFF_JTAB,
     OFF_MISS_ADDR,
     OFF_MISS_WRITE,
     OFF_NDONE,
+    OFF_OUT,
     OFF_R,
     OFF_REASON,
     OFF_SBASE,
     OFF_TLB_R,
     OFF_TLB_W,
+    OFF_TMP,
+    chain_slot,
 )
 from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
@@ -61,12 +71,32 @@ MATCH_PYTHON_FLAGS = True
 # Guest registers held in host registers (all but ESP), with their state offsets.
 HELD = (0, 1, 2, 3, 5, 6, 7)
 _RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
+# Translators that handle ESP as an operand themselves.
+_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m")
 
 
-def entry_stub() -> bytes:
-    """void entry(NativeState *st, void *block): save the host's callee-saved registers,
-    load the guest's, jump to the block (whose exit path restores and returns)."""
+def _epilogue(a: Asm) -> None:
+    """Guest registers (and flags, from R11) into the state; back to the caller."""
+    a.store32(R15, OFF_EFLAGS, R11)
+    for g in HELD:
+        a.store32(R15, OFF_R + 4 * g, g)
+    for reg in (R15, R14, R13, R12, 5, 3):
+        a.pop(reg)
+    a.ret()
+
+
+def runtime_stubs() -> tuple[bytes, int, int, int]:
+    """The code shared by every block: (code, offset of the entry, of `dispatch`, of `out`).
+
+    entry: void entry(NativeState *st, void *block): save the host's callee-saved
+    registers, load the guest's, jump to the block.
+    dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
+    instructions off the budget (the flags of that SUB are live: LE means spent); leaves
+    through `out` when the budget is spent, an interrupt is pending or the chain table
+    has no block for that EIP.
+    out: leave with EIP = R9D, the guest flags in R11, reason EXIT_END."""
     a = Asm()
+    a.label("entry")
     for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
         a.push(reg)
     a.mov_rr64(R15, RDI)
@@ -80,7 +110,28 @@ def entry_stub() -> bytes:
     for g in HELD:
         a.load32(g, R15, OFF_R + 4 * g)
     a.jmp_reg(R8)
-    return a.finish()
+    a.label("dispatch")
+    a.jcc(0xE, "out")  # JLE: the budget is spent
+    a.cmp_mem_imm32(R15, OFF_INTR, 0)
+    a.jcc(5, "out")  # JNE: leave for an interrupt
+    a.mov_rr32(R10, R9)
+    a.shr32(R10, CHAIN_SHIFT)
+    a.xor_rr32(R10, R9)
+    a.and32(R10, CHAIN_SLOTS - 1)
+    a.shl32(R10, 4)
+    a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
+    a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
+    a.jcc(5, "out")
+    a.push(R11)
+    a.popfq()
+    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8]
+    a.label("out")
+    a.store32(R15, OFF_EIP, R9)
+    a.store_imm32(R15, OFF_NDONE, 0)
+    a.store_imm32(R15, OFF_REASON, EXIT_END)
+    _epilogue(a)
+    code = a.finish()
+    return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
 
 
 @dataclass
@@ -106,15 +157,23 @@ class Insn:
     mem: MemOperand | None
     imm_at: int  # offset of the immediate in raw (== len(raw) - imm size)
     size: int  # operand size in bytes (1, 2, 4)
+    lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
+    rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
 
 
 def parse(raw: bytes, eip: int) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None."""
     pos = 0
-    p66 = False
-    while pos < len(raw) and raw[pos] == 0x66:
-        p66 = True
+    p66 = lock = rep = False
+    repne = False
+    while pos < len(raw) and raw[pos] in (0x66, 0xF0, 0xF2, 0xF3):
+        p66 |= raw[pos] == 0x66
+        lock |= raw[pos] == 0xF0
+        rep |= raw[pos] == 0xF3
+        repne |= raw[pos] == 0xF2
         pos += 1
+    if rep and repne:
+        return None
     if pos >= len(raw):
         return None
     opmap = ""
@@ -162,9 +221,23 @@ def parse(raw: bytes, eip: int) -> Insn | None:
     imm = imm_bytes(row, p66)
     if pos + imm > len(raw):
         return None
+    if lock and (not row.lock or mem is None or row.native != "copy"):
+        return None  # #UD, raised by the Python tiers
+    if (
+        row.native == "rep_string"
+        and not rep
+        or rep
+        and row.native not in ("rep_string", "ret", "string1")
+    ):
+        return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
+    if repne and row.code not in (0xAE, 0xAF):
+        return None
+    if row.native == "string1" and (rep or repne) and row.code in (0xAC, 0xAD):
+        return None  # REP STOS is rep_string's, REP LODS stays in Python
     first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
     size = 1 if first.endswith("b") else (2 if p66 else 4)
-    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size)
+    return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
+                0xF3 if rep else (0xF2 if repne else 0))  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
@@ -182,8 +255,34 @@ def _uses_esp(i: Insn) -> bool:
     return False
 
 
+def _esp_rex(i: Insn) -> int:
+    """The REX bits (R: ModRM reg, B: ModRM rm or opcode register) that turn the guest's
+    ESP operands into R12; -1 where that would also turn AH..BH into SPL..DIL."""
+    ops = i.row.operands.split(",") if i.row.operands else []
+    rex = 0
+    high_byte = False
+    modrm = i.modrm
+    for o in ops:
+        kind, byte = o[:1], o.endswith("b")
+        if kind == "G" and modrm is not None:
+            num = (modrm >> 3) & 7
+        elif kind == "E" and modrm is not None and modrm >> 6 == 3:
+            num = modrm & 7
+        elif kind == "Z":
+            num = i.code & 7
+        else:
+            continue
+        if byte:
+            high_byte |= num >= 4
+        elif num == ESP:
+            rex |= 4 if kind == "G" else 1
+    return -1 if rex and high_byte else rex
+
+
 def _mem_size(i: Insn) -> int:
     """Bytes the memory operand accesses."""
+    if i.row.mnemonic == "CMPXCHG8B":
+        return 8
     if i.row.mnemonic in ("MOVZX", "MOVSX"):
         return 1 if i.code in (0xB6, 0xBE) else 2
     return i.size
@@ -213,6 +312,63 @@ def host_differs(i: Insn) -> int:
     return 0
 
 
+def _szp_from(size: int, reg: int) -> bytes:
+    """After a multiply: SF, ZF, PF from the result in reg (R12 for ESP), AF clear, CF
+    and OF as the host's multiply set them (the Python tiers' values)."""
+    if reg == ESP:
+        test = b"\x45\x85\xe4"  # test r12d, r12d
+    else:
+        test = bytes((0x84 if size == 1 else 0x85, 0xC0 | reg << 3 | reg))
+    if size == 2:
+        test = b"\x66" + test
+    return (
+        b"\x9c\x41\x5b"  # pushfq; pop r11
+        + test
+        + b"\x9c\x41\x58"  # pushfq; pop r8
+        + b"\x41\x81\xe0\xc4\x00\x00\x00"  # and r8d, SF|ZF|PF
+        + b"\x41\x81\xe3\x2b\xff\xff\xff"  # and r11d, ~(SF|ZF|AF|PF)
+        + b"\x45\x09\xc3"  # or r11d, r8d
+        + b"\x41\x53\x9d"  # push r11; popfq
+    )
+
+
+def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
+    """Host code (before, after) the instruction that gives the flags in `differ` the
+    Python tiers' values; None where the translator does not (the block ends there)."""
+    m = i.row.mnemonic
+    rm_reg = i.modrm is not None and i.modrm >> 6 == 3
+    if m in ("MUL", "IMUL"):
+        if i.opmap == "" and i.code in (0xF6, 0xF7):
+            return b"", _szp_from(i.size, 0)  # the low half lands in AL/AX/EAX
+        return b"", _szp_from(i.size, (i.modrm >> 3) & 7)
+    if i.opmap or i.code not in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
+        return None
+    if m not in ("SHL", "SAL", "SAR", "SHR") or differ & ~0x810:
+        return None
+    cnt = _shift_count(i)
+    if cnt == 0:
+        return b"", b""  # the flags stay as they were
+    rm = i.modrm & 7
+    if cnt is None and rm_reg and rm == 1:
+        return None  # the shift changes CL, which says whether it shifted at all
+    before = b""
+    after = b""
+    if differ & 0x800:  # SHR: OF is the operand's old top bit
+        if not rm_reg or rm == ESP or (i.size == 1 and rm >= 4):
+            return None
+        before = (b"\x66" if i.size == 2 else b"") + bytes((0x41, 0x89, 0xC0 | rm << 3))
+        if i.size == 1:
+            before = bytes((0x44, 0x0F, 0xB6, 0xC0 | rm))  # movzx r8d, <reg8>
+        after += b"\x66\x81\x24\x24\xff\xf7"  # and word [rsp], ~OF
+        after += bytes((0x41, 0x0F, 0xBA, 0xE0, 8 * i.size - 1))  # bt r8d, top bit
+        after += b"\x73\x06\x66\x81\x0c\x24\x00\x08"  # jnc +6; or word [rsp], OF
+    if differ & 0x10:
+        after = b"\x80\x24\x24\xef" + after  # and byte [rsp], ~AF
+    if cnt is None:  # by CL: a count of 0 leaves the flags as they were
+        after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
+    return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
+
+
 def _shift_count(i: Insn) -> int | None:
     """The count of a shift by an immediate or by 1 (None: by CL)."""
     if i.code in (0xD0, 0xD1):
@@ -223,6 +379,8 @@ def _shift_count(i: Insn) -> int | None:
 
 
 def _writes_mem(i: Insn) -> bool:
+    if i.row.mnemonic == "CMPXCHG8B":
+        return True  # like CMPXCHG, it writes the old value back on a mismatch
     ops = i.row.operands.split(",") if i.row.operands else []
     if not ops or ops[0][:1] != "E":
         return False
@@ -246,6 +404,47 @@ class Translator:
         self.stubs.append((name, [eip, ndone, reason, eip_reg]))
         return name
 
+    def chain(self, target: int | None, ndone: int) -> str:
+        """A stub that takes the block's `ndone` instructions off the budget and goes on
+        at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
+        returns its label."""
+        name = f"c{self.n}"
+        self.n += 1
+        self.chains.append((name, target, ndone))
+        return name
+
+    def _emit_chains(self) -> None:
+        a = self.a
+        if not self.chains:
+            return
+        for name, target, ndone in self.chains:
+            a.label(name)
+            a.pushfq()
+            a.pop(R11)
+            a.sub_mem_imm32(R15, OFF_BUDGET, ndone)
+            if target is None:
+                a.mov_rr32(R9, R8)
+                a._mem(b"\xff", 4, R15, OFF_DISPATCH)  # jmp [r15 + dispatch]
+                continue
+            a.mov_imm32(R9, target)
+            a.jcc(0xE, "leave")  # JLE: budget spent
+            a.cmp_mem_imm32(R15, OFF_INTR, 0)
+            a.jcc(5, "leave")
+            if target == self.start:  # a loop: no lookup
+                a.push(R11)
+                a.popfq()
+                a.jmp("start")
+                continue
+            slot = chain_slot(target) * 16
+            a.load64(R8, R15, OFF_JTAB)
+            a._mem(b"\x39", R9, R8, slot)  # cmp [r8 + slot], r9d
+            a.jcc(5, "leave")
+            a.push(R11)
+            a.popfq()
+            a._mem(b"\xff", 4, R8, slot + 8)  # jmp [r8 + slot + 8]
+        a.label("leave")
+        a._mem(b"\xff", 4, R15, OFF_OUT)  # jmp [r15 + out]
+
     def _emit_stubs(self) -> None:
         a = self.a
         for name, (eip, ndone, reason, eip_reg) in self.stubs:
@@ -260,12 +459,7 @@ class Translator:
         a.label("epilogue")
         a.pushfq()
         a.pop(R11)
-        a.store32(R15, OFF_EFLAGS, R11)
-        for g in HELD:
-            a.store32(R15, OFF_R + 4 * g, g)
-        for reg in (R15, R14, R13, R12, 5, 3):
-            a.pop(reg)
-        a.ret()
+        _epilogue(self.a)
 
     # -- memory --------------------------------------------------------------------
     def address(self, m: MemOperand, dst: int, with_segment: bool = True) -> None:
@@ -325,44 +519,82 @@ class Translator:
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
         """The guest instruction itself, its memory operand rewritten to [R10]."""
         a = self.a
-        raw = i.raw
         pre = b"\x66" if i.p66 else b""
         esc = b"\x0f" if i.opmap == "0F" else b""
         code = i.code
         if i.opmap == "" and code == 0x82:
             code = 0x80  # the 80 alias, invalid in 64-bit mode
+        # Guest ESP lives in the state: as a register operand it becomes R12 (whose low
+        # three bits are ESP's number), loaded before and stored after.
+        rex = _esp_rex(i)
+        if rex < 0:
+            return False
+        if rex:
+            a.load32(R12, R15, OFF_ESP)
         if i.opmap == "" and 0x40 <= code <= 0x4F:  # INC/DEC r: REX prefixes on the host
-            a.raw(pre + bytes((0xFF, 0xC0 | (code & 8) | (code & 7))))
-            return True
-        imm = raw[i.imm_at :]
+            a.raw(pre + (bytes((0x40 | rex,)) if rex else b""))
+            a.raw(bytes((0xFF, 0xC0 | (code & 8) | (code & 7))))
+        elif not self._copy_rest(i, k, restore, pre, esc, code, rex):
+            return False
+        if rex:
+            a.store32(R15, OFF_ESP, R12)
+        return True
+
+    def _copy_rest(self, i: Insn, k: int, restore: bool, pre: bytes, esc: bytes, code: int,
+                   rex: int) -> bool:  # fmt: skip
+        a = self.a
+        imm = i.raw[i.imm_at :]
         if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
             return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
+        if i.mem is None and i.row.operands[:1] == "M":
+            return False  # a register form of a memory-only operand: #UD, from Python
         if i.mem is None:
             a.raw(
                 pre
+                + (bytes((0x40 | rex,)) if rex else b"")
                 + esc
                 + bytes((code,))
                 + (bytes((i.modrm,)) if i.modrm is not None else b"")
                 + imm
             )
             return True
-        if i.opmap == "0F" and code in (0xA3, 0xAB, 0xB3, 0xBB):
-            return False  # a register bit offset reaches past the operand in memory
         reg = (i.modrm >> 3) & 7
+        lock = b"\xf0" if i.lock else b""
+        if i.opmap == "0F" and code in (0xA3, 0xAB, 0xB3, 0xBB):
+            # A register bit offset reaches past the operand (signed, in dwords): the
+            # address moves by offset >> 5 dwords, the host tests bit offset & 31.
+            if i.p66 or reg == ESP:
+                return False
+            self.address(i.mem, R9)
+            a.pushfq()  # the guest's flags through the arithmetic below
+            a.mov_rr32(R12, reg)
+            a._rr(b"\xc1", 7, R12)  # sar r12d, 5
+            a.raw(b"\x05")
+            a._mem(b"\x8d", R9, R9, 0, index=R12, scale=2)  # lea r9d, [r9 + r12*4]
+            a.mov_rr32(R12, reg)
+            a.and32(R12, 31)
+            a.popfq()
+            self.lookup(R9, 4, _writes_mem(i), k, restore)
+            a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
+            return True
         ops = i.row.operands.split(",")
         if any(o[:1] == "G" and o.endswith("b") for o in ops) and reg >= 4:
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
-        a.raw(pre + b"\x41" + esc + bytes((code, reg << 3 | 2)) + imm)  # [R10]
+        a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
         return True
 
     def lea(self, i: Insn, k: int, restore: bool) -> bool:
         if i.mem is None or i.p66:
             return False
         self.address(i.mem, R9, with_segment=False)
-        self.a.mov_rr32((i.modrm >> 3) & 7, R9)
+        reg = (i.modrm >> 3) & 7
+        if reg == ESP:
+            self.a.store32(R15, OFF_ESP, R9)
+        else:
+            self.a.mov_rr32(reg, R9)
         return True
 
     def _stack_addr(self, delta: int) -> None:
@@ -412,7 +644,7 @@ class Translator:
         self.lookup(R12, 4, True, k, restore, reads=False)
         self.a.raw(b"\x41\xc7\x02" + nxt.to_bytes(4, "little"))
         self.a.store32(R15, OFF_ESP, R9)
-        self.a.jmp(self.exit_to(target, k + 1, EXIT_END))
+        self.a.jmp(self.chain(target, k + 1))
         return True
 
     def ret(self, i: Insn, k: int, restore: bool) -> bool:
@@ -424,7 +656,225 @@ class Translator:
         self.a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
         self.a.lea32(R9, R9, 4 + extra)
         self.a.store32(R15, OFF_ESP, R9)
-        self.a.jmp(self.exit_to(None, k + 1, EXIT_END, eip_reg=R8))
+        self.a.jmp(self.chain(None, k + 1))
+        return True
+
+    def leave(self, i: Insn, k: int, restore: bool) -> bool:
+        """LEAVE: ESP = EBP, then POP EBP (nothing changes before the load can miss)."""
+        if i.p66:
+            return False
+        a = self.a
+        a.mov_rr32(R9, EBP)
+        a.load32(R10, R15, OFF_SBASE + 4 * SS)
+        a.lea32(R12, R9, 0, index=R10)
+        self.lookup(R12, 4, False, k, restore)
+        a.raw(b"\x41\x8b\x2a")  # mov ebp, [r10]
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def _operand_to_r8(self, i: Insn, k: int, restore: bool) -> None:
+        """R8D = the 32-bit Ev operand (a register, or memory through the read TLB)."""
+        a = self.a
+        if i.mem is None:
+            rm = i.modrm & 7
+            if rm == ESP:
+                a.load32(R8, R15, OFF_ESP)
+            else:
+                a.mov_rr32(R8, rm)
+            return
+        self.address(i.mem, R9)
+        self.lookup(R9, 4, False, k, restore)
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+
+    def push_m(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSH r/m32: read the operand (held in the state), then the push."""
+        if i.p66:
+            return False
+        a = self.a
+        self._operand_to_r8(i, k, restore)
+        a.store32(R15, OFF_TMP, R8)
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_TMP)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def jmp_m(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        self._operand_to_r8(i, k, restore)
+        self.a.jmp(self.chain(None, k + 1))
+        return True
+
+    def call_m(self, i: Insn, k: int, restore: bool) -> bool:
+        if i.p66:
+            return False
+        a = self.a
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        self._operand_to_r8(i, k, restore)
+        a.store32(R15, OFF_TMP, R8)
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.raw(b"\x41\xc7\x02" + nxt.to_bytes(4, "little"))
+        a.store32(R15, OFF_ESP, R9)
+        a.load32(R8, R15, OFF_TMP)
+        a.jmp(self.chain(None, k + 1))
+        return True
+
+    def moffs(self, i: Insn, k: int, restore: bool) -> bool:
+        """MOV AL/EAX <-> [DS:offset32]."""
+        a = self.a
+        disp = int.from_bytes(i.raw[i.imm_at :], "little")
+        size = 1 if i.code in (0xA0, 0xA2) else (2 if i.p66 else 4)
+        store = i.code in (0xA2, 0xA3)
+        self.address(MemOperand(0, 5, None, None, 0, disp, DS), R9)
+        self.lookup(R9, size, store, k, restore, reads=False)
+        pre = b"\x66" if i.p66 else b""
+        op = (0x88 if size == 1 else 0x89) if store else (0x8A if size == 1 else 0x8B)
+        a.raw(pre + bytes((0x41, op, 0x02)))  # mov [r10], al/ax/eax or the load
+        return True
+
+    def rep_string(self, i: Insn, k: int, restore: bool) -> bool:
+        """REP MOVS / REP STOS with DF clear (set: the Python tiers run it): each pass
+        does the elements that fit in the current page(s) with the host's own REP MOVS/
+        STOS on the host addresses; a miss leaves with ECX/ESI/EDI as far as it got."""
+        a = self.a
+        movs = i.code in (0xA4, 0xA5)
+        size = 1 if i.code in (0xA4, 0xAA) else (2 if i.p66 else 4)
+        log = size.bit_length() - 1
+        n = self.n
+        self.n += 1
+        top, done, miss_s, miss_d, df = (f"{x}{n}" for x in ("st", "sd", "ss", "sm", "sf"))
+        a.pushfq()  # the guest's flags wait in the state: nothing here changes them
+        a.pop(R11)
+        a.store32(R15, OFF_TMP, R11)
+        a.raw(b"\x41\xf7\x87" + OFF_EFLAGS.to_bytes(4, "little") + DF.to_bytes(4, "little"))
+        a.jcc(5, df)  # test dword [r15 + eflags], DF; jnz
+        a.label(top)
+        a.raw(b"\x85\xc9")  # test ecx, ecx
+        a.jcc(4, done)
+        if movs:
+            self._string_page(DS, 6, R14, R10, R12, log, miss_s)  # R10 source, R12 count
+        self._string_page(ES, 7, R13, R8, R11, log, miss_d)  # R8 destination, R11 count
+        if movs:
+            a.raw(b"\x45\x39\xe3\x45\x0f\x42\xe3")  # cmp r11d, r12d; cmovb r12d, r11d
+        else:
+            a.raw(b"\x4d\x89\xdc")  # mov r12, r11
+        a.raw(b"\x41\x39\xcc\x44\x0f\x47\xe1")  # cmp r12d, ecx; cmova r12d, ecx
+        a.raw(b"\x56\x57\x51")  # push rsi; push rdi; push rcx (the guest's)
+        if movs:
+            a.raw(b"\x4c\x89\xd6")  # mov rsi, r10
+        a.raw(b"\x4c\x89\xc7\x44\x89\xe1")  # mov rdi, r8; mov ecx, r12d
+        a.raw(b"\xf3" + (b"\x66" if size == 2 else b"") + bytes((i.code,)))  # the host's REP
+        a.raw(b"\x59\x5f\x5e")  # pop rcx; pop rdi; pop rsi
+        a.raw(b"\x44\x29\xe1")  # sub ecx, r12d
+        sib = (log << 6) | (4 << 3)  # [reg + r12 * size]
+        if movs:
+            a.raw(bytes((0x42, 0x8D, 0x34, sib | 6)))  # lea esi, [rsi + r12*size]
+        a.raw(bytes((0x42, 0x8D, 0x3C, sib | 7)))  # lea edi, [rdi + r12*size]
+        a.jmp(top)
+        for label, seg, reg, kind in ((miss_s, DS, 6, 0), (miss_d, ES, 7, 1)):
+            if label == miss_s and not movs:
+                continue
+            a.label(label)
+            a.load32(R9, R15, OFF_SBASE + 4 * seg)
+            a.raw(bytes((0x41, 0x01, 0xC1 | reg << 3)))  # add r9d, esi/edi
+            a.store32(R15, OFF_MISS_ADDR, R9)
+            a.store_imm32(R15, OFF_MISS_WRITE, kind)
+            a._mem(b"\xff", 6, R15, OFF_TMP)  # push qword [r15 + tmp]
+            a.popfq()
+            a.jmp(self.exit_to(i.eip, k, EXIT_MISS))
+        a.label(df)
+        a._mem(b"\xff", 6, R15, OFF_TMP)
+        a.popfq()
+        a.jmp(self.exit_to(i.eip, k, EXIT_FALLBACK))
+        a.label(done)
+        a._mem(b"\xff", 6, R15, OFF_TMP)
+        a.popfq()
+        return True
+
+    def _string_page(self, seg: int, reg: int, table: int, host: int, count: int, log: int,
+                     miss: str) -> None:  # fmt: skip
+        """host = the host address of seg:reg (ESI/EDI), count = the elements left in its
+        page (0: one crosses the page: miss, as for no TLB entry); R9 scratch."""
+        a = self.a
+        a.load32(R9, R15, OFF_SBASE + 4 * seg)
+        a.raw(bytes((0x41, 0x01, 0xC1 | reg << 3)))  # add r9d, esi/edi
+        a.mov_rr32(host, R9)
+        a.shr32(host, 12)
+        a.load64_index8(host, table, host)
+        a.test64(host, host)
+        a.jcc(4, miss)
+        a.and32(R9, 0xFFF)
+        a.add64(host, R9)
+        a.mov_imm32(count, 0x1000)
+        a._rr(b"\x29", R9, count)  # sub count, r9d
+        a.shr32(count, log)
+        a.jcc(4, miss)  # an element crosses the page
+
+    def loop(self, i: Insn, k: int, restore: bool) -> bool:
+        """LOOP/LOOPE/LOOPNE/JECXZ: ECX counted with LEA and tested with JECXZ, so the
+        guest's flags stay in the host's."""
+        if i.p66:
+            return False
+        a = self.a
+        nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
+        target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+        taken, fall = self.chain(target, k + 1), self.chain(nxt, k + 1)
+        if i.code == 0xE3:  # JECXZ
+            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+            a.jmp(fall)
+            a.jmp(taken)
+            return True
+        a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+        if i.code == 0xE2:
+            a.raw(b"\x67\xe3\x05")
+            a.jmp(taken)
+        else:
+            a.raw(b"\x67\xe3\x0b")
+            a.jcc(4 if i.code == 0xE0 else 5, fall)  # LOOPNE: ZF set stops; LOOPE: clear
+            a.jmp(taken)
+        a.jmp(fall)
+        return True
+
+    def string1(self, i: Insn, k: int, restore: bool) -> bool:
+        """LODS, STOS, SCAS of one element, and REPE/REPNE SCAS as a loop of them (each
+        element through the TLB; a miss leaves with ECX/EDI as far as they got)."""
+        if i.rep and i.code in (0xAA, 0xAB):
+            return self.rep_string(i, k, restore)
+        a = self.a
+        code = i.code
+        size = 1 if code & 1 == 0 else (2 if i.p66 else 4)
+        pre = b"\x66" if size == 2 else b""
+        lods, scas = code in (0xAC, 0xAD), code in (0xAE, 0xAF)
+        seg, reg = (DS, 6) if lods else (ES, 7)
+        n = self.n
+        self.n += 1
+        top, done = f"rt{n}", f"rd{n}"
+        if i.rep:  # ECX = 0: nothing, the flags as they were
+            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+            a.jmp(top)
+            a.jmp(done)
+        a.label(top)
+        a.load32(R9, R15, OFF_SBASE + 4 * seg)
+        a.lea32(R9, R9, 0, index=reg)  # flags untouched
+        self.lookup(R9, size, code in (0xAA, 0xAB), k, restore or bool(i.rep), reads=False)
+        if lods:
+            a.raw(pre + b"\x41" + (b"\x8a" if size == 1 else b"\x8b") + b"\x02")  # mov al, [r10]
+        elif scas:
+            a.raw(pre + b"\x41" + (b"\x3a" if size == 1 else b"\x3b") + b"\x02")  # cmp al, [r10]
+        else:
+            a.raw(pre + b"\x41" + (b"\x88" if size == 1 else b"\x89") + b"\x02")  # mov [r10], al
+        a.load64(R8, R15, OFF_DSTEP)
+        sib = ((size.bit_length() - 1) << 6) | (0 << 3)  # [reg + r8 * size]
+        a.raw(bytes((0x42, 0x8D, 0x04 | reg << 3, sib | reg)))  # lea e?i, [r?i + r8*size]
+        if i.rep:
+            a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+            a.raw(b"\x67\xe3\x06")  # jecxz over the jcc: done
+            a.jcc(5 if i.rep == 0xF2 else 4, top)  # REPNE: on while not equal
+            a.label(done)
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
@@ -433,41 +883,13 @@ class Translator:
             return False
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
         target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
-        taken = self._loop_or_exit(target, k + 1)
+        taken = self.chain(target, k + 1)
         if i.row.mnemonic == "JMP":
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            self.a.jmp(self.exit_to(nxt, k + 1, EXIT_END))
+            self.a.jmp(self.chain(nxt, k + 1))
         return True
-
-    def _loop_or_exit(self, target: int, n: int) -> str:
-        if target != self.start:
-            return self.exit_to(target, n, EXIT_END)
-        name = f"l{self.n}"
-        self.n += 1
-        self.loops.append((name, n))
-        return name
-
-    def _emit_loops(self) -> None:
-        """A branch back to the start: count the pass, and go on while budget remains."""
-        a = self.a
-        for name, n in self.loops:
-            out = f"o{self.n}"
-            self.n += 1
-            a.label(name)
-            a.pushfq()
-            a.pop(R11)
-            a.sub_mem_imm32(R15, OFF_BUDGET, 1)
-            a.jcc(4, out)  # budget spent
-            a.add_mem_imm32(R15, OFF_LOOPS, n)
-            a.push(R11)
-            a.popfq()
-            a.jmp("start")
-            a.label(out)
-            a.push(R11)
-            a.popfq()
-            a.jmp(self.exit_to(self.start, n, EXIT_BUDGET))
 
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
@@ -476,7 +898,7 @@ class Translator:
         it was built with is wrong past them, so the caller builds that prefix again."""
         self.insns = insns
         self.misses: list = []
-        self.loops: list = []
+        self.chains: list = []
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
@@ -484,7 +906,7 @@ class Translator:
         for k in range(len(insns) - 1, -1, -1):
             i = insns[k]
             live_out[k] = live
-            if i.mem is not None or i.row.native in ("push_r", "pop_r", "push_i", "call", "ret"):
+            if i.mem is not None or i.row.native not in ("copy", "lea", "branch"):
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
                 continue
             row = i.row
@@ -496,20 +918,19 @@ class Translator:
         for k, i in enumerate(insns):
             method = getattr(self, i.row.native)
             differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
-            fix_af = False
-            if differ:
-                cnt = _shift_count(i)
-                if differ != 0x10 or cnt is None:
-                    break  # the Python tiers run it, with their values of those flags
-                fix_af = cnt != 0  # a count of 0 leaves the flags as they were
+            fix = _flag_fix(i, differ) if differ else (b"", b"")
+            if fix is None:
+                break  # the Python tiers run it, with their values of those flags
             # After a TLB lookup the guest flags go back into the host's unless this
             # instruction defines them all: a later exit (a miss further on) shows them.
             row = i.row
             kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
-            if _uses_esp(i) or not method(i, k, not kills_all):
+            if i.row.native not in _ESP_AWARE and _uses_esp(i):
                 break
-            if fix_af:
-                a.raw(b"\x9c\x80\x24\x24\xef\x9d")  # pushfq; and byte [rsp], ~AF; popfq
+            a.raw(fix[0])
+            if not method(i, k, not kills_all):
+                break
+            a.raw(fix[1])
             done = k + 1
             if i.row.ends_block:
                 break
@@ -520,11 +941,13 @@ class Translator:
         last = insns[done - 1]
         if not last.row.ends_block:
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
-            reason = EXIT_END if done == len(insns) and fall == nxt else EXIT_FALLBACK
-            a.jmp(self.exit_to(nxt, done, reason))
+            if done == len(insns) and fall == nxt:
+                a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
+            else:
+                a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
         self._emit_misses()
-        self._emit_loops()
+        self._emit_chains()
         self._emit_stubs()
         return a.finish(), done
 
@@ -556,4 +979,4 @@ def translate_block(read, eip: int, page_left: int) -> tuple[bytes, int] | None:
         fall = (insns[-1].eip + len(insns[-1].raw)) & 0xFFFFFFFF
 
 
-__all__ = ["EXIT_BUDGET", "EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "translate_block"]
+__all__ = ["EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "runtime_stubs", "translate_block"]

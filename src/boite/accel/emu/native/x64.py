@@ -94,6 +94,17 @@ class Asm:
         self._rr(b"\xc1", 5, reg)
         self.buf.append(n)
 
+    def shl32(self, reg: int, n: int) -> None:
+        self._rr(b"\xc1", 4, reg)
+        self.buf.append(n)
+
+    def xor_rr32(self, dst: int, src: int) -> None:
+        self._rr(b"\x31", src, dst)
+
+    def cmp_mem_imm32(self, base: int, disp: int, imm: int) -> None:
+        self._mem(b"\x81", 7, base, disp)
+        self.buf += _s32(imm)
+
     def and32(self, reg: int, imm: int) -> None:
         self._rr(b"\x81", 4, reg)
         self.buf += _s32(imm)
