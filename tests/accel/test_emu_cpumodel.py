@@ -68,7 +68,7 @@ def test_every_msr_reads_back_what_was_written_and_refuses_reserved_bits(cpu) ->
 
 
 def test_unknown_msrs_and_bad_memory_types_are_gp(cpu) -> None:
-    for idx in (0x1B, 0x179, 0xC0000081, 0x12345678):  # no APIC, no MCA, no SYSCALL
+    for idx in (0x1B, 0x400, 0xC0000081, 0x12345678):  # no APIC, no MC bank, no SYSCALL
         with pytest.raises(CpuFault):
             cpu.rdmsr(idx)
         with pytest.raises(CpuFault):
@@ -107,3 +107,32 @@ def test_pdptes_with_reserved_bits_fault_on_load(cpu) -> None:
     mem.write_u64(bad, 0x20000 | 2)  # not present: nothing is checked
     cpu.set_cr(3, bad)
     assert cpu.cr3 == bad
+
+
+def test_p6_performance_counters_sign_extend_bit_31(cpu) -> None:
+    """Linux's P6 PMU driver (Pentium M: family 6, model 13) writes 0xabcd to PerfCtr0
+    and reads it back (check_hw_exists): a #GP made it log 'Failed to access perfctr
+    msr (MSR 186 ...)' and run without the PMU. WRMSR writes bits 31:0 and sign-extends
+    them to the counter's 40 bits (SDM vol. 3B, P6 family performance monitoring)."""
+    cpu.wrmsr(0xC1, 0xABCD)
+    assert cpu.rdmsr(0xC1) == 0xABCD
+    cpu.wrmsr(0xC2, 0x80000001)
+    assert cpu.rdmsr(0xC2) == 0xFF80000001
+    cpu.wrmsr(0x186, 0x530079)  # CPU_CLK_UNHALTED, USR|OS|EN
+    assert cpu.rdmsr(0x186) == 0x530079
+    with pytest.raises(CpuFault):
+        cpu.wrmsr(0x187, 1 << 21)  # reserved
+
+
+def test_machine_check_architecture_without_banks(cpu) -> None:
+    """CPUID's MCE and MCA bits with MCG_CAP reporting no banks: Linux's MCE code runs
+    (it logged 'mce: Unable to init MCE device (rc: -5)' without them)."""
+    edx = cpuid_leaf(FEATURES, 1)[3]
+    assert edx >> 7 & 1 and edx >> 14 & 1
+    assert cpu.rdmsr(0x179) == 0  # MCG_CAP: no banks, no MCG_CTL
+    with pytest.raises(CpuFault):
+        cpu.wrmsr(0x179, 0)  # read-only
+    cpu.wrmsr(0x17A, 0)  # MCG_STATUS
+    assert cpu.rdmsr(0x17A) == 0
+    with pytest.raises(CpuFault):
+        cpu.rdmsr(0x17B)  # MCG_CTL: only with MCG_CAP.MCG_CTL_P

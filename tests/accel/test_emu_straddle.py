@@ -35,10 +35,11 @@ def _image(tmp_path, src: str) -> bytes:
     return (tmp_path / "p.bin").read_bytes()
 
 
-def _program(straddle: str) -> str:
+def _program(straddle: str, lead: bool) -> str:
     """A loop of 20 passes that jumps to `straddle`, which starts on the last byte of the
     page before TAIL (so a block starts with it). TAIL is unmapped again before every
-    pass; the #PF handler counts, maps it back and returns."""
+    pass; the #PF handler counts, maps it back and returns. With `lead`, the block starts
+    three bytes earlier, with an instruction of its own."""
     pte = PT + (TAIL >> 12) * 4
     return f"""bits 32
 org {CODE:#x}
@@ -47,8 +48,10 @@ top:
     inc ecx
     mov dword [{pte:#x}], 0
     invlpg [{TAIL:#x}]
-    jmp near straddle
-    times {TAIL - CODE - 1} - ($ - $$) db 0x90
+    jmp near {"lead" if lead else "straddle"}
+    times {TAIL - CODE - 4} - ($ - $$) db 0x90
+lead:
+    add esi, byte 0
 straddle:
     {straddle}
     add edi, eax
@@ -103,8 +106,9 @@ def _run(image: bytes, translate: bool, hot: int) -> tuple[int, int, int, int]:
     "straddle",
     ["mov eax, 0x11223344", "add eax, dword [esi+0x1234]", "fld1\n    fstp st0"],
 )
-def test_instruction_straddling_into_a_page_mapped_on_demand(tmp_path, straddle):
-    image = _image(tmp_path, _program(straddle))
+@pytest.mark.parametrize("lead", [False, True], ids=["first", "after-another"])
+def test_instruction_straddling_into_a_page_mapped_on_demand(tmp_path, straddle, lead):
+    image = _image(tmp_path, _program(straddle, lead))
     ref = _run(image, translate=False, hot=1)
     assert ref[0] == CODE + image.index(b"\xf4", TAIL - CODE) + 1  # reached the final HLT
     assert ref[1] == PASSES and ref[3] == PASSES  # each pass's tail fetch faulted once

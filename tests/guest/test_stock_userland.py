@@ -30,36 +30,18 @@ import pytest
 from boite import guestkit
 from guests.stockinitrd import (
     DISK_MODULES,
+    FP_PROGRAM,
     PROBE_SCRIPT,
     StockInitrd,
     boot_with_markers,
+    python_userland,
     stock_initrd,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-FP_PROGRAM = """\
-import math
-xs = [math.sin(k) * math.exp(-k / 7) for k in range(1, 40)]
-p = 1.0
-for k in range(1, 30):
-    p *= 1 + 1 / k**1.5
-print("STOCK-PY", repr(math.fsum(xs)), repr(sum(xs)), repr(p), math.sqrt(2) ** 0.5,
-      math.log10(12345.678), math.atan2(-1.5, 0.3), (0.1).hex(), float("1e-310") * 3,
-      10**-5 / 3, round(math.pi, 7), int(2**52 * math.tau), math.cos(1e22), math.tan(0.5),
-      7.0 % 2.5, divmod(-7.5, 2), f"{math.e:.30f}", 1e308 * 10, float("nan") != float("nan"))
-"""
 RESULT_PREFIX = "STOCK-PY "
 NO_FPU = "x86/fpu: Giving up, no FPU found"
-
-
-def python_userland() -> StockInitrd:
-    return stock_initrd(
-        run='python3 -c "$(cat /etc/boite/fp.py)"',
-        packages=("busybox", "python3.11-minimal", "libpython3.11-minimal"),
-        files={"etc/boite/fp.py": FP_PROGRAM.encode()},
-        links={"usr/bin/python3": "python3.11"},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +96,6 @@ def _emulator_has_an_fpu() -> bool:
 
 
 @pytest.mark.skipif(not _emulator_has_an_fpu(), reason="needs the x87 FPU (cpu-fpu)")
-@pytest.mark.xfail(
-    raises=AssertionError, strict=False,
-    reason="known emulator bug (2026-12-06): Debian's python3 aborts in this program with "
-    "'malloc(): corrupted top size' (prints work; QEMU TCG runs it): see bench/RESULTS.md",
-)  # fmt: skip
 @pytest.mark.parametrize("flavour", ["686", "686-pae"])
 def test_debian_kernel_runs_debian_python(
     flavour: str, userland: StockInitrd, tmp_path: Path

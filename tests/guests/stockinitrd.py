@@ -150,6 +150,21 @@ _DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "dev", "proc", "sys
 _NODES = (("dev/console", stat.S_IFCHR | 0o600, 5, 1), ("dev/null", stat.S_IFCHR | 0o666, 1, 3))
 
 
+# The floating-point program of the stock userland tests (test_stock_userland, the
+# kernel-less tests/accel/test_emu_usermode.py): its printed line must match the host's.
+FP_PROGRAM = """\
+import math
+xs = [math.sin(k) * math.exp(-k / 7) for k in range(1, 40)]
+p = 1.0
+for k in range(1, 30):
+    p *= 1 + 1 / k**1.5
+print("STOCK-PY", repr(math.fsum(xs)), repr(sum(xs)), repr(p), math.sqrt(2) ** 0.5,
+      math.log10(12345.678), math.atan2(-1.5, 0.3), (0.1).hex(), float("1e-310") * 3,
+      10**-5 / 3, round(math.pi, 7), int(2**52 * math.tau), math.cos(1e22), math.tan(0.5),
+      7.0 % 2.5, divmod(-7.5, 2), f"{math.e:.30f}", 1e308 * 10, float("nan") != float("nan"))
+"""
+
+
 @dataclass(frozen=True)
 class StockInitrd:
     """A built image: `path` is the newc archive to pass as the initrd."""
@@ -624,3 +639,13 @@ def boot_with_markers(argv: Sequence[str], stop_on: Sequence[str] = (), timeout:
         proc.stdout.close()
     text = out.decode(errors="replace").replace("\r\n", "\n")
     return BootRun(text, None if stopped else returncode, stopped)
+
+
+def python_userland() -> StockInitrd:
+    """Busybox and python3.11 with FP_PROGRAM as /etc/boite/fp.py; init runs it."""
+    return stock_initrd(
+        run='python3 -c "$(cat /etc/boite/fp.py)"',
+        packages=("busybox", "python3.11-minimal", "libpython3.11-minimal"),
+        files={"etc/boite/fp.py": FP_PROGRAM.encode()},
+        links={"usr/bin/python3": "python3.11"},
+    )

@@ -1,7 +1,9 @@
 """Linux i386 user programs on the emulated CPU, without a kernel: a test tool.
 
 The emulated CPU runs a real i386 ELF program (Debian's own binaries: `ld-linux.so.2`,
-busybox, python3) at CPL 3 under 2-level paging, and this module plays the kernel:
+busybox, python3) at CPL 3 under 2-level paging (or PAE with NX on every page that is
+not executable, as Debian's 686-pae kernel maps them: `pae=True`), and this module plays
+the kernel:
 - the ELF loader (the program, and its interpreter when it names one) and the initial
   stack (argv, envp, auxv) as Linux's binfmt_elf builds them;
 - demand paging as Linux does it: nothing is mapped until the program touches it, a read
@@ -141,8 +143,10 @@ class UserMode:
         seed: int = 1,
         timer_every: int = 0,
         trace_syscalls: bool = False,
+        pae: bool = False,
     ) -> None:
         self.root = root.resolve()
+        self.pae = pae
         self.mem = GuestMemory.with_ram(ram_mib << 20)
         self.cpu = Cpu(self.mem, translate=translate)
         self.timer_every = timer_every
@@ -151,7 +155,7 @@ class UserMode:
         frames = list(range(1024, nframes))  # the first 4 MiB: page tables, kernel
         random.Random(seed).shuffle(frames)
         self.free_frames = frames
-        self.table_frames = list(range(1, 1024))
+        self.table_frames = list(range(5, 1024))  # 0: directory (PAE: PDPT), 1-4: PAE's
         self.pd = 0  # page directory at frame 0
         self.pages: dict[int, Page] = {}
         self.brk_start = self.brk = 0
@@ -160,6 +164,7 @@ class UserMode:
         self.stdout = bytearray()
         self.stderr = bytearray()
         self.cwd = "/"
+        self.exe = ""  # the program's path in the root (readlink /proc/self/exe)
         self.rng = random.Random(seed)
         self.clock_ns = 1_700_000_000_000_000_000
         self.syscalls: list[tuple[int, int]] = []
@@ -176,7 +181,10 @@ class UserMode:
         return self.free_frames.pop()
 
     def _pte_addr(self, vpn: int, create: bool) -> int | None:
-        pde_a = self.pd * PAGE + (vpn >> 10) * 4
+        if self.pae:  # the PDPT's four page directories exist from the start
+            pde_a = (self.pd + 1 + (vpn >> 18)) * PAGE + ((vpn >> 9) & 511) * 8
+        else:
+            pde_a = self.pd * PAGE + (vpn >> 10) * 4
         pde = self.mem.read_u32(pde_a)
         if not pde & 1:
             if not create:
@@ -185,18 +193,26 @@ class UserMode:
             self.mem.write(t * PAGE, bytes(PAGE))
             self.mem.write_u32(pde_a, t * PAGE | 7)  # P RW US: the PTE decides
             pde = t * PAGE | 7
+        if self.pae:
+            return (pde & ~0xFFF) + (vpn & 511) * 8
         return (pde & ~0xFFF) + (vpn & 0x3FF) * 4
 
     def _set_pte(self, vpn: int, value: int) -> None:
         a = self._pte_addr(vpn, True)
         assert a is not None
-        self.mem.write_u32(a, value)
+        if self.pae:
+            self.mem.write_u64(a, value)
+        else:
+            self.mem.write_u32(a, value & M32)
         self.cpu.tlb_flush(vpn)
 
     def _clear_pte(self, vpn: int) -> None:
         a = self._pte_addr(vpn, False)
         if a is not None:
-            self.mem.write_u32(a, 0)
+            if self.pae:
+                self.mem.write_u64(a, 0)
+            else:
+                self.mem.write_u32(a, 0)
             self.cpu.tlb_flush(vpn)
 
     def _kernel_setup(self) -> None:
@@ -230,7 +246,15 @@ class UserMode:
         cpu.gdt_base, cpu.gdt_limit = GDT, len(gdt) * 8 - 1
         cpu.idt_base, cpu.idt_limit = IDT, 256 * 8 - 1
         cpu.tr_sel, cpu.tr_base, cpu.tr_limit, cpu.tr_type = 0x28, TSS, 0x67, 0xB
-        cpu.set_cr(4, 0x610)  # PSE OSFXSR OSXMMEXCPT
+        if self.pae:
+            # PAE with NX (as Debian's 686-pae kernel runs user space): the PDPT in the
+            # page directory's frame, its four directories in the next four frames.
+            for i in range(4):
+                self.mem.write_u64(self.pd * PAGE + 8 * i, (self.pd + 1 + i) * PAGE | 1)
+            cpu.set_cr(4, 0x630)  # PSE PAE OSFXSR OSXMMEXCPT
+            cpu.wrmsr(0xC0000080, 0x800)  # EFER.NXE
+        else:
+            cpu.set_cr(4, 0x610)  # PSE OSFXSR OSXMMEXCPT
         cpu.set_cr(3, self.pd * PAGE)
         cpu.set_cr(0, 0x80010033)  # PG WP NE ET MP PE
         cpu.set_seg_raw(1, UCS, 0, M32, 0xC0FB)
@@ -262,7 +286,8 @@ class UserMode:
 
     def _phys_of(self, lin: int) -> int:
         a = self._pte_addr(lin >> 12, False)
-        pte = self.mem.read_u32(a) if a is not None else 0
+        pte = (self.mem.read_u64(a) if self.pae else self.mem.read_u32(a)) if a is not None else 0
+        pte &= 0xFFFFFFFFF
         if not pte & 1:
             raise KeyError(hex(lin))
         return (pte & ~0xFFF) | (lin & 0xFFF)
@@ -305,7 +330,8 @@ class UserMode:
             self._clear_pte(vpn)
             return
         rw = 2 if (pg.writable_now and pg.prot & PROT_WRITE) else 0
-        self._set_pte(vpn, pg.frame * PAGE | 5 | rw)
+        nx = 1 << 63 if self.pae and not pg.prot & PROT_EXEC else 0
+        self._set_pte(vpn, pg.frame * PAGE | 5 | rw | nx)
 
     def uread(self, lin: int, n: int) -> bytes:
         """copy_from_user: faults pages in; EFAULT for unmapped memory."""
@@ -387,6 +413,7 @@ class UserMode:
     def execute(self, argv: list[str], env: list[str], max_instructions: int = 10**11,
                 slice_instructions: int = 200_000) -> Result:  # fmt: skip
         path = self.host_path(argv[0])
+        self.exe = argv[0]
         data = path.read_bytes()
         e_type = struct.unpack_from("<H", data, 16)[0]
         _e, _m, _v, _entry, phoff, _sh, _fl, _eh, phentsize, phnum = struct.unpack_from(
@@ -795,7 +822,7 @@ class UserMode:
     def sys_readlink(self, path: int, buf: int, n: int, *_: int) -> int:
         s = self.ustr(path)
         if s == "/proc/self/exe":
-            target = b"/usr/bin/python3.11"
+            target = self.exe.encode()
         else:
             p = self.host_path(str(PurePosixPath(s).parent)) / PurePosixPath(s).name
             if not p.is_symlink():

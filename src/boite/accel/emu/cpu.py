@@ -86,6 +86,7 @@ from boite.accel.emu.cpumodel import (
     MSR_APIC_BASE,
     MSR_BIOS_SIGN_ID,
     MSR_EFER,
+    MSR_P6_PERFCTR,
     MSR_SYSENTER_CS,
     MSR_SYSENTER_EIP,
     MSR_SYSENTER_ESP,
@@ -1538,6 +1539,10 @@ class Cpu:
             return
         if idx == MSR_APIC_BASE:
             v &= ~0x100  # the BSP flag is read-only: writing back what RDMSR gave is fine
+        elif idx in MSR_P6_PERFCTR and not v >> 40:
+            # Bits 31:0 are written, sign-extended into the counter's 39:32 (bits past 39
+            # are the spec's reserved bits here: #GP below).
+            v = (v & M32) | (0xFF00000000 if v & 0x80000000 else 0)
         spec = self.msr_spec.get(idx)
         if spec is None or spec.read_only or v & ~spec.writable or not msr_value_ok(idx, v):
             raise CpuFault(GP, 0)

@@ -33,8 +33,8 @@ EDX_EXT1_BITS = {"nx": 20}
 # What this emulator implements (the model's own list is larger: see the module docstring).
 FEATURES: frozenset[str] = (
     frozenset(
-        {"de", "pse", "tsc", "msr", "pae", "cx8", "sep", "mtrr", "pge", "cmov", "pat", "rdrand",
-         "nx"}
+        {"de", "pse", "tsc", "msr", "pae", "mce", "cx8", "sep", "mtrr", "pge", "mca", "cmov",
+         "pat", "rdrand", "nx"}
     )
     | FPU_FEATURES  # x87, MMX, FXSR, SSE, SSE2, CLFLUSH: accel/emu/fpu.py says which
 )  # fmt: skip
@@ -66,6 +66,12 @@ MSR_MTRR_FIX4K = tuple(range(0x268, 0x270))
 MSR_PAT = 0x277
 MSR_MTRR_DEF_TYPE = 0x2FF
 MSR_EFER = 0xC0000080
+MSR_MCG_CAP, MSR_MCG_STATUS = 0x179, 0x17A
+# The P6 family's two performance counters and their event selects (SDM vol. 3B,
+# 20.6.8 "Performance Monitoring (P6 Family Processor)"): 40-bit counters; WRMSR writes
+# bits 31:0 and sign-extends bit 31 into 39:32.
+MSR_P6_PERFCTR = (0xC1, 0xC2)
+MSR_P6_EVNTSEL = (0x186, 0x187)
 
 EFER_NXE = 1 << 11
 VARIABLE_MTRRS = 8
@@ -117,6 +123,14 @@ def msr_specs(features: frozenset[str]) -> dict[int, MsrSpec]:
         MSR_BIOS_SIGN_ID: MsrSpec("IA32_BIOS_SIGN_ID", 0, (1 << 64) - 1),
         MSR_MISC_ENABLE: MsrSpec("IA32_MISC_ENABLE", MISC_ENABLE_POWER_ON, 1 << 22),
     }
+    # Performance monitoring (MISC_ENABLE bit 7 says it is there; Linux's P6 PMU driver
+    # probes these for a family 6 model 13 CPU). The counters keep what is written and do
+    # not count: no event is emulated, so an enabled counter never overflows.
+    for n, idx in enumerate(MSR_P6_PERFCTR):
+        specs[idx] = MsrSpec(f"PerfCtr{n}", 0, (1 << 40) - 1)
+    for n, idx in enumerate(MSR_P6_EVNTSEL):
+        # Bit 21 is reserved, and so are 63:32.
+        specs[idx] = MsrSpec(f"PerfEvtSel{n}", 0, 0xFFFFFFFF & ~(1 << 21))
     if "sep" in features:
         specs[MSR_SYSENTER_CS] = MsrSpec("IA32_SYSENTER_CS", 0, 0xFFFF)
         specs[MSR_SYSENTER_ESP] = MsrSpec("IA32_SYSENTER_ESP", 0, 0xFFFFFFFF)
@@ -125,6 +139,13 @@ def msr_specs(features: frozenset[str]) -> dict[int, MsrSpec]:
         specs[MSR_PAT] = MsrSpec("IA32_PAT", PAT_POWER_ON, 0x0707070707070707)
     if "mtrr" in features:
         specs.update(_mtrr_specs())
+    if "mca" in features:
+        # The machine-check architecture without error-reporting banks (MCG_CAP count
+        # 0, no MCG_CTL): the emulator has no hardware errors to report, and #MC is
+        # never raised (CR4.MCE, "mce", only enables it). Linux's MCE code then runs
+        # instead of logging "mce: Unable to init MCE device (rc: -5)".
+        specs[MSR_MCG_CAP] = MsrSpec("IA32_MCG_CAP", 0, 0, True)
+        specs[MSR_MCG_STATUS] = MsrSpec("IA32_MCG_STATUS", 0, 0x7)  # RIPV EIPV MCIP
     if "nx" in features:
         specs[MSR_EFER] = MsrSpec("IA32_EFER", 0, EFER_NXE)
     if "apic" in features:

@@ -19,7 +19,9 @@ A fault inside the block leaves EIP at the faulting instruction: `_i` holds the 
 the instruction running, and the handler writes back the registers, the flag state live
 at that instruction (table LIVE), and that instruction's address. Inline code does all
 of an instruction's memory accesses before it changes a register, so a faulting
-instruction leaves no trace.
+instruction leaves no trace. A closure that faults has the exact CPU state (written back
+before its call, and what it did before the fault, as REP MOVS's progress): the handler
+then writes back nothing but EIP.
 
 A block whose last jump leads back to its own first instruction loops inside its
 function (up to LOOP_LIMIT instructions per call) without returning to the dispatcher.
@@ -923,6 +925,7 @@ def compile_block(
     last_jump = False
     loop_cond: str | None = None
     first_def = -1  # the first instruction that defines the flags (a setter or a closure)
+    closures: set[int] = set()  # instructions run by calling their closure
     for k, (fn, eip, n, raw) in enumerate(insns):
         if first_def < 0 and k and (em.setters or chunks[-1][0][-1:] == [_RELOAD]):
             first_def = k - 1
@@ -943,6 +946,7 @@ def compile_block(
                 em.refs = set()
         if out is None:
             ns[f"f{k}"] = fn
+            closures.add(k)
             lines = [_SYNC + ",".join(map(str, sorted(em.dirty)))]
             em.dirty = set()
             if em.live is not None:
@@ -1034,17 +1038,25 @@ def compile_block(
     if em.live is not None:
         end_sync.append(em.live.sync())
     # The fault handler: registers, then the flags live at the faulting instruction.
-    handler = [f"r[{i}] = e{i}" for i in written]
+    # Not when the fault came from a closure: everything was written back before the
+    # call, and the closure may have changed registers before it faulted (a REP MOVS
+    # interrupted by a #PF has advanced ECX, ESI and EDI); the locals are stale then.
+    inline = [f"r[{i}] = e{i}" for i in written]
     used = sorted({s for s in live_at if s >= 0} | ({em.live.idx} if em.live else set()))
     if used:
         ns["LIVE"] = tuple(live_at)
-        handler.append("_s = LIVE[_i]")
+        inline.append("_s = LIVE[_i]")
         if loop_cond is not None and em.live is not None:
             # Before the first flag definition of a pass, the previous pass's state is live.
             last = first_def if first_def >= 0 else n_insns
-            handler.append(f"if _s < 0 and _n and _i <= {last}: _s = {em.live.idx}")
+            inline.append(f"if _s < 0 and _n and _i <= {last}: _s = {em.live.idx}")
         for j, s in enumerate(used):
-            handler.append(f"{'if' if j == 0 else 'elif'} _s == {s}: {em.setters[s].sync()}")
+            inline.append(f"{'if' if j == 0 else 'elif'} _s == {s}: {em.setters[s].sync()}")
+    if inline and closures:
+        ns["CLOSURES"] = frozenset(closures)
+        handler = ["if _i not in CLOSURES:"] + ["    " + ln for ln in inline]
+    else:
+        handler = inline
     ns["EIPS"] = tuple(i[1] for i in insns)
     handler += ["c.eip = EIPS[_i]", "raise"]
 

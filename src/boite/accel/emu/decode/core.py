@@ -223,18 +223,20 @@ class DecoderBase:
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
-        if cur_pa > page_end and len(fns) > 1:
-            # The last instruction straddles the page: the block ends before it (and
-            # is cached); that one is a block of its own, decoded each time.
+        if (cur_pa > page_end or self.tail_fault) and len(fns) > 1:
+            # The last instruction straddles the page, or its tail could not be fetched
+            # (the decoder handed back its fault): the block ends before it (and is
+            # cached); that one is a block of its own, decoded each time.
             fns.pop()
             cur, n = info.pop()
             cur_pa -= n
+            self.tail_fault = False
         unused = override_flat_bits(~self.seg_overrides)
         block = Block(eip, c.cs_key, c.mode_key, tuple(fns), pa, info, ~unused)
         if cur_pa > page_end or self.tail_fault:
-            # An instruction straddles a page: run it, don't cache. Nor a block ending in
-            # an instruction whose tail could not be fetched: its fault is what the block
-            # holds, and once the guest maps that page the instruction must run.
+            # An instruction straddles a page: run it, don't cache. Nor one whose tail
+            # could not be fetched: its fault is what the block holds, and once the
+            # guest maps that page the instruction must run.
             block.cacheable = False
             return block
         c.blocks[pa] = block
