@@ -1692,6 +1692,11 @@ class Cpu:
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
         done = 0
+        # Faults count against max_insns too: a compiled or native block that faults
+        # reports none of the instructions it ran before the fault to `done`, so a guest
+        # looping through faults (handler -> block -> fault) would keep run() from ever
+        # returning (found by the native tier's fuzz; test_native_fuzz).
+        faults = 0
         translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
         decoder = self.decoder
@@ -1703,7 +1708,7 @@ class Cpu:
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         try:
-            while done < max_insns:
+            while done + faults < max_insns:
                 self.run_left = max_insns - done  # bounds a native entry (native/)
                 f = None
                 shadow = False
@@ -1769,6 +1774,7 @@ class Cpu:
                 except CpuFault as e:
                     done += n + self.done_before_raise
                     self.done_before_raise = 0
+                    faults += 1
                     self.exception(e.vector, e.error)
                 except CpuHalt:
                     done += n + 1 + self.done_before_raise
