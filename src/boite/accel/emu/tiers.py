@@ -28,10 +28,13 @@ from boite.errors import AccelError
 TIERS = ("auto", "python", "native")
 ENV = "BOITE_EMU_TIER"
 VMX_KEY = "boite.emuTier"
-# Whether "auto" means the native tier (where the host allows it). On since the native
-# tier runs the guests that matter faster than the Python tiers (bench/RESULTS.md: the
-# kit Linux to init in about a third of their CPU time, the compute loop ~20x).
-NATIVE_BY_DEFAULT = True
+# Whether "auto" means the native tier (where the host allows it). Off for now: the native
+# tier runs the guests that matter about three times faster in CPU time (bench/RESULTS.md),
+# but the crash fuzz still finds runs where it ends otherwise than the Python tiers (51 of
+# 60,000 hostile runs, mostly 16-bit code entering 32-bit code through a gate around chained
+# blocks; tests/accel/test_native_fuzz.py). Until those are fixed it is asked for by name:
+# --emu-tier native, BOITE_EMU_TIER=native or boite.emuTier = "native".
+NATIVE_BY_DEFAULT = False
 
 
 @dataclass(frozen=True)
