@@ -16,8 +16,11 @@ host (protocol linux-unpacked, as `boite boot --accel emu` does), QEMU boots it 
 bzImage, both with `cryptomgr.notests` (see STOCK_CMDLINE); seconds to the first console
 text TEXT (default: init's BOITE-READY).
 The last line printed is JSON: mips_translated, mips_interpreted, mips_native (the
-native tier, null on hosts without it), mips_qemu_tcg, linux_init_s,
-linux_init_s_qemu_tcg, stock_kernel_init_s, stock_kernel_init_s_qemu_tcg,
+native tier, null on hosts without it), mips_translated_cpu / mips_native_cpu (per CPU
+second: the figures to compare on a loaded host), mips_qemu_tcg, linux_init_s (the
+Python tiers) and linux_init_s_native (the native tier; both with *_cpu_s: CPU
+seconds), linux_init_s_qemu_tcg, stock_kernel_init_s (on the native tier where the host
+has it: stock_kernel_tier says which) and its CPU seconds, stock_kernel_init_s_qemu_tcg,
 stock_kernel_marker (null where not measurable yet).
 """
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from boite.accel.cpustate import CpuState, DescriptorTable, Segment  # noqa: E402
 from boite.accel.emu import EmuAccelerator  # noqa: E402
+from boite.accel.emu.native import native_available  # noqa: E402
 from boite.machine.machine import Machine  # noqa: E402
 from boite.machine.memory import GuestMemory  # noqa: E402
 
@@ -146,7 +150,7 @@ STOCK_CMDLINE = LINUX_CMDLINE + " cryptomgr.notests"
 
 def linux_emu(kernel: Path, initrd: Path, memsize: int = 64, protocol: str = "auto",
               marker: bytes = READY, timeout: float | None = None,
-              cmdline: str = LINUX_CMDLINE) -> tuple[float, float]:  # fmt: skip
+              cmdline: str = LINUX_CMDLINE, tier: str | None = None) -> tuple[float, float]:  # fmt: skip
     """(wall, CPU) seconds from start to the console's first `marker` (vmlinux or bzImage;
     the time includes boite's own loading, unpacking a bzImage included)."""
     from boite.machine.builder import build_machine
@@ -166,7 +170,7 @@ def linux_emu(kernel: Path, initrd: Path, memsize: int = 64, protocol: str = "au
 
     m = build_machine(memsize, 1, kernel=kernel, initrd=initrd, cmdline=cmdline,
                       console=Console(), protocol=protocol)  # fmt: skip
-    acc = EmuAccelerator()
+    acc = EmuAccelerator(tier=tier)
     acc.create(m)
     timer = threading.Timer(timeout, acc.pause) if timeout else None
     if timer:
@@ -267,19 +271,25 @@ def main() -> int:
                 f"{mips_q and round(mips_q, 1)} MIPS ({per_iter:.0f} insns/iteration)",
                 file=sys.stderr,
             )
-        linux_s = linux_q = None
+        linux_s = linux_q = linux_cpu = linux_na = linux_na_cpu = None
+        native_ok = native_available()
         if a.linux:
-            linux_s, linux_cpu = linux_emu(*a.linux)
+            linux_s, linux_cpu = linux_emu(*a.linux, tier="python")
             print(f"linux:       init marker after {linux_s:.1f}s ({linux_cpu:.1f} CPU s)",
                   file=sys.stderr)  # fmt: skip
+            if native_ok:
+                linux_na, linux_na_cpu = linux_emu(*a.linux, tier="native")
+                print(f"linux native: init marker after {linux_na:.1f}s "
+                      f"({linux_na_cpu:.1f} CPU s)", file=sys.stderr)  # fmt: skip
             if shutil.which("qemu-system-i386"):
                 linux_q = linux_qemu(*a.linux)
                 print(f"qemu linux:  init marker after {linux_q:.1f}s", file=sys.stderr)
-        stock_s = stock_q = None
+        stock_s = stock_q = stock_cpu = stock_tier = None
         if a.stock:
             marker = a.stock_marker.encode()
+            stock_tier = "native" if native_ok else "python"
             stock_s, stock_cpu = linux_emu(
-                *a.stock, 256, "linux-unpacked", marker, 7200, STOCK_CMDLINE
+                *a.stock, 256, "linux-unpacked", marker, 7200, STOCK_CMDLINE, stock_tier
             )
             print(f"stock:       {a.stock_marker!r} after {stock_s:.1f}s ({stock_cpu:.1f} CPU s)",
                   file=sys.stderr)  # fmt: skip
@@ -293,10 +303,17 @@ def main() -> int:
                     "mips_translated": round(mips_tr, 3),
                     "mips_interpreted": round(mips_in, 3),
                     "mips_native": mips_na and round(mips_na, 3),
+                    "mips_translated_cpu": round(n / cpu_tr / 1e6, 3),
+                    "mips_native_cpu": mips_na and round(n_na / cpu_na / 1e6, 3),
                     "mips_qemu_tcg": mips_q and round(mips_q, 1),
                     "linux_init_s": linux_s and round(linux_s, 1),
+                    "linux_init_cpu_s": linux_cpu and round(linux_cpu, 1),
+                    "linux_init_s_native": linux_na and round(linux_na, 1),
+                    "linux_init_cpu_s_native": linux_na_cpu and round(linux_na_cpu, 1),
                     "linux_init_s_qemu_tcg": linux_q and round(linux_q, 1),
                     "stock_kernel_init_s": stock_s and round(stock_s, 1),
+                    "stock_kernel_init_cpu_s": stock_s and round(stock_cpu, 1),
+                    "stock_kernel_tier": stock_tier if a.stock else None,
                     "stock_kernel_init_s_qemu_tcg": stock_q and round(stock_q, 1),
                     "stock_kernel_marker": a.stock_marker if a.stock else None,
                 }

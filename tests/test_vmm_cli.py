@@ -399,4 +399,5 @@ def test_soft_stop_presses_the_acpi_power_button_of_a_guest_that_listens(tmp_pat
     assert out == b"waiting for the power button\npower button: entering S5\n"
     text = (box.dir / "vmware.log").read_text()
     assert "power off through the ACPI power button" in text
+    assert "The guest powered off through ACPI S5 via PM1a_CNT." in text
     assert "Ctrl-Alt-Del" not in text and "Powered off (hard stop)." not in text

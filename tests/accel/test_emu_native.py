@@ -177,6 +177,54 @@ def test_native_string_and_loop_instructions(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["648b03", "64ff4304", "65017b08", "3e8d742600", "648b1d10400000",
+                                  "64a110400000", "64a310400000", "26ff03", "36ff03", "3e0fb10b",
+                                  "2e8b03", "3e7400", "64f3ab", "64ac"])  # fmt: skip
+def test_native_segment_overrides(code: str) -> None:
+    """Segment override prefixes: through a flat FS/GS with a base (the kernel's per-CPU
+    data), DS/ES/SS, a no-op prefix on LEA or Jcc; CS (not writable, so never flat) and
+    string instructions with an override are left to Python."""
+    cpu = _cpu()
+    try:
+        cpu.set_seg_raw(4, 0x10, 0x2000, 0xFFFFFFFF, 0xC093)  # FS: flat, based
+        cpu.set_seg_raw(5, 0x10, 0x3000, 0xFFFFFFFF, 0xC093)  # GS
+        regs = [0x11223344, 3, 0x55, DATA, 0x8000, 0, DATA + 16, DATA + 32]
+        got = _once(cpu, bytes.fromhex(code), regs, 0x2, True)
+        if code[:2] == "2e" or code in ("64f3ab", "64ac"):
+            assert got is None
+            return
+        assert got is not None
+        assert got == _once(cpu, bytes.fromhex(code), regs, 0x2, False)
+    finally:
+        cpu.close()
+
+
+def test_chained_entry_polls_the_interrupt_flag_and_the_budget() -> None:
+    """A self-looping block (INC EAX; JMP back) runs in one entry until its budget is
+    spent (run(n)'s n bounds it); with an interrupt pending and IF set it leaves at the
+    first chain (the flag a device thread sets with Cpu.kick while it runs)."""
+    cpu = _cpu()
+    try:
+        code = b"\x40\xeb\xfd"  # inc eax; jmp $-3
+        cpu.ram[CODE : CODE + 3] = code
+        cpu.eip = CODE
+        cpu.r[0] = 0
+        f = cpu.native.translate(CODE, CODE)
+        assert f is not None
+        cpu.run_left = 1000
+        cpu.intr = False
+        while (n := f()) == 0:
+            pass  # TLB misses filled: none here (no memory operand), but harmless
+        assert 1000 <= n < 1000 + 2 and cpu.r[0] == n // 2
+        cpu.set_flags(0x202)  # IF
+        cpu.intr = True
+        assert f() == 2 and cpu.eip == CODE  # one pass, then the chain sees the flag
+        cpu.set_flags(0x2)  # IF clear: the pending interrupt cannot be taken, no exit
+        assert 1000 <= f() < 1000 + 2
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 

@@ -126,6 +126,7 @@ def test_acpi_pm_block_timer_power_button_and_s5(machine: Machine) -> None:
     assert machine.exit_status is None
     machine.pio.write(0xB004, 2, (0 << 10) | (1 << 13))  # SLP_TYP 0 (\_S5) + SLP_EN
     assert machine.exit_status == 0
+    assert machine.poweroff_route == "ACPI S5 via PM1a_CNT"  # for the log and `boite stop`
 
 
 def test_pci_state_round_trips_and_refuses_another_function(machine: Machine) -> None:

@@ -244,6 +244,11 @@ class Cpu:
         self.dma_writes: list[tuple[int, int]] = []
         # The native tier (native/, x86-64 hosts), when the accelerator turns it on.
         self.native: Any = None
+        # Instructions a native entry completed before it raised (run() counts them, so
+        # a guest looping through faults still ends run(n)); run_left: what run() may
+        # still run, which bounds one native entry.
+        self.done_before_raise = 0
+        self.run_left = 1 << 30
         from boite.accel.emu.decode import Decoder
         from boite.accel.emu.fpu import FpuState
 
@@ -1687,6 +1692,11 @@ class Cpu:
         if self.halted and not (self.intr and self.fl & IF):
             return 0  # asleep in HLT until an interrupt can be taken
         done = 0
+        # Faults count against max_insns too: a compiled or native block that faults
+        # reports none of the instructions it ran before the fault to `done`, so a guest
+        # looping through faults (handler -> block -> fault) would keep run() from ever
+        # returning (found by the native tier's fuzz; test_native_fuzz).
+        faults = 0
         translate = self.translate_blocks and not self.debug_on
         blocks = self.blocks
         decoder = self.decoder
@@ -1698,7 +1708,8 @@ class Cpu:
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         try:
-            while done < max_insns:
+            while done + faults < max_insns:
+                self.run_left = max_insns - done  # bounds a native entry (native/)
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
@@ -1761,13 +1772,18 @@ class Cpu:
                         self._one_instruction()
                         done += 1
                 except CpuFault as e:
-                    done += n
+                    done += n + self.done_before_raise
+                    self.done_before_raise = 0
+                    faults += 1
                     self.exception(e.vector, e.error)
                 except CpuHalt:
-                    done += n + 1
+                    done += n + 1 + self.done_before_raise
+                    self.done_before_raise = 0
                     self.halted = True
                     break
                 except CpuStop:
+                    done += self.done_before_raise
+                    self.done_before_raise = 0
                     break
                 if self.stop or (should_stop is not None and should_stop()):
                     break

@@ -16,6 +16,10 @@ from boite.accel.emu.decode.core import (
     Fn,
 )
 
+# Iterations of one REP string instruction before it yields (see string_rep); a page run
+# of the fast paths counts as one.
+REP_SLICE = 1 << 16
+
 
 class StringOps(DecoderBase):
     def _string(self, x: Ctx, b: int) -> Fn:
@@ -121,7 +125,14 @@ class StringOps(DecoderBase):
 
         def string_rep() -> None:
             use_fast = fast is not None and (kind == 0xA4 or not c.fl & DF)
+            left = REP_SLICE
             while r[1] & am:
+                left -= 1
+                if left < 0:
+                    # Interrupted, as a CPU may between iterations: EIP stays on the
+                    # instruction, which goes on from ECX when it runs again, so a huge
+                    # count cannot hold the vCPU (pause, stop, interrupts) for minutes.
+                    return
                 if use_fast:
                     # Whole page runs; the slow step below fills the TLB for the next one.
                     # False: the port's device moves one element per access only.

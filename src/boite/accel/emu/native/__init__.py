@@ -1,20 +1,24 @@
 """The native tier: hot guest blocks become x86-64 host code (x86-64 Linux hosts only).
 
-`NativeTier.translate(block)` is asked by the decoder when a block is hot (where it would
-otherwise compile it with jit.py); the callable it returns has the compiled block's
-contract: it runs the block, leaves the CPU state exact, returns the instructions it
-ran, and raises CpuFault with EIP at the faulting instruction. So the block cache, the
-per-mode EIP maps, code-page invalidation and interrupt polling of `Cpu.run` cover it
-as they cover jit.py's functions.
+`NativeTier.translate(block)` is asked by the decoder when a block has run NATIVE_HOT
+times; the callable it returns has the compiled block's contract: it leaves the CPU
+state exact, returns the instructions it ran, and raises CpuFault with EIP at the
+faulting instruction. Inside, one ctypes call (which releases the GIL) runs the block
+and then the blocks it chains to: each block's exit takes its instructions off a budget
+and, while budget remains and the interrupt flag is clear (`Cpu.kick`, set from device
+threads), jumps through the chain table of the current (mode, CS) key (guest EIP ->
+host code; filled when a runner is entered, emptied with the Python tiers' per-mode EIP
+maps: `unchain`). It returns to Python for TLB misses, untranslated instructions (I/O,
+privileged, rare: the exit profile, BOITE_NATIVE_PROFILE=1, counts them), faults, an
+empty chain slot, the budget or a pending interrupt.
 
-The software TLB (`state.TlbTables`) mirrors the Python TLB pair of the current
-privilege: an entry is set only from `Cpu.rtlb`/`wtlb` after a miss, and dropped with
-them (`Cpu.tlb_flush`, a switch of pair, a page becoming code: `drop_write`), so a
+The software TLB (`state.TlbTables`, one set per privilege level) mirrors the Python
+TLB pair of that privilege: an entry is set only from `Cpu.rtlb`/`wtlb` after a miss,
+and dropped with them (`Cpu.tlb_flush`, a page becoming code: `drop_write`), so a
 write to a code page always misses and goes through `phys_write`, which throws away
 the translations of that page.
 
-Selection: `native_available()` says whether this host can run it; `BOITE_EMU_NATIVE`
-("0" off, "1" on) and the .vmx key `emu.native` choose (see accel.py).
+Selection: `native_available()` says whether this host can run it; tiers.py chooses.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from boite.accel.emu.arch import ARITH, DF, IF, OP_NONE, SEGCHK, STACK16
+from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
     ChainTable,
@@ -124,6 +128,7 @@ class NativeTier:
         self.chains: dict[tuple[int, int], ChainTable] = {}
         self.ckey: tuple[int, int] | None = None
         self.ctab: ChainTable | None = None
+        self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
@@ -150,6 +155,7 @@ class NativeTier:
 
     def unchain(self) -> None:
         """A block or a TLB entry went away: no chain may lead to a stale block."""
+        self.epoch += 1
         for ct in self.chains.values():
             ct.clear()
 
@@ -217,13 +223,17 @@ class NativeTier:
             return None
 
         def first_in_python() -> int:
+            epoch = self.epoch
             fn()
-            if cpu.eip != eip2:
-                return 1  # a REP string instruction left to be resumed, say
+            if cpu.eip != eip2 or self.epoch != epoch:
+                # A REP string instruction left to be resumed, or the instruction wrote
+                # code (maybe the rest of this very block) or changed the TLB.
+                return 1
+            cpu.run_left -= 1
             try:
                 return 1 + tail()
             except BaseException:
-                cpu.icount += 1  # the first instruction completed
+                cpu.done_before_raise += 1  # the first instruction completed
                 raise
 
         return first_in_python
@@ -232,7 +242,9 @@ class NativeTier:
         cpu = self.cpu
         t0 = time.thread_time()
         left = 0x1000 - (pa & 0xFFF)
-        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left)
+        # Overrides may name the segments that need no checks (never CS: not writable).
+        flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
+        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat)
         self.translate_s += time.thread_time() - t0
         if out is None:
             return None
@@ -269,7 +281,8 @@ class NativeTier:
             st.eflags = fl
             sbase_in(stbuf, 40, *cpu.sbase)
             st.dstep = -1 if fl & DF else 1
-            st.budget = BUDGET
+            budget = min(BUDGET, cpu.run_left)  # BUDGET read now: tests set it
+            st.budget = budget
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
             # set it meanwhile (Cpu.kick).
@@ -279,7 +292,7 @@ class NativeTier:
             cpu.fl = (fl & ~ARITH) | (st.eflags & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = st.eip
-            n = BUDGET - st.budget + st.ndone
+            n = budget - st.budget + st.ndone
             tier.insns += n
             tier.entries += 1
             reason = st.reason
@@ -287,6 +300,10 @@ class NativeTier:
             if tier.profile is not None:
                 tier._note_exit(reason)
             if reason == EXIT_MISS:
+                if n >= budget:
+                    # run(n)'s count is reached: stop before the instruction (its miss,
+                    # maybe its fault, comes with the next run, as on the Python tiers).
+                    return n
                 return n + tier._miss(n)
             if n == 0:
                 return tier._one()
@@ -330,28 +347,17 @@ class NativeTier:
                     cpu._fill(lin, False)
                 cpu._fill(lin, write)
             except BaseException:
-                cpu.icount += done  # what ran before the fault
+                cpu.done_before_raise += done  # what ran before the fault (Cpu.run)
                 raise
             if self._mirror(page, write):
                 return 0  # the next call goes on from this instruction
         try:
             return self._one()
         except BaseException:
-            cpu.icount += done
+            cpu.done_before_raise += done
             raise
 
     def _one(self) -> int:
         fn, _ = self.cpu.decoder.decode_one(self.cpu.eip)
         fn()
         return 1
-
-
-def native_wanted(config_value: str | None = None) -> bool:
-    """Whether to use the native tier: BOITE_EMU_NATIVE ("0"/"1") wins over the .vmx
-    key emu.native; the default is off (see docs/architecture.md)."""
-    env = os.environ.get("BOITE_EMU_NATIVE")
-    if env is not None:
-        return env == "1"
-    if config_value is not None:
-        return config_value.strip().lower() in ("true", "1", "yes")
-    return False

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, DF, DS, ES, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, SS
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
     CHAIN_SLOTS,
@@ -159,18 +159,26 @@ class Insn:
     size: int  # operand size in bytes (1, 2, 4)
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
+    override: int | None = None  # a segment override prefix (in mem.seg already)
 
 
-def parse(raw: bytes, eip: int) -> Insn | None:
-    """The instruction at raw[0] if the native tier translates it, else None."""
+_SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
+
+
+def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
+    """The instruction at raw[0] if the native tier translates it, else None. `flat`:
+    the segment registers (bit per number) an override may name: those whose accesses
+    need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
     pos = 0
     p66 = lock = rep = False
     repne = False
-    while pos < len(raw) and raw[pos] in (0x66, 0xF0, 0xF2, 0xF3):
+    override: int | None = None
+    while pos < len(raw) and (raw[pos] in (0x66, 0xF0, 0xF2, 0xF3) or raw[pos] in _SEG_PREFIX):
         p66 |= raw[pos] == 0x66
         lock |= raw[pos] == 0xF0
         rep |= raw[pos] == 0xF3
         repne |= raw[pos] == 0xF2
+        override = _SEG_PREFIX.get(raw[pos], override)
         pos += 1
     if rep and repne:
         return None
@@ -217,10 +225,17 @@ def parse(raw: bytes, eip: int) -> Insn | None:
             disp = int.from_bytes(raw[pos : pos + dsz], "little", signed=True)
             pos += dsz
             seg = SS if base in (ESP, EBP) else DS
+            if override is not None:
+                if not flat >> override & 1:
+                    return None  # an access that needs its segment's checks: Python
+                seg = override
             mem = MemOperand(mod, rm, base, index, scale, disp, seg)
     imm = imm_bytes(row, p66)
     if pos + imm > len(raw):
         return None
+    if override is not None and row.native in ("rep_string", "string1", "moffs"):
+        if row.native != "moffs" or not flat >> override & 1:
+            return None  # implicit operands through an override: Python
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
     if (
@@ -237,7 +252,7 @@ def parse(raw: bytes, eip: int) -> Insn | None:
     first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
     size = 1 if first.endswith("b") else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
-                0xF3 if rep else (0xF2 if repne else 0))  # fmt: skip
+                0xF3 if rep else (0xF2 if repne else 0), override)  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
@@ -546,6 +561,8 @@ class Translator:
         imm = i.raw[i.imm_at :]
         if i.row.mnemonic in ("SHLD", "SHRD") and i.p66 and (not imm or imm[0] & 31 > 16):
             return False  # a 16-bit SHLD/SHRD past 16 bits: an undefined result
+        if i.row.mnemonic == "BSWAP" and i.p66:
+            return False  # BSWAP of a 16-bit register: undefined, the closures' value
         if i.mem is None and i.row.operands[:1] == "M":
             return False  # a register form of a memory-only operand: #UD, from Python
         if i.mem is None:
@@ -729,7 +746,8 @@ class Translator:
         disp = int.from_bytes(i.raw[i.imm_at :], "little")
         size = 1 if i.code in (0xA0, 0xA2) else (2 if i.p66 else 4)
         store = i.code in (0xA2, 0xA3)
-        self.address(MemOperand(0, 5, None, None, 0, disp, DS), R9)
+        seg = DS if i.override is None else i.override
+        self.address(MemOperand(0, 5, None, None, 0, disp, seg), R9)
         self.lookup(R9, size, store, k, restore, reads=False)
         pre = b"\x66" if i.p66 else b""
         op = (0x88 if size == 1 else 0x89) if store else (0x8A if size == 1 else 0x8B)
@@ -952,14 +970,14 @@ class Translator:
         return a.finish(), done
 
 
-def translate_block(read, eip: int, page_left: int) -> tuple[bytes, int] | None:
+def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[bytes, int] | None:
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions) or None."""
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
     while len(insns) < MAX_INSNS and pos < len(code):
-        i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF)
+        i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
         if i is None:
             break
         insns.append(i)
