@@ -162,7 +162,13 @@ def _nics_request(devices: DeviceHooks, request: dict[str, Any]) -> dict[str, An
         backend = net.tap
         nic: dict[str, Any] = {"key": plan.key, "mac": plan.mac, "connection": plan.connection_type}
         if hasattr(backend, "forwards"):
-            nic.update(backend="passt", pid=backend.proc.pid, forwards=list(backend.forwards))
+            nic.update(
+                backend="passt",
+                pid=backend.proc.pid,
+                forwards=list(backend.forwards),
+                passt=backend.binary,
+                passt_version=backend.version,
+            )
         else:
             nic.update(backend="tap", tap=getattr(backend, "name", None))
         nics.append(nic)

@@ -361,6 +361,7 @@ def print_info(info: dict) -> None:
     for nic in info.get("host_nics") or []:
         side = (
             f"passt pid {nic.get('pid')}"
+            + (f" ({nic['passt']}, {nic.get('passt_version')})" if nic.get("passt") else "")
             + (f", forwards {', '.join(nic['forwards'])}" if nic.get("forwards") else "")
             if nic.get("backend") == "passt"
             else f"TAP {nic.get('tap')}"

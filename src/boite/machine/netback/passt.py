@@ -8,6 +8,11 @@ DNS from the host's own configuration), maps the gateway address to the host's l
 (the guest reaches host services there) and forwards host ports into the guest (`-t`,
 `-u`). libslirp would need a C binding and its own event loop in the VMM.
 
+Which passt: `$BOITE_PASST` if set, else the one `./dev setup` builds from Debian 13's
+source (host/build-passt.sh, in boite's cache), else `passt` on PATH (Debian's package).
+Debian 12's passt resets a guest-opened TCP connection 24 s after its SYN-ACK while the
+host side has sent nothing (docs/architecture.md, netback); the built one does not.
+
 Forwards come from `ethernetN.boite.forward = "tcp:2222:22, udp:5353:53"` (host port,
 guest port).
 """
@@ -22,6 +27,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from boite.errors import NetError
 
@@ -33,6 +39,41 @@ GUEST_ADDRESS = "10.0.2.15"
 PREFIX = 24
 GATEWAY = "10.0.2.2"
 DNS_ADDRESS = "10.0.2.3"
+
+
+# Pinned with the tarball's SHA-256 in host/build-passt.sh (a test keeps the two equal).
+BUILT_PASST_VERSION = "0.0~git20250503.587980c"
+
+
+def built_passt() -> Path:
+    """Where host/build-passt.sh puts its passt (present or not)."""
+    base = os.environ.get("BOITE_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = str(Path(xdg) / "boite" if xdg else Path.home() / ".cache" / "boite")
+    return Path(base) / f"passt-{BUILT_PASST_VERSION}" / "passt"
+
+
+def find_passt() -> str | None:
+    """$BOITE_PASST, then the built passt, then PATH's."""
+    explicit = os.environ.get("BOITE_PASST")
+    if explicit:
+        return explicit
+    built = built_passt()
+    if os.access(built, os.X_OK):
+        return str(built)
+    return shutil.which("passt")
+
+
+def passt_version(binary: str) -> str:
+    """The first line of `passt --version` ("passt 0.0~git..."), or why there is none."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"version unknown ({exc})"
+    first = out.stdout.strip().splitlines()[:1]
+    return first[0] if first else "version unknown"
 
 
 _FORWARD = re.compile(r"(tcp|udp):(\d{1,5}):(\d{1,5})")
@@ -75,10 +116,11 @@ class PasstBackend:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.log = log or (lambda message: None)
-        binary = passt or shutil.which("passt")
+        binary = passt or find_passt()
         if binary is None:
             raise NetError(
-                'connectionType "nat" needs passt (Debian package passt): apt-get install passt'
+                'connectionType "nat" needs passt: ./dev setup builds it, or apt-get install '
+                "passt (Debian's, with its 24 s reset of connections to a silent host)"
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [binary, *passt_options(forwards), "--fd", str(theirs.fileno()), *extra_args]
@@ -99,8 +141,10 @@ class PasstBackend:
         self._idle_r, self._idle_w = os.pipe()  # a never-readable fd once passt is gone
         self._send_lock = threading.Lock()
         threading.Thread(target=self._stderr, daemon=True, name="passt-log").start()
+        self.binary = binary
+        self.version = passt_version(binary)
         self.log(
-            f"NAT through passt (pid {self.proc.pid})"
+            f"NAT through passt {binary} ({self.version}, pid {self.proc.pid})"
             + (f", forwards {', '.join(forwards)}" if forwards else "")
             + "."
         )
@@ -109,7 +153,9 @@ class PasstBackend:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").strip()
-            if line and "syslog" not in line:
+            # Newer passt logs to stderr by itself and warns that --stderr (which Debian
+            # 12's needs) will go away: noise in vmware.log.
+            if line and "syslog" not in line and "--stderr will be dropped" not in line:
                 self.log(f"passt: {line}")
 
     # --- FrameTransport ----------------------------------------------------------------
