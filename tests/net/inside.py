@@ -261,6 +261,12 @@ def box_traffic(box_dir: str) -> dict:
             result["listed"] = (
                 json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr
             )
+            # `info` names the passt behind the NIC (path and version).
+            shown = subprocess.run(
+                [sys.executable, "-m", "boite", "info", box_dir, "--json"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            result["info"] = json.loads(shown.stdout) if shown.returncode == 0 else shown.stderr
             # How the address came: the lease (udhcpc's script wrote DNS and the route),
             # not a static boite.ip= on the command line.
             out = bytearray()

@@ -69,6 +69,10 @@ def test_a_kit_guest_reaches_the_host_and_is_reached_through_a_forward(tmp_path)
     (row,) = out["listed"]
     assert (row["state"], row["ip"], row["tools"]) == ("running", "10.0.2.15", True), row
     assert row["accelerator"] == "emu", row
+    (nic,) = out["info"]["host_nics"]  # which passt ran, in `info` and in vmware.log
+    assert nic["passt"] == find_passt() and nic["passt_version"].startswith("passt "), nic
+    log = (box.dir / "vmware.log").read_text()
+    assert f"NAT through passt {find_passt()} ({nic['passt_version']}, pid" in log
     lease = out["lease"]  # by DHCP from passt: DNS and the default route came with it
     assert "boite.ip=" not in lease["cmdline"] and lease["udhcpc"], lease
     assert lease["resolv"] == f"nameserver {DNS_ADDRESS}", lease

@@ -67,13 +67,24 @@ def find_passt() -> str | None:
 
 def passt_version(binary: str) -> str:
     """The first line of `passt --version` ("passt 0.0~git..."), or why there is none."""
+    if os.path.realpath(binary) == os.path.realpath(built_passt()):
+        # Its --version writes to a buffered stdout and _exit()s: nothing through a pipe.
+        return f"passt {BUILT_PASST_VERSION} (built by boite from Debian 13's source)"
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True,
                              timeout=10, stdin=subprocess.DEVNULL)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         return f"version unknown ({exc})"
     first = out.stdout.strip().splitlines()[:1]
-    return first[0] if first else "version unknown"
+    version = first[0] if first else "version unknown"
+    if "unknown" in version and os.path.realpath(binary) == "/usr/bin/passt":
+        # Debian 12's passt was built without its version: ask its package instead.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            pkg = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "passt"],
+                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+            if pkg.returncode == 0 and pkg.stdout.strip():
+                version = f"passt {pkg.stdout.strip()} (Debian package)"
+    return version
 
 
 _FORWARD = re.compile(r"(tcp|udp):(\d{1,5}):(\d{1,5})")
