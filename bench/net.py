@@ -156,7 +156,7 @@ def qemu_kvm() -> bool:
 @contextlib.contextmanager
 def passt_socket(tmp: Path):
     """A passt with boite's NAT options, listening on a Unix socket for QEMU."""
-    from boite.machine.netback.passt import passt_options
+    from boite.machine.netback.passt import find_passt, passt_options
 
     # passt run as root changes to nobody before it makes its socket: a folder it may
     # reach and write.
@@ -166,7 +166,7 @@ def passt_socket(tmp: Path):
     folder.chmod(0o777)
     path = folder / "passt.socket"
     proc = subprocess.Popen(
-        ["passt", *passt_options(), "--socket", str(path)],
+        [str(find_passt()), *passt_options(), "--socket", str(path)],  # boite's choice
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -220,8 +220,10 @@ def main() -> int:
     sides = [s for s in args.only.split(",") if s]
     if unknown := set(sides) - set(SIDES):
         parser.error(f"unknown side(s) {', '.join(sorted(unknown))}: pick from {SIDES}")
-    if shutil.which("passt") is None:
-        raise SystemExit("passt is not installed (Debian package passt)")
+    from boite.machine.netback.passt import find_passt
+
+    if find_passt() is None:
+        raise SystemExit("no passt: ./dev setup builds one (or apt-get install passt)")
     from boite.guestkit import ensure_kit
 
     kit = ensure_kit(("i386", "initrd"))
