@@ -138,6 +138,8 @@ def test_check_names_a_nic_that_cannot_attach(tmp_path, monkeypatch):
     box.vmx["ethernet0.connectionType"] = "nat"
     box.save()
     monkeypatch.setenv("PATH", "/nonexistent")  # no passt on this PATH
+    monkeypatch.setenv("BOITE_CACHE", str(tmp_path / "cache"))  # nor a built one
+    monkeypatch.delenv("BOITE_PASST", raising=False)
     proc = subprocess.run(
         [sys.executable, "-m", "boite", "check", str(box.dir)], capture_output=True, text=True
     )
@@ -149,9 +151,10 @@ def test_info_names_each_nics_host_side(tmp_path):
     """`info` says what each NIC is joined to on the host: passt (its pid and forwards)
     for NAT, the TAP's name for host-only, each with the NIC's MAC. The VMM runs in a
     network namespace of its own (its TAP must not touch the host's)."""
-    for tool in ("passt", "unshare"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
+    from boite.machine.netback.passt import find_passt
+
+    if find_passt() is None or shutil.which("unshare") is None:
+        pytest.skip("needs passt and unshare")
     box = make_box(tmp_path, "nets", disk="0")
     box.vmx["ethernet0.connectionType"] = "nat"
     box.vmx["ethernet0.boite.forward"] = "tcp:18181:80"
@@ -175,6 +178,7 @@ def test_info_names_each_nics_host_side(tmp_path):
         assert (nat["key"], nat["backend"], nat["forwards"]) == (
             "ethernet0", "passt", ["tcp:18181:80"])  # fmt: skip
         assert nat["mac"] == box.config.nics[0].mac and nat["pid"] > 0
+        assert nat["passt"] == find_passt() and nat["passt_version"].startswith("passt ")
         assert (hostonly["key"], hostonly["backend"], hostonly["mac"]) == (
             "ethernet1", "tap", "00:50:56:00:00:02")  # fmt: skip
         assert hostonly["tap"]

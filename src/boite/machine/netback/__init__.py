@@ -20,7 +20,6 @@ be attached here (for `boite check`) without opening anything.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 from boite.errors import NetError
@@ -56,8 +55,10 @@ def attach_problem(connection_type: str, tap_name: str = "") -> str | None:
     """Why a NIC of this kind cannot be attached on this host, or None if it can."""
     kind = connection_type.lower()
     if kind in NAT_CONNECTIONS:
-        if shutil.which("passt") is None:
-            return "nat needs passt (Debian package passt), which is not installed"
+        from boite.machine.netback.passt import find_passt
+
+        if find_passt() is None:
+            return "nat needs passt: ./dev setup builds it (or apt-get install passt)"
         return None
     if kind in TAP_CONNECTIONS:
         if not os.path.exists("/dev/net/tun"):
