@@ -49,11 +49,16 @@ def test_rep_insw_across_pages_and_past_the_transfer(tmp_path, translate: bool) 
     bus, channel, image = _ata(tmp_path, data)
     # 4 sectors from LBA 2 into an odd address that spans two pages, then 8 words more:
     # the transfer has ended, so they read as all ones (one access each, as before).
-    image_src = _program(tmp_path, "insw", _command(0x20, 4, 2) + """
+    image_src = _program(
+        tmp_path,
+        "insw",
+        _command(0x20, 4, 2)
+        + """
     mov edi, 0x200f01
     mov ecx, 1024 + 8
     mov dx, 0x1f0
-    rep insw""")
+    rep insw""",
+    )
     cpu = _protected_cpu(image_src, translate)
     cpu.pio = bus
     before = channel.accesses
@@ -73,13 +78,18 @@ def test_rep_insw_faults_at_the_es_limit_with_the_words_before_it_stored(tmp_pat
     bus, channel, image = _ata(tmp_path, data)
     # ES limit 0xfff (selector 0x20): 0xd00 bytes fit from 0x300, then #GP(0) with ECX
     # and EDI at the word that did not go; the device has handed over exactly those.
-    image_src = _program(tmp_path, "insgp", _command(0x20, 8, 0) + """
+    image_src = _program(
+        tmp_path,
+        "insgp",
+        _command(0x20, 8, 0)
+        + """
     mov ax, 0x20
     mov es, ax
     mov edi, 0x300
     mov ecx, 2048
     mov dx, 0x1f0
-    rep insw""")
+    rep insw""",
+    )
     cpu = _protected_cpu(image_src, translate)
     cpu.pio = bus
     assert _run(cpu) == GP
@@ -93,11 +103,16 @@ def test_rep_insw_faults_at_the_es_limit_with_the_words_before_it_stored(tmp_pat
 def test_rep_outsw_writes_the_sectors(tmp_path, translate: bool) -> None:
     bus, channel, image = _ata(tmp_path, bytes(SECTORS * 512))
     payload = bytes(range(256)) * 6  # 3 sectors
-    image_src = _program(tmp_path, "outsw", _command(0x30, 3, 5) + """
+    image_src = _program(
+        tmp_path,
+        "outsw",
+        _command(0x30, 3, 5)
+        + """
     mov esi, 0x200f80
     mov ecx, 768
     mov dx, 0x1f0
-    rep outsw""")
+    rep outsw""",
+    )
     cpu = _protected_cpu(image_src, translate)
     cpu.ram[0x200F80 : 0x200F80 + len(payload)] = payload
     cpu.pio = bus
@@ -128,7 +143,10 @@ def test_a_device_without_string_methods_gets_one_access_per_element(tmp_path) -
     bus = Bus("pio")
     dev = WordCounter()
     bus.register(0x520, 4, dev)
-    image_src = _program(tmp_path, "counter", """
+    image_src = _program(
+        tmp_path,
+        "counter",
+        """
     mov edi, 0x200ff8
     mov ecx, 8
     mov dx, 0x520
@@ -136,7 +154,8 @@ def test_a_device_without_string_methods_gets_one_access_per_element(tmp_path) -
     mov esi, 0x200ff8
     mov ecx, 4
     mov dx, 0x522
-    rep outsd""")
+    rep outsd""",
+    )
     cpu = _protected_cpu(image_src, True)
     cpu.pio = bus
     assert _run(cpu) == NO_FAULT

@@ -308,7 +308,8 @@ def _add_pci(machine: Machine, clock_ns: Callable[[], int]) -> None:
     machine.attach("piix3-isa", isa, pci=(1, 0))
     pci.intx_sink = isa.intx
     pm = Piix4Pm(
-        machine.irqs.line(SCI_IRQ), clock_ns=clock_ns,
+        machine.irqs.line(SCI_IRQ),
+        clock_ns=clock_ns,
         on_poweroff=lambda: machine.request_poweroff(0, "ACPI S5 via PM1a_CNT"),
     )
     pm.io_bus = machine.pio

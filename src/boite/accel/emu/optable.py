@@ -209,8 +209,16 @@ op(0x9F, "LAHF", r="szapc", decode="_misc1")
 for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov,eAX")):
     op(_b, "MOV", _form, decode="_mov_moffs", jit="j_moffs", native="moffs")
 # Native: REP MOVS/STOS (rep_string); LODS, STOS, SCAS, REPE/REPNE SCAS (string1).
-_STRING_NATIVE = {0xA4: "rep_string", 0xA5: "rep_string", 0xAA: "string1", 0xAB: "string1",
-                  0xAC: "string1", 0xAD: "string1", 0xAE: "string1", 0xAF: "string1"}
+_STRING_NATIVE = {
+    0xA4: "rep_string",
+    0xA5: "rep_string",
+    0xAA: "string1",
+    0xAB: "string1",
+    0xAC: "string1",
+    0xAD: "string1",
+    0xAE: "string1",
+    0xAF: "string1",
+}
 for _b, _name, _form, _fl in (
     (0xA4, "MOVSB", "Yb,Xb", {}), (0xA5, "MOVSW/D", "Yv,Xv", {}),
     (0xA6, "CMPSB", "Xb,Yb", {"w": OSZAPC}), (0xA7, "CMPSW/D", "Xv,Yv", {"w": OSZAPC}),
