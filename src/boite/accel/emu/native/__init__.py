@@ -110,6 +110,7 @@ class NativeTier:
         self.python_hot = cpu.hot_block
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
+        self.st.rep_eip = 0xFFFFFFFF
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
@@ -337,6 +338,8 @@ class NativeTier:
         code page, an access across pages). Returns the instructions it ran."""
         cpu = self.cpu
         lin, kind = self.st.miss_addr, self.st.miss_write
+        # A REP compare left mid-slice goes on with its count only after a plain fill.
+        rep_eip, self.st.rep_eip = self.st.rep_eip, 0xFFFFFFFF
         write = bool(kind & 1)
         page = lin >> 12
         assert self.tlb is not None
@@ -350,6 +353,7 @@ class NativeTier:
                 cpu.done_before_raise += done  # what ran before the fault (Cpu.run)
                 raise
             if self._mirror(page, write):
+                self.st.rep_eip = rep_eip
                 return 0  # the next call goes on from this instruction
         try:
             return self._one()
