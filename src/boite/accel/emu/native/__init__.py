@@ -37,6 +37,10 @@ from boite.accel.emu.native.state import (
     EXIT_MISS,
     OFF_BUDGET,
     OFF_DSTEP,
+    OFF_EIP,
+    OFF_IRQ,
+    OFF_REASON,
+    OFF_SYSFL,
     ChainTable,
     CodeArena,
     NativeState,
@@ -54,11 +58,12 @@ BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cp
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
 # The state going in (NativeState from r to dstep: the registers, EFLAGS, the segment
-# bases, budget, intr, dstep; the fields between are zeroed) and coming out (the
-# registers, EIP, EFLAGS, reason, ndone, budget).
-_STATE_IN = struct.Struct("<8I4xI6I8xiI16xq")
-_STATE_OUT = struct.Struct("<8III24xIIi")
-assert _STATE_IN.size == OFF_DSTEP + 8 and _STATE_OUT.size == OFF_BUDGET + 4
+# bases, budget, intr, sysfl, ifok, irq, dstep; the fields between are zeroed) and
+# coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
+_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIq")
+_STATE_OUT = struct.Struct("<8III24xIIi16xI")
+assert _STATE_IN.size == OFF_DSTEP + 8 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+assert _STATE_OUT.size == OFF_SYSFL + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
 
 
 def native_available() -> bool:
@@ -116,6 +121,7 @@ class NativeTier:
         self.python_hot = cpu.hot_block
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
+        self.st.rep_eip = 0xFFFFFFFF
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
@@ -273,7 +279,7 @@ class NativeTier:
         slot = 2 * chain_slot(eip)
         exits = self.exits
         # One entry is Python work around one ctypes call: the state goes in and comes out
-        # with one struct call each (registers, flags, segment bases, budget, interrupt).
+        # with one struct call each (_STATE_IN, _STATE_OUT).
 
         def run_native() -> int:
             if tier.bound is not cpu.rtlb:
@@ -289,12 +295,16 @@ class NativeTier:
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
             # set it meanwhile (Cpu.kick).
-            intr = 1 if (cpu.intr and fl & IF) or cpu.dma_writes or cpu.stop else 0
-            state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, -1 if fl & DF else 1)
+            irq = 1 if cpu.intr else 0
+            intr = 1 if (irq and fl & IF) or cpu.dma_writes or cpu.stop else 0
+            # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
+            ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
+            state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
+                     -1 if fl & DF else 1)  # fmt: skip
             entry(st_addr, addr)
-            *regs, eip_out, efl, reason, ndone, budget_left = state_out(stbuf, 0)
+            *regs, eip_out, efl, reason, ndone, budget_left, sysfl = state_out(stbuf, 0)
             cpu.r[:] = regs
-            cpu.fl = (fl & ~ARITH) | (efl & ARITH) | 2
+            cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = eip_out
             n = budget - budget_left + ndone
@@ -341,6 +351,8 @@ class NativeTier:
         code page, an access across pages). Returns the instructions it ran."""
         cpu = self.cpu
         lin, kind = self.st.miss_addr, self.st.miss_write
+        # A REP compare left mid-slice goes on with its count only after a plain fill.
+        rep_eip, self.st.rep_eip = self.st.rep_eip, 0xFFFFFFFF
         write = bool(kind & 1)
         page = lin >> 12
         assert self.tlb is not None
@@ -354,6 +366,7 @@ class NativeTier:
                 cpu.done_before_raise += done  # what ran before the fault (Cpu.run)
                 raise
             if self._mirror(page, write):
+                self.st.rep_eip = rep_eip
                 return 0  # the next call goes on from this instruction
         try:
             return self._one()

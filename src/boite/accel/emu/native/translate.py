@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass
 
 from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, SS
+from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
     CHAIN_SLOTS,
@@ -54,6 +55,8 @@ from boite.accel.emu.native.state import (
     OFF_OUT,
     OFF_R,
     OFF_REASON,
+    OFF_REP_EIP,
+    OFF_REP_LEFT,
     OFF_SBASE,
     OFF_TLB_R,
     OFF_TLB_W,
@@ -195,16 +198,18 @@ _ADD_SBASE = {
     for dst in range(16)
     for seg in range(6)
 }
-_LOOKUP: dict[tuple[int, int, bool, bool], tuple[bytes, int, int]] = {}
+_LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
 _MISS: dict[tuple[int, int], bytes] = {}
 
 
-def _lookup_template(addr: int, size: int, write: bool, restore: bool) -> tuple[bytes, int, int]:
+def _lookup_template(addr: int, size: int, write: bool, restore: bool,
+                     saved: bool) -> tuple[bytes, int, int]:  # fmt: skip
     """The inline TLB lookup of Translator.lookup, with the offsets of its two rel32s
     (both to the miss stub)."""
     a = Asm()
-    a.pushfq()
-    a.pop(R11)  # the guest flags, for the miss path and to restore
+    if not saved:
+        a.pushfq()
+        a.pop(R11)  # the guest flags, for the miss path and to restore
     a.mov_rr32(R10, addr)
     a.shr32(R10, 12)
     a.load64_index8(R10, R13 if write else R14, R10)
@@ -371,7 +376,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         and row.native not in ("rep_string", "ret", "string1")
     ):
         return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
-    if repne and row.code not in (0xAE, 0xAF):
+    if repne and row.code not in (0xA6, 0xA7, 0xAE, 0xAF):
         return None
     if row.native == "string1" and (rep or repne) and row.code in (0xAC, 0xAD):
         return None  # REP STOS is rep_string's, REP LODS stays in Python
@@ -608,16 +613,17 @@ class Translator:
             a.buf += _ADD_SBASE[(dst, m.seg)]
 
     def lookup(self, addr: int, size: int, write: bool, k: int, restore: bool,
-               reads: bool = True) -> None:  # fmt: skip
+               reads: bool = True, saved: bool = False) -> None:  # fmt: skip
         """R10 = host address of the guest bytes at linear addr32 (R8, R10, R11 scratch),
-        or leave at instruction k with the state before it."""
+        or leave at instruction k with the state before it. `saved`: R11 holds the guest
+        flags already (the host's are clobbered)."""
         a = self.a
         miss = f"m{self.n}"
         self.n += 1
-        key = (addr, size, write, restore)
+        key = (addr, size, write, restore, saved)
         t = _LOOKUP.get(key)
         if t is None:
-            t = _LOOKUP[key] = _lookup_template(addr, size, write, restore)
+            t = _LOOKUP[key] = _lookup_template(addr, size, write, restore, saved)
         code, fix1, fix2 = t
         at = len(a.buf)
         a.buf += code
@@ -968,41 +974,82 @@ class Translator:
         return True
 
     def string1(self, i: Insn, k: int, restore: bool) -> bool:
-        """LODS, STOS, SCAS of one element, and REPE/REPNE SCAS as a loop of them (each
-        element through the TLB; a miss leaves with ECX/EDI as far as they got)."""
+        """LODS, STOS, SCAS, CMPS of one element, and REPE/REPNE SCAS/CMPS as a loop of
+        them (each element through the TLB; a miss leaves with ECX/ESI/EDI as far as they
+        got). A REP loop yields after REP_SLICE elements, as the closures do: EIP stays
+        on the instruction, which counts as run."""
         if i.rep and i.code in (0xAA, 0xAB):
             return self.rep_string(i, k, restore)
         a = self.a
         code = i.code
         size = 1 if code & 1 == 0 else (2 if i.p66 else 4)
         pre = b"\x66" if size == 2 else b""
-        lods, scas = code in (0xAC, 0xAD), code in (0xAE, 0xAF)
-        seg, reg = (DS, 6) if lods else (ES, 7)
+        lods, scas, cmps = code in (0xAC, 0xAD), code in (0xAE, 0xAF), code in (0xA6, 0xA7)
         n = self.n
         self.n += 1
-        top, done = f"rt{n}", f"rd{n}"
-        if i.rep:  # ECX = 0: nothing, the flags as they were
-            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+        top, done, yld = f"rt{n}", f"rd{n}", f"ry{n}"
+        saved = False
+        if i.rep:
+            # A fresh slice unless this instruction goes on after a TLB miss.
+            go = f"rg{n}"
+            a.pushfq()
+            a.pop(R11)
+            a.cmp_mem_imm32(R15, OFF_REP_EIP, i.eip)
+            a.jcc(4, go)
+            a.store_imm32(R15, OFF_REP_LEFT, REP_SLICE)
+            a.store_imm32(R15, OFF_REP_EIP, i.eip)
+            a.label(go)
+            a.push(R11)
+            a.popfq()
+            a.raw(b"\x67\xe3\x05")  # ECX = 0: nothing, the flags as they were
             a.jmp(top)
             a.jmp(done)
-        a.label(top)
+            a.label(top)
+            a.pushfq()
+            a.pop(R11)  # the guest flags (a miss or the yield shows them)
+            saved = True
+        # CMPS reads DS:ESI first (R12 keeps its host address), then ES:EDI.
+        if cmps:
+            a.load32(R9, R15, OFF_SBASE + 4 * DS)
+            a.lea32(R9, R9, 0, index=6)  # flags untouched
+            self.lookup(R9, size, False, k, False, reads=False, saved=saved)
+            a.raw(b"\x4d\x89\xd4")  # mov r12, r10
+            saved = True
+        seg, reg = (DS, 6) if lods else (ES, 7)
         a.load32(R9, R15, OFF_SBASE + 4 * seg)
         a.lea32(R9, R9, 0, index=reg)  # flags untouched
-        self.lookup(R9, size, code in (0xAA, 0xAB), k, restore or bool(i.rep), reads=False)
+        keep = restore and not (scas or cmps)  # SCAS/CMPS write every flag
+        self.lookup(R9, size, code in (0xAA, 0xAB), k, keep, reads=False, saved=saved)
+        if i.rep:  # after the lookups: an element that misses is not counted
+            a.sub_mem_imm32(R15, OFF_REP_LEFT, 1)
+            a.jcc(2, yld)  # JB: REP_SLICE elements done
         if lods:
             a.raw(pre + b"\x41" + (b"\x8a" if size == 1 else b"\x8b") + b"\x02")  # mov al, [r10]
         elif scas:
             a.raw(pre + b"\x41" + (b"\x3a" if size == 1 else b"\x3b") + b"\x02")  # cmp al, [r10]
+        elif cmps:
+            op = b"\x8a" if size == 1 else b"\x8b"
+            a.raw(pre + b"\x45" + op + b"\x04\x24")  # mov r8b/r8w/r8d, [r12]
+            op = b"\x3a" if size == 1 else b"\x3b"
+            a.raw(pre + b"\x45" + op + b"\x02")  # cmp r8b/r8w/r8d, [r10]
         else:
             a.raw(pre + b"\x41" + (b"\x88" if size == 1 else b"\x89") + b"\x02")  # mov [r10], al
         a.load64(R8, R15, OFF_DSTEP)
-        sib = ((size.bit_length() - 1) << 6) | (0 << 3)  # [reg + r8 * size]
-        a.raw(bytes((0x42, 0x8D, 0x04 | reg << 3, sib | reg)))  # lea e?i, [r?i + r8*size]
+        sib = (size.bit_length() - 1) << 6  # [reg + r8 * size]
+        for r in (6, 7) if cmps else (reg,):
+            a.raw(bytes((0x42, 0x8D, 0x04 | r << 3, sib | r)))  # lea e?i, [r?i + r8*size]
         if i.rep:
             a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
             a.raw(b"\x67\xe3\x06")  # jecxz over the jcc: done
             a.jcc(5 if i.rep == 0xF2 else 4, top)  # REPNE: on while not equal
+            a.jmp(done)
+            a.label(yld)
+            a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(i.eip, k + 1, EXIT_END))
             a.label(done)
+            a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
