@@ -227,7 +227,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     return bytes(a.buf), fix1, fix2
 
 
-@dataclass
+@dataclass(slots=True)
 class MemOperand:
     mod: int
     rm: int
@@ -238,7 +238,7 @@ class MemOperand:
     seg: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Insn:
     eip: int
     raw: bytes
@@ -253,6 +253,7 @@ class Insn:
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
+    rf: RowFacts | None = None  # facts(row), set by parse
 
 
 class RowFacts:
@@ -260,7 +261,7 @@ class RowFacts:
     (parsing and building a block ask for them for every instruction)."""
 
     __slots__ = ("ops", "modrm", "imm", "byte_op", "kill", "read", "kills_all", "plain",
-                 "writes_first")  # fmt: skip
+                 "writes_first", "undefined")  # fmt: skip
 
     def __init__(self, row: Op) -> None:
         self.ops = tuple(row.operands.split(",")) if row.operands else ()
@@ -274,6 +275,8 @@ class RowFacts:
         self.kills_all = self.kill == ARITH
         self.plain = row.native in ("copy", "lea", "branch")  # never leaves before it
         self.writes_first = bool(self.ops) and self.ops[0][:1] == "E"
+        # host_differs names only undefined flags: rows without any never differ
+        self.undefined = row.flags_undefined & ARITH
 
 
 _FACTS: dict[int, RowFacts] = {}
@@ -290,6 +293,7 @@ def facts(row: Op) -> RowFacts:
 
 
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
+_PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
@@ -300,12 +304,20 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     p66 = lock = rep = False
     repne = False
     override: int | None = None
-    while pos < len(raw) and (raw[pos] in (0x66, 0xF0, 0xF2, 0xF3) or raw[pos] in _SEG_PREFIX):
-        p66 |= raw[pos] == 0x66
-        lock |= raw[pos] == 0xF0
-        rep |= raw[pos] == 0xF3
-        repne |= raw[pos] == 0xF2
-        override = _SEG_PREFIX.get(raw[pos], override)
+    while pos < len(raw):
+        b = raw[pos]
+        if b not in _PREFIXES:
+            break
+        if b == 0x66:
+            p66 = True
+        elif b == 0xF0:
+            lock = True
+        elif b == 0xF3:
+            rep = True
+        elif b == 0xF2:
+            repne = True
+        else:
+            override = _SEG_PREFIX[b]
         pos += 1
     if rep and repne:
         return None
@@ -382,12 +394,12 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None  # REP STOS is rep_string's, REP LODS stays in Python
     size = 1 if rf.byte_op else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
-                0xF3 if rep else (0xF2 if repne else 0), override)  # fmt: skip
+                0xF3 if rep else (0xF2 if repne else 0), override, rf)  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
     """The instruction names ESP as a data register (not allowed: it lives in memory)."""
-    for o in facts(i.row).ops:
+    for o in (i.rf or facts(i.row)).ops:
         sz_byte = o.endswith("b")
         if o[:1] == "G" and i.modrm is not None and (i.modrm >> 3) & 7 == ESP and not sz_byte:
             return True
@@ -405,7 +417,7 @@ def _esp_rex(i: Insn) -> int:
     rex = 0
     high_byte = False
     modrm = i.modrm
-    for o in facts(i.row).ops:
+    for o in (i.rf or facts(i.row)).ops:
         kind, byte = o[:1], o.endswith("b")
         if kind == "G" and modrm is not None:
             num = (modrm >> 3) & 7
@@ -524,7 +536,7 @@ def _shift_count(i: Insn) -> int | None:
 def _writes_mem(i: Insn) -> bool:
     if i.row.mnemonic == "CMPXCHG8B":
         return True  # like CMPXCHG, it writes the old value back on a mismatch
-    if not facts(i.row).writes_first:
+    if not (i.rf or facts(i.row)).writes_first:
         return False
     return i.row.mnemonic not in _RD_ONLY
 
@@ -711,7 +723,7 @@ class Translator:
             self.lookup(R9, 4, _writes_mem(i), k, restore)
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
-        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in facts(i.row).ops):
+        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in (i.rf or facts(i.row)).ops):
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
@@ -1082,7 +1094,7 @@ class Translator:
         n = len(insns)
         live_out = [0] * n
         live_in = [0] * n
-        rfs = [facts(i.row) for i in insns]
+        rfs = [i.rf or facts(i.row) for i in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             rf = rfs[k]
@@ -1096,7 +1108,7 @@ class Translator:
         a.label("start")
         done = 0
         for k, i in enumerate(insns):
-            differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
+            differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
