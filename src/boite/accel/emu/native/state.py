@@ -43,7 +43,8 @@ class NativeState(ctypes.Structure):
         ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
         ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
-        # (Each entry writes the fields from r to dstep in one go: native/__init__.py.)
+        ("block", ctypes.c_uint64),  # the host code `enter` jumps to
+        # (Each entry writes the fields from r to block in one go: native/__init__.py.)
         # A REPE/REPNE CMPS/SCAS left at a TLB miss: its EIP (0xFFFFFFFF: none) and the
         # elements its slice has left, so the next entry goes on with the same count.
         ("rep_eip", ctypes.c_uint32),
@@ -76,6 +77,7 @@ OFF_IRQ = off("irq")
 OFF_REP_EIP = off("rep_eip")
 OFF_REP_LEFT = off("rep_left")
 OFF_DSTEP = off("dstep")
+OFF_BLOCK = off("block")
 OFF_JTAB = off("jtab")
 OFF_OUT = off("out")
 OFF_DISPATCH = off("dispatch")

@@ -41,6 +41,7 @@ from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
+    OFF_BLOCK,
     OFF_BUDGET,
     OFF_DISPATCH,
     OFF_DSTEP,
@@ -102,9 +103,11 @@ def _epilogue(a: Asm) -> None:
     a.ret()
 
 
-def runtime_stubs() -> tuple[bytes, int, int, int]:
-    """The code shared by every block: (code, offset of the entry, of `dispatch`, of `out`).
+def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
+    """The code shared by every block, and the offsets of its entry points:
 
+    enter: void enter(void): the same as entry(st_addr, st->block) (st_addr is built in:
+    a call without arguments costs Python less).
     entry: void entry(NativeState *st, void *block): save the host's callee-saved
     registers, load the guest's, jump to the block.
     dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
@@ -113,11 +116,18 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     has no block for that EIP.
     out: leave with EIP = R9D, the guest flags in R11, reason EXIT_END."""
     a = Asm()
+    a.label("enter")
+    for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
+        a.push(reg)
+    a.raw(b"\x49\xbf" + st_addr.to_bytes(8, "little"))  # mov r15, imm64
+    a.load64(R8, R15, OFF_BLOCK)
+    a.jmp("loaded")
     a.label("entry")
     for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
         a.push(reg)
     a.mov_rr64(R15, RDI)
     a.mov_rr64(R8, RSI)
+    a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
     a.load32(RAX, R15, OFF_EFLAGS)
@@ -147,8 +157,7 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     a.store_imm32(R15, OFF_NDONE, 0)
     a.store_imm32(R15, OFF_REASON, EXIT_END)
     _epilogue(a)
-    code = a.finish()
-    return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
+    return a.finish(), a.labels
 
 
 def _encoded(build) -> bytes:
