@@ -150,6 +150,10 @@ def setup(p: tuple, native: bool):
     cpu.r[:] = regs
     cpu.set_flags(flags)
     cpu.hot_block = HOT
+    # RDTSC reads the host clock: both runs must see the same counter (seed 25523 read it
+    # into EAX and "differed" by the time between the two runs). WRMSR to the TSC still
+    # moves it through tsc_offset.
+    cpu.rdtsc = lambda: (0x1234_5678_9ABC + cpu.tsc_offset) & ((1 << 64) - 1)
     # Faults delivered by Cpu.run, counted: the reference stops where the native run did
     # in instructions completed and in faults delivered (a fault completes none).
     cpu.faults = 0
