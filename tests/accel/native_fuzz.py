@@ -14,7 +14,8 @@ the emulator itself) is counted apart, and so is a run that does not end (a hang
 worker says nothing for SEED_TIMEOUT_S and is killed).
 
 `python tests/accel/native_fuzz.py FIRST COUNT` runs seeds FIRST.. and prints one line per
-seed ("seed same native_insns outcome"); `fuzz(runs)` runs workers and restarts one after a
+seed ("seed same native_insns outcome"); `first_difference(plan(seed), 200)` finds the
+shortest run that differs (then trace the Python tier to that many instructions); `fuzz(runs)` runs workers and restarts one after a
 crash, past the seed that killed it.
 """
 
@@ -227,6 +228,64 @@ def reference(p: tuple, count: int, faults: int, native_err: str | None) -> tupl
     out = _state(cpu, err)
     cpu.close()
     return out
+
+
+def guest32(
+    code: bytes,
+    handler: bytes,
+    ptes: dict[int, int] | None = None,
+    regs: list[int] | None = None,
+    flags: int = 0,
+) -> tuple:
+    """A hand-written plan for the runs above (regression tests): 32-bit paged mode as
+    the fuzz's, `code` at CODE, every IDT vector to `handler` at STUB_AT, the identity
+    map of RAM writable except the PTE flags in `ptes` (linear page -> flags; 0: absent)."""
+    ram = bytearray(RAM)
+    ram[CODE : CODE + len(code)] = code
+    ram[STUB_AT : STUB_AT + len(handler)] = handler
+    gate = (STUB_AT & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((STUB_AT >> 16) << 48)
+    ram[IDT : IDT + 0x800] = gate.to_bytes(8, "little") * 256
+    gdt = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+    ram[GDT : GDT + 0x18] = b"".join(d.to_bytes(8, "little") for d in gdt)
+    ram[PD : PD + 4] = (PT | 3).to_bytes(4, "little")
+    fl = {i: 3 for i in range(RAM >> 12)} | (ptes or {})
+    ram[PT : PT + 0x1000] = b"".join(((i << 12) | fl.get(i, 0)).to_bytes(4, "little")
+                                     for i in range(1024))  # fmt: skip
+    r = list(regs or [0] * 8)
+    r[4] = r[4] or 0x8800
+    return "pm32", bytes(ram), CODE, r, flags
+
+
+def native_run(p: tuple, n: int) -> tuple:
+    """The state after one Cpu.run(n) on the native tier (every block hot at HOT), one
+    entry bounded by n as well."""
+    import boite.accel.emu.decode.core as dcore
+    import boite.accel.emu.native as native
+
+    dcore.MAX_BLOCK = 1
+    native.BUDGET = n
+    cpu = setup(p, True)
+    cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
+    err = None
+    try:
+        cpu.run(n)
+    except Exception as e:  # noqa: BLE001 - an outcome to compare
+        err = type(e).__name__
+    out = _state(cpu, err)
+    cpu.close()
+    return out
+
+
+def first_difference(p: tuple, upto: int) -> tuple[int, tuple, tuple] | None:
+    """The first n in 1..upto where Cpu.run(n) on the native tier ends otherwise than
+    the Python tier at the same instruction and fault counts: (n, native, python), or
+    None. Bisects a differing seed to the instruction that makes it differ."""
+    for n in range(1, upto + 1):
+        nat = native_run(p, n)
+        ref = reference(p, nat[5], nat[7], nat[4])
+        if nat != ref:
+            return n, nat, ref
+    return None
 
 
 def one(seed: int) -> tuple[bool, int, str]:
