@@ -1709,7 +1709,7 @@ class Cpu:
         fast: dict[int, Callable[[], int]] = {}
         try:
             while done + faults < max_insns:
-                self.run_left = max_insns - done  # bounds a native entry (native/)
+                self.run_left = max_insns - done - faults  # bounds a native entry (native/)
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
