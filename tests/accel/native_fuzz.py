@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 RAM = 2 << 20
@@ -175,33 +177,45 @@ def _state(cpu, err: str | None) -> tuple:
             zlib.crc32(cpu.ram), cpu.faults)  # fmt: skip
 
 
+@contextmanager
+def _limits(budget: int | None = None) -> Iterator[None]:
+    """One-instruction closure blocks (and a native entry bound) while a run lasts: the
+    module globals come back after, for the tests that run here in their own process."""
+    import boite.accel.emu.decode.core as dcore
+    import boite.accel.emu.native as native
+
+    saved = dcore.MAX_BLOCK, native.BUDGET
+    dcore.MAX_BLOCK = 1
+    if budget is not None:
+        native.BUDGET = budget
+    try:
+        yield
+    finally:
+        dcore.MAX_BLOCK, native.BUDGET = saved
+
+
 def native_outcome(p: tuple) -> tuple[tuple, int]:
     """Native blocks where they apply, closures one instruction a block elsewhere (jit.py
     left out: a fault inside its blocks loses the count of what ran before it, and the
     reference stops at the same instruction count; longer closure blocks run stale code
     when random code rewrites its own block, which native blocks and the reference do
     not)."""
-    import boite.accel.emu.decode.core as dcore
-    import boite.accel.emu.native as native
-
-    dcore.MAX_BLOCK = 1
     # Chained native code runs up to native.BUDGET instructions per entry, past what
     # Cpu.run was asked for: keep a run short, or the reference (one closure at a time)
     # would have thousands of instructions to catch up with.
-    if hasattr(native, "BUDGET"):
-        native.BUDGET = RUN_INSNS // RUN_SLICES
-    cpu = setup(p, True)
-    cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
-    err = None
-    try:
-        for _ in range(RUN_SLICES):
-            cpu.run(RUN_INSNS // RUN_SLICES)
-            if cpu.halted:
-                break
-    except Exception as e:  # noqa: BLE001 - an outcome to compare
-        err = type(e).__name__
-    out = _state(cpu, err), cpu.native.insns
-    cpu.close()
+    with _limits(RUN_INSNS // RUN_SLICES):
+        cpu = setup(p, True)
+        cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
+        err = None
+        try:
+            for _ in range(RUN_SLICES):
+                cpu.run(RUN_INSNS // RUN_SLICES)
+                if cpu.halted:
+                    break
+        except Exception as e:  # noqa: BLE001 - an outcome to compare
+            err = type(e).__name__
+        out = _state(cpu, err), cpu.native.insns
+        cpu.close()
     return out
 
 
@@ -210,23 +224,21 @@ def reference(p: tuple, count: int, faults: int, native_err: str | None) -> tupl
     step at a time (a step completes an instruction or delivers a fault) until it has
     completed `count` instructions and delivered `faults` faults, as the native run did
     (where that run ended in an error, it goes on until it meets one)."""
-    import boite.accel.emu.decode.core as dcore
-
-    dcore.MAX_BLOCK = 1
-    cpu = setup(p, False)
-    cpu.compile_blocks = False
-    err = None
-    try:
-        for _ in range(2 * (count + faults) + 100):
-            if cpu.halted or cpu.icount > count or cpu.faults > faults:
-                break
-            if cpu.icount == count and cpu.faults == faults and not native_err:
-                break
-            cpu.run(1)
-    except Exception as e:  # noqa: BLE001 - as above
-        err = type(e).__name__
-    out = _state(cpu, err)
-    cpu.close()
+    with _limits():
+        cpu = setup(p, False)
+        cpu.compile_blocks = False
+        err = None
+        try:
+            for _ in range(2 * (count + faults) + 100):
+                if cpu.halted or cpu.icount > count or cpu.faults > faults:
+                    break
+                if cpu.icount == count and cpu.faults == faults and not native_err:
+                    break
+                cpu.run(1)
+        except Exception as e:  # noqa: BLE001 - as above
+            err = type(e).__name__
+        out = _state(cpu, err)
+        cpu.close()
     return out
 
 
@@ -259,20 +271,16 @@ def guest32(
 def native_run(p: tuple, n: int) -> tuple:
     """The state after one Cpu.run(n) on the native tier (every block hot at HOT), one
     entry bounded by n as well."""
-    import boite.accel.emu.decode.core as dcore
-    import boite.accel.emu.native as native
-
-    dcore.MAX_BLOCK = 1
-    native.BUDGET = n
-    cpu = setup(p, True)
-    cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
-    err = None
-    try:
-        cpu.run(n)
-    except Exception as e:  # noqa: BLE001 - an outcome to compare
-        err = type(e).__name__
-    out = _state(cpu, err)
-    cpu.close()
+    with _limits(n):
+        cpu = setup(p, True)
+        cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
+        err = None
+        try:
+            cpu.run(n)
+        except Exception as e:  # noqa: BLE001 - an outcome to compare
+            err = type(e).__name__
+        out = _state(cpu, err)
+        cpu.close()
     return out
 
 
