@@ -243,3 +243,27 @@ def test_a_run_ending_in_the_middle_of_a_fault_loop_stops_on_an_instruction() ->
     code = bytes.fromhex("81c300100000ff030f0b")
     p = _loop(code, 12, regs=[0, 0, 0, 0x30000] + [0] * 4)
     assert native_fuzz.first_difference(p, 80) is None
+
+
+@pytest.mark.parametrize("hot", [1, 100])
+def test_a_rep_that_yields_ends_its_block(hot: int) -> None:
+    """The REP yield above left EIP on the instruction, but the Python block it sat in
+    went on: in `rep cmpsb; inc eax; inc eax; hlt` the INCs ran after the first slice and
+    moved EIP past the REP, the rest of its count skipped (found by nhot's native REPE
+    CMPS). A REP instruction ends its block now, on the closures and the compiled blocks."""
+    from boite.accel.emu.decode.string import REP_SLICE
+
+    cpu = _flat32()
+    try:
+        code = bytes.fromhex("f3a6 40 40 f4")  # over equal (zero) bytes
+        cpu.ram[0x1000 : 0x1000 + len(code)] = code
+        cpu.r[:] = [0, REP_SLICE + 10, 0, 0, 0x8000, 0, 0x10000, 0x50000]
+        cpu.eip, cpu.hot_block = 0x1000, hot
+        cpu.run(1)
+        assert (cpu.eip, cpu.r[0], cpu.r[1]) == (0x1000, 0, 10)
+        for _ in range(5):
+            cpu.run(10)
+        assert cpu.halted and (cpu.r[0], cpu.r[1]) == (2, 0)
+        assert cpu.r[6] == 0x10000 + REP_SLICE + 10
+    finally:
+        cpu.close()
