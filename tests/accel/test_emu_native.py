@@ -25,6 +25,7 @@ import pytest
 from boite.accel.emu import EmuAccelerator
 from boite.accel.emu.arch import CpuFault
 from boite.accel.emu.cpu import Cpu
+from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native import NativeTier, native_available
 from boite.accel.emu.native import translate as native_translate
 from boite.accel.emu.native.translate import host_differs, parse
@@ -62,11 +63,13 @@ def _encode(r: Op, rnd: random.Random, memory: bool) -> bytes:
     return out + rnd.randbytes(imm_bytes(r, False))
 
 
-def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool):
+def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool, setup=None):
     # All of RAM as it was: a bit string instruction's register offset reaches anywhere.
     cpu.ram[:] = _RAM0
     cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"  # HLT: not translated
     cpu.ram[DATA : DATA + 64] = bytes(range(64))
+    if setup is not None:
+        setup(cpu)
     cpu.flush_blocks()
     cpu.tlb_flush()
     cpu.r[:] = regs
@@ -173,6 +176,51 @@ def test_native_string_and_loop_instructions(code: str) -> None:
                     ran += 1
                     assert got == _once(cpu, bytes.fromhex(code), regs, fl, False), (fl, ecx)
         assert ran
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["a6", "a7", "66a7", "f3a6", "f2a6", "f3a7", "f2a7", "f366a7",
+                                  "f2ae", "f3af"])  # fmt: skip
+def test_native_cmps_and_scas_loops(code: str) -> None:
+    """CMPS and REPE/REPNE CMPS/SCAS (the kernel's strncmp over kallsyms): equal runs,
+    a difference at a known element, ECX 0, DF set, strings that cross into an unmapped
+    page (the miss leaves mid-loop and the next entry goes on): as the closures, and
+    translated (the row is native)."""
+    cpu = _cpu()
+    ran = 0
+    try:
+        assert parse(bytes.fromhex(code), CODE) is not None
+        for fl in (0x2, 0x42, 0x402, 0x8D5):
+            for ecx in (0, 1, 3, 17, 5000):
+                for esi, edi in ((DATA, DATA + 0x100), (0x6FF8, 0x4008), (DATA + 3, 0x7FFC)):
+                    regs = [0x11223344, ecx, 0, DATA, 0x8000, 0, esi, edi]
+                    for diff in (None, 2, 9):
+                        def setup(c: Cpu, diff=diff, esi=esi, edi=edi) -> None:
+                            c.ram[esi : esi + 32] = bytes(range(32))
+                            c.ram[edi : edi + 32] = bytes(range(32))
+                            if diff is not None:
+                                c.ram[edi + diff] ^= 0x55
+                        got = _once(cpu, bytes.fromhex(code), regs, fl, True, setup)
+                        assert got is not None
+                        ran += 1
+                        want = _once(cpu, bytes.fromhex(code), regs, fl, False, setup)
+                        assert got == want, (code, fl, ecx, esi, edi, diff)
+        assert ran
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["f3a6", "f3ae", "f2af"])
+def test_native_rep_compare_yields_after_a_slice(code: str) -> None:
+    """A REPE/REPNE CMPS/SCAS longer than REP_SLICE elements stops after REP_SLICE of
+    them with EIP on the instruction (counted as run), as the closures do."""
+    cpu = _cpu()
+    try:
+        regs = [0xFFFFFFFF if code == "f2af" else 0, 100_000, 0, DATA, 0x8000, 0, 0x10000, 0x40000]
+        got = _once(cpu, bytes.fromhex(code), regs, 0x2, True)
+        assert got is not None and got[3] == CODE and got[0][1] == 100_000 - REP_SLICE
+        assert got == _once(cpu, bytes.fromhex(code), regs, 0x2, False)
     finally:
         cpu.close()
 

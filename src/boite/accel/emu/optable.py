@@ -212,6 +212,8 @@ for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov
 _STRING_NATIVE = {
     0xA4: "rep_string",
     0xA5: "rep_string",
+    0xA6: "string1",
+    0xA7: "string1",
     0xAA: "string1",
     0xAB: "string1",
     0xAC: "string1",

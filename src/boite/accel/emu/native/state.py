@@ -35,8 +35,17 @@ class NativeState(ctypes.Structure):
         ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
         ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
         ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
-        ("pad", ctypes.c_uint32),
+        # EFLAGS but the arithmetic flags (IF, DF, IOPL...): translated PUSHF/POPF/CLI/STI
+        # read and change IF here; Python reads it back at the exit.
+        ("sysfl", ctypes.c_uint32),
+        ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
+        ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
+        # (Each entry writes the fields from r to dstep in one go: native/__init__.py.)
+        # A REPE/REPNE CMPS/SCAS left at a TLB miss: its EIP (0xFFFFFFFF: none) and the
+        # elements its slice has left, so the next entry goes on with the same count.
+        ("rep_eip", ctypes.c_uint32),
+        ("rep_left", ctypes.c_uint32),
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
@@ -59,6 +68,11 @@ OFF_NDONE = off("ndone")
 OFF_BUDGET = off("budget")
 OFF_INTR = off("intr")
 OFF_TMP = off("tmp")
+OFF_SYSFL = off("sysfl")
+OFF_IFOK = off("ifok")
+OFF_IRQ = off("irq")
+OFF_REP_EIP = off("rep_eip")
+OFF_REP_LEFT = off("rep_left")
 OFF_DSTEP = off("dstep")
 OFF_JTAB = off("jtab")
 OFF_OUT = off("out")
