@@ -367,6 +367,19 @@ class NativeTier:
         page = lin >> 12
         assert self.tlb is not None
         table = self.tlb.tables.write if write else self.tlb.tables.read
+        if write and lin & 0xFFF > 0xFF0:
+            # Maybe an access across pages (the miss does not say its size): filling
+            # this page for writing would set its PTE's D bit even when the next page
+            # faults (fuzz seed 51752; QEMU and the closures leave D clear). The closure
+            # does it all, then the table takes what the Python TLB holds.
+            try:
+                n = self._one()
+            except BaseException:
+                cpu.done_before_raise += done
+                raise
+            if not table[page]:
+                self._mirror(page, write)
+            return n
         if not table[page]:
             try:
                 if kind & 2:  # read-modify-write: the read faults first
