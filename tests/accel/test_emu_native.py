@@ -196,11 +196,13 @@ def test_native_cmps_and_scas_loops(code: str) -> None:
                 for esi, edi in ((DATA, DATA + 0x100), (0x6FF8, 0x4008), (DATA + 3, 0x7FFC)):
                     regs = [0x11223344, ecx, 0, DATA, 0x8000, 0, esi, edi]
                     for diff in (None, 2, 9):
+
                         def setup(c: Cpu, diff=diff, esi=esi, edi=edi) -> None:
                             c.ram[esi : esi + 32] = bytes(range(32))
                             c.ram[edi : edi + 32] = bytes(range(32))
                             if diff is not None:
                                 c.ram[edi + diff] ^= 0x55
+
                         got = _once(cpu, bytes.fromhex(code), regs, fl, True, setup)
                         assert got is not None
                         ran += 1
@@ -438,6 +440,107 @@ def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
     assert got[3] > 3000, "native code did not run the loop"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
         assert got[i] == ref[i], f"{what} differ"
+
+
+_FLAGS = """
+bits 32
+org 0x100000
+    mov ecx, 400
+    xor ebx, ebx
+.top:
+    pushf               ; a per-CPU section: save, CLI, work, restore
+    cli
+    add eax, ecx
+    popf                ; IF back as it was, the arithmetic flags from the stack
+    pushf
+    pop edx
+    add ebx, edx
+    sti                 ; its shadow: the next instruction in the same block
+    inc esi
+    push dword 0x8d7    ; POPF setting every arithmetic flag, IF clear
+    popf
+    pushf
+    pop edi
+    add ebx, edi
+    push dword 0x202    ; IF set, the rest clear
+    popf
+    pushf
+    pop edi
+    add ebx, edi
+    cli
+    test ecx, 1
+    jz .odd
+    sti
+    nop
+.odd:
+    dec ecx
+    jnz .top
+    cli                 ; HLT with IF set would wait for an interrupt
+    hlt
+"""
+
+
+@nasm
+def test_flag_instructions_run_natively(tmp_path) -> None:
+    """PUSHF/POPF/CLI/STI in a hot loop (no interrupt pending): native, and the same
+    registers, flags (IF included), memory and stack as the interpreter."""
+    image = _assemble(tmp_path, _FLAGS)
+    t = _jit_tests()
+    m = t._machine(image, 5, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        st = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
+    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
+           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    got = _run_loop(image, 5, False, True)
+    assert got[3] > 400 * 20, "native code did not run the loop"
+    for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
+        assert got[i] == ref[i], f"{what} differ"
+
+
+def test_sti_and_popf_leave_when_an_interrupt_may_be_pending() -> None:
+    """STI and POPF that set IF while a request may be pending (Cpu.intr) leave for the
+    Python tiers before the instruction: STI's shadow and the interrupt after POPF are
+    theirs. With none pending they run natively; CLI and POPF clearing IF never leave."""
+    cpu = _cpu()
+    try:
+        for code, first in (
+            (b"\xfb\x40\xfa\xeb\xfb", "sti"),  # sti; inc eax; cli; jmp
+            (b"\x68\x02\x02\x00\x00\x9d\x40\xfa\xeb\xf6", "popf"),
+        ):
+            cpu.ram[CODE : CODE + len(code)] = code
+            cpu.flush_blocks()
+            cpu.eip = CODE
+            cpu.r[0] = 0
+            cpu.r[4] = 0x8000
+            cpu.set_flags(0x2)
+            f = cpu.native.translate(CODE, CODE)
+            assert f is not None
+            cpu.intr = False
+            cpu.run_left = 1000
+            for _ in range(4):  # the stack page's TLB entries first
+                if (n := f()) >= 900:
+                    break
+                cpu.eip, cpu.r[4], cpu.run_left = CODE, 0x8000, 1000
+            assert n >= 900 and not cpu.fl & 0x200 and cpu.r[0] > 100  # looped natively
+            cpu.eip = CODE
+            cpu.r[4] = 0x8000
+            cpu.intr = True  # a request waits: IF must be set by the Python tiers
+            before = cpu.r[0]
+            n = f()
+            if first == "popf":  # PUSH ran, POPF is left with the state before it
+                assert (n, cpu.eip, cpu.fl & 0x200, cpu.r[4]) == (1, CODE + 5, 0, 0x7FFC)
+            else:  # STI ran as the Python tiers run it: its shadow follows
+                assert n == 1 and cpu.eip == CODE + 1 and cpu.fl & 0x200 and cpu.inhibit_irq
+            assert cpu.r[0] == before
+            cpu.inhibit_irq = False
+    finally:
+        cpu.close()
 
 
 _SMC = """

@@ -282,6 +282,9 @@ class NativeTier:
             st.eflags = fl
             sbase_in(stbuf, 40, *cpu.sbase)
             st.dstep = -1 if fl & DF else 1
+            st.sysfl = fl & ~ARITH  # IF etc.: translated PUSHF/POPF/CLI/STI
+            st.ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
+            st.irq = 1 if cpu.intr else 0
             budget = min(BUDGET, cpu.run_left)  # BUDGET read now: tests set it
             st.budget = budget
             # Leave at the first chain only when an interrupt can be taken (IF does not
@@ -290,7 +293,7 @@ class NativeTier:
             st.intr = 1 if (cpu.intr and cpu.fl & IF) or cpu.dma_writes or cpu.stop else 0
             entry(st_addr, addr)
             cpu.r[:] = regs_out(stbuf, 0)
-            cpu.fl = (fl & ~ARITH) | (st.eflags & ARITH) | 2
+            cpu.fl = (st.sysfl & ~ARITH) | (st.eflags & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = st.eip
             n = budget - st.budget + st.ndone

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
@@ -56,12 +56,12 @@ from boite.accel.emu.native.state import (
     OFF_OUT,
     OFF_R,
     OFF_REASON,
-    OFF_SBASE,
-    OFF_TLB_R,
-    OFF_TLB_W,
     OFF_REP_EIP,
     OFF_REP_LEFT,
+    OFF_SBASE,
     OFF_SYSFL,
+    OFF_TLB_R,
+    OFF_TLB_W,
     OFF_TMP,
     chain_slot,
 )
@@ -397,6 +397,15 @@ def _shift_count(i: Insn) -> int | None:
     if i.code in (0xC0, 0xC1):
         return i.raw[-1] & 31
     return None
+
+
+# Rows the Python tiers end blocks at (so interrupts are taken after them) that
+# translated code goes on after: they leave where an interrupt could be taken.
+_GOES_ON = ("popf", "cli", "sti")
+
+
+def _ends(i: Insn) -> bool:
+    return i.row.ends_block and i.row.native not in _GOES_ON
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -944,6 +953,127 @@ class Translator:
             a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
         return True
 
+    # -- EFLAGS beyond the arithmetic flags (state sysfl) ------------------------------
+    def _imm_mem(self, ext: int, disp: int, imm: int) -> None:
+        """op dword [r15 + disp], imm32 (81 /ext: 1 OR, 4 AND, 6 XOR, 7 CMP)."""
+        self.a._mem(b"\x81", ext, R15, disp)
+        self.a.raw(imm.to_bytes(4, "little"))
+
+    def _flags_fallback(self, i: Insn, k: int) -> str:
+        """A stub that puts the guest flags (R11) back and leaves for the Python tiers
+        at instruction k."""
+        name = f"fb{self.n}"
+        self.n += 1
+        self.flag_exits.append((name, i.eip, k))
+        return name
+
+    def _emit_flag_exits(self) -> None:
+        a = self.a
+        for name, eip, k in self.flag_exits:
+            a.label(name)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
+
+    def pushf(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSHF: the arithmetic flags from the host's, the rest from the state (VM and RF
+        read as 0)."""
+        if i.p66:
+            return False
+        a = self.a
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, False, reads=False)  # R11: the guest flags
+        a.mov_rr32(R8, R11)
+        a.and32(R8, ARITH)
+        a._mem(b"\x0b", R8, R15, OFF_SYSFL)  # or r8d, [r15 + sysfl]
+        a.and32(R8, 0xFCFFFF)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def popf(self, i: Insn, k: int, restore: bool) -> bool:
+        """POPF changing the arithmetic flags and IF only (IF where CLI could: `ifok`);
+        anything else (DF, TF, IOPL, AC, NT, ID) leaves for the Python tiers before the
+        instruction, and so does setting IF while an interrupt may be pending (it is
+        taken right after POPF there). Not a block end here: with no request pending,
+        one that comes later leaves at the next chain."""
+        if i.p66:
+            return False
+        a = self.a
+        ok, setif = f"pk{self.n}", f"ps{self.n}"
+        self.n += 1
+        fb = self._flags_fallback(i, k)
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, False)  # R11: the guest flags
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        a.mov_rr32(R10, R8)
+        a._mem(b"\x33", R10, R15, OFF_SYSFL)  # xor r10d, [r15 + sysfl]
+        a.and32(R10, 0x247FD5 & ~ARITH)  # what POPF may change (32-bit), but ARITH
+        a.jcc(4, ok)  # JE: the arithmetic flags only
+        a.cmp32(R10, IF)
+        a.jcc(5, fb)  # something else changes: Python
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: Python (IF stays, the rest as popped)
+        a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
+        a.jcc(4, setif)  # clearing IF
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after POPF
+        a.label(setif)
+        self._imm_mem(6, OFF_SYSFL, IF)  # xor: IF as popped
+        a.label(ok)
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        a.and32(R8, ARITH)
+        a.push(R8)
+        a.popfq()
+        return True
+
+    def cli(self, i: Insn, k: int, restore: bool) -> bool:
+        """CLI (CPL > IOPL: #GP from the Python tiers). Turning IF off needs no exit: a
+        request then waits, as on the Python tiers."""
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        self._imm_mem(4, OFF_SYSFL, ~IF & 0xFFFFFFFF)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def sti(self, i: Insn, k: int, restore: bool) -> bool:
+        """STI: setting IF while an interrupt may be pending leaves for the Python tiers
+        (which take it after the next instruction); otherwise IF is set and the next
+        instruction, translated in the same block (required: it is STI's interrupt
+        shadow, so no chain or exit may come between), runs before any chain polls."""
+        if k + 1 >= len(self.insns):
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        done = f"si{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw(IF.to_bytes(4, "little"))  # test dword [r15 + sysfl], IF
+        a.jcc(5, done)  # set already: nothing (and no shadow)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)
+        self._imm_mem(1, OFF_SYSFL, IF)
+        a.label(done)
+        a.push(R11)
+        a.popfq()
+        return True
+
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
         if i.p66:
@@ -966,6 +1096,7 @@ class Translator:
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
+        self.flag_exits: list = []
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
@@ -999,20 +1130,21 @@ class Translator:
                 break
             a.raw(fix[1])
             done = k + 1
-            if i.row.ends_block:
+            if _ends(i):
                 break
         if done == 0:
             return None, 0
         if done < len(insns):
             return None, done
         last = insns[done - 1]
-        if not last.row.ends_block:
+        if not _ends(last):
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
             if done == len(insns) and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
+        self._emit_flag_exits()
         self._emit_misses()
         self._emit_chains()
         self._emit_stubs()
@@ -1031,7 +1163,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[b
             break
         insns.append(i)
         pos += len(i.raw)
-        if i.row.ends_block:
+        if _ends(i):
             break
     if not insns:
         return None
