@@ -275,6 +275,31 @@ def test_chained_entry_polls_the_interrupt_flag_and_the_budget() -> None:
         cpu.close()
 
 
+def test_invlpg_of_a_data_page_keeps_the_translations() -> None:
+    """INVLPG of a page no block was fetched from (the Debian boot's fixmap loop: 70,000
+    of them) drops that TLB entry only; of a code page, every EIP map and chain."""
+    cpu = _cpu()
+    try:
+        code = b"\x40\x8b\x0b\xeb\xfb"  # inc eax; mov ecx, [ebx]; jmp back
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.eip, cpu.r[3] = CODE, DATA
+        cpu.run(2000)
+        assert cpu.native.blocks and cpu.code_lin == {CODE >> 12}
+        epoch, fast = cpu.native.epoch, sum(len(m) for m in cpu._fast.values())
+        assert fast and DATA >> 12 in cpu.rtlb
+        cpu.tlb_flush(DATA >> 12)
+        assert DATA >> 12 not in cpu.rtlb and not cpu.native.tlb.tables.read[DATA >> 12]
+        assert cpu.native.epoch == epoch and sum(len(m) for m in cpu._fast.values()) == fast
+        cpu.tlb_flush(CODE >> 12)
+        assert cpu.native.epoch == epoch + 1 and not any(cpu._fast.values())
+        assert not cpu.code_lin
+        before = cpu.r[0]
+        cpu.run(2000)  # and it runs on, translated again
+        assert cpu.r[0] > before and cpu.code_lin == {CODE >> 12}
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 
