@@ -1716,7 +1716,10 @@ class Cpu:
         fast: dict[int, Callable[[], int]] = {}
         try:
             while done + faults < max_insns:
-                self.run_left = max_insns - done  # bounds a native entry (native/)
+                # Bounds a native entry (native/), faults included: with only `done`
+                # the last entry could outrun the loop, fill the TLB for its next
+                # instruction (A/D bits) and stop before running it (fuzz seed 51752).
+                self.run_left = max_insns - done - faults
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):

@@ -35,6 +35,12 @@ from typing import TYPE_CHECKING
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
+    OFF_BUDGET,
+    OFF_DSTEP,
+    OFF_EIP,
+    OFF_IRQ,
+    OFF_REASON,
+    OFF_SYSFL,
     ChainTable,
     CodeArena,
     NativeState,
@@ -51,8 +57,13 @@ BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cp
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
-_REGS = struct.Struct("<8I")
-_SBASE = struct.Struct("<6I")
+# The state going in (NativeState from r to dstep: the registers, EFLAGS, the segment
+# bases, budget, intr, sysfl, ifok, irq, dstep; the fields between are zeroed) and
+# coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
+_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIq")
+_STATE_OUT = struct.Struct("<8III24xIIi16xI")
+assert _STATE_IN.size == OFF_DSTEP + 8 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+assert _STATE_OUT.size == OFF_SYSFL + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
 
 
 def native_available() -> bool:
@@ -127,15 +138,15 @@ class NativeTier:
         self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
         # Chain tables by (mode_key, cs_key), as the Python tiers' per-mode EIP maps.
         self.chains: dict[tuple[int, int], ChainTable] = {}
-        self.ckey: tuple[int, int] | None = None
-        self.ctab: ChainTable | None = None
+        self.cmode = self.ccs = -1  # the key of ctab
+        self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
         self.translated_insns = 0
         self.entries = 0  # calls into translated code
-        self.exits: dict[int, int] = {}  # EXIT_* -> count
+        self.exits = [0, 0, 0]  # by EXIT_*
         # BOITE_NATIVE_PROFILE=1: where translated code leaves, by (reason, EIP): the
         # instructions the tier should cover next (see exit_profile).
         self.profile: dict[tuple[int, int], int] | None = (
@@ -180,7 +191,7 @@ class NativeTier:
         ct = self.chains.get(key)
         if ct is None:
             ct = self.chains[key] = ChainTable(self.out_addr)
-        self.ckey = key
+        self.cmode, self.ccs = key
         self.ctab = ct
         self.st.jtab = ct.addr
         return ct
@@ -264,46 +275,45 @@ class NativeTier:
     def _runner(self, addr: int, eip: int) -> Callable[[], int]:
         tier = self
         cpu = self.cpu
-        st = self.st
         stbuf = self.stbuf
         st_addr = self.st_addr
         entry = self.entry
-        regs_in, regs_out = _REGS.pack_into, _REGS.unpack_from
-        sbase_in = _SBASE.pack_into
+        state_in, state_out = _STATE_IN.pack_into, _STATE_OUT.unpack_from
         slot = 2 * chain_slot(eip)
         exits = self.exits
+        # One entry is Python work around one ctypes call: the state goes in and comes out
+        # with one struct call each (_STATE_IN, _STATE_OUT).
 
         def run_native() -> int:
             if tier.bound is not cpu.rtlb:
                 tier._bind()
-            key = (cpu.mode_key, cpu.cs_key)
-            ct = tier.ctab if key == tier.ckey else tier._select(key)
+            ct = tier.ctab
+            if cpu.mode_key != tier.cmode or cpu.cs_key != tier.ccs:
+                ct = tier._select((cpu.mode_key, cpu.cs_key))
             if ct.slots[slot + 1] != addr:  # this block is valid here: let chains find it
                 ct.add(eip, addr)
-            regs_in(stbuf, 0, *cpu.r)
-            fl = cpu.get_flags()
-            st.eflags = fl
-            sbase_in(stbuf, 40, *cpu.sbase)
-            st.dstep = -1 if fl & DF else 1
-            st.sysfl = fl & ~ARITH  # IF etc.: translated PUSHF/POPF/CLI/STI
-            st.ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
-            st.irq = 1 if cpu.intr else 0
-            budget = min(BUDGET, cpu.run_left)  # BUDGET read now: tests set it
-            st.budget = budget
+            fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
+            left = cpu.run_left
+            budget = BUDGET if BUDGET < left else left  # BUDGET read now: tests set it
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
             # set it meanwhile (Cpu.kick).
-            st.intr = 1 if (cpu.intr and cpu.fl & IF) or cpu.dma_writes or cpu.stop else 0
+            irq = 1 if cpu.intr else 0
+            intr = 1 if (irq and fl & IF) or cpu.dma_writes or cpu.stop else 0
+            # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
+            ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
+            state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
+                     -1 if fl & DF else 1)  # fmt: skip
             entry(st_addr, addr)
-            cpu.r[:] = regs_out(stbuf, 0)
-            cpu.fl = (st.sysfl & ~ARITH) | (st.eflags & ARITH) | 2
+            *regs, eip_out, efl, reason, ndone, budget_left, sysfl = state_out(stbuf, 0)
+            cpu.r[:] = regs
+            cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE
-            cpu.eip = st.eip
-            n = budget - st.budget + st.ndone
+            cpu.eip = eip_out
+            n = budget - budget_left + ndone
             tier.insns += n
             tier.entries += 1
-            reason = st.reason
-            exits[reason] = exits.get(reason, 0) + 1
+            exits[reason] += 1
             if tier.profile is not None:
                 tier._note_exit(reason)
             if reason == EXIT_MISS:
@@ -350,6 +360,19 @@ class NativeTier:
         page = lin >> 12
         assert self.tlb is not None
         table = self.tlb.tables.write if write else self.tlb.tables.read
+        if write and lin & 0xFFF > 0xFF0:
+            # Maybe an access across pages (the miss does not say its size): filling
+            # this page for writing would set its PTE's D bit even when the next page
+            # faults (fuzz seed 51752; QEMU and the closures leave D clear). The closure
+            # does it all, then the table takes what the Python TLB holds.
+            try:
+                n = self._one()
+            except BaseException:
+                cpu.done_before_raise += done
+                raise
+            if not table[page]:
+                self._mirror(page, write)
+            return n
         if not table[page]:
             try:
                 if kind & 2:  # read-modify-write: the read faults first

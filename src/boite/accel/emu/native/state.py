@@ -40,11 +40,12 @@ class NativeState(ctypes.Structure):
         ("sysfl", ctypes.c_uint32),
         ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
         ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
+        ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
+        # (Each entry writes the fields from r to dstep in one go: native/__init__.py.)
         # A REPE/REPNE CMPS/SCAS left at a TLB miss: its EIP (0xFFFFFFFF: none) and the
         # elements its slice has left, so the next entry goes on with the same count.
         ("rep_eip", ctypes.c_uint32),
         ("rep_left", ctypes.c_uint32),
-        ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)

@@ -30,6 +30,7 @@ taken only when it fits inside its page. Guest code cannot produce another addre
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
@@ -65,7 +66,20 @@ from boite.accel.emu.native.state import (
     OFF_TMP,
     chain_slot,
 )
-from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
+from boite.accel.emu.native.x64 import (
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+    RAX,
+    RDI,
+    RSI,
+    Asm,
+)
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 
 ESP = 4
@@ -140,6 +154,82 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
 
 
+def _encoded(build) -> bytes:
+    """The bytes one Asm sequence (without jumps) encodes to: the templates below."""
+    a = Asm()
+    build(a)
+    return a.finish()
+
+
+def _s32(v: int) -> bytes:
+    return (v & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+# Byte templates of the code every block repeats (translation is Python building bytes:
+# these are the same bytes the Asm calls would give, built once). An `_imm` template
+# ends where a 32-bit immediate or displacement follows.
+def _imm(build) -> bytes:
+    return _encoded(build)[:-4]
+
+
+_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _imm(
+    lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0)
+)
+_CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
+_MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
+_CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
+_POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
+_CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
+    lambda a: a._mem(b"\x39", R9, R8, 0)
+)
+_CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
+_JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
+_ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
+_ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
+_ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
+_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI")  # ndone, reason
+_EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
+_LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
+# dst += the segment base (through R10): by (dst, segment)
+_ADD_SBASE = {
+    (dst, seg): _encoded(
+        lambda a, dst=dst, seg=seg: (
+            a.load32(R10, R15, OFF_SBASE + 4 * seg),
+            a.lea32(dst, dst, 0, index=R10),
+        )
+    )
+    for dst in range(16)
+    for seg in range(6)
+}
+_LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
+_MISS: dict[tuple[int, int], bytes] = {}
+
+
+def _lookup_template(addr: int, size: int, write: bool, restore: bool,
+                     saved: bool) -> tuple[bytes, int, int]:  # fmt: skip
+    """The inline TLB lookup of Translator.lookup, with the offsets of its two rel32s
+    (both to the miss stub)."""
+    a = Asm()
+    if not saved:
+        a.pushfq()
+        a.pop(R11)  # the guest flags, for the miss path and to restore
+    a.mov_rr32(R10, addr)
+    a.shr32(R10, 12)
+    a.load64_index8(R10, R13 if write else R14, R10)
+    a.test64(R10, R10)
+    a.jcc(4, "miss")  # JE: no entry
+    a.mov_rr32(R8, addr)
+    a.and32(R8, 0xFFF)
+    a.cmp32(R8, 0x1000 - size)
+    a.jcc(7, "miss")  # JA: the access would cross into the next page
+    a.add64(R10, R8)
+    if restore:
+        a.push(R11)
+        a.popfq()
+    (fix1, _), (fix2, _) = a.fixups
+    return bytes(a.buf), fix1, fix2
+
+
 @dataclass
 class MemOperand:
     mod: int
@@ -166,6 +256,40 @@ class Insn:
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
+
+
+class RowFacts:
+    """What the translator derives from one opcode table row, derived once per row
+    (parsing and building a block ask for them for every instruction)."""
+
+    __slots__ = ("ops", "modrm", "imm", "byte_op", "kill", "read", "kills_all", "plain",
+                 "writes_first")  # fmt: skip
+
+    def __init__(self, row: Op) -> None:
+        self.ops = tuple(row.operands.split(",")) if row.operands else ()
+        self.modrm = has_modrm(row)
+        self.imm = (imm_bytes(row, False), imm_bytes(row, True))  # by the 66 prefix
+        first = next((o for o in self.ops if o[:1] in ("E", "G", "Z")), "")
+        self.byte_op = first.endswith("b")
+        # Flag liveness: what the row defines for sure, and what it reads.
+        self.kill = row.flags_written & ~row.flags_undefined & ~row.flags_read
+        self.read = row.flags_read & ARITH
+        self.kills_all = self.kill == ARITH
+        self.plain = row.native in ("copy", "lea", "branch")  # never leaves before it
+        self.writes_first = bool(self.ops) and self.ops[0][:1] == "E"
+
+
+_FACTS: dict[int, RowFacts] = {}
+_NO_FIX = (b"", b"")
+# (map, opcode, ModRM reg field or -1) -> the row (lookup() walks a list)
+_ROWS: dict[tuple[str, int, int], Op | None] = {}
+
+
+def facts(row: Op) -> RowFacts:
+    f = _FACTS.get(id(row))
+    if f is None:
+        f = _FACTS[id(row)] = RowFacts(row)
+    return f
 
 
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
@@ -198,13 +322,17 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None
     code = raw[pos]
     pos += 1
-    row = lookup(opmap, code, raw[pos] if pos < len(raw) else None)
+    key = (opmap, code, (raw[pos] >> 3) & 7 if pos < len(raw) else -1)
+    if key in _ROWS:
+        row = _ROWS[key]
+    else:
+        row = _ROWS[key] = lookup(opmap, code, raw[pos] if pos < len(raw) else None)
     if row is None or row.native is None:
         return None
-    ops = row.operands.split(",") if row.operands else []
+    rf = facts(row)
     modrm = None
     mem = None
-    if has_modrm(row):
+    if rf.modrm:
         if pos >= len(raw):
             return None
         modrm = raw[pos]
@@ -236,7 +364,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
                     return None  # an access that needs its segment's checks: Python
                 seg = override
             mem = MemOperand(mod, rm, base, index, scale, disp, seg)
-    imm = imm_bytes(row, p66)
+    imm = rf.imm[p66]
     if pos + imm > len(raw):
         return None
     if override is not None and row.native in ("rep_string", "string1", "moffs"):
@@ -255,16 +383,14 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None
     if row.native == "string1" and (rep or repne) and row.code in (0xAC, 0xAD):
         return None  # REP STOS is rep_string's, REP LODS stays in Python
-    first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
-    size = 1 if first.endswith("b") else (2 if p66 else 4)
+    size = 1 if rf.byte_op else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
                 0xF3 if rep else (0xF2 if repne else 0), override)  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
     """The instruction names ESP as a data register (not allowed: it lives in memory)."""
-    ops = i.row.operands.split(",") if i.row.operands else []
-    for o in ops:
+    for o in facts(i.row).ops:
         sz_byte = o.endswith("b")
         if o[:1] == "G" and i.modrm is not None and (i.modrm >> 3) & 7 == ESP and not sz_byte:
             return True
@@ -279,11 +405,10 @@ def _uses_esp(i: Insn) -> bool:
 def _esp_rex(i: Insn) -> int:
     """The REX bits (R: ModRM reg, B: ModRM rm or opcode register) that turn the guest's
     ESP operands into R12; -1 where that would also turn AH..BH into SPL..DIL."""
-    ops = i.row.operands.split(",") if i.row.operands else []
     rex = 0
     high_byte = False
     modrm = i.modrm
-    for o in ops:
+    for o in facts(i.row).ops:
         kind, byte = o[:1], o.endswith("b")
         if kind == "G" and modrm is not None:
             num = (modrm >> 3) & 7
@@ -411,8 +536,7 @@ def _ends(i: Insn) -> bool:
 def _writes_mem(i: Insn) -> bool:
     if i.row.mnemonic == "CMPXCHG8B":
         return True  # like CMPXCHG, it writes the old value back on a mismatch
-    ops = i.row.operands.split(",") if i.row.operands else []
-    if not ops or ops[0][:1] != "E":
+    if not facts(i.row).writes_first:
         return False
     return i.row.mnemonic not in _RD_ONLY
 
@@ -447,49 +571,41 @@ class Translator:
         a = self.a
         if not self.chains:
             return
+        buf = a.buf
         for name, target, ndone in self.chains:
             a.label(name)
-            a.pushfq()
-            a.pop(R11)
-            a.sub_mem_imm32(R15, OFF_BUDGET, ndone)
+            buf += _CHAIN_HEAD + _s32(ndone)  # pushfq; pop r11; sub [r15 + budget], ndone
             if target is None:
-                a.mov_rr32(R9, R8)
-                a._mem(b"\xff", 4, R15, OFF_DISPATCH)  # jmp [r15 + dispatch]
+                buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
                 continue
-            a.mov_imm32(R9, target)
+            buf += _MOV_R9 + _s32(target)
             a.jcc(0xE, "leave")  # JLE: budget spent
-            a.cmp_mem_imm32(R15, OFF_INTR, 0)
+            buf += _CMP_INTR
             a.jcc(5, "leave")
             if target == self.start:  # a loop: no lookup
-                a.push(R11)
-                a.popfq()
+                buf += _POPF_R11
                 a.jmp("start")
                 continue
             slot = chain_slot(target) * 16
-            a.load64(R8, R15, OFF_JTAB)
-            a._mem(b"\x39", R9, R8, slot)  # cmp [r8 + slot], r9d
+            buf += _CHAIN_CMP + _s32(slot)  # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d
             a.jcc(5, "leave")
-            a.push(R11)
-            a.popfq()
-            a._mem(b"\xff", 4, R8, slot + 8)  # jmp [r8 + slot + 8]
+            buf += _CHAIN_JMP + _s32(slot + 8)  # push r11; popfq; jmp [r8 + slot + 8]
         a.label("leave")
-        a._mem(b"\xff", 4, R15, OFF_OUT)  # jmp [r15 + out]
+        buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
+        buf = a.buf
         for name, (eip, ndone, reason, eip_reg) in self.stubs:
             a.label(name)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
             else:
-                a.store_imm32(R15, OFF_EIP, eip)
-            a.store_imm32(R15, OFF_NDONE, ndone)
-            a.store_imm32(R15, OFF_REASON, reason)
+                buf += _ST_EIP + _s32(eip)
+            buf += _STUB_TAIL.pack(_ST_NDONE, ndone, _ST_REASON, reason)
             a.jmp("epilogue")
         a.label("epilogue")
-        a.pushfq()
-        a.pop(R11)
-        _epilogue(self.a)
+        buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
 
     # -- memory --------------------------------------------------------------------
     def address(self, m: MemOperand, dst: int, with_segment: bool = True) -> None:
@@ -497,7 +613,7 @@ class Translator:
         a = self.a
         base = m.base
         if base == ESP:
-            a.load32(R12, R15, OFF_ESP)
+            a.buf += _LOAD_R12_ESP
             base = R12
         if base is None:
             a.mov_imm32(dst, m.disp)
@@ -506,8 +622,7 @@ class Translator:
         else:
             a._mem(b"\x8d", dst, base, m.disp, index=m.index, scale=m.scale)
         if with_segment:
-            a.load32(R10, R15, OFF_SBASE + 4 * m.seg)
-            a.lea32(dst, dst, 0, index=R10)
+            a.buf += _ADD_SBASE[(dst, m.seg)]
 
     def lookup(self, addr: int, size: int, write: bool, k: int, restore: bool,
                reads: bool = True, saved: bool = False) -> None:  # fmt: skip
@@ -517,34 +632,31 @@ class Translator:
         a = self.a
         miss = f"m{self.n}"
         self.n += 1
-        if not saved:
-            a.pushfq()
-            a.pop(R11)  # the guest flags, for the miss path and to restore
-        a.mov_rr32(R10, addr)
-        a.shr32(R10, 12)
-        a.load64_index8(R10, R13 if write else R14, R10)
-        a.test64(R10, R10)
-        a.jcc(4, miss)  # JE: no entry
-        a.mov_rr32(R8, addr)
-        a.and32(R8, 0xFFF)
-        a.cmp32(R8, 0x1000 - size)
-        a.jcc(7, miss)  # JA: the access would cross into the next page
-        a.add64(R10, R8)
-        if restore:
-            a.push(R11)
-            a.popfq()
+        key = (addr, size, write, restore, saved)
+        t = _LOOKUP.get(key)
+        if t is None:
+            t = _LOOKUP[key] = _lookup_template(addr, size, write, restore, saved)
+        code, fix1, fix2 = t
+        at = len(a.buf)
+        a.buf += code
+        a.fixups.append((at + fix1, miss))
+        a.fixups.append((at + fix2, miss))
         # A read-modify-write misses as a read first (#PF error code W=0), as the
         # closures, which read before they write.
         self.misses.append((miss, addr, (1 if write else 0) | (2 if write and reads else 0), k))
 
     def _emit_misses(self) -> None:
         a = self.a
+        buf = a.buf
         for miss, addr, write, k in self.misses:
             a.label(miss)
-            a.push(R11)
-            a.popfq()
-            a.store32(R15, OFF_MISS_ADDR, addr)
-            a.store_imm32(R15, OFF_MISS_WRITE, write)
+            key = (addr, write)
+            code = _MISS.get(key)
+            if code is None:
+                code = _MISS[key] = _encoded(lambda b, addr=addr, write=write: (
+                    b.push(R11), b.popfq(), b.store32(R15, OFF_MISS_ADDR, addr),
+                    b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+            buf += code
             a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
 
     # -- instructions ----------------------------------------------------------------
@@ -611,8 +723,7 @@ class Translator:
             self.lookup(R9, 4, _writes_mem(i), k, restore)
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
-        ops = i.row.operands.split(",")
-        if any(o[:1] == "G" and o.endswith("b") for o in ops) and reg >= 4:
+        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in facts(i.row).ops):
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
@@ -1091,8 +1202,10 @@ class Translator:
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
         """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
-        many of them it translates: fewer where one cannot be, and then the flag liveness
-        it was built with is wrong past them, so the caller builds that prefix again."""
+        many of them it translates: fewer where one cannot be. The block then ends before
+        that one, chaining to it; where the flag liveness it was built with differs from
+        that ending (something after it killed flags the exit shows), it returns
+        (None, the count) and the caller builds that prefix again."""
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
@@ -1100,46 +1213,57 @@ class Translator:
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
-        live_out = [0] * len(insns)
-        for k in range(len(insns) - 1, -1, -1):
-            i = insns[k]
+        n = len(insns)
+        live_out = [0] * n
+        live_in = [0] * n
+        rfs = [facts(i.row) for i in insns]
+        for k in range(n - 1, -1, -1):
             live_out[k] = live
-            if i.mem is not None or i.row.native not in ("copy", "lea", "branch"):
+            rf = rfs[k]
+            if insns[k].mem is not None or not rf.plain:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
-                continue
-            row = i.row
-            kill = row.flags_written & ~row.flags_undefined & ~row.flags_read
-            live = (live & ~kill) | (row.flags_read & ARITH)
+            else:
+                live = (live & ~rf.kill) | rf.read
+            live_in[k] = live
         a = self.a
+        buf = a.buf
         a.label("start")
         done = 0
         for k, i in enumerate(insns):
-            method = getattr(self, i.row.native)
             differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
-            fix = _flag_fix(i, differ) if differ else (b"", b"")
+            fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
-            # After a TLB lookup the guest flags go back into the host's unless this
-            # instruction defines them all: a later exit (a miss further on) shows them.
-            row = i.row
-            kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
             if i.row.native not in _ESP_AWARE and _uses_esp(i):
                 break
-            a.raw(fix[0])
-            if not method(i, k, not kills_all):
+            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs))
+            if fix[0]:
+                buf += fix[0]
+            # After a TLB lookup the guest flags go back into the host's unless this
+            # instruction defines them all: a later exit (a miss further on) shows them.
+            if not getattr(self, i.row.native)(i, k, not rfs[k].kills_all):
+                # What it emitted before refusing goes (its labels stay, unused).
+                del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
+                del self.chains[mark[3] :], self.stubs[mark[4] :]
                 break
-            a.raw(fix[1])
+            if fix[1]:
+                buf += fix[1]
             done = k + 1
             if _ends(i):
                 break
+        if done and insns[done - 1].row.native == "sti":
+            return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
             return None, 0
-        if done < len(insns):
-            return None, done
         last = insns[done - 1]
+        if done < n:
+            if live_in[done] != ARITH:
+                return None, done  # built with the wrong liveness
+            fall = (last.eip + len(last.raw)) & 0xFFFFFFFF
+            n = done
         if not _ends(last):
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
-            if done == len(insns) and fall == nxt:
+            if done == n and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
