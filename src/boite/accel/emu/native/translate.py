@@ -372,6 +372,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             return None  # implicit operands through an override: Python
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
+    if rep and row.mnemonic in ("BSF", "BSR"):
+        rep = False  # F3 0F BC/BD: BSF/BSR here (no TZCNT/LZCNT), the prefix ignored
     if (
         row.native == "rep_string"
         and not rep
@@ -445,6 +447,8 @@ def host_differs(i: Insn) -> int:
         return 0xD4
     if m in ("SHLD", "SHRD"):
         return 0x810
+    if m in ("BSF", "BSR"):  # the Python tiers keep all but ZF
+        return 0x895
     if i.opmap:
         return 0
     if code in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
@@ -487,6 +491,19 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
         if i.opmap == "" and i.code in (0xF6, 0xF7):
             return b"", _szp_from(i.size, 0)  # the low half lands in AL/AX/EAX
         return b"", _szp_from(i.size, (i.modrm >> 3) & 7)
+    if m in ("SHLD", "SHRD"):
+        return _double_shift_fix(i)
+    if m in ("BSF", "BSR"):
+        if not rm_reg:
+            return None  # a miss between would leave the host stack unbalanced
+        # The guest's flags wait on the host stack; ZF alone comes from the host's.
+        return b"\x9c", (
+            b"\x9c\x41\x58"  # pushfq; pop r8
+            + b"\x41\x83\xe0\x40"  # and r8d, ZF
+            + b"\x48\x83\x24\x24\xbf"  # and qword [rsp], ~ZF
+            + b"\x4c\x09\x04\x24"  # or [rsp], r8
+            + b"\x9d"  # popfq
+        )
     if i.opmap or i.code not in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
         return None
     if m not in ("SHL", "SAL", "SAR", "SHR") or differ & ~0x810:
@@ -511,6 +528,32 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     if differ & 0x10:
         after = b"\x80\x24\x24\xef" + after  # and byte [rsp], ~AF
     if cnt is None:  # by CL: a count of 0 leaves the flags as they were
+        after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
+    return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
+
+
+def _double_shift_fix(i: Insn) -> tuple[bytes, bytes] | None:
+    """SHLD/SHRD on a register: AF clear and OF set where the destination's sign
+    changed, for every count (the Python tiers' values; the host defines OF for a count
+    of 1 only); a count of 0 changes no flag."""
+    rm = i.modrm & 7
+    if i.modrm >> 6 != 3 or rm == ESP:
+        return None  # the old destination is not at hand before the lookup
+    by_cl = i.code in (0xA5, 0xAD)
+    if by_cl and rm == 1:
+        return None  # the shift changes CL, which says whether it shifted at all
+    if not by_cl and i.raw[-1] & 31 == 0:
+        return b"", b""
+    top = 8 * i.size - 1
+    before = bytes((0x41, 0x89, 0xC0 | rm << 3))  # mov r8d, <destination>
+    after = (
+        b"\x80\x24\x24\xef"  # and byte [rsp], ~AF
+        + b"\x66\x81\x24\x24\xff\xf7"  # and word [rsp], ~OF
+        + bytes((0x44, 0x33, 0xC0 | rm))  # xor r8d, <destination>: the changed bits
+        + bytes((0x41, 0x0F, 0xBA, 0xE0, top))  # bt r8d, top bit
+        + b"\x73\x06\x66\x81\x0c\x24\x00\x08"  # jnc +6; or word [rsp], OF
+    )
+    if by_cl:  # a count of 0 leaves the flags as they were
         after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
