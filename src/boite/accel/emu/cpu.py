@@ -239,6 +239,9 @@ class Cpu:
         # Compiled blocks by EIP, one map per (mode_key, CS base); emptied whenever a
         # block or a TLB entry goes away, so a hit needs no further check.
         self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
+        # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
+        # of any other page (a fixmap, a data page) leaves the maps and chains alone.
+        self.code_lin: set[int] = set()
         self.hot_block = HOT_BLOCK
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
@@ -373,10 +376,13 @@ class Cpu:
             self.xtlb = self.rtlb
 
     def tlb_flush(self, page: int | None = None) -> None:
-        for fast in self._fast.values():
-            fast.clear()
+        code = page is None or page in self.code_lin
+        if code:  # a block's code may map elsewhere now
+            for fast in self._fast.values():
+                fast.clear()
+            self.code_lin.clear()
         if self.native is not None:
-            self.native.tlb_flush(page)
+            self.native.tlb_flush(page, code)
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
                 if page is None:
@@ -1705,6 +1711,7 @@ class Cpu:
         compile_ok = self.compile_blocks
         hot = self.hot_block
         fmaps = self._fast
+        code_lin = self.code_lin
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         try:
@@ -1746,6 +1753,9 @@ class Cpu:
                         eip = self.eip
                         csk = self.cs_key
                         lin = (sbase[1] + eip) & M32
+                        code_lin.add(lin >> 12)
+                        if lin & 0xFFF > 0xFF0:  # an instruction may reach the next page
+                            code_lin.add(((lin >> 12) + 1) & 0xFFFFF)
                         p = self.xtlb.get(lin >> 12)
                         pa = (p | (lin & 0xFFF)) if p is not None else self.fill_fetch(lin)
                         b = blocks.get(pa)

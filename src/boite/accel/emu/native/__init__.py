@@ -161,10 +161,13 @@ class NativeTier:
         self.profile_raw: dict[tuple[int, int], str] = {}
 
     # -- TLB mirror ----------------------------------------------------------------------
-    def tlb_flush(self, page: int | None = None) -> None:
+    def tlb_flush(self, page: int | None = None, code: bool = True) -> None:
+        """Drop TLB entries (page None: all); `code`: a translated block's page may map
+        elsewhere now, so no chain may lead to one (Cpu.code_lin says which pages)."""
         for t in self.tlbs:
             t.flush(page)
-        self.unchain()
+        if code:
+            self.unchain()
 
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
@@ -48,7 +48,9 @@ from boite.accel.emu.native.state import (
     OFF_EFLAGS,
     OFF_EIP,
     OFF_ESP,
+    OFF_IFOK,
     OFF_INTR,
+    OFF_IRQ,
     OFF_JTAB,
     OFF_MISS_ADDR,
     OFF_MISS_WRITE,
@@ -59,6 +61,7 @@ from boite.accel.emu.native.state import (
     OFF_REP_EIP,
     OFF_REP_LEFT,
     OFF_SBASE,
+    OFF_SYSFL,
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
@@ -390,6 +393,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             return None  # implicit operands through an override: Python
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
+    if rep and row.mnemonic in ("BSF", "BSR"):
+        rep = False  # F3 0F BC/BD: BSF/BSR here (no TZCNT/LZCNT), the prefix ignored
     if (
         row.native == "rep_string"
         and not rep
@@ -463,6 +468,8 @@ def host_differs(i: Insn) -> int:
         return 0xD4
     if m in ("SHLD", "SHRD"):
         return 0x810
+    if m in ("BSF", "BSR"):  # the Python tiers keep all but ZF
+        return 0x895
     if i.opmap:
         return 0
     if code in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
@@ -505,6 +512,19 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
         if i.opmap == "" and i.code in (0xF6, 0xF7):
             return b"", _szp_from(i.size, 0)  # the low half lands in AL/AX/EAX
         return b"", _szp_from(i.size, (i.modrm >> 3) & 7)
+    if m in ("SHLD", "SHRD"):
+        return _double_shift_fix(i)
+    if m in ("BSF", "BSR"):
+        if not rm_reg:
+            return None  # a miss between would leave the host stack unbalanced
+        # The guest's flags wait on the host stack; ZF alone comes from the host's.
+        return b"\x9c", (
+            b"\x9c\x41\x58"  # pushfq; pop r8
+            + b"\x41\x83\xe0\x40"  # and r8d, ZF
+            + b"\x48\x83\x24\x24\xbf"  # and qword [rsp], ~ZF
+            + b"\x4c\x09\x04\x24"  # or [rsp], r8
+            + b"\x9d"  # popfq
+        )
     if i.opmap or i.code not in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
         return None
     if m not in ("SHL", "SAL", "SAR", "SHR") or differ & ~0x810:
@@ -533,6 +553,32 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
 
+def _double_shift_fix(i: Insn) -> tuple[bytes, bytes] | None:
+    """SHLD/SHRD on a register: AF clear and OF set where the destination's sign
+    changed, for every count (the Python tiers' values; the host defines OF for a count
+    of 1 only); a count of 0 changes no flag."""
+    rm = i.modrm & 7
+    if i.modrm >> 6 != 3 or rm == ESP:
+        return None  # the old destination is not at hand before the lookup
+    by_cl = i.code in (0xA5, 0xAD)
+    if by_cl and rm == 1:
+        return None  # the shift changes CL, which says whether it shifted at all
+    if not by_cl and i.raw[-1] & 31 == 0:
+        return b"", b""
+    top = 8 * i.size - 1
+    before = bytes((0x41, 0x89, 0xC0 | rm << 3))  # mov r8d, <destination>
+    after = (
+        b"\x80\x24\x24\xef"  # and byte [rsp], ~AF
+        + b"\x66\x81\x24\x24\xff\xf7"  # and word [rsp], ~OF
+        + bytes((0x44, 0x33, 0xC0 | rm))  # xor r8d, <destination>: the changed bits
+        + bytes((0x41, 0x0F, 0xBA, 0xE0, top))  # bt r8d, top bit
+        + b"\x73\x06\x66\x81\x0c\x24\x00\x08"  # jnc +6; or word [rsp], OF
+    )
+    if by_cl:  # a count of 0 leaves the flags as they were
+        after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
+    return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
+
+
 def _shift_count(i: Insn) -> int | None:
     """The count of a shift by an immediate or by 1 (None: by CL)."""
     if i.code in (0xD0, 0xD1):
@@ -540,6 +586,15 @@ def _shift_count(i: Insn) -> int | None:
     if i.code in (0xC0, 0xC1):
         return i.raw[-1] & 31
     return None
+
+
+# Rows the Python tiers end blocks at (so interrupts are taken after them) that
+# translated code goes on after: they leave where an interrupt could be taken.
+_GOES_ON = ("popf", "cli", "sti")
+
+
+def _ends(i: Insn) -> bool:
+    return i.row.ends_block and i.row.native not in _GOES_ON
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1073,6 +1128,127 @@ class Translator:
             a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
         return True
 
+    # -- EFLAGS beyond the arithmetic flags (state sysfl) ------------------------------
+    def _imm_mem(self, ext: int, disp: int, imm: int) -> None:
+        """op dword [r15 + disp], imm32 (81 /ext: 1 OR, 4 AND, 6 XOR, 7 CMP)."""
+        self.a._mem(b"\x81", ext, R15, disp)
+        self.a.raw(imm.to_bytes(4, "little"))
+
+    def _flags_fallback(self, i: Insn, k: int) -> str:
+        """A stub that puts the guest flags (R11) back and leaves for the Python tiers
+        at instruction k."""
+        name = f"fb{self.n}"
+        self.n += 1
+        self.flag_exits.append((name, i.eip, k))
+        return name
+
+    def _emit_flag_exits(self) -> None:
+        a = self.a
+        for name, eip, k in self.flag_exits:
+            a.label(name)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
+
+    def pushf(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSHF: the arithmetic flags from the host's, the rest from the state (VM and RF
+        read as 0)."""
+        if i.p66:
+            return False
+        a = self.a
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, False, reads=False)  # R11: the guest flags
+        a.mov_rr32(R8, R11)
+        a.and32(R8, ARITH)
+        a._mem(b"\x0b", R8, R15, OFF_SYSFL)  # or r8d, [r15 + sysfl]
+        a.and32(R8, 0xFCFFFF)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def popf(self, i: Insn, k: int, restore: bool) -> bool:
+        """POPF changing the arithmetic flags and IF only (IF where CLI could: `ifok`);
+        anything else (DF, TF, IOPL, AC, NT, ID) leaves for the Python tiers before the
+        instruction, and so does setting IF while an interrupt may be pending (it is
+        taken right after POPF there). Not a block end here: with no request pending,
+        one that comes later leaves at the next chain."""
+        if i.p66:
+            return False
+        a = self.a
+        ok, setif = f"pk{self.n}", f"ps{self.n}"
+        self.n += 1
+        fb = self._flags_fallback(i, k)
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, False)  # R11: the guest flags
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        a.mov_rr32(R10, R8)
+        a._mem(b"\x33", R10, R15, OFF_SYSFL)  # xor r10d, [r15 + sysfl]
+        a.and32(R10, 0x247FD5 & ~ARITH)  # what POPF may change (32-bit), but ARITH
+        a.jcc(4, ok)  # JE: the arithmetic flags only
+        a.cmp32(R10, IF)
+        a.jcc(5, fb)  # something else changes: Python
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: Python (IF stays, the rest as popped)
+        a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
+        a.jcc(4, setif)  # clearing IF
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after POPF
+        a.label(setif)
+        self._imm_mem(6, OFF_SYSFL, IF)  # xor: IF as popped
+        a.label(ok)
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        a.and32(R8, ARITH)
+        a.push(R8)
+        a.popfq()
+        return True
+
+    def cli(self, i: Insn, k: int, restore: bool) -> bool:
+        """CLI (CPL > IOPL: #GP from the Python tiers). Turning IF off needs no exit: a
+        request then waits, as on the Python tiers."""
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        self._imm_mem(4, OFF_SYSFL, ~IF & 0xFFFFFFFF)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def sti(self, i: Insn, k: int, restore: bool) -> bool:
+        """STI: setting IF while an interrupt may be pending leaves for the Python tiers
+        (which take it after the next instruction); otherwise IF is set and the next
+        instruction, translated in the same block (required: it is STI's interrupt
+        shadow, so no chain or exit may come between), runs before any chain polls."""
+        if k + 1 >= len(self.insns):
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        done = f"si{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw(IF.to_bytes(4, "little"))  # test dword [r15 + sysfl], IF
+        a.jcc(5, done)  # set already: nothing (and no shadow)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)
+        self._imm_mem(1, OFF_SYSFL, IF)
+        a.label(done)
+        a.push(R11)
+        a.popfq()
+        return True
+
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
         if i.p66:
@@ -1097,6 +1273,7 @@ class Translator:
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
+        self.flag_exits: list = []
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
@@ -1136,8 +1313,10 @@ class Translator:
             if fix[1]:
                 buf += fix[1]
             done = k + 1
-            if i.row.ends_block:
+            if _ends(i):
                 break
+        if done and insns[done - 1].row.native == "sti":
+            return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
             return None, 0
         last = insns[done - 1]
@@ -1146,13 +1325,14 @@ class Translator:
                 return None, done  # built with the wrong liveness
             fall = (last.eip + len(last.raw)) & 0xFFFFFFFF
             n = done
-        if not last.row.ends_block:
+        if not _ends(last):
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
             if done == n and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
+        self._emit_flag_exits()
         self._emit_misses()
         self._emit_chains()
         self._emit_stubs()
@@ -1171,7 +1351,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[b
             break
         insns.append(i)
         pos += len(i.raw)
-        if i.row.ends_block:
+        if _ends(i):
             break
     if not insns:
         return None
