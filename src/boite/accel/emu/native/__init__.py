@@ -106,18 +106,6 @@ class _Tlb:
             for lins in self.filled_w.values():
                 lins.discard(page)
 
-    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
-        """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
-        filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
-        for t in self.tlbs:
-            read, write, filled = t.tables.read, t.tables.write, t.filled_r
-            for p in pages:
-                read[p] = 0
-                write[p] = 0
-                filled.discard(p)
-        if code:
-            self.unchain()
-
     def drop_write(self, ppage: int) -> None:
         write = self.tables.write
         for p in self.filled_w.pop(ppage, ()):
@@ -172,6 +160,18 @@ class NativeTier:
         elsewhere now, so no chain may lead to one (Cpu.code_lin says which pages)."""
         for t in self.tlbs:
             t.flush(page)
+        if code:
+            self.unchain()
+
+    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
+        """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
+        filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
+        for t in self.tlbs:
+            read, write, filled = t.tables.read, t.tables.write, t.filled_r
+            for p in pages:
+                read[p] = 0
+                write[p] = 0
+                filled.discard(p)
         if code:
             self.unchain()
 
