@@ -322,6 +322,42 @@ def test_invlpg_of_a_data_page_keeps_the_translations() -> None:
         cpu.close()
 
 
+def test_cr3_reload_keeps_global_pages() -> None:
+    """MOV to CR3 with CR4.PGE drops the TLB entries of non-global pages only: a hot
+    loop on a global code page keeps its translations and chains; its non-global data
+    page misses again and reads the new mapping."""
+    cpu = _cpu()
+    try:
+        pd, pt, other = 0x80000, 0x81000, 0x90000
+        cpu.ram[pd : pd + 4] = (pt | 3).to_bytes(4, "little")
+        for n in range(256):  # identity, the code page global, the data page not
+            g = 0x100 if n == CODE >> 12 else 0
+            cpu.ram[pt + 4 * n : pt + 4 * n + 4] = (n << 12 | g | 3).to_bytes(4, "little")
+        cpu.ram[DATA : DATA + 4] = (7).to_bytes(4, "little")
+        cpu.ram[other : other + 4] = (9).to_bytes(4, "little")
+        code = b"\x40\x8b\x0b\xeb\xfb"  # inc eax; mov ecx, [ebx]; jmp back
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.set_cr(3, pd)
+        cpu.set_cr(4, 0x80)
+        cpu.set_cr(0, 0x80000011)
+        cpu.eip, cpu.r[3] = CODE, DATA
+        cpu.run(2000)
+        assert cpu.native.blocks and cpu.r[1] == 7
+        epoch = cpu.native.epoch
+        # The data page now maps another frame; the CR3 reload must show it.
+        pte = pt + 4 * (DATA >> 12)
+        cpu.ram[pte : pte + 4] = (other | 3).to_bytes(4, "little")
+        cpu.set_cr(3, pd)
+        assert CODE >> 12 in cpu.rtlb and DATA >> 12 not in cpu.rtlb
+        assert cpu.native.epoch == epoch and any(cpu._fast.values())
+        cpu.run(2000)
+        assert cpu.r[1] == 9
+        cpu.set_cr(4, 0)  # PGE off: everything goes
+        assert not cpu.rtlb and cpu.native.epoch > epoch
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 

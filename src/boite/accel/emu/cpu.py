@@ -242,6 +242,10 @@ class Cpu:
         # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
         # of any other page (a fixmap, a data page) leaves the maps and chains alone.
         self.code_lin: set[int] = set()
+        # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
+        # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
+        self.nonglobal: set[int] = set()
+        self.walk_global = False
         self.hot_block = HOT_BLOCK
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
@@ -381,6 +385,8 @@ class Cpu:
             for fast in self._fast.values():
                 fast.clear()
             self.code_lin.clear()
+        if page is None:
+            self.nonglobal.clear()
         if self.native is not None:
             self.native.tlb_flush(page, code)
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
@@ -389,6 +395,26 @@ class Cpu:
                     t.clear()
                 else:
                     t.pop(page, None)
+
+    def tlb_flush_nonglobal(self) -> None:
+        """MOV to CR3 with CR4.PGE: the TLB entries of global pages stay (the kernel's
+        code and data); the EIP maps and chains go only if a block's page was not
+        global."""
+        pages = self.nonglobal
+        if not pages:
+            return
+        code = not pages.isdisjoint(self.code_lin)
+        if code:
+            for fast in self._fast.values():
+                fast.clear()
+            self.code_lin.clear()
+        for tables in (*self._tlbs.values(), self._xtlbs.values()):
+            for t in tables:
+                for p in pages:
+                    t.pop(p, None)
+        if self.native is not None:
+            self.native.tlb_flush_pages(pages, code)
+        pages.clear()
 
     def paging_changed(self) -> None:
         """CR0.PG, CR4.PAE or EFER.NXE changed (or a state was loaded): pick the page
@@ -418,6 +444,7 @@ class Cpu:
         """Linear to physical: 2-level 32-bit paging (PSE 4 MiB pages too), or 3-level
         PAE paging (2 MiB pages, the XD bit with EFER.NXE). Sets accessed and dirty bits
         as the walk goes, as the hardware does."""
+        self.walk_global = False
         if not self.paging:
             return lin
         if self.pae:
@@ -433,6 +460,7 @@ class Cpu:
             new = pde | 0x20 | (0x40 if write else 0)
             if new != pde:
                 self.phys_write(pde_a, 4, new)
+            self.walk_global = bool(pde & 0x100 and self.cr4 & 0x80)
             return (pde & 0xFFC00000) | (lin & 0x3FFFFF)
         pte_a = (pde & 0xFFFFF000) | ((lin >> 10) & 0xFFC)
         pte = self.phys_read(pte_a, 4)
@@ -445,6 +473,7 @@ class Cpu:
         new = pte | 0x20 | (0x40 if write else 0)
         if new != pte:
             self.phys_write(pte_a, 4, new)
+        self.walk_global = bool(pte & 0x100 and self.cr4 & 0x80)
         return (pte & 0xFFFFF000) | (lin & 0xFFF)
 
     def _translate_pae(self, lin: int, write: bool, user: bool, fetch: bool) -> int:
@@ -466,6 +495,7 @@ class Cpu:
             new = pde | 0x20 | (0x40 if write else 0)
             if new != pde:
                 self.phys_write(pde_a, 4, new & M32)
+            self.walk_global = bool(pde & 0x100 and self.cr4 & 0x80)
             return (pde & PHYS_MASK & ~0x1FFFFF) | (lin & 0x1FFFFF)
         if pde & rsvd:
             self._page_fault(lin, 9, write, user, fetch)
@@ -482,6 +512,7 @@ class Cpu:
         new = pte | 0x20 | (0x40 if write else 0)
         if new != pte:
             self.phys_write(pte_a, 4, new & M32)
+        self.walk_global = bool(pte & 0x100 and self.cr4 & 0x80)
         return (pte & PHYS_MASK & ~0xFFF) | (lin & 0xFFF)
 
     def _page_perm(self, pde: int, pte: int, write: bool, user: bool) -> bool:
@@ -540,6 +571,8 @@ class Cpu:
             self.rtlb[page] = ppage
             if write and (pa >> 12) not in self.code_pages:
                 self.wtlb[page] = ppage
+            if not self.walk_global:
+                self.nonglobal.add(page)
         return pa
 
     def fill_fetch(self, lin: int) -> int:
@@ -551,6 +584,8 @@ class Cpu:
         ppage = pa & ~0xFFF
         if ppage + 0x1000 <= self.ram_size and (lin >> 12) not in self.watch_pages:
             self.xtlb[lin >> 12] = ppage
+            if not self.walk_global:
+                self.nonglobal.add(lin >> 12)
         return pa
 
     def fetch8(self, lin: int) -> int:
@@ -1610,7 +1645,10 @@ class Cpu:
             if self.pae:
                 self.pdptes = self.load_pdptes(v)
             self.cr3 = v
-            self.tlb_flush()
+            if self.cr4 & 0x80:  # PGE: global pages stay
+                self.tlb_flush_nonglobal()
+            else:
+                self.tlb_flush()
         elif n == 4:
             if v & ~0x7FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
                 raise CpuFault(GP, 0)

@@ -169,6 +169,18 @@ class NativeTier:
         if code:
             self.unchain()
 
+    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
+        """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
+        filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
+        for t in self.tlbs:
+            read, write, filled = t.tables.read, t.tables.write, t.filled_r
+            for p in pages:
+                read[p] = 0
+                write[p] = 0
+                filled.discard(p)
+        if code:
+            self.unchain()
+
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""
         for t in self.tlbs:
