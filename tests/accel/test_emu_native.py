@@ -358,6 +358,34 @@ def test_cr3_reload_keeps_global_pages() -> None:
         cpu.close()
 
 
+def test_rdtsc_reads_the_clock_the_python_tiers_read() -> None:
+    """Translated RDTSC calls clock_gettime and scales it as Cpu.rdtsc (its rate, its
+    offset after a WRMSR to the TSC): its value lies between two Python reads, and
+    the registers and flags but EAX/EDX stay."""
+    cpu = _cpu()
+    try:
+        code = b"\x0f\x31\x0f\x31"  # rdtsc; rdtsc (the second one: a translated block)
+        cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"
+        for hz, tsc in ((1_000_000_000, None), (2_400_000_000, 1 << 40), (3_000_000, 5)):
+            cpu.tsc_hz = hz
+            cpu.native = NativeTier(cpu)
+            if tsc is not None:
+                cpu.wrmsr(0x10, tsc)
+            f = cpu.native.translate(CODE, CODE)
+            assert f is not None
+            cpu.eip, cpu.r[:] = CODE, [1, 2, 3, 4, 0x8000, 6, 7, 8]
+            cpu.set_flags(0x8D7)
+            lo = cpu.rdtsc()
+            assert f() == 2 and cpu.eip == CODE + 4 and cpu.native.exits[0] == 1
+            hi = cpu.rdtsc()
+            got = cpu.r[2] << 32 | cpu.r[0]
+            assert lo <= got <= hi, (hz, tsc)
+            assert cpu.r[1] == 2 and cpu.r[3:] == [4, 0x8000, 6, 7, 8]
+            assert cpu.get_flags() & 0x8D5 == 0x8D5
+    finally:
+        cpu.close()
+
+
 # -- whole programs ------------------------------------------------------------------------
 nasm = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 

@@ -356,7 +356,7 @@ for _b in range(0x18, 0x20):
 for _b, _form in ((0x20, "Rd,Cd"), (0x21, "Rd,Dd"), (0x22, "Cd,Rd"), (0x23, "Dd,Rd")):
     op(_b, "MOV", _form, map="0F", u=OSZAPC, end=True, priv="cpl0", decode="_sys0f")
 op(0x30, "WRMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
-op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f")
+op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f", native="rdtsc")
 op(0x32, "RDMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
 op(0x34, "SYSENTER", map="0F", w="i", end=True, decode="_sysenter")
 op(0x35, "SYSEXIT", map="0F", end=True, priv="cpl0", decode="_sysenter")

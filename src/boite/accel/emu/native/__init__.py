@@ -122,6 +122,10 @@ class NativeTier:
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
         self.st.rep_eip = 0xFFFFFFFF
+        libc = ctypes.CDLL(None)
+        self.st.clock = ctypes.cast(libc.clock_gettime, ctypes.c_void_p).value or 0
+        self.st.tsc_hz = cpu.tsc_hz
+        self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
@@ -162,6 +166,10 @@ class NativeTier:
             t.flush(page)
         if code:
             self.unchain()
+
+    def sync_tsc(self) -> None:
+        """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
+        self.st.tsc_off = self.cpu.tsc_offset & 0xFFFFFFFFFFFFFFFF
 
     def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
         """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).

@@ -42,6 +42,7 @@ from boite.accel.emu.native.state import (
     EXIT_FALLBACK,
     EXIT_MISS,
     OFF_BUDGET,
+    OFF_CLOCK,
     OFF_DISPATCH,
     OFF_DSTEP,
     OFF_EFLAGS,
@@ -64,6 +65,8 @@ from boite.accel.emu.native.state import (
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
+    OFF_TSC_HZ,
+    OFF_TSC_OFF,
     chain_slot,
 )
 from boite.accel.emu.native.x64 import (
@@ -1225,6 +1228,40 @@ class Translator:
         self._imm_mem(1, OFF_SYSFL, IF)
         a.label(done)
         a.push(R11)
+        a.popfq()
+        return True
+
+    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
+        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
+        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it."""
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: CPL > 0
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
+        a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        # The host stack is 8 mod 16 in translated code: 4 pushes and 24 bytes (the
+        # timespec) align it for the call. RAX, RDX are RDTSC's; RCX, RSI, RDI and the
+        # flags are saved; the callee keeps RBX, RBP, R12-R15.
+        a.push(R11)
+        a.raw(b"\x51\x56\x57")  # push rcx; push rsi; push rdi
+        a.raw(b"\x48\x83\xec\x18")  # sub rsp, 24
+        a.raw(b"\xbf\x01\x00\x00\x00")  # mov edi, CLOCK_MONOTONIC
+        a.raw(b"\x48\x89\xe6")  # mov rsi, rsp
+        a._mem(b"\xff", 2, R15, OFF_CLOCK)  # call [r15 + clock]
+        a.raw(b"\x48\x69\x04\x24\x00\xca\x9a\x3b")  # imul rax, [rsp], 10^9
+        a.raw(b"\x48\x03\x44\x24\x08")  # add rax, [rsp + 8]: nanoseconds
+        a._mem(b"\xf7", 4, R15, OFF_TSC_HZ, w=True)  # mul qword [r15 + tsc_hz]
+        a.raw(b"\x41\xb8\x00\xca\x9a\x3b")  # mov r8d, 10^9
+        a.raw(b"\x49\xf7\xf0")  # div r8
+        a._mem(b"\x03", RAX, R15, OFF_TSC_OFF, w=True)  # add rax, [r15 + tsc_off]
+        a.raw(b"\x48\x89\xc2\x48\xc1\xea\x20")  # mov rdx, rax; shr rdx, 32
+        a.raw(b"\x89\xc0")  # mov eax, eax
+        a.raw(b"\x48\x83\xc4\x18")  # add rsp, 24
+        a.raw(b"\x5f\x5e\x59")  # pop rdi; pop rsi; pop rcx
         a.popfq()
         return True
 
