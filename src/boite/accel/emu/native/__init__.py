@@ -53,7 +53,9 @@ from boite.accel.emu.native.translate import runtime_stubs, translate_block
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
-BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cpu.run)
+# Instructions one entry may run through chained blocks; Cpu.run(n)'s n bounds it too
+# (the accelerator's chunk, which grows to about CHUNK_NS of running).
+BUDGET = 1 << 21
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16

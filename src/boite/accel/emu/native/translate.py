@@ -535,6 +535,14 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
 
+def _reads(i: Insn, rf: RowFacts) -> int:
+    """The flags instruction i reads: its row's, but a shift or rotate by a nonzero
+    immediate reads none (RCL/RCR: CF), where the row's count may be 0 (all kept)."""
+    if i.opmap == "" and i.code in (0xC0, 0xC1) and i.raw[-1] & 31:
+        return 1 if (i.modrm >> 3) & 7 in (2, 3) else 0  # CF
+    return rf.read
+
+
 def _double_shift_fix(i: Insn) -> tuple[bytes, bytes] | None:
     """SHLD/SHRD on a register: AF clear and OF set where the destination's sign
     changed, for every count (the Python tiers' values; the host defines OF for a count
@@ -629,7 +637,8 @@ class Translator:
             buf += _CMP_INTR
             a.jcc(5, "leave")
             if target == self.start:  # a loop: no lookup
-                buf += _POPF_R11
+                if self.live_in0:  # flags the block reads (or shows) before writing them
+                    buf += _POPF_R11
                 a.jmp("start")
                 continue
             slot = chain_slot(target) * 16
@@ -1303,8 +1312,9 @@ class Translator:
             if insns[k].mem is not None or not rf.plain:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
             else:
-                live = (live & ~rf.kill) | rf.read
+                live = (live & ~rf.kill) | _reads(insns[k], rf)
             live_in[k] = live
+        self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
         buf = a.buf
         a.label("start")
