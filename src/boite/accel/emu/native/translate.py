@@ -1329,9 +1329,10 @@ class Translator:
             mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs))
             if fix[0]:
                 buf += fix[0]
-            # After a TLB lookup the guest flags go back into the host's unless this
-            # instruction defines them all: a later exit (a miss further on) shows them.
-            if not getattr(self, i.row.native)(i, k, not rfs[k].kills_all):
+            # After a TLB lookup the guest flags go back into the host's only where the
+            # instruction reads them or leaves some live ones as they were.
+            restore = bool(_reads(i, rfs[k]) | (live_out[k] & ~rfs[k].kill))
+            if not getattr(self, i.row.native)(i, k, restore):
                 # What it emitted before refusing goes (its labels stay, unused).
                 del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
                 del self.chains[mark[3] :], self.stubs[mark[4] :]
