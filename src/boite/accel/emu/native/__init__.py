@@ -281,7 +281,8 @@ class NativeTier:
         left = 0x1000 - (pa & 0xFFF)
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
-        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat)
+        host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
+        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc)
         self.translate_s += time.thread_time() - t0
         if out is None:
             return None

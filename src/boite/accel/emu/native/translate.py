@@ -598,9 +598,10 @@ def _writes_mem(i: Insn) -> bool:
 class Translator:
     """Builds the host code of one block."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, host_tsc: bool = True) -> None:
         self.a = Asm()
         self.start = start
+        self.host_tsc = host_tsc  # RDTSC may read the host clock (Cpu.rdtsc not replaced)
         self.n = 0  # stubs made
         self.stubs: list[tuple[str, list]] = []
 
@@ -1242,7 +1243,10 @@ class Translator:
 
     def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
         """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
-        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it."""
+        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
+        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
+        if not self.host_tsc:
+            return False
         a = self.a
         fb = self._flags_fallback(i, k)
         a.pushfq()
@@ -1366,7 +1370,8 @@ class Translator:
         return a.finish(), done
 
 
-def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[bytes, int] | None:
+def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
+                    host_tsc: bool = True) -> tuple[bytes, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions) or None."""
     code = read(page_left)
@@ -1384,7 +1389,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[b
         return None
     fall = (eip + pos) & 0xFFFFFFFF
     while True:
-        out, done = Translator(eip).build(insns, fall)
+        out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
             return out, done
         if done == 0:
