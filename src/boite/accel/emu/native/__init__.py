@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
+    OFF_BLOCK,
     OFF_BUDGET,
     OFF_DSTEP,
     OFF_EIP,
@@ -59,12 +60,15 @@ BUDGET = 1 << 21
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
-# The state going in (NativeState from r to dstep: the registers, EFLAGS, the segment
-# bases, budget, intr, sysfl, ifok, irq, dstep; the fields between are zeroed) and
+TIME_EVERY = 8  # translations per one timed (translate_s)
+# The state going in (NativeState from r to block: the registers, EFLAGS, the segment
+# bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
 # coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
-_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIq")
+_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIqQ")
 _STATE_OUT = struct.Struct("<8III24xIIi16xI")
-assert _STATE_IN.size == OFF_DSTEP + 8 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+assert (
+    _STATE_IN.size == OFF_BLOCK + 8 == OFF_DSTEP + 16 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+)
 assert _STATE_OUT.size == OFF_SYSFL + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
 
 
@@ -132,13 +136,14 @@ class NativeTier:
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena()
-        code, at_entry, at_dispatch, at_out = runtime_stubs()
+        code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
-        self.out_addr = base + at_out
+        self.out_addr = base + at["out"]
         self.st.out = self.out_addr
-        self.st.dispatch = base + at_dispatch
-        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(base + at_entry)
+        self.st.dispatch = base + at["dispatch"]
+        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(base + at["entry"])
+        self.enter = ctypes.CFUNCTYPE(None)(base + at["enter"])  # st.block: the block
         self.tlbs: list[_Tlb] = []
         self.tlb: _Tlb | None = None  # the current privilege's
         self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
@@ -149,7 +154,8 @@ class NativeTier:
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
         self.insns = 0
-        self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
+        self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
+        self.translations = 0
         self.translated_insns = 0
         self.entries = 0  # calls into translated code
         self.exits = [0, 0, 0]  # by EXIT_*
@@ -277,13 +283,18 @@ class NativeTier:
 
     def _translate(self, pa: int, eip: int) -> Callable[[], int] | None:
         cpu = self.cpu
-        t0 = time.thread_time()
+        # Thread CPU time is a system call (several us on some hosts, a tenth of a small
+        # block's translation): every TIME_EVERY-th translation is timed, for all of them.
+        self.translations += 1
+        timed = not self.translations % TIME_EVERY
+        t0 = time.thread_time() if timed else 0.0
         left = 0x1000 - (pa & 0xFFF)
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
         out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc)
-        self.translate_s += time.thread_time() - t0
+        if timed:
+            self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
             return None
         code, ninsns = out
@@ -299,8 +310,7 @@ class NativeTier:
         tier = self
         cpu = self.cpu
         stbuf = self.stbuf
-        st_addr = self.st_addr
-        entry = self.entry
+        enter = self.enter
         state_in, state_out = _STATE_IN.pack_into, _STATE_OUT.unpack_from
         slot = 2 * chain_slot(eip)
         exits = self.exits
@@ -326,8 +336,8 @@ class NativeTier:
             # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
             ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
             state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
-                     -1 if fl & DF else 1)  # fmt: skip
-            entry(st_addr, addr)
+                     -1 if fl & DF else 1, addr)  # fmt: skip
+            enter()
             *regs, eip_out, efl, reason, ndone, budget_left, sysfl = state_out(stbuf, 0)
             cpu.r[:] = regs
             cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2

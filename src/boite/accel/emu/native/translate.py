@@ -41,6 +41,7 @@ from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
+    OFF_BLOCK,
     OFF_BUDGET,
     OFF_CLOCK,
     OFF_DISPATCH,
@@ -108,9 +109,11 @@ def _epilogue(a: Asm) -> None:
     a.ret()
 
 
-def runtime_stubs() -> tuple[bytes, int, int, int]:
-    """The code shared by every block: (code, offset of the entry, of `dispatch`, of `out`).
+def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
+    """The code shared by every block, and the offsets of its entry points:
 
+    enter: void enter(void): the same as entry(st_addr, st->block) (st_addr is built in:
+    a call without arguments costs Python less).
     entry: void entry(NativeState *st, void *block): save the host's callee-saved
     registers, load the guest's, jump to the block.
     dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
@@ -119,11 +122,18 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     has no block for that EIP.
     out: leave with EIP = R9D, the guest flags in R11, reason EXIT_END."""
     a = Asm()
+    a.label("enter")
+    for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
+        a.push(reg)
+    a.raw(b"\x49\xbf" + st_addr.to_bytes(8, "little"))  # mov r15, imm64
+    a.load64(R8, R15, OFF_BLOCK)
+    a.jmp("loaded")
     a.label("entry")
     for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
         a.push(reg)
     a.mov_rr64(R15, RDI)
     a.mov_rr64(R8, RSI)
+    a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
     a.load32(RAX, R15, OFF_EFLAGS)
@@ -153,8 +163,7 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     a.store_imm32(R15, OFF_NDONE, 0)
     a.store_imm32(R15, OFF_REASON, EXIT_END)
     _epilogue(a)
-    code = a.finish()
-    return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
+    return a.finish(), a.labels
 
 
 def _encoded(build) -> bytes:
@@ -233,7 +242,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     return bytes(a.buf), fix1, fix2
 
 
-@dataclass
+@dataclass(slots=True)
 class MemOperand:
     mod: int
     rm: int
@@ -244,7 +253,7 @@ class MemOperand:
     seg: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Insn:
     eip: int
     raw: bytes
@@ -259,6 +268,7 @@ class Insn:
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
+    rf: RowFacts | None = None  # facts(row), set by parse
 
 
 class RowFacts:
@@ -266,7 +276,7 @@ class RowFacts:
     (parsing and building a block ask for them for every instruction)."""
 
     __slots__ = ("ops", "modrm", "imm", "byte_op", "kill", "read", "kills_all", "plain",
-                 "writes_first")  # fmt: skip
+                 "writes_first", "undefined")  # fmt: skip
 
     def __init__(self, row: Op) -> None:
         self.ops = tuple(row.operands.split(",")) if row.operands else ()
@@ -280,6 +290,8 @@ class RowFacts:
         self.kills_all = self.kill == ARITH
         self.plain = row.native in ("copy", "lea", "branch")  # never leaves before it
         self.writes_first = bool(self.ops) and self.ops[0][:1] == "E"
+        # host_differs names only undefined flags: rows without any never differ
+        self.undefined = row.flags_undefined & ARITH
 
 
 _FACTS: dict[int, RowFacts] = {}
@@ -296,6 +308,7 @@ def facts(row: Op) -> RowFacts:
 
 
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
+_PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
@@ -306,12 +319,20 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     p66 = lock = rep = False
     repne = False
     override: int | None = None
-    while pos < len(raw) and (raw[pos] in (0x66, 0xF0, 0xF2, 0xF3) or raw[pos] in _SEG_PREFIX):
-        p66 |= raw[pos] == 0x66
-        lock |= raw[pos] == 0xF0
-        rep |= raw[pos] == 0xF3
-        repne |= raw[pos] == 0xF2
-        override = _SEG_PREFIX.get(raw[pos], override)
+    while pos < len(raw):
+        b = raw[pos]
+        if b not in _PREFIXES:
+            break
+        if b == 0x66:
+            p66 = True
+        elif b == 0xF0:
+            lock = True
+        elif b == 0xF3:
+            rep = True
+        elif b == 0xF2:
+            repne = True
+        else:
+            override = _SEG_PREFIX[b]
         pos += 1
     if rep and repne:
         return None
@@ -390,12 +411,12 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None  # REP STOS is rep_string's, REP LODS stays in Python
     size = 1 if rf.byte_op else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
-                0xF3 if rep else (0xF2 if repne else 0), override)  # fmt: skip
+                0xF3 if rep else (0xF2 if repne else 0), override, rf)  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
     """The instruction names ESP as a data register (not allowed: it lives in memory)."""
-    for o in facts(i.row).ops:
+    for o in (i.rf or facts(i.row)).ops:
         sz_byte = o.endswith("b")
         if o[:1] == "G" and i.modrm is not None and (i.modrm >> 3) & 7 == ESP and not sz_byte:
             return True
@@ -413,7 +434,7 @@ def _esp_rex(i: Insn) -> int:
     rex = 0
     high_byte = False
     modrm = i.modrm
-    for o in facts(i.row).ops:
+    for o in (i.rf or facts(i.row)).ops:
         kind, byte = o[:1], o.endswith("b")
         if kind == "G" and modrm is not None:
             num = (modrm >> 3) & 7
@@ -590,7 +611,7 @@ def _ends(i: Insn) -> bool:
 def _writes_mem(i: Insn) -> bool:
     if i.row.mnemonic == "CMPXCHG8B":
         return True  # like CMPXCHG, it writes the old value back on a mismatch
-    if not facts(i.row).writes_first:
+    if not (i.rf or facts(i.row)).writes_first:
         return False
     return i.row.mnemonic not in _RD_ONLY
 
@@ -779,7 +800,7 @@ class Translator:
             self.lookup(R9, 4, _writes_mem(i), k, restore)
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
-        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in facts(i.row).ops):
+        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in (i.rf or facts(i.row)).ops):
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
@@ -1309,7 +1330,7 @@ class Translator:
         n = len(insns)
         live_out = [0] * n
         live_in = [0] * n
-        rfs = [facts(i.row) for i in insns]
+        rfs = [i.rf or facts(i.row) for i in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             rf = rfs[k]
@@ -1324,7 +1345,7 @@ class Translator:
         a.label("start")
         done = 0
         for k, i in enumerate(insns):
-            differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
+            differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
