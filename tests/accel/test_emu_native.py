@@ -235,6 +235,30 @@ def test_native_bit_scans_and_double_shifts(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["8f4304", "8f03", "8f0424", "8fc0", "8fc4", "8fc5", "8f4424fc",
+                                  "668f03"])  # fmt: skip
+def test_native_pop_to_memory(code: str) -> None:
+    """POP r/m32 (the kernel's `pushf; pop [ebp - n]`): translated but for an ESP-based
+    operand (its address uses the incremented ESP) and the 16-bit form, and as the
+    closures, a write across a page and one past RAM included."""
+    cpu = _cpu()
+    try:
+        for ebx in (DATA, 0x7FFFE, 0xFFFFC):
+            regs = [1, 2, 3, ebx, 0x8000, 5, 6, 7]
+
+            def setup(c: Cpu) -> None:
+                c.ram[0x8000:0x8004] = (0xCAFEF00D).to_bytes(4, "little")
+
+            got = _once(cpu, bytes.fromhex(code), regs, 0x8D7, True, setup)
+            if code in ("8f0424", "8f4424fc", "668f03"):
+                assert got is None
+                continue
+            assert got is not None
+            assert got == _once(cpu, bytes.fromhex(code), regs, 0x8D7, False, setup), ebx
+    finally:
+        cpu.close()
+
+
 @pytest.mark.parametrize("code", ["f3a6", "f3ae", "f2af"])
 def test_native_rep_compare_yields_after_a_slice(code: str) -> None:
     """A REPE/REPNE CMPS/SCAS longer than REP_SLICE elements stops after REP_SLICE of
@@ -568,6 +592,9 @@ org 0x100000
     add ebx, edx
     sti                 ; its shadow: the next instruction in the same block
     inc esi
+    pushf
+    pop dword [0x200000 + 0x100]  ; POP r/m32 (DATA)
+    add ebx, [0x200000 + 0x100]
     push dword 0x8d7    ; POPF setting every arithmetic flag, IF clear
     popf
     pushf

@@ -194,7 +194,7 @@ for _b, _form in ((0x88, "Eb,Gb"), (0x89, "Ev,Gv"), (0x8A, "Gb,Eb"), (0x8B, "Gv,
 op(0x8C, "MOV", "Ev,Sw", decode="_mov_sreg")
 op(0x8D, "LEA", "Gv,M", decode="_lea", jit="j_lea", native="lea")
 op(0x8E, "MOV", "Sw,Ew", end=True, decode="_mov_sreg")
-op(0x8F, "POP", "Ev", ext=0, decode="_pop_rm")
+op(0x8F, "POP", "Ev", ext=0, decode="_pop_rm", native="pop_m")
 op(0x90, "NOP", decode="_xchg_ax", jit="j_nop", native="copy")
 for _b in range(0x91, 0x98):
     op(_b, "XCHG", "Zv,eAX", decode="_xchg_ax", jit="j_xchg_ax", native="copy")

@@ -96,7 +96,7 @@ MATCH_PYTHON_FLAGS = True
 HELD = (0, 1, 2, 3, 5, 6, 7)
 _RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
 # Translators that handle ESP as an operand themselves.
-_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m")
+_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m", "pop_m")
 
 
 def _epilogue(a: Asm) -> None:
@@ -920,6 +920,34 @@ class Translator:
         self.lookup(R12, 4, True, k, restore, reads=False)
         a.load32(R8, R15, OFF_TMP)
         a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def pop_m(self, i: Insn, k: int, restore: bool) -> bool:
+        """POP r/m32: the stack's dword (held in the state), stored to the operand, then
+        ESP += 4; a miss on either leaves with ESP as it was."""
+        if i.p66 or (i.mem is not None and i.mem.base == ESP):
+            return False  # an ESP-based operand's address uses the incremented ESP
+        a = self.a
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, True)  # the guest flags back for the next lookup
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        if i.mem is None:
+            rm = i.modrm & 7
+            a.lea32(R9, R9, 4)
+            a.store32(R15, OFF_ESP, R9)
+            if rm == ESP:
+                a.store32(R15, OFF_ESP, R8)  # POP ESP: the popped value wins
+            else:
+                a.mov_rr32(rm, R8)
+            return True
+        a.store32(R15, OFF_TMP, R8)
+        self.address(i.mem, R9)
+        self.lookup(R9, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_TMP)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.load32(R9, R15, OFF_ESP)
+        a.lea32(R9, R9, 4)
         a.store32(R15, OFF_ESP, R9)
         return True
 
