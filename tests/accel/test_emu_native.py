@@ -259,6 +259,32 @@ def test_native_pop_to_memory(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["f7f3", "f7f1", "f77304", "f733", "66f7f3"])
+def test_native_div(code: str) -> None:
+    """DIV r/m32: translated (not the 16-bit form); quotients that fit, a zero divisor
+    and a quotient past 32 bits (#DE from the Python tiers, EIP on the instruction, the
+    state before it), flags kept: as the closures."""
+    cpu = _cpu()
+    try:
+        for edx, eax, div in ((0, 100, 7), (6, 0xFFFFFFFF, 7), (0, 5, 0), (9, 0, 9), (9, 0, 10),
+                              (0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFF)):  # fmt: skip
+            regs = [eax, div, edx, div, 0x8000, 0, 0, 0]
+
+            def setup(c: Cpu, div=div) -> None:
+                c.ram[DATA : DATA + 8] = div.to_bytes(4, "little") * 2
+
+            if code[2:] in ("7304", "33"):
+                regs[3] = DATA
+            got = _once(cpu, bytes.fromhex(code), regs, 0x8D7, True, setup)
+            if code.startswith("66"):
+                assert got is None
+                continue
+            assert got is not None
+            assert got == _once(cpu, bytes.fromhex(code), regs, 0x8D7, False, setup), (edx, eax)
+    finally:
+        cpu.close()
+
+
 @pytest.mark.parametrize("code", ["f3a6", "f3ae", "f2af"])
 def test_native_rep_compare_yields_after_a_slice(code: str) -> None:
     """A REPE/REPNE CMPS/SCAS longer than REP_SLICE elements stops after REP_SLICE of

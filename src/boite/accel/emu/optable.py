@@ -316,10 +316,12 @@ for _n, (_name, _fl) in enumerate((
     # jit.py inlines TEST/NOT/NEG, and MUL/IMUL r/m32 (F7 only).
     for _b, _form in ((0xF6, "Eb"), (0xF7, "Ev")):
         _j = "j_grp3" if _n < 4 or (_n < 6 and _b == 0xF7) else None
-        # The native tier copies all but DIV/IDIV (a #DE would be the host's SIGFPE).
+        # The native tier copies all but DIV/IDIV (a #DE would be the host's SIGFPE):
+        # DIV r/m32 checks first (translate.div), IDIV stays in Python.
         _imm = (",Ib" if _b == 0xF6 else ",Iz") if _n < 2 else ""
         op(_b, _name, _form + _imm, ext=_n, **_fl, lock=_n in (2, 3),
-           decode="_grp3", jit=_j, native="copy" if _n < 6 else None)  # fmt: skip
+           decode="_grp3", jit=_j,
+           native="copy" if _n < 6 else ("div" if _n == 6 and _b == 0xF7 else None))  # fmt: skip
 op(0xF8, "CLC", w="c", decode="_flagop", native="copy")
 op(0xF9, "STC", w="c", decode="_flagop", native="copy")
 op(0xFA, "CLI", w="i", end=True, priv="iopl", decode="_flagop", native="cli")

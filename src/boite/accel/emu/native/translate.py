@@ -951,6 +951,31 @@ class Translator:
         a.store32(R15, OFF_ESP, R9)
         return True
 
+    def div(self, i: Insn, k: int, restore: bool) -> bool:
+        """DIV r/m32: a zero divisor or a quotient past 32 bits (EDX >= divisor) leaves for
+        the Python tiers before the instruction (their #DE; the host's would be a
+        SIGFPE); the flags stay as they were, as the closures keep them."""
+        if i.size != 4:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        if i.mem is None:
+            a.pushfq()
+            a.pop(R11)
+            a.mov_rr32(R8, i.modrm & 7)
+        else:
+            self.address(i.mem, R9)
+            self.lookup(R9, 4, False, k, False)  # R11: the guest flags
+            a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        a.raw(b"\x45\x85\xc0")  # test r8d, r8d
+        a.jcc(4, fb)
+        a.raw(b"\x44\x39\xc2")  # cmp edx, r8d
+        a.jcc(3, fb)  # JAE: the quotient does not fit
+        a.raw(b"\x41\xf7\xf0")  # div r8d
+        a.push(R11)
+        a.popfq()
+        return True
+
     def jmp_m(self, i: Insn, k: int, restore: bool) -> bool:
         if i.p66:
             return False
