@@ -78,6 +78,10 @@ def test_iasl_disassembles_every_table(tmp_path: Path) -> None:
         assert "Invalid" not in text[sig] and "Error" not in text[sig], text[sig]
     assert 'EisaId ("PNP0A03")' in text["DSDT"] and "Name (\\_S5, Package (0x04)" in text["DSDT"]
     assert 'EisaId ("PNP0303")' in text["DSDT"]
+    kbd = re.sub(r"\s+", " ", text["DSDT"].split("Device (KBD)")[1])
+    assert "IO (Decode16, 0x0060, // Range Minimum 0x0060," in kbd
+    assert "IO (Decode16, 0x0064, // Range Minimum 0x0064," in kbd
+    assert "IRQNoFlags () {1}" in kbd, kbd
     # PCI0's windows as iasl reads them back (QEMU's i440FX board declares the same).
     crs = re.sub(r"\s+", " ", text["DSDT"])
     assert "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, " \
