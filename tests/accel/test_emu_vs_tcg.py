@@ -8,6 +8,8 @@ model), then leaves through isa-debug-exit. It runs under QEMU TCG and under the
 `boite boot --accel emu` command, with block translation and with the plain interpreter
 (BOITE_EMU=interp); the transcripts and exit statuses must be equal, and QEMU's must end
 with "done" and the kernel's own exit code (so a kernel that dies early fails too).
+A kernel that names "(qemu-smp: N)" near its top runs with N vCPUs on both (smp.asm:
+INIT/SIPI, IPIs to a halted CPU, APIC timers, TLB shootdown, ISR and TPR priority).
 
 Left out, because QEMU TCG itself departs from the hardware there (each noted in the
 kernel that would test it): data and stack segment limit and access-right checks (those
@@ -70,10 +72,16 @@ def qemu_cpu_of(name: str) -> str:
     return m.group(1) if m else "qemu32"
 
 
+def cpus_of(name: str) -> int:
+    """The vCPUs a kernel runs on, from "(qemu-smp: N)" in its first lines (default 1)."""
+    m = re.search(r"\(qemu-smp: (\d+)\)", (GUESTS / f"{name}.asm").read_text()[:400])
+    return int(m.group(1)) if m else 1
+
+
 def _qemu(image: Path) -> tuple[int, bytes]:
     p = subprocess.run(
         ["qemu-system-i386", "-accel", "tcg", "-cpu", qemu_cpu_of(image.stem),
-         "-m", str(MEMSIZE_MB), "-kernel", str(image),
+         "-smp", str(cpus_of(image.stem)), "-m", str(MEMSIZE_MB), "-kernel", str(image),
          "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
          "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT_S,
@@ -94,7 +102,7 @@ def boite_boot_emu(image: Path, mode: str) -> tuple[int, bytes, bytes]:
     verbose = ["-v"] if env.get("BOITE_EMU_TIER") == "native" else []
     p = subprocess.run(
         [sys.executable, "-m", "boite", *verbose, "boot", "--accel", "emu",
-         "--memsize", str(MEMSIZE_MB), str(image)],
+         "--cpus", str(cpus_of(image.stem)), "--memsize", str(MEMSIZE_MB), str(image)],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT_S, env=env,
     )  # fmt: skip
     return p.returncode, p.stdout, p.stderr

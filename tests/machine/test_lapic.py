@@ -121,3 +121,30 @@ def test_state_round_trip_and_bounds() -> None:
     state["irr"] = (1 << 300) | state["irr"]  # hostile: a vector past 255
     with pytest.raises(CheckpointError, match="irr"):
         b2.apics[0].load_state(state)
+
+
+def test_a_vector_held_back_wakes_the_cpu_when_the_priority_drops() -> None:
+    """A CPU looks at its APIC only when woken (the emulator's vCPUs sleep in HLT until
+    then): a vector held back by the ISR or the TPR must wake it again once an EOI or a
+    TPR write lets it through, or it is lost until some other interrupt comes."""
+    b, _ = bus()
+    woken: list[int] = []
+    b.on_wake = lambda apic: woken.append(apic.apic_id)
+    a = b.apics[1]
+    b.current = 1
+    a.accept(0x60)
+    assert woken == [1] and a.acknowledge() == 0x60
+    a.accept(0x45)  # below the ISR's 0x60: held back
+    assert not a.pending()
+    woken.clear()
+    b.bus_write(EOI, 4, 0)
+    assert woken == [1] and a.pending() and a.acknowledge() == 0x45
+    b.bus_write(EOI, 4, 0)
+    b.bus_write(TPR, 4, 0x50)
+    a.accept(0x46)
+    assert not a.pending()
+    woken.clear()
+    b.bus_write(TPR, 4, 0x40)  # class 4 still holds back 0x46: nothing to wake for
+    assert woken == [] and not a.pending()
+    b.bus_write(TPR, 4, 0)
+    assert woken == [1] and a.acknowledge() == 0x46

@@ -65,6 +65,7 @@ from boite.machine.devices.uart import (
 from boite.machine.firmware.pc import fill_fw_cfg, order_boot_devices, parse_boot_order
 from boite.machine.firmware.seabios import map_bios, read_bios
 from boite.machine.loader import choose_unpack, load_kernel
+from boite.machine.loader.mptable import write_mp_table
 from boite.machine.machine import E820_RAM, E820_RESERVED, E820Entry, IoRange, Machine
 from boite.machine.memory import GuestMemory
 from boite.machine.pci import PciBus, PciHostBridge, Piix3IsaBridge, Piix4Pm
@@ -193,6 +194,8 @@ def build_machine(
             if protocol == "auto":
                 protocol = _unpack_protocol(machine, str(kernel), kernel_unpack, emulated_irqchip)
             load_kernel(machine, kernel, initrd, " ".join(fragments), protocol)
+            if num_vcpus > 1:  # no firmware to tell the kernel of the other vCPUs
+                write_mp_table(machine)
         elif firmware:
             _add_firmware(machine, bios, boot_order, hdd_order, uuid or bytes(16))
     except BaseException:

@@ -156,7 +156,9 @@ class Smp:
         cur.stop = True
 
     def _wake_cpu(self, apic: LocalApic) -> None:
-        self.cpus[apic.apic_id].intr = True
+        # kick: translated native code (GIL released) leaves at its next chain, for an
+        # interrupt from a device thread to the vCPU that is running.
+        self.cpus[apic.apic_id].kick()
         self.accel._wake.set()
 
     def _irq_check_for(self, i: int):

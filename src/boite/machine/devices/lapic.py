@@ -15,8 +15,10 @@ serving (the emulator sets it before running that vCPU). A CPU takes an interrup
 `pending()` / `acknowledge()`; INIT and start-up IPIs reach it through `on_init` /
 `on_sipi(vector)` hooks the emulator sets.
 
-Status: the model and its tests (tests/machine/test_lapic.py). The emulator does not use
-it yet: CPUID reports no APIC and one vCPU runs (see docs/architecture.md).
+The emulator gives each vCPU of a machine with several one (accel/emu/smp.py); a machine
+with one vCPU has none. The CPU asks `pending()` only when told to look (`ApicBus.wake`):
+whatever may raise the APIC's request (a vector accepted, and an EOI, TPR, SVR or LINT0
+write that may let one held back through) says so.
 """
 
 from __future__ import annotations
@@ -199,6 +201,14 @@ class LocalApic(Device):
     def write(self, offset: int, value: int) -> None:
         reg = offset & 0xFF0
         value &= 0xFFFF_FFFF
+        self._write(reg, value)
+        if reg in (EOI, TPR, SVR, LVT_LINT0) and (self.pending() or self.extint()):
+            # The processor priority went down (EOI, TPR) or the APIC or the 8259's
+            # virtual wire came on: a vector held back in the IRR (or the 8259's INTR)
+            # may now reach the CPU, which had found nothing to take when it last looked.
+            self.bus.wake(self)
+
+    def _write(self, reg: int, value: int) -> None:
         if reg == ID:
             self.id = value >> 24
         elif reg == TPR:
