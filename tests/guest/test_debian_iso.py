@@ -3,7 +3,7 @@ ISO on a boite box, under the emulator, driven with the CLI as a user would:
 
 - the ISO is made here by `grub-mkrescue` around the stock vmlinuz and an initramfs of
   Debian packages (busybox and the kernel package's own modules: tests/guests/stockinitrd.py);
-- the box (`boite create`, then .vmx keys) has 2 vCPUs, a virtio-blk-pci disk (scsi0:0,
+- the box (`boite create`, then .vmx keys) has 1 or 2 vCPUs, a virtio-blk-pci disk (scsi0:0,
   lsilogic in VMware's terms), an IDE disk (ide0:0) and the ISO on the ATAPI CD-ROM
   (ide1:0), `bios.bootOrder = "cdrom"`;
 - the guest's init loads the stock modules, shows what the stock drivers found (each
@@ -14,11 +14,19 @@ ISO on a boite box, under the emulator, driven with the CLI as a user would:
 - the host runs `boite stop BOX soft`: the box must go down by the ACPI power button
   (no guest tools, no keyboard fallback) and say so, in the JSON and in vmware.log.
 
-Cost under the emulator: about 14 CPU-minutes to the guest's init (2026-12-07), 10 of
-them before the kernel's first line: on a firmware boot the stock kernel's own XZ
-decompressor runs in the guest (a direct kernel boot unpacks it on the host). At load
-11-14 on this project's 2 shared cores that was 40 minutes of wall time; hence the long
-timeouts. The QEMU test beside it checks the same ISO and guest script in about 90 s.
+What it took under the emulator with 1 vCPU (2026-12-07): the DSDT's PCI0 _CRS (without
+its windows Linux claimed no BAR, and ata_piix found no legacy IDE ports), the PIIX IDE
+timing registers (ata_piix skips a channel whose IDETIM decode bit reads clear), RDPMC
+(the kernel's P6 PMU driver reads its counters on power-off) and a guest that waits for
+its power-button reader before saying it waits (boite presses the button once).
+
+Cost under the emulator with 1 vCPU on the native tier: 6.5 minutes of wall time from
+`boite start` to the guest's STOCK-WAITING at load 5 on this project's 2 shared cores,
+12.5 minutes for the whole test at load 7-8. At load 5: 2 minutes to the kernel's first
+line (SeaBIOS, GRUB reading the CD, and the stock kernel's own XZ decompressor: a firmware
+boot unpacks in the guest), 1.5 more to init, 3 more loading the modules and probing the
+disks (the ATAPI CD-ROM is PIO only). The QEMU test beside it checks the same ISO and
+guest script in about 90 s.
 """
 
 from __future__ import annotations
