@@ -21,7 +21,8 @@ sizes):
   of the interrupt flag or of anything translated code assumes, device side effects).
 - `privilege`: "" any CPL; "cpl0": #GP outside ring 0; "iopl": needs CPL <= IOPL (in
   virtual-8086 mode: IOPL = 3); "io": IOPL or the TSS I/O bitmap; "pm": #UD in real and
-  virtual-8086 mode; "tsd": ring 0 only when CR4.TSD is set.
+  virtual-8086 mode; "tsd": ring 0 only when CR4.TSD is set; "pce": ring 0 unless CR4.PCE
+  is set.
 
 How to add an instruction (e.g. an x87 or SSE one):
 1. Write the decoder method that builds its closure in a `decode/` group module (a mixin
@@ -360,6 +361,7 @@ for _b, _form in ((0x20, "Rd,Cd"), (0x21, "Rd,Dd"), (0x22, "Cd,Rd"), (0x23, "Dd,
 op(0x30, "WRMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
 op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f", native="rdtsc")
 op(0x32, "RDMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
+op(0x33, "RDPMC", map="0F", priv="pce", decode="_sys0f")
 op(0x34, "SYSENTER", map="0F", w="i", end=True, decode="_sysenter")
 op(0x35, "SYSEXIT", map="0F", end=True, priv="cpl0", decode="_sysenter")
 for _cc, (_sfx, _rd) in enumerate(CONDITIONS):
