@@ -14,7 +14,8 @@ the emulator itself) is counted apart, and so is a run that does not end (a hang
 worker says nothing for SEED_TIMEOUT_S and is killed).
 
 `python tests/accel/native_fuzz.py FIRST COUNT` runs seeds FIRST.. and prints one line per
-seed ("seed same native_insns outcome"); `fuzz(runs)` runs workers and restarts one after a
+seed ("seed same native_insns outcome"); `first_difference(plan(seed), 200)` finds the
+shortest run that differs (then trace the Python tier to that many instructions); `fuzz(runs)` runs workers and restarts one after a
 crash, past the seed that killed it.
 """
 
@@ -27,7 +28,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 RAM = 2 << 20
@@ -150,6 +153,10 @@ def setup(p: tuple, native: bool):
     cpu.r[:] = regs
     cpu.set_flags(flags)
     cpu.hot_block = HOT
+    # RDTSC reads the host clock: both runs must see the same counter (seed 25523 read it
+    # into EAX and "differed" by the time between the two runs). WRMSR to the TSC still
+    # moves it through tsc_offset.
+    cpu.rdtsc = lambda: (0x1234_5678_9ABC + cpu.tsc_offset) & ((1 << 64) - 1)
     # Faults delivered by Cpu.run, counted: the reference stops where the native run did
     # in instructions completed and in faults delivered (a fault completes none).
     cpu.faults = 0
@@ -170,33 +177,45 @@ def _state(cpu, err: str | None) -> tuple:
             zlib.crc32(cpu.ram), cpu.faults)  # fmt: skip
 
 
+@contextmanager
+def _limits(budget: int | None = None) -> Iterator[None]:
+    """One-instruction closure blocks (and a native entry bound) while a run lasts: the
+    module globals come back after, for the tests that run here in their own process."""
+    import boite.accel.emu.decode.core as dcore
+    import boite.accel.emu.native as native
+
+    saved = dcore.MAX_BLOCK, native.BUDGET
+    dcore.MAX_BLOCK = 1
+    if budget is not None:
+        native.BUDGET = budget
+    try:
+        yield
+    finally:
+        dcore.MAX_BLOCK, native.BUDGET = saved
+
+
 def native_outcome(p: tuple) -> tuple[tuple, int]:
     """Native blocks where they apply, closures one instruction a block elsewhere (jit.py
     left out: a fault inside its blocks loses the count of what ran before it, and the
     reference stops at the same instruction count; longer closure blocks run stale code
     when random code rewrites its own block, which native blocks and the reference do
     not)."""
-    import boite.accel.emu.decode.core as dcore
-    import boite.accel.emu.native as native
-
-    dcore.MAX_BLOCK = 1
     # Chained native code runs up to native.BUDGET instructions per entry, past what
     # Cpu.run was asked for: keep a run short, or the reference (one closure at a time)
     # would have thousands of instructions to catch up with.
-    if hasattr(native, "BUDGET"):
-        native.BUDGET = RUN_INSNS // RUN_SLICES
-    cpu = setup(p, True)
-    cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
-    err = None
-    try:
-        for _ in range(RUN_SLICES):
-            cpu.run(RUN_INSNS // RUN_SLICES)
-            if cpu.halted:
-                break
-    except Exception as e:  # noqa: BLE001 - an outcome to compare
-        err = type(e).__name__
-    out = _state(cpu, err), cpu.native.insns
-    cpu.close()
+    with _limits(RUN_INSNS // RUN_SLICES):
+        cpu = setup(p, True)
+        cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
+        err = None
+        try:
+            for _ in range(RUN_SLICES):
+                cpu.run(RUN_INSNS // RUN_SLICES)
+                if cpu.halted:
+                    break
+        except Exception as e:  # noqa: BLE001 - an outcome to compare
+            err = type(e).__name__
+        out = _state(cpu, err), cpu.native.insns
+        cpu.close()
     return out
 
 
@@ -205,24 +224,76 @@ def reference(p: tuple, count: int, faults: int, native_err: str | None) -> tupl
     step at a time (a step completes an instruction or delivers a fault) until it has
     completed `count` instructions and delivered `faults` faults, as the native run did
     (where that run ended in an error, it goes on until it meets one)."""
-    import boite.accel.emu.decode.core as dcore
-
-    dcore.MAX_BLOCK = 1
-    cpu = setup(p, False)
-    cpu.compile_blocks = False
-    err = None
-    try:
-        for _ in range(2 * (count + faults) + 100):
-            if cpu.halted or cpu.icount > count or cpu.faults > faults:
-                break
-            if cpu.icount == count and cpu.faults == faults and not native_err:
-                break
-            cpu.run(1)
-    except Exception as e:  # noqa: BLE001 - as above
-        err = type(e).__name__
-    out = _state(cpu, err)
-    cpu.close()
+    with _limits():
+        cpu = setup(p, False)
+        cpu.compile_blocks = False
+        err = None
+        try:
+            for _ in range(2 * (count + faults) + 100):
+                if cpu.halted or cpu.icount > count or cpu.faults > faults:
+                    break
+                if cpu.icount == count and cpu.faults == faults and not native_err:
+                    break
+                cpu.run(1)
+        except Exception as e:  # noqa: BLE001 - as above
+            err = type(e).__name__
+        out = _state(cpu, err)
+        cpu.close()
     return out
+
+
+def guest32(
+    code: bytes,
+    handler: bytes,
+    ptes: dict[int, int] | None = None,
+    regs: list[int] | None = None,
+    flags: int = 0,
+) -> tuple:
+    """A hand-written plan for the runs above (regression tests): 32-bit paged mode as
+    the fuzz's, `code` at CODE, every IDT vector to `handler` at STUB_AT, the identity
+    map of RAM writable except the PTE flags in `ptes` (linear page -> flags; 0: absent)."""
+    ram = bytearray(RAM)
+    ram[CODE : CODE + len(code)] = code
+    ram[STUB_AT : STUB_AT + len(handler)] = handler
+    gate = (STUB_AT & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((STUB_AT >> 16) << 48)
+    ram[IDT : IDT + 0x800] = gate.to_bytes(8, "little") * 256
+    gdt = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+    ram[GDT : GDT + 0x18] = b"".join(d.to_bytes(8, "little") for d in gdt)
+    ram[PD : PD + 4] = (PT | 3).to_bytes(4, "little")
+    fl = {i: 3 for i in range(RAM >> 12)} | (ptes or {})
+    ram[PT : PT + 0x1000] = b"".join(((i << 12) | fl.get(i, 0)).to_bytes(4, "little")
+                                     for i in range(1024))  # fmt: skip
+    r = list(regs or [0] * 8)
+    r[4] = r[4] or 0x8800
+    return "pm32", bytes(ram), CODE, r, flags
+
+
+def native_run(p: tuple, n: int) -> tuple:
+    """The state after one Cpu.run(n) on the native tier (every block hot at HOT), one
+    entry bounded by n as well."""
+    with _limits(n):
+        cpu = setup(p, True)
+        cpu.decoder.compile = lambda b: setattr(b, "fn", cpu.native.translate(b.pa, b.eip))
+        err = None
+        try:
+            cpu.run(n)
+        except Exception as e:  # noqa: BLE001 - an outcome to compare
+            err = type(e).__name__
+        out = _state(cpu, err)
+        cpu.close()
+    return out
+
+
+def first_difference(p: tuple, upto: int) -> tuple[int, tuple, tuple] | None:
+    """The first n in 1..upto where Cpu.run(n) on the native tier ends otherwise than
+    the Python tier at the same instruction and fault counts: (n, native, python), or
+    None. Bisects a differing seed to the instruction that makes it differ."""
+    for n in range(1, upto + 1):
+        nat = native_run(p, n)
+        ref = reference(p, nat[5], nat[7], nat[4])
+        if nat != ref:
+            return n, nat, ref
+    return None
 
 
 def one(seed: int) -> tuple[bool, int, str]:

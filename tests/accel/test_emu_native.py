@@ -25,6 +25,7 @@ import pytest
 from boite.accel.emu import EmuAccelerator
 from boite.accel.emu.arch import CpuFault
 from boite.accel.emu.cpu import Cpu
+from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native import NativeTier, native_available
 from boite.accel.emu.native import translate as native_translate
 from boite.accel.emu.native.translate import host_differs, parse
@@ -62,11 +63,13 @@ def _encode(r: Op, rnd: random.Random, memory: bool) -> bytes:
     return out + rnd.randbytes(imm_bytes(r, False))
 
 
-def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool):
+def _once(cpu: Cpu, code: bytes, regs: list[int], fl: int, native: bool, setup=None):
     # All of RAM as it was: a bit string instruction's register offset reaches anywhere.
     cpu.ram[:] = _RAM0
     cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"  # HLT: not translated
     cpu.ram[DATA : DATA + 64] = bytes(range(64))
+    if setup is not None:
+        setup(cpu)
     cpu.flush_blocks()
     cpu.tlb_flush()
     cpu.r[:] = regs
@@ -120,7 +123,7 @@ def test_native_rows_agree_with_the_closures(row: Op, monkeypatch) -> None:
         cpu.close()
 
 
-_FIXED = [r for r in ROWS if r.native == "copy" and (r.mnemonic in ("MUL", "IMUL")
+_FIXED = [r for r in ROWS if r.native == "copy" and (r.mnemonic in ("MUL", "IMUL", "SHLD", "SHRD", "BSF", "BSR")
           or r.mnemonic in ("SHL", "SAL", "SAR", "SHR") and r.map == "")]  # fmt: skip
 
 
@@ -177,6 +180,75 @@ def test_native_string_and_loop_instructions(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["a6", "a7", "66a7", "f3a6", "f2a6", "f3a7", "f2a7", "f366a7",
+                                  "f2ae", "f3af"])  # fmt: skip
+def test_native_cmps_and_scas_loops(code: str) -> None:
+    """CMPS and REPE/REPNE CMPS/SCAS (the kernel's strncmp over kallsyms): equal runs,
+    a difference at a known element, ECX 0, DF set, strings that cross into an unmapped
+    page (the miss leaves mid-loop and the next entry goes on): as the closures, and
+    translated (the row is native)."""
+    cpu = _cpu()
+    ran = 0
+    try:
+        assert parse(bytes.fromhex(code), CODE) is not None
+        for fl in (0x2, 0x42, 0x402, 0x8D5):
+            for ecx in (0, 1, 3, 17, 5000):
+                for esi, edi in ((DATA, DATA + 0x100), (0x6FF8, 0x4008), (DATA + 3, 0x7FFC)):
+                    regs = [0x11223344, ecx, 0, DATA, 0x8000, 0, esi, edi]
+                    for diff in (None, 2, 9):
+
+                        def setup(c: Cpu, diff=diff, esi=esi, edi=edi) -> None:
+                            c.ram[esi : esi + 32] = bytes(range(32))
+                            c.ram[edi : edi + 32] = bytes(range(32))
+                            if diff is not None:
+                                c.ram[edi + diff] ^= 0x55
+
+                        got = _once(cpu, bytes.fromhex(code), regs, fl, True, setup)
+                        assert got is not None
+                        ran += 1
+                        want = _once(cpu, bytes.fromhex(code), regs, fl, False, setup)
+                        assert got == want, (code, fl, ecx, esi, edi, diff)
+        assert ran
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["f30fbcc1", "f30fbdc1", "660fbcc1", "0fbdc3", "f30fbcd8",
+                                  "0fa5c2", "0fadd0", "0fa4c20c", "0fac c101".replace(" ", ""),
+                                  "660fa4c203"])  # fmt: skip
+def test_native_bit_scans_and_double_shifts(code: str) -> None:
+    """BSF/BSR (REP-prefixed too: the kernel's TZCNT encoding, BSF on this CPU model) and
+    SHLD/SHRD by an immediate and by CL, zero sources and counts included: translated,
+    and every flag as the closures' (only ZF from a scan, AF clear and OF from the sign
+    change of a double shift)."""
+    cpu = _cpu()
+    try:
+        assert parse(bytes.fromhex(code), CODE) is not None
+        for ecx in (0, 1, 32, 0x80000000, 0x12345678):
+            for edx in (0, 0xFFFFFFFF, 0x80000001):
+                for fl in (0x2, 0x8D7):
+                    regs = [0x11223344, ecx, edx, DATA, 0x8000, 0, 0, 0]
+                    got = _once(cpu, bytes.fromhex(code), regs, fl, True)
+                    assert got is not None
+                    assert got == _once(cpu, bytes.fromhex(code), regs, fl, False), (ecx, edx, fl)
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["f3a6", "f3ae", "f2af"])
+def test_native_rep_compare_yields_after_a_slice(code: str) -> None:
+    """A REPE/REPNE CMPS/SCAS longer than REP_SLICE elements stops after REP_SLICE of
+    them with EIP on the instruction (counted as run), as the closures do."""
+    cpu = _cpu()
+    try:
+        regs = [0xFFFFFFFF if code == "f2af" else 0, 100_000, 0, DATA, 0x8000, 0, 0x10000, 0x40000]
+        got = _once(cpu, bytes.fromhex(code), regs, 0x2, True)
+        assert got is not None and got[3] == CODE and got[0][1] == 100_000 - REP_SLICE
+        assert got == _once(cpu, bytes.fromhex(code), regs, 0x2, False)
+    finally:
+        cpu.close()
+
+
 @pytest.mark.parametrize("code", ["648b03", "64ff4304", "65017b08", "3e8d742600", "648b1d10400000",
                                   "64a110400000", "64a310400000", "26ff03", "36ff03", "3e0fb10b",
                                   "2e8b03", "3e7400", "64f3ab", "64ac"])  # fmt: skip
@@ -221,6 +293,67 @@ def test_chained_entry_polls_the_interrupt_flag_and_the_budget() -> None:
         assert f() == 2 and cpu.eip == CODE  # one pass, then the chain sees the flag
         cpu.set_flags(0x2)  # IF clear: the pending interrupt cannot be taken, no exit
         assert 1000 <= f() < 1000 + 2
+    finally:
+        cpu.close()
+
+
+def test_invlpg_of_a_data_page_keeps_the_translations() -> None:
+    """INVLPG of a page no block was fetched from (the Debian boot's fixmap loop: 70,000
+    of them) drops that TLB entry only; of a code page, every EIP map and chain."""
+    cpu = _cpu()
+    try:
+        code = b"\x40\x8b\x0b\xeb\xfb"  # inc eax; mov ecx, [ebx]; jmp back
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.eip, cpu.r[3] = CODE, DATA
+        cpu.run(2000)
+        assert cpu.native.blocks and cpu.code_lin == {CODE >> 12}
+        epoch, fast = cpu.native.epoch, sum(len(m) for m in cpu._fast.values())
+        assert fast and DATA >> 12 in cpu.rtlb
+        cpu.tlb_flush(DATA >> 12)
+        assert DATA >> 12 not in cpu.rtlb and not cpu.native.tlb.tables.read[DATA >> 12]
+        assert cpu.native.epoch == epoch and sum(len(m) for m in cpu._fast.values()) == fast
+        cpu.tlb_flush(CODE >> 12)
+        assert cpu.native.epoch == epoch + 1 and not any(cpu._fast.values())
+        assert not cpu.code_lin
+        before = cpu.r[0]
+        cpu.run(2000)  # and it runs on, translated again
+        assert cpu.r[0] > before and cpu.code_lin == {CODE >> 12}
+    finally:
+        cpu.close()
+
+
+def test_cr3_reload_keeps_global_pages() -> None:
+    """MOV to CR3 with CR4.PGE drops the TLB entries of non-global pages only: a hot
+    loop on a global code page keeps its translations and chains; its non-global data
+    page misses again and reads the new mapping."""
+    cpu = _cpu()
+    try:
+        pd, pt, other = 0x80000, 0x81000, 0x90000
+        cpu.ram[pd : pd + 4] = (pt | 3).to_bytes(4, "little")
+        for n in range(256):  # identity, the code page global, the data page not
+            g = 0x100 if n == CODE >> 12 else 0
+            cpu.ram[pt + 4 * n : pt + 4 * n + 4] = (n << 12 | g | 3).to_bytes(4, "little")
+        cpu.ram[DATA : DATA + 4] = (7).to_bytes(4, "little")
+        cpu.ram[other : other + 4] = (9).to_bytes(4, "little")
+        code = b"\x40\x8b\x0b\xeb\xfb"  # inc eax; mov ecx, [ebx]; jmp back
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.set_cr(3, pd)
+        cpu.set_cr(4, 0x80)
+        cpu.set_cr(0, 0x80000011)
+        cpu.eip, cpu.r[3] = CODE, DATA
+        cpu.run(2000)
+        assert cpu.native.blocks and cpu.r[1] == 7
+        epoch = cpu.native.epoch
+        # The data page now maps another frame; the CR3 reload must show it.
+        pte = pt + 4 * (DATA >> 12)
+        cpu.ram[pte : pte + 4] = (other | 3).to_bytes(4, "little")
+        cpu.set_cr(3, pd)
+        assert CODE >> 12 in cpu.rtlb and DATA >> 12 not in cpu.rtlb
+        assert cpu.native.epoch == epoch and any(cpu._fast.values())
+        cpu.run(2000)
+        assert cpu.r[1] == 9
+        cpu.set_cr(4, 0)  # PGE off: everything goes
+        assert not cpu.rtlb and cpu.native.epoch > epoch
     finally:
         cpu.close()
 
@@ -390,6 +523,107 @@ def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
     assert got[3] > 3000, "native code did not run the loop"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
         assert got[i] == ref[i], f"{what} differ"
+
+
+_FLAGS = """
+bits 32
+org 0x100000
+    mov ecx, 400
+    xor ebx, ebx
+.top:
+    pushf               ; a per-CPU section: save, CLI, work, restore
+    cli
+    add eax, ecx
+    popf                ; IF back as it was, the arithmetic flags from the stack
+    pushf
+    pop edx
+    add ebx, edx
+    sti                 ; its shadow: the next instruction in the same block
+    inc esi
+    push dword 0x8d7    ; POPF setting every arithmetic flag, IF clear
+    popf
+    pushf
+    pop edi
+    add ebx, edi
+    push dword 0x202    ; IF set, the rest clear
+    popf
+    pushf
+    pop edi
+    add ebx, edi
+    cli
+    test ecx, 1
+    jz .odd
+    sti
+    nop
+.odd:
+    dec ecx
+    jnz .top
+    cli                 ; HLT with IF set would wait for an interrupt
+    hlt
+"""
+
+
+@nasm
+def test_flag_instructions_run_natively(tmp_path) -> None:
+    """PUSHF/POPF/CLI/STI in a hot loop (no interrupt pending): native, and the same
+    registers, flags (IF included), memory and stack as the interpreter."""
+    image = _assemble(tmp_path, _FLAGS)
+    t = _jit_tests()
+    m = t._machine(image, 5, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        st = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
+    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
+           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    got = _run_loop(image, 5, False, True)
+    assert got[3] > 400 * 20, "native code did not run the loop"
+    for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
+        assert got[i] == ref[i], f"{what} differ"
+
+
+def test_sti_and_popf_leave_when_an_interrupt_may_be_pending() -> None:
+    """STI and POPF that set IF while a request may be pending (Cpu.intr) leave for the
+    Python tiers before the instruction: STI's shadow and the interrupt after POPF are
+    theirs. With none pending they run natively; CLI and POPF clearing IF never leave."""
+    cpu = _cpu()
+    try:
+        for code, first in (
+            (b"\xfb\x40\xfa\xeb\xfb", "sti"),  # sti; inc eax; cli; jmp
+            (b"\x68\x02\x02\x00\x00\x9d\x40\xfa\xeb\xf6", "popf"),
+        ):
+            cpu.ram[CODE : CODE + len(code)] = code
+            cpu.flush_blocks()
+            cpu.eip = CODE
+            cpu.r[0] = 0
+            cpu.r[4] = 0x8000
+            cpu.set_flags(0x2)
+            f = cpu.native.translate(CODE, CODE)
+            assert f is not None
+            cpu.intr = False
+            cpu.run_left = 1000
+            for _ in range(4):  # the stack page's TLB entries first
+                if (n := f()) >= 900:
+                    break
+                cpu.eip, cpu.r[4], cpu.run_left = CODE, 0x8000, 1000
+            assert n >= 900 and not cpu.fl & 0x200 and cpu.r[0] > 100  # looped natively
+            cpu.eip = CODE
+            cpu.r[4] = 0x8000
+            cpu.intr = True  # a request waits: IF must be set by the Python tiers
+            before = cpu.r[0]
+            n = f()
+            if first == "popf":  # PUSH ran, POPF is left with the state before it
+                assert (n, cpu.eip, cpu.fl & 0x200, cpu.r[4]) == (1, CODE + 5, 0, 0x7FFC)
+            else:  # STI ran as the Python tiers run it: its shadow follows
+                assert n == 1 and cpu.eip == CODE + 1 and cpu.fl & 0x200 and cpu.inhibit_irq
+            assert cpu.r[0] == before
+            cpu.inhibit_irq = False
+    finally:
+        cpu.close()
 
 
 _SMC = """

@@ -303,7 +303,13 @@ def _boot(qemu: str, kernel: Path, initrd: Path, append: str, *extra: str, input
     return proc, proc.stdout.decode(errors="replace")
 
 
-RUN = 'boite.run="echo hi-from-$(uname -m); ls /bin/busybox; grep ^fpu /proc/cpuinfo | head -n1; exit 7"'
+# `touch -t` sets a file's times through the 32-bit time_t system calls Debian's busybox makes
+# (CONFIG_COMPAT_32BIT_TIME, also under the x86_64 kernels' IA32 emulation).
+RUN = (
+    'boite.run="echo hi-from-$(uname -m); ls /bin/busybox; grep ^fpu /proc/cpuinfo | head -n1; '
+    'touch -t 202103040506.07 /tmp/t && ls -l --full-time /tmp/t; exit 7"'
+)
+TOUCHED = re.compile(r"^-rw-r--r-- .* 2021-03-04 05:06:07 \+0000 /tmp/t\r?$", re.M)
 
 
 @pytest.mark.slow
@@ -323,6 +329,7 @@ def test_i386_kernel_boots_runs_and_powers_off(kit: guestkit.Kit, cpu: str) -> N
     assert re.fullmatch(r"uptime=\d+\.\d\d", marks.get("BOITE-READY", "")), out[-3000:]
     assert re.search(r"hi-from-i[3-6]86", out), out[-2000:]
     assert "/bin/busybox" in out
+    assert TOUCHED.search(out), out[-2000:]
     assert marks["BOITE-EXIT"] == "status=7"
     assert marks["BOITE-POWEROFF"] == "status=7 reason=done"
     assert "Kernel panic" not in out
@@ -448,6 +455,7 @@ def test_x86_64_kernel_boots(kit_x86_64: guestkit.Kit, image: str) -> None:
     marks = _markers(out)
     assert "BOITE-READY" in marks, out[-3000:]
     assert "hi-from-x86_64" in out
+    assert TOUCHED.search(out), out[-2000:]
     assert marks["BOITE-EXIT"] == "status=7"
     assert proc.returncode == 15, out[-2000:]
 
@@ -460,6 +468,7 @@ def test_debian_kernel_boots_to_init(kit_debian: guestkit.Kit) -> None:
     marks = _markers(out)
     assert "BOITE-READY" in marks, out[-3000:]
     assert "hi-from-x86_64" in out
+    assert TOUCHED.search(out), out[-2000:]
     assert marks["BOITE-POWEROFF"] == "status=7 reason=done"
     assert proc.returncode == 15, out[-2000:]
     release = (k.debian_vmlinuz.parent / "kernel.release").read_text().strip()

@@ -4,6 +4,7 @@ booting on the emulator and printing to COM1 through sercon."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 import subprocess
@@ -23,7 +24,7 @@ TABLES_AT, RSDP_AT = 0x3FF_F000, 0xF_5000
 
 
 def linked(cpus: int = 2) -> tuple[dict[str, bytes], dict[str, int]]:
-    acpi = build_acpi(cpus, 0x600)
+    acpi = build_acpi(cpus, 0x600, 0x400_0000)  # 64 MiB of RAM below the PCI hole
     files = link(
         {TABLES_FILE: acpi.tables, RSDP_FILE: acpi.rsdp},
         acpi.loader,
@@ -77,6 +78,22 @@ def test_iasl_disassembles_every_table(tmp_path: Path) -> None:
         assert "Invalid" not in text[sig] and "Error" not in text[sig], text[sig]
     assert 'EisaId ("PNP0A03")' in text["DSDT"] and "Name (\\_S5, Package (0x04)" in text["DSDT"]
     assert 'EisaId ("PNP0303")' in text["DSDT"]
+    # PCI0's windows as iasl reads them back (QEMU's i440FX board declares the same).
+    crs = re.sub(r"\s+", " ", text["DSDT"])
+    assert "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, " \
+        "// Granularity 0x0000, // Range Minimum 0x00FF," in crs, text["DSDT"]  # fmt: skip
+    assert "IO (Decode16, 0x0CF8, // Range Minimum 0x0CF8, // Range Maximum 0x01, " \
+        "// Alignment 0x08, // Length" in crs  # fmt: skip
+    windows = re.findall(
+        r"(WordIO|DWordMemory) \(ResourceProducer, [A-Za-z, ]*MinFixed, MaxFixed[A-Za-z, ]* 0x0+, "
+        r"// Granularity (0x[0-9A-F]+), // Range Minimum (0x[0-9A-F]+), // Range Maximum "
+        r"0x0+, // Translation Offset (0x[0-9A-F]+), // Length", crs,
+    )  # fmt: skip
+    assert [(k, int(lo, 16), int(hi, 16), int(n, 16)) for k, lo, hi, n in windows] == [
+        ("WordIO", 0, 0xCF7, 0xCF8), ("WordIO", 0xD00, 0xFFFF, 0xF300),
+        ("DWordMemory", 0xA0000, 0xBFFFF, 0x20000),
+        ("DWordMemory", 0x400_0000, 0xFEBF_FFFF, 0xFEC0_0000 - 0x400_0000),
+    ]  # fmt: skip
     assert "PM1A Event Block Address : 00000600" in text["FACP"]
     assert "SCI Interrupt : 0009" in text["FACP"]
     assert "Control Method Power Button (V1) : 0" in text["FACP"]  # a fixed power button

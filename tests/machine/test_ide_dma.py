@@ -100,3 +100,23 @@ def test_bad_prd_tables_fail_the_command_not_the_host(rig) -> None:
     m.pio.write(BM + 2, 1, 0x06)
     status = dma(m, 0xC8, 0, 1, True, struct.pack("<IHH", BUF, 4096, 0x8000))  # longer table
     assert status & 0x01 and not status & 0x02  # still active: the table was larger
+
+
+def test_idetim_says_both_channels_decode_and_keeps_what_drivers_write(rig) -> None:
+    """ata_piix skips a channel whose IDETIM decode bit (0x41/0x43 bit 7) is clear; SeaBIOS
+    and the drivers write timings there and read them back."""
+    m, _, _ = rig
+
+    def cfg(offset: int, size: int, value: int | None = None) -> int:
+        m.pio.write(0xCF8, 4, 0x8000_0000 | (1 << 11) | (1 << 8) | (offset & 0xFC))
+        if value is not None:
+            m.pio.write(0xCFC + (offset & 3), size, value)
+        return m.pio.read(0xCFC + (offset & 3), size)
+
+    assert cfg(0x09, 1) == 0x80  # compatibility mode on both channels, bus mastering
+    assert cfg(0x10, 4) == 0 and cfg(0x14, 4) == 0  # BARs 0-3: the legacy ports instead
+    assert cfg(0x41, 1) & 0x80 and cfg(0x43, 1) & 0x80
+    assert cfg(0x40, 2, 0xA307) == 0xA307 and cfg(0x42, 2, 0x8000) == 0x8000
+    assert cfg(0x44, 1, 0x33) == 0x33 and cfg(0x48, 1, 0xFF) == 0x0F
+    assert cfg(0x4A, 2, 0x1212) == 0x1212
+    assert cfg(0x08, 1, 0xFF) == 0  # the revision stays read-only

@@ -239,6 +239,13 @@ class Cpu:
         # Compiled blocks by EIP, one map per (mode_key, CS base); emptied whenever a
         # block or a TLB entry goes away, so a hit needs no further check.
         self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
+        # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
+        # of any other page (a fixmap, a data page) leaves the maps and chains alone.
+        self.code_lin: set[int] = set()
+        # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
+        # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
+        self.nonglobal: set[int] = set()
+        self.walk_global = False
         self.hot_block = HOT_BLOCK
         # (gpa, length) written by devices, for run() to drain (see note_dma_write).
         self.dma_writes: list[tuple[int, int]] = []
@@ -373,16 +380,41 @@ class Cpu:
             self.xtlb = self.rtlb
 
     def tlb_flush(self, page: int | None = None) -> None:
-        for fast in self._fast.values():
-            fast.clear()
+        code = page is None or page in self.code_lin
+        if code:  # a block's code may map elsewhere now
+            for fast in self._fast.values():
+                fast.clear()
+            self.code_lin.clear()
+        if page is None:
+            self.nonglobal.clear()
         if self.native is not None:
-            self.native.tlb_flush(page)
+            self.native.tlb_flush(page, code)
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
                 if page is None:
                     t.clear()
                 else:
                     t.pop(page, None)
+
+    def tlb_flush_nonglobal(self) -> None:
+        """MOV to CR3 with CR4.PGE: the TLB entries of global pages stay (the kernel's
+        code and data); the EIP maps and chains go only if a block's page was not
+        global."""
+        pages = self.nonglobal
+        if not pages:
+            return
+        code = not pages.isdisjoint(self.code_lin)
+        if code:
+            for fast in self._fast.values():
+                fast.clear()
+            self.code_lin.clear()
+        for tables in (*self._tlbs.values(), self._xtlbs.values()):
+            for t in tables:
+                for p in pages:
+                    t.pop(p, None)
+        if self.native is not None:
+            self.native.tlb_flush_pages(pages, code)
+        pages.clear()
 
     def paging_changed(self) -> None:
         """CR0.PG, CR4.PAE or EFER.NXE changed (or a state was loaded): pick the page
@@ -412,6 +444,7 @@ class Cpu:
         """Linear to physical: 2-level 32-bit paging (PSE 4 MiB pages too), or 3-level
         PAE paging (2 MiB pages, the XD bit with EFER.NXE). Sets accessed and dirty bits
         as the walk goes, as the hardware does."""
+        self.walk_global = False
         if not self.paging:
             return lin
         if self.pae:
@@ -427,6 +460,7 @@ class Cpu:
             new = pde | 0x20 | (0x40 if write else 0)
             if new != pde:
                 self.phys_write(pde_a, 4, new)
+            self.walk_global = bool(pde & 0x100 and self.cr4 & 0x80)
             return (pde & 0xFFC00000) | (lin & 0x3FFFFF)
         pte_a = (pde & 0xFFFFF000) | ((lin >> 10) & 0xFFC)
         pte = self.phys_read(pte_a, 4)
@@ -439,6 +473,7 @@ class Cpu:
         new = pte | 0x20 | (0x40 if write else 0)
         if new != pte:
             self.phys_write(pte_a, 4, new)
+        self.walk_global = bool(pte & 0x100 and self.cr4 & 0x80)
         return (pte & 0xFFFFF000) | (lin & 0xFFF)
 
     def _translate_pae(self, lin: int, write: bool, user: bool, fetch: bool) -> int:
@@ -460,6 +495,7 @@ class Cpu:
             new = pde | 0x20 | (0x40 if write else 0)
             if new != pde:
                 self.phys_write(pde_a, 4, new & M32)
+            self.walk_global = bool(pde & 0x100 and self.cr4 & 0x80)
             return (pde & PHYS_MASK & ~0x1FFFFF) | (lin & 0x1FFFFF)
         if pde & rsvd:
             self._page_fault(lin, 9, write, user, fetch)
@@ -476,6 +512,7 @@ class Cpu:
         new = pte | 0x20 | (0x40 if write else 0)
         if new != pte:
             self.phys_write(pte_a, 4, new & M32)
+        self.walk_global = bool(pte & 0x100 and self.cr4 & 0x80)
         return (pte & PHYS_MASK & ~0xFFF) | (lin & 0xFFF)
 
     def _page_perm(self, pde: int, pte: int, write: bool, user: bool) -> bool:
@@ -534,6 +571,8 @@ class Cpu:
             self.rtlb[page] = ppage
             if write and (pa >> 12) not in self.code_pages:
                 self.wtlb[page] = ppage
+            if not self.walk_global:
+                self.nonglobal.add(page)
         return pa
 
     def fill_fetch(self, lin: int) -> int:
@@ -545,6 +584,8 @@ class Cpu:
         ppage = pa & ~0xFFF
         if ppage + 0x1000 <= self.ram_size and (lin >> 12) not in self.watch_pages:
             self.xtlb[lin >> 12] = ppage
+            if not self.walk_global:
+                self.nonglobal.add(lin >> 12)
         return pa
 
     def fetch8(self, lin: int) -> int:
@@ -1604,7 +1645,10 @@ class Cpu:
             if self.pae:
                 self.pdptes = self.load_pdptes(v)
             self.cr3 = v
-            self.tlb_flush()
+            if self.cr4 & 0x80:  # PGE: global pages stay
+                self.tlb_flush_nonglobal()
+            else:
+                self.tlb_flush()
         elif n == 4:
             if v & ~0x7FF:  # VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
                 raise CpuFault(GP, 0)
@@ -1705,11 +1749,15 @@ class Cpu:
         compile_ok = self.compile_blocks
         hot = self.hot_block
         fmaps = self._fast
+        code_lin = self.code_lin
         fmode = fcsk = -1
         fast: dict[int, Callable[[], int]] = {}
         try:
             while done + faults < max_insns:
-                self.run_left = max_insns - done  # bounds a native entry (native/)
+                # Bounds a native entry (native/), faults included: with only `done`
+                # the last entry could outrun the loop, fill the TLB for its next
+                # instruction (A/D bits) and stop before running it (fuzz seed 51752).
+                self.run_left = max_insns - done - faults
                 f = None
                 shadow = False
                 if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
@@ -1743,6 +1791,9 @@ class Cpu:
                         eip = self.eip
                         csk = self.cs_key
                         lin = (sbase[1] + eip) & M32
+                        code_lin.add(lin >> 12)
+                        if lin & 0xFFF > 0xFF0:  # an instruction may reach the next page
+                            code_lin.add(((lin >> 12) + 1) & 0xFFFFF)
                         p = self.xtlb.get(lin >> 12)
                         pa = (p | (lin & 0xFFF)) if p is not None else self.fill_fetch(lin)
                         b = blocks.get(pa)

@@ -202,8 +202,8 @@ op(0x98, "CBW/CWDE", decode="_misc1", jit="j_cwde", native="copy")
 op(0x99, "CWD/CDQ", decode="_misc1", jit="j_cdq", native="copy")
 op(0x9A, "CALLF", "Ap", end=True, decode="_far_ptr")
 op(0x9B, "WAIT", decode="_fwait")
-op(0x9C, "PUSHF", "Fv", r="*", priv="iopl", decode="_pushf")
-op(0x9D, "POPF", "Fv", w="*", end=True, priv="iopl", decode="_pushf")
+op(0x9C, "PUSHF", "Fv", r="*", priv="iopl", decode="_pushf", native="pushf")
+op(0x9D, "POPF", "Fv", w="*", end=True, priv="iopl", decode="_pushf", native="popf")
 op(0x9E, "SAHF", w="szapc", decode="_misc1")
 op(0x9F, "LAHF", r="szapc", decode="_misc1")
 for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov,eAX")):
@@ -212,6 +212,8 @@ for _b, _form in ((0xA0, "AL,Ob"), (0xA1, "eAX,Ov"), (0xA2, "Ob,AL"), (0xA3, "Ov
 _STRING_NATIVE = {
     0xA4: "rep_string",
     0xA5: "rep_string",
+    0xA6: "string1",
+    0xA7: "string1",
     0xAA: "string1",
     0xAB: "string1",
     0xAC: "string1",
@@ -320,8 +322,8 @@ for _n, (_name, _fl) in enumerate((
            decode="_grp3", jit=_j, native="copy" if _n < 6 else None)  # fmt: skip
 op(0xF8, "CLC", w="c", decode="_flagop", native="copy")
 op(0xF9, "STC", w="c", decode="_flagop", native="copy")
-op(0xFA, "CLI", w="i", end=True, priv="iopl", decode="_flagop")
-op(0xFB, "STI", w="i", end=True, priv="iopl", decode="_flagop")
+op(0xFA, "CLI", w="i", end=True, priv="iopl", decode="_flagop", native="cli")
+op(0xFB, "STI", w="i", end=True, priv="iopl", decode="_flagop", native="sti")
 op(0xFC, "CLD", w="d", decode="_flagop")
 op(0xFD, "STD", w="d", decode="_flagop")
 op(0xFE, "INC", "Eb", ext=0, w="oszap", lock=True, decode="_grp45", jit="j_grp45", native="copy")
@@ -416,8 +418,8 @@ op(0xB4, "LFS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB5, "LGS", "Gz,Mp", map="0F", end=True, decode="_les")
 op(0xB6, "MOVZX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xB7, "MOVZX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
-op(0xBC, "BSF", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
-op(0xBD, "BSR", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf")
+op(0xBC, "BSF", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf", native="copy")
+op(0xBD, "BSR", "Gv,Ev", map="0F", w="z", u="osapc", decode="_bsf", native="copy")
 op(0xBE, "MOVSX", "Gv,Eb", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xBF, "MOVSX", "Gv,Ew", map="0F", decode="_movx", jit="j_movx", native="copy")
 op(0xC0, "XADD", "Eb,Gb", map="0F", w=OSZAPC, lock=True, decode="_xadd", native="copy")

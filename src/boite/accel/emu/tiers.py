@@ -10,8 +10,8 @@ One place decides, for every way of asking (see docs/architecture.md, "Emulator 
 4. "auto".
 
 "python" forces the Python tiers (for debugging the translator away). "native" asks for
-the native tier; "auto" takes it where the host allows it once it is the default
-(`NATIVE_BY_DEFAULT`). Where the host cannot run it (not x86-64 Linux, no executable
+the native tier; "auto" (the default) takes it where the host allows it, as long as
+`NATIVE_BY_DEFAULT` is set. Where the host cannot run it (not x86-64 Linux, no executable
 memory) or the Python interpreter is chosen (`BOITE_EMU=interp`), the Python tiers run and
 the choice says why: `boite info` and vmware.log print it.
 """
@@ -28,13 +28,13 @@ from boite.errors import AccelError
 TIERS = ("auto", "python", "native")
 ENV = "BOITE_EMU_TIER"
 VMX_KEY = "boite.emuTier"
-# Whether "auto" means the native tier (where the host allows it). Off for now: the native
-# tier runs the guests that matter about three times faster in CPU time (bench/RESULTS.md),
-# but the crash fuzz still finds runs where it ends otherwise than the Python tiers (51 of
-# 60,000 hostile runs, mostly 16-bit code entering 32-bit code through a gate around chained
-# blocks; tests/accel/test_native_fuzz.py). Until those are fixed it is asked for by name:
-# --emu-tier native, BOITE_EMU_TIER=native or boite.emuTier = "native".
-NATIVE_BY_DEFAULT = False
+# Whether "auto" means the native tier (where the host allows it). On: it runs the guests
+# that matter about three times faster in CPU time than the Python tiers (bench/RESULTS.md),
+# and the crash fuzz (tests/accel/test_native_fuzz.py: hostile random code in real, 16- and
+# 32-bit modes, every run compared with the Python tier) finds no run that ends otherwise
+# since the fixes of Dec 7 (totals in the test's notes). `--emu-tier python`,
+# BOITE_EMU_TIER=python or boite.emuTier = "python" force the Python tiers.
+NATIVE_BY_DEFAULT = True
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,13 @@ engine (command bit 0, bit 3 = toward memory), which moves the sectors through t
 table at once, then sets the interrupt bit and raises the channel's IRQ. ATAPI drives
 stay PIO. SeaBIOS uses PIO; Linux's ata_piix uses DMA.
 
+The function's own registers, kept as written for the drivers that program them (the
+timings mean nothing here): IDETIM per channel (0x40, 0x42; bit 15 enables the channel's
+decode), SIDETIM (0x44), and PIIX4's UDMACTL/UDMATIM (0x48, 0x4A). IDETIM starts with
+both channels enabled, since boite decodes the legacy ports from reset whatever it says
+(SeaBIOS writes the same; Linux's ata_piix skips a channel whose bit is clear, "port
+disabled").
+
 Boot paths for SeaBIOS's bootorder: `/pci@i0cf8/ide@1,1/drive@C/disk@U`.
 """
 
@@ -24,6 +31,8 @@ from boite.machine.state import StateRecord, data
 
 IDE_SLOT, IDE_FUNCTION = 1, 1
 BM_SIZE = 16
+IDETIM, SIDETIM, UDMACTL, UDMATIM = 0x40, 0x44, 0x48, 0x4A
+IDETIM_DECODE_ENABLE = 0x8000
 
 
 class BusMasterRegisters:
@@ -80,6 +89,15 @@ class PiixIde(PciFunction):
                 if d is not None and not _is_atapi(d):
                     d.dma_capable = True
         super().__init__(0x8086, 0x7010, 0x010180, bars={4: Bar(BAR_IO, BM_SIZE, self.busmaster)})
+
+    def _defaults(self) -> None:
+        super()._defaults()
+        for reg in (IDETIM, IDETIM + 2):
+            self.config[reg : reg + 2] = IDETIM_DECODE_ENABLE.to_bytes(2, "little")
+        self.writable(IDETIM, b"\xff" * 4)
+        self.writable(SIDETIM, b"\xff")
+        self.writable(UDMACTL, b"\x0f")
+        self.writable(UDMATIM, b"\xff\xff")
 
     def legacy_ranges(self) -> list[IoRange]:
         out: list[IoRange] = []

@@ -20,7 +20,12 @@ The tables:
 - DSDT (AML generated in `dsdt_aml`): `\\_SB.PCI0` (PNP0A03, the host bridge, so Linux
   scans bus 0 through ACPI) with `KBD` (PNP0303: SeaBIOS sets up the PS/2 keyboard only
   when the DSDT names one) and `\\_S5` = {0, 0, 0, 0} (SLP_TYP 0 is soft-off on the
-  PIIX4 block). There is no _PRT: an OS then takes a PCI function's IRQ from its
+  PIIX4 block). PCI0's `_CRS` names the windows the bridge forwards, as QEMU's i440FX
+  board does: buses 0-255, its own 0xCF8-0xCFF, I/O 0x0000-0x0CF7 and 0x0D00-0xFFFF, the
+  VGA memory 0xA0000-0xBFFFF, and the 32-bit PCI hole from the top of low RAM to below the
+  IOAPIC. Linux takes a root bus's resources from _CRS alone: without one the bus has no
+  windows and no BAR can be claimed, not even the IDE function's legacy 0x1F0 ("BAR 0:
+  not assigned; can't enable device" from ata_piix). There is no _PRT: an OS then takes a PCI function's IRQ from its
   Interrupt Line register, which SeaBIOS writes from the PIRQ routing it programs, and
   the overrides above make those IRQs level-triggered.
 """
@@ -49,6 +54,10 @@ IOAPIC_BASE = 0xFEC0_0000
 SCI_IRQ = 9
 LEVEL_HIGH = 0x000D  # MPS INTI flags: active high (01), level (11)
 PCI_IRQS = (5, 9, 10, 11)
+PCI_CONFIG_PORT = 0xCF8
+VGA_WINDOW = (0xA_0000, 0xB_FFFF)
+PCI_HOLE_END = IOAPIC_BASE - 1  # the IOAPIC, HPET and LAPIC pages above are not PCI's
+DEFAULT_PCI_HOLE_START = 0xC000_0000
 
 # FADT flags
 F_WBINVD, F_PROC_C1, F_SLP_BUTTON, F_RTC_S4, F_RESET_REG_SUP = 1, 1 << 2, 1 << 5, 1 << 7, 1 << 10
@@ -71,7 +80,21 @@ def checksum_byte(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def dsdt_aml() -> bytes:
+def pci0_crs(pci_hole_start: int) -> bytes:
+    """The host bridge's windows (see the module doc); the config ports are its own."""
+    if not VGA_WINDOW[1] < pci_hole_start <= PCI_HOLE_END:
+        raise ValueError(f"PCI hole start {pci_hole_start:#x}")
+    return aml.resource_template(
+        aml.word_bus_numbers(0, 0xFF),
+        aml.io_port(PCI_CONFIG_PORT, 8),
+        aml.word_io(0, PCI_CONFIG_PORT - 1),
+        aml.word_io(PCI_CONFIG_PORT + 8, 0xFFFF),
+        aml.dword_memory(*VGA_WINDOW, cacheable=True),
+        aml.dword_memory(pci_hole_start, PCI_HOLE_END, cacheable=False),
+    )
+
+
+def dsdt_aml(pci_hole_start: int = DEFAULT_PCI_HOLE_START) -> bytes:
     """The DSDT's AML: the PCI root bridge and the S5 sleep type (see the module doc)."""
     return aml.scope(
         "\\_SB",
@@ -80,6 +103,7 @@ def dsdt_aml() -> bytes:
             aml.name("_HID", aml.eisa_id("PNP0A03")),
             aml.name("_ADR", aml.integer(0)),
             aml.name("_UID", aml.integer(0)),
+            aml.name("_CRS", pci0_crs(pci_hole_start)),
             # The i8042's keyboard: SeaBIOS (and Linux's PNP probe) look for it here.
             aml.device("KBD", aml.name("_HID", aml.eisa_id("PNP0303"))),
         ),
@@ -176,8 +200,11 @@ class AcpiBlobs:
     offsets: dict[str, int]  # table signature -> offset in `tables`
 
 
-def build_acpi(num_cpus: int, pm_base: int) -> AcpiBlobs:
-    """The three fw_cfg files for a PC with `num_cpus` vCPUs and its PM block at `pm_base`."""
+def build_acpi(
+    num_cpus: int, pm_base: int, pci_hole_start: int = DEFAULT_PCI_HOLE_START
+) -> AcpiBlobs:
+    """The three fw_cfg files for a PC with `num_cpus` vCPUs, its PM block at `pm_base`
+    and its 32-bit PCI memory from `pci_hole_start` (the top of low RAM) up."""
     blob = bytearray()
     offsets: dict[str, int] = {}
 
@@ -189,7 +216,7 @@ def build_acpi(num_cpus: int, pm_base: int) -> AcpiBlobs:
         return offsets[sig]
 
     put("FACS", facs(), 64)
-    put("DSDT", table(b"DSDT", 2, dsdt_aml()))
+    put("DSDT", table(b"DSDT", 2, dsdt_aml(pci_hole_start)))
     f = bytearray(fadt(pm_base))
     struct.pack_into("<II", f, 36, offsets["FACS"], offsets["DSDT"])
     put("FACP", bytes(f))

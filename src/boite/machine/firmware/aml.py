@@ -1,8 +1,9 @@
 """Just enough ACPI Machine Language (ACPI 6.4, chapter 20) to write boite's DSDT.
 
 Each function returns the encoded bytes of one term; they nest as the ASL they stand
-for. Only what the DSDT uses is here: Scope, Device, Name, Package, integers, strings,
-EISA IDs.
+for. Only what the DSDT uses is here: Scope, Device, Name, Package, Buffer, integers,
+strings, EISA IDs, and the resource descriptors of a host bridge's _CRS (6.4: a
+ResourceTemplate is a Buffer of descriptors closed by an End Tag with its checksum).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import struct
 
 ZERO_OP, ONE_OP, ONES_OP = b"\x00", b"\x01", b"\xff"
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
-NAME_OP, SCOPE_OP, PACKAGE_OP = 0x08, 0x10, 0x12
+NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
 EXT_PREFIX, DEVICE_OP = 0x5B, 0x82
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = 0x5C, 0x2E, 0x2F
 
@@ -105,3 +106,54 @@ def scope(path: str, *terms: bytes) -> bytes:
 def device(path: str, *terms: bytes) -> bytes:
     body = name_string(path) + b"".join(terms)
     return bytes([EXT_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def buffer(data: bytes) -> bytes:
+    """Buffer(len) {data}."""
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+# Resource descriptors (ACPI 6.4, 6.4.2 small and 6.4.3 large items).
+RES_IO, RES_WORD_ADDRESS, RES_DWORD_ADDRESS, RES_END_TAG = 0x47, 0x88, 0x87, 0x79
+SPACE_MEMORY, SPACE_IO, SPACE_BUS = 0, 1, 2
+# General flags of an address space descriptor: a bridge produces the range (bit 0 clear),
+# positive decode (bit 1 clear), minimum and maximum fixed (bits 2 and 3).
+PRODUCER_FIXED = 0x0C
+IO_ENTIRE_RANGE = 0x03  # _RNG: ISA and non-ISA ranges
+MEM_READ_WRITE, MEM_CACHEABLE = 0x01, 0x02
+
+
+def io_port(base: int, length: int) -> bytes:
+    """IO (Decode16, base, base, 1, length): a fixed range the device itself decodes."""
+    return bytes([RES_IO, 0x01]) + struct.pack("<HHBB", base, base, 1, length)
+
+
+def _address(large: int, fmt: str, space: int, type_flags: int, lo: int, hi: int) -> bytes:
+    """Word/DWord address space descriptor: granularity 0, [lo, hi], no translation."""
+    body = bytes([space, PRODUCER_FIXED, type_flags]) + struct.pack(
+        f"<5{fmt}", 0, lo, hi, 0, hi - lo + 1
+    )
+    return bytes([large]) + struct.pack("<H", len(body)) + body
+
+
+def word_bus_numbers(first: int, last: int) -> bytes:
+    return _address(RES_WORD_ADDRESS, "H", SPACE_BUS, 0, first, last)
+
+
+def word_io(lo: int, hi: int) -> bytes:
+    """WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, ...)."""
+    return _address(RES_WORD_ADDRESS, "H", SPACE_IO, IO_ENTIRE_RANGE, lo, hi)
+
+
+def dword_memory(lo: int, hi: int, cacheable: bool) -> bytes:
+    """DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, [Non]Cacheable,
+    ReadWrite, ...)."""
+    flags = MEM_READ_WRITE | (MEM_CACHEABLE if cacheable else 0)
+    return _address(RES_DWORD_ADDRESS, "I", SPACE_MEMORY, flags, lo, hi)
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """ResourceTemplate () {...}: the descriptors and an End Tag (checksum 0: "assume the
+    sum is right", as iasl writes it)."""
+    return buffer(b"".join(descriptors) + bytes([RES_END_TAG, 0]))

@@ -76,6 +76,8 @@ def fill_fw_cfg(
     serial: str = "",
     sercon_port: int | None = 0x3F8,
 ) -> None:
+    """`ram_ranges` are (base, size); the 32-bit PCI window the DSDT declares starts at
+    the end of the RAM below 4 GiB, as on QEMU's PC."""
     add = fw_cfg.add_file  # type: ignore[attr-defined]
     add("etc/e820", e820_file(ram_ranges))
     if boot:
@@ -86,7 +88,8 @@ def fill_fw_cfg(
     tables, anchor = build_smbios(uuid, serial)
     add("etc/smbios/smbios-tables", tables)
     add("etc/smbios/smbios-anchor", anchor)
-    acpi = build_acpi(num_cpus, pm_base)
+    low_ram_top = max((b + n for b, n in ram_ranges if b + n <= 1 << 32), default=0)
+    acpi = build_acpi(num_cpus, pm_base, max(low_ram_top, 1 << 20))
     add(TABLES_FILE, acpi.tables)
     add(RSDP_FILE, acpi.rsdp)
     add(LOADER_FILE, acpi.loader)

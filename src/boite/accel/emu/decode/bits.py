@@ -127,6 +127,10 @@ class BitOps(DecoderBase):
         def shd() -> None:
             cnt = (cnt_imm if cnt_imm >= 0 else r[1]) & 31
             if cnt == 0:
+                # Still a read-modify-write of the destination, as the group-2 shifts
+                # (QEMU stores it back; a read-only page faults, the PTE gets its D bit:
+                # the native tier's crash fuzz, seed 53709).
+                rmw(lambda d: d)
                 c.eip = nxt
                 return
             src = g()

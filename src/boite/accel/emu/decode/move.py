@@ -363,7 +363,6 @@ class MoveOps(DecoderBase):
                 a = ea()
                 d = rd(a)
             acc = g0()
-            cmpf(acc, d)
             if acc == d:
                 if mod == 3:
                     sm(gr())
@@ -373,6 +372,9 @@ class MoveOps(DecoderBase):
                 if mod != 3:
                     wr(a, d)  # the processor always writes the destination
                 s0(d)
+            # The flags after the write: a #PF on it leaves them as they were (the
+            # native tier's crash fuzz, seed 49842, saw the compare's flags pushed).
+            cmpf(acc, d)
             c.eip = nxt
 
         return cmpxchg

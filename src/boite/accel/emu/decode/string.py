@@ -111,6 +111,10 @@ class StringOps(DecoderBase):
 
         cond_kind = kind in (0xA6, 0xAE)
         want = rep == 0xF3  # REPE: continue while equal
+        # A REP instruction ends its block: after a yield (below) EIP stays on it, and
+        # the block's next instructions must not run as if it had finished (nhot, Dec 7:
+        # `rep cmpsb; inc eax; inc eax` skipped the rest of the REP).
+        x.end = True
 
         if kind == 0xA4:
             fast = self._fast_movs(am, src_seg, size, chk_src, chk_dst)

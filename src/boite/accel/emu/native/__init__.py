@@ -35,6 +35,13 @@ from typing import TYPE_CHECKING
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.native.state import (
     EXIT_MISS,
+    OFF_BLOCK,
+    OFF_BUDGET,
+    OFF_DSTEP,
+    OFF_EIP,
+    OFF_IRQ,
+    OFF_REASON,
+    OFF_SYSFL,
     ChainTable,
     CodeArena,
     NativeState,
@@ -51,8 +58,16 @@ BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cp
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
-_REGS = struct.Struct("<8I")
-_SBASE = struct.Struct("<6I")
+TIME_EVERY = 8  # translations per one timed (translate_s)
+# The state going in (NativeState from r to block: the registers, EFLAGS, the segment
+# bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
+# coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
+_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIqQ")
+_STATE_OUT = struct.Struct("<8III24xIIi16xI")
+assert (
+    _STATE_IN.size == OFF_BLOCK + 8 == OFF_DSTEP + 16 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+)
+assert _STATE_OUT.size == OFF_SYSFL + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
 
 
 def native_available() -> bool:
@@ -110,31 +125,34 @@ class NativeTier:
         self.python_hot = cpu.hot_block
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
+        self.st.rep_eip = 0xFFFFFFFF
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena()
-        code, at_entry, at_dispatch, at_out = runtime_stubs()
+        code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
-        self.out_addr = base + at_out
+        self.out_addr = base + at["out"]
         self.st.out = self.out_addr
-        self.st.dispatch = base + at_dispatch
-        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(base + at_entry)
+        self.st.dispatch = base + at["dispatch"]
+        self.entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(base + at["entry"])
+        self.enter = ctypes.CFUNCTYPE(None)(base + at["enter"])  # st.block: the block
         self.tlbs: list[_Tlb] = []
         self.tlb: _Tlb | None = None  # the current privilege's
         self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
         # Chain tables by (mode_key, cs_key), as the Python tiers' per-mode EIP maps.
         self.chains: dict[tuple[int, int], ChainTable] = {}
-        self.ckey: tuple[int, int] | None = None
-        self.ctab: ChainTable | None = None
+        self.cmode = self.ccs = -1  # the key of ctab
+        self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
         self.insns = 0
-        self.translate_s = 0.0  # host seconds spent translating (bench/emu.py reports it)
+        self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
+        self.translations = 0
         self.translated_insns = 0
         self.entries = 0  # calls into translated code
-        self.exits: dict[int, int] = {}  # EXIT_* -> count
+        self.exits = [0, 0, 0]  # by EXIT_*
         # BOITE_NATIVE_PROFILE=1: where translated code leaves, by (reason, EIP): the
         # instructions the tier should cover next (see exit_profile).
         self.profile: dict[tuple[int, int], int] | None = (
@@ -143,10 +161,25 @@ class NativeTier:
         self.profile_raw: dict[tuple[int, int], str] = {}
 
     # -- TLB mirror ----------------------------------------------------------------------
-    def tlb_flush(self, page: int | None = None) -> None:
+    def tlb_flush(self, page: int | None = None, code: bool = True) -> None:
+        """Drop TLB entries (page None: all); `code`: a translated block's page may map
+        elsewhere now, so no chain may lead to one (Cpu.code_lin says which pages)."""
         for t in self.tlbs:
             t.flush(page)
-        self.unchain()
+        if code:
+            self.unchain()
+
+    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
+        """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
+        filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
+        for t in self.tlbs:
+            read, write, filled = t.tables.read, t.tables.write, t.filled_r
+            for p in pages:
+                read[p] = 0
+                write[p] = 0
+                filled.discard(p)
+        if code:
+            self.unchain()
 
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""
@@ -176,7 +209,7 @@ class NativeTier:
         ct = self.chains.get(key)
         if ct is None:
             ct = self.chains[key] = ChainTable(self.out_addr)
-        self.ckey = key
+        self.cmode, self.ccs = key
         self.ctab = ct
         self.st.jtab = ct.addr
         return ct
@@ -240,12 +273,17 @@ class NativeTier:
 
     def _translate(self, pa: int, eip: int) -> Callable[[], int] | None:
         cpu = self.cpu
-        t0 = time.thread_time()
+        # Thread CPU time is a system call (several us on some hosts, a tenth of a small
+        # block's translation): every TIME_EVERY-th translation is timed, for all of them.
+        self.translations += 1
+        timed = not self.translations % TIME_EVERY
+        t0 = time.thread_time() if timed else 0.0
         left = 0x1000 - (pa & 0xFFF)
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat)
-        self.translate_s += time.thread_time() - t0
+        if timed:
+            self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
             return None
         code, ninsns = out
@@ -260,43 +298,44 @@ class NativeTier:
     def _runner(self, addr: int, eip: int) -> Callable[[], int]:
         tier = self
         cpu = self.cpu
-        st = self.st
         stbuf = self.stbuf
-        st_addr = self.st_addr
-        entry = self.entry
-        regs_in, regs_out = _REGS.pack_into, _REGS.unpack_from
-        sbase_in = _SBASE.pack_into
+        enter = self.enter
+        state_in, state_out = _STATE_IN.pack_into, _STATE_OUT.unpack_from
         slot = 2 * chain_slot(eip)
         exits = self.exits
+        # One entry is Python work around one ctypes call: the state goes in and comes out
+        # with one struct call each (_STATE_IN, _STATE_OUT).
 
         def run_native() -> int:
             if tier.bound is not cpu.rtlb:
                 tier._bind()
-            key = (cpu.mode_key, cpu.cs_key)
-            ct = tier.ctab if key == tier.ckey else tier._select(key)
+            ct = tier.ctab
+            if cpu.mode_key != tier.cmode or cpu.cs_key != tier.ccs:
+                ct = tier._select((cpu.mode_key, cpu.cs_key))
             if ct.slots[slot + 1] != addr:  # this block is valid here: let chains find it
                 ct.add(eip, addr)
-            regs_in(stbuf, 0, *cpu.r)
-            fl = cpu.get_flags()
-            st.eflags = fl
-            sbase_in(stbuf, 40, *cpu.sbase)
-            st.dstep = -1 if fl & DF else 1
-            budget = min(BUDGET, cpu.run_left)  # BUDGET read now: tests set it
-            st.budget = budget
+            fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
+            left = cpu.run_left
+            budget = BUDGET if BUDGET < left else left  # BUDGET read now: tests set it
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
             # set it meanwhile (Cpu.kick).
-            st.intr = 1 if (cpu.intr and cpu.fl & IF) or cpu.dma_writes or cpu.stop else 0
-            entry(st_addr, addr)
-            cpu.r[:] = regs_out(stbuf, 0)
-            cpu.fl = (fl & ~ARITH) | (st.eflags & ARITH) | 2
+            irq = 1 if cpu.intr else 0
+            intr = 1 if (irq and fl & IF) or cpu.dma_writes or cpu.stop else 0
+            # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
+            ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
+            state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
+                     -1 if fl & DF else 1, addr)  # fmt: skip
+            enter()
+            *regs, eip_out, efl, reason, ndone, budget_left, sysfl = state_out(stbuf, 0)
+            cpu.r[:] = regs
+            cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE
-            cpu.eip = st.eip
-            n = budget - st.budget + st.ndone
+            cpu.eip = eip_out
+            n = budget - budget_left + ndone
             tier.insns += n
             tier.entries += 1
-            reason = st.reason
-            exits[reason] = exits.get(reason, 0) + 1
+            exits[reason] += 1
             if tier.profile is not None:
                 tier._note_exit(reason)
             if reason == EXIT_MISS:
@@ -337,10 +376,25 @@ class NativeTier:
         code page, an access across pages). Returns the instructions it ran."""
         cpu = self.cpu
         lin, kind = self.st.miss_addr, self.st.miss_write
+        # A REP compare left mid-slice goes on with its count only after a plain fill.
+        rep_eip, self.st.rep_eip = self.st.rep_eip, 0xFFFFFFFF
         write = bool(kind & 1)
         page = lin >> 12
         assert self.tlb is not None
         table = self.tlb.tables.write if write else self.tlb.tables.read
+        if write and lin & 0xFFF > 0xFF0:
+            # Maybe an access across pages (the miss does not say its size): filling
+            # this page for writing would set its PTE's D bit even when the next page
+            # faults (fuzz seed 51752; QEMU and the closures leave D clear). The closure
+            # does it all, then the table takes what the Python TLB holds.
+            try:
+                n = self._one()
+            except BaseException:
+                cpu.done_before_raise += done
+                raise
+            if not table[page]:
+                self._mirror(page, write)
+            return n
         if not table[page]:
             try:
                 if kind & 2:  # read-modify-write: the read faults first
@@ -350,6 +404,7 @@ class NativeTier:
                 cpu.done_before_raise += done  # what ran before the fault (Cpu.run)
                 raise
             if self._mirror(page, write):
+                self.st.rep_eip = rep_eip
                 return 0  # the next call goes on from this instruction
         try:
             return self._one()

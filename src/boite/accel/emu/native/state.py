@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
+import weakref
 
 TLB_ENTRIES = 1 << 20  # one per 4 KiB page of the 32-bit linear space
 TLB_BYTES = TLB_ENTRIES * 8
@@ -35,8 +37,18 @@ class NativeState(ctypes.Structure):
         ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
         ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
         ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
-        ("pad", ctypes.c_uint32),
+        # EFLAGS but the arithmetic flags (IF, DF, IOPL...): translated PUSHF/POPF/CLI/STI
+        # read and change IF here; Python reads it back at the exit.
+        ("sysfl", ctypes.c_uint32),
+        ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
+        ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
+        ("block", ctypes.c_uint64),  # the host code `enter` jumps to
+        # (Each entry writes the fields from r to block in one go: native/__init__.py.)
+        # A REPE/REPNE CMPS/SCAS left at a TLB miss: its EIP (0xFFFFFFFF: none) and the
+        # elements its slice has left, so the next entry goes on with the same count.
+        ("rep_eip", ctypes.c_uint32),
+        ("rep_left", ctypes.c_uint32),
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
@@ -59,7 +71,13 @@ OFF_NDONE = off("ndone")
 OFF_BUDGET = off("budget")
 OFF_INTR = off("intr")
 OFF_TMP = off("tmp")
+OFF_SYSFL = off("sysfl")
+OFF_IFOK = off("ifok")
+OFF_IRQ = off("irq")
+OFF_REP_EIP = off("rep_eip")
+OFF_REP_LEFT = off("rep_left")
 OFF_DSTEP = off("dstep")
+OFF_BLOCK = off("block")
 OFF_JTAB = off("jtab")
 OFF_OUT = off("out")
 OFF_DISPATCH = off("dispatch")
@@ -105,19 +123,57 @@ class TlbTables:
         self.write = (ctypes.c_uint64 * TLB_ENTRIES).from_address(base + TLB_BYTES)
 
 
+_libc: ctypes.CDLL | None = None
+
+
+def _libc_fn(name: str, restype, *argtypes):
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
 class CodeArena:
-    """Executable memory for translated blocks: written while read-write, then turned
-    read-execute (never both at once)."""
+    """Executable memory for translated blocks, never writable and executable in one
+    mapping. Where the host allows it, one memory file is mapped twice: read-write (where
+    blocks are copied in) and read-execute (where they run), so placing a block is a copy
+    and no system call; elsewhere a single mapping is turned read-write for the copy and
+    back to read-execute (two mprotect calls a block)."""
 
     def __init__(self, size: int = 8 << 20) -> None:
         self.size = size
-        self.mm = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.base = buffer_address(self.mm)
         self.used = 0
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._mprotect = libc.mprotect
-        self._mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        self._mprotect.restype = ctypes.c_int
+        self.dual = False
+        try:
+            self._map_dual(size)
+            self.dual = True
+        except (OSError, AttributeError, ValueError):
+            self.mm = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.base = buffer_address(self.mm)
+            self._mprotect = _libc_fn(
+                "mprotect", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+            )
+
+    def _map_dual(self, size: int) -> None:
+        fd = os.memfd_create("boite-native-code", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            mapper = _libc_fn("mmap", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)  # fmt: skip
+            addr = mapper(None, size, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                self.mm.close()
+                raise OSError(ctypes.get_errno(), "an executable mapping is refused")
+        finally:
+            os.close(fd)
+        self.base = addr
+        unmap = _libc_fn("munmap", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+        weakref.finalize(self, unmap, addr, size)  # the memory goes with the arena
 
     def _protect(self, start: int, end: int, prot: int) -> None:
         lo = start & ~0xFFF
@@ -134,9 +190,12 @@ class CodeArena:
         end = at + len(code)
         if end > self.size:
             raise MemoryError("native code arena full")
-        self._protect(at, end, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.mm[at:end] = code
-        self._protect(at, end, mmap.PROT_READ | mmap.PROT_EXEC)
+        if self.dual:
+            self.mm[at:end] = code
+        else:
+            self._protect(at, end, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mm[at:end] = code
+            self._protect(at, end, mmap.PROT_READ | mmap.PROT_EXEC)
         self.used = end
         return self.base + at
 

@@ -30,22 +30,27 @@ taken only when it fits inside its page. Guest code cannot produce another addre
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
+from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
     CHAIN_SLOTS,
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
+    OFF_BLOCK,
     OFF_BUDGET,
     OFF_DISPATCH,
     OFF_DSTEP,
     OFF_EFLAGS,
     OFF_EIP,
     OFF_ESP,
+    OFF_IFOK,
     OFF_INTR,
+    OFF_IRQ,
     OFF_JTAB,
     OFF_MISS_ADDR,
     OFF_MISS_WRITE,
@@ -53,13 +58,29 @@ from boite.accel.emu.native.state import (
     OFF_OUT,
     OFF_R,
     OFF_REASON,
+    OFF_REP_EIP,
+    OFF_REP_LEFT,
     OFF_SBASE,
+    OFF_SYSFL,
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
     chain_slot,
 )
-from boite.accel.emu.native.x64 import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RDI, RSI, Asm
+from boite.accel.emu.native.x64 import (
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+    RAX,
+    RDI,
+    RSI,
+    Asm,
+)
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 
 ESP = 4
@@ -85,9 +106,11 @@ def _epilogue(a: Asm) -> None:
     a.ret()
 
 
-def runtime_stubs() -> tuple[bytes, int, int, int]:
-    """The code shared by every block: (code, offset of the entry, of `dispatch`, of `out`).
+def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
+    """The code shared by every block, and the offsets of its entry points:
 
+    enter: void enter(void): the same as entry(st_addr, st->block) (st_addr is built in:
+    a call without arguments costs Python less).
     entry: void entry(NativeState *st, void *block): save the host's callee-saved
     registers, load the guest's, jump to the block.
     dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
@@ -96,11 +119,18 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     has no block for that EIP.
     out: leave with EIP = R9D, the guest flags in R11, reason EXIT_END."""
     a = Asm()
+    a.label("enter")
+    for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
+        a.push(reg)
+    a.raw(b"\x49\xbf" + st_addr.to_bytes(8, "little"))  # mov r15, imm64
+    a.load64(R8, R15, OFF_BLOCK)
+    a.jmp("loaded")
     a.label("entry")
     for reg in (3, 5, R12, R13, R14, R15):  # RBX RBP R12-R15
         a.push(reg)
     a.mov_rr64(R15, RDI)
     a.mov_rr64(R8, RSI)
+    a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
     a.load32(RAX, R15, OFF_EFLAGS)
@@ -130,11 +160,86 @@ def runtime_stubs() -> tuple[bytes, int, int, int]:
     a.store_imm32(R15, OFF_NDONE, 0)
     a.store_imm32(R15, OFF_REASON, EXIT_END)
     _epilogue(a)
-    code = a.finish()
-    return code, a.labels["entry"], a.labels["dispatch"], a.labels["out"]
+    return a.finish(), a.labels
 
 
-@dataclass
+def _encoded(build) -> bytes:
+    """The bytes one Asm sequence (without jumps) encodes to: the templates below."""
+    a = Asm()
+    build(a)
+    return a.finish()
+
+
+def _s32(v: int) -> bytes:
+    return (v & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+# Byte templates of the code every block repeats (translation is Python building bytes:
+# these are the same bytes the Asm calls would give, built once). An `_imm` template
+# ends where a 32-bit immediate or displacement follows.
+def _imm(build) -> bytes:
+    return _encoded(build)[:-4]
+
+
+_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _imm(
+    lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0)
+)
+_CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
+_MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
+_CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
+_POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
+_CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
+    lambda a: a._mem(b"\x39", R9, R8, 0)
+)
+_CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
+_JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
+_ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
+_ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
+_ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
+_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI")  # ndone, reason
+_EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
+_LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
+# dst += the segment base (through R10): by (dst, segment)
+_ADD_SBASE = {
+    (dst, seg): _encoded(
+        lambda a, dst=dst, seg=seg: (
+            a.load32(R10, R15, OFF_SBASE + 4 * seg),
+            a.lea32(dst, dst, 0, index=R10),
+        )
+    )
+    for dst in range(16)
+    for seg in range(6)
+}
+_LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
+_MISS: dict[tuple[int, int], bytes] = {}
+
+
+def _lookup_template(addr: int, size: int, write: bool, restore: bool,
+                     saved: bool) -> tuple[bytes, int, int]:  # fmt: skip
+    """The inline TLB lookup of Translator.lookup, with the offsets of its two rel32s
+    (both to the miss stub)."""
+    a = Asm()
+    if not saved:
+        a.pushfq()
+        a.pop(R11)  # the guest flags, for the miss path and to restore
+    a.mov_rr32(R10, addr)
+    a.shr32(R10, 12)
+    a.load64_index8(R10, R13 if write else R14, R10)
+    a.test64(R10, R10)
+    a.jcc(4, "miss")  # JE: no entry
+    a.mov_rr32(R8, addr)
+    a.and32(R8, 0xFFF)
+    a.cmp32(R8, 0x1000 - size)
+    a.jcc(7, "miss")  # JA: the access would cross into the next page
+    a.add64(R10, R8)
+    if restore:
+        a.push(R11)
+        a.popfq()
+    (fix1, _), (fix2, _) = a.fixups
+    return bytes(a.buf), fix1, fix2
+
+
+@dataclass(slots=True)
 class MemOperand:
     mod: int
     rm: int
@@ -145,7 +250,7 @@ class MemOperand:
     seg: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Insn:
     eip: int
     raw: bytes
@@ -160,9 +265,47 @@ class Insn:
     lock: bool = False  # a LOCK prefix (kept: the host's locked form is atomic too)
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
+    rf: RowFacts | None = None  # facts(row), set by parse
+
+
+class RowFacts:
+    """What the translator derives from one opcode table row, derived once per row
+    (parsing and building a block ask for them for every instruction)."""
+
+    __slots__ = ("ops", "modrm", "imm", "byte_op", "kill", "read", "kills_all", "plain",
+                 "writes_first", "undefined")  # fmt: skip
+
+    def __init__(self, row: Op) -> None:
+        self.ops = tuple(row.operands.split(",")) if row.operands else ()
+        self.modrm = has_modrm(row)
+        self.imm = (imm_bytes(row, False), imm_bytes(row, True))  # by the 66 prefix
+        first = next((o for o in self.ops if o[:1] in ("E", "G", "Z")), "")
+        self.byte_op = first.endswith("b")
+        # Flag liveness: what the row defines for sure, and what it reads.
+        self.kill = row.flags_written & ~row.flags_undefined & ~row.flags_read
+        self.read = row.flags_read & ARITH
+        self.kills_all = self.kill == ARITH
+        self.plain = row.native in ("copy", "lea", "branch")  # never leaves before it
+        self.writes_first = bool(self.ops) and self.ops[0][:1] == "E"
+        # host_differs names only undefined flags: rows without any never differ
+        self.undefined = row.flags_undefined & ARITH
+
+
+_FACTS: dict[int, RowFacts] = {}
+_NO_FIX = (b"", b"")
+# (map, opcode, ModRM reg field or -1) -> the row (lookup() walks a list)
+_ROWS: dict[tuple[str, int, int], Op | None] = {}
+
+
+def facts(row: Op) -> RowFacts:
+    f = _FACTS.get(id(row))
+    if f is None:
+        f = _FACTS[id(row)] = RowFacts(row)
+    return f
 
 
 _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
+_PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
@@ -173,12 +316,20 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     p66 = lock = rep = False
     repne = False
     override: int | None = None
-    while pos < len(raw) and (raw[pos] in (0x66, 0xF0, 0xF2, 0xF3) or raw[pos] in _SEG_PREFIX):
-        p66 |= raw[pos] == 0x66
-        lock |= raw[pos] == 0xF0
-        rep |= raw[pos] == 0xF3
-        repne |= raw[pos] == 0xF2
-        override = _SEG_PREFIX.get(raw[pos], override)
+    while pos < len(raw):
+        b = raw[pos]
+        if b not in _PREFIXES:
+            break
+        if b == 0x66:
+            p66 = True
+        elif b == 0xF0:
+            lock = True
+        elif b == 0xF3:
+            rep = True
+        elif b == 0xF2:
+            repne = True
+        else:
+            override = _SEG_PREFIX[b]
         pos += 1
     if rep and repne:
         return None
@@ -192,13 +343,17 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None
     code = raw[pos]
     pos += 1
-    row = lookup(opmap, code, raw[pos] if pos < len(raw) else None)
+    key = (opmap, code, (raw[pos] >> 3) & 7 if pos < len(raw) else -1)
+    if key in _ROWS:
+        row = _ROWS[key]
+    else:
+        row = _ROWS[key] = lookup(opmap, code, raw[pos] if pos < len(raw) else None)
     if row is None or row.native is None:
         return None
-    ops = row.operands.split(",") if row.operands else []
+    rf = facts(row)
     modrm = None
     mem = None
-    if has_modrm(row):
+    if rf.modrm:
         if pos >= len(raw):
             return None
         modrm = raw[pos]
@@ -230,7 +385,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
                     return None  # an access that needs its segment's checks: Python
                 seg = override
             mem = MemOperand(mod, rm, base, index, scale, disp, seg)
-    imm = imm_bytes(row, p66)
+    imm = rf.imm[p66]
     if pos + imm > len(raw):
         return None
     if override is not None and row.native in ("rep_string", "string1", "moffs"):
@@ -238,6 +393,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             return None  # implicit operands through an override: Python
     if lock and (not row.lock or mem is None or row.native != "copy"):
         return None  # #UD, raised by the Python tiers
+    if rep and row.mnemonic in ("BSF", "BSR"):
+        rep = False  # F3 0F BC/BD: BSF/BSR here (no TZCNT/LZCNT), the prefix ignored
     if (
         row.native == "rep_string"
         and not rep
@@ -245,20 +402,18 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         and row.native not in ("rep_string", "ret", "string1")
     ):
         return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
-    if repne and row.code not in (0xAE, 0xAF):
+    if repne and row.code not in (0xA6, 0xA7, 0xAE, 0xAF):
         return None
     if row.native == "string1" and (rep or repne) and row.code in (0xAC, 0xAD):
         return None  # REP STOS is rep_string's, REP LODS stays in Python
-    first = next((o for o in ops if o[:1] in ("E", "G", "Z")), "")
-    size = 1 if first.endswith("b") else (2 if p66 else 4)
+    size = 1 if rf.byte_op else (2 if p66 else 4)
     return Insn(eip, raw[: pos + imm], row, p66, opmap, code, modrm, mem, pos, size, lock,
-                0xF3 if rep else (0xF2 if repne else 0), override)  # fmt: skip
+                0xF3 if rep else (0xF2 if repne else 0), override, rf)  # fmt: skip
 
 
 def _uses_esp(i: Insn) -> bool:
     """The instruction names ESP as a data register (not allowed: it lives in memory)."""
-    ops = i.row.operands.split(",") if i.row.operands else []
-    for o in ops:
+    for o in (i.rf or facts(i.row)).ops:
         sz_byte = o.endswith("b")
         if o[:1] == "G" and i.modrm is not None and (i.modrm >> 3) & 7 == ESP and not sz_byte:
             return True
@@ -273,11 +428,10 @@ def _uses_esp(i: Insn) -> bool:
 def _esp_rex(i: Insn) -> int:
     """The REX bits (R: ModRM reg, B: ModRM rm or opcode register) that turn the guest's
     ESP operands into R12; -1 where that would also turn AH..BH into SPL..DIL."""
-    ops = i.row.operands.split(",") if i.row.operands else []
     rex = 0
     high_byte = False
     modrm = i.modrm
-    for o in ops:
+    for o in (i.rf or facts(i.row)).ops:
         kind, byte = o[:1], o.endswith("b")
         if kind == "G" and modrm is not None:
             num = (modrm >> 3) & 7
@@ -314,6 +468,8 @@ def host_differs(i: Insn) -> int:
         return 0xD4
     if m in ("SHLD", "SHRD"):
         return 0x810
+    if m in ("BSF", "BSR"):  # the Python tiers keep all but ZF
+        return 0x895
     if i.opmap:
         return 0
     if code in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
@@ -356,6 +512,19 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
         if i.opmap == "" and i.code in (0xF6, 0xF7):
             return b"", _szp_from(i.size, 0)  # the low half lands in AL/AX/EAX
         return b"", _szp_from(i.size, (i.modrm >> 3) & 7)
+    if m in ("SHLD", "SHRD"):
+        return _double_shift_fix(i)
+    if m in ("BSF", "BSR"):
+        if not rm_reg:
+            return None  # a miss between would leave the host stack unbalanced
+        # The guest's flags wait on the host stack; ZF alone comes from the host's.
+        return b"\x9c", (
+            b"\x9c\x41\x58"  # pushfq; pop r8
+            + b"\x41\x83\xe0\x40"  # and r8d, ZF
+            + b"\x48\x83\x24\x24\xbf"  # and qword [rsp], ~ZF
+            + b"\x4c\x09\x04\x24"  # or [rsp], r8
+            + b"\x9d"  # popfq
+        )
     if i.opmap or i.code not in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
         return None
     if m not in ("SHL", "SAL", "SAR", "SHR") or differ & ~0x810:
@@ -384,6 +553,32 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
 
+def _double_shift_fix(i: Insn) -> tuple[bytes, bytes] | None:
+    """SHLD/SHRD on a register: AF clear and OF set where the destination's sign
+    changed, for every count (the Python tiers' values; the host defines OF for a count
+    of 1 only); a count of 0 changes no flag."""
+    rm = i.modrm & 7
+    if i.modrm >> 6 != 3 or rm == ESP:
+        return None  # the old destination is not at hand before the lookup
+    by_cl = i.code in (0xA5, 0xAD)
+    if by_cl and rm == 1:
+        return None  # the shift changes CL, which says whether it shifted at all
+    if not by_cl and i.raw[-1] & 31 == 0:
+        return b"", b""
+    top = 8 * i.size - 1
+    before = bytes((0x41, 0x89, 0xC0 | rm << 3))  # mov r8d, <destination>
+    after = (
+        b"\x80\x24\x24\xef"  # and byte [rsp], ~AF
+        + b"\x66\x81\x24\x24\xff\xf7"  # and word [rsp], ~OF
+        + bytes((0x44, 0x33, 0xC0 | rm))  # xor r8d, <destination>: the changed bits
+        + bytes((0x41, 0x0F, 0xBA, 0xE0, top))  # bt r8d, top bit
+        + b"\x73\x06\x66\x81\x0c\x24\x00\x08"  # jnc +6; or word [rsp], OF
+    )
+    if by_cl:  # a count of 0 leaves the flags as they were
+        after = b"\xf6\xc1\x1f" + bytes((0x74, len(after))) + after  # test cl, 31; jz
+    return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
+
+
 def _shift_count(i: Insn) -> int | None:
     """The count of a shift by an immediate or by 1 (None: by CL)."""
     if i.code in (0xD0, 0xD1):
@@ -393,11 +588,19 @@ def _shift_count(i: Insn) -> int | None:
     return None
 
 
+# Rows the Python tiers end blocks at (so interrupts are taken after them) that
+# translated code goes on after: they leave where an interrupt could be taken.
+_GOES_ON = ("popf", "cli", "sti")
+
+
+def _ends(i: Insn) -> bool:
+    return i.row.ends_block and i.row.native not in _GOES_ON
+
+
 def _writes_mem(i: Insn) -> bool:
     if i.row.mnemonic == "CMPXCHG8B":
         return True  # like CMPXCHG, it writes the old value back on a mismatch
-    ops = i.row.operands.split(",") if i.row.operands else []
-    if not ops or ops[0][:1] != "E":
+    if not (i.rf or facts(i.row)).writes_first:
         return False
     return i.row.mnemonic not in _RD_ONLY
 
@@ -432,49 +635,41 @@ class Translator:
         a = self.a
         if not self.chains:
             return
+        buf = a.buf
         for name, target, ndone in self.chains:
             a.label(name)
-            a.pushfq()
-            a.pop(R11)
-            a.sub_mem_imm32(R15, OFF_BUDGET, ndone)
+            buf += _CHAIN_HEAD + _s32(ndone)  # pushfq; pop r11; sub [r15 + budget], ndone
             if target is None:
-                a.mov_rr32(R9, R8)
-                a._mem(b"\xff", 4, R15, OFF_DISPATCH)  # jmp [r15 + dispatch]
+                buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
                 continue
-            a.mov_imm32(R9, target)
+            buf += _MOV_R9 + _s32(target)
             a.jcc(0xE, "leave")  # JLE: budget spent
-            a.cmp_mem_imm32(R15, OFF_INTR, 0)
+            buf += _CMP_INTR
             a.jcc(5, "leave")
             if target == self.start:  # a loop: no lookup
-                a.push(R11)
-                a.popfq()
+                buf += _POPF_R11
                 a.jmp("start")
                 continue
             slot = chain_slot(target) * 16
-            a.load64(R8, R15, OFF_JTAB)
-            a._mem(b"\x39", R9, R8, slot)  # cmp [r8 + slot], r9d
+            buf += _CHAIN_CMP + _s32(slot)  # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d
             a.jcc(5, "leave")
-            a.push(R11)
-            a.popfq()
-            a._mem(b"\xff", 4, R8, slot + 8)  # jmp [r8 + slot + 8]
+            buf += _CHAIN_JMP + _s32(slot + 8)  # push r11; popfq; jmp [r8 + slot + 8]
         a.label("leave")
-        a._mem(b"\xff", 4, R15, OFF_OUT)  # jmp [r15 + out]
+        buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
+        buf = a.buf
         for name, (eip, ndone, reason, eip_reg) in self.stubs:
             a.label(name)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
             else:
-                a.store_imm32(R15, OFF_EIP, eip)
-            a.store_imm32(R15, OFF_NDONE, ndone)
-            a.store_imm32(R15, OFF_REASON, reason)
+                buf += _ST_EIP + _s32(eip)
+            buf += _STUB_TAIL.pack(_ST_NDONE, ndone, _ST_REASON, reason)
             a.jmp("epilogue")
         a.label("epilogue")
-        a.pushfq()
-        a.pop(R11)
-        _epilogue(self.a)
+        buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
 
     # -- memory --------------------------------------------------------------------
     def address(self, m: MemOperand, dst: int, with_segment: bool = True) -> None:
@@ -482,7 +677,7 @@ class Translator:
         a = self.a
         base = m.base
         if base == ESP:
-            a.load32(R12, R15, OFF_ESP)
+            a.buf += _LOAD_R12_ESP
             base = R12
         if base is None:
             a.mov_imm32(dst, m.disp)
@@ -491,43 +686,41 @@ class Translator:
         else:
             a._mem(b"\x8d", dst, base, m.disp, index=m.index, scale=m.scale)
         if with_segment:
-            a.load32(R10, R15, OFF_SBASE + 4 * m.seg)
-            a.lea32(dst, dst, 0, index=R10)
+            a.buf += _ADD_SBASE[(dst, m.seg)]
 
     def lookup(self, addr: int, size: int, write: bool, k: int, restore: bool,
-               reads: bool = True) -> None:  # fmt: skip
+               reads: bool = True, saved: bool = False) -> None:  # fmt: skip
         """R10 = host address of the guest bytes at linear addr32 (R8, R10, R11 scratch),
-        or leave at instruction k with the state before it."""
+        or leave at instruction k with the state before it. `saved`: R11 holds the guest
+        flags already (the host's are clobbered)."""
         a = self.a
         miss = f"m{self.n}"
         self.n += 1
-        a.pushfq()
-        a.pop(R11)  # the guest flags, for the miss path and to restore
-        a.mov_rr32(R10, addr)
-        a.shr32(R10, 12)
-        a.load64_index8(R10, R13 if write else R14, R10)
-        a.test64(R10, R10)
-        a.jcc(4, miss)  # JE: no entry
-        a.mov_rr32(R8, addr)
-        a.and32(R8, 0xFFF)
-        a.cmp32(R8, 0x1000 - size)
-        a.jcc(7, miss)  # JA: the access would cross into the next page
-        a.add64(R10, R8)
-        if restore:
-            a.push(R11)
-            a.popfq()
+        key = (addr, size, write, restore, saved)
+        t = _LOOKUP.get(key)
+        if t is None:
+            t = _LOOKUP[key] = _lookup_template(addr, size, write, restore, saved)
+        code, fix1, fix2 = t
+        at = len(a.buf)
+        a.buf += code
+        a.fixups.append((at + fix1, miss))
+        a.fixups.append((at + fix2, miss))
         # A read-modify-write misses as a read first (#PF error code W=0), as the
         # closures, which read before they write.
         self.misses.append((miss, addr, (1 if write else 0) | (2 if write and reads else 0), k))
 
     def _emit_misses(self) -> None:
         a = self.a
+        buf = a.buf
         for miss, addr, write, k in self.misses:
             a.label(miss)
-            a.push(R11)
-            a.popfq()
-            a.store32(R15, OFF_MISS_ADDR, addr)
-            a.store_imm32(R15, OFF_MISS_WRITE, write)
+            key = (addr, write)
+            code = _MISS.get(key)
+            if code is None:
+                code = _MISS[key] = _encoded(lambda b, addr=addr, write=write: (
+                    b.push(R11), b.popfq(), b.store32(R15, OFF_MISS_ADDR, addr),
+                    b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+            buf += code
             a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
 
     # -- instructions ----------------------------------------------------------------
@@ -594,8 +787,7 @@ class Translator:
             self.lookup(R9, 4, _writes_mem(i), k, restore)
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
-        ops = i.row.operands.split(",")
-        if any(o[:1] == "G" and o.endswith("b") for o in ops) and reg >= 4:
+        if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in (i.rf or facts(i.row)).ops):
             return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
@@ -858,41 +1050,203 @@ class Translator:
         return True
 
     def string1(self, i: Insn, k: int, restore: bool) -> bool:
-        """LODS, STOS, SCAS of one element, and REPE/REPNE SCAS as a loop of them (each
-        element through the TLB; a miss leaves with ECX/EDI as far as they got)."""
+        """LODS, STOS, SCAS, CMPS of one element, and REPE/REPNE SCAS/CMPS as a loop of
+        them (each element through the TLB; a miss leaves with ECX/ESI/EDI as far as they
+        got). A REP loop yields after REP_SLICE elements, as the closures do: EIP stays
+        on the instruction, which counts as run."""
         if i.rep and i.code in (0xAA, 0xAB):
             return self.rep_string(i, k, restore)
         a = self.a
         code = i.code
         size = 1 if code & 1 == 0 else (2 if i.p66 else 4)
         pre = b"\x66" if size == 2 else b""
-        lods, scas = code in (0xAC, 0xAD), code in (0xAE, 0xAF)
-        seg, reg = (DS, 6) if lods else (ES, 7)
+        lods, scas, cmps = code in (0xAC, 0xAD), code in (0xAE, 0xAF), code in (0xA6, 0xA7)
         n = self.n
         self.n += 1
-        top, done = f"rt{n}", f"rd{n}"
-        if i.rep:  # ECX = 0: nothing, the flags as they were
-            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
+        top, done, yld = f"rt{n}", f"rd{n}", f"ry{n}"
+        saved = False
+        if i.rep:
+            # A fresh slice unless this instruction goes on after a TLB miss.
+            go = f"rg{n}"
+            a.pushfq()
+            a.pop(R11)
+            a.cmp_mem_imm32(R15, OFF_REP_EIP, i.eip)
+            a.jcc(4, go)
+            a.store_imm32(R15, OFF_REP_LEFT, REP_SLICE)
+            a.store_imm32(R15, OFF_REP_EIP, i.eip)
+            a.label(go)
+            a.push(R11)
+            a.popfq()
+            a.raw(b"\x67\xe3\x05")  # ECX = 0: nothing, the flags as they were
             a.jmp(top)
             a.jmp(done)
-        a.label(top)
+            a.label(top)
+            a.pushfq()
+            a.pop(R11)  # the guest flags (a miss or the yield shows them)
+            saved = True
+        # CMPS reads DS:ESI first (R12 keeps its host address), then ES:EDI.
+        if cmps:
+            a.load32(R9, R15, OFF_SBASE + 4 * DS)
+            a.lea32(R9, R9, 0, index=6)  # flags untouched
+            self.lookup(R9, size, False, k, False, reads=False, saved=saved)
+            a.raw(b"\x4d\x89\xd4")  # mov r12, r10
+            saved = True
+        seg, reg = (DS, 6) if lods else (ES, 7)
         a.load32(R9, R15, OFF_SBASE + 4 * seg)
         a.lea32(R9, R9, 0, index=reg)  # flags untouched
-        self.lookup(R9, size, code in (0xAA, 0xAB), k, restore or bool(i.rep), reads=False)
+        keep = restore and not (scas or cmps)  # SCAS/CMPS write every flag
+        self.lookup(R9, size, code in (0xAA, 0xAB), k, keep, reads=False, saved=saved)
+        if i.rep:  # after the lookups: an element that misses is not counted
+            a.sub_mem_imm32(R15, OFF_REP_LEFT, 1)
+            a.jcc(2, yld)  # JB: REP_SLICE elements done
         if lods:
             a.raw(pre + b"\x41" + (b"\x8a" if size == 1 else b"\x8b") + b"\x02")  # mov al, [r10]
         elif scas:
             a.raw(pre + b"\x41" + (b"\x3a" if size == 1 else b"\x3b") + b"\x02")  # cmp al, [r10]
+        elif cmps:
+            op = b"\x8a" if size == 1 else b"\x8b"
+            a.raw(pre + b"\x45" + op + b"\x04\x24")  # mov r8b/r8w/r8d, [r12]
+            op = b"\x3a" if size == 1 else b"\x3b"
+            a.raw(pre + b"\x45" + op + b"\x02")  # cmp r8b/r8w/r8d, [r10]
         else:
             a.raw(pre + b"\x41" + (b"\x88" if size == 1 else b"\x89") + b"\x02")  # mov [r10], al
         a.load64(R8, R15, OFF_DSTEP)
-        sib = ((size.bit_length() - 1) << 6) | (0 << 3)  # [reg + r8 * size]
-        a.raw(bytes((0x42, 0x8D, 0x04 | reg << 3, sib | reg)))  # lea e?i, [r?i + r8*size]
+        sib = (size.bit_length() - 1) << 6  # [reg + r8 * size]
+        for r in (6, 7) if cmps else (reg,):
+            a.raw(bytes((0x42, 0x8D, 0x04 | r << 3, sib | r)))  # lea e?i, [r?i + r8*size]
         if i.rep:
             a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
             a.raw(b"\x67\xe3\x06")  # jecxz over the jcc: done
             a.jcc(5 if i.rep == 0xF2 else 4, top)  # REPNE: on while not equal
+            a.jmp(done)
+            a.label(yld)
+            a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(i.eip, k + 1, EXIT_END))
             a.label(done)
+            a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
+        return True
+
+    # -- EFLAGS beyond the arithmetic flags (state sysfl) ------------------------------
+    def _imm_mem(self, ext: int, disp: int, imm: int) -> None:
+        """op dword [r15 + disp], imm32 (81 /ext: 1 OR, 4 AND, 6 XOR, 7 CMP)."""
+        self.a._mem(b"\x81", ext, R15, disp)
+        self.a.raw(imm.to_bytes(4, "little"))
+
+    def _flags_fallback(self, i: Insn, k: int) -> str:
+        """A stub that puts the guest flags (R11) back and leaves for the Python tiers
+        at instruction k."""
+        name = f"fb{self.n}"
+        self.n += 1
+        self.flag_exits.append((name, i.eip, k))
+        return name
+
+    def _emit_flag_exits(self) -> None:
+        a = self.a
+        for name, eip, k in self.flag_exits:
+            a.label(name)
+            a.push(R11)
+            a.popfq()
+            a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
+
+    def pushf(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSHF: the arithmetic flags from the host's, the rest from the state (VM and RF
+        read as 0)."""
+        if i.p66:
+            return False
+        a = self.a
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, False, reads=False)  # R11: the guest flags
+        a.mov_rr32(R8, R11)
+        a.and32(R8, ARITH)
+        a._mem(b"\x0b", R8, R15, OFF_SYSFL)  # or r8d, [r15 + sysfl]
+        a.and32(R8, 0xFCFFFF)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.store32(R15, OFF_ESP, R9)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def popf(self, i: Insn, k: int, restore: bool) -> bool:
+        """POPF changing the arithmetic flags and IF only (IF where CLI could: `ifok`);
+        anything else (DF, TF, IOPL, AC, NT, ID) leaves for the Python tiers before the
+        instruction, and so does setting IF while an interrupt may be pending (it is
+        taken right after POPF there). Not a block end here: with no request pending,
+        one that comes later leaves at the next chain."""
+        if i.p66:
+            return False
+        a = self.a
+        ok, setif = f"pk{self.n}", f"ps{self.n}"
+        self.n += 1
+        fb = self._flags_fallback(i, k)
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, False)  # R11: the guest flags
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        a.mov_rr32(R10, R8)
+        a._mem(b"\x33", R10, R15, OFF_SYSFL)  # xor r10d, [r15 + sysfl]
+        a.and32(R10, 0x247FD5 & ~ARITH)  # what POPF may change (32-bit), but ARITH
+        a.jcc(4, ok)  # JE: the arithmetic flags only
+        a.cmp32(R10, IF)
+        a.jcc(5, fb)  # something else changes: Python
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: Python (IF stays, the rest as popped)
+        a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
+        a.jcc(4, setif)  # clearing IF
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after POPF
+        a.label(setif)
+        self._imm_mem(6, OFF_SYSFL, IF)  # xor: IF as popped
+        a.label(ok)
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        a.and32(R8, ARITH)
+        a.push(R8)
+        a.popfq()
+        return True
+
+    def cli(self, i: Insn, k: int, restore: bool) -> bool:
+        """CLI (CPL > IOPL: #GP from the Python tiers). Turning IF off needs no exit: a
+        request then waits, as on the Python tiers."""
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        self._imm_mem(4, OFF_SYSFL, ~IF & 0xFFFFFFFF)
+        a.push(R11)
+        a.popfq()
+        return True
+
+    def sti(self, i: Insn, k: int, restore: bool) -> bool:
+        """STI: setting IF while an interrupt may be pending leaves for the Python tiers
+        (which take it after the next instruction); otherwise IF is set and the next
+        instruction, translated in the same block (required: it is STI's interrupt
+        shadow, so no chain or exit may come between), runs before any chain polls."""
+        if k + 1 >= len(self.insns):
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        done = f"si{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw(IF.to_bytes(4, "little"))  # test dword [r15 + sysfl], IF
+        a.jcc(5, done)  # set already: nothing (and no shadow)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)
+        self._imm_mem(1, OFF_SYSFL, IF)
+        a.label(done)
+        a.push(R11)
+        a.popfq()
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
@@ -912,58 +1266,73 @@ class Translator:
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
         """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
-        many of them it translates: fewer where one cannot be, and then the flag liveness
-        it was built with is wrong past them, so the caller builds that prefix again."""
+        many of them it translates: fewer where one cannot be. The block then ends before
+        that one, chaining to it; where the flag liveness it was built with differs from
+        that ending (something after it killed flags the exit shows), it returns
+        (None, the count) and the caller builds that prefix again."""
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
+        self.flag_exits: list = []
         # Flag liveness from the table: restore the guest flags after a TLB lookup only
         # where something reads them before they are all written (or the block ends).
         live = ARITH
-        live_out = [0] * len(insns)
-        for k in range(len(insns) - 1, -1, -1):
-            i = insns[k]
+        n = len(insns)
+        live_out = [0] * n
+        live_in = [0] * n
+        rfs = [i.rf or facts(i.row) for i in insns]
+        for k in range(n - 1, -1, -1):
             live_out[k] = live
-            if i.mem is not None or i.row.native not in ("copy", "lea", "branch"):
+            rf = rfs[k]
+            if insns[k].mem is not None or not rf.plain:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
-                continue
-            row = i.row
-            kill = row.flags_written & ~row.flags_undefined & ~row.flags_read
-            live = (live & ~kill) | (row.flags_read & ARITH)
+            else:
+                live = (live & ~rf.kill) | rf.read
+            live_in[k] = live
         a = self.a
+        buf = a.buf
         a.label("start")
         done = 0
         for k, i in enumerate(insns):
-            method = getattr(self, i.row.native)
-            differ = host_differs(i) & live_out[k] if MATCH_PYTHON_FLAGS else 0
-            fix = _flag_fix(i, differ) if differ else (b"", b"")
+            differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
+            fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
-            # After a TLB lookup the guest flags go back into the host's unless this
-            # instruction defines them all: a later exit (a miss further on) shows them.
-            row = i.row
-            kills_all = row.flags_written & ~row.flags_undefined & ~row.flags_read == ARITH
             if i.row.native not in _ESP_AWARE and _uses_esp(i):
                 break
-            a.raw(fix[0])
-            if not method(i, k, not kills_all):
+            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs))
+            if fix[0]:
+                buf += fix[0]
+            # After a TLB lookup the guest flags go back into the host's unless this
+            # instruction defines them all: a later exit (a miss further on) shows them.
+            if not getattr(self, i.row.native)(i, k, not rfs[k].kills_all):
+                # What it emitted before refusing goes (its labels stay, unused).
+                del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
+                del self.chains[mark[3] :], self.stubs[mark[4] :]
                 break
-            a.raw(fix[1])
+            if fix[1]:
+                buf += fix[1]
             done = k + 1
-            if i.row.ends_block:
+            if _ends(i):
                 break
+        if done and insns[done - 1].row.native == "sti":
+            return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
             return None, 0
-        if done < len(insns):
-            return None, done
         last = insns[done - 1]
-        if not last.row.ends_block:
+        if done < n:
+            if live_in[done] != ARITH:
+                return None, done  # built with the wrong liveness
+            fall = (last.eip + len(last.raw)) & 0xFFFFFFFF
+            n = done
+        if not _ends(last):
             nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
-            if done == len(insns) and fall == nxt:
+            if done == n and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
+        self._emit_flag_exits()
         self._emit_misses()
         self._emit_chains()
         self._emit_stubs()
@@ -982,7 +1351,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[b
             break
         insns.append(i)
         pos += len(i.raw)
-        if i.row.ends_block:
+        if _ends(i):
             break
     if not insns:
         return None

@@ -12,12 +12,47 @@ base-less forms are never produced.
 
 from __future__ import annotations
 
+import struct
+
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
 R8, R9, R10, R11, R12, R13, R14, R15 = range(8, 16)
 
 
+_CACHE_MAX = 1 << 14
+_MEM: dict[tuple, bytes] = {}
+_RR: dict[tuple, bytes] = {}
+_REL32 = struct.Struct("<i")
+
+
 def _s32(v: int) -> bytes:
     return (v & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def encode_mem(op: bytes, reg: int, base: int, disp: int, w: bool = False,
+               index: int | None = None, scale: int = 0, pre: bytes = b"") -> bytes:  # fmt: skip
+    """[pre] REX op ModRM(mod=10) [SIB] disp32 for [base (+ index<<scale) + disp]: the
+    displacement is always the last four bytes (templates patch it)."""
+    rex = 0x40 | (8 if w else 0) | (4 if reg & 8 else 0) | (1 if base & 8 else 0)
+    if index is not None:
+        assert index & 7 != RSP or index & 8  # RSP cannot index
+        rex |= 2 if index & 8 else 0
+    out = bytearray(pre)
+    if rex != 0x40:
+        out.append(rex)
+    out += op
+    if index is None and base & 7 != RSP:
+        out.append(0x80 | (reg & 7) << 3 | (base & 7))
+    else:
+        idx = RSP if index is None else index & 7  # 100: no index
+        out.append(0x80 | (reg & 7) << 3 | 4)
+        out.append(scale << 6 | idx << 3 | (base & 7))
+    out += _s32(disp)
+    return bytes(out)
+
+
+def encode_rr(op: bytes, reg: int, rm: int, w: bool = False) -> bytes:
+    rex = 0x40 | (8 if w else 0) | (4 if reg & 8 else 0) | (1 if rm & 8 else 0)
+    return (bytes((rex,)) if rex != 0x40 else b"") + op + bytes((0xC0 | (reg & 7) << 3 | (rm & 7),))
 
 
 class Asm:
@@ -29,31 +64,26 @@ class Asm:
         self.fixups: list[tuple[int, str]] = []  # (offset of a rel32, label)
 
     # -- encoding helpers ------------------------------------------------------------
+    # Translation is Python building bytes, so the encodings are memoized: most of them
+    # repeat (state fields, TLB and chain code) and a translated block is rarely built
+    # twice, so a lookup is about all an instruction form costs.
     def _mem(self, op: bytes, reg: int, base: int, disp: int, w: bool = False,
              index: int | None = None, scale: int = 0, pre: bytes = b"") -> None:  # fmt: skip
         """[pre] REX op ModRM(mod=10) [SIB] disp32 for [base (+ index<<scale) + disp]."""
-        rex = 0x40 | (8 if w else 0) | (4 if reg & 8 else 0) | (1 if base & 8 else 0)
-        if index is not None:
-            assert index & 7 != RSP or index & 8  # RSP cannot index
-            rex |= 2 if index & 8 else 0
-        self.buf += pre
-        if rex != 0x40:
-            self.buf.append(rex)
-        self.buf += op
-        if index is None and base & 7 != RSP:
-            self.buf.append(0x80 | (reg & 7) << 3 | (base & 7))
-        else:
-            idx = RSP if index is None else index & 7  # 100: no index
-            self.buf.append(0x80 | (reg & 7) << 3 | 4)
-            self.buf.append(scale << 6 | idx << 3 | (base & 7))
-        self.buf += _s32(disp)
+        key = (op, reg, base, disp, w, index, scale, pre)
+        code = _MEM.get(key)
+        if code is None:
+            code = _MEM[key] = encode_mem(op, reg, base, disp, w, index, scale, pre)
+            if len(_MEM) > _CACHE_MAX:
+                _MEM.clear()  # bounded: guest displacements make keys without end
+        self.buf += code
 
     def _rr(self, op: bytes, reg: int, rm: int, w: bool = False) -> None:
-        rex = 0x40 | (8 if w else 0) | (4 if reg & 8 else 0) | (1 if rm & 8 else 0)
-        if rex != 0x40:
-            self.buf.append(rex)
-        self.buf += op
-        self.buf.append(0xC0 | (reg & 7) << 3 | (rm & 7))
+        key = (op, reg, rm, w)
+        code = _RR.get(key)
+        if code is None:
+            code = _RR[key] = encode_rr(op, reg, rm, w)
+        self.buf += code
 
     # -- moves -----------------------------------------------------------------------
     def load32(self, reg: int, base: int, disp: int) -> None:
@@ -170,7 +200,7 @@ class Asm:
 
     def finish(self) -> bytes:
         """The code with every rel32 resolved."""
+        buf, labels, pack = self.buf, self.labels, _REL32.pack_into
         for at, name in self.fixups:
-            rel = self.labels[name] - (at + 4)
-            self.buf[at : at + 4] = _s32(rel)
-        return bytes(self.buf)
+            pack(buf, at, labels[name] - (at + 4))
+        return bytes(buf)
