@@ -556,6 +556,29 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
 
+_CARRY = ("copy", "push_r", "pop_r", "push_i", "moffs", "string1")
+
+
+def _gives_flags(i: Insn, rf: RowFacts) -> bool:
+    """Instruction i looks up memory, then neither reads nor writes a flag nor touches
+    R11: the guest flags may stay in R11 for the next lookup (MOV, PUSH/POP, LODS, STOS)."""
+    if i.row.native not in _CARRY or i.rep or i.row.flags_written or rf.read:
+        return False
+    if i.row.native == "copy":
+        return i.mem is not None
+    return i.row.native != "string1" or i.code in (0xAA, 0xAB, 0xAC, 0xAD)
+
+
+def _takes_flags(i: Insn, rf: RowFacts) -> bool:
+    """Instruction i's first flag-relevant code is its TLB lookup (which then saves the
+    flags from R11, not from the host's)."""
+    if i.row.native not in _CARRY or i.rep or rf.undefined:
+        return False
+    if i.row.native == "copy":
+        return i.mem is not None and not (i.opmap and i.code in (0xA3, 0xAB, 0xB3, 0xBB))
+    return i.row.native != "string1" or i.code in (0xAA, 0xAB, 0xAC, 0xAD)
+
+
 def _reads(i: Insn, rf: RowFacts) -> int:
     """The flags instruction i reads: its row's, but a shift or rotate by a nonzero
     immediate reads none (RCL/RCR: CF), where the row's count may be 0 (all kept)."""
@@ -623,6 +646,7 @@ class Translator:
         self.a = Asm()
         self.start = start
         self.host_tsc = host_tsc  # RDTSC may read the host clock (Cpu.rdtsc not replaced)
+        self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
         self.stubs: list[tuple[str, list]] = []
 
@@ -709,6 +733,9 @@ class Translator:
         a = self.a
         miss = f"m{self.n}"
         self.n += 1
+        if self.flags_in_r11:  # the previous instruction's lookup left them there
+            saved = True
+            self.flags_in_r11 = False
         key = (addr, size, write, restore, saved)
         t = _LOOKUP.get(key)
         if t is None:
@@ -1397,6 +1424,10 @@ class Translator:
         buf = a.buf
         a.label("start")
         done = 0
+        # carry: the guest flags wait in R11, the host's clobbered by a lookup that did
+        # not put them back because the next instruction's lookup saves them first.
+        carry = False
+        self.flags_in_r11 = False
         for k, i in enumerate(insns):
             differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
@@ -1410,16 +1441,26 @@ class Translator:
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
             restore = bool(_reads(i, rfs[k]) | (live_out[k] & ~rfs[k].kill))
-            if not getattr(self, i.row.native)(i, k, restore):
+            gives = k + 1 < n and _gives_flags(i, rfs[k]) and _takes_flags(insns[k + 1], rfs[k + 1])
+            if carry and (fix[0] or not _takes_flags(i, rfs[k])):
+                buf += _POPF_R11  # (not reached: the previous one checked this one)
+                carry = False
+            self.flags_in_r11 = carry
+            if not getattr(self, i.row.native)(i, k, restore and not gives):
                 # What it emitted before refusing goes (its labels stay, unused).
                 del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
                 del self.chains[mark[3] :], self.stubs[mark[4] :]
                 break
+            assert not self.flags_in_r11  # its lookup took them
+            carry = gives
             if fix[1]:
                 buf += fix[1]
             done = k + 1
             if _ends(i):
                 break
+        if carry:  # the block ends before the instruction that was to take them
+            buf += _POPF_R11
+        self.flags_in_r11 = False
         if done and insns[done - 1].row.native == "sti":
             return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
