@@ -603,6 +603,41 @@ def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
         assert got[i] == ref[i], f"{what} differ"
 
 
+@nasm
+def test_a_full_code_arena_starts_over(tmp_path, monkeypatch) -> None:
+    """An arena of 8 KiB fills up again and again (_CALLS' blocks): every translation goes
+    (the Python tiers' blocks too) and the guest ends as on the interpreter."""
+    import boite.accel.emu.native as native_mod
+
+    image = _assemble(tmp_path, _CALLS)
+    t = _jit_tests()
+    m = t._machine(image, 3, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        ref = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    ref_data = m.memory.read(t.DATA, 0x2000)
+    monkeypatch.setattr(native_mod, "ARENA_BYTES", 8192)
+    m = t._machine(image, 3, False)
+    acc = EmuAccelerator(translate=True, hot_block=2, native=True)
+    acc.create(m)
+    try:
+        acc.run()
+        st = acc.save_cpu_state()[0]
+        tier = acc.cpu.native
+        assert tier.insns > 1000 and tier.arena_resets > 10, (tier.insns, tier.arena_resets)
+    finally:
+        acc.close()
+    assert {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()} == {
+        k: v & 0xFFFFFFFF for k, v in ref["gpr"].items()
+    }
+    assert (st["rip"], st["rflags"] & 0xED5) == (ref["rip"], ref["rflags"] & 0xED5)
+    assert m.memory.read(t.DATA, 0x2000) == ref_data
+
+
 _FLAGS = """
 bits 32
 org 0x100000

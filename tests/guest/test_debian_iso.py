@@ -20,13 +20,13 @@ timing registers (ata_piix skips a channel whose IDETIM decode bit reads clear),
 (the kernel's P6 PMU driver reads its counters on power-off) and a guest that waits for
 its power-button reader before saying it waits (boite presses the button once).
 
-Cost under the emulator with 1 vCPU on the native tier: 6.5 minutes of wall time from
-`boite start` to the guest's STOCK-WAITING at load 5 on this project's 2 shared cores,
-12.5 minutes for the whole test at load 7-8. At load 5: 2 minutes to the kernel's first
-line (SeaBIOS, GRUB reading the CD, and the stock kernel's own XZ decompressor: a firmware
-boot unpacks in the guest), 1.5 more to init, 3 more loading the modules and probing the
-disks (the ATAPI CD-ROM is PIO only). The QEMU test beside it checks the same ISO and
-guest script in about 90 s.
+Cost under the emulator with 1 vCPU on the native tier, the whole test on this project's 2
+shared cores: 6 minutes of wall time at load 5, 12.5 at load 7-8. At load 5 (before the
+native tier's later speed-ups, 6.5 minutes to STOCK-WAITING): 2 minutes to the kernel's
+first line (SeaBIOS, GRUB reading the CD, and the stock kernel's own XZ decompressor: a
+firmware boot unpacks in the guest), 1.5 more to init, 3 more loading the modules and
+probing the disks (the ATAPI CD-ROM is PIO only). The QEMU test beside it checks the same
+ISO and guest script in about 90 s.
 """
 
 from __future__ import annotations

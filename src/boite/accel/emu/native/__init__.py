@@ -61,6 +61,10 @@ BUDGET = 1 << 21
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
 TIME_EVERY = 8  # translations per one timed (translate_s)
+# The code arena: ~120 bytes of host code a translated guest instruction, and a full
+# arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
+# translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
+ARENA_BYTES = 64 << 20
 # The state going in (NativeState from r to block: the registers, EFLAGS, the segment
 # bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
 # coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
@@ -135,7 +139,8 @@ class NativeTier:
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
-        self.arena = CodeArena()
+        self.arena = CodeArena(ARENA_BYTES)
+        self.arena_resets = 0  # times the arena filled up
         code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
@@ -300,8 +305,11 @@ class NativeTier:
         code, ninsns = out
         self.translated_insns += ninsns
         if not self.arena.room(len(code) + 16):
+            if len(code) + 16 > self.arena.size - self.arena_keep:
+                return None  # it would never fit: the Python tiers keep it
             cpu.flush_blocks()  # every translation goes; the arena starts over
             self.arena.reset(self.arena_keep)
+            self.arena_resets += 1
         addr = self.arena.place(code)
         self.blocks += 1
         return self._runner(addr, eip)
