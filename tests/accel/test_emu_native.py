@@ -742,6 +742,40 @@ def test_sti_and_popf_leave_when_an_interrupt_may_be_pending() -> None:
         cpu.close()
 
 
+def test_an_interrupt_during_a_miss_in_stis_shadow_waits_for_that_instruction() -> None:
+    """STI ran natively with nothing pending; its shadow instruction misses the TLB and a
+    request arrives while Python fills the entry (a device thread's timing). The shadow
+    stays: Cpu.run must run that instruction before taking the interrupt, as after the
+    Python tiers' STI (inhibit_irq)."""
+    cpu = _cpu()
+    try:
+        code = (
+            b"\xfb\xa1" + DATA.to_bytes(4, "little") + b"\xfa\xeb\xf6"
+        )  # sti; mov eax, [DATA]; cli; jmp
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.ram[DATA : DATA + 4] = (0x1234).to_bytes(4, "little")
+        cpu.eip = CODE
+        cpu.r[4] = 0x8000
+        cpu.set_flags(0x2)
+        f = cpu.native.translate(CODE, CODE)
+        assert f is not None
+        fill = cpu._fill
+
+        def fill_while_a_request_arrives(lin: int, write: bool):
+            cpu.intr = True
+            return fill(lin, write)
+
+        cpu._fill = fill_while_a_request_arrives
+        cpu.intr = False
+        cpu.run_left = 1000
+        n = f()
+        assert (n, cpu.eip) == (1, CODE + 1) and cpu.fl & 0x200 and cpu.intr
+        assert cpu.inhibit_irq, "the interrupt would be taken before STI's shadow instruction"
+        assert cpu.r[0] == 0
+    finally:
+        cpu.close()
+
+
 _SMC = """
 bits 32
 org 0x100000

@@ -164,6 +164,11 @@ class NativeTier:
         self.translated_insns = 0
         self.entries = 0  # calls into translated code
         self.exits = [0, 0, 0]  # by EXIT_*
+        # EIPs of instructions in a translated STI's shadow: an exit there (a TLB miss)
+        # leaves the shadow to Cpu.run (inhibit_irq), so an interrupt that came meanwhile
+        # waits for that instruction, as after the Python tiers' STI. An EIP of another
+        # CS in the set only delays an interrupt by one instruction.
+        self.shadows: set[int] = set()
         # BOITE_NATIVE_PROFILE=1: where translated code leaves, by (reason, EIP): the
         # instructions the tier should cover next (see exit_profile).
         self.profile: dict[tuple[int, int], int] | None = (
@@ -297,7 +302,9 @@ class NativeTier:
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
-        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc)
+        out = translate_block(
+            lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc, self.shadows
+        )
         if timed:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
@@ -322,6 +329,7 @@ class NativeTier:
         state_in, state_out = _STATE_IN.pack_into, _STATE_OUT.unpack_from
         slot = 2 * chain_slot(eip)
         exits = self.exits
+        shadows = self.shadows
         # One entry is Python work around one ctypes call: the state goes in and comes out
         # with one struct call each (_STATE_IN, _STATE_OUT).
 
@@ -357,14 +365,21 @@ class NativeTier:
             exits[reason] += 1
             if tier.profile is not None:
                 tier._note_exit(reason)
+            shadow = eip_out in shadows and n > 0
             if reason == EXIT_MISS:
                 if n >= budget:
                     # run(n)'s count is reached: stop before the instruction (its miss,
                     # maybe its fault, comes with the next run, as on the Python tiers).
+                    cpu.inhibit_irq = cpu.inhibit_irq or shadow
                     return n
-                return n + tier._miss(n)
+                m = tier._miss(n)
+                if m == 0 and shadow:
+                    cpu.inhibit_irq = True  # the shadow instruction runs next, alone
+                return n + m
             if n == 0:
                 return tier._one()
+            if shadow:
+                cpu.inhibit_irq = True
             return n
 
         return run_native

@@ -1486,9 +1486,11 @@ class Translator:
 
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
-                    host_tsc: bool = True) -> tuple[bytes, int] | None:  # fmt: skip
+                    host_tsc: bool = True,
+                    shadows: set[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
-    the end of its page, `page_left` bytes). Returns (code, instructions) or None."""
+    the end of its page, `page_left` bytes). Returns (code, instructions) or None.
+    `shadows` gets the EIP of each instruction in a translated STI's shadow."""
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
@@ -1506,6 +1508,10 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     while True:
         out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
+            if shadows is not None:
+                shadows.update(
+                    insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
+                )
             return out, done
         if done == 0:
             return None
