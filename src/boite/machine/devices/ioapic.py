@@ -8,7 +8,8 @@ pin n's redirection entry.
 An interrupt leaves as an `IoApicMessage` through the `deliver` hook (the emulator's
 local APIC model takes it from there). Level-triggered pins set Remote IRR when
 delivered and are delivered again after the local APIC's EOI (`eoi(vector)`) or a write
-to the EOI register if the line is still asserted.
+to the EOI register if the line is still asserted. A pin's polarity bit is stored, not
+applied: the lines carry assertion (`_asserted`).
 """
 
 from __future__ import annotations
@@ -107,11 +108,15 @@ class IoApic(Device):
     # -- pins ---------------------------------------------------------------------------
 
     def _asserted(self, pin: int) -> bool:
-        level = self.levels[pin]
-        return not level if self.redir[pin] & RTE_ACTIVE_LOW else level
+        # boite's IRQ lines carry "asserted", not the electrical level: the polarity bit
+        # is kept for the guest to read back but never inverts a pin, as in QEMU's and
+        # KVM's IOAPICs. Linux programs a PCI INTx it finds no _PRT entry for as level,
+        # active low ("PCI INT A: no GSI - using ISA IRQ 11"); inverting it made an idle
+        # line look asserted, an endless storm of that vector (issue 12, 2 vCPUs).
+        return self.levels[pin]
 
     def set_irq(self, gsi: int, level: bool) -> None:
-        """IrqRouter sink: pin `gsi` (0-23) as the wire shows it (before polarity)."""
+        """IrqRouter sink: pin `gsi` (0-23) asserted or not (see `_asserted`)."""
         if not 0 <= gsi < NUM_PINS:
             return
         with self._lock:

@@ -54,7 +54,9 @@ from boite.accel.emu.native.translate import runtime_stubs, translate_block
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
-BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cpu.run)
+# Instructions one entry may run through chained blocks; Cpu.run(n)'s n bounds it too
+# (the accelerator's chunk, which grows to about CHUNK_NS of running).
+BUDGET = 1 << 21
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
@@ -130,6 +132,10 @@ class NativeTier:
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
         self.st.rep_eip = 0xFFFFFFFF
+        libc = ctypes.CDLL(None)
+        self.st.clock = ctypes.cast(libc.clock_gettime, ctypes.c_void_p).value or 0
+        self.st.tsc_hz = cpu.tsc_hz
+        self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
@@ -173,6 +179,10 @@ class NativeTier:
             t.flush(page)
         if code:
             self.unchain()
+
+    def sync_tsc(self) -> None:
+        """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
+        self.st.tsc_off = self.cpu.tsc_offset & 0xFFFFFFFFFFFFFFFF
 
     def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
         """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
@@ -286,7 +296,8 @@ class NativeTier:
         left = 0x1000 - (pa & 0xFFF)
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
-        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat)
+        host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
+        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc)
         if timed:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
