@@ -852,3 +852,36 @@ def test_paging_change_drops_translations() -> None:
         assert results == [111, 222]
     finally:
         cpu.close()
+
+
+def test_a_page_becoming_code_leaves_every_write_tlb(monkeypatch) -> None:
+    """guard_code_page finds the write TLB entries of a physical page through Cpu.wrev
+    (aliases, both privilege levels, after a rebuild that dropped flushed pages) and
+    drops them, in the native TLB too; other pages keep theirs."""
+    import boite.accel.emu.cpu as cpu_mod
+
+    cpu = _cpu()
+    # Paging with two linear aliases of physical page 0x5000 and one other page.
+    pd, pt = 0x10000, 0x11000
+    cpu.memory.write(pd, (pt | 7).to_bytes(4, "little"))
+    for lin, phys in ((0x20000, 0x5000), (0x21000, 0x5000), (0x22000, 0x6000)):
+        cpu.memory.write(pt + (lin >> 12) * 4, (phys | 7).to_bytes(4, "little"))
+    cpu.set_cr(3, pd)
+    cpu.set_cr(0, 0x80000011)
+    monkeypatch.setattr(cpu_mod, "WREV_PRUNE", 2)  # rebuilt at the third write fill
+    for user in (False, True):
+        cpu.cpl = 3 if user else 0
+        cpu.tlb_switch()
+        cpu.native._bind()
+        for lin in (0x20000, 0x21000, 0x22000):
+            cpu._fill(lin, True)
+            assert cpu.native._mirror(lin >> 12, True)
+    tables = [t[1] for t in cpu._tlbs.values()]
+    assert len(tables) == 2 and all(len(wt) == 3 for wt in tables)
+    cpu.guard_code_page(0x5)
+    for wt in tables:
+        assert sorted(wt) == [0x22]
+    assert 5 not in cpu.wrev
+    assert len(cpu.native.tlbs) == 2
+    for t in cpu.native.tlbs:
+        assert [bool(t.tables.write[p]) for p in (0x20, 0x21, 0x22)] == [False, False, True]

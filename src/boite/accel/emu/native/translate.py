@@ -1435,7 +1435,8 @@ class Translator:
                 break  # the Python tiers run it, with their values of those flags
             if i.row.native not in _ESP_AWARE and _uses_esp(i):
                 break
-            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs))
+            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs),
+                    len(self.flag_exits), carry)  # fmt: skip
             if fix[0]:
                 buf += fix[0]
             # After a TLB lookup the guest flags go back into the host's only where the
@@ -1449,7 +1450,8 @@ class Translator:
             if not getattr(self, i.row.native)(i, k, restore and not gives):
                 # What it emitted before refusing goes (its labels stay, unused).
                 del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
-                del self.chains[mark[3] :], self.stubs[mark[4] :]
+                del self.chains[mark[3] :], self.stubs[mark[4] :], self.flag_exits[mark[5] :]
+                carry = mark[6]  # the flags still wait in R11 if they did before it
                 break
             assert not self.flags_in_r11  # its lookup took them
             carry = gives
