@@ -136,3 +136,32 @@ def test_machine_check_architecture_without_banks(cpu) -> None:
     assert cpu.rdmsr(0x17A) == 0
     with pytest.raises(CpuFault):
         cpu.rdmsr(0x17B)  # MCG_CTL: only with MCG_CAP.MCG_CTL_P
+
+
+def test_rdpmc_reads_the_p6_counters_in_ring_0_or_with_cr4_pce(cpu) -> None:
+    """Linux's P6 PMU driver reads its counters with RDPMC (x86_perf_event_update); it
+    runs on every power-off (perf_reboot stops the events), where a #UD killed Debian's
+    `poweroff`. Counter 0 or 1 by ECX, 40 bits in EDX:EAX; other ECX values #GP, and so
+    does ring 3 unless CR4.PCE is set."""
+
+    def rdpmc(ecx: int) -> tuple[int, int]:
+        cpu.memory.write(0x1000, b"\x0f\x33\xf4")
+        cpu.flush_blocks()
+        cpu.eip, cpu.r[1] = 0x1000, ecx
+        fn, _ = cpu.decoder.decode_one(cpu.eip)
+        fn()
+        assert cpu.eip == 0x1002
+        return cpu.r[2], cpu.r[0]
+
+    cpu.wrmsr(0xC1, 0xABCD)
+    cpu.wrmsr(0xC2, 0x80000001)  # sign-extended to 40 bits
+    assert rdpmc(0) == (0, 0xABCD)
+    assert rdpmc(1) == (0xFF, 0x80000001)
+    with pytest.raises(CpuFault) as fault:
+        rdpmc(2)
+    assert fault.value.vector == GP
+    cpu.cpl = 3
+    with pytest.raises(CpuFault):
+        rdpmc(0)
+    cpu.cr4 |= 0x100  # PCE
+    assert rdpmc(0) == (0, 0xABCD)

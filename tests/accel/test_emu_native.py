@@ -235,6 +235,56 @@ def test_native_bit_scans_and_double_shifts(code: str) -> None:
         cpu.close()
 
 
+@pytest.mark.parametrize("code", ["8f4304", "8f03", "8f0424", "8fc0", "8fc4", "8fc5", "8f4424fc",
+                                  "668f03"])  # fmt: skip
+def test_native_pop_to_memory(code: str) -> None:
+    """POP r/m32 (the kernel's `pushf; pop [ebp - n]`): translated but for an ESP-based
+    operand (its address uses the incremented ESP) and the 16-bit form, and as the
+    closures, a write across a page and one past RAM included."""
+    cpu = _cpu()
+    try:
+        for ebx in (DATA, 0x7FFFE, 0xFFFFC):
+            regs = [1, 2, 3, ebx, 0x8000, 5, 6, 7]
+
+            def setup(c: Cpu) -> None:
+                c.ram[0x8000:0x8004] = (0xCAFEF00D).to_bytes(4, "little")
+
+            got = _once(cpu, bytes.fromhex(code), regs, 0x8D7, True, setup)
+            if code in ("8f0424", "8f4424fc", "668f03"):
+                assert got is None
+                continue
+            assert got is not None
+            assert got == _once(cpu, bytes.fromhex(code), regs, 0x8D7, False, setup), ebx
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("code", ["f7f3", "f7f1", "f77304", "f733", "66f7f3"])
+def test_native_div(code: str) -> None:
+    """DIV r/m32: translated (not the 16-bit form); quotients that fit, a zero divisor
+    and a quotient past 32 bits (#DE from the Python tiers, EIP on the instruction, the
+    state before it), flags kept: as the closures."""
+    cpu = _cpu()
+    try:
+        for edx, eax, div in ((0, 100, 7), (6, 0xFFFFFFFF, 7), (0, 5, 0), (9, 0, 9), (9, 0, 10),
+                              (0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFF)):  # fmt: skip
+            regs = [eax, div, edx, div, 0x8000, 0, 0, 0]
+
+            def setup(c: Cpu, div=div) -> None:
+                c.ram[DATA : DATA + 8] = div.to_bytes(4, "little") * 2
+
+            if code[2:] in ("7304", "33"):
+                regs[3] = DATA
+            got = _once(cpu, bytes.fromhex(code), regs, 0x8D7, True, setup)
+            if code.startswith("66"):
+                assert got is None
+                continue
+            assert got is not None
+            assert got == _once(cpu, bytes.fromhex(code), regs, 0x8D7, False, setup), (edx, eax)
+    finally:
+        cpu.close()
+
+
 @pytest.mark.parametrize("code", ["f3a6", "f3ae", "f2af"])
 def test_native_rep_compare_yields_after_a_slice(code: str) -> None:
     """A REPE/REPNE CMPS/SCAS longer than REP_SLICE elements stops after REP_SLICE of
@@ -354,6 +404,34 @@ def test_cr3_reload_keeps_global_pages() -> None:
         assert cpu.r[1] == 9
         cpu.set_cr(4, 0)  # PGE off: everything goes
         assert not cpu.rtlb and cpu.native.epoch > epoch
+    finally:
+        cpu.close()
+
+
+def test_rdtsc_reads_the_clock_the_python_tiers_read() -> None:
+    """Translated RDTSC calls clock_gettime and scales it as Cpu.rdtsc (its rate, its
+    offset after a WRMSR to the TSC): its value lies between two Python reads, and
+    the registers and flags but EAX/EDX stay."""
+    cpu = _cpu()
+    try:
+        code = b"\x0f\x31\x0f\x31"  # rdtsc; rdtsc (the second one: a translated block)
+        cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"
+        for hz, tsc in ((1_000_000_000, None), (2_400_000_000, 1 << 40), (3_000_000, 5)):
+            cpu.tsc_hz = hz
+            cpu.native = NativeTier(cpu)
+            if tsc is not None:
+                cpu.wrmsr(0x10, tsc)
+            f = cpu.native.translate(CODE, CODE)
+            assert f is not None
+            cpu.eip, cpu.r[:] = CODE, [1, 2, 3, 4, 0x8000, 6, 7, 8]
+            cpu.set_flags(0x8D7)
+            lo = cpu.rdtsc()
+            assert f() == 2 and cpu.eip == CODE + 4 and cpu.native.exits[0] == 1
+            hi = cpu.rdtsc()
+            got = cpu.r[2] << 32 | cpu.r[0]
+            assert lo <= got <= hi, (hz, tsc)
+            assert cpu.r[1] == 2 and cpu.r[3:] == [4, 0x8000, 6, 7, 8]
+            assert cpu.get_flags() & 0x8D5 == 0x8D5
     finally:
         cpu.close()
 
@@ -525,6 +603,41 @@ def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
         assert got[i] == ref[i], f"{what} differ"
 
 
+@nasm
+def test_a_full_code_arena_starts_over(tmp_path, monkeypatch) -> None:
+    """An arena of 8 KiB fills up again and again (_CALLS' blocks): every translation goes
+    (the Python tiers' blocks too) and the guest ends as on the interpreter."""
+    import boite.accel.emu.native as native_mod
+
+    image = _assemble(tmp_path, _CALLS)
+    t = _jit_tests()
+    m = t._machine(image, 3, False)
+    ref_acc = EmuAccelerator(translate=False)
+    ref_acc.create(m)
+    try:
+        ref_acc.run()
+        ref = ref_acc.save_cpu_state()[0]
+    finally:
+        ref_acc.close()
+    ref_data = m.memory.read(t.DATA, 0x2000)
+    monkeypatch.setattr(native_mod, "ARENA_BYTES", 8192)
+    m = t._machine(image, 3, False)
+    acc = EmuAccelerator(translate=True, hot_block=2, native=True)
+    acc.create(m)
+    try:
+        acc.run()
+        st = acc.save_cpu_state()[0]
+        tier = acc.cpu.native
+        assert tier.insns > 1000 and tier.arena_resets > 10, (tier.insns, tier.arena_resets)
+    finally:
+        acc.close()
+    assert {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()} == {
+        k: v & 0xFFFFFFFF for k, v in ref["gpr"].items()
+    }
+    assert (st["rip"], st["rflags"] & 0xED5) == (ref["rip"], ref["rflags"] & 0xED5)
+    assert m.memory.read(t.DATA, 0x2000) == ref_data
+
+
 _FLAGS = """
 bits 32
 org 0x100000
@@ -540,6 +653,9 @@ org 0x100000
     add ebx, edx
     sti                 ; its shadow: the next instruction in the same block
     inc esi
+    pushf
+    pop dword [0x200000 + 0x100]  ; POP r/m32 (DATA)
+    add ebx, [0x200000 + 0x100]
     push dword 0x8d7    ; POPF setting every arithmetic flag, IF clear
     popf
     pushf

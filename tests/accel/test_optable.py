@@ -48,7 +48,7 @@ def test_keys_are_unique_and_methods_exist() -> None:
         # A row for the whole opcode and rows for its extensions do not mix.
         rows = BY_OPCODE[(r.map, r.code)]
         assert all((x.ext is None) == (r.ext is None) for x in rows), r
-        assert r.privilege in ("", "cpl0", "iopl", "io", "pm", "tsd"), r
+        assert r.privilege in ("", "cpl0", "iopl", "io", "pm", "tsd", "pce"), r
 
 
 def test_lookup_and_masks() -> None:

@@ -74,10 +74,15 @@ def test_iasl_disassembles_every_table(tmp_path: Path) -> None:
             ["iasl", "-d", str(path)], capture_output=True, text=True, cwd=tmp_path
         )
         assert run.returncode == 0, run.stdout + run.stderr
+        assert "Warning" not in run.stdout + run.stderr, run.stdout + run.stderr
         text[sig] = path.with_suffix(".dsl").read_text()
         assert "Invalid" not in text[sig] and "Error" not in text[sig], text[sig]
     assert 'EisaId ("PNP0A03")' in text["DSDT"] and "Name (\\_S5, Package (0x04)" in text["DSDT"]
     assert 'EisaId ("PNP0303")' in text["DSDT"]
+    kbd = re.sub(r"\s+", " ", text["DSDT"].split("Device (KBD)")[1])
+    assert "IO (Decode16, 0x0060, // Range Minimum 0x0060," in kbd
+    assert "IO (Decode16, 0x0064, // Range Minimum 0x0064," in kbd
+    assert "IRQNoFlags () {1}" in kbd, kbd
     # PCI0's windows as iasl reads them back (QEMU's i440FX board declares the same).
     crs = re.sub(r"\s+", " ", text["DSDT"])
     assert "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, " \
@@ -99,6 +104,25 @@ def test_iasl_disassembles_every_table(tmp_path: Path) -> None:
     assert "Control Method Power Button (V1) : 0" in text["FACP"]  # a fixed power button
     assert text["APIC"].count("[Processor Local APIC]") == 2
     assert text["APIC"].count("[Interrupt Source Override]") == 5
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) is not installed")
+def test_iasl_compiles_the_disassembled_dsdt_back_to_the_same_aml(tmp_path: Path) -> None:
+    """Every byte of boite's AML is one iasl reads and writes the same way: disassembled,
+    then compiled again without iasl's optimizations (-oa, which would shorten
+    `\\_SB` to `_SB_`), the definition block is identical. The one warning is PCI0's
+    _HID with _ADR, which QEMU's DSDT has too."""
+    files, offsets = linked(cpus=2)
+    tables, off = files[TABLES_FILE], offsets["DSDT"]
+    dsdt = tables[off : off + struct.unpack_from("<I", tables, off + 4)[0]]
+    (tmp_path / "dsdt.dat").write_bytes(dsdt)
+    subprocess.run(["iasl", "-d", "dsdt.dat"], check=True, capture_output=True, cwd=tmp_path)
+    run = subprocess.run(
+        ["iasl", "-oa", "-p", "again", "dsdt.dsl"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0 and "0 Errors" in run.stdout, run.stdout + run.stderr
+    again = (tmp_path / "again.aml").read_bytes()
+    assert again[:4] == b"DSDT" and again[36:] == dsdt[36:]
 
 
 def test_smbios_entry_point_checksums_and_uuid() -> None:

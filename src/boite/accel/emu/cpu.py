@@ -1582,6 +1582,8 @@ class Cpu:
         read-only MSR is #GP(0) and changes nothing."""
         if idx == MSR_TSC:
             self.tsc_offset = v - self.rdtsc() + self.tsc_offset
+            if self.native is not None:
+                self.native.sync_tsc()
             return
         if idx == MSR_APIC_BASE:
             v &= ~0x100  # the BSP flag is read-only: writing back what RDMSR gave is fine

@@ -21,7 +21,8 @@ sizes):
   of the interrupt flag or of anything translated code assumes, device side effects).
 - `privilege`: "" any CPL; "cpl0": #GP outside ring 0; "iopl": needs CPL <= IOPL (in
   virtual-8086 mode: IOPL = 3); "io": IOPL or the TSS I/O bitmap; "pm": #UD in real and
-  virtual-8086 mode; "tsd": ring 0 only when CR4.TSD is set.
+  virtual-8086 mode; "tsd": ring 0 only when CR4.TSD is set; "pce": ring 0 unless CR4.PCE
+  is set.
 
 How to add an instruction (e.g. an x87 or SSE one):
 1. Write the decoder method that builds its closure in a `decode/` group module (a mixin
@@ -194,7 +195,7 @@ for _b, _form in ((0x88, "Eb,Gb"), (0x89, "Ev,Gv"), (0x8A, "Gb,Eb"), (0x8B, "Gv,
 op(0x8C, "MOV", "Ev,Sw", decode="_mov_sreg")
 op(0x8D, "LEA", "Gv,M", decode="_lea", jit="j_lea", native="lea")
 op(0x8E, "MOV", "Sw,Ew", end=True, decode="_mov_sreg")
-op(0x8F, "POP", "Ev", ext=0, decode="_pop_rm")
+op(0x8F, "POP", "Ev", ext=0, decode="_pop_rm", native="pop_m")
 op(0x90, "NOP", decode="_xchg_ax", jit="j_nop", native="copy")
 for _b in range(0x91, 0x98):
     op(_b, "XCHG", "Zv,eAX", decode="_xchg_ax", jit="j_xchg_ax", native="copy")
@@ -316,10 +317,12 @@ for _n, (_name, _fl) in enumerate((
     # jit.py inlines TEST/NOT/NEG, and MUL/IMUL r/m32 (F7 only).
     for _b, _form in ((0xF6, "Eb"), (0xF7, "Ev")):
         _j = "j_grp3" if _n < 4 or (_n < 6 and _b == 0xF7) else None
-        # The native tier copies all but DIV/IDIV (a #DE would be the host's SIGFPE).
+        # The native tier copies all but DIV/IDIV (a #DE would be the host's SIGFPE):
+        # DIV r/m32 checks first (translate.div), IDIV stays in Python.
         _imm = (",Ib" if _b == 0xF6 else ",Iz") if _n < 2 else ""
         op(_b, _name, _form + _imm, ext=_n, **_fl, lock=_n in (2, 3),
-           decode="_grp3", jit=_j, native="copy" if _n < 6 else None)  # fmt: skip
+           decode="_grp3", jit=_j,
+           native="copy" if _n < 6 else ("div" if _n == 6 and _b == 0xF7 else None))  # fmt: skip
 op(0xF8, "CLC", w="c", decode="_flagop", native="copy")
 op(0xF9, "STC", w="c", decode="_flagop", native="copy")
 op(0xFA, "CLI", w="i", end=True, priv="iopl", decode="_flagop", native="cli")
@@ -356,8 +359,9 @@ for _b in range(0x18, 0x20):
 for _b, _form in ((0x20, "Rd,Cd"), (0x21, "Rd,Dd"), (0x22, "Cd,Rd"), (0x23, "Dd,Rd")):
     op(_b, "MOV", _form, map="0F", u=OSZAPC, end=True, priv="cpl0", decode="_sys0f")
 op(0x30, "WRMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
-op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f")
+op(0x31, "RDTSC", map="0F", priv="tsd", decode="_sys0f", native="rdtsc")
 op(0x32, "RDMSR", map="0F", end=True, priv="cpl0", decode="_sys0f")
+op(0x33, "RDPMC", map="0F", priv="pce", decode="_sys0f")
 op(0x34, "SYSENTER", map="0F", w="i", end=True, decode="_sysenter")
 op(0x35, "SYSEXIT", map="0F", end=True, priv="cpl0", decode="_sysenter")
 for _cc, (_sfx, _rd) in enumerate(CONDITIONS):

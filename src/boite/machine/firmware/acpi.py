@@ -17,17 +17,18 @@ The tables:
   0), interrupt source overrides ISA IRQ 0 -> GSI 2 and IRQs 5, 9, 10, 11 level-triggered
   active high (the PCI interrupts and the SCI, routed by the PIIX3 as QEMU's board does),
   and LINT1 as NMI on every processor.
-- DSDT (AML generated in `dsdt_aml`): `\\_SB.PCI0` (PNP0A03, the host bridge, so Linux
-  scans bus 0 through ACPI) with `KBD` (PNP0303: SeaBIOS sets up the PS/2 keyboard only
-  when the DSDT names one) and `\\_S5` = {0, 0, 0, 0} (SLP_TYP 0 is soft-off on the
-  PIIX4 block). PCI0's `_CRS` names the windows the bridge forwards, as QEMU's i440FX
-  board does: buses 0-255, its own 0xCF8-0xCFF, I/O 0x0000-0x0CF7 and 0x0D00-0xFFFF, the
-  VGA memory 0xA0000-0xBFFFF, and the 32-bit PCI hole from the top of low RAM to below the
-  IOAPIC. Linux takes a root bus's resources from _CRS alone: without one the bus has no
-  windows and no BAR can be claimed, not even the IDE function's legacy 0x1F0 ("BAR 0:
-  not assigned; can't enable device" from ata_piix). There is no _PRT: an OS then takes a PCI function's IRQ from its
-  Interrupt Line register, which SeaBIOS writes from the PIRQ routing it programs, and
-  the overrides above make those IRQs level-triggered.
+- DSDT (AML generated in `dsdt_aml`): `\\_SB.PCI0` (PNP0A03, the host bridge, so Linux scans
+  bus 0 through ACPI) with `KBD` (PNP0303 at ports 0x60/0x64, IRQ 1: SeaBIOS sets up the
+  PS/2 keyboard only when the DSDT names one, Linux's i8042 finds it through PnP) and
+  `\\_S5` = {0, 0, 0, 0} (SLP_TYP 0 is soft-off on the PIIX4 block). PCI0's `_CRS` names the
+  windows the bridge forwards, as QEMU's i440FX board does: buses 0-255, its own
+  0xCF8-0xCFF, I/O 0x0000-0x0CF7 and 0x0D00-0xFFFF, the VGA memory 0xA0000-0xBFFFF, and the
+  32-bit PCI hole from the top of low RAM to below the IOAPIC. Linux takes a root bus's
+  resources from _CRS alone: without one the bus has no windows and no BAR can be claimed,
+  not even the IDE function's legacy 0x1F0 ("BAR 0: not assigned; can't enable device" from
+  ata_piix). There is no _PRT: an OS then takes a PCI function's IRQ from its Interrupt Line
+  register, which SeaBIOS writes from the PIRQ routing it programs, and the overrides above
+  make those IRQs level-triggered.
 """
 
 from __future__ import annotations
@@ -105,7 +106,16 @@ def dsdt_aml(pci_hole_start: int = DEFAULT_PCI_HOLE_START) -> bytes:
             aml.name("_UID", aml.integer(0)),
             aml.name("_CRS", pci0_crs(pci_hole_start)),
             # The i8042's keyboard: SeaBIOS (and Linux's PNP probe) look for it here.
-            aml.device("KBD", aml.name("_HID", aml.eisa_id("PNP0303"))),
+            aml.device(
+                "KBD",
+                aml.name("_HID", aml.eisa_id("PNP0303")),
+                aml.name(
+                    "_CRS",
+                    aml.resource_template(
+                        aml.io_port(0x60, 1), aml.io_port(0x64, 1), aml.irq_no_flags(1)
+                    ),
+                ),
+            ),
         ),
     ) + aml.name("\\_S5", aml.package(*(aml.integer(0),) * 4))
 

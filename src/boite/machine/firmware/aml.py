@@ -115,7 +115,7 @@ def buffer(data: bytes) -> bytes:
 
 
 # Resource descriptors (ACPI 6.4, 6.4.2 small and 6.4.3 large items).
-RES_IO, RES_WORD_ADDRESS, RES_DWORD_ADDRESS, RES_END_TAG = 0x47, 0x88, 0x87, 0x79
+RES_IRQ, RES_IO, RES_WORD_ADDRESS, RES_DWORD_ADDRESS, RES_END_TAG = 0x22, 0x47, 0x88, 0x87, 0x79
 SPACE_MEMORY, SPACE_IO, SPACE_BUS = 0, 1, 2
 # General flags of an address space descriptor: a bridge produces the range (bit 0 clear),
 # positive decode (bit 1 clear), minimum and maximum fixed (bits 2 and 3).
@@ -127,6 +127,16 @@ MEM_READ_WRITE, MEM_CACHEABLE = 0x01, 0x02
 def io_port(base: int, length: int) -> bytes:
     """IO (Decode16, base, base, 1, length): a fixed range the device itself decodes."""
     return bytes([RES_IO, 0x01]) + struct.pack("<HHBB", base, base, 1, length)
+
+
+def irq_no_flags(*irqs: int) -> bytes:
+    """IRQNoFlags () {irqs}: edge-triggered, active-high ISA interrupts."""
+    mask = 0
+    for irq in irqs:
+        if not 0 <= irq < 16:
+            raise ValueError(f"ISA IRQ {irq}")
+        mask |= 1 << irq
+    return bytes([RES_IRQ]) + struct.pack("<H", mask)
 
 
 def _address(large: int, fmt: str, space: int, type_flags: int, lo: int, hi: int) -> bytes:

@@ -1,4 +1,4 @@
-"""System instructions: HLT, flag operations (CLC/STC/CLI/STI...), segment loads (LES/LDS/LSS/LFS/LGS, MOV Sreg), BOUND, ARPL, the x87 escapes, CR/DR/MSR/CPUID/RDTSC, groups 6/7/9, LAR/LSL, hint NOPs."""
+"""System instructions: HLT, flag operations (CLC/STC/CLI/STI...), segment loads (LES/LDS/LSS/LFS/LGS, MOV Sreg), BOUND, ARPL, the x87 escapes, CR/DR/MSR/CPUID/RDTSC/RDPMC, groups 6/7/9, LAR/LSL, hint NOPs."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from boite.accel.emu.arch import (
     CpuFault,
     CpuHalt,
 )
+from boite.accel.emu.cpumodel import MSR_P6_PERFCTR
 from boite.accel.emu.decode.core import (
     Ctx,
     DecoderBase,
@@ -216,7 +217,7 @@ class SystemOps(DecoderBase):
         return cmpxchg8b
 
     def _sys0f(self, x: Ctx, b: int) -> Fn:
-        """Privileged and system 0F opcodes: CR/DR moves, MSRs, CPUID, RDTSC, CLTS..."""
+        """Privileged and system 0F opcodes: CR/DR moves, MSRs, CPUID, RDTSC, RDPMC, CLTS..."""
         c = self.c
         r = c.r
         nxt = self.nxt(x)
@@ -250,6 +251,16 @@ class SystemOps(DecoderBase):
                     raise CpuFault(GP, 0)
                 t = c.rdtsc()
                 r[0], r[2] = t & M32, t >> 32
+            elif b == 0x33:
+                # RDPMC: the P6 counters PerfCtr0/1 (ECX 0 or 1), 40 bits in EDX:EAX; ring
+                # 0 unless CR4.PCE. Linux's P6 PMU driver reads them (perf, and on every
+                # reboot or power-off when it stops its events).
+                if c.cr4 & 0x100 == 0 and c.cpl:
+                    raise CpuFault(GP, 0)
+                if r[1] > 1:
+                    raise CpuFault(GP, 0)
+                v = c.rdmsr(MSR_P6_PERFCTR[r[1]])
+                r[0], r[2] = v & M32, v >> 32
             else:
                 if c.cpl:
                     raise CpuFault(GP, 0)

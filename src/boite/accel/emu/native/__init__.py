@@ -54,11 +54,17 @@ from boite.accel.emu.native.translate import runtime_stubs, translate_block
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
-BUDGET = 20_000  # instructions one entry may run through chained blocks (see Cpu.run)
+# Instructions one entry may run through chained blocks; Cpu.run(n)'s n bounds it too
+# (the accelerator's chunk, which grows to about CHUNK_NS of running).
+BUDGET = 1 << 21
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
 # translating costs about 30 us a guest instruction, the closures about 1 us a run.
 NATIVE_HOT = 16
 TIME_EVERY = 8  # translations per one timed (translate_s)
+# The code arena: ~120 bytes of host code a translated guest instruction, and a full
+# arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
+# translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
+ARENA_BYTES = 64 << 20
 # The state going in (NativeState from r to block: the registers, EFLAGS, the segment
 # bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
 # coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
@@ -126,10 +132,15 @@ class NativeTier:
         cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
         self.st.rep_eip = 0xFFFFFFFF
+        libc = ctypes.CDLL(None)
+        self.st.clock = ctypes.cast(libc.clock_gettime, ctypes.c_void_p).value or 0
+        self.st.tsc_hz = cpu.tsc_hz
+        self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
-        self.arena = CodeArena()
+        self.arena = CodeArena(ARENA_BYTES)
+        self.arena_resets = 0  # times the arena filled up
         code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
@@ -168,6 +179,10 @@ class NativeTier:
             t.flush(page)
         if code:
             self.unchain()
+
+    def sync_tsc(self) -> None:
+        """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
+        self.st.tsc_off = self.cpu.tsc_offset & 0xFFFFFFFFFFFFFFFF
 
     def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
         """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
@@ -281,7 +296,8 @@ class NativeTier:
         left = 0x1000 - (pa & 0xFFF)
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
-        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat)
+        host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
+        out = translate_block(lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc)
         if timed:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
@@ -289,8 +305,11 @@ class NativeTier:
         code, ninsns = out
         self.translated_insns += ninsns
         if not self.arena.room(len(code) + 16):
+            if len(code) + 16 > self.arena.size - self.arena_keep:
+                return None  # it would never fit: the Python tiers keep it
             cpu.flush_blocks()  # every translation goes; the arena starts over
             self.arena.reset(self.arena_keep)
+            self.arena_resets += 1
         addr = self.arena.place(code)
         self.blocks += 1
         return self._runner(addr, eip)

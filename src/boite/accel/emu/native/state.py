@@ -49,6 +49,11 @@ class NativeState(ctypes.Structure):
         # elements its slice has left, so the next entry goes on with the same count.
         ("rep_eip", ctypes.c_uint32),
         ("rep_left", ctypes.c_uint32),
+        # RDTSC: clock_gettime's host address, Cpu.tsc_hz and Cpu.tsc_offset (mod 2^64),
+        # so the translated instruction gives what Cpu.rdtsc gives.
+        ("clock", ctypes.c_uint64),
+        ("tsc_hz", ctypes.c_uint64),
+        ("tsc_off", ctypes.c_uint64),
         ("tlb_r", ctypes.c_uint64),  # host address of the read TLB table
         ("tlb_w", ctypes.c_uint64),  # host address of the write TLB table
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
@@ -76,6 +81,9 @@ OFF_IFOK = off("ifok")
 OFF_IRQ = off("irq")
 OFF_REP_EIP = off("rep_eip")
 OFF_REP_LEFT = off("rep_left")
+OFF_CLOCK = off("clock")
+OFF_TSC_HZ = off("tsc_hz")
+OFF_TSC_OFF = off("tsc_off")
 OFF_DSTEP = off("dstep")
 OFF_BLOCK = off("block")
 OFF_JTAB = off("jtab")

@@ -43,6 +43,7 @@ from boite.accel.emu.native.state import (
     EXIT_MISS,
     OFF_BLOCK,
     OFF_BUDGET,
+    OFF_CLOCK,
     OFF_DISPATCH,
     OFF_DSTEP,
     OFF_EFLAGS,
@@ -65,6 +66,8 @@ from boite.accel.emu.native.state import (
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
+    OFF_TSC_HZ,
+    OFF_TSC_OFF,
     chain_slot,
 )
 from boite.accel.emu.native.x64 import (
@@ -93,7 +96,7 @@ MATCH_PYTHON_FLAGS = True
 HELD = (0, 1, 2, 3, 5, 6, 7)
 _RD_ONLY = {"CMP", "TEST", "BT", "MUL", "IMUL", "MOVZX", "MOVSX"}
 # Translators that handle ESP as an operand themselves.
-_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m")
+_ESP_AWARE = ("copy", "lea", "push_m", "jmp_m", "call_m", "pop_m")
 
 
 def _epilogue(a: Asm) -> None:
@@ -553,6 +556,37 @@ def _flag_fix(i: Insn, differ: int) -> tuple[bytes, bytes] | None:
     return before, b"\x9c" + after + b"\x9d"  # pushfq ... popfq
 
 
+_CARRY = ("copy", "push_r", "pop_r", "push_i", "moffs", "string1")
+
+
+def _gives_flags(i: Insn, rf: RowFacts) -> bool:
+    """Instruction i looks up memory, then neither reads nor writes a flag nor touches
+    R11: the guest flags may stay in R11 for the next lookup (MOV, PUSH/POP, LODS, STOS)."""
+    if i.row.native not in _CARRY or i.rep or i.row.flags_written or rf.read:
+        return False
+    if i.row.native == "copy":
+        return i.mem is not None
+    return i.row.native != "string1" or i.code in (0xAA, 0xAB, 0xAC, 0xAD)
+
+
+def _takes_flags(i: Insn, rf: RowFacts) -> bool:
+    """Instruction i's first flag-relevant code is its TLB lookup (which then saves the
+    flags from R11, not from the host's)."""
+    if i.row.native not in _CARRY or i.rep or rf.undefined:
+        return False
+    if i.row.native == "copy":
+        return i.mem is not None and not (i.opmap and i.code in (0xA3, 0xAB, 0xB3, 0xBB))
+    return i.row.native != "string1" or i.code in (0xAA, 0xAB, 0xAC, 0xAD)
+
+
+def _reads(i: Insn, rf: RowFacts) -> int:
+    """The flags instruction i reads: its row's, but a shift or rotate by a nonzero
+    immediate reads none (RCL/RCR: CF), where the row's count may be 0 (all kept)."""
+    if i.opmap == "" and i.code in (0xC0, 0xC1) and i.raw[-1] & 31:
+        return 1 if (i.modrm >> 3) & 7 in (2, 3) else 0  # CF
+    return rf.read
+
+
 def _double_shift_fix(i: Insn) -> tuple[bytes, bytes] | None:
     """SHLD/SHRD on a register: AF clear and OF set where the destination's sign
     changed, for every count (the Python tiers' values; the host defines OF for a count
@@ -608,9 +642,11 @@ def _writes_mem(i: Insn) -> bool:
 class Translator:
     """Builds the host code of one block."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, host_tsc: bool = True) -> None:
         self.a = Asm()
         self.start = start
+        self.host_tsc = host_tsc  # RDTSC may read the host clock (Cpu.rdtsc not replaced)
+        self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
         self.stubs: list[tuple[str, list]] = []
 
@@ -647,7 +683,8 @@ class Translator:
             buf += _CMP_INTR
             a.jcc(5, "leave")
             if target == self.start:  # a loop: no lookup
-                buf += _POPF_R11
+                if self.live_in0:  # flags the block reads (or shows) before writing them
+                    buf += _POPF_R11
                 a.jmp("start")
                 continue
             slot = chain_slot(target) * 16
@@ -696,6 +733,9 @@ class Translator:
         a = self.a
         miss = f"m{self.n}"
         self.n += 1
+        if self.flags_in_r11:  # the previous instruction's lookup left them there
+            saved = True
+            self.flags_in_r11 = False
         key = (addr, size, write, restore, saved)
         t = _LOOKUP.get(key)
         if t is None:
@@ -908,6 +948,59 @@ class Translator:
         a.load32(R8, R15, OFF_TMP)
         a.raw(b"\x45\x89\x02")  # mov [r10], r8d
         a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def pop_m(self, i: Insn, k: int, restore: bool) -> bool:
+        """POP r/m32: the stack's dword (held in the state), stored to the operand, then
+        ESP += 4; a miss on either leaves with ESP as it was."""
+        if i.p66 or (i.mem is not None and i.mem.base == ESP):
+            return False  # an ESP-based operand's address uses the incremented ESP
+        a = self.a
+        self._stack_addr(0)
+        self.lookup(R12, 4, False, k, True)  # the guest flags back for the next lookup
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        if i.mem is None:
+            rm = i.modrm & 7
+            a.lea32(R9, R9, 4)
+            a.store32(R15, OFF_ESP, R9)
+            if rm == ESP:
+                a.store32(R15, OFF_ESP, R8)  # POP ESP: the popped value wins
+            else:
+                a.mov_rr32(rm, R8)
+            return True
+        a.store32(R15, OFF_TMP, R8)
+        self.address(i.mem, R9)
+        self.lookup(R9, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_TMP)
+        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.load32(R9, R15, OFF_ESP)
+        a.lea32(R9, R9, 4)
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def div(self, i: Insn, k: int, restore: bool) -> bool:
+        """DIV r/m32: a zero divisor or a quotient past 32 bits (EDX >= divisor) leaves for
+        the Python tiers before the instruction (their #DE; the host's would be a
+        SIGFPE); the flags stay as they were, as the closures keep them."""
+        if i.size != 4:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        if i.mem is None:
+            a.pushfq()
+            a.pop(R11)
+            a.mov_rr32(R8, i.modrm & 7)
+        else:
+            self.address(i.mem, R9)
+            self.lookup(R9, 4, False, k, False)  # R11: the guest flags
+            a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        a.raw(b"\x45\x85\xc0")  # test r8d, r8d
+        a.jcc(4, fb)
+        a.raw(b"\x44\x39\xc2")  # cmp edx, r8d
+        a.jcc(3, fb)  # JAE: the quotient does not fit
+        a.raw(b"\x41\xf7\xf0")  # div r8d
+        a.push(R11)
+        a.popfq()
         return True
 
     def jmp_m(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1249,6 +1342,43 @@ class Translator:
         a.popfq()
         return True
 
+    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
+        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
+        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
+        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
+        if not self.host_tsc:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: CPL > 0
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
+        a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        # The host stack is 8 mod 16 in translated code: 4 pushes and 24 bytes (the
+        # timespec) align it for the call. RAX, RDX are RDTSC's; RCX, RSI, RDI and the
+        # flags are saved; the callee keeps RBX, RBP, R12-R15.
+        a.push(R11)
+        a.raw(b"\x51\x56\x57")  # push rcx; push rsi; push rdi
+        a.raw(b"\x48\x83\xec\x18")  # sub rsp, 24
+        a.raw(b"\xbf\x01\x00\x00\x00")  # mov edi, CLOCK_MONOTONIC
+        a.raw(b"\x48\x89\xe6")  # mov rsi, rsp
+        a._mem(b"\xff", 2, R15, OFF_CLOCK)  # call [r15 + clock]
+        a.raw(b"\x48\x69\x04\x24\x00\xca\x9a\x3b")  # imul rax, [rsp], 10^9
+        a.raw(b"\x48\x03\x44\x24\x08")  # add rax, [rsp + 8]: nanoseconds
+        a._mem(b"\xf7", 4, R15, OFF_TSC_HZ, w=True)  # mul qword [r15 + tsc_hz]
+        a.raw(b"\x41\xb8\x00\xca\x9a\x3b")  # mov r8d, 10^9
+        a.raw(b"\x49\xf7\xf0")  # div r8
+        a._mem(b"\x03", RAX, R15, OFF_TSC_OFF, w=True)  # add rax, [r15 + tsc_off]
+        a.raw(b"\x48\x89\xc2\x48\xc1\xea\x20")  # mov rdx, rax; shr rdx, 32
+        a.raw(b"\x89\xc0")  # mov eax, eax
+        a.raw(b"\x48\x83\xc4\x18")  # add rsp, 24
+        a.raw(b"\x5f\x5e\x59")  # pop rdi; pop rsi; pop rcx
+        a.popfq()
+        return True
+
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
         """Jcc/JMP rel: end of the block (a branch to its start loops)."""
         if i.p66:
@@ -1287,12 +1417,17 @@ class Translator:
             if insns[k].mem is not None or not rf.plain:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
             else:
-                live = (live & ~rf.kill) | rf.read
+                live = (live & ~rf.kill) | _reads(insns[k], rf)
             live_in[k] = live
+        self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
         buf = a.buf
         a.label("start")
         done = 0
+        # carry: the guest flags wait in R11, the host's clobbered by a lookup that did
+        # not put them back because the next instruction's lookup saves them first.
+        carry = False
+        self.flags_in_r11 = False
         for k, i in enumerate(insns):
             differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
@@ -1303,18 +1438,29 @@ class Translator:
             mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs))
             if fix[0]:
                 buf += fix[0]
-            # After a TLB lookup the guest flags go back into the host's unless this
-            # instruction defines them all: a later exit (a miss further on) shows them.
-            if not getattr(self, i.row.native)(i, k, not rfs[k].kills_all):
+            # After a TLB lookup the guest flags go back into the host's only where the
+            # instruction reads them or leaves some live ones as they were.
+            restore = bool(_reads(i, rfs[k]) | (live_out[k] & ~rfs[k].kill))
+            gives = k + 1 < n and _gives_flags(i, rfs[k]) and _takes_flags(insns[k + 1], rfs[k + 1])
+            if carry and (fix[0] or not _takes_flags(i, rfs[k])):
+                buf += _POPF_R11  # (not reached: the previous one checked this one)
+                carry = False
+            self.flags_in_r11 = carry
+            if not getattr(self, i.row.native)(i, k, restore and not gives):
                 # What it emitted before refusing goes (its labels stay, unused).
                 del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
                 del self.chains[mark[3] :], self.stubs[mark[4] :]
                 break
+            assert not self.flags_in_r11  # its lookup took them
+            carry = gives
             if fix[1]:
                 buf += fix[1]
             done = k + 1
             if _ends(i):
                 break
+        if carry:  # the block ends before the instruction that was to take them
+            buf += _POPF_R11
+        self.flags_in_r11 = False
         if done and insns[done - 1].row.native == "sti":
             return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
@@ -1339,7 +1485,8 @@ class Translator:
         return a.finish(), done
 
 
-def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[bytes, int] | None:
+def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
+                    host_tsc: bool = True) -> tuple[bytes, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions) or None."""
     code = read(page_left)
@@ -1357,7 +1504,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F) -> tuple[b
         return None
     fall = (eip + pos) & 0xFFFFFFFF
     while True:
-        out, done = Translator(eip).build(insns, fall)
+        out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
             return out, done
         if done == 0:
