@@ -13,7 +13,11 @@ switch can fall anywhere inside a loop, not always at the end of a translated bl
 (a loop that releases a lock and takes it back within one block would otherwise starve
 the other CPUs). A CPU halted with nothing to take, or one waiting for a
 start-up IPI, is skipped until an interrupt (or INIT/SIPI) arrives; when every CPU is
-idle the loop sleeps until the nearest timer deadline or a device's interrupt.
+idle the loop sleeps until the nearest timer deadline or a device's interrupt. "Arrives"
+includes a vector that was already in the IRR but held back by the ISR or the TPR: the
+EOI or TPR write that lets it through wakes the CPU again (lapic.py), or a CPU that had
+looked in the meantime would sleep on with it pending. Every APIC's timer advances
+between slices, whichever vCPU ran.
 
 Atomics: only one vCPU runs at a time and a slice ends only between instructions, so no
 instruction of one vCPU is interleaved with another's: LOCK-prefixed read-modify-writes
