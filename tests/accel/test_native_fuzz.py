@@ -6,7 +6,10 @@ from the Python tier's, the runs that never end and the Python errors escaping t
 emulator; all must be 0.
 
 The default suite runs BOITE_NATIVE_FUZZ_RUNS (1,000) runs; the 100,000 of issue 11 take
-about 20 CPU-minutes (two workers): `BOITE_NATIVE_FUZZ_FULL=1` runs them (marked slow)."""
+about 50 CPU-minutes: `BOITE_NATIVE_FUZZ_FULL=1` runs them (marked slow). Last full run
+(Dec 7, seeds 0-99,999, commit efd8de3, one worker): 100,000 runs, 0 host crashes, 0
+outcomes differing from the Python tier, 0 hangs, 0 emulator errors; 50,395 runs entered
+native code (6.28 M native instructions), 3,110 s (bench/RESULTS.md, native section)."""
 
 from __future__ import annotations
 
