@@ -9,8 +9,12 @@ The default suite runs BOITE_NATIVE_FUZZ_RUNS (1,000) runs; the 100,000 of issue
 about 50 CPU-minutes: `BOITE_NATIVE_FUZZ_FULL=1` runs them (marked slow). Last full run
 (Dec 7, seeds 0-99,999, commit efd8de3, one worker): 100,000 runs, 0 host crashes, 0
 outcomes differing from the Python tier, 0 hangs, 0 emulator errors; 50,395 runs entered
-native code (6.28 M native instructions), 3,110 s (bench/RESULTS.md, native section). On 37ba209 (later native instructions),
-seeds 0-99,999: 100,000 runs, 0 crashes, 0 hangs, 1 difference (seed 75771: ECX/EDI, open)."""
+native code (6.28 M native instructions), 3,110 s (bench/RESULTS.md, native section).
+On 37ba209 (later native instructions),
+seeds 0-99,999: 100,000 runs, 0 crashes, 0 hangs, 1 difference (seed 75771: a REPNE SCASB
+of 0x247775e0 elements cut by run(n)'s count at a TLB miss inside a 65,536-element slice
+on the native tier, at the slice's end on the Python tier: both states an interrupted REP
+may leave; bench/RESULTS.md)."""
 
 from __future__ import annotations
 
