@@ -470,6 +470,23 @@ def _run_loop(image: bytes, seed: int, paging: bool, native: bool) -> tuple:
         m.memory.read(t.boot.STACK_TOP - 64, 64), ran  # fmt: skip
 
 
+def _interpreted(image: bytes, seed: int, paging: bool) -> tuple:
+    """The reference for _run_loop: the same machine on the plain interpreter, as
+    (registers/EIP/flags/CR2, data, stack)."""
+    t = _jit_tests()
+    m = t._machine(image, seed, paging)
+    acc = EmuAccelerator(translate=False)
+    acc.create(m)
+    try:
+        acc.run()
+        st = acc.save_cpu_state()[0]
+    finally:
+        acc.close()
+    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
+    return ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
+            m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+
+
 @nasm
 @pytest.mark.parametrize("fault", [None, "pf", "de"])
 @pytest.mark.parametrize("seed", range(12))
@@ -478,17 +495,7 @@ def test_hot_random_loops_match_the_interpreter(tmp_path, seed: int, fault: str 
     src = t._program(random.Random(seed), 30, fault)
     image = _assemble(tmp_path, src)
     paging = fault == "pf" or seed % 2 == 0
-    m = t._machine(image, seed, paging)
-    ref_acc = EmuAccelerator(translate=False)
-    ref_acc.create(m)
-    try:
-        ref_acc.run()
-        st = ref_acc.save_cpu_state()[0]
-    finally:
-        ref_acc.close()
-    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
-    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
-           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    ref = _interpreted(image, seed, paging)
     got = _run_loop(image, seed, paging, True)
     assert got[3] > 0, "no native code ran"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
@@ -585,18 +592,7 @@ def test_calls_leave_moffs_and_esp_operands(tmp_path) -> None:
     CMPXCHG, REP MOVS/STOS (across pages, DF set) and ESP as an operand, hot, on the native tier and the interpreter: the
     same registers, memory and stack."""
     image = _assemble(tmp_path, _CALLS)
-    t = _jit_tests()
-    m = t._machine(image, 3, False)
-    ref_acc = EmuAccelerator(translate=False)
-    ref_acc.create(m)
-    try:
-        ref_acc.run()
-        st = ref_acc.save_cpu_state()[0]
-    finally:
-        ref_acc.close()
-    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
-    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
-           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    ref = _interpreted(image, 3, False)
     got = _run_loop(image, 3, False, True)
     assert got[3] > 3000, "native code did not run the loop"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
@@ -684,18 +680,7 @@ def test_flag_instructions_run_natively(tmp_path) -> None:
     """PUSHF/POPF/CLI/STI in a hot loop (no interrupt pending): native, and the same
     registers, flags (IF included), memory and stack as the interpreter."""
     image = _assemble(tmp_path, _FLAGS)
-    t = _jit_tests()
-    m = t._machine(image, 5, False)
-    ref_acc = EmuAccelerator(translate=False)
-    ref_acc.create(m)
-    try:
-        ref_acc.run()
-        st = ref_acc.save_cpu_state()[0]
-    finally:
-        ref_acc.close()
-    regs = {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()}
-    ref = ((regs, st["rip"], st["rflags"] & 0xED5, st["cr2"]), m.memory.read(t.DATA, 0x2000),
-           m.memory.read(t.boot.STACK_TOP - 64, 64))  # fmt: skip
+    ref = _interpreted(image, 5, False)
     got = _run_loop(image, 5, False, True)
     assert got[3] > 400 * 20, "native code did not run the loop"
     for i, what in enumerate(("registers, EIP, flags, CR2", "data", "stack")):
