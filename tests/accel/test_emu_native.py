@@ -761,6 +761,36 @@ def test_an_interrupt_during_a_miss_in_stis_shadow_waits_for_that_instruction() 
         cpu.close()
 
 
+def test_a_run_ending_at_a_miss_inside_a_rep_slice_finishes_the_slice() -> None:
+    """Fuzz seed 75771: run(n)'s count ran out at a TLB miss inside a REPNE SCASB's
+    65,536-element slice, and the native tier stopped there, where the Python tiers'
+    slice (one instruction) has no stop: the same count, two different EDI/ECX. The rest
+    of the slice now runs on the closures, so the instruction ends where both tiers end it."""
+    cpu = _cpu()
+    try:
+        code = b"\x40\xf2\xae\xf4"  # inc eax; repne scasb (over zeros, AL 0xff); hlt
+        cpu.ram[CODE : CODE + len(code)] = code
+        f = cpu.native.translate(CODE, CODE)
+        assert f is not None
+
+        def start(count: int) -> None:
+            cpu.eip, cpu.halted = CODE, False
+            cpu.r[:] = [0xFE, count, 0, 0, 0x8000, 0, 0, 0x8F00]
+            cpu.set_flags(0x2)
+
+        start(0x10)  # a short scan first: page 8 in the native TLB
+        cpu.run_left = 1000
+        while not cpu.halted and cpu.eip != CODE + 3:
+            f() if cpu.eip == CODE else cpu.run(1)
+        start(0x100000)
+        cpu.run_left = 1  # the INC takes it; the scan misses at page 9
+        n = f()
+        assert (n, cpu.eip) == (2, CODE + 1)  # the INC and one whole slice
+        assert cpu.r[7] == 0x8F00 + REP_SLICE and cpu.r[1] == 0x100000 - REP_SLICE
+    finally:
+        cpu.close()
+
+
 _SMC = """
 bits 32
 org 0x100000

@@ -14,7 +14,8 @@ On 37ba209 (later native instructions),
 seeds 0-99,999: 100,000 runs, 0 crashes, 0 hangs, 1 difference (seed 75771: a REPNE SCASB
 of 0x247775e0 elements cut by run(n)'s count at a TLB miss inside a 65,536-element slice
 on the native tier, at the slice's end on the Python tier: both states an interrupted REP
-may leave; bench/RESULTS.md)."""
+may leave; the native tier now runs the rest of such a slice on the closures, and the seed
+ends the same: test_emu_native.py::test_a_run_ending_at_a_miss_inside_a_rep_slice...)."""
 
 from __future__ import annotations
 

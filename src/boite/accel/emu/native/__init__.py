@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
+from boite.accel.emu.decode import string as string_ops
 from boite.accel.emu.native.state import (
     EXIT_MISS,
     OFF_BLOCK,
@@ -368,6 +369,8 @@ class NativeTier:
             shadow = eip_out in shadows and n > 0
             if reason == EXIT_MISS:
                 if n >= budget:
+                    if tier.st.rep_eip == eip_out:  # inside a REP compare's slice
+                        return n + tier._rest_of_slice(n)
                     # run(n)'s count is reached: stop before the instruction (its miss,
                     # maybe its fault, comes with the next run, as on the Python tiers).
                     cpu.inhibit_irq = cpu.inhibit_irq or shadow
@@ -422,7 +425,7 @@ class NativeTier:
             # faults (fuzz seed 51752; QEMU and the closures leave D clear). The closure
             # does it all, then the table takes what the Python TLB holds.
             try:
-                n = self._one()
+                n = self._one(rep_eip)
             except BaseException:
                 cpu.done_before_raise += done
                 raise
@@ -441,12 +444,34 @@ class NativeTier:
                 self.st.rep_eip = rep_eip
                 return 0  # the next call goes on from this instruction
         try:
-            return self._one()
+            return self._one(rep_eip)
         except BaseException:
             cpu.done_before_raise += done
             raise
 
-    def _one(self) -> int:
+    def _rest_of_slice(self, done: int) -> int:
+        """run(n)'s count ran out at a miss inside a REP compare's slice: the closure
+        runs what the slice had left, so the instruction stops where it would have
+        natively and where the Python tiers' slice stops (fuzz seed 75771)."""
+        rep_eip, self.st.rep_eip = self.st.rep_eip, 0xFFFFFFFF
+        try:
+            return self._one(rep_eip)
+        except BaseException:
+            self.cpu.done_before_raise += done
+            raise
+
+    def _one(self, rep_eip: int = 0xFFFFFFFF) -> int:
+        if rep_eip == self.cpu.eip:
+            # A REP compare left mid-slice: the closure's slice is what the native one
+            # had left (REP_SLICE is read when a REP closure runs).
+            saved = string_ops.REP_SLICE
+            string_ops.REP_SLICE = self.st.rep_left
+            try:
+                fn, _ = self.cpu.decoder.decode_one(self.cpu.eip)
+                fn()
+            finally:
+                string_ops.REP_SLICE = saved
+            return 1
         fn, _ = self.cpu.decoder.decode_one(self.cpu.eip)
         fn()
         return 1
