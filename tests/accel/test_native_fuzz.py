@@ -15,7 +15,9 @@ seeds 0-99,999: 100,000 runs, 0 crashes, 0 hangs, 1 difference (seed 75771: a RE
 of 0x247775e0 elements cut by run(n)'s count at a TLB miss inside a 65,536-element slice
 on the native tier, at the slice's end on the Python tier: both states an interrupted REP
 may leave; the native tier now runs the rest of such a slice on the closures, and the seed
-ends the same: test_emu_native.py::test_a_run_ending_at_a_miss_inside_a_rep_slice...)."""
+ends the same: test_emu_native.py::test_a_run_ending_at_a_miss_inside_a_rep_slice...).
+On 64a0151 (that fix in): seeds 0-99,999, 100,000 runs, 0 host crashes, 0 differences,
+0 hangs, 0 emulator errors; 50,606 runs entered native code, 721 s with two workers."""
 
 from __future__ import annotations
 
