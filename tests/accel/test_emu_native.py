@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flatcpu import flat32_cpu
 
 from boite.accel.emu import EmuAccelerator
 from boite.accel.emu.arch import CpuFault
@@ -30,7 +31,6 @@ from boite.accel.emu.native import NativeTier, native_available
 from boite.accel.emu.native import translate as native_translate
 from boite.accel.emu.native.translate import host_differs, parse
 from boite.accel.emu.optable import ROWS, Op, has_modrm, imm_bytes
-from boite.machine.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="no native tier on this host")
 
@@ -42,12 +42,7 @@ _RAM0 = bytes(1 << 20)
 
 
 def _cpu() -> Cpu:
-    cpu = Cpu(GuestMemory.with_ram(1 << 20))
-    cpu.set_cr(0, 0x11)
-    cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
-    for i in (0, 2, 3, 4, 5):
-        cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
-    cpu.tlb_switch()
+    cpu = flat32_cpu()
     cpu.native = NativeTier(cpu)
     return cpu
 
@@ -606,16 +601,8 @@ def test_a_full_code_arena_starts_over(tmp_path, monkeypatch) -> None:
     import boite.accel.emu.native as native_mod
 
     image = _assemble(tmp_path, _CALLS)
+    (ref_regs, ref_rip, ref_flags, _), ref_data, _ = _interpreted(image, 3, False)
     t = _jit_tests()
-    m = t._machine(image, 3, False)
-    ref_acc = EmuAccelerator(translate=False)
-    ref_acc.create(m)
-    try:
-        ref_acc.run()
-        ref = ref_acc.save_cpu_state()[0]
-    finally:
-        ref_acc.close()
-    ref_data = m.memory.read(t.DATA, 0x2000)
     monkeypatch.setattr(native_mod, "ARENA_BYTES", 8192)
     m = t._machine(image, 3, False)
     acc = EmuAccelerator(translate=True, hot_block=2, native=True)
@@ -627,10 +614,8 @@ def test_a_full_code_arena_starts_over(tmp_path, monkeypatch) -> None:
         assert tier.insns > 1000 and tier.arena_resets > 10, (tier.insns, tier.arena_resets)
     finally:
         acc.close()
-    assert {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()} == {
-        k: v & 0xFFFFFFFF for k, v in ref["gpr"].items()
-    }
-    assert (st["rip"], st["rflags"] & 0xED5) == (ref["rip"], ref["rflags"] & 0xED5)
+    assert {k: v & 0xFFFFFFFF for k, v in st["gpr"].items()} == ref_regs
+    assert (st["rip"], st["rflags"] & 0xED5) == (ref_rip, ref_flags)
     assert m.memory.read(t.DATA, 0x2000) == ref_data
 
 

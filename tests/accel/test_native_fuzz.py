@@ -25,11 +25,10 @@ import os
 
 import native_fuzz
 import pytest
+from flatcpu import flat32_cpu
 
 from boite.accel.emu.arch import CpuFault
-from boite.accel.emu.cpu import Cpu
 from boite.accel.emu.tiers import native_refusal
-from boite.machine.memory import GuestMemory
 
 needs_native = pytest.mark.skipif(native_refusal() is not None, reason=str(native_refusal()))
 
@@ -75,22 +74,11 @@ def test_crash_fuzz_100k(capsys) -> None:
     _check(native_fuzz.fuzz(100_000, first=0), 100_000, capsys)
 
 
-def _flat32() -> Cpu:
-    """A CPU in 32-bit protected mode with flat ring-0 segments, 1 MiB of RAM."""
-    cpu = Cpu(GuestMemory.with_ram(1 << 20))
-    cpu.set_cr(0, 0x11)
-    cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
-    for i in (0, 2, 3, 4, 5):
-        cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
-    cpu.tlb_switch()
-    return cpu
-
-
 def test_enter16_on_a_32bit_stack_pushes_the_low_word() -> None:
     """The fuzz's first find (seed 2096): a 16-bit ENTER with a nesting level, on a 32-bit
     stack whose ESP is above 64 KiB, pushed all of ESP as a word: a struct.error escaped
     the emulator. The CPU pushes the low word of the frame pointer."""
-    cpu = _flat32()
+    cpu = flat32_cpu()
     try:
         code = bytes.fromhex("66c8080001") + b"\xf4"  # enter 8, 1 (16-bit); hlt
         cpu.ram[0x1000 : 0x1000 + len(code)] = code
@@ -117,7 +105,7 @@ def test_a_guest_looping_through_faults_cannot_keep_run_from_returning(tier: str
     max_insns), so the VMM could neither pause nor stop the guest. Faults count now."""
     if tier == "native" and native_refusal() is not None:
         pytest.skip(str(native_refusal()))
-    cpu = _flat32()
+    cpu = flat32_cpu()
     try:
         handler = 0x2000  # every vector: add esp, 12; inc eax; ud2
         gate = (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((handler >> 16) << 48)
@@ -148,7 +136,7 @@ def test_a_huge_rep_count_yields_between_slices() -> None:
     as a CPU interrupted between iterations."""
     from boite.accel.emu.decode.string import REP_SLICE
 
-    cpu = _flat32()
+    cpu = flat32_cpu()
     try:
         code = b"\xf3\xac\xf4"  # rep lodsb; hlt
         cpu.ram[0x1000 : 0x1000 + len(code)] = code
@@ -264,7 +252,7 @@ def test_a_rep_that_yields_ends_its_block(hot: int) -> None:
     CMPS). A REP instruction ends its block now, on the closures and the compiled blocks."""
     from boite.accel.emu.decode.string import REP_SLICE
 
-    cpu = _flat32()
+    cpu = flat32_cpu()
     try:
         code = bytes.fromhex("f3a6 40 40 f4")  # over equal (zero) bytes
         cpu.ram[0x1000 : 0x1000 + len(code)] = code

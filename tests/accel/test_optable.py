@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from flatcpu import flat32_cpu
 
 from boite.accel.emu.arch import ARITH, DF, CpuFault
 from boite.accel.emu.cpu import Cpu
@@ -30,7 +31,6 @@ from boite.accel.emu.optable import (
     lookup,
     operands_of,
 )
-from boite.machine.memory import GuestMemory
 
 CODE = 0x1000
 STACK = 0x8000
@@ -62,17 +62,6 @@ def test_lookup_and_masks() -> None:
     assert lock_regs("", 0x8B) is None
 
 
-def _cpu() -> Cpu:
-    mem = GuestMemory.with_ram(1 << 20)
-    cpu = Cpu(mem)
-    cpu.set_cr(0, 0x11)
-    cpu.set_seg_raw(1, 0x08, 0, 0xFFFFFFFF, 0xC09B)
-    for i in (0, 2, 3, 4, 5):
-        cpu.set_seg_raw(i, 0x10, 0, 0xFFFFFFFF, 0xC093)
-    cpu.tlb_switch()
-    return cpu
-
-
 _IMM = {"Ib": 1, "Iw": 2, "Iz": 4, "Iv": 4}
 # Rows run on registers only: not control flow, privileged, I/O, memory-only or random.
 _SKIP = {"_string", "_fpu", "_les", "_bound", "_enter", "_pusha", "_grp9", "_bcd", "_arpl",
@@ -99,7 +88,7 @@ def test_operand_forms_give_the_decoders_lengths() -> None:
     """The operand column says how long an encoding is (the native tier parses with
     it): for every row, ModRM (register and [disp32] forms) + immediates, as the SDM
     notation gives them, must be what the decoder consumes."""
-    cpu = _cpu()
+    cpu = flat32_cpu()
     try:
         for r in ROWS:
             if r.prefix is not None or r.decode in ("_fpu", "_enter", "_string", "_io"):
@@ -147,7 +136,7 @@ def _run(cpu: Cpu, code: bytes, regs: list[int], fl: int) -> tuple[list[int], in
 )  # noqa: E501
 def test_flag_columns_match_the_closure(row: Op) -> None:
     rnd = random.Random(f"{row.map}{row.code}{row.ext}")
-    cpu = _cpu()
+    cpu = flat32_cpu()
     try:
         for _ in range(40):
             code = _encode(row, rnd)
@@ -177,7 +166,7 @@ def test_flag_columns_match_the_closure(row: Op) -> None:
 
 
 def test_decoder_dispatch_comes_from_the_table() -> None:
-    cpu = _cpu()
+    cpu = flat32_cpu()
     try:
         d = cpu.decoder
         for (map_, code), rows in BY_OPCODE.items():
