@@ -648,6 +648,14 @@ def _shift_count(i: Insn) -> int | None:
 _GOES_ON = ("popf", "cli", "sti")
 
 
+def _target(i: Insn) -> int | None:
+    """Where a relative branch (Jcc, JMP, LOOP*, JECXZ) goes; None for other rows."""
+    if i.row.native not in ("branch", "loop"):
+        return None
+    nxt = i.eip + len(i.raw)
+    return (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+
+
 def _ends(i: Insn) -> bool:
     """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
     end it: its taken side chains and the block goes on with the next instruction, so a
@@ -1541,6 +1549,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
+    first_branch = 0  # instructions up to the first conditional branch
     while len(insns) < MAX_INSNS and pos < len(code):
         i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
         if i is None:
@@ -1549,6 +1558,15 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
         pos += len(i.raw)
         if _ends(i):
             break
+        if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
+            first_branch = len(insns)
+    # A block goes on past a forward conditional branch only where it is a loop's body
+    # (it ends with a branch back to its start): elsewhere the code after the branch,
+    # often cold or a join point that other blocks reach too, would be translated in
+    # each block that falls into it.
+    if first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
+        insns = insns[:first_branch]
+        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
