@@ -3,7 +3,8 @@ Python through ctypes, and the memory the tier owns: the software TLB tables and
 executable code arena.
 
 Inside translated code the guest's EAX, ECX, EDX, EBX, EBP, ESI and EDI live in the
-host's registers of the same number, the arithmetic flags in the host's flags; ESP,
+host's registers of the same number, the arithmetic flags in the host's flags (or in
+R11, translate.py's _SAVE format, around code that changes the host's); ESP,
 EIP and the segment bases stay in this structure (the host's RSP is the host stack).
 R15 points at the structure, R14/R13 at the read/write TLB tables; R8-R12 are scratch.
 """
