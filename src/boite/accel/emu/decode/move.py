@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from boite.accel.emu.arch import (
     AF,
     CF,
@@ -20,57 +23,66 @@ from boite.accel.emu.decode.core import (
     _sx,
 )
 
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+
+# The closures of MOV r/m (88-8B), each from a factory of its own and with its values as
+# default arguments: a captured variable costs a cell (made inside _mov, a cell for every
+# variable of every form, on each call), and the collector one more object to scan.
+def _mov_rr(c: Cpu, r: list[int], d: int, s: int, nxt: int) -> Fn:
+    def mov_rr(c: Cpu = c, r: list[int] = r, d: int = d, s: int = s, nxt: int = nxt) -> None:
+        r[d] = r[s]
+        c.eip = nxt
+
+    return mov_rr
+
+
+def _mov_mr(c: Cpu, wr: Callable[[int, int], None], ea: Callable[[], int],
+            g: Callable[[], int], nxt: int) -> Fn:  # fmt: skip
+    def mov_mr(c: Cpu = c, wr: Callable[[int, int], None] = wr, ea: Callable[[], int] = ea,
+               g: Callable[[], int] = g, nxt: int = nxt) -> None:  # fmt: skip
+        wr(ea(), g())
+        c.eip = nxt
+
+    return mov_mr
+
+
+def _mov_set(c: Cpu, s: Callable[[int], None], g: Callable[[], int], nxt: int) -> Fn:
+    def mov_rr2(c: Cpu = c, s: Callable[[int], None] = s, g: Callable[[], int] = g,
+                nxt: int = nxt) -> None:  # fmt: skip
+        s(g())
+        c.eip = nxt
+
+    return mov_rr2
+
+
+def _mov_rm4(c: Cpu, r: list[int], reg: int, rd: Callable[[int], int],
+             ea: Callable[[], int], nxt: int) -> Fn:  # fmt: skip
+    def mov_rm4(c: Cpu = c, r: list[int] = r, reg: int = reg, rd: Callable[[int], int] = rd,
+                ea: Callable[[], int] = ea, nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = rd(ea())
+        c.eip = nxt
+
+    return mov_rm4
+
 
 class MoveOps(DecoderBase):
     def _mov(self, x: Ctx, b: int) -> Fn:
-        c = self.c
-        r = c.r
-        size = 1 if b in (0x88, 0x8A) else (4 if x.op32 else 2)
+        size = 1 if b == 0x88 or b == 0x8A else (4 if x.op32 else 2)
         mod, reg, rm, ea = self.modrm(x)
-        nxt = self.nxt(x)
+        nxt = x.pos & x.eipmask
+        c = self.c
         if mod == 3 and size == 4:
-            d, s = (rm, reg) if b == 0x89 else (reg, rm)
-
-            def mov_rr() -> None:
-                r[d] = r[s]
-                c.eip = nxt
-
-            return mov_rr
-        if b in (0x88, 0x89):
+            return _mov_rr(c, c.r, rm, reg, nxt) if b == 0x89 else _mov_rr(c, c.r, reg, rm, nxt)
+        if b == 0x88 or b == 0x89:
             g = self.reg_get(reg, size)
             if mod != 3:
-                wr = self.wrfn(size)
-                ea = self.ea_for(ea, size, True)
-
-                def mov_mr() -> None:
-                    wr(ea(), g())
-                    c.eip = nxt
-
-                return mov_mr
-            s = self.reg_set(rm, size)
-
-            def mov_rr2() -> None:
-                s(g())
-                c.eip = nxt
-
-            return mov_rr2
-        g = self.rm_get(mod, rm, ea, size)
+                return _mov_mr(c, self.wrfn(size), self.ea_for(ea, size, True), g, nxt)
+            return _mov_set(c, self.reg_set(rm, size), g, nxt)
         if size == 4:
-            rd = c.rd32
-            ea = self.ea_for(ea, 4, False)
-
-            def mov_rm4() -> None:
-                r[reg] = rd(ea())
-                c.eip = nxt
-
-            return mov_rm4
-        s = self.reg_set(reg, size)
-
-        def mov_rm() -> None:
-            s(g())
-            c.eip = nxt
-
-        return mov_rm
+            return _mov_rm4(c, c.r, reg, c.rd32, self.ea_for(ea, 4, False), nxt)
+        return _mov_set(c, self.reg_set(reg, size), self.rm_get(mod, rm, ea, size), nxt)
 
     def _mov_ri(self, x: Ctx, b: int) -> Fn:
         c = self.c
