@@ -566,7 +566,7 @@ class DecoderBase:
         n = size - 1
         vec = SS_VEC if s == SS else GP
 
-        def lin(o: int) -> int:
+        def lin(o: int, vec=vec, lo=lo, s=s, n=n, hi=hi, sb=sb) -> int:
             if o < lo[s] or o + n > hi[s]:
                 raise CpuFault(vec, 0)
             return (sb[s] + o) & M32
@@ -588,7 +588,7 @@ class DecoderBase:
         n = size - 1
         vec = SS_VEC if s == SS else GP
 
-        def ea_checked() -> int:
+        def ea_checked(off=off, vec=vec, lo=lo, s=s, n=n, hi=hi, sb=sb) -> int:
             o = off()
             if o < lo[s] or o + n > hi[s]:
                 raise CpuFault(vec, 0)
@@ -601,14 +601,14 @@ class DecoderBase:
             return self.reg_get(rm, size)
         ea = self.ea_for(ea, size, False)
         rd = self.rdfn(size)
-        return lambda: rd(ea())
+        return lambda rd=rd, ea=ea: rd(ea())
 
     def rm_set(self, mod: int, rm: int, ea, size: int) -> Callable[[int], None]:
         if mod == 3:
             return self.reg_set(rm, size)
         ea = self.ea_for(ea, size, True)
         wr = self.wrfn(size)
-        return lambda v: wr(ea(), v)
+        return lambda v, wr=wr, ea=ea: wr(ea(), v)
 
     def rm_rmw(self, mod: int, rm: int, ea, size: int):
         """A function applying f(old) -> new to the r/m operand (address computed once)."""
@@ -616,7 +616,7 @@ class DecoderBase:
             g = self.reg_get(rm, size)
             s = self.reg_set(rm, size)
 
-            def rmw_reg(f):
+            def rmw_reg(f, s=s, g=g):
                 s(f(g()))
 
             return rmw_reg
@@ -626,7 +626,7 @@ class DecoderBase:
         c = self.c
         last = 0x1000 - size
 
-        def rmw_mem(f):
+        def rmw_mem(f, ea=ea, rd=rd, wr=wr, last=last, size=size, c=c):
             a = ea()
             v = rd(a)
             if (a >> 12) not in c.wtlb or a & 0xFFF > last:

@@ -94,13 +94,13 @@ class MoveOps(DecoderBase):
             r = c.r
             n = b & 7
 
-            def mov_ri4() -> None:
+            def mov_ri4(v=v, nxt=nxt, r=r, n=n, c=c) -> None:
                 r[n] = v
                 c.eip = nxt
 
             return mov_ri4
 
-        def mov_ri() -> None:
+        def mov_ri(nxt=nxt, s=s, v=v, c=c) -> None:
             s(v)
             c.eip = nxt
 
@@ -116,7 +116,7 @@ class MoveOps(DecoderBase):
         nxt = self.nxt(x)
         s = self.rm_set(mod, rm, ea, size)
 
-        def mov_mi() -> None:
+        def mov_mi(nxt=nxt, s=s, v=v, c=c) -> None:
             s(v)
             c.eip = nxt
 
@@ -152,7 +152,7 @@ class MoveOps(DecoderBase):
             rd = self.rdfn(size)
             st = self.reg_set(0, size)
 
-            def mov_a_m() -> None:
+            def mov_a_m(nxt=nxt, st=st, c=c, rd=rd, off=off, sb=sb, s=s) -> None:
                 st(rd((sb[s] + off) & M32))
                 c.eip = nxt
 
@@ -160,7 +160,7 @@ class MoveOps(DecoderBase):
         wr = self.wrfn(size)
         g = self.reg_get(0, size)
 
-        def mov_m_a() -> None:
+        def mov_m_a(nxt=nxt, wr=wr, c=c, g=g, off=off, sb=sb, s=s) -> None:
             wr((sb[s] + off) & M32, g())
             c.eip = nxt
 
@@ -181,13 +181,13 @@ class MoveOps(DecoderBase):
         if so is not None:  # the offset closure of the checked decode: use it directly
             off = so[0]
 
-            def lea_off() -> None:
+            def lea_off(nxt=nxt, s=s, c=c, m=m, off=off) -> None:
                 s(off() & m)
                 c.eip = nxt
 
             return lea_off
 
-        def lea() -> None:
+        def lea(nxt=nxt, s=s, c=c, m=m, ea=ea, sb=sb) -> None:
             s((ea() - sb[DS]) & m)
             c.eip = nxt
 
@@ -204,7 +204,7 @@ class MoveOps(DecoderBase):
             gm = self.reg_get(rm, size)
             sm = self.reg_set(rm, size)
 
-            def xchg_rr() -> None:
+            def xchg_rr(nxt=nxt, sm=sm, sr=sr, c=c, gm=gm, gr=gr) -> None:
                 a, v = gm(), gr()
                 sm(v)
                 sr(a)
@@ -214,7 +214,7 @@ class MoveOps(DecoderBase):
         rd, wr = self.rdfn(size), self.wrfn(size)
         ea = self.ea_for(ea, size, True)
 
-        def xchg_m() -> None:
+        def xchg_m(nxt=nxt, ea=ea, rd=rd, wr=wr, sr=sr, c=c, gr=gr) -> None:
             a = ea()
             old = rd(a)
             wr(a, gr())
