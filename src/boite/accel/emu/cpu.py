@@ -1757,6 +1757,36 @@ class Cpu:
             self.inhibit_irq = False
         return shadow
 
+    def _cold_block(self, b: Any, fm: dict[int, Callable[[], int]]) -> Callable[[], int]:
+        """The closures of a cached, not yet compiled block as one callable for the EIP
+        map `fm` (emptied whenever a block or a TLB entry goes away, as for compiled
+        ones): counts the block's runs and compiles it when hot, as run()'s slow path
+        does; a fault or HLT inside tells run() what completed before it."""
+        fns = b.fns
+        eip = b.eip
+        decoder = self.decoder
+
+        def cold() -> int:
+            f = b.fn
+            if f is not None:  # compiled meanwhile, through another map
+                return f()
+            b.hits += 1
+            if b.hits >= self.hot_block and self.compile_blocks:
+                decoder.compile(b)
+                if b.fn is not None and fm.get(eip) is cold:  # the map still holds it
+                    fm[eip] = b.fn
+            n = 0
+            try:
+                for fn in fns:
+                    fn()
+                    n += 1
+            except (CpuFault, CpuHalt):
+                self.done_before_raise += n
+                raise
+            return n
+
+        return cold
+
     def run(self, max_insns: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Execute up to about `max_insns` instructions; returns how many ran.
 
@@ -1836,11 +1866,16 @@ class Cpu:
                         ):
                             b = decoder.translate_block(pa, eip)
                         f = b.fn
-                        if f is not None:
-                            if b.cacheable:
-                                mk = self.mode_key
-                                fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                                fm[eip] = f
+                        if b.cacheable:
+                            # Into the EIP map: a compiled block, or the closures of a
+                            # cold one (next time without the lookups above).
+                            mk = self.mode_key
+                            fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
+                            if f is None:
+                                f = self._cold_block(b, fm)
+                            fm[eip] = f
+                            done += f()
+                        elif f is not None:
                             done += f()
                         else:
                             b.hits += 1
