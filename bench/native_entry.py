@@ -6,6 +6,8 @@ Small flat 32-bit ring-0 guests run under `Cpu.run` with the native tier, each a
   translated: Cpu.run, the CPUID closure, one entry for `jmp L; inc esi`);
 - `alt`: `A: inc esi; jmp B` (native) / `B: cpuid; cpuid; jmp A` (Python-compiled): a
   pass alternates one native entry and one Python block;
+- `iret`: `L: pushfd; push cs; push L; iret` under paging, with a GDT (Linux's
+  sync_core: IRET and its descriptor load in Python, a native entry for the pushes);
 - `cold`: 64 blocks of `inc esi; jmp next` with the compilers off: closures only, what
   cold (untranslated, run-few-times) code costs per block in Cpu.run's loop.
 
@@ -67,6 +69,25 @@ def alt() -> tuple[Cpu, int]:
     return cpu, 5
 
 
+def iret() -> tuple[Cpu, int]:
+    # L: pushfd; push cs; push L; iret
+    cpu, _ = exit1()
+    gdt = 0x3000
+    cpu.ram[gdt + 8 : gdt + 24] = (0x00CF9B000000FFFF).to_bytes(8, "little") + (
+        0x00CF93000000FFFF
+    ).to_bytes(8, "little")
+    cpu.gdt_base, cpu.gdt_limit = gdt, 23
+    pd = 0x100000  # 4 MiB pages (PSE), identity
+    cpu.ram[pd : pd + 4] = (0x83).to_bytes(4, "little")
+    cpu.cr3 = pd
+    cpu.set_cr(4, 0x10)
+    cpu.set_cr(0, 0x80000011)
+    code = bytes([0x9C, 0x0E, 0x68]) + CODE.to_bytes(4, "little") + bytes([0xCF])
+    cpu.ram[CODE : CODE + len(code)] = code
+    cpu.flush_blocks()
+    return cpu, 4
+
+
 def cold() -> tuple[Cpu, int]:
     code = b""
     nblocks = 64
@@ -103,7 +124,7 @@ def main() -> None:
         print(json.dumps({"error": "no native tier on this host"}))
         return
     out = {}
-    for make in (exit1, alt, cold):
+    for make in (exit1, alt, iret, cold):
         us = measure(make, args.passes, args.repeat)
         out[f"{make.__name__}_us"] = round(us, 3)
         print(f"{make.__name__}: {us:.3f} us a pass", flush=True)
