@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import (
     AF,
     CF,
     DE,
+    M32,
     MASK,
     OF,
     OP_ADD,
@@ -27,9 +29,47 @@ from boite.accel.emu.decode.core import (
     Ctx,
     DecoderBase,
     Fn,
+    _ea_base_disp,
     _sx,
     _sx8,
 )
+
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+
+# Closures of the commonest 32-bit forms, with the operands read inline (no accessor
+# closures: fewer objects to make and to call); their values are default arguments.
+def _cmp_ri4(c: Cpu, r: list[int], rm: int, f: Callable[[int, int], int], v: int,
+             nxt: int) -> Fn:  # fmt: skip
+    def cmp_ri4(c: Cpu = c, r: list[int] = r, rm: int = rm, f: Callable[[int, int], int] = f,
+                v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(r[rm], v)
+        c.eip = nxt
+
+    return cmp_ri4
+
+
+def _cmp_mi4_bd(c: Cpu, r: list[int], rd: Callable[[int], int], sb: list[int], s: int,
+                base: int, d: int, f: Callable[[int, int], int], v: int, nxt: int) -> Fn:  # fmt: skip
+    def cmp_mi4_bd(c: Cpu = c, r: list[int] = r, rd: Callable[[int], int] = rd,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   f: Callable[[int, int], int] = f, v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(rd((sb[s] + r[base] + d) & M32), v)
+        c.eip = nxt
+
+    return cmp_mi4_bd
+
+
+def _test_rr4(c: Cpu, r: list[int], rm: int, reg: int, nxt: int) -> Fn:
+    def test_rr4(c: Cpu = c, r: list[int] = r, rm: int = rm, reg: int = reg,
+                 nxt: int = nxt) -> None:  # fmt: skip
+        c.lres = r[rm] & r[reg]
+        c.lop = OP_LOGIC
+        c.lmask = M32
+        c.eip = nxt
+
+    return test_rr4
 
 
 class AluOps(DecoderBase):
@@ -230,14 +270,21 @@ class AluOps(DecoderBase):
     def _grp1(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 1 if b in (0x80, 0x82) else (4 if x.op32 else 2)
-        mod, op, rm, ea = self.modrm(x)
+        mod, op, rm, ea = self.modrm(x, size == 4)
         if b == 0x83:
             v = _sx8(self.u8(x)) & MASK[size]
         else:
             v = self.imm(x, size)
         nxt = self.nxt(x)
         f = self.alu_fn(op, size)
+        if ea is None and mod != 3:  # 32-bit [base + disp] (modrm fuse)
+            ea = _ea_base_disp(c.sbase, x.ea_seg, c.r, x.ea_base, x.ea_disp)
+            if op == 7:
+                return _cmp_mi4_bd(c, c.r, c.rd32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                                   f, v, nxt)  # fmt: skip
         if op == 7:
+            if mod == 3 and size == 4:
+                return _cmp_ri4(c, c.r, rm, f, v, nxt)
             g = self.rm_get(mod, rm, ea, size)
 
             def cmp_i(nxt=nxt, f=f, v=v, c=c, g=g) -> None:
@@ -255,7 +302,7 @@ class AluOps(DecoderBase):
             return alu_ri
         rmw = self.rm_rmw(mod, rm, ea, size)
 
-        def alu_mi(nxt=nxt, rmw=rmw, c=c, f=f, v=v) -> None:
+        def alu_mi() -> None:
             rmw(lambda a: f(a, v))
             c.eip = nxt
 
@@ -270,6 +317,8 @@ class AluOps(DecoderBase):
         else:
             size = 1 if b == 0x84 else (4 if x.op32 else 2)
             mod, reg, rm, ea = self.modrm(x)
+            if mod == 3 and size == 4:
+                return _test_rr4(c, c.r, rm, reg, self.nxt(x))
             g1 = self.rm_get(mod, rm, ea, size)
             g2 = self.reg_get(reg, size)
             g = None
@@ -435,13 +484,13 @@ class AluOps(DecoderBase):
         rmw = self.rm_rmw(mod, rm, ea, size)
         if cnt >= 0:
 
-            def shift_i(nxt=nxt, rmw=rmw, c=c, f=f, cnt=cnt) -> None:
+            def shift_i() -> None:
                 rmw(lambda v: f(v, cnt))
                 c.eip = nxt
 
             return shift_i
 
-        def shift_cl(nxt=nxt, rmw=rmw, c=c, r=r, f=f) -> None:
+        def shift_cl() -> None:
             n = r[1] & 0xFF
             rmw(lambda v: f(v, n))
             c.eip = nxt

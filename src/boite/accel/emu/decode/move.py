@@ -67,14 +67,57 @@ def _mov_rm4(c: Cpu, r: list[int], reg: int, rd: Callable[[int], int],
     return mov_rm4
 
 
+def _mov_ld4_bd(c: Cpu, r: list[int], rd: Callable[[int], int], sb: list[int], s: int,
+                base: int, d: int, reg: int, nxt: int) -> Fn:  # fmt: skip
+    """MOV r32, [base + d] (its address as modrm's closure computes it)."""
+
+    def mov_ld4_bd(c: Cpu = c, r: list[int] = r, rd: Callable[[int], int] = rd,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   reg: int = reg, nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = rd((sb[s] + r[base] + d) & M32)
+        c.eip = nxt
+
+    return mov_ld4_bd
+
+
+def _mov_st4_bd(c: Cpu, r: list[int], wr: Callable[[int, int], None], sb: list[int], s: int,
+                base: int, d: int, reg: int, nxt: int) -> Fn:  # fmt: skip
+    """MOV [base + d], r32."""
+
+    def mov_st4_bd(c: Cpu = c, r: list[int] = r, wr: Callable[[int, int], None] = wr,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   reg: int = reg, nxt: int = nxt) -> None:  # fmt: skip
+        wr((sb[s] + r[base] + d) & M32, r[reg])
+        c.eip = nxt
+
+    return mov_st4_bd
+
+
+def _lea4_bd(c: Cpu, r: list[int], reg: int, base: int, d: int, nxt: int) -> Fn:
+    """LEA r32, [base + d]: the segment base modrm's closure adds, LEA takes off again."""
+
+    def lea4_bd(c: Cpu = c, r: list[int] = r, reg: int = reg, base: int = base, d: int = d,
+                nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = (r[base] + d) & M32
+        c.eip = nxt
+
+    return lea4_bd
+
+
 class MoveOps(DecoderBase):
     def _mov(self, x: Ctx, b: int) -> Fn:
         size = 1 if b == 0x88 or b == 0x8A else (4 if x.op32 else 2)
-        mod, reg, rm, ea = self.modrm(x)
+        mod, reg, rm, ea = self.modrm(x, size == 4)
         nxt = x.pos & x.eipmask
         c = self.c
         if mod == 3 and size == 4:
             return _mov_rr(c, c.r, rm, reg, nxt) if b == 0x89 else _mov_rr(c, c.r, reg, rm, nxt)
+        if ea is None and mod != 3:  # 32-bit, [reg + disp] (modrm fuse)
+            if b == 0x89:
+                return _mov_st4_bd(c, c.r, c.wr32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                                   reg, nxt)  # fmt: skip
+            return _mov_ld4_bd(c, c.r, c.rd32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                               reg, nxt)  # fmt: skip
         if b == 0x88 or b == 0x89:
             g = self.reg_get(reg, size)
             if mod != 3:
@@ -170,10 +213,12 @@ class MoveOps(DecoderBase):
         c = self.c
         size = 4 if x.op32 else 2
         x.seg = DS  # any segment: LEA subtracts the base again below (no access, no check)
-        mod, reg, rm, ea = self.modrm(x)
+        mod, reg, rm, ea = self.modrm(x, size == 4)
         nxt = self.nxt(x)
         if mod == 3:
             return self._ud(x, b)
+        if ea is None:  # 32-bit [base + disp]: the offset is all LEA wants
+            return _lea4_bd(c, c.r, reg, x.ea_base, x.ea_disp, nxt)
         sb = c.sbase
         s = self.reg_set(reg, size)
         m = MASK[size]
