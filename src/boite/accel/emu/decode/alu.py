@@ -74,6 +74,12 @@ def _test_rr4(c: Cpu, r: list[int], rm: int, reg: int, nxt: int) -> Fn:
 
 class AluOps(DecoderBase):
     def alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("alu", op, size))
+        if f is None:
+            f = self.shared[("alu", op, size)] = self._new_alu_fn(op, size)
+        return f
+
+    def _new_alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """op: 0 ADD 1 OR 2 ADC 3 SBB 4 AND 5 SUB 6 XOR 7 CMP; returns f(a, b) -> result."""
         c = self.c
         m = MASK[size]
@@ -343,6 +349,12 @@ class AluOps(DecoderBase):
         return test
 
     def _incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
+        f = self.shared.get(("incdec", dec, size))
+        if f is None:
+            f = self.shared[("incdec", dec, size)] = self._new_incdec_fn(dec, size)
+        return f
+
+    def _new_incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
         c = self.c
         m = MASK[size]
         if dec:
@@ -395,6 +407,12 @@ class AluOps(DecoderBase):
         return incdec
 
     def shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("shift", op, size))
+        if f is None:
+            f = self.shared[("shift", op, size)] = self._new_shift_fn(op, size)
+        return f
+
+    def _new_shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """ROL ROR RCL RCR SHL SHR SAL SAR with eager flags; f(value, count) -> result."""
         c = self.c
         bits = size * 8

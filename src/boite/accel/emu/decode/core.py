@@ -232,6 +232,7 @@ class DecoderBase:
         self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
         self.tail_fault = False  # the last decode could not fetch its tail (a fault)
         self.ctx = Ctx(0, 0, True, 0)  # the instruction being decoded (see decode)
+        self.shared: dict[tuple[str, int, int], Callable[..., int | None]] = {}
         self._install()
 
     # ---------------------------------------------------------------- fetch
@@ -584,7 +585,22 @@ class DecoderBase:
         # Decode with a zero segment: reuse modrm's parse by temporarily using a fake base.
         raise NotImplementedError
 
+    # Register accessors, ALU/INC/DEC/shift flag functions: pure functions of the CPU and
+    # their (n, size), made once per decoder and shared by every closure that needs one
+    # (c.r and the CPU are never replaced).
     def reg_get(self, n: int, size: int) -> Callable[[], int]:
+        f = self.shared.get(("rg", n, size))
+        if f is None:
+            f = self.shared[("rg", n, size)] = self._new_reg_get(n, size)
+        return f
+
+    def reg_set(self, n: int, size: int) -> Callable[[int], None]:
+        f = self.shared.get(("rs", n, size))
+        if f is None:
+            f = self.shared[("rs", n, size)] = self._new_reg_set(n, size)
+        return f
+
+    def _new_reg_get(self, n: int, size: int) -> Callable[[], int]:
         r = self.c.r
         if size == 4:
             return lambda r=r, n=n: r[n]
@@ -594,7 +610,7 @@ class DecoderBase:
             return lambda r=r, n=n: r[n] & 0xFF
         return lambda r=r, h=n - 4: (r[h] >> 8) & 0xFF
 
-    def reg_set(self, n: int, size: int) -> Callable[[int], None]:
+    def _new_reg_set(self, n: int, size: int) -> Callable[[int], None]:
         r = self.c.r
         if size == 4:
 
