@@ -529,7 +529,7 @@ class AluOps(DecoderBase):
         g = self.rm_get(mod, rm, ea, size)
         if op in (0, 1):
 
-            def test_i() -> None:
+            def test_i(m=m, nxt=nxt, c=c, v=v, g=g) -> None:
                 c.lres = g() & v
                 c.lop = OP_LOGIC
                 c.lmask = m
@@ -547,7 +547,7 @@ class AluOps(DecoderBase):
         if op == 3:
             rmw = self.rm_rmw(mod, rm, ea, size)
 
-            def neg_f(a: int) -> int:
+            def neg_f(a: int, m=m, c=c) -> int:
                 res = -a
                 c.lop = OP_SUB
                 c.la = 0
@@ -556,13 +556,13 @@ class AluOps(DecoderBase):
                 c.lmask = m
                 return res & m
 
-            def neg() -> None:
+            def neg(nxt=nxt, rmw=rmw, neg_f=neg_f, c=c) -> None:
                 rmw(neg_f)
                 c.eip = nxt
 
             return neg
 
-        def setmul(lo: int, hi_nonzero: bool) -> None:
+        def setmul(lo: int, hi_nonzero: bool, sign=sign, c=c, m=m) -> None:
             f = c.get_flags() & ~(CF | OF | ZF | SF | PF | AF)
             if hi_nonzero:
                 f |= CF | OF
@@ -576,32 +576,32 @@ class AluOps(DecoderBase):
 
         if size == 1:
 
-            def get_acc() -> int:
+            def get_acc(r=r) -> int:
                 return r[0] & 0xFFFF
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, r=r) -> None:
                 r[0] = (r[0] & 0xFFFF0000) | (hi << 8) | lo
 
-            def get_hi() -> int:
+            def get_hi(r=r) -> int:
                 return (r[0] >> 8) & 0xFF
         else:
 
-            def get_acc() -> int:
+            def get_acc(bits=bits, m=m, r=r) -> int:
                 return ((r[2] & m) << bits) | (r[0] & m)
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, size=size, r=r) -> None:
                 if size == 4:
                     r[0], r[2] = lo, hi
                 else:
                     r[0] = (r[0] & 0xFFFF0000) | lo
                     r[2] = (r[2] & 0xFFFF0000) | hi
 
-            def get_hi() -> int:
+            def get_hi(m=m, r=r) -> int:
                 return r[2] & m
 
         if op == 4:
 
-            def mul() -> None:
+            def mul(nxt=nxt, set_res=set_res, setmul=setmul, c=c, m=m, g=g, bits=bits, r=r) -> None:
                 a = (r[0] & m) * g()
                 set_res(a & m, a >> bits)
                 setmul(a & m, (a >> bits) != 0)
@@ -610,7 +610,9 @@ class AluOps(DecoderBase):
             return mul
         if op == 5:
 
-            def imul() -> None:
+            def imul(
+                nxt=nxt, m=m, set_res=set_res, setmul=setmul, c=c, size=size, g=g, bits=bits, r=r
+            ) -> None:
                 a = _sx(r[0] & m, size) * _sx(g(), size)
                 lo = a & m
                 set_res(lo, (a >> bits) & m)
@@ -620,7 +622,7 @@ class AluOps(DecoderBase):
             return imul
         if op == 6:
 
-            def div() -> None:
+            def div(nxt=nxt, g=g, get_acc=get_acc, m=m, set_res=set_res, c=c) -> None:
                 d = g()
                 if d == 0:
                     raise CpuFault(DE)
@@ -633,7 +635,9 @@ class AluOps(DecoderBase):
 
             return div
 
-        def idiv() -> None:
+        def idiv(
+            nxt=nxt, size=size, set_res=set_res, c=c, g=g, get_acc=get_acc, m=m, sign=sign
+        ) -> None:
             d = _sx(g(), size)
             if d == 0:
                 raise CpuFault(DE)
@@ -667,7 +671,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         sign = SIGN[size]
 
-        def imul3() -> None:
+        def imul3(nxt=nxt, size=size, v=v, m=m, s=s, c=c, g=g, gr=gr, sign=sign) -> None:
             a = _sx(g(), size)
             bb = v if v is not None else _sx(gr(), size)
             p = a * bb
@@ -694,7 +698,7 @@ class AluOps(DecoderBase):
             v &= 0xFF
             return f | (ZF if v == 0 else 0) | (v & 0x80) | PARITY[v]
 
-        def bcd() -> None:
+        def bcd(nxt=nxt, b=b, c=c, r=r, szp=szp, base=base) -> None:
             f = c.get_flags()
             al = r[0] & 0xFF
             ah = (r[0] >> 8) & 0xFF

@@ -273,7 +273,7 @@ class MoveOps(DecoderBase):
         nxt = self.nxt(x)
         if b == 0x90 and not x.rep == 0xF3 or b == 0x90:
 
-            def nop() -> None:
+            def nop(nxt=nxt, c=c) -> None:
                 c.eip = nxt
 
             return nop
@@ -282,7 +282,7 @@ class MoveOps(DecoderBase):
         g0, s0 = self.reg_get(0, size), self.reg_set(0, size)
         g1, s1 = self.reg_get(n, size), self.reg_set(n, size)
 
-        def xchg_ax() -> None:
+        def xchg_ax(nxt=nxt, s0=s0, s1=s1, c=c, g0=g0, g1=g1) -> None:
             a, v = g0(), g1()
             s0(v)
             s1(a)
@@ -301,13 +301,13 @@ class MoveOps(DecoderBase):
         m = MASK[size]
         if b in (0xB6, 0xB7):
 
-            def movzx() -> None:
+            def movzx(nxt=nxt, s=s, c=c, g=g) -> None:
                 s(g())
                 c.eip = nxt
 
             return movzx
 
-        def movsx() -> None:
+        def movsx(nxt=nxt, s=s, c=c, m=m, ssize=ssize, g=g) -> None:
             s(_sx(g(), ssize) & m)
             c.eip = nxt
 
@@ -327,9 +327,9 @@ class MoveOps(DecoderBase):
         elif self.seg_checked(seg):
             xlat_lin = self.lin_fn(seg, 1, False)
         else:
-            xlat_lin = lambda o: (sb[seg] + o) & M32  # noqa: E731
+            xlat_lin = lambda o, sb=sb, seg=seg: (sb[seg] + o) & M32  # noqa: E731
 
-        def misc() -> None:
+        def misc(nxt=nxt, b=b, c=c, size=size, r=r, xlat_lin=xlat_lin, am=am) -> None:
             if b == 0x98:
                 if size == 4:
                     r[0] = _sx(r[0] & 0xFFFF, 2) & M32
@@ -363,7 +363,7 @@ class MoveOps(DecoderBase):
         cc = b & 15
         r = c.r
 
-        def cmov() -> None:
+        def cmov(nxt=nxt, g=g, cc=cc, c=c, s=s, size=size, r=r, reg=reg) -> None:
             v = g()  # the source is read (and may fault) whatever the condition
             if c.cond(cc):
                 s(v)
@@ -380,7 +380,7 @@ class MoveOps(DecoderBase):
         s = self.rm_set(mod, rm, ea, 1)
         cc = b & 15
 
-        def setcc() -> None:
+        def setcc(nxt=nxt, s=s, c=c, cc=cc) -> None:
             s(1 if c.cond(cc) else 0)
             c.eip = nxt
 
@@ -413,7 +413,9 @@ class MoveOps(DecoderBase):
         if mod != 3:
             ea = self.ea_for(ea, size, True)  # the destination is always written
 
-        def cmpxchg() -> None:
+        def cmpxchg(
+            nxt=nxt, mod=mod, g0=g0, cmpf=cmpf, c=c, gm=gm, ea=ea, rd=rd, s0=s0, sm=sm, wr=wr, gr=gr
+        ) -> None:
             if mod == 3:
                 d = gm()
             else:
