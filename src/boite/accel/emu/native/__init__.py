@@ -161,7 +161,8 @@ class NativeTier:
         self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
         # Chain tables by (mode_key, cs_key), as the Python tiers' per-mode EIP maps.
         self.chains: dict[tuple[int, int], ChainTable] = {}
-        self.cmode = self.ccs = -1  # the key of ctab
+        # The chain table of the current key, and the EIP map of that key (Cpu.fast_cur).
+        self.cfast: dict[int, Callable[[], int]] | None = None
         self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         self.blocks = 0  # translated so far
@@ -241,7 +242,7 @@ class NativeTier:
         ct = self.chains.get(key)
         if ct is None:
             ct = self.chains[key] = ChainTable(self.out_addr)
-        self.cmode, self.ccs = key
+        self.cfast = self.cpu.fast_cur if key[0] >= 0 else None
         self.ctab = ct
         self.st.jtab = ct.addr
         return ct
@@ -358,7 +359,7 @@ class NativeTier:
             if tier.bound is not cpu.rtlb:
                 tier._bind()
             ct = tier.ctab
-            if cpu.mode_key != tier.cmode or cpu.cs_key != tier.ccs:
+            if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
                 ct = tier._select((cpu.mode_key, cpu.cs_key))
             if ct.slots[slot] != addr:  # this block is valid here: let chains find it
                 ct.add(eip, addr)
