@@ -251,6 +251,9 @@ class Cpu:
         # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
         # of any other page (a fixmap, a data page) leaves the maps and chains alone.
         self.code_lin: set[int] = set()
+        # Physical page -> the (EIP map, EIP) entries made for blocks on it since the
+        # maps were last emptied: a store into a code page drops only those.
+        self.fast_phys: dict[int, list[tuple[dict[int, Callable[[], int]], int]]] = {}
         # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
         # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
         self.nonglobal: set[int] = set()
@@ -393,6 +396,7 @@ class Cpu:
         if code:  # a block's code may map elsewhere now
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         if page is None:
             self.nonglobal.clear()
@@ -427,6 +431,7 @@ class Cpu:
         if code:
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
@@ -810,10 +815,12 @@ class Cpu:
         keys = self.code_pages.pop(ppage, None)
         if keys:
             for c in self.cpus:  # the guard is shared: every CPU's blocks on the page go
-                for fast in c._fast.values():
-                    fast.clear()
+                # Only the EIP map entries and chains of the blocks on this page: every
+                # block lies within one page (the decoder ends blocks there).
+                for fast, eip in c.fast_phys.pop(ppage, ()):
+                    fast.pop(eip, None)
                 if c.native is not None:
-                    c.native.unchain()  # its chain tables mirror the maps just emptied
+                    c.native.unchain_page(ppage)
                 blocks = c.blocks
                 for k in keys:
                     blocks.pop(k, None)
@@ -822,6 +829,7 @@ class Cpu:
         for c in self.cpus:  # code_pages is shared: emptying it unguards every CPU's blocks
             for fast in c._fast.values():
                 fast.clear()
+            c.fast_phys.clear()
             if c.native is not None:
                 c.native.unchain()
             c.blocks.clear()
@@ -1832,6 +1840,7 @@ class Cpu:
         irq_check = self.irq_check
         sbase = self.sbase
         code_lin = self.code_lin
+        fast_phys = self.fast_phys
         try:
             while done + faults < max_insns:
                 # Bounds a native entry (native/), faults included: with only `done`
@@ -1891,6 +1900,12 @@ class Cpu:
                             fm = self.fast_cur
                             if f is None:
                                 f = self._cold_block(b, fm)
+                            if eip not in fm:  # (else made before: interrupt, shadow)
+                                at = fast_phys.get(pa >> 12)
+                                if at is None:
+                                    fast_phys[pa >> 12] = [(fm, eip)]
+                                else:
+                                    at.append((fm, eip))
                             fm[eip] = f
                             done += f()
                         elif f is not None:
