@@ -380,8 +380,11 @@ class NativeTier:
             ct = tier.ctab
             if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
                 ct = tier._select((cpu.mode_key, cpu.cs_key))
-            if ct.slots[slot] != addr:  # this block is valid here: let chains find it
-                ct.add(eip, addr)
+            slots = ct.slots
+            if slots[slot] != addr:  # this block is valid here: let chains find it
+                slots[slot - 1] = eip  # (ChainTable.add, its slot known)
+                slots[slot] = addr
+                ct.used.add(cslot)
                 at = chain_pages.get(ppage)
                 if at is None:
                     chain_pages[ppage] = {(ct, cslot, addr)}
