@@ -296,7 +296,7 @@ class NativeTier:
             return run
         # The first instruction is not translated: its closure, then the rest natively
         # (a block of its own at the next EIP, so chains can find it too).
-        fn, n, end = cpu.decoder.decode(eip)
+        fn, n, end = cpu.decoder.decode(eip, pa, (pa | 0xFFF) + 1)  # bytes from RAM
         eip2 = (eip + n) & 0xFFFFFFFF
         if end or (pa & 0xFFF) + n >= 0x1000:
             return None
