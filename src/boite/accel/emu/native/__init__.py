@@ -298,7 +298,7 @@ class NativeTier:
             return run
         # The first instruction is not translated: its closure, then the rest natively
         # (a block of its own at the next EIP, so chains can find it too).
-        fn, n, end = cpu.decoder.decode(eip)
+        fn, n, end = cpu.decoder.decode(eip, pa, (pa | 0xFFF) + 1)  # bytes from RAM
         eip2 = (eip + n) & 0xFFFFFFFF
         if end or (pa & 0xFFF) + n >= 0x1000:
             return None
@@ -382,8 +382,11 @@ class NativeTier:
             ct = tier.ctab
             if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
                 ct = tier._select((cpu.mode_key, cpu.cs_key))
-            if ct.slots[slot] != addr:  # this block is valid here: let chains find it
-                ct.add(eip, addr)
+            slots = ct.slots
+            if slots[slot] != addr:  # this block is valid here: let chains find it
+                slots[slot - 1] = eip  # (ChainTable.add, its slot known)
+                slots[slot] = addr
+                ct.used.add(cslot)
                 at = chain_pages.get(ppage)
                 if at is None:
                     chain_pages[ppage] = {(ct, cslot, addr)}
