@@ -191,6 +191,9 @@ _CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15
 _MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
 _CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
 _POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
+_JMP = b"\xe9\0\0\0\0"  # jmp rel32 (a fix-up follows)
+_JLE = b"\x0f\x8e\0\0\0\0"
+_JNE = b"\x0f\x85\0\0\0\0"
 _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
     lambda a: a._mem(b"\x39", R9, R8, 0)
 )
@@ -199,7 +202,7 @@ _JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
 _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
 _ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
-_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI")  # ndone, reason
+_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI5s")  # ndone, reason, jmp
 _EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
 _LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
 # dst += the segment base (through R10): by (dst, segment)
@@ -295,6 +298,7 @@ class RowFacts:
 
 
 _FACTS: dict[int, RowFacts] = {}
+_CACHE_MAX = 1 << 15  # entries of each cache keyed by guest bytes (bounded: no end of keys)
 _NO_FIX = (b"", b"")
 # (map, opcode, ModRM reg field or -1) -> the row (lookup() walks a list)
 _ROWS: dict[tuple[str, int, int], Op | None] = {}
@@ -311,10 +315,40 @@ _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
+# Parsed instructions by their bytes: compiled code repeats them (a kit boot's blocks
+# hold ~5.7 copies of each). The first four bytes give the length where the prefixes,
+# opcode, ModRM and SIB fit in them (the rest is displacement and immediate); then
+# (bytes, flat) gives the fields but the EIP.
+_PLEN: dict[bytes, int] = {}
+_PARSED: dict[tuple[bytes, int], tuple] = {}
+
+
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None. `flat`:
     the segment registers (bit per number) an override may name: those whose accesses
     need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
+    n = _PLEN.get(raw[:4])
+    if n is not None and n <= len(raw):
+        fields = _PARSED.get((raw[:n], flat))
+        if fields is not None:
+            return Insn(eip, *fields)
+    i = _parse(raw, eip, flat)
+    if i is None:
+        return None
+    m = i.mem
+    disp = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
+    if i.imm_at - disp <= 4:  # the length-deciding bytes fit in the key
+        if len(_PARSED) > _CACHE_MAX:
+            _PLEN.clear()
+            _PARSED.clear()
+        _PLEN[raw[:4]] = len(i.raw)
+        _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
+                                  i.size, i.lock, i.rep, i.override, i.rf)  # fmt: skip
+    return i
+
+
+def _parse(raw: bytes, eip: int, flat: int) -> Insn | None:
+    """parse without the cache."""
     pos = 0
     p66 = lock = rep = False
     repne = False
@@ -648,22 +682,24 @@ class Translator:
         self.host_tsc = host_tsc  # RDTSC may read the host clock (Cpu.rdtsc not replaced)
         self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
-        self.stubs: list[tuple[str, list]] = []
+        self.stubs: list[tuple] = []  # (label, eip, ndone, reason, eip_reg)
 
     # -- exits ---------------------------------------------------------------------
-    def exit_to(self, eip: int | None, ndone: int, reason: int, eip_reg: int | None = None) -> str:
+    # Labels of stubs, chains, misses and flag exits are ints (self.n), the others
+    # strings: making and hashing them is much of a small block's translation.
+    def exit_to(self, eip: int | None, ndone: int, reason: int, eip_reg: int | None = None) -> int:
         """A stub leaving for Python with EIP = eip (or eip_reg); returns its label."""
-        name = f"x{self.n}"
-        self.n += 1
-        self.stubs.append((name, [eip, ndone, reason, eip_reg]))
+        name = self.n
+        self.n = name + 1
+        self.stubs.append((name, eip, ndone, reason, eip_reg))
         return name
 
-    def chain(self, target: int | None, ndone: int) -> str:
+    def chain(self, target: int | None, ndone: int) -> int:
         """A stub that takes the block's `ndone` instructions off the budget and goes on
         at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
         returns its label."""
-        name = f"c{self.n}"
-        self.n += 1
+        name = self.n
+        self.n = name + 1
         self.chains.append((name, target, ndone))
         return name
 
@@ -671,41 +707,44 @@ class Translator:
         a = self.a
         if not self.chains:
             return
-        buf = a.buf
+        buf, labels, fixups = a.buf, a.labels, a.fixups
         for name, target, ndone in self.chains:
-            a.label(name)
+            labels[name] = len(buf)
             buf += _CHAIN_HEAD + _s32(ndone)  # pushfq; pop r11; sub [r15 + budget], ndone
             if target is None:
                 buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
                 continue
-            buf += _MOV_R9 + _s32(target)
-            a.jcc(0xE, "leave")  # JLE: budget spent
-            buf += _CMP_INTR
-            a.jcc(5, "leave")
+            buf += _MOV_R9 + _s32(target) + _JLE  # JLE: budget spent
+            fixups.append((len(buf) - 4, "leave"))
+            buf += _CMP_INTR + _JNE
+            fixups.append((len(buf) - 4, "leave"))
             if target == self.start:  # a loop: no lookup
                 if self.live_in0:  # flags the block reads (or shows) before writing them
                     buf += _POPF_R11
-                a.jmp("start")
+                buf += _JMP
+                fixups.append((len(buf) - 4, "start"))
                 continue
             slot = chain_slot(target) * 16
-            buf += _CHAIN_CMP + _s32(slot)  # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d
-            a.jcc(5, "leave")
+            # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave
+            buf += _CHAIN_CMP + _s32(slot) + _JNE
+            fixups.append((len(buf) - 4, "leave"))
             buf += _CHAIN_JMP + _s32(slot + 8)  # push r11; popfq; jmp [r8 + slot + 8]
-        a.label("leave")
+        labels["leave"] = len(buf)
         buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
-        buf = a.buf
-        for name, (eip, ndone, reason, eip_reg) in self.stubs:
-            a.label(name)
+        buf, labels, fixups = a.buf, a.labels, a.fixups
+        pack = _STUB_TAIL.pack
+        for name, eip, ndone, reason, eip_reg in self.stubs:
+            labels[name] = len(buf)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
             else:
                 buf += _ST_EIP + _s32(eip)
-            buf += _STUB_TAIL.pack(_ST_NDONE, ndone, _ST_REASON, reason)
-            a.jmp("epilogue")
-        a.label("epilogue")
+            buf += pack(_ST_NDONE, ndone, _ST_REASON, reason, _JMP)
+            fixups.append((len(buf) - 4, "epilogue"))  # jmp epilogue
+        labels["epilogue"] = len(buf)
         buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
 
     # -- memory --------------------------------------------------------------------
@@ -731,8 +770,8 @@ class Translator:
         or leave at instruction k with the state before it. `saved`: R11 holds the guest
         flags already (the host's are clobbered)."""
         a = self.a
-        miss = f"m{self.n}"
-        self.n += 1
+        miss = self.n
+        self.n = miss + 1
         if self.flags_in_r11:  # the previous instruction's lookup left them there
             saved = True
             self.flags_in_r11 = False
@@ -751,17 +790,22 @@ class Translator:
 
     def _emit_misses(self) -> None:
         a = self.a
-        buf = a.buf
+        buf, labels, fixups = a.buf, a.labels, a.fixups
+        insns, stubs = self.insns, self.stubs
+        n = self.n
         for miss, addr, write, k in self.misses:
-            a.label(miss)
+            labels[miss] = len(buf)
             key = (addr, write)
             code = _MISS.get(key)
-            if code is None:
+            if code is None:  # (ends with a jmp: to its exit stub)
                 code = _MISS[key] = _encoded(lambda b, addr=addr, write=write: (
                     b.push(R11), b.popfq(), b.store32(R15, OFF_MISS_ADDR, addr),
-                    b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+                    b.store_imm32(R15, OFF_MISS_WRITE, write))) + _JMP  # fmt: skip
             buf += code
-            a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
+            fixups.append((len(buf) - 4, n))
+            stubs.append((n, insns[k].eip, k, EXIT_MISS, None))  # exit_to, inline
+            n += 1
+        self.n = n
 
     # -- instructions ----------------------------------------------------------------
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1230,18 +1274,18 @@ class Translator:
     def _flags_fallback(self, i: Insn, k: int) -> str:
         """A stub that puts the guest flags (R11) back and leaves for the Python tiers
         at instruction k."""
-        name = f"fb{self.n}"
-        self.n += 1
+        name = self.n
+        self.n = name + 1
         self.flag_exits.append((name, i.eip, k))
         return name
 
     def _emit_flag_exits(self) -> None:
         a = self.a
+        buf, labels, fixups = a.buf, a.labels, a.fixups
         for name, eip, k in self.flag_exits:
-            a.label(name)
-            a.push(R11)
-            a.popfq()
-            a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
+            labels[name] = len(buf)
+            buf += _POPF_R11 + _JMP
+            fixups.append((len(buf) - 4, self.exit_to(eip, k, EXIT_FALLBACK)))
 
     def pushf(self, i: Insn, k: int, restore: bool) -> bool:
         """PUSHF: the arithmetic flags from the host's, the rest from the state (VM and RF
