@@ -272,6 +272,7 @@ class Insn:
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
     rf: RowFacts | None = None  # facts(row), set by parse
+    bf: tuple | None = None  # build_facts(self), shared by the copies parse's cache makes
 
 
 class RowFacts:
@@ -343,7 +344,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             _PARSED.clear()
         _PLEN[raw[:4]] = len(i.raw)
         _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
-                                  i.size, i.lock, i.rep, i.override, i.rf)  # fmt: skip
+                                  i.size, i.lock, i.rep, i.override, i.rf,
+                                  build_facts(i))  # fmt: skip
     return i
 
 
@@ -663,6 +665,27 @@ _GOES_ON = ("popf", "cli", "sti")
 
 def _ends(i: Insn) -> bool:
     return i.row.ends_block and i.row.native not in _GOES_ON
+
+
+# Translators whose host code is a function of the instruction's bytes, the `restore`
+# they are given and whether the guest flags wait in R11 (not of EIP, the block or the
+# instruction's place in it) and whose only side effect is their TLB lookups' misses:
+# Translator.build keeps what they emit and reuses it for the same bytes.
+_FRAGMENT_KINDS = frozenset(("copy", "lea", "push_r", "push_i", "pop_r", "push_m", "pop_m",
+                             "leave", "moffs"))  # fmt: skip
+# (instruction bytes, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
+# register, miss kind) for each lookup))
+_FRAGMENTS: dict[tuple[bytes, bool, bool], tuple[bytes, tuple]] = {}
+
+
+def build_facts(i: Insn) -> tuple:
+    """What Translator.build asks of each instruction, from its bytes alone: (refused for
+    naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
+    the block, its host code may be kept)."""
+    rf = i.rf or facts(i.row)
+    kind = i.row.native
+    return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
+            _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS)  # fmt: skip
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1437,6 +1460,27 @@ class Translator:
             self.a.jmp(self.chain(nxt, k + 1))
         return True
 
+    def _keep_fragment(self, i: Insn, k: int, at: int, restore: bool, carry: bool,
+                       mark: tuple) -> None:  # fmt: skip
+        """Keep what instruction i just emitted from buf[at] (one of _FRAGMENT_KINDS: its
+        bytes and TLB lookups, nothing else) for the next block with the same bytes."""
+        a = self.a
+        fixups = a.fixups[mark[1] :]
+        misses = self.misses[mark[2] :]
+        if (len(self.chains), len(self.stubs), len(self.flag_exits), len(a.labels)) != (
+            mark[3], mark[4], mark[5], mark[7]
+        ) or len(fixups) != 2 * len(misses) or self.n != mark[8] + len(misses):
+            return
+        looks = []
+        for j, (name, addr, write, kk) in enumerate(misses):
+            (f1, l1), (f2, l2) = fixups[2 * j], fixups[2 * j + 1]
+            if l1 != name or l2 != name or name != mark[8] + j or kk != k:
+                return
+            looks.append((f1 - at, f2 - at, addr, write))
+        if len(_FRAGMENTS) > _CACHE_MAX:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[(i.raw, restore, carry)] = (bytes(a.buf[at:]), tuple(looks))
+
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
         """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
@@ -1455,46 +1499,66 @@ class Translator:
         live_out = [0] * n
         live_in = [0] * n
         rfs = [i.rf or facts(i.row) for i in insns]
+        bfs = [i.bf or build_facts(i) for i in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             rf = rfs[k]
             if insns[k].mem is not None or not rf.plain:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
             else:
-                live = (live & ~rf.kill) | _reads(insns[k], rf)
+                live = (live & ~rf.kill) | bfs[k][1]
             live_in[k] = live
         self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
-        buf = a.buf
-        a.label("start")
+        buf, fixups, labels = a.buf, a.fixups, a.labels
+        misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
+        labels["start"] = 0
         done = 0
         # carry: the guest flags wait in R11, the host's clobbered by a lookup that did
         # not put them back because the next instruction's lookup saves them first.
         carry = False
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
-            differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
+            rf = rfs[k]
+            esp_refused, reads, gives_ok, takes, ends, cached = bfs[k]
+            differ = host_differs(i) & live_out[k] if rf.undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
-            if i.row.native not in _ESP_AWARE and _uses_esp(i):
+            if esp_refused:
                 break
-            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs),
-                    len(self.flag_exits), carry)  # fmt: skip
+            mark = (len(buf), len(fixups), len(misses), len(chains), len(stubs),
+                    len(flag_exits), carry, len(labels), self.n)  # fmt: skip
             if fix[0]:
                 buf += fix[0]
+            at = len(buf)
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
-            restore = bool(_reads(i, rfs[k]) | (live_out[k] & ~rfs[k].kill))
-            gives = k + 1 < n and _gives_flags(i, rfs[k]) and _takes_flags(insns[k + 1], rfs[k + 1])
-            if carry and (fix[0] or not _takes_flags(i, rfs[k])):
+            restore = bool(reads | (live_out[k] & ~rf.kill))
+            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
+            if carry and (fix[0] or not takes):
                 buf += _POPF_R11  # (not reached: the previous one checked this one)
                 carry = False
             self.flags_in_r11 = carry
-            if not getattr(self, i.row.native)(i, k, restore and not gives):
+            restore = restore and not gives
+            frag = _FRAGMENTS.get((i.raw, restore, carry)) if cached else None
+            if frag is not None:  # the bytes this instruction gave last time, and its misses
+                buf += frag[0]
+                m = self.n
+                for fix1, fix2, addr, write in frag[1]:
+                    fixups.append((at + fix1, m))
+                    fixups.append((at + fix2, m))
+                    misses.append((m, addr, write, k))
+                    m += 1
+                self.n = m
+                self.flags_in_r11 = False
+            elif getattr(self, i.row.native)(i, k, restore):
+                if cached:
+                    self._keep_fragment(i, k, at, restore, carry, mark)
+            else:
                 # What it emitted before refusing goes (its labels stay, unused).
-                del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
-                del self.chains[mark[3] :], self.stubs[mark[4] :], self.flag_exits[mark[5] :]
+                del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
+                del chains[mark[3] :], stubs[mark[4] :], flag_exits[mark[5] :]
                 carry = mark[6]  # the flags still wait in R11 if they did before it
                 break
             assert not self.flags_in_r11  # its lookup took them
@@ -1502,7 +1566,7 @@ class Translator:
             if fix[1]:
                 buf += fix[1]
             done = k + 1
-            if _ends(i):
+            if ends:
                 break
         if carry:  # the block ends before the instruction that was to take them
             buf += _POPF_R11
