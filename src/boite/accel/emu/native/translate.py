@@ -317,9 +317,10 @@ _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
 # Parsed instructions by their bytes: compiled code repeats them (a kit boot's blocks
-# hold ~5.7 copies of each). The first four bytes give the length where the prefixes,
-# opcode, ModRM and SIB fit in them (the rest is displacement and immediate); then
-# (bytes, flat) gives the fields but the EIP.
+# hold ~5.7 copies of each). The bytes that decide the length (prefixes, opcode, ModRM,
+# SIB: the rest is displacement and immediate) give it, where they are at most four;
+# then (bytes, flat) gives the fields but the EIP. (No instruction's bytes begin
+# another's: at most one of raw[:1] .. raw[:4] is a key of _PLEN.)
 _PLEN: dict[bytes, int] = {}
 _PARSED: dict[tuple[bytes, int], tuple] = {}
 
@@ -328,7 +329,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None. `flat`:
     the segment registers (bit per number) an override may name: those whose accesses
     need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
-    n = _PLEN.get(raw[:4])
+    n = _PLEN.get(raw[:1]) or _PLEN.get(raw[:2]) or _PLEN.get(raw[:3]) or _PLEN.get(raw[:4])
     if n is not None and n <= len(raw):
         fields = _PARSED.get((raw[:n], flat))
         if fields is not None:
@@ -338,11 +339,12 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         return None
     m = i.mem
     disp = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
-    if i.imm_at - disp <= 4:  # the length-deciding bytes fit in the key
+    decide = i.imm_at - disp
+    if decide <= 4:
         if len(_PARSED) > _CACHE_MAX:
             _PLEN.clear()
             _PARSED.clear()
-        _PLEN[raw[:4]] = len(i.raw)
+        _PLEN[raw[:decide]] = len(i.raw)
         _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
                                   i.size, i.lock, i.rep, i.override, i.rf,
                                   build_facts(i))  # fmt: skip
