@@ -337,6 +337,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     i = _parse(raw, eip, flat)
     if i is None:
         return None
+    i.bf = build_facts(i)
     m = i.mem
     disp = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
     decide = i.imm_at - disp
@@ -346,8 +347,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             _PARSED.clear()
         _PLEN[raw[:decide]] = len(i.raw)
         _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
-                                  i.size, i.lock, i.rep, i.override, i.rf,
-                                  build_facts(i))  # fmt: skip
+                                  i.size, i.lock, i.rep, i.override, i.rf, i.bf)  # fmt: skip
     return i
 
 
@@ -683,11 +683,13 @@ _FRAGMENTS: dict[tuple[bytes, bool, bool], tuple[bytes, tuple]] = {}
 def build_facts(i: Insn) -> tuple:
     """What Translator.build asks of each instruction, from its bytes alone: (refused for
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
-    the block, its host code may be kept)."""
+    the block, its host code may be kept, may leave before it (all flags live there),
+    the flags it surely writes, its undefined flags)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
-            _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS)  # fmt: skip
+            _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
+            i.mem is not None or not rf.plain, rf.kill, rf.undefined)  # fmt: skip
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1500,15 +1502,14 @@ class Translator:
         n = len(insns)
         live_out = [0] * n
         live_in = [0] * n
-        rfs = [i.rf or facts(i.row) for i in insns]
         bfs = [i.bf or build_facts(i) for i in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
-            rf = rfs[k]
-            if insns[k].mem is not None or not rf.plain:
+            bf = bfs[k]
+            if bf[6]:
                 live = ARITH  # its TLB miss leaves for Python before it: all flags show
             else:
-                live = (live & ~rf.kill) | bfs[k][1]
+                live = (live & ~bf[7]) | bf[1]
             live_in[k] = live
         self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
@@ -1521,28 +1522,27 @@ class Translator:
         carry = False
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
-            rf = rfs[k]
-            esp_refused, reads, gives_ok, takes, ends, cached = bfs[k]
-            differ = host_differs(i) & live_out[k] if rf.undefined and MATCH_PYTHON_FLAGS else 0
+            esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined = bfs[k]
+            differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
             if esp_refused:
                 break
-            mark = (len(buf), len(fixups), len(misses), len(chains), len(stubs),
-                    len(flag_exits), carry, len(labels), self.n)  # fmt: skip
+            mark_carry = carry
+            before = len(buf)
             if fix[0]:
                 buf += fix[0]
-            at = len(buf)
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
-            restore = bool(reads | (live_out[k] & ~rf.kill))
+            restore = bool(reads | (live_out[k] & ~kill))
             gives = gives_ok and k + 1 < n and bfs[k + 1][3]
             if carry and (fix[0] or not takes):
                 buf += _POPF_R11  # (not reached: the previous one checked this one)
                 carry = False
             self.flags_in_r11 = carry
             restore = restore and not gives
+            at = len(buf)
             frag = _FRAGMENTS.get((i.raw, restore, carry)) if cached else None
             if frag is not None:  # the bytes this instruction gave last time, and its misses
                 buf += frag[0]
@@ -1554,15 +1554,18 @@ class Translator:
                     m += 1
                 self.n = m
                 self.flags_in_r11 = False
-            elif getattr(self, i.row.native)(i, k, restore):
-                if cached:
-                    self._keep_fragment(i, k, at, restore, carry, mark)
             else:
-                # What it emitted before refusing goes (its labels stay, unused).
-                del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
-                del chains[mark[3] :], stubs[mark[4] :], flag_exits[mark[5] :]
-                carry = mark[6]  # the flags still wait in R11 if they did before it
-                break
+                mark = (before, len(fixups), len(misses), len(chains), len(stubs),
+                        len(flag_exits), mark_carry, len(labels), self.n)  # fmt: skip
+                if getattr(self, i.row.native)(i, k, restore):
+                    if cached:
+                        self._keep_fragment(i, k, at, restore, carry, mark)
+                else:
+                    # What it emitted before refusing goes (its labels stay, unused).
+                    del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
+                    del chains[mark[3] :], stubs[mark[4] :], flag_exits[mark[5] :]
+                    carry = mark[6]  # the flags still wait in R11 if they did before it
+                    break
             assert not self.flags_in_r11  # its lookup took them
             carry = gives
             if fix[1]:
@@ -1606,21 +1609,26 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
-    while len(insns) < MAX_INSNS and pos < len(code):
+    end = len(code)
+    sti = False
+    for _ in range(MAX_INSNS):
+        if pos >= end:
+            break
         i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
         if i is None:
             break
         insns.append(i)
         pos += len(i.raw)
-        if _ends(i):
+        if i.bf[4]:  # it ends the block
             break
+        sti = sti or i.row.native == "sti"
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
     while True:
         out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
-            if shadows is not None:
+            if shadows is not None and sti:
                 shadows.update(
                     insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
                 )
