@@ -198,11 +198,24 @@ _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
     lambda a: a._mem(b"\x39", R9, R8, 0)
 )
 _CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
+# A chain stub in one pack (Translator._emit_chains): its head, then to a register's
+# EIP; to the block's start; to a constant EIP through its chain slot. _CHAIN_FIXn:
+# the offsets of its rel32s to `leave`.
+_CHAIN_IND = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_CHAIN_DISPATCH)}s")
+_CHAIN_TOP = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI6s{len(_CMP_INTR)}s6s")
+_CHAIN_DIRECT = struct.Struct(
+    f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI6s{len(_CMP_INTR)}s6s{len(_CHAIN_CMP)}sI6s"
+    f"{len(_CHAIN_JMP)}sI"
+)
+_CHAIN_FIX1 = len(_CHAIN_HEAD) + 4 + len(_MOV_R9) + 4 + 2
+_CHAIN_FIX2 = _CHAIN_FIX1 + 4 + len(_CMP_INTR) + 2
+_CHAIN_FIX3 = _CHAIN_FIX2 + 4 + len(_CHAIN_CMP) + 4 + 2
 _JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
 _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
 _ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
 _STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI5s")  # ndone, reason, jmp
+_STUB = struct.Struct(f"<{len(_ST_EIP)}sI{_STUB_TAIL.format[1:]}")  # eip, then the tail
 _EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
 _LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
 # dst += the segment base (through R10): by (dst, segment)
@@ -735,41 +748,48 @@ class Translator:
         if not self.chains:
             return
         buf, labels, fixups = a.buf, a.labels, a.fixups
+        start = self.start
         for name, target, ndone in self.chains:
-            labels[name] = len(buf)
-            buf += _CHAIN_HEAD + _s32(ndone)  # pushfq; pop r11; sub [r15 + budget], ndone
+            at = len(buf)
+            labels[name] = at
             if target is None:
-                buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
+                # pushfq; pop r11; sub [r15 + budget], ndone; mov r9d, r8d; jmp [r15 + dispatch]
+                buf += _CHAIN_IND.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _CHAIN_DISPATCH)
                 continue
-            buf += _MOV_R9 + _s32(target) + _JLE  # JLE: budget spent
-            fixups.append((len(buf) - 4, "leave"))
-            buf += _CMP_INTR + _JNE
-            fixups.append((len(buf) - 4, "leave"))
-            if target == self.start:  # a loop: no lookup
+            if target == start:  # a loop: no lookup
+                buf += _CHAIN_TOP.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE,
+                                       _CMP_INTR, _JNE)  # fmt: skip
+                fixups.append((at + _CHAIN_FIX1, "leave"))  # JLE: budget spent
+                fixups.append((at + _CHAIN_FIX2, "leave"))  # JNE: an interrupt
                 if self.live_in0:  # flags the block reads (or shows) before writing them
                     buf += _POPF_R11
                 buf += _JMP
                 fixups.append((len(buf) - 4, "start"))
                 continue
             slot = chain_slot(target) * 16
-            # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave
-            buf += _CHAIN_CMP + _s32(slot) + _JNE
-            fixups.append((len(buf) - 4, "leave"))
-            buf += _CHAIN_JMP + _s32(slot + 8)  # push r11; popfq; jmp [r8 + slot + 8]
+            # ... mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave; push r11; popfq;
+            # jmp [r8 + slot + 8]
+            buf += _CHAIN_DIRECT.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE,
+                                      _CMP_INTR, _JNE, _CHAIN_CMP, slot, _JNE, _CHAIN_JMP,
+                                      slot + 8)  # fmt: skip
+            fixups.append((at + _CHAIN_FIX1, "leave"))
+            fixups.append((at + _CHAIN_FIX2, "leave"))
+            fixups.append((at + _CHAIN_FIX3, "leave"))
         labels["leave"] = len(buf)
         buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
         buf, labels, fixups = a.buf, a.labels, a.fixups
-        pack = _STUB_TAIL.pack
+        pack, pack_eip = _STUB_TAIL.pack, _STUB.pack
         for name, eip, ndone, reason, eip_reg in self.stubs:
             labels[name] = len(buf)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
+                buf += pack(_ST_NDONE, ndone, _ST_REASON, reason, _JMP)
             else:
-                buf += _ST_EIP + _s32(eip)
-            buf += pack(_ST_NDONE, ndone, _ST_REASON, reason, _JMP)
+                buf += pack_eip(_ST_EIP, eip & 0xFFFFFFFF, _ST_NDONE, ndone, _ST_REASON, reason,
+                                _JMP)  # fmt: skip
             fixups.append((len(buf) - 4, "epilogue"))  # jmp epilogue
         labels["epilogue"] = len(buf)
         buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
