@@ -333,7 +333,9 @@ _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 # hold ~5.7 copies of each). The bytes that decide the length (prefixes, opcode, ModRM,
 # SIB: the rest is displacement and immediate) give it, where they are at most four;
 # then (bytes, flat) gives the fields but the EIP. (No instruction's bytes begin
-# another's: at most one of raw[:1] .. raw[:4] is a key of _PLEN.)
+# another's: at most one of raw[:1] .. raw[:4] is a key of _PLEN.) A first byte that
+# decides alone is in _PLEN1 (by its value: 0, none known).
+_PLEN1 = [0] * 256
 _PLEN: dict[bytes, int] = {}
 _PARSED: dict[tuple[bytes, int], tuple] = {}
 
@@ -342,8 +344,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None. `flat`:
     the segment registers (bit per number) an override may name: those whose accesses
     need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
-    n = _PLEN.get(raw[:1]) or _PLEN.get(raw[:2]) or _PLEN.get(raw[:3]) or _PLEN.get(raw[:4])
-    if n is not None and n <= len(raw):
+    n = _PLEN1[raw[0]] or _PLEN.get(raw[:2]) or _PLEN.get(raw[:3]) or _PLEN.get(raw[:4])
+    if n and n <= len(raw):
         fields = _PARSED.get((raw[:n], flat))
         if fields is not None:
             return Insn(eip, *fields)
@@ -356,9 +358,13 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     decide = i.imm_at - disp
     if decide <= 4:
         if len(_PARSED) > _CACHE_MAX:
+            _PLEN1[:] = [0] * 256
             _PLEN.clear()
             _PARSED.clear()
-        _PLEN[raw[:decide]] = len(i.raw)
+        if decide == 1:
+            _PLEN1[raw[0]] = len(i.raw)
+        else:
+            _PLEN[raw[:decide]] = len(i.raw)
         _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
                                   i.size, i.lock, i.rep, i.override, i.rf, i.bf)  # fmt: skip
     return i
@@ -1631,12 +1637,19 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     pos = 0
     end = len(code)
     sti = False
+    plen1, plen, parsed = _PLEN1, _PLEN, _PARSED
     for _ in range(MAX_INSNS):
         if pos >= end:
             break
-        i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
-        if i is None:
-            break
+        # parse's cache, inline (most instructions are in it)
+        n = plen1[code[pos]] or plen.get(code[pos : pos + 2]) or plen.get(code[pos : pos + 3])
+        fields = parsed.get((code[pos : pos + n], flat)) if n and pos + n <= end else None
+        if fields is not None:
+            i = Insn((eip + pos) & 0xFFFFFFFF, *fields)
+        else:
+            i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
+            if i is None:
+                break
         insns.append(i)
         pos += len(i.raw)
         if i.bf[4]:  # it ends the block
