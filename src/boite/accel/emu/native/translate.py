@@ -192,6 +192,7 @@ _MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
 _CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
 _POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
 _JMP = b"\xe9\0\0\0\0"  # jmp rel32 (a fix-up follows)
+_REL32 = struct.Struct("<i")
 _JLE = b"\x0f\x8e\0\0\0\0"
 _JNE = b"\x0f\x85\0\0\0\0"
 _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
@@ -823,8 +824,6 @@ class Translator:
         or leave at instruction k with the state before it. `saved`: R11 holds the guest
         flags already (the host's are clobbered)."""
         a = self.a
-        miss = self.n
-        self.n = miss + 1
         if self.flags_in_r11:  # the previous instruction's lookup left them there
             saved = True
             self.flags_in_r11 = False
@@ -835,19 +834,23 @@ class Translator:
         code, fix1, fix2 = t
         at = len(a.buf)
         a.buf += code
-        a.fixups.append((at + fix1, miss))
-        a.fixups.append((at + fix2, miss))
         # A read-modify-write misses as a read first (#PF error code W=0), as the
-        # closures, which read before they write.
-        self.misses.append((miss, addr, (1 if write else 0) | (2 if write and reads else 0), k))
+        # closures, which read before they write. (The miss stub's two rel32s are
+        # written when it is made: no labels.)
+        self.misses.append(
+            (at + fix1, at + fix2, addr, (1 if write else 0) | (2 if write and reads else 0), k)
+        )
 
     def _emit_misses(self) -> None:
         a = self.a
-        buf, labels, fixups = a.buf, a.labels, a.fixups
+        buf, fixups = a.buf, a.fixups
         insns, stubs = self.insns, self.stubs
         n = self.n
-        for miss, addr, write, k in self.misses:
-            labels[miss] = len(buf)
+        pack = _REL32.pack_into
+        for fix1, fix2, addr, write, k in self.misses:
+            at = len(buf)
+            pack(buf, fix1, at - fix1 - 4)
+            pack(buf, fix2, at - fix2 - 4)
             key = (addr, write)
             code = _MISS.get(key)
             if code is None:  # (ends with a jmp: to its exit stub)
@@ -1495,16 +1498,13 @@ class Translator:
         """Keep what instruction i just emitted from buf[at] (one of _FRAGMENT_KINDS: its
         bytes and TLB lookups, nothing else) for the next block with the same bytes."""
         a = self.a
-        fixups = a.fixups[mark[1] :]
         misses = self.misses[mark[2] :]
-        if (len(self.chains), len(self.stubs), len(self.flag_exits), len(a.labels)) != (
-            mark[3], mark[4], mark[5], mark[7]
-        ) or len(fixups) != 2 * len(misses) or self.n != mark[8] + len(misses):
+        if (len(a.fixups), len(self.chains), len(self.stubs), len(self.flag_exits),
+                len(a.labels), self.n) != (mark[1], *mark[3:6], *mark[7:9]):  # fmt: skip
             return
         looks = []
-        for j, (name, addr, write, kk) in enumerate(misses):
-            (f1, l1), (f2, l2) = fixups[2 * j], fixups[2 * j + 1]
-            if l1 != name or l2 != name or name != mark[8] + j or kk != k:
+        for f1, f2, addr, write, kk in misses:
+            if kk != k:
                 return
             looks.append((f1 - at, f2 - at, addr, write))
         if len(_FRAGMENTS) > _CACHE_MAX:
@@ -1572,13 +1572,8 @@ class Translator:
             frag = _FRAGMENTS.get((i.raw, restore, carry)) if cached else None
             if frag is not None:  # the bytes this instruction gave last time, and its misses
                 buf += frag[0]
-                m = self.n
                 for fix1, fix2, addr, write in frag[1]:
-                    fixups.append((at + fix1, m))
-                    fixups.append((at + fix2, m))
-                    misses.append((m, addr, write, k))
-                    m += 1
-                self.n = m
+                    misses.append((at + fix1, at + fix2, addr, write, k))
                 self.flags_in_r11 = False
             else:
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
