@@ -193,6 +193,7 @@ _CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
 _POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
 _JMP = b"\xe9\0\0\0\0"  # jmp rel32 (a fix-up follows)
 _REL32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
 _JLE = b"\x0f\x8e\0\0\0\0"
 _JNE = b"\x0f\x85\0\0\0\0"
 _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
@@ -330,44 +331,63 @@ _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
-# Parsed instructions by their bytes: compiled code repeats them (a kit boot's blocks
-# hold ~5.7 copies of each). The bytes that decide the length (prefixes, opcode, ModRM,
-# SIB: the rest is displacement and immediate) give it, where they are at most four;
-# then (bytes, flat) gives the fields but the EIP. (No instruction's bytes begin
-# another's: at most one of raw[:1] .. raw[:4] is a key of _PLEN.) A first byte that
-# decides alone is in _PLEN1 (by its value: 0, none known).
-_PLEN1 = [0] * 256
-_PLEN: dict[bytes, int] = {}
-_PARSED: dict[tuple[bytes, int], tuple] = {}
+# Parsed instructions by their shape: the bytes that decide the length (prefixes,
+# opcode, ModRM, SIB), where they are at most four; the rest (displacement, immediate)
+# is read from the bytes at hand. Compiled code repeats shapes: a kit boot's blocks
+# have ~25 instructions a shape. No instruction's bytes begin another's, so at most one
+# of raw[:1] .. raw[:4] is a key. A shape that is one byte is in _SHAPE1 (by its value).
+# An entry: (length, the flat it needs (-1: any), where the displacement is, its size,
+# then Insn's fields from row to rf with the ModRM operand as (mod, rm, base, index,
+# scale, seg), then the build facts (None: they depend on the immediate)).
+_SHAPE1: list[tuple | None] = [None] * 256
+_SHAPES: dict[bytes, tuple] = {}
 
 
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None. `flat`:
     the segment registers (bit per number) an override may name: those whose accesses
     need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
-    n = _PLEN1[raw[0]] or _PLEN.get(raw[:2]) or _PLEN.get(raw[:3]) or _PLEN.get(raw[:4])
-    if n and n <= len(raw):
-        fields = _PARSED.get((raw[:n], flat))
-        if fields is not None:
-            return Insn(eip, *fields)
+    e = _SHAPE1[raw[0]] or _SHAPES.get(raw[:2]) or _SHAPES.get(raw[:3]) or _SHAPES.get(raw[:4])
+    if e is not None and e[0] <= len(raw) and (e[1] < 0 or e[1] == flat):
+        return _insn(e, raw[: e[0]], eip)
     i = _parse(raw, eip, flat)
     if i is None:
         return None
     i.bf = build_facts(i)
-    m = i.mem
-    disp = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
-    decide = i.imm_at - disp
+    dsz = i.bf[10]
+    decide = i.imm_at - dsz
     if decide <= 4:
-        if len(_PARSED) > _CACHE_MAX:
-            _PLEN1[:] = [0] * 256
-            _PLEN.clear()
-            _PARSED.clear()
+        if len(_SHAPES) > _CACHE_MAX:
+            _SHAPE1[:] = [None] * 256
+            _SHAPES.clear()
+        m = i.mem
+        mem = None if m is None else (m.mod, m.rm, m.base, m.index, m.scale, m.seg)
+        e = (len(i.raw), -1 if i.override is None else flat, decide, dsz, i.row, i.p66,
+             i.opmap, i.code, i.modrm, mem, i.imm_at, i.size, i.lock, i.rep, i.override, i.rf,
+             None if _imm_facts(i) else i.bf)  # fmt: skip
         if decide == 1:
-            _PLEN1[raw[0]] = len(i.raw)
+            _SHAPE1[raw[0]] = e
         else:
-            _PLEN[raw[:decide]] = len(i.raw)
-        _PARSED[(i.raw, flat)] = (i.raw, i.row, i.p66, i.opmap, i.code, i.modrm, m, i.imm_at,
-                                  i.size, i.lock, i.rep, i.override, i.rf, i.bf)  # fmt: skip
+            _SHAPES[raw[:decide]] = e
+    return i
+
+
+def _imm_facts(i: Insn) -> bool:
+    """build_facts(i) depends on the immediate (a shift's count: _reads)."""
+    return i.opmap == "" and i.code in (0xC0, 0xC1)
+
+
+def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
+    """The instruction of parse's cache entry e, with these bytes (its length)."""
+    m = e[9]
+    if m is not None:
+        dsz = e[3]
+        disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True) if dsz else 0
+        m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+    i = Insn(eip, raw, e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13], e[14],
+             e[15], e[16])  # fmt: skip
+    if e[16] is None:
+        i.bf = build_facts(i)
     return i
 
 
@@ -695,21 +715,25 @@ def _ends(i: Insn) -> bool:
 # Translator.build keeps what they emit and reuses it for the same bytes.
 _FRAGMENT_KINDS = frozenset(("copy", "lea", "push_r", "push_i", "pop_r", "push_m", "pop_m",
                              "leave", "moffs"))  # fmt: skip
-# (instruction bytes, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
-# register, miss kind) for each lookup))
-_FRAGMENTS: dict[tuple[bytes, bool, bool], tuple[bytes, tuple]] = {}
+# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
+# register, miss kind) for each lookup), where the displacement goes (-1: none))
+_FRAGMENTS: dict[tuple[bytes, bytes, bool, bool], tuple[bytes, tuple, int]] = {}
 
 
 def build_facts(i: Insn) -> tuple:
     """What Translator.build asks of each instruction, from its bytes alone: (refused for
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
     the block, its host code may be kept, may leave before it (all flags live there),
-    the flags it surely writes, its undefined flags)."""
+    the flags it surely writes, its undefined flags, its shape (the bytes before the
+    displacement), the displacement's size)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
+    m = i.mem
+    dsz = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
     return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
-            i.mem is not None or not rf.plain, rf.kill, rf.undefined)  # fmt: skip
+            m is not None or not rf.plain, rf.kill, rf.undefined, i.raw[: i.imm_at - dsz],
+            dsz)  # fmt: skip
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -730,6 +754,7 @@ class Translator:
         self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
         self.stubs: list[tuple] = []  # (label, eip, ndone, reason, eip_reg)
+        self.disps: list[int] = []  # where address() wrote displacements
 
     # -- exits ---------------------------------------------------------------------
     # Labels of stubs, chains, misses and flag exits are ints (self.n), the others
@@ -809,12 +834,15 @@ class Translator:
         if base == ESP:
             a.buf += _LOAD_R12_ESP
             base = R12
+        # (self.disps: where the displacement went, for build's fragments)
         if base is None:
             a.mov_imm32(dst, m.disp)
+            self.disps.append(len(a.buf) - 4)
             if m.index is not None:
                 a._mem(b"\x8d", dst, dst, 0, index=m.index, scale=m.scale)
         else:
             a._mem(b"\x8d", dst, base, m.disp, index=m.index, scale=m.scale)
+            self.disps.append(len(a.buf) - 4)
         if with_segment:
             a.buf += _ADD_SBASE[(dst, m.seg)]
 
@@ -1493,11 +1521,17 @@ class Translator:
             self.a.jmp(self.chain(nxt, k + 1))
         return True
 
-    def _keep_fragment(self, i: Insn, k: int, at: int, restore: bool, carry: bool,
-                       mark: tuple) -> None:  # fmt: skip
-        """Keep what instruction i just emitted from buf[at] (one of _FRAGMENT_KINDS: its
-        bytes and TLB lookups, nothing else) for the next block with the same bytes."""
+    def _keep_fragment(self, key: tuple, k: int, at: int, dsz: int, mark: tuple) -> None:
+        """Keep what instruction k just emitted from buf[at] (one of _FRAGMENT_KINDS: its
+        bytes and TLB lookups, nothing else) for the next one with the same key: its shape,
+        immediate, restore and flags in R11; a displacement (dsz: its size in the guest's
+        bytes) is the four bytes address() wrote."""
         a = self.a
+        disp_at = -1
+        if dsz:
+            if len(self.disps) != mark[9] + 1:
+                return
+            disp_at = self.disps[-1] - at
         misses = self.misses[mark[2] :]
         if (len(a.fixups), len(self.chains), len(self.stubs), len(self.flag_exits),
                 len(a.labels), self.n) != (mark[1], *mark[3:6], *mark[7:9]):  # fmt: skip
@@ -1509,7 +1543,7 @@ class Translator:
             looks.append((f1 - at, f2 - at, addr, write))
         if len(_FRAGMENTS) > _CACHE_MAX:
             _FRAGMENTS.clear()
-        _FRAGMENTS[(i.raw, restore, carry)] = (bytes(a.buf[at:]), tuple(looks))
+        _FRAGMENTS[key] = (bytes(a.buf[at:]), tuple(looks), disp_at)
 
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
@@ -1548,7 +1582,7 @@ class Translator:
         carry = False
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
-            esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined = bfs[k]
+            esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz = bfs[k]
             differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
@@ -1569,18 +1603,22 @@ class Translator:
             self.flags_in_r11 = carry
             restore = restore and not gives
             at = len(buf)
-            frag = _FRAGMENTS.get((i.raw, restore, carry)) if cached else None
-            if frag is not None:  # the bytes this instruction gave last time, and its misses
+            key = (shape, i.raw[i.imm_at :], restore, carry) if cached else None
+            frag = _FRAGMENTS.get(key) if cached else None
+            if frag is not None:  # the bytes this shape gave last time, and its misses
                 buf += frag[0]
+                if dsz:
+                    _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
                 for fix1, fix2, addr, write in frag[1]:
                     misses.append((at + fix1, at + fix2, addr, write, k))
                 self.flags_in_r11 = False
             else:
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
-                        len(flag_exits), mark_carry, len(labels), self.n)  # fmt: skip
+                        len(flag_exits), mark_carry, len(labels), self.n,
+                        len(self.disps))  # fmt: skip
                 if getattr(self, i.row.native)(i, k, restore):
                     if cached:
-                        self._keep_fragment(i, k, at, restore, carry, mark)
+                        self._keep_fragment(key, k, at, dsz, mark)
                 else:
                     # What it emitted before refusing goes (its labels stay, unused).
                     del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
@@ -1632,15 +1670,14 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     pos = 0
     end = len(code)
     sti = False
-    plen1, plen, parsed = _PLEN1, _PLEN, _PARSED
+    shape1, shapes = _SHAPE1, _SHAPES
     for _ in range(MAX_INSNS):
         if pos >= end:
             break
         # parse's cache, inline (most instructions are in it)
-        n = plen1[code[pos]] or plen.get(code[pos : pos + 2]) or plen.get(code[pos : pos + 3])
-        fields = parsed.get((code[pos : pos + n], flat)) if n and pos + n <= end else None
-        if fields is not None:
-            i = Insn((eip + pos) & 0xFFFFFFFF, *fields)
+        e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
+        if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
+            i = _insn(e, code[pos : pos + e[0]], (eip + pos) & 0xFFFFFFFF)
         else:
             i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
             if i is None:
