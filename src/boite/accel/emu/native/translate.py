@@ -83,6 +83,7 @@ from boite.accel.emu.native.x64 import (
     RDI,
     RSI,
     Asm,
+    clear_encodings,
 )
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 
@@ -1657,6 +1658,15 @@ class Translator:
         self._emit_chains()
         self._emit_stubs()
         return a.finish(), done
+
+
+def clear_caches() -> None:
+    """Forget every memoized parse, encoding and kept host code (bench/native_translate.py:
+    a replay's pass then costs what a boot's first translations cost)."""
+    _SHAPE1[:] = [None] * 256
+    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _ROWS, _FACTS):
+        cache.clear()
+    clear_encodings()
 
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
