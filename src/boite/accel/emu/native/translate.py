@@ -218,7 +218,7 @@ _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
 _ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
 _STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI5s")  # ndone, reason, jmp
-_STUB = struct.Struct(f"<{len(_ST_EIP)}sI{_STUB_TAIL.format[1:]}")  # eip, then the tail
+_STUB = struct.Struct(f"<{len(_ST_EIP)}sI{len(_ST_NDONE)}sI{len(_ST_REASON)}sIBi")  # + jmp
 _EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
 _LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
 # dst += the segment base (through R10): by (dst, segment)
@@ -339,7 +339,8 @@ _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 # of raw[:1] .. raw[:4] is a key. A shape that is one byte is in _SHAPE1 (by its value).
 # An entry: (length, the flat it needs (-1: any), where the displacement is, its size,
 # then Insn's fields from row to rf with the ModRM operand as (mod, rm, base, index,
-# scale, seg), then the build facts (None: they depend on the immediate)).
+# scale, seg) (without a displacement: the MemOperand, shared), then the build facts
+# (None: they depend on the immediate)).
 _SHAPE1: list[tuple | None] = [None] * 256
 _SHAPES: dict[bytes, tuple] = {}
 
@@ -363,6 +364,8 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             _SHAPES.clear()
         m = i.mem
         mem = None if m is None else (m.mod, m.rm, m.base, m.index, m.scale, m.seg)
+        if m is not None and not dsz:
+            mem = m  # no displacement: all instructions of the shape share it
         e = (len(i.raw), -1 if i.override is None else flat, decide, dsz, i.row, i.p66,
              i.opmap, i.code, i.modrm, mem, i.imm_at, i.size, i.lock, i.rep, i.override, i.rf,
              None if _imm_facts(i) else i.bf)  # fmt: skip
@@ -381,9 +384,9 @@ def _imm_facts(i: Insn) -> bool:
 def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
     """The instruction of parse's cache entry e, with these bytes (its length)."""
     m = e[9]
-    if m is not None:
-        dsz = e[3]
-        disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True) if dsz else 0
+    dsz = e[3]
+    if dsz:
+        disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True)
         m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
     i = Insn(eip, raw, e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13], e[14],
              e[15], e[16])  # fmt: skip
@@ -815,14 +818,27 @@ class Translator:
         a = self.a
         buf, labels, fixups = a.buf, a.labels, a.fixups
         pack, pack_eip = _STUB_TAIL.pack, _STUB.pack
-        for name, eip, ndone, reason, eip_reg in self.stubs:
+        stubs = self.stubs
+        if all(stub[4] is None for stub in stubs):  # all the same size: no fix-ups
+            at = len(buf)
+            size = _STUB.size
+            epilogue = at + size * len(stubs)
+            for name, eip, ndone, reason, _ in stubs:
+                labels[name] = at
+                at += size
+                buf += pack_eip(_ST_EIP, eip & 0xFFFFFFFF, _ST_NDONE, ndone, _ST_REASON, reason,
+                                0xE9, epilogue - at)  # fmt: skip
+            labels["epilogue"] = len(buf)
+            buf += _EPILOGUE
+            return
+        for name, eip, ndone, reason, eip_reg in stubs:
             labels[name] = len(buf)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
                 buf += pack(_ST_NDONE, ndone, _ST_REASON, reason, _JMP)
             else:
                 buf += pack_eip(_ST_EIP, eip & 0xFFFFFFFF, _ST_NDONE, ndone, _ST_REASON, reason,
-                                _JMP)  # fmt: skip
+                                0xE9, 0)  # fmt: skip
             fixups.append((len(buf) - 4, "epilogue"))  # jmp epilogue
         labels["epilogue"] = len(buf)
         buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
