@@ -729,7 +729,7 @@ def build_facts(i: Insn) -> tuple:
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
     the block, its host code may be kept, may leave before it (all flags live there),
     the flags it surely writes, its undefined flags, its shape (the bytes before the
-    displacement), the displacement's size)."""
+    displacement), the displacement's size, has an immediate, is STI)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
@@ -737,7 +737,7 @@ def build_facts(i: Insn) -> tuple:
     return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
             m is not None or not rf.plain, rf.kill, rf.undefined, i.raw[: i.imm_at - dsz],
-            dsz)  # fmt: skip
+            dsz, i.imm_at < len(i.raw), kind == "sti")  # fmt: skip
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1599,7 +1599,8 @@ class Translator:
         carry = False
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
-            esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz = bfs[k]
+            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
+             has_imm, _) = bfs[k]  # fmt: skip
             differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
@@ -1617,19 +1618,21 @@ class Translator:
             if carry and (fix[0] or not takes):
                 buf += _POPF_R11  # (not reached: the previous one checked this one)
                 carry = False
-            self.flags_in_r11 = carry
             restore = restore and not gives
             at = len(buf)
-            key = (shape, i.raw[i.imm_at :], restore, carry) if cached else None
-            frag = _FRAGMENTS.get(key) if cached else None
+            if cached:
+                key = (shape, i.raw[i.imm_at :] if has_imm else b"", restore, carry)
+                frag = _FRAGMENTS.get(key)
+            else:
+                frag = key = None
             if frag is not None:  # the bytes this shape gave last time, and its misses
                 buf += frag[0]
                 if dsz:
                     _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
                 for fix1, fix2, addr, write in frag[1]:
                     misses.append((at + fix1, at + fix2, addr, write, k))
-                self.flags_in_r11 = False
             else:
+                self.flags_in_r11 = carry
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
                         len(flag_exits), mark_carry, len(labels), self.n,
                         len(self.disps))  # fmt: skip
@@ -1642,7 +1645,7 @@ class Translator:
                     del chains[mark[3] :], stubs[mark[4] :], flag_exits[mark[5] :]
                     carry = mark[6]  # the flags still wait in R11 if they did before it
                     break
-            assert not self.flags_in_r11  # its lookup took them
+                assert not self.flags_in_r11  # its lookup took them
             carry = gives
             if fix[1]:
                 buf += fix[1]
@@ -1710,9 +1713,10 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
                 break
         insns.append(i)
         pos += len(i.raw)
-        if i.bf[4]:  # it ends the block
+        bf = i.bf
+        if bf[4]:  # it ends the block
             break
-        sti = sti or i.row.native == "sti"
+        sti = sti or bf[12]
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
