@@ -729,7 +729,8 @@ def build_facts(i: Insn) -> tuple:
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
     the block, its host code may be kept, may leave before it (all flags live there),
     the flags it surely writes, its undefined flags, its shape (the bytes before the
-    displacement), the displacement's size, has an immediate, is STI)."""
+    displacement), the displacement's size, where its immediate goes (0: none, 1: in
+    the kept code's key, 2: copied after the kept code), is STI)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
@@ -737,7 +738,15 @@ def build_facts(i: Insn) -> tuple:
     return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
             m is not None or not rf.plain, rf.kill, rf.undefined, i.raw[: i.imm_at - dsz],
-            dsz, i.imm_at < len(i.raw), kind == "sti")  # fmt: skip
+            dsz, _imm_mode(i), kind == "sti")  # fmt: skip
+
+
+def _imm_mode(i: Insn) -> int:
+    """build_facts' immediate: a copied instruction's is the last bytes of its host code
+    (but SHLD/SHRD's, whose count decides whether it is translated)."""
+    if i.imm_at == len(i.raw):
+        return 0
+    return 2 if i.row.native == "copy" and i.row.mnemonic not in ("SHLD", "SHRD") else 1
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1538,12 +1547,15 @@ class Translator:
             self.a.jmp(self.chain(nxt, k + 1))
         return True
 
-    def _keep_fragment(self, key: tuple, k: int, at: int, dsz: int, mark: tuple) -> None:
+    def _keep_fragment(self, key: tuple, k: int, at: int, dsz: int, mark: tuple,
+                       imm: bytes) -> None:  # fmt: skip
         """Keep what instruction k just emitted from buf[at] (one of _FRAGMENT_KINDS: its
         bytes and TLB lookups, nothing else) for the next one with the same key: its shape,
         immediate, restore and flags in R11; a displacement (dsz: its size in the guest's
-        bytes) is the four bytes address() wrote."""
+        bytes) is the four bytes address() wrote; `imm`, not in the key, ends the code."""
         a = self.a
+        if imm and not a.buf.endswith(imm):
+            return
         disp_at = -1
         if dsz:
             if len(self.disps) != mark[9] + 1:
@@ -1560,7 +1572,7 @@ class Translator:
             looks.append((f1 - at, f2 - at, addr, write))
         if len(_FRAGMENTS) > _CACHE_MAX:
             _FRAGMENTS.clear()
-        _FRAGMENTS[key] = (bytes(a.buf[at:]), tuple(looks), disp_at)
+        _FRAGMENTS[key] = (bytes(a.buf[at : len(a.buf) - len(imm)]), tuple(looks), disp_at)
 
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
@@ -1600,7 +1612,7 @@ class Translator:
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
             (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
-             has_imm, _) = bfs[k]  # fmt: skip
+             imm_mode, _) = bfs[k]  # fmt: skip
             differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
@@ -1621,7 +1633,7 @@ class Translator:
             restore = restore and not gives
             at = len(buf)
             if cached:
-                key = (shape, i.raw[i.imm_at :] if has_imm else b"", restore, carry)
+                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, carry)
                 frag = _FRAGMENTS.get(key)
             else:
                 frag = key = None
@@ -1629,6 +1641,8 @@ class Translator:
                 buf += frag[0]
                 if dsz:
                     _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
+                if imm_mode == 2:
+                    buf += i.raw[i.imm_at :]
                 for fix1, fix2, addr, write in frag[1]:
                     misses.append((at + fix1, at + fix2, addr, write, k))
             else:
@@ -1638,7 +1652,8 @@ class Translator:
                         len(self.disps))  # fmt: skip
                 if getattr(self, i.row.native)(i, k, restore):
                     if cached:
-                        self._keep_fragment(key, k, at, dsz, mark)
+                        self._keep_fragment(key, k, at, dsz, mark,
+                                            i.raw[i.imm_at :] if imm_mode == 2 else b"")  # fmt: skip
                 else:
                     # What it emitted before refusing goes (its labels stay, unused).
                     del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
