@@ -767,6 +767,7 @@ class Translator:
         self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
         self.stubs: list[tuple] = []  # (label, eip, ndone, reason, eip_reg)
+        self.reg_stubs = False  # a stub's EIP is a register's
         self.disps: list[int] = []  # where address() wrote displacements
 
     # -- exits ---------------------------------------------------------------------
@@ -777,6 +778,8 @@ class Translator:
         name = self.n
         self.n = name + 1
         self.stubs.append((name, eip, ndone, reason, eip_reg))
+        if eip_reg is not None:
+            self.reg_stubs = True
         return name
 
     def chain(self, target: int | None, ndone: int) -> int:
@@ -828,7 +831,7 @@ class Translator:
         buf, labels, fixups = a.buf, a.labels, a.fixups
         pack, pack_eip = _STUB_TAIL.pack, _STUB.pack
         stubs = self.stubs
-        if all(stub[4] is None for stub in stubs):  # all the same size: no fix-ups
+        if not self.reg_stubs:  # all the same size: no fix-ups
             at = len(buf)
             size = _STUB.size
             epilogue = at + size * len(stubs)
@@ -1721,7 +1724,17 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
         # parse's cache, inline (most instructions are in it)
         e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
-            i = _insn(e, code[pos : pos + e[0]], (eip + pos) & 0xFFFFFFFF)
+            # _insn(e, ...), inline
+            (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
+             override, rf, bf) = e  # fmt: skip
+            raw = code[pos : pos + size]
+            if dsz:
+                disp = int.from_bytes(raw[dpos : dpos + dsz], "little", signed=True)
+                m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+            i = Insn((eip + pos) & 0xFFFFFFFF, raw, row, p66, opmap, opc, modrm, m, imm_at, osize,
+                     lock, rep, override, rf, bf)  # fmt: skip
+            if bf is None:
+                i.bf = build_facts(i)
         else:
             i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
             if i is None:
