@@ -233,7 +233,8 @@ _ADD_SBASE = {
     for seg in range(6)
 }
 _LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
-_MISS: dict[tuple[int, int], bytes] = {}
+_MISS: dict[int, bytes] = {}  # by address register * 4 + miss kind
+_STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
 
 
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
@@ -908,7 +909,7 @@ class Translator:
             at = len(buf)
             pack(buf, fix1, at - fix1 - 4)
             pack(buf, fix2, at - fix2 - 4)
-            key = (addr, write)
+            key = addr << 2 | write
             code = _MISS.get(key)
             if code is None:  # (ends with a jmp: to its exit stub)
                 code = _MISS[key] = _encoded(lambda b, addr=addr, write=write: (
@@ -1005,12 +1006,12 @@ class Translator:
 
     def _stack_addr(self, delta: int) -> None:
         """R9 = ESP + delta, R12 = SS base + R9 (the linear address); flags untouched."""
-        a = self.a
-        a.load32(R9, R15, OFF_ESP)
-        if delta:
-            a.lea32(R9, R9, delta)
-        a.load32(R10, R15, OFF_SBASE + 4 * SS)
-        a.lea32(R12, R9, 0, index=R10)
+        code = _STACK_ADDR.get(delta)
+        if code is None:
+            code = _STACK_ADDR[delta] = _encoded(lambda a: (
+                a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
+                a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
+        self.a.buf += code
 
     def push_r(self, i: Insn, k: int, restore: bool) -> bool:
         if i.p66:
@@ -1701,7 +1702,7 @@ def clear_caches() -> None:
     """Forget every memoized parse, encoding and kept host code (bench/native_translate.py:
     a replay's pass then costs what a boot's first translations cost)."""
     _SHAPE1[:] = [None] * 256
-    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _ROWS, _FACTS):
+    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS):
         cache.clear()
     clear_encodings()
 
