@@ -205,11 +205,12 @@ _CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
 # EIP; to the block's start; to a constant EIP through its chain slot. _CHAIN_FIXn:
 # the offsets of its rel32s to `leave`.
 _CHAIN_IND = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_CHAIN_DISPATCH)}s")
-_CHAIN_TOP = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI6s{len(_CMP_INTR)}s6s")
+_CHAIN_TOP = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si")
 _CHAIN_DIRECT = struct.Struct(
-    f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI6s{len(_CMP_INTR)}s6s{len(_CHAIN_CMP)}sI6s"
+    f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si{len(_CHAIN_CMP)}sI2si"
     f"{len(_CHAIN_JMP)}sI"
 )
+_JLE2, _JNE2 = _JLE[:2], _JNE[:2]  # their opcodes (the rel32 packed after)
 _CHAIN_FIX1 = len(_CHAIN_HEAD) + 4 + len(_MOV_R9) + 4 + 2
 _CHAIN_FIX2 = _CHAIN_FIX1 + 4 + len(_CMP_INTR) + 2
 _CHAIN_FIX3 = _CHAIN_FIX2 + 4 + len(_CHAIN_CMP) + 4 + 2
@@ -796,34 +797,40 @@ class Translator:
         a = self.a
         if not self.chains:
             return
-        buf, labels, fixups = a.buf, a.labels, a.fixups
+        buf, labels = a.buf, a.labels
         start = self.start
-        for name, target, ndone in self.chains:
+        chains = self.chains
+        # Where `leave` will be (the sizes are known): the rel32s to it are packed in.
+        top = _CHAIN_TOP.size + (len(_POPF_R11) if self.live_in0 else 0) + 5
+        leave = len(buf)
+        for _, target, _ in chains:
+            leave += (_CHAIN_IND.size if target is None else
+                      top if target == start else _CHAIN_DIRECT.size)  # fmt: skip
+        for name, target, ndone in chains:
             at = len(buf)
             labels[name] = at
             if target is None:
                 # pushfq; pop r11; sub [r15 + budget], ndone; mov r9d, r8d; jmp [r15 + dispatch]
                 buf += _CHAIN_IND.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _CHAIN_DISPATCH)
                 continue
+            rel = leave - at - 4
             if target == start:  # a loop: no lookup
-                buf += _CHAIN_TOP.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE,
-                                       _CMP_INTR, _JNE)  # fmt: skip
-                fixups.append((at + _CHAIN_FIX1, "leave"))  # JLE: budget spent
-                fixups.append((at + _CHAIN_FIX2, "leave"))  # JNE: an interrupt
+                # ...; mov r9d, target; jle leave (budget spent); cmp [r15 + intr], 0; jne leave
+                buf += _CHAIN_TOP.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2,
+                                       rel - _CHAIN_FIX1, _CMP_INTR, _JNE2,
+                                       rel - _CHAIN_FIX2)  # fmt: skip
                 if self.live_in0:  # flags the block reads (or shows) before writing them
                     buf += _POPF_R11
-                buf += _JMP
-                fixups.append((len(buf) - 4, "start"))
+                buf += b"\xe9" + _REL32.pack(-len(buf) - 5)  # jmp start (offset 0)
                 continue
             slot = chain_slot(target) * 16
             # ... mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave; push r11; popfq;
             # jmp [r8 + slot + 8]
-            buf += _CHAIN_DIRECT.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE,
-                                      _CMP_INTR, _JNE, _CHAIN_CMP, slot, _JNE, _CHAIN_JMP,
+            buf += _CHAIN_DIRECT.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2,
+                                      rel - _CHAIN_FIX1, _CMP_INTR, _JNE2, rel - _CHAIN_FIX2,
+                                      _CHAIN_CMP, slot, _JNE2, rel - _CHAIN_FIX3, _CHAIN_JMP,
                                       slot + 8)  # fmt: skip
-            fixups.append((at + _CHAIN_FIX1, "leave"))
-            fixups.append((at + _CHAIN_FIX2, "leave"))
-            fixups.append((at + _CHAIN_FIX3, "leave"))
+        assert len(buf) == leave
         labels["leave"] = len(buf)
         buf += _JMP_OUT
 
