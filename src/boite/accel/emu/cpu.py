@@ -163,6 +163,11 @@ class Cpu:
         # CS base, plus its limit where the limit is below what EIP can reach: the key
         # translated code is filed under, since the decoder checks fetches against it.
         self.cs_key = 0
+        # Compiled blocks by EIP, one map per (mode_key, cs_key); emptied whenever a
+        # block or a TLB entry goes away, so a hit needs no further check. fast_cur is
+        # the map of the current key (kept by _update_mode and update_cs_key).
+        self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {(0, 0): {}}
+        self.fast_cur: dict[int, Callable[[], int]] = self._fast[(0, 0)]
         self.sattr = [0x93] * 6  # access byte | (flags nibble << 8): bit 14 = D/B, 15 = G
         self.sattr[CS] = 0x9B
         self.cs32 = False
@@ -243,12 +248,12 @@ class Cpu:
         # Block cache: physical address -> (key, fns, count); code pages are write-guarded.
         self.blocks: dict[int, Any] = {}
         self.code_pages: dict[int, list[int]] = {}
-        # Compiled blocks by EIP, one map per (mode_key, CS base); emptied whenever a
-        # block or a TLB entry goes away, so a hit needs no further check.
-        self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
         # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
         # of any other page (a fixmap, a data page) leaves the maps and chains alone.
         self.code_lin: set[int] = set()
+        # Physical page -> the (EIP map, EIP) entries made for blocks on it since the
+        # maps were last emptied: a store into a code page drops only those.
+        self.fast_phys: dict[int, list[tuple[dict[int, Callable[[], int]], int]]] = {}
         # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
         # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
         self.nonglobal: set[int] = set()
@@ -391,6 +396,7 @@ class Cpu:
         if code:  # a block's code may map elsewhere now
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         if page is None:
             self.nonglobal.clear()
@@ -425,6 +431,7 @@ class Cpu:
         if code:
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
@@ -704,6 +711,12 @@ class Cpu:
 
     # Supervisor accesses (descriptor tables, TSS): always with CPL 0 rights.
     def sys_read(self, lin: int, n: int) -> int:
+        if (lin & 0xFFF) + n <= 0x1000:
+            # Within one page (a descriptor, mostly): one walk gives every byte's address
+            # and sets the A bits the byte-wise walks would; RAM reads as bytes do.
+            pa = self.translate(lin & M32, False, False)
+            if pa + n <= self.ram_size:
+                return int.from_bytes(self.ram[pa : pa + n], "little")
         v = 0
         for i in range(n):
             v |= self.phys_read(self.translate((lin + i) & M32, False, False), 1) << (8 * i)
@@ -802,10 +815,12 @@ class Cpu:
         keys = self.code_pages.pop(ppage, None)
         if keys:
             for c in self.cpus:  # the guard is shared: every CPU's blocks on the page go
-                for fast in c._fast.values():
-                    fast.clear()
+                # Only the EIP map entries and chains of the blocks on this page: every
+                # block lies within one page (the decoder ends blocks there).
+                for fast, eip in c.fast_phys.pop(ppage, ()):
+                    fast.pop(eip, None)
                 if c.native is not None:
-                    c.native.unchain()  # its chain tables mirror the maps just emptied
+                    c.native.unchain_page(ppage)
                 blocks = c.blocks
                 for k in keys:
                     blocks.pop(k, None)
@@ -814,6 +829,7 @@ class Cpu:
         for c in self.cpus:  # code_pages is shared: emptying it unguards every CPU's blocks
             for fast in c._fast.values():
                 fast.clear()
+            c.fast_phys.clear()
             if c.native is not None:
                 c.native.unchain()
             c.blocks.clear()
@@ -1059,7 +1075,14 @@ class Cpu:
         self.set_seg_raw(i, sel, base, limit, attr)
 
     def load_cs(self, sel: int, base: int, limit: int, attr: int, cpl: int) -> None:
-        self.set_seg_raw(CS, (sel & 0xFFFC) | cpl, base, limit, attr)
+        sel = (sel & 0xFFFC) | cpl
+        if (
+            sel != self.sel[CS]
+            or base != self.sbase[CS]
+            or limit != self.slimit[CS]
+            or attr != self.sattr[CS]
+        ):  # (the same CS again, e.g. an IRET to the same code segment, changes nothing)
+            self.set_seg_raw(CS, sel, base, limit, attr)
         if cpl != self.cpl:
             self.cpl = cpl
             self.tlb_switch()
@@ -1075,6 +1098,14 @@ class Cpu:
         limit = self.slimit[CS]
         reach = M32 if self.cs32 else M16
         self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
+        self._select_fast()
+
+    def _select_fast(self) -> None:
+        key = (self.mode_key, self.cs_key)
+        fm = self._fast.get(key)
+        if fm is None:
+            fm = self._fast[key] = {}
+        self.fast_cur = fm
 
     def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
         """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""
@@ -1724,6 +1755,7 @@ class Cpu:
         """mode_key: what a translated block depends on besides its address: CPL, code
         size and seg_key (SEGCHK, CS/FS/GS flatness, STACK16)."""
         self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
+        self._select_fast()
 
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:
@@ -1757,6 +1789,36 @@ class Cpu:
             self.inhibit_irq = False
         return shadow
 
+    def _cold_block(self, b: Any, fm: dict[int, Callable[[], int]]) -> Callable[[], int]:
+        """The closures of a cached, not yet compiled block as one callable for the EIP
+        map `fm` (emptied whenever a block or a TLB entry goes away, as for compiled
+        ones): counts the block's runs and compiles it when hot, as run()'s slow path
+        does; a fault or HLT inside tells run() what completed before it."""
+        fns = b.fns
+        eip = b.eip
+        decoder = self.decoder
+
+        def cold() -> int:
+            f = b.fn
+            if f is not None:  # compiled meanwhile, through another map
+                return f()
+            b.hits += 1
+            if b.hits >= self.hot_block and self.compile_blocks:
+                decoder.compile(b)
+                if b.fn is not None and fm.get(eip) is cold:  # the map still holds it
+                    fm[eip] = b.fn
+            n = 0
+            try:
+                for fn in fns:
+                    fn()
+                    n += 1
+            except (CpuFault, CpuHalt):
+                self.done_before_raise += n
+                raise
+            return n
+
+        return cold
+
     def run(self, max_insns: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Execute up to about `max_insns` instructions; returns how many ran.
 
@@ -1777,12 +1839,8 @@ class Cpu:
         decoder = self.decoder
         irq_check = self.irq_check
         sbase = self.sbase
-        compile_ok = self.compile_blocks
-        hot = self.hot_block
-        fmaps = self._fast
         code_lin = self.code_lin
-        fmode = fcsk = -1
-        fast: dict[int, Callable[[], int]] = {}
+        fast_phys = self.fast_phys
         try:
             while done + faults < max_insns:
                 # Bounds a native entry (native/), faults included: with only `done`
@@ -1790,15 +1848,15 @@ class Cpu:
                 # instruction (A/D bits) and stop before running it (fuzz seed 51752).
                 self.run_left = max_insns - done - faults
                 f = None
-                shadow = False
-                if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
-                    # Fast path: a compiled block for this EIP in this mode.
-                    mk = self.mode_key
-                    csk = self.cs_key
-                    if mk != fmode or csk != fcsk:
-                        fmode, fcsk = mk, csk
-                        fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                    f = fast.get(self.eip)
+                if translate and not (
+                    self.inhibit_irq
+                    or self.fl & TF
+                    or (self.intr and (self.fl & IF or self.dma_writes))
+                ):
+                    # Fast path: a block for this EIP in this mode (compiled, native or
+                    # the closures of a cold one). A request while IF is clear waits:
+                    # the boundary would take nothing either.
+                    f = self.fast_cur.get(self.eip)
                 n = 0
                 if f is None:
                     shadow = self._block_boundary(irq_check)
@@ -1836,16 +1894,24 @@ class Cpu:
                         ):
                             b = decoder.translate_block(pa, eip)
                         f = b.fn
-                        if f is not None:
-                            if b.cacheable:
-                                mk = self.mode_key
-                                fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                                fm[eip] = f
+                        if b.cacheable:
+                            # Into the EIP map: a compiled block, or the closures of a
+                            # cold one (next time without the lookups above).
+                            fm = self.fast_cur
+                            if f is None:
+                                f = self._cold_block(b, fm)
+                            if eip not in fm:  # (else made before: interrupt, shadow)
+                                at = fast_phys.get(pa >> 12)
+                                if at is None:
+                                    fast_phys[pa >> 12] = [(fm, eip)]
+                                else:
+                                    at.append((fm, eip))
+                            fm[eip] = f
                             done += f()
-                        else:
+                        elif f is not None:
+                            done += f()
+                        else:  # not cached (it straddles a page): decoded each time
                             b.hits += 1
-                            if b.hits >= hot and b.cacheable and compile_ok:
-                                decoder.compile(b)
                             for fn in b.fns:
                                 fn()
                                 n += 1

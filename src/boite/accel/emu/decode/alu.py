@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import (
     AF,
     CF,
     DE,
+    M32,
     MASK,
     OF,
     OP_ADD,
@@ -27,19 +29,63 @@ from boite.accel.emu.decode.core import (
     Ctx,
     DecoderBase,
     Fn,
+    _ea_base_disp,
     _sx,
     _sx8,
 )
 
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+
+# Closures of the commonest 32-bit forms, with the operands read inline (no accessor
+# closures: fewer objects to make and to call); their values are default arguments.
+def _cmp_ri4(c: Cpu, r: list[int], rm: int, f: Callable[[int, int], int], v: int,
+             nxt: int) -> Fn:  # fmt: skip
+    def cmp_ri4(c: Cpu = c, r: list[int] = r, rm: int = rm, f: Callable[[int, int], int] = f,
+                v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(r[rm], v)
+        c.eip = nxt
+
+    return cmp_ri4
+
+
+def _cmp_mi4_bd(c: Cpu, r: list[int], rd: Callable[[int], int], sb: list[int], s: int,
+                base: int, d: int, f: Callable[[int, int], int], v: int, nxt: int) -> Fn:  # fmt: skip
+    def cmp_mi4_bd(c: Cpu = c, r: list[int] = r, rd: Callable[[int], int] = rd,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   f: Callable[[int, int], int] = f, v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(rd((sb[s] + r[base] + d) & M32), v)
+        c.eip = nxt
+
+    return cmp_mi4_bd
+
+
+def _test_rr4(c: Cpu, r: list[int], rm: int, reg: int, nxt: int) -> Fn:
+    def test_rr4(c: Cpu = c, r: list[int] = r, rm: int = rm, reg: int = reg,
+                 nxt: int = nxt) -> None:  # fmt: skip
+        c.lres = r[rm] & r[reg]
+        c.lop = OP_LOGIC
+        c.lmask = M32
+        c.eip = nxt
+
+    return test_rr4
+
 
 class AluOps(DecoderBase):
     def alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("alu", op, size))
+        if f is None:
+            f = self.shared[("alu", op, size)] = self._new_alu_fn(op, size)
+        return f
+
+    def _new_alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """op: 0 ADD 1 OR 2 ADC 3 SBB 4 AND 5 SUB 6 XOR 7 CMP; returns f(a, b) -> result."""
         c = self.c
         m = MASK[size]
         if op == 0:
 
-            def add(a: int, b: int) -> int:
+            def add(a: int, b: int, m=m, c=c) -> int:
                 res = a + b
                 c.lop = OP_ADD
                 c.la = a
@@ -51,7 +97,7 @@ class AluOps(DecoderBase):
             return add
         if op == 2:
 
-            def adc(a: int, b: int) -> int:
+            def adc(a: int, b: int, m=m, c=c) -> int:
                 res = a + b + c.get_cf()
                 c.lop = OP_ADD
                 c.la = a
@@ -63,7 +109,7 @@ class AluOps(DecoderBase):
             return adc
         if op == 3:
 
-            def sbb(a: int, b: int) -> int:
+            def sbb(a: int, b: int, m=m, c=c) -> int:
                 res = a - b - c.get_cf()
                 c.lop = OP_SUB
                 c.la = a
@@ -75,7 +121,7 @@ class AluOps(DecoderBase):
             return sbb
         if op == 5 or op == 7:
 
-            def sub(a: int, b: int) -> int:
+            def sub(a: int, b: int, m=m, c=c) -> int:
                 res = a - b
                 c.lop = OP_SUB
                 c.la = a
@@ -87,7 +133,7 @@ class AluOps(DecoderBase):
             return sub
         if op == 1:
 
-            def or_(a: int, b: int) -> int:
+            def or_(a: int, b: int, m=m, c=c) -> int:
                 res = a | b
                 c.lop = OP_LOGIC
                 c.lres = res
@@ -97,7 +143,7 @@ class AluOps(DecoderBase):
             return or_
         if op == 4:
 
-            def and_(a: int, b: int) -> int:
+            def and_(a: int, b: int, m=m, c=c) -> int:
                 res = a & b
                 c.lop = OP_LOGIC
                 c.lres = res
@@ -106,7 +152,7 @@ class AluOps(DecoderBase):
 
             return and_
 
-        def xor(a: int, b: int) -> int:
+        def xor(a: int, b: int, m=m, c=c) -> int:
             res = a ^ b
             c.lop = OP_LOGIC
             c.lres = res
@@ -129,13 +175,13 @@ class AluOps(DecoderBase):
             if size == 4:
                 if op == 7:
 
-                    def cmp_eax(v=v) -> None:
+                    def cmp_eax(v=v, f=f, r=r, c=c, nxt=nxt) -> None:
                         f(r[0], v)
                         c.eip = nxt
 
                     return cmp_eax
 
-                def alu_eax(v=v) -> None:
+                def alu_eax(v=v, f=f, r=r, c=c, nxt=nxt) -> None:
                     r[0] = f(r[0], v)
                     c.eip = nxt
 
@@ -144,13 +190,13 @@ class AluOps(DecoderBase):
             s = self.reg_set(0, size)
             if op == 7:
 
-                def cmp_acc() -> None:
+                def cmp_acc(f=f, g=g, v=v, c=c, nxt=nxt) -> None:
                     f(g(), v)
                     c.eip = nxt
 
                 return cmp_acc
 
-            def alu_acc() -> None:
+            def alu_acc(s=s, f=f, g=g, v=v, c=c, nxt=nxt) -> None:
                 s(f(g(), v))
                 c.eip = nxt
 
@@ -164,14 +210,14 @@ class AluOps(DecoderBase):
                 d, sr = reg, rm
             if op == 7:
 
-                def cmp_rr() -> None:
+                def cmp_rr(f=f, r=r, d=d, sr=sr, c=c, nxt=nxt) -> None:
                     f(r[d], r[sr])
                     c.eip = nxt
 
                 return cmp_rr
             if op == 6 and d == sr:
 
-                def xor_zero() -> None:
+                def xor_zero(m=m, nxt=nxt, r=r, d=d, c=c) -> None:
                     r[d] = 0
                     c.lop = OP_LOGIC
                     c.lres = 0
@@ -180,7 +226,7 @@ class AluOps(DecoderBase):
 
                 return xor_zero
 
-            def alu_rr() -> None:
+            def alu_rr(f=f, r=r, d=d, sr=sr, c=c, nxt=nxt) -> None:
                 r[d] = f(r[d], r[sr])
                 c.eip = nxt
 
@@ -190,7 +236,7 @@ class AluOps(DecoderBase):
             if op == 7:
                 gm = self.rm_get(mod, rm, ea, size)
 
-                def cmp_mr() -> None:
+                def cmp_mr(f=f, gm=gm, gr=gr, c=c, nxt=nxt) -> None:
                     f(gm(), gr())
                     c.eip = nxt
 
@@ -207,7 +253,7 @@ class AluOps(DecoderBase):
         gr = self.reg_get(reg, size)
         if op == 7:
 
-            def cmp_rm() -> None:
+            def cmp_rm(nxt=nxt, f=f, c=c, gr=gr, gm=gm) -> None:
                 f(gr(), gm())
                 c.eip = nxt
 
@@ -215,13 +261,13 @@ class AluOps(DecoderBase):
         sr = self.reg_set(reg, size)
         if size == 4:
 
-            def alu_rm4() -> None:
+            def alu_rm4(nxt=nxt, r=r, reg=reg, f=f, c=c, gm=gm) -> None:
                 r[reg] = f(r[reg], gm())
                 c.eip = nxt
 
             return alu_rm4
 
-        def alu_rm() -> None:
+        def alu_rm(nxt=nxt, sr=sr, c=c, f=f, gr=gr, gm=gm) -> None:
             sr(f(gr(), gm()))
             c.eip = nxt
 
@@ -230,17 +276,24 @@ class AluOps(DecoderBase):
     def _grp1(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 1 if b in (0x80, 0x82) else (4 if x.op32 else 2)
-        mod, op, rm, ea = self.modrm(x)
+        mod, op, rm, ea = self.modrm(x, size == 4)
         if b == 0x83:
             v = _sx8(self.u8(x)) & MASK[size]
         else:
             v = self.imm(x, size)
         nxt = self.nxt(x)
         f = self.alu_fn(op, size)
+        if ea is None and mod != 3:  # 32-bit [base + disp] (modrm fuse)
+            ea = _ea_base_disp(c.sbase, x.ea_seg, c.r, x.ea_base, x.ea_disp)
+            if op == 7:
+                return _cmp_mi4_bd(c, c.r, c.rd32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                                   f, v, nxt)  # fmt: skip
         if op == 7:
+            if mod == 3 and size == 4:
+                return _cmp_ri4(c, c.r, rm, f, v, nxt)
             g = self.rm_get(mod, rm, ea, size)
 
-            def cmp_i() -> None:
+            def cmp_i(nxt=nxt, f=f, v=v, c=c, g=g) -> None:
                 f(g(), v)
                 c.eip = nxt
 
@@ -248,7 +301,7 @@ class AluOps(DecoderBase):
         if mod == 3 and size == 4:
             r = c.r
 
-            def alu_ri() -> None:
+            def alu_ri(nxt=nxt, r=r, rm=rm, f=f, v=v, c=c) -> None:
                 r[rm] = f(r[rm], v)
                 c.eip = nxt
 
@@ -270,6 +323,8 @@ class AluOps(DecoderBase):
         else:
             size = 1 if b == 0x84 else (4 if x.op32 else 2)
             mod, reg, rm, ea = self.modrm(x)
+            if mod == 3 and size == 4:
+                return _test_rr4(c, c.r, rm, reg, self.nxt(x))
             g1 = self.rm_get(mod, rm, ea, size)
             g2 = self.reg_get(reg, size)
             g = None
@@ -277,7 +332,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         if g is not None:
 
-            def test_i() -> None:
+            def test_i(m=m, nxt=nxt, c=c, v=v, g=g) -> None:
                 c.lres = g() & v
                 c.lop = OP_LOGIC
                 c.lmask = m
@@ -285,7 +340,7 @@ class AluOps(DecoderBase):
 
             return test_i
 
-        def test() -> None:
+        def test(m=m, nxt=nxt, c=c, g1=g1, g2=g2) -> None:
             c.lres = g1() & g2()
             c.lop = OP_LOGIC
             c.lmask = m
@@ -294,11 +349,17 @@ class AluOps(DecoderBase):
         return test
 
     def _incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
+        f = self.shared.get(("incdec", dec, size))
+        if f is None:
+            f = self.shared[("incdec", dec, size)] = self._new_incdec_fn(dec, size)
+        return f
+
+    def _new_incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
         c = self.c
         m = MASK[size]
         if dec:
 
-            def f_dec(a: int) -> int:
+            def f_dec(a: int, m=m, c=c) -> int:
                 c.lcf = c.get_cf()
                 res = a - 1
                 c.lop = OP_DEC
@@ -310,7 +371,7 @@ class AluOps(DecoderBase):
 
             return f_dec
 
-        def f_inc(a: int) -> int:
+        def f_inc(a: int, m=m, c=c) -> int:
             c.lcf = c.get_cf()
             res = a + 1
             c.lop = OP_INC
@@ -331,7 +392,7 @@ class AluOps(DecoderBase):
         if size == 4:
             r = c.r
 
-            def incdec4() -> None:
+            def incdec4(nxt=nxt, r=r, n=n, f=f, c=c) -> None:
                 r[n] = f(r[n])
                 c.eip = nxt
 
@@ -339,20 +400,26 @@ class AluOps(DecoderBase):
         g = self.reg_get(n, size)
         s = self.reg_set(n, size)
 
-        def incdec() -> None:
+        def incdec(nxt=nxt, s=s, c=c, f=f, g=g) -> None:
             s(f(g()))
             c.eip = nxt
 
         return incdec
 
     def shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("shift", op, size))
+        if f is None:
+            f = self.shared[("shift", op, size)] = self._new_shift_fn(op, size)
+        return f
+
+    def _new_shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """ROL ROR RCL RCR SHL SHR SAL SAR with eager flags; f(value, count) -> result."""
         c = self.c
         bits = size * 8
         m = MASK[size]
         sign = SIGN[size]
 
-        def shift(v: int, cnt: int) -> int:
+        def shift(v: int, cnt: int, sign=sign, c=c, op=op, bits=bits, m=m) -> int:
             cnt &= 31
             if cnt == 0:
                 return v
@@ -462,7 +529,7 @@ class AluOps(DecoderBase):
         g = self.rm_get(mod, rm, ea, size)
         if op in (0, 1):
 
-            def test_i() -> None:
+            def test_i(m=m, nxt=nxt, c=c, v=v, g=g) -> None:
                 c.lres = g() & v
                 c.lop = OP_LOGIC
                 c.lmask = m
@@ -480,7 +547,7 @@ class AluOps(DecoderBase):
         if op == 3:
             rmw = self.rm_rmw(mod, rm, ea, size)
 
-            def neg_f(a: int) -> int:
+            def neg_f(a: int, m=m, c=c) -> int:
                 res = -a
                 c.lop = OP_SUB
                 c.la = 0
@@ -489,13 +556,13 @@ class AluOps(DecoderBase):
                 c.lmask = m
                 return res & m
 
-            def neg() -> None:
+            def neg(nxt=nxt, rmw=rmw, neg_f=neg_f, c=c) -> None:
                 rmw(neg_f)
                 c.eip = nxt
 
             return neg
 
-        def setmul(lo: int, hi_nonzero: bool) -> None:
+        def setmul(lo: int, hi_nonzero: bool, sign=sign, c=c, m=m) -> None:
             f = c.get_flags() & ~(CF | OF | ZF | SF | PF | AF)
             if hi_nonzero:
                 f |= CF | OF
@@ -509,32 +576,32 @@ class AluOps(DecoderBase):
 
         if size == 1:
 
-            def get_acc() -> int:
+            def get_acc(r=r) -> int:
                 return r[0] & 0xFFFF
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, r=r) -> None:
                 r[0] = (r[0] & 0xFFFF0000) | (hi << 8) | lo
 
-            def get_hi() -> int:
+            def get_hi(r=r) -> int:
                 return (r[0] >> 8) & 0xFF
         else:
 
-            def get_acc() -> int:
+            def get_acc(bits=bits, m=m, r=r) -> int:
                 return ((r[2] & m) << bits) | (r[0] & m)
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, size=size, r=r) -> None:
                 if size == 4:
                     r[0], r[2] = lo, hi
                 else:
                     r[0] = (r[0] & 0xFFFF0000) | lo
                     r[2] = (r[2] & 0xFFFF0000) | hi
 
-            def get_hi() -> int:
+            def get_hi(m=m, r=r) -> int:
                 return r[2] & m
 
         if op == 4:
 
-            def mul() -> None:
+            def mul(nxt=nxt, set_res=set_res, setmul=setmul, c=c, m=m, g=g, bits=bits, r=r) -> None:
                 a = (r[0] & m) * g()
                 set_res(a & m, a >> bits)
                 setmul(a & m, (a >> bits) != 0)
@@ -543,7 +610,9 @@ class AluOps(DecoderBase):
             return mul
         if op == 5:
 
-            def imul() -> None:
+            def imul(
+                nxt=nxt, m=m, set_res=set_res, setmul=setmul, c=c, size=size, g=g, bits=bits, r=r
+            ) -> None:
                 a = _sx(r[0] & m, size) * _sx(g(), size)
                 lo = a & m
                 set_res(lo, (a >> bits) & m)
@@ -553,7 +622,7 @@ class AluOps(DecoderBase):
             return imul
         if op == 6:
 
-            def div() -> None:
+            def div(nxt=nxt, g=g, get_acc=get_acc, m=m, set_res=set_res, c=c) -> None:
                 d = g()
                 if d == 0:
                     raise CpuFault(DE)
@@ -566,7 +635,9 @@ class AluOps(DecoderBase):
 
             return div
 
-        def idiv() -> None:
+        def idiv(
+            nxt=nxt, size=size, set_res=set_res, c=c, g=g, get_acc=get_acc, m=m, sign=sign
+        ) -> None:
             d = _sx(g(), size)
             if d == 0:
                 raise CpuFault(DE)
@@ -600,7 +671,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         sign = SIGN[size]
 
-        def imul3() -> None:
+        def imul3(nxt=nxt, size=size, v=v, m=m, s=s, c=c, g=g, gr=gr, sign=sign) -> None:
             a = _sx(g(), size)
             bb = v if v is not None else _sx(gr(), size)
             p = a * bb
@@ -627,7 +698,7 @@ class AluOps(DecoderBase):
             v &= 0xFF
             return f | (ZF if v == 0 else 0) | (v & 0x80) | PARITY[v]
 
-        def bcd() -> None:
+        def bcd(nxt=nxt, b=b, c=c, r=r, szp=szp, base=base) -> None:
             f = c.get_flags()
             al = r[0] & 0xFF
             ah = (r[0] >> 8) & 0xFF

@@ -11,6 +11,11 @@ thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
 - opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
   82 is invalid) are re-encoded;
 - PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
+- the guest's arithmetic flags live in the host's, or in R11 (as PUSHFQ leaves them)
+  where host code in between changes the host's: every block is entered with them in
+  R11 and puts them into the host's (SAHF, not the slow POPFQ) only before the first
+  instruction that reads or keeps one that is live; a TLB lookup saves them to R11
+  (PUSHFQ) unless they are there already and puts them back only where live;
 - branches end the block: the block takes its instruction count off the budget and,
   while budget remains and no interrupt is pending, chains to the next block through the
   chain table (guest EIP -> host code; an indirect branch hashes its target at run time,
@@ -116,7 +121,8 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     enter: void enter(void): the same as entry(st_addr, st->block) (st_addr is built in:
     a call without arguments costs Python less).
     entry: void entry(NativeState *st, void *block): save the host's callee-saved
-    registers, load the guest's, jump to the block.
+    registers, load the guest's (the flags into R11, as every block is entered), jump
+    to the block.
     dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
     instructions off the budget (the flags of that SUB are live: LE means spent); leaves
     through `out` when the budget is spent, an interrupt is pending or the chain table
@@ -137,10 +143,8 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
-    a.load32(RAX, R15, OFF_EFLAGS)
-    a.and32(RAX, ARITH)  # never TF, DF, AC into the host's flags
-    a.push(RAX)
-    a.popfq()
+    a.load32(R11, R15, OFF_EFLAGS)
+    a.and32(R11, ARITH)  # blocks are entered with the guest flags in R11
     for g in HELD:
         a.load32(g, R15, OFF_R + 4 * g)
     a.jmp_reg(R8)
@@ -156,9 +160,7 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
     a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
     a.jcc(5, "out")
-    a.push(R11)
-    a.popfq()
-    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8]
+    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8] (the guest flags in R11)
     a.label("out")
     a.store32(R15, OFF_EIP, R9)
     a.store_imm32(R15, OFF_NDONE, 0)
@@ -185,35 +187,65 @@ def _imm(build) -> bytes:
     return _encoded(build)[:-4]
 
 
-_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _imm(
-    lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0)
-)
+_BUDGET_SUB = _imm(lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0))
+_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _BUDGET_SUB
 _CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
 _MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
 _CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
-_POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
+
+
+def _host_sahf() -> bool:
+    """LAHF/SAHF work in 64-bit mode (CPUID 80000001h ECX bit 0; all but the first
+    x86-64 processors)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "lahf_lm" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+# The guest flags from R11 (as PUSHFQ left them) into the host's: POPFQ is microcoded
+# (~15 cycles here, the most costly instruction of a loop's hot path); SAHF takes SF ZF
+# AF PF CF from AH and a CMP sets OF, R11 kept: xchg rax, r11; cmp ah, 0x88 (OF from
+# bit 11: AH is 0x00/0x02 + OF's 0x08, as TF, DF, IOPL and NT are clear in R11); xchg
+# al, ah; sahf; xchg al, ah; xchg rax, r11.
+_RESTORE_SAHF = b"\x49\x93\x80\xfc\x88\x86\xc4\x9e\x86\xc4\x49\x93"
+_POPF_R11 = _RESTORE_SAHF if _host_sahf() else _encoded(lambda a: (a.push(R11), a.popfq()))
+_CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
+    lambda a: a._mem(b"\x39", R9, R8, 0)
+)
+_CHAIN_JMP = _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
 _JMP = b"\xe9\0\0\0\0"  # jmp rel32 (a fix-up follows)
+_FLAG_EXIT = _encoded(lambda a: (a.push(R11), a.popfq())) + _JMP  # a flag exit: POPFQ
 _REL32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _JLE = b"\x0f\x8e\0\0\0\0"
 _JNE = b"\x0f\x85\0\0\0\0"
-_CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
-    lambda a: a._mem(b"\x39", R9, R8, 0)
-)
-_CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
-# A chain stub in one pack (Translator._emit_chains): its head, then to a register's
-# EIP; to the block's start; to a constant EIP through its chain slot. _CHAIN_FIXn:
-# the offsets of its rel32s to `leave`.
-_CHAIN_IND = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_CHAIN_DISPATCH)}s")
-_CHAIN_TOP = struct.Struct(f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si")
-_CHAIN_DIRECT = struct.Struct(
-    f"<{len(_CHAIN_HEAD)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si{len(_CHAIN_CMP)}sI2si"
-    f"{len(_CHAIN_JMP)}sI"
-)
 _JLE2, _JNE2 = _JLE[:2], _JNE[:2]  # their opcodes (the rel32 packed after)
-_CHAIN_FIX1 = len(_CHAIN_HEAD) + 4 + len(_MOV_R9) + 4 + 2
-_CHAIN_FIX2 = _CHAIN_FIX1 + 4 + len(_CMP_INTR) + 2
-_CHAIN_FIX3 = _CHAIN_FIX2 + 4 + len(_CHAIN_CMP) + 4 + 2
+
+
+def _chain_structs(head: bytes) -> tuple:
+    """A chain stub in one pack (Translator._emit_chains), by its head (with or without
+    the flags to R11): to a register's EIP; to the block's start; to a constant EIP
+    through its chain slot; the offsets of its rel32s to `leave`."""
+    fix1 = len(head) + 4 + len(_MOV_R9) + 4 + 2
+    fix2 = fix1 + 4 + len(_CMP_INTR) + 2
+    fix3 = fix2 + 4 + len(_CHAIN_CMP) + 4 + 2
+    return (
+        struct.Struct(f"<{len(head)}sI{len(_CHAIN_DISPATCH)}s"),
+        struct.Struct(f"<{len(head)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si"),
+        struct.Struct(f"<{len(head)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si"
+                      f"{len(_CHAIN_CMP)}sI2si{len(_CHAIN_JMP)}sI"),  # fmt: skip
+        fix1, fix2, fix3,
+    )
+
+
+# by in_r11 (Translator.chain): (head, its _chain_structs)
+_CHAINS = {False: (_CHAIN_HEAD, _chain_structs(_CHAIN_HEAD)),
+           True: (_BUDGET_SUB, _chain_structs(_BUDGET_SUB))}  # fmt: skip
 _JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
 _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
@@ -257,8 +289,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     a.jcc(7, "miss")  # JA: the access would cross into the next page
     a.add64(R10, R8)
     if restore:
-        a.push(R11)
-        a.popfq()
+        a.raw(_POPF_R11)
     (fix1, _), (fix2, _) = a.fixups
     return bytes(a.buf), fix1, fix2
 
@@ -379,8 +410,9 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
 
 
 def _imm_facts(i: Insn) -> bool:
-    """build_facts(i) depends on the immediate (a shift's count: _reads)."""
-    return i.opmap == "" and i.code in (0xC0, 0xC1)
+    """build_facts(i) depends on the immediate (a shift's count: _reads; a conditional
+    branch's direction: _ends)."""
+    return i.opmap == "" and i.code in (0xC0, 0xC1) or i.row.native in ("branch", "loop")
 
 
 def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
@@ -712,7 +744,17 @@ _GOES_ON = ("popf", "cli", "sti")
 
 
 def _ends(i: Insn) -> bool:
-    return i.row.ends_block and i.row.native not in _GOES_ON
+    """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
+    end it: its taken side chains and the block goes on with the next instruction, so a
+    loop whose body branches forward is one block (and a self-loop). After a backward one
+    (a loop's end) the block ends: what follows is the loop's exit, a block of its own
+    rather than a copy in each block that falls into the loop."""
+    row = i.row
+    if not row.ends_block or row.native in _GOES_ON:
+        return False
+    if row.native == "loop" or row.native == "branch" and row.mnemonic != "JMP":
+        return i.raw[i.imm_at :][-1] >= 0x80  # a negative displacement (its top byte)
+    return True
 
 
 # Translators whose host code is a function of the instruction's bytes, the `restore`
@@ -732,15 +774,20 @@ def build_facts(i: Insn) -> tuple:
     the block, its host code may be kept, may leave before it (all flags live there),
     the flags it surely writes, its undefined flags, its shape (the bytes before the
     displacement), the displacement's size, where its immediate goes (0: none, 1: in
-    the kept code's key, 2: copied after the kept code), is STI)."""
+    the kept code's key, 2: copied after the kept code), is STI, may run on any host
+    flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
+    flags)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
     dsz = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
-    return (kind not in _ESP_AWARE and _uses_esp(i), _reads(i, rf), _gives_flags(i, rf),
+    reads = _reads(i, rf)
+    return (kind not in _ESP_AWARE and _uses_esp(i), reads, _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
-            m is not None or not rf.plain, rf.kill, rf.undefined, i.raw[: i.imm_at - dsz],
-            dsz, _imm_mode(i), kind == "sti")  # fmt: skip
+            m is not None or not rf.plain or kind == "branch", rf.kill, rf.undefined,
+            i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
+            (m is None and kind == "copy" or kind == "lea") and not reads,
+            bool(i.row.flags_written))  # fmt: skip
 
 
 def _imm_mode(i: Insn) -> int:
@@ -784,13 +831,14 @@ class Translator:
             self.reg_stubs = True
         return name
 
-    def chain(self, target: int | None, ndone: int) -> int:
+    def chain(self, target: int | None, ndone: int, in_r11: bool = False) -> int:
         """A stub that takes the block's `ndone` instructions off the budget and goes on
         at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
-        returns its label."""
+        returns its label. The guest flags are in the host's (in_r11: in R11 alone) and
+        go to the next block in R11."""
         name = self.n
         self.n = name + 1
-        self.chains.append((name, target, ndone))
+        self.chains.append((name, target, ndone, in_r11))
         return name
 
     def _emit_chains(self) -> None:
@@ -801,35 +849,32 @@ class Translator:
         start = self.start
         chains = self.chains
         # Where `leave` will be (the sizes are known): the rel32s to it are packed in.
-        top = _CHAIN_TOP.size + (len(_POPF_R11) if self.live_in0 else 0) + 5
         leave = len(buf)
-        for _, target, _ in chains:
-            leave += (_CHAIN_IND.size if target is None else
-                      top if target == start else _CHAIN_DIRECT.size)  # fmt: skip
-        for name, target, ndone in chains:
+        for _, target, _, in_r11 in chains:
+            ind, top, direct = _CHAINS[in_r11][1][:3]
+            leave += (ind.size if target is None else
+                      top.size + 5 if target == start else direct.size)  # fmt: skip
+        for name, target, ndone, in_r11 in chains:
             at = len(buf)
             labels[name] = at
+            # [pushfq; pop r11]; sub [r15 + budget], ndone
+            head, (ind, top, direct, fix1, fix2, fix3) = _CHAINS[in_r11]
             if target is None:
-                # pushfq; pop r11; sub [r15 + budget], ndone; mov r9d, r8d; jmp [r15 + dispatch]
-                buf += _CHAIN_IND.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _CHAIN_DISPATCH)
+                # ...; mov r9d, r8d; jmp [r15 + dispatch]
+                buf += ind.pack(head, ndone & 0xFFFFFFFF, _CHAIN_DISPATCH)
                 continue
             rel = leave - at - 4
             if target == start:  # a loop: no lookup
                 # ...; mov r9d, target; jle leave (budget spent); cmp [r15 + intr], 0; jne leave
-                buf += _CHAIN_TOP.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2,
-                                       rel - _CHAIN_FIX1, _CMP_INTR, _JNE2,
-                                       rel - _CHAIN_FIX2)  # fmt: skip
-                if self.live_in0:  # flags the block reads (or shows) before writing them
-                    buf += _POPF_R11
+                buf += top.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
+                                _CMP_INTR, _JNE2, rel - fix2)  # fmt: skip
                 buf += b"\xe9" + _REL32.pack(-len(buf) - 5)  # jmp start (offset 0)
                 continue
             slot = chain_slot(target) * 16
-            # ... mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave; push r11; popfq;
-            # jmp [r8 + slot + 8]
-            buf += _CHAIN_DIRECT.pack(_CHAIN_HEAD, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2,
-                                      rel - _CHAIN_FIX1, _CMP_INTR, _JNE2, rel - _CHAIN_FIX2,
-                                      _CHAIN_CMP, slot, _JNE2, rel - _CHAIN_FIX3, _CHAIN_JMP,
-                                      slot + 8)  # fmt: skip
+            # ... mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave; jmp [r8 + slot + 8]
+            buf += direct.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
+                               _CMP_INTR, _JNE2, rel - fix2, _CHAIN_CMP, slot, _JNE2,
+                               rel - fix3, _CHAIN_JMP, slot + 8)  # fmt: skip
         assert len(buf) == leave
         labels["leave"] = len(buf)
         buf += _JMP_OUT
@@ -1290,21 +1335,21 @@ class Translator:
         a = self.a
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
         target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
-        taken, fall = self.chain(target, k + 1), self.chain(nxt, k + 1)
+        taken = self.chain(target, k + 1)
+        # Not taken: on with the next instruction, or a chain there where the block ends
+        # (see _ends).
         if i.code == 0xE3:  # JECXZ
-            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
-            a.jmp(fall)
-            a.jmp(taken)
-            return True
-        a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
-        if i.code == 0xE2:
-            a.raw(b"\x67\xe3\x05")
+            a.raw(b"\x67\xe3\x02\xeb\x05")  # jecxz over the next jmp; jmp over the jmp
             a.jmp(taken)
         else:
-            a.raw(b"\x67\xe3\x0b")
-            a.jcc(4 if i.code == 0xE0 else 5, fall)  # LOOPNE: ZF set stops; LOOPE: clear
+            a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+            if i.code == 0xE2:
+                a.raw(b"\x67\xe3\x05")  # jecxz over the jmp
+            else:  # LOOPNE: ZF set stops; LOOPE: ZF clear
+                a.raw(b"\x67\xe3\x07" + (b"\x74\x05" if i.code == 0xE0 else b"\x75\x05"))
             a.jmp(taken)
-        a.jmp(fall)
+        if _ends(i):
+            a.jmp(self.chain(nxt, k + 1))
         return True
 
     def string1(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1405,7 +1450,7 @@ class Translator:
         buf, labels, fixups = a.buf, a.labels, a.fixups
         for name, eip, k in self.flag_exits:
             labels[name] = len(buf)
-            buf += _POPF_R11 + _JMP
+            buf += _FLAG_EXIT  # push r11; popfq; jmp (its stub)
             fixups.append((len(buf) - 4, self.exit_to(eip, k, EXIT_FALLBACK)))
 
     def pushf(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1545,7 +1590,8 @@ class Translator:
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
-        """Jcc/JMP rel: end of the block (a branch to its start loops)."""
+        """JMP rel: the end of the block; Jcc: its taken side chains, the block goes on
+        (see _ends). A branch to the block's start loops."""
         if i.p66:
             return False
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
@@ -1555,7 +1601,8 @@ class Translator:
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            self.a.jmp(self.chain(nxt, k + 1))
+            if _ends(i):  # backward: the block ends, the fall side chains
+                self.a.jmp(self.chain(nxt, k + 1))
         return True
 
     def _keep_fragment(self, key: tuple, k: int, at: int, dsz: int, mark: tuple,
@@ -1607,23 +1654,24 @@ class Translator:
             live_out[k] = live
             bf = bfs[k]
             if bf[6]:
-                live = ARITH  # its TLB miss leaves for Python before it: all flags show
+                live = ARITH  # its TLB miss (or a branch) leaves: all flags show
             else:
                 live = (live & ~bf[7]) | bf[1]
             live_in[k] = live
-        self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
         buf, fixups, labels = a.buf, a.fixups, a.labels
         misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
         labels["start"] = 0
         done = 0
-        # carry: the guest flags wait in R11, the host's clobbered by a lookup that did
-        # not put them back because the next instruction's lookup saves them first.
-        carry = False
+        # carry: the guest flags wait in R11 and the host's may be anything: at the start
+        # (every block is entered so), after a lookup that did not put them back because
+        # the next instruction's lookup saves them first, and through instructions that
+        # neither read nor keep a live flag.
+        carry = True
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
             (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
-             imm_mode, _) = bfs[k]  # fmt: skip
+             imm_mode, _, blind_ok, writes) = bfs[k]  # fmt: skip
             differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
@@ -1632,19 +1680,29 @@ class Translator:
                 break
             mark_carry = carry
             before = len(buf)
-            if fix[0]:
-                buf += fix[0]
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
             restore = bool(reads | (live_out[k] & ~kill))
             gives = gives_ok and k + 1 < n and bfs[k + 1][3]
-            if carry and (fix[0] or not takes):
-                buf += _POPF_R11  # (not reached: the previous one checked this one)
+            # An instruction without a memory operand or an exit that reads no flag and
+            # writes none (R11 keeps them) or writes every live one runs on whatever the
+            # host's flags are.
+            blind = (
+                carry
+                and blind_ok
+                and not (fix[0] or fix[1])
+                and not (writes and live_out[k] & ~kill)
+            )
+            if carry and not blind and (fix[0] or not takes):
+                buf += _POPF_R11
                 carry = False
+            if fix[0]:
+                buf += fix[0]
+            in_r11 = carry and not blind
             restore = restore and not gives
             at = len(buf)
             if cached:
-                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, carry)
+                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, in_r11)
                 frag = _FRAGMENTS.get(key)
             else:
                 frag = key = None
@@ -1657,7 +1715,7 @@ class Translator:
                 for fix1, fix2, addr, write in frag[1]:
                     misses.append((at + fix1, at + fix2, addr, write, k))
             else:
-                self.flags_in_r11 = carry
+                self.flags_in_r11 = in_r11
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
                         len(flag_exits), mark_carry, len(labels), self.n,
                         len(self.disps))  # fmt: skip
@@ -1672,7 +1730,8 @@ class Translator:
                     carry = mark[6]  # the flags still wait in R11 if they did before it
                     break
                 assert not self.flags_in_r11  # its lookup took them
-            carry = gives
+            # (blind: the flags it writes are the live ones; none: R11 still has them)
+            carry = not writes if blind else gives
             if fix[1]:
                 buf += fix[1]
             done = k + 1
