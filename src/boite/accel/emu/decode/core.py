@@ -195,7 +195,8 @@ def _ea_base_idx(
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
-    __slots__ = ("eip", "csk", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable")
+    __slots__ = ("eip", "csk", "mode", "mask", "fns", "pa", "info", "hits", "fn", "cacheable",
+                 "native_refused")  # fmt: skip
 
     def __init__(
         self, eip: int, csk: int, mode: int, fns: tuple, pa: int, info: list, mask: int = -1
@@ -213,6 +214,7 @@ class Block:
         self.hits = 0
         self.fn: Callable[[], int] | None = None
         self.cacheable = True
+        self.native_refused = False  # the native tier said no: the Python compiler next
 
 
 class DecoderBase:
@@ -444,15 +446,18 @@ class DecoderBase:
         from boite.accel.emu.jit import compile_block
 
         c = self.c
-        if c.native is not None:  # the native tier first, where it applies
+        if c.native is not None and not block.native_refused:  # the native tier first
             fn = c.native.translate(block.pa, block.eip)
             if fn is not None:
                 block.fn = fn
                 return
             # The native tier runs hot blocks sooner than the Python compiler (whose
-            # compile costs more): that one waits for its own threshold.
+            # compile costs more): that one waits for its own threshold, and is not
+            # asked again (hits starts over below hot_block: without the mark a refused
+            # block came back here and waited again, never compiled).
             wait = c.native.python_hot - block.hits
             if wait > 0:
+                block.native_refused = True
                 block.hits = c.hot_block - wait
                 return
         insns = []

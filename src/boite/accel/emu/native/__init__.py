@@ -63,8 +63,10 @@ if TYPE_CHECKING:
 # (the accelerator's chunk, which grows to about CHUNK_NS of running).
 BUDGET = 1 << 21
 # Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
-# translating costs about 30 us a guest instruction, the closures about 1 us a run.
-NATIVE_HOT = 16
+# translating costs about 5-10 us a guest instruction in a boot, the closures about 1 us
+# a run. 4 measured best of 2/4/8/16 for both the kit and the Debian 686 boot
+# (bench/RESULTS.md, 2026-12-07 ntrans).
+NATIVE_HOT = 4
 TIME_EVERY = 8  # translations per one timed (translate_s)
 # The code arena: ~120 bytes of host code a translated guest instruction, and a full
 # arena drops every translation (Python's too: flush_blocks). The Debian 686 boot

@@ -88,6 +88,7 @@ from boite.accel.emu.native.x64 import (
     RDI,
     RSI,
     Asm,
+    clear_encodings,
 )
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 
@@ -228,11 +229,44 @@ _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
     lambda a: a._mem(b"\x39", R9, R8, 0)
 )
 _CHAIN_JMP = _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
+_JMP = b"\xe9\0\0\0\0"  # jmp rel32 (a fix-up follows)
+_FLAG_EXIT = _RESTORE + _JMP  # a flag exit: the flags back into the host's
+_REL32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_JLE = b"\x0f\x8e\0\0\0\0"
+_JNE = b"\x0f\x85\0\0\0\0"
+_JLE2, _JNE2 = _JLE[:2], _JNE[:2]  # their opcodes (the rel32 packed after)
+
+
+def _chain_structs(head: bytes) -> tuple:
+    """A chain stub in one pack (Translator._emit_chains), by its head (with or without
+    the flags to R11): to a register's EIP; to the block's start; to a constant EIP
+    through its chain slot; the offsets of its rel32s to `leave`."""
+    fix1 = len(head) + 4 + len(_MOV_R9) + 4 + 2
+    fix2 = fix1 + 4 + len(_CMP_INTR) + 2
+    fix3 = fix2 + 4 + len(_CHAIN_CMP) + 4 + 2
+    return (
+        struct.Struct(f"<{len(head)}sI{len(_CHAIN_DISPATCH)}s"),
+        struct.Struct(f"<{len(head)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si"),
+        struct.Struct(
+            f"<{len(head)}sI{len(_MOV_R9)}sI2si{len(_CMP_INTR)}s2si"
+            f"{len(_CHAIN_CMP)}sI2si{len(_CHAIN_JMP)}sI"
+        ),  # fmt: skip
+        fix1,
+        fix2,
+        fix3,
+    )
+
+
+# by in_r11 (Translator.chain): (head, its _chain_structs)
+_CHAINS = {False: (_CHAIN_HEAD, _chain_structs(_CHAIN_HEAD)),
+           True: (_BUDGET_SUB, _chain_structs(_BUDGET_SUB))}  # fmt: skip
 _JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
 _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
 _ST_REASON = _imm(lambda a: a.store_imm32(R15, OFF_REASON, 0))
-_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI")  # ndone, reason
+_STUB_TAIL = struct.Struct(f"<{len(_ST_NDONE)}sI{len(_ST_REASON)}sI5s")  # ndone, reason, jmp
+_STUB = struct.Struct(f"<{len(_ST_EIP)}sI{len(_ST_NDONE)}sI{len(_ST_REASON)}sIBi")  # + jmp
 _EPILOGUE = _encoded(lambda a: (a.pushfq(), a.pop(R11), _epilogue(a)))
 _LOAD_R12_ESP = _encoded(lambda a: a.load32(R12, R15, OFF_ESP))
 # dst += the segment base (through R10): by (dst, segment)
@@ -247,7 +281,8 @@ _ADD_SBASE = {
     for seg in range(6)
 }
 _LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
-_MISS: dict[tuple[int, int], bytes] = {}
+_MISS: dict[int, bytes] = {}  # by address register * 4 + miss kind
+_STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
 
 
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
@@ -300,6 +335,7 @@ class Insn:
     rep: int = 0  # 0xF3 / 0xF2 prefix, or 0
     override: int | None = None  # a segment override prefix (in mem.seg already)
     rf: RowFacts | None = None  # facts(row), set by parse
+    bf: tuple | None = None  # build_facts(self), shared by the copies parse's cache makes
 
 
 class RowFacts:
@@ -326,6 +362,7 @@ class RowFacts:
 
 
 _FACTS: dict[int, RowFacts] = {}
+_CACHE_MAX = 1 << 15  # entries of each cache keyed by guest bytes (bounded: no end of keys)
 _NO_FIX = (b"", b"")
 # (map, opcode, ModRM reg field or -1) -> the row (lookup() walks a list)
 _ROWS: dict[tuple[str, int, int], Op | None] = {}
@@ -342,10 +379,72 @@ _SEG_PREFIX = {0x26: ES, 0x2E: CS, 0x36: SS, 0x3E: DS, 0x64: FS, 0x65: GS}
 _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 
 
+# Parsed instructions by their shape: the bytes that decide the length (prefixes,
+# opcode, ModRM, SIB), where they are at most four; the rest (displacement, immediate)
+# is read from the bytes at hand. Compiled code repeats shapes: a kit boot's blocks
+# have ~25 instructions a shape. No instruction's bytes begin another's, so at most one
+# of raw[:1] .. raw[:4] is a key. A shape that is one byte is in _SHAPE1 (by its value).
+# An entry: (length, the flat it needs (-1: any), where the displacement is, its size,
+# then Insn's fields from row to rf with the ModRM operand as (mod, rm, base, index,
+# scale, seg) (without a displacement: the MemOperand, shared), then the build facts
+# (None: they depend on the immediate)).
+_SHAPE1: list[tuple | None] = [None] * 256
+_SHAPES: dict[bytes, tuple] = {}
+
+
 def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     """The instruction at raw[0] if the native tier translates it, else None. `flat`:
     the segment registers (bit per number) an override may name: those whose accesses
     need no check (Cpu.seg_nonflat clear; never CS, which is not writable)."""
+    e = _SHAPE1[raw[0]] or _SHAPES.get(raw[:2]) or _SHAPES.get(raw[:3]) or _SHAPES.get(raw[:4])
+    if e is not None and e[0] <= len(raw) and (e[1] < 0 or e[1] == flat):
+        return _insn(e, raw[: e[0]], eip)
+    i = _parse(raw, eip, flat)
+    if i is None:
+        return None
+    i.bf = build_facts(i)
+    dsz = i.bf[10]
+    decide = i.imm_at - dsz
+    if decide <= 4:
+        if len(_SHAPES) > _CACHE_MAX:
+            _SHAPE1[:] = [None] * 256
+            _SHAPES.clear()
+        m = i.mem
+        mem = None if m is None else (m.mod, m.rm, m.base, m.index, m.scale, m.seg)
+        if m is not None and not dsz:
+            mem = m  # no displacement: all instructions of the shape share it
+        e = (len(i.raw), -1 if i.override is None else flat, decide, dsz, i.row, i.p66,
+             i.opmap, i.code, i.modrm, mem, i.imm_at, i.size, i.lock, i.rep, i.override, i.rf,
+             None if _imm_facts(i) else i.bf)  # fmt: skip
+        if decide == 1:
+            _SHAPE1[raw[0]] = e
+        else:
+            _SHAPES[raw[:decide]] = e
+    return i
+
+
+def _imm_facts(i: Insn) -> bool:
+    """build_facts(i) depends on the immediate (a shift's count: _reads; a conditional
+    branch's direction: _ends)."""
+    return i.opmap == "" and i.code in (0xC0, 0xC1) or i.row.native in ("branch", "loop")
+
+
+def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
+    """The instruction of parse's cache entry e, with these bytes (its length)."""
+    m = e[9]
+    dsz = e[3]
+    if dsz:
+        disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True)
+        m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+    i = Insn(eip, raw, e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13], e[14],
+             e[15], e[16])  # fmt: skip
+    if e[16] is None:
+        i.bf = build_facts(i)
+    return i
+
+
+def _parse(raw: bytes, eip: int, flat: int) -> Insn | None:
+    """parse without the cache."""
     pos = 0
     p66 = lock = rep = False
     repne = False
@@ -680,6 +779,47 @@ def _ends(i: Insn) -> bool:
     return True
 
 
+# Translators whose host code is a function of the instruction's bytes, the `restore`
+# they are given and whether the guest flags wait in R11 (not of EIP, the block or the
+# instruction's place in it) and whose only side effect is their TLB lookups' misses:
+# Translator.build keeps what they emit and reuses it for the same bytes.
+_FRAGMENT_KINDS = frozenset(("copy", "lea", "push_r", "push_i", "pop_r", "push_m", "pop_m",
+                             "leave", "moffs"))  # fmt: skip
+# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
+# register, miss kind) for each lookup), where the displacement goes (-1: none))
+_FRAGMENTS: dict[tuple[bytes, bytes, bool, bool], tuple[bytes, tuple, int]] = {}
+
+
+def build_facts(i: Insn) -> tuple:
+    """What Translator.build asks of each instruction, from its bytes alone: (refused for
+    naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
+    the block, its host code may be kept, may leave before it (all flags live there),
+    the flags it surely writes, its undefined flags, its shape (the bytes before the
+    displacement), the displacement's size, where its immediate goes (0: none, 1: in
+    the kept code's key, 2: copied after the kept code), is STI, may run on any host
+    flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
+    flags)."""
+    rf = i.rf or facts(i.row)
+    kind = i.row.native
+    m = i.mem
+    dsz = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
+    reads = _reads(i, rf)
+    return (kind not in _ESP_AWARE and _uses_esp(i), reads, _gives_flags(i, rf),
+            _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
+            m is not None or not rf.plain or kind == "branch", rf.kill, rf.undefined,
+            i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
+            (m is None and kind == "copy" or kind == "lea") and not reads,
+            bool(i.row.flags_written))  # fmt: skip
+
+
+def _imm_mode(i: Insn) -> int:
+    """build_facts' immediate: a copied instruction's is the last bytes of its host code
+    (but SHLD/SHRD's, whose count decides whether it is translated)."""
+    if i.imm_at == len(i.raw):
+        return 0
+    return 2 if i.row.native == "copy" and i.row.mnemonic not in ("SHLD", "SHRD") else 1
+
+
 def _writes_mem(i: Insn) -> bool:
     if i.row.mnemonic == "CMPXCHG8B":
         return True  # like CMPXCHG, it writes the old value back on a mismatch
@@ -697,23 +837,29 @@ class Translator:
         self.host_tsc = host_tsc  # RDTSC may read the host clock (Cpu.rdtsc not replaced)
         self.flags_in_r11 = False  # the next lookup finds the guest flags in R11 (build)
         self.n = 0  # stubs made
-        self.stubs: list[tuple[str, list]] = []
+        self.stubs: list[tuple] = []  # (label, eip, ndone, reason, eip_reg)
+        self.reg_stubs = False  # a stub's EIP is a register's
+        self.disps: list[int] = []  # where address() wrote displacements
 
     # -- exits ---------------------------------------------------------------------
-    def exit_to(self, eip: int | None, ndone: int, reason: int, eip_reg: int | None = None) -> str:
+    # Labels of stubs, chains, misses and flag exits are ints (self.n), the others
+    # strings: making and hashing them is much of a small block's translation.
+    def exit_to(self, eip: int | None, ndone: int, reason: int, eip_reg: int | None = None) -> int:
         """A stub leaving for Python with EIP = eip (or eip_reg); returns its label."""
-        name = f"x{self.n}"
-        self.n += 1
-        self.stubs.append((name, [eip, ndone, reason, eip_reg]))
+        name = self.n
+        self.n = name + 1
+        self.stubs.append((name, eip, ndone, reason, eip_reg))
+        if eip_reg is not None:
+            self.reg_stubs = True
         return name
 
-    def chain(self, target: int | None, ndone: int, in_r11: bool = False) -> str:
+    def chain(self, target: int | None, ndone: int, in_r11: bool = False) -> int:
         """A stub that takes the block's `ndone` instructions off the budget and goes on
         at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
         returns its label. The guest flags are in the host's (in_r11: in R11 alone) and
         go to the next block in R11."""
-        name = f"c{self.n}"
-        self.n += 1
+        name = self.n
+        self.n = name + 1
         self.chains.append((name, target, ndone, in_r11))
         return name
 
@@ -721,40 +867,67 @@ class Translator:
         a = self.a
         if not self.chains:
             return
-        buf = a.buf
-        for name, target, ndone, in_r11 in self.chains:
-            a.label(name)
+        buf, labels = a.buf, a.labels
+        start = self.start
+        chains = self.chains
+        # Where `leave` will be (the sizes are known): the rel32s to it are packed in.
+        leave = len(buf)
+        for _, target, _, in_r11 in chains:
+            ind, top, direct = _CHAINS[in_r11][1][:3]
+            leave += (ind.size if target is None else
+                      top.size + 5 if target == start else direct.size)  # fmt: skip
+        for name, target, ndone, in_r11 in chains:
+            at = len(buf)
+            labels[name] = at
             # [pushfq; pop r11]; sub [r15 + budget], ndone
-            buf += (_BUDGET_SUB if in_r11 else _CHAIN_HEAD) + _s32(ndone)
+            head, (ind, top, direct, fix1, fix2, fix3) = _CHAINS[in_r11]
             if target is None:
-                buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
+                # ...; mov r9d, r8d; jmp [r15 + dispatch]
+                buf += ind.pack(head, ndone & 0xFFFFFFFF, _CHAIN_DISPATCH)
                 continue
-            buf += _MOV_R9 + _s32(target)
-            a.jcc(0xE, "leave")  # JLE: budget spent
-            buf += _CMP_INTR
-            a.jcc(5, "leave")
-            if target == self.start:  # a loop: no lookup
-                a.jmp("start")
+            rel = leave - at - 4
+            if target == start:  # a loop: no lookup
+                # ...; mov r9d, target; jle leave (budget spent); cmp [r15 + intr], 0; jne leave
+                buf += top.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
+                                _CMP_INTR, _JNE2, rel - fix2)  # fmt: skip
+                buf += b"\xe9" + _REL32.pack(-len(buf) - 5)  # jmp start (offset 0)
                 continue
             slot = chain_slot(target) * 16
-            buf += _CHAIN_CMP + _s32(slot)  # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d
-            a.jcc(5, "leave")
-            buf += _CHAIN_JMP + _s32(slot + 8)  # jmp [r8 + slot + 8]
-        a.label("leave")
+            # ... mov r8, [r15 + jtab]; cmp [r8 + slot], r9d; jne leave; jmp [r8 + slot + 8]
+            buf += direct.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
+                               _CMP_INTR, _JNE2, rel - fix2, _CHAIN_CMP, slot, _JNE2,
+                               rel - fix3, _CHAIN_JMP, slot + 8)  # fmt: skip
+        assert len(buf) == leave
+        labels["leave"] = len(buf)
         buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
-        buf = a.buf
-        for name, (eip, ndone, reason, eip_reg) in self.stubs:
-            a.label(name)
+        buf, labels, fixups = a.buf, a.labels, a.fixups
+        pack, pack_eip = _STUB_TAIL.pack, _STUB.pack
+        stubs = self.stubs
+        if not self.reg_stubs:  # all the same size: no fix-ups
+            at = len(buf)
+            size = _STUB.size
+            epilogue = at + size * len(stubs)
+            for name, eip, ndone, reason, _ in stubs:
+                labels[name] = at
+                at += size
+                buf += pack_eip(_ST_EIP, eip & 0xFFFFFFFF, _ST_NDONE, ndone, _ST_REASON, reason,
+                                0xE9, epilogue - at)  # fmt: skip
+            labels["epilogue"] = len(buf)
+            buf += _EPILOGUE
+            return
+        for name, eip, ndone, reason, eip_reg in stubs:
+            labels[name] = len(buf)
             if eip_reg is not None:
                 a.store32(R15, OFF_EIP, eip_reg)
+                buf += pack(_ST_NDONE, ndone, _ST_REASON, reason, _JMP)
             else:
-                buf += _ST_EIP + _s32(eip)
-            buf += _STUB_TAIL.pack(_ST_NDONE, ndone, _ST_REASON, reason)
-            a.jmp("epilogue")
-        a.label("epilogue")
+                buf += pack_eip(_ST_EIP, eip & 0xFFFFFFFF, _ST_NDONE, ndone, _ST_REASON, reason,
+                                0xE9, 0)  # fmt: skip
+            fixups.append((len(buf) - 4, "epilogue"))  # jmp epilogue
+        labels["epilogue"] = len(buf)
         buf += _EPILOGUE  # pushfq; pop r11; registers and flags out; return
 
     # -- memory --------------------------------------------------------------------
@@ -765,12 +938,15 @@ class Translator:
         if base == ESP:
             a.buf += _LOAD_R12_ESP
             base = R12
+        # (self.disps: where the displacement went, for build's fragments)
         if base is None:
             a.mov_imm32(dst, m.disp)
+            self.disps.append(len(a.buf) - 4)
             if m.index is not None:
                 a._mem(b"\x8d", dst, dst, 0, index=m.index, scale=m.scale)
         else:
             a._mem(b"\x8d", dst, base, m.disp, index=m.index, scale=m.scale)
+            self.disps.append(len(a.buf) - 4)
         if with_segment:
             a.buf += _ADD_SBASE[(dst, m.seg)]
 
@@ -780,8 +956,6 @@ class Translator:
         or leave at instruction k with the state before it. `saved`: R11 holds the guest
         flags already (the host's are clobbered)."""
         a = self.a
-        miss = f"m{self.n}"
-        self.n += 1
         if self.flags_in_r11:  # the previous instruction's lookup left them there
             saved = True
             self.flags_in_r11 = False
@@ -792,25 +966,34 @@ class Translator:
         code, fix1, fix2 = t
         at = len(a.buf)
         a.buf += code
-        a.fixups.append((at + fix1, miss))
-        a.fixups.append((at + fix2, miss))
         # A read-modify-write misses as a read first (#PF error code W=0), as the
-        # closures, which read before they write.
-        self.misses.append((miss, addr, (1 if write else 0) | (2 if write and reads else 0), k))
+        # closures, which read before they write. (The miss stub's two rel32s are
+        # written when it is made: no labels.)
+        self.misses.append(
+            (at + fix1, at + fix2, addr, (1 if write else 0) | (2 if write and reads else 0), k)
+        )
 
     def _emit_misses(self) -> None:
         a = self.a
-        buf = a.buf
-        for miss, addr, write, k in self.misses:
-            a.label(miss)
-            key = (addr, write)
+        buf, fixups = a.buf, a.fixups
+        insns, stubs = self.insns, self.stubs
+        n = self.n
+        pack = _REL32.pack_into
+        for fix1, fix2, addr, write, k in self.misses:
+            at = len(buf)
+            pack(buf, fix1, at - fix1 - 4)
+            pack(buf, fix2, at - fix2 - 4)
+            key = addr << 2 | write
             code = _MISS.get(key)
-            if code is None:
+            if code is None:  # (ends with a jmp: to its exit stub)
                 code = _MISS[key] = _RESTORE + _encoded(lambda b, addr=addr, write=write: (
                     b.store32(R15, OFF_MISS_ADDR, addr),
-                    b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+                    b.store_imm32(R15, OFF_MISS_WRITE, write))) + _JMP  # fmt: skip
             buf += code
-            a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
+            fixups.append((len(buf) - 4, n))
+            stubs.append((n, insns[k].eip, k, EXIT_MISS, None))  # exit_to, inline
+            n += 1
+        self.n = n
 
     # -- instructions ----------------------------------------------------------------
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
@@ -897,12 +1080,12 @@ class Translator:
 
     def _stack_addr(self, delta: int) -> None:
         """R9 = ESP + delta, R12 = SS base + R9 (the linear address); flags untouched."""
-        a = self.a
-        a.load32(R9, R15, OFF_ESP)
-        if delta:
-            a.lea32(R9, R9, delta)
-        a.load32(R10, R15, OFF_SBASE + 4 * SS)
-        a.lea32(R12, R9, 0, index=R10)
+        code = _STACK_ADDR.get(delta)
+        if code is None:
+            code = _STACK_ADDR[delta] = _encoded(lambda a: (
+                a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
+                a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
+        self.a.buf += code
 
     def push_r(self, i: Insn, k: int, restore: bool) -> bool:
         if i.p66:
@@ -1273,17 +1456,18 @@ class Translator:
     def _flags_fallback(self, i: Insn, k: int) -> str:
         """A stub that puts the guest flags (R11) back and leaves for the Python tiers
         at instruction k."""
-        name = f"fb{self.n}"
-        self.n += 1
+        name = self.n
+        self.n = name + 1
         self.flag_exits.append((name, i.eip, k))
         return name
 
     def _emit_flag_exits(self) -> None:
         a = self.a
+        buf, labels, fixups = a.buf, a.labels, a.fixups
         for name, eip, k in self.flag_exits:
-            a.label(name)
-            a.raw(_RESTORE)
-            a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
+            labels[name] = len(buf)
+            buf += _FLAG_EXIT  # the flags back into the host's; jmp (its stub)
+            fixups.append((len(buf) - 4, self.exit_to(eip, k, EXIT_FALLBACK)))
 
     def pushf(self, i: Insn, k: int, restore: bool) -> bool:
         """PUSHF: the arithmetic flags from the host's, the rest from the state (VM and RF
@@ -1437,6 +1621,33 @@ class Translator:
                 self.a.jmp(self.chain(nxt, k + 1))
         return True
 
+    def _keep_fragment(self, key: tuple, k: int, at: int, dsz: int, mark: tuple,
+                       imm: bytes) -> None:  # fmt: skip
+        """Keep what instruction k just emitted from buf[at] (one of _FRAGMENT_KINDS: its
+        bytes and TLB lookups, nothing else) for the next one with the same key: its shape,
+        immediate, restore and flags in R11; a displacement (dsz: its size in the guest's
+        bytes) is the four bytes address() wrote; `imm`, not in the key, ends the code."""
+        a = self.a
+        if imm and not a.buf.endswith(imm):
+            return
+        disp_at = -1
+        if dsz:
+            if len(self.disps) != mark[9] + 1:
+                return
+            disp_at = self.disps[-1] - at
+        misses = self.misses[mark[2] :]
+        if (len(a.fixups), len(self.chains), len(self.stubs), len(self.flag_exits),
+                len(a.labels), self.n) != (mark[1], *mark[3:6], *mark[7:9]):  # fmt: skip
+            return
+        looks = []
+        for f1, f2, addr, write, kk in misses:
+            if kk != k:
+                return
+            looks.append((f1 - at, f2 - at, addr, write))
+        if len(_FRAGMENTS) > _CACHE_MAX:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[key] = (bytes(a.buf[at : len(a.buf) - len(imm)]), tuple(looks), disp_at)
+
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
         """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
@@ -1454,18 +1665,19 @@ class Translator:
         n = len(insns)
         live_out = [0] * n
         live_in = [0] * n
-        rfs = [i.rf or facts(i.row) for i in insns]
+        bfs = [i.bf or build_facts(i) for i in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
-            rf = rfs[k]
-            if insns[k].mem is not None or not rf.plain or insns[k].row.native == "branch":
+            bf = bfs[k]
+            if bf[6]:
                 live = ARITH  # its TLB miss (or a branch) leaves: all flags show
             else:
-                live = (live & ~rf.kill) | _reads(insns[k], rf)
+                live = (live & ~bf[7]) | bf[1]
             live_in[k] = live
         a = self.a
-        buf = a.buf
-        a.label("start")
+        buf, fixups, labels = a.buf, a.fixups, a.labels
+        misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
+        labels["start"] = 0
         done = 0
         # carry: the guest flags wait in R11 and the host's may be anything: at the start
         # (every block is entered so), after a lookup that did not put them back because
@@ -1474,47 +1686,72 @@ class Translator:
         carry = True
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
-            differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
+            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
+             imm_mode, _, blind_ok, writes) = bfs[k]  # fmt: skip
+            differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
-            if i.row.native not in _ESP_AWARE and _uses_esp(i):
+            if esp_refused:
                 break
-            mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs),
-                    len(self.flag_exits), carry)  # fmt: skip
-            rf = rfs[k]
+            mark_carry = carry
+            before = len(buf)
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
-            restore = bool(_reads(i, rf) | (live_out[k] & ~rf.kill))
-            gives = k + 1 < n and _gives_flags(i, rf) and _takes_flags(insns[k + 1], rfs[k + 1])
+            restore = bool(reads | (live_out[k] & ~kill))
+            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
             # An instruction without a memory operand or an exit that reads no flag and
             # writes none (R11 keeps them) or writes every live one runs on whatever the
             # host's flags are.
             blind = (
                 carry
-                and (i.mem is None and i.row.native == "copy" or i.row.native == "lea")
-                and not (fix[0] or fix[1] or _reads(i, rf))
-                and not (i.row.flags_written and live_out[k] & ~rf.kill)
+                and blind_ok
+                and not (fix[0] or fix[1])
+                and not (writes and live_out[k] & ~kill)
             )
-            if carry and not blind and (fix[0] or not _takes_flags(i, rf)):
+            if carry and not blind and (fix[0] or not takes):
                 buf += _RESTORE
                 carry = False
             if fix[0]:
                 buf += fix[0]
-            self.flags_in_r11 = carry and not blind
-            if not getattr(self, i.row.native)(i, k, restore and not gives):
-                # What it emitted before refusing goes (its labels stay, unused).
-                del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
-                del self.chains[mark[3] :], self.stubs[mark[4] :], self.flag_exits[mark[5] :]
-                carry = mark[6]  # the flags still wait in R11 if they did before it
-                break
-            assert not self.flags_in_r11  # its lookup took them
+            in_r11 = carry and not blind
+            restore = restore and not gives
+            at = len(buf)
+            if cached:
+                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, in_r11)
+                frag = _FRAGMENTS.get(key)
+            else:
+                frag = key = None
+            if frag is not None:  # the bytes this shape gave last time, and its misses
+                buf += frag[0]
+                if dsz:
+                    _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
+                if imm_mode == 2:
+                    buf += i.raw[i.imm_at :]
+                for fix1, fix2, addr, write in frag[1]:
+                    misses.append((at + fix1, at + fix2, addr, write, k))
+            else:
+                self.flags_in_r11 = in_r11
+                mark = (before, len(fixups), len(misses), len(chains), len(stubs),
+                        len(flag_exits), mark_carry, len(labels), self.n,
+                        len(self.disps))  # fmt: skip
+                if getattr(self, i.row.native)(i, k, restore):
+                    if cached:
+                        self._keep_fragment(key, k, at, dsz, mark,
+                                            i.raw[i.imm_at :] if imm_mode == 2 else b"")  # fmt: skip
+                else:
+                    # What it emitted before refusing goes (its labels stay, unused).
+                    del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
+                    del chains[mark[3] :], stubs[mark[4] :], flag_exits[mark[5] :]
+                    carry = mark[6]  # the flags still wait in R11 if they did before it
+                    break
+                assert not self.flags_in_r11  # its lookup took them
             # (blind: the flags it writes are the live ones; none: R11 still has them)
-            carry = not i.row.flags_written if blind else gives
+            carry = not writes if blind else gives
             if fix[1]:
                 buf += fix[1]
             done = k + 1
-            if _ends(i):
+            if ends:
                 break
         if carry:  # the block ends before the instruction that was to take them
             buf += _RESTORE
@@ -1543,6 +1780,15 @@ class Translator:
         return a.finish(), done
 
 
+def clear_caches() -> None:
+    """Forget every memoized parse, encoding and kept host code (bench/native_translate.py:
+    a replay's pass then costs what a boot's first translations cost)."""
+    _SHAPE1[:] = [None] * 256
+    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS):
+        cache.clear()
+    clear_encodings()
+
+
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
                     host_tsc: bool = True,
                     shadows: set[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
@@ -1552,15 +1798,37 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
+    end = len(code)
+    sti = False
     first_branch = 0  # instructions up to the first conditional branch
-    while len(insns) < MAX_INSNS and pos < len(code):
-        i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
-        if i is None:
+    shape1, shapes = _SHAPE1, _SHAPES
+    for _ in range(MAX_INSNS):
+        if pos >= end:
             break
+        # parse's cache, inline (most instructions are in it)
+        e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
+        if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
+            # _insn(e, ...), inline
+            (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
+             override, rf, bf) = e  # fmt: skip
+            raw = code[pos : pos + size]
+            if dsz:
+                disp = int.from_bytes(raw[dpos : dpos + dsz], "little", signed=True)
+                m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+            i = Insn((eip + pos) & 0xFFFFFFFF, raw, row, p66, opmap, opc, modrm, m, imm_at, osize,
+                     lock, rep, override, rf, bf)  # fmt: skip
+            if bf is None:
+                i.bf = build_facts(i)
+        else:
+            i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
+            if i is None:
+                break
         insns.append(i)
         pos += len(i.raw)
-        if _ends(i):
+        bf = i.bf
+        if bf[4]:  # it ends the block
             break
+        sti = sti or bf[12]
         if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
             first_branch = len(insns)
     # A block goes on past a forward conditional branch only where it is a loop's body
@@ -1576,7 +1844,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     while True:
         out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
-            if shadows is not None:
+            if shadows is not None and sti:
                 shadows.update(
                     insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
                 )

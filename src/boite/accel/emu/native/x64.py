@@ -24,6 +24,12 @@ _RR: dict[tuple, bytes] = {}
 _REL32 = struct.Struct("<i")
 
 
+def clear_encodings() -> None:
+    """Forget the memoized encodings (benchmarks of a first translation)."""
+    _MEM.clear()
+    _RR.clear()
+
+
 def _s32(v: int) -> bytes:
     return (v & 0xFFFFFFFF).to_bytes(4, "little")
 
