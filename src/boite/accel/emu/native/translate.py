@@ -708,14 +708,13 @@ class Translator:
         self.stubs.append((name, [eip, ndone, reason, eip_reg]))
         return name
 
-    def chain(self, target: int | None, ndone: int, in_r11: bool = False) -> str:
+    def chain(self, target: int | None, ndone: int) -> str:
         """A stub that takes the block's `ndone` instructions off the budget and goes on
         at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
-        returns its label. The guest flags are in the host's (in_r11: in R11 alone) and
-        go to the next block in R11."""
+        returns its label. The guest flags go from the host's to the next block in R11."""
         name = f"c{self.n}"
         self.n += 1
-        self.chains.append((name, target, ndone, in_r11))
+        self.chains.append((name, target, ndone))
         return name
 
     def _emit_chains(self) -> None:
@@ -723,10 +722,9 @@ class Translator:
         if not self.chains:
             return
         buf = a.buf
-        for name, target, ndone, in_r11 in self.chains:
+        for name, target, ndone in self.chains:
             a.label(name)
-            # [pushfq; pop r11]; sub [r15 + budget], ndone
-            buf += (_BUDGET_SUB if in_r11 else _CHAIN_HEAD) + _s32(ndone)
+            buf += _CHAIN_HEAD + _s32(ndone)  # flags to R11; sub [r15 + budget], ndone
             if target is None:
                 buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
                 continue
