@@ -2,12 +2,12 @@
 
 Boots a Linux kernel (the kit's i386 vmlinux, or a bzImage with --bzimage) to its init
 marker and records every block the decoder was asked to translate: its guest bytes (from
-the block's start to the end of its page, and the first bytes of the next linear page
-where that was mapped for execution), EIP and the CPU state decoding reads (segment
+the block's start to the end of its page, and the next linear page where that was
+mapped for execution), EIP and the CPU state decoding reads (segment
 bases, limits and rights, CS/SS size, mode_key, CPL, CR0/CR4, LOCK rule). Then it decodes
 them all again, REPEAT times, on a CPU whose execute TLB maps those bytes at the same
-linear addresses, and reports the best pass in CPU microseconds per decoded instruction,
-with a hash of the block boundaries (every instruction's EIP and length: equal hashes
+linear addresses (one RAM frame per linear page), and reports the best pass in CPU
+microseconds per decoded instruction, with a hash of the block boundaries (every instruction's EIP and length: equal hashes
 mean the same blocks, the check for a change meant to make the decoder faster, not
 different).
 
@@ -40,9 +40,6 @@ from boite.machine.memory import GuestMemory  # noqa: E402
 
 SCALARS = ("cs32", "ss32", "mode_key", "cs_key", "lock_ud", "cpl", "cr0", "cr4")
 SEGS = ("sbase", "slimit", "slo", "srhi", "swhi", "sel")
-# The linear page the block starts in and the one after it: scratch frames in replay.
-FRAME = 0x1000
-NEXT_FRAME = 0x2000
 
 
 def _page_bytes(c: Cpu, page: int) -> bytes | None:
@@ -90,8 +87,18 @@ def record(kernel: Path, initrd: Path, bzimage: bool) -> tuple[list, float]:
     return out, cpu_s
 
 
-def _replay_cpu() -> Cpu:
-    c = Cpu(GuestMemory.with_ram(1 << 20))
+def _frames(recs: list) -> dict[int, int]:
+    """A RAM frame of the replay for each linear page the blocks start in or run into
+    (one page, one frame: blocks keep their distinct physical addresses)."""
+    frames: dict[int, int] = {}
+    for lin, _, _, nxt, _ in recs:
+        for page in (lin >> 12, ((lin >> 12) + 1) & 0xFFFFF) if nxt is not None else (lin >> 12,):
+            frames.setdefault(page, (len(frames) + 1) << 12)
+    return frames
+
+
+def _replay_cpu(ram: int) -> Cpu:
+    c = Cpu(GuestMemory.with_ram(ram))
     c.native = None
     c.paging = True
 
@@ -107,7 +114,8 @@ def replay(recs: list, repeat: int, decode: bool = True) -> tuple[float, int, st
     """Best CPU seconds over `repeat` passes, the instruction count and the boundary hash.
     With decode False, only the per-block setup (to subtract)."""
     gc.set_threshold(*GC_THRESHOLD)  # the collector's pace in a boot (EmuAccelerator)
-    c = _replay_cpu()
+    frames = _frames(recs)
+    c = _replay_cpu((len(frames) + 2) << 12)
     dec = c.decoder
     ram = c.ram
     best = float("inf")
@@ -128,16 +136,18 @@ def replay(recs: list, repeat: int, decode: bool = True) -> tuple[float, int, st
             for a, v in zip(SEGS, state[len(SCALARS) :], strict=True):
                 getattr(c, a)[:] = v
             page = lin >> 12
-            tlb = {page: FRAME}
-            ram[FRAME:NEXT_FRAME] = cur
+            frame = frames[page]
+            tlb = {page: frame}
+            ram[frame : frame + 0x1000] = cur
             if nxt is not None:
-                tlb[(page + 1) & 0xFFFFF] = NEXT_FRAME
-                ram[NEXT_FRAME : NEXT_FRAME + 0x1000] = nxt
+                page2 = (page + 1) & 0xFFFFF
+                frame2 = tlb[page2] = frames[page2]
+                ram[frame2 : frame2 + 0x1000] = nxt
             c.xtlb = c.rtlb = tlb
             if not decode:
                 continue
             try:
-                b = dec.translate_block(FRAME | (lin & 0xFFF), eip)
+                b = dec.translate_block(frame | (lin & 0xFFF), eip)
             except core.CpuFault as f:
                 h.update(b"F%d" % f.vector)
                 continue

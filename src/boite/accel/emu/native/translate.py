@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
-    CHAIN_SHIFT,
-    CHAIN_SLOTS,
+    CHAIN_BITS,
+    CHAIN_MUL,
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
@@ -157,10 +157,9 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.jcc(0xE, "out")  # JLE: the budget is spent
     a.cmp_mem_imm32(R15, OFF_INTR, 0)
     a.jcc(5, "out")  # JNE: leave for an interrupt
-    a.mov_rr32(R10, R9)
-    a.shr32(R10, CHAIN_SHIFT)
-    a.xor_rr32(R10, R9)
-    a.and32(R10, CHAIN_SLOTS - 1)
+    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL: chain_slot
+    a.buf += _s32(CHAIN_MUL)
+    a.shr32(R10, 32 - CHAIN_BITS)
     a.shl32(R10, 4)
     a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
     a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
