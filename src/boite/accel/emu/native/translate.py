@@ -288,7 +288,7 @@ _STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
                      saved: bool) -> tuple[bytes, int, int]:  # fmt: skip
     """The inline TLB lookup of Translator.lookup, with the offsets of its two rel32s
-    (both to the miss stub)."""
+    (both to the miss stub; one, given twice, for a byte)."""
     a = Asm()
     if not saved:
         a.raw(_SAVE)  # the guest flags, for the miss path and to restore
@@ -299,13 +299,14 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     a.jcc(4, "miss")  # JE: no entry
     a.mov_rr32(R8, addr)
     a.and32(R8, 0xFFF)
-    a.cmp32(R8, 0x1000 - size)
-    a.jcc(7, "miss")  # JA: the access would cross into the next page
+    if size > 1:  # (a byte never crosses)
+        a.cmp32(R8, 0x1000 - size)
+        a.jcc(7, "miss")  # JA: the access would cross into the next page
     a.add64(R10, R8)
     if restore:
         a.raw(_RESTORE)
-    (fix1, _), (fix2, _) = a.fixups
-    return bytes(a.buf), fix1, fix2
+    fix1 = a.fixups[0][0]
+    return bytes(a.buf), fix1, a.fixups[-1][0]  # (the same one twice for a byte)
 
 
 @dataclass(slots=True)
