@@ -887,25 +887,26 @@ def test_a_page_becoming_code_leaves_every_write_tlb(monkeypatch) -> None:
         assert [bool(t.tables.write[p]) for p in (0x20, 0x21, 0x22)] == [False, False, True]
 
 
-def test_the_flags_restore_from_r11_gives_every_arithmetic_flag_back() -> None:
-    """_POPF_R11 (SAHF and a CMP for OF where the host has them, else POPFQ) puts every
-    combination of the arithmetic flags from R11 into the host's, with IF as PUSHFQ
-    shows it in user mode or clear (as the entry stub leaves it), and keeps R11."""
+def test_the_flags_saved_to_r11_come_back_whatever_ran_between() -> None:
+    """_SAVE (LAHF, SETO into R11) then _RESTORE (SAHF, and a CMP for OF) give every
+    combination of the arithmetic flags back, whatever changed the host's flags between,
+    and keep RAX as it was."""
     import ctypes
 
     from boite.accel.emu.arch import ARITH
     from boite.accel.emu.native.state import CodeArena
 
-    restore = native_translate._POPF_R11
-    # mov r11, rdi; xor eax, eax (flags: ZF PF set); restore; pushfq; pop rax;
-    # shl rax, 32; or rax, r11 (R11's low half: it must come back as it went in); ret
-    code = b"\x49\x89\xfb\x31\xc0" + restore + b"\x9c\x58\x48\xc1\xe0\x20\x4c\x09\xd8\xc3"
+    # push rdi; popfq; mov rax, rsi; SAVE; xor ecx, ecx (flags: ZF PF); cmp cl, 1 (CF SF
+    # AF); RESTORE; pushfq; pop rdx; xor rax, rsi; shl rax, 16; or rax, rdx; ret
+    code = (b"\x57\x9d\x48\x89\xf0" + native_translate._SAVE + b"\x31\xc9\x80\xf9\x01"
+            + native_translate._RESTORE + b"\x9c\x5a\x48\x31\xf0\x48\xc1\xe0\x10\x48\x09\xd0\xc3")  # fmt: skip
     arena = CodeArena(4096)
-    fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)(arena.place(code))
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)(arena.place(code))
     bits = [b for b in range(12) if ARITH >> b & 1]
+    rnd = random.Random(11)
     for combo in range(1 << len(bits)):
         fl = sum(1 << b for i, b in enumerate(bits) if combo >> i & 1)
-        for extra in (0x2, 0x202):
-            got = fn(fl | extra)
-            assert (got >> 32) & ARITH == fl, (hex(fl), hex(got))
-            assert got & 0xFFFFFFFF == fl | extra
+        rax = rnd.getrandbits(32)
+        got = fn(fl | 0x202, rax)
+        assert got & ARITH == fl, (hex(fl), hex(got))
+        assert got >> 16 == 0  # RAX as it was

@@ -1793,19 +1793,20 @@ class Cpu:
         """The closures of a cached, not yet compiled block as one callable for the EIP
         map `fm` (emptied whenever a block or a TLB entry goes away, as for compiled
         ones): counts the block's runs and compiles it when hot, as run()'s slow path
-        does; a fault or HLT inside tells run() what completed before it."""
-        fns = b.fns
-        eip = b.eip
-        decoder = self.decoder
+        does; a fault or HLT inside tells run() what completed before it. (Its values
+        are default arguments: no cells, no cycle, cheap to make for run-once code.)"""
 
-        def cold() -> int:
+        def cold(
+            b: Any = b, fns: tuple = b.fns, eip: int = b.eip, fm: dict = fm, cpu: Cpu = self
+        ) -> int:
             f = b.fn
             if f is not None:  # compiled meanwhile, through another map
                 return f()
             b.hits += 1
-            if b.hits >= self.hot_block and self.compile_blocks:
-                decoder.compile(b)
-                if b.fn is not None and fm.get(eip) is cold:  # the map still holds it
+            if b.hits >= cpu.hot_block and cpu.compile_blocks:
+                cpu.decoder.compile(b)
+                # An entry at eip in fm is this block's (entries go with their block).
+                if b.fn is not None and eip in fm:
                     fm[eip] = b.fn
             n = 0
             try:
@@ -1813,7 +1814,7 @@ class Cpu:
                     fn()
                     n += 1
             except (CpuFault, CpuHalt):
-                self.done_before_raise += n
+                cpu.done_before_raise += n
                 raise
             return n
 

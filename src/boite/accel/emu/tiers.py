@@ -61,6 +61,10 @@ def native_refusal() -> str | None:
     if sys.platform != "linux" or machine not in ("x86_64", "AMD64"):
         return f"the native tier needs an x86-64 Linux host, this is {sys.platform}/{machine}"
     from boite.accel.emu.native.state import CodeArena
+    from boite.accel.emu.native.translate import host_lahf
+
+    if not host_lahf():
+        return "the native tier needs LAHF/SAHF in 64-bit mode (CPUID lahf_lm), absent here"
 
     try:
         CodeArena(4096)

@@ -54,7 +54,7 @@ from boite.accel.emu.native.state import (
     buffer_address,
     chain_slot,
 )
-from boite.accel.emu.native.translate import runtime_stubs, translate_block
+from boite.accel.emu.native.translate import host_lahf, runtime_stubs, translate_block
 
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
@@ -84,9 +84,11 @@ assert OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 16 and OFF_EIP == _REGS_OUT.siz
 
 
 def native_available() -> bool:
-    """x86-64 Linux with executable anonymous memory."""
+    """x86-64 Linux with executable anonymous memory (and LAHF/SAHF in 64-bit mode)."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
+    if not host_lahf():
+        return False  # translated code moves the guest flags with LAHF/SAHF
     try:
         CodeArena(4096)
     except (OSError, ValueError):

@@ -3,7 +3,8 @@ Python through ctypes, and the memory the tier owns: the software TLB tables and
 executable code arena.
 
 Inside translated code the guest's EAX, ECX, EDX, EBX, EBP, ESI and EDI live in the
-host's registers of the same number, the arithmetic flags in the host's flags; ESP,
+host's registers of the same number, the arithmetic flags in the host's flags (or in
+R11, translate.py's _SAVE format, around code that changes the host's); ESP,
 EIP and the segment bases stay in this structure (the host's RSP is the host stack).
 R15 points at the structure, R14/R13 at the read/write TLB tables; R8-R12 are scratch.
 """
@@ -107,11 +108,14 @@ EXIT_FALLBACK = 2  # the instruction at EIP is not translated: the Python tiers 
 # tag 0xFFFFFFFF and the `out` stub as its code, so a hit on it (EIP 0xFFFFFFFF) leaves.
 CHAIN_BITS = 16  # 1 MiB a table: a boot's few thousand hot blocks rarely collide
 CHAIN_SLOTS = 1 << CHAIN_BITS
-CHAIN_SHIFT = 12
+# The slot: the top CHAIN_BITS of EIP * CHAIN_MUL (mod 2^32), Fibonacci hashing. (EIP ^
+# EIP >> 12 put kernel blocks 128 KiB apart with alike low bits into one slot, and such
+# hot pairs kept evicting each other: 134k extra exits in the Debian 686 boot.)
+CHAIN_MUL = 0x9E3779B1
 
 
 def chain_slot(eip: int) -> int:
-    return (eip ^ (eip >> CHAIN_SHIFT)) & (CHAIN_SLOTS - 1)
+    return ((eip * CHAIN_MUL) & 0xFFFFFFFF) >> (32 - CHAIN_BITS)
 
 
 def buffer_address(buf) -> int:

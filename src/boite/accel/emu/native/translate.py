@@ -11,11 +11,11 @@ thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
 - opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
   82 is invalid) are re-encoded;
 - PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
-- the guest's arithmetic flags live in the host's, or in R11 (as PUSHFQ leaves them)
-  where host code in between changes the host's: every block is entered with them in
-  R11 and puts them into the host's (SAHF, not the slow POPFQ) only before the first
-  instruction that reads or keeps one that is live; a TLB lookup saves them to R11
-  (PUSHFQ) unless they are there already and puts them back only where live;
+- the guest's arithmetic flags live in the host's, or in R11 (LAHF and SETO format,
+  _SAVE/_RESTORE: never the slow PUSHFQ/POPFQ pair) where host code in between changes
+  the host's: every block is entered with them in R11 and puts them into the host's
+  only before the first instruction that reads or keeps one that is live; a TLB lookup
+  saves them to R11 unless they are there already and puts them back only where live;
 - branches end the block: the block takes its instruction count off the budget and,
   while budget remains and no interrupt is pending, chains to the next block through the
   chain table (guest EIP -> host code; an indirect branch hashes its target at run time,
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
-    CHAIN_SHIFT,
-    CHAIN_SLOTS,
+    CHAIN_BITS,
+    CHAIN_MUL,
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
@@ -142,8 +142,14 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
+    # Blocks are entered with the guest flags in R11 (as _SAVE leaves them).
     a.load32(R11, R15, OFF_EFLAGS)
-    a.and32(R11, ARITH)  # blocks are entered with the guest flags in R11
+    a.mov_rr32(R10, R11)
+    a.shr32(R10, 11)
+    a.and32(R10, 1)  # OF
+    a.and32(R11, ARITH & 0xFF)
+    a.shl32(R11, 8)  # SF ZF AF PF CF
+    a._rr(b"\x09", R10, R11)  # or r11d, r10d
     for g in HELD:
         a.load32(g, R15, OFF_R + 4 * g)
     a.jmp_reg(R8)
@@ -151,10 +157,9 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.jcc(0xE, "out")  # JLE: the budget is spent
     a.cmp_mem_imm32(R15, OFF_INTR, 0)
     a.jcc(5, "out")  # JNE: leave for an interrupt
-    a.mov_rr32(R10, R9)
-    a.shr32(R10, CHAIN_SHIFT)
-    a.xor_rr32(R10, R9)
-    a.and32(R10, CHAIN_SLOTS - 1)
+    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL: chain_slot
+    a.buf += _s32(CHAIN_MUL)
+    a.shr32(R10, 32 - CHAIN_BITS)
     a.shl32(R10, 4)
     a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
     a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
@@ -164,6 +169,9 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.store32(R15, OFF_EIP, R9)
     a.store_imm32(R15, OFF_NDONE, 0)
     a.store_imm32(R15, OFF_REASON, EXIT_END)
+    a.raw(_RESTORE)
+    a.pushfq()
+    a.raw(b"\x41\x5b")  # pop r11: EFLAGS, as the state has them
     _epilogue(a)
     return a.finish(), a.labels
 
@@ -186,16 +194,20 @@ def _imm(build) -> bytes:
     return _encoded(build)[:-4]
 
 
-_BUDGET_SUB = _imm(lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0))
-_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _BUDGET_SUB
-_CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
-_MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
-_CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
+# The guest flags in R11, as LAHF and SETO give them: bits 15-8 SF ZF - AF - PF - CF,
+# bits 7-0 OF (0 or 1), the bits above whatever RAX had. PUSHFQ and POPFQ would do it
+# in one instruction each, but POPFQ is microcoded (~15 cycles here) and PUSHFQ ~4: on a
+# loop's hot path (a chain, a TLB lookup) they were the most costly instructions.
+# Save: mov r11, rax; lahf; seto al; xchg rax, r11 (RAX as it was).
+_SAVE = b"\x49\x89\xc3\x9f\x0f\x90\xc0\x49\x93"
+# Restore, R11 and RAX kept: xchg rax, r11; cmp al, 0x81 (OF: 0x01 + 127 overflows,
+# 0x00 + 127 does not); sahf (SF ZF AF PF CF from AH); xchg rax, r11.
+_RESTORE = b"\x49\x93\x3c\x81\x9e\x49\x93"
 
 
-def _host_sahf() -> bool:
-    """LAHF/SAHF work in 64-bit mode (CPUID 80000001h ECX bit 0; all but the first
-    x86-64 processors)."""
+def host_lahf() -> bool:
+    """LAHF/SAHF work in 64-bit mode (CPUID 80000001h ECX bit 0: all but the first
+    x86-64 processors), as the flag moves above need."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -206,13 +218,12 @@ def _host_sahf() -> bool:
     return False
 
 
-# The guest flags from R11 (as PUSHFQ left them) into the host's: POPFQ is microcoded
-# (~15 cycles here, the most costly instruction of a loop's hot path); SAHF takes SF ZF
-# AF PF CF from AH and a CMP sets OF, R11 kept: xchg rax, r11; cmp ah, 0x88 (OF from
-# bit 11: AH is 0x00/0x02 + OF's 0x08, as TF, DF, IOPL and NT are clear in R11); xchg
-# al, ah; sahf; xchg al, ah; xchg rax, r11.
-_RESTORE_SAHF = b"\x49\x93\x80\xfc\x88\x86\xc4\x9e\x86\xc4\x49\x93"
-_POPF_R11 = _RESTORE_SAHF if _host_sahf() else _encoded(lambda a: (a.push(R11), a.popfq()))
+_BUDGET_SUB = _imm(lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0))
+_CHAIN_HEAD = _SAVE + _BUDGET_SUB
+_CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
+_MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
+_CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
+
 _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
     lambda a: a._mem(b"\x39", R9, R8, 0)
 )
@@ -245,8 +256,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     (both to the miss stub)."""
     a = Asm()
     if not saved:
-        a.pushfq()
-        a.pop(R11)  # the guest flags, for the miss path and to restore
+        a.raw(_SAVE)  # the guest flags, for the miss path and to restore
     a.mov_rr32(R10, addr)
     a.shr32(R10, 12)
     a.load64_index8(R10, R13 if write else R14, R10)
@@ -258,7 +268,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     a.jcc(7, "miss")  # JA: the access would cross into the next page
     a.add64(R10, R8)
     if restore:
-        a.raw(_POPF_R11)
+        a.raw(_RESTORE)
     (fix1, _), (fix2, _) = a.fixups
     return bytes(a.buf), fix1, fix2
 
@@ -648,6 +658,14 @@ def _shift_count(i: Insn) -> int | None:
 _GOES_ON = ("popf", "cli", "sti")
 
 
+def _target(i: Insn) -> int | None:
+    """Where a relative branch (Jcc, JMP, LOOP*, JECXZ) goes; None for other rows."""
+    if i.row.native not in ("branch", "loop"):
+        return None
+    nxt = i.eip + len(i.raw)
+    return (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
+
+
 def _ends(i: Insn) -> bool:
     """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
     end it: its taken side chains and the block goes on with the next instruction, so a
@@ -788,8 +806,8 @@ class Translator:
             key = (addr, write)
             code = _MISS.get(key)
             if code is None:
-                code = _MISS[key] = _encoded(lambda b, addr=addr, write=write: (
-                    b.push(R11), b.popfq(), b.store32(R15, OFF_MISS_ADDR, addr),
+                code = _MISS[key] = _RESTORE + _encoded(lambda b, addr=addr, write=write: (
+                    b.store32(R15, OFF_MISS_ADDR, addr),
                     b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
             buf += code
             a.jmp(self.exit_to(self.insns[k].eip, k, EXIT_MISS))
@@ -847,14 +865,14 @@ class Translator:
             if i.p66 or reg == ESP:
                 return False
             self.address(i.mem, R9)
-            a.pushfq()  # the guest's flags through the arithmetic below
+            a.raw(_SAVE)  # the guest's flags through the arithmetic below
             a.mov_rr32(R12, reg)
             a._rr(b"\xc1", 7, R12)  # sar r12d, 5
             a.raw(b"\x05")
             a._mem(b"\x8d", R9, R9, 0, index=R12, scale=2)  # lea r9d, [r9 + r12*4]
             a.mov_rr32(R12, reg)
             a.and32(R12, 31)
-            a.popfq()
+            a.raw(_RESTORE)
             self.lookup(R9, 4, _writes_mem(i), k, restore)
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
@@ -1018,8 +1036,7 @@ class Translator:
         a = self.a
         fb = self._flags_fallback(i, k)
         if i.mem is None:
-            a.pushfq()
-            a.pop(R11)
+            a.raw(_SAVE)
             a.mov_rr32(R8, i.modrm & 7)
         else:
             self.address(i.mem, R9)
@@ -1030,8 +1047,7 @@ class Translator:
         a.raw(b"\x44\x39\xc2")  # cmp edx, r8d
         a.jcc(3, fb)  # JAE: the quotient does not fit
         a.raw(b"\x41\xf7\xf0")  # div r8d
-        a.push(R11)
-        a.popfq()
+        a.raw(_RESTORE)
         return True
 
     def jmp_m(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1192,21 +1208,18 @@ class Translator:
         if i.rep:
             # A fresh slice unless this instruction goes on after a TLB miss.
             go = f"rg{n}"
-            a.pushfq()
-            a.pop(R11)
+            a.raw(_SAVE)
             a.cmp_mem_imm32(R15, OFF_REP_EIP, i.eip)
             a.jcc(4, go)
             a.store_imm32(R15, OFF_REP_LEFT, REP_SLICE)
             a.store_imm32(R15, OFF_REP_EIP, i.eip)
             a.label(go)
-            a.push(R11)
-            a.popfq()
+            a.raw(_RESTORE)
             a.raw(b"\x67\xe3\x05")  # ECX = 0: nothing, the flags as they were
             a.jmp(top)
             a.jmp(done)
             a.label(top)
-            a.pushfq()
-            a.pop(R11)  # the guest flags (a miss or the yield shows them)
+            a.raw(_SAVE)  # the guest flags (a miss or the yield shows them)
             saved = True
         # CMPS reads DS:ESI first (R12 keeps its host address), then ES:EDI.
         if cmps:
@@ -1245,8 +1258,7 @@ class Translator:
             a.jmp(done)
             a.label(yld)
             a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
-            a.push(R11)
-            a.popfq()
+            a.raw(_RESTORE)
             a.jmp(self.exit_to(i.eip, k + 1, EXIT_END))
             a.label(done)
             a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
@@ -1270,8 +1282,7 @@ class Translator:
         a = self.a
         for name, eip, k in self.flag_exits:
             a.label(name)
-            a.push(R11)
-            a.popfq()
+            a.raw(_RESTORE)
             a.jmp(self.exit_to(eip, k, EXIT_FALLBACK))
 
     def pushf(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1283,13 +1294,17 @@ class Translator:
         self._stack_addr(-4)
         self.lookup(R12, 4, True, k, False, reads=False)  # R11: the guest flags
         a.mov_rr32(R8, R11)
-        a.and32(R8, ARITH)
+        a.shr32(R8, 8)
+        a.and32(R8, ARITH & 0xFF)  # SF ZF AF PF CF
+        a.mov_rr32(R12, R11)
+        a.and32(R12, 1)
+        a.shl32(R12, 11)  # OF
+        a._rr(b"\x09", R12, R8)  # or r8d, r12d
         a._mem(b"\x0b", R8, R15, OFF_SYSFL)  # or r8d, [r15 + sysfl]
         a.and32(R8, 0xFCFFFF)
         a.raw(b"\x45\x89\x02")  # mov [r10], r8d
         a.store32(R15, OFF_ESP, R9)
-        a.push(R11)
-        a.popfq()
+        a.raw(_RESTORE)
         return True
 
     def popf(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1336,13 +1351,11 @@ class Translator:
         request then waits, as on the Python tiers."""
         a = self.a
         fb = self._flags_fallback(i, k)
-        a.pushfq()
-        a.pop(R11)
+        a.raw(_SAVE)
         a.cmp_mem_imm32(R15, OFF_IFOK, 0)
         a.jcc(4, fb)
         self._imm_mem(4, OFF_SYSFL, ~IF & 0xFFFFFFFF)
-        a.push(R11)
-        a.popfq()
+        a.raw(_RESTORE)
         return True
 
     def sti(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1356,8 +1369,7 @@ class Translator:
         fb = self._flags_fallback(i, k)
         done = f"si{self.n}"
         self.n += 1
-        a.pushfq()
-        a.pop(R11)
+        a.raw(_SAVE)
         a._mem(b"\xf7", 0, R15, OFF_SYSFL)
         a.raw(IF.to_bytes(4, "little"))  # test dword [r15 + sysfl], IF
         a.jcc(5, done)  # set already: nothing (and no shadow)
@@ -1369,8 +1381,7 @@ class Translator:
         a.jcc(5, fb)
         self._imm_mem(1, OFF_SYSFL, IF)
         a.label(done)
-        a.push(R11)
-        a.popfq()
+        a.raw(_RESTORE)
         return True
 
     def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1381,8 +1392,7 @@ class Translator:
             return False
         a = self.a
         fb = self._flags_fallback(i, k)
-        a.pushfq()
-        a.pop(R11)
+        a.raw(_SAVE)
         a.cmp_mem_imm32(R15, OFF_IFOK, 0)
         a.jcc(4, fb)  # CPL > IOPL: CPL > 0
         a._mem(b"\xf7", 0, R15, OFF_SYSFL)
@@ -1407,7 +1417,8 @@ class Translator:
         a.raw(b"\x89\xc0")  # mov eax, eax
         a.raw(b"\x48\x83\xc4\x18")  # add rsp, 24
         a.raw(b"\x5f\x5e\x59")  # pop rdi; pop rsi; pop rcx
-        a.popfq()
+        a.pop(R11)
+        a.raw(_RESTORE)
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1486,7 +1497,7 @@ class Translator:
                 and not (i.row.flags_written and live_out[k] & ~rf.kill)
             )
             if carry and not blind and (fix[0] or not _takes_flags(i, rf)):
-                buf += _POPF_R11
+                buf += _RESTORE
                 carry = False
             if fix[0]:
                 buf += fix[0]
@@ -1506,7 +1517,7 @@ class Translator:
             if _ends(i):
                 break
         if carry:  # the block ends before the instruction that was to take them
-            buf += _POPF_R11
+            buf += _RESTORE
         self.flags_in_r11 = False
         if done and insns[done - 1].row.native == "sti":
             return None, done - 1  # no chain or exit may come between STI and its shadow
@@ -1541,6 +1552,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     code = read(page_left)
     insns: list[Insn] = []
     pos = 0
+    first_branch = 0  # instructions up to the first conditional branch
     while len(insns) < MAX_INSNS and pos < len(code):
         i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
         if i is None:
@@ -1549,6 +1561,15 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
         pos += len(i.raw)
         if _ends(i):
             break
+        if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
+            first_branch = len(insns)
+    # A block goes on past a forward conditional branch only where it is a loop's body
+    # (it ends with a branch back to its start): elsewhere the code after the branch,
+    # often cold or a join point that other blocks reach too, would be translated in
+    # each block that falls into it.
+    if first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
+        insns = insns[:first_branch]
+        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
