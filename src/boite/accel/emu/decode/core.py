@@ -234,6 +234,8 @@ class DecoderBase:
         self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
         self.tail_fault = False  # the last decode could not fetch its tail (a fault)
         self.ctx = Ctx(0, 0, True, 0)  # the instruction being decoded (see decode)
+        # Blocks of one page-straddling instruction by physical address (_keep_straddler).
+        self.straddlers: dict[int, tuple] = {}
         self.shared: dict[tuple[str, int, int], Callable[..., int | None]] = {}
         self._install()
 
@@ -374,6 +376,11 @@ class DecoderBase:
     def translate_block(self, pa: int, eip: int) -> Block:
         """Decode a basic block at EIP (physical address pa) and cache it."""
         c = self.c
+        st = self.straddlers.get(pa)
+        if st is not None and st[0] == eip and st[1] == c.cs_key and st[2] == c.mode_key:
+            block = self._straddler_again(pa, eip, st)
+            if block is not None:
+                return block
         fns: list[Fn] = []
         info: list[tuple[int, int]] = []
         page_end = (pa | 0xFFF) + 1
@@ -430,6 +437,8 @@ class DecoderBase:
             # could not be fetched: its fault is what the block holds, and once the
             # guest maps that page the instruction must run.
             block.cacheable = False
+            if not self.tail_fault and code32:
+                self._keep_straddler(block, page_end)
             return block
         c.blocks[pa] = block
         ppage = pa >> 12
@@ -439,6 +448,38 @@ class DecoderBase:
             c.guard_code_page(ppage)
         else:
             lst.append(pa)
+        return block
+
+    def _keep_straddler(self, block: Block, page_end: int) -> None:
+        """Remember a (32-bit) instruction that straddles a page: where its second part
+        was fetched from (the execute TLB's frame) and both parts' bytes. Such a block is
+        never cached, so it is asked for each time it runs (the Debian boot decoded tens
+        of thousands of them); this lets the next ask skip decoding when nothing moved."""
+        c = self.c
+        pa = block.pa
+        ((eip, n),) = block.info
+        n1 = page_end - pa
+        lin2 = (c.sbase[CS] + eip + n1) & M32
+        p2 = c.xtlb.get(lin2 >> 12)
+        if p2 is None or lin2 & 0xFFF or p2 + n - n1 > c.ram_size:
+            return
+        self.straddlers[pa] = (
+            eip, c.cs_key, c.mode_key, c.cr0 & 1, c.lock_ud, bytes(c.ram[pa:page_end]),
+            lin2 >> 12, p2, bytes(c.ram[p2 : p2 + n - n1]), block.fns, block.info, block.mask,
+        )  # fmt: skip
+
+    def _straddler_again(self, pa: int, eip: int, st: tuple) -> Block | None:
+        """The block of a straddling instruction kept by _keep_straddler, when decoding it
+        again would give the same: same state, its second page still in the execute TLB
+        at the same frame, the same bytes in both pages. Else None."""
+        c = self.c
+        if st[3] != c.cr0 & 1 or st[4] != c.lock_ud or c.xtlb.get(st[6]) != st[7]:
+            return None
+        first, p2, second = st[5], st[7], st[8]
+        if c.ram[pa : pa + len(first)] != first or c.ram[p2 : p2 + len(second)] != second:
+            return None
+        block = Block(eip, c.cs_key, c.mode_key, st[9], pa, st[10], st[11])
+        block.cacheable = False
         return block
 
     def compile(self, block: Block) -> None:
