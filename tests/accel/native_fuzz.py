@@ -53,6 +53,8 @@ def _insn(rnd: random.Random, rows) -> bytes:
 
     if rnd.random() < 0.1:
         return rnd.randbytes(rnd.randrange(1, 4))
+    if rnd.random() < 0.01:
+        return b"\xf3\x90"  # PAUSE (the generator's prefixes are 66 only)
     r = rnd.choice(rows)
     p66 = rnd.random() < 0.1
     b = (b"\x66" if p66 else b"") + (b"\x0f" if r.map else b"") + bytes([r.code])

@@ -1075,6 +1075,9 @@ class Cpu:
         limit = self.slimit[CS]
         reach = M32 if self.cs32 else M16
         self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
+        native = getattr(self, "native", None)
+        if native is not None:
+            native.st.cs_sel = self.sel[CS]  # translated PUSH CS reads it
 
     def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
         """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""

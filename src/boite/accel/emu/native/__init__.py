@@ -69,12 +69,13 @@ ARENA_BYTES = 64 << 20
 # The state going in (NativeState from r to block: the registers, EFLAGS, the segment
 # bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
 # coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
-_STATE_IN = struct.Struct("<8I4xI6I8xiI12xIIIqQ")
-_STATE_OUT = struct.Struct("<8III24xIIi16xI")
+# (inv_n, after sysfl, goes in as 0 and comes out: pages a translated INVLPG flushed.)
+_STATE_IN = struct.Struct("<8I4xI6I8xiI12xI4xII4xqQ")
+_STATE_OUT = struct.Struct("<8III24xIIi16xII")
 assert (
-    _STATE_IN.size == OFF_BLOCK + 8 == OFF_DSTEP + 16 and OFF_DSTEP == OFF_IRQ + 4 == OFF_SYSFL + 12
+    _STATE_IN.size == OFF_BLOCK + 8 == OFF_DSTEP + 16 and OFF_DSTEP == OFF_IRQ + 8 == OFF_SYSFL + 20
 )
-assert _STATE_OUT.size == OFF_SYSFL + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
+assert _STATE_OUT.size == OFF_SYSFL + 8 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
 
 
 def native_available() -> bool:
@@ -117,6 +118,14 @@ class _Tlb:
             for lins in self.filled_w.values():
                 lins.discard(page)
 
+    def invlpg_ring(self, n: int) -> None:
+        """Translated INVLPGs zeroed the current native TLB tables' entries of these
+        pages (none held a translated block: codemap); the rest of Cpu.tlb_flush (the
+        Python TLBs, the other privileges' tables) follows here, at the exit, in order."""
+        flush = self.cpu.tlb_flush
+        for page in self.st.inv_ring[:n]:
+            flush(page)
+
     def drop_write(self, ppage: int) -> None:
         write = self.tables.write
         for p in self.filled_w.pop(ppage, ()):
@@ -138,6 +147,10 @@ class NativeTier:
         self.st.tsc_hz = cpu.tsc_hz
         self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
+        self.st.cs_sel = cpu.sel[CS]  # then kept by Cpu.update_cs_key
+        # A bit per linear page holding a translated block (state codemap).
+        self.codemap = (ctypes.c_uint8 * (1 << 17))()
+        self.st.codemap = ctypes.addressof(self.codemap)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena(ARENA_BYTES)
@@ -201,6 +214,14 @@ class NativeTier:
                 filled.discard(p)
         if code:
             self.unchain()
+
+    def invlpg_ring(self, n: int) -> None:
+        """Translated INVLPGs zeroed the current native TLB tables' entries of these
+        pages (none held a translated block: codemap); the rest of Cpu.tlb_flush (the
+        Python TLBs, the other privileges' tables) follows here, at the exit, in order."""
+        flush = self.cpu.tlb_flush
+        for page in self.st.inv_ring[:n]:
+            flush(page)
 
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""
@@ -319,6 +340,8 @@ class NativeTier:
             self.arena.reset(self.arena_keep)
             self.arena_resets += 1
         addr = self.arena.place(code)
+        lin = (cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
+        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
         self.blocks += 1
         return self._runner(addr, eip)
 
@@ -355,7 +378,9 @@ class NativeTier:
             state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
                      -1 if fl & DF else 1, addr)  # fmt: skip
             enter()
-            *regs, eip_out, efl, reason, ndone, budget_left, sysfl = state_out(stbuf, 0)
+            *regs, eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = state_out(stbuf, 0)
+            if inv_n:  # translated INVLPGs: the Python TLBs follow before anything reads them
+                tier.invlpg_ring(inv_n)
             cpu.r[:] = regs
             cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE

@@ -40,8 +40,12 @@ class NativeState(ctypes.Structure):
         # EFLAGS but the arithmetic flags (IF, DF, IOPL...): translated PUSHF/POPF/CLI/STI
         # read and change IF here; Python reads it back at the exit.
         ("sysfl", ctypes.c_uint32),
+        # Pages a translated INVLPG flushed (inv_ring): Python applies Cpu.tlb_flush to
+        # each at the exit (NativeTier.invlpg_ring); zero at each entry.
+        ("inv_n", ctypes.c_uint32),
         ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
         ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
+        ("pad", ctypes.c_uint32),
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("block", ctypes.c_uint64),  # the host code `enter` jumps to
         # (Each entry writes the fields from r to block in one go: native/__init__.py.)
@@ -59,7 +63,15 @@ class NativeState(ctypes.Structure):
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
         ("out", ctypes.c_uint64),  # the shared stub that leaves with EIP = R9D
         ("dispatch", ctypes.c_uint64),  # the shared stub that chains to EIP = R9D
+        ("cs_sel", ctypes.c_uint32),  # the CS selector (PUSH CS): Cpu.update_cs_key
+        ("pad2", ctypes.c_uint32),
+        # A bit per linear page that holds (or held) a translated block (never cleared): a translated INVLPG of such a page leaves for Python (chains go).
+        ("codemap", ctypes.c_uint64),
+        ("inv_ring", ctypes.c_uint32 * 64),  # INV_RING
     ]
+
+
+INV_RING = 64
 
 
 def off(name: str) -> int:
@@ -78,6 +90,10 @@ OFF_INTR = off("intr")
 OFF_TMP = off("tmp")
 OFF_SYSFL = off("sysfl")
 OFF_IFOK = off("ifok")
+OFF_INV_N = off("inv_n")
+OFF_INV_RING = off("inv_ring")
+OFF_CODEMAP = off("codemap")
+OFF_CS_SEL = off("cs_sel")
 OFF_IRQ = off("irq")
 OFF_REP_EIP = off("rep_eip")
 OFF_REP_LEFT = off("rep_left")

@@ -41,9 +41,12 @@ from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
+    INV_RING,
     OFF_BLOCK,
     OFF_BUDGET,
     OFF_CLOCK,
+    OFF_CODEMAP,
+    OFF_CS_SEL,
     OFF_DISPATCH,
     OFF_DSTEP,
     OFF_EFLAGS,
@@ -51,6 +54,8 @@ from boite.accel.emu.native.state import (
     OFF_ESP,
     OFF_IFOK,
     OFF_INTR,
+    OFF_INV_N,
+    OFF_INV_RING,
     OFF_IRQ,
     OFF_JTAB,
     OFF_MISS_ADDR,
@@ -403,6 +408,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
         and not rep
         or rep
         and row.native not in ("rep_string", "ret", "string1")
+        and not (code == 0x90 and not opmap)  # F3 90: PAUSE, a NOP here
     ):
         return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
     if repne and row.code not in (0xA6, 0xA7, 0xAE, 0xAF):
@@ -828,11 +834,34 @@ class Translator:
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
         if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in (i.rf or facts(i.row)).ops):
-            return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
+            return self._high_byte(i, k, restore, esc, code, lock)
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
         a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
+        return True
+
+    def _high_byte(self, i: Insn, k: int, restore: bool, esc: bytes, code: int,
+                   lock: bytes) -> bool:  # fmt: skip
+        """A byte operation between AH..BH and memory: AH..BH cannot be named beside
+        [R10] (a REX prefix makes them SPL..DIL), so the byte goes through a host stack
+        slot, [RSP], which needs no REX; nothing here changes the host's flags."""
+        if lock or code == 0x86:
+            return False  # the copy through the stack would not be atomic (XCHG is)
+        a = self.a
+        reg = (i.modrm >> 3) & 7
+        self.address(i.mem, R9)
+        store_only = i.row.mnemonic == "MOV" and code == 0x88
+        writes = _writes_mem(i)
+        self.lookup(R9, 1, writes, k, restore, reads=not store_only)
+        a.raw(b"\x45\x0f\xb6\x02")  # movzx r8d, byte [r10]
+        a.raw(b"\x41\x50")  # push r8
+        a.raw(esc + bytes((code, reg << 3 | 4, 0x24)))  # op [rsp], <ah..bh>
+        if writes:
+            a.raw(b"\x44\x8a\x04\x24")  # mov r8b, [rsp]
+        a.raw(b"\x48\x8d\x64\x24\x08")  # lea rsp, [rsp + 8]
+        if writes:
+            a.raw(b"\x45\x88\x02")  # mov [r10], r8b
         return True
 
     def lea(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1377,6 +1406,59 @@ class Translator:
         a.raw(b"\x48\x83\xc4\x18")  # add rsp, 24
         a.raw(b"\x5f\x5e\x59")  # pop rdi; pop rsi; pop rcx
         a.popfq()
+        return True
+
+    def fence(self, i: Insn, k: int, restore: bool) -> bool:
+        """LFENCE, MFENCE, SFENCE (the register forms; CLFLUSH and the rest: Python): the
+        Python tiers order everything already, so do translated blocks."""
+        return i.mem is None and not i.p66
+
+    def push_cs(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSH CS (32-bit): ESP -= 4 with the dword checked, only the low word written
+        (the selector, NativeState.cs_sel), as the closure does."""
+        if i.p66:
+            return False
+        a = self.a
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_CS_SEL)
+        a.raw(b"\x66\x45\x89\x02")  # mov [r10], r8w
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def invlpg(self, i: Insn, k: int, restore: bool) -> bool:
+        """INVLPG at CPL 0 of a page without translated code (codemap): its entries in
+        the current TLB tables go here, the page goes into inv_ring and Python does the
+        rest of Cpu.tlb_flush at the exit (NativeTier.invlpg_ring) before anything reads
+        a TLB there. Elsewhere (CPL > 0, a code page, the ring full) Python runs it."""
+        if i.mem is None:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
+        a.jcc(4, fb)  # CPL > IOPL: CPL > 0
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
+        a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        self.address(i.mem, R9)
+        a.mov_rr32(R10, R9)
+        a.shr32(R10, 12)
+        a.load64(R8, R15, OFF_CODEMAP)
+        a.raw(b"\x4d\x0f\xa3\x10")  # bt [r8], r10
+        a.jcc(2, fb)  # JB: the page holds translated code
+        a.load32(R8, R15, OFF_INV_N)
+        a.cmp32(R8, INV_RING)
+        a.jcc(3, fb)  # JAE: the ring is full
+        a.raw(b"\x47\x89\x94\x87" + _s32(OFF_INV_RING))  # mov [r15 + r8*4 + ring], r10d
+        a.lea32(R8, R8, 1)
+        a.store32(R15, OFF_INV_N, R8)
+        a.raw(b"\x4b\xc7\x04\xd6\x00\x00\x00\x00")  # mov qword [r14 + r10*8], 0
+        a.raw(b"\x4b\xc7\x44\xd5\x00\x00\x00\x00\x00")  # mov qword [r13 + r10*8], 0
+        a.push(R11)
+        a.popfq()
+        a.jmp(self.chain((i.eip + len(i.raw)) & 0xFFFFFFFF, k + 1))
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
