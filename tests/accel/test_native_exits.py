@@ -169,3 +169,52 @@ def test_high_byte_registers_with_memory(op: int) -> None:
     native, fallbacks, blocks = _run(body, True, 200, regs)
     python, _, _ = _run(body, False, 200, regs)
     assert native == python and blocks and not fallbacks
+
+
+GDT = 0x6000
+# Linux's sync_core: pushfd; push cs; call over a jmp that skips the iret; iret
+_SYNC_CORE = b"\x9c\x0e\xe8\x02\x00\x00\x00\xeb\x01\xcf"
+
+
+def _gdt(cpu) -> None:
+    descs = (0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)  # flat code and data, accessed
+    cpu.ram[GDT : GDT + 24] = b"".join(d.to_bytes(8, "little") for d in descs)
+    cpu.gdt_base, cpu.gdt_limit = GDT, 0x17
+    cpu.set_seg_raw(CS, 0x08, 0, 0xFFFFFFFF, 0xC09B)
+
+
+@pytest.mark.parametrize("flip", [b"", b"\x80\x34\x24\xd5", b"\x80\x74\x24\x01\x04"])
+def test_iret_to_the_same_cs_runs_natively(flip: bytes) -> None:
+    """The same CS at CPL 0, the flags as pushed (or arithmetic flags flipped): native
+    after the first one (which sets the A bits of the GDT page's PDE/PTE); DF flipped:
+    every one leaves for Python, which runs it."""
+    body = _SYNC_CORE[:1] + flip + _SYNC_CORE[1:] + b"\x40"
+    at = CODE + len(flip) + 9  # the IRET
+    native, _, blocks = _run(body, True, 500, _gdt)
+    exits = [eip for eip in _exits if eip == at]
+    python, _, _ = _run(body, False, 500, _gdt)
+    assert native == python and native[0][0] == 500 and blocks
+    if flip[-1:] == b"\x04":  # DF
+        assert exits
+    else:
+        assert len(exits) <= 1
+
+
+def test_iret_after_the_descriptor_changed_reloads_it_in_python() -> None:
+    """The guest flips the AVL bit of its CS descriptor before each IRET: the cache no
+    longer comes from that descriptor, so Python's reload (not the native IRET) runs."""
+    body = b"\x80\x35" + (GDT + 14).to_bytes(4, "little") + b"\x10" + _SYNC_CORE + b"\x40"
+    out = []
+    for native in (True, False):
+        cpu = _paged(native)
+        try:
+            code = _loop(body)
+            cpu.ram[CODE : CODE + len(code)] = code
+            cpu.eip, cpu.r[4], cpu.r[7] = CODE, 0x8000, 301
+            _gdt(cpu)
+            while not cpu.halted:
+                cpu.run(10000)
+            out.append((list(cpu.r), cpu.eip, cpu.sattr[CS], bytes(cpu.ram[GDT : GDT + 24])))
+        finally:
+            cpu.close()
+    assert out[0] == out[1] and out[0][2] == 0xD09B  # 301 flips: AVL set in the cache

@@ -1075,9 +1075,32 @@ class Cpu:
         limit = self.slimit[CS]
         reach = M32 if self.cs32 else M16
         self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
+        self._native_cs()
+
+    def _native_cs(self) -> None:
+        """CS, CR0.PE or the GDT changed: translated PUSH CS and IRET read what follows
+        from them (NativeTier.cs_changed)."""
         native = getattr(self, "native", None)
         if native is not None:
-            native.st.cs_sel = self.sel[CS]  # translated PUSH CS reads it
+            native.cs_changed()
+
+    @property
+    def gdt_base(self) -> int:
+        return self._gdt_base
+
+    @gdt_base.setter
+    def gdt_base(self, v: int) -> None:
+        self._gdt_base = v
+        self._native_cs()
+
+    @property
+    def gdt_limit(self) -> int:
+        return self._gdt_limit
+
+    @gdt_limit.setter
+    def gdt_limit(self, v: int) -> None:
+        self._gdt_limit = v
+        self._native_cs()
 
     def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
         """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""
@@ -1670,6 +1693,7 @@ class Cpu:
             self.cr0 = v | 0x10
             if (old ^ v) & 1:
                 self.seg_checks_all()  # real mode checks limits only, protected mode rights too
+                self._native_cs()
             if (old ^ v) & 0x80010001:
                 self.paging_changed()
                 self.flush_blocks()
@@ -1679,6 +1703,8 @@ class Cpu:
             if self.pae:
                 self.pdptes = self.load_pdptes(v)
             self.cr3 = v
+            if self.native is not None:
+                self.native.st.iret_ok = 0  # other page tables: the next CS load says
             if self.cr4 & 0x80:  # PGE: global pages stay
                 self.tlb_flush_nonglobal()
             else:

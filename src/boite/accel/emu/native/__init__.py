@@ -118,14 +118,6 @@ class _Tlb:
             for lins in self.filled_w.values():
                 lins.discard(page)
 
-    def invlpg_ring(self, n: int) -> None:
-        """Translated INVLPGs zeroed the current native TLB tables' entries of these
-        pages (none held a translated block: codemap); the rest of Cpu.tlb_flush (the
-        Python TLBs, the other privileges' tables) follows here, at the exit, in order."""
-        flush = self.cpu.tlb_flush
-        for page in self.st.inv_ring[:n]:
-            flush(page)
-
     def drop_write(self, ppage: int) -> None:
         write = self.tables.write
         for p in self.filled_w.pop(ppage, ()):
@@ -147,7 +139,6 @@ class NativeTier:
         self.st.tsc_hz = cpu.tsc_hz
         self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
-        self.st.cs_sel = cpu.sel[CS]  # then kept by Cpu.update_cs_key
         # A bit per linear page holding a translated block (state codemap).
         self.codemap = (ctypes.c_uint8 * (1 << 17))()
         self.st.codemap = ctypes.addressof(self.codemap)
@@ -189,6 +180,7 @@ class NativeTier:
             {} if os.environ.get("BOITE_NATIVE_PROFILE") == "1" else None
         )
         self.profile_raw: dict[tuple[int, int], str] = {}
+        self.cs_changed()  # then called by Cpu when CS, CR0.PE or the GDT change
 
     # -- TLB mirror ----------------------------------------------------------------------
     def tlb_flush(self, page: int | None = None, code: bool = True) -> None:
@@ -196,6 +188,8 @@ class NativeTier:
         elsewhere now, so no chain may lead to one (Cpu.code_lin says which pages)."""
         for t in self.tlbs:
             t.flush(page)
+        if page is None:
+            self.st.iret_ok = 0  # maybe other page tables: the next CS load says
         if code:
             self.unchain()
 
@@ -214,6 +208,67 @@ class NativeTier:
                 filled.discard(p)
         if code:
             self.unchain()
+
+    def cs_changed(self) -> None:
+        """What translated PUSH CS and IRET read about CS (state cs_sel, iret_*)."""
+        cpu = self.cpu
+        st = self.st
+        sel = cpu.sel[CS]
+        st.cs_sel = sel
+        ok = 0
+        idx = sel & 0xFFF8
+        # IRET to the same CS at CPL 0 in protected mode (CS.RPL is the CPL there): the
+        # descriptor Python would reload must give the cache as it is (checked in memory
+        # at each IRET; VM and NT in EFLAGS are checked there too).
+        if cpu.cr0 & 1 and sel & 7 == 0 and idx and idx + 7 <= cpu.gdt_limit:
+            base, limit, attr = cpu.sbase[CS], cpu.slimit[CS], cpu.sattr[CS]
+            raw = limit >> 12 if attr & 0x8000 else limit
+            d = (
+                (raw & 0xFFFF) | (base & 0xFFFFFF) << 16 | (attr & 0xFF) << 40
+                | (raw >> 16 & 0xF) << 48 | (attr >> 12 & 0xF) << 52 | (base >> 24 & 0xFF) << 56
+            )  # fmt: skip
+            if 0 <= raw < 1 << 20 and cpu.desc_fields(d) == (base, limit, attr):
+                ok = self._iret_walk((cpu.gdt_base + idx) & 0xFFFFFFFF, d)
+        st.iret_ok = ok
+
+    def _iret_walk(self, lin: int, desc: int) -> int:
+        """The page walk Python's descriptor read would do for the 8 bytes at lin (no
+        PAE; no side effect: 0 where it would set an A bit or leave guest RAM): state
+        iret_* get the host addresses and values translated IRET compares."""
+        cpu = self.cpu
+        ram, size = cpu.ram, cpu.ram_size
+        if lin & 0xFFF > 0xFF8:
+            return 0
+        if not cpu.paging:
+            pa = pde_a = pte_a = lin
+        elif cpu.pae:
+            return 0
+        else:
+            pde_a = (cpu.cr3 & 0xFFFFF000) | (lin >> 20 & 0xFFC)
+            if pde_a + 4 > size:
+                return 0
+            pde = int.from_bytes(ram[pde_a : pde_a + 4], "little")
+            if pde & 0x21 != 0x21:
+                return 0
+            if pde & 0x80 and cpu.cr4 & 0x10:
+                pte_a = pde_a
+                pa = (pde & 0xFFC00000) | (lin & 0x3FFFFF)
+            else:
+                pte_a = (pde & 0xFFFFF000) | (lin >> 10 & 0xFFC)
+                if pte_a + 4 > size:
+                    return 0
+                pte = int.from_bytes(ram[pte_a : pte_a + 4], "little")
+                if pte & 0x21 != 0x21:
+                    return 0
+                pa = (pte & 0xFFFFF000) | (lin & 0xFFF)
+        if pa + 8 > size or int.from_bytes(ram[pa : pa + 8], "little") != desc:
+            return 0
+        st, base = self.st, self.ram_addr
+        st.iret_pde, st.iret_pte, st.iret_dhost = base + pde_a, base + pte_a, base + pa
+        st.iret_pdev = int.from_bytes(ram[pde_a : pde_a + 4], "little")
+        st.iret_ptev = int.from_bytes(ram[pte_a : pte_a + 4], "little")
+        st.iret_desc = desc
+        return 1
 
     def invlpg_ring(self, n: int) -> None:
         """Translated INVLPGs zeroed the current native TLB tables' entries of these

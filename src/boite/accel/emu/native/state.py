@@ -63,7 +63,22 @@ class NativeState(ctypes.Structure):
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
         ("out", ctypes.c_uint64),  # the shared stub that leaves with EIP = R9D
         ("dispatch", ctypes.c_uint64),  # the shared stub that chains to EIP = R9D
-        ("cs_sel", ctypes.c_uint32),  # the CS selector (PUSH CS): Cpu.update_cs_key
+        # NativeTier.cs_changed: the CS selector (PUSH CS); for IRET to the same CS at
+        # CPL 0 (Linux's sync_core): whether it may be translated (iret_ok: protected
+        # mode, a GDT selector within the limit, the cache a descriptor can give, the
+        # GDT page's PDE and PTE accessed; cleared at a CR3 write or a TLB flush), the
+        # host addresses in guest RAM of that PDE, PTE and descriptor and the values
+        # they must still hold (Python's reload walks the page tables: with these
+        # unchanged it reads the same descriptor, sets no A bit, gives the same cache).
+        ("cs_sel", ctypes.c_uint32),
+        ("iret_ok", ctypes.c_uint32),
+        ("iret_pdev", ctypes.c_uint32),
+        ("iret_ptev", ctypes.c_uint32),
+        ("iret_pde", ctypes.c_uint64),
+        ("iret_pte", ctypes.c_uint64),
+        ("iret_dhost", ctypes.c_uint64),
+        ("iret_desc", ctypes.c_uint64),
+        ("tmp2", ctypes.c_uint32),  # a second value held across a TLB lookup
         ("pad2", ctypes.c_uint32),
         # A bit per linear page that holds (or held) a translated block (never cleared): a translated INVLPG of such a page leaves for Python (chains go).
         ("codemap", ctypes.c_uint64),
@@ -94,6 +109,14 @@ OFF_INV_N = off("inv_n")
 OFF_INV_RING = off("inv_ring")
 OFF_CODEMAP = off("codemap")
 OFF_CS_SEL = off("cs_sel")
+OFF_IRET_OK = off("iret_ok")
+OFF_IRET_PDE = off("iret_pde")
+OFF_IRET_PTE = off("iret_pte")
+OFF_IRET_PDEV = off("iret_pdev")
+OFF_IRET_PTEV = off("iret_ptev")
+OFF_IRET_DHOST = off("iret_dhost")
+OFF_IRET_DESC = off("iret_desc")
+OFF_TMP2 = off("tmp2")
 OFF_IRQ = off("irq")
 OFF_REP_EIP = off("rep_eip")
 OFF_REP_LEFT = off("rep_left")

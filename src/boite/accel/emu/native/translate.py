@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, NT, SS, VM
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_SHIFT,
@@ -56,6 +56,13 @@ from boite.accel.emu.native.state import (
     OFF_INTR,
     OFF_INV_N,
     OFF_INV_RING,
+    OFF_IRET_DESC,
+    OFF_IRET_DHOST,
+    OFF_IRET_OK,
+    OFF_IRET_PDE,
+    OFF_IRET_PDEV,
+    OFF_IRET_PTE,
+    OFF_IRET_PTEV,
     OFF_IRQ,
     OFF_JTAB,
     OFF_MISS_ADDR,
@@ -71,6 +78,7 @@ from boite.accel.emu.native.state import (
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
+    OFF_TMP2,
     OFF_TSC_HZ,
     OFF_TSC_OFF,
     chain_slot,
@@ -1459,6 +1467,75 @@ class Translator:
         a.push(R11)
         a.popfq()
         a.jmp(self.chain((i.eip + len(i.raw)) & 0xFFFFFFFF, k + 1))
+        return True
+
+    def iret(self, i: Insn, k: int, restore: bool) -> bool:
+        """IRET (32-bit) at CPL 0 to the same CS (Linux's sync_core), changing the
+        arithmetic flags and IF only (IF set while a request may be pending: Python, as
+        POPF): EIP, CS, EFLAGS read from the stack, the CS descriptor in the GDT checked
+        to still hold what the CS cache came from (state iret_*: what Python's reload
+        would give is then the cache as it is). Anything else (another CS or privilege,
+        VM, NT, other flags, a miss) leaves before it with the state as it was. The
+        descriptor check reads guest RAM at host addresses NativeTier.cs_changed
+        validated, not through the TLB: Python's reload walks the page tables."""
+        if i.p66:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        ok = f"ik{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IRET_OK, 0)
+        a.jcc(4, fb)  # JE: not protected mode at CPL 0 with a GDT code selector
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw((VM | NT).to_bytes(4, "little"))  # test dword [r15 + sysfl], VM | NT
+        a.jcc(5, fb)
+        self._stack_addr(0)
+        self.lookup(R12, 12, False, k, False, saved=True)
+        a.raw(b"\x45\x0f\xb7\x42\x04")  # movzx r8d, word [r10 + 4]: CS
+        a._mem(b"\x3b", R8, R15, OFF_CS_SEL)  # cmp r8d, [r15 + cs_sel]
+        a.jcc(5, fb)
+        a.raw(b"\x45\x8b\x42\x08")  # mov r8d, [r10 + 8]: EFLAGS
+        a.mov_rr32(R12, R8)
+        a._mem(b"\x33", R12, R15, OFF_SYSFL)  # xor r12d, [r15 + sysfl]
+        a.raw(b"\x41\xf7\xc4" + ((0x257FD5 | VM) & ~ARITH & ~IF).to_bytes(4, "little"))
+        a.jcc(5, fb)  # test r12d, <the rest>; JNE: VM, TF, DF, IOPL, NT, RF, AC, ID change
+        a.raw(b"\x41\xf7\xc4" + IF.to_bytes(4, "little"))  # test r12d, IF
+        a.jcc(4, ok)  # IF stays
+        a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
+        a.jcc(4, ok)  # clearing IF
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after IRET
+        a.label(ok)
+        a.store32(R15, OFF_TMP2, R8)
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]: EIP
+        a.store32(R15, OFF_TMP, R8)
+        # The GDT page's PDE and PTE and the descriptor, in guest RAM, as they were.
+        for ptr, val in ((OFF_IRET_PDE, OFF_IRET_PDEV), (OFF_IRET_PTE, OFF_IRET_PTEV)):
+            a.load64(R8, R15, ptr)
+            a.raw(b"\x45\x8b\x00")  # mov r8d, [r8]
+            a._mem(b"\x3b", R8, R15, val)  # cmp r8d, [r15 + value]
+            a.jcc(5, fb)
+        a.load64(R8, R15, OFF_IRET_DHOST)
+        a.raw(b"\x4d\x8b\x00")  # mov r8, [r8]
+        a._mem(b"\x3b", R8, R15, OFF_IRET_DESC, w=True)  # cmp r8, [r15 + iret_desc]
+        a.jcc(5, fb)  # changed: Python reloads it
+        # Nothing has changed so far; now IRET's effects.
+        a.load32(R8, R15, OFF_TMP2)
+        a.raw(b"\x45\x33\x87" + _s32(OFF_SYSFL))  # xor r8d, [r15 + sysfl]
+        a.and32(R8, IF)
+        a._mem(b"\x31", R8, R15, OFF_SYSFL)  # xor [r15 + sysfl], r8d: IF as popped
+        a.lea32(R9, R9, 12)
+        a.store32(R15, OFF_ESP, R9)
+        a.load32(R8, R15, OFF_TMP2)
+        a.and32(R8, ARITH)
+        a.push(R8)
+        a.popfq()
+        a.load32(R8, R15, OFF_TMP)
+        a.jmp(self.chain(None, k + 1))
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
