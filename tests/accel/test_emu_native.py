@@ -885,3 +885,27 @@ def test_a_page_becoming_code_leaves_every_write_tlb(monkeypatch) -> None:
     assert len(cpu.native.tlbs) == 2
     for t in cpu.native.tlbs:
         assert [bool(t.tables.write[p]) for p in (0x20, 0x21, 0x22)] == [False, False, True]
+
+
+def test_the_flags_restore_from_r11_gives_every_arithmetic_flag_back() -> None:
+    """_POPF_R11 (SAHF and a CMP for OF where the host has them, else POPFQ) puts every
+    combination of the arithmetic flags from R11 into the host's, with IF as PUSHFQ
+    shows it in user mode or clear (as the entry stub leaves it), and keeps R11."""
+    import ctypes
+
+    from boite.accel.emu.arch import ARITH
+    from boite.accel.emu.native.state import CodeArena
+
+    restore = native_translate._POPF_R11
+    # mov r11, rdi; xor eax, eax (flags: ZF PF set); restore; pushfq; pop rax;
+    # shl rax, 32; or rax, r11 (R11's low half: it must come back as it went in); ret
+    code = b"\x49\x89\xfb\x31\xc0" + restore + b"\x9c\x58\x48\xc1\xe0\x20\x4c\x09\xd8\xc3"
+    arena = CodeArena(4096)
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)(arena.place(code))
+    bits = [b for b in range(12) if ARITH >> b & 1]
+    for combo in range(1 << len(bits)):
+        fl = sum(1 << b for i, b in enumerate(bits) if combo >> i & 1)
+        for extra in (0x2, 0x202):
+            got = fn(fl | extra)
+            assert (got >> 32) & ARITH == fl, (hex(fl), hex(got))
+            assert got & 0xFFFFFFFF == fl | extra

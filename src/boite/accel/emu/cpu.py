@@ -704,6 +704,12 @@ class Cpu:
 
     # Supervisor accesses (descriptor tables, TSS): always with CPL 0 rights.
     def sys_read(self, lin: int, n: int) -> int:
+        if (lin & 0xFFF) + n <= 0x1000:
+            # Within one page (a descriptor, mostly): one walk gives every byte's address
+            # and sets the A bits the byte-wise walks would; RAM reads as bytes do.
+            pa = self.translate(lin & M32, False, False)
+            if pa + n <= self.ram_size:
+                return int.from_bytes(self.ram[pa : pa + n], "little")
         v = 0
         for i in range(n):
             v |= self.phys_read(self.translate((lin + i) & M32, False, False), 1) << (8 * i)
@@ -1059,7 +1065,16 @@ class Cpu:
         self.set_seg_raw(i, sel, base, limit, attr)
 
     def load_cs(self, sel: int, base: int, limit: int, attr: int, cpl: int) -> None:
-        self.set_seg_raw(CS, (sel & 0xFFFC) | cpl, base, limit, attr)
+        sel = (sel & 0xFFFC) | cpl
+        if (
+            sel != self.sel[CS]
+            or base != self.sbase[CS]
+            or limit != self.slimit[CS]
+            or attr != self.sattr[CS]
+        ):  # (the same CS again, e.g. an IRET to the same code segment, changes nothing)
+            self.set_seg_raw(CS, sel, base, limit, attr)
+        elif self.native is not None and self.native.cs_stale:
+            self.native.cs_changed()  # a CR3 write since: translated IRET waits for this
         if cpl != self.cpl:
             self.cpl = cpl
             self.tlb_switch()
@@ -1704,7 +1719,7 @@ class Cpu:
                 self.pdptes = self.load_pdptes(v)
             self.cr3 = v
             if self.native is not None:
-                self.native.st.iret_ok = 0  # other page tables: the next CS load says
+                self.native.cs_stale_now()  # other page tables: the next CS load says
             if self.cr4 & 0x80:  # PGE: global pages stay
                 self.tlb_flush_nonglobal()
             else:
@@ -1786,6 +1801,36 @@ class Cpu:
             self.inhibit_irq = False
         return shadow
 
+    def _cold_block(self, b: Any, fm: dict[int, Callable[[], int]]) -> Callable[[], int]:
+        """The closures of a cached, not yet compiled block as one callable for the EIP
+        map `fm` (emptied whenever a block or a TLB entry goes away, as for compiled
+        ones): counts the block's runs and compiles it when hot, as run()'s slow path
+        does; a fault or HLT inside tells run() what completed before it."""
+        fns = b.fns
+        eip = b.eip
+        decoder = self.decoder
+
+        def cold() -> int:
+            f = b.fn
+            if f is not None:  # compiled meanwhile, through another map
+                return f()
+            b.hits += 1
+            if b.hits >= self.hot_block and self.compile_blocks:
+                decoder.compile(b)
+                if b.fn is not None and fm.get(eip) is cold:  # the map still holds it
+                    fm[eip] = b.fn
+            n = 0
+            try:
+                for fn in fns:
+                    fn()
+                    n += 1
+            except (CpuFault, CpuHalt):
+                self.done_before_raise += n
+                raise
+            return n
+
+        return cold
+
     def run(self, max_insns: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Execute up to about `max_insns` instructions; returns how many ran.
 
@@ -1819,9 +1864,14 @@ class Cpu:
                 # instruction (A/D bits) and stop before running it (fuzz seed 51752).
                 self.run_left = max_insns - done - faults
                 f = None
-                shadow = False
-                if translate and not (self.intr or self.inhibit_irq or self.fl & TF):
-                    # Fast path: a compiled block for this EIP in this mode.
+                if translate and not (
+                    self.inhibit_irq
+                    or self.fl & TF
+                    or (self.intr and (self.fl & IF or self.dma_writes))
+                ):
+                    # Fast path: a block for this EIP in this mode (compiled, native or
+                    # the closures of a cold one). A request while IF is clear waits:
+                    # the boundary would take nothing either.
                     mk = self.mode_key
                     csk = self.cs_key
                     if mk != fmode or csk != fcsk:
@@ -1865,11 +1915,16 @@ class Cpu:
                         ):
                             b = decoder.translate_block(pa, eip)
                         f = b.fn
-                        if f is not None:
-                            if b.cacheable:
-                                mk = self.mode_key
-                                fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                                fm[eip] = f
+                        if b.cacheable:
+                            # Into the EIP map: a compiled block, or the closures of a
+                            # cold one (next time without the lookups above).
+                            mk = self.mode_key
+                            fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
+                            if f is None:
+                                f = self._cold_block(b, fm)
+                            fm[eip] = f
+                            done += f()
+                        elif f is not None:
                             done += f()
                         else:
                             b.hits += 1

@@ -39,7 +39,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         if op == 0:
 
-            def add(a: int, b: int) -> int:
+            def add(a: int, b: int, m=m, c=c) -> int:
                 res = a + b
                 c.lop = OP_ADD
                 c.la = a
@@ -51,7 +51,7 @@ class AluOps(DecoderBase):
             return add
         if op == 2:
 
-            def adc(a: int, b: int) -> int:
+            def adc(a: int, b: int, m=m, c=c) -> int:
                 res = a + b + c.get_cf()
                 c.lop = OP_ADD
                 c.la = a
@@ -63,7 +63,7 @@ class AluOps(DecoderBase):
             return adc
         if op == 3:
 
-            def sbb(a: int, b: int) -> int:
+            def sbb(a: int, b: int, m=m, c=c) -> int:
                 res = a - b - c.get_cf()
                 c.lop = OP_SUB
                 c.la = a
@@ -75,7 +75,7 @@ class AluOps(DecoderBase):
             return sbb
         if op == 5 or op == 7:
 
-            def sub(a: int, b: int) -> int:
+            def sub(a: int, b: int, m=m, c=c) -> int:
                 res = a - b
                 c.lop = OP_SUB
                 c.la = a
@@ -87,7 +87,7 @@ class AluOps(DecoderBase):
             return sub
         if op == 1:
 
-            def or_(a: int, b: int) -> int:
+            def or_(a: int, b: int, m=m, c=c) -> int:
                 res = a | b
                 c.lop = OP_LOGIC
                 c.lres = res
@@ -97,7 +97,7 @@ class AluOps(DecoderBase):
             return or_
         if op == 4:
 
-            def and_(a: int, b: int) -> int:
+            def and_(a: int, b: int, m=m, c=c) -> int:
                 res = a & b
                 c.lop = OP_LOGIC
                 c.lres = res
@@ -106,7 +106,7 @@ class AluOps(DecoderBase):
 
             return and_
 
-        def xor(a: int, b: int) -> int:
+        def xor(a: int, b: int, m=m, c=c) -> int:
             res = a ^ b
             c.lop = OP_LOGIC
             c.lres = res
@@ -129,13 +129,13 @@ class AluOps(DecoderBase):
             if size == 4:
                 if op == 7:
 
-                    def cmp_eax(v=v) -> None:
+                    def cmp_eax(v=v, f=f, r=r, c=c, nxt=nxt) -> None:
                         f(r[0], v)
                         c.eip = nxt
 
                     return cmp_eax
 
-                def alu_eax(v=v) -> None:
+                def alu_eax(v=v, f=f, r=r, c=c, nxt=nxt) -> None:
                     r[0] = f(r[0], v)
                     c.eip = nxt
 
@@ -144,13 +144,13 @@ class AluOps(DecoderBase):
             s = self.reg_set(0, size)
             if op == 7:
 
-                def cmp_acc() -> None:
+                def cmp_acc(f=f, g=g, v=v, c=c, nxt=nxt) -> None:
                     f(g(), v)
                     c.eip = nxt
 
                 return cmp_acc
 
-            def alu_acc() -> None:
+            def alu_acc(s=s, f=f, g=g, v=v, c=c, nxt=nxt) -> None:
                 s(f(g(), v))
                 c.eip = nxt
 
@@ -164,14 +164,14 @@ class AluOps(DecoderBase):
                 d, sr = reg, rm
             if op == 7:
 
-                def cmp_rr() -> None:
+                def cmp_rr(f=f, r=r, d=d, sr=sr, c=c, nxt=nxt) -> None:
                     f(r[d], r[sr])
                     c.eip = nxt
 
                 return cmp_rr
             if op == 6 and d == sr:
 
-                def xor_zero() -> None:
+                def xor_zero(m=m, nxt=nxt, r=r, d=d, c=c) -> None:
                     r[d] = 0
                     c.lop = OP_LOGIC
                     c.lres = 0
@@ -180,7 +180,7 @@ class AluOps(DecoderBase):
 
                 return xor_zero
 
-            def alu_rr() -> None:
+            def alu_rr(f=f, r=r, d=d, sr=sr, c=c, nxt=nxt) -> None:
                 r[d] = f(r[d], r[sr])
                 c.eip = nxt
 
@@ -190,7 +190,7 @@ class AluOps(DecoderBase):
             if op == 7:
                 gm = self.rm_get(mod, rm, ea, size)
 
-                def cmp_mr() -> None:
+                def cmp_mr(f=f, gm=gm, gr=gr, c=c, nxt=nxt) -> None:
                     f(gm(), gr())
                     c.eip = nxt
 
@@ -207,7 +207,7 @@ class AluOps(DecoderBase):
         gr = self.reg_get(reg, size)
         if op == 7:
 
-            def cmp_rm() -> None:
+            def cmp_rm(nxt=nxt, f=f, c=c, gr=gr, gm=gm) -> None:
                 f(gr(), gm())
                 c.eip = nxt
 
@@ -215,13 +215,13 @@ class AluOps(DecoderBase):
         sr = self.reg_set(reg, size)
         if size == 4:
 
-            def alu_rm4() -> None:
+            def alu_rm4(nxt=nxt, r=r, reg=reg, f=f, c=c, gm=gm) -> None:
                 r[reg] = f(r[reg], gm())
                 c.eip = nxt
 
             return alu_rm4
 
-        def alu_rm() -> None:
+        def alu_rm(nxt=nxt, sr=sr, c=c, f=f, gr=gr, gm=gm) -> None:
             sr(f(gr(), gm()))
             c.eip = nxt
 
@@ -240,7 +240,7 @@ class AluOps(DecoderBase):
         if op == 7:
             g = self.rm_get(mod, rm, ea, size)
 
-            def cmp_i() -> None:
+            def cmp_i(nxt=nxt, f=f, v=v, c=c, g=g) -> None:
                 f(g(), v)
                 c.eip = nxt
 
@@ -248,14 +248,14 @@ class AluOps(DecoderBase):
         if mod == 3 and size == 4:
             r = c.r
 
-            def alu_ri() -> None:
+            def alu_ri(nxt=nxt, r=r, rm=rm, f=f, v=v, c=c) -> None:
                 r[rm] = f(r[rm], v)
                 c.eip = nxt
 
             return alu_ri
         rmw = self.rm_rmw(mod, rm, ea, size)
 
-        def alu_mi() -> None:
+        def alu_mi(nxt=nxt, rmw=rmw, c=c, f=f, v=v) -> None:
             rmw(lambda a: f(a, v))
             c.eip = nxt
 
@@ -277,7 +277,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         if g is not None:
 
-            def test_i() -> None:
+            def test_i(m=m, nxt=nxt, c=c, v=v, g=g) -> None:
                 c.lres = g() & v
                 c.lop = OP_LOGIC
                 c.lmask = m
@@ -285,7 +285,7 @@ class AluOps(DecoderBase):
 
             return test_i
 
-        def test() -> None:
+        def test(m=m, nxt=nxt, c=c, g1=g1, g2=g2) -> None:
             c.lres = g1() & g2()
             c.lop = OP_LOGIC
             c.lmask = m
@@ -298,7 +298,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         if dec:
 
-            def f_dec(a: int) -> int:
+            def f_dec(a: int, m=m, c=c) -> int:
                 c.lcf = c.get_cf()
                 res = a - 1
                 c.lop = OP_DEC
@@ -310,7 +310,7 @@ class AluOps(DecoderBase):
 
             return f_dec
 
-        def f_inc(a: int) -> int:
+        def f_inc(a: int, m=m, c=c) -> int:
             c.lcf = c.get_cf()
             res = a + 1
             c.lop = OP_INC
@@ -331,7 +331,7 @@ class AluOps(DecoderBase):
         if size == 4:
             r = c.r
 
-            def incdec4() -> None:
+            def incdec4(nxt=nxt, r=r, n=n, f=f, c=c) -> None:
                 r[n] = f(r[n])
                 c.eip = nxt
 
@@ -339,7 +339,7 @@ class AluOps(DecoderBase):
         g = self.reg_get(n, size)
         s = self.reg_set(n, size)
 
-        def incdec() -> None:
+        def incdec(nxt=nxt, s=s, c=c, f=f, g=g) -> None:
             s(f(g()))
             c.eip = nxt
 
@@ -352,7 +352,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         sign = SIGN[size]
 
-        def shift(v: int, cnt: int) -> int:
+        def shift(v: int, cnt: int, sign=sign, c=c, op=op, bits=bits, m=m) -> int:
             cnt &= 31
             if cnt == 0:
                 return v
@@ -435,13 +435,13 @@ class AluOps(DecoderBase):
         rmw = self.rm_rmw(mod, rm, ea, size)
         if cnt >= 0:
 
-            def shift_i() -> None:
+            def shift_i(nxt=nxt, rmw=rmw, c=c, f=f, cnt=cnt) -> None:
                 rmw(lambda v: f(v, cnt))
                 c.eip = nxt
 
             return shift_i
 
-        def shift_cl() -> None:
+        def shift_cl(nxt=nxt, rmw=rmw, c=c, r=r, f=f) -> None:
             n = r[1] & 0xFF
             rmw(lambda v: f(v, n))
             c.eip = nxt

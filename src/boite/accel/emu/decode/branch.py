@@ -37,7 +37,7 @@ class BranchOps(DecoderBase):
         neg = cc & 1
         if k == 2:  # Z / NZ: straight from the lazy result
 
-            def jz() -> None:
+            def jz(c=c, nxt=nxt, tgt=tgt, neg=neg) -> None:
                 if c.lop:
                     z = (c.lres & c.lmask) == 0
                 else:
@@ -46,7 +46,7 @@ class BranchOps(DecoderBase):
 
             return jz
 
-        def jcc() -> None:
+        def jcc(c=c, tgt=tgt, nxt=nxt, cond=cond, cc=cc) -> None:
             c.eip = tgt if cond(cc) else nxt
 
         return jcc
@@ -61,7 +61,7 @@ class BranchOps(DecoderBase):
         nxt = self.nxt(x)
         tgt = (nxt + d) & (M32 if x.op32 else M16)
 
-        def jmp() -> None:
+        def jmp(tgt=tgt, c=c) -> None:
             c.eip = tgt
 
         return jmp
@@ -73,7 +73,7 @@ class BranchOps(DecoderBase):
         nxt = self.nxt(x)
         tgt = (nxt + d) & MASK[size]
 
-        def call() -> None:
+        def call(tgt=tgt, nxt=nxt, size=size, c=c) -> None:
             c.push(nxt, size)
             c.eip = tgt
 
@@ -84,7 +84,7 @@ class BranchOps(DecoderBase):
         size = 4 if x.op32 else 2
         imm = self.u16(x) if b == 0xC2 else 0
 
-        def ret() -> None:
+        def ret(size=size, c=c, imm=imm) -> None:
             v = c.peek(0, size)
             c.sp_add(size + imm)
             c.eip = v

@@ -5,8 +5,9 @@ opcode group are built by the mixins beside it (see the package docstring)."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from boite.accel.emu.arch import (
     CS,
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
 Fn = Callable[[], None]
+_u16 = struct.Struct("<H").unpack_from
+_u32 = struct.Struct("<I").unpack_from
 MAX_BLOCK = 48
 
 # Segments whose accesses are checked whatever the mode: CS (never writable in protected
@@ -39,14 +42,29 @@ _ALWAYS_CHECKED = (CS, FS, GS)
 
 
 class Ctx:
-    """Decoding state of one instruction."""
+    """Decoding state of one instruction.
+
+    Bytes at positions below `flim` are read straight from `mem` (guest RAM) at
+    `base + pos`: the block's page, within the CS limit, the 15-byte rule and the 16-bit
+    EIP range, all checked once when the instruction starts. Every other byte goes
+    through DecoderBase.fetch_slow (the execute TLB, its faults and the checks byte by
+    byte)."""
 
     __slots__ = (
         "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask",
-        "p66",
+        "p66", "mem", "base", "flim",
     )  # fmt: skip
 
-    def __init__(self, start: int, csb: int, code32: bool, cslim: int) -> None:
+    def __init__(
+        self,
+        start: int,
+        csb: int,
+        code32: bool,
+        cslim: int,
+        mem: Any = None,
+        base: int = 0,
+        flim: int = 0,
+    ) -> None:
         self.start = start
         self.pos = start
         self.csb = csb
@@ -59,6 +77,9 @@ class Ctx:
         self.end = False
         self.eipmask = M32 if code32 else M16
         self.p66 = False  # an operand-size prefix was seen (an SSE mandatory prefix)
+        self.mem = mem
+        self.base = base
+        self.flim = flim
 
 
 def _sx8(v: int) -> int:
@@ -77,6 +98,79 @@ def _jcc_target(raw: bytes, nxt: int) -> int | None:
     if len(raw) == 6 and raw[0] == 0x0F and 0x80 <= raw[1] <= 0x8F:
         return (nxt + int.from_bytes(raw[2:], "little", signed=True)) & M32
     return None
+
+# The prefix bytes: segment overrides, operand and address size, LOCK, REPNE/REP.
+_PREFIX = bytes(b in SEG_PREFIX or b in (0x66, 0x67, 0xF0, 0xF2, 0xF3) for b in range(256))
+
+
+def _tail_fault(c: Cpu, vec: int, err: int | None, cr2: int) -> Fn:
+    """The closure of an instruction whose tail could not be fetched: the fault, raised
+    when it runs (with CR2 as the fetch left it)."""
+
+    def fault() -> None:
+        c.cr2 = cr2
+        raise CpuFault(vec, err)
+
+    return fault
+
+
+# ModRM address closures, one factory per form. Their values are default arguments, not
+# captured variables: a closure costs a cell per variable (and the collector as many more
+# objects to scan), and made inside modrm it would cost cells for every form's variables.
+_MODRM16 = ((3, 6), (3, 7), (5, 6), (5, 7), (6, -1), (7, -1), (5, -1), (3, -1))
+
+
+def _off_const(d: int) -> Callable[[], int]:
+    return lambda d=d: d
+
+
+def _off16_base(r: list[int], base: int, d: int) -> Callable[[], int]:
+    return lambda r=r, base=base, d=d: (r[base] + d) & M16
+
+
+def _off16_base_idx(r: list[int], base: int, idx: int, d: int) -> Callable[[], int]:
+    return lambda r=r, base=base, idx=idx, d=d: (r[base] + r[idx] + d) & M16
+
+
+def _off32_base(r: list[int], base: int, d: int) -> Callable[[], int]:
+    return lambda r=r, base=base, d=d: (r[base] + d) & M32
+
+
+def _off32_idx(r: list[int], idx: int, sh: int, d: int) -> Callable[[], int]:
+    return lambda r=r, idx=idx, sh=sh, d=d: ((r[idx] << sh) + d) & M32
+
+
+def _off32_base_idx(r: list[int], base: int, idx: int, sh: int, d: int) -> Callable[[], int]:
+    return lambda r=r, base=base, idx=idx, sh=sh, d=d: (r[base] + (r[idx] << sh) + d) & M32
+
+
+def _ea_segoff(sb: list[int], s: int, off: Callable[[], int]) -> Callable[[], int]:
+    return lambda sb=sb, s=s, off=off: (sb[s] + off()) & M32
+
+
+def _ea_disp(sb: list[int], s: int, d: int) -> Callable[[], int]:
+    return lambda sb=sb, s=s, d=d: (sb[s] + d) & M32
+
+
+def _ea_base(sb: list[int], s: int, r: list[int], base: int) -> Callable[[], int]:
+    return lambda sb=sb, s=s, r=r, base=base: (sb[s] + r[base]) & M32
+
+
+def _ea_base_disp(sb: list[int], s: int, r: list[int], base: int, d: int) -> Callable[[], int]:
+    return lambda sb=sb, s=s, r=r, base=base, d=d: (sb[s] + r[base] + d) & M32
+
+
+def _ea_idx(sb: list[int], s: int, r: list[int], idx: int, sh: int, d: int) -> Callable[[], int]:
+    return lambda sb=sb, s=s, r=r, idx=idx, sh=sh, d=d: (sb[s] + (r[idx] << sh) + d) & M32
+
+
+def _ea_base_idx(
+    sb: list[int], s: int, r: list[int], base: int, idx: int, sh: int, d: int
+) -> Callable[[], int]:
+    return lambda sb=sb, s=s, r=r, base=base, idx=idx, sh=sh, d=d: (
+        sb[s] + r[base] + (r[idx] << sh) + d
+    ) & M32
+
 
 
 class Block:
@@ -121,7 +215,8 @@ class DecoderBase:
         self._install()
 
     # ---------------------------------------------------------------- fetch
-    def u8(self, x: Ctx) -> int:
+    def fetch_slow(self, x: Ctx) -> int:
+        """The byte at x.pos through the execute TLB, with every check."""
         # Longer than 15 bytes, or a byte past the CS limit: #GP(0) (a near branch beyond
         # the limit faults here, at the target, where the CPU faults on the branch).
         if x.pos - x.start >= 15 or (x.pos & x.eipmask) > x.cslim:
@@ -130,10 +225,25 @@ class DecoderBase:
         x.pos += 1
         return v
 
+    def u8(self, x: Ctx) -> int:
+        p = x.pos
+        if p < x.flim:
+            x.pos = p + 1
+            return x.mem[x.base + p]
+        return self.fetch_slow(x)
+
     def u16(self, x: Ctx) -> int:
+        p = x.pos
+        if p + 2 <= x.flim:
+            x.pos = p + 2
+            return _u16(x.mem, x.base + p)[0]
         return self.u8(x) | (self.u8(x) << 8)
 
     def u32(self, x: Ctx) -> int:
+        p = x.pos
+        if p + 4 <= x.flim:
+            x.pos = p + 4
+            return _u32(x.mem, x.base + p)[0]
         return self.u16(x) | (self.u16(x) << 16)
 
     def imm(self, x: Ctx, size: int) -> int:
@@ -142,27 +252,54 @@ class DecoderBase:
     def nxt(self, x: Ctx) -> int:
         return x.pos & x.eipmask
 
+    def peek8(self, x: Ctx, pos: int) -> int:
+        """The byte at `pos` (already fetched, or about to be) without moving x.pos."""
+        if x.start <= pos < x.flim:
+            return x.mem[x.base + pos]
+        return self.c.rd8((x.csb + (pos & x.eipmask)) & M32)
+
     # ---------------------------------------------------------------- decode
-    def decode(self, eip: int) -> tuple[Fn, int, bool]:
+    def decode(self, eip: int, pa: int = -1, page_end: int = 0) -> tuple[Fn, int, bool]:
+        """One instruction at EIP; with its physical address pa (a RAM page ending at
+        page_end) its bytes in that page are read from RAM directly."""
         c = self.c
-        x = Ctx(eip, c.sbase[CS], c.cs32, c.slimit[CS])
+        cslim = c.slimit[CS]
+        code32 = c.cs32
+        if pa >= 0 and page_end <= c.ram_size:
+            # The fast bytes: in this page, within the CS limit, the first 15, and below
+            # the 16-bit EIP wrap (where the next byte is at CS:0, elsewhere).
+            flim = eip + 15
+            if page_end - pa + eip < flim:
+                flim = page_end - pa + eip
+            if cslim < flim - 1:
+                flim = cslim + 1
+            if not code32 and flim > 0x10000:
+                flim = 0x10000
+            x = Ctx(eip, c.sbase[CS], code32, cslim, c.ram, pa - eip, flim)
+        else:
+            x = Ctx(eip, c.sbase[CS], code32, cslim)
         try:
             while True:
-                b = self.u8(x)
+                p = x.pos
+                if p < x.flim:
+                    x.pos = p + 1
+                    b = x.mem[x.base + p]
+                else:
+                    b = self.fetch_slow(x)
+                if not _PREFIX[b]:
+                    break
                 if b in SEG_PREFIX:
                     x.seg = SEG_PREFIX[b]
                     self.seg_overrides |= 1 << x.seg
                 elif b == 0x66:
-                    x.op32 = not c.cs32
+                    x.op32 = not code32
                     x.p66 = True
                 elif b == 0x67:
-                    x.ad32 = not c.cs32
+                    x.ad32 = not code32
                 elif b == 0xF0:
                     x.lock = True
-                elif b == 0xF2 or b == 0xF3:
+                else:  # F2, F3
                     x.rep = b
-                else:
-                    break
             if b == 0x0F:
                 b = self.u8(x)
                 ops, ends, locks = self.ops0f, self.ends0f, self.locks0f
@@ -174,23 +311,14 @@ class DecoderBase:
                 mpos = x.pos
                 fn = ops[b](x, b)
                 e = ends[b]  # the table's block-end rule, by ModRM reg field
-                if e and (
-                    e == 0xFF or e >> ((c.rd8((x.csb + (mpos & x.eipmask)) & M32) >> 3) & 7) & 1
-                ):
+                if e and (e == 0xFF or e >> ((self.peek8(x, mpos) >> 3) & 7) & 1):
                     x.end = True
         except CpuFault as f:
             if x.pos == eip:
                 raise  # the first byte itself cannot be fetched: fault now
             # A fault while fetching the tail: raise it when the instruction runs.
             self.tail_fault = True
-            vec, err = f.vector, f.error
-            cr2 = c.cr2
-
-            def fault() -> None:
-                c.cr2 = cr2
-                raise CpuFault(vec, err)
-
-            return fault, x.pos - eip, True
+            return _tail_fault(c, f.vector, f.error, c.cr2), x.pos - eip, True
         return fn, x.pos - eip, x.end
 
     def _lockable(self, x: Ctx, regs: int | None) -> bool:
@@ -198,7 +326,7 @@ class DecoderBase:
         `regs` is the set of ModRM reg fields (bit mask) that allow it."""
         if regs is None:
             return False
-        modrm = self.c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+        modrm = self.peek8(x, x.pos)
         return modrm < 0xC0 and bool(regs >> ((modrm >> 3) & 7) & 1)
 
     def decode_one(self, eip: int) -> tuple[Fn, int]:
@@ -216,7 +344,7 @@ class DecoderBase:
         self.seg_overrides = 0
         self.tail_fault = False
         while True:
-            fn, n, end = self.decode(cur)
+            fn, n, end = self.decode(cur, cur_pa, page_end)
             fns.append(fn)
             info.append((cur, n))
             cur = (cur + n) & (M32 if c.cs32 else M16)
@@ -312,14 +440,19 @@ class DecoderBase:
     # ---------------------------------------------------------------- operands
     def modrm(self, x: Ctx) -> tuple[int, int, int, Callable[[], int] | None]:
         """Returns (mod, reg, rm, ea) with ea a closure giving the linear address."""
-        m = self.u8(x)
+        p = x.pos
+        if p < x.flim:
+            x.pos = p + 1
+            m = x.mem[x.base + p]
+        else:
+            m = self.fetch_slow(x)
+        if m >= 0xC0:
+            return 3, (m >> 3) & 7, m & 7, None
         mod, reg, rm = m >> 6, (m >> 3) & 7, m & 7
-        if mod == 3:
-            return mod, reg, rm, None
         c = self.c
         r = c.r
         sb = c.sbase
-        checked = bool(c.mode_key & SEGCHK)
+        checked = c.mode_key & SEGCHK
         if not x.ad32:
             if mod == 0 and rm == 6:
                 d = self.u16(x)
@@ -327,16 +460,16 @@ class DecoderBase:
                 seg = DS
             else:
                 d = 0 if mod == 0 else _sx8(self.u8(x)) if mod == 1 else self.u16(x)
-                base, idx = ((3, 6), (3, 7), (5, 6), (5, 7), (6, -1), (7, -1), (5, -1), (3, -1))[rm]
+                base, idx = _MODRM16[rm]
                 seg = SS if rm in (2, 3, 6) else DS
             s = x.seg if x.seg is not None else seg
             if base < 0:
-                off = lambda: d  # noqa: E731
+                off = _off_const(d)
             elif idx < 0:
-                off = lambda: (r[base] + d) & M16  # noqa: E731
+                off = _off16_base(r, base, d)
             else:
-                off = lambda: (r[base] + r[idx] + d) & M16  # noqa: E731
-            ea = lambda: (sb[s] + off()) & M32  # noqa: E731
+                off = _off16_base_idx(r, base, idx, d)
+            ea = _ea_segoff(sb, s, off)
             if checked or s in _ALWAYS_CHECKED:
                 ea.segoff = (off, s)  # type: ignore[attr-defined]
             return mod, reg, rm, ea
@@ -353,32 +486,29 @@ class DecoderBase:
             d = self.u32(x)
         else:
             d = 0 if mod == 0 else _sx8(self.u8(x)) if mod == 1 else self.u32(x)
-        seg = SS if base in (4, 5) else DS
-        s = x.seg if x.seg is not None else seg
+        s = x.seg if x.seg is not None else (SS if base == 4 or base == 5 else DS)
         if checked or s in _ALWAYS_CHECKED:
             # The offset on its own, for the segment check (see ea_for).
             if base < 0 and idx < 0:
-                d &= M32
-                off = lambda: d  # noqa: E731
+                off = _off_const(d & M32)
             elif idx < 0:
-                off = lambda: (r[base] + d) & M32  # noqa: E731
+                off = _off32_base(r, base, d)
             elif base < 0:
-                off = lambda: ((r[idx] << sh) + d) & M32  # noqa: E731
+                off = _off32_idx(r, idx, sh, d)
             else:
-                off = lambda: (r[base] + (r[idx] << sh) + d) & M32  # noqa: E731
-            ea = lambda: (sb[s] + off()) & M32  # noqa: E731
+                off = _off32_base_idx(r, base, idx, sh, d)
+            ea = _ea_segoff(sb, s, off)
             ea.segoff = (off, s)  # type: ignore[attr-defined]
             return mod, reg, rm, ea
         if base < 0 and idx < 0:
-            d &= M32
-            return mod, reg, rm, lambda: (sb[s] + d) & M32
+            return mod, reg, rm, _ea_disp(sb, s, d & M32)
         if idx < 0:
             if d == 0:
-                return mod, reg, rm, lambda: (sb[s] + r[base]) & M32
-            return mod, reg, rm, lambda: (sb[s] + r[base] + d) & M32
+                return mod, reg, rm, _ea_base(sb, s, r, base)
+            return mod, reg, rm, _ea_base_disp(sb, s, r, base, d)
         if base < 0:
-            return mod, reg, rm, lambda: (sb[s] + (r[idx] << sh) + d) & M32
-        return mod, reg, rm, lambda: (sb[s] + r[base] + (r[idx] << sh) + d) & M32
+            return mod, reg, rm, _ea_idx(sb, s, r, idx, sh, d)
+        return mod, reg, rm, _ea_base_idx(sb, s, r, base, idx, sh, d)
 
     def offset_ea(self, x: Ctx) -> Callable[[], int]:
         """Effective address without segment base (LEA)."""
@@ -388,37 +518,35 @@ class DecoderBase:
     def reg_get(self, n: int, size: int) -> Callable[[], int]:
         r = self.c.r
         if size == 4:
-            return lambda: r[n]
+            return lambda r=r, n=n: r[n]
         if size == 2:
-            return lambda: r[n] & 0xFFFF
+            return lambda r=r, n=n: r[n] & 0xFFFF
         if n < 4:
-            return lambda: r[n] & 0xFF
-        h = n - 4
-        return lambda: (r[h] >> 8) & 0xFF
+            return lambda r=r, n=n: r[n] & 0xFF
+        return lambda r=r, h=n - 4: (r[h] >> 8) & 0xFF
 
     def reg_set(self, n: int, size: int) -> Callable[[int], None]:
         r = self.c.r
         if size == 4:
 
-            def s4(v: int) -> None:
+            def s4(v: int, r: list[int] = r, n: int = n) -> None:
                 r[n] = v
 
             return s4
         if size == 2:
 
-            def s2(v: int) -> None:
+            def s2(v: int, r: list[int] = r, n: int = n) -> None:
                 r[n] = (r[n] & 0xFFFF0000) | v
 
             return s2
         if n < 4:
 
-            def s1(v: int) -> None:
+            def s1(v: int, r: list[int] = r, n: int = n) -> None:
                 r[n] = (r[n] & 0xFFFFFF00) | v
 
             return s1
-        h = n - 4
 
-        def s1h(v: int) -> None:
+        def s1h(v: int, r: list[int] = r, h: int = n - 4) -> None:
             r[h] = (r[h] & 0xFFFF00FF) | (v << 8)
 
         return s1h
@@ -438,7 +566,7 @@ class DecoderBase:
         n = size - 1
         vec = SS_VEC if s == SS else GP
 
-        def lin(o: int) -> int:
+        def lin(o: int, vec=vec, lo=lo, s=s, n=n, hi=hi, sb=sb) -> int:
             if o < lo[s] or o + n > hi[s]:
                 raise CpuFault(vec, 0)
             return (sb[s] + o) & M32
@@ -460,7 +588,7 @@ class DecoderBase:
         n = size - 1
         vec = SS_VEC if s == SS else GP
 
-        def ea_checked() -> int:
+        def ea_checked(off=off, vec=vec, lo=lo, s=s, n=n, hi=hi, sb=sb) -> int:
             o = off()
             if o < lo[s] or o + n > hi[s]:
                 raise CpuFault(vec, 0)
@@ -473,14 +601,14 @@ class DecoderBase:
             return self.reg_get(rm, size)
         ea = self.ea_for(ea, size, False)
         rd = self.rdfn(size)
-        return lambda: rd(ea())
+        return lambda rd=rd, ea=ea: rd(ea())
 
     def rm_set(self, mod: int, rm: int, ea, size: int) -> Callable[[int], None]:
         if mod == 3:
             return self.reg_set(rm, size)
         ea = self.ea_for(ea, size, True)
         wr = self.wrfn(size)
-        return lambda v: wr(ea(), v)
+        return lambda v, wr=wr, ea=ea: wr(ea(), v)
 
     def rm_rmw(self, mod: int, rm: int, ea, size: int):
         """A function applying f(old) -> new to the r/m operand (address computed once)."""
@@ -488,7 +616,7 @@ class DecoderBase:
             g = self.reg_get(rm, size)
             s = self.reg_set(rm, size)
 
-            def rmw_reg(f):
+            def rmw_reg(f, s=s, g=g):
                 s(f(g()))
 
             return rmw_reg
@@ -498,7 +626,7 @@ class DecoderBase:
         c = self.c
         last = 0x1000 - size
 
-        def rmw_mem(f):
+        def rmw_mem(f, ea=ea, rd=rd, wr=wr, last=last, size=size, c=c):
             a = ea()
             v = rd(a)
             if (a >> 12) not in c.wtlb or a & 0xFFF > last:
@@ -547,10 +675,9 @@ class DecoderBase:
         names = {row.decode for row in rows}
         if len(names) == 1 and all(row.prefix is None for row in rows):
             return getattr(self, names.pop())
-        c = self.c
 
         def select(x: Ctx, b: int) -> Fn:
-            modrm = c.rd8((x.csb + (x.pos & x.eipmask)) & M32)
+            modrm = self.peek8(x, x.pos)
             pre = x.rep or (0x66 if x.p66 else None)
             row = lookup(map_, b, modrm, pre)
             if row is None:

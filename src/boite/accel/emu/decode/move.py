@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from boite.accel.emu.arch import (
     AF,
     CF,
@@ -20,57 +23,66 @@ from boite.accel.emu.decode.core import (
     _sx,
 )
 
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+
+# The closures of MOV r/m (88-8B), each from a factory of its own and with its values as
+# default arguments: a captured variable costs a cell (made inside _mov, a cell for every
+# variable of every form, on each call), and the collector one more object to scan.
+def _mov_rr(c: Cpu, r: list[int], d: int, s: int, nxt: int) -> Fn:
+    def mov_rr(c: Cpu = c, r: list[int] = r, d: int = d, s: int = s, nxt: int = nxt) -> None:
+        r[d] = r[s]
+        c.eip = nxt
+
+    return mov_rr
+
+
+def _mov_mr(c: Cpu, wr: Callable[[int, int], None], ea: Callable[[], int],
+            g: Callable[[], int], nxt: int) -> Fn:  # fmt: skip
+    def mov_mr(c: Cpu = c, wr: Callable[[int, int], None] = wr, ea: Callable[[], int] = ea,
+               g: Callable[[], int] = g, nxt: int = nxt) -> None:  # fmt: skip
+        wr(ea(), g())
+        c.eip = nxt
+
+    return mov_mr
+
+
+def _mov_set(c: Cpu, s: Callable[[int], None], g: Callable[[], int], nxt: int) -> Fn:
+    def mov_rr2(c: Cpu = c, s: Callable[[int], None] = s, g: Callable[[], int] = g,
+                nxt: int = nxt) -> None:  # fmt: skip
+        s(g())
+        c.eip = nxt
+
+    return mov_rr2
+
+
+def _mov_rm4(c: Cpu, r: list[int], reg: int, rd: Callable[[int], int],
+             ea: Callable[[], int], nxt: int) -> Fn:  # fmt: skip
+    def mov_rm4(c: Cpu = c, r: list[int] = r, reg: int = reg, rd: Callable[[int], int] = rd,
+                ea: Callable[[], int] = ea, nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = rd(ea())
+        c.eip = nxt
+
+    return mov_rm4
+
 
 class MoveOps(DecoderBase):
     def _mov(self, x: Ctx, b: int) -> Fn:
-        c = self.c
-        r = c.r
-        size = 1 if b in (0x88, 0x8A) else (4 if x.op32 else 2)
+        size = 1 if b == 0x88 or b == 0x8A else (4 if x.op32 else 2)
         mod, reg, rm, ea = self.modrm(x)
-        nxt = self.nxt(x)
+        nxt = x.pos & x.eipmask
+        c = self.c
         if mod == 3 and size == 4:
-            d, s = (rm, reg) if b == 0x89 else (reg, rm)
-
-            def mov_rr() -> None:
-                r[d] = r[s]
-                c.eip = nxt
-
-            return mov_rr
-        if b in (0x88, 0x89):
+            return _mov_rr(c, c.r, rm, reg, nxt) if b == 0x89 else _mov_rr(c, c.r, reg, rm, nxt)
+        if b == 0x88 or b == 0x89:
             g = self.reg_get(reg, size)
             if mod != 3:
-                wr = self.wrfn(size)
-                ea = self.ea_for(ea, size, True)
-
-                def mov_mr() -> None:
-                    wr(ea(), g())
-                    c.eip = nxt
-
-                return mov_mr
-            s = self.reg_set(rm, size)
-
-            def mov_rr2() -> None:
-                s(g())
-                c.eip = nxt
-
-            return mov_rr2
-        g = self.rm_get(mod, rm, ea, size)
+                return _mov_mr(c, self.wrfn(size), self.ea_for(ea, size, True), g, nxt)
+            return _mov_set(c, self.reg_set(rm, size), g, nxt)
         if size == 4:
-            rd = c.rd32
-            ea = self.ea_for(ea, 4, False)
-
-            def mov_rm4() -> None:
-                r[reg] = rd(ea())
-                c.eip = nxt
-
-            return mov_rm4
-        s = self.reg_set(reg, size)
-
-        def mov_rm() -> None:
-            s(g())
-            c.eip = nxt
-
-        return mov_rm
+            return _mov_rm4(c, c.r, reg, c.rd32, self.ea_for(ea, 4, False), nxt)
+        return _mov_set(c, self.reg_set(reg, size), self.rm_get(mod, rm, ea, size), nxt)
 
     def _mov_ri(self, x: Ctx, b: int) -> Fn:
         c = self.c
@@ -82,13 +94,13 @@ class MoveOps(DecoderBase):
             r = c.r
             n = b & 7
 
-            def mov_ri4() -> None:
+            def mov_ri4(v=v, nxt=nxt, r=r, n=n, c=c) -> None:
                 r[n] = v
                 c.eip = nxt
 
             return mov_ri4
 
-        def mov_ri() -> None:
+        def mov_ri(nxt=nxt, s=s, v=v, c=c) -> None:
             s(v)
             c.eip = nxt
 
@@ -104,7 +116,7 @@ class MoveOps(DecoderBase):
         nxt = self.nxt(x)
         s = self.rm_set(mod, rm, ea, size)
 
-        def mov_mi() -> None:
+        def mov_mi(nxt=nxt, s=s, v=v, c=c) -> None:
             s(v)
             c.eip = nxt
 
@@ -140,7 +152,7 @@ class MoveOps(DecoderBase):
             rd = self.rdfn(size)
             st = self.reg_set(0, size)
 
-            def mov_a_m() -> None:
+            def mov_a_m(nxt=nxt, st=st, c=c, rd=rd, off=off, sb=sb, s=s) -> None:
                 st(rd((sb[s] + off) & M32))
                 c.eip = nxt
 
@@ -148,7 +160,7 @@ class MoveOps(DecoderBase):
         wr = self.wrfn(size)
         g = self.reg_get(0, size)
 
-        def mov_m_a() -> None:
+        def mov_m_a(nxt=nxt, wr=wr, c=c, g=g, off=off, sb=sb, s=s) -> None:
             wr((sb[s] + off) & M32, g())
             c.eip = nxt
 
@@ -169,13 +181,13 @@ class MoveOps(DecoderBase):
         if so is not None:  # the offset closure of the checked decode: use it directly
             off = so[0]
 
-            def lea_off() -> None:
+            def lea_off(nxt=nxt, s=s, c=c, m=m, off=off) -> None:
                 s(off() & m)
                 c.eip = nxt
 
             return lea_off
 
-        def lea() -> None:
+        def lea(nxt=nxt, s=s, c=c, m=m, ea=ea, sb=sb) -> None:
             s((ea() - sb[DS]) & m)
             c.eip = nxt
 
@@ -192,7 +204,7 @@ class MoveOps(DecoderBase):
             gm = self.reg_get(rm, size)
             sm = self.reg_set(rm, size)
 
-            def xchg_rr() -> None:
+            def xchg_rr(nxt=nxt, sm=sm, sr=sr, c=c, gm=gm, gr=gr) -> None:
                 a, v = gm(), gr()
                 sm(v)
                 sr(a)
@@ -202,7 +214,7 @@ class MoveOps(DecoderBase):
         rd, wr = self.rdfn(size), self.wrfn(size)
         ea = self.ea_for(ea, size, True)
 
-        def xchg_m() -> None:
+        def xchg_m(nxt=nxt, ea=ea, rd=rd, wr=wr, sr=sr, c=c, gr=gr) -> None:
             a = ea()
             old = rd(a)
             wr(a, gr())

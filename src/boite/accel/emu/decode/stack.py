@@ -38,7 +38,7 @@ class StackOps(DecoderBase):
             sb = c.sbase
             wr = c.wr32
 
-            def push4() -> None:
+            def push4(nxt=nxt, c=c, wr=wr, r=r, n=n, sb=sb) -> None:
                 if c.stack_fast:
                     sp = (r[4] - 4) & M32
                     wr((sb[2] + sp) & M32, r[n])
@@ -49,7 +49,7 @@ class StackOps(DecoderBase):
 
             return push4
 
-        def push() -> None:
+        def push(nxt=nxt, g=g, size=size, c=c) -> None:
             v = g()
             c.push(v, size)
             c.eip = nxt
@@ -67,7 +67,7 @@ class StackOps(DecoderBase):
             sb = c.sbase
             rd = c.rd32
 
-            def pop4() -> None:
+            def pop4(nxt=nxt, c=c, r=r, rd=rd, n=n, sb=sb) -> None:
                 if c.stack_fast:
                     sp = r[4]
                     v = rd((sb[2] + sp) & M32)
@@ -79,7 +79,7 @@ class StackOps(DecoderBase):
 
             return pop4
 
-        def pop() -> None:
+        def pop(nxt=nxt, size=size, s=s, c=c) -> None:
             v = c.pop(size)
             s(v)
             c.eip = nxt
@@ -92,7 +92,7 @@ class StackOps(DecoderBase):
         v = self.imm(x, size) if b == 0x68 else _sx8(self.u8(x)) & MASK[size]
         nxt = self.nxt(x)
 
-        def push_i() -> None:
+        def push_i(nxt=nxt, v=v, size=size, c=c) -> None:
             c.push(v, size)
             c.eip = nxt
 

@@ -35,13 +35,18 @@ from typing import TYPE_CHECKING
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.decode import string as string_ops
 from boite.accel.emu.native.state import (
+    EXIT_END,
     EXIT_MISS,
     OFF_BLOCK,
     OFF_BUDGET,
     OFF_DSTEP,
     OFF_EIP,
+    OFF_IFOK,
+    OFF_INTR,
+    OFF_INV_N,
     OFF_IRQ,
     OFF_REASON,
+    OFF_SBASE,
     OFF_SYSFL,
     ChainTable,
     CodeArena,
@@ -66,16 +71,19 @@ TIME_EVERY = 8  # translations per one timed (translate_s)
 # arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
 # translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
 ARENA_BYTES = 64 << 20
-# The state going in (NativeState from r to block: the registers, EFLAGS, the segment
-# bases, budget, intr, sysfl, ifok, irq, dstep, block; the fields between are zeroed) and
-# coming out (the registers, EIP, EFLAGS, reason, ndone, budget, sysfl).
-# (inv_n, after sysfl, goes in as 0 and comes out: pages a translated INVLPG flushed.)
-_STATE_IN = struct.Struct("<8I4xI6I8xiI12xI4xII4xqQ")
-_STATE_OUT = struct.Struct("<8III24xIIi16xII")
-assert (
-    _STATE_IN.size == OFF_BLOCK + 8 == OFF_DSTEP + 16 and OFF_DSTEP == OFF_IRQ + 8 == OFF_SYSFL + 20
-)
-assert _STATE_OUT.size == OFF_SYSFL + 8 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 40
+# The state going in (NativeState from r to block: the registers, EFLAGS, budget,
+# sysfl, intr, irq, ifok, dstep, block; eip, reason, ndone and inv_n are zeroed) and
+# coming out (the registers; EIP, EFLAGS, reason, ndone, budget, sysfl, inv_n: pages a
+# translated INVLPG flushed). The segment bases (sbase) are written only when they
+# changed (`_write_sbase`).
+_STATE_IN = struct.Struct("<8I4xI8xiI4xIIIqQ")
+_SBASE = struct.Struct("<6I")
+_REGS_OUT = struct.Struct("<8I")
+_EXIT_OUT = struct.Struct("<IIIIiII")
+assert _STATE_IN.size == OFF_BLOCK + 8 and OFF_BLOCK == OFF_DSTEP + 8 == OFF_IFOK + 12
+assert OFF_IFOK == OFF_IRQ + 4 == OFF_INTR + 8 == OFF_INV_N + 12 == OFF_SYSFL + 16
+assert OFF_SYSFL == OFF_BUDGET + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 16
+assert OFF_EIP == _REGS_OUT.size
 
 
 def native_available() -> bool:
@@ -167,8 +175,8 @@ class NativeTier:
         self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
         self.translations = 0
         self.translated_insns = 0
-        self.entries = 0  # calls into translated code
         self.exits = [0, 0, 0]  # by EXIT_*
+        self.sbase = [0] * 6  # the segment bases the state holds
         # EIPs of instructions in a translated STI's shadow: an exit there (a TLB miss)
         # leaves the shadow to Cpu.run (inhibit_irq), so an interrupt that came meanwhile
         # waits for that instruction, as after the Python tiers' STI. An EIP of another
@@ -182,6 +190,11 @@ class NativeTier:
         self.profile_raw: dict[tuple[int, int], str] = {}
         self.cs_changed()  # then called by Cpu when CS, CR0.PE or the GDT change
 
+    @property
+    def entries(self) -> int:
+        """Calls into translated code."""
+        return sum(self.exits)
+
     # -- TLB mirror ----------------------------------------------------------------------
     def tlb_flush(self, page: int | None = None, code: bool = True) -> None:
         """Drop TLB entries (page None: all); `code`: a translated block's page may map
@@ -189,7 +202,7 @@ class NativeTier:
         for t in self.tlbs:
             t.flush(page)
         if page is None:
-            self.st.iret_ok = 0  # maybe other page tables: the next CS load says
+            self.cs_stale_now()  # maybe other page tables: the next CS load says
         if code:
             self.unchain()
 
@@ -209,10 +222,17 @@ class NativeTier:
         if code:
             self.unchain()
 
+    def cs_stale_now(self) -> None:
+        """The page tables may differ (a CR3 write, a full TLB flush): translated IRET
+        leaves for Python until CS is loaded again (Cpu.load_cs calls cs_changed)."""
+        self.st.iret_ok = 0
+        self.cs_stale = True
+
     def cs_changed(self) -> None:
         """What translated PUSH CS and IRET read about CS (state cs_sel, iret_*)."""
         cpu = self.cpu
         st = self.st
+        self.cs_stale = False
         sel = cpu.sel[CS]
         st.cs_sel = sel
         ok = 0
@@ -400,17 +420,26 @@ class NativeTier:
         self.blocks += 1
         return self._runner(addr, eip)
 
+    def _write_sbase(self) -> None:
+        """The segment bases changed since the last entry (rare in flat code)."""
+        sbase = self.cpu.sbase
+        _SBASE.pack_into(self.stbuf, OFF_SBASE, *sbase)
+        self.sbase[:] = sbase
+
     def _runner(self, addr: int, eip: int) -> Callable[[], int]:
         tier = self
         cpu = self.cpu
         stbuf = self.stbuf
         enter = self.enter
-        state_in, state_out = _STATE_IN.pack_into, _STATE_OUT.unpack_from
-        slot = 2 * chain_slot(eip)
+        state_in = _STATE_IN.pack_into
+        regs_out, exit_out = _REGS_OUT.unpack_from, _EXIT_OUT.unpack_from
+        slot = 2 * chain_slot(eip) + 1
         exits = self.exits
         shadows = self.shadows
-        # One entry is Python work around one ctypes call: the state goes in and comes out
-        # with one struct call each (_STATE_IN, _STATE_OUT).
+        sbase = self.sbase  # what the state holds
+        regs = cpu.r
+        # One entry is Python work around one ctypes call: the state goes in with one
+        # struct call and comes out with two (_STATE_IN, _REGS_OUT, _EXIT_OUT).
 
         def run_native() -> int:
             if tier.bound is not cpu.rtlb:
@@ -418,34 +447,46 @@ class NativeTier:
             ct = tier.ctab
             if cpu.mode_key != tier.cmode or cpu.cs_key != tier.ccs:
                 ct = tier._select((cpu.mode_key, cpu.cs_key))
-            if ct.slots[slot + 1] != addr:  # this block is valid here: let chains find it
+            if ct.slots[slot] != addr:  # this block is valid here: let chains find it
                 ct.add(eip, addr)
+            if cpu.sbase != sbase:
+                tier._write_sbase()
             fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
             left = cpu.run_left
             budget = BUDGET if BUDGET < left else left  # BUDGET read now: tests set it
             # Leave at the first chain only when an interrupt can be taken (IF does not
             # change inside translated code) or DMA is to be drained; device threads
             # set it meanwhile (Cpu.kick).
-            irq = 1 if cpu.intr else 0
-            intr = 1 if (irq and fl & IF) or cpu.dma_writes or cpu.stop else 0
+            if cpu.intr:
+                irq = 1
+                intr = 1 if fl & IF or cpu.dma_writes or cpu.stop else 0
+            else:
+                irq = 0
+                intr = 1 if cpu.dma_writes or cpu.stop else 0
             # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
             ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
-            state_in(stbuf, 0, *cpu.r, fl, *cpu.sbase, budget, intr, fl & ~ARITH, ifok, irq,
-                     -1 if fl & DF else 1, addr)  # fmt: skip
+            r0, r1, r2, r3, r4, r5, r6, r7 = regs
+            state_in(stbuf, 0, r0, r1, r2, r3, r4, r5, r6, r7, fl, budget, fl & ~ARITH, intr,
+                     irq, ifok, -1 if fl & DF else 1, addr)  # fmt: skip
             enter()
-            *regs, eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = state_out(stbuf, 0)
+            regs[:] = regs_out(stbuf)
+            eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = exit_out(stbuf, OFF_EIP)
             if inv_n:  # translated INVLPGs: the Python TLBs follow before anything reads them
                 tier.invlpg_ring(inv_n)
-            cpu.r[:] = regs
             cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = eip_out
             n = budget - budget_left + ndone
             tier.insns += n
-            tier.entries += 1
             exits[reason] += 1
             if tier.profile is not None:
                 tier._note_exit(reason)
+            if reason == EXIT_END:  # the most frequent
+                if n == 0:
+                    return tier._one()
+                if eip_out in shadows:
+                    cpu.inhibit_irq = True
+                return n
             shadow = eip_out in shadows and n > 0
             if reason == EXIT_MISS:
                 if n >= budget:

@@ -25,34 +25,34 @@ class NativeState(ctypes.Structure):
         ("r", ctypes.c_uint32 * 8),  # EAX ECX EDX EBX ESP EBP ESI EDI
         ("eip", ctypes.c_uint32),
         ("eflags", ctypes.c_uint32),  # the arithmetic flags in, all of them out
-        ("sbase", ctypes.c_uint32 * 6),  # ES CS SS DS FS GS bases
         ("reason", ctypes.c_uint32),  # EXIT_*
         ("ndone", ctypes.c_uint32),  # instructions completed in the block that left
         # Instructions the chained blocks may still run; each block that chains on takes
         # its count off, and chaining stops at zero (so does the tier's return to Python).
         ("budget", ctypes.c_int32),
-        # Nonzero: leave at the next chain (a pending interrupt, device DMA, a pause).
-        # Device threads set it while translated code runs (the call releases the GIL).
-        ("intr", ctypes.c_uint32),
-        ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
-        ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
-        ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
         # EFLAGS but the arithmetic flags (IF, DF, IOPL...): translated PUSHF/POPF/CLI/STI
         # read and change IF here; Python reads it back at the exit.
         ("sysfl", ctypes.c_uint32),
         # Pages a translated INVLPG flushed (inv_ring): Python applies Cpu.tlb_flush to
         # each at the exit (NativeTier.invlpg_ring); zero at each entry.
         ("inv_n", ctypes.c_uint32),
-        ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
+        # Nonzero: leave at the next chain (a pending interrupt, device DMA, a pause).
+        # Device threads set it while translated code runs (the call releases the GIL).
+        ("intr", ctypes.c_uint32),
         ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
-        ("pad", ctypes.c_uint32),
+        ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("block", ctypes.c_uint64),  # the host code `enter` jumps to
-        # (Each entry writes the fields from r to block in one go: native/__init__.py.)
-        # A REPE/REPNE CMPS/SCAS left at a TLB miss: its EIP (0xFFFFFFFF: none) and the
-        # elements its slice has left, so the next entry goes on with the same count.
+        # (Each entry writes the fields from r to block in one go, those coming out are
+        # r to sysfl: native/__init__.py. The fields below change rarely: sbase is
+        # written when the segment bases changed.)
+        ("miss_addr", ctypes.c_uint32),  # EXIT_MISS: the linear address
+        ("miss_write", ctypes.c_uint32),  # EXIT_MISS: bit 0 a write, bit 1 read first
+        ("tmp", ctypes.c_uint32),  # a value held across a second TLB lookup
         ("rep_eip", ctypes.c_uint32),
         ("rep_left", ctypes.c_uint32),
+        ("sbase", ctypes.c_uint32 * 6),  # ES CS SS DS FS GS bases
+        ("pad2", ctypes.c_uint32),
         # RDTSC: clock_gettime's host address, Cpu.tsc_hz and Cpu.tsc_offset (mod 2^64),
         # so the translated instruction gives what Cpu.rdtsc gives.
         ("clock", ctypes.c_uint64),
@@ -79,8 +79,9 @@ class NativeState(ctypes.Structure):
         ("iret_dhost", ctypes.c_uint64),
         ("iret_desc", ctypes.c_uint64),
         ("tmp2", ctypes.c_uint32),  # a second value held across a TLB lookup
-        ("pad2", ctypes.c_uint32),
-        # A bit per linear page that holds (or held) a translated block (never cleared): a translated INVLPG of such a page leaves for Python (chains go).
+        ("pad3", ctypes.c_uint32),
+        # A bit per linear page that holds (or held) a translated block (never cleared):
+        # a translated INVLPG of such a page leaves for Python (chains go).
         ("codemap", ctypes.c_uint64),
         ("inv_ring", ctypes.c_uint32 * 64),  # INV_RING
     ]

@@ -11,6 +11,11 @@ thing on an x86-64 host without a REX prefix, flags included. What is rewritten:
 - opcodes that mean something else in 64-bit mode (40-4F INC/DEC r32 are REX prefixes,
   82 is invalid) are re-encoded;
 - PUSH/POP/CALL/RET work on the guest ESP in the state through the TLB;
+- the guest's arithmetic flags live in the host's, or in R11 (as PUSHFQ leaves them)
+  where host code in between changes the host's: every block is entered with them in
+  R11 and puts them into the host's (SAHF, not the slow POPFQ) only before the first
+  instruction that reads or keeps one that is live; a TLB lookup saves them to R11
+  (PUSHFQ) unless they are there already and puts them back only where live;
 - branches end the block: the block takes its instruction count off the budget and,
   while budget remains and no interrupt is pending, chains to the next block through the
   chain table (guest EIP -> host code; an indirect branch hashes its target at run time,
@@ -128,7 +133,8 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     enter: void enter(void): the same as entry(st_addr, st->block) (st_addr is built in:
     a call without arguments costs Python less).
     entry: void entry(NativeState *st, void *block): save the host's callee-saved
-    registers, load the guest's, jump to the block.
+    registers, load the guest's (the flags into R11, as every block is entered), jump
+    to the block.
     dispatch: chain to guest EIP R9D with the guest flags in R11, after the block took its
     instructions off the budget (the flags of that SUB are live: LE means spent); leaves
     through `out` when the budget is spent, an interrupt is pending or the chain table
@@ -149,10 +155,8 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.label("loaded")
     a.load64(R14, R15, OFF_TLB_R)
     a.load64(R13, R15, OFF_TLB_W)
-    a.load32(RAX, R15, OFF_EFLAGS)
-    a.and32(RAX, ARITH)  # never TF, DF, AC into the host's flags
-    a.push(RAX)
-    a.popfq()
+    a.load32(R11, R15, OFF_EFLAGS)
+    a.and32(R11, ARITH)  # blocks are entered with the guest flags in R11
     for g in HELD:
         a.load32(g, R15, OFF_R + 4 * g)
     a.jmp_reg(R8)
@@ -168,9 +172,7 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a._mem(b"\x03", R10, R15, OFF_JTAB, w=True)  # add r10, [r15 + jtab]
     a._mem(b"\x39", R9, R10, 0)  # cmp [r10], r9d
     a.jcc(5, "out")
-    a.push(R11)
-    a.popfq()
-    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8]
+    a._mem(b"\xff", 4, R10, 8)  # jmp [r10 + 8] (the guest flags in R11)
     a.label("out")
     a.store32(R15, OFF_EIP, R9)
     a.store_imm32(R15, OFF_NDONE, 0)
@@ -197,17 +199,37 @@ def _imm(build) -> bytes:
     return _encoded(build)[:-4]
 
 
-_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _imm(
-    lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0)
-)
+_BUDGET_SUB = _imm(lambda a: a.sub_mem_imm32(R15, OFF_BUDGET, 0))
+_CHAIN_HEAD = _encoded(lambda a: (a.pushfq(), a.pop(R11))) + _BUDGET_SUB
 _CHAIN_DISPATCH = _encoded(lambda a: (a.mov_rr32(R9, R8), a._mem(b"\xff", 4, R15, OFF_DISPATCH)))
 _MOV_R9 = _imm(lambda a: a.mov_imm32(R9, 0))
 _CMP_INTR = _encoded(lambda a: a.cmp_mem_imm32(R15, OFF_INTR, 0))
-_POPF_R11 = _encoded(lambda a: (a.push(R11), a.popfq()))
+
+
+def _host_sahf() -> bool:
+    """LAHF/SAHF work in 64-bit mode (CPUID 80000001h ECX bit 0; all but the first
+    x86-64 processors)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "lahf_lm" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+# The guest flags from R11 (as PUSHFQ left them) into the host's: POPFQ is microcoded
+# (~15 cycles here, the most costly instruction of a loop's hot path); SAHF takes SF ZF
+# AF PF CF from AH and a CMP sets OF, R11 kept: xchg rax, r11; cmp ah, 0x88 (OF from
+# bit 11: AH is 0x00/0x02 + OF's 0x08, as TF, DF, IOPL and NT are clear in R11); xchg
+# al, ah; sahf; xchg al, ah; xchg rax, r11.
+_RESTORE_SAHF = b"\x49\x93\x80\xfc\x88\x86\xc4\x9e\x86\xc4\x49\x93"
+_POPF_R11 = _RESTORE_SAHF if _host_sahf() else _encoded(lambda a: (a.push(R11), a.popfq()))
 _CHAIN_CMP = _encoded(lambda a: a.load64(R8, R15, OFF_JTAB)) + _imm(
     lambda a: a._mem(b"\x39", R9, R8, 0)
 )
-_CHAIN_JMP = _POPF_R11 + _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
+_CHAIN_JMP = _imm(lambda a: a._mem(b"\xff", 4, R8, 0))
 _JMP_OUT = _encoded(lambda a: a._mem(b"\xff", 4, R15, OFF_OUT))
 _ST_EIP = _imm(lambda a: a.store_imm32(R15, OFF_EIP, 0))
 _ST_NDONE = _imm(lambda a: a.store_imm32(R15, OFF_NDONE, 0))
@@ -249,8 +271,7 @@ def _lookup_template(addr: int, size: int, write: bool, restore: bool,
     a.jcc(7, "miss")  # JA: the access would cross into the next page
     a.add64(R10, R8)
     if restore:
-        a.push(R11)
-        a.popfq()
+        a.raw(_POPF_R11)
     (fix1, _), (fix2, _) = a.fixups
     return bytes(a.buf), fix1, fix2
 
@@ -672,13 +693,14 @@ class Translator:
         self.stubs.append((name, [eip, ndone, reason, eip_reg]))
         return name
 
-    def chain(self, target: int | None, ndone: int) -> str:
+    def chain(self, target: int | None, ndone: int, in_r11: bool = False) -> str:
         """A stub that takes the block's `ndone` instructions off the budget and goes on
         at guest EIP target (None: the EIP in R8D) through the chain table, or leaves;
-        returns its label."""
+        returns its label. The guest flags are in the host's (in_r11: in R11 alone) and
+        go to the next block in R11."""
         name = f"c{self.n}"
         self.n += 1
-        self.chains.append((name, target, ndone))
+        self.chains.append((name, target, ndone, in_r11))
         return name
 
     def _emit_chains(self) -> None:
@@ -686,9 +708,10 @@ class Translator:
         if not self.chains:
             return
         buf = a.buf
-        for name, target, ndone in self.chains:
+        for name, target, ndone, in_r11 in self.chains:
             a.label(name)
-            buf += _CHAIN_HEAD + _s32(ndone)  # pushfq; pop r11; sub [r15 + budget], ndone
+            # [pushfq; pop r11]; sub [r15 + budget], ndone
+            buf += (_BUDGET_SUB if in_r11 else _CHAIN_HEAD) + _s32(ndone)
             if target is None:
                 buf += _CHAIN_DISPATCH  # mov r9d, r8d; jmp [r15 + dispatch]
                 continue
@@ -697,14 +720,12 @@ class Translator:
             buf += _CMP_INTR
             a.jcc(5, "leave")
             if target == self.start:  # a loop: no lookup
-                if self.live_in0:  # flags the block reads (or shows) before writing them
-                    buf += _POPF_R11
                 a.jmp("start")
                 continue
             slot = chain_slot(target) * 16
             buf += _CHAIN_CMP + _s32(slot)  # mov r8, [r15 + jtab]; cmp [r8 + slot], r9d
             a.jcc(5, "leave")
-            buf += _CHAIN_JMP + _s32(slot + 8)  # push r11; popfq; jmp [r8 + slot + 8]
+            buf += _CHAIN_JMP + _s32(slot + 8)  # jmp [r8 + slot + 8]
         a.label("leave")
         buf += _JMP_OUT
 
@@ -1578,14 +1599,15 @@ class Translator:
             else:
                 live = (live & ~rf.kill) | _reads(insns[k], rf)
             live_in[k] = live
-        self.live_in0 = live_in[0] & ARITH if n else ARITH
         a = self.a
         buf = a.buf
         a.label("start")
         done = 0
-        # carry: the guest flags wait in R11, the host's clobbered by a lookup that did
-        # not put them back because the next instruction's lookup saves them first.
-        carry = False
+        # carry: the guest flags wait in R11 and the host's may be anything: at the start
+        # (every block is entered so), after a lookup that did not put them back because
+        # the next instruction's lookup saves them first, and through instructions that
+        # neither read nor keep a live flag.
+        carry = True
         self.flags_in_r11 = False
         for k, i in enumerate(insns):
             differ = host_differs(i) & live_out[k] if rfs[k].undefined and MATCH_PYTHON_FLAGS else 0
@@ -1596,16 +1618,26 @@ class Translator:
                 break
             mark = (len(buf), len(a.fixups), len(self.misses), len(self.chains), len(self.stubs),
                     len(self.flag_exits), carry)  # fmt: skip
-            if fix[0]:
-                buf += fix[0]
+            rf = rfs[k]
             # After a TLB lookup the guest flags go back into the host's only where the
             # instruction reads them or leaves some live ones as they were.
-            restore = bool(_reads(i, rfs[k]) | (live_out[k] & ~rfs[k].kill))
-            gives = k + 1 < n and _gives_flags(i, rfs[k]) and _takes_flags(insns[k + 1], rfs[k + 1])
-            if carry and (fix[0] or not _takes_flags(i, rfs[k])):
-                buf += _POPF_R11  # (not reached: the previous one checked this one)
+            restore = bool(_reads(i, rf) | (live_out[k] & ~rf.kill))
+            gives = k + 1 < n and _gives_flags(i, rf) and _takes_flags(insns[k + 1], rfs[k + 1])
+            # An instruction without a memory operand or an exit that reads no flag and
+            # writes none (R11 keeps them) or writes every live one runs on whatever the
+            # host's flags are.
+            blind = (
+                carry
+                and (i.mem is None and i.row.native == "copy" or i.row.native == "lea")
+                and not (fix[0] or fix[1] or _reads(i, rf))
+                and not (i.row.flags_written and live_out[k] & ~rf.kill)
+            )
+            if carry and not blind and (fix[0] or not _takes_flags(i, rf)):
+                buf += _POPF_R11
                 carry = False
-            self.flags_in_r11 = carry
+            if fix[0]:
+                buf += fix[0]
+            self.flags_in_r11 = carry and not blind
             if not getattr(self, i.row.native)(i, k, restore and not gives):
                 # What it emitted before refusing goes (its labels stay, unused).
                 del buf[mark[0] :], a.fixups[mark[1] :], self.misses[mark[2] :]
@@ -1613,7 +1645,8 @@ class Translator:
                 carry = mark[6]  # the flags still wait in R11 if they did before it
                 break
             assert not self.flags_in_r11  # its lookup took them
-            carry = gives
+            # (blind: the flags it writes are the live ones; none: R11 still has them)
+            carry = not i.row.flags_written if blind else gives
             if fix[1]:
                 buf += fix[1]
             done = k + 1
