@@ -419,9 +419,14 @@ class Cpu:
         code and data); the EIP maps and chains go only if a block's page was not
         global."""
         pages = self.nonglobal
-        if not pages:
-            return
-        code = not pages.isdisjoint(self.code_lin)
+        if pages:
+            self.tlb_flush_set(pages)
+            pages.clear()
+
+    def tlb_flush_set(self, pages: set[int] | list[int]) -> None:
+        """tlb_flush(p) for each of these pages, in one go (the global pages of a CR3
+        reload; the pages translated INVLPGs flushed: NativeTier.invlpg_ring)."""
+        code = not self.code_lin.isdisjoint(pages)
         if code:
             for fast in self._fast.values():
                 fast.clear()
@@ -432,7 +437,6 @@ class Cpu:
                     t.pop(p, None)
         if self.native is not None:
             self.native.tlb_flush_pages(pages, code)
-        pages.clear()
 
     def paging_changed(self) -> None:
         """CR0.PG, CR4.PAE or EFER.NXE changed (or a state was loaded): pick the page

@@ -210,7 +210,7 @@ class NativeTier:
         """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
         self.st.tsc_off = self.cpu.tsc_offset & 0xFFFFFFFFFFFFFFFF
 
-    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
+    def tlb_flush_pages(self, pages: set[int] | list[int], code: bool) -> None:
         """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
         filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
         for t in self.tlbs:
@@ -293,10 +293,8 @@ class NativeTier:
     def invlpg_ring(self, n: int) -> None:
         """Translated INVLPGs zeroed the current native TLB tables' entries of these
         pages (none held a translated block: codemap); the rest of Cpu.tlb_flush (the
-        Python TLBs, the other privileges' tables) follows here, at the exit, in order."""
-        flush = self.cpu.tlb_flush
-        for page in self.st.inv_ring[:n]:
-            flush(page)
+        Python TLBs, the other privileges' tables) follows here, at the exit."""
+        self.cpu.tlb_flush_set(self.st.inv_ring[:n])
 
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""
