@@ -163,6 +163,11 @@ class Cpu:
         # CS base, plus its limit where the limit is below what EIP can reach: the key
         # translated code is filed under, since the decoder checks fetches against it.
         self.cs_key = 0
+        # Compiled blocks by EIP, one map per (mode_key, cs_key); emptied whenever a
+        # block or a TLB entry goes away, so a hit needs no further check. fast_cur is
+        # the map of the current key (kept by _update_mode and update_cs_key).
+        self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {(0, 0): {}}
+        self.fast_cur: dict[int, Callable[[], int]] = self._fast[(0, 0)]
         self.sattr = [0x93] * 6  # access byte | (flags nibble << 8): bit 14 = D/B, 15 = G
         self.sattr[CS] = 0x9B
         self.cs32 = False
@@ -243,12 +248,12 @@ class Cpu:
         # Block cache: physical address -> (key, fns, count); code pages are write-guarded.
         self.blocks: dict[int, Any] = {}
         self.code_pages: dict[int, list[int]] = {}
-        # Compiled blocks by EIP, one map per (mode_key, CS base); emptied whenever a
-        # block or a TLB entry goes away, so a hit needs no further check.
-        self._fast: dict[tuple[int, int], dict[int, Callable[[], int]]] = {}
         # Linear pages blocks were fetched from since the maps were last emptied: INVLPG
         # of any other page (a fixmap, a data page) leaves the maps and chains alone.
         self.code_lin: set[int] = set()
+        # Physical page -> the (EIP map, EIP) entries made for blocks on it since the
+        # maps were last emptied: a store into a code page drops only those.
+        self.fast_phys: dict[int, list[tuple[dict[int, Callable[[], int]], int]]] = {}
         # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
         # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
         self.nonglobal: set[int] = set()
@@ -391,6 +396,7 @@ class Cpu:
         if code:  # a block's code may map elsewhere now
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         if page is None:
             self.nonglobal.clear()
@@ -430,6 +436,7 @@ class Cpu:
         if code:
             for fast in self._fast.values():
                 fast.clear()
+            self.fast_phys.clear()
             self.code_lin.clear()
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
@@ -812,10 +819,12 @@ class Cpu:
         keys = self.code_pages.pop(ppage, None)
         if keys:
             for c in self.cpus:  # the guard is shared: every CPU's blocks on the page go
-                for fast in c._fast.values():
-                    fast.clear()
+                # Only the EIP map entries and chains of the blocks on this page: every
+                # block lies within one page (the decoder ends blocks there).
+                for fast, eip in c.fast_phys.pop(ppage, ()):
+                    fast.pop(eip, None)
                 if c.native is not None:
-                    c.native.unchain()  # its chain tables mirror the maps just emptied
+                    c.native.unchain_page(ppage)
                 blocks = c.blocks
                 for k in keys:
                     blocks.pop(k, None)
@@ -824,6 +833,7 @@ class Cpu:
         for c in self.cpus:  # code_pages is shared: emptying it unguards every CPU's blocks
             for fast in c._fast.values():
                 fast.clear()
+            c.fast_phys.clear()
             if c.native is not None:
                 c.native.unchain()
             c.blocks.clear()
@@ -1095,6 +1105,14 @@ class Cpu:
         reach = M32 if self.cs32 else M16
         self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
         self._native_cs()
+        self._select_fast()
+
+    def _select_fast(self) -> None:
+        key = (self.mode_key, self.cs_key)
+        fm = self._fast.get(key)
+        if fm is None:
+            fm = self._fast[key] = {}
+        self.fast_cur = fm
 
     def _native_cs(self) -> None:
         """CS, CR0.PE or the GDT changed: translated PUSH CS and IRET read what follows
@@ -1772,6 +1790,7 @@ class Cpu:
         """mode_key: what a translated block depends on besides its address: CPL, code
         size and seg_key (SEGCHK, CS/FS/GS flatness, STACK16)."""
         self.mode_key = self.cpl | (4 if self.cs32 else 0) | self.seg_key
+        self._select_fast()
 
     # ------------------------------------------------------------------ run loop
     def step(self) -> None:
@@ -1855,12 +1874,8 @@ class Cpu:
         decoder = self.decoder
         irq_check = self.irq_check
         sbase = self.sbase
-        compile_ok = self.compile_blocks
-        hot = self.hot_block
-        fmaps = self._fast
         code_lin = self.code_lin
-        fmode = fcsk = -1
-        fast: dict[int, Callable[[], int]] = {}
+        fast_phys = self.fast_phys
         try:
             while done + faults < max_insns:
                 # Bounds a native entry (native/), faults included: with only `done`
@@ -1876,12 +1891,7 @@ class Cpu:
                     # Fast path: a block for this EIP in this mode (compiled, native or
                     # the closures of a cold one). A request while IF is clear waits:
                     # the boundary would take nothing either.
-                    mk = self.mode_key
-                    csk = self.cs_key
-                    if mk != fmode or csk != fcsk:
-                        fmode, fcsk = mk, csk
-                        fast = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
-                    f = fast.get(self.eip)
+                    f = self.fast_cur.get(self.eip)
                 n = 0
                 if f is None:
                     shadow = self._block_boundary(irq_check)
@@ -1922,18 +1932,21 @@ class Cpu:
                         if b.cacheable:
                             # Into the EIP map: a compiled block, or the closures of a
                             # cold one (next time without the lookups above).
-                            mk = self.mode_key
-                            fm = fmaps.get((mk, csk)) or fmaps.setdefault((mk, csk), {})
+                            fm = self.fast_cur
                             if f is None:
                                 f = self._cold_block(b, fm)
+                            if eip not in fm:  # (else made before: interrupt, shadow)
+                                at = fast_phys.get(pa >> 12)
+                                if at is None:
+                                    fast_phys[pa >> 12] = [(fm, eip)]
+                                else:
+                                    at.append((fm, eip))
                             fm[eip] = f
                             done += f()
                         elif f is not None:
                             done += f()
-                        else:
+                        else:  # not cached (it straddles a page): decoded each time
                             b.hits += 1
-                            if b.hits >= hot and b.cacheable and compile_ok:
-                                decoder.compile(b)
                             for fn in b.fns:
                                 fn()
                                 n += 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import (
     AF,
     CF,
     DE,
+    M32,
     MASK,
     OF,
     OP_ADD,
@@ -27,13 +29,57 @@ from boite.accel.emu.decode.core import (
     Ctx,
     DecoderBase,
     Fn,
+    _ea_base_disp,
     _sx,
     _sx8,
 )
 
+if TYPE_CHECKING:
+    from boite.accel.emu.cpu import Cpu
+
+
+# Closures of the commonest 32-bit forms, with the operands read inline (no accessor
+# closures: fewer objects to make and to call); their values are default arguments.
+def _cmp_ri4(c: Cpu, r: list[int], rm: int, f: Callable[[int, int], int], v: int,
+             nxt: int) -> Fn:  # fmt: skip
+    def cmp_ri4(c: Cpu = c, r: list[int] = r, rm: int = rm, f: Callable[[int, int], int] = f,
+                v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(r[rm], v)
+        c.eip = nxt
+
+    return cmp_ri4
+
+
+def _cmp_mi4_bd(c: Cpu, r: list[int], rd: Callable[[int], int], sb: list[int], s: int,
+                base: int, d: int, f: Callable[[int, int], int], v: int, nxt: int) -> Fn:  # fmt: skip
+    def cmp_mi4_bd(c: Cpu = c, r: list[int] = r, rd: Callable[[int], int] = rd,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   f: Callable[[int, int], int] = f, v: int = v, nxt: int = nxt) -> None:  # fmt: skip
+        f(rd((sb[s] + r[base] + d) & M32), v)
+        c.eip = nxt
+
+    return cmp_mi4_bd
+
+
+def _test_rr4(c: Cpu, r: list[int], rm: int, reg: int, nxt: int) -> Fn:
+    def test_rr4(c: Cpu = c, r: list[int] = r, rm: int = rm, reg: int = reg,
+                 nxt: int = nxt) -> None:  # fmt: skip
+        c.lres = r[rm] & r[reg]
+        c.lop = OP_LOGIC
+        c.lmask = M32
+        c.eip = nxt
+
+    return test_rr4
+
 
 class AluOps(DecoderBase):
     def alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("alu", op, size))
+        if f is None:
+            f = self.shared[("alu", op, size)] = self._new_alu_fn(op, size)
+        return f
+
+    def _new_alu_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """op: 0 ADD 1 OR 2 ADC 3 SBB 4 AND 5 SUB 6 XOR 7 CMP; returns f(a, b) -> result."""
         c = self.c
         m = MASK[size]
@@ -230,14 +276,21 @@ class AluOps(DecoderBase):
     def _grp1(self, x: Ctx, b: int) -> Fn:
         c = self.c
         size = 1 if b in (0x80, 0x82) else (4 if x.op32 else 2)
-        mod, op, rm, ea = self.modrm(x)
+        mod, op, rm, ea = self.modrm(x, size == 4)
         if b == 0x83:
             v = _sx8(self.u8(x)) & MASK[size]
         else:
             v = self.imm(x, size)
         nxt = self.nxt(x)
         f = self.alu_fn(op, size)
+        if ea is None and mod != 3:  # 32-bit [base + disp] (modrm fuse)
+            ea = _ea_base_disp(c.sbase, x.ea_seg, c.r, x.ea_base, x.ea_disp)
+            if op == 7:
+                return _cmp_mi4_bd(c, c.r, c.rd32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                                   f, v, nxt)  # fmt: skip
         if op == 7:
+            if mod == 3 and size == 4:
+                return _cmp_ri4(c, c.r, rm, f, v, nxt)
             g = self.rm_get(mod, rm, ea, size)
 
             def cmp_i(nxt=nxt, f=f, v=v, c=c, g=g) -> None:
@@ -255,7 +308,7 @@ class AluOps(DecoderBase):
             return alu_ri
         rmw = self.rm_rmw(mod, rm, ea, size)
 
-        def alu_mi(nxt=nxt, rmw=rmw, c=c, f=f, v=v) -> None:
+        def alu_mi() -> None:
             rmw(lambda a: f(a, v))
             c.eip = nxt
 
@@ -270,6 +323,8 @@ class AluOps(DecoderBase):
         else:
             size = 1 if b == 0x84 else (4 if x.op32 else 2)
             mod, reg, rm, ea = self.modrm(x)
+            if mod == 3 and size == 4:
+                return _test_rr4(c, c.r, rm, reg, self.nxt(x))
             g1 = self.rm_get(mod, rm, ea, size)
             g2 = self.reg_get(reg, size)
             g = None
@@ -294,6 +349,12 @@ class AluOps(DecoderBase):
         return test
 
     def _incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
+        f = self.shared.get(("incdec", dec, size))
+        if f is None:
+            f = self.shared[("incdec", dec, size)] = self._new_incdec_fn(dec, size)
+        return f
+
+    def _new_incdec_fn(self, dec: bool, size: int) -> Callable[[int], int]:
         c = self.c
         m = MASK[size]
         if dec:
@@ -346,6 +407,12 @@ class AluOps(DecoderBase):
         return incdec
 
     def shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
+        f = self.shared.get(("shift", op, size))
+        if f is None:
+            f = self.shared[("shift", op, size)] = self._new_shift_fn(op, size)
+        return f
+
+    def _new_shift_fn(self, op: int, size: int) -> Callable[[int, int], int]:
         """ROL ROR RCL RCR SHL SHR SAL SAR with eager flags; f(value, count) -> result."""
         c = self.c
         bits = size * 8
@@ -435,13 +502,13 @@ class AluOps(DecoderBase):
         rmw = self.rm_rmw(mod, rm, ea, size)
         if cnt >= 0:
 
-            def shift_i(nxt=nxt, rmw=rmw, c=c, f=f, cnt=cnt) -> None:
+            def shift_i() -> None:
                 rmw(lambda v: f(v, cnt))
                 c.eip = nxt
 
             return shift_i
 
-        def shift_cl(nxt=nxt, rmw=rmw, c=c, r=r, f=f) -> None:
+        def shift_cl() -> None:
             n = r[1] & 0xFF
             rmw(lambda v: f(v, n))
             c.eip = nxt
@@ -462,7 +529,7 @@ class AluOps(DecoderBase):
         g = self.rm_get(mod, rm, ea, size)
         if op in (0, 1):
 
-            def test_i() -> None:
+            def test_i(m=m, nxt=nxt, c=c, v=v, g=g) -> None:
                 c.lres = g() & v
                 c.lop = OP_LOGIC
                 c.lmask = m
@@ -480,7 +547,7 @@ class AluOps(DecoderBase):
         if op == 3:
             rmw = self.rm_rmw(mod, rm, ea, size)
 
-            def neg_f(a: int) -> int:
+            def neg_f(a: int, m=m, c=c) -> int:
                 res = -a
                 c.lop = OP_SUB
                 c.la = 0
@@ -489,13 +556,13 @@ class AluOps(DecoderBase):
                 c.lmask = m
                 return res & m
 
-            def neg() -> None:
+            def neg(nxt=nxt, rmw=rmw, neg_f=neg_f, c=c) -> None:
                 rmw(neg_f)
                 c.eip = nxt
 
             return neg
 
-        def setmul(lo: int, hi_nonzero: bool) -> None:
+        def setmul(lo: int, hi_nonzero: bool, sign=sign, c=c, m=m) -> None:
             f = c.get_flags() & ~(CF | OF | ZF | SF | PF | AF)
             if hi_nonzero:
                 f |= CF | OF
@@ -509,32 +576,32 @@ class AluOps(DecoderBase):
 
         if size == 1:
 
-            def get_acc() -> int:
+            def get_acc(r=r) -> int:
                 return r[0] & 0xFFFF
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, r=r) -> None:
                 r[0] = (r[0] & 0xFFFF0000) | (hi << 8) | lo
 
-            def get_hi() -> int:
+            def get_hi(r=r) -> int:
                 return (r[0] >> 8) & 0xFF
         else:
 
-            def get_acc() -> int:
+            def get_acc(bits=bits, m=m, r=r) -> int:
                 return ((r[2] & m) << bits) | (r[0] & m)
 
-            def set_res(lo: int, hi: int) -> None:
+            def set_res(lo: int, hi: int, size=size, r=r) -> None:
                 if size == 4:
                     r[0], r[2] = lo, hi
                 else:
                     r[0] = (r[0] & 0xFFFF0000) | lo
                     r[2] = (r[2] & 0xFFFF0000) | hi
 
-            def get_hi() -> int:
+            def get_hi(m=m, r=r) -> int:
                 return r[2] & m
 
         if op == 4:
 
-            def mul() -> None:
+            def mul(nxt=nxt, set_res=set_res, setmul=setmul, c=c, m=m, g=g, bits=bits, r=r) -> None:
                 a = (r[0] & m) * g()
                 set_res(a & m, a >> bits)
                 setmul(a & m, (a >> bits) != 0)
@@ -543,7 +610,9 @@ class AluOps(DecoderBase):
             return mul
         if op == 5:
 
-            def imul() -> None:
+            def imul(
+                nxt=nxt, m=m, set_res=set_res, setmul=setmul, c=c, size=size, g=g, bits=bits, r=r
+            ) -> None:
                 a = _sx(r[0] & m, size) * _sx(g(), size)
                 lo = a & m
                 set_res(lo, (a >> bits) & m)
@@ -553,7 +622,7 @@ class AluOps(DecoderBase):
             return imul
         if op == 6:
 
-            def div() -> None:
+            def div(nxt=nxt, g=g, get_acc=get_acc, m=m, set_res=set_res, c=c) -> None:
                 d = g()
                 if d == 0:
                     raise CpuFault(DE)
@@ -566,7 +635,9 @@ class AluOps(DecoderBase):
 
             return div
 
-        def idiv() -> None:
+        def idiv(
+            nxt=nxt, size=size, set_res=set_res, c=c, g=g, get_acc=get_acc, m=m, sign=sign
+        ) -> None:
             d = _sx(g(), size)
             if d == 0:
                 raise CpuFault(DE)
@@ -600,7 +671,7 @@ class AluOps(DecoderBase):
         m = MASK[size]
         sign = SIGN[size]
 
-        def imul3() -> None:
+        def imul3(nxt=nxt, size=size, v=v, m=m, s=s, c=c, g=g, gr=gr, sign=sign) -> None:
             a = _sx(g(), size)
             bb = v if v is not None else _sx(gr(), size)
             p = a * bb
@@ -627,7 +698,7 @@ class AluOps(DecoderBase):
             v &= 0xFF
             return f | (ZF if v == 0 else 0) | (v & 0x80) | PARITY[v]
 
-        def bcd() -> None:
+        def bcd(nxt=nxt, b=b, c=c, r=r, szp=szp, base=base) -> None:
             f = c.get_flags()
             al = r[0] & 0xFF
             ah = (r[0] >> 8) & 0xFF

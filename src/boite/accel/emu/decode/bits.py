@@ -51,11 +51,25 @@ class BitOps(DecoderBase):
             boff, bseg = so
             blin = self.lin_fn(bseg, size, op != 0)
             am = M32 if x.ad32 else M16
-            ea_at = lambda off: blin((boff() + off) & am)  # noqa: E731
+            ea_at = lambda off, blin=blin, am=am, boff=boff: blin((boff() + off) & am)  # noqa: E731
         else:
-            ea_at = lambda off: (ea() + off) & M32  # noqa: E731
+            ea_at = lambda off, ea=ea: (ea() + off) & M32  # noqa: E731
 
-        def bt() -> None:
+        def bt(
+            op=op,
+            nxt=nxt,
+            gb=gb,
+            imm=imm,
+            mod=mod,
+            c=c,
+            gr=gr,
+            ea_at=ea_at,
+            rd=rd,
+            size=size,
+            bits=bits,
+            sr=sr,
+            wr=wr,
+        ) -> None:
             if gb is None:
                 n = imm
                 off = 0
@@ -98,7 +112,7 @@ class BitOps(DecoderBase):
         g = self.rm_get(mod, rm, ea, size)
         s = self.reg_set(reg, size)
 
-        def bsf() -> None:
+        def bsf(nxt=nxt, g=g, c=c, s=s, b=b) -> None:
             v = g()
             if v == 0:
                 c.set_flags(ZF, ZF)

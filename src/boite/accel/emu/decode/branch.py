@@ -96,7 +96,7 @@ class BranchOps(DecoderBase):
         size = 4 if x.op32 else 2
         imm = self.u16(x) if b == 0xCA else 0
 
-        def retf() -> None:
+        def retf(size=size, imm=imm, c=c) -> None:
             c.far_return(size, imm)
 
         return retf
@@ -109,7 +109,7 @@ class BranchOps(DecoderBase):
         nxt = self.nxt(x)
         call = b == 0x9A
 
-        def far() -> None:
+        def far(sel=sel, off=off, call=call, size=size, nxt=nxt, c=c) -> None:
             c.far_jump(sel, off, call, size, nxt)
 
         return far
@@ -122,7 +122,7 @@ class BranchOps(DecoderBase):
         tgt = (nxt + d) & (M32 if x.op32 else M16)
         cm = M32 if x.ad32 else M16
 
-        def loop() -> None:
+        def loop(b=b, c=c, tgt=tgt, nxt=nxt, cm=cm, r=r) -> None:
             if b == 0xE3:
                 take = (r[1] & cm) == 0
             else:
@@ -143,7 +143,7 @@ class BranchOps(DecoderBase):
         vec = 3 if b == 0xCC else 1 if b == 0xF1 else 4 if b == 0xCE else self.u8(x)
         nxt = self.nxt(x)
 
-        def int_n() -> None:
+        def int_n(nxt=nxt, vec=vec, b=b, c=c) -> None:
             if b == 0xCE and not c.get_flags() & OF:
                 c.eip = nxt
                 return
@@ -159,7 +159,7 @@ class BranchOps(DecoderBase):
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
 
-        def iret() -> None:
+        def iret(size=size, nxt=nxt, c=c) -> None:
             c.iret(size, nxt)
 
         return iret
@@ -174,7 +174,7 @@ class BranchOps(DecoderBase):
             f = self._incdec_fn(op == 1, size)
             rmw = self.rm_rmw(mod, rm, ea, size)
 
-            def incdec() -> None:
+            def incdec(nxt=nxt, rmw=rmw, f=f, c=c) -> None:
                 rmw(f)
                 c.eip = nxt
 
@@ -185,7 +185,7 @@ class BranchOps(DecoderBase):
         if op in (2, 4):
             call = op == 2
 
-            def jmp_ind() -> None:
+            def jmp_ind(call=call, g=g, c=c, nxt=nxt, size=size) -> None:
                 t = g()
                 if call:
                     c.push(nxt, size)
@@ -198,7 +198,7 @@ class BranchOps(DecoderBase):
             rd = self.rdfn(size)
             ea = self.ea_for(ea, size + 2, False)
 
-            def far_ind() -> None:
+            def far_ind(ea=ea, rd=rd, size=size, nxt=nxt, c=c, op=op) -> None:
                 a = ea()
                 off = rd(a)
                 sel = c.rd16((a + size) & M32)
@@ -206,7 +206,7 @@ class BranchOps(DecoderBase):
 
             return far_ind
 
-        def push_rm() -> None:
+        def push_rm(nxt=nxt, size=size, c=c, g=g) -> None:
             c.push(g(), size)
             c.eip = nxt
 

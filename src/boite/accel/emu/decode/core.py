@@ -52,7 +52,7 @@ class Ctx:
 
     __slots__ = (
         "start", "pos", "csb", "cslim", "op32", "ad32", "seg", "rep", "lock", "end", "eipmask",
-        "p66", "mem", "base", "flim",
+        "p66", "mem", "base", "flim", "ea_seg", "ea_base", "ea_disp", "code32",
     )  # fmt: skip
 
     def __init__(
@@ -76,10 +76,15 @@ class Ctx:
         self.lock = False
         self.end = False
         self.eipmask = M32 if code32 else M16
+        self.code32 = code32
         self.p66 = False  # an operand-size prefix was seen (an SSE mandatory prefix)
         self.mem = mem
         self.base = base
         self.flim = flim
+        # modrm(fuse=True) on an unchecked 32-bit [reg + disp] operand: its parts.
+        self.ea_seg = 0
+        self.ea_base = 0
+        self.ea_disp = 0
 
 
 def _sx8(v: int) -> int:
@@ -99,8 +104,23 @@ def _jcc_target(raw: bytes, nxt: int) -> int | None:
         return (nxt + int.from_bytes(raw[2:], "little", signed=True)) & M32
     return None
 
+
 # The prefix bytes: segment overrides, operand and address size, LOCK, REPNE/REP.
 _PREFIX = bytes(b in SEG_PREFIX or b in (0x66, 0x67, 0xF0, 0xF2, 0xF3) for b in range(256))
+
+
+def _fast_limit(eip: int, pa: int, page_end: int, cslim: int, code32: bool) -> int:
+    """Where the bytes of the instruction at EIP (physical pa, in a RAM page ending at
+    page_end) stop being readable from RAM directly: the page end, the CS limit, the
+    15-byte rule, and in 16-bit code the EIP wrap (the next byte is at CS:0)."""
+    flim = eip + 15
+    if page_end - pa + eip < flim:
+        flim = page_end - pa + eip
+    if cslim < flim - 1:
+        flim = cslim + 1
+    if not code32 and flim > 0x10000:
+        flim = 0x10000
+    return flim
 
 
 def _tail_fault(c: Cpu, vec: int, err: int | None, cr2: int) -> Fn:
@@ -168,9 +188,8 @@ def _ea_base_idx(
     sb: list[int], s: int, r: list[int], base: int, idx: int, sh: int, d: int
 ) -> Callable[[], int]:
     return lambda sb=sb, s=s, r=r, base=base, idx=idx, sh=sh, d=d: (
-        sb[s] + r[base] + (r[idx] << sh) + d
-    ) & M32
-
+        (sb[s] + r[base] + (r[idx] << sh) + d) & M32
+    )
 
 
 class Block:
@@ -212,6 +231,8 @@ class DecoderBase:
         self.locks0f: list[int | None] = [None] * 256
         self.seg_overrides = 0  # bit i: an instruction decoded lately named segment i
         self.tail_fault = False  # the last decode could not fetch its tail (a fault)
+        self.ctx = Ctx(0, 0, True, 0)  # the instruction being decoded (see decode)
+        self.shared: dict[tuple[str, int, int], Callable[..., int | None]] = {}
         self._install()
 
     # ---------------------------------------------------------------- fetch
@@ -259,60 +280,27 @@ class DecoderBase:
         return self.c.rd8((x.csb + (pos & x.eipmask)) & M32)
 
     # ---------------------------------------------------------------- decode
-    def decode(self, eip: int, pa: int = -1, page_end: int = 0) -> tuple[Fn, int, bool]:
-        """One instruction at EIP; with its physical address pa (a RAM page ending at
-        page_end) its bytes in that page are read from RAM directly."""
+    def _begin(self, x: Ctx) -> None:
+        """Set the fields of the decoding state that hold for a whole block."""
         c = self.c
-        cslim = c.slimit[CS]
-        code32 = c.cs32
+        x.code32 = code32 = c.cs32
+        x.csb = c.sbase[CS]
+        x.cslim = c.slimit[CS]
+        x.eipmask = M32 if code32 else M16
+        x.mem = c.ram
+
+    def decode(self, eip: int, pa: int = -1, page_end: int = 0) -> tuple[Fn, int, bool]:
+        """One instruction at EIP: (closure, length, whether it ends a block). With its
+        physical address pa (in a RAM page ending at page_end) its bytes in that page are
+        read from RAM directly."""
+        c = self.c
+        x = self.ctx
+        self._begin(x)
+        flim = 0
         if pa >= 0 and page_end <= c.ram_size:
-            # The fast bytes: in this page, within the CS limit, the first 15, and below
-            # the 16-bit EIP wrap (where the next byte is at CS:0, elsewhere).
-            flim = eip + 15
-            if page_end - pa + eip < flim:
-                flim = page_end - pa + eip
-            if cslim < flim - 1:
-                flim = cslim + 1
-            if not code32 and flim > 0x10000:
-                flim = 0x10000
-            x = Ctx(eip, c.sbase[CS], code32, cslim, c.ram, pa - eip, flim)
-        else:
-            x = Ctx(eip, c.sbase[CS], code32, cslim)
+            flim = _fast_limit(eip, pa, page_end, x.cslim, x.code32)
         try:
-            while True:
-                p = x.pos
-                if p < x.flim:
-                    x.pos = p + 1
-                    b = x.mem[x.base + p]
-                else:
-                    b = self.fetch_slow(x)
-                if not _PREFIX[b]:
-                    break
-                if b in SEG_PREFIX:
-                    x.seg = SEG_PREFIX[b]
-                    self.seg_overrides |= 1 << x.seg
-                elif b == 0x66:
-                    x.op32 = not code32
-                    x.p66 = True
-                elif b == 0x67:
-                    x.ad32 = not code32
-                elif b == 0xF0:
-                    x.lock = True
-                else:  # F2, F3
-                    x.rep = b
-            if b == 0x0F:
-                b = self.u8(x)
-                ops, ends, locks = self.ops0f, self.ends0f, self.locks0f
-            else:
-                ops, ends, locks = self.ops, self.ends, self.locks
-            if x.lock and c.lock_ud and not self._lockable(x, locks[b]):
-                fn = self._ud(x, b)
-            else:
-                mpos = x.pos
-                fn = ops[b](x, b)
-                e = ends[b]  # the table's block-end rule, by ModRM reg field
-                if e and (e == 0xFF or e >> ((self.peek8(x, mpos) >> 3) & 7) & 1):
-                    x.end = True
+            fn = self._insn(x, eip, pa - eip, flim)
         except CpuFault as f:
             if x.pos == eip:
                 raise  # the first byte itself cannot be fetched: fault now
@@ -320,6 +308,54 @@ class DecoderBase:
             self.tail_fault = True
             return _tail_fault(c, f.vector, f.error, c.cr2), x.pos - eip, True
         return fn, x.pos - eip, x.end
+
+    def _insn(self, x: Ctx, eip: int, base: int, flim: int) -> Fn:
+        """The closure of the instruction at EIP (x set by _begin); x.pos ends past it
+        and x.end tells whether it ends a block. Bytes below flim are read from RAM at
+        base + position; a fetch fault raises CpuFault."""
+        # One Ctx for every instruction (no closure keeps it): reset, not made anew.
+        code32 = x.code32
+        x.start = x.pos = eip
+        x.base = base
+        x.flim = flim
+        x.op32 = x.ad32 = code32
+        x.seg = None
+        x.rep = 0
+        x.lock = x.end = x.p66 = False
+        while True:
+            p = x.pos
+            if p < flim:
+                x.pos = p + 1
+                b = x.mem[base + p]
+            else:
+                b = self.fetch_slow(x)
+            if not _PREFIX[b]:
+                break
+            if b in SEG_PREFIX:
+                x.seg = SEG_PREFIX[b]
+                self.seg_overrides |= 1 << x.seg
+            elif b == 0x66:
+                x.op32 = not code32
+                x.p66 = True
+            elif b == 0x67:
+                x.ad32 = not code32
+            elif b == 0xF0:
+                x.lock = True
+            else:  # F2, F3
+                x.rep = b
+        if b == 0x0F:
+            b = self.u8(x)
+            ops, ends, locks = self.ops0f, self.ends0f, self.locks0f
+        else:
+            ops, ends, locks = self.ops, self.ends, self.locks
+        if x.lock and self.c.lock_ud and not self._lockable(x, locks[b]):
+            return self._ud(x, b)
+        mpos = x.pos
+        fn = ops[b](x, b)
+        e = ends[b]  # the table's block-end rule, by ModRM reg field
+        if e and (e == 0xFF or e >> ((self.peek8(x, mpos) >> 3) & 7) & 1):
+            x.end = True
+        return fn
 
     def _lockable(self, x: Ctx, regs: int | None) -> bool:
         """LOCK is legal only on a read-modify-write form with a memory destination;
@@ -343,11 +379,37 @@ class DecoderBase:
         cur_pa = pa
         self.seg_overrides = 0
         self.tail_fault = False
+        x = self.ctx
+        self._begin(x)
+        code32 = x.code32
+        mask = x.eipmask
+        cslim = x.cslim
+        in_ram = page_end <= c.ram_size
+        insn = self._insn
         while True:
-            fn, n, end = self.decode(cur, cur_pa, page_end)
+            flim = 0
+            if in_ram:  # as _fast_limit
+                flim = cur + 15
+                if page_end - cur_pa + cur < flim:
+                    flim = page_end - cur_pa + cur
+                if cslim < flim - 1:
+                    flim = cslim + 1
+                if not code32 and flim > 0x10000:
+                    flim = 0x10000
+            try:
+                fn = insn(x, cur, cur_pa - cur, flim)
+                end = x.end
+            except CpuFault as f:
+                if x.pos == cur:
+                    raise  # the first byte itself cannot be fetched: fault now
+                # A fault while fetching the tail: raise it when the instruction runs.
+                self.tail_fault = True
+                fn = _tail_fault(c, f.vector, f.error, c.cr2)
+                end = True
+            n = x.pos - cur
             fns.append(fn)
             info.append((cur, n))
-            cur = (cur + n) & (M32 if c.cs32 else M16)
+            cur = (cur + n) & mask
             cur_pa += n
             if end or len(fns) >= MAX_BLOCK or cur_pa >= page_end:
                 break
@@ -438,8 +500,11 @@ class DecoderBase:
         return frozenset(exits)
 
     # ---------------------------------------------------------------- operands
-    def modrm(self, x: Ctx) -> tuple[int, int, int, Callable[[], int] | None]:
-        """Returns (mod, reg, rm, ea) with ea a closure giving the linear address."""
+    def modrm(self, x: Ctx, fuse: bool = False) -> tuple[int, int, int, Callable[[], int] | None]:
+        """Returns (mod, reg, rm, ea) with ea a closure giving the linear address. With
+        `fuse`, an operand at [reg + disp] in a segment needing no checks (the commonest
+        memory operand) gives ea None, its parts in x.ea_seg/ea_base/ea_disp: the caller
+        computes the address inside its own closure (one call and two objects fewer)."""
         p = x.pos
         if p < x.flim:
             x.pos = p + 1
@@ -503,6 +568,11 @@ class DecoderBase:
         if base < 0 and idx < 0:
             return mod, reg, rm, _ea_disp(sb, s, d & M32)
         if idx < 0:
+            if fuse:
+                x.ea_seg = s
+                x.ea_base = base
+                x.ea_disp = d
+                return mod, reg, rm, None
             if d == 0:
                 return mod, reg, rm, _ea_base(sb, s, r, base)
             return mod, reg, rm, _ea_base_disp(sb, s, r, base, d)
@@ -515,7 +585,22 @@ class DecoderBase:
         # Decode with a zero segment: reuse modrm's parse by temporarily using a fake base.
         raise NotImplementedError
 
+    # Register accessors, ALU/INC/DEC/shift flag functions: pure functions of the CPU and
+    # their (n, size), made once per decoder and shared by every closure that needs one
+    # (c.r and the CPU are never replaced).
     def reg_get(self, n: int, size: int) -> Callable[[], int]:
+        f = self.shared.get(("rg", n, size))
+        if f is None:
+            f = self.shared[("rg", n, size)] = self._new_reg_get(n, size)
+        return f
+
+    def reg_set(self, n: int, size: int) -> Callable[[int], None]:
+        f = self.shared.get(("rs", n, size))
+        if f is None:
+            f = self.shared[("rs", n, size)] = self._new_reg_set(n, size)
+        return f
+
+    def _new_reg_get(self, n: int, size: int) -> Callable[[], int]:
         r = self.c.r
         if size == 4:
             return lambda r=r, n=n: r[n]
@@ -525,7 +610,7 @@ class DecoderBase:
             return lambda r=r, n=n: r[n] & 0xFF
         return lambda r=r, h=n - 4: (r[h] >> 8) & 0xFF
 
-    def reg_set(self, n: int, size: int) -> Callable[[int], None]:
+    def _new_reg_set(self, n: int, size: int) -> Callable[[int], None]:
         r = self.c.r
         if size == 4:
 

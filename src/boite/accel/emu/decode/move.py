@@ -67,14 +67,57 @@ def _mov_rm4(c: Cpu, r: list[int], reg: int, rd: Callable[[int], int],
     return mov_rm4
 
 
+def _mov_ld4_bd(c: Cpu, r: list[int], rd: Callable[[int], int], sb: list[int], s: int,
+                base: int, d: int, reg: int, nxt: int) -> Fn:  # fmt: skip
+    """MOV r32, [base + d] (its address as modrm's closure computes it)."""
+
+    def mov_ld4_bd(c: Cpu = c, r: list[int] = r, rd: Callable[[int], int] = rd,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   reg: int = reg, nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = rd((sb[s] + r[base] + d) & M32)
+        c.eip = nxt
+
+    return mov_ld4_bd
+
+
+def _mov_st4_bd(c: Cpu, r: list[int], wr: Callable[[int, int], None], sb: list[int], s: int,
+                base: int, d: int, reg: int, nxt: int) -> Fn:  # fmt: skip
+    """MOV [base + d], r32."""
+
+    def mov_st4_bd(c: Cpu = c, r: list[int] = r, wr: Callable[[int, int], None] = wr,
+                   sb: list[int] = sb, s: int = s, base: int = base, d: int = d,
+                   reg: int = reg, nxt: int = nxt) -> None:  # fmt: skip
+        wr((sb[s] + r[base] + d) & M32, r[reg])
+        c.eip = nxt
+
+    return mov_st4_bd
+
+
+def _lea4_bd(c: Cpu, r: list[int], reg: int, base: int, d: int, nxt: int) -> Fn:
+    """LEA r32, [base + d]: the segment base modrm's closure adds, LEA takes off again."""
+
+    def lea4_bd(c: Cpu = c, r: list[int] = r, reg: int = reg, base: int = base, d: int = d,
+                nxt: int = nxt) -> None:  # fmt: skip
+        r[reg] = (r[base] + d) & M32
+        c.eip = nxt
+
+    return lea4_bd
+
+
 class MoveOps(DecoderBase):
     def _mov(self, x: Ctx, b: int) -> Fn:
         size = 1 if b == 0x88 or b == 0x8A else (4 if x.op32 else 2)
-        mod, reg, rm, ea = self.modrm(x)
+        mod, reg, rm, ea = self.modrm(x, size == 4)
         nxt = x.pos & x.eipmask
         c = self.c
         if mod == 3 and size == 4:
             return _mov_rr(c, c.r, rm, reg, nxt) if b == 0x89 else _mov_rr(c, c.r, reg, rm, nxt)
+        if ea is None and mod != 3:  # 32-bit, [reg + disp] (modrm fuse)
+            if b == 0x89:
+                return _mov_st4_bd(c, c.r, c.wr32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                                   reg, nxt)  # fmt: skip
+            return _mov_ld4_bd(c, c.r, c.rd32, c.sbase, x.ea_seg, x.ea_base, x.ea_disp,
+                               reg, nxt)  # fmt: skip
         if b == 0x88 or b == 0x89:
             g = self.reg_get(reg, size)
             if mod != 3:
@@ -170,10 +213,12 @@ class MoveOps(DecoderBase):
         c = self.c
         size = 4 if x.op32 else 2
         x.seg = DS  # any segment: LEA subtracts the base again below (no access, no check)
-        mod, reg, rm, ea = self.modrm(x)
+        mod, reg, rm, ea = self.modrm(x, size == 4)
         nxt = self.nxt(x)
         if mod == 3:
             return self._ud(x, b)
+        if ea is None:  # 32-bit [base + disp]: the offset is all LEA wants
+            return _lea4_bd(c, c.r, reg, x.ea_base, x.ea_disp, nxt)
         sb = c.sbase
         s = self.reg_set(reg, size)
         m = MASK[size]
@@ -228,7 +273,7 @@ class MoveOps(DecoderBase):
         nxt = self.nxt(x)
         if b == 0x90 and not x.rep == 0xF3 or b == 0x90:
 
-            def nop() -> None:
+            def nop(nxt=nxt, c=c) -> None:
                 c.eip = nxt
 
             return nop
@@ -237,7 +282,7 @@ class MoveOps(DecoderBase):
         g0, s0 = self.reg_get(0, size), self.reg_set(0, size)
         g1, s1 = self.reg_get(n, size), self.reg_set(n, size)
 
-        def xchg_ax() -> None:
+        def xchg_ax(nxt=nxt, s0=s0, s1=s1, c=c, g0=g0, g1=g1) -> None:
             a, v = g0(), g1()
             s0(v)
             s1(a)
@@ -256,13 +301,13 @@ class MoveOps(DecoderBase):
         m = MASK[size]
         if b in (0xB6, 0xB7):
 
-            def movzx() -> None:
+            def movzx(nxt=nxt, s=s, c=c, g=g) -> None:
                 s(g())
                 c.eip = nxt
 
             return movzx
 
-        def movsx() -> None:
+        def movsx(nxt=nxt, s=s, c=c, m=m, ssize=ssize, g=g) -> None:
             s(_sx(g(), ssize) & m)
             c.eip = nxt
 
@@ -282,9 +327,9 @@ class MoveOps(DecoderBase):
         elif self.seg_checked(seg):
             xlat_lin = self.lin_fn(seg, 1, False)
         else:
-            xlat_lin = lambda o: (sb[seg] + o) & M32  # noqa: E731
+            xlat_lin = lambda o, sb=sb, seg=seg: (sb[seg] + o) & M32  # noqa: E731
 
-        def misc() -> None:
+        def misc(nxt=nxt, b=b, c=c, size=size, r=r, xlat_lin=xlat_lin, am=am) -> None:
             if b == 0x98:
                 if size == 4:
                     r[0] = _sx(r[0] & 0xFFFF, 2) & M32
@@ -318,7 +363,7 @@ class MoveOps(DecoderBase):
         cc = b & 15
         r = c.r
 
-        def cmov() -> None:
+        def cmov(nxt=nxt, g=g, cc=cc, c=c, s=s, size=size, r=r, reg=reg) -> None:
             v = g()  # the source is read (and may fault) whatever the condition
             if c.cond(cc):
                 s(v)
@@ -335,7 +380,7 @@ class MoveOps(DecoderBase):
         s = self.rm_set(mod, rm, ea, 1)
         cc = b & 15
 
-        def setcc() -> None:
+        def setcc(nxt=nxt, s=s, c=c, cc=cc) -> None:
             s(1 if c.cond(cc) else 0)
             c.eip = nxt
 
@@ -368,7 +413,9 @@ class MoveOps(DecoderBase):
         if mod != 3:
             ea = self.ea_for(ea, size, True)  # the destination is always written
 
-        def cmpxchg() -> None:
+        def cmpxchg(
+            nxt=nxt, mod=mod, g0=g0, cmpf=cmpf, c=c, gm=gm, ea=ea, rd=rd, s0=s0, sm=sm, wr=wr, gr=gr
+        ) -> None:
             if mod == 3:
                 d = gm()
             else:

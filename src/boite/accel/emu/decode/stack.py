@@ -104,7 +104,7 @@ class StackOps(DecoderBase):
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
 
-        def push_seg() -> None:
+        def push_seg(nxt=nxt, c=c, size=size, seg=seg) -> None:
             if size == 4 and c.ss32:
                 # A 32-bit push of a segment register writes only the low word.
                 sp = (c.r[4] - 4) & M32
@@ -122,7 +122,7 @@ class StackOps(DecoderBase):
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
 
-        def pop_seg() -> None:
+        def pop_seg(nxt=nxt, seg=seg, size=size, c=c) -> None:
             v = c.peek(0, size) & 0xFFFF
             c.load_seg(seg, v)
             c.sp_add(size)
@@ -142,7 +142,7 @@ class StackOps(DecoderBase):
         if mod == 3:
             s = self.reg_set(rm, size)
 
-            def pop_r() -> None:
+            def pop_r(nxt=nxt, s=s, c=c, size=size) -> None:
                 s(c.pop(size))
                 c.eip = nxt
 
@@ -150,7 +150,7 @@ class StackOps(DecoderBase):
         wr = self.wrfn(size)
         ea = self.ea_for(ea, size, True)
 
-        def pop_m() -> None:
+        def pop_m(nxt=nxt, size=size, c=c, wr=wr, ea=ea) -> None:
             v = c.peek(0, size)
             old = c.r[4]
             c.sp_add(size)  # the address is computed with the incremented ESP
@@ -200,7 +200,7 @@ class StackOps(DecoderBase):
         nxt = self.nxt(x)
         if b == 0x9C:
 
-            def pushf() -> None:
+            def pushf(nxt=nxt, size=size, c=c) -> None:
                 f = c.get_flags()
                 if f & VM and (f >> 12) & 3 < 3:
                     raise CpuFault(GP, 0)  # IOPL-sensitive in virtual-8086 mode
@@ -209,7 +209,7 @@ class StackOps(DecoderBase):
 
             return pushf
 
-        def popf() -> None:
+        def popf(nxt=nxt, size=size, c=c) -> None:
             if c.fl & VM and (c.fl >> 12) & 3 < 3:
                 raise CpuFault(GP, 0)
             v = c.pop(size)
@@ -232,7 +232,7 @@ class StackOps(DecoderBase):
         level = self.u8(x) & 31
         nxt = self.nxt(x)
 
-        def enter() -> None:
+        def enter(nxt=nxt, r=r, size=size, c=c, level=level, alloc=alloc) -> None:
             old_sp = r[4]
             try:
                 bp = r[5]
@@ -264,7 +264,7 @@ class StackOps(DecoderBase):
         size = 4 if x.op32 else 2
         nxt = self.nxt(x)
 
-        def leave() -> None:
+        def leave(nxt=nxt, size=size, c=c, r=r) -> None:
             sp = r[5] if c.ss32 else r[5] & M16
             v = c.rd(c.stack_lin(sp, size, False), size)
             if c.ss32:

@@ -36,7 +36,7 @@ class StringOps(DecoderBase):
         kind = b & 0xFE
         cmpf = self.alu_fn(7, size)
 
-        def adv(reg: int, delta: int) -> None:
+        def adv(reg: int, delta: int, r=r, am=am) -> None:
             r[reg] = (r[reg] & ~am & M32) | ((r[reg] + delta) & am)
 
         uses_src = kind in (0xA4, 0xA6, 0xAC, 0x6E)
@@ -50,7 +50,23 @@ class StringOps(DecoderBase):
         src_lin = self.lin_fn(src_seg, size, False) if chk_src else None
         dst_lin = self.lin_fn(ES, size, dst_write) if chk_dst else None
 
-        def one() -> bool:
+        def one(
+            chk=chk,
+            size=size,
+            kind=kind,
+            src_lin=src_lin,
+            dst_lin=dst_lin,
+            rd=rd,
+            wr=wr,
+            adv=adv,
+            c=c,
+            am=am,
+            m=m,
+            r=r,
+            sb=sb,
+            src_seg=src_seg,
+            cmpf=cmpf,
+        ) -> bool:
             """One iteration; returns the REPE/REPNE condition value (ZF) for CMPS/SCAS."""
             if chk:
                 if src_lin is not None:
@@ -103,7 +119,7 @@ class StringOps(DecoderBase):
 
         if not rep:
 
-            def string1() -> None:
+            def string1(nxt=nxt, one=one, c=c) -> None:
                 one()
                 c.eip = nxt
 
@@ -127,7 +143,9 @@ class StringOps(DecoderBase):
         else:
             fast = None
 
-        def string_rep() -> None:
+        def string_rep(
+            nxt=nxt, am=am, c=c, fast=fast, r=r, one=one, cond_kind=cond_kind, kind=kind, want=want
+        ) -> None:
             use_fast = fast is not None and (kind == 0xA4 or not c.fl & DF)
             left = REP_SLICE
             while r[1] & am:
@@ -164,7 +182,9 @@ class StringOps(DecoderBase):
         hi_l = (c.swhi if write else c.srhi) if chk else None
         n = size - 1
 
-        def room(o: int, back: bool) -> int:
+        def room(
+            o: int, back: bool, chk=chk, am=am, lo_l=lo_l, s=s, hi_l=hi_l, n=n, size=size
+        ) -> int:
             lo = lo_l[s] if chk else 0
             hi = min(hi_l[s], am) if hi_l is not None else am
             if o < lo or o + n > hi:
@@ -186,7 +206,9 @@ class StringOps(DecoderBase):
         src_room = self._room(src_seg, size, am, False, chk_src)
         dst_room = self._room(ES, size, am, True, chk_dst)
 
-        def fast() -> None:
+        def fast(
+            c=c, size=size, am=am, r=r, src_room=src_room, dst_room=dst_room, sb=sb, src_seg=src_seg
+        ) -> None:
             ram = c.ram
             back = bool(c.fl & DF)
             step = -size if back else size
@@ -233,7 +255,7 @@ class StringOps(DecoderBase):
         sb = c.sbase
         dst_room = self._room(ES, size, am, True, chk_dst)
 
-        def fast() -> None:
+        def fast(c=c, am=am, r=r, dst_room=dst_room, size=size, sb=sb) -> None:
             ram = c.ram
             while r[1] & am:
                 d = (sb[ES] + (r[7] & am)) & M32
@@ -265,7 +287,7 @@ class StringOps(DecoderBase):
         sb = c.sbase
         dst_room = self._room(ES, size, am, True, chk_dst)
 
-        def fast() -> bool:
+        def fast(am=am, c=c, r=r, dst_room=dst_room, size=size, sb=sb) -> bool:
             read_string = getattr(c.pio, "read_string", None)
             if read_string is None or c.bp_io:
                 return False
@@ -301,7 +323,7 @@ class StringOps(DecoderBase):
         sb = c.sbase
         src_room = self._room(src_seg, size, am, False, chk_src)
 
-        def fast() -> bool:
+        def fast(am=am, c=c, r=r, src_room=src_room, size=size, sb=sb, src_seg=src_seg) -> bool:
             write_string = getattr(c.pio, "write_string", None)
             if write_string is None or c.bp_io:
                 return False
@@ -336,7 +358,7 @@ class StringOps(DecoderBase):
         s = self.reg_set(0, size)
         r = c.r
 
-        def io() -> None:
+        def io(out=out, nxt=nxt, port=port, size=size, c=c, s=s, r=r, g=g) -> None:
             p = port if port >= 0 else r[2] & 0xFFFF
             c.io_check(p, size)
             if out:

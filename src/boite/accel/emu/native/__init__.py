@@ -167,9 +167,13 @@ class NativeTier:
         self.bound: dict[int, int] | None = None  # the Python read TLB it mirrors
         # Chain tables by (mode_key, cs_key), as the Python tiers' per-mode EIP maps.
         self.chains: dict[tuple[int, int], ChainTable] = {}
-        self.cmode = self.ccs = -1  # the key of ctab
+        # The chain table of the current key, and the EIP map of that key (Cpu.fast_cur).
+        self.cfast: dict[int, Callable[[], int]] | None = None
         self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
+        # Physical page -> the chain slots filled for its blocks since the tables were
+        # last emptied, as (table, slot, host code): unchain_page drops those.
+        self.chain_pages: dict[int, set[tuple[ChainTable, int, int]]] = {}
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
@@ -306,6 +310,19 @@ class NativeTier:
         self.epoch += 1
         for ct in self.chains.values():
             ct.clear()
+        self.chain_pages.clear()
+
+    def unchain_page(self, ppage: int) -> None:
+        """The blocks of physical page ppage went away (a store into it): the chain slots
+        filled for them lead out again. (Every block lies within one page.)"""
+        self.epoch += 1
+        out = self.out_addr
+        for ct, s, host in self.chain_pages.pop(ppage, ()):
+            slots = ct.slots
+            if slots[2 * s + 1] == host:
+                slots[2 * s] = 0xFFFFFFFF
+                slots[2 * s + 1] = out
+                ct.used.discard(s)
 
     def _bind(self) -> None:
         rtlb = self.cpu.rtlb
@@ -324,7 +341,7 @@ class NativeTier:
         ct = self.chains.get(key)
         if ct is None:
             ct = self.chains[key] = ChainTable(self.out_addr)
-        self.cmode, self.ccs = key
+        self.cfast = self.cpu.fast_cur if key[0] >= 0 else None
         self.ctab = ct
         self.st.jtab = ct.addr
         return ct
@@ -416,7 +433,7 @@ class NativeTier:
         lin = (cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
         self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
         self.blocks += 1
-        return self._runner(addr, eip)
+        return self._runner(addr, eip, pa)
 
     def _write_sbase(self) -> None:
         """The segment bases changed since the last entry (rare in flat code)."""
@@ -424,14 +441,17 @@ class NativeTier:
         _SBASE.pack_into(self.stbuf, OFF_SBASE, *sbase)
         self.sbase[:] = sbase
 
-    def _runner(self, addr: int, eip: int) -> Callable[[], int]:
+    def _runner(self, addr: int, eip: int, pa: int) -> Callable[[], int]:
         tier = self
         cpu = self.cpu
         stbuf = self.stbuf
         enter = self.enter
         state_in = _STATE_IN.pack_into
         regs_out, exit_out = _REGS_OUT.unpack_from, _EXIT_OUT.unpack_from
-        slot = 2 * chain_slot(eip) + 1
+        cslot = chain_slot(eip)
+        slot = 2 * cslot + 1
+        ppage = pa >> 12
+        chain_pages = self.chain_pages
         exits = self.exits
         shadows = self.shadows
         sbase = self.sbase  # what the state holds
@@ -443,10 +463,15 @@ class NativeTier:
             if tier.bound is not cpu.rtlb:
                 tier._bind()
             ct = tier.ctab
-            if cpu.mode_key != tier.cmode or cpu.cs_key != tier.ccs:
+            if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
                 ct = tier._select((cpu.mode_key, cpu.cs_key))
             if ct.slots[slot] != addr:  # this block is valid here: let chains find it
                 ct.add(eip, addr)
+                at = chain_pages.get(ppage)
+                if at is None:
+                    chain_pages[ppage] = {(ct, cslot, addr)}
+                else:
+                    at.add((ct, cslot, addr))
             if cpu.sbase != sbase:
                 tier._write_sbase()
             fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()

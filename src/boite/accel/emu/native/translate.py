@@ -663,7 +663,17 @@ _GOES_ON = ("popf", "cli", "sti")
 
 
 def _ends(i: Insn) -> bool:
-    return i.row.ends_block and i.row.native not in _GOES_ON
+    """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
+    end it: its taken side chains and the block goes on with the next instruction, so a
+    loop whose body branches forward is one block (and a self-loop). After a backward one
+    (a loop's end) the block ends: what follows is the loop's exit, a block of its own
+    rather than a copy in each block that falls into the loop."""
+    row = i.row
+    if not row.ends_block or row.native in _GOES_ON:
+        return False
+    if row.native == "loop" or row.native == "branch" and row.mnemonic != "JMP":
+        return i.raw[i.imm_at :][-1] >= 0x80  # a negative displacement (its top byte)
+    return True
 
 
 def _writes_mem(i: Insn) -> bool:
@@ -1183,21 +1193,21 @@ class Translator:
         a = self.a
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
         target = (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
-        taken, fall = self.chain(target, k + 1), self.chain(nxt, k + 1)
+        taken = self.chain(target, k + 1)
+        # Not taken: on with the next instruction, or a chain there where the block ends
+        # (see _ends).
         if i.code == 0xE3:  # JECXZ
-            a.raw(b"\x67\xe3\x05")  # jecxz over the next jmp
-            a.jmp(fall)
-            a.jmp(taken)
-            return True
-        a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
-        if i.code == 0xE2:
-            a.raw(b"\x67\xe3\x05")
+            a.raw(b"\x67\xe3\x02\xeb\x05")  # jecxz over the next jmp; jmp over the jmp
             a.jmp(taken)
         else:
-            a.raw(b"\x67\xe3\x0b")
-            a.jcc(4 if i.code == 0xE0 else 5, fall)  # LOOPNE: ZF set stops; LOOPE: clear
+            a.raw(b"\x8d\x49\xff")  # lea ecx, [rcx - 1]
+            if i.code == 0xE2:
+                a.raw(b"\x67\xe3\x05")  # jecxz over the jmp
+            else:  # LOOPNE: ZF set stops; LOOPE: ZF clear
+                a.raw(b"\x67\xe3\x07" + (b"\x74\x05" if i.code == 0xE0 else b"\x75\x05"))
             a.jmp(taken)
-        a.jmp(fall)
+        if _ends(i):
+            a.jmp(self.chain(nxt, k + 1))
         return True
 
     def string1(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1560,7 +1570,8 @@ class Translator:
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
-        """Jcc/JMP rel: end of the block (a branch to its start loops)."""
+        """JMP rel: the end of the block; Jcc: its taken side chains, the block goes on
+        (see _ends). A branch to the block's start loops."""
         if i.p66:
             return False
         nxt = (i.eip + len(i.raw)) & 0xFFFFFFFF
@@ -1570,7 +1581,8 @@ class Translator:
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            self.a.jmp(self.chain(nxt, k + 1))
+            if _ends(i):  # backward: the block ends, the fall side chains
+                self.a.jmp(self.chain(nxt, k + 1))
         return True
 
     # -- the block -------------------------------------------------------------------
@@ -1594,8 +1606,8 @@ class Translator:
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             rf = rfs[k]
-            if insns[k].mem is not None or not rf.plain:
-                live = ARITH  # its TLB miss leaves for Python before it: all flags show
+            if insns[k].mem is not None or not rf.plain or insns[k].row.native == "branch":
+                live = ARITH  # its TLB miss (or a branch) leaves: all flags show
             else:
                 live = (live & ~rf.kill) | _reads(insns[k], rf)
             live_in[k] = live
