@@ -1410,12 +1410,9 @@ class Translator:
         a.popfq()
         return True
 
-    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
-        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
-        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
-        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
-        if not self.host_tsc:
-            return False
+    def _cpl0_or_leave(self, i: Insn, k: int) -> str:
+        """The guest flags into R11, and a leave for Python (returned: the flag exit)
+        unless CPL is 0 (CPL <= IOPL with IOPL 0, or real mode)."""
         a = self.a
         fb = self._flags_fallback(i, k)
         a.pushfq()
@@ -1425,6 +1422,16 @@ class Translator:
         a._mem(b"\xf7", 0, R15, OFF_SYSFL)
         a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
         a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        return fb
+
+    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
+        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
+        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
+        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
+        if not self.host_tsc:
+            return False
+        a = self.a
+        self._cpl0_or_leave(i, k)
         # The host stack is 8 mod 16 in translated code: 4 pushes and 24 bytes (the
         # timespec) align it for the call. RAX, RDX are RDTSC's; RCX, RSI, RDI and the
         # flags are saved; the callee keeps RBX, RBP, R12-R15.
@@ -1473,14 +1480,7 @@ class Translator:
         if i.mem is None:
             return False
         a = self.a
-        fb = self._flags_fallback(i, k)
-        a.pushfq()
-        a.pop(R11)
-        a.cmp_mem_imm32(R15, OFF_IFOK, 0)
-        a.jcc(4, fb)  # CPL > IOPL: CPL > 0
-        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
-        a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
-        a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        fb = self._cpl0_or_leave(i, k)
         self.address(i.mem, R9)
         a.mov_rr32(R10, R9)
         a.shr32(R10, 12)
