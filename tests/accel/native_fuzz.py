@@ -53,6 +53,16 @@ def _insn(rnd: random.Random, rows) -> bytes:
 
     if rnd.random() < 0.1:
         return rnd.randbytes(rnd.randrange(1, 4))
+    if rnd.random() < 0.01:
+        return b"\xf3\x90"  # PAUSE (the generator's prefixes are 66 only)
+    if rnd.random() < 0.01:
+        # Linux's sync_core: IRET to the next instruction, same CS (pushfd; push cs;
+        # call over a jmp that skips the iret; iret), maybe with some flags flipped.
+        flip = b""
+        if rnd.random() < 0.5:  # xor byte [esp + n], v: arithmetic flags, IF, DF, TF
+            n, v = rnd.choice(((0, 1), (0, 0x40), (0, 0xD5), (1, 2), (1, 4), (1, 1)))
+            flip = bytes((0x80, 0x74, 0x24, n, v))
+        return b"\x9c" + flip + b"\x0e\xe8\x02\x00\x00\x00\xeb\x01\xcf"
     r = rnd.choice(rows)
     p66 = rnd.random() < 0.1
     b = (b"\x66" if p66 else b"") + (b"\x0f" if r.map else b"") + bytes([r.code])
@@ -105,7 +115,7 @@ def plan(seed: int) -> tuple:
             gate = (h & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((h >> 16) << 48)
             gates += gate.to_bytes(8, "little")
         ram[IDT : IDT + 0x800] = gates
-        gdt = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)  # flat ring-0 code, data
+        gdt = (0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)  # flat ring-0 code, data
         ram[GDT : GDT + 0x18] = b"".join(d.to_bytes(8, "little") for d in gdt)
         if mode == "pm32":
             # Identity map of the first 4 MiB (the half past RAM is MMIO to the CPU),

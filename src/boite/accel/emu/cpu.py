@@ -425,9 +425,14 @@ class Cpu:
         code and data); the EIP maps and chains go only if a block's page was not
         global."""
         pages = self.nonglobal
-        if not pages:
-            return
-        code = not pages.isdisjoint(self.code_lin)
+        if pages:
+            self.tlb_flush_set(pages)
+            pages.clear()
+
+    def tlb_flush_set(self, pages: set[int] | list[int]) -> None:
+        """tlb_flush(p) for each of these pages, in one go (the global pages of a CR3
+        reload; the pages translated INVLPGs flushed: NativeTier.invlpg_ring)."""
+        code = not self.code_lin.isdisjoint(pages)
         if code:
             for fast in self._fast.values():
                 fast.clear()
@@ -439,7 +444,6 @@ class Cpu:
                     t.pop(p, None)
         if self.native is not None:
             self.native.tlb_flush_pages(pages, code)
-        pages.clear()
 
     def paging_changed(self) -> None:
         """CR0.PG, CR4.PAE or EFER.NXE changed (or a state was loaded): pick the page
@@ -1083,6 +1087,8 @@ class Cpu:
             or attr != self.sattr[CS]
         ):  # (the same CS again, e.g. an IRET to the same code segment, changes nothing)
             self.set_seg_raw(CS, sel, base, limit, attr)
+        elif self.native is not None and self.native.cs_stale:
+            self.native.cs_changed()  # a CR3 write since: translated IRET waits for this
         if cpl != self.cpl:
             self.cpl = cpl
             self.tlb_switch()
@@ -1098,6 +1104,7 @@ class Cpu:
         limit = self.slimit[CS]
         reach = M32 if self.cs32 else M16
         self.cs_key = self.sbase[CS] | (0 if limit >= reach else (limit + 1) << 32)
+        self._native_cs()
         self._select_fast()
 
     def _select_fast(self) -> None:
@@ -1106,6 +1113,31 @@ class Cpu:
         if fm is None:
             fm = self._fast[key] = {}
         self.fast_cur = fm
+
+    def _native_cs(self) -> None:
+        """CS, CR0.PE or the GDT changed: translated PUSH CS and IRET read what follows
+        from them (NativeTier.cs_changed)."""
+        native = getattr(self, "native", None)
+        if native is not None:
+            native.cs_changed()
+
+    @property
+    def gdt_base(self) -> int:
+        return self._gdt_base
+
+    @gdt_base.setter
+    def gdt_base(self, v: int) -> None:
+        self._gdt_base = v
+        self._native_cs()
+
+    @property
+    def gdt_limit(self) -> int:
+        return self._gdt_limit
+
+    @gdt_limit.setter
+    def gdt_limit(self, v: int) -> None:
+        self._gdt_limit = v
+        self._native_cs()
 
     def code_descriptor(self, sel: int) -> tuple[int, int, int, int]:
         """Check a selector for a far JMP/CALL/RET target; returns (base, limit, attr, addr)."""
@@ -1698,6 +1730,7 @@ class Cpu:
             self.cr0 = v | 0x10
             if (old ^ v) & 1:
                 self.seg_checks_all()  # real mode checks limits only, protected mode rights too
+                self._native_cs()
             if (old ^ v) & 0x80010001:
                 self.paging_changed()
                 self.flush_blocks()
@@ -1707,6 +1740,8 @@ class Cpu:
             if self.pae:
                 self.pdptes = self.load_pdptes(v)
             self.cr3 = v
+            if self.native is not None:
+                self.native.cs_stale_now()  # other page tables: the next CS load says
             if self.cr4 & 0x80:  # PGE: global pages stay
                 self.tlb_flush_nonglobal()
             else:

@@ -152,7 +152,7 @@ for _n, _name in enumerate(ALU_NAMES):
         op(_b + _i, _name, _form, **_alu_flags(_n), lock=_lk and _i < 2, decode="_alu",
            jit="j_alu", native="copy")  # fmt: skip
 for _b, _s in ((0x06, "ES"), (0x0E, "CS"), (0x16, "SS"), (0x1E, "DS")):
-    op(_b, "PUSH", _s, decode="_push_seg")
+    op(_b, "PUSH", _s, decode="_push_seg", native="push_cs" if _b == 0x0E else None)
 for _b, _s in ((0x07, "ES"), (0x17, "SS"), (0x1F, "DS")):
     op(_b, "POP", _s, end=True, decode="_pop_seg")
 op(0x27, "DAA", r="ac", w="szapc", u="o", decode="_bcd")
@@ -261,7 +261,7 @@ op(0xCB, "RETF", end=True, decode="_retf")
 op(0xCC, "INT3", end=True, decode="_int")
 op(0xCD, "INT", "Ib", end=True, priv="iopl", decode="_int")
 op(0xCE, "INTO", r="o", end=True, decode="_int")
-op(0xCF, "IRET", w="*", end=True, priv="iopl", decode="_iret")
+op(0xCF, "IRET", w="*", end=True, priv="iopl", decode="_iret", native="iret")
 op(0xD4, "AAM", "Ib", w="szp", u="oac", decode="_bcd")
 op(0xD5, "AAD", "Ib", w="szp", u="oac", decode="_bcd")
 op(0xD6, "SALC", r="c", decode="_misc1")
@@ -348,7 +348,7 @@ for _n, _name, _form in (
     (4, "SMSW", "Ew"), (6, "LMSW", "Ew"), (7, "INVLPG", "M"),
 ):  # fmt: skip
     op(0x01, _name, _form, map="0F", ext=_n, end=True, priv="cpl0" if _n in (2, 3, 6, 7) else "",
-       decode="_grp7")  # fmt: skip
+       decode="_grp7", native="invlpg" if _n == 7 else None)  # fmt: skip
 op(0x02, "LAR", "Gv,Ew", map="0F", w="z", priv="pm", decode="_larlsl")
 op(0x03, "LSL", "Gv,Ew", map="0F", w="z", priv="pm", decode="_larlsl")
 op(0x06, "CLTS", map="0F", end=True, priv="cpl0", decode="_sys0f")
@@ -500,7 +500,8 @@ op(0xD7, "PMOVMSKB", "Gd,Nq|Gd,Udq", map="0F", decode="_pmovmskb")
 for _n, _name in enumerate(("FXSAVE", "FXRSTOR", "LDMXCSR", "STMXCSR", None, "LFENCE",
                             "MFENCE", "SFENCE/CLFLUSH")):  # fmt: skip
     if _name:
-        op(0xAE, _name, "M|-", map="0F", ext=_n, decode="_grp15")
+        op(0xAE, _name, "M|-", map="0F", ext=_n, decode="_grp15",
+           native="fence" if _n >= 5 else None)  # the register forms only  # fmt: skip
 # SSE/SSE2 floating point: no prefix PS, 66 PD, F3 SS, F2 SD (decode/sse.py _ssefp).
 _SSEFP = {
     0x10: "MOVUPS/MOVSS", 0x11: "MOVUPS/MOVSS", 0x14: "UNPCKLPS", 0x15: "UNPCKHPS",

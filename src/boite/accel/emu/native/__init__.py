@@ -43,6 +43,7 @@ from boite.accel.emu.native.state import (
     OFF_EIP,
     OFF_IFOK,
     OFF_INTR,
+    OFF_INV_N,
     OFF_IRQ,
     OFF_REASON,
     OFF_SBASE,
@@ -73,16 +74,18 @@ TIME_EVERY = 8  # translations per one timed (translate_s)
 # translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
 ARENA_BYTES = 64 << 20
 # The state going in (NativeState from r to block: the registers, EFLAGS, budget,
-# sysfl, intr, irq, ifok, dstep, block; eip, reason and ndone are zeroed) and coming
-# out (the registers; EIP, EFLAGS, reason, ndone, budget, sysfl). The segment bases
-# (sbase) are written only when they changed (`_write_sbase`).
-_STATE_IN = struct.Struct("<8I4xI8xiIIII4xqQ")
+# sysfl, intr, irq, ifok, dstep, block; eip, reason, ndone and inv_n are zeroed) and
+# coming out (the registers; EIP, EFLAGS, reason, ndone, budget, sysfl, inv_n: pages a
+# translated INVLPG flushed). The segment bases (sbase) are written only when they
+# changed (`_write_sbase`).
+_STATE_IN = struct.Struct("<8I4xI8xiI4xIIIqQ")
 _SBASE = struct.Struct("<6I")
 _REGS_OUT = struct.Struct("<8I")
-_EXIT_OUT = struct.Struct("<IIIIiI")
-assert _STATE_IN.size == OFF_BLOCK + 8 and OFF_BLOCK == OFF_DSTEP + 8 == OFF_IFOK + 16
-assert OFF_IFOK == OFF_IRQ + 4 == OFF_INTR + 8 == OFF_SYSFL + 12 == OFF_BUDGET + 16
-assert OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 16 and OFF_EIP == _REGS_OUT.size
+_EXIT_OUT = struct.Struct("<IIIIiII")
+assert _STATE_IN.size == OFF_BLOCK + 8 and OFF_BLOCK == OFF_DSTEP + 8 == OFF_IFOK + 12
+assert OFF_IFOK == OFF_IRQ + 4 == OFF_INTR + 8 == OFF_INV_N + 12 == OFF_SYSFL + 16
+assert OFF_SYSFL == OFF_BUDGET + 4 and OFF_BUDGET == OFF_REASON + 8 == OFF_EIP + 16
+assert OFF_EIP == _REGS_OUT.size
 
 
 def native_available() -> bool:
@@ -148,6 +151,9 @@ class NativeTier:
         self.st.tsc_hz = cpu.tsc_hz
         self.sync_tsc()
         self.st_addr = ctypes.addressof(self.st)
+        # A bit per linear page holding a translated block (state codemap).
+        self.codemap = (ctypes.c_uint8 * (1 << 17))()
+        self.st.codemap = ctypes.addressof(self.codemap)
         self.stbuf = (ctypes.c_char * ctypes.sizeof(NativeState)).from_address(self.st_addr)
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena(ARENA_BYTES)
@@ -190,6 +196,7 @@ class NativeTier:
             {} if os.environ.get("BOITE_NATIVE_PROFILE") == "1" else None
         )
         self.profile_raw: dict[tuple[int, int], str] = {}
+        self.cs_changed()  # then called by Cpu when CS, CR0.PE or the GDT change
 
     @property
     def entries(self) -> int:
@@ -202,6 +209,8 @@ class NativeTier:
         elsewhere now, so no chain may lead to one (Cpu.code_lin says which pages)."""
         for t in self.tlbs:
             t.flush(page)
+        if page is None:
+            self.cs_stale_now()  # maybe other page tables: the next CS load says
         if code:
             self.unchain()
 
@@ -209,7 +218,7 @@ class NativeTier:
         """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
         self.st.tsc_off = self.cpu.tsc_offset & 0xFFFFFFFFFFFFFFFF
 
-    def tlb_flush_pages(self, pages: set[int], code: bool) -> None:
+    def tlb_flush_pages(self, pages: set[int] | list[int], code: bool) -> None:
         """Drop the entries of these linear pages (a MOV to CR3 keeping global pages).
         filled_w keeps its stale names: drop_write zeroes them again, harmlessly."""
         for t in self.tlbs:
@@ -220,6 +229,80 @@ class NativeTier:
                 filled.discard(p)
         if code:
             self.unchain()
+
+    def cs_stale_now(self) -> None:
+        """The page tables may differ (a CR3 write, a full TLB flush): translated IRET
+        leaves for Python until CS is loaded again (Cpu.load_cs calls cs_changed)."""
+        self.st.iret_ok = 0
+        self.cs_stale = True
+
+    def cs_changed(self) -> None:
+        """What translated PUSH CS and IRET read about CS (state cs_sel, iret_*)."""
+        cpu = self.cpu
+        st = self.st
+        self.cs_stale = False
+        sel = cpu.sel[CS]
+        st.cs_sel = sel
+        ok = 0
+        idx = sel & 0xFFF8
+        # IRET to the same CS at CPL 0 in protected mode (CS.RPL is the CPL there): the
+        # descriptor Python would reload must give the cache as it is (checked in memory
+        # at each IRET; VM and NT in EFLAGS are checked there too).
+        if cpu.cr0 & 1 and sel & 7 == 0 and idx and idx + 7 <= cpu.gdt_limit:
+            base, limit, attr = cpu.sbase[CS], cpu.slimit[CS], cpu.sattr[CS]
+            raw = limit >> 12 if attr & 0x8000 else limit
+            d = (
+                (raw & 0xFFFF) | (base & 0xFFFFFF) << 16 | (attr & 0xFF) << 40
+                | (raw >> 16 & 0xF) << 48 | (attr >> 12 & 0xF) << 52 | (base >> 24 & 0xFF) << 56
+            )  # fmt: skip
+            if 0 <= raw < 1 << 20 and cpu.desc_fields(d) == (base, limit, attr):
+                ok = self._iret_walk((cpu.gdt_base + idx) & 0xFFFFFFFF, d)
+        st.iret_ok = ok
+
+    def _iret_walk(self, lin: int, desc: int) -> int:
+        """The page walk Python's descriptor read would do for the 8 bytes at lin (no
+        PAE; no side effect: 0 where it would set an A bit or leave guest RAM): state
+        iret_* get the host addresses and values translated IRET compares."""
+        cpu = self.cpu
+        ram, size = cpu.ram, cpu.ram_size
+        if lin & 0xFFF > 0xFF8:
+            return 0
+        if not cpu.paging:
+            pa = pde_a = pte_a = lin
+        elif cpu.pae:
+            return 0
+        else:
+            pde_a = (cpu.cr3 & 0xFFFFF000) | (lin >> 20 & 0xFFC)
+            if pde_a + 4 > size:
+                return 0
+            pde = int.from_bytes(ram[pde_a : pde_a + 4], "little")
+            if pde & 0x21 != 0x21:
+                return 0
+            if pde & 0x80 and cpu.cr4 & 0x10:
+                pte_a = pde_a
+                pa = (pde & 0xFFC00000) | (lin & 0x3FFFFF)
+            else:
+                pte_a = (pde & 0xFFFFF000) | (lin >> 10 & 0xFFC)
+                if pte_a + 4 > size:
+                    return 0
+                pte = int.from_bytes(ram[pte_a : pte_a + 4], "little")
+                if pte & 0x21 != 0x21:
+                    return 0
+                pa = (pte & 0xFFFFF000) | (lin & 0xFFF)
+        if pa + 8 > size or int.from_bytes(ram[pa : pa + 8], "little") != desc:
+            return 0
+        st, base = self.st, self.ram_addr
+        st.iret_pde, st.iret_pte, st.iret_dhost = base + pde_a, base + pte_a, base + pa
+        st.iret_pdev = int.from_bytes(ram[pde_a : pde_a + 4], "little")
+        st.iret_ptev = int.from_bytes(ram[pte_a : pte_a + 4], "little")
+        st.iret_desc = desc
+        return 1
+
+    def invlpg_ring(self, n: int) -> None:
+        """Translated INVLPGs zeroed the current native TLB tables' entries of these
+        pages (none held a translated block: codemap); the rest of Cpu.tlb_flush (the
+        Python TLBs, the other privileges' tables) follows here, at the exit."""
+        self.cpu.tlb_flush_set(self.st.inv_ring[:n])
 
     def drop_write(self, ppage: int) -> None:
         """Physical page ppage now holds translated code: no write reaches it directly."""
@@ -351,6 +434,8 @@ class NativeTier:
             self.arena.reset(self.arena_keep)
             self.arena_resets += 1
         addr = self.arena.place(code)
+        lin = (cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
+        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
         self.blocks += 1
         return self._runner(addr, eip, pa)
 
@@ -415,7 +500,9 @@ class NativeTier:
                      irq, ifok, -1 if fl & DF else 1, addr)  # fmt: skip
             enter()
             regs[:] = regs_out(stbuf)
-            eip_out, efl, reason, ndone, budget_left, sysfl = exit_out(stbuf, OFF_EIP)
+            eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = exit_out(stbuf, OFF_EIP)
+            if inv_n:  # translated INVLPGs: the Python TLBs follow before anything reads them
+                tier.invlpg_ring(inv_n)
             cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
             cpu.lop = OP_NONE
             cpu.eip = eip_out

@@ -34,12 +34,14 @@ class NativeState(ctypes.Structure):
         # EFLAGS but the arithmetic flags (IF, DF, IOPL...): translated PUSHF/POPF/CLI/STI
         # read and change IF here; Python reads it back at the exit.
         ("sysfl", ctypes.c_uint32),
+        # Pages a translated INVLPG flushed (inv_ring): Python applies Cpu.tlb_flush to
+        # each at the exit (NativeTier.invlpg_ring); zero at each entry.
+        ("inv_n", ctypes.c_uint32),
         # Nonzero: leave at the next chain (a pending interrupt, device DMA, a pause).
         # Device threads set it while translated code runs (the call releases the GIL).
         ("intr", ctypes.c_uint32),
         ("irq", ctypes.c_uint32),  # Cpu.intr at the entry: STI/POPF setting IF then leave
         ("ifok", ctypes.c_uint32),  # CLI/STI/POPF may change IF (not PE, or CPL <= IOPL)
-        ("pad", ctypes.c_uint32),
         ("dstep", ctypes.c_int64),  # string instructions' step: 1, or -1 with DF set
         ("block", ctypes.c_uint64),  # the host code `enter` jumps to
         # (Each entry writes the fields from r to block in one go, those coming out are
@@ -62,7 +64,31 @@ class NativeState(ctypes.Structure):
         ("jtab", ctypes.c_uint64),  # host address of the chain table (see ChainTable)
         ("out", ctypes.c_uint64),  # the shared stub that leaves with EIP = R9D
         ("dispatch", ctypes.c_uint64),  # the shared stub that chains to EIP = R9D
+        # NativeTier.cs_changed: the CS selector (PUSH CS); for IRET to the same CS at
+        # CPL 0 (Linux's sync_core): whether it may be translated (iret_ok: protected
+        # mode, a GDT selector within the limit, the cache a descriptor can give, the
+        # GDT page's PDE and PTE accessed; cleared at a CR3 write or a TLB flush), the
+        # host addresses in guest RAM of that PDE, PTE and descriptor and the values
+        # they must still hold (Python's reload walks the page tables: with these
+        # unchanged it reads the same descriptor, sets no A bit, gives the same cache).
+        ("cs_sel", ctypes.c_uint32),
+        ("iret_ok", ctypes.c_uint32),
+        ("iret_pdev", ctypes.c_uint32),
+        ("iret_ptev", ctypes.c_uint32),
+        ("iret_pde", ctypes.c_uint64),
+        ("iret_pte", ctypes.c_uint64),
+        ("iret_dhost", ctypes.c_uint64),
+        ("iret_desc", ctypes.c_uint64),
+        ("tmp2", ctypes.c_uint32),  # a second value held across a TLB lookup
+        ("pad3", ctypes.c_uint32),
+        # A bit per linear page that holds (or held) a translated block (never cleared):
+        # a translated INVLPG of such a page leaves for Python (chains go).
+        ("codemap", ctypes.c_uint64),
+        ("inv_ring", ctypes.c_uint32 * 64),  # INV_RING
     ]
+
+
+INV_RING = 64
 
 
 def off(name: str) -> int:
@@ -81,6 +107,18 @@ OFF_INTR = off("intr")
 OFF_TMP = off("tmp")
 OFF_SYSFL = off("sysfl")
 OFF_IFOK = off("ifok")
+OFF_INV_N = off("inv_n")
+OFF_INV_RING = off("inv_ring")
+OFF_CODEMAP = off("codemap")
+OFF_CS_SEL = off("cs_sel")
+OFF_IRET_OK = off("iret_ok")
+OFF_IRET_PDE = off("iret_pde")
+OFF_IRET_PTE = off("iret_pte")
+OFF_IRET_PDEV = off("iret_pdev")
+OFF_IRET_PTEV = off("iret_ptev")
+OFF_IRET_DHOST = off("iret_dhost")
+OFF_IRET_DESC = off("iret_desc")
+OFF_TMP2 = off("tmp2")
 OFF_IRQ = off("irq")
 OFF_REP_EIP = off("rep_eip")
 OFF_REP_LEFT = off("rep_left")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, SS
+from boite.accel.emu.arch import ARITH, CS, DF, DS, ES, FS, GS, IF, NT, SS, VM
 from boite.accel.emu.decode.string import REP_SLICE
 from boite.accel.emu.native.state import (
     CHAIN_BITS,
@@ -46,9 +46,12 @@ from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_FALLBACK,
     EXIT_MISS,
+    INV_RING,
     OFF_BLOCK,
     OFF_BUDGET,
     OFF_CLOCK,
+    OFF_CODEMAP,
+    OFF_CS_SEL,
     OFF_DISPATCH,
     OFF_DSTEP,
     OFF_EFLAGS,
@@ -56,6 +59,15 @@ from boite.accel.emu.native.state import (
     OFF_ESP,
     OFF_IFOK,
     OFF_INTR,
+    OFF_INV_N,
+    OFF_INV_RING,
+    OFF_IRET_DESC,
+    OFF_IRET_DHOST,
+    OFF_IRET_OK,
+    OFF_IRET_PDE,
+    OFF_IRET_PDEV,
+    OFF_IRET_PTE,
+    OFF_IRET_PTEV,
     OFF_IRQ,
     OFF_JTAB,
     OFF_MISS_ADDR,
@@ -71,6 +83,7 @@ from boite.accel.emu.native.state import (
     OFF_TLB_R,
     OFF_TLB_W,
     OFF_TMP,
+    OFF_TMP2,
     OFF_TSC_HZ,
     OFF_TSC_OFF,
     chain_slot,
@@ -534,6 +547,7 @@ def _parse(raw: bytes, eip: int, flat: int) -> Insn | None:
         and not rep
         or rep
         and row.native not in ("rep_string", "ret", "string1")
+        and not (code == 0x90 and not opmap)  # F3 90: PAUSE, a NOP here
     ):
         return None  # REP MOVS/STOS, REP LODS/STOS/SCAS (and REP RET, a RET)
     if repne and row.code not in (0xA6, 0xA7, 0xAE, 0xAF):
@@ -1061,11 +1075,34 @@ class Translator:
             a.raw(lock + b"\x45\x0f" + bytes((code, 0x22)))  # bt* [r10], r12d
             return True
         if reg >= 4 and any(o[:1] == "G" and o.endswith("b") for o in (i.rf or facts(i.row)).ops):
-            return False  # AH..BH become SPL..DIL under the REX prefix [R10] needs
+            return self._high_byte(i, k, restore, esc, code, lock)
         self.address(i.mem, R9)
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
         a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
+        return True
+
+    def _high_byte(self, i: Insn, k: int, restore: bool, esc: bytes, code: int,
+                   lock: bytes) -> bool:  # fmt: skip
+        """A byte operation between AH..BH and memory: AH..BH cannot be named beside
+        [R10] (a REX prefix makes them SPL..DIL), so the byte goes through a host stack
+        slot, [RSP], which needs no REX; nothing here changes the host's flags."""
+        if lock or code == 0x86:
+            return False  # the copy through the stack would not be atomic (XCHG is)
+        a = self.a
+        reg = (i.modrm >> 3) & 7
+        self.address(i.mem, R9)
+        store_only = i.row.mnemonic == "MOV" and code == 0x88
+        writes = _writes_mem(i)
+        self.lookup(R9, 1, writes, k, restore, reads=not store_only)
+        a.raw(b"\x45\x0f\xb6\x02")  # movzx r8d, byte [r10]
+        a.raw(b"\x41\x50")  # push r8
+        a.raw(esc + bytes((code, reg << 3 | 4, 0x24)))  # op [rsp], <ah..bh>
+        if writes:
+            a.raw(b"\x44\x8a\x04\x24")  # mov r8b, [rsp]
+        a.raw(b"\x48\x8d\x64\x24\x08")  # lea rsp, [rsp + 8]
+        if writes:
+            a.raw(b"\x45\x88\x02")  # mov [r10], r8b
         return True
 
     def lea(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1569,12 +1606,9 @@ class Translator:
         a.raw(_RESTORE)
         return True
 
-    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
-        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
-        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
-        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
-        if not self.host_tsc:
-            return False
+    def _cpl0_or_leave(self, i: Insn, k: int) -> str:
+        """The guest flags into R11, and a leave for Python (returned: the flag exit)
+        unless CPL is 0 (CPL <= IOPL with IOPL 0, or real mode)."""
         a = self.a
         fb = self._flags_fallback(i, k)
         a.raw(_SAVE)
@@ -1583,6 +1617,16 @@ class Translator:
         a._mem(b"\xf7", 0, R15, OFF_SYSFL)
         a.raw((0x3000).to_bytes(4, "little"))  # test dword [r15 + sysfl], IOPL
         a.jcc(5, fb)  # IOPL > 0: CPL may be too
+        return fb
+
+    def rdtsc(self, i: Insn, k: int, restore: bool) -> bool:
+        """RDTSC at CPL 0 (elsewhere CR4.TSD may fault: Python): clock_gettime
+        (CLOCK_MONOTONIC) called from here, scaled as Cpu.rdtsc scales it (not where
+        Cpu.rdtsc is replaced, as the fuzz replaces it with a fixed counter)."""
+        if not self.host_tsc:
+            return False
+        a = self.a
+        self._cpl0_or_leave(i, k)
         # The host stack is 8 mod 16 in translated code: 4 pushes and 24 bytes (the
         # timespec) align it for the call. RAX, RDX are RDTSC's; RCX, RSI, RDI and the
         # flags are saved; the callee keeps RBX, RBP, R12-R15.
@@ -1604,6 +1648,121 @@ class Translator:
         a.raw(b"\x5f\x5e\x59")  # pop rdi; pop rsi; pop rcx
         a.pop(R11)
         a.raw(_RESTORE)
+        return True
+
+    def fence(self, i: Insn, k: int, restore: bool) -> bool:
+        """LFENCE, MFENCE, SFENCE (the register forms; CLFLUSH and the rest: Python): the
+        Python tiers order everything already, so do translated blocks."""
+        return i.mem is None and not i.p66
+
+    def push_cs(self, i: Insn, k: int, restore: bool) -> bool:
+        """PUSH CS (32-bit): ESP -= 4 with the dword checked, only the low word written
+        (the selector, NativeState.cs_sel), as the closure does."""
+        if i.p66:
+            return False
+        a = self.a
+        self._stack_addr(-4)
+        self.lookup(R12, 4, True, k, restore, reads=False)
+        a.load32(R8, R15, OFF_CS_SEL)
+        a.raw(b"\x66\x45\x89\x02")  # mov [r10], r8w
+        a.store32(R15, OFF_ESP, R9)
+        return True
+
+    def invlpg(self, i: Insn, k: int, restore: bool) -> bool:
+        """INVLPG at CPL 0 of a page without translated code (codemap): its entries in
+        the current TLB tables go here, the page goes into inv_ring and Python does the
+        rest of Cpu.tlb_flush at the exit (NativeTier.invlpg_ring) before anything reads
+        a TLB there. Elsewhere (CPL > 0, a code page, the ring full) Python runs it."""
+        if i.mem is None:
+            return False
+        a = self.a
+        fb = self._cpl0_or_leave(i, k)
+        self.address(i.mem, R9)
+        a.mov_rr32(R10, R9)
+        a.shr32(R10, 12)
+        a.load64(R8, R15, OFF_CODEMAP)
+        a.raw(b"\x4d\x0f\xa3\x10")  # bt [r8], r10
+        a.jcc(2, fb)  # JB: the page holds translated code
+        a.load32(R8, R15, OFF_INV_N)
+        a.cmp32(R8, INV_RING)
+        a.jcc(3, fb)  # JAE: the ring is full
+        a.raw(b"\x47\x89\x94\x87" + _s32(OFF_INV_RING))  # mov [r15 + r8*4 + ring], r10d
+        a.lea32(R8, R8, 1)
+        a.store32(R15, OFF_INV_N, R8)
+        a.raw(b"\x4b\xc7\x04\xd6\x00\x00\x00\x00")  # mov qword [r14 + r10*8], 0
+        a.raw(b"\x4b\xc7\x44\xd5\x00\x00\x00\x00\x00")  # mov qword [r13 + r10*8], 0
+        a.push(R11)
+        a.popfq()
+        a.jmp(self.chain((i.eip + len(i.raw)) & 0xFFFFFFFF, k + 1))
+        return True
+
+    def iret(self, i: Insn, k: int, restore: bool) -> bool:
+        """IRET (32-bit) at CPL 0 to the same CS (Linux's sync_core), changing the
+        arithmetic flags and IF only (IF set while a request may be pending: Python, as
+        POPF): EIP, CS, EFLAGS read from the stack, the CS descriptor in the GDT checked
+        to still hold what the CS cache came from (state iret_*: what Python's reload
+        would give is then the cache as it is). Anything else (another CS or privilege,
+        VM, NT, other flags, a miss) leaves before it with the state as it was. The
+        descriptor check reads guest RAM at host addresses NativeTier.cs_changed
+        validated, not through the TLB: Python's reload walks the page tables."""
+        if i.p66:
+            return False
+        a = self.a
+        fb = self._flags_fallback(i, k)
+        ok = f"ik{self.n}"
+        self.n += 1
+        a.pushfq()
+        a.pop(R11)
+        a.cmp_mem_imm32(R15, OFF_IRET_OK, 0)
+        a.jcc(4, fb)  # JE: not protected mode at CPL 0 with a GDT code selector
+        a._mem(b"\xf7", 0, R15, OFF_SYSFL)
+        a.raw((VM | NT).to_bytes(4, "little"))  # test dword [r15 + sysfl], VM | NT
+        a.jcc(5, fb)
+        self._stack_addr(0)
+        self.lookup(R12, 12, False, k, False, saved=True)
+        a.raw(b"\x45\x0f\xb7\x42\x04")  # movzx r8d, word [r10 + 4]: CS
+        a._mem(b"\x3b", R8, R15, OFF_CS_SEL)  # cmp r8d, [r15 + cs_sel]
+        a.jcc(5, fb)
+        a.raw(b"\x45\x8b\x42\x08")  # mov r8d, [r10 + 8]: EFLAGS
+        a.mov_rr32(R12, R8)
+        a._mem(b"\x33", R12, R15, OFF_SYSFL)  # xor r12d, [r15 + sysfl]
+        a.raw(b"\x41\xf7\xc4" + ((0x257FD5 | VM) & ~ARITH & ~IF).to_bytes(4, "little"))
+        a.jcc(5, fb)  # test r12d, <the rest>; JNE: VM, TF, DF, IOPL, NT, RF, AC, ID change
+        a.raw(b"\x41\xf7\xc4" + IF.to_bytes(4, "little"))  # test r12d, IF
+        a.jcc(4, ok)  # IF stays
+        a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
+        a.jcc(4, ok)  # clearing IF
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after IRET
+        a.label(ok)
+        a.store32(R15, OFF_TMP2, R8)
+        a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]: EIP
+        a.store32(R15, OFF_TMP, R8)
+        # The GDT page's PDE and PTE and the descriptor, in guest RAM, as they were.
+        for ptr, val in ((OFF_IRET_PDE, OFF_IRET_PDEV), (OFF_IRET_PTE, OFF_IRET_PTEV)):
+            a.load64(R8, R15, ptr)
+            a.raw(b"\x45\x8b\x00")  # mov r8d, [r8]
+            a._mem(b"\x3b", R8, R15, val)  # cmp r8d, [r15 + value]
+            a.jcc(5, fb)
+        a.load64(R8, R15, OFF_IRET_DHOST)
+        a.raw(b"\x4d\x8b\x00")  # mov r8, [r8]
+        a._mem(b"\x3b", R8, R15, OFF_IRET_DESC, w=True)  # cmp r8, [r15 + iret_desc]
+        a.jcc(5, fb)  # changed: Python reloads it
+        # Nothing has changed so far; now IRET's effects.
+        a.load32(R8, R15, OFF_TMP2)
+        a.raw(b"\x45\x33\x87" + _s32(OFF_SYSFL))  # xor r8d, [r15 + sysfl]
+        a.and32(R8, IF)
+        a._mem(b"\x31", R8, R15, OFF_SYSFL)  # xor [r15 + sysfl], r8d: IF as popped
+        a.lea32(R9, R9, 12)
+        a.store32(R15, OFF_ESP, R9)
+        a.load32(R8, R15, OFF_TMP2)
+        a.and32(R8, ARITH)
+        a.push(R8)
+        a.popfq()
+        a.load32(R8, R15, OFF_TMP)
+        a.jmp(self.chain(None, k + 1))
         return True
 
     def branch(self, i: Insn, k: int, restore: bool) -> bool:
