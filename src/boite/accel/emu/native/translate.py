@@ -1691,8 +1691,7 @@ class Translator:
         a.store32(R15, OFF_INV_N, R8)
         a.raw(b"\x4b\xc7\x04\xd6\x00\x00\x00\x00")  # mov qword [r14 + r10*8], 0
         a.raw(b"\x4b\xc7\x44\xd5\x00\x00\x00\x00\x00")  # mov qword [r13 + r10*8], 0
-        a.push(R11)
-        a.popfq()
+        a.raw(_RESTORE)
         a.jmp(self.chain((i.eip + len(i.raw)) & 0xFFFFFFFF, k + 1))
         return True
 
@@ -1711,8 +1710,7 @@ class Translator:
         fb = self._flags_fallback(i, k)
         ok = f"ik{self.n}"
         self.n += 1
-        a.pushfq()
-        a.pop(R11)
+        a.raw(_SAVE)
         a.cmp_mem_imm32(R15, OFF_IRET_OK, 0)
         a.jcc(4, fb)  # JE: not protected mode at CPL 0 with a GDT code selector
         a._mem(b"\xf7", 0, R15, OFF_SYSFL)
