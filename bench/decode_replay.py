@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import emu  # noqa: E402
-from boite.accel.emu.accel import GC_THRESHOLD  # noqa: E402
+from boite.accel.emu.accel import GC_THRESHOLD, _gc_adapt  # noqa: E402
 from boite.accel.emu.cpu import Cpu  # noqa: E402
 from boite.accel.emu.decode import core  # noqa: E402
 from boite.machine.memory import GuestMemory  # noqa: E402
@@ -114,6 +114,8 @@ def replay(recs: list, repeat: int, decode: bool = True) -> tuple[float, int, st
     """Best CPU seconds over `repeat` passes, the instruction count and the boundary hash.
     With decode False, only the per-block setup (to subtract)."""
     gc.set_threshold(*GC_THRESHOLD)  # the collector's pace in a boot (EmuAccelerator)
+    if _gc_adapt not in gc.callbacks:
+        gc.callbacks.append(_gc_adapt)
     frames = _frames(recs)
     c = _replay_cpu((len(frames) + 2) << 12)
     dec = c.decoder

@@ -39,6 +39,26 @@ CHUNK = 20_000  # instructions between timer checks, at least
 CHUNK_MAX = 1 << 21
 CHUNK_NS = 500_000
 GC_THRESHOLD = (100_000, 50, 1000)
+# Young collections scan every young object (~0.2 us each) and, while the emulator
+# translates, free next to nothing: its young objects are long-lived blocks and closures
+# (the kit Linux boot's collections freed 0-20 of 100,000). After such a collection the
+# young threshold goes up to GC_YOUNG_MAX; one that frees garbage (a machine left behind,
+# a guest's churn) brings it back, so cyclic garbage still goes within ~GC_YOUNG_MAX
+# allocations.
+GC_YOUNG_MAX = 1_000_000
+GC_FREED_LOW = 0.01  # of the young threshold: "next to nothing"
+
+
+def _gc_adapt(phase: str, info: dict[str, int]) -> None:
+    """gc.callbacks hook: the young threshold follows what young collections free."""
+    if phase != "stop" or info["generation"] != 0:
+        return
+    t0, t1, t2 = gc.get_threshold()
+    if t0 < GC_THRESHOLD[0] or not gc.isenabled():
+        return  # someone else's setting (a test, an embedder): left alone
+    want = GC_YOUNG_MAX if info["collected"] < t0 * GC_FREED_LOW else GC_THRESHOLD[0]
+    if want != t0:
+        gc.set_threshold(want, t1, t2)
 
 
 def _attr_of(s: Segment) -> int:
@@ -210,6 +230,8 @@ class EmuAccelerator(Accelerator):
         t0, t1, t2 = gc.get_threshold()
         gc.set_threshold(max(t0, GC_THRESHOLD[0]), max(t1, GC_THRESHOLD[1]),
                          max(t2, GC_THRESHOLD[2]))  # fmt: skip
+        if _gc_adapt not in gc.callbacks:
+            gc.callbacks.append(_gc_adapt)
         if machine.memory.region_at(0) is None:
             raise AccelError("emu: the machine has no RAM at physical address 0")
         self.machine = machine
