@@ -1953,8 +1953,18 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions) or None.
     `shadows` gets the EIP of each instruction in a translated STI's shadow."""
-    code = read(page_left)
+    return _translate_code(read(page_left), eip, flat, host_tsc, shadows, True)
+
+
+def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
+                    shadows: set[int] | None, skim: bool) -> tuple[bytes, int] | None:  # fmt: skip
+    """translate_block on the guest bytes. With skim, the instructions after the first
+    forward conditional branch are only measured (no Insn) until the block's end: they
+    are kept only where the block is a loop's body (about 2 in 5 of the instructions a
+    boot parses were dropped there), and where it is one the scan is done again in full."""
     insns: list[Insn] = []
+    skimmed = 0  # instructions measured only
+    last_skim = -1  # offset of the last instruction when it was measured only
     pos = 0
     end = len(code)
     sti = False
@@ -1966,6 +1976,11 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
         # parse's cache, inline (most instructions are in it)
         e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
+            if first_branch and skim and e[-1] is not None and not e[-1][4]:
+                last_skim = pos  # past the first branch, not the block's end: measure
+                pos += e[0]
+                skimmed += 1
+                continue
             # _insn(e, ...), inline
             (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
              override, rf, bf) = e  # fmt: skip
@@ -1981,6 +1996,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
             i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
             if i is None:
                 break
+        last_skim = -1
         insns.append(i)
         pos += len(i.raw)
         bf = i.bf
@@ -1993,7 +2009,15 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
     # (it ends with a branch back to its start): elsewhere the code after the branch,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
-    if first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
+    if skimmed:
+        last = insns[-1]
+        if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
+            last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
+        if last is None or _target(last) == eip:  # a loop's body: all of it, in full
+            return _translate_code(code, eip, flat, host_tsc, shadows, False)
+        insns = insns[:first_branch]
+        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
+    elif first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
         insns = insns[:first_branch]
         pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
     if not insns:
