@@ -1210,15 +1210,20 @@ class Translator:
         """PUSH r/m32: read the operand (held in the state), then the push."""
         if i.p66:
             return False
-        a = self.a
         self._operand_to_r8(i, k, restore)
-        a.store32(R15, OFF_TMP, R8)
+        self.a.store32(R15, OFF_TMP, R8)
+        self._push_state_field(k, restore, OFF_TMP, b"\x45\x89\x02")  # mov [r10], r8d
+        return True
+
+    def _push_state_field(self, k: int, restore: bool, field: int, store: bytes) -> None:
+        """ESP -= 4 with the dword checked for writing, then `store` (R8 -> [R10]) of the
+        state's field at `field` (the lookup clobbers R8: the value waits in the state)."""
+        a = self.a
         self._stack_addr(-4)
         self.lookup(R12, 4, True, k, restore, reads=False)
-        a.load32(R8, R15, OFF_TMP)
-        a.raw(b"\x45\x89\x02")  # mov [r10], r8d
+        a.load32(R8, R15, field)
+        a.raw(store)
         a.store32(R15, OFF_ESP, R9)
-        return True
 
     def pop_m(self, i: Insn, k: int, restore: bool) -> bool:
         """POP r/m32: the stack's dword (held in the state), stored to the operand, then
@@ -1660,12 +1665,7 @@ class Translator:
         (the selector, NativeState.cs_sel), as the closure does."""
         if i.p66:
             return False
-        a = self.a
-        self._stack_addr(-4)
-        self.lookup(R12, 4, True, k, restore, reads=False)
-        a.load32(R8, R15, OFF_CS_SEL)
-        a.raw(b"\x66\x45\x89\x02")  # mov [r10], r8w
-        a.store32(R15, OFF_ESP, R9)
+        self._push_state_field(k, restore, OFF_CS_SEL, b"\x66\x45\x89\x02")  # mov [r10], r8w
         return True
 
     def invlpg(self, i: Insn, k: int, restore: bool) -> bool:
