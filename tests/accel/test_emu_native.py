@@ -910,3 +910,31 @@ def test_the_flags_saved_to_r11_come_back_whatever_ran_between() -> None:
         got = fn(fl | 0x202, rax)
         assert got & ARITH == fl, (hex(fl), hex(got))
         assert got >> 16 == 0  # RAX as it was
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("83dc00", "83dc93"),  # SBB ESP, imm8: ESP's store follows the immediate
+        ("69e4" + "00000000", "69e4" + "78563412"),  # IMUL ESP, ESP, imm32
+        ("83c000", "83c07f"),  # ADD EAX, imm8: kept, the immediate appended
+    ],
+)
+def test_kept_host_code_takes_the_new_immediate(first: str, second: str) -> None:
+    """Host code kept per instruction shape (translate._FRAGMENTS) is reused with the
+    next instruction's immediate; where more host code follows the immediate (an ESP
+    operand's store into the state) it must not be kept without it: a reused copy of
+    `sbb esp, 0` made `sbb esp, 0x93` store R12 to [R15 + 0x93000010] (fuzz seed
+    2016606 after 2016256 in one process: a host segfault)."""
+    hlt = bytes.fromhex("f4")  # not translated: each block is the one instruction
+
+    def host(code: bytes) -> bytes:
+        out = native_translate.translate_block(lambda n: (code + hlt)[:n], 0x1000, 0x100)
+        assert out is not None and out[1] == 1
+        return out[0]
+
+    native_translate.clear_caches()
+    fresh = host(bytes.fromhex(second))
+    native_translate.clear_caches()
+    host(bytes.fromhex(first))  # fills the caches with the first immediate's code
+    assert host(bytes.fromhex(second)) == fresh

@@ -855,6 +855,9 @@ class Translator:
         self.stubs: list[tuple] = []  # (label, eip, ndone, reason, eip_reg)
         self.reg_stubs = False  # a stub's EIP is a register's
         self.disps: list[int] = []  # where address() wrote displacements
+        # Where copy() last ended a guest immediate: a kept fragment drops its immediate
+        # only where the host code ends with it (an ESP operand's store follows it).
+        self.imm_end = -1
 
     # -- exits ---------------------------------------------------------------------
     # Labels of stubs, chains, misses and flag exits are ints (self.n), the others
@@ -1054,6 +1057,7 @@ class Translator:
                 + (bytes((i.modrm,)) if i.modrm is not None else b"")
                 + imm
             )
+            self.imm_end = len(a.buf)
             return True
         reg = (i.modrm >> 3) & 7
         lock = b"\xf0" if i.lock else b""
@@ -1080,6 +1084,7 @@ class Translator:
         store_only = i.row.mnemonic == "MOV" or i.row.mnemonic.startswith("SET")
         self.lookup(R9, _mem_size(i), _writes_mem(i), k, restore, reads=not store_only)
         a.raw(lock + pre + bytes((0x41 | rex,)) + esc + bytes((code, reg << 3 | 2)) + imm)
+        self.imm_end = len(a.buf)
         return True
 
     def _high_byte(self, i: Insn, k: int, restore: bool, esc: bytes, code: int,
@@ -1786,8 +1791,8 @@ class Translator:
         immediate, restore and flags in R11; a displacement (dsz: its size in the guest's
         bytes) is the four bytes address() wrote; `imm`, not in the key, ends the code."""
         a = self.a
-        if imm and not a.buf.endswith(imm):
-            return
+        if imm and self.imm_end != len(a.buf):
+            return  # something follows the immediate (ESP's store): not kept
         disp_at = -1
         if dsz:
             if len(self.disps) != mark[9] + 1:
