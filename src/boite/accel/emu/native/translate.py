@@ -1501,6 +1501,15 @@ class Translator:
         self.a._mem(b"\x81", ext, R15, disp)
         self.a.raw(imm.to_bytes(4, "little"))
 
+    def _leave_if_request_waits(self, fb: str | int) -> None:
+        """Setting IF: to `fb` (leave before the instruction) when an interrupt may be
+        waiting for it, so that it is taken right after, as on the Python tiers."""
+        a = self.a
+        a.cmp_mem_imm32(R15, OFF_INTR, 0)
+        a.jcc(5, fb)
+        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
+        a.jcc(5, fb)
+
     def _flags_fallback(self, i: Insn, k: int) -> str:
         """A stub that puts the guest flags (R11) back and leaves for the Python tiers
         at instruction k."""
@@ -1564,10 +1573,7 @@ class Translator:
         a.jcc(4, fb)  # CPL > IOPL: Python (IF stays, the rest as popped)
         a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
         a.jcc(4, setif)  # clearing IF
-        a.cmp_mem_imm32(R15, OFF_INTR, 0)
-        a.jcc(5, fb)
-        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
-        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after POPF
+        self._leave_if_request_waits(fb)  # the Python tiers take it after POPF
         a.label(setif)
         self._imm_mem(6, OFF_SYSFL, IF)  # xor: IF as popped
         a.label(ok)
@@ -1735,10 +1741,7 @@ class Translator:
         a.jcc(4, ok)  # IF stays
         a.raw(b"\x41\xf7\xc0" + IF.to_bytes(4, "little"))  # test r8d, IF
         a.jcc(4, ok)  # clearing IF
-        a.cmp_mem_imm32(R15, OFF_INTR, 0)
-        a.jcc(5, fb)
-        a.cmp_mem_imm32(R15, OFF_IRQ, 0)
-        a.jcc(5, fb)  # a request may wait for IF: the Python tiers take it after IRET
+        self._leave_if_request_waits(fb)  # the Python tiers take it after IRET
         a.label(ok)
         a.store32(R15, OFF_TMP2, R8)
         a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]: EIP
