@@ -192,6 +192,10 @@ def _ea_base_idx(
     )
 
 
+import os
+TRANSLATE_FIRST = os.environ.get('TFIRST') == '1'
+
+
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
@@ -381,6 +385,21 @@ class DecoderBase:
             block = self._straddler_again(pa, eip, st)
             if block is not None:
                 return block
+        nt = c.native
+        if nt is not None and TRANSLATE_FIRST:
+            nfn = nt.translate(pa, eip)
+            if nfn is not None:
+                block = Block(eip, c.cs_key, c.mode_key, (), pa, [], -1)
+                block.fn = nfn
+                c.blocks[pa] = block
+                ppage = pa >> 12
+                lst = c.code_pages.get(ppage)
+                if lst is None:
+                    c.code_pages[ppage] = [pa]
+                    c.guard_code_page(ppage)
+                else:
+                    lst.append(pa)
+                return block
         fns: list[Fn] = []
         info: list[tuple[int, int]] = []
         page_end = (pa | 0xFFF) + 1
@@ -534,6 +553,7 @@ class DecoderBase:
                 or after.csk != block.csk
                 or after.mode != c.mode_key & after.mask
                 or (after.fn is None and after.hits < block.hits // 2)
+                or not after.fns
                 or len(insns) + len(after.fns) > MAX_BLOCK
             ):
                 break
