@@ -11,6 +11,7 @@ Which tier runs hot blocks (the Python tiers or the native one) is chosen by tie
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import threading
@@ -59,6 +60,10 @@ def _gc_adapt(phase: str, info: dict[str, int]) -> None:
     want = GC_YOUNG_MAX if info["collected"] < t0 * GC_FREED_LOW else GC_THRESHOLD[0]
     if want != t0:
         gc.set_threshold(want, t1, t2)
+
+
+def _passed(deadline: int) -> bool:
+    return time.monotonic_ns() >= deadline
 
 
 def _attr_of(s: Segment) -> int:
@@ -221,6 +226,7 @@ class EmuAccelerator(Accelerator):
         self._wake = threading.Event()
         self.pic: Any = None
         self.timers: list[Any] = []
+        self._deadline: int | None = None  # the timers' nearest, as last advanced
 
     # -- set-up ------------------------------------------------------------------------
     def create(self, machine: Any, config: Any = None) -> None:
@@ -308,6 +314,7 @@ class EmuAccelerator(Accelerator):
             d = t.next_deadline_ns()
             if d is not None and (nearest is None or d < nearest):
                 nearest = d
+        self._deadline = nearest
         return nearest
 
     def _stop_reason(self) -> RunResult | None:
@@ -350,12 +357,20 @@ class EmuAccelerator(Accelerator):
         """The one vCPU of a machine: no APIC, nothing between blocks but the timers."""
         cpu.stop = False
         chunk = CHUNK
+        self._advance_timers()
         while True:
             res = self._stop_reason()
             if res is not None:
                 return res
             t0 = time.monotonic_ns()
-            cpu.run(chunk)
+            # A chunk also ends at the timers' next deadline (checked between blocks): a
+            # chunk of code that runs for the first time, translated as it goes, can take
+            # a few hundred ms, and the PIT's ticks then coalesced (about half the kit
+            # Linux boot's 100 Hz ticks were lost: its clock ran slow, its sleeps ran long
+            # while another of its threads was busy, and its clocksource watchdog found
+            # the TSC unstable against the PIT).
+            d = self._deadline
+            cpu.run(chunk, None if d is None else functools.partial(_passed, d))
             dt = time.monotonic_ns() - t0
             if dt < CHUNK_NS // 2:
                 chunk = min(chunk * 2, CHUNK_MAX)
