@@ -143,86 +143,16 @@ def test_emulated_guest_paused_and_finished_under_kvm(tmp_path):
     assert final["rcx"] == 0
 
 
-def test_timer_ticks_reach_a_guest_busy_with_code_never_run_before(tmp_path):
+def test_timer_ticks_reach_a_guest_busy_with_code_never_run_before():
     """The runner looks at the timers between chunks of guest code, and a chunk ends at
     their next deadline too: code that runs for the first time (translated as it goes)
     once held a chunk for a few hundred ms, and the PIT's ticks coalesced into one (the
     kit Linux boot lost about half of its 100 Hz ticks; its clock ran slow). The guest
     runs 12,000 blocks it never ran before with IRQ 0 at 20 Hz and notes the TSC at
-    each tick: no tick may be missing where its own clock says several periods passed."""
-    period = 59659  # PIT clocks: 50 ms
-    image = _asm(
-        tmp_path,
-        f"""
-    mov esp, 0x80000
-    mov eax, timer
-    mov word [IDT + 0x20 * 8 + 0], ax
-    mov word [IDT + 0x20 * 8 + 2], 0x08
-    mov word [IDT + 0x20 * 8 + 4], 0x8e00
-    shr eax, 16
-    mov word [IDT + 0x20 * 8 + 6], ax
-    lidt [idt_desc]
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov ax, {period}
-    out 0x40, al
-    mov al, ah
-    out 0x40, al
-    mov edi, TICKS
-    rdtsc
-    mov [TSC_START], eax
-    mov [TSC_START + 4], edx
-    sti
-%rep 12000
-    add ebx, 1
-    jmp short $ + 2
-%endrep
-    cli
-    rdtsc
-    mov [TSC_END], eax
-    mov [TSC_END + 4], edx
-    mov [COUNT], edi
-    hlt
-timer:
-    push eax
-    push edx
-    rdtsc
-    mov [edi], eax
-    mov [edi + 4], edx
-    add edi, 8
-    mov al, 0x20
-    out 0x20, al
-    pop edx
-    pop eax
-    iret
-idt_desc:
-    dw 256 * 8 - 1
-    dd IDT
-IDT equ 0x300000
-TSC_START equ 0x200000
-TSC_END equ 0x200008
-COUNT equ 0x200010
-TICKS equ 0x200100
-""",
-    )
+    each tick (tests/guests/coldticks32.asm): no tick may be missing where its own clock
+    says several periods passed."""
+    period = 59659  # PIT clocks: 50 ms (coldticks32.asm)
+    image = assemble("coldticks32").read_bytes()
     m = build_machine(16, 1)
     m.memory.write(LOAD, image)
     m.boot_state = [boot.flat32(m.memory, LOAD)]
