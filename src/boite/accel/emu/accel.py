@@ -39,6 +39,7 @@ CHUNK = 20_000  # instructions between timer checks, at least
 # code runs 20,000 instructions in some 40 us; every return costs a native exit).
 CHUNK_MAX = 1 << 21
 CHUNK_NS = 500_000
+COLD_BLOCKS = 64  # new blocks that end a chunk (see _run_one)
 GC_THRESHOLD = (100_000, 50, 1000)
 # Young collections scan every young object (~0.2 us each) and, while the emulator
 # translates, free next to nothing: its young objects are long-lived blocks and closures
@@ -62,8 +63,8 @@ def _gc_adapt(phase: str, info: dict[str, int]) -> None:
         gc.set_threshold(want, t1, t2)
 
 
-def _passed(deadline: int) -> bool:
-    return time.monotonic_ns() >= deadline
+def _grown(blocks: dict[int, Any], size: int) -> bool:
+    return len(blocks) >= size
 
 
 def _attr_of(s: Segment) -> int:
@@ -226,7 +227,6 @@ class EmuAccelerator(Accelerator):
         self._wake = threading.Event()
         self.pic: Any = None
         self.timers: list[Any] = []
-        self._deadline: int | None = None  # the timers' nearest, as last advanced
 
     # -- set-up ------------------------------------------------------------------------
     def create(self, machine: Any, config: Any = None) -> None:
@@ -314,7 +314,6 @@ class EmuAccelerator(Accelerator):
             d = t.next_deadline_ns()
             if d is not None and (nearest is None or d < nearest):
                 nearest = d
-        self._deadline = nearest
         return nearest
 
     def _stop_reason(self) -> RunResult | None:
@@ -357,20 +356,19 @@ class EmuAccelerator(Accelerator):
         """The one vCPU of a machine: no APIC, nothing between blocks but the timers."""
         cpu.stop = False
         chunk = CHUNK
-        self._advance_timers()
         while True:
             res = self._stop_reason()
             if res is not None:
                 return res
             t0 = time.monotonic_ns()
-            # A chunk also ends at the timers' next deadline (checked between blocks): a
-            # chunk of code that runs for the first time, translated as it goes, can take
-            # a few hundred ms, and the PIT's ticks then coalesced (about half the kit
-            # Linux boot's 100 Hz ticks were lost: its clock ran slow, its sleeps ran long
-            # while another of its threads was busy, and its clocksource watchdog found
-            # the TSC unstable against the PIT).
-            d = self._deadline
-            cpu.run(chunk, None if d is None else functools.partial(_passed, d))
+            # A chunk also ends once COLD_BLOCKS new blocks were translated in it (a test
+            # between blocks): code that runs for the first time, translated as it goes,
+            # held a chunk for up to a few hundred ms, and the PIT's ticks coalesced
+            # (about half of the kit Linux boot's 100 Hz ticks were lost: its clock ran
+            # slow, and its clocksource watchdog found the TSC unstable against the PIT).
+            # That many translations take a few ms; asking the clock between blocks
+            # instead cost ~0.2 us a block (1.3 M blocks in the Debian 686 boot).
+            cpu.run(chunk, functools.partial(_grown, cpu.blocks, len(cpu.blocks) + COLD_BLOCKS))
             dt = time.monotonic_ns() - t0
             if dt < CHUNK_NS // 2:
                 chunk = min(chunk * 2, CHUNK_MAX)
