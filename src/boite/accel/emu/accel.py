@@ -11,7 +11,6 @@ Which tier runs hot blocks (the Python tiers or the native one) is chosen by tie
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import threading
@@ -25,7 +24,7 @@ from boite.accel.emu.cpu import HOT_BLOCK, Cpu
 from boite.accel.emu.cpumodel import MSR_EFER
 from boite.accel.emu.fpu import MXCSR_MASK
 from boite.accel.emu.native import NativeTier
-from boite.accel.emu.smp import Smp
+from boite.accel.emu.smp import Smp, cold_stop
 from boite.accel.emu.tiers import TierChoice, choose_tier
 from boite.accel.kvm.abi import KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED
 from boite.errors import AccelError, GuestError
@@ -39,7 +38,6 @@ CHUNK = 20_000  # instructions between timer checks, at least
 # code runs 20,000 instructions in some 40 us; every return costs a native exit).
 CHUNK_MAX = 1 << 21
 CHUNK_NS = 500_000
-COLD_BLOCKS = 64  # new blocks that end a chunk (see _run_one)
 GC_THRESHOLD = (100_000, 50, 1000)
 # Young collections scan every young object (~0.2 us each) and, while the emulator
 # translates, free next to nothing: its young objects are long-lived blocks and closures
@@ -61,10 +59,6 @@ def _gc_adapt(phase: str, info: dict[str, int]) -> None:
     want = GC_YOUNG_MAX if info["collected"] < t0 * GC_FREED_LOW else GC_THRESHOLD[0]
     if want != t0:
         gc.set_threshold(want, t1, t2)
-
-
-def _grown(blocks: dict[int, Any], size: int) -> bool:
-    return len(blocks) >= size
 
 
 def _attr_of(s: Segment) -> int:
@@ -361,14 +355,14 @@ class EmuAccelerator(Accelerator):
             if res is not None:
                 return res
             t0 = time.monotonic_ns()
-            # A chunk also ends once COLD_BLOCKS new blocks were translated in it (a test
+            # A chunk also ends once smp.COLD_BLOCKS new blocks were translated in it (a test
             # between blocks): code that runs for the first time, translated as it goes,
             # held a chunk for up to a few hundred ms, and the PIT's ticks coalesced
             # (about half of the kit Linux boot's 100 Hz ticks were lost: its clock ran
             # slow, and its clocksource watchdog found the TSC unstable against the PIT).
             # That many translations take a few ms; asking the clock between blocks
             # instead cost ~0.2 us a block (1.3 M blocks in the Debian 686 boot).
-            cpu.run(chunk, functools.partial(_grown, cpu.blocks, len(cpu.blocks) + COLD_BLOCKS))
+            cpu.run(chunk, cold_stop(cpu))
             dt = time.monotonic_ns() - t0
             if dt < CHUNK_NS // 2:
                 chunk = min(chunk * 2, CHUNK_MAX)
