@@ -342,6 +342,68 @@ def test_chained_entry_polls_the_interrupt_flag_and_the_budget() -> None:
         cpu.close()
 
 
+def _entries_over(cpu: Cpu, insns: int) -> int:
+    """Native entries while Cpu.run runs `insns` more instructions (after a warm-up
+    that translates the hot blocks and enters each once)."""
+    cpu.intr = False
+    cpu.run(200)
+    before = cpu.native.entries
+    done = 0
+    while done < insns:
+        done += cpu.run(insns - done)
+    return cpu.native.entries - before
+
+
+def test_blocks_whose_eip_products_collide_chain_to_each_other() -> None:
+    """Two blocks jumping to each other at a distance d with d * CHAIN_MUL near 0 mod
+    2^32 (the kit boot's two functions 0xC575 bytes apart, at 0x1040 here: the top bits
+    of EIP * CHAIN_MUL alone are the same for both): their chain slots are apart, so
+    they run chained, not one entry from Python a pass."""
+    cpu = _cpu()
+    try:
+        a, b = 0x1040, 0x1040 + 0xC575
+        assert b + 8 <= cpu.ram_size
+        jmp = b"\xe9" + ((b - (a + 6)) & 0xFFFFFFFF).to_bytes(4, "little")
+        cpu.ram[a : a + 6] = b"\x40" + jmp  # A: inc eax; jmp B
+        back = b"\xe9" + ((a - (b + 6)) & 0xFFFFFFFF).to_bytes(4, "little")
+        cpu.ram[b : b + 6] = b"\x43" + back  # B: inc ebx; jmp A
+        cpu.eip = a
+        assert _entries_over(cpu, 20_000) <= 2
+        assert cpu.r[0] == cpu.r[3] or cpu.r[0] == cpu.r[3] + 1
+    finally:
+        cpu.close()
+
+
+def test_indirect_jumps_find_their_block_in_the_chain_table() -> None:
+    """The dispatch stub computes the chain slot Python fills (state.chain_slot): a loop
+    through JMP EAX runs chained."""
+    cpu = _cpu()
+    try:
+        cpu.ram[CODE : CODE + 3] = b"\x46\xff\xe0"  # L: inc esi; jmp eax
+        cpu.eip, cpu.r[0] = CODE, CODE
+        assert _entries_over(cpu, 20_000) <= 2
+    finally:
+        cpu.close()
+
+
+def test_a_chain_to_eip_0_without_a_block_leaves() -> None:
+    """Unused chain slots are zero (tag 0, code 0): the chain to EIP 0 must find its own
+    slot empty, not jump to host address 0."""
+    cpu = _cpu()
+    try:
+        cpu.ram[CODE : CODE + 6] = b"\x40\xe9" + ((0 - (CODE + 6)) & 0xFFFFFFFF).to_bytes(
+            4, "little"
+        )  # inc eax; jmp 0
+        cpu.eip = CODE
+        f = cpu.native.translate(CODE, CODE)
+        assert f is not None
+        cpu.run_left = 1000
+        cpu.intr = False
+        assert f() == 2 and cpu.eip == 0 and cpu.r[0] == 1
+    finally:
+        cpu.close()
+
+
 def test_invlpg_of_a_data_page_keeps_the_translations() -> None:
     """INVLPG of a page no block was fetched from (the Debian boot's fixmap loop: 70,000
     of them) drops that TLB entry only; of a code page, every EIP map and chain."""
