@@ -57,6 +57,9 @@ from boite.accel.emu.native.state import (
 )
 from boite.accel.emu.native.translate import host_lahf, runtime_stubs, translate_block
 
+# TLB flushes whose chain slots are kept for rechain (Cpu.code_stash's generations).
+STASH_GENS = 4
+
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
@@ -176,8 +179,11 @@ class NativeTier:
         self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         # Physical page -> the chain slots filled for its blocks since the tables were
-        # last emptied, as (table, slot, host code): unchain_page drops those.
-        self.chain_pages: dict[int, set[tuple[ChainTable, int, int]]] = {}
+        # last emptied, as (table, slot, host code, EIP): unchain_page drops those.
+        self.chain_pages: dict[int, set[tuple[ChainTable, int, int, int]]] = {}
+        # What TLB flushes took out of the tables (chain_pages then), newest last, for
+        # rechain (as Cpu.code_stash for the EIP maps).
+        self.chain_stash: list[dict[int, set[tuple[ChainTable, int, int, int]]]] = []
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
@@ -213,7 +219,7 @@ class NativeTier:
         if page is None:
             self.cs_stale_now()  # maybe other page tables: the next CS load says
         if code:
-            self.unchain()
+            self.unchain(keep=True)
 
     def sync_tsc(self) -> None:
         """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
@@ -229,7 +235,7 @@ class NativeTier:
                 write[p] = 0
                 filled.discard(p)
         if code:
-            self.unchain()
+            self.unchain(keep=True)
 
     def cs_stale_now(self) -> None:
         """The page tables may differ (a CR3 write, a full TLB flush): translated IRET
@@ -310,19 +316,63 @@ class NativeTier:
         for t in self.tlbs:
             t.drop_write(ppage)
 
-    def unchain(self) -> None:
-        """A block or a TLB entry went away: no chain may lead to a stale block."""
+    def unchain(self, keep: bool = False) -> None:
+        """A block or a TLB entry went away: no chain may lead to a stale block. `keep`
+        (a TLB flush: the blocks stay, their pages may map elsewhere): the filled slots
+        are kept aside for rechain."""
         self.epoch += 1
         for ct in self.chains.values():
             ct.clear()
+        stash = self.chain_stash
+        if not keep:
+            stash.clear()
+        elif self.chain_pages:
+            stash.append(self.chain_pages.copy())
+            if len(stash) > STASH_GENS:
+                del stash[0]
         self.chain_pages.clear()
+
+    def rechain(self, lpage: int, ppage: int) -> None:
+        """Cpu._unstash put back the EIP map entries of the blocks on linear page lpage
+        (physical page ppage again): their chain slots in the current table too."""
+        cpu = self.cpu
+        ct = self.chains.get((cpu.mode_key, cpu.cs_key))
+        if ct is None:
+            return
+        base = cpu.cs_key & 0xFFFFFFFF
+        slots, used = ct.slots, ct.used
+        live = None
+        for gen in self.chain_stash:
+            entries = gen.get(ppage)
+            if entries is None:
+                continue
+            rest = set()
+            for e in entries:
+                t, s, host, eip = e
+                if t is ct and (base + eip) >> 12 & 0xFFFFF == lpage:
+                    slots[2 * s] = eip
+                    slots[2 * s + 1] = host
+                    used.add(s)
+                    if live is None:
+                        live = self.chain_pages.get(ppage)
+                        if live is None:
+                            live = self.chain_pages[ppage] = set()
+                    live.add(e)
+                else:
+                    rest.add(e)
+            if rest:
+                gen[ppage] = rest
+            else:
+                del gen[ppage]
 
     def unchain_page(self, ppage: int) -> None:
         """The blocks of physical page ppage went away (a store into it): the chain slots
         filled for them lead out again. (Every block lies within one page.)"""
         self.epoch += 1
         out = self.out_addr
-        for ct, s, host in self.chain_pages.pop(ppage, ()):
+        for gen in self.chain_stash:
+            gen.pop(ppage, None)
+        for ct, s, host, _ in self.chain_pages.pop(ppage, ()):
             slots = ct.slots
             if slots[2 * s + 1] == host:
                 slots[2 * s] = 0xFFFFFFFF
@@ -482,9 +532,9 @@ class NativeTier:
                     ct.used.add(cslot)
                     at = chain_pages.get(ppage)
                     if at is None:
-                        chain_pages[ppage] = {(ct, cslot, addr)}
+                        chain_pages[ppage] = {(ct, cslot, addr, eip)}
                     else:
-                        at.add((ct, cslot, addr))
+                        at.add((ct, cslot, addr, eip))
                 if cpu.sbase != sbase:
                     tier._write_sbase()
                 fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
