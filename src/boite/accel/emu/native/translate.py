@@ -1963,15 +1963,16 @@ def clear_caches() -> None:
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
                     host_tsc: bool = True,
-                    shadows: set[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
+                    shadows: set[int] | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
-    the end of its page, `page_left` bytes). Returns (code, instructions) or None.
+    the end of its page, `page_left` bytes). Returns (code, instructions, the override
+    segments its instructions name: bit i for segment i) or None.
     `shadows` gets the EIP of each instruction in a translated STI's shadow."""
     return _translate_code(read(page_left), eip, flat, host_tsc, shadows, True)
 
 
 def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
-                    shadows: set[int] | None, skim: bool) -> tuple[bytes, int] | None:  # fmt: skip
+                    shadows: set[int] | None, skim: bool) -> tuple[bytes, int, int] | None:  # fmt: skip
     """translate_block on the guest bytes. With skim, the instructions after the first
     forward conditional branch are only measured (no Insn) until the block's end: they
     are kept only where the block is a loop's body (about 2 in 5 of the instructions a
@@ -2044,7 +2045,11 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
                 shadows.update(
                     insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
                 )
-            return out, done
+            segs = 0  # the override segments the code inlines (each flat when translated)
+            for k in range(done):
+                if insns[k].override is not None:
+                    segs |= 1 << insns[k].override
+            return out, done, segs
         if done == 0:
             return None
         insns = insns[:done]  # the block ends after them: build again with that liveness
