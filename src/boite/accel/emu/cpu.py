@@ -267,6 +267,9 @@ class Cpu:
         # The physical pages code_stash may hold entries of (a superset: the miss path
         # looks here first).
         self.stash_pages: set[int] = set()
+        # (key, linear page, physical page) that _unstash put back since the last flush:
+        # what stays stashed for that page is of other keys or linear pages.
+        self.unstashed: set[tuple[int, int, int, int]] = set()
         # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
         # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
         self.nonglobal: set[int] = set()
@@ -427,10 +430,14 @@ class Cpu:
         if self.fast_phys:
             saved = {key: fm.copy() for key, fm in self._fast.items() if fm}
             stash = self.code_stash
+            for _, phys in stash:  # a page's older entries are mostly these again
+                for p in self.fast_phys:
+                    phys.pop(p, None)
             stash.append((saved, self.fast_phys.copy()))
             if len(stash) > STASH_GENS:
                 del stash[0]
             self.stash_pages.update(self.fast_phys)
+            self.unstashed.clear()
             self.fast_phys.clear()
         for fm in self._fast.values():
             fm.clear()
@@ -441,6 +448,9 @@ class Cpu:
         an instruction fetch (at this privilege, through this TLB): the stashed entries of
         the current EIP map for blocks on lpage that were on ppage are valid again (their
         code is: invalidate_code drops a page's stash). The rest stay stashed."""
+        done = (self.mode_key, self.cs_key, lpage, ppage)
+        if done in self.unstashed:
+            return
         fm = self.fast_cur
         key = (self.mode_key, self.cs_key)
         base = self.cs_key & M32
@@ -475,7 +485,9 @@ class Cpu:
                 held = True
             else:
                 del phys[ppage]
-        if not held:
+        if held:
+            self.unstashed.add(done)
+        else:
             self.stash_pages.discard(ppage)
 
     def _rebuild_wrev(self) -> None:

@@ -334,6 +334,9 @@ class NativeTier:
         if not keep:
             stash.clear()
         elif self.chain_pages:
+            for gen in stash:  # a page's older slots are mostly these again
+                for p in self.chain_pages:
+                    gen.pop(p, None)
             stash.append(self.chain_pages.copy())
             if len(stash) > STASH_GENS:
                 del stash[0]
