@@ -480,6 +480,34 @@ def test_a_flush_remapping_the_code_page_does_not_put_back_its_blocks() -> None:
         cpu.close()
 
 
+def test_a_frame_mapped_twice_puts_back_only_the_linear_page_fetched() -> None:
+    """One frame at two linear pages (0x30000, 0x31000), blocks run at both; after a
+    flush the second is remapped: fetching the first puts back only its own blocks, and
+    the second runs its new frame's code."""
+    cpu, pte = _paged_cpu(0x50000)
+    try:
+        _loop_at(cpu, 0x50000, 0)  # INC EAX, at both linear pages
+        _loop_at(cpu, 0x60000, 3)  # INC EBX
+        pte2 = pte + 4
+        cpu.ram[pte2 : pte2 + 4] = (0x50000 | 3).to_bytes(4, "little")
+        for at in (0x31000, 0x30000):
+            cpu.eip = at
+            _entries_over(cpu, 2_000)
+        eax, ebx = cpu.r[0], cpu.r[3]
+        assert eax > 1_000 and ebx == 0
+        cpu.ram[pte2 : pte2 + 4] = (0x60000 | 3).to_bytes(4, "little")
+        cpu.tlb_flush()
+        _entries_over(cpu, 2_000)  # at 0x30000: the frame's blocks for that page
+        assert cpu.r[0] > eax and cpu.r[3] == 0
+        assert all(eip >> 12 == 0x30 for eip in cpu.fast_cur)
+        eax = cpu.r[0]
+        cpu.eip = 0x31000
+        _entries_over(cpu, 2_000)
+        assert cpu.r[0] == eax and cpu.r[3] > 0
+    finally:
+        cpu.close()
+
+
 def test_invlpg_of_a_data_page_keeps_the_translations() -> None:
     """INVLPG of a page no block was fetched from (the Debian boot's fixmap loop: 70,000
     of them) drops that TLB entry only; of a code page, every EIP map and chain."""
