@@ -171,7 +171,13 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.jcc(0xE, "out")  # JLE: the budget is spent
     a.cmp_mem_imm32(R15, OFF_INTR, 0)
     a.jcc(5, "out")  # JNE: leave for an interrupt
-    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL: chain_slot
+    # chain_slot (R8 is free here: the chains' `mov r9d, r8d` copied it)
+    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL
+    a.buf += _s32(CHAIN_MUL)
+    a.mov_rr32(R8, R10)
+    a.shr32(R8, 16)
+    a.xor_rr32(R10, R8)
+    a._rr(b"\x69", R10, R10)  # imul r10d, r10d, CHAIN_MUL
     a.buf += _s32(CHAIN_MUL)
     a.shr32(R10, 32 - CHAIN_BITS)
     a.shl32(R10, 4)
