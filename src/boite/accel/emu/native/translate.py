@@ -437,6 +437,16 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
     return i
 
 
+def _has_override(code: bytes, pos: int) -> bool:
+    """The instruction at code[pos] has a segment override prefix."""
+    for b in code[pos : pos + 15]:
+        if b not in _PREFIXES:
+            return False
+        if b in _SEG_PREFIX:
+            return True
+    return False
+
+
 def _imm_facts(i: Insn) -> bool:
     """build_facts(i) depends on the immediate (a shift's count: _reads; a conditional
     branch's direction: _ends)."""
@@ -1956,20 +1966,32 @@ def clear_caches() -> None:
 
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
-                    host_tsc: bool = True,
-                    shadows: set[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
+                    host_tsc: bool = True, shadows: set[int] | None = None,
+                    extent: list[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions) or None.
-    `shadows` gets the EIP of each instruction in a translated STI's shadow."""
-    return _translate_code(read(page_left), eip, flat, host_tsc, shadows, True)
+    `shadows` gets the EIP of each instruction in a translated STI's shadow. `extent`
+    gets the number of guest bytes (from eip) the result depends on and whether it
+    depends on `flat` (an instruction with a segment override): with those bytes, those
+    arguments and MATCH_PYTHON_FLAGS the same, the result is the same (NativeTier keeps
+    translations by it)."""
+    code = read(page_left)
+    scanned = [0, False]
+    out = _translate_code(code, eip, flat, host_tsc, shadows, True, scanned)
+    if extent is not None:
+        extent += (min(len(code), scanned[0]), scanned[1])
+    return out
 
 
 def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
-                    shadows: set[int] | None, skim: bool) -> tuple[bytes, int] | None:  # fmt: skip
+                    shadows: set[int] | None, skim: bool,
+                    scanned: list[int]) -> tuple[bytes, int] | None:  # fmt: skip
     """translate_block on the guest bytes. With skim, the instructions after the first
     forward conditional branch are only measured (no Insn) until the block's end: they
     are kept only where the block is a loop's body (about 2 in 5 of the instructions a
-    boot parses were dropped there), and where it is one the scan is done again in full."""
+    boot parses were dropped there), and where it is one the scan is done again in full.
+    scanned: [the guest bytes looked at, whether `flat` was asked] (translate_block's
+    extent)."""
     insns: list[Insn] = []
     skimmed = 0  # instructions measured only
     last_skim = -1  # offset of the last instruction when it was measured only
@@ -1977,6 +1999,7 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     end = len(code)
     sti = False
     first_branch = 0  # instructions up to the first conditional branch
+    looked = 0  # (scanned)
     shape1, shapes = _SHAPE1, _SHAPES
     for _ in range(MAX_INSNS):
         if pos >= end:
@@ -1984,6 +2007,8 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         # parse's cache, inline (most instructions are in it)
         e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
+            if e[1] >= 0:
+                scanned[1] = True  # a segment override: allowed by `flat`
             if first_branch and skim and e[-1] is not None and not e[-1][4]:
                 last_skim = pos  # past the first branch, not the block's end: measure
                 pos += e[0]
@@ -2001,8 +2026,11 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
             if bf is None:
                 i.bf = build_facts(i)
         else:
+            if not scanned[1] and _has_override(code, pos):
+                scanned[1] = True
             i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
             if i is None:
+                looked = pos + 15  # up to 15 bytes of the one it does not take
                 break
         last_skim = -1
         insns.append(i)
@@ -2013,6 +2041,10 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         sti = sti or bf[12]
         if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
             first_branch = len(insns)
+    if looked < pos:
+        looked = pos
+    if looked > scanned[0]:
+        scanned[0] = looked
     # A block goes on past a forward conditional branch only where it is a loop's body
     # (it ends with a branch back to its start): elsewhere the code after the branch,
     # often cold or a join point that other blocks reach too, would be translated in
@@ -2022,7 +2054,7 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
         if last is None or _target(last) == eip:  # a loop's body: all of it, in full
-            return _translate_code(code, eip, flat, host_tsc, shadows, False)
+            return _translate_code(code, eip, flat, host_tsc, shadows, False, scanned)
         insns = insns[:first_branch]
         pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
     elif first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
