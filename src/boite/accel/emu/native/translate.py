@@ -401,7 +401,8 @@ _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 # An entry: (length, the flat it needs (-1: any), where the displacement is, its size,
 # then Insn's fields from row to rf with the ModRM operand as (mod, rm, base, index,
 # scale, seg) (without a displacement: the MemOperand, shared), then the build facts
-# (None: they depend on the immediate)).
+# (None: they depend on the immediate), then (where they do) the build facts by the
+# instruction's last byte (the immediate's top byte, all they depend on)).
 _SHAPE1: list[tuple | None] = [None] * 256
 _SHAPES: dict[bytes, tuple] = {}
 
@@ -429,7 +430,7 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             mem = m  # no displacement: all instructions of the shape share it
         e = (len(i.raw), -1 if i.override is None else flat, decide, dsz, i.row, i.p66,
              i.opmap, i.code, i.modrm, mem, i.imm_at, i.size, i.lock, i.rep, i.override, i.rf,
-             None if _imm_facts(i) else i.bf)  # fmt: skip
+             None if _imm_facts(i) else i.bf, {i.raw[-1]: i.bf} if _imm_facts(i) else None)  # fmt: skip
         if decide == 1:
             _SHAPE1[raw[0]] = e
         else:
@@ -460,10 +461,11 @@ def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
     if dsz:
         disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True)
         m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+    bf = e[16] if e[17] is None else e[17].get(raw[-1])
     i = Insn(eip, raw, e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13], e[14],
-             e[15], e[16])  # fmt: skip
-    if e[16] is None:
-        i.bf = build_facts(i)
+             e[15], bf)  # fmt: skip
+    if bf is None:
+        i.bf = e[17][raw[-1]] = build_facts(i)
     return i
 
 
@@ -2009,22 +2011,24 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
             if e[1] >= 0:
                 scanned[1] = True  # a segment override: allowed by `flat`
-            if first_branch and skim and e[-1] is not None and not e[-1][4]:
+            if first_branch and skim and e[16] is not None and not e[16][4]:
                 last_skim = pos  # past the first branch, not the block's end: measure
                 pos += e[0]
                 skimmed += 1
                 continue
             # _insn(e, ...), inline
             (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
-             override, rf, bf) = e  # fmt: skip
+             override, rf, bf, by_last) = e  # fmt: skip
             raw = code[pos : pos + size]
             if dsz:
                 disp = int.from_bytes(raw[dpos : dpos + dsz], "little", signed=True)
                 m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+            if by_last is not None:
+                bf = by_last.get(raw[-1])
             i = Insn((eip + pos) & 0xFFFFFFFF, raw, row, p66, opmap, opc, modrm, m, imm_at, osize,
                      lock, rep, override, rf, bf)  # fmt: skip
             if bf is None:
-                i.bf = build_facts(i)
+                i.bf = by_last[raw[-1]] = build_facts(i)
         else:
             if not scanned[1] and _has_override(code, pos):
                 scanned[1] = True
