@@ -294,8 +294,20 @@ _ADD_SBASE = {
     for seg in range(6)
 }
 _LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
-_MISS: dict[int, bytes] = {}  # by address register * 4 + miss kind
+_MISS: dict[int, tuple] = {}  # _miss_exit's, by address register * 4 + miss kind
 _STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
+
+
+def _miss_exit(addr: int, write: int) -> tuple[struct.Struct, bytes, bytes, bytes]:
+    """A TLB miss's exit (Translator._emit_misses) in one pack: (its Struct, the bytes
+    before EIP, those between EIP and the instructions done, those between those and the
+    rel32 of the jump to the epilogue)."""
+    head = _RESTORE + _encoded(lambda b: (b.store32(R15, OFF_MISS_ADDR, addr),
+                                          b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+    head += _ST_EIP
+    tail = _ST_REASON + _U32.pack(EXIT_MISS) + b"\xe9"
+    st = struct.Struct(f"<{len(head)}sI{len(_ST_NDONE)}sI{len(tail)}si")
+    return st, head, _ST_NDONE, tail
 
 
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
@@ -895,18 +907,12 @@ class Translator:
 
     def _emit_chains(self) -> None:
         a = self.a
-        if not self.chains:
-            return
         buf, labels = a.buf, a.labels
         start = self.start
-        chains = self.chains
-        # Where `leave` will be (the sizes are known): the rel32s to it are packed in.
-        leave = len(buf)
-        for _, target, _, in_r11 in chains:
-            ind, top, direct = _CHAINS[in_r11][1][:3]
-            leave += (ind.size if target is None else
-                      top.size + 5 if target == start else direct.size)  # fmt: skip
-        for name, target, ndone, in_r11 in chains:
+        # `leave` first: the chains' rel32s to it are known when they are packed.
+        leave = labels["leave"] = len(buf)
+        buf += _JMP_OUT
+        for name, target, ndone, in_r11 in self.chains:
             at = len(buf)
             labels[name] = at
             # [pushfq; pop r11]; sub [r15 + budget], ndone
@@ -927,9 +933,6 @@ class Translator:
             buf += direct.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
                                _CMP_INTR, _JNE2, rel - fix2, _CHAIN_CMP, slot, _JNE2,
                                rel - fix3, _CHAIN_JMP, slot + 8)  # fmt: skip
-        assert len(buf) == leave
-        labels["leave"] = len(buf)
-        buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
@@ -1004,26 +1007,23 @@ class Translator:
         )
 
     def _emit_misses(self) -> None:
-        a = self.a
-        buf, fixups = a.buf, a.fixups
-        insns, stubs = self.insns, self.stubs
-        n = self.n
+        """The TLB misses' exits, after the epilogue (emitted): each one the guest flags
+        back into the host's, the miss's address and kind, EIP and the instructions done,
+        EXIT_MISS, a jump back to the epilogue (one pack)."""
+        buf = self.a.buf
+        insns = self.insns
+        epilogue = self.a.labels["epilogue"]
         pack = _REL32.pack_into
         for fix1, fix2, addr, write, k in self.misses:
             at = len(buf)
             pack(buf, fix1, at - fix1 - 4)
             pack(buf, fix2, at - fix2 - 4)
-            key = addr << 2 | write
-            code = _MISS.get(key)
-            if code is None:  # (ends with a jmp: to its exit stub)
-                code = _MISS[key] = _RESTORE + _encoded(lambda b, addr=addr, write=write: (
-                    b.store32(R15, OFF_MISS_ADDR, addr),
-                    b.store_imm32(R15, OFF_MISS_WRITE, write))) + _JMP  # fmt: skip
-            buf += code
-            fixups.append((len(buf) - 4, n))
-            stubs.append((n, insns[k].eip, k, EXIT_MISS, None))  # exit_to, inline
-            n += 1
-        self.n = n
+            t = _MISS.get(addr << 2 | write)
+            if t is None:
+                t = _MISS[addr << 2 | write] = _miss_exit(addr, write)
+            st, head, mid, tail = t
+            buf += st.pack(head, insns[k].eip & 0xFFFFFFFF, mid, k, tail,
+                           epilogue - at - st.size)  # fmt: skip
 
     # -- instructions ----------------------------------------------------------------
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1951,10 +1951,13 @@ class Translator:
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
         self.insns = insns
-        self._emit_flag_exits()
-        self._emit_misses()
-        self._emit_chains()
+        if flag_exits:
+            self._emit_flag_exits()
+        if chains:
+            self._emit_chains()
         self._emit_stubs()
+        if misses:
+            self._emit_misses()
         return a.finish(), done
 
 
