@@ -481,6 +481,24 @@ def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
     return i
 
 
+# What _translate_code hands Translator.build for each instruction: (EIP, its bytes,
+# build_facts, the Insn or None, parse's cache entry (None: the Insn is there), the
+# displacement). Most instructions' host code is kept code (Translator.build's
+# fragments), which needs no more than that: the Insn is made only where a translator
+# or a flag fix-up asks for it (_full), about one instruction in four.
+def _full(it: tuple) -> Insn:
+    """The Insn of _translate_code's item."""
+    i = it[3]
+    if i is None:
+        e = it[4]
+        m = e[9]
+        if e[3]:
+            m = MemOperand(m[0], m[1], m[2], m[3], m[4], it[5], m[5])
+        i = Insn(it[0], it[1], e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13],
+                 e[14], e[15], it[2])  # fmt: skip
+    return i
+
+
 def _parse(raw: bytes, eip: int, flat: int) -> Insn | None:
     """parse without the cache."""
     pos = 0
@@ -837,7 +855,8 @@ def build_facts(i: Insn) -> tuple:
     displacement), the displacement's size, where its immediate goes (0: none, 1: in
     the kept code's key, 2: copied after the kept code), is STI, may run on any host
     flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
-    flags)."""
+    flags, where its immediate is (Insn.imm_at), is a conditional branch (Jcc, LOOP*,
+    JECXZ: _translate_code's first branch))."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
@@ -848,7 +867,8 @@ def build_facts(i: Insn) -> tuple:
             m is not None or not rf.plain or kind == "branch", rf.kill, rf.undefined,
             i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
             (m is None and kind == "copy" or kind == "lea") and not reads,
-            bool(i.row.flags_written))  # fmt: skip
+            bool(i.row.flags_written), i.imm_at,
+            bool(i.row.ends_block) and kind in ("branch", "loop"))  # fmt: skip
 
 
 def _imm_mode(i: Insn) -> int:
@@ -1022,7 +1042,7 @@ class Translator:
             if t is None:
                 t = _MISS[addr << 2 | write] = _miss_exit(addr, write)
             st, head, mid, tail = t
-            buf += st.pack(head, insns[k].eip & 0xFFFFFFFF, mid, k, tail,
+            buf += st.pack(head, insns[k][0] & 0xFFFFFFFF, mid, k, tail,
                            epilogue - at - st.size)  # fmt: skip
 
     # -- instructions ----------------------------------------------------------------
@@ -1827,8 +1847,9 @@ class Translator:
         _FRAGMENTS[key] = (bytes(a.buf[at : len(a.buf) - len(imm)]), tuple(looks), disp_at)
 
     # -- the block -------------------------------------------------------------------
-    def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
-        """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
+    def build(self, insns: list[tuple], fall: int) -> tuple[bytes | None, int]:
+        """Host code for insns (_translate_code's items, all parsed; `fall` is the EIP
+        after the last one) and how
         many of them it translates: fewer where one cannot be. The block then ends before
         that one, chaining to it; where the flag liveness it was built with differs from
         that ending (something after it killed flags the exit shows), it returns
@@ -1843,7 +1864,7 @@ class Translator:
         n = len(insns)
         live_out = [0] * n
         live_in = [0] * n
-        bfs = [i.bf or build_facts(i) for i in insns]
+        bfs = [it[2] for it in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             bf = bfs[k]
@@ -1863,10 +1884,15 @@ class Translator:
         # neither read nor keep a live flag.
         carry = True
         self.flags_in_r11 = False
-        for k, i in enumerate(insns):
+        for k, it in enumerate(insns):
             (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
-             imm_mode, _, blind_ok, writes) = bfs[k]  # fmt: skip
-            differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
+             imm_mode, _, blind_ok, writes, imm_at, _) = bfs[k]  # fmt: skip
+            if undefined and MATCH_PYTHON_FLAGS:
+                i = it[3] or _full(it)
+                differ = host_differs(i) & live_out[k]
+            else:
+                i = it[3]
+                differ = 0
             fix = _flag_fix(i, differ) if differ else _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
@@ -1896,16 +1922,16 @@ class Translator:
             restore = restore and not gives
             at = len(buf)
             if cached:
-                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, in_r11)
+                key = (shape, it[1][imm_at:] if imm_mode == 1 else b"", restore, in_r11)
                 frag = _FRAGMENTS.get(key)
             else:
                 frag = key = None
             if frag is not None:  # the bytes this shape gave last time, and its misses
                 buf += frag[0]
                 if dsz:
-                    _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
+                    _U32.pack_into(buf, at + frag[2], it[5] & 0xFFFFFFFF)
                 if imm_mode == 2:
-                    buf += i.raw[i.imm_at :]
+                    buf += it[1][imm_at:]
                 for fix1, fix2, addr, write in frag[1]:
                     misses.append((at + fix1, at + fix2, addr, write, k))
             else:
@@ -1913,10 +1939,12 @@ class Translator:
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
                         len(flag_exits), mark_carry, len(labels), self.n,
                         len(self.disps))  # fmt: skip
+                if i is None:
+                    i = _full(it)
                 if getattr(self, i.row.native)(i, k, restore):
                     if cached:
                         self._keep_fragment(key, k, at, dsz, mark,
-                                            i.raw[i.imm_at :] if imm_mode == 2 else b"")  # fmt: skip
+                                            it[1][imm_at:] if imm_mode == 2 else b"")  # fmt: skip
                 else:
                     # What it emitted before refusing goes (its labels stay, unused).
                     del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
@@ -1934,7 +1962,7 @@ class Translator:
         if carry:  # the block ends before the instruction that was to take them
             buf += _RESTORE
         self.flags_in_r11 = False
-        if done and insns[done - 1].row.native == "sti":
+        if done and bfs[done - 1][12]:
             return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
             return None, 0
@@ -1942,10 +1970,10 @@ class Translator:
         if done < n:
             if live_in[done] != ARITH:
                 return None, done  # built with the wrong liveness
-            fall = (last.eip + len(last.raw)) & 0xFFFFFFFF
+            fall = (last[0] + len(last[1])) & 0xFFFFFFFF
             n = done
-        if not _ends(last):
-            nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
+        if not bfs[done - 1][4]:  # (_ends)
+            nxt = (last[0] + len(last[1])) & 0xFFFFFFFF
             if done == n and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
@@ -1997,7 +2025,7 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     boot parses were dropped there), and where it is one the scan is done again in full.
     scanned: [the guest bytes looked at, whether `flat` was asked] (translate_block's
     extent)."""
-    insns: list[Insn] = []
+    insns: list[tuple] = []  # _Item tuples
     skimmed = 0  # instructions measured only
     last_skim = -1  # offset of the last instruction when it was measured only
     pos = 0
@@ -2014,24 +2042,26 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
             if e[1] >= 0:
                 scanned[1] = True  # a segment override: allowed by `flat`
-            if first_branch and skim and e[16] is not None and not e[16][4]:
+            bf = e[16]
+            if first_branch and skim and bf is not None and not bf[4]:
                 last_skim = pos  # past the first branch, not the block's end: measure
                 pos += e[0]
                 skimmed += 1
                 continue
-            # _insn(e, ...), inline
-            (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
-             override, rf, bf, by_last) = e  # fmt: skip
+            size = e[0]
             raw = code[pos : pos + size]
-            if dsz:
-                disp = int.from_bytes(raw[dpos : dpos + dsz], "little", signed=True)
-                m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
-            if by_last is not None:
-                bf = by_last.get(raw[-1])
-            i = Insn((eip + pos) & 0xFFFFFFFF, raw, row, p66, opmap, opc, modrm, m, imm_at, osize,
-                     lock, rep, override, rf, bf)  # fmt: skip
             if bf is None:
-                i.bf = by_last[raw[-1]] = build_facts(i)
+                bf = e[17].get(raw[-1])
+            if bf is None:  # (its facts, first seen with this last byte)
+                i = _insn(e, raw, (eip + pos) & 0xFFFFFFFF)
+                it = (i.eip, raw, i.bf, i, e, 0 if i.mem is None else i.mem.disp)
+                bf = i.bf
+            elif e[3]:  # a displacement
+                dpos = e[2]
+                disp = int.from_bytes(raw[dpos : dpos + e[3]], "little", signed=True)
+                it = ((eip + pos) & 0xFFFFFFFF, raw, bf, None, e, disp)
+            else:
+                it = ((eip + pos) & 0xFFFFFFFF, raw, bf, None, e, 0)
         else:
             if not scanned[1] and _has_override(code, pos):
                 scanned[1] = True
@@ -2039,14 +2069,16 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
             if i is None:
                 looked = pos + 15  # up to 15 bytes of the one it does not take
                 break
+            bf = i.bf
+            it = (i.eip, i.raw, bf, i, None, 0 if i.mem is None else i.mem.disp)
+            size = len(i.raw)
         last_skim = -1
-        insns.append(i)
-        pos += len(i.raw)
-        bf = i.bf
+        insns.append(it)
+        pos += size
         if bf[4]:  # it ends the block
             break
         sti = sti or bf[12]
-        if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
+        if not first_branch and bf[16]:
             first_branch = len(insns)
     if looked < pos:
         looked = pos
@@ -2057,16 +2089,16 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
     if skimmed:
-        last = insns[-1]
+        last = _full(insns[-1])
         if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
         if last is None or _target(last) == eip:  # a loop's body: all of it, in full
             return _translate_code(code, eip, flat, host_tsc, shadows, False, scanned)
         insns = insns[:first_branch]
-        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
-    elif first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
+        pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
+    elif first_branch and first_branch < len(insns) and _target(_full(insns[-1])) != eip:
         insns = insns[:first_branch]
-        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
+        pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
@@ -2074,14 +2106,12 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
             if shadows is not None and sti:
-                shadows.update(
-                    insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
-                )
+                shadows.update(insns[k + 1][0] for k in range(done - 1) if insns[k][2][12])
             return out, done
         if done == 0:
             return None
         insns = insns[:done]  # the block ends after them: build again with that liveness
-        fall = (insns[-1].eip + len(insns[-1].raw)) & 0xFFFFFFFF
+        fall = (insns[-1][0] + len(insns[-1][1])) & 0xFFFFFFFF
 
 
 __all__ = ["EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "runtime_stubs", "translate_block"]
