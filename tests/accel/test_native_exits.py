@@ -190,14 +190,14 @@ def test_iret_to_the_same_cs_runs_natively(flip: bytes) -> None:
     every one leaves for Python, which runs it."""
     body = _SYNC_CORE[:1] + flip + _SYNC_CORE[1:] + b"\x40"
     at = CODE + len(flip) + 9  # the IRET
-    native, _, blocks = _run(body, True, 500, _gdt)
-    exits = [eip for eip in _exits if eip == at]
+    native, fallbacks, blocks = _run(body, True, 500, _gdt)
     python, _, _ = _run(body, False, 500, _gdt)
     assert native == python and native[0][0] == 500 and blocks
     if flip[-1:] == b"\x04":  # DF
-        assert exits
+        assert fallbacks[at] >= 500  # (each: maybe again from a block at the IRET)
     else:
-        assert len(exits) <= 1
+        # The first only: Python's IRET sets the A bits of the GDT page's PDE/PTE.
+        assert fallbacks.get(at, 0) <= 1
 
 
 def test_iret_after_the_descriptor_changed_reloads_it_in_python() -> None:

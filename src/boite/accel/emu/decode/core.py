@@ -192,10 +192,6 @@ def _ea_base_idx(
     )
 
 
-import os
-TRANSLATE_FIRST = os.environ.get('TFIRST') == '1'
-
-
 class Block:
     """A decoded basic block: its closures, and once hot, one compiled function."""
 
@@ -386,20 +382,18 @@ class DecoderBase:
             if block is not None:
                 return block
         nt = c.native
-        if nt is not None and TRANSLATE_FIRST:
-            nfn = nt.translate(pa, eip)
-            if nfn is not None:
-                block = Block(eip, c.cs_key, c.mode_key, (), pa, [], -1)
-                block.fn = nfn
-                c.blocks[pa] = block
-                ppage = pa >> 12
-                lst = c.code_pages.get(ppage)
-                if lst is None:
-                    c.code_pages[ppage] = [pa]
-                    c.guard_code_page(ppage)
-                else:
-                    lst.append(pa)
+        if nt is not None and nt.first_run:
+            # Translate-first: the block runs as host code from its first run, never
+            # decoded here (most of a boot's blocks run a few times: decoding them and
+            # translating them later cost more than translating them once).
+            out = nt.translate_with_overrides(pa, eip)
+            if out is not None:
+                fn, segs = out
+                block = Block(eip, c.cs_key, c.mode_key, (), pa, [], ~override_flat_bits(~segs))
+                block.fn = fn
+                self._cache(block)
                 return block
+        refused = nt is not None and nt.first_run
         fns: list[Fn] = []
         info: list[tuple[int, int]] = []
         page_end = (pa | 0xFFF) + 1
@@ -459,6 +453,18 @@ class DecoderBase:
             if not self.tail_fault and code32:
                 self._keep_straddler(block, page_end)
             return block
+        if refused:
+            # The native tier said no: the Python compiler takes it when hot (at its
+            # own threshold: hits start that far below hot_block).
+            block.native_refused = True
+            block.hits = c.hot_block - nt.python_hot
+        self._cache(block)
+        return block
+
+    def _cache(self, block: Block) -> None:
+        """Keep a block for its physical address; its page becomes a code page."""
+        c = self.c
+        pa = block.pa
         c.blocks[pa] = block
         ppage = pa >> 12
         lst = c.code_pages.get(ppage)
@@ -467,7 +473,6 @@ class DecoderBase:
             c.guard_code_page(ppage)
         else:
             lst.append(pa)
-        return block
 
     def _keep_straddler(self, block: Block, page_end: int) -> None:
         """Remember a (32-bit) instruction that straddles a page: where its second part
@@ -507,9 +512,13 @@ class DecoderBase:
 
         c = self.c
         if c.native is not None and not block.native_refused:  # the native tier first
-            fn = c.native.translate(block.pa, block.eip)
-            if fn is not None:
-                block.fn = fn
+            out = c.native.translate_with_overrides(block.pa, block.eip)
+            if out is not None:
+                # The host code may cover more instructions than the closures did (a
+                # loop's body past its forward branches): their overrides count too.
+                block.fn, segs = out
+                block.mask |= override_flat_bits(segs)
+                block.mode = c.mode_key & block.mask
                 return
             # The native tier runs hot blocks sooner than the Python compiler (whose
             # compile costs more): that one waits for its own threshold, and is not
@@ -553,7 +562,7 @@ class DecoderBase:
                 or after.csk != block.csk
                 or after.mode != c.mode_key & after.mask
                 or (after.fn is None and after.hits < block.hits // 2)
-                or not after.fns
+                or not after.fns  # host code from its first run (translate-first)
                 or len(insns) + len(after.fns) > MAX_BLOCK
             ):
                 break

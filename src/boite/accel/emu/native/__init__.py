@@ -1,9 +1,9 @@
 """The native tier: hot guest blocks become x86-64 host code (x86-64 Linux hosts only).
 
-`NativeTier.translate(block)` is asked by the decoder when a block has run NATIVE_HOT
-times; the callable it returns has the compiled block's contract: it leaves the CPU
-state exact, returns the instructions it ran, and raises CpuFault with EIP at the
-faulting instruction. Inside, one ctypes call (which releases the GIL) runs the block
+`NativeTier.translate(pa, eip)` is asked by the decoder when a block first runs (or,
+with NATIVE_HOT > 0, once it has run that often); the callable it returns has the
+compiled block's contract: it leaves the CPU state exact, returns the instructions it
+ran, and raises CpuFault with EIP at the faulting instruction. Inside, one ctypes call (which releases the GIL) runs the block
 and then the blocks it chains to: each block's exit takes its instructions off a budget
 and, while budget remains and the interrupt flag is clear (`Cpu.kick`, set from device
 threads), jumps through the chain table of the current (mode, CS) key (guest EIP ->
@@ -64,11 +64,13 @@ if TYPE_CHECKING:
 # Instructions one entry may run through chained blocks; Cpu.run(n)'s n bounds it too
 # (the accelerator's chunk, which grows to about CHUNK_NS of running).
 BUDGET = 1 << 21
-# Runs of a block before it is translated (the Python compiler waits for Cpu.hot_block):
-# translating costs about 5-10 us a guest instruction in a boot, the closures about 1 us
-# a run. 4 measured best of 2/4/8/16 for both the kit and the Debian 686 boot
-# (bench/RESULTS.md, 2026-12-07 ntrans).
-NATIVE_HOT = 4
+# Runs of a block in the Python tiers before it is translated; 0: translated at its first
+# run, never decoded by the Python tier first (translate-first, as QEMU's TCG). A boot's
+# blocks mostly run a few times: decoding each (~4 us a guest instruction), running its
+# closures, then translating the hot ones (~5-9 us) cost the kit boot ~10% more than
+# translating every block once (bench/RESULTS.md, 2026-12-07 tfirst). Before, 4 measured
+# best of 2/4/8/16.
+NATIVE_HOT = 0
 TIME_EVERY = 8  # translations per one timed (translate_s)
 # The code arena: ~120 bytes of host code a translated guest instruction, and a full
 # arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
@@ -144,7 +146,9 @@ class NativeTier:
     def __init__(self, cpu: Cpu) -> None:
         self.cpu = cpu
         self.python_hot = cpu.hot_block
-        cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
+        self.first_run = NATIVE_HOT == 0  # DecoderBase.translate_block asks first
+        if not self.first_run:
+            cpu.hot_block = min(cpu.hot_block, NATIVE_HOT)
         self.st = NativeState()
         self.st.rep_eip = 0xFFFFFFFF
         libc = ctypes.CDLL(None)
@@ -161,7 +165,8 @@ class NativeTier:
         self.arena_resets = 0  # times the arena filled up
         # The last translation in the arena by (pa, EIP): what it was made from (the
         # guest bytes translate_block's extent names, flat (-1: any), host_tsc,
-        # MATCH_PYTHON_FLAGS), its host address, the EIPs of its STI shadows.
+        # MATCH_PYTHON_FLAGS), its host address, the EIPs of its STI shadows, the
+        # override segments it inlines.
         self.made: dict[tuple[int, int], tuple] = {}
         self.reused = 0  # translations taken from `made`
         code, at = runtime_stubs(self.st_addr)
@@ -263,6 +268,9 @@ class NativeTier:
             )  # fmt: skip
             if 0 <= raw < 1 << 20 and cpu.desc_fields(d) == (base, limit, attr):
                 ok = self._iret_walk((cpu.gdt_base + idx) & 0xFFFFFFFF, d)
+                # Not yet (an A bit of the GDT page's PDE/PTE clear): Python's IRET sets
+                # it, and its reload of the same CS asks again.
+                self.cs_stale = not ok
         st.iret_ok = ok
 
     def _iret_walk(self, lin: int, desc: int) -> int:
@@ -378,24 +386,33 @@ class NativeTier:
     def translate(self, pa: int, eip: int) -> Callable[[], int] | None:
         """A callable running the block at eip (physical pa), or None where the tier does
         not apply (mode, first instruction not translated)."""
+        out = self.translate_with_overrides(pa, eip)
+        return None if out is None else out[0]
+
+    def translate_with_overrides(self, pa: int, eip: int) -> tuple[Callable[[], int], int] | None:
+        """translate, and the override segments the block's instructions name (bit i:
+        segment i; the block holds only while those stay as flat as now)."""
         cpu = self.cpu
         if not cpu.cs32 or cpu.mode_key & (SEGCHK | STACK16) or cpu.debug_on:
             return None
         left = 0x1000 - (pa & 0xFFF)
         if pa + left > cpu.ram_size:
             return None
-        run = self._translate(pa, eip)
-        if run is not None:
-            return run
+        out = self._translate(pa, eip)
+        if out is not None:
+            return out
         # The first instruction is not translated: its closure, then the rest natively
         # (a block of its own at the next EIP, so chains can find it too).
-        fn, n, end = cpu.decoder.decode(eip, pa, (pa | 0xFFF) + 1)  # bytes from RAM
+        decoder = cpu.decoder
+        decoder.seg_overrides = 0
+        fn, n, end = decoder.decode(eip, pa, (pa | 0xFFF) + 1)  # bytes from RAM
         eip2 = (eip + n) & 0xFFFFFFFF
         if end or (pa & 0xFFF) + n >= 0x1000:
             return None
-        tail = self._translate(pa + n, eip2)
-        if tail is None:
+        out = self._translate(pa + n, eip2)
+        if out is None:
             return None
+        tail, segs = out
 
         def first_in_python() -> int:
             epoch = self.epoch
@@ -411,9 +428,9 @@ class NativeTier:
                 cpu.done_before_raise += 1  # the first instruction completed
                 raise
 
-        return first_in_python
+        return first_in_python, segs | decoder.seg_overrides
 
-    def _translate(self, pa: int, eip: int) -> Callable[[], int] | None:
+    def _translate(self, pa: int, eip: int) -> tuple[Callable[[], int], int] | None:
         cpu = self.cpu
         # Thread CPU time is a system call (several us on some hosts, a tenth of a small
         # block's translation): every TIME_EVERY-th translation is timed, for all of them.
@@ -443,7 +460,7 @@ class NativeTier:
             self.reused += 1
             if timed:
                 self.translate_s += (time.thread_time() - t0) * TIME_EVERY
-            return self._place_done(addr, eip, pa)
+            return self._place_done(addr, eip, pa), made[6]
         extent: list[int] = []
         shadows: set[int] = set()
         out = translate_block(lambda n: data[:n], eip, left, flat, host_tsc, shadows, extent)
@@ -453,7 +470,7 @@ class NativeTier:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
             return None
-        code, ninsns = out
+        code, ninsns, segs = out
         self.translated_insns += ninsns
         if not self.arena.room(len(code) + 16):
             if len(code) + 16 > self.arena.size - self.arena_keep:
@@ -464,9 +481,9 @@ class NativeTier:
             self.arena_resets += 1
         addr = self.arena.place(code)
         self.made[(pa, eip)] = (data[: extent[0]], flat if extent[1] else -1, host_tsc, match,
-                                addr, tuple(shadows))  # fmt: skip
+                                addr, tuple(shadows), segs)  # fmt: skip
         self.blocks += 1
-        return self._place_done(addr, eip, pa)
+        return self._place_done(addr, eip, pa), segs
 
     def _place_done(self, addr: int, eip: int, pa: int) -> Callable[[], int]:
         """The runner of the block at addr, which is now in use."""

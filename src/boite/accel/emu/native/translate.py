@@ -2000,9 +2000,10 @@ def clear_caches() -> None:
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
                     host_tsc: bool = True, shadows: set[int] | None = None,
-                    extent: list[int] | None = None) -> tuple[bytes, int] | None:  # fmt: skip
+                    extent: list[int] | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
-    the end of its page, `page_left` bytes). Returns (code, instructions) or None.
+    the end of its page, `page_left` bytes). Returns (code, instructions, the override
+    segments its instructions name: bit i for segment i) or None.
     `shadows` gets the EIP of each instruction in a translated STI's shadow. `extent`
     gets the number of guest bytes (from eip) the result depends on and whether it
     depends on `flat` (an instruction with a segment override): with those bytes, those
@@ -2018,7 +2019,7 @@ def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
 
 def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
                     shadows: set[int] | None, skim: bool,
-                    scanned: list[int]) -> tuple[bytes, int] | None:  # fmt: skip
+                    scanned: list[int]) -> tuple[bytes, int, int] | None:  # fmt: skip
     """translate_block on the guest bytes. With skim, the instructions after the first
     forward conditional branch are only measured (no Insn) until the block's end: they
     are kept only where the block is a loop's body (about 2 in 5 of the instructions a
@@ -2107,7 +2108,13 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         if out is not None:
             if shadows is not None and sti:
                 shadows.update(insns[k + 1][0] for k in range(done - 1) if insns[k][2][12])
-            return out, done
+            segs = 0  # the override segments the code inlines (each flat when translated)
+            if scanned[1]:  # (an override was seen)
+                for it in insns[:done]:
+                    seg = it[4][14] if it[3] is None else it[3].override
+                    if seg is not None:
+                        segs |= 1 << seg
+            return out, done, segs
         if done == 0:
             return None
         insns = insns[:done]  # the block ends after them: build again with that liveness
