@@ -851,7 +851,8 @@ def build_facts(i: Insn) -> tuple:
     """What Translator.build asks of each instruction, from its bytes alone: (refused for
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
     the block, its host code may be kept, may leave before it (all flags live there),
-    the flags it surely writes, its undefined flags, its shape (the bytes before the
+    the flags it surely writes, host_differs (undefined flags where the host's
+    instruction and the Python tiers' may disagree), its shape (the bytes before the
     displacement), the displacement's size, where its immediate goes (0: none, 1: in
     the kept code's key, 2: copied after the kept code), is STI, may run on any host
     flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
@@ -864,7 +865,8 @@ def build_facts(i: Insn) -> tuple:
     reads = _reads(i, rf)
     return (kind not in _ESP_AWARE and _uses_esp(i), reads, _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
-            m is not None or not rf.plain or kind == "branch", rf.kill, rf.undefined,
+            m is not None or not rf.plain or kind == "branch", rf.kill,
+            host_differs(i) if rf.undefined else 0,
             i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
             (m is None and kind == "copy" or kind == "lea") and not reads,
             bool(i.row.flags_written), i.imm_at,
@@ -1885,15 +1887,15 @@ class Translator:
         carry = True
         self.flags_in_r11 = False
         for k, it in enumerate(insns):
-            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
+            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, differs, shape, dsz,
              imm_mode, _, blind_ok, writes, imm_at, _) = bfs[k]  # fmt: skip
-            if undefined and MATCH_PYTHON_FLAGS:
-                i = it[3] or _full(it)
-                differ = host_differs(i) & live_out[k]
+            i = it[3]
+            differ = differs & live_out[k] if MATCH_PYTHON_FLAGS else 0
+            if differ:
+                i = i or _full(it)
+                fix = _flag_fix(i, differ)
             else:
-                i = it[3]
-                differ = 0
-            fix = _flag_fix(i, differ) if differ else _NO_FIX
+                fix = _NO_FIX
             if fix is None:
                 break  # the Python tiers run it, with their values of those flags
             if esp_refused:
