@@ -822,6 +822,16 @@ def _target(i: Insn) -> int | None:
     return (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
 
 
+def _item_target(it: tuple) -> int | None:
+    """_target of _translate_code's item."""
+    bf = it[2]
+    if not bf[16]:  # (a relative branch: a Jcc, JMP, LOOP* or JECXZ)
+        return None
+    raw = it[1]
+    nxt = it[0] + len(raw)
+    return (nxt + int.from_bytes(raw[bf[15] :], "little", signed=True)) & 0xFFFFFFFF
+
+
 def _ends(i: Insn) -> bool:
     """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
     end it: its taken side chains and the block goes on with the next instruction, so a
@@ -1450,7 +1460,7 @@ class Translator:
             else:  # LOOPNE: ZF set stops; LOOPE: ZF clear
                 a.raw(b"\x67\xe3\x07" + (b"\x74\x05" if i.code == 0xE0 else b"\x75\x05"))
             a.jmp(taken)
-        if _ends(i):
+        if i.bf[4]:  # (_ends)
             a.jmp(self.chain(nxt, k + 1))
         return True
 
@@ -1817,7 +1827,7 @@ class Translator:
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            if _ends(i):  # backward: the block ends, the fall side chains
+            if i.bf[4]:  # backward (_ends): the block ends, the fall side chains
                 self.a.jmp(self.chain(nxt, k + 1))
         return True
 
@@ -2092,14 +2102,16 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
     if skimmed:
-        last = _full(insns[-1])
         if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
-        if last is None or _target(last) == eip:  # a loop's body: all of it, in full
+            loop = last is None or _target(last) == eip
+        else:
+            loop = _item_target(insns[-1]) == eip
+        if loop:  # a loop's body: all of it, in full
             return _translate_code(code, eip, flat, host_tsc, shadows, False, scanned)
         insns = insns[:first_branch]
         pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
-    elif first_branch and first_branch < len(insns) and _target(_full(insns[-1])) != eip:
+    elif first_branch and first_branch < len(insns) and _item_target(insns[-1]) != eip:
         insns = insns[:first_branch]
         pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
     if not insns:
