@@ -902,6 +902,9 @@ def _writes_mem(i: Insn) -> bool:
 class Translator:
     """Builds the host code of one block."""
 
+    __slots__ = ("a", "start", "host_tsc", "flags_in_r11", "n", "stubs", "reg_stubs", "disps",
+                 "imm_end", "insns", "misses", "chains", "flag_exits")  # fmt: skip
+
     def __init__(self, start: int, host_tsc: bool = True) -> None:
         self.a = Asm()
         self.start = start
