@@ -1891,7 +1891,6 @@ class Translator:
         a = self.a
         buf, fixups, labels = a.buf, a.fixups, a.labels
         misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
-        labels["start"] = 0
         done = 0
         # carry: the guest flags wait in R11 and the host's may be anything: at the start
         # (every block is entered so), after a lookup that did not put them back because
@@ -1993,15 +1992,21 @@ class Translator:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
-        self.insns = insns
         if flag_exits:
             self._emit_flag_exits()
         if chains:
             self._emit_chains()
-        self._emit_stubs()
+        if stubs:
+            self._emit_stubs()  # (and the epilogue)
+        elif misses:
+            labels["epilogue"] = len(buf)
+            buf += _EPILOGUE  # (no exit goes there but these: none where neither is)
         if misses:
             self._emit_misses()
-        return a.finish(), done
+        pack = _REL32.pack_into  # (Asm.finish)
+        for at, name in fixups:
+            pack(buf, at, labels[name] - at - 4)
+        return bytes(buf), done
 
 
 def clear_caches() -> None:
