@@ -1864,11 +1864,11 @@ class Translator:
     # -- the block -------------------------------------------------------------------
     def build(self, insns: list[tuple], fall: int) -> tuple[bytes | None, int]:
         """Host code for insns (_translate_code's items, all parsed; `fall` is the EIP
-        after the last one) and how
-        many of them it translates: fewer where one cannot be. The block then ends before
-        that one, chaining to it; where the flag liveness it was built with differs from
-        that ending (something after it killed flags the exit shows), it returns
-        (None, the count) and the caller builds that prefix again."""
+        after the last one) and how many of them it translates: fewer where one cannot
+        be. The block then ends before that one, chaining to it; where the flag liveness
+        it was built with differs from that ending (something after it killed flags the
+        exit shows), it returns (None, the count) and the caller builds that prefix
+        again."""
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
@@ -1878,16 +1878,12 @@ class Translator:
         live = ARITH
         n = len(insns)
         live_out = [0] * n
-        live_in = [0] * n
         bfs = [it[2] for it in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             bf = bfs[k]
-            if bf[6]:
-                live = ARITH  # its TLB miss (or a branch) leaves: all flags show
-            else:
-                live = (live & ~bf[7]) | bf[1]
-            live_in[k] = live
+            live = ARITH if bf[6] else (live & ~bf[7]) | bf[1]  # bf[6]: its TLB miss (or a
+            # branch) may leave before it: all flags show there
         a = self.a
         buf, fixups, labels = a.buf, a.fixups, a.labels
         misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
@@ -1898,42 +1894,38 @@ class Translator:
         # neither read nor keep a live flag.
         carry = True
         self.flags_in_r11 = False
+        match = MATCH_PYTHON_FLAGS
         for k, it in enumerate(insns):
             (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, differs, shape, dsz,
              imm_mode, _, blind_ok, writes, imm_at, _) = bfs[k]  # fmt: skip
+            lo = live_out[k]
             i = it[3]
-            differ = differs & live_out[k] if MATCH_PYTHON_FLAGS else 0
-            if differ:
+            if differs and match and differs & lo:
                 i = i or _full(it)
-                fix = _flag_fix(i, differ)
+                fix = _flag_fix(i, differs & lo)
+                if fix is None:
+                    break  # the Python tiers run it, with their values of those flags
+                fix0, fix1 = fix
             else:
-                fix = _NO_FIX
-            if fix is None:
-                break  # the Python tiers run it, with their values of those flags
+                fix0 = fix1 = b""
             if esp_refused:
                 break
             mark_carry = carry
             before = len(buf)
-            # After a TLB lookup the guest flags go back into the host's only where the
-            # instruction reads them or leaves some live ones as they were.
-            restore = bool(reads | (live_out[k] & ~kill))
-            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
             # An instruction without a memory operand or an exit that reads no flag and
             # writes none (R11 keeps them) or writes every live one runs on whatever the
             # host's flags are.
-            blind = (
-                carry
-                and blind_ok
-                and not (fix[0] or fix[1])
-                and not (writes and live_out[k] & ~kill)
-            )
-            if carry and not blind and (fix[0] or not takes):
+            blind = carry and blind_ok and not (fix0 or fix1 or writes and lo & ~kill)
+            if carry and not blind and (fix0 or not takes):
                 buf += _RESTORE
                 carry = False
-            if fix[0]:
-                buf += fix[0]
+            if fix0:
+                buf += fix0
             in_r11 = carry and not blind
-            restore = restore and not gives
+            # After a TLB lookup the guest flags go back into the host's only where the
+            # instruction reads them or leaves some live ones as they were.
+            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
+            restore = bool(reads | (lo & ~kill)) and not gives
             at = len(buf)
             if cached:
                 key = (shape, it[1][imm_at:] if imm_mode == 1 else b"", restore, in_r11)
@@ -1946,8 +1938,8 @@ class Translator:
                     _U32.pack_into(buf, at + frag[2], it[5] & 0xFFFFFFFF)
                 if imm_mode == 2:
                     buf += it[1][imm_at:]
-                for fix1, fix2, addr, write in frag[1]:
-                    misses.append((at + fix1, at + fix2, addr, write, k))
+                for f1, f2, addr, write in frag[1]:
+                    misses.append((at + f1, at + f2, addr, write, k))
             else:
                 self.flags_in_r11 = in_r11
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
@@ -1968,8 +1960,8 @@ class Translator:
                 assert not self.flags_in_r11  # its lookup took them
             # (blind: the flags it writes are the live ones; none: R11 still has them)
             carry = not writes if blind else gives
-            if fix[1]:
-                buf += fix[1]
+            if fix1:
+                buf += fix1
             done = k + 1
             if ends:
                 break
@@ -1982,7 +1974,8 @@ class Translator:
             return None, 0
         last = insns[done - 1]
         if done < n:
-            if live_in[done] != ARITH:
+            bf = bfs[done]  # (the flags live before it)
+            if not bf[6] and (live_out[done] & ~bf[7]) | bf[1] != ARITH:
                 return None, done  # built with the wrong liveness
             fall = (last[0] + len(last[1])) & 0xFFFFFFFF
             n = done
