@@ -866,21 +866,21 @@ def build_facts(i: Insn) -> tuple:
     displacement), the displacement's size, where its immediate goes (0: none, 1: in
     the kept code's key, 2: copied after the kept code), is STI, may run on any host
     flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
-    flags, where its immediate is (Insn.imm_at), is a conditional branch (Jcc, LOOP*,
-    JECXZ: _translate_code's first branch))."""
+    flags, where its immediate is (Insn.imm_at), is a relative branch (Jcc, LOOP*,
+    JECXZ: _translate_code's first branch; JMP), is STI or a relative branch)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
     dsz = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
     reads = _reads(i, rf)
+    branches = bool(i.row.ends_block) and kind in ("branch", "loop")
     return (kind not in _ESP_AWARE and _uses_esp(i), reads, _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
             m is not None or not rf.plain or kind == "branch", rf.kill,
             host_differs(i) if rf.undefined else 0,
             i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
             (m is None and kind == "copy" or kind == "lea") and not reads,
-            bool(i.row.flags_written), i.imm_at,
-            bool(i.row.ends_block) and kind in ("branch", "loop"))  # fmt: skip
+            bool(i.row.flags_written), i.imm_at, branches, kind == "sti" or branches)  # fmt: skip
 
 
 def _imm_mode(i: Insn) -> int:
@@ -1897,7 +1897,7 @@ class Translator:
         match = MATCH_PYTHON_FLAGS
         for k, it in enumerate(insns):
             (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, differs, shape, dsz,
-             imm_mode, _, blind_ok, writes, imm_at, _) = bfs[k]  # fmt: skip
+             imm_mode, _, blind_ok, writes, imm_at, _, _) = bfs[k]  # fmt: skip
             lo = live_out[k]
             i = it[3]
             if differs and match and differs & lo:
@@ -2041,7 +2041,8 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     extent)."""
     insns: list[tuple] = []  # _Item tuples
     skimmed = 0  # instructions measured only
-    last_skim = -1  # offset of the last instruction when it was measured only
+    last_skim = -1  # offset of the last instruction measured only
+    skim_end = -1  # where it ends (== pos at the end: the scan ended on it)
     pos = 0
     end = len(code)
     sti = False
@@ -2060,6 +2061,7 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
             if first_branch and skim and bf is not None and not bf[4]:
                 last_skim = pos  # past the first branch, not the block's end: measure
                 pos += e[0]
+                skim_end = pos
                 skimmed += 1
                 continue
             size = e[0]
@@ -2086,14 +2088,14 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
             bf = i.bf
             it = (i.eip, i.raw, bf, i, None, 0 if i.mem is None else i.mem.disp)
             size = len(i.raw)
-        last_skim = -1
         insns.append(it)
         pos += size
         if bf[4]:  # it ends the block
             break
-        sti = sti or bf[12]
-        if not first_branch and bf[16]:
-            first_branch = len(insns)
+        if bf[17]:  # STI or a conditional branch
+            sti = sti or bf[12]
+            if not first_branch and bf[16]:
+                first_branch = len(insns)
     if looked < pos:
         looked = pos
     if looked > scanned[0]:
@@ -2103,7 +2105,8 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
     if skimmed:
-        if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
+        if skim_end == pos:  # the scan ended on a measured one (MAX_INSNS, page end, or
+            # one not taken after it)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
             loop = last is None or _target(last) == eip
         else:
