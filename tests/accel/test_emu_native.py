@@ -974,3 +974,27 @@ def test_a_block_made_again_from_the_same_bytes_is_reused() -> None:
         assert run() == 13 and tier.reused == 1  # mov in Python, the add translated
     finally:
         cpu.close()
+
+
+@pytest.mark.parametrize("lead", range(0, 12, 3))
+def test_a_block_past_the_first_read_is_translated_from_the_whole_page(lead, monkeypatch) -> None:
+    """translate_block reads FIRST_READ bytes first and the rest of the page only where
+    the scan came near their end: a block of 30 ten-byte MOVs (one straddling that end,
+    at each of a few offsets) translates to what a read of the whole page gives."""
+    page_left = 0x1000 - (CODE & 0xFFF)
+    mov = bytes.fromhex("c7 83 10 00 00 00 78 56 34 12")  # mov dword [ebx + 0x10], imm32
+    code = b"\x90" * lead + mov * 30 + b"\xf4"
+    page = code + bytes(page_left - len(code))
+    reads: list[int] = []
+
+    def read(n: int) -> bytes:
+        reads.append(n)
+        return page[:n]
+
+    native_translate.clear_caches()
+    got = native_translate.translate_block(read, CODE, page_left)
+    assert reads == [native_translate.FIRST_READ, page_left]
+    monkeypatch.setattr(native_translate, "FIRST_READ", page_left)
+    native_translate.clear_caches()
+    assert native_translate.translate_block(read, CODE, page_left) == got
+    assert got is not None and got[1] == lead + 30

@@ -441,12 +441,12 @@ class NativeTier:
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
-        data = bytes(cpu.ram[pa : pa + left])
+        ram = cpu.ram
         match = native_translate.MATCH_PYTHON_FLAGS
         made = self.made.get((pa, eip))
         if (
             made is not None
-            and data.startswith(made[0])
+            and ram[pa : pa + len(made[0])] == made[0]
             and (made[1] < 0 or made[1] == flat)
             and made[2] == host_tsc
             and made[3] == match
@@ -461,9 +461,10 @@ class NativeTier:
             if timed:
                 self.translate_s += (time.thread_time() - t0) * TIME_EVERY
             return self._place_done(addr, eip, pa), made[6]
-        extent: list[int] = []
+        extent: list = []
         shadows: set[int] = set()
-        out = translate_block(lambda n: data[:n], eip, left, flat, host_tsc, shadows, extent)
+        out = translate_block(lambda n: bytes(ram[pa : pa + n]), eip, left, flat, host_tsc,
+                              shadows, extent)  # fmt: skip
         if shadows:
             self.shadows.update(shadows)
         if timed:
@@ -480,8 +481,8 @@ class NativeTier:
             self.made.clear()
             self.arena_resets += 1
         addr = self.arena.place(code)
-        self.made[(pa, eip)] = (data[: extent[0]], flat if extent[1] else -1, host_tsc, match,
-                                addr, tuple(shadows), segs)  # fmt: skip
+        self.made[(pa, eip)] = (extent[0], flat if extent[1] else -1, host_tsc, match, addr,
+                                tuple(shadows), segs)  # fmt: skip
         self.blocks += 1
         return self._place_done(addr, eip, pa), segs
 

@@ -108,6 +108,7 @@ from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 ESP = 4
 EBP = 5
 MAX_INSNS = 48
+FIRST_READ = 256  # guest code bytes translate_block reads first (a block scan's ~24)
 # Make undefined flags agree with the Python tiers where they are live (see
 # host_differs); tests turn it off to compare the host's instructions row by row.
 MATCH_PYTHON_FLAGS = True
@@ -2013,20 +2014,28 @@ def clear_caches() -> None:
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
                     host_tsc: bool = True, shadows: set[int] | None = None,
-                    extent: list[int] | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
+                    extent: list | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions, the override
     segments its instructions name: bit i for segment i) or None.
     `shadows` gets the EIP of each instruction in a translated STI's shadow. `extent`
-    gets the number of guest bytes (from eip) the result depends on and whether it
-    depends on `flat` (an instruction with a segment override): with those bytes, those
+    gets the guest bytes (from eip) the result depends on and whether it depends on
+    `flat` (an instruction with a segment override): with those bytes, those
     arguments and MATCH_PYTHON_FLAGS the same, the result is the same (NativeTier keeps
     translations by it)."""
-    code = read(page_left)
+    # Most blocks look at a few dozen bytes: the rest of the page is read only for a scan
+    # that came near the end of the first part (whatever depends on where the bytes end
+    # lies within 15 bytes of that end).
+    n = page_left if page_left <= FIRST_READ else FIRST_READ
+    code = read(n)
     scanned = [0, False]
     out = _translate_code(code, eip, flat, host_tsc, shadows, True, scanned)
+    if n < page_left and scanned[0] + 15 > n:
+        code = read(page_left)
+        scanned = [0, False]
+        out = _translate_code(code, eip, flat, host_tsc, shadows, True, scanned)
     if extent is not None:
-        extent += (min(len(code), scanned[0]), scanned[1])
+        extent += (code[: scanned[0]], scanned[1])
     return out
 
 
