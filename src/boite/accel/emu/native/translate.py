@@ -828,9 +828,13 @@ def _item_target(it: tuple) -> int | None:
     bf = it[2]
     if not bf[16]:  # (a relative branch: a Jcc, JMP, LOOP* or JECXZ)
         return None
-    raw = it[1]
-    nxt = it[0] + len(raw)
-    return (nxt + int.from_bytes(raw[bf[15] :], "little", signed=True)) & 0xFFFFFFFF
+    return _rel_target(it[0], it[1], bf[15])
+
+
+def _rel_target(eip: int, raw: bytes, imm_at: int) -> int:
+    """Where the relative branch at eip (its bytes raw, its displacement from imm_at) goes."""
+    nxt = eip + len(raw)
+    return (nxt + int.from_bytes(raw[imm_at:], "little", signed=True)) & 0xFFFFFFFF
 
 
 def _ends(i: Insn) -> bool:
@@ -2057,6 +2061,7 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     sti = False
     first_branch = 0  # instructions up to the first conditional branch
     looked = 0  # (scanned)
+    end_loop = None  # the scan ended on a measured block end: it branches to eip
     shape1, shapes = _SHAPE1, _SHAPES
     for _ in range(MAX_INSNS):
         if pos >= end:
@@ -2067,13 +2072,21 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
             if e[1] >= 0:
                 scanned[1] = True  # a segment override: allowed by `flat`
             bf = e[16]
-            if first_branch and skim and bf is not None and not bf[4]:
-                last_skim = pos  # past the first branch, not the block's end: measure
-                pos += e[0]
-                skim_end = pos
-                skimmed += 1
-                continue
             size = e[0]
+            if first_branch and skim:  # past the first branch: measure
+                if bf is None:
+                    bf = e[17].get(code[pos + size - 1])
+                if bf is not None:
+                    if bf[4]:  # the block's end: a loop's body where it branches to eip
+                        end_loop = bool(bf[16]) and _rel_target(
+                            eip + pos, code[pos : pos + size], bf[15]) == eip  # fmt: skip
+                        pos += size
+                        break
+                    last_skim = pos
+                    pos += size
+                    skim_end = pos
+                    skimmed += 1
+                    continue
             raw = code[pos : pos + size]
             if bf is None:
                 bf = e[17].get(raw[-1])
@@ -2113,9 +2126,11 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
     # (it ends with a branch back to its start): elsewhere the code after the branch,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
-    if skimmed:
-        if skim_end == pos:  # the scan ended on a measured one (MAX_INSNS, page end, or
-            # one not taken after it)
+    if skimmed or end_loop is not None:
+        if end_loop is not None:
+            loop = end_loop
+        elif skim_end == pos:  # the scan ended on a measured one (MAX_INSNS, page end,
+            # or one not taken after it)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
             loop = last is None or _target(last) == eip
         else:
