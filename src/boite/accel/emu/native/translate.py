@@ -250,6 +250,7 @@ _U32 = struct.Struct("<I")
 _JLE = b"\x0f\x8e\0\0\0\0"
 _JNE = b"\x0f\x85\0\0\0\0"
 _JLE2, _JNE2 = _JLE[:2], _JNE[:2]  # their opcodes (the rel32 packed after)
+_JCC = [bytes((0x0F, 0x80 | cc)) for cc in range(16)]  # jcc rel32's opcode, by condition
 
 
 def _chain_structs(head: bytes) -> tuple:
@@ -1945,6 +1946,27 @@ class Translator:
                     buf += it[1][imm_at:]
                 for f1, f2, addr, write in frag[1]:
                     misses.append((at + f1, at + f2, addr, write, k))
+            elif it[3] is None and it[4][4].native == "branch" and not it[4][5]:
+                # Translator.branch, from the item (a quarter of a boot's instructions that
+                # are not kept code): a Jcc's taken side or a JMP chains; a backward Jcc
+                # ends the block, its fall side chaining too.
+                raw = it[1]
+                nxt = (it[0] + len(raw)) & 0xFFFFFFFF
+                name = self.n
+                chains.append(
+                    (name, (nxt + int.from_bytes(raw[imm_at:], "little", signed=True))
+                     & 0xFFFFFFFF, k + 1, False))  # fmt: skip
+                jmp = it[4][4].mnemonic == "JMP"
+                buf += b"\xe9" if jmp else _JCC[it[4][7] & 15]
+                fixups.append((len(buf), name))
+                buf += b"\0\0\0\0"
+                if ends and not jmp:
+                    name += 1
+                    chains.append((name, nxt, k + 1, False))
+                    buf += b"\xe9"
+                    fixups.append((len(buf), name))
+                    buf += b"\0\0\0\0"
+                self.n = name + 1
             else:
                 self.flags_in_r11 = in_r11
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
