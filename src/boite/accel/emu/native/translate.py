@@ -312,6 +312,37 @@ def _miss_exit(addr: int, write: int) -> tuple[struct.Struct, bytes, bytes, byte
     return st, head, _ST_NDONE, tail
 
 
+def _stack_addr_code(delta: int) -> bytes:
+    """Translator._stack_addr's code."""
+    code = _STACK_ADDR.get(delta)
+    if code is None:
+        code = _STACK_ADDR[delta] = _encoded(lambda a: (
+            a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
+            a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
+    return code
+
+
+_STORE_ESP_R9 = _encoded(lambda a: a.store32(R15, OFF_ESP, R9))
+_CALL_TAIL = struct.Struct(f"<3sI{len(_STORE_ESP_R9)}sB")  # mov [r10], nxt; ESP; jmp
+_CALL_RET: dict[tuple[bool, bool, bool], tuple[bytes, int, int]] = {}
+
+
+def _call_ret_head(call: bool, restore: bool, saved: bool) -> tuple[bytes, int, int]:
+    """Translator.call's (RET's) code to its store of the return EIP (after its load of
+    it into R8D) and the offsets of the lookup's rel32s to its miss: build's fast path."""
+    key = (call, restore, saved)
+    t = _CALL_RET.get(key)
+    if t is None:
+        a = Asm()
+        head = _stack_addr_code(-4 if call else 0)
+        code, f1, f2 = _lookup_template(R12, 4, call, restore, saved)
+        a.raw(head + code)
+        if not call:
+            a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        t = _CALL_RET[key] = (bytes(a.buf), len(head) + f1, len(head) + f2)
+    return t
+
+
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
                      saved: bool) -> tuple[bytes, int, int]:  # fmt: skip
     """The inline TLB lookup of Translator.lookup, with the offsets of its two rel32s
@@ -1176,12 +1207,7 @@ class Translator:
 
     def _stack_addr(self, delta: int) -> None:
         """R9 = ESP + delta, R12 = SS base + R9 (the linear address); flags untouched."""
-        code = _STACK_ADDR.get(delta)
-        if code is None:
-            code = _STACK_ADDR[delta] = _encoded(lambda a: (
-                a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
-                a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
-        self.a.buf += code
+        self.a.buf += _STACK_ADDR.get(delta) or _stack_addr_code(delta)
 
     def push_r(self, i: Insn, k: int, restore: bool) -> bool:
         if i.p66:
@@ -1967,6 +1993,32 @@ class Translator:
                     fixups.append((len(buf), name))
                     buf += b"\0\0\0\0"
                 self.n = name + 1
+            elif it[3] is None and it[4][4].native in ("call", "ret") and not it[4][5]:
+                # Translator.call and .ret, from the item: the push or pop through the TLB
+                # (the code before the stored or loaded dword kept by restore and flags in
+                # R11), ESP, a chain to the target (CALL) or to the popped EIP (RET).
+                raw = it[1]
+                name = self.n
+                self.n = name + 1
+                if it[4][7] == 0xE8:  # CALL rel32
+                    code, f1, f2 = _call_ret_head(True, restore, in_r11)
+                    buf += code
+                    misses.append((at + f1, at + f2, R12, 1, k))
+                    nxt = (it[0] + len(raw)) & 0xFFFFFFFF
+                    buf += _CALL_TAIL.pack(b"\x41\xc7\x02", nxt, _STORE_ESP_R9, 0xE9)
+                    chains.append(
+                        (name, (nxt + int.from_bytes(raw[imm_at:], "little", signed=True))
+                         & 0xFFFFFFFF, k + 1, False))  # fmt: skip
+                else:  # RET, RET imm16
+                    code, f1, f2 = _call_ret_head(False, restore, in_r11)
+                    buf += code
+                    misses.append((at + f1, at + f2, R12, 0, k))
+                    extra = int.from_bytes(raw[imm_at:], "little") if it[4][7] == 0xC2 else 0
+                    a.lea32(R9, R9, 4 + extra)
+                    buf += _STORE_ESP_R9 + b"\xe9"
+                    chains.append((name, None, k + 1, False))
+                fixups.append((len(buf), name))
+                buf += b"\0\0\0\0"
             else:
                 self.flags_in_r11 = in_r11
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
@@ -2033,7 +2085,7 @@ def clear_caches() -> None:
     """Forget every memoized parse, encoding and kept host code (bench/native_translate.py:
     a replay's pass then costs what a boot's first translations cost)."""
     _SHAPE1[:] = [None] * 256
-    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS):
+    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS, _CALL_RET):
         cache.clear()
     clear_encodings()
 
