@@ -300,16 +300,21 @@ _MISS: dict[int, tuple] = {}  # _miss_exit's, by address register * 4 + miss kin
 _STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
 
 
-def _miss_exit(addr: int, write: int) -> tuple[struct.Struct, bytes, bytes, bytes]:
-    """A TLB miss's exit (Translator._emit_misses) in one pack: (its Struct, the bytes
-    before EIP, those between EIP and the instructions done, those between those and the
-    rel32 of the jump to the epilogue)."""
-    head = _RESTORE + _encoded(lambda b: (b.store32(R15, OFF_MISS_ADDR, addr),
-                                          b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
-    head += _ST_EIP
-    tail = _ST_REASON + _U32.pack(EXIT_MISS) + b"\xe9"
-    st = struct.Struct(f"<{len(head)}sI{len(_ST_NDONE)}sI{len(tail)}si")
-    return st, head, _ST_NDONE, tail
+def _miss_exit(addr: int, write: int) -> tuple:
+    """A TLB miss's exit (Translator._emit_misses) in one pack, for a lookup of the
+    address in register addr and miss kind `write`: (its Struct's pack, the bytes before
+    EIP, those between EIP and the instructions done, those between those and the rel32
+    of the jump to the epilogue, its size). Translator.misses holds these."""
+    key = addr << 2 | write
+    t = _MISS.get(key)
+    if t is None:
+        head = _RESTORE + _encoded(lambda b: (b.store32(R15, OFF_MISS_ADDR, addr),
+                                              b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+        head += _ST_EIP
+        tail = _ST_REASON + _U32.pack(EXIT_MISS) + b"\xe9"
+        st = struct.Struct(f"<{len(head)}sI{len(_ST_NDONE)}sI{len(tail)}si")
+        t = _MISS[key] = (st.pack, head, _ST_NDONE, tail, st.size)
+    return t
 
 
 def _stack_addr_code(delta: int) -> bytes:
@@ -889,8 +894,8 @@ def _ends(i: Insn) -> bool:
 # Translator.build keeps what they emit and reuses it for the same bytes.
 _FRAGMENT_KINDS = frozenset(("copy", "lea", "push_r", "push_i", "pop_r", "push_m", "pop_m",
                              "leave", "moffs"))  # fmt: skip
-# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
-# register, miss kind) for each lookup), where the displacement goes (-1: none))
+# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, its
+# _miss_exit) for each lookup), where the displacement goes (-1: none))
 _FRAGMENTS: dict[tuple[bytes, bytes, bool, bool], tuple[bytes, tuple, int]] = {}
 
 
@@ -1074,9 +1079,9 @@ class Translator:
         # A read-modify-write misses as a read first (#PF error code W=0), as the
         # closures, which read before they write. (The miss stub's two rel32s are
         # written when it is made: no labels.)
-        self.misses.append(
-            (at + fix1, at + fix2, addr, (1 if write else 0) | (2 if write and reads else 0), k)
-        )
+        kind = (1 if write else 0) | (2 if write and reads else 0)
+        self.misses.append((at + fix1, at + fix2, _MISS.get(addr << 2 | kind)
+                            or _miss_exit(addr, kind), k))  # fmt: skip
 
     def _emit_misses(self) -> None:
         """The TLB misses' exits, after the epilogue (emitted): each one the guest flags
@@ -1086,16 +1091,11 @@ class Translator:
         insns = self.insns
         epilogue = self.a.labels["epilogue"]
         pack = _REL32.pack_into
-        for fix1, fix2, addr, write, k in self.misses:
+        for fix1, fix2, t, k in self.misses:
             at = len(buf)
             pack(buf, fix1, at - fix1 - 4)
             pack(buf, fix2, at - fix2 - 4)
-            t = _MISS.get(addr << 2 | write)
-            if t is None:
-                t = _MISS[addr << 2 | write] = _miss_exit(addr, write)
-            st, head, mid, tail = t
-            buf += st.pack(head, insns[k][0] & 0xFFFFFFFF, mid, k, tail,
-                           epilogue - at - st.size)  # fmt: skip
+            buf += t[0](t[1], insns[k][0] & 0xFFFFFFFF, t[2], k, t[3], epilogue - at - t[4])
 
     # -- instructions ----------------------------------------------------------------
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1885,10 +1885,10 @@ class Translator:
                 len(a.labels), self.n) != (mark[1], *mark[3:6], *mark[7:9]):  # fmt: skip
             return
         looks = []
-        for f1, f2, addr, write, kk in misses:
+        for f1, f2, t, kk in misses:
             if kk != k:
                 return
-            looks.append((f1 - at, f2 - at, addr, write))
+            looks.append((f1 - at, f2 - at, t))
         if len(_FRAGMENTS) > _CACHE_MAX:
             _FRAGMENTS.clear()
         _FRAGMENTS[key] = (bytes(a.buf[at : len(a.buf) - len(imm)]), tuple(looks), disp_at)
@@ -1970,8 +1970,8 @@ class Translator:
                     _U32.pack_into(buf, at + frag[2], it[5] & 0xFFFFFFFF)
                 if imm_mode == 2:
                     buf += it[1][imm_at:]
-                for f1, f2, addr, write in frag[1]:
-                    misses.append((at + f1, at + f2, addr, write, k))
+                for f1, f2, t in frag[1]:
+                    misses.append((at + f1, at + f2, t, k))
             elif it[3] is None and it[4][4].native == "branch" and not it[4][5]:
                 # Translator.branch, from the item (a quarter of a boot's instructions that
                 # are not kept code): a Jcc's taken side or a JMP chains; a backward Jcc
@@ -2003,7 +2003,8 @@ class Translator:
                 if it[4][7] == 0xE8:  # CALL rel32
                     code, f1, f2 = _call_ret_head(True, restore, in_r11)
                     buf += code
-                    misses.append((at + f1, at + f2, R12, 1, k))
+                    misses.append((at + f1, at + f2, _MISS.get(R12 << 2 | 1)
+                                   or _miss_exit(R12, 1), k))  # fmt: skip
                     nxt = (it[0] + len(raw)) & 0xFFFFFFFF
                     buf += _CALL_TAIL.pack(b"\x41\xc7\x02", nxt, _STORE_ESP_R9, 0xE9)
                     chains.append(
@@ -2012,7 +2013,8 @@ class Translator:
                 else:  # RET, RET imm16
                     code, f1, f2 = _call_ret_head(False, restore, in_r11)
                     buf += code
-                    misses.append((at + f1, at + f2, R12, 0, k))
+                    misses.append((at + f1, at + f2, _MISS.get(R12 << 2) or _miss_exit(R12, 0),
+                                   k))  # fmt: skip
                     extra = int.from_bytes(raw[imm_at:], "little") if it[4][7] == 0xC2 else 0
                     a.lea32(R9, R9, 4 + extra)
                     buf += _STORE_ESP_R9 + b"\xe9"
