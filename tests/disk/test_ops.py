@@ -107,6 +107,27 @@ def test_grow_keeps_data_cid_and_chain(tmp_path, disk_type):
         grow_disk(path, MiB)
 
 
+def test_a_grow_killed_before_its_descriptor_is_finished_by_the_next_writable_open(tmp_path):
+    """grow_sparse writes and syncs the tables and the header (its commit) before the
+    embedded descriptor: a kill between them leaves the header larger. A read-only open
+    refuses that (it cannot fix it); a writable one (boite start) finishes the grow."""
+    from boite.disk.sparse import grow_sparse
+
+    path = tmp_path / "k.vmdk"
+    create_disk(path, 3 * MiB, "thin")
+    model = fill(path, 3 * MiB, 5)
+    grow_sparse(path, (7 * MiB) // 512, None)  # as killed before the descriptor's write
+    with pytest.raises(DiskFormatError, match="check --repair"):
+        open_disk(path, read_only=True)
+    with open_disk(path) as d:
+        assert d.size == 7 * MiB
+        assert d.read(0, 3 * MiB) == model and d.read(3 * MiB, 4 * MiB) == bytes(4 * MiB)
+    with open_disk(path, read_only=True) as d:
+        assert d.size == 7 * MiB
+    assert check_disk(path).ok
+    qemu_check(path)
+
+
 def test_compact_drops_zero_grains_keeps_content_and_children(tmp_path):
     path = tmp_path / "c.vmdk"
     child = tmp_path / "c-000001.vmdk"

@@ -869,6 +869,22 @@ def _fix_capacity(
     return True
 
 
+def finish_grow(ext: SparseExtent, want: int) -> bool:
+    """A writable extent whose header says more sectors than its embedded descriptor
+    (`want`): what a killed grow_sparse leaves (tables and header are written and synced
+    before the descriptor: the header is the grow's commit). Rewrites the descriptor to
+    the header's capacity when the grain directories support it; False otherwise (then it
+    is damage, for 'check --repair')."""
+    h = ext.header
+    fd = ext.fd
+    if h.capacity <= want or not h.desc_offset:
+        return False
+    if not _plausible_capacity(fd, h, h.capacity, os.fstat(fd).st_size):
+        return False
+    out = ExtentProblems()
+    return _fix_capacity(fd, h, ext.path, want, out, repair=True) and not out.errors
+
+
 def check_sparse(path, repair: bool = False, expected_sectors: int | None = None) -> ExtentProblems:
     """Consistency of one sparse extent, without trusting its tables; fix what is safe to fix.
 

@@ -19,7 +19,7 @@ from boite.disk.descriptor import (
 )
 from boite.disk.hostfile import fsync_dir, open_image_file
 from boite.disk.raw import FlatExtent, HostFile, ZeroExtent
-from boite.disk.sparse import MAGIC, SparseExtent, check_sparse
+from boite.disk.sparse import MAGIC, SparseExtent, check_sparse, finish_grow
 from boite.errors import DiskError, DiskFormatError
 
 MAX_CHAIN = 64  # deeper chains are hostile or broken; VMware stops far earlier
@@ -133,6 +133,14 @@ class VmdkDisk(BlockImage):
             self.extents.append(ext)
             self.starts.append(0)
             self.size = ext.size
+            if (
+                d.capacity_sectors < ext.header.capacity
+                and not ro
+                and len(d.extents) == 1
+                and finish_grow(ext, d.capacity_sectors)
+            ):
+                # a 'disk grow' killed after its header was written: finished here
+                d.extents[0].sectors = ext.header.capacity
             if d.capacity_sectors != ext.header.capacity:
                 # which one is right is for 'check --repair' to work out (the larger one
                 # that the grain directories support), not for a guest to find out
