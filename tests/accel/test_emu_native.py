@@ -1104,3 +1104,63 @@ def test_kept_host_code_takes_the_new_immediate(first: str, second: str) -> None
     native_translate.clear_caches()
     host(bytes.fromhex(first))  # fills the caches with the first immediate's code
     assert host(bytes.fromhex(second)) == fresh
+
+
+def test_a_block_made_again_from_the_same_bytes_is_reused() -> None:
+    """A write to a code page drops its blocks; the next translation at the same place
+    from the same guest bytes (those the translator looked at) and segments takes the
+    host code already in the arena (NativeTier.made); changed bytes, or an override
+    through a segment that is no longer flat, are translated again."""
+    cpu = _cpu()
+    try:
+        tier = cpu.native
+        cpu.set_seg_raw(4, 0x10, 0x2000, 0xFFFFFFFF, 0xC093)  # FS: flat, based
+        code = bytes.fromhex("64 8b 03 83 c0 05") + b"\xf4"  # mov eax, fs:[ebx]; add; hlt
+        cpu.ram[CODE : CODE + len(code)] = code
+        cpu.ram[DATA + 0x2000 : DATA + 0x2004] = (7).to_bytes(4, "little")
+
+        def run() -> int:
+            cpu.eip, cpu.r[3] = CODE, DATA
+            f = tier.translate(CODE, CODE)
+            assert f is not None
+            while f() == 0:
+                pass
+            return cpu.r[0]
+
+        assert run() == 12 and tier.blocks == 1 and tier.reused == 0
+        first = tier.made[(CODE, CODE)][4]
+        cpu.ram[CODE + 0x800] = 0x90  # elsewhere in the page: not part of the block
+        assert run() == 12 and tier.blocks == 1 and tier.reused == 1
+        assert tier.made[(CODE, CODE)][4] == first
+        cpu.ram[CODE + 5] = 0x06  # add eax, 6
+        assert run() == 13 and tier.blocks == 2 and tier.reused == 1
+        cpu.set_seg_raw(4, 0x10, 0x2000, 0xFFFF, 0xC093)  # FS: a limit, checked accesses
+        # The override is left to Python now: not the block made before.
+        assert tier._translate(CODE, CODE) is None and tier.reused == 1
+        assert run() == 13 and tier.reused == 1  # mov in Python, the add translated
+    finally:
+        cpu.close()
+
+
+@pytest.mark.parametrize("lead", range(0, 12, 3))
+def test_a_block_past_the_first_read_is_translated_from_the_whole_page(lead, monkeypatch) -> None:
+    """translate_block reads FIRST_READ bytes first and the rest of the page only where
+    the scan came near their end: a block of 30 ten-byte MOVs (one straddling that end,
+    at each of a few offsets) translates to what a read of the whole page gives."""
+    page_left = 0x1000 - (CODE & 0xFFF)
+    mov = bytes.fromhex("c7 83 10 00 00 00 78 56 34 12")  # mov dword [ebx + 0x10], imm32
+    code = b"\x90" * lead + mov * 30 + b"\xf4"
+    page = code + bytes(page_left - len(code))
+    reads: list[int] = []
+
+    def read(n: int) -> bytes:
+        reads.append(n)
+        return page[:n]
+
+    native_translate.clear_caches()
+    got = native_translate.translate_block(read, CODE, page_left)
+    assert reads == [native_translate.FIRST_READ, page_left]
+    monkeypatch.setattr(native_translate, "FIRST_READ", page_left)
+    native_translate.clear_caches()
+    assert native_translate.translate_block(read, CODE, page_left) == got
+    assert got is not None and got[1] == lead + 30

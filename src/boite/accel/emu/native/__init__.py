@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.decode import string as string_ops
+from boite.accel.emu.native import translate as native_translate
 from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_MISS,
@@ -165,6 +166,12 @@ class NativeTier:
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena(ARENA_BYTES)
         self.arena_resets = 0  # times the arena filled up
+        # The last translation in the arena by (pa, EIP): what it was made from (the
+        # guest bytes translate_block's extent names, flat (-1: any), host_tsc,
+        # MATCH_PYTHON_FLAGS), its host address, the EIPs of its STI shadows, the
+        # override segments it inlines.
+        self.made: dict[tuple[int, int], tuple] = {}
+        self.reused = 0  # translations taken from `made`
         code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
@@ -488,9 +495,32 @@ class NativeTier:
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
-        out = translate_block(
-            lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc, self.shadows
-        )
+        ram = cpu.ram
+        match = native_translate.MATCH_PYTHON_FLAGS
+        made = self.made.get((pa, eip))
+        if (
+            made is not None
+            and ram[pa : pa + len(made[0])] == made[0]
+            and (made[1] < 0 or made[1] == flat)
+            and made[2] == host_tsc
+            and made[3] == match
+        ):
+            # Made before from the same bytes and still in the arena: a guest that writes
+            # to a code page loses all its blocks (the kit boot ran ~13% of its blocks
+            # again that way, unchanged), and a change of segments more.
+            addr, shadows = made[4], made[5]
+            if shadows:
+                self.shadows.update(shadows)
+            self.reused += 1
+            if timed:
+                self.translate_s += (time.thread_time() - t0) * TIME_EVERY
+            return self._place_done(addr, eip, pa), made[6]
+        extent: list = []
+        shadows: set[int] = set()
+        out = translate_block(lambda n: bytes(ram[pa : pa + n]), eip, left, flat, host_tsc,
+                              shadows, extent)  # fmt: skip
+        if shadows:
+            self.shadows.update(shadows)
         if timed:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
@@ -502,12 +532,19 @@ class NativeTier:
                 return None  # it would never fit: the Python tiers keep it
             cpu.flush_blocks()  # every translation goes; the arena starts over
             self.arena.reset(self.arena_keep)
+            self.made.clear()
             self.arena_resets += 1
         addr = self.arena.place(code)
-        lin = (cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
-        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
+        self.made[(pa, eip)] = (extent[0], flat if extent[1] else -1, host_tsc, match, addr,
+                                tuple(shadows), segs)  # fmt: skip
         self.blocks += 1
-        return self._make_runner(addr, eip, pa), segs
+        return self._place_done(addr, eip, pa), segs
+
+    def _place_done(self, addr: int, eip: int, pa: int) -> Callable[[], int]:
+        """The runner of the block at addr, which is now in use."""
+        lin = (self.cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
+        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
+        return self._make_runner(addr, eip, pa)
 
     def _write_sbase(self) -> None:
         """The segment bases changed since the last entry (rare in flat code)."""
