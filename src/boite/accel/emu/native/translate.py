@@ -1753,8 +1753,9 @@ class Translator:
 
     def fence(self, i: Insn, k: int, restore: bool) -> bool:
         """LFENCE, MFENCE, SFENCE (the register forms; CLFLUSH and the rest: Python): the
-        Python tiers order everything already, so do translated blocks."""
-        return i.mem is None and not i.p66
+        Python tiers order everything already, so do translated blocks. With 66, F2 or F3
+        (NP in the SDM: #UD, or another instruction) Python runs it."""
+        return i.mem is None and not i.p66 and not i.rep
 
     def push_cs(self, i: Insn, k: int, restore: bool) -> bool:
         """PUSH CS (32-bit): ESP -= 4 with the dword checked, only the low word written
