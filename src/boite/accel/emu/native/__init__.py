@@ -74,7 +74,8 @@ BUDGET = 1 << 21
 # translating every block once (bench/RESULTS.md, 2026-12-07 tfirst). Before, 4 measured
 # best of 2/4/8/16.
 NATIVE_HOT = 0
-TIME_EVERY = 8  # translations per one timed (translate_s)
+TIME_EVERY = 128  # translations per one timed (translate_s): a thread-clock read is a
+# system call, ~20 us of CPU each in a boot on this project's hosts (8 cost the kit ~0.08 s)
 # The code arena: ~120 bytes of host code a translated guest instruction, and a full
 # arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
 # translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
@@ -486,8 +487,8 @@ class NativeTier:
 
     def _translate(self, pa: int, eip: int) -> tuple[Callable[[], int], int] | None:
         cpu = self.cpu
-        # Thread CPU time is a system call (several us on some hosts, a tenth of a small
-        # block's translation): every TIME_EVERY-th translation is timed, for all of them.
+        # Thread CPU time is a system call (1-20 us, more than a small block's translation):
+        # every TIME_EVERY-th translation is timed, for all of them.
         self.translations += 1
         timed = not self.translations % TIME_EVERY
         t0 = time.thread_time() if timed else 0.0
