@@ -50,10 +50,10 @@ def record(kernel: Path, initrd: Path, bzimage: bool) -> tuple[list, float, floa
     first_init = native.NativeTier.__init__
 
     def recording(read, eip: int, page_left: int, flat: int = 0x3F, host_tsc: bool = True,
-                  shadows: set[int] | None = None):  # fmt: skip
+                  shadows: set[int] | None = None, extent: list[int] | None = None):  # fmt: skip
         data = read(page_left)
         blocks.append((data, eip, page_left, flat, host_tsc))
-        return real(lambda n: data[:n], eip, page_left, flat, host_tsc, shadows)
+        return real(lambda n: data[:n], eip, page_left, flat, host_tsc, shadows, extent)
 
     def init(self, cpu) -> None:
         first_init(self, cpu)

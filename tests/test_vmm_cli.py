@@ -192,6 +192,15 @@ def test_check_says_a_box_without_kernel_or_boot_medium_cannot_boot(tmp_path):
     assert proc.returncode == 1 and b"nothing the BIOS can boot" in proc.stdout
 
 
+def _state(ctl) -> str | None:
+    from boite.vmm import control_request
+
+    try:
+        return control_request(ctl, {"cmd": "status"})["status"]["state"]
+    except Exception:  # noqa: BLE001 - not up yet
+        return None
+
+
 def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
     """`boite start` in the foreground (console on stdio); `boite stop BOX soft` from
     another process presses Ctrl-Alt-Del; the guest powers off by itself, status 0."""
@@ -202,6 +211,9 @@ def test_foreground_start_and_a_soft_stop_the_guest_honours(tmp_path):
     )  # fmt: skip
     try:
         assert _wait_for(lambda: (box.dir / "cadbox.ctl").exists())
+        # The control socket is up before the guest runs, and a soft stop before then is
+        # a hard one (no guest to ask): a loaded host got there first.
+        assert _wait_for(lambda: _state(box.dir / "cadbox.ctl") == "running")
         stop = boite("stop", box.dir, "soft", "--timeout", "60")
         assert stop.returncode == 0, stop.stderr
         out, err = vmm.communicate(timeout=60)

@@ -187,6 +187,17 @@ def _pte(ram: bytes, page: int) -> int:
     return int.from_bytes(ram[_PT_AT + 4 * page : _PT_AT + 4 * page + 4], "little")
 
 
+@pytest.mark.parametrize("prefix", ["f2", "f3", "66"])
+def test_a_fence_with_a_prefix_is_not_a_fence(prefix: str) -> None:
+    """Seed 711014: F2 0F AE ED ran as LFENCE in native code; the Python tiers raise #UD
+    (LFENCE/MFENCE/SFENCE are NP: no 66/F2/F3). The handler skips the 4 bytes."""
+    handler = bytes.fromhex("8344240004cf")  # add dword [esp], 4; iret
+    p = native_fuzz.guest32(bytes.fromhex(prefix + "0faeed40ebf9"), handler)  # ...; inc eax; jmp
+    for tier, (cpu, _) in _tiers(p, 200).items():
+        assert cpu.faults > 10, tier
+        assert cpu.faults in (cpu.r[0], cpu.r[0] + 1), tier
+
+
 def test_cmpxchg_that_faults_on_its_write_keeps_the_flags() -> None:
     """Seed 49842: CMPXCHG [ebx], ecx on a read-only page set the flags of its compare
     on the Python tiers before the write faulted, so the #PF handler saw (and pushed)

@@ -113,6 +113,9 @@ _p32 = struct.Struct("<I").pack_into
 HOT_BLOCK = 100 if sys.implementation.name != "pypy" else 1 << 62
 # Write-TLB additions after which Cpu.wrev is rebuilt from the tables (drops stale pages).
 WREV_PRUNE = 1 << 18
+# TLB flushes whose EIP map entries are kept for Cpu._unstash (Linux toggles CR4.PGE
+# twice for one global flush; older stashes are mostly put back or stale).
+STASH_GENS = 4
 
 
 class _TssLayout(NamedTuple):
@@ -254,6 +257,19 @@ class Cpu:
         # Physical page -> the (EIP map, EIP) entries made for blocks on it since the
         # maps were last emptied: a store into a code page drops only those.
         self.fast_phys: dict[int, list[tuple[dict[int, Callable[[], int]], int]]] = {}
+        # What TLB flushes took out of the EIP maps, newest last (at most STASH_GENS): per
+        # flush, the maps' entries by key and that fast_phys. run()'s miss path puts back
+        # a page's entries once its linear page maps to the same physical page again (the
+        # kit boot's CR4.PGE toggles emptied the maps 27 times: ~8k blocks looked up and
+        # entered again; the Debian 686 boot ~78k).
+        self.code_stash: list[tuple[dict[tuple[int, int], dict[int, Callable[[], int]]],
+                                    dict[int, list[tuple[dict[int, Callable[[], int]], int]]]]] = []  # fmt: skip
+        # The physical pages code_stash may hold entries of (a superset: the miss path
+        # looks here first).
+        self.stash_pages: set[int] = set()
+        # (key, linear page, physical page) that _unstash put back since the last flush:
+        # what stays stashed for that page is of other keys or linear pages.
+        self.unstashed: set[tuple[int, int, int, int]] = set()
         # Linear pages whose TLB entries are not global (PTE.G with CR4.PGE): all a
         # MOV to CR3 drops (Cpu.tlb_flush_nonglobal); walk_global is the last walk's G.
         self.nonglobal: set[int] = set()
@@ -394,10 +410,7 @@ class Cpu:
     def tlb_flush(self, page: int | None = None) -> None:
         code = page is None or page in self.code_lin
         if code:  # a block's code may map elsewhere now
-            for fast in self._fast.values():
-                fast.clear()
-            self.fast_phys.clear()
-            self.code_lin.clear()
+            self._stash_maps()
         if page is None:
             self.nonglobal.clear()
         if self.native is not None:
@@ -410,6 +423,72 @@ class Cpu:
                     t.pop(page, None)
         if page is None:
             self.wrev.clear()  # every write TLB is empty
+
+    def _stash_maps(self) -> None:
+        """A TLB flush took code pages' entries: the EIP maps empty (a block's page may
+        map elsewhere now), their entries kept aside in code_stash for _unstash."""
+        if self.fast_phys:
+            saved = {key: fm.copy() for key, fm in self._fast.items() if fm}
+            stash = self.code_stash
+            for _, phys in stash:  # a page's older entries are mostly these again
+                for p in self.fast_phys:
+                    phys.pop(p, None)
+            stash.append((saved, self.fast_phys.copy()))
+            if len(stash) > STASH_GENS:
+                del stash[0]
+            self.stash_pages.update(self.fast_phys)
+            self.unstashed.clear()
+            self.fast_phys.clear()
+        for fm in self._fast.values():
+            fm.clear()
+        self.code_lin.clear()
+
+    def _unstash(self, lpage: int, ppage: int) -> None:
+        """run()'s miss path found linear page lpage mapped to physical page ppage for
+        an instruction fetch (at this privilege, through this TLB): the stashed entries of
+        the current EIP map for blocks on lpage that were on ppage are valid again (their
+        code is: invalidate_code drops a page's stash). The rest stay stashed."""
+        done = (self.mode_key, self.cs_key, lpage, ppage)
+        if done in self.unstashed:
+            return
+        fm = self.fast_cur
+        key = (self.mode_key, self.cs_key)
+        base = self.cs_key & M32
+        live = None
+        if self.native is not None:
+            self.native.rechain(lpage, ppage)
+        held = False
+        for saved, phys in self.code_stash:
+            lst = phys.get(ppage)
+            if lst is None:
+                continue
+            old = saved.get(key)
+            if old is None:
+                held = True
+                continue
+            rest = []
+            for e in lst:
+                m, eip = e
+                if m is fm and (base + eip) >> 12 & 0xFFFFF == lpage:
+                    f = old.get(eip)
+                    if f is not None and eip not in fm:
+                        fm[eip] = f
+                        if live is None:
+                            live = self.fast_phys.get(ppage)
+                            if live is None:
+                                live = self.fast_phys[ppage] = []
+                        live.append(e)
+                else:
+                    rest.append(e)
+            if rest:
+                phys[ppage] = rest
+                held = True
+            else:
+                del phys[ppage]
+        if held:
+            self.unstashed.add(done)
+        else:
+            self.stash_pages.discard(ppage)
 
     def _rebuild_wrev(self) -> None:
         """wrev from the write TLBs as they are (entries flushed since are dropped)."""
@@ -434,10 +513,7 @@ class Cpu:
         reload; the pages translated INVLPGs flushed: NativeTier.invlpg_ring)."""
         code = not self.code_lin.isdisjoint(pages)
         if code:
-            for fast in self._fast.values():
-                fast.clear()
-            self.fast_phys.clear()
-            self.code_lin.clear()
+            self._stash_maps()
         for tables in (*self._tlbs.values(), self._xtlbs.values()):
             for t in tables:
                 for p in pages:
@@ -823,6 +899,9 @@ class Cpu:
                 # block lies within one page (the decoder ends blocks there).
                 for fast, eip in c.fast_phys.pop(ppage, ()):
                     fast.pop(eip, None)
+                for _, phys in c.code_stash:
+                    phys.pop(ppage, None)
+                c.stash_pages.discard(ppage)
                 if c.native is not None:
                     c.native.unchain_page(ppage)
                 blocks = c.blocks
@@ -834,6 +913,8 @@ class Cpu:
             for fast in c._fast.values():
                 fast.clear()
             c.fast_phys.clear()
+            c.code_stash.clear()
+            c.stash_pages.clear()
             if c.native is not None:
                 c.native.unchain()
             c.blocks.clear()
@@ -1877,6 +1958,7 @@ class Cpu:
         sbase = self.sbase
         code_lin = self.code_lin
         fast_phys = self.fast_phys
+        stash_pages = self.stash_pages
         try:
             while done + faults < max_insns:
                 # Bounds a native entry (native/), faults included: with only `done`
@@ -1921,6 +2003,8 @@ class Cpu:
                             code_lin.add(((lin >> 12) + 1) & 0xFFFFF)
                         p = self.xtlb.get(lin >> 12)
                         pa = (p | (lin & 0xFFF)) if p is not None else self.fill_fetch(lin)
+                        if pa >> 12 in stash_pages:  # a TLB flush took this page's entries
+                            self._unstash(lin >> 12, pa >> 12)
                         b = blocks.get(pa)
                         if (
                             b is None

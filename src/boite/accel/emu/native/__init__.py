@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from boite.accel.emu.arch import ARITH, CS, DF, IF, OP_NONE, SEGCHK, STACK16
 from boite.accel.emu.decode import string as string_ops
+from boite.accel.emu.native import translate as native_translate
 from boite.accel.emu.native.state import (
     EXIT_END,
     EXIT_MISS,
@@ -57,6 +58,9 @@ from boite.accel.emu.native.state import (
 )
 from boite.accel.emu.native.translate import host_lahf, runtime_stubs, translate_block
 
+# TLB flushes whose chain slots are kept for rechain (Cpu.code_stash's generations).
+STASH_GENS = 4
+
 if TYPE_CHECKING:
     from boite.accel.emu.cpu import Cpu
 
@@ -70,7 +74,8 @@ BUDGET = 1 << 21
 # translating every block once (bench/RESULTS.md, 2026-12-07 tfirst). Before, 4 measured
 # best of 2/4/8/16.
 NATIVE_HOT = 0
-TIME_EVERY = 8  # translations per one timed (translate_s)
+TIME_EVERY = 128  # translations per one timed (translate_s): a thread-clock read is a
+# system call, ~20 us of CPU each in a boot on this project's hosts (8 cost the kit ~0.08 s)
 # The code arena: ~120 bytes of host code a translated guest instruction, and a full
 # arena drops every translation (Python's too: flush_blocks). The Debian 686 boot
 # translates ~16 MiB (8 MiB filled up midway); untouched pages cost nothing.
@@ -162,6 +167,12 @@ class NativeTier:
         self.ram_addr = buffer_address(cpu.ram)
         self.arena = CodeArena(ARENA_BYTES)
         self.arena_resets = 0  # times the arena filled up
+        # The last translation in the arena by (pa, EIP): what it was made from (the
+        # guest bytes translate_block's extent names, flat (-1: any), host_tsc,
+        # MATCH_PYTHON_FLAGS), its host address, the EIPs of its STI shadows, the
+        # override segments it inlines.
+        self.made: dict[tuple[int, int], tuple] = {}
+        self.reused = 0  # translations taken from `made`
         code, at = runtime_stubs(self.st_addr)
         base = self.arena.place(code)
         self.arena_keep = self.arena.used
@@ -180,8 +191,11 @@ class NativeTier:
         self.ctab: ChainTable = self._select((-1, -1))
         self.epoch = 0  # unchain() calls: a translation made before may be stale
         # Physical page -> the chain slots filled for its blocks since the tables were
-        # last emptied, as (table, slot, host code): unchain_page drops those.
-        self.chain_pages: dict[int, set[tuple[ChainTable, int, int]]] = {}
+        # last emptied, as (table, slot, host code, EIP): unchain_page drops those.
+        self.chain_pages: dict[int, set[tuple[ChainTable, int, int, int]]] = {}
+        # What TLB flushes took out of the tables (chain_pages then), newest last, for
+        # rechain (as Cpu.code_stash for the EIP maps).
+        self.chain_stash: list[dict[int, set[tuple[ChainTable, int, int, int]]]] = []
         self.blocks = 0  # translated so far
         self.insns = 0
         self.translate_s = 0.0  # host CPU seconds translating, estimated (see _translate)
@@ -200,6 +214,7 @@ class NativeTier:
             {} if os.environ.get("BOITE_NATIVE_PROFILE") == "1" else None
         )
         self.profile_raw: dict[tuple[int, int], str] = {}
+        self._make_runner = self._runner_maker()
         self.cs_changed()  # then called by Cpu when CS, CR0.PE or the GDT change
 
     @property
@@ -216,7 +231,7 @@ class NativeTier:
         if page is None:
             self.cs_stale_now()  # maybe other page tables: the next CS load says
         if code:
-            self.unchain()
+            self.unchain(keep=True)
 
     def sync_tsc(self) -> None:
         """Cpu.tsc_offset changed (WRMSR): translated RDTSC adds the new one."""
@@ -232,7 +247,7 @@ class NativeTier:
                 write[p] = 0
                 filled.discard(p)
         if code:
-            self.unchain()
+            self.unchain(keep=True)
 
     def cs_stale_now(self) -> None:
         """The page tables may differ (a CR3 write, a full TLB flush): translated IRET
@@ -316,19 +331,66 @@ class NativeTier:
         for t in self.tlbs:
             t.drop_write(ppage)
 
-    def unchain(self) -> None:
-        """A block or a TLB entry went away: no chain may lead to a stale block."""
+    def unchain(self, keep: bool = False) -> None:
+        """A block or a TLB entry went away: no chain may lead to a stale block. `keep`
+        (a TLB flush: the blocks stay, their pages may map elsewhere): the filled slots
+        are kept aside for rechain."""
         self.epoch += 1
         for ct in self.chains.values():
             ct.clear()
+        stash = self.chain_stash
+        if not keep:
+            stash.clear()
+        elif self.chain_pages:
+            for gen in stash:  # a page's older slots are mostly these again
+                for p in self.chain_pages:
+                    gen.pop(p, None)
+            stash.append(self.chain_pages.copy())
+            if len(stash) > STASH_GENS:
+                del stash[0]
         self.chain_pages.clear()
+
+    def rechain(self, lpage: int, ppage: int) -> None:
+        """Cpu._unstash put back the EIP map entries of the blocks on linear page lpage
+        (physical page ppage again): their chain slots in the current table too."""
+        cpu = self.cpu
+        ct = self.chains.get((cpu.mode_key, cpu.cs_key))
+        if ct is None:
+            return
+        base = cpu.cs_key & 0xFFFFFFFF
+        slots, used = ct.slots, ct.used
+        live = None
+        for gen in self.chain_stash:
+            entries = gen.get(ppage)
+            if entries is None:
+                continue
+            rest = set()
+            for e in entries:
+                t, s, host, eip = e
+                if t is ct and (base + eip) >> 12 & 0xFFFFF == lpage:
+                    slots[2 * s] = eip
+                    slots[2 * s + 1] = host
+                    used.add(s)
+                    if live is None:
+                        live = self.chain_pages.get(ppage)
+                        if live is None:
+                            live = self.chain_pages[ppage] = set()
+                    live.add(e)
+                else:
+                    rest.add(e)
+            if rest:
+                gen[ppage] = rest
+            else:
+                del gen[ppage]
 
     def unchain_page(self, ppage: int) -> None:
         """The blocks of physical page ppage went away (a store into it): the chain slots
         filled for them lead out again. (Every block lies within one page.)"""
         self.epoch += 1
         out = self.out_addr
-        for ct, s, host in self.chain_pages.pop(ppage, ()):
+        for gen in self.chain_stash:
+            gen.pop(ppage, None)
+        for ct, s, host, _ in self.chain_pages.pop(ppage, ()):
             slots = ct.slots
             if slots[2 * s + 1] == host:
                 slots[2 * s] = 0xFFFFFFFF
@@ -425,8 +487,8 @@ class NativeTier:
 
     def _translate(self, pa: int, eip: int) -> tuple[Callable[[], int], int] | None:
         cpu = self.cpu
-        # Thread CPU time is a system call (several us on some hosts, a tenth of a small
-        # block's translation): every TIME_EVERY-th translation is timed, for all of them.
+        # Thread CPU time is a system call (1-20 us, more than a small block's translation):
+        # every TIME_EVERY-th translation is timed, for all of them.
         self.translations += 1
         timed = not self.translations % TIME_EVERY
         t0 = time.thread_time() if timed else 0.0
@@ -434,9 +496,32 @@ class NativeTier:
         # Overrides may name the segments that need no checks (never CS: not writable).
         flat = ~cpu.seg_nonflat & 0x3F & ~(1 << CS)
         host_tsc = "rdtsc" not in vars(cpu)  # replaced (the fuzz): RDTSC is Python's
-        out = translate_block(
-            lambda n: bytes(cpu.ram[pa : pa + n]), eip, left, flat, host_tsc, self.shadows
-        )
+        ram = cpu.ram
+        match = native_translate.MATCH_PYTHON_FLAGS
+        made = self.made.get((pa, eip))
+        if (
+            made is not None
+            and ram[pa : pa + len(made[0])] == made[0]
+            and (made[1] < 0 or made[1] == flat)
+            and made[2] == host_tsc
+            and made[3] == match
+        ):
+            # Made before from the same bytes and still in the arena: a guest that writes
+            # to a code page loses all its blocks (the kit boot ran ~13% of its blocks
+            # again that way, unchanged), and a change of segments more.
+            addr, shadows = made[4], made[5]
+            if shadows:
+                self.shadows.update(shadows)
+            self.reused += 1
+            if timed:
+                self.translate_s += (time.thread_time() - t0) * TIME_EVERY
+            return self._place_done(addr, eip, pa), made[6]
+        extent: list = []
+        shadows: set[int] = set()
+        out = translate_block(lambda n: bytes(ram[pa : pa + n]), eip, left, flat, host_tsc,
+                              shadows, extent)  # fmt: skip
+        if shadows:
+            self.shadows.update(shadows)
         if timed:
             self.translate_s += (time.thread_time() - t0) * TIME_EVERY
         if out is None:
@@ -448,12 +533,19 @@ class NativeTier:
                 return None  # it would never fit: the Python tiers keep it
             cpu.flush_blocks()  # every translation goes; the arena starts over
             self.arena.reset(self.arena_keep)
+            self.made.clear()
             self.arena_resets += 1
         addr = self.arena.place(code)
-        lin = (cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
-        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
+        self.made[(pa, eip)] = (extent[0], flat if extent[1] else -1, host_tsc, match, addr,
+                                tuple(shadows), segs)  # fmt: skip
         self.blocks += 1
-        return self._runner(addr, eip, pa), segs
+        return self._place_done(addr, eip, pa), segs
+
+    def _place_done(self, addr: int, eip: int, pa: int) -> Callable[[], int]:
+        """The runner of the block at addr, which is now in use."""
+        lin = (self.cpu.sbase[CS] + eip) >> 12 & 0xFFFFF
+        self.codemap[lin >> 3] |= 1 << (lin & 7)  # a translated INVLPG of it leaves
+        return self._make_runner(addr, eip, pa)
 
     def _write_sbase(self) -> None:
         """The segment bases changed since the last entry (rare in flat code)."""
@@ -461,16 +553,16 @@ class NativeTier:
         _SBASE.pack_into(self.stbuf, OFF_SBASE, *sbase)
         self.sbase[:] = sbase
 
-    def _runner(self, addr: int, eip: int, pa: int) -> Callable[[], int]:
+    def _runner_maker(self) -> Callable[[int, int, int], Callable[[], int]]:
+        """The function that makes each block's runner (called once per tier): what
+        every runner reads is bound here once, so making one (once a translated block,
+        ~30k in the kit boot) builds only its own cells."""
         tier = self
         cpu = self.cpu
         stbuf = self.stbuf
         enter = self.enter
         state_in = _STATE_IN.pack_into
         regs_out, exit_out = _REGS_OUT.unpack_from, _EXIT_OUT.unpack_from
-        cslot = chain_slot(eip)
-        slot = 2 * cslot + 1
-        ppage = pa >> 12
         chain_pages = self.chain_pages
         exits = self.exits
         shadows = self.shadows
@@ -479,80 +571,87 @@ class NativeTier:
         # One entry is Python work around one ctypes call: the state goes in with one
         # struct call and comes out with two (_STATE_IN, _REGS_OUT, _EXIT_OUT).
 
-        def run_native() -> int:
-            if tier.bound is not cpu.rtlb:
-                tier._bind()
-            ct = tier.ctab
-            if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
-                ct = tier._select((cpu.mode_key, cpu.cs_key))
-            slots = ct.slots
-            if slots[slot] != addr:  # this block is valid here: let chains find it
-                slots[slot - 1] = eip  # (ChainTable.add, its slot known)
-                slots[slot] = addr
-                ct.used.add(cslot)
-                at = chain_pages.get(ppage)
-                if at is None:
-                    chain_pages[ppage] = {(ct, cslot, addr)}
+        def make(addr: int, eip: int, pa: int) -> Callable[[], int]:
+            cslot = chain_slot(eip)
+            slot = 2 * cslot + 1
+            ppage = pa >> 12
+
+            def run_native() -> int:
+                if tier.bound is not cpu.rtlb:
+                    tier._bind()
+                ct = tier.ctab
+                if cpu.fast_cur is not tier.cfast:  # another (mode_key, cs_key)
+                    ct = tier._select((cpu.mode_key, cpu.cs_key))
+                slots = ct.slots
+                if slots[slot] != addr:  # this block is valid here: let chains find it
+                    slots[slot - 1] = eip  # (ChainTable.add, its slot known)
+                    slots[slot] = addr
+                    ct.used.add(cslot)
+                    at = chain_pages.get(ppage)
+                    if at is None:
+                        chain_pages[ppage] = {(ct, cslot, addr, eip)}
+                    else:
+                        at.add((ct, cslot, addr, eip))
+                if cpu.sbase != sbase:
+                    tier._write_sbase()
+                fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
+                left = cpu.run_left
+                budget = BUDGET if BUDGET < left else left  # BUDGET read now: tests set it
+                # Leave at the first chain only when an interrupt can be taken (IF does not
+                # change inside translated code) or DMA is to be drained; device threads
+                # set it meanwhile (Cpu.kick).
+                if cpu.intr:
+                    irq = 1
+                    intr = 1 if fl & IF or cpu.dma_writes or cpu.stop else 0
                 else:
-                    at.add((ct, cslot, addr))
-            if cpu.sbase != sbase:
-                tier._write_sbase()
-            fl = cpu.fl if cpu.lop == OP_NONE else cpu.get_flags()
-            left = cpu.run_left
-            budget = BUDGET if BUDGET < left else left  # BUDGET read now: tests set it
-            # Leave at the first chain only when an interrupt can be taken (IF does not
-            # change inside translated code) or DMA is to be drained; device threads
-            # set it meanwhile (Cpu.kick).
-            if cpu.intr:
-                irq = 1
-                intr = 1 if fl & IF or cpu.dma_writes or cpu.stop else 0
-            else:
-                irq = 0
-                intr = 1 if cpu.dma_writes or cpu.stop else 0
-            # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
-            ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
-            r0, r1, r2, r3, r4, r5, r6, r7 = regs
-            state_in(stbuf, 0, r0, r1, r2, r3, r4, r5, r6, r7, fl, budget, fl & ~ARITH, intr,
-                     irq, ifok, -1 if fl & DF else 1, addr)  # fmt: skip
-            enter()
-            regs[:] = regs_out(stbuf)
-            eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = exit_out(stbuf, OFF_EIP)
-            if inv_n:  # translated INVLPGs: the Python TLBs follow before anything reads them
-                tier.invlpg_ring(inv_n)
-            cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
-            cpu.lop = OP_NONE
-            cpu.eip = eip_out
-            n = budget - budget_left + ndone
-            tier.insns += n
-            exits[reason] += 1
-            if tier.profile is not None:
-                tier._note_exit(reason)
-            if reason == EXIT_END:  # the most frequent
+                    irq = 0
+                    intr = 1 if cpu.dma_writes or cpu.stop else 0
+                # sysfl: IF etc. for translated PUSHF/POPF/CLI/STI; ifok: they may change IF.
+                ifok = 1 if not cpu.cr0 & 1 or cpu.cpl <= (fl >> 12) & 3 else 0
+                r0, r1, r2, r3, r4, r5, r6, r7 = regs
+                state_in(stbuf, 0, r0, r1, r2, r3, r4, r5, r6, r7, fl, budget, fl & ~ARITH, intr,
+                         irq, ifok, -1 if fl & DF else 1, addr)  # fmt: skip
+                enter()
+                regs[:] = regs_out(stbuf)
+                eip_out, efl, reason, ndone, budget_left, sysfl, inv_n = exit_out(stbuf, OFF_EIP)
+                if inv_n:  # translated INVLPGs: the Python TLBs follow before anything reads them
+                    tier.invlpg_ring(inv_n)
+                cpu.fl = (sysfl & ~ARITH) | (efl & ARITH) | 2
+                cpu.lop = OP_NONE
+                cpu.eip = eip_out
+                n = budget - budget_left + ndone
+                tier.insns += n
+                exits[reason] += 1
+                if tier.profile is not None:
+                    tier._note_exit(reason)
+                if reason == EXIT_END:  # the most frequent
+                    if n == 0:
+                        return tier._one()
+                    if eip_out in shadows:
+                        cpu.inhibit_irq = True
+                    return n
+                shadow = eip_out in shadows and n > 0
+                if reason == EXIT_MISS:
+                    if n >= budget:
+                        if tier.st.rep_eip == eip_out:  # inside a REP compare's slice
+                            return n + tier._rest_of_slice(n)
+                        # run(n)'s count is reached: stop before the instruction (its miss,
+                        # maybe its fault, comes with the next run, as on the Python tiers).
+                        cpu.inhibit_irq = cpu.inhibit_irq or shadow
+                        return n
+                    m = tier._miss(n)
+                    if m == 0 and shadow:
+                        cpu.inhibit_irq = True  # the shadow instruction runs next, alone
+                    return n + m
                 if n == 0:
                     return tier._one()
-                if eip_out in shadows:
+                if shadow:
                     cpu.inhibit_irq = True
                 return n
-            shadow = eip_out in shadows and n > 0
-            if reason == EXIT_MISS:
-                if n >= budget:
-                    if tier.st.rep_eip == eip_out:  # inside a REP compare's slice
-                        return n + tier._rest_of_slice(n)
-                    # run(n)'s count is reached: stop before the instruction (its miss,
-                    # maybe its fault, comes with the next run, as on the Python tiers).
-                    cpu.inhibit_irq = cpu.inhibit_irq or shadow
-                    return n
-                m = tier._miss(n)
-                if m == 0 and shadow:
-                    cpu.inhibit_irq = True  # the shadow instruction runs next, alone
-                return n + m
-            if n == 0:
-                return tier._one()
-            if shadow:
-                cpu.inhibit_irq = True
-            return n
 
-        return run_native
+            return run_native
+
+        return make
 
     def _note_exit(self, reason: int) -> None:
         cpu = self.cpu

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import struct
 import weakref
 
 TLB_ENTRIES = 1 << 20  # one per 4 KiB page of the 32-bit linear space
@@ -142,18 +141,27 @@ EXIT_MISS = 1  # a TLB miss (or a page-crossing access) at EIP, before that inst
 EXIT_FALLBACK = 2  # the instruction at EIP is not translated: the Python tiers run it
 
 # The chain table: guest EIP -> host code of its block, for one (mode, CS) key. A
-# direct-mapped hash table of CHAIN_SLOTS (tag, host address) pairs; an empty slot has
-# tag 0xFFFFFFFF and the `out` stub as its code, so a hit on it (EIP 0xFFFFFFFF) leaves.
-CHAIN_BITS = 16  # 1 MiB a table: a boot's few thousand hot blocks rarely collide
+# direct-mapped hash table of CHAIN_SLOTS (tag, host address) pairs; an emptied slot has
+# tag 0xFFFFFFFF and the `out` stub as its code, so a hit on it (EIP 0xFFFFFFFF) leaves
+# (a never used one is zero: see ChainTable). A hot block evicted by another leaves to
+# Python at each chain to it: with 2^16 slots, the kit boot's hot blocks did so 14k
+# times of 76k entries (bench/RESULTS.md, 2026-12-07 entry).
+CHAIN_BITS = 18  # 4 MiB a table, of which only the pages of used slots cost memory
 CHAIN_SLOTS = 1 << CHAIN_BITS
-# The slot: the top CHAIN_BITS of EIP * CHAIN_MUL (mod 2^32), Fibonacci hashing. (EIP ^
-# EIP >> 12 put kernel blocks 128 KiB apart with alike low bits into one slot, and such
-# hot pairs kept evicting each other: 134k extra exits in the Debian 686 boot.)
+# The slot: x = EIP * CHAIN_MUL, x ^= x >> 16, then the top CHAIN_BITS of x * CHAIN_MUL
+# (mod 2^32). (EIP ^ EIP >> 12 put kernel blocks 128 KiB apart with alike low bits into
+# one slot: 134k extra exits in the Debian 686 boot. The top bits of EIP * CHAIN_MUL
+# alone, Fibonacci hashing, put every block of one function into the slot of a block of
+# another function wherever the distance d between them has d * CHAIN_MUL near 0 mod
+# 2^32: two functions 0xC575 bytes apart that call each other in the kit boot collided
+# at each of their block pairs, 14k exits of 76k. The second round mixes such pairs.)
 CHAIN_MUL = 0x9E3779B1
 
 
 def chain_slot(eip: int) -> int:
-    return ((eip * CHAIN_MUL) & 0xFFFFFFFF) >> (32 - CHAIN_BITS)
+    x = (eip * CHAIN_MUL) & 0xFFFFFFFF
+    x ^= x >> 16
+    return ((x * CHAIN_MUL) & 0xFFFFFFFF) >> (32 - CHAIN_BITS)
 
 
 def buffer_address(buf) -> int:
@@ -262,8 +270,13 @@ class ChainTable:
     are (a block or a TLB entry went away), so a hit needs no further check."""
 
     def __init__(self, out: int) -> None:
-        empty = struct.pack("<QQ", 0xFFFFFFFF, out) * CHAIN_SLOTS
-        self.slots = (ctypes.c_uint64 * (2 * CHAIN_SLOTS)).from_buffer_copy(empty)
+        # Anonymous memory: untouched slots cost nothing and read (tag 0, code 0). Tag 0
+        # matches only EIP 0, whose slot is made empty here, so no chain reaches code 0.
+        self.mm = mmap.mmap(-1, 16 * CHAIN_SLOTS)
+        self.slots = (ctypes.c_uint64 * (2 * CHAIN_SLOTS)).from_buffer(self.mm)
+        s = chain_slot(0)
+        self.slots[2 * s] = 0xFFFFFFFF
+        self.slots[2 * s + 1] = out
         self.addr = ctypes.addressof(self.slots)
         self.used: set[int] = set()
         self.out = out

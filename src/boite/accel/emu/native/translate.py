@@ -108,6 +108,7 @@ from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 ESP = 4
 EBP = 5
 MAX_INSNS = 48
+FIRST_READ = 256  # guest code bytes translate_block reads first (a block scan's ~24)
 # Make undefined flags agree with the Python tiers where they are live (see
 # host_differs); tests turn it off to compare the host's instructions row by row.
 MATCH_PYTHON_FLAGS = True
@@ -171,7 +172,13 @@ def runtime_stubs(st_addr: int) -> tuple[bytes, dict[str, int]]:
     a.jcc(0xE, "out")  # JLE: the budget is spent
     a.cmp_mem_imm32(R15, OFF_INTR, 0)
     a.jcc(5, "out")  # JNE: leave for an interrupt
-    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL: chain_slot
+    # chain_slot (R8 is free here: the chains' `mov r9d, r8d` copied it)
+    a._rr(b"\x69", R10, R9)  # imul r10d, r9d, CHAIN_MUL
+    a.buf += _s32(CHAIN_MUL)
+    a.mov_rr32(R8, R10)
+    a.shr32(R8, 16)
+    a.xor_rr32(R10, R8)
+    a._rr(b"\x69", R10, R10)  # imul r10d, r10d, CHAIN_MUL
     a.buf += _s32(CHAIN_MUL)
     a.shr32(R10, 32 - CHAIN_BITS)
     a.shl32(R10, 4)
@@ -249,6 +256,7 @@ _U32 = struct.Struct("<I")
 _JLE = b"\x0f\x8e\0\0\0\0"
 _JNE = b"\x0f\x85\0\0\0\0"
 _JLE2, _JNE2 = _JLE[:2], _JNE[:2]  # their opcodes (the rel32 packed after)
+_JCC = [bytes((0x0F, 0x80 | cc)) for cc in range(16)]  # jcc rel32's opcode, by condition
 
 
 def _chain_structs(head: bytes) -> tuple:
@@ -294,8 +302,56 @@ _ADD_SBASE = {
     for seg in range(6)
 }
 _LOOKUP: dict[tuple[int, int, bool, bool, bool], tuple[bytes, int, int]] = {}
-_MISS: dict[int, bytes] = {}  # by address register * 4 + miss kind
+_MISS: dict[int, tuple] = {}  # _miss_exit's, by address register * 4 + miss kind
 _STACK_ADDR: dict[int, bytes] = {}  # Translator._stack_addr's code by delta
+
+
+def _miss_exit(addr: int, write: int) -> tuple:
+    """A TLB miss's exit (Translator._emit_misses) in one pack, for a lookup of the
+    address in register addr and miss kind `write`: (its Struct's pack, the bytes before
+    EIP, those between EIP and the instructions done, those between those and the rel32
+    of the jump to the epilogue, its size). Translator.misses holds these."""
+    key = addr << 2 | write
+    t = _MISS.get(key)
+    if t is None:
+        head = _RESTORE + _encoded(lambda b: (b.store32(R15, OFF_MISS_ADDR, addr),
+                                              b.store_imm32(R15, OFF_MISS_WRITE, write)))  # fmt: skip
+        head += _ST_EIP
+        tail = _ST_REASON + _U32.pack(EXIT_MISS) + b"\xe9"
+        st = struct.Struct(f"<{len(head)}sI{len(_ST_NDONE)}sI{len(tail)}si")
+        t = _MISS[key] = (st.pack, head, _ST_NDONE, tail, st.size)
+    return t
+
+
+def _stack_addr_code(delta: int) -> bytes:
+    """Translator._stack_addr's code."""
+    code = _STACK_ADDR.get(delta)
+    if code is None:
+        code = _STACK_ADDR[delta] = _encoded(lambda a: (
+            a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
+            a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
+    return code
+
+
+_STORE_ESP_R9 = _encoded(lambda a: a.store32(R15, OFF_ESP, R9))
+_CALL_TAIL = struct.Struct(f"<3sI{len(_STORE_ESP_R9)}sB")  # mov [r10], nxt; ESP; jmp
+_CALL_RET: dict[tuple[bool, bool, bool], tuple[bytes, int, int]] = {}
+
+
+def _call_ret_head(call: bool, restore: bool, saved: bool) -> tuple[bytes, int, int]:
+    """Translator.call's (RET's) code to its store of the return EIP (after its load of
+    it into R8D) and the offsets of the lookup's rel32s to its miss: build's fast path."""
+    key = (call, restore, saved)
+    t = _CALL_RET.get(key)
+    if t is None:
+        a = Asm()
+        head = _stack_addr_code(-4 if call else 0)
+        code, f1, f2 = _lookup_template(R12, 4, call, restore, saved)
+        a.raw(head + code)
+        if not call:
+            a.raw(b"\x45\x8b\x02")  # mov r8d, [r10]
+        t = _CALL_RET[key] = (bytes(a.buf), len(head) + f1, len(head) + f2)
+    return t
 
 
 def _lookup_template(addr: int, size: int, write: bool, restore: bool,
@@ -401,7 +457,8 @@ _PREFIXES = frozenset((0x66, 0xF0, 0xF2, 0xF3, *_SEG_PREFIX))
 # An entry: (length, the flat it needs (-1: any), where the displacement is, its size,
 # then Insn's fields from row to rf with the ModRM operand as (mod, rm, base, index,
 # scale, seg) (without a displacement: the MemOperand, shared), then the build facts
-# (None: they depend on the immediate)).
+# (None: they depend on the immediate), then (where they do) the build facts by the
+# instruction's last byte (the immediate's top byte, all they depend on)).
 _SHAPE1: list[tuple | None] = [None] * 256
 _SHAPES: dict[bytes, tuple] = {}
 
@@ -429,12 +486,22 @@ def parse(raw: bytes, eip: int, flat: int = 0x3F) -> Insn | None:
             mem = m  # no displacement: all instructions of the shape share it
         e = (len(i.raw), -1 if i.override is None else flat, decide, dsz, i.row, i.p66,
              i.opmap, i.code, i.modrm, mem, i.imm_at, i.size, i.lock, i.rep, i.override, i.rf,
-             None if _imm_facts(i) else i.bf)  # fmt: skip
+             None if _imm_facts(i) else i.bf, {i.raw[-1]: i.bf} if _imm_facts(i) else None)  # fmt: skip
         if decide == 1:
             _SHAPE1[raw[0]] = e
         else:
             _SHAPES[raw[:decide]] = e
     return i
+
+
+def _has_override(code: bytes, pos: int) -> bool:
+    """The instruction at code[pos] has a segment override prefix."""
+    for b in code[pos : pos + 15]:
+        if b not in _PREFIXES:
+            return False
+        if b in _SEG_PREFIX:
+            return True
+    return False
 
 
 def _imm_facts(i: Insn) -> bool:
@@ -450,10 +517,29 @@ def _insn(e: tuple, raw: bytes, eip: int) -> Insn:
     if dsz:
         disp = int.from_bytes(raw[e[2] : e[2] + dsz], "little", signed=True)
         m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
+    bf = e[16] if e[17] is None else e[17].get(raw[-1])
     i = Insn(eip, raw, e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13], e[14],
-             e[15], e[16])  # fmt: skip
-    if e[16] is None:
-        i.bf = build_facts(i)
+             e[15], bf)  # fmt: skip
+    if bf is None:
+        i.bf = e[17][raw[-1]] = build_facts(i)
+    return i
+
+
+# What _translate_code hands Translator.build for each instruction: (EIP, its bytes,
+# build_facts, the Insn or None, parse's cache entry (None: the Insn is there), the
+# displacement). Most instructions' host code is kept code (Translator.build's
+# fragments), which needs no more than that: the Insn is made only where a translator
+# or a flag fix-up asks for it (_full), about one instruction in four.
+def _full(it: tuple) -> Insn:
+    """The Insn of _translate_code's item."""
+    i = it[3]
+    if i is None:
+        e = it[4]
+        m = e[9]
+        if e[3]:
+            m = MemOperand(m[0], m[1], m[2], m[3], m[4], it[5], m[5])
+        i = Insn(it[0], it[1], e[4], e[5], e[6], e[7], e[8], m, e[10], e[11], e[12], e[13],
+                 e[14], e[15], it[2])  # fmt: skip
     return i
 
 
@@ -780,6 +866,20 @@ def _target(i: Insn) -> int | None:
     return (nxt + int.from_bytes(i.raw[i.imm_at :], "little", signed=True)) & 0xFFFFFFFF
 
 
+def _item_target(it: tuple) -> int | None:
+    """_target of _translate_code's item."""
+    bf = it[2]
+    if not bf[16]:  # (a relative branch: a Jcc, JMP, LOOP* or JECXZ)
+        return None
+    return _rel_target(it[0], it[1], bf[15])
+
+
+def _rel_target(eip: int, raw: bytes, imm_at: int) -> int:
+    """Where the relative branch at eip (its bytes raw, its displacement from imm_at) goes."""
+    nxt = eip + len(raw)
+    return (nxt + int.from_bytes(raw[imm_at:], "little", signed=True)) & 0xFFFFFFFF
+
+
 def _ends(i: Insn) -> bool:
     """The block ends after i. A forward conditional branch (Jcc, LOOP*, JECXZ) does not
     end it: its taken side chains and the block goes on with the next instruction, so a
@@ -800,8 +900,8 @@ def _ends(i: Insn) -> bool:
 # Translator.build keeps what they emit and reuses it for the same bytes.
 _FRAGMENT_KINDS = frozenset(("copy", "lea", "push_r", "push_i", "pop_r", "push_m", "pop_m",
                              "leave", "moffs"))  # fmt: skip
-# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, address
-# register, miss kind) for each lookup), where the displacement goes (-1: none))
+# (shape, immediate, restore, flags in R11) -> (host bytes, ((rel32 at, rel32 at, its
+# _miss_exit) for each lookup), where the displacement goes (-1: none))
 _FRAGMENTS: dict[tuple[bytes, bytes, bool, bool], tuple[bytes, tuple, int]] = {}
 
 
@@ -809,22 +909,26 @@ def build_facts(i: Insn) -> tuple:
     """What Translator.build asks of each instruction, from its bytes alone: (refused for
     naming ESP, the flags it reads, may leave the flags in R11, takes them from R11, ends
     the block, its host code may be kept, may leave before it (all flags live there),
-    the flags it surely writes, its undefined flags, its shape (the bytes before the
+    the flags it surely writes, host_differs (undefined flags where the host's
+    instruction and the Python tiers' may disagree), its shape (the bytes before the
     displacement), the displacement's size, where its immediate goes (0: none, 1: in
     the kept code's key, 2: copied after the kept code), is STI, may run on any host
     flags (Translator.build's `blind`, but for the flag fix-ups and liveness), writes
-    flags)."""
+    flags, where its immediate is (Insn.imm_at), is a relative branch (Jcc, LOOP*,
+    JECXZ: _translate_code's first branch; JMP), is STI or a relative branch)."""
     rf = i.rf or facts(i.row)
     kind = i.row.native
     m = i.mem
     dsz = 0 if m is None else (4 if (m.mod == 0 and m.base is None) or m.mod == 2 else m.mod)
     reads = _reads(i, rf)
+    branches = bool(i.row.ends_block) and kind in ("branch", "loop")
     return (kind not in _ESP_AWARE and _uses_esp(i), reads, _gives_flags(i, rf),
             _takes_flags(i, rf), _ends(i), kind in _FRAGMENT_KINDS,
-            m is not None or not rf.plain or kind == "branch", rf.kill, rf.undefined,
+            m is not None or not rf.plain or kind == "branch", rf.kill,
+            host_differs(i) if rf.undefined else 0,
             i.raw[: i.imm_at - dsz], dsz, _imm_mode(i), kind == "sti",
             (m is None and kind == "copy" or kind == "lea") and not reads,
-            bool(i.row.flags_written))  # fmt: skip
+            bool(i.row.flags_written), i.imm_at, branches, kind == "sti" or branches)  # fmt: skip
 
 
 def _imm_mode(i: Insn) -> int:
@@ -845,6 +949,9 @@ def _writes_mem(i: Insn) -> bool:
 
 class Translator:
     """Builds the host code of one block."""
+
+    __slots__ = ("a", "start", "host_tsc", "flags_in_r11", "n", "stubs", "reg_stubs", "disps",
+                 "imm_end", "insns", "misses", "chains", "flag_exits")  # fmt: skip
 
     def __init__(self, start: int, host_tsc: bool = True) -> None:
         self.a = Asm()
@@ -883,18 +990,12 @@ class Translator:
 
     def _emit_chains(self) -> None:
         a = self.a
-        if not self.chains:
-            return
         buf, labels = a.buf, a.labels
         start = self.start
-        chains = self.chains
-        # Where `leave` will be (the sizes are known): the rel32s to it are packed in.
-        leave = len(buf)
-        for _, target, _, in_r11 in chains:
-            ind, top, direct = _CHAINS[in_r11][1][:3]
-            leave += (ind.size if target is None else
-                      top.size + 5 if target == start else direct.size)  # fmt: skip
-        for name, target, ndone, in_r11 in chains:
+        # `leave` first: the chains' rel32s to it are known when they are packed.
+        leave = labels["leave"] = len(buf)
+        buf += _JMP_OUT
+        for name, target, ndone, in_r11 in self.chains:
             at = len(buf)
             labels[name] = at
             # [pushfq; pop r11]; sub [r15 + budget], ndone
@@ -915,9 +1016,6 @@ class Translator:
             buf += direct.pack(head, ndone & 0xFFFFFFFF, _MOV_R9, target, _JLE2, rel - fix1,
                                _CMP_INTR, _JNE2, rel - fix2, _CHAIN_CMP, slot, _JNE2,
                                rel - fix3, _CHAIN_JMP, slot + 8)  # fmt: skip
-        assert len(buf) == leave
-        labels["leave"] = len(buf)
-        buf += _JMP_OUT
 
     def _emit_stubs(self) -> None:
         a = self.a
@@ -987,31 +1085,23 @@ class Translator:
         # A read-modify-write misses as a read first (#PF error code W=0), as the
         # closures, which read before they write. (The miss stub's two rel32s are
         # written when it is made: no labels.)
-        self.misses.append(
-            (at + fix1, at + fix2, addr, (1 if write else 0) | (2 if write and reads else 0), k)
-        )
+        kind = (1 if write else 0) | (2 if write and reads else 0)
+        self.misses.append((at + fix1, at + fix2, _MISS.get(addr << 2 | kind)
+                            or _miss_exit(addr, kind), k))  # fmt: skip
 
     def _emit_misses(self) -> None:
-        a = self.a
-        buf, fixups = a.buf, a.fixups
-        insns, stubs = self.insns, self.stubs
-        n = self.n
+        """The TLB misses' exits, after the epilogue (emitted): each one the guest flags
+        back into the host's, the miss's address and kind, EIP and the instructions done,
+        EXIT_MISS, a jump back to the epilogue (one pack)."""
+        buf = self.a.buf
+        insns = self.insns
+        epilogue = self.a.labels["epilogue"]
         pack = _REL32.pack_into
-        for fix1, fix2, addr, write, k in self.misses:
+        for fix1, fix2, t, k in self.misses:
             at = len(buf)
             pack(buf, fix1, at - fix1 - 4)
             pack(buf, fix2, at - fix2 - 4)
-            key = addr << 2 | write
-            code = _MISS.get(key)
-            if code is None:  # (ends with a jmp: to its exit stub)
-                code = _MISS[key] = _RESTORE + _encoded(lambda b, addr=addr, write=write: (
-                    b.store32(R15, OFF_MISS_ADDR, addr),
-                    b.store_imm32(R15, OFF_MISS_WRITE, write))) + _JMP  # fmt: skip
-            buf += code
-            fixups.append((len(buf) - 4, n))
-            stubs.append((n, insns[k].eip, k, EXIT_MISS, None))  # exit_to, inline
-            n += 1
-        self.n = n
+            buf += t[0](t[1], insns[k][0] & 0xFFFFFFFF, t[2], k, t[3], epilogue - at - t[4])
 
     # -- instructions ----------------------------------------------------------------
     def copy(self, i: Insn, k: int, restore: bool) -> bool:
@@ -1123,12 +1213,7 @@ class Translator:
 
     def _stack_addr(self, delta: int) -> None:
         """R9 = ESP + delta, R12 = SS base + R9 (the linear address); flags untouched."""
-        code = _STACK_ADDR.get(delta)
-        if code is None:
-            code = _STACK_ADDR[delta] = _encoded(lambda a: (
-                a.load32(R9, R15, OFF_ESP), delta and a.lea32(R9, R9, delta),
-                a.load32(R10, R15, OFF_SBASE + 4 * SS), a.lea32(R12, R9, 0, index=R10)))  # fmt: skip
-        self.a.buf += code
+        self.a.buf += _STACK_ADDR.get(delta) or _stack_addr_code(delta)
 
     def push_r(self, i: Insn, k: int, restore: bool) -> bool:
         if i.p66:
@@ -1416,7 +1501,7 @@ class Translator:
             else:  # LOOPNE: ZF set stops; LOOPE: ZF clear
                 a.raw(b"\x67\xe3\x07" + (b"\x74\x05" if i.code == 0xE0 else b"\x75\x05"))
             a.jmp(taken)
-        if _ends(i):
+        if i.bf[4]:  # (_ends)
             a.jmp(self.chain(nxt, k + 1))
         return True
 
@@ -1668,8 +1753,9 @@ class Translator:
 
     def fence(self, i: Insn, k: int, restore: bool) -> bool:
         """LFENCE, MFENCE, SFENCE (the register forms; CLFLUSH and the rest: Python): the
-        Python tiers order everything already, so do translated blocks."""
-        return i.mem is None and not i.p66
+        Python tiers order everything already, so do translated blocks. With 66, F2 or F3
+        (NP in the SDM: #UD, or another instruction) Python runs it."""
+        return i.mem is None and not i.p66 and not i.rep
 
     def push_cs(self, i: Insn, k: int, restore: bool) -> bool:
         """PUSH CS (32-bit): ESP -= 4 with the dword checked, only the low word written
@@ -1783,7 +1869,7 @@ class Translator:
             self.a.jmp(taken)
         else:
             self.a.jcc(i.code & 15, taken)
-            if _ends(i):  # backward: the block ends, the fall side chains
+            if i.bf[4]:  # backward (_ends): the block ends, the fall side chains
                 self.a.jmp(self.chain(nxt, k + 1))
         return True
 
@@ -1806,21 +1892,22 @@ class Translator:
                 len(a.labels), self.n) != (mark[1], *mark[3:6], *mark[7:9]):  # fmt: skip
             return
         looks = []
-        for f1, f2, addr, write, kk in misses:
+        for f1, f2, t, kk in misses:
             if kk != k:
                 return
-            looks.append((f1 - at, f2 - at, addr, write))
+            looks.append((f1 - at, f2 - at, t))
         if len(_FRAGMENTS) > _CACHE_MAX:
             _FRAGMENTS.clear()
         _FRAGMENTS[key] = (bytes(a.buf[at : len(a.buf) - len(imm)]), tuple(looks), disp_at)
 
     # -- the block -------------------------------------------------------------------
-    def build(self, insns: list[Insn], fall: int) -> tuple[bytes | None, int]:
-        """Host code for insns (all parsed; `fall` is the EIP after the last one) and how
-        many of them it translates: fewer where one cannot be. The block then ends before
-        that one, chaining to it; where the flag liveness it was built with differs from
-        that ending (something after it killed flags the exit shows), it returns
-        (None, the count) and the caller builds that prefix again."""
+    def build(self, insns: list[tuple], fall: int) -> tuple[bytes | None, int]:
+        """Host code for insns (_translate_code's items, all parsed; `fall` is the EIP
+        after the last one) and how many of them it translates: fewer where one cannot
+        be. The block then ends before that one, chaining to it; where the flag liveness
+        it was built with differs from that ending (something after it killed flags the
+        exit shows), it returns (None, the count) and the caller builds that prefix
+        again."""
         self.insns = insns
         self.misses: list = []
         self.chains: list = []
@@ -1830,20 +1917,15 @@ class Translator:
         live = ARITH
         n = len(insns)
         live_out = [0] * n
-        live_in = [0] * n
-        bfs = [i.bf or build_facts(i) for i in insns]
+        bfs = [it[2] for it in insns]
         for k in range(n - 1, -1, -1):
             live_out[k] = live
             bf = bfs[k]
-            if bf[6]:
-                live = ARITH  # its TLB miss (or a branch) leaves: all flags show
-            else:
-                live = (live & ~bf[7]) | bf[1]
-            live_in[k] = live
+            live = ARITH if bf[6] else (live & ~bf[7]) | bf[1]  # bf[6]: its TLB miss (or a
+            # branch) may leave before it: all flags show there
         a = self.a
         buf, fixups, labels = a.buf, a.fixups, a.labels
         misses, chains, stubs, flag_exits = self.misses, self.chains, self.stubs, self.flag_exits
-        labels["start"] = 0
         done = 0
         # carry: the guest flags wait in R11 and the host's may be anything: at the start
         # (every block is entered so), after a lookup that did not put them back because
@@ -1851,60 +1933,112 @@ class Translator:
         # neither read nor keep a live flag.
         carry = True
         self.flags_in_r11 = False
-        for k, i in enumerate(insns):
-            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, undefined, shape, dsz,
-             imm_mode, _, blind_ok, writes) = bfs[k]  # fmt: skip
-            differ = host_differs(i) & live_out[k] if undefined and MATCH_PYTHON_FLAGS else 0
-            fix = _flag_fix(i, differ) if differ else _NO_FIX
-            if fix is None:
-                break  # the Python tiers run it, with their values of those flags
+        match = MATCH_PYTHON_FLAGS
+        for k, it in enumerate(insns):
+            (esp_refused, reads, gives_ok, takes, ends, cached, _, kill, differs, shape, dsz,
+             imm_mode, _, blind_ok, writes, imm_at, _, _) = bfs[k]  # fmt: skip
+            lo = live_out[k]
+            i = it[3]
+            if differs and match and differs & lo:
+                i = i or _full(it)
+                fix = _flag_fix(i, differs & lo)
+                if fix is None:
+                    break  # the Python tiers run it, with their values of those flags
+                fix0, fix1 = fix
+            else:
+                fix0 = fix1 = b""
             if esp_refused:
                 break
             mark_carry = carry
             before = len(buf)
-            # After a TLB lookup the guest flags go back into the host's only where the
-            # instruction reads them or leaves some live ones as they were.
-            restore = bool(reads | (live_out[k] & ~kill))
-            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
             # An instruction without a memory operand or an exit that reads no flag and
             # writes none (R11 keeps them) or writes every live one runs on whatever the
             # host's flags are.
-            blind = (
-                carry
-                and blind_ok
-                and not (fix[0] or fix[1])
-                and not (writes and live_out[k] & ~kill)
-            )
-            if carry and not blind and (fix[0] or not takes):
+            blind = carry and blind_ok and not (fix0 or fix1 or writes and lo & ~kill)
+            if carry and not blind and (fix0 or not takes):
                 buf += _RESTORE
                 carry = False
-            if fix[0]:
-                buf += fix[0]
+            if fix0:
+                buf += fix0
             in_r11 = carry and not blind
-            restore = restore and not gives
+            # After a TLB lookup the guest flags go back into the host's only where the
+            # instruction reads them or leaves some live ones as they were.
+            gives = gives_ok and k + 1 < n and bfs[k + 1][3]
+            restore = bool(reads | (lo & ~kill)) and not gives
             at = len(buf)
             if cached:
-                key = (shape, i.raw[i.imm_at :] if imm_mode == 1 else b"", restore, in_r11)
+                key = (shape, it[1][imm_at:] if imm_mode == 1 else b"", restore, in_r11)
                 frag = _FRAGMENTS.get(key)
             else:
                 frag = key = None
             if frag is not None:  # the bytes this shape gave last time, and its misses
                 buf += frag[0]
                 if dsz:
-                    _U32.pack_into(buf, at + frag[2], i.mem.disp & 0xFFFFFFFF)
+                    _U32.pack_into(buf, at + frag[2], it[5] & 0xFFFFFFFF)
                 if imm_mode == 2:
-                    buf += i.raw[i.imm_at :]
-                for fix1, fix2, addr, write in frag[1]:
-                    misses.append((at + fix1, at + fix2, addr, write, k))
+                    buf += it[1][imm_at:]
+                for f1, f2, t in frag[1]:
+                    misses.append((at + f1, at + f2, t, k))
+            elif it[3] is None and it[4][4].native == "branch" and not it[4][5]:
+                # Translator.branch, from the item (a quarter of a boot's instructions that
+                # are not kept code): a Jcc's taken side or a JMP chains; a backward Jcc
+                # ends the block, its fall side chaining too.
+                raw = it[1]
+                nxt = (it[0] + len(raw)) & 0xFFFFFFFF
+                name = self.n
+                chains.append(
+                    (name, (nxt + int.from_bytes(raw[imm_at:], "little", signed=True))
+                     & 0xFFFFFFFF, k + 1, False))  # fmt: skip
+                jmp = it[4][4].mnemonic == "JMP"
+                buf += b"\xe9" if jmp else _JCC[it[4][7] & 15]
+                fixups.append((len(buf), name))
+                buf += b"\0\0\0\0"
+                if ends and not jmp:
+                    name += 1
+                    chains.append((name, nxt, k + 1, False))
+                    buf += b"\xe9"
+                    fixups.append((len(buf), name))
+                    buf += b"\0\0\0\0"
+                self.n = name + 1
+            elif it[3] is None and it[4][4].native in ("call", "ret") and not it[4][5]:
+                # Translator.call and .ret, from the item: the push or pop through the TLB
+                # (the code before the stored or loaded dword kept by restore and flags in
+                # R11), ESP, a chain to the target (CALL) or to the popped EIP (RET).
+                raw = it[1]
+                name = self.n
+                self.n = name + 1
+                if it[4][7] == 0xE8:  # CALL rel32
+                    code, f1, f2 = _call_ret_head(True, restore, in_r11)
+                    buf += code
+                    misses.append((at + f1, at + f2, _MISS.get(R12 << 2 | 1)
+                                   or _miss_exit(R12, 1), k))  # fmt: skip
+                    nxt = (it[0] + len(raw)) & 0xFFFFFFFF
+                    buf += _CALL_TAIL.pack(b"\x41\xc7\x02", nxt, _STORE_ESP_R9, 0xE9)
+                    chains.append(
+                        (name, (nxt + int.from_bytes(raw[imm_at:], "little", signed=True))
+                         & 0xFFFFFFFF, k + 1, False))  # fmt: skip
+                else:  # RET, RET imm16
+                    code, f1, f2 = _call_ret_head(False, restore, in_r11)
+                    buf += code
+                    misses.append((at + f1, at + f2, _MISS.get(R12 << 2) or _miss_exit(R12, 0),
+                                   k))  # fmt: skip
+                    extra = int.from_bytes(raw[imm_at:], "little") if it[4][7] == 0xC2 else 0
+                    a.lea32(R9, R9, 4 + extra)
+                    buf += _STORE_ESP_R9 + b"\xe9"
+                    chains.append((name, None, k + 1, False))
+                fixups.append((len(buf), name))
+                buf += b"\0\0\0\0"
             else:
                 self.flags_in_r11 = in_r11
                 mark = (before, len(fixups), len(misses), len(chains), len(stubs),
                         len(flag_exits), mark_carry, len(labels), self.n,
                         len(self.disps))  # fmt: skip
+                if i is None:
+                    i = _full(it)
                 if getattr(self, i.row.native)(i, k, restore):
                     if cached:
                         self._keep_fragment(key, k, at, dsz, mark,
-                                            i.raw[i.imm_at :] if imm_mode == 2 else b"")  # fmt: skip
+                                            it[1][imm_at:] if imm_mode == 2 else b"")  # fmt: skip
                 else:
                     # What it emitted before refusing goes (its labels stay, unused).
                     del buf[mark[0] :], fixups[mark[1] :], misses[mark[2] :]
@@ -1914,70 +2048,103 @@ class Translator:
                 assert not self.flags_in_r11  # its lookup took them
             # (blind: the flags it writes are the live ones; none: R11 still has them)
             carry = not writes if blind else gives
-            if fix[1]:
-                buf += fix[1]
+            if fix1:
+                buf += fix1
             done = k + 1
             if ends:
                 break
         if carry:  # the block ends before the instruction that was to take them
             buf += _RESTORE
         self.flags_in_r11 = False
-        if done and insns[done - 1].row.native == "sti":
+        if done and bfs[done - 1][12]:
             return None, done - 1  # no chain or exit may come between STI and its shadow
         if done == 0:
             return None, 0
         last = insns[done - 1]
         if done < n:
-            if live_in[done] != ARITH:
+            bf = bfs[done]  # (the flags live before it)
+            if not bf[6] and (live_out[done] & ~bf[7]) | bf[1] != ARITH:
                 return None, done  # built with the wrong liveness
-            fall = (last.eip + len(last.raw)) & 0xFFFFFFFF
+            fall = (last[0] + len(last[1])) & 0xFFFFFFFF
             n = done
-        if not _ends(last):
-            nxt = (last.eip + len(last.raw)) & 0xFFFFFFFF
+        if not bfs[done - 1][4]:  # (_ends)
+            nxt = (last[0] + len(last[1])) & 0xFFFFFFFF
             if done == n and fall == nxt:
                 a.jmp(self.chain(nxt, done))  # the block ends at its size or page limit
             else:
                 a.jmp(self.exit_to(nxt, done, EXIT_FALLBACK))
-        self.insns = insns
-        self._emit_flag_exits()
-        self._emit_misses()
-        self._emit_chains()
-        self._emit_stubs()
-        return a.finish(), done
+        if flag_exits:
+            self._emit_flag_exits()
+        if chains:
+            self._emit_chains()
+        if stubs:
+            self._emit_stubs()  # (and the epilogue)
+        elif misses:
+            labels["epilogue"] = len(buf)
+            buf += _EPILOGUE  # (no exit goes there but these: none where neither is)
+        if misses:
+            self._emit_misses()
+        pack = _REL32.pack_into  # (Asm.finish)
+        for at, name in fixups:
+            pack(buf, at, labels[name] - at - 4)
+        return bytes(buf), done
 
 
 def clear_caches() -> None:
     """Forget every memoized parse, encoding and kept host code (bench/native_translate.py:
     a replay's pass then costs what a boot's first translations cost)."""
     _SHAPE1[:] = [None] * 256
-    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS):
+    for cache in (_SHAPES, _FRAGMENTS, _LOOKUP, _MISS, _STACK_ADDR, _ROWS, _FACTS, _CALL_RET):
         cache.clear()
     clear_encodings()
 
 
 def translate_block(read, eip: int, page_left: int, flat: int = 0x3F,
-                    host_tsc: bool = True,
-                    shadows: set[int] | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
+                    host_tsc: bool = True, shadows: set[int] | None = None,
+                    extent: list | None = None) -> tuple[bytes, int, int] | None:  # fmt: skip
     """Host code for the block at eip: read(n) gives the guest code bytes there (up to
     the end of its page, `page_left` bytes). Returns (code, instructions, the override
     segments its instructions name: bit i for segment i) or None.
-    `shadows` gets the EIP of each instruction in a translated STI's shadow."""
-    return _translate_code(read(page_left), eip, flat, host_tsc, shadows, True)
+    `shadows` gets the EIP of each instruction in a translated STI's shadow. `extent`
+    gets the guest bytes (from eip) the result depends on and whether it depends on
+    `flat` (an instruction with a segment override): with those bytes, those
+    arguments and MATCH_PYTHON_FLAGS the same, the result is the same (NativeTier keeps
+    translations by it)."""
+    # Most blocks look at a few dozen bytes: the rest of the page is read only for a scan
+    # that came near the end of the first part (whatever depends on where the bytes end
+    # lies within 15 bytes of that end).
+    n = page_left if page_left <= FIRST_READ else FIRST_READ
+    code = read(n)
+    scanned = [0, False]
+    out = _translate_code(code, eip, flat, host_tsc, shadows, True, scanned)
+    if n < page_left and scanned[0] + 15 > n:
+        code = read(page_left)
+        scanned = [0, False]
+        out = _translate_code(code, eip, flat, host_tsc, shadows, True, scanned)
+    if extent is not None:
+        extent += (code[: scanned[0]], scanned[1])
+    return out
 
 
 def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
-                    shadows: set[int] | None, skim: bool) -> tuple[bytes, int, int] | None:  # fmt: skip
+                    shadows: set[int] | None, skim: bool,
+                    scanned: list[int]) -> tuple[bytes, int, int] | None:  # fmt: skip
     """translate_block on the guest bytes. With skim, the instructions after the first
     forward conditional branch are only measured (no Insn) until the block's end: they
     are kept only where the block is a loop's body (about 2 in 5 of the instructions a
-    boot parses were dropped there), and where it is one the scan is done again in full."""
-    insns: list[Insn] = []
+    boot parses were dropped there), and where it is one the scan is done again in full.
+    scanned: [the guest bytes looked at, whether `flat` was asked] (translate_block's
+    extent)."""
+    insns: list[tuple] = []  # _Item tuples
     skimmed = 0  # instructions measured only
-    last_skim = -1  # offset of the last instruction when it was measured only
+    last_skim = -1  # offset of the last instruction measured only
+    skim_end = -1  # where it ends (== pos at the end: the scan ended on it)
     pos = 0
     end = len(code)
     sti = False
     first_branch = 0  # instructions up to the first conditional branch
+    looked = 0  # (scanned)
+    end_loop = None  # the scan ended on a measured block end: it branches to eip
     shape1, shapes = _SHAPE1, _SHAPES
     for _ in range(MAX_INSNS):
         if pos >= end:
@@ -1985,50 +2152,79 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         # parse's cache, inline (most instructions are in it)
         e = shape1[code[pos]] or shapes.get(code[pos : pos + 2]) or shapes.get(code[pos : pos + 3])
         if e is not None and pos + e[0] <= end and (e[1] < 0 or e[1] == flat):
-            if first_branch and skim and e[-1] is not None and not e[-1][4]:
-                last_skim = pos  # past the first branch, not the block's end: measure
-                pos += e[0]
-                skimmed += 1
-                continue
-            # _insn(e, ...), inline
-            (size, _, dpos, dsz, row, p66, opmap, opc, modrm, m, imm_at, osize, lock, rep,
-             override, rf, bf) = e  # fmt: skip
+            if e[1] >= 0:
+                scanned[1] = True  # a segment override: allowed by `flat`
+            bf = e[16]
+            size = e[0]
+            if first_branch and skim:  # past the first branch: measure
+                if bf is None:
+                    bf = e[17].get(code[pos + size - 1])
+                if bf is not None:
+                    if bf[4]:  # the block's end: a loop's body where it branches to eip
+                        end_loop = bool(bf[16]) and _rel_target(
+                            eip + pos, code[pos : pos + size], bf[15]) == eip  # fmt: skip
+                        pos += size
+                        break
+                    last_skim = pos
+                    pos += size
+                    skim_end = pos
+                    skimmed += 1
+                    continue
             raw = code[pos : pos + size]
-            if dsz:
-                disp = int.from_bytes(raw[dpos : dpos + dsz], "little", signed=True)
-                m = MemOperand(m[0], m[1], m[2], m[3], m[4], disp, m[5])
-            i = Insn((eip + pos) & 0xFFFFFFFF, raw, row, p66, opmap, opc, modrm, m, imm_at, osize,
-                     lock, rep, override, rf, bf)  # fmt: skip
             if bf is None:
-                i.bf = build_facts(i)
+                bf = e[17].get(raw[-1])
+            if bf is None:  # (its facts, first seen with this last byte)
+                i = _insn(e, raw, (eip + pos) & 0xFFFFFFFF)
+                it = (i.eip, raw, i.bf, i, e, 0 if i.mem is None else i.mem.disp)
+                bf = i.bf
+            elif e[3]:  # a displacement
+                dpos = e[2]
+                disp = int.from_bytes(raw[dpos : dpos + e[3]], "little", signed=True)
+                it = ((eip + pos) & 0xFFFFFFFF, raw, bf, None, e, disp)
+            else:
+                it = ((eip + pos) & 0xFFFFFFFF, raw, bf, None, e, 0)
         else:
+            if not scanned[1] and _has_override(code, pos):
+                scanned[1] = True
             i = parse(code[pos : pos + 15], (eip + pos) & 0xFFFFFFFF, flat)
             if i is None:
+                looked = pos + 15  # up to 15 bytes of the one it does not take
                 break
-        last_skim = -1
-        insns.append(i)
-        pos += len(i.raw)
-        bf = i.bf
+            bf = i.bf
+            it = (i.eip, i.raw, bf, i, None, 0 if i.mem is None else i.mem.disp)
+            size = len(i.raw)
+        insns.append(it)
+        pos += size
         if bf[4]:  # it ends the block
             break
-        sti = sti or bf[12]
-        if not first_branch and i.row.ends_block and i.row.native in ("branch", "loop"):
-            first_branch = len(insns)
+        if bf[17]:  # STI or a conditional branch
+            sti = sti or bf[12]
+            if not first_branch and bf[16]:
+                first_branch = len(insns)
+    if looked < pos:
+        looked = pos
+    if looked > scanned[0]:
+        scanned[0] = looked
     # A block goes on past a forward conditional branch only where it is a loop's body
     # (it ends with a branch back to its start): elsewhere the code after the branch,
     # often cold or a join point that other blocks reach too, would be translated in
     # each block that falls into it.
-    if skimmed:
-        last = insns[-1]
-        if last_skim >= 0:  # the scan ended on a measured one (MAX_INSNS, page end)
+    if skimmed or end_loop is not None:
+        if end_loop is not None:
+            loop = end_loop
+        elif skim_end == pos:  # the scan ended on a measured one (MAX_INSNS, page end,
+            # or one not taken after it)
             last = parse(code[last_skim : last_skim + 15], (eip + last_skim) & 0xFFFFFFFF, flat)
-        if last is None or _target(last) == eip:  # a loop's body: all of it, in full
-            return _translate_code(code, eip, flat, host_tsc, shadows, False)
+            loop = last is None or _target(last) == eip
+        else:
+            loop = _item_target(insns[-1]) == eip
+        if loop:  # a loop's body: all of it, in full
+            return _translate_code(code, eip, flat, host_tsc, shadows, False, scanned)
         insns = insns[:first_branch]
-        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
-    elif first_branch and first_branch < len(insns) and _target(insns[-1]) != eip:
+        pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
+    elif first_branch and first_branch < len(insns) and _item_target(insns[-1]) != eip:
         insns = insns[:first_branch]
-        pos = (insns[-1].eip - eip & 0xFFFFFFFF) + len(insns[-1].raw)
+        pos = (insns[-1][0] - eip & 0xFFFFFFFF) + len(insns[-1][1])
     if not insns:
         return None
     fall = (eip + pos) & 0xFFFFFFFF
@@ -2036,18 +2232,18 @@ def _translate_code(code: bytes, eip: int, flat: int, host_tsc: bool,
         out, done = Translator(eip, host_tsc).build(insns, fall)
         if out is not None:
             if shadows is not None and sti:
-                shadows.update(
-                    insns[k + 1].eip for k in range(done - 1) if insns[k].row.native == "sti"
-                )
+                shadows.update(insns[k + 1][0] for k in range(done - 1) if insns[k][2][12])
             segs = 0  # the override segments the code inlines (each flat when translated)
-            for k in range(done):
-                if insns[k].override is not None:
-                    segs |= 1 << insns[k].override
+            if scanned[1]:  # (an override was seen)
+                for it in insns[:done]:
+                    seg = it[4][14] if it[3] is None else it[3].override
+                    if seg is not None:
+                        segs |= 1 << seg
             return out, done, segs
         if done == 0:
             return None
         insns = insns[:done]  # the block ends after them: build again with that liveness
-        fall = (insns[-1].eip + len(insns[-1].raw)) & 0xFFFFFFFF
+        fall = (insns[-1][0] + len(insns[-1][1])) & 0xFFFFFFFF
 
 
 __all__ = ["EXIT_END", "EXIT_FALLBACK", "EXIT_MISS", "RSI", "runtime_stubs", "translate_block"]

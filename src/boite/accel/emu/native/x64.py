@@ -64,6 +64,8 @@ def encode_rr(op: bytes, reg: int, rm: int, w: bool = False) -> bytes:
 class Asm:
     """Emits into a bytearray, with labels and rel32 fix-ups."""
 
+    __slots__ = ("buf", "labels", "fixups")
+
     def __init__(self) -> None:
         self.buf = bytearray()
         self.labels: dict[str, int] = {}
