@@ -47,6 +47,7 @@ RUN_SLICES = 2
 # Prefixes _insn puts on a row now and then (66 alone is more common): operand size,
 # address size, REPNE/REP, LOCK, the segment overrides.
 ODD_PREFIXES = (0x66, 0x67, 0xF2, 0xF3, 0xF0, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65)
+ODD_PREFIX_RATE = float(os.environ.get("BOITE_NATIVE_FUZZ_PREFIX_RATE", "0.04"))
 # Exceptions that end a run as a guest outcome (the guest's own doing).
 GUEST_OUTCOMES = ("TripleFault", "GuestError", "AccelError")
 
@@ -69,7 +70,7 @@ def _insn(rnd: random.Random, rows) -> bytes:
     r = rnd.choice(rows)
     p66 = rnd.random() < 0.1
     pre = b"\x66" if p66 else b""
-    if rnd.random() < 0.04:  # odd prefixes now and then (seed 711014: F2 on a fence)
+    if rnd.random() < ODD_PREFIX_RATE:  # odd prefixes now and then (seed 711014: F2 on a fence)
         pre = bytes(rnd.choice(ODD_PREFIXES) for _ in range(rnd.choice((1, 1, 2, 3))))
         p66 = 0x66 in pre
     b = pre + (b"\x0f" if r.map else b"") + bytes([r.code])

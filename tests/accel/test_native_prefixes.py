@@ -63,6 +63,10 @@ PREFIXES = [bytes([b]) for b in (0x66, 0x67, 0xF2, 0xF3, 0xF0, *_SEGS)] + [
         "66f0f3",
         "f066f2",
         "2e66f3",
+        "3e" * 6,  # long runs: up to the 15-byte limit (#GP past it)
+        "662e" * 3,
+        "f3" * 12,
+        "3e" * 13,
     )  # fmt: skip
 ]
 # The slow sweep: every ordered pair of distinct prefixes, and a few triples more.
@@ -169,6 +173,8 @@ def _differences(r: Op, prefixes: list[bytes], samples: int) -> tuple[int, list[
                 if got is None:
                     continue
                 want = _run(cpu, code, regs, fl, False)
+                if want[0] != "fault" and want[3] == CODE and r.native not in _STRING:
+                    continue  # a branch to itself: native code loops on where a closure stops
                 compared += 1
                 if got[0] == "fault" or want[0] == "fault":
                     same = got == want
