@@ -10,8 +10,11 @@ import pytest
 from boite.accel.emu.cpu import GP, Cpu, CpuFault
 from boite.accel.emu.cpumodel import (
     BRAND,
+    CRYSTAL_HZ,
     EDX1_BITS,
     FEATURES,
+    LEAF2,
+    MAX_BASIC_LEAF,
     MSR_EFER,
     MSR_MTRR_DEF_TYPE,
     MSR_PAT,
@@ -19,6 +22,7 @@ from boite.accel.emu.cpumodel import (
     cpuid_leaf,
     msr_specs,
 )
+from boite.machine.devices.lapic import BUS_HZ
 from boite.machine.memory import GuestMemory
 
 
@@ -44,8 +48,36 @@ def test_cpuid_reports_exactly_the_implemented_features() -> None:
     eax, *_ = cpuid_leaf(FEATURES, 1)
     assert (eax >> 8 & 0xF, eax >> 4 & 0xF) == (6, 13)
     # Above the highest leaf: the highest basic leaf's values, as Intel CPUs answer.
-    assert cpuid_leaf(FEATURES, 0x40) == cpuid_leaf(FEATURES, 2)
-    assert cpuid_leaf(FEATURES, 0x80000008) == cpuid_leaf(FEATURES, 2)
+    assert cpuid_leaf(FEATURES, 0)[0] == MAX_BASIC_LEAF == 0x16
+    assert cpuid_leaf(FEATURES, 0x40) == cpuid_leaf(FEATURES, MAX_BASIC_LEAF)
+    assert cpuid_leaf(FEATURES, 0x80000008) == cpuid_leaf(FEATURES, MAX_BASIC_LEAF)
+
+
+def test_cpuid_gives_the_tsc_and_crystal_clocks() -> None:
+    """CPUID.15H/16H (what an OS reads instead of measuring the TSC against the PIT):
+    TSC = crystal * EBX / EAX is the rate RDTSC counts at, the crystal is the local APIC
+    timer's clock, and the leaves between 2 and 15H are empty (nothing the model has)."""
+    for tsc_hz in (1_000_000_000, 2_400_000_000, 1_193_182):
+        eax, ebx, ecx, edx = cpuid_leaf(FEATURES, 0x15, tsc_hz=tsc_hz)
+        assert ecx == CRYSTAL_HZ == BUS_HZ and edx == 0
+        assert ecx * ebx // eax == tsc_hz and ecx * ebx % eax == 0
+        base, top, bus, _ = cpuid_leaf(FEATURES, 0x16, tsc_hz=tsc_hz)
+        assert base == top == tsc_hz // 1_000_000 and bus == BUS_HZ // 1_000_000
+    for leaf in range(3, 0x15):
+        assert cpuid_leaf(FEATURES, leaf) == (0, 0, 0, 0), hex(leaf)
+    assert cpuid_leaf(FEATURES, 2) == LEAF2
+
+
+def test_cpuid_instruction_reports_the_cpus_tsc_rate() -> None:
+    mem = GuestMemory.with_ram(4 << 20)
+    c = Cpu(mem, tsc_hz=3_000_000_000)
+    try:
+        c.r[0] = 0x15
+        c.cpuid()
+        eax, ebx, ecx = c.r[0], c.r[3], c.r[1]
+        assert ecx * ebx // eax == 3_000_000_000
+    finally:
+        c.close()
 
 
 def test_every_msr_reads_back_what_was_written_and_refuses_reserved_bits(cpu) -> None:

@@ -6,37 +6,15 @@ bits 32
 org 0x100000
 %include "com1.inc"
 %include "multiboot.inc"
+%include "pic.inc"
+%include "idt.inc"
 MULTIBOOT_HEADER
 
 start:
     mov esp, 0x80000
-    ; IDT entry 0x20 -> timer handler (32-bit interrupt gate, selector 0x08)
-    mov eax, timer
-    mov word [idt + 0x20 * 8 + 0], ax
-    mov word [idt + 0x20 * 8 + 2], 0x08
-    mov word [idt + 0x20 * 8 + 4], 0x8e00
-    shr eax, 16
-    mov word [idt + 0x20 * 8 + 6], ax
+    IDT_GATE idt, 0x20, timer       ; IDT entry 0x20 -> timer handler
     lidt [idt_desc]
-    ; 8259 init: ICW1 edge+ICW4, ICW2 vector base, ICW3 cascade, ICW4 8086 mode
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe                    ; only IRQ0 unmasked
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
+    PIC_IRQ0_ONLY                   ; 8259: vectors 0x20-0x2f, only IRQ0 unmasked
     ; PIT channel 0, lobyte/hibyte, mode 2, divisor 1193 (~1 kHz)
     mov al, 0x34
     out 0x43, al

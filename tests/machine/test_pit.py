@@ -202,3 +202,88 @@ def test_speaker_port_and_state_round_trip():
     pit.reset()  # back to the firmware state: mode 3, count 65536, running
     assert pit.channels[0].mode == 3
     assert pit.next_deadline_ns() == clock.ns + ticks_to_ns(0x10000)
+
+
+def _out_changes(pit: Pit8254, clock: FakeClock, ch: int, ticks: int) -> list[int]:
+    """The clocks (from now) at which OUT changes, found by looking at every clock."""
+    start, was, seen = clock.ns, pit.out(ch), []
+    for t in range(1, ticks + 1):
+        clock.ns = start + ticks_to_ns(t)
+        now = pit.out(ch)
+        if now != was:
+            seen.append(t)
+        was = now
+    clock.ns = start
+    return seen
+
+
+def test_next_change_is_where_out_next_changes_in_every_mode():
+    """next_change (what lets advance() skip its work) against OUT looked at on every
+    clock: each mode, odd and even counts, from several points of the period."""
+    for mode in (0, 1, 2, 3, 4, 5):
+        for count in (2, 3, 7, 10):
+            for skip in (0, 1, count - 1, count, count + 1, 3 * count + 2):
+                pit, clock, _, _ = make()
+                port61 = PitSpeakerPort(pit)
+                program(pit, 2, mode, count)
+                port61.bus_write(0, 1, 0x01)  # gate 2 high (modes 1 and 5: the trigger)
+                clock.ticks(skip)
+                ch = pit.channels[2]
+                changes = _out_changes(pit, clock, 2, 4 * count + 4)
+                at = ch.next_change(clock.ns)
+                if not changes:
+                    assert at is None, (mode, count, skip)
+                else:
+                    assert at == clock.ns + ticks_to_ns(changes[0]) or (
+                        # ticks_to_ns rounds up; the clock stepped from a rounded time
+                        abs(at - (clock.ns + ticks_to_ns(changes[0]))) <= 1
+                    ), (mode, count, skip, changes[0])
+
+
+def test_next_change_none_while_out_holds():
+    pit, clock, _, _ = make()
+    port61 = PitSpeakerPort(pit)
+    program(pit, 2, 2, 100)
+    assert pit.channels[2].next_change(clock.ns) is None  # gate low: OUT held high
+    port61.bus_write(0, 1, 0x01)
+    program(pit, 2, 0, 50)
+    clock.ticks(60)
+    assert pit.channels[2].next_change(clock.ns) is None  # mode 0 past terminal count
+    program(pit, 2, 1, 50)
+    assert pit.channels[2].next_change(clock.ns) is None  # mode 1 waits for a trigger
+
+
+def test_quiet_advance_matches_a_full_look_at_every_call():
+    """advance() skips its work until OUT0 next changes: the edges it reports, the IRQ
+    line and next_deadline_ns stay those of a PIT that looks at every call, through
+    reprogramming and a count that takes over at the end of a period."""
+    import random
+
+    rnd = random.Random(11)
+    a, clock, line_a, edges_a = make()
+    edges_b: list[bool] = []
+    line_b = IrqLine(0, lambda g, level: edges_b.append(level))
+    b = Pit8254(line_b, clock)
+    for step in range(3000):
+        if step % 500 == 0:
+            mode = rnd.choice((0, 2, 3, 4))
+            count = rnd.choice((2, 3, 50, 301, 0))
+            program(a, 0, mode, count)
+            program(b, 0, mode, count)
+        elif step % 500 == 250:
+            for pit in (a, b):  # a new count in mode 2/3 takes over at the period end
+                pit.bus_write(0, 1, 40)
+                pit.bus_write(0, 1, 0)
+        clock.ns += rnd.choice((1, 100, 838, 5_000, 40_000, 300_000))
+        b._quiet_until = 0  # b looks every time
+        assert a.advance() == b.advance(), step
+        assert line_a.level == line_b.level, step
+        b._quiet_until = 0
+        assert a.next_deadline_ns() == b.next_deadline_ns(), step
+
+    # The full look sets the line to its level at every call; the levels it went
+    # through (what the 8259 and the IOAPIC act on) are the same.
+    def levels(calls: list[bool]) -> list[bool]:
+        return [v for i, v in enumerate(calls) if i == 0 or calls[i - 1] != v]
+
+    assert levels(edges_a) == levels(edges_b) and len(levels(edges_a)) > 100

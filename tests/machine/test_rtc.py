@@ -195,3 +195,48 @@ def test_rtc_state_round_trip_keeps_clock_and_flags():
     other.load_state(state)
     assert oline.level and other.save_state()["cmos"] == state["cmos"]
     assert abs(other.guest_time() - rtc.guest_time()) < 1
+
+
+def test_quiet_advance_matches_a_full_look_at_every_call():
+    """advance() skips its work until the next periodic boundary or guest second: the
+    register C flags, IRQ 8 and the deadlines stay those of an RTC that looks at every
+    call, through rate changes, enables and a clock set."""
+    import random
+
+    rnd = random.Random(8)
+    c = Clocks()
+    lines = [IrqLine(8), IrqLine(8)]
+    rtcs = [
+        CmosRtc(
+            line, 256 << 20, base_time=BASE, wall_clock=lambda: c.wall, clock_ns=lambda: c.mono
+        )  # fmt: skip
+        for line in lines
+    ]
+    quick, full = rtcs
+    flags_seen = 0
+    for step in range(4000):
+        roll = rnd.random()
+        if roll < 0.01:
+            rate = rnd.choice((0, 3, 6, 0xF))
+            for r in rtcs:
+                wr(r, 0x0A, 0x20 | rate)
+        elif roll < 0.02:
+            b = rnd.choice((0x02, 0x42, 0x12, 0x22, 0x72))
+            for r in rtcs:
+                wr(r, 0x0B, b)
+        elif roll < 0.025:
+            for r in rtcs:
+                wr(r, 0x00, 0x30)  # seconds: the clock is set
+        elif roll < 0.1:
+            values = [rd(r, 0x0C) for r in rtcs]
+            assert values[0] == values[1], step
+            flags_seen |= values[0]
+        step_s = rnd.choice((1e-6, 3e-5, 2e-4, 1e-3, 0.05, 0.4))
+        c.advance(step_s)
+        full._quiet_until = 0  # this one looks every time
+        quick.advance()
+        full.advance()
+        assert quick.cmos[0x0C] == full.cmos[0x0C], step
+        assert lines[0].level == lines[1].level, step
+        assert quick.next_deadline_ns() == full.next_deadline_ns(), step
+    assert flags_seen & 0xF0 == 0xF0  # IRQF, PF, AF, UF all came up

@@ -188,15 +188,19 @@ def read_regular(
             )
         chunks: list[bytes] = []
         total = 0
+        # The size it has now in one read (a kernel and its initrd are megabytes: no
+        # joining copy), then smaller reads to its end: it may have grown meanwhile.
+        want = size + 1
         while True:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            chunk = os.read(fd, min(want, limit + 1 - total))
             if not chunk:
                 break
             chunks.append(chunk)
             total += len(chunk)
             if total > limit:
                 raise FileKindError(f"{path}: the {what} grew past {limit} bytes while read")
-        return b"".join(chunks)
+            want = 1 << 20
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)
 

@@ -1730,7 +1730,7 @@ class Cpu:
             # The microcode revision latches into IA32_BIOS_SIGN_ID (0: none loaded).
             self.msrs[MSR_BIOS_SIGN_ID] = 0
         leaf = r[0]
-        r[0], r[3], r[1], r[2] = cpuid_leaf(self.features, leaf, self.apic_id)
+        r[0], r[3], r[1], r[2] = cpuid_leaf(self.features, leaf, self.apic_id, self.tsc_hz)
         if leaf == 1 and self.logical_cpus > 1:
             r[3] |= self.logical_cpus << 16  # EBX[23:16]: logical processors (with HTT)
             r[2] |= 1 << 28

@@ -7,6 +7,8 @@ is implemented (`FEATURES`): a feature bit is on exactly when the emulator does 
 the SDM says that bit promises, so a guest never takes a path that ends in a #UD or a
 GuestError. The x87/MMX/SSE bits come on with accel/emu/fpu.py and sse.py, APIC with the
 local APIC; each is one name in `FEATURES` (the x87/SIMD ones from fpu.FPU_FEATURES).
+Beyond a Dothan's leaves, CPUID.15H/16H give the TSC's and the crystal's clocks (see
+MAX_BASIC_LEAF), with the empty leaves between.
 
 MSRs follow the same rule: an index the model has is read back exactly as written
 (within its writable bits); writing a reserved bit, or any access to an index the model
@@ -17,6 +19,7 @@ or the kernel programs them), PAT at its power-on value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from boite.accel.emu.fpu import FPU_FEATURES
@@ -46,7 +49,18 @@ BRAND = b"Intel(R) Pentium(R) M processor 1.73GHz"
 # 32 KiB 8-way); AL = 1 (one CPUID.2 call gives them all).
 LEAF2 = (0x02B3B001, 0x000000F0, 0x00000000, 0x2C307D00)  # EAX EBX ECX EDX
 
-MAX_BASIC_LEAF = 2
+# Leaves 3-0x14 are all zeros (no such cache, topology, feature or monitoring leaf:
+# the SDM's "not present" for each). 0x15 and 0x16 give the clocks, so that an OS takes
+# the TSC's frequency from the CPU, as on processors since Skylake, instead of measuring
+# it against the PIT: Linux's measurement (a 10 ms loop of port 0x61 reads and RDTSC
+# whose slowest iteration must take under 10x the fastest) fails whenever the host takes
+# the vCPU away for tens of microseconds (a host timer tick in a nested VM takes ~40 us,
+# an iteration here ~3.5 us), and Linux then marks the TSC unstable and measures its
+# delay loop against the timer tick for ~0.2 s. (bench/RESULTS.md, 2026-12-07 timing.)
+MAX_BASIC_LEAF = 0x16
+# The core crystal clock of CPUID.15H: the local APIC timer's clock (lapic.BUS_HZ),
+# since an OS may take the APIC timer to run at this rate (Linux does).
+CRYSTAL_HZ = 1_000_000_000
 MAX_EXT_LEAF = 0x80000004
 MAXPHYADDR = 36  # PAE entries: bits 36-62 reserved (no CPUID.80000008 on this model)
 
@@ -177,9 +191,22 @@ def _bits(names: frozenset[str], table: dict[str, int]) -> int:
     return v
 
 
-def cpuid_leaf(features: frozenset[str], leaf: int, apic_id: int = 0) -> tuple[int, int, int, int]:
-    """(EAX, EBX, ECX, EDX) of CPUID leaf `leaf` for a CPU with `features`. A leaf above
-    the maximum returns the highest basic leaf's values, as Intel CPUs do."""
+def _clock_leaf(leaf: int, tsc_hz: int) -> tuple[int, int, int, int]:
+    """CPUID.15H (TSC = crystal * EBX / EAX, ECX = crystal Hz) and 16H (base and maximum
+    frequency, bus/reference frequency, MHz)."""
+    if leaf == 0x15:
+        g = math.gcd(tsc_hz, CRYSTAL_HZ)
+        return CRYSTAL_HZ // g, tsc_hz // g, CRYSTAL_HZ, 0
+    mhz = min(tsc_hz // 1_000_000, 0xFFFF)
+    return mhz, mhz, min(CRYSTAL_HZ // 1_000_000, 0xFFFF), 0
+
+
+def cpuid_leaf(
+    features: frozenset[str], leaf: int, apic_id: int = 0, tsc_hz: int = 1_000_000_000
+) -> tuple[int, int, int, int]:
+    """(EAX, EBX, ECX, EDX) of CPUID leaf `leaf` for a CPU with `features` whose TSC
+    counts `tsc_hz` per second. A leaf above the maximum returns the highest basic
+    leaf's values, as Intel CPUs do."""
     if leaf >= 0x80000000:
         if leaf > MAX_EXT_LEAF:
             leaf = MAX_BASIC_LEAF
@@ -200,4 +227,8 @@ def cpuid_leaf(features: frozenset[str], leaf: int, apic_id: int = 0) -> tuple[i
         # EBX: CLFLUSH line size (in 8-byte units) where CLFLUSH exists, initial APIC id.
         ebx = (8 << 8 if "clfsh" in features else 0) | (apic_id << 24)
         return eax, ebx, _bits(features, ECX1_BITS), _bits(features, EDX1_BITS)
-    return LEAF2
+    if leaf == 2:
+        return LEAF2
+    if leaf >= 0x15:
+        return _clock_leaf(leaf, tsc_hz)
+    return 0, 0, 0, 0

@@ -33,8 +33,10 @@ still waiting for its start-up IPI is saved as `parked` in its CPU state.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,21 @@ from boite.machine.state import Items, Nested, StateRecord, checked
 
 SLICE = 20_000  # instructions a vCPU runs before the next one's turn
 TAIL = 8  # and then up to TAIL - 1 more, one at a time (see run_round)
+# A slice (as the single vCPU's chunk) also ends once this many new blocks were
+# translated in it: code run for the first time would otherwise hold it for up to a few
+# hundred ms, and the timers' ticks would coalesce meanwhile.
+COLD_BLOCKS = 64
+
+
+def _grown(blocks: dict[int, Any], size: int) -> bool:
+    return len(blocks) >= size
+
+
+def cold_stop(cpu: Cpu) -> Callable[[], bool]:
+    """Cpu.run's should_stop: true once COLD_BLOCKS blocks were added to cpu's cache."""
+    return functools.partial(_grown, cpu.blocks, len(cpu.blocks) + COLD_BLOCKS)
+
+
 _INIT, _NMI = -1, -2
 
 
@@ -222,7 +239,7 @@ class Smp:
             self.bus.current = i
             self.accel.cpu = cpu
             cpu.stop = False
-            total += cpu.run(SLICE)
+            total += cpu.run(SLICE, cold_stop(cpu))
             if not (cpu.halted or cpu.stop) and (k := self.rng.randrange(TAIL)):
                 # Translated code stops only at a block's end, and a loop that drops a
                 # lock and takes it again in one block (SeaBIOS's AP hand-over) would

@@ -41,6 +41,7 @@ PIT_PORT = 0x40
 SPEAKER_PORT = 0x61
 
 RW_LATCH, RW_LSB, RW_MSB, RW_WORD = 0, 1, 2, 3
+QUIET_FOREVER = 1 << 63  # advance()'s "no transition coming" (monotonic ns)
 
 
 def ns_to_ticks(ns: int) -> int:
@@ -123,6 +124,33 @@ class PitChannel:
         if m in (3, 7):
             return not self.gate or d % n < (n + 1) // 2
         return d != n  # 4, 5: one clock low at terminal count
+
+    def next_change(self, now: int) -> int | None:
+        """Time (ns) of OUT's next transition either way after `now` (a pending count
+        taking over counts as one), or None while OUT holds: nothing can change what
+        out() says before it unless the counter is programmed or gated."""
+        self.settle(now)
+        at = None
+        m = self.mode
+        if self.armed and self.frozen_ticks is None and (self.gate or m in (1, 5)):
+            d = self.elapsed(now)
+            n = self.count
+            r = d % n
+            t: int | None
+            if m in (0, 1):
+                t = n if d < n else None
+            elif m in (2, 6):  # low for the clock at count 1, high again at the reload
+                t = d - r + (n - 1 if r < n - 1 else n)
+            elif m in (3, 7):  # high for the first (n + 1) // 2 clocks of each period
+                half = (n + 1) // 2
+                t = d - r + (half if r < half else n)
+            else:  # 4, 5: low for the one clock at terminal count
+                t = n if d < n else (n + 1 if d == n else None)
+            if t is not None:
+                at = self.load_ns + ticks_to_ns(t)
+        if self.pending_count is not None and (at is None or self.pending_at_ns < at):
+            at = self.pending_at_ns
+        return at
 
     def next_rising_edge(self, now: int) -> int | None:
         """Time (ns) of OUT's next low-to-high transition after `now`, if one is coming."""
@@ -209,6 +237,8 @@ class Pit8254(Device):
             self.speaker_enabled = False
             self.port61_bits = 0  # bits 2-3 of port 0x61 (parity/IOCHK enables) as written
             self._last_advance: int | None = None
+            self._quiet_until = 0  # see advance()
+            self._deadline: int | None = None
 
     def save_state(self) -> dict[str, Any]:
         with self._lock:
@@ -244,19 +274,30 @@ class Pit8254(Device):
             self.port61_bits = rec.port61_bits
             since = rec.since_advance_ns
             self._last_advance = None if since is None else now - since
+            self._quiet_until = 0
 
     # -- time --------------------------------------------------------------------------
 
     def next_deadline_ns(self) -> int | None:
         """When IRQ 0 next rises (monotonic ns), or None if channel 0 is quiet."""
         with self._lock:
-            return self.channels[0].next_rising_edge(self.clock_ns())
+            now = self.clock_ns()
+            if now < self._quiet_until:
+                return self._deadline  # no transition since advance() computed it
+            return self.channels[0].next_rising_edge(now)
 
     def advance(self, now_ns: int | None = None) -> bool:
         """Raise IRQ 0 for a rising edge of OUT0 since the last call. Returns whether one
         happened."""
         with self._lock:
             now = self.clock_ns() if now_ns is None else now_ns
+            if now < self._quiet_until:
+                # OUT0 has not changed since the last call: it would find no edge and
+                # set the line to the level it has. The runner calls this between
+                # chunks of guest code, and a cheap call keeps those gaps short (the
+                # guest's TSC calibration against the PIT fails on an uneven loop).
+                self._last_advance = now
+                return False
             ch = self.channels[0]
             since = ch.load_ns if self._last_advance is None else self._last_advance
             self._last_advance = now
@@ -275,6 +316,9 @@ class Pit8254(Device):
                         self.irq.lower()
                 else:
                     self.irq.set(out)
+            change = ch.next_change(now)
+            self._quiet_until = QUIET_FOREVER if change is None else change
+            self._deadline = ch.next_rising_edge(now)
             return edge
 
     def out(self, channel: int) -> bool:
@@ -283,6 +327,7 @@ class Pit8254(Device):
 
     def set_gate(self, channel: int, level: bool) -> None:
         with self._lock:
+            self._quiet_until = 0
             ch = self.channels[channel]
             now = self.clock_ns()
             if level and not ch.gate:
@@ -356,6 +401,7 @@ class Pit8254(Device):
     def bus_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         with self._lock:
+            self._quiet_until = 0  # a reprogrammed counter: advance() looks again
             if offset == 3:
                 self._control(value)
             else:

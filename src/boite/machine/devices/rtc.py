@@ -160,6 +160,7 @@ class CmosRtc(Device):
         self._set_memory_size()
         self._last_ns = self.clock_ns()
         self._last_gt = self.guest_time()
+        self._quiet_until = 0  # see advance()
         self.irq.lower()
 
     def _set_memory_size(self) -> None:
@@ -203,6 +204,7 @@ class CmosRtc(Device):
         self.frozen = rec.frozen
         self._last_ns = self.clock_ns() - rec.since_last_ns
         self._last_gt = self.guest_time()
+        self._quiet_until = 0
         self.irq.set(bool(self.cmos[REG_C] & C_IRQF))
 
     @_locked
@@ -288,6 +290,8 @@ class CmosRtc(Device):
     def next_deadline_ns(self) -> int | None:
         """Monotonic time of the next event that sets a flag in register C."""
         b = self.cmos[REG_B]
+        if not b & (B_PIE | B_UIE | B_AIE):
+            return None  # no interrupt source enabled (the usual case)
         deadlines = []
         period = self._period_ns()
         if b & B_PIE and period:
@@ -297,16 +301,27 @@ class CmosRtc(Device):
             deadlines.append(self.clock_ns() + int((1.0 - frac) * NS))
         return min(deadlines) if deadlines else None
 
-    @_locked
     def advance(self, now_ns: int | None = None) -> None:
         """Set the register C flags for the events since the last call; raise IRQ 8."""
-        now = self.clock_ns() if now_ns is None else now_ns
+        with self._lock:
+            now = self.clock_ns() if now_ns is None else now_ns
+            gt = self.guest_time()
+            if now < self._quiet_until and int(gt) == int(self._last_gt):
+                # No periodic boundary and no second since the last call: it would set
+                # no flag. (The runner calls this between chunks of guest code: a cheap
+                # call keeps those gaps short.)
+                self._last_ns, self._last_gt = now, gt
+                return
+            self._advance(now, gt)
+
+    def _advance(self, now: int, gt: float) -> None:
         last, self._last_ns = self._last_ns, now
         flags = 0
         period = self._period_ns()
         if period and now // period != last // period:
             flags |= C_PF
-        gt = self.guest_time()
+        # The next periodic boundary (or never); a write to register A looks again.
+        self._quiet_until = (now // period + 1) * period if period else 1 << 63
         prev, self._last_gt = self._last_gt, gt
         if self._running:
             if int(gt) > int(prev):  # one or more second updates happened
@@ -372,6 +387,7 @@ class CmosRtc(Device):
     @_locked
     def bus_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
+        self._quiet_until = 0  # maybe another rate or time: advance() looks again
         if offset == 0:
             self.index = value & 0x7F
             self.nmi_masked = bool(value & 0x80)
