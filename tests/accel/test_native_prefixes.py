@@ -94,17 +94,23 @@ def _cpu() -> Cpu:
 
 
 def _body(r: Op, rnd: random.Random, memory: bool, p66: bool) -> bytes | None:
-    """The row's bytes after the prefixes: a register form, or a memory form
-    ([EBX + disp32] or [EBP + disp8]: the SS default); None where it has no such form."""
+    """The row's bytes after the prefixes: a register form, or a memory form ([EBX +
+    disp32]; [EBP + disp8] and [ESP + disp8], SIB: the SS default; [disp32]); None where
+    it has no such form."""
     out = bytes([0x0F, r.code]) if r.map == "0F" else bytes([r.code])
     if has_modrm(r):
         reg = r.ext if r.ext is not None else rnd.randrange(8)
-        if memory and rnd.random() < 0.7:
-            out += bytes([0x80 | reg << 3 | 3]) + rnd.randrange(0, 40).to_bytes(4, "little")
-        elif memory:
-            out += bytes([0x40 | reg << 3 | 5, rnd.randrange(0, 40)])
-        else:
+        form = rnd.random()
+        if not memory:
             out += bytes([0xC0 | reg << 3 | rnd.randrange(8)])
+        elif form < 0.5:
+            out += bytes([0x80 | reg << 3 | 3]) + rnd.randrange(0, 40).to_bytes(4, "little")
+        elif form < 0.7:
+            out += bytes([0x40 | reg << 3 | 5, rnd.randrange(0, 40)])
+        elif form < 0.85:
+            out += bytes([0x44 | reg << 3, 0x24, rnd.randrange(0, 40)])
+        else:
+            out += bytes([0x05 | reg << 3]) + (DATA + rnd.randrange(0, 40)).to_bytes(4, "little")
     elif memory:
         return None
     return out + rnd.randbytes(imm_bytes(r, p66))
