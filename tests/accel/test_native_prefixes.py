@@ -82,12 +82,19 @@ def _row_id(r: Op) -> str:
     return f"{r.map}{r.code:02x}{'' if r.ext is None else '/' + str(r.ext)}-{r.mnemonic}"
 
 
-def _cpu() -> Cpu:
+def _cpu(user: bool = False) -> Cpu:
+    """Ring 0, or ring 3 (user) with DPL-3 data segments."""
     cpu = flat32_cpu()
+    data, attr = (0x23, 0xC0F3) if user else (0x10, 0xC093)
+    if user:
+        cpu.load_cs(0x1B, 0, 0xFFFFFFFF, 0xC0FB, 3)
+        for i in (0, 2, 3):
+            cpu.set_seg_raw(i, data, 0, 0xFFFFFFFF, attr)
     # FS: flat (no limit checks) but based, so an FS override must add its base; GS:
     # with a limit (its overrides need checks: left to Python).
-    cpu.set_seg_raw(4, 0x10, 0x100, 0xFFFFFFFF, 0xC093)
-    cpu.set_seg_raw(5, 0x10, 0, 0x4FFF, 0xC093)
+    cpu.set_seg_raw(4, data, 0x100, 0xFFFFFFFF, attr)
+    cpu.set_seg_raw(5, data, 0, 0x4FFF, attr)
+    cpu.tlb_switch()
     cpu.native = NativeTier(cpu)
     cpu.rdtsc = lambda: 0x1234_5678_9ABC  # both tiers read the same counter
     return cpu
@@ -116,14 +123,14 @@ def _body(r: Op, rnd: random.Random, memory: bool, p66: bool) -> bytes | None:
     return out + rnd.randbytes(imm_bytes(r, p66))
 
 
-def _run(cpu: Cpu | None, code: bytes, regs: list[int], fl: int, native: bool):
+def _run(cpu: Cpu | None, code: bytes, regs: list[int], fl: int, native: bool, user: bool):
     """The state after the instruction at CODE (a REP string instruction resumed until it
     is done, up to a bound), or the fault it raised; None where the native tier does not
     translate it. On `cpu`, or on a fresh CPU where None: IRET and POPF change what
     set_flags alone does not undo (VM86, IOPL, CS)."""
     own = cpu is None
     if cpu is None:
-        cpu = _cpu()
+        cpu = _cpu(user)
     cpu.ram[:] = _RAM0
     cpu.ram[CODE : CODE + len(code) + 1] = code + b"\xf4"  # HLT: not translated
     cpu.ram[DATA : DATA + len(_DATA0)] = _DATA0
@@ -154,13 +161,13 @@ def _run(cpu: Cpu | None, code: bytes, regs: list[int], fl: int, native: bool):
 
 
 def _differences(
-    r: Op, prefixes: list[bytes], samples: int, exact: bool = False
+    r: Op, prefixes: list[bytes], samples: int, exact: bool = False, user: bool = False
 ) -> tuple[int, list[str]]:
     """(forms compared, a line per difference). exact: every flag must agree (the
-    translator's flag fix-ups on, as in a guest run)."""
-    rnd = random.Random(f"prefix{_row_id(r)}")
+    translator's flag fix-ups on, as in a guest run). user: at CPL 3, IOPL 0 or 3."""
+    rnd = random.Random(f"prefix{_row_id(r)}{user}")
     compared, bad = 0, []
-    cpu = None if r.native in ("iret", "popf") else _cpu()
+    cpu = None if r.native in ("iret", "popf") else _cpu(user)
     for pre in prefixes:
         for memory in (False, True):
             for _ in range(samples):
@@ -178,10 +185,12 @@ def _differences(
                     regs[1] = rnd.choice((0, 1, 3, 17))
                     regs[6], regs[7] = DATA + rnd.randrange(32), DATA + 0x100 + rnd.randrange(32)
                 fl = rnd.getrandbits(12) & 0x8D5 | rnd.choice((0, 0x400))  # DF too
-                got = _run(cpu, code, regs, fl, True)
+                if user:
+                    fl |= 0x200 | rnd.choice((0, 0x3000))  # IF; IOPL 0 or 3
+                got = _run(cpu, code, regs, fl, True, user)
                 if got is None:
                     continue
-                want = _run(cpu, code, regs, fl, False)
+                want = _run(cpu, code, regs, fl, False, user)
                 if want[0] != "fault" and want[3] == CODE and r.native not in _STRING:
                     continue  # a branch to itself: native code loops on where a closure stops
                 compared += 1
@@ -218,6 +227,14 @@ def test_prefixed_rows_give_the_python_flags(row: Op) -> None:
     """With the flag fix-ups on (MATCH_PYTHON_FLAGS, as in a guest run), prefixed forms
     (66: 16-bit multiplies and shifts) end with every flag as the closure's."""
     _, bad = _differences(row, PREFIXES, 1, exact=True)
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.parametrize("row", [r for r in _NATIVE_ROWS if r.native != "copy"], ids=_row_id)
+def test_prefixed_rows_at_cpl3(row: Op) -> None:
+    """The rows the translator does not copy (IOPL-sensitive CLI, STI, POPF, PUSHF, IRET;
+    privileged INVLPG; RDTSC; stack and branch rows) at CPL 3, with IOPL 0 and 3."""
+    _, bad = _differences(row, PREFIXES + [b""], 2, user=True)
     assert not bad, "\n".join(bad[:20])
 
 
