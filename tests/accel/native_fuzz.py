@@ -44,6 +44,10 @@ SEED_TIMEOUT_S = float(os.environ.get("BOITE_NATIVE_FUZZ_SEED_S", "120"))
 HOT = 2  # runs of a block before it is translated (1 translates run-once code too: slower)
 RUN_INSNS = 200  # per run, in RUN_SLICES calls of Cpu.run
 RUN_SLICES = 2
+# Prefixes _insn puts on a row now and then (66 alone is more common): operand size,
+# address size, REPNE/REP, LOCK, the segment overrides.
+ODD_PREFIXES = (0x66, 0x67, 0xF2, 0xF3, 0xF0, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65)
+ODD_PREFIX_RATE = float(os.environ.get("BOITE_NATIVE_FUZZ_PREFIX_RATE", "0.04"))
 # Exceptions that end a run as a guest outcome (the guest's own doing).
 GUEST_OUTCOMES = ("TripleFault", "GuestError", "AccelError")
 
@@ -54,7 +58,7 @@ def _insn(rnd: random.Random, rows) -> bytes:
     if rnd.random() < 0.1:
         return rnd.randbytes(rnd.randrange(1, 4))
     if rnd.random() < 0.01:
-        return b"\xf3\x90"  # PAUSE (the generator's prefixes are 66 only)
+        return b"\xf3\x90"  # PAUSE
     if rnd.random() < 0.01:
         # Linux's sync_core: IRET to the next instruction, same CS (pushfd; push cs;
         # call over a jmp that skips the iret; iret), maybe with some flags flipped.
@@ -65,7 +69,11 @@ def _insn(rnd: random.Random, rows) -> bytes:
         return b"\x9c" + flip + b"\x0e\xe8\x02\x00\x00\x00\xeb\x01\xcf"
     r = rnd.choice(rows)
     p66 = rnd.random() < 0.1
-    b = (b"\x66" if p66 else b"") + (b"\x0f" if r.map else b"") + bytes([r.code])
+    pre = b"\x66" if p66 else b""
+    if rnd.random() < ODD_PREFIX_RATE:  # odd prefixes now and then (seed 711014: F2 on a fence)
+        pre = bytes(rnd.choice(ODD_PREFIXES) for _ in range(rnd.choice((1, 1, 2, 3))))
+        p66 = 0x66 in pre
+    b = pre + (b"\x0f" if r.map else b"") + bytes([r.code])
     if has_modrm(r):
         reg = r.ext if r.ext is not None else rnd.randrange(8)
         mod, rm = rnd.choice((0, 1, 2, 3, 3)), rnd.randrange(8)
