@@ -101,7 +101,7 @@ def _accel_option(p: argparse.ArgumentParser, default: str | None) -> None:
 def _emu_tier_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--emu-tier", choices=("auto", "python", "native"), default=None,
-        help="the emulator's tier for hot code: native (x86-64 host code, x86-64 Linux hosts), "
+        help="the emulator's tier for guest code: native (x86-64 host code, x86-64 Linux hosts), "
         "python (the Python tiers, for debugging) or auto; default: BOITE_EMU_TIER, else the "
         "box's boite.emuTier, else auto",
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The native tier: hot guest blocks become x86-64 host code (x86-64 Linux hosts only).
+"""The native tier: guest blocks become x86-64 host code at their first run (x86-64 Linux
+hosts only).
 
 `NativeTier.translate(pa, eip)` is asked by the decoder when a block first runs (or,
 with NATIVE_HOT > 0, once it has run that often); the callable it returns has the
