@@ -150,6 +150,18 @@ def test_a_huge_rep_count_yields_between_slices() -> None:
         cpu.close()
 
 
+@needs_native
+@pytest.mark.parametrize("seed", [6077401, 6079196])
+def test_a_rep_stos_over_code_and_past_ram_yields_where_the_closures_do(seed: int) -> None:
+    """Seeds 6077401 and 6079196: a REP STOSB/STOSD of millions of elements over its own
+    code page and past the end of RAM. The closures' slice counts steps (a run of pages in
+    the TLB plus one element); native code ran the RAM part uncounted and handed the
+    closure a fresh slice, so at equal instruction counts the tiers stood 1 or 253 elements
+    apart. Native misses filled inside the REP now count as steps (NativeTier._miss)."""
+    same, ran, _ = native_fuzz.one(seed)
+    assert ran > 0 and same
+
+
 # -- regression guests for the differences the fuzz found (Dec 7), each a loop that
 # faults through a handler (lea esp, [esp + frame]; jmp back), so that its blocks get
 # hot and run as native code too.

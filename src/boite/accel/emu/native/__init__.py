@@ -57,7 +57,12 @@ from boite.accel.emu.native.state import (
     buffer_address,
     chain_slot,
 )
-from boite.accel.emu.native.translate import host_lahf, runtime_stubs, translate_block
+from boite.accel.emu.native.translate import (
+    REP_MOVES,
+    host_lahf,
+    runtime_stubs,
+    translate_block,
+)
 
 # TLB flushes whose chain slots are kept for rechain (Cpu.code_stash's generations).
 STASH_GENS = 4
@@ -700,6 +705,12 @@ class NativeTier:
                 self._mirror(page, write)
             return n
         if not table[page]:
+            # Inside a REP MOVS/STOS: this element is a step of the closures' slice (they
+            # fill the TLB with a one-element step); past the slice it yields first, as
+            # they do (EIP stays on it, it counts as run; nothing filled).
+            moves = rep_eip == cpu.eip and self.st.rep_left & REP_MOVES
+            if moves and not self.st.rep_left & ~REP_MOVES:
+                return 1
             try:
                 if kind & 2:  # read-modify-write: the read faults first
                     cpu._fill(lin, False)
@@ -708,6 +719,8 @@ class NativeTier:
                 cpu.done_before_raise += done  # what ran before the fault (Cpu.run)
                 raise
             if self._mirror(page, write):
+                if moves:
+                    self.st.rep_left -= 1
                 self.st.rep_eip = rep_eip
                 return 0  # the next call goes on from this instruction
         try:
@@ -732,7 +745,7 @@ class NativeTier:
             # A REP compare left mid-slice: the closure's slice is what the native one
             # had left (REP_SLICE is read when a REP closure runs).
             saved = string_ops.REP_SLICE
-            string_ops.REP_SLICE = self.st.rep_left
+            string_ops.REP_SLICE = self.st.rep_left & ~REP_MOVES
             try:
                 fn, _ = self.cpu.decoder.decode_one(self.cpu.eip)
                 fn()

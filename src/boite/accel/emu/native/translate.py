@@ -105,6 +105,9 @@ from boite.accel.emu.native.x64 import (
 )
 from boite.accel.emu.optable import Op, has_modrm, imm_bytes, lookup
 
+# In NativeState.rep_left: the slice of a REP MOVS/STOS (counted in the closures' steps by
+# NativeTier._miss), not of a REP compare (counted per element by translated code).
+REP_MOVES = 1 << 31
 ESP = 4
 EBP = 5
 MAX_INSNS = 48
@@ -1418,6 +1421,16 @@ class Translator:
         a.store32(R15, OFF_TMP, R11)
         a.raw(b"\x41\xf7\x87" + OFF_EFLAGS.to_bytes(4, "little") + DF.to_bytes(4, "little"))
         a.jcc(5, df)  # test dword [r15 + eflags], DF; jnz
+        # The closures' slice, in their steps (a run of pages in the TLB and one element is
+        # a step): a fresh one unless this instruction goes on after a miss. Python counts
+        # a step at each miss it fills (NativeTier._miss) and hands what is left to the
+        # closure where it runs an element itself; REP_MOVES marks the count as this kind.
+        go = f"sg{n}"
+        a.cmp_mem_imm32(R15, OFF_REP_EIP, i.eip)
+        a.jcc(4, go)
+        a.store_imm32(R15, OFF_REP_LEFT, REP_SLICE | REP_MOVES)
+        a.store_imm32(R15, OFF_REP_EIP, i.eip)
+        a.label(go)
         a.label(top)
         a.raw(b"\x85\xc9")  # test ecx, ecx
         a.jcc(4, done)
@@ -1457,6 +1470,7 @@ class Translator:
         a.popfq()
         a.jmp(self.exit_to(i.eip, k, EXIT_FALLBACK))
         a.label(done)
+        a.store_imm32(R15, OFF_REP_EIP, 0xFFFFFFFF)
         a._mem(b"\xff", 6, R15, OFF_TMP)
         a.popfq()
         return True
