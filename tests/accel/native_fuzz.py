@@ -175,6 +175,7 @@ def setup(p: tuple, native: bool):
     # into EAX and "differed" by the time between the two runs). WRMSR to the TSC still
     # moves it through tsc_offset.
     cpu.rdtsc = lambda: (0x1234_5678_9ABC + cpu.tsc_offset) & ((1 << 64) - 1)
+    cpu.random_bytes = lambda n: bytes(range(0x5A, 0x5A + n))  # RDRAND, as RDTSC (seed 6203556)
     # Faults delivered by Cpu.run, counted: the reference stops where the native run did
     # in instructions completed and in faults delivered (a fault completes none).
     cpu.faults = 0

@@ -20,6 +20,7 @@ emulated. Not emulated: SMM.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import time
@@ -216,6 +217,7 @@ class Cpu:
         self.inhibit_irq = False  # one-instruction shadow after STI / MOV SS
         self.tsc_hz = tsc_hz
         self.tsc_offset = 0
+        self.random_bytes = os.urandom  # RDRAND's entropy (the fuzz makes it repeatable)
         self.icount = 0
         self.irq_count = 0  # external interrupts taken
         self.translate_blocks = translate

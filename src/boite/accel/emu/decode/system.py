@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from boite.accel.emu.arch import (
     ARITH,
     BR,
@@ -188,7 +186,7 @@ class SystemOps(DecoderBase):
             put = self.reg_set(rm, size)
 
             def rdrand() -> None:
-                put(int.from_bytes(os.urandom(size), "little"))
+                put(int.from_bytes(c.random_bytes(size), "little"))
                 c.set_flags(CF, ARITH)
                 c.eip = nxt
 
