@@ -382,7 +382,8 @@ class DecoderBase:
             if block is not None:
                 return block
         nt = c.native
-        if nt is not None and nt.first_run:
+        first_run = nt is not None and nt.first_run
+        if first_run:
             # Translate-first: the block runs as host code from its first run, never
             # decoded here (most of a boot's blocks run a few times: decoding them and
             # translating them later cost more than translating them once).
@@ -393,7 +394,6 @@ class DecoderBase:
                 block.fn = fn
                 self._cache(block)
                 return block
-        refused = nt is not None and nt.first_run
         fns: list[Fn] = []
         info: list[tuple[int, int]] = []
         page_end = (pa | 0xFFF) + 1
@@ -453,11 +453,10 @@ class DecoderBase:
             if not self.tail_fault and code32:
                 self._keep_straddler(block, page_end)
             return block
-        if refused:
-            # The native tier said no: the Python compiler takes it when hot (at its
-            # own threshold: hits start that far below hot_block).
+        if first_run:
+            # The native tier said no: the Python compiler takes it once hot (hot_block
+            # is its own threshold here: translate-first leaves it as it was).
             block.native_refused = True
-            block.hits = c.hot_block - nt.python_hot
         self._cache(block)
         return block
 

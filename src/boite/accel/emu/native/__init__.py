@@ -4,14 +4,15 @@ hosts only).
 `NativeTier.translate(pa, eip)` is asked by the decoder when a block first runs (or,
 with NATIVE_HOT > 0, once it has run that often); the callable it returns has the
 compiled block's contract: it leaves the CPU state exact, returns the instructions it
-ran, and raises CpuFault with EIP at the faulting instruction. Inside, one ctypes call (which releases the GIL) runs the block
-and then the blocks it chains to: each block's exit takes its instructions off a budget
-and, while budget remains and the interrupt flag is clear (`Cpu.kick`, set from device
-threads), jumps through the chain table of the current (mode, CS) key (guest EIP ->
-host code; filled when a runner is entered, emptied with the Python tiers' per-mode EIP
-maps: `unchain`). It returns to Python for TLB misses, untranslated instructions (I/O,
-privileged, rare: the exit profile, BOITE_NATIVE_PROFILE=1, counts them), faults, an
-empty chain slot, the budget or a pending interrupt.
+ran, and raises CpuFault with EIP at the faulting instruction. Inside, one ctypes call
+(which releases the GIL) runs the block and then the blocks it chains to: each block's
+exit takes its instructions off a budget and, while budget remains and the interrupt
+flag is clear (`Cpu.kick`, set from device threads), jumps through the chain table of
+the current (mode, CS) key (guest EIP -> host code; filled when a runner is entered,
+emptied with the Python tiers' per-mode EIP maps: `unchain`). It returns to Python for
+TLB misses, untranslated instructions (I/O, privileged, rare: the exit profile,
+BOITE_NATIVE_PROFILE=1, counts them), faults, an empty chain slot, the budget or a
+pending interrupt.
 
 The software TLB (`state.TlbTables`, one set per privilege level) mirrors the Python
 TLB pair of that privilege: an entry is set only from `Cpu.rtlb`/`wtlb` after a miss,
