@@ -128,6 +128,22 @@ def test_a_grow_killed_before_its_descriptor_is_finished_by_the_next_writable_op
     qemu_check(path)
 
 
+def test_a_header_larger_than_its_directories_is_refused_not_finished(tmp_path):
+    """A hostile header capacity (offset 12) far past what the grain directories hold
+    is not taken for a killed grow: the writable open refuses it and writes nothing."""
+    import struct
+
+    path = tmp_path / "h.vmdk"
+    create_disk(path, 3 * MiB, "thin")
+    with open(path, "r+b") as f:
+        f.seek(12)
+        f.write(struct.pack("<Q", (64 << 30) // 512))  # 64 GiB: 2,048 directory entries
+    before = path.read_bytes()
+    with pytest.raises(DiskFormatError, match="check --repair"):
+        open_disk(path)
+    assert path.read_bytes() == before
+
+
 def test_compact_drops_zero_grains_keeps_content_and_children(tmp_path):
     path = tmp_path / "c.vmdk"
     child = tmp_path / "c-000001.vmdk"
